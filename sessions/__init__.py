@@ -1,0 +1,1 @@
+"""Session plumbing: relay, SFTP/SCP policy proxy, recording and replay."""
