@@ -1,0 +1,191 @@
+"""The broker home as one object: config, store, audit log, keys and clock, plus ``init`` and ``check``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit import AuditLog
+from broker.clock import Clock, SystemClock
+from broker.config import DEFAULT_CONFIG_TOML, BrokerConfig, load_config
+from broker.errors import BrokerError, ConfigError, StorageError
+from broker.grants import GrantRules
+from broker.keys import FileKeyProvider, generate_host_key, generate_signing_key, load_signing_key, verify_hex
+from broker.store import Store, open_store
+
+__all__ = ["App", "init_home", "open_app", "check_home", "CheckResult", "ALERT_EVENTS", "default_policy_file"]
+
+ALERT_EVENTS = ("auth.lockout", "device.hostkey.mismatch", "exec.denied", "sftp.denied", "scp.denied",
+                "alert.exfiltration", "recording.failed", "channel.refused", "session.killed")
+
+
+def default_policy_file() -> Path:
+    """The protected-paths policy shipped in ``config/`` next to the package."""
+    return Path(__file__).resolve().parent.parent / "config" / "protected-paths.toml"
+
+
+@dataclass
+class App:
+    """Everything a command or the server needs from one broker home."""
+
+    config: BrokerConfig
+    store: Store
+    clock: Clock
+    keys: FileKeyProvider
+    audit: AuditLog = field(init=False)
+    _signing: Ed25519PrivateKey | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.audit = AuditLog(self.store, self.clock, [self._alert_sink])
+
+    @property
+    def home(self) -> Path:
+        return self.config.home
+
+    @property
+    def rules(self) -> GrantRules:
+        c = self.config
+        return GrantRules(c.seconds("grants", "max_duration"), c.seconds("grants", "request_ttl"),
+                          c.grants.critical_approvers)
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        if self._signing is None:
+            self._signing = load_signing_key(self.config.path(self.config.recording.signing_key))
+        return self._signing
+
+    def verify_signature(self, message: bytes, signature_hex: str) -> bool:
+        """Check a signature made with this home's signing key."""
+        return verify_hex(self.signing_key.public_key(), message, signature_hex)
+
+    def _alert_sink(self, row: dict[str, Any]) -> None:
+        if not row["event"].startswith(ALERT_EVENTS):
+            return
+        path = self.config.path(self.config.alerts.file)
+        line = json.dumps({k: row[k] for k in ("id", "at", "event", "actor", "user_name", "device", "session_id",
+                                                "grant_id", "source")} | {"details": json.loads(row["details"])})
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def init_home(home: Path, *, clock: Clock | None = None) -> App:
+    """Create a broker home: broker.toml, host key, signing key, data key, database, recordings/.
+
+    Existing files are kept (running ``init`` twice is safe).
+
+    :raises StorageError: the directory cannot be written
+    """
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
+        (home / "keys").mkdir(exist_ok=True)
+        os.chmod(home / "keys", 0o700)
+        (home / "recordings").mkdir(exist_ok=True)
+        cfg_file = home / "broker.toml"
+        if not cfg_file.exists():
+            cfg_file.write_text(DEFAULT_CONFIG_TOML, encoding="utf-8")
+        cfg = load_config(cfg_file, home=home)
+        host_key = cfg.path(cfg.listen.host_key)
+        if not host_key.exists():
+            generate_host_key(host_key)
+        signing = cfg.path(cfg.recording.signing_key)
+        if not signing.exists():
+            generate_signing_key(signing)
+        data_key = FileKeyProvider(cfg.path(cfg.recording.data_key))
+        if not data_key.path.exists():
+            data_key.rotate()
+        cfg.recordings_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create broker home {home}: {exc.strerror}", "choose a writable --home") from exc
+    return open_app(home, clock=clock)
+
+
+def open_app(home: Path, *, clock: Clock | None = None) -> App:
+    """Open an existing home.
+
+    :raises ConfigError: no home or broken broker.toml
+    """
+    cfg_file = Path(home) / "broker.toml"
+    if not cfg_file.exists():
+        raise ConfigError(f"{home} is not a medbroker home (no broker.toml)",
+                          f"create one with: medbroker --home {home} init")
+    cfg = load_config(cfg_file, home=Path(home))
+    store = open_store(cfg.db_path)
+    return App(cfg, store, clock or SystemClock(), FileKeyProvider(cfg.path(cfg.recording.data_key)))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of ``medbroker check``."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_home(home: Path) -> list[CheckResult]:
+    """Validate config, keys, database and the recordings directory without changing anything."""
+    results: list[CheckResult] = []
+    try:
+        cfg = load_config(Path(home) / "broker.toml", home=Path(home))
+        results.append(CheckResult("config", True, str(Path(home) / "broker.toml")))
+    except BrokerError as exc:
+        return [CheckResult("config", False, str(exc))]
+    for label, rel in (("host key", cfg.listen.host_key), ("signing key", cfg.recording.signing_key),
+                       ("data key", cfg.recording.data_key)):
+        p = cfg.path(rel)
+        if not p.exists():
+            results.append(CheckResult(label, False, f"{p} is missing; run: medbroker init"))
+        elif p.stat().st_mode & 0o077:
+            results.append(CheckResult(label, False, f"{p} is readable by others; run: chmod 600 {p}"))
+        else:
+            results.append(CheckResult(label, True, str(p)))
+    try:
+        load_signing_key(cfg.path(cfg.recording.signing_key))
+        FileKeyProvider(cfg.path(cfg.recording.data_key)).current()
+    except BrokerError as exc:
+        results.append(CheckResult("key material", False, str(exc)))
+    try:
+        store = open_store(cfg.db_path, migrate=False)
+        version = store.schema_version()
+        store.close()
+        results.append(CheckResult("database", version > 0, f"{cfg.db_path} (schema {version})"
+                                   if version else f"{cfg.db_path} has no schema; run: medbroker init"))
+    except StorageError as exc:
+        results.append(CheckResult("database", False, str(exc)))
+    rec = cfg.recordings_dir
+    results.append(_check_recordings(rec))
+    policy = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file else default_policy_file()
+    results.append(CheckResult("policy", policy.exists(), str(policy) if policy.exists() else f"{policy} is missing"))
+    return results
+
+
+def _check_recordings(rec: Path) -> CheckResult:
+    if not rec.is_dir():
+        return CheckResult("recordings", False, f"{rec} is not a directory; run: medbroker init")
+    probe = rec / f".probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"x" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+        return CheckResult("recordings", False, f"{rec} is not writable ({exc.strerror}); sessions will be refused")
+    st = os.statvfs(rec)
+    free = st.f_bavail * st.f_frsize
+    if free < 64 * 1024 * 1024:
+        return CheckResult("recordings", False, f"{rec} has only {free // 1024} KiB free; sessions will be refused")
+    return CheckResult("recordings", True, f"{rec} ({free // (1024 * 1024)} MiB free)")

@@ -1,0 +1,161 @@
+"""Append-only, hash-chained audit log with signed checkpoints and an event catalogue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from broker.clock import Clock, utc_iso
+from broker.store import Store, dumps
+
+__all__ = ["EVENTS", "AuditLog", "row_hash", "verify_chain", "ChainResult"]
+
+# The stable event catalogue (area.action[.outcome]). Names are API: add, never rename.
+EVENTS: dict[str, str] = {
+    "auth.success": "a user authenticated (method, key fingerprint)",
+    "auth.failure": "an authentication attempt failed (reason; never the secret)",
+    "auth.lockout": "too many failures from one user and address; the pair is locked",
+    "auth.totp.enrolled": "a user enrolled TOTP",
+    "login.refused": "an authenticated user was refused (no grant, unknown device, bad username)",
+    "user.created": "an administrator created a user",
+    "user.key.added": "a public key was registered for a user",
+    "user.disabled": "a user was disabled",
+    "user.enabled": "a user was enabled again",
+    "device.added": "a device was registered (host key fingerprint, protected paths)",
+    "device.removed": "a device was removed",
+    "device.hostkey.mismatch": "a device presented a host key other than the pinned one",
+    "device.unreachable": "the broker could not reach a device",
+    "device.legacy_algorithms": "a connection to a device used per-device legacy algorithms",
+    "request.created": "a vendor requested access",
+    "request.approved": "an approver approved (partially, for critical devices)",
+    "request.denied": "an approver denied a request",
+    "request.expired": "a pending request expired undecided",
+    "request.refused": "a request or decision was refused (own request, wrong role, bad state)",
+    "grant.created": "an approved request became an access window",
+    "grant.revoked": "a grant was revoked; its live sessions end",
+    "session.start": "a device session started (recording path)",
+    "session.end": "a device session ended (reason, final hash, bytes)",
+    "session.refused": "a session was refused (no grant, recording unavailable, device down)",
+    "session.warning": "a vendor was warned that the window is ending",
+    "session.killed": "security staff ended a live session",
+    "session.expired": "a session ended because its window ended",
+    "session.sealed": "an interrupted recording was sealed at startup",
+    "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem)",
+    "exec.denied": "an exec command naming a protected path was refused",
+    "sftp.denied": "an SFTP request was refused by policy",
+    "sftp.summary": "bytes per file at the end of an SFTP channel",
+    "scp.denied": "a legacy scp transfer was refused",
+    "transfer.file": "a file crossed the broker (path, direction, bytes, sha256)",
+    "alert.exfiltration": "patient-data content was detected in a stream; the session was stopped",
+    "recording.failed": "a recording could not be written",
+    "recording.replayed": "someone replayed a recording",
+    "recording.exported": "someone exported a recording",
+    "recording.watched": "someone watched a live session",
+    "audit.checkpoint": "a signed checkpoint of the audit chain",
+    "retention.applied": "recording payloads past retention were removed",
+    "report.created": "a maintenance report was generated",
+    "broker.started": "the broker started serving",
+    "broker.stopped": "the broker stopped",
+}
+
+_HASHED = ("id", "at", "event", "actor", "user_name", "device", "session_id", "grant_id", "request_id",
+           "source", "details")
+
+
+def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """``sha256(prev_hash ‖ canonical JSON of the row's fields)`` as hex."""
+    body = dumps({k: row.get(k) for k in _HASHED})
+    return hashlib.sha256(prev_hash.encode() + body.encode()).hexdigest()
+
+
+@dataclass
+class AuditLog:
+    """Writes audit rows; ``sinks`` get each committed row (JSON lines, syslog, alerts)."""
+
+    store: Store
+    clock: Clock
+    sinks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+
+    def record(self, event: str, *, actor: str | None = None, user: str | None = None,
+               device: str | None = None, session_id: str | None = None, grant_id: int | None = None,
+               request_id: int | None = None, source: str | None = None, **details: Any) -> dict[str, Any]:
+        """Append one event and hand it to the sinks after the commit.
+
+        :param event: a name from :data:`EVENTS`
+        :raises ValueError: for an event name not in the catalogue
+        """
+        if event not in EVENTS:
+            raise ValueError(f"audit event {event!r} is not in the catalogue")
+        row = {
+            "at": utc_iso(self.clock.now()),
+            "event": event,
+            "actor": actor,
+            "user_name": user,
+            "device": device,
+            "session_id": session_id,
+            "grant_id": grant_id,
+            "request_id": request_id,
+            "source": source,
+            "details": dumps(details),
+        }
+        full = self.store.append_audit(row, row_hash)
+        for sink in self.sinks:
+            try:
+                sink(full)
+            except Exception:  # a broken sink must not undo or block the audit row
+                pass
+        return full
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """Outcome of :func:`verify_chain`."""
+
+    ok: bool
+    rows: int
+    problems: tuple[str, ...]
+    last_hash: str
+
+
+def verify_chain(store: Store, *, verify_signature: Callable[[bytes, str], bool] | None = None) -> ChainResult:
+    """Walk the audit chain and the signed checkpoints.
+
+    :param verify_signature: ``fn(message, signature_hex) -> bool`` for checkpoints (optional)
+    :returns: a :class:`ChainResult` naming every broken row
+    """
+    problems: list[str] = []
+    prev_hash = "0" * 64
+    expected_id = 1
+    hashes: dict[int, str] = {}
+    rows = store.audit_rows()
+    for row in rows:
+        if row["id"] != expected_id:
+            problems.append(f"audit row {expected_id}: missing (next row is {row['id']})")
+        if row["prev_hash"] != prev_hash:
+            problems.append(f"audit row {row['id']}: prev_hash does not link to row {row['id'] - 1}")
+        if row_hash(row["prev_hash"], row) != row["hash"]:
+            problems.append(f"audit row {row['id']}: content does not match its hash (altered)")
+        prev_hash = row["hash"]
+        expected_id = row["id"] + 1
+        hashes[row["id"]] = row["hash"]
+    for cp in store.checkpoints():
+        eid = cp["event_id"]
+        if eid not in hashes:
+            problems.append(f"checkpoint {cp['id']}: audit row {eid} is missing (rows deleted)")
+        elif hashes[eid] != cp["hash"]:
+            problems.append(f"checkpoint {cp['id']}: audit row {eid} hash differs from the signed checkpoint")
+        if verify_signature is not None and not verify_signature(
+            f"{eid}:{cp['hash']}".encode(), cp["signature"]
+        ):
+            problems.append(f"checkpoint {cp['id']}: signature invalid")
+    return ChainResult(ok=not problems, rows=len(rows), problems=tuple(problems), last_hash=prev_hash)
+
+
+def parse_details(row: dict[str, Any]) -> dict[str, Any]:
+    """The ``details`` JSON column as a dict."""
+    try:
+        return json.loads(row.get("details") or "{}")
+    except json.JSONDecodeError:
+        return {}

@@ -1,0 +1,369 @@
+"""Frozen broker configuration loaded from ``broker.toml``, durations and the home layout."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ConfigError, UsageError
+
+__all__ = [
+    "BrokerConfig",
+    "ListenConfig",
+    "GrantConfig",
+    "RecordingConfig",
+    "UpstreamConfig",
+    "LimitsConfig",
+    "PolicyConfig",
+    "AlertConfig",
+    "RetentionConfig",
+    "Home",
+    "load_config",
+    "parse_duration",
+    "format_duration",
+    "parse_listen",
+    "DEFAULT_CONFIG_TOML",
+]
+
+_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhd])\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, *, what: str = "duration") -> int:
+    """Parse ``90s``, ``15m``, ``2h`` or ``1d`` into whole seconds.
+
+    :param text: the duration as a person typed it
+    :param what: name used in the error message
+    :returns: seconds, always > 0
+    :raises UsageError: for anything else, including ``0s`` and negatives
+    """
+    m = _DURATION.match(text or "")
+    if not m:
+        raise UsageError(
+            f"{what} {text!r} is not a duration",
+            "write a whole number followed by s, m, h or d, e.g. 90s, 15m, 2h, 1d",
+        )
+    seconds = int(m.group(1)) * _UNIT[m.group(2)]
+    if seconds <= 0:
+        raise UsageError(f"{what} {text!r} must be longer than zero", "e.g. 30m or 2h")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds compactly: ``2h``, ``1h30m``, ``45s``."""
+    seconds = int(round(seconds))
+    if seconds <= 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts[:2])
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:2222`` for IPv6) into a tuple.
+
+    :raises UsageError: when it is not HOST:PORT with a port in 0..65535
+    """
+    host, sep, port = (text or "").rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"listen address {text!r} is not HOST:PORT", "e.g. 0.0.0.0:2222 or 127.0.0.1:2222")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Vendor-facing SSH listener."""
+
+    address: str = "0.0.0.0:2222"
+    host_key: str = "keys/host_ed25519"
+    server_version: str = "medbroker"
+    login_timeout: str = "30s"
+    keepalive_interval: str = "30s"
+    public_host: str = "broker"
+    """How vendors address the broker (used in the hints the broker prints)."""
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class GrantConfig:
+    """Approval and time-window rules."""
+
+    max_duration: str = "8h"
+    request_ttl: str = "24h"
+    warnings: tuple[str, ...] = ("5m", "1m", "10s")
+    critical_approvers: int = 2
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    """Where and how sessions are recorded."""
+
+    dir: str = "recordings"
+    mode: str = "strict"
+    encrypt: bool = True
+    signing_key: str = "keys/signing_ed25519.pem"
+    data_key: str = "keys/data.key"
+    keep_uploads: bool = False
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Connections from the broker to devices."""
+
+    connect_timeout: str = "10s"
+    keepalive_interval: str = "30s"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Front-door limits asyncssh does not have built in."""
+
+    max_auth_failures: int = 5
+    failure_window: str = "10m"
+    lockout: str = "15m"
+    max_unauthenticated: int = 64
+    max_connections_per_address: int = 32
+    max_channels_per_connection: int = 10
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Patient-data protection defaults."""
+
+    protected_paths_file: str = ""
+    scan_output: bool = True
+    check_commands: bool = True
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """Where denials and detections are sent besides the audit log."""
+
+    file: str = "alerts.jsonl"
+    webhook_url: str = ""
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long recordings are kept (floor 180 days, Cybersecurity Law Art. 21)."""
+
+    days: int = 180
+    allow_below_floor: bool = False
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The whole validated configuration; paths are relative to ``home`` unless absolute."""
+
+    home: Path
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    grants: GrantConfig = field(default_factory=GrantConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against the broker home."""
+        p = Path(value)
+        return p if p.is_absolute() else self.home / p
+
+    def seconds(self, section: str, key: str) -> int:
+        """A configured duration in seconds, e.g. ``seconds("grants", "max_duration")``."""
+        return parse_duration(getattr(getattr(self, section), key), what=f"{section}.{key}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "medbroker.db"
+
+    @property
+    def recordings_dir(self) -> Path:
+        return self.path(self.recording.dir)
+
+    def with_listen(self, address: str) -> "BrokerConfig":
+        """A copy listening on another address (``serve --listen``)."""
+        parse_listen(address)
+        return replace(self, listen=replace(self.listen, address=address))
+
+
+_SECTIONS = {
+    "listen": ListenConfig,
+    "grants": GrantConfig,
+    "recording": RecordingConfig,
+    "upstream": UpstreamConfig,
+    "limits": LimitsConfig,
+    "policy": PolicyConfig,
+    "alerts": AlertConfig,
+    "retention": RetentionConfig,
+}
+
+
+def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key {name}.{key}",
+                f"known keys in [{name}]: {', '.join(sorted(known))}",
+            )
+        default = known[key].default
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{source}: {name}.{key} must be a list of strings")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: {name}.{key} = {value!r}; expected true or false")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{source}: {name}.{key} = {value!r}; expected a whole number >= 0")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{source}: {name}.{key} = {value!r}; expected a string")
+        values[key] = value
+    return cls(**values)
+
+
+def _validate(cfg: BrokerConfig, source: str) -> None:
+    durations = [
+        ("listen", "login_timeout"),
+        ("listen", "keepalive_interval"),
+        ("grants", "max_duration"),
+        ("grants", "request_ttl"),
+        ("upstream", "connect_timeout"),
+        ("upstream", "keepalive_interval"),
+        ("limits", "failure_window"),
+        ("limits", "lockout"),
+    ]
+    for section, key in durations:
+        try:
+            cfg.seconds(section, key)
+        except UsageError as exc:
+            raise ConfigError(f"{source}: {section}.{key}: {exc.message}", exc.hint) from None
+    for w in cfg.grants.warnings:
+        try:
+            parse_duration(w)
+        except UsageError as exc:
+            raise ConfigError(f"{source}: grants.warnings: {exc.message}", exc.hint) from None
+    try:
+        parse_listen(cfg.listen.address)
+    except UsageError as exc:
+        raise ConfigError(f"{source}: listen.address: {exc.message}", exc.hint) from None
+    if cfg.recording.mode not in ("strict", "best_effort"):
+        raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
+    if cfg.grants.critical_approvers not in (1, 2, 3):
+        raise ConfigError(f"{source}: grants.critical_approvers must be 1, 2 or 3")
+    if cfg.limits.max_auth_failures < 1:
+        raise ConfigError(f"{source}: limits.max_auth_failures must be at least 1")
+    if cfg.listen.workers < 1 or cfg.listen.workers > 64:
+        raise ConfigError(f"{source}: listen.workers must be between 1 and 64")
+    if cfg.retention.days < 180 and not cfg.retention.allow_below_floor:
+        raise ConfigError(
+            f"{source}: retention.days = {cfg.retention.days} is below the 180-day floor",
+            "logs must be kept at least six months (Cybersecurity Law Art. 21); "
+            "set retention.allow_below_floor = true only with a documented exemption",
+        )
+
+
+def load_config(path: Path, *, home: Path | None = None) -> BrokerConfig:
+    """Load and validate ``broker.toml``.
+
+    :param path: the TOML file
+    :param home: the broker home (default: the file's directory)
+    :returns: a frozen :class:`BrokerConfig`
+    :raises ConfigError: unreadable file, TOML syntax, unknown keys, bad values
+    """
+    source = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file", "create a broker home with: medbroker init") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]", f"known sections: {', '.join(sorted(_SECTIONS))}")
+        sections[name] = _build_section(name, _SECTIONS[name], value, source)
+    cfg = BrokerConfig(home=Path(home or Path(path).parent).resolve(), **sections)
+    _validate(cfg, source)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Home:
+    """The files of a broker home directory."""
+
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "broker.toml"
+
+
+DEFAULT_CONFIG_TOML = """\
+# medbroker configuration. Every key is optional; the values shown are the defaults.
+# Paths are relative to this file's directory (the broker home) unless absolute.
+# Durations are written 90s, 15m, 2h or 1d. Unknown keys are errors: run `medbroker check`.
+
+[listen]
+address = "0.0.0.0:2222"          # vendor-facing SSH port (`medbroker serve --listen` overrides)
+host_key = "keys/host_ed25519"    # the broker's own SSH host key (ed25519)
+server_version = "medbroker"      # neutral SSH version string: no library name or version
+login_timeout = "30s"             # unauthenticated connections are dropped after this
+keepalive_interval = "30s"        # keepalives to vendor clients
+public_host = "broker"            # how vendors address this broker, used in hints we print
+workers = 1                       # processes sharing the port (SO_REUSEPORT)
+
+[grants]
+max_duration = "8h"               # longest window an approver may grant
+request_ttl = "24h"               # pending requests expire after this
+warnings = ["5m", "1m", "10s"]    # warnings on the vendor's terminal before the window ends
+critical_approvers = 2            # distinct approvers needed for devices of class "critical"
+
+[recording]
+dir = "recordings"
+mode = "strict"                   # strict: no recording, no session. best_effort: warn and continue
+encrypt = true                    # AES-256-GCM per frame with keys/data.key
+signing_key = "keys/signing_ed25519.pem"
+data_key = "keys/data.key"
+keep_uploads = false              # keep a copy of every uploaded file for malware forensics
+
+[upstream]
+connect_timeout = "10s"
+keepalive_interval = "30s"
+
+[limits]
+max_auth_failures = 5             # per user and source address within failure_window ...
+failure_window = "10m"
+lockout = "15m"                   # ... locks that pair for this long
+max_unauthenticated = 64          # connections still authenticating, broker-wide
+max_connections_per_address = 32
+max_channels_per_connection = 10
+
+[policy]
+protected_paths_file = ""         # default: config/protected-paths.toml shipped with medbroker
+scan_output = true                # stop DICOM/HL7/ASTM content in shell and exec output
+check_commands = true             # refuse exec commands naming protected paths
+
+[alerts]
+file = "alerts.jsonl"             # every denial and detection, one JSON object per line
+webhook_url = ""                  # optional: POSTed as JSON
+
+[retention]
+days = 180                        # recordings older than this lose their payload (floor 180)
+allow_below_floor = false
+"""

@@ -1,0 +1,142 @@
+"""Device inventory: address, broker-held credential (sealed), pinned host key, protected paths."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from broker.audit import AuditLog
+from broker.clock import utc_iso
+from broker.errors import ConflictError, NotFoundError, UsageError
+from broker.identity import parse_public_key, validate_name
+from broker.keys import KeyProvider, Secret
+from broker.store import Store, dumps
+
+__all__ = ["Device", "CLASSES", "LEGACY_KEYS", "add_device", "get_device", "list_devices", "remove_device",
+           "device_credential", "validate_protected_path"]
+
+CLASSES = ("standard", "critical")
+LEGACY_KEYS = ("kex_algs", "encryption_algs", "mac_algs", "server_host_key_algs")
+_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                   r"[A-Za-z0-9])?$|^\d{1,3}(?:\.\d{1,3}){3}$|^[0-9A-Fa-f:]{2,39}$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A registered device. ``credential`` is sealed; see :func:`device_credential`."""
+
+    name: str
+    host: str
+    port: int
+    login: str
+    auth_kind: str
+    credential: str
+    host_key: str
+    host_key_fingerprint: str
+    protected_paths: tuple[str, ...]
+    device_class: str
+    legacy_algorithms: dict
+    description: str | None
+    created_at: str
+
+    def as_dict(self) -> dict:
+        """Public view: never the credential."""
+        return {
+            "name": self.name, "host": self.host, "port": self.port, "login": self.login,
+            "auth": self.auth_kind, "host_key": self.host_key, "host_key_fingerprint": self.host_key_fingerprint,
+            "protected_paths": list(self.protected_paths), "class": self.device_class,
+            "legacy_algorithms": self.legacy_algorithms, "description": self.description,
+            "created_at": self.created_at,
+        }
+
+
+def _device(row: dict) -> Device:
+    return Device(row["name"], row["host"], row["port"], row["login"], row["auth_kind"], row["credential"],
+                  row["host_key"], row["host_key_fingerprint"], tuple(json.loads(row["protected_paths"])),
+                  row["device_class"], json.loads(row["legacy_algorithms"]), row["description"], row["created_at"])
+
+
+def validate_protected_path(path: str) -> str:
+    """Normalise an absolute protected path (``/data/dicom/`` → ``/data/dicom``).
+
+    :raises UsageError: relative, empty or with control characters
+    """
+    if not path or not path.startswith("/") or any(ord(c) < 0x20 for c in path):
+        raise UsageError(f"protected path {path!r} must be an absolute path", "e.g. --protect /data/dicom")
+    norm = posixpath.normpath(path)
+    return "/" if norm in ("/", "//") else norm.replace("//", "/")
+
+
+def add_device(store: Store, audit: AuditLog, keys: KeyProvider, *, name: str, host: str, port: int, login: str,
+               host_key: str, now: datetime, key_text: str | None = None, password: str | None = None,
+               protect: tuple[str, ...] = (), device_class: str = "standard",
+               legacy_algorithms: dict | None = None, description: str | None = None,
+               actor: str | None = None) -> Device:
+    """Register a device with its pinned host key and the credential the broker logs in with.
+
+    :raises UsageError: bad name/host/port/login/host key/class, or not exactly one credential
+    :raises ConflictError: the name is taken
+    """
+    validate_name(name, what="device name")
+    if not _HOST.match(host or ""):
+        raise UsageError(f"host {host!r} is not a host name or IP address")
+    if not 0 < int(port) < 65536:
+        raise UsageError(f"port {port} is out of range", "use 1-65535")
+    if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$", login or ""):
+        raise UsageError(f"login {login!r} is not a valid device account name")
+    if (key_text is None) == (password is None):
+        raise UsageError("give exactly one credential", "--key FILE or --password-stdin")
+    if key_text is not None and "PRIVATE KEY" not in key_text:
+        raise UsageError("the --key file is not a private key", "pass the private key the broker logs in with")
+    if password is not None and (not password or "\n" in password):
+        raise UsageError("the password is empty or has several lines")
+    if device_class not in CLASSES:
+        raise UsageError(f"class {device_class!r} is not known", "use standard or critical")
+    legacy = legacy_algorithms or {}
+    for k, v in legacy.items():
+        if k not in LEGACY_KEYS or not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise UsageError(f"legacy algorithm setting {k!r} is not valid", f"keys: {', '.join(LEGACY_KEYS)}")
+    hk = parse_public_key(host_key)
+    paths = tuple(dict.fromkeys(validate_protected_path(p) for p in protect))
+    if store.get_device(name):
+        raise ConflictError(f"device {name} already exists", f"remove it first: medbroker device remove {name}")
+    secret = key_text if key_text is not None else password
+    store.insert_device({
+        "name": name, "host": host, "port": int(port), "login": login,
+        "auth_kind": "key" if key_text is not None else "password",
+        "credential": keys.seal(secret.encode(), context=f"device:{name}".encode()),
+        "host_key": hk.line, "host_key_fingerprint": hk.fingerprint, "protected_paths": dumps(list(paths)),
+        "device_class": device_class, "legacy_algorithms": dumps(legacy), "description": description,
+        "created_at": utc_iso(now),
+    })
+    audit.record("device.added", actor=actor, device=name, host=host, port=int(port), login=login,
+                 host_key_fingerprint=hk.fingerprint, protected_paths=list(paths), device_class=device_class,
+                 legacy_algorithms=legacy)
+    return get_device(store, name)
+
+
+def get_device(store: Store, name: str) -> Device:
+    """:raises NotFoundError: unknown device"""
+    row = store.get_device(name)
+    if not row:
+        raise NotFoundError(f"device {name} is not registered", "see: medbroker device list")
+    return _device(row)
+
+
+def list_devices(store: Store) -> list[Device]:
+    return [_device(r) for r in store.list_devices()]
+
+
+def remove_device(store: Store, audit: AuditLog, name: str, *, actor: str | None = None) -> None:
+    """:raises NotFoundError: unknown device"""
+    get_device(store, name)
+    store.delete_device(name)
+    audit.record("device.removed", actor=actor, device=name)
+
+
+def device_credential(device: Device, keys: KeyProvider) -> Secret:
+    """Unseal the device's credential (private key text or password) as a :class:`Secret`."""
+    return Secret(keys.unseal(device.credential, context=f"device:{device.name}".encode()).decode())

@@ -1,0 +1,367 @@
+"""Access requests, approvals and time-limited grants: the pure decision logic."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from broker.audit import AuditLog
+from broker.clock import parse_utc, utc_iso
+from broker.config import format_duration
+from broker.errors import (
+    ApprovalRequiredError,
+    ConflictError,
+    GrantExpiredError,
+    NotFoundError,
+    PermissionDeniedError,
+    UsageError,
+)
+from broker.identity import Principal, require_role
+from broker.store import Store, dumps
+
+__all__ = [
+    "GrantRules",
+    "ApprovalRequest",
+    "Grant",
+    "Decision",
+    "MODES",
+    "request_grant",
+    "approve_request",
+    "deny_request",
+    "find_active_grant",
+    "revoke_grant",
+    "expire_requests",
+    "get_request",
+    "get_grant",
+    "list_requests",
+    "list_grants",
+    "parse_forward",
+    "request_hint",
+]
+
+MODES = ("normal", "read-only", "upload-only")
+_FORWARD = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:]{2,39}\]):(?P<port>\d{1,5})$")
+MAX_REASON = 500
+
+
+@dataclass(frozen=True)
+class GrantRules:
+    """Limits from ``[grants]`` in broker.toml."""
+
+    max_duration_s: int = 8 * 3600
+    request_ttl_s: int = 24 * 3600
+    critical_approvers: int = 2
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """A vendor's request for a window on a device."""
+
+    id: int
+    user: str
+    device: str
+    duration_s: int
+    reason: str
+    ticket: str | None
+    forwards: tuple[str, ...]
+    mode: str
+    status: str
+    created_at: datetime
+    expires_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    decision_reason: str | None
+    grant_id: int | None
+    approvals: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id, "user": self.user, "device": self.device, "duration_s": self.duration_s,
+            "duration": format_duration(self.duration_s), "reason": self.reason, "ticket": self.ticket,
+            "forwards": list(self.forwards), "mode": self.mode, "status": self.status,
+            "created_at": utc_iso(self.created_at), "expires_at": utc_iso(self.expires_at),
+            "decided_at": utc_iso(self.decided_at) if self.decided_at else None,
+            "decided_by": self.decided_by, "decision_reason": self.decision_reason,
+            "grant_id": self.grant_id, "approvals": list(self.approvals),
+        }
+
+
+@dataclass(frozen=True)
+class Grant:
+    """An approved window: ``user`` may open sessions on ``device`` from ``starts_at`` to ``ends_at``."""
+
+    id: int
+    request_id: int
+    user: str
+    device: str
+    starts_at: datetime
+    ends_at: datetime
+    approved_by: tuple[str, ...]
+    forwards: tuple[str, ...]
+    mode: str
+    revoked_at: datetime | None
+    revoked_by: str | None
+    revoke_reason: str | None
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at:
+            return "revoked"
+        if now < self.starts_at:
+            return "future"
+        return "active" if now < self.ends_at else "expired"
+
+    def as_dict(self, now: datetime | None = None) -> dict:
+        d = {
+            "id": self.id, "request_id": self.request_id, "user": self.user, "device": self.device,
+            "starts_at": utc_iso(self.starts_at), "ends_at": utc_iso(self.ends_at),
+            "approved_by": list(self.approved_by), "forwards": list(self.forwards), "mode": self.mode,
+            "revoked_at": utc_iso(self.revoked_at) if self.revoked_at else None,
+            "revoked_by": self.revoked_by, "revoke_reason": self.revoke_reason,
+        }
+        if now is not None:
+            d["state"] = self.state(now)
+            d["remaining_s"] = max(0, int((self.ends_at - now).total_seconds())) if d["state"] == "active" else 0
+        return d
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What an approval did: the request after it, and the grant when one was created."""
+
+    request: ApprovalRequest
+    grant: Grant | None
+    approvals_needed: int
+
+
+def _opt_dt(text: str | None) -> datetime | None:
+    return parse_utc(text) if text else None
+
+
+def _request(store: Store, row: dict) -> ApprovalRequest:
+    approvals = tuple(a["approver"] for a in store.approvals(row["id"]))
+    return ApprovalRequest(
+        row["id"], row["user_name"], row["device"], row["duration_s"], row["reason"], row["ticket"],
+        tuple(json.loads(row["forwards"])), row["mode"], row["status"], parse_utc(row["created_at"]),
+        parse_utc(row["expires_at"]), _opt_dt(row["decided_at"]), row["decided_by"], row["decision_reason"],
+        row["grant_id"], approvals,
+    )
+
+
+def _grant(row: dict) -> Grant:
+    return Grant(
+        row["id"], row["request_id"], row["user_name"], row["device"], parse_utc(row["starts_at"]),
+        parse_utc(row["ends_at"]), tuple(row["approved_by"].split(",")), tuple(json.loads(row["forwards"])),
+        row["mode"], _opt_dt(row["revoked_at"]), row["revoked_by"], row["revoke_reason"],
+    )
+
+
+def request_hint(user: str, device: str, public_host: str = "broker", port: int = 2222) -> str:
+    """The copy-paste command a vendor runs to ask for access."""
+    return f'request it with: ssh -p {port} {user}@{public_host} request {device} --for 2h --reason "..."'
+
+
+def parse_forward(text: str) -> str:
+    """Validate a ``host:port`` forward a grant may allow.
+
+    :raises UsageError: not HOST:PORT or port out of range
+    """
+    m = _FORWARD.match(text or "")
+    if not m or not 0 < int(m.group("port")) < 65536:
+        raise UsageError(f"forward {text!r} is not HOST:PORT", "e.g. --forward 127.0.0.1:8080")
+    return text
+
+
+def get_request(store: Store, request_id: int) -> ApprovalRequest:
+    """:raises NotFoundError: unknown id"""
+    row = store.get_request(request_id)
+    if not row:
+        raise NotFoundError(f"request {request_id} does not exist", "list requests with: medbroker grants list")
+    return _request(store, row)
+
+
+def get_grant(store: Store, grant_id: int) -> Grant:
+    """:raises NotFoundError: unknown id"""
+    row = store.get_grant(grant_id)
+    if not row:
+        raise NotFoundError(f"grant {grant_id} does not exist", "list grants with: medbroker grants list")
+    return _grant(row)
+
+
+def list_requests(store: Store, *, status: str | None = None, user: str | None = None) -> list[ApprovalRequest]:
+    return [_request(store, r) for r in store.list_requests(status=status, user=user)]
+
+
+def list_grants(store: Store, *, user: str | None = None) -> list[Grant]:
+    return [_grant(r) for r in store.list_grants(user=user)]
+
+
+def expire_requests(store: Store, audit: AuditLog, now: datetime) -> list[int]:
+    """Expire pending requests past their TTL (audited)."""
+    ids = store.expire_requests(utc_iso(now))
+    for rid in ids:
+        row = store.get_request(rid)
+        audit.record("request.expired", user=row["user_name"], device=row["device"], request_id=rid)
+    return ids
+
+
+def request_grant(store: Store, audit: AuditLog, rules: GrantRules, requester: Principal, device: str,
+                  duration_s: int, reason: str, now: datetime, *, ticket: str | None = None,
+                  forwards: tuple[str, ...] = (), mode: str = "normal", source: str | None = None
+                  ) -> ApprovalRequest:
+    """Create a pending request for ``requester`` on ``device``.
+
+    :raises NotFoundError: unknown device
+    :raises UsageError: duration over the cap, empty reason, bad forward or mode
+    :raises PermissionDeniedError: disabled requester
+    """
+    if requester.disabled:
+        raise PermissionDeniedError(f"user {requester.name} is disabled", "ask a medbroker administrator")
+    if not store.get_device(device):
+        raise NotFoundError(f"device {device} is not registered", "ask the hospital which device name to use")
+    if duration_s <= 0:
+        raise UsageError("the requested duration must be longer than zero", "e.g. --for 2h")
+    if duration_s > rules.max_duration_s:
+        raise UsageError(
+            f"{format_duration(duration_s)} is longer than the {format_duration(rules.max_duration_s)} maximum",
+            f"ask for at most --for {format_duration(rules.max_duration_s)}",
+        )
+    reason = (reason or "").strip()
+    if not reason or len(reason) > MAX_REASON or any(ord(c) < 0x20 for c in reason):
+        raise UsageError("a reason of 1-500 printable characters is required",
+                         'say what the work is, e.g. --reason "replace X-ray tube"')
+    if ticket is not None and (not ticket.strip() or len(ticket) > 100 or any(ord(c) < 0x20 for c in ticket)):
+        raise UsageError("ticket must be 1-100 printable characters", "e.g. --ticket WO-1234")
+    if mode not in MODES:
+        raise UsageError(f"mode {mode!r} is not known", f"use one of: {', '.join(MODES)}")
+    forwards = tuple(parse_forward(f) for f in forwards)
+    rid = store.insert_request({
+        "user_name": requester.name, "device": device, "duration_s": duration_s, "reason": reason,
+        "ticket": ticket, "forwards": dumps(list(forwards)), "mode": mode, "status": "pending",
+        "created_at": utc_iso(now), "expires_at": utc_iso(now + timedelta(seconds=rules.request_ttl_s)),
+    })
+    audit.record("request.created", actor=requester.name, user=requester.name, device=device, request_id=rid,
+                 source=source, duration_s=duration_s, reason=reason, ticket=ticket, forwards=list(forwards),
+                 mode=mode)
+    return get_request(store, rid)
+
+
+def _check_decidable(store: Store, audit: AuditLog, request_id: int, approver: Principal, now: datetime,
+                     action: str) -> ApprovalRequest:
+    req = get_request(store, request_id)
+
+    def refuse(exc: Exception) -> None:
+        audit.record("request.refused", actor=approver.name, user=req.user, device=req.device,
+                     request_id=request_id, action=action, reason=str(exc))
+        raise exc
+
+    if approver.disabled:
+        refuse(PermissionDeniedError(f"user {approver.name} is disabled"))
+    try:
+        require_role(approver, "approver", "admin", action=f"{action} requests")
+    except PermissionDeniedError as exc:
+        refuse(exc)
+    if approver.name == req.user:
+        refuse(PermissionDeniedError(f"{approver.name} cannot {action} their own request {request_id}",
+                                     "another approver has to decide it"))
+    if req.status == "pending" and now >= req.expires_at:
+        expire_requests(store, audit, now)
+        req = get_request(store, request_id)
+    if req.status == "expired":
+        refuse(GrantExpiredError(f"request {request_id} expired undecided at {utc_iso(req.expires_at)}",
+                                 "the vendor has to request again"))
+    if req.status != "pending":
+        by = f" by {req.decided_by}" if req.decided_by else ""
+        refuse(ConflictError(f"request {request_id} was already {req.status}{by}", "nothing changed"))
+    if approver.name in req.approvals:
+        refuse(ConflictError(f"{approver.name} already approved request {request_id}",
+                             "a second, different approver is needed"))
+    return req
+
+
+def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id: int, approver: Principal,
+                    now: datetime, *, duration_s: int | None = None) -> Decision:
+    """Approve a pending request; the grant window starts now.
+
+    Critical devices need ``rules.critical_approvers`` distinct approvers: earlier approvals are
+    recorded and the request stays pending.
+
+    :param duration_s: an optional shorter window than requested
+    :raises PermissionDeniedError: not an approver, own request, disabled
+    :raises ConflictError: already decided or already approved by this person
+    :raises GrantExpiredError: the request expired
+    :raises UsageError: ``duration_s`` longer than requested
+    """
+    req = _check_decidable(store, audit, request_id, approver, now, "approve")
+    if duration_s is not None and not 0 < duration_s <= req.duration_s:
+        raise UsageError(f"an approval may shorten the window, not lengthen it (requested "
+                         f"{format_duration(req.duration_s)})")
+    dev = store.get_device(req.device)
+    needed = rules.critical_approvers if dev and dev["device_class"] == "critical" else 1
+    store.add_approval(request_id, approver.name, utc_iso(now))
+    approvers = req.approvals + (approver.name,)
+    if len(approvers) < needed:
+        audit.record("request.approved", actor=approver.name, user=req.user, device=req.device,
+                     request_id=request_id, approvals=len(approvers), needed=needed, final=False)
+        return Decision(get_request(store, request_id), None, needed - len(approvers))
+    length = duration_s or req.duration_s
+    gid = store.decide_request(request_id, "approved", ",".join(approvers), utc_iso(now), None, {
+        "request_id": request_id, "user_name": req.user, "device": req.device, "starts_at": utc_iso(now),
+        "ends_at": utc_iso(now + timedelta(seconds=length)), "approved_by": ",".join(approvers),
+        "forwards": dumps(list(req.forwards)), "mode": req.mode,
+    })
+    if gid is None:  # somebody else decided it between our check and our write
+        raise ConflictError(f"request {request_id} was decided concurrently", "nothing changed")
+    audit.record("request.approved", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
+                 grant_id=gid, approvals=len(approvers), needed=needed, final=True)
+    grant = get_grant(store, gid)
+    audit.record("grant.created", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
+                 grant_id=gid, starts_at=utc_iso(grant.starts_at), ends_at=utc_iso(grant.ends_at),
+                 approved_by=list(approvers))
+    return Decision(get_request(store, request_id), grant, 0)
+
+
+def deny_request(store: Store, audit: AuditLog, request_id: int, approver: Principal, now: datetime,
+                 reason: str | None = None) -> ApprovalRequest:
+    """Deny a pending request.
+
+    :raises PermissionDeniedError | ConflictError | GrantExpiredError: as for :func:`approve_request`
+    """
+    _check_decidable(store, audit, request_id, approver, now, "deny")
+    if reason is not None and (len(reason) > MAX_REASON or any(ord(c) < 0x20 for c in reason)):
+        raise UsageError("the reason must be at most 500 printable characters")
+    if store.decide_request(request_id, "denied", approver.name, utc_iso(now), reason, None) is None:
+        raise ConflictError(f"request {request_id} was decided concurrently", "nothing changed")
+    req = get_request(store, request_id)
+    audit.record("request.denied", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
+                 reason=reason)
+    return req
+
+
+def find_active_grant(store: Store, user: str, device: str, now: datetime, *, hint: str | None = None) -> Grant:
+    """The grant that lets ``user`` on ``device`` now (the one ending last).
+
+    :raises ApprovalRequiredError: none; the hint says how to request one
+    """
+    rows = store.active_grants(user, device, utc_iso(now))
+    if not rows:
+        raise ApprovalRequiredError(f"no approved access for {user} to {device} now",
+                                    hint or request_hint(user, device))
+    return _grant(rows[0])
+
+
+def revoke_grant(store: Store, audit: AuditLog, grant_id: int, by: Principal, now: datetime,
+                 reason: str | None = None) -> Grant:
+    """Revoke a grant; live sessions are ended by the broker that hosts them.
+
+    :raises PermissionDeniedError: vendors cannot revoke
+    :raises ConflictError: already revoked
+    """
+    require_role(by, "approver", "security", "admin", action="revoke grants")
+    grant = get_grant(store, grant_id)
+    if not store.revoke_grant(grant_id, by.name, utc_iso(now), reason):
+        raise ConflictError(f"grant {grant_id} was already revoked", "nothing changed")
+    audit.record("grant.revoked", actor=by.name, user=grant.user, device=grant.device, grant_id=grant_id,
+                 reason=reason)
+    return get_grant(store, grant_id)

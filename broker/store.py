@@ -1,0 +1,519 @@
+"""The only SQL in medbroker: schema, numbered migrations and queries over SQLite (sqlite-utils).
+
+Every timestamp is UTC ISO-8601 text in an ``*_at`` column. SQL is kept portable where it costs
+nothing, so a PostgreSQL store can implement the same methods later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from sqlite_utils import Database
+
+from broker.errors import StorageError
+
+__all__ = ["Store", "MIGRATIONS", "open_store"]
+
+T = TypeVar("T")
+
+MIGRATIONS: list[str] = [
+    # 1: the vertical slice
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        company TEXT,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        totp_secret TEXT,
+        totp_last_step INTEGER,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE user_keys (
+        id INTEGER PRIMARY KEY,
+        user_name TEXT NOT NULL REFERENCES users(name),
+        fingerprint TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        added_at TEXT NOT NULL,
+        UNIQUE (user_name, fingerprint)
+    );
+    CREATE TABLE devices (
+        name TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        login TEXT NOT NULL,
+        auth_kind TEXT NOT NULL,
+        credential TEXT NOT NULL,
+        host_key TEXT NOT NULL,
+        host_key_fingerprint TEXT NOT NULL,
+        protected_paths TEXT NOT NULL DEFAULT '[]',
+        device_class TEXT NOT NULL DEFAULT 'standard',
+        legacy_algorithms TEXT NOT NULL DEFAULT '{}',
+        description TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE access_requests (
+        id INTEGER PRIMARY KEY,
+        user_name TEXT NOT NULL,
+        device TEXT NOT NULL,
+        duration_s INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        ticket TEXT,
+        forwards TEXT NOT NULL DEFAULT '[]',
+        mode TEXT NOT NULL DEFAULT 'normal',
+        status TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        decided_at TEXT,
+        decided_by TEXT,
+        decision_reason TEXT,
+        grant_id INTEGER
+    );
+    CREATE INDEX access_requests_status ON access_requests(status);
+    CREATE TABLE approvals (
+        id INTEGER PRIMARY KEY,
+        request_id INTEGER NOT NULL REFERENCES access_requests(id),
+        approver TEXT NOT NULL,
+        at TEXT NOT NULL,
+        UNIQUE (request_id, approver)
+    );
+    CREATE TABLE grants (
+        id INTEGER PRIMARY KEY,
+        request_id INTEGER NOT NULL UNIQUE REFERENCES access_requests(id),
+        user_name TEXT NOT NULL,
+        device TEXT NOT NULL,
+        starts_at TEXT NOT NULL,
+        ends_at TEXT NOT NULL,
+        approved_by TEXT NOT NULL,
+        forwards TEXT NOT NULL DEFAULT '[]',
+        mode TEXT NOT NULL DEFAULT 'normal',
+        revoked_at TEXT,
+        revoked_by TEXT,
+        revoke_reason TEXT
+    );
+    CREATE INDEX grants_user_device ON grants(user_name, device);
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        user_name TEXT NOT NULL,
+        device TEXT NOT NULL,
+        grant_id INTEGER NOT NULL,
+        source TEXT,
+        started_at TEXT NOT NULL,
+        ended_at TEXT,
+        status TEXT NOT NULL,
+        end_reason TEXT,
+        recording TEXT NOT NULL,
+        final_hash TEXT,
+        signature TEXT,
+        bytes_in INTEGER NOT NULL DEFAULT 0,
+        bytes_out INTEGER NOT NULL DEFAULT 0,
+        last_activity_at TEXT,
+        kill_requested_at TEXT,
+        kill_requested_by TEXT,
+        kill_reason TEXT,
+        broker_pid INTEGER
+    );
+    CREATE INDEX sessions_status ON sessions(status);
+    CREATE TABLE audit_events (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        actor TEXT,
+        user_name TEXT,
+        device TEXT,
+        session_id TEXT,
+        grant_id INTEGER,
+        request_id INTEGER,
+        source TEXT,
+        details TEXT NOT NULL DEFAULT '{}',
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_events_event ON audit_events(event);
+    CREATE TABLE audit_checkpoints (
+        id INTEGER PRIMARY KEY,
+        event_id INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE TABLE auth_failures (
+        id INTEGER PRIMARY KEY,
+        user_name TEXT NOT NULL,
+        source TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX auth_failures_pair ON auth_failures(user_name, source, at);
+    CREATE TABLE file_transfers (
+        id INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        at TEXT NOT NULL,
+        path TEXT NOT NULL,
+        direction TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        sha256 TEXT,
+        outcome TEXT NOT NULL,
+        details TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX file_transfers_session ON file_transfers(session_id);
+    """,
+]
+
+
+def _row(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    cols = [c[0] for c in cursor.description or ()]
+    return [dict(zip(cols, r)) for r in cursor.fetchall()]
+
+
+class Store:
+    """Synchronous access to the broker database.
+
+    Async code calls :meth:`run`, which serialises every call on one worker thread.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    def migrate(self) -> int:
+        """Apply pending numbered migrations; returns the schema version."""
+        conn = self.db.conn
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        for number, sql in enumerate(MIGRATIONS, start=1):
+            if number in done:
+                continue
+            with self.transaction():
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, datetime('now'))", (number,)
+                )
+        return len(MIGRATIONS)
+
+    def schema_version(self) -> int:
+        """The highest applied migration, 0 for an empty database."""
+        try:
+            row = self.db.conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        except sqlite3.OperationalError:
+            return 0
+        return row[0] or 0
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """An IMMEDIATE write transaction (serialises writers across processes)."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield conn
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StorageError(f"database is busy or unwritable: {exc}", "retry in a moment") from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+        """Run a read query and return rows as dicts."""
+        return _row(self.db.conn.execute(sql, params))
+
+    def one(self, sql: str, params: tuple | dict = ()) -> dict[str, Any] | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
+        """Run one write statement in its own transaction (or the enclosing one)."""
+        with self.transaction() as conn:
+            return conn.execute(sql, params)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the single store worker thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medbroker-store")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args))
+
+    def close(self) -> None:
+        """Stop the worker and close the connection."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.db.close()
+
+    # ------------------------------------------------------------------ users
+    def insert_user(self, name: str, role: str, company: str | None, at: str) -> None:
+        self.execute(
+            "INSERT INTO users (name, role, company, disabled, created_at) VALUES (?, ?, ?, 0, ?)",
+            (name, role, company, at),
+        )
+
+    def get_user(self, name: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM users WHERE name = ?", (name,))
+
+    def list_users(self) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM users ORDER BY name")
+
+    def set_user_disabled(self, name: str, disabled: bool) -> None:
+        self.execute("UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name))
+
+    def set_user_totp(self, name: str, secret: str | None) -> None:
+        self.execute("UPDATE users SET totp_secret = ?, totp_last_step = NULL WHERE name = ?", (secret, name))
+
+    def claim_totp_step(self, name: str, step: int) -> bool:
+        """Record ``step`` as used; False when it (or a later one) was already used (replay)."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE users SET totp_last_step = ? WHERE name = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
+                (step, name, step),
+            )
+            return cur.rowcount == 1
+
+    def add_user_key(self, name: str, fingerprint: str, public_key: str, at: str) -> None:
+        self.execute(
+            "INSERT OR IGNORE INTO user_keys (user_name, fingerprint, public_key, added_at) VALUES (?, ?, ?, ?)",
+            (name, fingerprint, public_key, at),
+        )
+
+    def user_keys(self, name: str) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM user_keys WHERE user_name = ? ORDER BY id", (name,))
+
+    def find_key(self, name: str, fingerprint: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM user_keys WHERE user_name = ? AND fingerprint = ?", (name, fingerprint))
+
+    # ------------------------------------------------------------------ devices
+    def insert_device(self, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.execute(f"INSERT INTO devices ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def get_device(self, name: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM devices WHERE name = ?", (name,))
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM devices ORDER BY name")
+
+    def delete_device(self, name: str) -> int:
+        return self.execute("DELETE FROM devices WHERE name = ?", (name,)).rowcount
+
+    def update_device(self, name: str, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        self.execute(f"UPDATE devices SET {sets} WHERE name = ?", (*values.values(), name))
+
+    # ------------------------------------------------------------------ requests and grants
+    def insert_request(self, row: dict[str, Any]) -> int:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        cur = self.execute(f"INSERT INTO access_requests ({cols}) VALUES ({marks})", tuple(row.values()))
+        return int(cur.lastrowid)
+
+    def get_request(self, request_id: int) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM access_requests WHERE id = ?", (request_id,))
+
+    def list_requests(self, *, status: str | None = None, user: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM access_requests WHERE 1=1", []
+        if status:
+            sql += " AND status = ?"
+            params.append(status)
+        if user:
+            sql += " AND user_name = ?"
+            params.append(user)
+        return self.query(sql + " ORDER BY id", tuple(params))
+
+    def expire_requests(self, now: str) -> list[int]:
+        """Mark pending requests past their expiry as expired; returns their ids."""
+        with self.transaction() as conn:
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM access_requests WHERE status = 'pending' AND expires_at <= ?", (now,))]
+            for rid in ids:
+                conn.execute("UPDATE access_requests SET status = 'expired', decided_at = ? WHERE id = ?", (now, rid))
+            return ids
+
+    def add_approval(self, request_id: int, approver: str, at: str) -> None:
+        self.execute("INSERT INTO approvals (request_id, approver, at) VALUES (?, ?, ?)", (request_id, approver, at))
+
+    def approvals(self, request_id: int) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM approvals WHERE request_id = ? ORDER BY id", (request_id,))
+
+    def decide_request(self, request_id: int, status: str, by: str, at: str, reason: str | None,
+                       grant: dict[str, Any] | None) -> int | None:
+        """Atomically move a pending request to ``status`` (and create its grant); None if not pending."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE access_requests SET status = ?, decided_at = ?, decided_by = ?, decision_reason = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (status, at, by, reason, request_id),
+            )
+            if cur.rowcount != 1:
+                return None
+            if grant is None:
+                return 0
+            cols = ", ".join(grant)
+            marks = ", ".join("?" for _ in grant)
+            gid = int(conn.execute(f"INSERT INTO grants ({cols}) VALUES ({marks})", tuple(grant.values())).lastrowid)
+            conn.execute("UPDATE access_requests SET grant_id = ? WHERE id = ?", (gid, request_id))
+            return gid
+
+    def get_grant(self, grant_id: int) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM grants WHERE id = ?", (grant_id,))
+
+    def list_grants(self, *, user: str | None = None) -> list[dict[str, Any]]:
+        if user:
+            return self.query("SELECT * FROM grants WHERE user_name = ? ORDER BY id", (user,))
+        return self.query("SELECT * FROM grants ORDER BY id")
+
+    def active_grants(self, user: str, device: str, now: str) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT * FROM grants WHERE user_name = ? AND device = ? AND revoked_at IS NULL "
+            "AND starts_at <= ? AND ends_at > ? ORDER BY ends_at DESC",
+            (user, device, now, now),
+        )
+
+    def revoke_grant(self, grant_id: int, by: str, at: str, reason: str | None) -> bool:
+        cur = self.execute(
+            "UPDATE grants SET revoked_at = ?, revoked_by = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL",
+            (at, by, reason, grant_id),
+        )
+        return cur.rowcount == 1
+
+    # ------------------------------------------------------------------ sessions
+    def insert_session(self, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.execute(f"INSERT INTO sessions ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def update_session(self, session_id: str, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        self.execute(f"UPDATE sessions SET {sets} WHERE id = ?", (*values.values(), session_id))
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM sessions WHERE id = ?", (session_id,))
+
+    def list_sessions(self, *, status: str | None = None, user: str | None = None,
+                      device: str | None = None, since: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM sessions WHERE 1=1", []
+        for col, val in (("status", status), ("user_name", user), ("device", device)):
+            if val:
+                sql += f" AND {col} = ?"
+                params.append(val)
+        if since:
+            sql += " AND started_at >= ?"
+            params.append(since)
+        return self.query(sql + " ORDER BY started_at", tuple(params))
+
+    def sessions_to_stop(self, pid: int, now: str) -> list[dict[str, Any]]:
+        """Live sessions of this broker process that someone asked to end (kill or revoked grant)."""
+        return self.query(
+            "SELECT s.id, s.kill_reason, s.kill_requested_by, s.kill_requested_at, g.revoked_at, g.revoked_by, "
+            "g.revoke_reason FROM sessions s JOIN grants g ON g.id = s.grant_id "
+            "WHERE s.status = 'live' AND s.broker_pid = ? AND (s.kill_requested_at IS NOT NULL "
+            "OR g.revoked_at IS NOT NULL)",
+            (pid,),
+        )
+
+    def insert_transfer(self, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.execute(f"INSERT INTO file_transfers ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def transfers(self, session_id: str) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM file_transfers WHERE session_id = ? ORDER BY id", (session_id,))
+
+    # ------------------------------------------------------------------ audit
+    def append_audit(self, row: dict[str, Any], chain: Callable[[str, dict[str, Any]], str]) -> dict[str, Any]:
+        """Append one audit row atomically: read the last hash, compute this row's hash, insert.
+
+        :param row: the event's columns (without id, prev_hash, hash)
+        :param chain: ``chain(prev_hash, row_with_id) -> hash`` (the audit module's hash function)
+        """
+        with self.transaction() as conn:
+            last = conn.execute("SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
+            prev_id, prev_hash = (last[0], last[1]) if last else (0, "0" * 64)
+            full = {"id": prev_id + 1, **row}
+            full["prev_hash"] = prev_hash
+            full["hash"] = chain(prev_hash, full)
+            cols = ", ".join(full)
+            marks = ", ".join("?" for _ in full)
+            conn.execute(f"INSERT INTO audit_events ({cols}) VALUES ({marks})", tuple(full.values()))
+            return full
+
+    def audit_rows(self, *, after_id: int = 0, limit: int | None = None, event: str | None = None,
+                   session_id: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM audit_events WHERE id > ?", [after_id]
+        if event:
+            sql += " AND (event = ? OR event LIKE ?)"
+            params += [event, event + ".%"]
+        if session_id:
+            sql += " AND session_id = ?"
+            params.append(session_id)
+        sql += " ORDER BY id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return self.query(sql, tuple(params))
+
+    def insert_checkpoint(self, event_id: int, hash_: str, signature: str, at: str) -> None:
+        self.execute(
+            "INSERT INTO audit_checkpoints (event_id, hash, signature, at) VALUES (?, ?, ?, ?)",
+            (event_id, hash_, signature, at),
+        )
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM audit_checkpoints ORDER BY id")
+
+    # ------------------------------------------------------------------ lockout
+    def add_auth_failure(self, user: str, source: str, at: str) -> None:
+        self.execute("INSERT INTO auth_failures (user_name, source, at) VALUES (?, ?, ?)", (user, source, at))
+
+    def count_auth_failures(self, user: str, source: str, since: str) -> int:
+        row = self.db.conn.execute(
+            "SELECT count(*) FROM auth_failures WHERE user_name = ? AND source = ? AND at > ?", (user, source, since)
+        ).fetchone()
+        return int(row[0])
+
+    def last_auth_failures(self, user: str, source: str, n: int) -> list[str]:
+        rows = self.db.conn.execute(
+            "SELECT at FROM auth_failures WHERE user_name = ? AND source = ? ORDER BY at DESC LIMIT ?",
+            (user, source, n),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def clear_auth_failures(self, user: str, source: str) -> None:
+        self.execute("DELETE FROM auth_failures WHERE user_name = ? AND source = ?", (user, source))
+
+
+def open_store(path: Path | str | None, *, migrate: bool = True) -> Store:
+    """Open (and by default migrate) the database; ``None`` gives an in-memory store for tests.
+
+    :raises StorageError: when the file cannot be opened
+    """
+    try:
+        if path is None:
+            conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        else:
+            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path}: {exc}", "check the broker home and its permissions") from exc
+    store = Store(Database(conn))
+    if migrate:
+        store.migrate()
+    return store
+
+
+def dumps(value: Any) -> str:
+    """Compact, key-sorted JSON for JSON columns."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
