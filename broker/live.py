@@ -1,0 +1,362 @@
+"""A live device session: one vendor connection's upstream link, recording, channels and window timers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from broker.clock import utc_iso
+from broker.config import format_duration
+from broker.devices import Device
+from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
+from broker.grants import Grant
+from broker.keys import Secret, openssh_fingerprint
+from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
+from sessions.relay import ChannelContext, RelaySession
+
+if TYPE_CHECKING:  # pragma: no cover
+    from broker.server import Broker, BrokerServer
+
+__all__ = ["LiveSession", "SessionSettings", "new_session_id", "seal_interrupted_sessions"]
+
+log = logging.getLogger("medbroker.live")
+
+# Upstream: prefer AES-GCM (fast in asyncssh); the device's own list decides what is possible.
+UPSTREAM_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                    "aes128-ctr", "aes256-ctr"]
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What live sessions need from the configuration."""
+
+    recordings_dir: Path
+    strict: bool
+    encrypt: bool
+    warnings_s: tuple[int, ...]
+    connect_timeout_s: int
+    keepalive_s: int
+    max_channels: int
+    public_host: str
+    port: int
+
+    def with_port(self, port: int) -> "SessionSettings":
+        return replace(self, port=port)
+
+
+def new_session_id(now: datetime) -> str:
+    """Sortable, readable session ids: ``20261128-141530-3fa2c1``."""
+    return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class LiveSession:
+    """Everything one vendor connection to one device shares."""
+
+    def __init__(self, broker: "Broker", server: "BrokerServer", device: Device, grant: Grant,
+                 credential: Secret) -> None:
+        self.broker = broker
+        self.server = server
+        self.device = device
+        self.grant = grant
+        self._credential = credential
+        self.id = new_session_id(broker.app.clock.now())
+        self.user = server.user
+        self.channels: set[RelaySession] = set()
+        self.numbers = 0
+        self.upconn: asyncssh.SSHClientConnection | None = None
+        self.recorder: RecordingWriter | None = None
+        self.path = broker.settings.recordings_dir / f"{self.id}.mbr"
+        self.ending = False
+        self.finished = asyncio.Event()
+        self._timers: list[asyncio.TimerHandle] = []
+        self._end_status = "closed"
+        self._end_reason = "vendor disconnected"
+
+    # ---------------------------------------------------------------- setup
+    async def start(self) -> None:
+        """Open the recording (fail closed), the session row and the upstream connection.
+
+        :raises RecordingError: recording unavailable in strict mode
+        :raises DeviceUnreachableError: the device is down, slow, or its host key is wrong
+        """
+        b, s = self.broker, self.broker.settings
+        now = b.app.clock.now()
+        header = {
+            "session_id": self.id, "user": self.user, "device": self.device.name, "grant_id": self.grant.id,
+            "source": self.server.source, "started_at": utc_iso(now), "device_host": self.device.host,
+            "device_host_key": self.device.host_key_fingerprint, "grant_ends_at": utc_iso(self.grant.ends_at),
+        }
+        key_id, key = b.app.keys.current() if s.encrypt else (None, None)
+        loop = asyncio.get_running_loop()
+        try:
+            self.recorder = RecordingWriter(
+                self.path, header, clock=b.app.clock, aead_key=key, key_id=key_id,
+                on_error=lambda exc: loop.call_soon_threadsafe(self._recording_failed, exc))
+        except (OSError, BrokerError) as exc:
+            await b.audit("recording.failed", user=self.user, device=self.device.name, source=self.server.source,
+                          session_id=self.id, error=str(exc))
+            await b.audit("session.refused", user=self.user, device=self.device.name, source=self.server.source,
+                          reason="recording unavailable")
+            raise RecordingError(
+                "recording is unavailable, and medbroker never runs a session it cannot record",
+                "try again later and tell the hospital's security team") from None
+        await b.db(b.app.store.insert_session, {
+            "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
+            "source": self.server.source, "started_at": utc_iso(now), "status": "live",
+            "recording": str(self.path), "broker_pid": b.pid, "last_activity_at": utc_iso(now),
+        })
+        try:
+            self.upconn = await self._connect()
+        except BrokerError as exc:
+            await self.finish("failed", reason=exc.message)
+            raise
+        self.upconn_closed = False
+        b.live[self.id] = self
+        await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
+                      session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
+                      grant_ends_at=utc_iso(self.grant.ends_at))
+        self._schedule_window()
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        b, s, dev = self.broker, self.broker.settings, self.device
+        secret = self._credential.reveal()
+        opts: dict[str, Any] = dict(
+            username=dev.login, known_hosts=([asyncssh.import_public_key(dev.host_key)], [], []),
+            config=None, agent_path=None, agent_forwarding=False, gss_auth=False, gss_kex=False,
+            connect_timeout=s.connect_timeout_s, keepalive_interval=s.keepalive_s, keepalive_count_max=3,
+            encryption_algs=UPSTREAM_CIPHERS, compression_algs=["none"],
+        )
+        if dev.auth_kind == "key":
+            opts.update(client_keys=[asyncssh.import_private_key(secret)], preferred_auth="publickey")
+        else:
+            opts.update(password=secret, client_keys=None, preferred_auth="password,keyboard-interactive")
+        for k, v in dev.legacy_algorithms.items():
+            opts[k] = "+" + ",".join(v)
+        if dev.legacy_algorithms:
+            await b.audit("device.legacy_algorithms", device=dev.name, session_id=self.id,
+                          algorithms=dev.legacy_algorithms)
+        try:
+            return await asyncio.wait_for(asyncssh.connect(dev.host, dev.port, **opts), s.connect_timeout_s + 1)
+        except asyncssh.HostKeyNotVerifiable:
+            seen = await self._presented_key()
+            await b.audit("device.hostkey.mismatch", user=self.user, device=dev.name, session_id=self.id,
+                          pinned=dev.host_key_fingerprint, presented=seen)
+            raise HostKeyMismatchError(
+                f"{dev.name} presented a host key that does not match the pinned one, so medbroker refused "
+                f"to connect (possible impersonation)",
+                "tell the hospital's biomedical engineering team; nothing was sent to the device") from None
+        except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
+            why = "timed out" if isinstance(exc, asyncio.TimeoutError) else (
+                getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
+            await b.audit("device.unreachable", user=self.user, device=dev.name, session_id=self.id, error=why)
+            raise DeviceUnreachableError(f"{dev.name} is unreachable ({why})",
+                                         "try again in a few minutes; if it persists, call the hospital") from None
+
+    async def _presented_key(self) -> str | None:
+        try:
+            key = await asyncio.wait_for(asyncssh.get_server_host_key(self.device.host, self.device.port), 3)
+            return openssh_fingerprint(key.public_data) if key else None
+        except (OSError, asyncio.TimeoutError, asyncssh.Error):
+            return None
+
+    # ---------------------------------------------------------------- channels
+    async def new_channel(self) -> RelaySession:
+        """A relayed channel for this session.
+
+        :raises BrokerError: too many channels on this connection
+        """
+        if len(self.channels) >= self.broker.settings.max_channels:
+            raise BrokerError(f"at most {self.broker.settings.max_channels} channels per connection",
+                              "close some sessions on this connection")
+        self.numbers += 1
+        policy = self.broker.policy_for(self)
+        ctx = ChannelContext(
+            number=self.numbers, recorder=self.recorder, open_upstream=self._open_upstream,
+            check_exec=policy.check_exec, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
+            make_scanner=policy.make_scanner, on_detection=self._detected, on_closed=self._channel_closed,
+            on_refused=self._refused, on_upstream_error=self._upstream_error,
+        )
+        relay = RelaySession(ctx)
+        self.channels.add(relay)
+        self.recorder.append_event(self.numbers, "channel-open", {"type": "session"})
+        return relay
+
+    async def _open_upstream(self, factory, command, subsystem, env, term_type, term_size, term_modes):
+        if self.upconn is None or self.ending:
+            raise DeviceUnreachableError("the session is ending")
+        kw: dict[str, Any] = dict(encoding=None, env=env)
+        if term_type is not None:
+            kw.update(term_type=term_type, term_size=term_size, term_modes=term_modes, request_pty="force")
+        else:
+            kw["request_pty"] = False
+        return await self.upconn.create_session(factory, command, subsystem=subsystem, **kw)
+
+    def _upstream_error(self, relay: RelaySession, exc: Exception) -> str:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        self.broker.audit_soon("session.refused", user=self.user, device=self.device.name, session_id=self.id,
+                               reason=f"device refused the channel: {reason}")
+        return f"{self.device.name} refused the channel ({reason}); try again or call the hospital"
+
+    def _refused(self, relay: RelaySession, kind: str, message: str) -> None:
+        event = "exec.denied" if kind == "exec" else "channel.refused"
+        self.broker.audit_soon(event, user=self.user, device=self.device.name, session_id=self.id,
+                               grant_id=self.grant.id, kind=kind, command=relay.command,
+                               subsystem=relay.subsystem, reason=message)
+
+    def _detected(self, relay: RelaySession, what: str) -> None:
+        """Patient-data content in an output stream: stop it, end the session, raise an alert."""
+        self.broker.audit_soon("alert.exfiltration", user=self.user, device=self.device.name, session_id=self.id,
+                               grant_id=self.grant.id, channel=relay.ctx.number, content=what,
+                               command=relay.command)
+        self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "session ended"})
+        asyncio.get_running_loop().create_task(self.terminate(
+            "stopped", f"output contained {what} patient data, which may not leave the hospital; the session "
+            "was ended and security staff were alerted"))
+
+    def _channel_closed(self, relay: RelaySession) -> None:
+        self.channels.discard(relay)
+
+    # ---------------------------------------------------------------- window
+    def _schedule_window(self) -> None:
+        loop = asyncio.get_running_loop()
+        left = (self.grant.ends_at - self.broker.app.clock.now()).total_seconds()
+        for w in self.broker.settings.warnings_s:
+            if left - w > 0.5:
+                self._timers.append(loop.call_later(left - w, self._warn, w))
+        self._timers.append(loop.call_later(max(0.0, left), lambda: loop.create_task(self._expired())))
+
+    def _warn(self, seconds_left: int) -> None:
+        when = self.grant.ends_at.strftime("%H:%M:%S UTC")
+        text = (f"your access to {self.device.name} ends in {format_duration(seconds_left)} (at {when}); "
+                f"save your work. To continue later, request again: ssh -p {self.broker.settings.port} "
+                f"{self.user}@{self.broker.settings.public_host} request {self.device.name} --for 1h --reason ...")
+        for relay in list(self.channels):
+            relay.notice(text)
+        self.broker.audit_soon("session.warning", user=self.user, device=self.device.name, session_id=self.id,
+                               grant_id=self.grant.id, seconds_left=seconds_left)
+
+    async def _expired(self) -> None:
+        await self.terminate(
+            "expired", f"your approved window for {self.device.name} ended at "
+            f"{self.grant.ends_at.strftime('%H:%M:%S UTC')}, so the session is closed. To continue, request again: "
+            f"ssh -p {self.broker.settings.port} {self.user}@{self.broker.settings.public_host} request "
+            f'{self.device.name} --for 1h --reason "..."', event="session.expired")
+
+    def _recording_failed(self, exc: BaseException) -> None:
+        self.broker.audit_soon("recording.failed", user=self.user, device=self.device.name, session_id=self.id,
+                               error=str(exc))
+        if self.broker.settings.strict:
+            asyncio.get_running_loop().create_task(self.terminate(
+                "recording-failed", "recording became unavailable, and medbroker never runs a session it cannot "
+                "record; the session was ended. Tell the hospital's security team."))
+        else:
+            for relay in list(self.channels):
+                relay.notice("warning: recording failed; this session continues unrecorded (best-effort mode)")
+
+    # ---------------------------------------------------------------- teardown
+    async def terminate(self, status: str, message: str, *, event: str | None = None, **fields: Any) -> None:
+        """End the session now: tell the vendor why, close every channel and the connection."""
+        if self.ending:
+            return
+        self.ending = True
+        if event:
+            await self.broker.audit(event, user=self.user, device=self.device.name, session_id=self.id,
+                                    grant_id=self.grant.id, **fields)
+        for relay in list(self.channels):
+            relay.notice(message)
+            relay.exit(1)
+        self._end_status, self._end_reason = status, message
+        conn = self.server.conn
+        if conn is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.5, conn.close)
+        await self.finish(status, reason=message)
+
+    async def finish(self, status: str | None = None, *, reason: str | None = None) -> None:
+        """Close upstream and the recording, sign it, store the outcome. Idempotent."""
+        if self.finished.is_set():
+            return
+        self.finished.set()
+        self.ending = True
+        status = status if status and self._end_status == "closed" else self._end_status
+        reason = reason or self._end_reason
+        for t in self._timers:
+            t.cancel()
+        b = self.broker
+        b.live.pop(self.id, None)
+        if self.upconn is not None:
+            self.upconn.close()
+        final_hash = signature = None
+        if self.recorder is not None:
+            rec = self.recorder
+            try:
+                final_hash = await asyncio.get_running_loop().run_in_executor(None, rec.close, status)
+                signature = sign_final_hash(b.app.signing_key, final_hash)
+            except Exception as exc:  # a failed close is itself evidence; keep going
+                log.exception("closing recording %s failed", self.id)
+                await b.audit("recording.failed", session_id=self.id, error=str(exc))
+        now = utc_iso(b.app.clock.now())
+        counters = self._counters()
+        await b.db(lambda: b.app.store.update_session(
+            self.id, ended_at=now, status=status, end_reason=reason, final_hash=final_hash, signature=signature,
+            **counters))
+        await b.audit("session.end", user=self.user, device=self.device.name, session_id=self.id,
+                      grant_id=self.grant.id, status=status, reason=reason, final_hash=final_hash, **counters)
+
+    def _counters(self) -> dict[str, Any]:
+        rec = self.recorder
+        if rec is None:
+            return {}
+        return {"bytes_in": getattr(rec, "bytes_in", 0), "bytes_out": getattr(rec, "bytes_out", 0)}
+
+    async def save_counters(self) -> None:
+        """Persist byte counters and last activity for ``sessions list`` in other processes."""
+        rec = self.recorder
+        if rec is None or self.finished.is_set():
+            return
+        idle_s = max(0.0, (self.broker.app.clock.monotonic_ns() - getattr(rec, "last_activity_mono_ns", 0)) / 1e9)
+        last = datetime.fromtimestamp(self.broker.app.clock.now().timestamp() - idle_s, tz=self.grant.ends_at.tzinfo)
+        await self.broker.db(lambda: self.broker.app.store.update_session(
+            self.id, last_activity_at=utc_iso(last), **self._counters()))
+
+
+async def seal_interrupted_sessions(broker: "Broker") -> None:
+    """At startup: recordings of sessions whose broker process died are sealed and marked incomplete."""
+    app = broker.app
+    rows = await broker.db(lambda: app.store.list_sessions(status="live"))
+    for row in rows:
+        pid = row["broker_pid"]
+        if pid and pid != os.getpid() and _alive(pid):
+            continue  # another worker still serves it
+        path = Path(row["recording"])
+        try:
+            final_hash, dropped = await broker.db(seal_recording, path)
+            signature = sign_final_hash(app.signing_key, final_hash)
+            status = "incomplete"
+        except (OSError, BrokerError) as exc:
+            final_hash, signature, dropped, status = None, None, 0, "incomplete"
+            log.warning("cannot seal %s: %s", path, exc)
+        now = utc_iso(app.clock.now())
+        await broker.db(lambda: app.store.update_session(
+            row["id"], status=status, ended_at=now, end_reason="broker stopped unexpectedly; recording sealed",
+            final_hash=final_hash, signature=signature))
+        await broker.audit("session.sealed", user=row["user_name"], device=row["device"], session_id=row["id"],
+                           final_hash=final_hash, dropped_bytes=dropped)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

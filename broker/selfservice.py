@@ -1,0 +1,166 @@
+"""Commands people run over SSH against the broker itself: ``ssh -p 2222 alice@broker request …``.
+
+Pure: takes a principal and argv, returns exit status and output text. The SSH server runs it on
+the store thread and writes the result to the channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import dataclass
+
+from broker.app import App
+from broker.clock import utc_iso
+from broker.config import format_duration, parse_duration
+from broker.devices import list_devices
+from broker.errors import BrokerError, UsageError
+from broker.grants import approve_request, deny_request, expire_requests, list_grants, list_requests, request_grant
+from broker.identity import Principal, get_principal
+
+__all__ = ["Reply", "run_command", "HELP"]
+
+HELP = """\
+medbroker over SSH. Commands:
+  (no command)                       what you may do: your grants, pending requests, devices
+  request DEVICE --for 2h --reason TEXT [--ticket REF] [--forward HOST:PORT] [--mode read-only]
+  approve ID [--for DURATION]        approvers: approve a request (optionally a shorter window)
+  deny ID [--reason TEXT]            approvers: deny a request
+  requests                           pending requests (approvers see everyone's)
+  grants                             your grants (approvers and security see all)
+  help                               this text
+Add --json to any command for machine-readable output.
+Open a device session with: ssh -p PORT USER@DEVICE@BROKER
+"""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the channel prints and its exit status."""
+
+    status: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # never print or exit from inside the server
+        raise UsageError(message, "run: help")
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="", add_help=False)
+    sub = p.add_subparsers(dest="cmd")
+    r = sub.add_parser("request", add_help=False)
+    r.add_argument("device")
+    r.add_argument("--for", dest="duration", required=True)
+    r.add_argument("--reason", required=True)
+    r.add_argument("--ticket")
+    r.add_argument("--forward", action="append", default=[])
+    r.add_argument("--mode", default="normal")
+    r.add_argument("--json", action="store_true")
+    a = sub.add_parser("approve", add_help=False)
+    a.add_argument("id", type=int)
+    a.add_argument("--for", dest="duration")
+    a.add_argument("--json", action="store_true")
+    d = sub.add_parser("deny", add_help=False)
+    d.add_argument("id", type=int)
+    d.add_argument("--reason")
+    d.add_argument("--json", action="store_true")
+    for name in ("requests", "grants", "status", "help"):
+        s = sub.add_parser(name, add_help=False)
+        s.add_argument("--json", action="store_true")
+    return p
+
+
+def run_command(app: App, principal: Principal, command: str | None, *, source: str | None = None,
+                port: int = 2222) -> Reply:
+    """Run one broker command for ``principal``.
+
+    :param command: the SSH exec string, or None for an interactive login (status summary)
+    :returns: a :class:`Reply`; errors become exit 1 (refused) or 2 (usage) with a message and hint
+    """
+    now = app.clock.now()
+    host = app.config.listen.public_host
+    try:
+        argv = shlex.split(command) if command else ["status"]
+    except ValueError as exc:
+        return Reply(2, stderr=f"error: cannot parse the command: {exc}\n")
+    if len(argv) > 64 or (command and len(command) > 4096):
+        return Reply(2, stderr="error: command too long\n")
+    try:
+        args = _parser().parse_args(argv)
+        principal = get_principal(app.store, principal.name)  # re-read: disabled since login?
+        expire_requests(app.store, app.audit, now)
+        if args.cmd in (None, "help"):
+            return Reply(0, HELP.replace("PORT", str(port)).replace("BROKER", host))
+        if args.cmd == "request":
+            req = request_grant(app.store, app.audit, app.rules, principal, args.device,
+                                parse_duration(args.duration, what="--for"), args.reason, now, ticket=args.ticket,
+                                forwards=tuple(args.forward), mode=args.mode, source=source)
+            if args.json:
+                return Reply(0, json.dumps(req.as_dict()) + "\n")
+            return Reply(0, f"Request {req.id} created: {req.user} -> {req.device} for "
+                            f"{format_duration(req.duration_s)} (pending).\n"
+                            f"An approver decides it with: ssh -p {port} APPROVER@{host} approve {req.id}\n"
+                            f"Then connect with: ssh -p {port} {req.user}@{req.device}@{host}\n")
+        if args.cmd == "approve":
+            dur = parse_duration(args.duration, what="--for") if args.duration else None
+            dec = approve_request(app.store, app.audit, app.rules, args.id, principal, now, duration_s=dur)
+            if args.json:
+                return Reply(0, json.dumps({"request": dec.request.as_dict(),
+                                            "grant": dec.grant.as_dict(now) if dec.grant else None,
+                                            "approvals_needed": dec.approvals_needed}) + "\n")
+            if dec.grant is None:
+                return Reply(0, f"Approval recorded for request {args.id}; {dec.approvals_needed} more "
+                                f"approver(s) needed (critical device).\n")
+            return Reply(0, f"Request {args.id} approved: grant {dec.grant.id} lets {dec.grant.user} on "
+                            f"{dec.grant.device} until {utc_iso(dec.grant.ends_at)}.\n")
+        if args.cmd == "deny":
+            req = deny_request(app.store, app.audit, args.id, principal, now, args.reason)
+            if args.json:
+                return Reply(0, json.dumps(req.as_dict()) + "\n")
+            return Reply(0, f"Request {args.id} denied.\n")
+        return _status(app, principal, args.cmd, args.json, now, port)
+    except BrokerError as exc:
+        status = 2 if isinstance(exc, UsageError) else 1
+        text = f"error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else "")
+        return Reply(status, stderr=text)
+
+
+def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: int) -> Reply:
+    staff = principal.role in ("approver", "security", "admin")
+    grants = [g for g in list_grants(app.store, user=None if staff else principal.name)
+              if g.state(now) == "active"]
+    pending = list_requests(app.store, status="pending", user=None if principal.role in ("approver", "admin")
+                            else principal.name)
+    devices = [d.name for d in list_devices(app.store)]
+    data = {"user": principal.name, "role": principal.role,
+            "active_grants": [g.as_dict(now) for g in grants],
+            "pending_requests": [r.as_dict() for r in pending], "devices": devices}
+    if cmd == "requests":
+        data = {"pending_requests": data["pending_requests"]}
+    elif cmd == "grants":
+        data = {"active_grants": data["active_grants"]}
+    if as_json:
+        return Reply(0, json.dumps(data) + "\n")
+    host = app.config.listen.public_host
+    lines = [f"medbroker: {principal.name} ({principal.role}{', ' + principal.company if principal.company else ''})"]
+    if "active_grants" in data:
+        lines.append("Active grants:" if grants else "Active grants: none")
+        for g in grants:
+            left = format_duration((g.ends_at - now).total_seconds())
+            lines.append(f"  grant {g.id}: {g.user} on {g.device} until {utc_iso(g.ends_at)} ({left} left)"
+                         f"  -> ssh -p {port} {g.user}@{g.device}@{host}")
+    if "pending_requests" in data:
+        lines.append("Pending requests:" if pending else "Pending requests: none")
+        for r in pending:
+            lines.append(f"  request {r.id}: {r.user} -> {r.device} for {format_duration(r.duration_s)}: "
+                         f"{r.reason}" + (f" [{r.ticket}]" if r.ticket else ""))
+    if cmd == "status":
+        if devices:
+            lines.append("Devices: " + ", ".join(devices))
+        lines.append(f"Request access: ssh -p {port} {principal.name}@{host} request DEVICE --for 2h "
+                     f'--reason "..."   (help: ssh -p {port} {principal.name}@{host} help)')
+    return Reply(0, "\n".join(lines) + "\n")

@@ -1,0 +1,332 @@
+"""Byte-exact, flow-controlled relay of one vendor channel to one device channel, recorded.
+
+``RelaySession`` (vendor side, asyncssh server session) is paired with ``UpstreamSession`` (device
+side, asyncssh client session). Requests (pty, exec, shell, subsystem) are acknowledged at once, as
+asyncssh requires; the device channel is opened in ``session_started`` and anything the vendor sends
+before it exists is buffered (asyncssh-notes §1.3, pitfalls 1-10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+import asyncssh
+
+__all__ = ["ChannelContext", "RelaySession", "UpstreamSession", "RefusalSession", "Recorder", "SubsystemFilter",
+           "ENV_ALLOWED"]
+
+log = logging.getLogger("medbroker.relay")
+
+# Environment variables forwarded to the device (sshd's Debian default AcceptEnv is LANG LC_*).
+ENV_ALLOWED = ("LANG", "LC_")
+
+
+class Recorder(Protocol):
+    """What the relay needs of a recording writer."""
+
+    def append_data(self, channel: int, kind: str, data: bytes) -> None: ...
+
+    def append_event(self, channel: int, kind: str, event: dict) -> None: ...
+
+
+class SubsystemFilter(Protocol):
+    """A protocol-aware filter placed between vendor and device (the SFTP policy proxy)."""
+
+    def vendor_data(self, data: bytes) -> None: ...
+
+    def device_data(self, data: bytes) -> None: ...
+
+    def close(self) -> Any: ...
+
+
+@dataclass
+class ChannelContext:
+    """What the server gives each relayed channel: numbering, recording and policy hooks."""
+
+    number: int
+    recorder: Recorder
+    open_upstream: Callable[..., Awaitable[tuple[asyncssh.SSHClientChannel, asyncssh.SSHClientSession]]]
+    """``open_upstream(session_factory, command, subsystem, env, term_type, term_size, term_modes)``"""
+    check_exec: Callable[[str], str | None] = lambda command: None
+    """Returns a refusal message for an exec command, or None to allow it."""
+    check_subsystem: Callable[[str], str | None] = lambda name: f"subsystem {name} is not available"
+    make_filter: Callable[["RelaySession", str], SubsystemFilter | None] | None = None
+    make_scanner: Callable[[], Any] | None = None
+    """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
+    on_detection: Callable[["RelaySession", str], None] = lambda relay, what: None
+    on_closed: Callable[["RelaySession"], None] = lambda relay: None
+    on_refused: Callable[["RelaySession", str, str], None] = lambda relay, kind, message: None
+    on_upstream_error: Callable[["RelaySession", Exception], str] = lambda relay, exc: f"device error: {exc}"
+    notices: list[str] = field(default_factory=list)
+
+
+class UpstreamSession(asyncssh.SSHClientSession):
+    """Device side: record output and pass it, EOF, exit status and signals to the vendor."""
+
+    def __init__(self, down: "RelaySession") -> None:
+        self.down = down
+        self.exit_status: int | None = None
+        self.exit_signal: tuple | None = None
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.down.from_device(data, datatype)
+
+    def eof_received(self) -> bool:
+        self.down.device_eof()
+        return True
+
+    def exit_status_received(self, status: int) -> None:
+        self.exit_status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.exit_signal = (signal, core_dumped, msg, lang)
+
+    def pause_writing(self) -> None:
+        self.down.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.down.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.down.device_closed(self, exc)
+
+
+class RelaySession(asyncssh.SSHServerSession):
+    """Vendor side of one relayed channel."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        self.ctx = ctx
+        self.chan: asyncssh.SSHServerChannel = None  # type: ignore[assignment]
+        self.up: asyncssh.SSHClientChannel | None = None
+        self.pending: list[Callable[[asyncssh.SSHClientChannel], None]] = []
+        self.pty: tuple[str, tuple, dict] | None = None
+        self.command: str | None = None
+        self.subsystem: str | None = None
+        self.kind = "shell"
+        self.refusal: str | None = None
+        self.filter: SubsystemFilter | None = None
+        self.scanner = None
+        self.closed = False
+        self.exit_code: int | None = None
+
+    # ------------------------------------------------------------ vendor requests
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
+        self.pty = (term_type, term_size, term_modes)
+        self.ctx.recorder.append_event(self.ctx.number, "pty", {
+            "term": term_type, "cols": term_size[0], "rows": term_size[1]})
+        return True
+
+    def shell_requested(self) -> bool:
+        self.kind = "shell"
+        self.ctx.recorder.append_event(self.ctx.number, "shell", {})
+        return True
+
+    def exec_requested(self, command: str | bytes) -> bool:
+        if isinstance(command, bytes):
+            command = command.decode("utf-8", "replace")
+        self.kind, self.command = "exec", command
+        self.ctx.recorder.append_event(self.ctx.number, "exec", {"command": command})
+        self.refusal = self.ctx.check_exec(command)
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self.kind, self.subsystem = "subsystem", subsystem
+        self.ctx.recorder.append_event(self.ctx.number, "subsystem", {"name": subsystem})
+        self.refusal = self.ctx.check_subsystem(subsystem)
+        return True
+
+    def session_started(self) -> None:
+        if self.refusal is not None:
+            self.refuse(self.kind, self.refusal)
+            return
+        asyncio.get_running_loop().create_task(self._open_upstream())
+
+    def refuse(self, kind: str, message: str) -> None:
+        """Tell the vendor why on stderr, record it, exit 1."""
+        self.ctx.on_refused(self, kind, message)
+        self.notice(message)
+        self.exit(1)
+
+    async def _open_upstream(self) -> None:
+        env = {k: v for k, v in (self.chan.get_environment() or {}).items()
+               if isinstance(k, str) and k.startswith(ENV_ALLOWED)}
+        pty = self.pty or (None, None, None)
+        try:
+            up, _ = await self.ctx.open_upstream(
+                lambda: UpstreamSession(self), self.command, self.subsystem, env, *pty)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # device refused the channel or the connection died
+            self.notice(self.ctx.on_upstream_error(self, exc))
+            self.exit(1)
+            return
+        if self.closed:
+            up.close()
+            return
+        self.up = up
+        if self.subsystem and self.ctx.make_filter:
+            self.filter = self.ctx.make_filter(self, self.subsystem)
+        elif self.ctx.make_scanner:
+            self.scanner = self.ctx.make_scanner()
+        for action in self.pending:
+            action(up)
+        self.pending.clear()
+
+    def _to_up(self, action: Callable[[asyncssh.SSHClientChannel], None]) -> None:
+        if self.up is not None:
+            action(self.up)
+        elif not self.closed:
+            self.pending.append(action)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.ctx.recorder.append_data(self.ctx.number, "input", data)
+        if self.filter is not None:
+            self.filter.vendor_data(data)
+        else:
+            self._to_up(lambda up: up.write(data, datatype))
+
+    def eof_received(self) -> bool:
+        self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "vendor"})
+        self._to_up(lambda up: up.write_eof())
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        self.ctx.recorder.append_event(self.ctx.number, "resize", {"cols": width, "rows": height})
+        if self.up is None and self.pty is not None:
+            self.pty = (self.pty[0], (width, height, pixwidth, pixheight), self.pty[2])
+        else:
+            self._to_up(lambda up: up.change_terminal_size(width, height, pixwidth, pixheight))
+
+    def signal_received(self, signal: str) -> None:
+        self.ctx.recorder.append_event(self.ctx.number, "signal", {"signal": signal})
+        self._to_up(lambda up: up.send_signal(signal))
+
+    def break_received(self, msec: int) -> bool:
+        self.ctx.recorder.append_event(self.ctx.number, "break", {"msec": msec})
+        self._to_up(lambda up: up.send_break(msec))
+        return True
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+        if self.up is not None:
+            self.up.close()
+
+    # ------------------------------------------------------------ device side
+    def from_device(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        """Device output: scan, record, forward (the filter forwards for subsystems)."""
+        if self.filter is not None:
+            self.filter.device_data(data)
+            return
+        if self.scanner is not None:
+            hit = self.scanner.feed(data)
+            if hit:
+                self.ctx.on_detection(self, hit)
+                return
+        self.ctx.recorder.append_data(self.ctx.number, "output" if datatype is None else "stderr", data)
+        self.chan.write(data, datatype)
+
+    def write_to_vendor(self, data: bytes) -> None:
+        """Used by subsystem filters: record and send device-side bytes to the vendor."""
+        self.ctx.recorder.append_data(self.ctx.number, "output", data)
+        self.chan.write(data)
+
+    def device_eof(self) -> None:
+        self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
+        if not self.closed:
+            self.chan.write_eof()
+
+    def device_closed(self, up: UpstreamSession, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if up.exit_signal:
+            sig, core, msg, lang = up.exit_signal
+            self.ctx.recorder.append_event(self.ctx.number, "exit", {"signal": sig, "core_dumped": core})
+            self.closed = True
+            self.chan.exit_with_signal(sig, core, msg, lang)
+        elif up.exit_status is not None:
+            self.exit(up.exit_status)
+        else:
+            self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": None})
+            self.closed = True
+            self.chan.close()
+        self._finish()
+
+    # ------------------------------------------------------------ broker actions
+    def notice(self, message: str) -> None:
+        """Show a broker message on the vendor's terminal (stderr) and record it."""
+        if self.chan is None or self.closed:
+            return
+        self.ctx.recorder.append_event(self.ctx.number, "notice", {"text": message})
+        eol = "\r\n" if self.pty else "\n"
+        self.chan.write_stderr(f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
+
+    def exit(self, status: int) -> None:
+        """End the vendor channel with ``status`` (recorded)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.exit_code = status
+        self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": status})
+        self.chan.exit(status)
+        if self.up is not None:
+            self.up.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if getattr(self, "_finished", False):
+            return
+        self._finished = True
+        self.closed = True
+        if self.filter is not None:
+            try:
+                self.filter.close()
+            except Exception:  # the summary must not prevent closing
+                log.exception("subsystem filter close failed")
+        self.ctx.recorder.append_event(self.ctx.number, "channel-close", {})
+        self.ctx.on_closed(self)
+
+
+class RefusalSession(asyncssh.SSHServerSession):
+    """A channel that only explains why it was refused, then exits 1."""
+
+    def __init__(self, message: str, on_shown: Callable[[], None] | None = None) -> None:
+        self.message = message
+        self.on_shown = on_shown
+        self.pty = False
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
+        self.pty = True
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return True
+
+    def session_started(self) -> None:
+        eol = "\r\n" if self.pty else "\n"
+        self.chan.write_stderr(f"medbroker: {self.message}{eol}".encode())
+        if self.on_shown:
+            self.on_shown()
+        self.chan.exit(1)
