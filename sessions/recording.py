@@ -1,0 +1,947 @@
+"""Session recordings: append-only, hash-chained, optionally encrypted frame files; write, read, verify, seal."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import stat
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterator
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from broker.clock import Clock, SystemClock, utc_iso
+from broker.errors import BrokerError, RecordingError, UsageError
+
+__all__ = [
+    "MAGIC", "VERSION", "KINDS", "KIND_NAMES", "DATA_KINDS", "MAX_PAYLOAD", "Frame", "VerifyResult",
+    "RecordingWriter", "read_header", "read_frames", "verify_recording", "seal_recording",
+    "sign_final_hash", "verify_final_hash_signature",
+]
+
+MAGIC = b"MEDBREC\x00"
+VERSION = 1
+# Kind codes are stored in files: add new ones at the end, never renumber.
+KINDS: dict[str, int] = {name: code for code, name in enumerate((
+    "input", "output", "stderr", "resize", "pty", "exec", "shell", "subsystem", "env", "signal", "break",
+    "eof", "sftp-request", "sftp-reply-summary", "file-transfer", "policy-denial", "alert", "notice",
+    "channel-open", "channel-close", "exit", "end"), start=1)}
+KIND_NAMES: dict[int, str] = {code: name for name, code in KINDS.items()}
+DATA_KINDS = frozenset({"input", "output", "stderr"})
+MAX_PAYLOAD = 1 << 20  # larger data is split into several frames; larger events are refused
+_MAX_HEADER = 1 << 20
+_PRELUDE = struct.Struct(">8sHI")  # magic, version, header length
+_LEN = struct.Struct(">II")  # body length, body length XOR 0xFFFFFFFF (tells a torn tail from damage)
+_FIXED = struct.Struct(">QQqIBB")  # seq, mono_ns, wall_us, channel, kind, flags
+_ENCRYPTED = 0x01
+_TAG = 16
+_END = KINDS["end"]
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+_MAX_PROBLEMS = 50
+_VERIFY_HINT = "run: medbroker audit verify (for the full report)"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame. ``payload`` is plaintext; ``hash`` is the stored chain hash (hex)."""
+
+    seq: int
+    mono_ns: int
+    wall_us: int
+    channel: int
+    kind: str
+    payload: bytes
+    hash: str
+
+    @property
+    def offset(self) -> float:
+        """Seconds since the session started (monotonic)."""
+        return self.mono_ns / 1e9
+
+    @property
+    def wall_at(self) -> datetime:
+        """Aware UTC wall time of the frame."""
+        return _EPOCH + self.wall_us * _US
+
+    def event(self) -> dict[str, Any]:
+        """The JSON object of an event frame.
+
+        :raises RecordingError: a data frame (input/output/stderr) or a payload that is not a JSON object
+        """
+        if self.kind in DATA_KINDS:
+            raise RecordingError(f"frame {self.seq} is {self.kind} data, not an event")
+        value = _json_object(self.payload)
+        if value is None:
+            raise RecordingError(f"frame {self.seq}: {self.kind} payload is not a JSON object")
+        return value
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify_recording`. ``ok`` means no problem; ``incomplete`` is not a problem."""
+
+    ok: bool
+    frames: int
+    final_hash: str
+    incomplete: bool
+    problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    torn_tail_bytes: int = 0
+    end_reason: str | None = None
+    encrypted: bool = False
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _dumps(value: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError:  # lone surrogates (e.g. surrogateescape'd paths): keep them as \u escapes
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _derive(key: bytes, salt: bytes, session_id: str) -> tuple[AESGCM, str]:
+    """Per-recording AES key and a key check value, both from HKDF(key, salt, session id)."""
+    okm = HKDF(algorithm=hashes.SHA256(), length=40, salt=salt,
+               info=b"medbroker recording v1\x00" + session_id.encode()).derive(key)
+    return AESGCM(okm[:32]), okm[32:].hex()
+
+
+def _aad(session_id: str) -> bytes:
+    return b"medbroker-rec-v1\x00" + session_id.encode() + b"\x00"
+
+
+def _pack_frame(prev: bytes, fixed: bytes, payload: bytes, out: list[bytes]) -> bytes:
+    """Append the stored form of one frame to ``out``; returns its chain hash."""
+    h = hashlib.sha256(prev)
+    h.update(fixed)
+    h.update(payload)
+    digest = h.digest()
+    size = len(fixed) + len(payload)
+    out += (_LEN.pack(size, size ^ 0xFFFFFFFF), fixed, payload, digest)
+    return digest
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _describe(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+
+
+def _open_new(path: str) -> int:
+    """Create ``path`` for appending and lock it; never reuses an existing regular file."""
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            if stat.S_ISREG(os.stat(path).st_mode):
+                raise RecordingError(f"recording {path} already exists",
+                                     "recordings are never overwritten; use a new session id") from None
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)  # a device or pipe (tests)
+    except OSError as exc:
+        raise RecordingError(f"cannot create recording {path}: {_describe(exc)}",
+                             "check the recordings directory exists and is writable: medbroker check") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise RecordingError(f"recording {path} is already being written", "use a new session id") from exc
+    return fd
+
+
+def _report_callback_error(exc: Exception) -> None:
+    threading.excepthook(threading.ExceptHookArgs((type(exc), exc, exc.__traceback__, threading.current_thread())))
+
+
+class RecordingWriter:
+    """Appends frames to one session's recording through a single background writer thread.
+
+    ``append_data``/``append_event`` only stamp the frame and queue it (no disk I/O, no hashing), so they
+    are safe on the event loop. Call them from one thread. The writer thread encrypts, chains and writes
+    whole batches. The constructor creates the file and writes the header synchronously, so a recording
+    that cannot even start fails there (strict mode refuses the session before connecting).
+
+    Flow control: ``pending_bytes`` is the payload queued but not yet written. When it reaches
+    ``high_water``, ``paused`` turns True and ``on_pause()`` runs on the appending thread; the relay should
+    stop reading from both sides. When the writer has brought it down to ``low_water``, ``paused`` turns
+    False and ``on_resume()`` runs on the writer thread (use ``loop.call_soon_threadsafe``). Above
+    ``max_pending`` the recording fails instead of growing memory without bound.
+
+    Errors (disk full, EIO, a vanished volume) set ``failed`` to a :class:`RecordingError` whose
+    ``__cause__`` is the ``OSError``, and call ``on_error(error)`` exactly once, from the writer thread
+    (or from the thread whose append/close found it): wire it with ``loop.call_soon_threadsafe``.
+    Afterwards every append raises that error.
+
+    :param path: the new file (must not exist)
+    :param header: JSON object; needs a non-empty ``session_id``; ``encryption`` is reserved
+    :param clock: monotonic offsets (``mono_ns``, from construction) and UTC wall time (``wall_us``)
+    :param aead_key: 32-byte AES-256-GCM key, or None for a clear recording
+    :param key_id: the key's id, stored in the header so readers can look it up (required with a key)
+    :param fsync: fsync after every batch (close always fsyncs)
+    :raises RecordingError: bad header or key, file exists, cannot be created or written
+    """
+
+    def __init__(self, path: str | os.PathLike[str], header: dict[str, Any], *, clock: Clock,
+                 aead_key: bytes | None = None, key_id: str | None = None, fsync: bool = False,
+                 on_error: Callable[[RecordingError], None] | None = None,
+                 on_pause: Callable[[], None] | None = None, on_resume: Callable[[], None] | None = None,
+                 high_water: int = 8 << 20, low_water: int = 2 << 20, max_pending: int = 64 << 20) -> None:
+        self.path = os.fspath(path)
+        if not isinstance(header, dict) or not isinstance(header.get("session_id"), str) \
+                or not header["session_id"]:
+            raise RecordingError("recording header needs a non-empty 'session_id' string")
+        if "encryption" in header:
+            raise RecordingError("recording header key 'encryption' is reserved for the writer")
+        if not 0 <= low_water <= high_water <= max_pending:
+            raise UsageError(f"need 0 <= low_water <= high_water <= max_pending; got "
+                             f"{low_water}, {high_water}, {max_pending}")
+        full = dict(header)
+        self._aead: AESGCM | None = None
+        if aead_key is not None:
+            if len(aead_key) != 32 or not key_id:
+                raise RecordingError("recording encryption needs a 32-byte key and a key_id")
+            salt = os.urandom(16)
+            self._aead, check = _derive(aead_key, salt, header["session_id"])
+            full["encryption"] = {"alg": "AES-256-GCM", "kdf": "HKDF-SHA256", "key_id": key_id,
+                                  "salt": salt.hex(), "key_check": check, "nonce": "seq"}
+        elif key_id is not None:
+            raise RecordingError("key_id given without aead_key")
+        try:
+            body = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise RecordingError(f"recording header is not JSON-serialisable: {exc}") from None
+        if len(body) > _MAX_HEADER:
+            raise RecordingError(f"recording header is {len(body)} bytes; the limit is {_MAX_HEADER}")
+        head = _PRELUDE.pack(MAGIC, VERSION, len(body)) + body
+        self.header: dict[str, Any] = full
+        self._aad = _aad(header["session_id"])
+        self._last_hash = hashlib.sha256(head).digest()
+        self._fd = _open_new(self.path)
+        try:
+            _write_all(self._fd, head + self._last_hash)
+            if fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            os.close(self._fd)
+            if stat.S_ISREG(os.stat(self.path).st_mode):
+                os.unlink(self.path)
+            raise RecordingError(f"cannot write recording {self.path}: {_describe(exc)}",
+                                 "free space on the recordings volume, then retry") from exc
+        self._clock, self._fsync = clock, fsync
+        self._on_error, self._on_pause, self._on_resume = on_error, on_pause, on_resume
+        self._high, self._low, self._max = high_water, low_water, max_pending
+        self._mono0 = clock.monotonic_ns()
+        self.last_activity_mono_ns = self._mono0
+        self.bytes_in = self.bytes_out = 0
+        self._seq = self._pending = 0
+        self._paused = self._stopping = self._closed = False
+        self._failed: RecordingError | None = None
+        self._final: str | None = None
+        self._queue: deque[tuple[int, int, int, int, int, bytes]] = deque()
+        self._cond = threading.Condition()
+        self._close_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"recording-{header['session_id']}", daemon=True)
+        self._thread.start()
+
+    # -- state the relay and `sessions list` poll (plain attribute reads, no locks) --
+    @property
+    def pending_bytes(self) -> int:
+        """Payload bytes queued but not yet written."""
+        return self._pending
+
+    @property
+    def paused(self) -> bool:
+        """True from crossing ``high_water`` until the backlog is back at ``low_water``."""
+        return self._paused
+
+    @property
+    def failed(self) -> RecordingError | None:
+        """The error that stopped the recording, or None."""
+        return self._failed
+
+    @property
+    def frames(self) -> int:
+        """Frames appended so far (the last sequence number)."""
+        return self._seq
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- hot path --
+    def append_data(self, channel: int, kind: str, data: bytes) -> int:
+        """Queue raw bytes of ``input``, ``output`` or ``stderr``; returns the last sequence number.
+
+        Data over :data:`MAX_PAYLOAD` becomes several consecutive frames.
+
+        :raises RecordingError: not a data kind, bad channel, writer failed or closed, backlog overflow
+        """
+        if kind not in DATA_KINDS:
+            raise RecordingError(f"{kind!r} is not a data kind ({', '.join(sorted(DATA_KINDS))}); "
+                                 "use append_event")
+        data = data if type(data) is bytes else bytes(data)
+        code = KINDS[kind]
+        seq = 0
+        for start in range(0, max(len(data), 1), MAX_PAYLOAD):
+            seq = self._enqueue(channel, code, data[start:start + MAX_PAYLOAD] if len(data) > MAX_PAYLOAD else data)
+        return seq
+
+    def append_event(self, channel: int, kind: str, event: dict[str, Any]) -> int:
+        """Queue an event frame whose payload is ``event`` as compact UTF-8 JSON; returns its sequence number.
+
+        :raises RecordingError: unknown or data kind, ``end`` (use close), not a JSON object, too large,
+            writer failed or closed
+        """
+        code = KINDS.get(kind)
+        if code is None or kind in DATA_KINDS or code == _END:
+            raise RecordingError(f"{kind!r} is not an event kind", "event kinds: " + ", ".join(
+                k for k in KINDS if k not in DATA_KINDS and k != "end"))
+        if not isinstance(event, dict):
+            raise RecordingError(f"{kind} event must be a dict, got {type(event).__name__}")
+        try:
+            payload = _dumps(event)
+        except (TypeError, ValueError) as exc:
+            raise RecordingError(f"{kind} event is not JSON-serialisable: {exc}") from None
+        if len(payload) > MAX_PAYLOAD:
+            raise RecordingError(f"{kind} event is {len(payload)} bytes; the limit is {MAX_PAYLOAD}")
+        return self._enqueue(channel, code, payload)
+
+    def _enqueue(self, channel: int, code: int, payload: bytes, *, final: bool = False) -> int:
+        if not 0 <= channel <= 0xFFFFFFFF:
+            raise RecordingError(f"channel {channel} is out of range 0..2**32-1")
+        n = len(payload)
+        pause = False
+        with self._cond:
+            if self._failed is not None:
+                raise self._failed
+            if self._stopping:
+                raise RecordingError(f"recording {self.path} is closed")
+            if not final and self._pending + n > self._max:
+                overflow = RecordingError(
+                    f"recording {self.path}: backlog over {self._max} bytes (disk slower than the session)",
+                    "the relay must pause reading while writer.paused is True")
+            else:
+                overflow = None
+                mono = self._clock.monotonic_ns()
+                self._seq += 1
+                self._queue.append((self._seq, mono - self._mono0, (self._clock.now() - _EPOCH) // _US,
+                                    channel, code, payload))
+                self._pending += n
+                if code == 1:
+                    self.bytes_in += n
+                elif code <= 3:
+                    self.bytes_out += n
+                if code <= 3:
+                    self.last_activity_mono_ns = mono
+                if self._pending >= self._high and not self._paused:
+                    self._paused = pause = True
+                self._cond.notify()
+                seq = self._seq
+        if overflow is not None:
+            self._fail(overflow)
+            raise overflow
+        if pause and self._on_pause is not None:
+            self._on_pause()
+        return seq
+
+    # -- writer thread --
+    def _run(self) -> None:
+        prev, aead, aad = self._last_hash, self._aead, self._aad
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping and self._failed is None:
+                    self._cond.wait()
+                if self._failed is not None:
+                    return
+                batch, self._queue = self._queue, deque()
+                stopping = self._stopping
+            if batch:
+                out: list[bytes] = []
+                size = 0
+                try:
+                    for seq, mono, wall, channel, code, payload in batch:
+                        size += len(payload)
+                        flags = _ENCRYPTED if aead is not None and code != _END else 0
+                        fixed = _FIXED.pack(seq, mono, wall, channel, code, flags)
+                        if flags:
+                            payload = aead.encrypt(seq.to_bytes(12, "big"), payload, aad + fixed)  # type: ignore[union-attr]
+                        prev = _pack_frame(prev, fixed, payload, out)
+                    _write_all(self._fd, b"".join(out))
+                    if self._fsync:
+                        os.fsync(self._fd)
+                except Exception as exc:  # noqa: BLE001 - any write failure must surface, never die silently
+                    self._fail(exc)
+                    return
+                self._last_hash = prev
+                with self._cond:
+                    self._pending -= size
+                    resume = self._paused and self._pending <= self._low
+                    if resume:
+                        self._paused = False
+                    self._cond.notify_all()
+                if resume and self._on_resume is not None:
+                    try:
+                        self._on_resume()
+                    except Exception as exc:  # noqa: BLE001 - the caller's bug: report it, keep recording
+                        _report_callback_error(exc)
+            if stopping:
+                return
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, RecordingError):
+            err = exc
+        else:
+            err = RecordingError(f"recording {self.path}: write failed: {_describe(exc)}",
+                                 "free space or fix the recordings volume (medbroker check); "
+                                 "the session could not be recorded")
+            err.__cause__ = exc
+        with self._cond:
+            if self._failed is not None:
+                return
+            self._failed = err
+            self._queue.clear()
+            self._pending = 0
+            self._cond.notify_all()
+        if self._on_error is not None:
+            try:
+                self._on_error(err)
+            except Exception as cb_exc:  # noqa: BLE001 - the caller's bug: report it
+                _report_callback_error(cb_exc)
+
+    # -- lifecycle --
+    def drain(self, timeout: float | None = None) -> bool:
+        """Block until everything queued is written (or the writer failed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._failed is not None or (self._pending == 0 and not self._queue),
+                                       timeout)
+
+    def close(self, reason: str = "closed") -> str:
+        """Append the ``end`` frame, drain, fsync, close; returns the final chain hash (hex). Idempotent.
+
+        Blocks until the writer has finished: from async code use :meth:`aclose`.
+
+        :raises RecordingError: the recording failed (the same error on every call)
+        """
+        with self._close_lock:
+            if not self._closed:
+                try:
+                    if self._failed is None:
+                        end = {"reason": str(reason), "frames": self._seq + 1,
+                               "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+                        try:
+                            self._enqueue(0, _END, _dumps(end), final=True)
+                        except RecordingError:
+                            pass  # failed meanwhile; raised below
+                    with self._cond:
+                        self._stopping = True
+                        self._cond.notify_all()
+                    self._thread.join()
+                    if self._failed is None:
+                        try:
+                            os.fsync(self._fd)
+                        except OSError as exc:
+                            if exc.errno != errno.EINVAL:  # pipes and devices cannot fsync
+                                self._fail(exc)
+                finally:
+                    self._closed = True
+                    os.close(self._fd)
+                if self._failed is None:
+                    self._final = self._last_hash.hex()
+                    _fsync_dir(self.path)
+            if self._failed is not None:
+                raise self._failed
+            assert self._final is not None
+            return self._final
+
+    async def aclose(self, reason: str = "closed") -> str:
+        """:meth:`close` in a worker thread, for the event loop."""
+        return await asyncio.to_thread(self.close, reason)
+
+
+def _fsync_dir(path: str) -> None:
+    # Make the new directory entry durable too; some filesystems refuse, which costs only durability.
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- reading
+
+
+class _Corrupt(Exception):
+    """The file cannot be parsed past this point."""
+
+
+@dataclass(frozen=True)
+class _Raw:
+    index: int
+    offset: int
+    seq: int
+    mono_ns: int
+    wall_us: int
+    channel: int
+    code: int
+    flags: int
+    fixed: bytes
+    payload: bytes
+    stored: bytes
+    computed: bytes
+
+
+class _Scanner:
+    """Incremental parser: header, then frames; returns None where the file ends mid-record."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self._buf = bytearray()
+        self._pos = 0
+        self._base = 0  # file offset of _buf[0]
+        self.header: dict[str, Any] | None = None
+        self.header_problem: str | None = None
+        self.prev = b""
+        self.last: _Raw | None = None
+        self.index = 0
+
+    @property
+    def offset(self) -> int:
+        """File offset just after the last complete record."""
+        return self._base + self._pos
+
+    @property
+    def leftover(self) -> int:
+        return len(self._buf) - self._pos
+
+    def fill(self) -> bool:
+        chunk = self._fh.read(1 << 20)
+        if not chunk:
+            return False
+        if self._pos > (1 << 20):
+            del self._buf[:self._pos]
+            self._base += self._pos
+            self._pos = 0
+        self._buf += chunk
+        return True
+
+    def _need(self, n: int) -> bool:
+        while self.leftover < n:
+            if not self.fill():
+                return False
+        return True
+
+    def read_head(self) -> bool:
+        if not self._need(_PRELUDE.size):
+            if not MAGIC.startswith(bytes(self._buf[:8])):
+                raise _Corrupt("not a medbroker recording (bad magic)")
+            return False
+        magic, version, size = _PRELUDE.unpack_from(self._buf, 0)
+        if magic != MAGIC:
+            raise _Corrupt("not a medbroker recording (bad magic)")
+        if version != VERSION:
+            raise _Corrupt(f"unsupported recording format version {version} (this broker reads {VERSION})")
+        if size > _MAX_HEADER:
+            raise _Corrupt("header: corrupt length field")
+        end = _PRELUDE.size + size
+        if not self._need(end + 32):
+            return False
+        header = _json_object(bytes(self._buf[_PRELUDE.size:end]))
+        if header is None or not isinstance(header.get("session_id"), str):
+            self.header_problem = "header: not a valid JSON object with a session_id"
+        else:
+            self.header = header
+        self.prev = bytes(self._buf[end:end + 32])
+        if hashlib.sha256(self._buf[:end]).digest() != self.prev:
+            self.header_problem = self.header_problem or "header: hash mismatch (the header was modified)"
+        self._pos = end + 32
+        return True
+
+    def next_frame(self) -> _Raw | None:
+        if not self._need(_LEN.size):
+            return None
+        size, guard = _LEN.unpack_from(self._buf, self._pos)
+        if guard != size ^ 0xFFFFFFFF or not _FIXED.size <= size <= _FIXED.size + MAX_PAYLOAD + _TAG:
+            raise _Corrupt(f"frame {self.index + 1}: corrupt length field at byte {self.offset}")
+        if not self._need(_LEN.size + size + 32):
+            return None
+        p = self._pos + _LEN.size
+        fixed = bytes(self._buf[p:p + _FIXED.size])
+        payload = bytes(self._buf[p + _FIXED.size:p + size])
+        stored = bytes(self._buf[p + size:p + size + 32])
+        h = hashlib.sha256(self.prev)
+        h.update(fixed)
+        h.update(payload)
+        self.index += 1
+        raw = _Raw(self.index, self.offset, *_FIXED.unpack(fixed), fixed, payload, stored, h.digest())
+        self._pos = p + size + 32
+        self.prev, self.last = stored, raw
+        return raw
+
+
+def _key_for(header: dict[str, Any], key_lookup: Callable[[str], bytes] | None,
+             path: str) -> tuple[AESGCM, bytes] | None:
+    """The recording's AEAD (or None if clear). :raises RecordingError: no or wrong key, bad header."""
+    enc = header.get("encryption")
+    if enc is None:
+        return None
+    if not isinstance(enc, dict) or enc.get("alg") != "AES-256-GCM" or not isinstance(enc.get("key_id"), str):
+        raise RecordingError(f"{path}: unsupported encryption header {enc!r}")
+    key_id = enc["key_id"]
+    if key_lookup is None:
+        raise RecordingError(f"{path} is encrypted with key {key_id!r}; no key was given",
+                             "pass the broker's data keys (keys/data.key)")
+    try:
+        key = key_lookup(key_id)
+        aead, check = _derive(key, bytes.fromhex(enc.get("salt", "")), header["session_id"])
+    except BrokerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the caller's lookup: any failure means "no key"
+        raise RecordingError(f"{path}: cannot get key {key_id!r}: {exc!r}", "restore keys/data.key") from None
+    if check != enc.get("key_check"):
+        raise RecordingError(f"{path}: wrong key for this recording (key id {key_id!r})",
+                             "the key file does not hold the key this recording was written with")
+    return aead, _aad(header["session_id"])
+
+
+class _Checker:
+    """Per-frame checks shared by the reader, verify and seal; produces problems and decoded frames."""
+
+    def __init__(self, header: dict[str, Any] | None, aead: tuple[AESGCM, bytes] | None) -> None:
+        self.encrypted = bool(header and "encryption" in header)
+        self.aead = aead
+        self.expected = 1
+        self.last_mono = 0
+        self.ended = False
+        self.end_reason: str | None = None
+
+    def check(self, raw: _Raw) -> tuple[list[str], Frame | None]:
+        n, problems = raw.index, []
+        if raw.computed != raw.stored:
+            problems.append(f"frame {n}: hash mismatch")
+        if raw.seq != self.expected:
+            what = "sequence gap" if raw.seq > self.expected else "sequence out of order"
+            problems.append(f"frame {n}: {what} (expected {self.expected}, got {raw.seq})")
+        self.expected = raw.seq + 1
+        if raw.mono_ns < self.last_mono:
+            problems.append(f"frame {n}: monotonic time goes backwards ({raw.mono_ns} < {self.last_mono} ns)")
+        self.last_mono = max(self.last_mono, raw.mono_ns)
+        kind = KIND_NAMES.get(raw.code)
+        if kind is None:
+            problems.append(f"frame {n}: unknown kind code {raw.code}")
+        if raw.flags & ~_ENCRYPTED:
+            problems.append(f"frame {n}: unknown flags 0x{raw.flags:02x}")
+        payload: bytes | None = raw.payload
+        if raw.flags & _ENCRYPTED:
+            if not self.encrypted:
+                problems.append(f"frame {n}: marked encrypted but the header has no encryption")
+                payload = None
+            elif self.aead is None:
+                payload = None
+            else:
+                try:
+                    payload = self.aead[0].decrypt(raw.seq.to_bytes(12, "big"), raw.payload, self.aead[1] + raw.fixed)
+                except InvalidTag:
+                    problems.append(f"frame {n}: cannot be decrypted (ciphertext or frame fields modified)")
+                    payload = None
+        elif self.encrypted and kind != "end":
+            problems.append(f"frame {n}: stored in clear in an encrypted recording")
+        if payload is not None and kind is not None and kind not in DATA_KINDS:
+            event = _json_object(payload)
+            if event is None:
+                problems.append(f"frame {n}: {kind} payload is not a JSON object")
+            elif kind == "end":
+                self.end_reason = str(event.get("reason"))
+        if kind == "end":
+            self.ended = True
+        if payload is None or kind is None:
+            return problems, None
+        return problems, Frame(raw.seq, raw.mono_ns, raw.wall_us, raw.channel, kind, payload, raw.stored.hex())
+
+
+def _open_read(path: str | os.PathLike[str], mode: str = "rb") -> Any:
+    try:
+        return open(path, mode, buffering=0)
+    except OSError as exc:
+        raise RecordingError(f"cannot open recording {os.fspath(path)}: {_describe(exc)}",
+                             "check the session id and the recordings directory") from exc
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The header object (caller's fields plus ``encryption``). Does not check hashes: use verify.
+
+    :raises RecordingError: unreadable, not a recording, or the header is incomplete or damaged
+    """
+    with _open_read(path) as fh:
+        sc = _Scanner(fh)
+        try:
+            complete = sc.read_head()
+        except _Corrupt as exc:
+            raise RecordingError(f"{os.fspath(path)}: {exc}", _VERIFY_HINT) from None
+        if not complete or sc.header is None:
+            raise RecordingError(f"{os.fspath(path)}: header is incomplete or damaged", _VERIFY_HINT)
+        return sc.header
+
+
+def _appended(fh: Any, sc: _Scanner) -> str:
+    extra = os.fstat(fh.fileno()).st_size - sc.offset
+    return f"appended data after the end frame ({extra} bytes at byte {sc.offset})"
+
+
+def _writer_gone(fh: Any) -> bool:
+    """True if no writer holds the recording's lock (local files only)."""
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return True
+
+
+def read_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes] | None = None,
+                follow: bool = False, *, strict: bool = True, stop: Callable[[], bool] | None = None,
+                timeout: float | None = None, poll_interval: float = 0.1,
+                sleep: Callable[[float], None] = time.sleep) -> Iterator[Frame]:
+    """Yield the frames of a recording in order, decrypted, checking the chain as it goes.
+
+    A torn tail ends the iteration quietly (see :func:`verify_recording`). With ``follow=True`` it tails a
+    file another process is writing, polling every ``poll_interval`` seconds, and ends at the ``end``
+    frame, when the writer is gone (its lock is free and no more data comes), when ``stop()`` returns
+    True, or after ``timeout`` seconds; at least one of ``stop``/``timeout`` is required.
+
+    :param key_lookup: key id → 32-byte key, for encrypted recordings
+    :param strict: raise on the first chain problem; False skips damaged frames and stops where the
+        file cannot be parsed (for exporting damaged evidence)
+    :raises RecordingError: unreadable, not a recording, encrypted without the right key, or (strict)
+        a chain problem, naming the frame
+    :raises UsageError: ``follow`` without ``stop`` or ``timeout``
+    """
+    if follow and stop is None and timeout is None:
+        raise UsageError("read_frames(follow=True) needs stop= or timeout=")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    name = os.fspath(path)
+
+    def keep_waiting() -> bool:
+        if not follow or (stop is not None and stop()) or (deadline is not None and time.monotonic() >= deadline):
+            return False
+        sleep(poll_interval)
+        return True
+
+    def problem(text: str) -> None:
+        if strict:
+            raise RecordingError(f"{name}: {text}", _VERIFY_HINT)
+
+    with _open_read(path) as fh:
+        sc = _Scanner(fh)
+        try:
+            while not sc.read_head():
+                if not keep_waiting():
+                    if follow:
+                        return
+                    raise RecordingError(f"{name}: header is incomplete ({sc.leftover} bytes)", _VERIFY_HINT)
+        except _Corrupt as exc:
+            raise RecordingError(f"{name}: {exc}", _VERIFY_HINT) from None
+        if sc.header is None:
+            raise RecordingError(f"{name}: {sc.header_problem}", _VERIFY_HINT)
+        if sc.header_problem:
+            problem(sc.header_problem)
+        checker = _Checker(sc.header, _key_for(sc.header, key_lookup, name))
+        while True:
+            try:
+                raw = sc.next_frame()
+                if raw is None and follow and _writer_gone(fh):
+                    raw = sc.next_frame()  # the writer may have written its last batch just before exiting
+                    if raw is None:
+                        return
+            except _Corrupt as exc:
+                problem(str(exc))
+                return
+            if raw is None:
+                if not keep_waiting():
+                    return
+                continue
+            problems, frame = checker.check(raw)
+            for text in problems:
+                problem(text)
+            if frame is not None:
+                yield frame
+            if checker.ended:
+                if not follow and (sc.leftover or sc.fill()):
+                    problem(_appended(fh, sc))
+                return
+
+
+def verify_recording(path: str | os.PathLike[str], *, expected_final_hash: str | None = None,
+                     signature: str | None = None, public_key: Ed25519PublicKey | None = None,
+                     key_lookup: Callable[[str], bytes] | None = None) -> VerifyResult:
+    """Check a recording's header, chain, sequence, times and structure, without needing its key.
+
+    Problems name the position in the file ("frame 9: sequence gap (expected 9, got 10)"). A torn tail
+    or a missing end frame sets ``incomplete`` and a note, not a problem.
+
+    :param expected_final_hash: the hash stored in the database at close
+    :param signature: hex ed25519 signature of the final hash (with ``public_key``)
+    :param key_lookup: optional; also authenticates every encrypted frame
+    :raises RecordingError: the file cannot be opened
+    :raises UsageError: ``signature`` without ``public_key``
+    """
+    if signature is not None and public_key is None:
+        raise UsageError("verify_recording: a signature needs the broker's public key")
+    problems: list[str] = []
+    notes: list[str] = []
+    torn = 0
+    with _open_read(path) as fh:
+        sc = _Scanner(fh)
+        checker = _Checker(None, None)
+        try:
+            if not sc.read_head():
+                problems.append(f"header is incomplete ({sc.leftover} bytes)")
+            else:
+                if sc.header_problem:
+                    problems.append(sc.header_problem)
+                aead = None
+                if sc.header is not None and key_lookup is not None:
+                    try:
+                        aead = _key_for(sc.header, key_lookup, os.fspath(path))
+                    except RecordingError as exc:
+                        problems.append(exc.message)
+                checker = _Checker(sc.header, aead)
+                while (raw := sc.next_frame()) is not None:
+                    problems += checker.check(raw)[0]
+                    if checker.ended:
+                        break
+                if checker.ended and (sc.leftover or sc.fill()):
+                    problems.append(_appended(fh, sc))
+                elif sc.leftover:
+                    torn = sc.leftover
+                    notes.append(f"torn tail: the last {torn} bytes are a partial frame (the writer stopped "
+                                 "mid-frame); run seal to close the recording")
+        except _Corrupt as exc:
+            problems.append(str(exc))
+    final = sc.prev.hex()
+    incomplete = not checker.ended
+    if incomplete and not torn:
+        notes.append("no end frame: the recording was not closed (broker stopped, or still being written)")
+    if expected_final_hash is not None and expected_final_hash.lower() != final:
+        problems.append("final hash differs from the one stored in the database")
+    if signature is not None and public_key is not None \
+            and not verify_final_hash_signature(public_key, final, signature):
+        problems.append("signature invalid")
+    if len(problems) > _MAX_PROBLEMS:
+        problems[_MAX_PROBLEMS:] = [f"... and {len(problems) - _MAX_PROBLEMS} more problems"]
+    return VerifyResult(ok=not problems, frames=sc.index, final_hash=final, incomplete=incomplete,
+                        problems=tuple(problems), notes=tuple(notes), torn_tail_bytes=torn,
+                        end_reason=checker.end_reason, encrypted=checker.encrypted)
+
+
+def seal_recording(path: str | os.PathLike[str], *, clock: Clock | None = None) -> tuple[str, int]:
+    """Close a recording a crash left open: drop a torn last frame, append ``end`` (reason "incomplete").
+
+    A complete recording is left unchanged. The end frame is stored in clear (so no key is needed) with
+    the last frame's ``mono_ns`` and the current wall time.
+
+    :returns: (final hash hex, bytes dropped from the torn tail)
+    :raises RecordingError: unreadable, still being written, no complete header, or damaged (changes nothing)
+    """
+    name = os.fspath(path)
+    with _open_read(path, "r+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RecordingError(f"{name} is still being written by a running broker",
+                                 "seal only recordings whose session has ended") from None
+        sc = _Scanner(fh)
+        problems: list[str] = []
+        checker = _Checker(None, None)
+        try:
+            if not sc.read_head():
+                raise RecordingError(f"{name}: no complete header; nothing to seal",
+                                     "the session never started recording; keep the file as evidence")
+            problems += [sc.header_problem] if sc.header_problem else []
+            checker = _Checker(sc.header, None)
+            while (raw := sc.next_frame()) is not None:
+                problems += checker.check(raw)[0]
+                if checker.ended:
+                    break
+        except _Corrupt as exc:
+            problems.append(str(exc))
+        if checker.ended and not problems and (sc.leftover or sc.fill()):
+            problems.append(_appended(fh, sc))
+        if problems:
+            raise RecordingError(f"refusing to seal {name}: {problems[0]}",
+                                 "a damaged recording is evidence: keep it unchanged; " + _VERIFY_HINT)
+        if checker.ended:
+            return sc.prev.hex(), 0
+        end_at = sc.offset
+        dropped = os.fstat(fh.fileno()).st_size - end_at
+        last = sc.last
+        now = (clock or SystemClock()).now()
+        event = {"reason": "incomplete", "sealed_at": utc_iso(now), "dropped_bytes": dropped,
+                 "frames": sc.index + 1}
+        fixed = _FIXED.pack((last.seq if last else 0) + 1, last.mono_ns if last else 0,
+                            (now - _EPOCH) // _US, 0, _END, 0)
+        out: list[bytes] = []
+        digest = _pack_frame(sc.prev, fixed, _dumps(event), out)
+        try:
+            os.ftruncate(fh.fileno(), end_at)
+            os.lseek(fh.fileno(), end_at, os.SEEK_SET)
+            _write_all(fh.fileno(), b"".join(out))
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            raise RecordingError(f"cannot seal {name}: {_describe(exc)}", "free space, then retry") from exc
+        return digest.hex(), dropped
+
+
+def _signed_message(final_hash_hex: str) -> bytes:
+    try:
+        digest = bytes.fromhex(final_hash_hex)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise RecordingError(f"{final_hash_hex!r} is not a 64-digit hex sha256")
+    return b"medbroker recording final hash v1\x00" + digest
+
+
+def sign_final_hash(private_key: Ed25519PrivateKey, final_hash_hex: str) -> str:
+    """Sign a recording's final hash with the broker's ed25519 key; returns the signature as hex.
+
+    :raises RecordingError: ``final_hash_hex`` is not 64 hex digits
+    """
+    return private_key.sign(_signed_message(final_hash_hex)).hex()
+
+
+def verify_final_hash_signature(public_key: Ed25519PublicKey, final_hash_hex: str, signature_hex: str) -> bool:
+    """True when ``signature_hex`` is the broker's signature of ``final_hash_hex``; never raises on bad input."""
+    try:
+        public_key.verify(bytes.fromhex(signature_hex), _signed_message(final_hash_hex))
+        return True
+    except (InvalidSignature, ValueError, RecordingError):
+        return False
