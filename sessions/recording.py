@@ -194,7 +194,9 @@ class RecordingWriter:
     Errors (disk full, EIO, a vanished volume) set ``failed`` to a :class:`RecordingError` whose
     ``__cause__`` is the ``OSError``, and call ``on_error(error)`` exactly once, from the writer thread
     (or from the thread whose append/close found it): wire it with ``loop.call_soon_threadsafe``.
-    Afterwards every append raises that error.
+    Appends after a failure or after close are dropped and counted in ``dropped_frames`` (they never
+    raise, so late asyncssh callbacks and best-effort mode keep working); strict mode ends the session
+    from ``on_error``.
 
     :param path: the new file (must not exist)
     :param header: JSON object; needs a non-empty ``session_id``; ``encryption`` is reserved
@@ -257,7 +259,7 @@ class RecordingWriter:
         self._mono0 = clock.monotonic_ns()
         self.last_activity_mono_ns = self._mono0
         self.bytes_in = self.bytes_out = 0
-        self._seq = self._pending = 0
+        self._seq = self._pending = self.dropped_frames = 0
         self._paused = self._stopping = self._closed = False
         self._failed: RecordingError | None = None
         self._final: str | None = None
@@ -296,9 +298,10 @@ class RecordingWriter:
     def append_data(self, channel: int, kind: str, data: bytes) -> int:
         """Queue raw bytes of ``input``, ``output`` or ``stderr``; returns the last sequence number.
 
-        Data over :data:`MAX_PAYLOAD` becomes several consecutive frames.
+        Data over :data:`MAX_PAYLOAD` becomes several consecutive frames. Returns 0 when the frame was
+        dropped because the recording failed or is closed (see ``failed``).
 
-        :raises RecordingError: not a data kind, bad channel, writer failed or closed, backlog overflow
+        :raises RecordingError: not a data kind, or a channel outside 0..2**32-1
         """
         if kind not in DATA_KINDS:
             raise RecordingError(f"{kind!r} is not a data kind ({', '.join(sorted(DATA_KINDS))}); "
@@ -313,8 +316,10 @@ class RecordingWriter:
     def append_event(self, channel: int, kind: str, event: dict[str, Any]) -> int:
         """Queue an event frame whose payload is ``event`` as compact UTF-8 JSON; returns its sequence number.
 
+        Returns 0 when dropped because the recording failed or is closed.
+
         :raises RecordingError: unknown or data kind, ``end`` (use close), not a JSON object, too large,
-            writer failed or closed
+            a channel outside 0..2**32-1
         """
         code = KINDS.get(kind)
         if code is None or kind in DATA_KINDS or code == _END:
@@ -336,10 +341,9 @@ class RecordingWriter:
         n = len(payload)
         pause = False
         with self._cond:
-            if self._failed is not None:
-                raise self._failed
-            if self._stopping:
-                raise RecordingError(f"recording {self.path} is closed")
+            if self._failed is not None or (self._stopping and not final):
+                self.dropped_frames += 1
+                return 0
             if not final and self._pending + n > self._max:
                 overflow = RecordingError(
                     f"recording {self.path}: backlog over {self._max} bytes (disk slower than the session)",
@@ -362,8 +366,9 @@ class RecordingWriter:
                 self._cond.notify()
                 seq = self._seq
         if overflow is not None:
+            self.dropped_frames += 1
             self._fail(overflow)
-            raise overflow
+            return 0
         if pause and self._on_pause is not None:
             self._on_pause()
         return seq
@@ -452,10 +457,7 @@ class RecordingWriter:
                     if self._failed is None:
                         end = {"reason": str(reason), "frames": self._seq + 1,
                                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
-                        try:
-                            self._enqueue(0, _END, _dumps(end), final=True)
-                        except RecordingError:
-                            pass  # failed meanwhile; raised below
+                        self._enqueue(0, _END, _dumps(end), final=True)
                     with self._cond:
                         self._stopping = True
                         self._cond.notify_all()
