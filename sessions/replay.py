@@ -253,9 +253,17 @@ def to_asciicast(frames: Iterable[FrameLike], *, header: dict[str, Any], verify_
     head["title"] = f"medbroker session {header.get('session_id', '?')} {who} [{status}]"
     head["env"] = {"TERM": term_type, "MEDBROKER_SESSION": str(header.get("session_id", "")),
                    "MEDBROKER_VERIFICATION": status}
-    lines = [json.dumps(head, ensure_ascii=False)]
-    lines += (json.dumps(e, ensure_ascii=False) for e in events)
+    lines = [_json_line(head)]
+    lines += (_json_line(e) for e in events)
     return "\n".join(lines) + "\n"
+
+
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _json_line(value: Any) -> str:
+    """Compact UTF-8 JSON that stays on one line for every line splitter (NEL, LS, PS escaped)."""
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKS)
 
 
 # CSI, OSC (BEL or ST), DCS/SOS/PM/APC strings, two-byte escapes, 8-bit CSI.
