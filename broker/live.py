@@ -217,7 +217,7 @@ class LiveSession:
                                grant_id=self.grant.id, channel=relay.ctx.number, content=what,
                                command=relay.command)
         self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "session ended"})
-        asyncio.get_running_loop().create_task(self.terminate(
+        self.broker.spawn(self.terminate(
             "stopped", f"output contained {what} patient data, which may not leave the hospital; the session "
             "was ended and security staff were alerted"))
 
@@ -231,7 +231,7 @@ class LiveSession:
         for w in self.broker.settings.warnings_s:
             if left - w > 0.5:
                 self._timers.append(loop.call_later(left - w, self._warn, w))
-        self._timers.append(loop.call_later(max(0.0, left), lambda: loop.create_task(self._expired())))
+        self._timers.append(loop.call_later(max(0.0, left), lambda: self.broker.spawn(self._expired())))
 
     def _warn(self, seconds_left: int) -> None:
         when = self.grant.ends_at.strftime("%H:%M:%S UTC")
@@ -254,7 +254,7 @@ class LiveSession:
         self.broker.audit_soon("recording.failed", user=self.user, device=self.device.name, session_id=self.id,
                                error=str(exc))
         if self.broker.settings.strict:
-            asyncio.get_running_loop().create_task(self.terminate(
+            self.broker.spawn(self.terminate(
                 "recording-failed", "recording became unavailable, and medbroker never runs a session it cannot "
                 "record; the session was ended. Tell the hospital's security team."))
         else:
@@ -294,6 +294,10 @@ class LiveSession:
         b.live.pop(self.id, None)
         if self.upconn is not None:
             self.upconn.close()
+            try:
+                await asyncio.wait_for(self.upconn.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                self.upconn.abort()
         final_hash = signature = None
         if self.recorder is not None:
             rec = self.recorder

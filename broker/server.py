@@ -55,6 +55,8 @@ class Broker:
         self.per_address: dict[str, int] = {}
         self.pid = os.getpid()
         self._control: asyncio.Task | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         self.settings = SessionSettings(
             recordings_dir=cfg.recordings_dir,
@@ -77,9 +79,16 @@ class Broker:
         """Append an audit row off the event loop."""
         await self.db(lambda: self.app.audit.record(event, **fields))
 
+    def spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` in the background; ``stop_server`` waits for every such task."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
     def audit_soon(self, event: str, **fields: Any) -> None:
         """Fire-and-forget audit from a synchronous callback (ordering kept by the single store thread)."""
-        asyncio.get_running_loop().create_task(self.audit(event, **fields))
+        self.spawn(self.audit(event, **fields))
 
     # ---------------------------------------------------------------- control loop
     def start_control(self) -> None:
@@ -178,6 +187,7 @@ class BrokerServer(asyncssh.SSHServer):
     # ---------------------------------------------------------------- connection
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        self.broker.connections.add(conn)
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.source = f"{peer[0]}"
         b, limits = self.broker, self.broker.app.config.limits
@@ -191,6 +201,7 @@ class BrokerServer(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         b = self.broker
+        b.connections.discard(self.conn)
         b.per_address[self.source] = b.per_address.get(self.source, 1) - 1
         if b.per_address[self.source] <= 0:
             b.per_address.pop(self.source, None)
@@ -198,10 +209,9 @@ class BrokerServer(asyncssh.SSHServer):
         if not self.authenticated and self.user and self.key_tries:
             b.audit_soon("auth.failure", user=self.user, source=self.source, reason="no accepted key",
                          attempts=self.key_tries)
-            asyncio.get_running_loop().create_task(
-                b.db(b.app.store.add_auth_failure, self.user, self.source, utc_iso(b.app.clock.now())))
+            b.spawn(b.db(b.app.store.add_auth_failure, self.user, self.source, utc_iso(b.app.clock.now())))
         if self.live is not None:
-            asyncio.get_running_loop().create_task(self.live.finish("vendor disconnected"))
+            b.spawn(self.live.finish("closed"))
 
     def _leave_unauth(self) -> None:
         if self.counted_unauth:
@@ -215,8 +225,13 @@ class BrokerServer(asyncssh.SSHServer):
             target = parse_login(username)
             self.user, self.device_name = target.user, target.device
         except UsageError as exc:
+            # Say what is wrong with the name itself; it reveals nothing about users or devices.
             self.login_error = exc.message
             self.user = None
+            self.conn.send_auth_banner(f"medbroker: {exc.message}; log in as USER@DEVICE, "
+                                       f"e.g. ssh -p {self.broker.port} alice@ct-01@{self.broker.settings.public_host}\n")
+            self.broker.audit_soon("auth.failure", source=self.source, reason="malformed login name",
+                                   login=username[:80])
         return True
 
     def public_key_auth_supported(self) -> bool:
@@ -259,10 +274,6 @@ class BrokerServer(asyncssh.SSHServer):
     # ---------------------------------------------------------------- channels
     async def session_requested(self) -> asyncssh.SSHServerSession:
         b = self.broker
-        if self.login_error:  # authenticated as someone, but the login name routes nowhere sensible
-            await b.audit("login.refused", user=self.user, source=self.source, reason=self.login_error)
-            return RefusalSession(f"{self.login_error}; log in as USER@DEVICE, e.g. "
-                                  f"ssh -p {b.port} {self.user}@ct-01@{b.settings.public_host}")
         if self.device_name is None:
             return SelfServiceSession(self)
         try:
@@ -350,7 +361,7 @@ class SelfServiceSession(asyncssh.SSHServerSession):
         return True
 
     def session_started(self) -> None:
-        asyncio.get_running_loop().create_task(self._run())
+        self.server.broker.spawn(self._run())
 
     async def _run(self) -> None:
         s, b = self.server, self.server.broker
@@ -421,6 +432,18 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
     for live in list(broker.live.values()):
         await live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
     await broker.stop_control()
+    for conn in list(broker.connections):
+        conn.close()
+    for conn in list(broker.connections):
+        try:
+            await asyncio.wait_for(conn.wait_closed(), 5)
+        except asyncio.TimeoutError:
+            conn.abort()
+    for _ in range(3):  # finishing sessions may audit, which spawns more tasks
+        pending = [t for t in broker.tasks if not t.done()]
+        if not pending:
+            break
+        await asyncio.wait(pending, timeout=10)
     await broker.audit("broker.stopped", pid=broker.pid)
 
 

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 import asyncssh
+from asyncssh.packet import Boolean, String, UInt32
 
 __all__ = ["ChannelContext", "RelaySession", "UpstreamSession", "RefusalSession", "Recorder", "SubsystemFilter",
            "ENV_ALLOWED"]
 
 log = logging.getLogger("medbroker.relay")
 
+EOF_HOLD_S = 0.1  # see RelaySession.device_eof
 # Environment variables forwarded to the device (sshd's Debian default AcceptEnv is LANG LC_*).
 ENV_ALLOWED = ("LANG", "LC_")
 
@@ -80,9 +82,11 @@ class UpstreamSession(asyncssh.SSHClientSession):
 
     def exit_status_received(self, status: int) -> None:
         self.exit_status = status
+        self.down.device_exited(status=status)
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
         self.exit_signal = (signal, core_dumped, msg, lang)
+        self.down.device_exited(signal=self.exit_signal)
 
     def pause_writing(self) -> None:
         self.down.chan.pause_reading()
@@ -111,6 +115,8 @@ class RelaySession(asyncssh.SSHServerSession):
         self.scanner = None
         self.closed = False
         self.exit_code: int | None = None
+        self.exit_sent = False
+        self.eof_state = "none"  # none | held | sent
 
     # ------------------------------------------------------------ vendor requests
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
@@ -245,24 +251,55 @@ class RelaySession(asyncssh.SSHServerSession):
         self.chan.write(data)
 
     def device_eof(self) -> None:
+        """Device EOF: held until the exit status is known (or briefly), like sshd's own ordering.
+
+        OpenSSH clients close a session channel once both sides sent EOF; an exit status arriving
+        after that is lost (a ControlMaster mux client then exits 255). sshd sends exit-status before
+        EOF when the command ends, so the relay does the same.
+        """
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
-        if not self.closed:
+        if self.closed or self.eof_state != "none":
+            return
+        if self.exit_sent:
+            self._send_eof()
+        else:
+            self.eof_state = "held"
+            asyncio.get_running_loop().call_later(EOF_HOLD_S, self._send_eof)
+
+    def _send_eof(self) -> None:
+        if self.eof_state != "sent" and not self.closed:
+            self.eof_state = "sent"
             self.chan.write_eof()
+
+    def device_exited(self, *, status: int | None = None, signal: tuple | None = None) -> None:
+        """Forward the device's exit-status or exit-signal at once, then any held EOF."""
+        if self.closed or self.exit_sent:
+            return
+        self.exit_sent = True
+        if signal is not None:
+            sig, core, msg, lang = signal
+            self.ctx.recorder.append_event(self.ctx.number, "exit", {"signal": sig, "core_dumped": core})
+            args = (String(sig), Boolean(core), String(msg), String(lang))
+            request = b"exit-signal"
+        else:
+            self.exit_code = status
+            self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": status})
+            args, request = (UInt32(status & 0xFF),), b"exit-status"
+        try:  # asyncssh has no public "send exit status, keep open"; pinned version, covered by tests
+            self.chan._send_request(request, *args)
+        except OSError:
+            return
+        if self.eof_state == "held":
+            self._send_eof()
 
     def device_closed(self, up: UpstreamSession, exc: Exception | None) -> None:
         if self.closed:
             return
-        if up.exit_signal:
-            sig, core, msg, lang = up.exit_signal
-            self.ctx.recorder.append_event(self.ctx.number, "exit", {"signal": sig, "core_dumped": core})
-            self.closed = True
-            self.chan.exit_with_signal(sig, core, msg, lang)
-        elif up.exit_status is not None:
-            self.exit(up.exit_status)
-        else:
+        if not self.exit_sent:
             self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": None})
-            self.closed = True
-            self.chan.close()
+        self._send_eof()
+        self.closed = True
+        self.chan.close()
         self._finish()
 
     # ------------------------------------------------------------ broker actions
@@ -275,7 +312,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.chan.write_stderr(f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
 
     def exit(self, status: int) -> None:
-        """End the vendor channel with ``status`` (recorded)."""
+        """End the vendor channel with ``status`` on the broker's own initiative (recorded)."""
         if self.closed:
             return
         self.closed = True

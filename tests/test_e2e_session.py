@@ -1,0 +1,267 @@
+"""End to end: stock OpenSSH (and paramiko) → medbroker → a real sshd device, for the vertical slice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.devices import add_device
+from broker.grants import get_grant, revoke_grant
+from broker.identity import get_principal
+from helpers.broker import World
+from helpers.clients import ControlMaster, paramiko_exec, paramiko_session
+from helpers.net import SilentListener, closed_port
+
+pytestmark = pytest.mark.openssh
+PROMPT = re.compile(rb"[#$] ")
+
+
+@pytest.fixture
+def world(tmp_path, device):
+    w = World(tmp_path, device()).setup()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def _wait(predicate, timeout=10.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_no_grant_refused_with_hint_and_audited(world):
+    r = world.ssh("alice@ct-01", "echo should-not-run")
+    assert r.returncode == 1
+    assert b"should-not-run" not in r.stdout
+    assert b"no approved access for alice to ct-01" in r.stderr
+    assert b"request ct-01 --for" in r.stderr
+    refused = world.events("session.refused")
+    assert refused and refused[-1]["user_name"] == "alice" and refused[-1]["device"] == "ct-01"
+    assert world.app.store.list_sessions() == []
+
+
+def test_unknown_device_looks_like_no_grant(world):
+    r = world.ssh("alice@mri-99", "true")
+    assert r.returncode == 1
+    assert b"no approved access for alice to mri-99" in r.stderr
+
+
+def test_wrong_key_reveals_nothing(world, ssh_keys):
+    stranger = ssh_keys("stranger")
+    from helpers.clients import run_ssh
+
+    r = run_ssh("alice@ct-01", "127.0.0.1", world.port, stranger.private_path, "true", known_hosts=world.known_hosts)
+    assert r.returncode == 255
+    assert b"Permission denied" in r.stderr
+    assert b"ct-01" not in r.stderr.replace(b"alice@ct-01@127.0.0.1", b"")
+    assert _wait(lambda: world.events("auth.failure"))
+
+
+@pytest.mark.parametrize("login", ["a@b@c@d", "@ct-01", "alice@", "al ice@ct-01", "Alice@ct-01", "a" * 300],
+                         ids=["many-at", "no-user", "no-device", "space", "upper", "long"])
+def test_malformed_login_names_get_a_clear_line(world, login):
+    r = world.ssh(login, "true", key="alice")
+    assert r.returncode == 255
+    assert b"medbroker:" in r.stderr and b"USER@DEVICE" in r.stderr
+    assert world.app.store.list_sessions() == []
+
+
+def test_control_characters_in_login_refused_for_paramiko(world):
+    """OpenSSH's client refuses such names itself; paramiko sends them, so the broker must refuse."""
+    import paramiko
+
+    from helpers.clients import paramiko_connect
+
+    for login in ("alice@ct\x01", "alice\x00@ct-01", "alice@ct-01\n"):
+        with pytest.raises(paramiko.AuthenticationException):
+            paramiko_connect("127.0.0.1", world.port, login, key=world.keys["alice"].private_path)
+    assert world.app.store.list_sessions() == []
+
+
+def test_absurdly_long_login_is_cut_off_by_the_ssh_layer(world):
+    r = world.ssh("a" * 2000 + "@ct-01", "true", key="alice")
+    assert r.returncode == 255 and b"Username too long" in r.stderr
+
+
+def test_request_and_approve_over_ssh_then_exec(world):
+    r = world.ssh("alice", 'request ct-01 --for 30m --reason "tube replacement" --ticket WO-1234 --json')
+    assert r.returncode == 0, r.stderr
+    req = json.loads(r.stdout)
+    assert req["status"] == "pending" and req["ticket"] == "WO-1234"
+    # the vendor cannot approve, nor can anyone approve their own request
+    r = world.ssh("alice", f"approve {req['id']}")
+    assert r.returncode == 1 and b"may not approve" in r.stderr
+    r = world.ssh("bob", f"approve {req['id']} --json")
+    assert r.returncode == 0, r.stderr
+    grant = json.loads(r.stdout)["grant"]
+    assert grant["user"] == "alice" and grant["state"] == "active"
+    r = world.ssh("bob", f"approve {req['id']}")
+    assert r.returncode == 1 and b"already approved" in r.stderr
+    r = world.ssh("alice@ct-01", "echo hello from $(hostname)")
+    assert r.returncode == 0 and r.stdout.startswith(b"hello from")
+    status = world.ssh("alice", "grants --json")
+    assert json.loads(status.stdout)["active_grants"][0]["id"] == grant["id"]
+
+
+def test_exec_output_exit_codes_stderr_and_stdin(world):
+    world.grant()
+    r = world.ssh("alice@ct-01", "echo out; echo err >&2; exit 7")
+    assert (r.returncode, r.stdout, r.stderr) == (7, b"out\n", b"err\n")
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    r = world.ssh("alice@ct-01", "sha256sum", input=data)
+    assert r.returncode == 0
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    r = world.ssh("alice@ct-01", "head -c 5000000 /dev/zero | tr '\\0' x")
+    assert r.stdout == b"x" * 5_000_000
+
+
+def test_exit_signal_passes_through(world):
+    world.grant()
+    r = world.ssh("alice@ct-01", "kill -TERM $$")
+    assert r.returncode == 255  # what OpenSSH's ssh reports for a remote command killed by a signal
+    host_key = (world.app.home / "keys" / "host_ed25519.pub").read_text()
+    with paramiko_session("127.0.0.1", world.port, "alice@ct-01", key=world.keys["alice"].private_path,
+                          host_key_line=host_key) as client:
+        res = paramiko_exec(client, "kill -KILL $$")
+        assert res.returncode == -1  # paramiko: exit-signal, no exit-status
+        res = paramiko_exec(client, "echo paramiko; exit 3")
+        assert (res.returncode, res.stdout) == (3, b"paramiko\n")
+
+
+def test_pty_typing_and_resize(world):
+    world.grant()
+    term = world.pty("alice@ct-01", cols=100, rows=30)
+    try:
+        term.expect(PROMPT, timeout=15)
+        term.sendline("stty size; echo $((6*7))")
+        term.expect(re.compile(rb"30 100\r?\n"), timeout=10)
+        term.expect(re.compile(rb"42\r?\n"), timeout=10)
+        term.resize(132, 43)
+        time.sleep(0.3)
+        term.sendline("stty size")
+        term.expect(rb"43 132", timeout=10)
+        term.sendline("exit 5")
+        assert term.wait(timeout=10) == 5
+    finally:
+        term.close()
+    assert _wait(lambda: world.app.store.list_sessions()[-1]["status"] == "closed")
+
+
+def test_controlmaster_multiplexes_channels_in_one_session(world, tmp_path):
+    world.grant()
+    with ControlMaster("alice@ct-01", "127.0.0.1", world.port, world.keys["alice"].private_path,
+                       known_hosts=world.known_hosts) as cm:
+        results = [cm.run(f"echo ch{i}; exit {i}") for i in range(3)]
+    assert [(r.returncode, r.stdout) for r in results] == [(i, f"ch{i}\n".encode()) for i in range(3)]
+    assert len(world.app.store.list_sessions()) == 1
+
+
+def test_short_grant_warns_then_expires_mid_session(world):
+    world.grant(3)
+    term = world.pty("alice@ct-01")
+    try:
+        term.expect(PROMPT, timeout=15)
+        out = term.read_until_eof(timeout=10)
+    finally:
+        code = term.wait(timeout=10)
+        term.close()
+    text = bytes(term.output)
+    assert b"approved window for ct-01 ended" in text and b"request again" in text
+    assert code != 0
+    assert _wait(lambda: world.app.store.list_sessions()[-1]["status"] == "expired")
+    assert world.events("session.expired")
+    # and a new session after the end is refused
+    r = world.ssh("alice@ct-01", "true")
+    assert r.returncode == 1 and b"no approved access" in r.stderr
+
+
+def test_revoke_ends_live_session_within_a_second(world):
+    grant = world.grant(600)
+    import subprocess
+
+    from helpers.clients import ssh_options
+
+    argv = ["ssh", *ssh_options(key=world.keys["alice"].private_path, known_hosts=world.known_hosts,
+                                host_key_checking="yes"), "-p", str(world.port), "alice@ct-01@127.0.0.1", "sleep 30"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert _wait(lambda: world.harness.live_count() == 1, 15)
+        t0 = time.monotonic()
+        revoke_grant(world.app.store, world.app.audit, grant.id, get_principal(world.app.store, "bob"),
+                     world.app.clock.now(), "vendor left the site")
+        out, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert elapsed < 2.0  # revoke reaches the session through a 0.5 s control loop, plus teardown
+    assert b"revoked by bob: vendor left the site" in err
+    assert _wait(lambda: world.app.store.list_sessions()[-1]["status"] == "revoked")
+
+
+def test_host_key_mismatch_refused_and_audited(world, ssh_keys):
+    impostor = ssh_keys("impostor")
+    now = world.app.clock.now()
+    add_device(world.app.store, world.app.audit, world.app.keys, name="ct-02", host="127.0.0.1",
+               port=world.device.port, login=world.device.login, host_key=impostor.public_key, now=now,
+               key_text=Path(world.device.client_key.private_path).read_text())
+    world.grant(device="ct-02")
+    r = world.ssh("alice@ct-02", "echo must-not-run")
+    assert r.returncode == 1
+    assert b"does not match the pinned one" in r.stderr
+    ev = world.events("device.hostkey.mismatch")
+    assert ev and json.loads(ev[-1]["details"])["presented"] == world.device.host_key_fingerprint
+
+
+def test_device_down_and_slow_device_fail_fast_with_clear_message(world):
+    now = world.app.clock.now()
+    key = Path(world.device.client_key.private_path).read_text()
+    add_device(world.app.store, world.app.audit, world.app.keys, name="down-01", host="127.0.0.1",
+               port=closed_port(), login="root", host_key=world.device.host_key_line, now=now, key_text=key)
+    world.grant(device="down-01")
+    r = world.ssh("alice@down-01", "true")
+    assert r.returncode == 1 and b"down-01 is unreachable" in r.stderr
+    with SilentListener() as silent:
+        add_device(world.app.store, world.app.audit, world.app.keys, name="slow-01", host="127.0.0.1",
+                   port=silent.port, login="root", host_key=world.device.host_key_line, now=now, key_text=key)
+        world.grant(device="slow-01")
+        t0 = time.monotonic()
+        r = world.ssh("alice@slow-01", "true", timeout=60)
+    assert r.returncode == 1 and b"slow-01 is unreachable" in r.stderr
+    assert time.monotonic() - t0 < 20
+    assert world.events("device.unreachable")
+
+
+def test_forwarding_agent_and_subsystems_refused(world):
+    world.grant()
+    r = world.ssh("alice@ct-01", None, extra_opts=["-W", "127.0.0.1:22"])
+    assert r.returncode == 255
+    r = world.ssh("alice@ct-01", "echo agent=$SSH_AUTH_SOCK", extra_opts=["-A"])
+    assert r.returncode == 0 and r.stdout == b"agent=\n"
+    assert _wait(lambda: world.events("channel.refused"))
+
+
+def test_audit_chain_verifies_after_sessions(world):
+    from broker.audit import verify_chain
+
+    world.grant()
+    assert world.ssh("alice@ct-01", "true").returncode == 0
+    assert _wait(lambda: world.events("session.end"))
+    result = verify_chain(world.app.store)
+    assert result.ok, result.problems
+    names = [r["event"] for r in world.events()]
+    for expected in ("request.created", "request.approved", "grant.created", "auth.success", "session.start",
+                     "session.end"):
+        assert expected in names
