@@ -22,9 +22,12 @@ __all__ = ["Store", "MIGRATIONS", "open_store"]
 
 T = TypeVar("T")
 
-MIGRATIONS: list[str] = [
+# Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
+# feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
+# 4 front-door security (MFA, checkpoints), 5 file guard.
+MIGRATIONS: dict[int, str] = {
     # 1: the vertical slice
-    """
+    1: """
     CREATE TABLE users (
         name TEXT PRIMARY KEY,
         role TEXT NOT NULL,
@@ -162,7 +165,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX file_transfers_session ON file_transfers(session_id);
     """,
-]
+}
 
 
 def _row(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
@@ -186,7 +189,7 @@ class Store:
         conn = self.db.conn
         conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
         done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
-        for number, sql in enumerate(MIGRATIONS, start=1):
+        for number, sql in sorted(MIGRATIONS.items()):
             if number in done:
                 continue
             with self.transaction():
@@ -196,7 +199,7 @@ class Store:
                 conn.execute(
                     "INSERT INTO schema_migrations (version, applied_at) VALUES (?, datetime('now'))", (number,)
                 )
-        return len(MIGRATIONS)
+        return max(MIGRATIONS)
 
     def schema_version(self) -> int:
         """The highest applied migration, 0 for an empty database."""
