@@ -25,7 +25,7 @@ T = TypeVar("T")
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
 # 4 front-door security (MFA, checkpoints), 5 file guard.
-MIGRATIONS: dict[int, str] = {
+MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
     CREATE TABLE users (
@@ -192,8 +192,11 @@ class Store:
         for number, sql in sorted(MIGRATIONS.items()):
             if number in done:
                 continue
+            # A migration is one string of ';'-separated statements, or a list of statements
+            # (use a list when a statement contains ';', e.g. a trigger body).
+            statements = sql if isinstance(sql, list) else sql.split(";")
             with self.transaction():
-                for statement in sql.split(";"):
+                for statement in statements:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(
