@@ -28,8 +28,12 @@ __all__ = [
     "DEFAULT_CONFIG_TOML",
 ]
 
-_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhd])\s*$")
+# re.ASCII: without it \d accepts any Unicode digit ('١٢m') and \s any Unicode space.
+_DURATION = re.compile(r"\s*(\d{1,9})\s*([smhd])\s*", re.ASCII)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Ten years: longer than any window or timeout makes sense, short enough that now + duration
+# never overflows datetime (999999999d did).
+MAX_DURATION_S = 3650 * 86400
 
 
 def parse_duration(text: str, *, what: str = "duration") -> int:
@@ -37,10 +41,10 @@ def parse_duration(text: str, *, what: str = "duration") -> int:
 
     :param text: the duration as a person typed it
     :param what: name used in the error message
-    :returns: seconds, always > 0
-    :raises UsageError: for anything else, including ``0s`` and negatives
+    :returns: seconds, always > 0 and at most 3650 days
+    :raises UsageError: for anything else, including ``0s``, negatives and non-ASCII digits
     """
-    m = _DURATION.match(text or "")
+    m = _DURATION.fullmatch(text or "") if isinstance(text, str) else None
     if not m:
         raise UsageError(
             f"{what} {text!r} is not a duration",
@@ -49,6 +53,8 @@ def parse_duration(text: str, *, what: str = "duration") -> int:
     seconds = int(m.group(1)) * _UNIT[m.group(2)]
     if seconds <= 0:
         raise UsageError(f"{what} {text!r} must be longer than zero", "e.g. 30m or 2h")
+    if seconds > MAX_DURATION_S:
+        raise UsageError(f"{what} {text!r} is longer than ten years", "at most 3650d")
     return seconds
 
 
