@@ -78,7 +78,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     """
     host, sep, port = (text or "").rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii(): str.isdigit() is also true for '²' and '٢', which int() rejects or reads as digits.
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise UsageError(f"listen address {text!r} is not HOST:PORT", "e.g. 0.0.0.0:2222 or 127.0.0.1:2222")
     return host, int(port)
 
