@@ -257,7 +257,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         try:
             cfg.seconds(section, key)
         except UsageError as exc:
-            raise ConfigError(f"{source}: {section}.{key}: {exc.message}", exc.hint) from None
+            raise ConfigError(f"{source}: {exc.message}", exc.hint) from None  # the message names section.key
     for w in cfg.grants.warnings:
         try:
             parse_duration(w)
