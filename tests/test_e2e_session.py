@@ -265,3 +265,81 @@ def test_audit_chain_verifies_after_sessions(world):
     for expected in ("request.created", "request.approved", "grant.created", "auth.success", "session.start",
                      "session.end"):
         assert expected in names
+
+
+def _finished_session(world):
+    assert _wait(lambda: world.app.store.list_sessions() and world.app.store.list_sessions()[-1]["final_hash"])
+    return world.app.store.list_sessions()[-1]
+
+
+def test_recording_holds_typed_input_output_and_verifies(world, tmp_path):
+    import shutil
+    import subprocess
+
+    from sessions.recording import read_frames, read_header, verify_recording
+    from sessions.replay import to_asciicast
+
+    world.grant()
+    term = world.pty("alice@ct-01", cols=90, rows=25)
+    try:
+        term.expect(PROMPT, timeout=15)
+        term.sendline("echo MARKER-$((40+2))")
+        term.expect(re.compile(rb"MARKER-42"), timeout=10)
+        term.resize(100, 30)
+        term.sendline("exit 0")
+        term.wait(timeout=10)
+    finally:
+        term.close()
+    row = _finished_session(world)
+    path = Path(row["recording"])
+    header = read_header(path)
+    assert header["user"] == "alice" and header["device"] == "ct-01" and "encryption" in header
+    assert b"MARKER" not in path.read_bytes()  # encrypted at rest
+    public = world.app.signing_key.public_key()
+    result = verify_recording(path, expected_final_hash=row["final_hash"], signature=row["signature"],
+                              public_key=public)
+    assert result.ok and not result.incomplete, result.problems
+    frames = list(read_frames(path, key_lookup=world.app.keys.get))
+    kinds = [f.kind for f in frames]
+    for kind in ("pty", "shell", "input", "output", "resize", "exit", "end"):
+        assert kind in kinds
+    typed = b"".join(f.payload for f in frames if f.kind == "input")
+    shown = b"".join(f.payload for f in frames if f.kind == "output")
+    assert b"echo MARKER-$((40+2))" in typed and b"MARKER-42" in shown
+    assert any(f.kind == "resize" and f.event()["cols"] == 100 for f in frames)
+    monos = [f.mono_ns for f in frames]
+    assert monos == sorted(monos)
+    cast = to_asciicast(frames, header=header, verify_result=result)
+    lines = cast.splitlines()
+    assert json.loads(lines[0])["version"] == 2 and json.loads(lines[0])["width"] == 90
+    assert any("MARKER-42" in line for line in lines[1:])
+    if shutil.which("asciinema") and shutil.which("script"):
+        cast_file = tmp_path / "s.cast"
+        cast_file.write_text(cast)
+        # asciinema cat needs a terminal; script(1) gives it one
+        out = subprocess.run(["script", "-qec", f"asciinema cat {cast_file}", "/dev/null"], capture_output=True,
+                             stdin=subprocess.DEVNULL, timeout=30)
+        assert out.returncode == 0 and b"MARKER-42" in out.stdout
+    # an exec session is its own recording with the command, stdout, stderr and status
+    assert world.ssh("alice@ct-01", "echo exec-marker; echo oops >&2; exit 4").returncode == 4
+    assert _wait(lambda: len(world.app.store.list_sessions()) == 2 and _finished_session(world)["id"] != row["id"])
+    exec_row = _finished_session(world)
+    frames = list(read_frames(Path(exec_row["recording"]), key_lookup=world.app.keys.get))
+    assert any(f.kind == "exec" and f.event()["command"].startswith("echo exec-marker") for f in frames)
+    assert b"oops\n" in b"".join(f.payload for f in frames if f.kind == "stderr")
+    assert any(f.kind == "exit" and f.event().get("status") == 4 for f in frames)
+
+
+def test_tampered_recording_is_detected(world):
+    from sessions.recording import verify_recording
+
+    world.grant()
+    assert world.ssh("alice@ct-01", "echo tamper-me").returncode == 0
+    row = _finished_session(world)
+    path = Path(row["recording"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = verify_recording(path, expected_final_hash=row["final_hash"], signature=row["signature"],
+                              public_key=world.app.signing_key.public_key())
+    assert not result.ok and result.problems
