@@ -52,6 +52,8 @@ _END = KINDS["end"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 _MAX_PROBLEMS = 50
+_WRITE_BATCH = 1 << 20  # payload bytes per write() in the writer thread
+_IOV_MAX = 1020  # stay under the kernel's 1024 iovecs (4 per frame)
 _VERIFY_HINT = "run: medbroker audit verify (for the full report)"
 
 
@@ -146,6 +148,14 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _writev_all(fd: int, parts: list[bytes]) -> None:
+    """Write ``parts`` (at most IOV_MAX of them) without joining them first."""
+    done = os.writev(fd, parts)
+    total = sum(map(len, parts))
+    if done < total:  # short write (signal, full pipe): finish the rest the slow way
+        _write_all(fd, b"".join(parts)[done:])
 
 
 def _describe(exc: BaseException) -> str:
@@ -384,37 +394,43 @@ class RecordingWriter:
                     return
                 batch, self._queue = self._queue, deque()
                 stopping = self._stopping
-            if batch:
-                out: list[bytes] = []
-                size = 0
-                try:
-                    for seq, mono, wall, channel, code, payload in batch:
-                        size += len(payload)
-                        flags = _ENCRYPTED if aead is not None and code != _END else 0
-                        fixed = _FIXED.pack(seq, mono, wall, channel, code, flags)
-                        if flags:
-                            payload = aead.encrypt(seq.to_bytes(12, "big"), payload, aad + fixed)  # type: ignore[union-attr]
-                        prev = _pack_frame(prev, fixed, payload, out)
-                    _write_all(self._fd, b"".join(out))
-                    if self._fsync:
-                        os.fsync(self._fd)
-                except Exception as exc:  # noqa: BLE001 - any write failure must surface, never die silently
-                    self._fail(exc)
-                    return
-                self._last_hash = prev
-                with self._cond:
-                    self._pending -= size
-                    resume = self._paused and self._pending <= self._low
-                    if resume:
-                        self._paused = False
-                    self._cond.notify_all()
-                if resume and self._on_resume is not None:
-                    try:
-                        self._on_resume()
-                    except Exception as exc:  # noqa: BLE001 - the caller's bug: report it, keep recording
-                        _report_callback_error(exc)
+            out: list[bytes] = []
+            size = 0
+            try:
+                for seq, mono, wall, channel, code, payload in batch:
+                    size += len(payload)
+                    flags = _ENCRYPTED if aead is not None and code != _END else 0
+                    fixed = _FIXED.pack(seq, mono, wall, channel, code, flags)
+                    if flags:
+                        payload = aead.encrypt(seq.to_bytes(12, "big"), payload, aad + fixed)  # type: ignore[union-attr]
+                    prev = _pack_frame(prev, fixed, payload, out)
+                    if size >= _WRITE_BATCH or len(out) >= _IOV_MAX:  # write in steps: bounded latency for readers
+                        self._flush(out, size, prev)
+                        out, size = [], 0
+                if out:
+                    self._flush(out, size, prev)
+            except Exception as exc:  # noqa: BLE001 - any write failure must surface, never die silently
+                self._fail(exc)
+                return
             if stopping:
                 return
+
+    def _flush(self, parts: list[bytes], size: int, last_hash: bytes) -> None:
+        _writev_all(self._fd, parts)
+        if self._fsync:
+            os.fsync(self._fd)
+        self._last_hash = last_hash
+        with self._cond:
+            self._pending -= size
+            resume = self._paused and self._pending <= self._low
+            if resume:
+                self._paused = False
+            self._cond.notify_all()
+        if resume and self._on_resume is not None:
+            try:
+                self._on_resume()
+            except Exception as exc:  # noqa: BLE001 - the caller's bug: report it, keep recording
+                _report_callback_error(exc)
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, RecordingError):
