@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Install what medbroker's tests and demo need (OpenSSH, asciinema, the package); idempotent, non-interactive.
+#
+#   scripts/install.sh                 install whatever is missing, one line per step
+#   scripts/install.sh --print-python  print the interpreter the project is installed into, install nothing
+#
+# Python: $MEDBROKER_PYTHON if set, else ./.venv if it exists, else python3 when it is >= 3.11 and pip may
+# install into it (an active venv, or a python without Debian's EXTERNALLY-MANAGED marker); otherwise a
+# ./.venv is created. Works as root on a fresh Debian machine and in CI (CI=true, no stdin); uses sudo only
+# when not root.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+export DEBIAN_FRONTEND=noninteractive
+
+step() { printf 'install: %s\n' "$*"; }
+die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
+
+sudo_cmd=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || die "not root and sudo is missing; run as root or install sudo"
+  sudo_cmd=(sudo)
+fi
+
+apt_updated=0
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install these yourself: $*"
+  if [ "$apt_updated" -eq 0 ]; then
+    step "apt-get update"
+    "${sudo_cmd[@]}" apt-get update -qq </dev/null
+    apt_updated=1
+  fi
+  step "apt-get install $*"
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "$@" </dev/null >/dev/null
+}
+
+python_ok() {  # usable for the project: >= 3.11
+  "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null
+}
+
+pip_allowed() {  # pip may install into it: inside a venv, or not marked externally managed (PEP 668)
+  "$1" - <<'EOF' 2>/dev/null
+import os, sys, sysconfig
+in_venv = sys.prefix != sys.base_prefix
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(0 if in_venv or not managed else 1)
+EOF
+}
+
+choose_python() {  # prints the interpreter to use, or nothing if a venv must be created
+  if [ -n "${MEDBROKER_PYTHON:-}" ]; then
+    printf '%s\n' "$MEDBROKER_PYTHON"
+  elif [ -x "$repo/.venv/bin/python" ]; then
+    printf '%s\n' "$repo/.venv/bin/python"
+  elif command -v python3 >/dev/null 2>&1 && python_ok python3 && pip_allowed python3; then
+    python3 -c 'import sys; print(sys.executable)'
+  fi
+}
+
+if [ "${1:-}" = "--print-python" ]; then
+  py="$(choose_python)"
+  [ -n "$py" ] || die "no usable python yet; run scripts/install.sh first"
+  printf '%s\n' "$py"
+  exit 0
+fi
+[ $# -eq 0 ] || die "unknown argument: $1 (usage: scripts/install.sh [--print-python])"
+
+# 1. OpenSSH server and clients (the fake devices are real sshd processes).
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(/usr/sbin/sshd)
+for tool in ssh scp sftp ssh-keygen; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "OpenSSH missing (${missing[*]})"
+  apt_install openssh-server openssh-client
+else
+  step "OpenSSH present ($(ssh -V 2>&1))"
+fi
+
+# 2. asciinema (tests validate derived asciicast files with `asciinema cat`).
+if command -v asciinema >/dev/null 2>&1; then
+  step "asciinema present"
+else
+  apt_install asciinema
+fi
+
+# 3. Python >= 3.11 that pip may install into.
+py="$(choose_python)"
+if [ -z "$py" ]; then
+  if ! command -v python3 >/dev/null 2>&1 || ! python_ok python3; then
+    apt_install python3 python3-venv
+    python_ok python3 || die "python3 is older than 3.11; set MEDBROKER_PYTHON to a newer interpreter"
+  fi
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3-venv
+  fi
+  step "creating .venv (python3 is externally managed)"
+  python3 -m venv "$repo/.venv"
+  py="$repo/.venv/bin/python"
+fi
+step "python $("$py" -c 'import sys; print(sys.version.split()[0], sys.executable)')"
+
+# 4. The package with its test extras, editable. pip answers quickly when everything is satisfied, but
+#    an editable build still costs seconds, so skip it while pyproject.toml is unchanged and it imports.
+stamp_dir="${XDG_CACHE_HOME:-$HOME/.cache}/medbroker"
+stamp="$stamp_dir/install-$(printf '%s' "$repo:$py" | sha256sum | cut -c1-16).stamp"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+installed_ok() {
+  # -I and cd /: look at what is installed, not at the source tree's medbroker.egg-info.
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && (cd / && "$py" -I - "$repo") <<'EOF' 2>/dev/null
+import importlib.metadata as md, json, sys
+dist = md.distribution("medbroker")
+url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+assert url.rstrip("/") == "file://" + sys.argv[1].rstrip("/"), url
+import asyncssh, cryptography, typer, sqlite_utils, pyotp, qrcode, pyte, pytest, hypothesis, paramiko  # noqa
+EOF
+}
+if installed_ok; then
+  step "medbroker[test] already installed (pyproject.toml unchanged)"
+else
+  step "pip install -e .[test]"
+  pip_flags=(-q --disable-pip-version-check)
+  [ "$(id -u)" -ne 0 ] || pip_flags+=(--root-user-action=ignore)
+  "$py" -m pip install "${pip_flags[@]}" -e "$repo[test]" </dev/null
+  mkdir -p "$stamp_dir" && printf '%s\n' "$want" >"$stamp"
+fi
+step "done"

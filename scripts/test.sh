@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run the test suite the way CI does: install what is missing, then pytest with the given arguments.
+#
+#   scripts/test.sh [pytest args...]     e.g. scripts/test.sh -k sftp -x
+#
+# Sets MEDBROKER_REQUIRE_OPENSSH=1 (missing OpenSSH fails instead of skipping) and HYPOTHESIS_PROFILE
+# (ci when $CI is set, else dev; an explicit HYPOTHESIS_PROFILE wins). Exits with pytest's status;
+# "no tests collected" (5) is reported as the failure it is.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+bash scripts/install.sh
+py="$(bash scripts/install.sh --print-python)"
+
+export MEDBROKER_REQUIRE_OPENSSH=1
+case "${CI:-}" in
+  "" | 0 | false | no) default_profile=dev ;;
+  *) default_profile=ci ;;
+esac
+export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-$default_profile}"
+printf 'test: pytest with HYPOTHESIS_PROFILE=%s MEDBROKER_REQUIRE_OPENSSH=1\n' "$HYPOTHESIS_PROFILE"
+
+status=0
+"$py" -m pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  printf 'test: error: pytest collected no tests (exit 5); check the arguments and tests/\n' >&2
+fi
+exit "$status"

@@ -1,0 +1,180 @@
+"""Shared pytest setup: hypothesis profiles, openssh/root markers, leftover-process check, core fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from itertools import count
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from helpers import (
+    FUZZ_EXAMPLES,
+    hypothesis_profile_name,
+    missing_openssh_binaries,
+    openssh_required,
+)
+from helpers.keys import KeyPair, generate_keypair
+from helpers.net import free_port as _free_port
+from helpers.procs import enable_subreaper, kill_tree, living_descendants, reap_zombie_children
+from helpers.sshd import (
+    PasswordDeviceUnavailableError,
+    SshdDevice,
+    live_devices,
+    password_devices_supported,
+)
+
+# Profiles apply to every @given test. Parser fuzz tests ask for more with
+# @settings(max_examples=FUZZ_EXAMPLES) (10_000 in ci, 300 in dev).
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.register_profile(
+    "ci", max_examples=1000, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(hypothesis_profile_name())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Adopt orphaned grandchildren (sshd sessions, backgrounded ssh masters) so cleanup can see them."""
+    enable_subreaper()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Show the hypothesis profile and whether missing OpenSSH skips or fails."""
+    missing = missing_openssh_binaries()
+    mode = "required (MEDBROKER_REQUIRE_OPENSSH=1)" if openssh_required() else "optional"
+    state = f"missing {', '.join(missing)}" if missing else "present"
+    return [f"medbroker: hypothesis profile {hypothesis_profile_name()!r}, OpenSSH {state}, {mode}"]
+
+
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remember each phase's report so fixtures can tell whether their test failed."""
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+def _test_failed(node: pytest.Item) -> bool:
+    reports = node.stash.get(_REPORTS, {})
+    return any(r.failed for r in reports.values())
+
+
+def _skip_or_fail(reason: str) -> None:
+    """Skip locally; fail when MEDBROKER_REQUIRE_OPENSSH=1 (CI installs OpenSSH, so a skip would hide a gap)."""
+    if openssh_required():
+        pytest.fail(f"{reason} and MEDBROKER_REQUIRE_OPENSSH=1; run scripts/install.sh", pytrace=False)
+    pytest.skip(f"{reason}; run scripts/install.sh (CI fails here instead of skipping)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Apply the openssh marker (skip or fail without the binaries) and the root marker (skip unless root)."""
+    if item.get_closest_marker("openssh") is not None:
+        missing = missing_openssh_binaries()
+        if missing:
+            _skip_or_fail(f"OpenSSH programs missing: {', '.join(missing)}")
+    if item.get_closest_marker("root") is not None and os.geteuid() != 0:
+        pytest.skip("needs root")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    """After the whole run: close forgotten devices, then kill and report any surviving child process."""
+    yield
+    forgotten = live_devices()
+    for device in forgotten:
+        device.close()
+    survivors = living_descendants(os.getpid())
+    for proc in survivors:
+        kill_tree(proc.pid)
+    # Orphans adopted during the run (we are their subreaper) would otherwise outlive us as zombies.
+    reap_zombie_children()
+    problems = [f"SshdDevice never closed: {d!r}" for d in forgotten]
+    problems += [f"leftover process {p.pid}: {p.cmdline}" for p in survivors]
+    if problems:
+        pytest.fail("test run leaked processes (now killed):\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def fuzz_examples() -> int:
+    """How many examples a parser fuzz test should run (10_000 under the ci profile, 300 in dev)."""
+    return FUZZ_EXAMPLES
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    return _free_port()
+
+
+@pytest.fixture
+def tmp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty MEDBROKER_HOME directory (the env var points at it for the test's duration)."""
+    home = tmp_path / "medbroker-home"
+    home.mkdir()
+    monkeypatch.setenv("MEDBROKER_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def ssh_keys(tmp_path: Path) -> Callable[..., KeyPair]:
+    """Factory: ssh_keys(name=None, key_type="ed25519", comment=None, bits=None) -> KeyPair via ssh-keygen.
+
+    Every call makes a new pair under tmp_path/keys (name defaults to key1, key2, ...; names must be
+    unique within a test).
+    """
+    directory = tmp_path / "keys"
+    serial = count(1)
+
+    def make(
+        name: str | None = None, *, key_type: str = "ed25519", comment: str | None = None, bits: int | None = None
+    ) -> KeyPair:
+        if missing_openssh_binaries():
+            _skip_or_fail("ssh-keygen is missing")
+        return generate_keypair(directory, name or f"key{next(serial)}", key_type=key_type, comment=comment, bits=bits)
+
+    return make
+
+
+@pytest.fixture
+def device(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., SshdDevice]]:
+    """Factory: device(**kwargs) -> a started SshdDevice (kwargs as for SshdDevice); all closed at teardown.
+
+    device(password="...") needs root (a throwaway account); elsewhere it skips, or fails in CI.
+    When the test fails, each device's sshd and SFTP logs are printed (pytest shows them in the report).
+    """
+    made: list[SshdDevice] = []
+    serial = count(1)
+
+    def make(**kwargs: object) -> SshdDevice:
+        missing = missing_openssh_binaries()
+        if missing:
+            _skip_or_fail(f"OpenSSH programs missing: {', '.join(missing)}")
+        if kwargs.get("password") is not None and not password_devices_supported():
+            _skip_or_fail("password devices need root")
+        try:
+            dev = SshdDevice(tmp_path / f"device{next(serial)}", **kwargs)  # type: ignore[arg-type]
+        except PasswordDeviceUnavailableError as exc:
+            _skip_or_fail(str(exc))
+            raise  # unreachable: _skip_or_fail raises
+        made.append(dev)
+        return dev.start()
+
+    try:
+        yield make
+    finally:
+        if _test_failed(request.node):
+            for dev in made:
+                print(f"----- {dev!r} sshd log -----\n{dev.log_text()}\n----- sftp log -----\n{dev.sftp_log_text()}")
+        errors = []
+        for dev in made:
+            try:
+                dev.close()
+            except Exception as exc:  # keep closing the others; report at the end
+                errors.append(f"{dev!r}: {exc}")
+        if errors:
+            pytest.fail("closing devices failed:\n" + "\n".join(errors), pytrace=False)

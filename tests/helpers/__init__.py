@@ -1,0 +1,70 @@
+"""Test helpers that drive real OpenSSH (sshd, ssh, scp, sftp, ssh-keygen) and paramiko on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+__all__ = [
+    "FUZZ_EXAMPLES",
+    "HelperTimeoutError",
+    "find_binary",
+    "fuzz_examples",
+    "hypothesis_profile_name",
+    "is_ci",
+    "missing_openssh_binaries",
+    "openssh_required",
+]
+
+# Where sshd lives when PATH lacks the sbin directories (non-root shells on Debian).
+_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+_OPENSSH_BINARIES = ("sshd", "ssh", "scp", "sftp", "ssh-keygen")
+
+
+class HelperTimeoutError(AssertionError):
+    """A helper's bounded wait ran out; the message carries what the process printed so far."""
+
+
+def is_ci() -> bool:
+    """Return True when the CI environment variable is set to something other than empty/0/false."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def hypothesis_profile_name() -> str:
+    """Return the hypothesis profile to load: $HYPOTHESIS_PROFILE, else "ci" under CI, else "dev"."""
+    return os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if is_ci() else "dev")
+
+
+def fuzz_examples() -> int:
+    """Return how many examples a parser fuzz test should ask for: 10_000 in the ci profile, 300 otherwise."""
+    return 10_000 if hypothesis_profile_name() == "ci" else 300
+
+
+# Parser fuzz tests use `@settings(max_examples=FUZZ_EXAMPLES)`; the global profile stays cheaper.
+FUZZ_EXAMPLES = fuzz_examples()
+
+
+def openssh_required() -> bool:
+    """Return True when missing OpenSSH binaries must fail tests instead of skipping them."""
+    return os.environ.get("MEDBROKER_REQUIRE_OPENSSH", "") == "1"
+
+
+def find_binary(name: str) -> str | None:
+    """Return the absolute path of an executable, also looking in the sbin dirs, or None.
+
+    sshd refuses to start unless it is executed by absolute path, so callers use the result as argv[0].
+    """
+    found = shutil.which(name)
+    if found:
+        return str(Path(found).resolve())
+    for directory in _SBIN_DIRS:
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def missing_openssh_binaries() -> list[str]:
+    """Return the names of the OpenSSH programs (sshd, ssh, scp, sftp, ssh-keygen) that are not installed."""
+    return [name for name in _OPENSSH_BINARIES if find_binary(name) is None]
