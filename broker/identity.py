@@ -50,7 +50,7 @@ def validate_name(name: str, *, what: str = "name") -> str:
 
     :raises UsageError: with the offending value (escaped) and the rule
     """
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # not match(): '$' also matches before a final '\n'
         shown = repr(name)[:80]
         raise UsageError(
             f"{what} {shown} is not valid",
