@@ -41,6 +41,8 @@ KEY_TYPES = (
     "sk-ecdsa-sha2-nistp256@openssh.com",
     "ssh-rsa",
 )
+# OpenSSH certificate types: the plain type with -cert-v01 before any @openssh.com suffix.
+_CERT_TYPES = tuple(t.removesuffix("@openssh.com") + "-cert-v01@openssh.com" for t in KEY_TYPES)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_LOGIN = 256
 
@@ -123,7 +125,7 @@ def parse_public_key(text: str) -> PublicKey:
     if len(parts) < 2:
         raise UsageError("not an OpenSSH public key", "pass the .pub file, e.g. ~/.ssh/id_ed25519.pub")
     ktype, b64 = parts[0], parts[1]
-    if ktype not in KEY_TYPES and not ktype.endswith("-cert-v01@openssh.com"):
+    if ktype not in KEY_TYPES and ktype not in _CERT_TYPES:
         raise UsageError(f"key type {ktype!r} is not accepted", f"use one of: {', '.join(KEY_TYPES)}")
     try:
         blob = base64.b64decode(b64, validate=True)
