@@ -1,0 +1,106 @@
+"""Command index: the command lines a vendor actually ran, reconstructed from the terminal itself.
+
+Raw keystrokes lie (backspace, arrow keys, history recall, Ctrl-R, tab completion), so every PTY
+channel is replayed through a terminal emulator (pyte) and the edited line is read off the screen at
+each Enter, just before the shell's newline scrolls it away. Exec commands come from exec frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pyte
+
+__all__ = ["CommandEntry", "index_commands"]
+
+_MAX_COMMAND = 4096
+
+
+@dataclass(frozen=True)
+class CommandEntry:
+    """One command: seconds since the session started, its channel, the text, and where it came from."""
+
+    offset: float
+    channel: int
+    command: str
+    source: str  # "shell" or "exec"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"offset": round(self.offset, 3), "channel": self.channel, "command": self.command,
+                "source": self.source}
+
+
+class _Terminal:
+    """One PTY channel's screen and the state of the line being typed."""
+
+    def __init__(self, cols: int, rows: int) -> None:
+        self.screen = pyte.Screen(max(cols, 2), max(rows, 2))
+        self.stream = pyte.ByteStream(self.screen)
+        self.start: tuple[int, int] | None = None  # (x, y) where the current command line began
+        self.pending: list[float] = []  # offsets of Enters whose lines are not read yet (typeahead, paste)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.screen.resize(max(rows, 2), max(cols, 2))
+
+    def keystrokes(self, offset: float, data: bytes) -> None:
+        if self.start is None and not self.pending:
+            self.start = (self.screen.cursor.x, self.screen.cursor.y)
+        self.pending.extend(offset for b in data if b in (0x0D, 0x0A))
+
+    def output(self, data: bytes, out: list[CommandEntry], channel: int) -> None:
+        # Read each edited line right before the shell's newline moves the cursor off it.
+        while self.pending:
+            cut = data.find(b"\n")
+            if cut < 0:
+                break
+            self._feed(data[:cut])
+            self._take(out, channel)
+            data = data[cut:]
+            self._feed(data[:1])
+            data = data[1:]
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        if data:
+            self.stream.feed(data)
+
+    def _take(self, out: list[CommandEntry], channel: int) -> None:
+        offset = self.pending.pop(0)
+        continuation = self.start is None  # a pasted second line: no keystroke marked where it began
+        start = self.start or (0, self.screen.cursor.y)
+        y_end = self.screen.cursor.y
+        rows = self.screen.display
+        if not 0 <= start[1] < len(rows) or start[1] > y_end:  # the screen scrolled: take the cursor row
+            start = (0, y_end)
+        parts = [rows[start[1]][start[0]:]] + [rows[y] for y in range(start[1] + 1, y_end + 1)]
+        text = "".join(parts).rstrip()
+        if continuation and text.startswith("> "):  # bash's default PS2
+            text = text[2:]
+        if text:
+            out.append(CommandEntry(offset, channel, text[:_MAX_COMMAND], "shell"))
+        self.start = None
+
+
+def index_commands(frames: Iterable[Any]) -> list[CommandEntry]:
+    """Reconstruct the commands of a session from its frames (``sessions.recording.Frame`` objects).
+
+    :returns: commands in time order; shell lines read from the emulated screen, exec commands verbatim
+    """
+    out: list[CommandEntry] = []
+    terms: dict[int, _Terminal] = {}
+    for frame in frames:
+        kind = frame.kind
+        if kind == "exec":
+            out.append(CommandEntry(frame.offset, frame.channel, str(frame.event().get("command", "")), "exec"))
+        elif kind == "pty":
+            ev = frame.event()
+            terms[frame.channel] = _Terminal(int(ev.get("cols") or 80), int(ev.get("rows") or 24))
+        elif kind == "resize" and frame.channel in terms:
+            ev = frame.event()
+            terms[frame.channel].resize(int(ev.get("cols") or 80), int(ev.get("rows") or 24))
+        elif kind == "input" and frame.channel in terms:
+            terms[frame.channel].keystrokes(frame.offset, frame.payload)
+        elif kind == "output" and frame.channel in terms:
+            terms[frame.channel].output(frame.payload, out, frame.channel)
+    return sorted(out, key=lambda c: c.offset)

@@ -1,0 +1,97 @@
+"""Command index: commands reconstructed from what the terminal showed, through a real shell."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.broker import World
+from sessions.commands import index_commands
+from sessions.recording import read_frames
+
+PROMPT = re.compile(rb"[#$] ")
+
+
+@pytest.fixture
+def world(tmp_path, device):
+    w = World(tmp_path, device()).setup()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def _commands(world):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = world.app.store.list_sessions()
+        if rows and rows[-1]["final_hash"]:
+            break
+        time.sleep(0.05)
+    frames = list(read_frames(Path(rows[-1]["recording"]), key_lookup=world.app.keys.get))
+    return [c.command for c in index_commands(frames)]
+
+
+@pytest.mark.openssh
+def test_editing_keys_history_and_search_give_the_command_that_ran(world):
+    world.grant()
+    term = world.pty("alice@ct-01", command="bash --norc --noprofile -i", cols=120, rows=30)
+    try:
+        term.expect(PROMPT, timeout=15)
+        term.send(b"PS1='$ '\r")
+        term.expect(PROMPT, timeout=10)
+
+        def run(keys: bytes, marker: bytes) -> None:
+            term.send(keys)
+            term.expect(re.compile(re.escape(marker)), timeout=10)
+            term.expect(PROMPT, timeout=10)
+
+        run(b"echo hexo\x7f\x7fllo world\r", b"hello world")            # backspace
+        run(b"echo abc\x1b[D\x1b[DX\r", b"aXbc")                        # left arrow, insert
+        run(b"\x1b[A\x1b[A\r", b"hello world")                          # history recall (two up)
+        run(b"\x12aXb\r", b"aXbc")                                      # Ctrl-R reverse search
+        run(b"ech\ttab-done\r", b"tab-done")                          # tab completion
+        term.send(b"echo 'multi\r")                                     # a quoted newline, typed
+        term.expect(re.compile(rb"> "), timeout=10)
+        run(b"line'\r", b"line")
+        run(b"echo 'paste\rd'\r", b"d")                                # the same, pasted in one go
+        term.send(b"exit\r")
+        term.wait(timeout=10)
+    finally:
+        term.close()
+    cmds = _commands(world)
+    assert "bash --norc --noprofile -i" in cmds  # the exec command of the channel
+    shell = [c for c in cmds if not c.startswith("bash ")]
+    assert shell[:6] == ["PS1='$ '", "echo hello world", "echo aXbc", "echo hello world", "echo aXbc",
+                         "echo tab-done"], shell
+    assert shell[6:10] == ["echo 'multi", "line'", "echo 'paste", "d'"], shell
+    assert shell[-1] == "exit"
+
+
+class _F:
+    def __init__(self, kind, payload=b"", event=None, offset=0.0, channel=1):
+        self.kind, self.payload, self._event, self.offset, self.channel = kind, payload, event or {}, offset, channel
+
+    def event(self):
+        return self._event
+
+
+def test_exec_commands_and_screen_lines_without_ssh():
+    frames = [_F("exec", event={"command": "uname -a"}, channel=2), _F("pty", event={"cols": 40, "rows": 5}),
+              _F("output", b"$ "), _F("input", b"ls -l\x7f\x7fla\r", offset=1.0), _F("output", b"ls -la\r\nx\r\n$ ")]
+    assert [(c.command, c.source) for c in index_commands(frames)] == [("uname -a", "exec"), ("ls -la", "shell")]
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.lists(st.tuples(st.sampled_from(["input", "output", "resize", "pty"]), st.binary(max_size=64),
+                          st.integers(1, 300), st.integers(1, 100)), max_size=40))
+def test_random_terminal_traffic_never_breaks_the_index(items):
+    frames = [_F(kind, data, {"cols": cols, "rows": rows}, float(i)) for i, (kind, data, cols, rows) in
+              enumerate(items)]
+    for entry in index_commands(frames):
+        assert isinstance(entry.command, str) and len(entry.command) <= 4096
