@@ -345,15 +345,20 @@ class RecordingWriter:
             raise RecordingError(f"{kind} event is {len(payload)} bytes; the limit is {MAX_PAYLOAD}")
         return self._enqueue(channel, code, payload)
 
-    def _enqueue(self, channel: int, code: int, payload: bytes, *, final: bool = False) -> int:
+    def _enqueue(self, channel: int, code: int, payload: bytes, *, end_reason: str | None = None) -> int:
         if not 0 <= channel <= 0xFFFFFFFF:
             raise RecordingError(f"channel {channel} is out of range 0..2**32-1")
-        n = len(payload)
+        final = end_reason is not None
         pause = False
         with self._cond:
-            if self._failed is not None or (self._stopping and not final):
-                self.dropped_frames += 1
+            if self._failed is not None or self._stopping:
+                if not final:
+                    self.dropped_frames += 1
                 return 0
+            if final:  # built under the lock so the counts match the frames before it
+                payload = _dumps({"reason": end_reason, "frames": self._seq + 1, "bytes_in": self.bytes_in,
+                                  "bytes_out": self.bytes_out})
+            n = len(payload)
             if not final and self._pending + n > self._max:
                 overflow = RecordingError(
                     f"recording {self.path}: backlog over {self._max} bytes (disk slower than the session)",
@@ -373,6 +378,8 @@ class RecordingWriter:
                     self.last_activity_mono_ns = mono
                 if self._pending >= self._high and not self._paused:
                     self._paused = pause = True
+                if final:  # atomically with the end frame: nothing may follow it
+                    self._stopping = True
                 self._cond.notify()
                 seq = self._seq
         if overflow is not None:
@@ -470,10 +477,7 @@ class RecordingWriter:
         with self._close_lock:
             if not self._closed:
                 try:
-                    if self._failed is None:
-                        end = {"reason": str(reason), "frames": self._seq + 1,
-                               "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
-                        self._enqueue(0, _END, _dumps(end), final=True)
+                    self._enqueue(0, _END, b"", end_reason=str(reason))
                     with self._cond:
                         self._stopping = True
                         self._cond.notify_all()

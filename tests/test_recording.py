@@ -212,6 +212,28 @@ def test_counters_last_activity_close_idempotent(tmp_path: Path) -> None:
     assert end == {"reason": "revoked", "frames": 5, "bytes_in": 3, "bytes_out": 7}
 
 
+def test_close_while_another_thread_appends_leaves_nothing_after_end(tmp_path: Path) -> None:
+    w = RecordingWriter(tmp_path / "race.mbr", HEADER, clock=FakeClock())
+    started = threading.Event()
+
+    def pump() -> None:
+        for i in range(200_000):
+            if w.append_data(0, "output", b"x") == 0:
+                return
+            if i == 1000:
+                started.set()
+
+    t = threading.Thread(target=pump)
+    t.start()
+    assert started.wait(timeout=10)
+    final = w.close("raced")
+    t.join(timeout=30)
+    result = verify_recording(tmp_path / "race.mbr", expected_final_hash=final)
+    assert result.ok and not result.incomplete and w.dropped_frames == 1
+    end = list(read_frames(tmp_path / "race.mbr"))[-1]
+    assert end.event()["frames"] == end.seq == result.frames and end.event()["bytes_out"] == end.seq - 1
+
+
 # ---------------------------------------------------------------- tamper detection
 
 
