@@ -172,6 +172,15 @@ def test_unknown_key_is_refused(dev, pinned, ssh_keys):
     assert b"Permission denied (publickey)" in err
 
 
+def test_extra_config_overrides_defaults(device, tmp_path: Path):
+    dev = device(extra_config=["PubkeyAuthentication no"])
+    pinned = dev.write_known_hosts(tmp_path / "kh")
+    rc, _, err = run_ssh(dev.login, dev.host, dev.port, dev.client_key, "true", known_hosts=pinned)
+    assert rc == 255
+    assert b"Permission denied ()" in err  # no auth method left: the override took effect
+    assert "Accepted publickey" not in dev.log_text()
+
+
 def test_control_master_runs_three_commands_over_one_connection(dev, pinned):
     with ssh_control_master(dev.login, dev.host, dev.port, dev.client_key, known_hosts=pinned) as master:
         results = [master.run(f"echo {n}; exit {n}") for n in (1, 2, 3)]

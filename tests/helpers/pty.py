@@ -95,6 +95,8 @@ class PtySession:
 
         known_hosts: pinned file (StrictHostKeyChecking=yes) or None for a throwaway one (accept-new).
         Password/TOTP prompts appear on the terminal; answer them with expect()/sendline().
+        Expect the shell prompt before typing: keystrokes sent before ssh puts the local tty in raw mode
+        are echoed twice (once by the local line discipline, once by the remote pty).
         """
         ssh = find_binary("ssh")
         if ssh is None:

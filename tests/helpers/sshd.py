@@ -96,9 +96,11 @@ class SshdDevice:
       this device (root only; raises PasswordDeviceUnavailableError otherwise) and `login` is that account.
     port: fixed port (default: a free one, retried up to 3 times if taken meanwhile).
     tree: create the fake device filesystem (see `tree`, `root`).
-    extra_config: extra sshd_config lines appended verbatim.
+    extra_config: extra sshd_config lines, placed *before* the defaults because sshd keeps the first
+      value it reads for a keyword (so "MaxSessions 1" or "Ciphers ..." override); no Match blocks.
 
-    Attributes: host, port, login, password, host_key (KeyPair), host_key_line ("ssh-ed25519 AAAA..."),
+    Attributes: host, port, login (the throwaway account's name once started, for password devices),
+    password, host_key (KeyPair), host_key_line ("ssh-ed25519 AAAA..."),
     host_key_fingerprint ("SHA256:..."), client_key (KeyPair | None), tree (DeviceTree | None),
     root (Path), log_path, sftp_log_path, config_path, authorized_keys_path, pid.
     Use as a context manager (start/close) or through the `device` fixture; close() always cleans up.
@@ -248,6 +250,7 @@ class SshdDevice:
 
     def _config_text(self) -> str:
         lines = [
+            *self.extra_config,
             f"ListenAddress {self.host}",
             f"HostKey {self.host_key.private_path}",
             f"PidFile {self.pid_path}",
@@ -278,7 +281,6 @@ class SshdDevice:
         if openssh_version() >= (9, 8):
             # 9.8+ penalises sources that fail auth; every test client is 127.0.0.1.
             lines.append("PerSourcePenalties no")
-        lines.extend(self.extra_config)
         return "\n".join(lines) + "\n"
 
     def start(self) -> SshdDevice:
