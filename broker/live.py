@@ -19,7 +19,7 @@ from broker.devices import Device
 from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
 from broker.grants import Grant
 from broker.keys import Secret, openssh_fingerprint
-from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
+from sessions.recording import RecordingWriter, read_frames, seal_recording, sign_final_hash
 from sessions.relay import ChannelContext, RelaySession
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -314,6 +314,8 @@ class LiveSession:
             **counters))
         await b.audit("session.end", user=self.user, device=self.device.name, session_id=self.id,
                       grant_id=self.grant.id, status=status, reason=reason, final_hash=final_hash, **counters)
+        if final_hash:
+            await index_session(b, self.id, self.path)
 
     def _counters(self) -> dict[str, Any]:
         rec = self.recorder
@@ -330,6 +332,25 @@ class LiveSession:
         last = datetime.fromtimestamp(self.broker.app.clock.now().timestamp() - idle_s, tz=self.grant.ends_at.tzinfo)
         await self.broker.db(lambda: self.broker.app.store.update_session(
             self.id, last_activity_at=utc_iso(last), **self._counters()))
+
+
+async def index_session(broker: "Broker", session_id: str, path: Path) -> None:
+    """Build the command index and search text of a closed recording (off the event loop)."""
+    from sessions.textindex import build_session_text
+
+    keys = broker.app.keys
+    try:
+        text = await asyncio.get_running_loop().run_in_executor(
+            None, build_session_text, lambda: read_frames(path, key_lookup=keys.get, strict=False))
+    except (OSError, BrokerError) as exc:
+        log.warning("cannot index %s: %s", session_id, exc)
+        return
+    commands = [(c.offset, c.channel, c.source, c.command) for c in text.commands]
+    rows = [(c.offset, "command", c.command) for c in text.commands]
+    rows += [(offset, "output", line) for offset, _, line in text.lines]
+    rows += [(offset, "transfer", what) for offset, _, what in text.transfers]
+    now = utc_iso(broker.app.clock.now())
+    await broker.db(lambda: broker.app.store.save_session_text(session_id, commands, rows, now))
 
 
 async def seal_interrupted_sessions(broker: "Broker") -> None:

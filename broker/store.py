@@ -165,6 +165,22 @@ MIGRATIONS: dict[int, str | list[str]] = {
     );
     CREATE INDEX file_transfers_session ON file_transfers(session_id);
     """,
+    # 2: staff toolkit: command index and full-text search over commands, output and transfer paths
+    2: [
+        """CREATE TABLE commands (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            "offset" REAL NOT NULL,
+            channel INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            command TEXT NOT NULL
+        )""",
+        "CREATE INDEX commands_session ON commands(session_id)",
+        """CREATE VIRTUAL TABLE search_text USING fts5(
+            session_id UNINDEXED, "offset" UNINDEXED, kind UNINDEXED, text, tokenize = 'trigram'
+        )""",
+        "ALTER TABLE sessions ADD COLUMN indexed_at TEXT",
+    ],
 }
 
 
@@ -496,6 +512,39 @@ class Store:
 
     def clear_auth_failures(self, user: str, source: str) -> None:
         self.execute("DELETE FROM auth_failures WHERE user_name = ? AND source = ?", (user, source))
+
+    # ------------------------------------------------------------------ staff toolkit (migration 2)
+    def save_session_text(self, session_id: str, commands: list[tuple], texts: list[tuple], at: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM commands WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM search_text WHERE session_id = ?", (session_id,))
+            conn.executemany('INSERT INTO commands (session_id, "offset", channel, source, command) '
+                             "VALUES (?, ?, ?, ?, ?)", [(session_id, *c) for c in commands])
+            conn.executemany('INSERT INTO search_text (session_id, "offset", kind, text) VALUES (?, ?, ?, ?)',
+                             [(session_id, *t) for t in texts])
+            conn.execute("UPDATE sessions SET indexed_at = ? WHERE id = ?", (at, session_id))
+
+    def session_commands(self, session_id: str) -> list[dict[str, Any]]:
+        return self.query('SELECT "offset", channel, source, command FROM commands WHERE session_id = ? '
+                          'ORDER BY "offset", id', (session_id,))
+
+    def search_sessions(self, text: str, *, device: str | None = None, user: str | None = None,
+                        since: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        # Substring match (trigram index for 3+ characters; LIKE for shorter needles).
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        sql = ('SELECT t.session_id, t."offset", t.kind, t.text, s.user_name, s.device, s.started_at '
+               "FROM search_text t JOIN sessions s ON s.id = t.session_id WHERE t.text LIKE ? ESCAPE '\\'")
+        params: list[Any] = [like]
+        for col, val in (("s.device", device), ("s.user_name", user)):
+            if val:
+                sql += f" AND {col} = ?"
+                params.append(val)
+        if since:
+            sql += " AND s.started_at >= ?"
+            params.append(since)
+        sql += ' ORDER BY s.started_at, t."offset" LIMIT ?'
+        params.append(int(limit))
+        return self.query(sql, tuple(params))
 
 
 def open_store(path: Path | str | None, *, migrate: bool = True) -> Store:

@@ -95,3 +95,20 @@ def test_random_terminal_traffic_never_breaks_the_index(items):
               enumerate(items)]
     for entry in index_commands(frames):
         assert isinstance(entry.command, str) and len(entry.command) <= 4096
+
+
+@pytest.mark.openssh
+def test_finished_sessions_are_searchable_and_show_their_commands(world):
+    world.grant()
+    assert world.ssh("alice@ct-01", "echo needle-$((7*6)); ls /").returncode == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (world.app.store.list_sessions()
+                                                and world.app.store.list_sessions()[-1]["indexed_at"]):
+        time.sleep(0.05)
+    session = world.app.store.list_sessions()[-1]
+    assert [c["command"] for c in world.app.store.session_commands(session["id"])] == ["echo needle-$((7*6)); ls /"]
+    hits = world.app.store.search_sessions("needle-42")
+    assert [(h["session_id"], h["kind"], h["text"]) for h in hits] == [(session["id"], "output", "needle-42")]
+    assert world.app.store.search_sessions("needle", device="ct-01", user="alice")
+    assert world.app.store.search_sessions("needle", user="bob") == []
+    assert world.app.store.search_sessions("no-such-text") == []
