@@ -214,7 +214,14 @@ class RecordingWriter:
     :param aead_key: 32-byte AES-256-GCM key, or None for a clear recording
     :param key_id: the key's id, stored in the header so readers can look it up (required with a key)
     :param fsync: fsync after every batch (close always fsyncs)
+    :param on_error: ``on_error(RecordingError)``, called once, usually from the writer thread
+    :param on_pause: called on the appending thread when ``pending_bytes`` reaches ``high_water``
+    :param on_resume: called on the writer thread when it is back at ``low_water``
+    :param high_water: backlog (payload bytes) that pauses; default 8 MiB
+    :param low_water: backlog that resumes; default 2 MiB
+    :param max_pending: backlog at which the recording fails; default 64 MiB
     :raises RecordingError: bad header or key, file exists, cannot be created or written
+    :raises UsageError: water marks out of order
     """
 
     def __init__(self, path: str | os.PathLike[str], header: dict[str, Any], *, clock: Clock,
@@ -302,6 +309,7 @@ class RecordingWriter:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` has run."""
         return self._closed
 
     # -- hot path --

@@ -219,8 +219,7 @@ _frames = st.lists(st.builds(
 
 
 # Exports only see frames a reader produced; the byte-level parser fuzz (FUZZ_EXAMPLES) is in test_recording.
-@settings(max_examples=max(300, settings.default.max_examples), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=_frames)
 def test_fuzz_exports_never_break(items: list[tuple[int, str, bytes]]) -> None:
     frames = [Frame(seq=i + 1, mono_ns=i * 1_000_000, wall_us=i, channel=ch, kind=kind, payload=payload, hash="00")
