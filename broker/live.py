@@ -99,7 +99,9 @@ class LiveSession:
         try:
             self.recorder = RecordingWriter(
                 self.path, header, clock=b.app.clock, aead_key=key, key_id=key_id,
-                on_error=lambda exc: loop.call_soon_threadsafe(self._recording_failed, exc))
+                on_error=lambda exc: loop.call_soon_threadsafe(self._recording_failed, exc),
+                on_pause=self._recorder_behind,
+                on_resume=lambda: loop.call_soon_threadsafe(self._recorder_caught_up))
         except (OSError, BrokerError) as exc:
             await b.audit("recording.failed", user=self.user, device=self.device.name, source=self.server.source,
                           session_id=self.id, error=str(exc))
@@ -185,6 +187,9 @@ class LiveSession:
             on_refused=self._refused, on_upstream_error=self._upstream_error,
         )
         relay = RelaySession(ctx)
+        if self.recorder.paused:
+            relay.hold("vendor", "recorder")
+            relay.hold("device", "recorder")
         self.channels.add(relay)
         self.recorder.append_event(self.numbers, "channel-open", {"type": "session"})
         return relay
@@ -223,6 +228,17 @@ class LiveSession:
 
     def _channel_closed(self, relay: RelaySession) -> None:
         self.channels.discard(relay)
+
+    def _recorder_behind(self) -> None:
+        """The recording backlog crossed its high-water mark: stop reading both sides until it drains."""
+        for relay in list(self.channels):
+            relay.hold("vendor", "recorder")
+            relay.hold("device", "recorder")
+
+    def _recorder_caught_up(self) -> None:
+        for relay in list(self.channels):
+            relay.release("vendor", "recorder")
+            relay.release("device", "recorder")
 
     # ---------------------------------------------------------------- window
     def _schedule_window(self) -> None:

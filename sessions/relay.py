@@ -89,10 +89,10 @@ class UpstreamSession(asyncssh.SSHClientSession):
         self.down.device_exited(signal=self.exit_signal)
 
     def pause_writing(self) -> None:
-        self.down.chan.pause_reading()
+        self.down.hold("vendor", "device-full")
 
     def resume_writing(self) -> None:
-        self.down.chan.resume_reading()
+        self.down.release("vendor", "device-full")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.down.device_closed(self, exc)
@@ -116,6 +116,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.closed = False
         self.exit_code: int | None = None
         self.exit_sent = False
+        self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
         self.eof_state = "none"  # none | held | sent
 
     # ------------------------------------------------------------ vendor requests
@@ -176,6 +177,8 @@ class RelaySession(asyncssh.SSHServerSession):
             up.close()
             return
         self.up = up
+        if self._holds["device"]:
+            up.pause_reading()
         if self.subsystem and self.ctx.make_filter:
             self.filter = self.ctx.make_filter(self, self.subsystem)
         elif self.ctx.make_scanner:
@@ -219,12 +222,32 @@ class RelaySession(asyncssh.SSHServerSession):
         return True
 
     def pause_writing(self) -> None:
-        if self.up is not None:
-            self.up.pause_reading()
+        self.hold("device", "vendor-full")
 
     def resume_writing(self) -> None:
-        if self.up is not None:
-            self.up.resume_reading()
+        self.release("device", "vendor-full")
+
+    # ------------------------------------------------------------ flow control
+    def hold(self, side: str, reason: str) -> None:
+        """Stop reading from ``side`` ("vendor" or "device") for ``reason`` (a full peer, a slow recorder).
+
+        Reading resumes only when every reason is released, so the recorder's back-pressure and the
+        channels' own windows cannot undo each other.
+        """
+        reasons = self._holds[side]
+        if not reasons:
+            chan = self.chan if side == "vendor" else self.up
+            if chan is not None:
+                chan.pause_reading()
+        reasons.add(reason)
+
+    def release(self, side: str, reason: str) -> None:
+        reasons = self._holds[side]
+        if reason in reasons:
+            reasons.discard(reason)
+            chan = self.chan if side == "vendor" else self.up
+            if not reasons and chan is not None:
+                chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()
