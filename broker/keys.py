@@ -59,12 +59,27 @@ class Secret:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 (created that way, never world-readable)."""
+    """Write ``data`` to ``path`` with mode 0600 (created that way, never world-readable).
+
+    The data goes to a temporary file that replaces ``path`` only once it is complete and synced:
+    rewriting ``keys/data.key`` in place lost every data key when the write failed half way.
+
+    :raises OSError: the directory or the disk cannot take the file (``path`` is then unchanged)
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # O_CREAT's mode is filtered by the umask; never wider anyway
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def generate_host_key(path: Path) -> str:
