@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -108,8 +108,9 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
         raise ConfigError(f"signing key {path} is missing", "run: medbroker init (or restore it from backup)") from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"signing key {path} is unreadable: {exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm, OSError) as exc:  # TypeError: passphrase-protected
+        raise ConfigError(f"signing key {path} is unreadable: {exc}",
+                          "the signing key must be an unencrypted ed25519 PEM key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"signing key {path} is not an ed25519 key")
     return key
