@@ -1,0 +1,1 @@
+"""CLI command modules, one per noun; ``broker/cli.py`` assembles them into ``medbroker``."""

@@ -1,0 +1,171 @@
+"""``medbroker replay`` and ``export``: watch or convert a session recording (both audited)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import sys
+import typer
+
+from broker.app import App
+from broker.commands.common import admin_actor, emit_json, open_home, say
+from broker.commands.sessions import get_session_row
+from broker.config import parse_duration
+from broker.errors import RecordingError, StorageError, UsageError
+
+__all__ = ["register", "replay", "export", "verify_session_recording", "FORMATS"]
+
+FORMATS = ("asciicast", "text", "json")
+VIEW_ROLES = ("security", "admin")
+ByOpt = Annotated[str | None, typer.Option(
+    "--by", metavar="NAME", help="Security or admin user viewing it (audited; default: local:<your OS login>).")]
+
+
+def verify_session_recording(a: App, row: dict[str, Any]):
+    """Verify a session's recording against the database's final hash and signature.
+
+    :returns: a ``sessions.recording.VerifyResult``
+    :raises RecordingError: the file cannot be opened
+    """
+    from sessions.recording import verify_recording
+
+    live = row["status"] == "live"
+    return verify_recording(
+        row["recording"],
+        expected_final_hash=None if live else row["final_hash"],
+        signature=None if live else row["signature"],
+        public_key=a.signing_key.public_key() if row["signature"] and not live else None,
+        key_lookup=a.keys.get,
+    )
+
+
+def _seconds(text: str | None, option: str) -> float | None:
+    if text is None:
+        return None
+    if text.strip() in ("0", "0s"):
+        return 0.0
+    return float(parse_duration(text, what=option))
+
+
+def replay(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="ID", help="Session id (see: medbroker sessions list).")],
+    speed: Annotated[float, typer.Option("--speed", metavar="X", help="Playback speed factor, e.g. 2 or 0.5.")] = 1.0,
+    max_idle: Annotated[str | None, typer.Option(
+        "--max-idle", metavar="DURATION", help="Shorten every pause to at most this, e.g. 2s.")] = None,
+    start: Annotated[str | None, typer.Option(
+        "--from", metavar="DURATION", help="Start this far into the session (earlier output is shown at once).")] = None,
+    instant: Annotated[bool, typer.Option("--instant", help="No pauses: print the whole terminal output.")] = False,
+    by: ByOpt = None,
+) -> None:
+    """Play a session's terminal output with its recorded timing (verifies the recording first)."""
+    from sessions.recording import read_frames
+    from sessions.replay import replay as play, verification_summary
+
+    if not speed > 0 or speed > 1000:
+        raise UsageError(f"--speed {speed} must be above 0 and at most 1000", "e.g. --speed 1 or --speed 4")
+    idle = _seconds(max_idle, "--max-idle")
+    start_at = _seconds(start, "--from") or 0.0
+    a = open_home(ctx)
+    row = get_session_row(a, session_id)
+    actor = admin_actor(a, by, action="replay recordings", roles=VIEW_ROLES)
+    result = verify_session_recording(a, row)
+    if not result.ok:
+        raise RecordingError(f"recording of session {session_id} failed verification: {verification_summary(result)}",
+                             f"inspect the evidence with: medbroker export {session_id} --format json -o FILE; "
+                             "and run: medbroker audit verify")
+    a.audit.record("recording.replayed", actor=actor, user=row["user_name"], device=row["device"],
+                   session_id=session_id, source="cli", speed=speed, max_idle=idle, start=start_at, instant=instant)
+    out = sys.stdout.buffer
+    typer.echo(f"medbroker: replaying session {session_id} ({row['user_name']} on {row['device']}, started "
+               f"{row['started_at']}); recording {verification_summary(result)}", err=True)
+
+    def write(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    frames = read_frames(row["recording"], key_lookup=a.keys.get)
+    try:
+        play(frames, write, speed=speed, max_idle=idle, start_at=start_at, instant=instant)
+    finally:
+        frames.close()
+    out.write(b"\r\n")
+    out.flush()
+    typer.echo(f"medbroker: end of session {session_id}", err=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (mode 0600: recordings can hold sensitive output) via a temporary file."""
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}", "choose a writable -o path") from None
+
+
+def export(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="ID", help="Session id (see: medbroker sessions list).")],
+    fmt: Annotated[str, typer.Option("--format", help="asciicast (v2, for players), text (transcript) or json.")],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", dir_okay=False,
+                                         help="Where to write it; '-' for stdout.")],
+    by: ByOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary of the export.")] = False,
+) -> None:
+    """Export a recording as asciicast v2, a text transcript or JSON, stating its verification status.
+
+    Damaged recordings export what can be read, and the export says what is broken.
+    """
+    from sessions.recording import read_frames, read_header
+    from sessions.replay import to_asciicast, to_json, to_text, verification_summary
+
+    if fmt not in FORMATS:
+        raise UsageError(f"format {fmt!r} is not known", f"use one of: {', '.join(FORMATS)}")
+    a = open_home(ctx)
+    row = get_session_row(a, session_id)
+    actor = admin_actor(a, by, action="export recordings", roles=VIEW_ROLES)
+    result = verify_session_recording(a, row)
+    header = read_header(row["recording"])
+    frames = read_frames(row["recording"], key_lookup=a.keys.get, strict=False)
+    try:
+        if fmt == "asciicast":
+            text = to_asciicast(frames, header=header, verify_result=result)
+        elif fmt == "text":
+            text = to_text(frames, header=header, verify_result=result)
+        else:
+            text = to_json(frames, header=header, verify_result=result)
+    finally:
+        frames.close()
+    to_stdout = str(output) == "-"
+    if not to_stdout:
+        _write_atomically(output, text)
+    a.audit.record("recording.exported", actor=actor, user=row["user_name"], device=row["device"],
+                   session_id=session_id, source="cli", format=fmt,
+                   path="-" if to_stdout else str(output.absolute()), verified=result.ok)
+    if to_stdout:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    elif as_json:
+        emit_json({"session_id": session_id, "format": fmt, "path": str(output.absolute()), "bytes": len(text.encode()),
+                   "verification": {"ok": result.ok, "incomplete": result.incomplete,
+                                    "problems": list(result.problems), "summary": verification_summary(result)}})
+    else:
+        say(f"Exported session {session_id} as {fmt} to {output} (recording {verification_summary(result)}).")
+    if not result.ok:
+        typer.echo(f"Warning: the recording failed verification: {verification_summary(result)}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``replay`` and ``export`` to the root app."""
+    app.command("replay")(replay)
+    app.command("export")(export)

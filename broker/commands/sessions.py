@@ -1,0 +1,121 @@
+"""``medbroker sessions …``: live and past device sessions, and ending a live one."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from broker.app import App
+from broker.clock import parse_utc, utc_iso
+from broker.commands.common import (JSON_HELP, admin_actor, emit_json, open_home, print_fields, print_table, safe,
+                                    say, when)
+from broker.config import format_duration
+from broker.errors import ConflictError, NotFoundError, UsageError
+
+__all__ = ["app", "session_doc", "get_session_row"]
+
+app = typer.Typer(help="Device sessions: list, inspect, end a live one.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+SessionId = Annotated[str, typer.Argument(metavar="ID", help="Session id, e.g. 20261128-141530-3fa2c1.")]
+KILL_ROLES = ("security", "admin")
+
+
+def get_session_row(a: App, session_id: str) -> dict[str, Any]:
+    """:raises NotFoundError: unknown session id"""
+    row = a.store.get_session(session_id)
+    if row is None:
+        raise NotFoundError(f"session {session_id!r} does not exist"[:200], "see: medbroker sessions list")
+    return row
+
+
+def session_doc(row: dict[str, Any]) -> dict[str, Any]:
+    """A session row for people and JSON (``user`` instead of ``user_name``; duration in seconds)."""
+    doc = {"id": row["id"], "user": row["user_name"]} | {k: v for k, v in row.items() if k not in ("id", "user_name")}
+    end = row["ended_at"]
+    if row["started_at"] and end:
+        doc["duration_s"] = int((parse_utc(end) - parse_utc(row["started_at"])).total_seconds())
+    else:
+        doc["duration_s"] = None
+    return doc
+
+
+def _length(doc: dict[str, Any]) -> str:
+    return format_duration(doc["duration_s"]) if doc["duration_s"] is not None else ("running" if doc["status"] == "live"
+                                                                                       else "-")
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    live: Annotated[bool, typer.Option("--live", help="Only sessions running now.")] = False,
+    user: Annotated[str | None, typer.Option("--user", metavar="NAME", help="Only this user's.")] = None,
+    device: Annotated[str | None, typer.Option("--device", metavar="NAME", help="Only on this device.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List sessions, oldest first."""
+    a = open_home(ctx)
+    docs = [session_doc(r) for r in a.store.list_sessions(status="live" if live else None, user=user, device=device)]
+    if as_json:
+        emit_json({"sessions": docs})
+        return
+    print_table(["id", "user", "device", "status", "started", "length", "in", "out", "grant", "source"],
+                ([d["id"], d["user"], d["device"], d["status"], when(d["started_at"]), _length(d), d["bytes_in"],
+                  d["bytes_out"], d["grant_id"], d["source"]] for d in docs),
+                empty="no live sessions" if live else "no sessions")
+
+
+@app.command("show")
+def show(ctx: typer.Context, session_id: SessionId, as_json: JsonOpt = False) -> None:
+    """Show one session: who, where, when, outcome, recording, file transfers."""
+    a = open_home(ctx)
+    doc = session_doc(get_session_row(a, session_id))
+    transfers = a.store.transfers(session_id)
+    if as_json:
+        emit_json(doc | {"transfers": transfers})
+        return
+    print_fields([("session", doc["id"]), ("user", doc["user"]), ("device", doc["device"]),
+                  ("grant", doc["grant_id"]), ("source", doc["source"]), ("status", doc["status"]),
+                  ("started", when(doc["started_at"])), ("ended", when(doc["ended_at"])), ("length", _length(doc)),
+                  ("end reason", doc["end_reason"]), ("bytes in/out", f"{doc['bytes_in']} / {doc['bytes_out']}"),
+                  ("last activity", when(doc["last_activity_at"])), ("recording", doc["recording"]),
+                  ("final hash", doc["final_hash"]), ("signed", bool(doc["signature"]))])
+    if doc["kill_requested_at"]:
+        say(f"kill requested: {when(doc['kill_requested_at'])} by {safe(doc['kill_requested_by'])}: "
+            f"{safe(doc['kill_reason'])}")
+    if transfers:
+        print_table(["at", "direction", "path", "bytes", "sha256", "outcome"],
+                    ([when(t["at"]), t["direction"], t["path"], t["bytes"], t["sha256"], t["outcome"]]
+                     for t in transfers), title="File transfers")
+    say(f"Replay: medbroker replay {doc['id']}    Export: medbroker export {doc['id']} --format text -o FILE")
+
+
+@app.command("kill")
+def kill(
+    ctx: typer.Context,
+    session_id: SessionId,
+    reason: Annotated[str | None, typer.Option("--reason", help="Shown to the vendor and audited.")] = None,
+    by: Annotated[str | None, typer.Option(
+        "--by", metavar="NAME", help="Security or admin user acting (default: local:<your OS login>).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """End a live session: the broker serving it closes it within about a second."""
+    if reason is not None and (not reason.strip() or len(reason) > 500 or safe(reason) != reason):
+        raise UsageError("the reason must be 1-500 printable characters")
+    a = open_home(ctx)
+    row = get_session_row(a, session_id)
+    actor = admin_actor(a, by, action="end sessions", roles=KILL_ROLES)
+    if row["status"] != "live":
+        raise ConflictError(f"session {session_id} is not live (status {row['status']})", "nothing changed")
+    now = utc_iso(a.clock.now())
+    if not a.store.request_session_kill(session_id, by=actor, reason=reason, now=now):
+        raise ConflictError(f"session {session_id} already ended or a kill was already requested",
+                            f"see: medbroker sessions show {session_id}")
+    a.audit.record("session.kill.requested", actor=actor, user=row["user_name"], device=row["device"],
+                   session_id=session_id, grant_id=row["grant_id"], source="cli", reason=reason)
+    if as_json:
+        emit_json(session_doc(get_session_row(a, session_id)))
+        return
+    say(f"Session {session_id} ({row['user_name']} on {row['device']}) will end within about a second; "
+        f"check with: medbroker sessions show {session_id}")

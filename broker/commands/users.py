@@ -1,0 +1,202 @@
+"""``medbroker user …``: people, their roles and their SSH public keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker.app import App
+from broker.commands.common import (BY_ADMIN_HELP, JSON_HELP, admin_actor, emit_json, open_home, print_fields,
+                                    print_table, read_text_file, safe, say, when)
+from broker.errors import ConflictError, UsageError
+from broker.identity import ROLES, PublicKey, add_user, add_user_key, get_principal, parse_public_key, validate_name
+
+__all__ = ["app", "user_doc", "read_key_files"]
+
+app = typer.Typer(help="People: vendors, approvers, security staff and admins, with their SSH keys.",
+                  no_args_is_help=True)
+key_app = typer.Typer(help="A user's SSH public keys.", no_args_is_help=True)
+app.add_typer(key_app, name="key")
+
+ByOpt = Annotated[str | None, typer.Option("--by", metavar="NAME", help=BY_ADMIN_HELP)]
+JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+KeyFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="An OpenSSH public key file (.pub).")]
+
+
+def user_doc(app_: App, name: str) -> dict:
+    """The public view of a user: role, state, key fingerprints (never the TOTP secret)."""
+    p = get_principal(app_.store, name)
+    row = app_.store.get_user(name) or {}
+    keys = []
+    for k in app_.store.user_keys(name):
+        keys.append({"fingerprint": k["fingerprint"], "type": k["public_key"].split(" ", 1)[0],
+                     "added_at": k["added_at"]})
+    return {"name": p.name, "role": p.role, "company": p.company, "disabled": p.disabled,
+            "totp_enrolled": p.totp_enrolled, "created_at": row.get("created_at"), "keys": keys}
+
+
+def read_key_files(paths: list[Path]) -> list[PublicKey]:
+    """Parse every key line of every file (``.pub`` or authorized_keys style) before anything changes.
+
+    :raises UsageError: unreadable file, no key in it, or a line that is not a public key
+    """
+    keys: list[PublicKey] = []
+    for path in paths:
+        text = read_text_file(path, what="public key file")
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if not lines:
+            raise UsageError(f"{path} holds no public key", "pass the .pub file, e.g. ~/.ssh/id_ed25519.pub")
+        for number, line in enumerate(lines, 1):
+            try:
+                keys.append(parse_public_key(line))
+            except UsageError as exc:
+                where = f"{path}" if len(lines) == 1 else f"{path} line {number}"
+                raise UsageError(f"{where}: {exc.message}", exc.hint) from None
+    return keys
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Login name: lowercase letters, digits, '.', '_' or '-'.")],
+    role: Annotated[str, typer.Option("--role", help=f"One of: {', '.join(ROLES)}.")],
+    key: Annotated[list[Path] | None, typer.Option(
+        "--key", metavar="PUBKEY_FILE", exists=True, dir_okay=False,
+        help="A public key file; repeat for several keys.")] = None,
+    company: Annotated[str | None, typer.Option("--company", help="The vendor's company.")] = None,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a user with a role and (optionally) SSH public keys."""
+    validate_name(name, what="user name")
+    if role not in ROLES:
+        raise UsageError(f"role {role!r} is not known", f"use one of: {', '.join(ROLES)}")
+    if company is not None and (not company.strip() or len(company) > 200 or safe(company) != company):
+        raise UsageError("company must be 1-200 printable characters")
+    keys = read_key_files(list(key or []))
+    a = open_home(ctx)
+    actor = admin_actor(a, by, action="add users")
+    now = a.clock.now()
+    with a.store.transaction():  # the user and all keys, or nothing
+        add_user(a.store, name, role, company, now)
+        for k in keys:
+            add_user_key(a.store, name, k.line, now)
+    a.audit.record("user.created", actor=actor, user=name, source="cli", role=role, company=company)
+    for k in keys:
+        a.audit.record("user.key.added", actor=actor, user=name, source="cli", fingerprint=k.fingerprint,
+                       key_type=k.type)
+    doc = user_doc(a, name)
+    if as_json:
+        emit_json(doc)
+        return
+    say(f"User {name} created ({role}{', ' + safe(company) if company else ''}) with {len(doc['keys'])} key(s).")
+    if not doc["keys"]:
+        say(f"Add an SSH key before they can log in: medbroker user key add {name} FILE.pub")
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List users with role, state and key count."""
+    a = open_home(ctx)
+    docs = [user_doc(a, row["name"]) for row in a.store.list_users()]
+    if as_json:
+        emit_json({"users": docs})
+        return
+    print_table(["name", "role", "company", "state", "keys", "totp", "created"],
+                ([d["name"], d["role"], d["company"], "disabled" if d["disabled"] else "active", len(d["keys"]),
+                  d["totp_enrolled"], when(d["created_at"])] for d in docs), empty="no users yet")
+
+
+@app.command("show")
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="User name.")], as_json: JsonOpt = False) -> None:
+    """Show one user and their key fingerprints."""
+    doc = user_doc(open_home(ctx), name)
+    if as_json:
+        emit_json(doc)
+        return
+    print_fields([("name", doc["name"]), ("role", doc["role"]), ("company", doc["company"]),
+                  ("state", "disabled" if doc["disabled"] else "active"), ("totp", doc["totp_enrolled"]),
+                  ("created", when(doc["created_at"]))])
+    if not doc["keys"]:
+        say("keys:    none")
+    for k in doc["keys"]:
+        say(f"key:     {k['type']} {k['fingerprint']} (added {when(k['added_at'])})")
+
+
+def _set_disabled(ctx: typer.Context, name: str, disabled: bool, by: str | None, reason: str | None,
+                  as_json: bool) -> None:
+    a = open_home(ctx)
+    p = get_principal(a.store, name)
+    verb = "disable" if disabled else "enable"
+    actor = admin_actor(a, by, action=f"{verb} users")
+    if reason is not None and (len(reason) > 500 or safe(reason) != reason):
+        raise UsageError("the reason must be at most 500 printable characters")
+    if p.disabled == disabled:
+        raise ConflictError(f"user {name} is already {verb}d", "nothing changed")
+    a.store.set_user_disabled(name, disabled)
+    a.audit.record(f"user.{verb}d", actor=actor, user=name, source="cli", reason=reason)
+    live = a.store.list_sessions(status="live", user=name)
+    doc = user_doc(a, name) | {"live_sessions": [s["id"] for s in live]}
+    if as_json:
+        emit_json(doc)
+        return
+    say(f"User {name} {verb}d.")
+    if disabled and live:
+        say(f"{len(live)} live session(s) continue until ended: " +
+            "; ".join(f"medbroker sessions kill {s['id']}" for s in live))
+
+
+@app.command("disable")
+def disable(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="User name.")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (audited).")] = None,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Disable a user: no more logins, requests or approvals (live sessions are listed, not ended)."""
+    _set_disabled(ctx, name, True, by, reason, as_json)
+
+
+@app.command("enable")
+def enable(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="User name.")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (audited).")] = None,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enable a disabled user again."""
+    _set_disabled(ctx, name, False, by, reason, as_json)
+
+
+@key_app.command("add")
+def key_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="User name.")],
+    file: KeyFile,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register the public key(s) in FILE for a user."""
+    keys = read_key_files([file])
+    a = open_home(ctx)
+    get_principal(a.store, name)
+    actor = admin_actor(a, by, action="add user keys")
+    for k in keys:
+        if a.store.find_key(name, k.fingerprint):
+            raise ConflictError(f"key {k.fingerprint} is already registered for {name}", "nothing changed")
+    now = a.clock.now()
+    with a.store.transaction():
+        for k in keys:
+            add_user_key(a.store, name, k.line, now)
+    for k in keys:
+        a.audit.record("user.key.added", actor=actor, user=name, source="cli", fingerprint=k.fingerprint,
+                       key_type=k.type)
+    if as_json:
+        emit_json(user_doc(a, name))
+        return
+    for k in keys:
+        say(f"Key {k.type} {k.fingerprint} added for {name}.")
