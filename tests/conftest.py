@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from itertools import count
 from pathlib import Path
@@ -19,6 +20,7 @@ from helpers import (
 from helpers.keys import KeyPair, generate_keypair
 from helpers.net import free_port as _free_port
 from helpers.procs import enable_subreaper, kill_tree, living_descendants, reap_zombie_children
+from helpers.pty import live_pty_sessions
 from helpers.sshd import (
     PasswordDeviceUnavailableError,
     SshdDevice,
@@ -36,8 +38,20 @@ settings.load_profile(hypothesis_profile_name())
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Adopt orphaned grandchildren (sshd sessions, backgrounded ssh masters) so cleanup can see them."""
+    """Adopt orphaned grandchildren (sshd sessions, backgrounded ssh masters); pre-import hypothesis' patcher.
+
+    When a @given test fails, hypothesis' pytest plugin imports hypothesis.extra._patching -> libcst,
+    which (libcst 1.0 with mypy_extensions 1.1) emits a DeprecationWarning at import; under
+    filterwarnings=error that aborts the whole run with INTERNALERROR. Importing it once here, with that
+    warning silenced, keeps a failing property test an ordinary failure.
+    """
     enable_subreaper()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import hypothesis.extra._patching  # noqa: F401
+        except ImportError:  # libcst missing: hypothesis then skips writing patches
+            pass
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -83,17 +97,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_processes() -> Iterator[None]:
-    """After the whole run: close forgotten devices, then kill and report any surviving child process."""
+    """After the whole run: close forgotten devices and terminals, kill and report surviving child processes."""
     yield
     forgotten = live_devices()
     for device in forgotten:
         device.close()
+    terminals = live_pty_sessions()
+    for term in terminals:
+        term.close()
     survivors = living_descendants(os.getpid())
     for proc in survivors:
         kill_tree(proc.pid)
     # Orphans adopted during the run (we are their subreaper) would otherwise outlive us as zombies.
     reap_zombie_children()
     problems = [f"SshdDevice never closed: {d!r}" for d in forgotten]
+    problems += [f"PtySession never closed: pid {t.pid}" for t in terminals]
     problems += [f"leftover process {p.pid}: {p.cmdline}" for p in survivors]
     if problems:
         pytest.fail("test run leaked processes (now killed):\n" + "\n".join(problems), pytrace=False)

@@ -19,9 +19,15 @@ from helpers import HelperTimeoutError, find_binary
 from helpers.clients import KeyLike, client_environment, ssh_options
 from helpers.procs import kill_tree
 
-__all__ = ["PtySession"]
+__all__ = ["PtySession", "live_pty_sessions"]
 
 _READ_CHUNK = 65536
+_LIVE: set[PtySession] = set()
+
+
+def live_pty_sessions() -> list[PtySession]:
+    """Return PtySessions that were started and not closed yet (for the leftover check)."""
+    return list(_LIVE)
 
 
 def _set_winsize(fd: int, cols: int, rows: int) -> None:
@@ -74,6 +80,7 @@ class PtySession:
         self._pos = 0  # expect() consumed output[:_pos]
         self._eof = False
         self.pid = self._proc.pid
+        _LIVE.add(self)
 
     @classmethod
     def spawn_ssh(
@@ -233,6 +240,7 @@ class PtySession:
         if self._cleanup_dir is not None:
             shutil.rmtree(self._cleanup_dir, ignore_errors=True)
             self._cleanup_dir = None
+        _LIVE.discard(self)
 
     def __enter__(self) -> PtySession:
         return self
