@@ -212,6 +212,10 @@ class Store:
             # (use a list when a statement contains ';', e.g. a trigger body).
             statements = sql if isinstance(sql, list) else sql.split(";")
             with self.transaction():
+                # Re-check under the write lock: another process (listen.workers > 1) may have applied it
+                # since we read ``done``; running it twice failed with "table ... already exists".
+                if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (number,)).fetchone():
+                    continue
                 for statement in statements:
                     if statement.strip():
                         conn.execute(statement)
