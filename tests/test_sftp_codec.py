@@ -29,7 +29,6 @@ from sessions.sftp_codec import (
     FXP_NAME,
     FXP_OPEN,
     FXP_OPENDIR,
-    FXP_READ,
     FXP_READDIR,
     FXP_REALPATH,
     FXP_REMOVE,
