@@ -15,7 +15,7 @@ from broker.identity import parse_public_key, validate_name
 from broker.keys import KeyProvider, Secret
 from broker.store import Store, dumps
 
-__all__ = ["Device", "CLASSES", "LEGACY_KEYS", "add_device", "get_device", "list_devices", "remove_device",
+__all__ = ["Device", "DeviceSpec", "load_inventory", "CLASSES", "LEGACY_KEYS", "add_device", "get_device", "list_devices", "remove_device",
            "device_credential", "validate_protected_path"]
 
 CLASSES = ("standard", "critical")
@@ -51,6 +51,59 @@ class Device:
             "legacy_algorithms": self.legacy_algorithms, "description": self.description,
             "created_at": self.created_at,
         }
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One ``[[device]]`` entry of an inventory file (what ``device add`` needs, key by path)."""
+
+    name: str
+    host: str
+    port: int
+    login: str
+    key: str
+    host_key: str
+    protect: tuple[str, ...]
+    device_class: str
+
+
+_SPEC_KEYS = {"name", "host", "port", "login", "key", "host_key", "protect", "class"}
+
+
+def load_inventory(path) -> list[DeviceSpec]:
+    """Parse and validate a device inventory TOML file (``config/devices.example.toml``).
+
+    :raises UsageError: unknown keys, missing fields, bad names, hosts, ports, host keys, paths or classes
+    """
+    import tomllib
+
+    try:
+        raw = tomllib.loads(open(path, encoding="utf-8").read())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the inventory: {exc}") from None
+    if set(raw) - {"device"} or not isinstance(raw.get("device", []), list):
+        raise UsageError(f"{path}: expected only [[device]] tables")
+    specs = []
+    for i, entry in enumerate(raw.get("device", []), start=1):
+        where = f"{path}: device {i}"
+        if not isinstance(entry, dict) or set(entry) - _SPEC_KEYS:
+            raise UsageError(f"{where}: unknown keys {sorted(set(entry) - _SPEC_KEYS)}", f"known: {sorted(_SPEC_KEYS)}")
+        missing = {"name", "host", "login", "key", "host_key"} - set(entry)
+        if missing:
+            raise UsageError(f"{where}: missing {sorted(missing)}")
+        validate_name(entry["name"], what="device name")
+        if not _HOST.match(str(entry["host"])):
+            raise UsageError(f"{where}: host {entry['host']!r} is not a host name or IP address")
+        port = entry.get("port", 22)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise UsageError(f"{where}: port {port!r} is out of range")
+        parse_public_key(entry["host_key"])
+        cls = entry.get("class", "standard")
+        if cls not in CLASSES:
+            raise UsageError(f"{where}: class {cls!r} is not known", "use standard or critical")
+        specs.append(DeviceSpec(entry["name"], entry["host"], port, entry["login"], entry["key"], entry["host_key"],
+                                tuple(validate_protected_path(p) for p in entry.get("protect", [])), cls))
+    return specs
 
 
 def _device(row: dict) -> Device:

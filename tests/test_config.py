@@ -326,6 +326,11 @@ def test_every_shipped_config_file_loads(path: Path) -> None:
         paths = load_protected_paths(path)
         assert paths and all(p.startswith("/") and p != "/" for p in paths)
         assert "/data/dicom" in paths
+    elif path.name == "devices.example.toml":
+        from broker.devices import load_inventory
+
+        specs = load_inventory(path)
+        assert [s.name for s in specs] == ["ct-01", "lab-02"] and specs[0].device_class == "critical"
     else:
         cfg = load_config(path)
         assert isinstance(cfg, BrokerConfig)
@@ -333,7 +338,7 @@ def test_every_shipped_config_file_loads(path: Path) -> None:
 
 def test_every_config_file_has_a_loader() -> None:
     """A new file in config/ must be added to the test above (broker config or a known policy file)."""
-    known = {"protected-paths.toml"}
+    known = {"protected-paths.toml", "devices.example.toml"}
     for path in _toml_files():
         if path.name not in known:
             assert path.name.startswith("broker") or path.name.endswith(".example.toml"), (
