@@ -78,7 +78,8 @@ def load_inventory(path) -> list[DeviceSpec]:
     import tomllib
 
     try:
-        raw = tomllib.loads(open(path, encoding="utf-8").read())
+        with open(path, encoding="utf-8") as fh:
+            raw = tomllib.loads(fh.read())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"{path}: cannot read the inventory: {exc}") from None
     if set(raw) - {"device"} or not isinstance(raw.get("device", []), list):
