@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 MODES = ("normal", "read-only", "upload-only")
-_FORWARD = re.compile(r"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:]{2,39}\]):(?P<port>\d{1,5})$")
+_FORWARD = re.compile(r"(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:]{2,39}\]):(?P<port>\d{1,5})", re.ASCII)
 MAX_REASON = 500
 
 
@@ -167,7 +167,7 @@ def parse_forward(text: str) -> str:
 
     :raises UsageError: not HOST:PORT or port out of range
     """
-    m = _FORWARD.match(text or "")
+    m = _FORWARD.fullmatch(text or "") if isinstance(text, str) else None
     if not m or not 0 < int(m.group("port")) < 65536:
         raise UsageError(f"forward {text!r} is not HOST:PORT", "e.g. --forward 127.0.0.1:8080")
     return text
