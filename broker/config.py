@@ -20,6 +20,7 @@ __all__ = [
     "PolicyConfig",
     "AlertConfig",
     "RetentionConfig",
+    "WebConfig",
     "Home",
     "load_config",
     "parse_duration",
@@ -166,6 +167,28 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web console (``medbroker serve --web``) and its notifications."""
+
+    address: str = ""
+    """HOST:PORT to listen on; empty means off (``serve --web`` overrides)."""
+    public_url: str = ""
+    """How people reach the console, used in sign-in links and notifications (default: from address)."""
+    link_ttl: str = "10m"
+    idle_timeout: str = "30m"
+    session_max: str = "12h"
+    share_max: str = "30d"
+    tls_cert: str = ""
+    tls_key: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = "medbroker@localhost"
+    smtp_to: tuple[str, ...] = ()
+    smtp_starttls: bool = False
+    webhook_url: str = ""
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """The whole validated configuration; paths are relative to ``home`` unless absolute."""
 
@@ -178,6 +201,7 @@ class BrokerConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the broker home."""
@@ -201,6 +225,15 @@ class BrokerConfig:
         parse_listen(address)
         return replace(self, listen=replace(self.listen, address=address))
 
+    def with_web(self, address: str) -> "BrokerConfig":
+        """A copy with the web console on ``address`` (``serve --web HOST:PORT``).
+
+        :raises ConfigError: bad address, or a network address without TLS
+        """
+        web = replace(self.web, address=address)
+        _validate_web(web, "--web")
+        return replace(self, web=web)
+
 
 _SECTIONS = {
     "listen": ListenConfig,
@@ -211,6 +244,7 @@ _SECTIONS = {
     "policy": PolicyConfig,
     "alerts": AlertConfig,
     "retention": RetentionConfig,
+    "web": WebConfig,
 }
 
 
@@ -252,6 +286,10 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         ("upstream", "keepalive_interval"),
         ("limits", "failure_window"),
         ("limits", "lockout"),
+        ("web", "link_ttl"),
+        ("web", "idle_timeout"),
+        ("web", "session_max"),
+        ("web", "share_max"),
     ]
     for section, key in durations:
         try:
@@ -267,6 +305,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         parse_listen(cfg.listen.address)
     except UsageError as exc:
         raise ConfigError(f"{source}: listen.address: {exc.message}", exc.hint) from None
+    _validate_web(cfg.web, source)
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
     if cfg.grants.critical_approvers not in (1, 2, 3):
@@ -281,6 +320,31 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
             "logs must be kept at least six months (Cybersecurity Law Art. 21); "
             "set retention.allow_below_floor = true only with a documented exemption",
         )
+
+
+def _validate_web(web: WebConfig, source: str) -> None:
+    """The console must not hand session cookies or sign-in links to anyone over plain HTTP."""
+    if web.address:
+        try:
+            host, _ = parse_listen(web.address)
+        except UsageError as exc:
+            raise ConfigError(f"{source}: web.address: {exc.message}", exc.hint) from None
+        loopback = host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+        if not loopback and not (web.tls_cert and web.tls_key) and not web.public_url.startswith("https://"):
+            raise ConfigError(
+                f"{source}: web.address = {web.address!r} is reachable from the network without TLS",
+                "set web.tls_cert and web.tls_key, or put an HTTPS proxy in front and set web.public_url = "
+                "\"https://...\", or listen on 127.0.0.1")
+    if web.public_url and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[^\s]*)?", web.public_url):
+        raise ConfigError(f"{source}: web.public_url = {web.public_url!r} is not an http(s) URL",
+                          "e.g. https://broker.hospital.example")
+    if web.smtp_port > 65535:
+        raise ConfigError(f"{source}: web.smtp_port = {web.smtp_port}; expected 1-65535")
+    for addr in web.smtp_to:
+        if not re.fullmatch(r"[^@\s<>,]+@[^@\s<>,]+", addr):
+            raise ConfigError(f"{source}: web.smtp_to: {addr!r} is not an e-mail address")
+    if web.webhook_url and not re.fullmatch(r"https?://\S+", web.webhook_url):
+        raise ConfigError(f"{source}: web.webhook_url = {web.webhook_url!r} is not an http(s) URL")
 
 
 def load_config(path: Path, *, home: Path | None = None) -> BrokerConfig:
@@ -373,4 +437,20 @@ webhook_url = ""                  # optional: POSTed as JSON
 [retention]
 days = 180                        # recordings older than this lose their payload (floor 180)
 allow_below_floor = false
+
+[web]
+address = ""                      # web console HOST:PORT, "" = off (`medbroker serve --web` overrides)
+public_url = ""                   # how people reach the console (links); default http://ADDRESS
+link_ttl = "10m"                  # one-time sign-in links from `ssh USER@broker web` expire after this
+idle_timeout = "30m"              # console sessions end after this long without a request
+session_max = "12h"               # ... and after this long in any case
+share_max = "30d"                 # longest an auditor's replay link may live
+tls_cert = ""                     # PEM files: serve HTTPS directly (required off loopback unless
+tls_key = ""                      #   public_url is https:// behind a TLS proxy)
+smtp_host = ""                    # e-mail on new requests and decisions ("" = no e-mail)
+smtp_port = 25
+smtp_from = "medbroker@localhost"
+smtp_to = []                      # e.g. ["biomed-oncall@hospital.example"]
+smtp_starttls = false
+webhook_url = ""                  # POSTed as JSON on new requests and decisions
 """

@@ -18,6 +18,7 @@ from broker.devices import list_devices
 from broker.errors import BrokerError, UsageError
 from broker.grants import approve_request, deny_request, expire_requests, list_grants, list_requests, request_grant
 from broker.identity import Principal, get_principal
+from broker.web_links import issue_signin_link
 
 __all__ = ["Reply", "run_command", "HELP"]
 
@@ -29,6 +30,7 @@ medbroker over SSH. Commands:
   deny ID [--reason TEXT]            approvers: deny a request
   requests                           pending requests (approvers see everyone's)
   grants                             your grants (approvers and security see all)
+  web                                a one-time sign-in link for the web console
   help                               this text
 Add --json to any command for machine-readable output.
 Open a device session with: ssh -p PORT USER@DEVICE@BROKER
@@ -68,7 +70,7 @@ def _parser() -> _Parser:
     d.add_argument("id", type=int)
     d.add_argument("--reason")
     d.add_argument("--json", action="store_true")
-    for name in ("requests", "grants", "status", "help"):
+    for name in ("requests", "grants", "status", "help", "web"):
         s = sub.add_parser(name, add_help=False)
         s.add_argument("--json", action="store_true")
     return p
@@ -122,6 +124,14 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
             if args.json:
                 return Reply(0, json.dumps(req.as_dict()) + "\n")
             return Reply(0, f"Request {args.id} denied.\n")
+        if args.cmd == "web":
+            link = issue_signin_link(app.store, app.audit, app.config, principal.name, now, source=source)
+            if args.json:
+                return Reply(0, json.dumps({"url": link.url, "expires_at": utc_iso(link.expires_at)}) + "\n")
+            left = format_duration((link.expires_at - now).total_seconds())
+            return Reply(0, f"Web console sign-in for {principal.name} ({principal.role}); it works once, for "
+                            f"{left} (until {link.expires_at.strftime('%H:%M:%S UTC')}):\n  {link.url}\n"
+                            "Do not forward it: whoever opens it first is signed in as you.\n")
         return _status(app, principal, args.cmd, args.json, now, port)
     except BrokerError as exc:
         status = 2 if isinstance(exc, UsageError) else 1

@@ -181,6 +181,53 @@ MIGRATIONS: dict[int, str | list[str]] = {
         )""",
         "ALTER TABLE sessions ADD COLUMN indexed_at TEXT",
     ],
+    # 3: web console: one-time sign-in links, browser sessions, auditor share links, passwords, state
+    3: [
+        """CREATE TABLE web_tokens (
+            token_hash TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            next_path TEXT,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            used_at TEXT,
+            used_from TEXT
+        )""",
+        """CREATE TABLE web_sessions (
+            id_hash TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            csrf TEXT NOT NULL,
+            method TEXT NOT NULL,
+            source TEXT,
+            user_agent TEXT,
+            created_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            ended_at TEXT,
+            end_reason TEXT
+        )""",
+        "CREATE INDEX web_sessions_user ON web_sessions(user_name)",
+        """CREATE TABLE web_shares (
+            id INTEGER PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            note TEXT,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            revoked_at TEXT,
+            revoked_by TEXT
+        )""",
+        "CREATE INDEX web_shares_session ON web_shares(session_id)",
+        """CREATE TABLE web_passwords (
+            user_name TEXT PRIMARY KEY,
+            hash TEXT NOT NULL,
+            set_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE web_state (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+    ],
 }
 
 
@@ -549,6 +596,112 @@ class Store:
         sql += ' ORDER BY s.started_at, t."offset" LIMIT ?'
         params.append(int(limit))
         return self.query(sql, tuple(params))
+
+    # ------------------------------------------------------------------ web console
+    def insert_web_token(self, row: dict[str, Any]) -> None:
+        self.execute("INSERT INTO web_tokens (token_hash, user_name, next_path, created_at, expires_at) "
+                     "VALUES (:token_hash, :user_name, :next_path, :created_at, :expires_at)", row)
+
+    def get_web_token(self, token_hash: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM web_tokens WHERE token_hash = ?", (token_hash,))
+
+    def claim_web_token(self, token_hash: str, now: str, source: str | None) -> dict[str, Any] | None:
+        """Mark an unused, unexpired sign-in token used; the row, or None when it cannot be used."""
+        with self.transaction() as conn:
+            cur = conn.execute("UPDATE web_tokens SET used_at = ?, used_from = ? WHERE token_hash = ? "
+                               "AND used_at IS NULL AND expires_at > ?", (now, source, token_hash, now))
+            if cur.rowcount != 1:
+                return None
+            return self.one("SELECT * FROM web_tokens WHERE token_hash = ?", (token_hash,))
+
+    def insert_web_session(self, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.execute(f"INSERT INTO web_sessions ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def get_web_session(self, id_hash: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM web_sessions WHERE id_hash = ?", (id_hash,))
+
+    def touch_web_session(self, id_hash: str, now: str) -> None:
+        self.execute("UPDATE web_sessions SET last_seen_at = ? WHERE id_hash = ? AND ended_at IS NULL", (now, id_hash))
+
+    def end_web_session(self, id_hash: str, now: str, reason: str) -> bool:
+        cur = self.execute("UPDATE web_sessions SET ended_at = ?, end_reason = ? WHERE id_hash = ? "
+                           "AND ended_at IS NULL", (now, reason, id_hash))
+        return cur.rowcount == 1
+
+    def insert_web_share(self, row: dict[str, Any]) -> int:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        return int(self.execute(f"INSERT INTO web_shares ({cols}) VALUES ({marks})", tuple(row.values())).lastrowid)
+
+    def get_web_share(self, token_hash: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM web_shares WHERE token_hash = ?", (token_hash,))
+
+    def list_web_shares(self, session_id: str) -> list[dict[str, Any]]:
+        return self.query("SELECT id, session_id, created_by, note, created_at, expires_at, revoked_at, revoked_by "
+                          "FROM web_shares WHERE session_id = ? ORDER BY id", (session_id,))
+
+    def revoke_web_share(self, share_id: int, by: str, now: str) -> bool:
+        cur = self.execute("UPDATE web_shares SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL",
+                           (now, by, share_id))
+        return cur.rowcount == 1
+
+    def get_web_password(self, user: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM web_passwords WHERE user_name = ?", (user,))
+
+    def set_web_password(self, user: str, hash_: str, now: str) -> None:
+        self.execute("INSERT INTO web_passwords (user_name, hash, set_at) VALUES (?, ?, ?) "
+                     "ON CONFLICT (user_name) DO UPDATE SET hash = excluded.hash, set_at = excluded.set_at",
+                     (user, hash_, now))
+
+    def get_web_state(self, key: str) -> str | None:
+        row = self.one("SELECT value FROM web_state WHERE key = ?", (key,))
+        return row["value"] if row else None
+
+    def set_web_state(self, key: str, value: str) -> None:
+        self.execute("INSERT INTO web_state (key, value) VALUES (?, ?) "
+                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def request_session_kill(self, session_id: str, by: str, reason: str, now: str) -> bool:
+        """Ask the broker hosting a live session to end it; False when it is not live or already asked."""
+        cur = self.execute("UPDATE sessions SET kill_requested_at = ?, kill_requested_by = ?, kill_reason = ? "
+                           "WHERE id = ? AND status = 'live' AND kill_requested_at IS NULL",
+                           (now, by, reason, session_id))
+        return cur.rowcount == 1
+
+    def decided_requests(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Requests that are no longer pending, newest decision first."""
+        return self.query("SELECT * FROM access_requests WHERE status != 'pending' "
+                          "ORDER BY coalesce(decided_at, created_at) DESC, id DESC LIMIT ?", (int(limit),))
+
+    def last_audit_id(self) -> int:
+        row = self.db.conn.execute("SELECT coalesce(max(id), 0) FROM audit_events").fetchone()
+        return int(row[0])
+
+    def search_audit(self, *, event: str | None = None, actor: str | None = None, user: str | None = None,
+                     device: str | None = None, session_id: str | None = None, since: str | None = None,
+                     until: str | None = None, before_id: int | None = None, limit: int = 100
+                     ) -> list[dict[str, Any]]:
+        """Audit rows matching every given filter, newest first (``event`` also matches its sub-events)."""
+        sql, params = "SELECT * FROM audit_events WHERE 1=1", []
+        if event:
+            sql += " AND (event = ? OR event LIKE ?)"
+            params += [event, event.replace("%", "").replace("_", "") + ".%"]
+        for col, val in (("actor", actor), ("user_name", user), ("device", device), ("session_id", session_id)):
+            if val:
+                sql += f" AND {col} = ?"
+                params.append(val)
+        if since:
+            sql += " AND at >= ?"
+            params.append(since)
+        if until:
+            sql += " AND at < ?"
+            params.append(until)
+        if before_id:
+            sql += " AND id < ?"
+            params.append(int(before_id))
+        return self.query(sql + " ORDER BY id DESC LIMIT ?", (*params, int(limit)))
 
 
 def open_store(path: Path | str | None, *, migrate: bool = True) -> Store:
