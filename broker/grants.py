@@ -46,6 +46,12 @@ _FORWARD = re.compile(r"(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:]{2,39}\]):(
 MAX_REASON = 500
 
 
+def _printable(text: str) -> bool:
+    """No C0/C1 control character or DEL: reasons and tickets are shown on approvers' terminals, where
+    ESC or the one-byte CSI (U+009B) would run terminal commands."""
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
 @dataclass(frozen=True)
 class GrantRules:
     """Limits from ``[grants]`` in broker.toml."""
@@ -228,10 +234,10 @@ def request_grant(store: Store, audit: AuditLog, rules: GrantRules, requester: P
             f"ask for at most --for {format_duration(rules.max_duration_s)}",
         )
     reason = (reason or "").strip()
-    if not reason or len(reason) > MAX_REASON or any(ord(c) < 0x20 for c in reason):
+    if not reason or len(reason) > MAX_REASON or not _printable(reason):
         raise UsageError("a reason of 1-500 printable characters is required",
                          'say what the work is, e.g. --reason "replace X-ray tube"')
-    if ticket is not None and (not ticket.strip() or len(ticket) > 100 or any(ord(c) < 0x20 for c in ticket)):
+    if ticket is not None and (not ticket.strip() or len(ticket) > 100 or not _printable(ticket)):
         raise UsageError("ticket must be 1-100 printable characters", "e.g. --ticket WO-1234")
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not known", f"use one of: {', '.join(MODES)}")
@@ -329,7 +335,7 @@ def deny_request(store: Store, audit: AuditLog, request_id: int, approver: Princ
     :raises PermissionDeniedError | ConflictError | GrantExpiredError: as for :func:`approve_request`
     """
     _check_decidable(store, audit, request_id, approver, now, "deny")
-    if reason is not None and (len(reason) > MAX_REASON or any(ord(c) < 0x20 for c in reason)):
+    if reason is not None and (len(reason) > MAX_REASON or not _printable(reason)):
         raise UsageError("the reason must be at most 500 printable characters")
     if store.decide_request(request_id, "denied", approver.name, utc_iso(now), reason, None) is None:
         raise ConflictError(f"request {request_id} was decided concurrently", "nothing changed")
