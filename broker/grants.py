@@ -305,20 +305,35 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
                          f"{format_duration(req.duration_s)})")
     dev = store.get_device(req.device)
     needed = rules.critical_approvers if dev and dev["device_class"] == "critical" else 1
-    store.add_approval(request_id, approver.name, utc_iso(now))
-    approvers = req.approvals + (approver.name,)
-    if len(approvers) < needed:
+    length = duration_s or req.duration_s
+    conflict: ConflictError | None = None
+    gid: int | None = None
+    # Re-check, record and count under one write lock: approvals arriving together must see each other
+    # (two approvers of a critical device both counted one approval and left it pending for good).
+    with store.transaction():
+        current = get_request(store, request_id)
+        if current.status != "pending":
+            by = f" by {current.decided_by}" if current.decided_by else ""
+            conflict = ConflictError(f"request {request_id} was already {current.status}{by}", "nothing changed")
+        elif not store.add_approval(request_id, approver.name, utc_iso(now)):
+            conflict = ConflictError(f"{approver.name} already approved request {request_id}",
+                                     "a second, different approver is needed")
+        else:
+            approvers = tuple(a["approver"] for a in store.approvals(request_id))
+            if len(approvers) >= needed:
+                gid = store.decide_request(request_id, "approved", ",".join(approvers), utc_iso(now), None, {
+                    "request_id": request_id, "user_name": req.user, "device": req.device,
+                    "starts_at": utc_iso(now), "ends_at": utc_iso(now + timedelta(seconds=length)),
+                    "approved_by": ",".join(approvers), "forwards": dumps(list(req.forwards)), "mode": req.mode,
+                })
+    if conflict is not None:  # somebody decided or approved between our check and our write
+        audit.record("request.refused", actor=approver.name, user=req.user, device=req.device,
+                     request_id=request_id, action="approve", reason=str(conflict))
+        raise conflict
+    if gid is None:
         audit.record("request.approved", actor=approver.name, user=req.user, device=req.device,
                      request_id=request_id, approvals=len(approvers), needed=needed, final=False)
         return Decision(get_request(store, request_id), None, needed - len(approvers))
-    length = duration_s or req.duration_s
-    gid = store.decide_request(request_id, "approved", ",".join(approvers), utc_iso(now), None, {
-        "request_id": request_id, "user_name": req.user, "device": req.device, "starts_at": utc_iso(now),
-        "ends_at": utc_iso(now + timedelta(seconds=length)), "approved_by": ",".join(approvers),
-        "forwards": dumps(list(req.forwards)), "mode": req.mode,
-    })
-    if gid is None:  # somebody else decided it between our check and our write
-        raise ConflictError(f"request {request_id} was decided concurrently", "nothing changed")
     audit.record("request.approved", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
                  grant_id=gid, approvals=len(approvers), needed=needed, final=True)
     grant = get_grant(store, gid)

@@ -413,8 +413,11 @@ class Store:
                 conn.execute("UPDATE access_requests SET status = 'expired', decided_at = ? WHERE id = ?", (now, rid))
             return ids
 
-    def add_approval(self, request_id: int, approver: str, at: str) -> None:
-        self.execute("INSERT INTO approvals (request_id, approver, at) VALUES (?, ?, ?)", (request_id, approver, at))
+    def add_approval(self, request_id: int, approver: str, at: str) -> bool:
+        """Record one person's approval; False when they had already approved this request."""
+        cur = self.execute("INSERT OR IGNORE INTO approvals (request_id, approver, at) VALUES (?, ?, ?)",
+                           (request_id, approver, at))
+        return cur.rowcount == 1
 
     def approvals(self, request_id: int) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM approvals WHERE request_id = ? ORDER BY id", (request_id,))
