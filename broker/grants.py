@@ -222,10 +222,15 @@ def request_grant(store: Store, audit: AuditLog, rules: GrantRules, requester: P
     :raises UsageError: duration over the cap, empty reason, bad forward or mode
     :raises PermissionDeniedError: disabled requester
     """
+    def refuse(exc: Exception) -> None:
+        audit.record("request.refused", actor=requester.name, user=requester.name, device=device, source=source,
+                     action="request", reason=str(exc))
+        raise exc
+
     if requester.disabled:
-        raise PermissionDeniedError(f"user {requester.name} is disabled", "ask a medbroker administrator")
+        refuse(PermissionDeniedError(f"user {requester.name} is disabled", "ask a medbroker administrator"))
     if not store.get_device(device):
-        raise NotFoundError(f"device {device} is not registered", "ask the hospital which device name to use")
+        refuse(NotFoundError(f"device {device} is not registered", "ask the hospital which device name to use"))
     if duration_s <= 0:
         raise UsageError("the requested duration must be longer than zero", "e.g. --for 2h")
     if duration_s > rules.max_duration_s:
@@ -376,13 +381,22 @@ def revoke_grant(store: Store, audit: AuditLog, grant_id: int, by: Principal, no
                  reason: str | None = None) -> Grant:
     """Revoke a grant; live sessions are ended by the broker that hosts them.
 
-    :raises PermissionDeniedError: vendors cannot revoke
-    :raises ConflictError: already revoked
+    :raises PermissionDeniedError: vendors and disabled users cannot revoke (audited)
+    :raises ConflictError: already revoked (audited)
     """
-    require_role(by, "approver", "security", "admin", action="revoke grants")
+    def refuse(exc: Exception) -> None:
+        audit.record("request.refused", actor=by.name, grant_id=grant_id, action="revoke", reason=str(exc))
+        raise exc
+
+    if by.disabled:
+        refuse(PermissionDeniedError(f"user {by.name} is disabled"))
+    try:
+        require_role(by, "approver", "security", "admin", action="revoke grants")
+    except PermissionDeniedError as exc:
+        refuse(exc)
     grant = get_grant(store, grant_id)
     if not store.revoke_grant(grant_id, by.name, utc_iso(now), reason):
-        raise ConflictError(f"grant {grant_id} was already revoked", "nothing changed")
+        refuse(ConflictError(f"grant {grant_id} was already revoked", "nothing changed"))
     audit.record("grant.revoked", actor=by.name, user=grant.user, device=grant.device, grant_id=grant_id,
                  reason=reason)
     return get_grant(store, grant_id)
