@@ -20,8 +20,10 @@ __all__ = ["Device", "DeviceSpec", "load_inventory", "CLASSES", "LEGACY_KEYS", "
 
 CLASSES = ("standard", "critical")
 LEGACY_KEYS = ("kex_algs", "encryption_algs", "mac_algs", "server_host_key_algs")
-_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
-                   r"[A-Za-z0-9])?$|^\d{1,3}(?:\.\d{1,3}){3}$|^[0-9A-Fa-f:]{2,39}$")
+# Matched with fullmatch and re.ASCII: '$' also matched before a final newline and \d any Unicode digit.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                   r"[A-Za-z0-9])?|\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f:]{2,39}", re.ASCII)
+_LOGIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,13 @@ def add_device(store: Store, audit: AuditLog, keys: KeyProvider, *, name: str, h
     :raises ConflictError: the name is taken
     """
     validate_name(name, what="device name")
-    if not _HOST.match(host or ""):
+    if not isinstance(host, str) or not _HOST.fullmatch(host):
         raise UsageError(f"host {host!r} is not a host name or IP address")
-    if not 0 < int(port) < 65536:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise UsageError(f"port {port!r} is not a number", "use 1-65535")
+    if not 0 < port < 65536:
         raise UsageError(f"port {port} is out of range", "use 1-65535")
-    if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$", login or ""):
+    if not isinstance(login, str) or not _LOGIN.fullmatch(login):
         raise UsageError(f"login {login!r} is not a valid device account name")
     if (key_text is None) == (password is None):
         raise UsageError("give exactly one credential", "--key FILE or --password-stdin")
