@@ -1,7 +1,5 @@
 """The ``medbroker`` command line: argv, printing and exit codes around the domain layer."""
 
-from __future__ import annotations
-
 import os
 import sys
 from pathlib import Path
@@ -66,6 +64,7 @@ app = typer.Typer(
     help="Remote-maintenance access broker for medical devices: approved, time-limited, recorded SSH.\n\n"
          "Exit status: 0 ok, 1 refused or failed, 2 usage or configuration error.",
     no_args_is_help=True,
+    rich_markup_mode=None,
     add_completion=False,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,

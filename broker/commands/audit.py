@@ -1,7 +1,5 @@
 """``medbroker audit verify`` and ``audit log``: the hash-chained audit trail and every recording's integrity."""
 
-from __future__ import annotations
-
 import json
 import os
 from typing import Annotated, Any
@@ -16,7 +14,7 @@ from broker.errors import BrokerError, RecordingError, StorageError, UsageError
 
 __all__ = ["app", "check_recordings"]
 
-app = typer.Typer(help="The audit trail: verify its integrity, read it.", no_args_is_help=True)
+app = typer.Typer(help="The audit trail: verify its integrity, read it.", no_args_is_help=True, rich_markup_mode=None)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 _SEALED_EVENTS = ("session.end", "session.sealed")

@@ -1,7 +1,5 @@
 """``medbroker device …``: the device inventory, its broker-held credential and its pinned host key."""
 
-from __future__ import annotations
-
 import base64
 import getpass
 import sys
@@ -20,7 +18,7 @@ from broker.identity import parse_public_key, validate_name
 __all__ = ["app", "fetch_host_key", "check_algorithms"]
 
 app = typer.Typer(help="Devices: address, the credential the broker logs in with, the pinned host key, "
-                       "protected paths.", no_args_is_help=True)
+                       "protected paths.", no_args_is_help=True, rich_markup_mode=None)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 ByOpt = Annotated[str | None, typer.Option("--by", metavar="NAME", help=BY_ADMIN_HELP)]
@@ -94,19 +92,20 @@ def _private_key(path: Path) -> str:
     text = read_text_file(path, what="key file")
     try:
         asyncssh.import_private_key(text)
-    except asyncssh.KeyEncryptionError:
+    except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError, ValueError) as exc:
+        # asyncssh says "Passphrase must be specified to import encrypted private keys"
+        if not isinstance(exc, asyncssh.KeyEncryptionError) and "passphrase" not in str(exc).lower():
+            raise UsageError(f"{path} is not an SSH private key",
+                             "pass the private key the broker logs in with (not the .pub file)") from None
         raise UsageError(f"{path} is protected by a passphrase; the broker logs in unattended",
                          f"make an unencrypted copy for the broker: ssh-keygen -p -N '' -f COPY_OF_{path.name}") from None
-    except (asyncssh.KeyImportError, ValueError):
-        raise UsageError(f"{path} is not an SSH private key",
-                         "pass the private key the broker logs in with (not the .pub file)") from None
     return text
 
 
 @app.command("add")
 def add(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Device name vendors use, e.g. ct-01.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Device name vendors use, e.g. ct-01.")],
     host: Annotated[str, typer.Option("--host", help="Device address (host name or IP).")],
     login: Annotated[str, typer.Option("--login", metavar="USER", help="Account the broker logs in as.")],
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Device SSH port.")] = 22,
@@ -213,7 +212,7 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Device name.")], as_json: JsonOpt = False) -> None:
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="Device name.")], as_json: JsonOpt = False) -> None:
     """Show one device (never its credential)."""
     d = get_device(open_home(ctx).store, name)
     if as_json:
@@ -229,7 +228,7 @@ def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Device na
 @app.command("remove")
 def remove(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Device name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Device name.")],
     by: ByOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

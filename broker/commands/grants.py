@@ -1,7 +1,5 @@
 """The approval workflow: ``request``, ``approve``, ``deny``, ``revoke``, ``grants list``, ``requests list``."""
 
-from __future__ import annotations
-
 from datetime import datetime
 from typing import Annotated
 
@@ -16,8 +14,8 @@ from broker.grants import (MODES, ApprovalRequest, Grant, approve_request, deny_
 
 __all__ = ["register", "grants_app", "requests_app", "request_state"]
 
-grants_app = typer.Typer(help="Access windows: active and past grants.", no_args_is_help=True)
-requests_app = typer.Typer(help="Access requests waiting for (or past) a decision.", no_args_is_help=True)
+grants_app = typer.Typer(help="Access windows: active and past grants.", no_args_is_help=True, rich_markup_mode=None)
+requests_app = typer.Typer(help="Access requests waiting for (or past) a decision.", no_args_is_help=True, rich_markup_mode=None)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 ByOpt = Annotated[str, typer.Option("--by", metavar="NAME", help="The approver deciding (audited as the actor).")]
@@ -40,7 +38,7 @@ def _say_request(req: ApprovalRequest) -> None:
 
 def request(
     ctx: typer.Context,
-    device: Annotated[str, typer.Argument(help="Device name, e.g. ct-01.")],
+    device: Annotated[str, typer.Argument(metavar="DEVICE", help="Device name, e.g. ct-01.")],
     user: Annotated[str, typer.Option("--user", metavar="NAME", help="The person who needs access (the requester).")],
     duration: Annotated[str, typer.Option("--for", metavar="DURATION", help="Window length: 90s, 15m, 2h, 1d.")],
     reason: Annotated[str, typer.Option("--reason", help="What the work is (shown to approvers, audited).")],

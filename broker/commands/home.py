@@ -1,7 +1,5 @@
 """``medbroker init``, ``check``, ``serve`` and ``demo``: the broker home and running the broker."""
 
-from __future__ import annotations
-
 import logging
 from pathlib import Path
 from typing import Annotated

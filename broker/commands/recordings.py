@@ -1,7 +1,5 @@
 """``medbroker replay`` and ``export``: watch or convert a session recording (both audited)."""
 
-from __future__ import annotations
-
 import os
 import tempfile
 from pathlib import Path

@@ -1,7 +1,5 @@
 """``medbroker sessions …``: live and past device sessions, and ending a live one."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 import typer
@@ -15,7 +13,7 @@ from broker.errors import ConflictError, NotFoundError, UsageError
 
 __all__ = ["app", "session_doc", "get_session_row"]
 
-app = typer.Typer(help="Device sessions: list, inspect, end a live one.", no_args_is_help=True)
+app = typer.Typer(help="Device sessions: list, inspect, end a live one.", no_args_is_help=True, rich_markup_mode=None)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 SessionId = Annotated[str, typer.Argument(metavar="ID", help="Session id, e.g. 20261128-141530-3fa2c1.")]

@@ -1,7 +1,5 @@
 """``medbroker user …``: people, their roles and their SSH public keys."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
@@ -16,13 +14,13 @@ from broker.identity import ROLES, PublicKey, add_user, add_user_key, get_princi
 __all__ = ["app", "user_doc", "read_key_files"]
 
 app = typer.Typer(help="People: vendors, approvers, security staff and admins, with their SSH keys.",
-                  no_args_is_help=True)
-key_app = typer.Typer(help="A user's SSH public keys.", no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
+key_app = typer.Typer(help="A user's SSH public keys.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(key_app, name="key")
 
 ByOpt = Annotated[str | None, typer.Option("--by", metavar="NAME", help=BY_ADMIN_HELP)]
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
-KeyFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="An OpenSSH public key file (.pub).")]
+KeyFile = Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False, help="An OpenSSH public key file (.pub).")]
 
 
 def user_doc(app_: App, name: str) -> dict:
@@ -60,7 +58,7 @@ def read_key_files(paths: list[Path]) -> list[PublicKey]:
 @app.command("add")
 def add(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Login name: lowercase letters, digits, '.', '_' or '-'.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Login name: lowercase letters, digits, '.', '_' or '-'.")],
     role: Annotated[str, typer.Option("--role", help=f"One of: {', '.join(ROLES)}.")],
     key: Annotated[list[Path] | None, typer.Option(
         "--key", metavar="PUBKEY_FILE", exists=True, dir_okay=False,
@@ -110,7 +108,7 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="User name.")], as_json: JsonOpt = False) -> None:
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")], as_json: JsonOpt = False) -> None:
     """Show one user and their key fingerprints."""
     doc = user_doc(open_home(ctx), name)
     if as_json:
@@ -151,7 +149,7 @@ def _set_disabled(ctx: typer.Context, name: str, disabled: bool, by: str | None,
 @app.command("disable")
 def disable(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="User name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")],
     reason: Annotated[str | None, typer.Option("--reason", help="Why (audited).")] = None,
     by: ByOpt = None,
     as_json: JsonOpt = False,
@@ -163,7 +161,7 @@ def disable(
 @app.command("enable")
 def enable(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="User name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")],
     reason: Annotated[str | None, typer.Option("--reason", help="Why (audited).")] = None,
     by: ByOpt = None,
     as_json: JsonOpt = False,
@@ -175,7 +173,7 @@ def enable(
 @key_app.command("add")
 def key_add(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="User name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")],
     file: KeyFile,
     by: ByOpt = None,
     as_json: JsonOpt = False,
