@@ -192,8 +192,8 @@ class OutputScanner:
     Per chunk (plus the last 1 KiB of the previous one, so signatures split across chunks are found):
 
     * raw: ``DICM\\x02\\x00`` anywhere (DICOM Part 10 meta header); ``H|`` anchors verified as HL7 v2
-      ``MSH|`` + encoding characters or ASTM ``H`` + four delimiters; the stream's own first bytes
-      through :func:`detect_patient_data`;
+      ``MSH|`` + encoding characters, or as an ASTM header (``H|\\^&|`` anywhere, other delimiters at
+      a record start); the stream's own first bytes through :func:`detect_patient_data`;
     * tar: every ``ustar`` magic whose 512-byte header checksum is valid; a regular member's first
       bytes go through :func:`detect_patient_data` (so DICOM without preamble is caught there too);
     * encoded: only when one of about eight 32-byte probes of the chunk (at least 256 bytes apart,
@@ -254,10 +254,10 @@ class OutputScanner:
         while j != -1:
             if j >= 2 and window[j - 2:j] == b"MS" and _delims_ok(window, j + 2, 0x7C, 3, 5, eol_ok=False):
                 return HL7
-            # ASTM in a stream: only at a record start and followed by a field (or by the standard \^&
-            # delimiters), so that random bytes do not raise alarms (about one per 3 GB otherwise)
-            if _record_start(window, j) and _delims_ok(window, j + 2, 0x7C, 3, 3,
-                                                       eol_ok=window[j + 2:j + 5] == b"\\^&"):
+            # ASTM in a stream: the standard header H|\^&| anywhere; other delimiters only at a record
+            # start, so that random bytes do not raise alarms (about one per 3 GB otherwise)
+            if window.startswith(b"\\^&|", j + 2) or (_record_start(window, j) and _delims_ok(
+                    window, j + 2, 0x7C, 3, 3, eol_ok=window.startswith(b"\\^&", j + 2))):
                 return ASTM
             j = window.find(b"H|", j + 1)
         return None

@@ -192,6 +192,8 @@ class SftpFilter:
             return
         try:
             for packet in self._vreader.feed(data):
+                if self._closed:  # a fatal error earlier in this batch
+                    break
                 self._from_vendor(parse_request(packet))
         except SftpProtocolError as exc:
             self._fatal("vendor", exc)
@@ -406,6 +408,8 @@ class SftpFilter:
             return
         try:
             for packet in self._dreader.feed(data):
+                if self._closed:
+                    break
                 self._from_device(packet)
         except SftpProtocolError as exc:
             self._fatal("device", exc)
@@ -484,6 +488,10 @@ class SftpFilter:
 
     # ------------------------------------------------------------------------------------ lifecycle
     def _fatal(self, side: str, exc: Exception, *, may_raise: bool = True) -> None:
+        if self._summary is not None and self._error is not None:
+            if may_raise and self._on_fatal is None:
+                raise exc
+            return
         self._error = f"{side} broke the SFTP protocol: {exc}" if isinstance(exc, SftpProtocolError) else \
             f"SFTP filter stopped: {exc}"
         self.close()

@@ -165,7 +165,7 @@ def test_scanner_no_false_positives_on_random_and_text() -> None:
 
 
 @settings(max_examples=FUZZ_EXAMPLES)
-@given(st.lists(st.binary(max_size=2048), max_size=8))
+@given(st.lists(st.binary(max_size=1024), max_size=6))
 def test_scanner_never_raises(chunks: list[bytes]) -> None:
     scanner = OutputScanner()
     for chunk in chunks:

@@ -530,3 +530,79 @@ def test_openssh_sftp_client_through_the_filter(tmp_path: Path) -> None:
     assert b"medbroker: /tmp/report.pdf on ct-01 contains DICOM patient data" in err
     assert w.tree["dicomdir_file"].exists()
     assert {d.op for d, _ in w.denials} >= {"open", "posix-rename"}
+
+
+# ---------------------------------------------------------------------------------------------- filter edges
+class Wire:
+    """The filter's callbacks as plain lists: the device is scripted by the test (no SSH here)."""
+
+    def __init__(self, *, fatal: bool = True) -> None:
+        self.to_device: list[bytes] = []
+        self.to_vendor: list[bytes] = []
+        self.events: list[tuple[str, dict]] = []
+        self.denied: list[Decision] = []
+        self.fatal: list[str] = []
+        policy = ProtectedPaths.build("ct-01", ["/data/dicom"])
+
+        async def realpath(path: bytes) -> bytes:
+            return path if path.startswith(b"/") else b"/home/svc/" + path
+
+        async def head(path: bytes, n: int) -> bytes:
+            return b"benign"
+
+        self.filter = SftpFilter(policy, realpath, head, self.to_device.append, self.to_vendor.append,
+                                 lambda n, d: self.events.append((n, d)), lambda d, x: self.denied.append(d),
+                                 on_fatal=self.fatal.append if fatal else None)
+
+    def vendor_replies(self) -> list:
+        return [parse_reply(p) for p in self.to_vendor]
+
+
+def test_filter_edge_cases_without_ssh() -> None:
+    async def main() -> None:
+        w = Wire()
+        f = w.filter
+        f.vendor_data(init_packet(3))
+        f.device_data(frame(2, u32(3) + string(b"copy-data") + string(b"1")))  # VERSION with copy-data
+        assert parse_reply(w.to_vendor[-1]).extensions == ()
+        f.vendor_data(_ext(1, b"expand-path@openssh.com", string(b"~/x")))
+        f.device_data(frame(104, u32(1) + u32(1) + string(b"/data/dicom/x") + string(b"") + u32(0)))  # NAME
+        assert w.vendor_replies()[-1].code == FX_PERMISSION_DENIED
+        f.device_data(frame(101, u32(77) + u32(0) + string(b"") + string(b"")))  # a reply nobody asked for
+        assert w.events[-1] == ("sftp.unexpected-reply", {"id": 77, "type": 101})
+        f.vendor_data(read_request(2, b"never-opened", 0, 10))  # unknown handle: forwarded, data refused
+        f.device_data(frame(103, u32(2) + string(b"DICM")))
+        assert w.vendor_replies()[-1].code == FX_PERMISSION_DENIED
+        f.device_data(u32(0))  # garbage from the device
+        assert w.fatal and "device broke the SFTP protocol" in w.fatal[0]
+        assert f.close().error == w.fatal[0]
+        sent = len(w.to_device)
+        f.vendor_data(REQUEST_STAT)  # closed: nothing more is forwarded
+        assert len(w.to_device) == sent
+
+    asyncio.run(main())
+
+
+REQUEST_STAT = frame(FXP_STAT, u32(9) + string(b"/tmp"))
+
+
+def test_filter_without_on_fatal_raises_to_the_relay() -> None:
+    from sessions.sftp_codec import SftpProtocolError
+
+    async def main() -> None:
+        w = Wire(fatal=False)
+        with pytest.raises(SftpProtocolError, match="outside 1..263168"):
+            w.filter.vendor_data(u32(1 << 30))
+        assert w.filter.close().error
+
+    asyncio.run(main())
+
+
+def test_filter_bounds_the_check_queue() -> None:
+    async def main() -> None:
+        w = Wire()
+        w.filter.vendor_data(b"".join(frame(FXP_STAT, u32(i) + string(b"/tmp/%d" % i)) for i in range(1100)))
+        assert w.fatal and "more than 1024 SFTP requests" in w.fatal[0]
+        await w.filter.wait_closed()
+
+    asyncio.run(main())
