@@ -88,7 +88,7 @@ def init_home(home: Path, *, clock: Clock | None = None) -> App:
         os.chmod(home, 0o700)
         (home / "keys").mkdir(exist_ok=True)
         os.chmod(home / "keys", 0o700)
-        (home / "recordings").mkdir(exist_ok=True)
+        (home / "recordings").mkdir(mode=0o700, exist_ok=True)  # recordings hold what vendors saw and typed
         cfg_file = home / "broker.toml"
         if not cfg_file.exists():
             cfg_file.write_text(DEFAULT_CONFIG_TOML, encoding="utf-8")
@@ -102,7 +102,9 @@ def init_home(home: Path, *, clock: Clock | None = None) -> App:
         data_key = FileKeyProvider(cfg.path(cfg.recording.data_key))
         if not data_key.path.exists():
             data_key.rotate()
-        cfg.recordings_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.recordings_dir.exists():
+            cfg.recordings_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(cfg.recordings_dir, 0o700)
     except OSError as exc:
         raise StorageError(f"cannot create broker home {home}: {exc.strerror}", "choose a writable --home") from exc
     return open_app(home, clock=clock)
