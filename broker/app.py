@@ -156,6 +156,8 @@ def check_home(home: Path) -> list[CheckResult]:
     except BrokerError as exc:
         results.append(CheckResult("key material", False, str(exc)))
     try:
+        if not cfg.db_path.exists():  # opening it would create an empty database: check changes nothing
+            raise StorageError(f"{cfg.db_path} is missing; run: medbroker init")
         store = open_store(cfg.db_path, migrate=False)
         version = store.schema_version()
         store.close()
