@@ -85,7 +85,10 @@ def _check(line: str, protected: ProtectedPaths, home: str | None, depth: int) -
         for idx, (text, pattern) in enumerate(words):
             if idx < k and "=" in pattern:  # an assignment: only its value is a path
                 pattern = pattern.split("=", 1)[1]
-            found = _check_word(pattern, protected, cwds + seen[-_MAX_BASES:], home,
+            bases = cwds + seen[-_MAX_BASES:]
+            # a login whose home lies in a protected tree makes every relative word protected
+            components = frozenset() if any(map(protected.is_protected, bases)) else _components(protected)
+            found = _check_word(pattern, protected, bases, home, components,
                                 ancestor_ok=safe or idx < k or idx == dest)
             if found:
                 return found
@@ -248,9 +251,9 @@ def _cd_targets(args: list[str], cwds: list[str], home: str | None) -> list[str]
     return [normalize_path(target, cwd) for cwd in cwds]
 
 
-def _check_word(pattern: str, protected: ProtectedPaths, bases: list[str], home: str | None, *,
-                ancestor_ok: bool) -> Decision | None:
-    for cand, weak in _candidates(pattern, bases, home):
+def _check_word(pattern: str, protected: ProtectedPaths, bases: list[str], home: str | None,
+                components: frozenset[str] | None, *, ancestor_ok: bool) -> Decision | None:
+    for cand, weak in _candidates(pattern, bases, home, components):
         if _has_glob(cand):
             literal = _UNESCAPE.sub(r"\1", re.split(r"(?<!\\)[*?\[{]", cand, maxsplit=1)[0])
             root = _glob_reaches(literal, protected, inside_only=weak)
@@ -276,10 +279,20 @@ def _check_word(pattern: str, protected: ProtectedPaths, bases: list[str], home:
     return None
 
 
-def _candidates(pattern: str, bases: list[str], home: str | None) -> list[tuple[str, bool]]:
+def _components(protected: ProtectedPaths) -> frozenset[str]:
+    """Every path component of every protected prefix (casefolded on case-insensitive devices)."""
+    fold = str.casefold if protected.case_insensitive else str
+    return frozenset(fold(c) for p in protected.prefixes for c in p.split("/") if c)
+
+
+def _candidates(pattern: str, bases: list[str], home: str | None,
+                components: frozenset[str] | None) -> list[tuple[str, bool]]:
     """Absolute path patterns a word may stand for, each with ``weak``: it was only found by joining a
     relative word to ``/`` because the home directory is unknown (then ancestors and globs that merely
-    lead towards a protected path are not held against it)."""
+    lead towards a protected path are not held against it). Relative words are joined to each base
+    directory only if they could lead into a protected prefix: bases are never protected themselves
+    (naming one was refused already), so the word's first component must be one of ``components``
+    unless it contains ``..`` or a glob. An empty ``components`` turns this pruning off."""
     pieces: set[str] = set()
     for word in _braces(pattern):
         pieces.update((word, *re.split(r"(?<!\\)[=:,]", word)))
@@ -305,6 +318,10 @@ def _candidates(pattern: str, bases: list[str], home: str | None) -> list[tuple[
         if head.startswith("/"):
             out.append((normalize_path(head), False))
         elif head and len(parts) == 1:
+            steps = [c for c in head.split("/") if c not in ("", ".")]
+            if components and steps and ".." not in steps and not _has_glob(head) \
+                    and steps[0] not in components and steps[0].casefold() not in components:
+                continue
             out.extend((normalize_path(head, base), home is None and base == "/") for base in bases)
     return out
 

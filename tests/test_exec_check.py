@@ -161,3 +161,15 @@ def test_check_command_never_raises(command: str, home: str | None) -> None:
 @given(st.text(alphabet="abcdefg/.-_ *?{},=:~$'\"\\;&|<>()`", max_size=60))
 def test_naming_the_protected_path_literally_is_always_refused(noise: str) -> None:
     assert not check_command(f"{noise} ; cat /data/dicom/x", PP, HOME).allowed
+
+
+def test_home_inside_a_protected_tree_protects_every_relative_path() -> None:
+    assert not check_command("cat notes.txt", PP, "/data/dicom/export").allowed
+    assert check_command("cat notes.txt", PP, "/home/svc").allowed
+
+
+def test_long_scripts_are_checked_to_the_end() -> None:
+    script = "; ".join(f"cd /opt/vendor/d{i} && ls -la x{i} /var/log/f{i}.log | grep -v y > /tmp/o{i}"
+                       for i in range(300))
+    assert check_command(script, PP, HOME).allowed
+    assert not check_command(script + "; cd /data; cat dicom/x", PP, HOME).allowed
