@@ -108,7 +108,8 @@ def acting(app: App, name: str, *roles: str, action: str = "do this") -> Princip
     """
     principal = get_principal(app.store, name)
     if principal.disabled:
-        raise PermissionDeniedError(f"user {name} is disabled", f"an administrator can run: medbroker user enable {name}")
+        raise PermissionDeniedError(f"user {name} is disabled",
+                                    f"an administrator can run: medbroker user enable {name}")
     if roles:
         require_role(principal, *roles, action=action)
     return principal

@@ -98,7 +98,8 @@ def _private_key(path: Path) -> str:
             raise UsageError(f"{path} is not an SSH private key",
                              "pass the private key the broker logs in with (not the .pub file)") from None
         raise UsageError(f"{path} is protected by a passphrase; the broker logs in unattended",
-                         f"make an unencrypted copy for the broker: ssh-keygen -p -N '' -f COPY_OF_{path.name}") from None
+                         "make an unencrypted copy for the broker: "
+                         f"ssh-keygen -p -N '' -f COPY_OF_{path.name}") from None
     return text
 
 
@@ -117,7 +118,8 @@ def add(
     host_key: Annotated[str | None, typer.Option(
         "--host-key", metavar='"TYPE BASE64"', help="The device's SSH host key to pin, e.g. from ssh-keyscan.")] = None,
     fetch: Annotated[bool, typer.Option(
-        "--fetch-host-key", help="Ask the device for its host key, show the fingerprint and ask before pinning.")] = False,
+        "--fetch-host-key",
+        help="Ask the device for its host key, show the fingerprint and ask before pinning.")] = False,
     yes: Annotated[bool, typer.Option(
         "--yes", help="With --fetch-host-key: pin without asking (scripts; compare the printed fingerprint).")] = False,
     protect: Annotated[list[str] | None, typer.Option(
@@ -212,7 +214,8 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="Device name.")], as_json: JsonOpt = False) -> None:
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="Device name.")],
+         as_json: JsonOpt = False) -> None:
     """Show one device (never its credential)."""
     d = get_device(open_home(ctx).store, name)
     if as_json:

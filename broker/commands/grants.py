@@ -5,17 +5,19 @@ from typing import Annotated
 
 import typer
 
-from broker.commands.common import JSON_HELP, acting, emit_json, open_home, print_table, safe, say, when
+from broker.commands.common import JSON_HELP, emit_json, open_home, print_table, safe, say, when
 from broker.config import format_duration, parse_duration
 from broker.errors import UsageError
-from broker.identity import get_principal
 from broker.grants import (MODES, ApprovalRequest, Grant, approve_request, deny_request, list_grants, list_requests,
                            request_grant, revoke_grant)
+from broker.identity import get_principal
 
 __all__ = ["register", "grants_app", "requests_app", "request_state"]
 
-grants_app = typer.Typer(help="Access windows: active and past grants.", no_args_is_help=True, rich_markup_mode=None)
-requests_app = typer.Typer(help="Access requests waiting for (or past) a decision.", no_args_is_help=True, rich_markup_mode=None)
+grants_app = typer.Typer(help="Access windows: active and past grants.", no_args_is_help=True,
+                         rich_markup_mode=None)
+requests_app = typer.Typer(help="Access requests waiting for (or past) a decision.", no_args_is_help=True,
+                           rich_markup_mode=None)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 ByOpt = Annotated[str, typer.Option("--by", metavar="NAME", help="The approver deciding (audited as the actor).")]
@@ -82,7 +84,8 @@ def approve(
     if dec.grant is None:
         have = len(dec.request.approvals)
         total = have + dec.approvals_needed
-        more = "a second approver" if dec.approvals_needed == 1 and have == 1 else f"{dec.approvals_needed} more approver(s)"
+        more = ("a second approver" if dec.approvals_needed == 1 and have == 1
+                else f"{dec.approvals_needed} more approver(s)")
         say(f"{have} of {total} approvals recorded for request {request_id} ({dec.request.device} is critical); "
             f"{more} must approve: medbroker approve {request_id} --by NAME")
         return
@@ -120,7 +123,7 @@ def revoke(
     if reason is not None and (len(reason) > 500 or safe(reason) != reason):
         raise UsageError("the reason must be at most 500 printable characters")
     a = open_home(ctx)
-    principal = acting(a, by)  # enabled; revoke_grant checks the role
+    principal = get_principal(a.store, by)  # revoke_grant checks (and audits) role and state
     now = a.clock.now()
     grant = revoke_grant(a.store, a.audit, grant_id, principal, now, reason)
     live = [s["id"] for s in a.store.list_sessions(status="live") if s["grant_id"] == grant_id]

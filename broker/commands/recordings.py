@@ -55,7 +55,8 @@ def replay(
     max_idle: Annotated[str | None, typer.Option(
         "--max-idle", metavar="DURATION", help="Shorten every pause to at most this, e.g. 2s.")] = None,
     start: Annotated[str | None, typer.Option(
-        "--from", metavar="DURATION", help="Start this far into the session (earlier output is shown at once).")] = None,
+        "--from", metavar="DURATION",
+        help="Start this far into the session (earlier output is shown at once).")] = None,
     instant: Annotated[bool, typer.Option("--instant", help="No pauses: print the whole terminal output.")] = False,
     by: ByOpt = None,
 ) -> None:

@@ -40,8 +40,9 @@ def session_doc(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _length(doc: dict[str, Any]) -> str:
-    return format_duration(doc["duration_s"]) if doc["duration_s"] is not None else ("running" if doc["status"] == "live"
-                                                                                       else "-")
+    if doc["duration_s"] is not None:
+        return format_duration(doc["duration_s"])
+    return "running" if doc["status"] == "live" else "-"
 
 
 @app.command("list")

@@ -20,7 +20,8 @@ app.add_typer(key_app, name="key")
 
 ByOpt = Annotated[str | None, typer.Option("--by", metavar="NAME", help=BY_ADMIN_HELP)]
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
-KeyFile = Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False, help="An OpenSSH public key file (.pub).")]
+KeyFile = Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False,
+                                         help="An OpenSSH public key file (.pub).")]
 
 
 def user_doc(app_: App, name: str) -> dict:
@@ -58,7 +59,8 @@ def read_key_files(paths: list[Path]) -> list[PublicKey]:
 @app.command("add")
 def add(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Login name: lowercase letters, digits, '.', '_' or '-'.")],
+    name: Annotated[str, typer.Argument(metavar="NAME",
+                                        help="Login name: lowercase letters, digits, '.', '_' or '-'.")],
     role: Annotated[str, typer.Option("--role", help=f"One of: {', '.join(ROLES)}.")],
     key: Annotated[list[Path] | None, typer.Option(
         "--key", metavar="PUBKEY_FILE", exists=True, dir_okay=False,
@@ -108,7 +110,8 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")], as_json: JsonOpt = False) -> None:
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")],
+         as_json: JsonOpt = False) -> None:
     """Show one user and their key fingerprints."""
     doc = user_doc(open_home(ctx), name)
     if as_json:
