@@ -222,6 +222,10 @@ class LiveSession:
                                grant_id=self.grant.id, channel=relay.ctx.number, content=what,
                                command=relay.command)
         self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "session ended"})
+        message = (f"output contained {what} patient data, which may not leave the hospital; the session "
+                   "was ended and security staff were alerted")
+        relay.notice(message)
+        relay.exit(1)
         self.broker.spawn(self.terminate(
             "stopped", f"output contained {what} patient data, which may not leave the hospital; the session "
             "was ended and security staff were alerted"))

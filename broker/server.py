@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncssh
 
-from broker.app import App
+from broker.app import App, default_policy_file
 from broker.clock import utc_iso
 from broker.config import format_duration, parse_duration, parse_listen
 from broker.devices import Device, device_credential, get_device
@@ -24,6 +24,9 @@ from broker.identity import Principal, authenticate_key, lockout_remaining, pars
 from broker.keys import openssh_fingerprint
 from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
+from sessions.content import OutputScanner
+from sessions.exec_check import check_command_line
+from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import RefusalSession
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "run_server", "start_server"]
@@ -58,6 +61,9 @@ class Broker:
         self.tasks: set[asyncio.Task] = set()
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
+        policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
+            else default_policy_file()
+        self.default_protected = tuple(load_protected_paths(policy_file))
         self.settings = SessionSettings(
             recordings_dir=cfg.recordings_dir,
             strict=cfg.recording.mode == "strict",
@@ -144,26 +150,37 @@ class Broker:
 
 
 class SessionPolicy:
-    """Which channels a live session may open, and the filters they run through."""
-
-    make_filter = None
-    make_scanner = None
+    """Which channels a live session may open, and the filters they run through (patient-data guard)."""
 
     def __init__(self, broker: Broker, live: LiveSession) -> None:
         self.broker = broker
         self.live = live
+        self.protected = ProtectedPaths.build(live.device.name, live.device.protected_paths,
+                                              broker.default_protected)
+        policy = broker.app.config.policy
+        self.scan_output = policy.scan_output
+        self.check_commands = policy.check_commands
 
     def check_exec(self, command: str) -> str | None:
-        """Refuse legacy scp until the file guard can police it."""
+        """A refusal message for an exec command, or None to run it."""
         words = command.split()
         if words and words[0] == "scp" and ("-t" in words or "-f" in words):
-            return ("file transfer with legacy scp is not available through medbroker; "
-                    "every transfer must pass the patient-data guard")
+            return ("legacy scp (scp -O) is not available through medbroker; use scp without -O (it speaks SFTP, "
+                    "which the patient-data guard checks) or sftp")
+        if self.check_commands:
+            decision = check_command_line(command, self.protected, None)
+            if not decision.allowed:
+                return decision.reason
         return None
 
     def check_subsystem(self, name: str) -> str | None:
         return (f"the {name} subsystem is not available through medbroker yet; "
                 "file transfers must pass the patient-data guard")
+
+    make_filter = None
+
+    def make_scanner(self) -> OutputScanner | None:
+        return OutputScanner() if self.scan_output else None
 
 
 class BrokerServer(asyncssh.SSHServer):

@@ -263,6 +263,10 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.scanner is not None:
             hit = self.scanner.feed(data)
             if hit:
+                # Nothing more from the device reaches the vendor on this channel, not even its exit status.
+                self.scanner = None
+                self.exit_sent = True
+                self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {"content": hit, "stream": "output"})
                 self.ctx.on_detection(self, hit)
                 return
         self.ctx.recorder.append_data(self.ctx.number, "output" if datatype is None else "stderr", data)
@@ -332,7 +336,10 @@ class RelaySession(asyncssh.SSHServerSession):
             return
         self.ctx.recorder.append_event(self.ctx.number, "notice", {"text": message})
         eol = "\r\n" if self.pty else "\n"
-        self.chan.write_stderr(f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
+        try:
+            self.chan.write_stderr(f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
+        except OSError:  # the vendor already closed the channel
+            pass
 
     def exit(self, status: int) -> None:
         """End the vendor channel with ``status`` on the broker's own initiative (recorded)."""
@@ -341,7 +348,10 @@ class RelaySession(asyncssh.SSHServerSession):
         self.closed = True
         self.exit_code = status
         self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": status})
-        self.chan.exit(status)
+        try:
+            self.chan.exit(status)
+        except OSError:
+            pass
         if self.up is not None:
             self.up.close()
         self._finish()

@@ -1,0 +1,78 @@
+"""Patient data never leaves through exec or shell output: command checks and the output scanner, end to end."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from helpers.broker import World
+
+pytestmark = pytest.mark.openssh
+PROMPT = re.compile(rb"[#$] ")
+
+
+@pytest.fixture
+def world(tmp_path, device):
+    w = World(tmp_path, device()).setup()
+    w.grant()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def _wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_exec_naming_a_protected_path_is_refused_and_audited(world):
+    dicom = world.device.tree.dicom_dir
+    for command in (f"cat {dicom}/2026/11/study-0001.dcm", f"cd {dicom} && tar cf - .",
+                    f"cat '{dicom}'/*", f"cp -r {dicom.parent}/di* /tmp/x"):
+        r = world.ssh("alice@ct-01", command)
+        assert r.returncode == 1, command
+        assert b"protected" in r.stderr and b"DICM" not in r.stdout, (command, r.stderr)
+    assert _wait(lambda: len(world.events("exec.denied")) >= 4)
+    assert world.device.log_text().count("Starting session: command") == 0  # nothing reached the device
+
+
+def test_ordinary_maintenance_commands_still_work(world):
+    log = world.device.tree.system_log
+    r = world.ssh("alice@ct-01", f"tail -n 2 {log}; ls {world.device.tree.firmware_dir}")
+    assert r.returncode == 0 and b"version.txt" in r.stdout and r.stderr == b""
+
+
+@pytest.mark.parametrize("how", ["cat", "base64", "tar", "xxd"])
+def test_patient_data_in_exec_output_stops_the_session(world, how):
+    disguised = world.device.tree.patient["renamed_dicom"]  # a DICOM file copied to tmp/ as report.pdf
+    command = {"cat": f"cat {disguised}", "base64": f"base64 {disguised}",
+               "tar": f"tar cf - -C {disguised.parent} {disguised.name}", "xxd": f"xxd -p {disguised}"}[how]
+    r = world.ssh("alice@ct-01", command)
+    assert r.returncode != 0
+    assert b"TEST^PATIENT" not in r.stdout and b"DICM" not in r.stdout
+    assert b"patient data" in r.stderr
+    assert _wait(lambda: world.events("alert.exfiltration"))
+    assert _wait(lambda: world.app.store.list_sessions()[-1]["status"] == "stopped")
+
+
+def test_patient_data_shown_in_an_interactive_shell_is_stopped(world):
+    hl7 = world.device.tree.patient["hl7_file"]
+    term = world.pty("alice@ct-01")
+    try:
+        term.expect(PROMPT, timeout=15)
+        term.sendline(f"cp {hl7} /tmp/innocent-$$.txt && cat /tmp/innocent-$$.txt; rm -f /tmp/innocent-$$.txt")
+        term.read_until_eof(timeout=15)
+    finally:
+        term.wait(timeout=10)
+        term.close()
+    shown = bytes(term.output)
+    assert b"TEST^PATIENT^THREE" not in shown
+    assert b"patient data" in shown
+    assert _wait(lambda: world.events("alert.exfiltration"))
