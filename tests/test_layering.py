@@ -1,0 +1,313 @@
+"""The layering table (STYLE.md §1) holds: imports point down, checked with ``ast``; nothing runs at import time."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("broker", "sessions")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the layering table: which modules, what they may import."""
+
+    layer: int
+    modules: tuple[str, ...]  # repo-relative paths, fnmatch patterns allowed
+    may_import: tuple[str, ...]  # names of other rows (a row always may import itself)
+    third_party: tuple[str, ...] | None  # allowed top-level packages; None = anything
+    why: str
+
+
+# STYLE.md §1, extended (see the brief of this test): keys at layer 1, app at 3, the web console and
+# commands at 5, codecs and stream helpers beside recording at layer 2. Within a row modules may import
+# each other; the import graph must still be acyclic at module level (checked below).
+TABLE: dict[str, Row] = {
+    "core": Row(0, ("broker/errors.py", "broker/config.py", "broker/clock.py", "broker/__init__.py",
+                    "sessions/__init__.py", "broker/commands/__init__.py"),
+                (), (), "stdlib only (tomllib, dataclasses)"),
+    "store": Row(1, ("broker/store.py",), ("core",), ("sqlite_utils",), "the only SQL"),
+    "keys": Row(1, ("broker/keys.py",), ("core",), ("cryptography",), "key material, sealing, signatures"),
+    "domain": Row(2, ("broker/identity.py", "broker/grants.py", "broker/devices.py", "broker/audit.py",
+                      "broker/web_links.py", "sessions/policy.py", "sessions/content.py", "sessions/exec_check.py"),
+                  ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
+    "codec": Row(2, ("sessions/sftp_codec.py",), ("core",), (), "SFTP wire format: stdlib + layer 0"),
+    "recording": Row(2, ("sessions/recording.py", "sessions/replay.py", "sessions/commands.py",
+                         "sessions/textindex.py"),
+                     ("core",), ("cryptography", "pyte"), "record format, reader, replay, command index"),
+    "relay": Row(3, ("sessions/relay.py", "sessions/sftp.py", "sessions/scp.py", "sessions/sftp_device.py"),
+                 ("core", "domain", "codec", "recording"), ("asyncssh",), "moves bytes; asks layer 2, never SQL"),
+    "app": Row(3, ("broker/app.py",), ("core", "store", "keys", "domain", "codec", "recording"), ("cryptography",),
+               "one broker home: config, store, audit, keys"),
+    "server": Row(4, ("broker/server.py", "broker/live.py", "broker/selfservice.py"),
+                  ("core", "store", "keys", "domain", "codec", "recording", "relay", "app"), ("asyncssh", "uvloop"),
+                  "the asyncssh adapter"),
+    "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/web.py", "broker/web_*.py"),
+                  ("core", "store", "keys", "domain", "codec", "recording", "relay", "app", "server"), None,
+                  "argv, printing, exit codes, HTTP"),
+}
+NEVER_IN_LAYER_2 = ("asyncssh", "typer")
+
+
+def all_modules() -> list[str]:
+    return sorted(str(p.relative_to(REPO)) for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
+
+
+def row_of(path: str) -> str | None:
+    # Exact names win over patterns, so broker/web_links.py is "domain" although broker/web_*.py is "people".
+    for name, row in TABLE.items():
+        if path in row.modules:
+            return name
+    for name, row in TABLE.items():
+        if any(fnmatch(path, pattern) for pattern in row.modules):
+            return name
+    return None
+
+
+def module_path(dotted: str) -> str | None:
+    base = REPO / Path(*dotted.split("."))
+    if base.with_suffix(".py").is_file():
+        return str(base.with_suffix(".py").relative_to(REPO))
+    if (base / "__init__.py").is_file():
+        return str((base / "__init__.py").relative_to(REPO))
+    return None
+
+
+@dataclass(frozen=True)
+class Imp:
+    target: str  # dotted name
+    line: int
+    top_level: bool  # executed when the module is imported (not inside a function)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports_of(path: str) -> list[Imp]:
+    """Every import in the file, resolved to dotted names; ``if TYPE_CHECKING:`` blocks are skipped."""
+    tree = ast.parse((REPO / path).read_text(encoding="utf-8"), filename=path)
+    package = path.rsplit("/", 1)[0].replace("/", ".")
+    found: list[Imp] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for sub in child.orelse:
+                    visit(sub, top)
+                continue
+            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend(Imp(a.name, child.lineno, top) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - child.level + 1])
+                    module = f"{base}.{child.module}" if child.module else base
+                else:
+                    module = child.module or ""
+                if module == "__future__":
+                    continue
+                for alias in child.names:
+                    sub = f"{module}.{alias.name}"
+                    # `from broker import web_links` imports a module, not a name.
+                    found.append(Imp(sub if module_path(sub) else module, child.lineno, top))
+            visit(child, inner)
+
+    visit(tree, True)
+    return found
+
+
+def project_target(imp: Imp) -> str | None:
+    return module_path(imp.target) if imp.target.split(".")[0] in PACKAGES else None
+
+
+def third_party(imp: Imp) -> str | None:
+    top = imp.target.split(".")[0]
+    if top in PACKAGES or top in sys.stdlib_module_names:
+        return None
+    return top
+
+
+MODULES = all_modules()
+
+
+# ---------------------------------------------------------------- the table
+
+
+def test_every_module_is_in_the_table() -> None:
+    unknown = [m for m in MODULES if row_of(m) is None]
+    assert not unknown, (
+        f"modules missing from the layering table: {', '.join(unknown)}. Add each to TABLE in "
+        "tests/test_layering.py (and to STYLE.md §1 if it starts a new kind of module) so the table stays complete."
+    )
+
+
+def test_table_has_no_stale_exact_entries() -> None:
+    """Exact entries for planned modules are fine (sessions/scp.py, broker/web.py); typos are not."""
+    planned = {"sessions/scp.py", "broker/web.py"}
+    for name, row in TABLE.items():
+        for m in row.modules:
+            if "*" not in m and m not in planned:
+                assert (REPO / m).is_file(), f"TABLE[{name!r}] names {m}, which does not exist"
+
+
+def test_rows_only_import_lower_or_equal_layers() -> None:
+    for name, row in TABLE.items():
+        for other in row.may_import:
+            assert TABLE[other].layer <= row.layer, f"{name} may import {other}, which is above it"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_imports_point_down(module: str) -> None:
+    name = row_of(module)
+    if name is None:
+        pytest.fail(f"{module} is not in the layering table; add it to TABLE in tests/test_layering.py")
+    row = TABLE[name]
+    allowed = set(row.may_import) | {name}
+    problems = []
+    for imp in imports_of(module):
+        target = project_target(imp)
+        if target is not None:
+            target_row = row_of(target)
+            if target_row not in allowed:
+                problems.append(f"{module}:{imp.line} imports {imp.target} (row {target_row!r}, layer "
+                                f"{TABLE[target_row].layer if target_row else '?'}); row {name!r} (layer {row.layer}) "
+                                f"may import only {sorted(allowed)}")
+            continue
+        pkg = third_party(imp)
+        if pkg is not None and row.third_party is not None and pkg not in row.third_party:
+            problems.append(f"{module}:{imp.line} imports {pkg}; row {name!r} (layer {row.layer}) may use only "
+                            f"{list(row.third_party) or 'the standard library'} ({row.why})")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if row_of(m) and TABLE[row_of(m)].layer <= 2])
+def test_lower_layers_never_import_asyncssh_or_typer(module: str) -> None:
+    bad = [f"{module}:{i.line} imports {i.target}" for i in imports_of(module) if third_party(i) in NEVER_IN_LAYER_2]
+    assert not bad, "\n".join(bad)
+
+
+def test_module_level_imports_are_acyclic() -> None:
+    graph = {m: sorted({t for i in imports_of(m) if i.top_level and (t := project_target(i)) and t != m})
+             for m in MODULES}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import cycle at module level: " + " -> ".join(cycle))
+            if state.get(nxt) is None:
+                dfs(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for m in MODULES:
+        if m not in state:
+            dfs(m)
+
+
+# ---------------------------------------------------------------- the checker itself
+
+
+def test_checker_sees_imports_in_every_form(tmp_path: Path) -> None:
+    """Guard against a checker that silently finds nothing."""
+    assert "broker/store.py" in {project_target(i) for i in imports_of("broker/audit.py")}
+    assert "cryptography" in {third_party(i) for i in imports_of("broker/keys.py")}
+    grants_targets = {project_target(i) for i in imports_of("broker/grants.py")}
+    assert {"broker/audit.py", "broker/identity.py", "broker/errors.py"} <= grants_targets
+    lazy = [i for i in imports_of("sessions/policy.py") if project_target(i) == "sessions/exec_check.py"]
+    assert lazy and not lazy[0].top_level
+    assert row_of("broker/web_links.py") == "domain" and row_of("broker/web_views.py") == "people"
+    assert row_of("broker/commands/grants.py") == "people" and row_of("broker/nothing.py") is None
+
+
+# ---------------------------------------------------------------- nothing runs at import time
+
+_PROBE = textwrap.dedent("""
+    import importlib, json, logging, os, signal, sys, threading
+    names, deps = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    for dep in deps:  # third-party packages first: their own import-time threads (numpy's) are not ours
+        try:
+            importlib.import_module(dep)
+        except Exception:
+            pass
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE)]
+    def state():
+        return {
+            "threads": sorted(t.name for t in threading.enumerate()),
+            "os_threads": len(os.listdir("/proc/self/task")),
+            "signals": [str(signal.getsignal(s)) for s in sigs],
+            "root_handlers": len(logging.getLogger().handlers),
+            "root_level": logging.getLogger().level,
+            "argv": list(sys.argv),
+            "cwd_files": sorted(os.listdir(".")),
+            "home_files": sorted(os.listdir(os.environ["HOME"])),
+            "umask": os.umask(os.umask(0o022)),
+        }
+    before = state()
+    failed = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # reported, not hidden
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    after = state()
+    print("@@" + json.dumps({"before": before, "after": after, "failed": failed}))
+""")
+
+
+def test_importing_every_module_has_no_side_effects(tmp_path: Path) -> None:
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    home.mkdir()
+    names = [m[:-3].replace("/", ".").removesuffix(".__init__") for m in MODULES]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDBROKER_")}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO), MEDBROKER_HOME=str(tmp_path / "no-such-home"),
+               PYTHONDONTWRITEBYTECODE="1")
+    deps = sorted({p for m in MODULES for i in imports_of(m) if (p := third_party(i))})
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(names), json.dumps(deps)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out, _, report = proc.stdout.rpartition("@@")
+    assert out == "", f"importing printed to stdout: {out!r}"
+    assert proc.stderr == "", f"importing wrote to stderr: {proc.stderr!r}"
+    data = json.loads(report)
+    assert data["failed"] == {}, "modules that do not import: " + json.dumps(data["failed"], indent=1)
+    before, after = data["before"], data["after"]
+    for key in before:
+        assert after[key] == before[key], f"importing every module changed {key}: {before[key]!r} -> {after[key]!r}"
+    assert not (tmp_path / "no-such-home").exists()
+    assert list(cwd.iterdir()) == [] and list(home.iterdir()) == []
+
+
+def test_the_import_probe_notices_side_effects(tmp_path: Path) -> None:
+    """The probe itself works: a module that starts a thread and writes a file at import is caught."""
+    pkg = tmp_path / "sidefx"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import threading, time, signal\n"
+                                     "threading.Thread(target=time.sleep, args=(0.5,), daemon=True).start()\n"
+                                     "open('made-at-import', 'w').close()\n"
+                                     "signal.signal(signal.SIGTERM, lambda *a: None)\n")
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(["sidefx"]), "[]"], cwd=tmp_path,
+                          env={**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    data = json.loads(proc.stdout.rpartition("@@")[2])
+    changed = {k for k in data["before"] if data["before"][k] != data["after"][k]}
+    assert {"threads", "os_threads", "signals", "cwd_files"} <= changed
