@@ -1,6 +1,7 @@
 """``medbroker init``, ``check``, ``serve`` and ``demo``: the broker home and running the broker."""
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -85,6 +86,8 @@ def serve(
     from broker.server import run_server  # lazily: the CLI works without the SSH stack loaded
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:  # asyncssh logs every connection and channel at INFO
+        logging.getLogger("asyncssh").setLevel(max(level, logging.WARNING))
 
     def ready(port: int) -> None:
         host = address.rpartition(":")[0]
@@ -93,7 +96,8 @@ def serve(
     try:
         run_server(app, address, on_ready=ready)
     except OSError as exc:
-        raise StorageError(f"cannot listen on {address}: {exc.strerror or exc}",
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StorageError(f"cannot listen on {address}: {why}",
                            "is another broker running? choose another port with --listen HOST:PORT") from None
 
 
