@@ -284,7 +284,8 @@ def test_device_password_from_stdin_is_never_shown_or_stored_in_clear(people, ke
                   "--host-key", keys["host"].public_key, input=password + "\n")
     assert password not in r.stdout + r.stderr
     assert people.json("device", "show", "us-02")["auth"] == "password"
-    dump = "\n".join(str(row) for row in people.rows("SELECT * FROM devices") + people.rows("SELECT * FROM audit_events"))
+    rows = people.rows("SELECT * FROM devices") + people.rows("SELECT * FROM audit_events")
+    dump = "\n".join(str(row) for row in rows)
     assert password not in dump
     r = people.fails(2, "device", "add", "us-03", "--host", "10.1.2.4", "--login", "svc", "--password-stdin",
                      "--host-key", keys["host2"].public_key, input="\n")
@@ -335,6 +336,22 @@ def test_request_approve_and_grants_list(world):
     ((actor, user, device, rid, gid, _),) = world.events("grant.created")
     assert (actor, user, device, rid, gid) == ("bob", "alice", "ct-01", 1, grant["id"])
     assert world.events("request.created")[0][0] == "alice"
+
+
+def test_request_with_forwards_and_mode(world):
+    doc = world.json("request", "ct-01", "--user", "alice", "--for", "45m", "--reason", "service UI",
+                     "--forward", "127.0.0.1:8080", "--forward", "[::1]:443", "--mode", "read-only")
+    assert doc["forwards"] == ["127.0.0.1:8080", "[::1]:443"] and doc["mode"] == "read-only"
+    assert doc["duration_s"] == 2700 and doc["status"] == "pending"
+    grant = world.json("approve", str(doc["id"]), "--by", "bob")["grant"]
+    assert grant["forwards"] == doc["forwards"] and grant["mode"] == "read-only"
+    assert "is not HOST:PORT" in world.fails(2, "request", "ct-01", "--user", "alice", "--for", "1h", "--reason",
+                                             "x", "--forward", "8080").stderr
+    assert "mode 'write' is not known" in world.fails(2, "request", "ct-01", "--user", "alice", "--for", "1h",
+                                                      "--reason", "x", "--mode", "write").stderr
+    assert world.count("access_requests") == 1
+    table = world.ok("requests", "list").stdout
+    assert "service UI" in table and "approved" in table
 
 
 def test_human_approve_prints_the_grant_and_window(world):
