@@ -204,7 +204,7 @@ class OutputScanner:
 
     Not detected: compressed or encrypted data, DICOM without preamble in the middle of raw output,
     base64 of files whose signature lies beyond a line break that splits a hex-dump line.
-    Cost is a few ``bytes.find`` passes per chunk; bench/bench_content.py measures it.
+    Cost is a few ``bytes.find`` passes per chunk; bench/content_throughput.py measures it.
     """
 
     def __init__(self) -> None:
