@@ -1,0 +1,358 @@
+"""Summaries of a bench result and the RESULTS.md tables (absolute numbers, ratios to ProxyJump, targets).
+
+``python -m bench.report bench/results/X.json`` regenerates bench/RESULTS.md from a stored result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bench.stats import percentile, spread
+
+__all__ = ["summarize", "render_markdown", "METRICS", "main"]
+
+# metric -> (label, unit, higher_is_better)
+METRICS: dict[str, tuple[str, str, bool]] = {
+    "bulk_download": ("bulk exec download (`ssh host cat`)", "MB/s", True),
+    "bulk_upload": ("bulk exec upload (`ssh host 'cat > f'`)", "MB/s", True),
+    "sftp_get": ("SFTP get (`sftp -b`)", "MB/s", True),
+    "sftp_put": ("SFTP put (`sftp -b`)", "MB/s", True),
+    "scp_get": ("scp download, wall time incl. setup", "MB/s", True),
+    "scp_put": ("scp upload, wall time incl. setup", "MB/s", True),
+    "keystroke_p50": ("keystroke round trip p50 (PTY, raw)", "ms", False),
+    "keystroke_p99": ("keystroke round trip p99", "ms", False),
+    "setup": ("session setup (`ssh host true`)", "ms", False),
+}
+MAIN_PATHS = ("direct", "proxyjump", "proxyjump-gcm", "medbroker")
+LABELS = {"direct": "direct", "proxyjump": "ProxyJump", "proxyjump-gcm": "ProxyJump AES-GCM",
+          "medbroker": "medbroker", "medbroker-tmpfs": "medbroker, recordings on tmpfs"}
+MiB = 1 << 20
+
+
+def _values(samples: list[dict], metric: str, path: str) -> tuple[list[float], list[str], str | None]:
+    """Values of one metric on one path (keystroke p50/p99: one per round), its errors and any refusal."""
+    base = "keystroke" if metric.startswith("keystroke_") else metric
+    vals, errors, refused = [], [], None
+    for s in samples:
+        if s["path"] != path or s["metric"] != base:
+            continue
+        if not s["ok"]:
+            if s.get("refused"):
+                refused = s["refused"]
+            else:
+                errors.append(s.get("error") or "unknown error")
+        elif base == "keystroke":
+            vals.append(percentile(sorted(s["extra"]["rtt_ms"]), 50 if metric.endswith("p50") else 99))
+        else:
+            vals.append(s["value"])
+    return vals, errors, refused
+
+
+def summarize(result: dict) -> dict:
+    """Per metric and path: median/min/max over rounds (setup: over runs), errors, refusals, ratios, targets."""
+    samples = result["samples"]
+    paths = sorted({s["path"] for s in samples}, key=lambda p: list(LABELS).index(p) if p in LABELS else 99)
+    table: dict = {}
+    for metric in METRICS:
+        row = {}
+        for path in paths:
+            vals, errors, refused = _values(samples, metric, path)
+            sp = spread(vals)
+            if sp is None and not errors and not refused:
+                continue
+            row[path] = {"stats": sp.as_dict() if sp else None, "errors": errors, "refused": refused}
+        if row:
+            table[metric] = row
+    pooled = {}
+    for path in paths:
+        rtts = sorted(x for s in samples if s["path"] == path and s["metric"] == "keystroke" and s["ok"]
+                      for x in s["extra"]["rtt_ms"])
+        if rtts:
+            pooled[path] = {"n": len(rtts), **{f"p{q}": percentile(rtts, q) for q in (50, 90, 99, 99.9)},
+                            "max": rtts[-1]}
+    out = {"table": table, "keystrokes_pooled": pooled, "ratios": _ratios(table), "broker_cpu": _broker_cpu(samples)}
+    out["recording"] = _recording(table)
+    out["targets"] = _targets(out, result.get("concurrency", []))
+    return out
+
+
+def _med(table: dict, metric: str, path: str) -> float | None:
+    cell = table.get(metric, {}).get(path)
+    return cell["stats"]["median"] if cell and cell["stats"] else None
+
+
+def _ratios(table: dict) -> dict:
+    out: dict = {}
+    for metric in table:
+        for ref in ("proxyjump", "proxyjump-gcm", "direct"):
+            r = _med(table, metric, ref)
+            for path in table[metric]:
+                m = _med(table, metric, path)
+                if r and m is not None and path != ref:
+                    out.setdefault(metric, {}).setdefault(path, {})[ref] = m / r
+    return out
+
+
+def _broker_cpu(samples: list[dict]) -> dict:
+    """Broker CPU seconds per GiB moved, per bulk metric (medbroker paths only)."""
+    out: dict = {}
+    for s in samples:
+        cpu = s.get("extra", {}).get("broker_cpu_s")
+        if s["ok"] and cpu is not None and s["metric"] in ("bulk_download", "bulk_upload", "sftp_get", "sftp_put"):
+            gib = s["extra"]["bytes"] / (1 << 30)
+            out.setdefault(s["metric"], {}).setdefault(s["path"], []).append(cpu / gib)
+    return {m: {p: spread(v).as_dict() for p, v in d.items()} for m, d in out.items()}
+
+
+def _recording(table: dict) -> dict:
+    out = {}
+    for metric in ("bulk_download", "bulk_upload"):
+        disk, tmpfs = _med(table, metric, "medbroker"), _med(table, metric, "medbroker-tmpfs")
+        if disk and tmpfs:
+            out[metric] = {"disk": disk, "tmpfs": tmpfs, "overhead_pct": (tmpfs - disk) / tmpfs * 100}
+    return out
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+def _targets(s: dict, concurrency: list[dict]) -> list[dict]:
+    t, r = s["table"], s["ratios"]
+    rows = []
+
+    def ratio_row(label, metric, ref, need):
+        cell = t.get(metric, {}).get("medbroker")
+        if cell and cell["refused"] and not cell["stats"]:
+            rows.append({"target": label, "measured": "not available yet (broker refuses: "
+                         f"{cell['refused'].removeprefix('medbroker: ')[:90]})", "met": None})
+            return
+        x = r.get(metric, {}).get("medbroker", {}).get(ref)
+        rows.append({"target": label, "measured": "-" if x is None else f"{x:.2f}x", "met": None if x is None else x >= need})
+
+    ratio_row("bulk download >= 1.0x ProxyJump AES-GCM", "bulk_download", "proxyjump-gcm", 1.0)
+    ratio_row("bulk upload >= 1.0x ProxyJump AES-GCM", "bulk_upload", "proxyjump-gcm", 1.0)
+    ratio_row("SFTP get >= 1.0x ProxyJump", "sftp_get", "proxyjump", 1.0)
+    ratio_row("SFTP put >= 1.0x ProxyJump", "sftp_put", "proxyjump", 1.0)
+    for q, limit in (("p50", 0.1), ("p99", 1.0)):
+        m = _med(t, f"keystroke_{q}", "medbroker")
+        d, pj = _med(t, f"keystroke_{q}", "direct"), _med(t, f"keystroke_{q}", "proxyjump")
+        if m is None or d is None:
+            rows.append({"target": f"keystroke {q} overhead <= {limit} ms", "measured": "-", "met": None})
+            continue
+        text = f"+{m - d:.3f} ms vs direct" + (f", {m - pj:+.3f} ms vs ProxyJump" if pj is not None else "")
+        rows.append({"target": f"keystroke {q} overhead <= {limit} ms (vs direct)", "measured": text,
+                     "met": (m - d) <= limit})
+    x = r.get("setup", {}).get("medbroker", {}).get("proxyjump")
+    rows.append({"target": "session setup <= 0.5x ProxyJump", "measured": "-" if x is None else f"{x:.2f}x",
+                 "met": None if x is None else x <= 0.5})
+    big = [c for c in concurrency if c.get("path") == "medbroker" and "loadgen" in c]
+    if big:
+        c = max(big, key=lambda c: c["sessions"])
+        lg = c["loadgen"]
+        p99 = lg["rtt_ms"]["99"]
+        per = c.get("broker_rss_per_session_bytes")
+        rows.append({"target": f"{c['sessions']} sessions: keystroke p99 < 20 ms", "measured": f"{p99:.1f} ms",
+                     "met": p99 is not None and p99 < 20})
+        rows.append({"target": f"{c['sessions']} sessions: broker RSS < 1 MiB per session",
+                     "measured": "-" if per is None else f"{per / MiB:.2f} MiB", "met": None if per is None else per < MiB})
+        errs = lg["errors"] + (c["sessions"] - lg["connected"])
+        rows.append({"target": f"{c['sessions']} sessions: zero errors", "measured": f"{errs} errors",
+                     "met": errs == 0})
+    for metric, rec in s["recording"].items():
+        rows.append({"target": f"recording overhead <= 5 % ({METRICS[metric][0].split(' (')[0]})",
+                     "measured": f"{rec['overhead_pct']:.1f} % (disk {rec['disk']:.0f} vs tmpfs {rec['tmpfs']:.0f} MB/s)",
+                     "met": rec["overhead_pct"] <= 5})
+    return rows
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "ms":
+        return f"{v:.2f}" if v < 10 else f"{v:.0f}"
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
+def _cell(cell: dict | None, unit: str) -> str:
+    if cell is None:
+        return "-"
+    if cell["stats"]:
+        st = cell["stats"]
+        text = f"{_fmt(st['median'], unit)} ({_fmt(st['min'], unit)}–{_fmt(st['max'], unit)})"
+    elif cell["refused"]:
+        text = "not available yet"
+    else:
+        text = "failed"
+    if cell["errors"]:
+        text += f" [{len(cell['errors'])} err]"
+    return text
+
+
+def render_markdown(result: dict, summary: dict, json_name: str) -> str:
+    """The RESULTS.md text for one run."""
+    m, plan = result["machine"], result["plan"]
+    lines = [
+        "# medbroker side-by-side benchmark: results",
+        "",
+        f"Generated by `python -m bench` from [`results/{json_name}`](results/{json_name}); do not edit by hand.",
+        "",
+        f"- run: {result['started_at']} → {result['finished_at']}, mode **{result['mode']}**, "
+        f"{plan['rounds']} interleaved rounds (paths round-robin, start rotated each round)",
+        f"- machine: {m['cores']} cores ({m['cpu_model']}), {(m['memory_bytes'] or 0) / (1 << 30):.0f} GiB RAM, "
+        f"Linux {m['kernel']}",
+        f"- versions: {m['openssh']}; Python {m['python']}; asyncssh {m['asyncssh']}; cryptography "
+        f"{m['cryptography']}; uvloop {m['uvloop']}",
+        f"- product: commit `{result['product']['commit'][:10]}`"
+        f"{' + uncommitted changes in broker/ or sessions/' if result['product']['dirty'] else ''}; broker started with "
+        f"{result['product']['launcher']} as its own process; recordings strict + encrypted (defaults)",
+        f"- payload: {plan['blob_mib']} MiB of random bytes on the device's tmpfs, sha256-checked after every transfer; "
+        f"keystrokes: {plan['keys_per_round']} per path per round, {plan['key_gap_ms']} ms apart; setup: "
+        f"{plan['setups_per_round']} per path per round",
+        f"- other load on the machine (not this bench) during the rounds: "
+        + ", ".join(f"{n['other_cpu_pct']:.0f} %" for n in result.get("noise", [])) + " of one core",
+        "",
+        "Cells: median (min–max) over rounds; setup over all runs. MB/s = 10^6 bytes/s. Ratios are medbroker's "
+        "median over the reference path's median from the same run.",
+        "",
+        "| metric | " + " | ".join(LABELS[p] for p in MAIN_PATHS) + " | medbroker ÷ ProxyJump | medbroker ÷ ProxyJump AES-GCM |",
+        "|---|" + "---|" * (len(MAIN_PATHS) + 2),
+    ]
+    for metric, row in summary["table"].items():
+        label, unit, _ = METRICS[metric]
+        ratio = summary["ratios"].get(metric, {}).get("medbroker", {})
+        r1, r2 = ratio.get("proxyjump"), ratio.get("proxyjump-gcm")
+        lines.append(f"| {label} [{unit}] | " + " | ".join(_cell(row.get(p), unit) for p in MAIN_PATHS)
+                     + f" | {'-' if r1 is None else f'{r1:.2f}x'} | {'-' if r2 is None else f'{r2:.2f}x'} |")
+    lines += ["", "## Targets", "", "| target | measured | met? |", "|---|---|---|"]
+    lines += [f"| {row['target']} | {row['measured']} | {_verdict(row['met'])} |" for row in summary["targets"]]
+    lines += _keystroke_section(summary) + _concurrency_section(result) + _recording_section(result, summary)
+    lines += _profile_section(result) + _errors_section(summary, result)
+    return "\n".join(lines) + "\n"
+
+
+def _keystroke_section(summary: dict) -> list[str]:
+    p = summary["keystrokes_pooled"]
+    if not p:
+        return []
+    out = ["", "## Keystrokes, all rounds pooled", "", "| path | n | p50 | p90 | p99 | p99.9 | max |",
+           "|---|---|---|---|---|---|---|"]
+    for path, d in p.items():
+        out.append(f"| {LABELS.get(path, path)} | {d['n']} | " + " | ".join(
+            f"{d[k]:.3f}" for k in ("p50", "p90", "p99", "p99.9", "max")) + " |")
+    return out
+
+
+def _concurrency_section(result: dict) -> list[str]:
+    rows = result.get("concurrency", [])
+    if not rows:
+        return []
+    out = ["", "## Concurrency: N interactive sessions, one key per session every "
+           f"{rows[0].get('interval_s', 0.1) * 1000:.0f} ms (asyncssh load generator in its own process)", "",
+           "| path | sessions | open | errors | keys | p50 ms | p99 ms | p99.9 ms | max ms | broker CPU % of a core | "
+           "broker RSS idle → loaded MiB | RSS/session KiB | broker threads | device sshd+cat CPU % | device PSS/session KiB | "
+           "load gen CPU % (loop lag p99 ms) | other load % |",
+           "|---|" + "---|" * 16]
+    for c in rows:
+        if "loadgen" not in c:
+            out.append(f"| {LABELS.get(c['path'], c['path'])} | {c['sessions']} | failed: {c.get('error', '?')[:200]} |"
+                       + " |" * 14)
+            continue
+        lg = c["loadgen"]
+        rtt = lg["rtt_ms"]
+        b = c.get("broker_rss_bytes")
+        broker = (f"{c['broker_cpu_pct']:.0f} | {c['broker_rss_idle_bytes'] / MiB:.0f} → {b / MiB:.0f} | "
+                  f"{c['broker_rss_per_session_bytes'] / 1024:.0f} | {c['broker_threads']}") if b else "- | - | - | -"
+        errs = lg["errors"] + (c["sessions"] - lg["connected"])
+        out.append(f"| {LABELS.get(c['path'], c['path'])} | {c['sessions']} | {lg['connected']} | {errs} | {lg['keystrokes']} | "
+                   f"{rtt['50']:.2f} | {rtt['99']:.2f} | {rtt['99.9']:.2f} | {rtt['100']:.1f} | {broker} | "
+                   f"{c['device_cpu_pct']:.0f} | {c['device_pss_per_session_bytes'] / 1024:.0f} | "
+                   f"{c['loadgen_cpu_pct']:.0f} ({lg['loop_lag_ms']['99']:.1f}) | {c['other_cpu_pct']:.0f} |")
+    return out
+
+
+def _recording_section(result: dict, summary: dict) -> list[str]:
+    rec = summary["recording"]
+    out = ["", "## Recording overhead (same broker code, recordings dir on disk vs on tmpfs)", "",
+           f"tmpfs: {result['world'].get('recordings_tmpfs', '-')}", ""]
+    if not rec:
+        return out + ["not measured (see the tmpfs line above)"]
+    out += ["| transfer | disk MB/s | tmpfs MB/s | overhead | broker CPU s/GiB disk | tmpfs |", "|---|---|---|---|---|---|"]
+    cpu = summary["broker_cpu"]
+    for metric, r in rec.items():
+        c = cpu.get(metric, {})
+        cd, ct = c.get("medbroker"), c.get("medbroker-tmpfs")
+        cpu_disk = "-" if not cd else f"{cd['median']:.2f}"
+        cpu_tmpfs = "-" if not ct else f"{ct['median']:.2f}"
+        out.append(f"| {METRICS[metric][0]} | {r['disk']:.0f} | {r['tmpfs']:.0f} | {r['overhead_pct']:.1f} % | "
+                   f"{cpu_disk} | {cpu_tmpfs} |")
+    return out
+
+
+PROFILE_PARTS = {
+    "bulk": "during bulk exec transfers (download and upload)",
+    "after_session": "after each bulk session closed (work the broker does once the client has gone)",
+    "interactive": "during interactive load (N sessions typing)",
+}
+
+
+def _profile_section(result: dict) -> list[str]:
+    prof = result.get("profile")
+    if not prof:
+        return []
+    out = ["", f"## Broker profile ({prof.get('tool', '?')})", ""]
+    for e in prof.get("errors", []):
+        out.append(f"- profiler error: {e}")
+    for part, title in PROFILE_PARTS.items():
+        p = prof.get(part)
+        if not p or not p.get("samples"):
+            continue
+        out += ["", f"### {title}: {p['samples']} samples (raw stacks: `results/{p.get('raw', '?')}`)", "",
+                "Samples per thread: " + ", ".join(f"{k} {v:.0f} %" for k, v in p.get("threads", {}).items()), "",
+                "| self % | function (self time) | | inclusive % | function (with callees) |", "|---|---|---|---|---|"]
+        selfs, incl = p.get("self_functions", [])[:15], [e for e in p.get("inclusive", []) if not _boring(e["frame"])][:15]
+        for i in range(max(len(selfs), len(incl))):
+            a = selfs[i] if i < len(selfs) else None
+            b = incl[i] if i < len(incl) else None
+            out.append(f"| {a['pct']:.1f} | `{a['frame']}` | | " if a else "| | | | ")
+            out[-1] += f"{b['pct']:.1f} | `{b['frame']}` |" if b else " | |"
+    return out
+
+
+def _boring(frame: str) -> bool:
+    """Frames every sample of a thread shares (entry points), which say nothing about cost."""
+    return frame.startswith(("Thread._bootstrap", "Thread.run", "_worker (concurrent", "<module>", "main (broker/cli",
+                             "Typer", "TyperGroup", "Command.", "Context.invoke", "get_callback", "BrokerGroup",
+                             "_main (typer", "run (uvloop", "serve (broker", "run_server (broker", "Runner.run",
+                             "_WorkItem.run"))
+
+
+def _errors_section(summary: dict, result: dict) -> list[str]:
+    out = []
+    for metric, row in summary["table"].items():
+        for path, cell in row.items():
+            for e in cell["errors"][:3]:
+                out.append(f"- {metric} / {path}: {e[:300]}")
+            if cell["refused"]:
+                out.append(f"- {metric} / {path}: not available yet — {cell['refused'][:200]}")
+    notes = result["world"].get("notes", [])
+    if not out and not notes:
+        return ["", "## Errors and refusals", "", "none"]
+    return ["", "## Errors, refusals and notes", ""] + sorted(set(out)) + [f"- note: {n}" for n in notes]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Regenerate bench/RESULTS.md from a stored result JSON."""
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0])
+    result = json.loads(path.read_text())
+    summary = summarize(result)
+    target = Path(__file__).resolve().parent / "RESULTS.md"
+    target.write_text(render_markdown(result, summary, path.name))
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

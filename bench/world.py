@@ -1,0 +1,419 @@
+"""The bench world: a real sshd device, a plain sshd jump host, medbroker brokers as separate processes.
+
+Everything listens on 127.0.0.1 only. ``BenchWorld.close()`` stops every process the world started (by
+pid) and removes its files and tmpfs mounts, also after a failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["BenchWorld", "BrokerProc", "BenchSetupError", "PATHS", "DEVICE_ACCOUNT"]
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+DEVICE_ACCOUNT = "mbbench"
+DEVICE_ACCOUNT_HOME = "/var/lib/medbroker-bench"
+SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server")
+# ssh_config Host aliases; "medbroker-tmpfs" is the same broker code with recordings on tmpfs.
+PATHS = ("direct", "proxyjump", "proxyjump-gcm", "medbroker", "medbroker-tmpfs")
+GCM = "aes128-gcm@openssh.com"
+
+
+class BenchSetupError(RuntimeError):
+    """The bench world could not be built; the message says what and where the logs are."""
+
+
+def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+
+
+def _keygen(path: Path, comment: str) -> str:
+    proc = _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+    if proc.returncode != 0:
+        raise BenchSetupError(f"ssh-keygen failed: {proc.stderr.decode(errors='replace')}")
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_banner(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float = 30) -> str:
+    """Wait until ``port`` answers with an SSH banner; returns it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchSetupError(f"{what} exited with {proc.returncode}; log {log}:\n{_tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.settimeout(5)
+                banner = s.recv(256)
+                if banner.startswith(b"SSH-"):
+                    return banner.split(b"\r\n")[0].decode(errors="replace")
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchSetupError(f"{what} did not answer on 127.0.0.1:{port} within {timeout:.0f} s; log {log}:\n{_tail(log)}")
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    """Stop one process we started: ``sig``, wait, then SIGKILL its own process group."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # started with start_new_session: pgid == pid
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+def _is_tmpfs(path: str) -> bool:
+    try:
+        with open("/proc/mounts") as fh:
+            return any(line.split()[1] == path and line.split()[2] == "tmpfs" for line in fh)
+    except OSError:
+        return False
+
+
+def broker_launcher() -> tuple[list[str], str]:
+    """argv prefix that runs the broker, and a label: ``medbroker serve`` if the CLI has it, else bench/serve.py."""
+    if importlib.util.find_spec("broker.cli") is not None:
+        cli = [sys.executable, "-c", "import sys; from broker.cli import main; sys.argv[0] = 'medbroker'; main()"]
+        try:
+            probe = subprocess.run(cli + ["serve", "--help"], capture_output=True, timeout=60, cwd=REPO, check=False)
+            if probe.returncode == 0 and b"--listen" in probe.stdout:
+                return cli, "medbroker serve"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return [sys.executable, str(BENCH / "serve.py")], "bench/serve.py (broker.server.run_server)"
+
+
+@dataclass
+class BrokerProc:
+    """One broker process serving one bench home."""
+
+    name: str
+    home: Path
+    port: int
+    recordings: Path
+    launcher: list[str]
+    proc: subprocess.Popen | None = None
+    banner: str = ""
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.home.parent / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, extra: list[str] | None = None, env: dict | None = None) -> None:
+        """Start and wait for the SSH banner.
+
+        :raises BenchSetupError: it exits or does not answer
+        """
+        if self.launcher[-1].endswith("serve.py"):
+            argv = self.launcher + ["--home", str(self.home), "--listen", f"127.0.0.1:{self.port}"]
+        else:
+            argv = self.launcher + ["--home", str(self.home), "serve", "--listen", f"127.0.0.1:{self.port}"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv + (extra or []), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         cwd=REPO, start_new_session=True, env=env,
+                                         preexec_fn=_raise_nofile)
+        self.banner = _wait_banner(self.port, self.proc, self.log, f"broker {self.name}")
+
+    def stop(self) -> None:
+        """SIGTERM (the broker ends sessions and flushes recordings), then SIGKILL after 30 s."""
+        _stop(self.proc, timeout=30)
+        self.proc = None
+
+    def restart(self, extra: list[str] | None = None, env: dict | None = None) -> None:
+        self.stop()
+        self.start(extra, env)
+
+    def clear_recordings(self, older_than_s: float = 3.0) -> None:
+        """Delete finished recordings (not touched for a while) so tmpfs and disk do not fill up."""
+        now = time.time()
+        for p in self.recordings.glob("*.mbr"):
+            try:
+                if now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+            except OSError:
+                pass
+
+
+def _raise_nofile() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class BenchWorld:
+    """Build with ``start()``; tear down with ``close()`` (idempotent)."""
+
+    def __init__(self, *, blob_mib: int, log=print, keep: bool = False) -> None:
+        self.blob_size = blob_mib << 20
+        self.log = log
+        self.keep = keep
+        self.root = Path(tempfile.mkdtemp(prefix="medbroker-bench-"))
+        self.is_root = os.geteuid() == 0
+        self.procs: list[subprocess.Popen] = []
+        self.mounts: list[Path] = []
+        self.brokers: dict[str, BrokerProc] = {}
+        self.notes: list[str] = []
+        self.data: Path | None = None
+        self.rec_tmpfs_reason = ""
+        self._closed = False
+
+    # ------------------------------------------------------------------ setup
+    def start(self) -> "BenchWorld":
+        os.chmod(self.root, 0o755)  # the device account reads authorized_keys below it
+        self.account = self._device_account()
+        self._data_dir()
+        self._keys()
+        self.device_port, self.jump_port = _free_port(), _free_port()
+        self.device_sshd = self._sshd("device", self.device_port, forwarding=False)
+        self.jump_sshd = self._sshd("jump", self.jump_port, forwarding=True)
+        self._brokers()
+        self._ssh_config()
+        self._blob()
+        return self
+
+    def _device_account(self) -> str:
+        if not self.is_root:
+            name = pwd.getpwuid(os.geteuid()).pw_name
+            self.notes.append(f"not root: the device account is the current user {name!r} (its shell rc files run)")
+            return name
+        try:
+            pwd.getpwnam(DEVICE_ACCOUNT)
+        except KeyError:
+            proc = _run(["useradd", "--system", "--create-home", "--home-dir", DEVICE_ACCOUNT_HOME,
+                         "--shell", "/bin/sh", DEVICE_ACCOUNT])
+            if proc.returncode != 0 and b"already exists" not in proc.stderr:
+                raise BenchSetupError(f"useradd {DEVICE_ACCOUNT} failed: {proc.stderr.decode(errors='replace')}")
+            self.log(f"created system account {DEVICE_ACCOUNT} (home {DEVICE_ACCOUNT_HOME}, shell /bin/sh)")
+        # useradd leaves the password "!" (locked); sshd without PAM refuses locked accounts even for keys.
+        # "*" means "no password can match" without being "locked".
+        shadow = _run(["getent", "shadow", DEVICE_ACCOUNT]).stdout.decode()
+        if shadow.split(":")[1:2] != ["*"]:
+            proc = _run(["usermod", "-p", "*", DEVICE_ACCOUNT])
+            if proc.returncode != 0:
+                raise BenchSetupError(f"usermod -p '*' {DEVICE_ACCOUNT} failed: {proc.stderr.decode(errors='replace')}")
+        return DEVICE_ACCOUNT
+
+    def _data_dir(self) -> None:
+        """Device-side files on tmpfs (no disk noise in the transfers), owned by the device account."""
+        base = "/dev/shm" if _is_tmpfs("/dev/shm") else None
+        self.data = Path(tempfile.mkdtemp(prefix="medbroker-bench-data-", dir=base))
+        if base is None:
+            self.notes.append(f"/dev/shm is not tmpfs: device files on {self.data.parent} (disk)")
+        os.chmod(self.data, 0o755)
+        if self.is_root:
+            pw = pwd.getpwnam(self.account)
+            os.chown(self.data, pw.pw_uid, pw.pw_gid)
+        self.local = Path(tempfile.mkdtemp(prefix="medbroker-bench-client-", dir=base))
+
+    def _keys(self) -> None:
+        k = self.root / "keys"
+        k.mkdir()
+        self.client_key = k / "client"
+        self.client_pub = _keygen(self.client_key, "bench client (vendor alice, direct, jump)")
+        self.broker_key = k / "broker_device"
+        broker_pub = _keygen(self.broker_key, "medbroker -> device")
+        self.device_host_pub = _keygen(k / "device_host", "bench device host key")
+        self.jump_host_pub = _keygen(k / "jump_host", "bench jump host key")
+        auth = self.root / "authorized_keys"
+        auth.write_text(f"{self.client_pub}\n{broker_pub}\n")
+        os.chmod(auth, 0o644)
+
+    def _sshd(self, name: str, port: int, *, forwarding: bool) -> subprocess.Popen:
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        sftp = next((p for p in SFTP_SERVERS if os.path.exists(p)), "internal-sftp")
+        cfg = self.root / f"{name}_sshd_config"
+        cfg.write_text("\n".join([
+            f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {self.root / 'keys' / (name + '_host')}",
+            f"PidFile {self.root / (name + '_sshd.pid')}", f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
+            "StrictModes no", "UsePAM no", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", f"Subsystem sftp {sftp}", "PrintMotd no", "PrintLastLog no",
+            "LogLevel ERROR", "UseDNS no", "MaxStartups 2000", "MaxSessions 20", "ClientAliveInterval 0",
+            "X11Forwarding no", "AcceptEnv LANG LC_*",
+            f"AllowTcpForwarding {'yes' if forwarding else 'no'}", f"AllowUsers {self.account}", "",
+        ]))
+        if self.is_root:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        log = self.root / f"{name}_sshd.log"
+        proc = subprocess.Popen([sshd, "-D", "-E", str(log), "-f", str(cfg)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_raise_nofile)
+        self.procs.append(proc)
+        _wait_banner(port, proc, log, f"{name} sshd")
+        return proc
+
+    def _brokers(self) -> None:
+        from broker.app import init_home
+        from broker.devices import add_device
+        from broker.grants import approve_request, request_grant
+        from broker.identity import add_user, add_user_key, get_principal
+
+        launcher, self.launcher_label = broker_launcher()
+        template = (BENCH / "broker.toml").read_text()
+        rec_tmpfs = self._recordings_tmpfs()
+        for name, rec in (("medbroker", None), ("medbroker-tmpfs", rec_tmpfs)):
+            if name == "medbroker-tmpfs" and rec is None:
+                continue
+            home = self.root / name / "home"
+            home.mkdir(parents=True)
+            text = template
+            if rec is not None:
+                text, n = re.subn(r'(?m)^dir = "recordings"', f'dir = "{rec}"', text)
+                assert n == 1, "bench/broker.toml must contain the line: dir = \"recordings\""
+            (home / "broker.toml").write_text(text)
+            app = init_home(home)
+            try:
+                now = app.clock.now()
+                add_user(app.store, "alice", "vendor", "Bench Imaging", now)
+                add_user_key(app.store, "alice", self.client_pub, now)
+                add_user(app.store, "bob", "approver", "Biomedical Engineering", now)
+                add_device(app.store, app.audit, app.keys, name="ct-01", host="127.0.0.1", port=self.device_port,
+                           login=self.account, host_key=self.device_host_pub, now=now,
+                           key_text=self.broker_key.read_text(), protect=("/srv/bench-protected",),
+                           description="bench device (local sshd)", actor="bench")
+                req = request_grant(app.store, app.audit, app.rules, get_principal(app.store, "alice"), "ct-01",
+                                    8 * 3600, "benchmark", now)
+                approve_request(app.store, app.audit, app.rules, req.id, get_principal(app.store, "bob"), now)
+                recordings = app.config.recordings_dir
+                host_pub = (home / "keys" / "host_ed25519.pub").read_text().strip()
+            finally:
+                app.close()
+            b = BrokerProc(name, home, _free_port(), recordings, launcher)
+            b.host_pub = host_pub  # type: ignore[attr-defined]
+            self.brokers[name] = b
+            b.start()
+
+    def _recordings_tmpfs(self) -> Path | None:
+        """A tmpfs for the second broker's recordings: our own mount as root, else /dev/shm, else none."""
+        target = self.root / "recordings-tmpfs"
+        target.mkdir()
+        if self.is_root:
+            proc = _run(["mount", "-t", "tmpfs", "-o", "size=12g,mode=0700", "tmpfs", str(target)])
+            if proc.returncode == 0:
+                self.mounts.append(target)
+                self.rec_tmpfs_reason = f"tmpfs mounted at {target}"
+                return target
+            why = proc.stderr.decode(errors="replace").strip()
+        else:
+            why = "not root, cannot mount"
+        if _is_tmpfs("/dev/shm"):
+            rec = Path(tempfile.mkdtemp(prefix="medbroker-bench-rec-", dir="/dev/shm"))
+            self.rec_tmpfs_reason = f"{why}; using /dev/shm ({rec})"
+            return rec
+        self.rec_tmpfs_reason = f"skipped: {why}, and /dev/shm is not tmpfs"
+        return None
+
+    def _ssh_config(self) -> None:
+        kh = self.root / "known_hosts"
+        lines = [f"[127.0.0.1]:{self.device_port} {' '.join(self.device_host_pub.split()[:2])}",
+                 f"[127.0.0.1]:{self.jump_port} {' '.join(self.jump_host_pub.split()[:2])}"]
+        for b in self.brokers.values():
+            lines.append(f"[127.0.0.1]:{b.port} {' '.join(b.host_pub.split()[:2])}")  # type: ignore[attr-defined]
+        kh.write_text("\n".join(lines) + "\n")
+        self.known_hosts = kh
+        host = lambda alias, port, user, *extra: "\n  ".join(  # noqa: E731
+            [f"Host {alias}", "HostName 127.0.0.1", f"Port {port}", f"User {user}", *extra]) + "\n"
+        parts = [
+            host("direct", self.device_port, self.account),
+            host("jump", self.jump_port, self.account),
+            host("jump-gcm", self.jump_port, self.account, f"Ciphers {GCM}"),
+            host("proxyjump", self.device_port, self.account, "ProxyJump jump"),
+            # Both hops AES-GCM: the strongest OpenSSH configuration, the bulk target's reference.
+            host("proxyjump-gcm", self.device_port, self.account, "ProxyJump jump-gcm", f"Ciphers {GCM}"),
+        ]
+        for b in self.brokers.values():
+            parts.append(host(b.name, b.port, "alice@ct-01"))
+        parts.append("\n  ".join([
+            "Host *", f"IdentityFile {self.client_key}", "IdentitiesOnly yes", "IdentityAgent none",
+            f"UserKnownHostsFile {kh}", "GlobalKnownHostsFile /dev/null", "StrictHostKeyChecking yes",
+            "BatchMode yes", "ConnectTimeout 20", "LogLevel ERROR", "Compression no", "ControlMaster no",
+            "ControlPath none", "ForwardAgent no", "ForwardX11 no", "UpdateHostKeys no", "RequestTTY auto",
+            "ServerAliveInterval 0",
+        ]) + "\n")
+        self.ssh_config = self.root / "ssh_config"
+        self.ssh_config.write_text("\n".join(parts))
+        env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "DISPLAY", "SSH_ASKPASS")}
+        self.client_env = env
+
+    def _blob(self) -> None:
+        """The bulk payload: random bytes on the device's tmpfs, and its sha256."""
+        assert self.data is not None
+        self.blob = self.data / "blob.bin"
+        h = hashlib.sha256()
+        chunk = 4 << 20
+        with open(self.blob, "wb") as fh:
+            left = self.blob_size
+            while left > 0:
+                part = os.urandom(min(chunk, left))
+                h.update(part)
+                fh.write(part)
+                left -= len(part)
+        os.chmod(self.blob, 0o644)
+        self.blob_sha = h.hexdigest()
+        self.local_blob = self.local / "blob.bin"
+        shutil.copyfile(self.blob, self.local_blob)
+
+    def chown_device(self, path: Path) -> None:
+        """Hand a file or directory under the data dir to the device account (uploads land there)."""
+        if self.is_root:
+            pw = pwd.getpwnam(self.account)
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for b in self.brokers.values():
+            try:
+                b.stop()
+            except Exception as exc:  # noqa: BLE001 - keep tearing down the rest
+                self.log(f"stopping broker {b.name}: {exc}")
+        for proc in reversed(self.procs):
+            _stop(proc)
+        for m in self.mounts:
+            _run(["umount", str(m)])
+        if not self.keep:
+            for d in (self.root, self.data, getattr(self, "local", None)):
+                if d is not None:
+                    shutil.rmtree(d, ignore_errors=True)
+            for b in self.brokers.values():
+                if str(b.recordings).startswith("/dev/shm/"):
+                    shutil.rmtree(b.recordings, ignore_errors=True)
