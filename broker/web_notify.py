@@ -1,0 +1,140 @@
+"""Notifications on new requests and decisions: a JSON webhook and/or e-mail, each with a link to the request.
+
+The notifier tails the audit log (so requests made over SSH, the CLI or another broker process count too)
+and keeps its position in ``web_state``, so a restart neither repeats nor skips a notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import smtplib
+import urllib.error
+import urllib.request
+from email.message import EmailMessage
+from typing import Any
+
+from broker.errors import BrokerError
+from broker.grants import get_request
+from broker.web import Web
+from broker.web_links import console_url
+
+__all__ = ["NOTIFY_EVENTS", "run_notifier", "build_notification", "send_webhook", "send_email"]
+
+log = logging.getLogger("medbroker.web.notify")
+NOTIFY_EVENTS = ("request.created", "request.approved", "request.denied", "request.expired")
+_CURSOR = "notify_cursor"
+POLL_S = 1.0
+TIMEOUT_S = 10.0
+ATTEMPTS = 3
+
+
+def build_notification(web: Web, row: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body for one audit row about a request (also the source of the e-mail text)."""
+    app = web.app
+    req = get_request(app.store, row["request_id"])
+    details = json.loads(row["details"] or "{}")
+    user = app.store.get_user(req.user) or {}
+    who = f"{req.user}" + (f" ({user['company']})" if user.get("company") else "")
+    length = req.as_dict()["duration"]
+    if row["event"] == "request.created":
+        summary = f"{who} asks for {req.device} for {length}: {req.reason}"
+    elif row["event"] == "request.approved" and not details.get("final", True):
+        summary = (f"{row['actor']} approved {req.user} on {req.device}; {details.get('needed', 2) - details.get('approvals', 1)}"
+                   " more approver needed (critical device)")
+    elif row["event"] == "request.approved":
+        summary = f"{row['actor']} approved {req.user} on {req.device}"
+    elif row["event"] == "request.denied":
+        summary = f"{row['actor']} denied {req.user} on {req.device}" + (
+            f": {details['reason']}" if details.get("reason") else "")
+    else:
+        summary = f"request of {req.user} for {req.device} expired undecided"
+    return {"event": row["event"], "at": row["at"], "actor": row["actor"], "audit_id": row["id"],
+            "summary": summary, "url": f"{console_url(app.config)}/requests/{req.id}", "request": req.as_dict()}
+
+
+def send_webhook(url: str, body: dict[str, Any]) -> None:
+    """POST ``body`` as JSON; raises OSError on a network error or a non-2xx answer."""
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": "medbroker"})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:  # noqa: S310 - URL from broker.toml
+            resp.read(4096)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise OSError(f"webhook answered HTTP {exc.code}") from None
+
+
+def send_email(cfg: Any, body: dict[str, Any]) -> None:
+    """Send one plain-text e-mail to ``web.smtp_to``; raises OSError / smtplib.SMTPException."""
+    msg = EmailMessage()
+    req = body["request"]
+    msg["Subject"] = f"[medbroker] request {req['id']}: {body['summary']}"[:200]
+    msg["From"] = cfg.smtp_from
+    msg["To"] = ", ".join(cfg.smtp_to)
+    lines = [body["summary"], "", f"Open it: {body['url']}", "",
+             f"Device:    {req['device']}", f"Vendor:    {req['user']}", f"Length:    {req['duration']}",
+             f"Reason:    {req['reason']}", f"Ticket:    {req['ticket'] or '-'}", f"Status:    {req['status']}",
+             f"Approvals: {', '.join(req['approvals']) or '-'}"]
+    msg.set_content("\n".join(lines) + "\n")
+    with smtplib.SMTP(cfg.smtp_host, cfg.smtp_port or 25, timeout=TIMEOUT_S) as smtp:
+        if cfg.smtp_starttls:
+            smtp.starttls()
+        smtp.send_message(msg)
+
+
+async def _deliver(web: Web, body: dict[str, Any]) -> None:
+    cfg = web.app.config.web
+    loop = asyncio.get_running_loop()
+    channels = []
+    if cfg.webhook_url:
+        channels.append(("webhook", lambda: send_webhook(cfg.webhook_url, body)))
+    if cfg.smtp_host and cfg.smtp_to:
+        channels.append(("email", lambda: send_email(cfg, body)))
+    for name, send in channels:
+        error = None
+        for attempt in range(ATTEMPTS):
+            try:
+                await loop.run_in_executor(None, send)
+                error = None
+                break
+            except (OSError, smtplib.SMTPException) as exc:
+                error = str(exc) or type(exc).__name__
+                await asyncio.sleep(0.5 * (attempt + 1))
+        if error is not None:
+            log.warning("notification %s failed: %s", name, error)
+            await web.audit("notify.failed", request_id=body["request"]["id"], channel=name, error=error[:300],
+                            about=body["event"])
+
+
+async def run_notifier(web: Web) -> None:
+    """Tail the audit log forever (until cancelled) and notify about requests and decisions."""
+    cfg = web.app.config.web
+    if not cfg.webhook_url and not (cfg.smtp_host and cfg.smtp_to):
+        return
+    store = web.app.store
+    cursor_text = await web.db(store.get_web_state, _CURSOR)
+    if cursor_text is None:  # first start: begin now, do not announce history
+        cursor = await web.db(store.last_audit_id)
+        await web.db(store.set_web_state, _CURSOR, str(cursor))
+    else:
+        cursor = int(cursor_text)
+    while True:
+        try:
+            rows = await web.db(lambda: store.audit_rows(after_id=cursor, event="request", limit=50))
+            for row in rows:
+                if row["event"] in NOTIFY_EVENTS and row["request_id"]:
+                    try:
+                        body = await web.db(build_notification, web, row)
+                        await _deliver(web, body)
+                    except BrokerError as exc:
+                        log.warning("cannot build a notification for audit row %s: %s", row["id"], exc)
+                cursor = row["id"]
+                await web.db(store.set_web_state, _CURSOR, str(cursor))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the loop must survive a transient database error
+            log.exception("notifier iteration failed")
+        await asyncio.sleep(POLL_S)
