@@ -126,4 +126,16 @@ else
   "$py" -m pip install "${pip_flags[@]}" -e "$repo[test]" </dev/null
   mkdir -p "$stamp_dir" && printf '%s\n' "$want" >"$stamp"
 fi
+# ---- web console tests (owner: web console; keep this block self-contained) -------------------------
+# Headless Chromium from Debian for tests/test_web_*.py (Playwright drives /usr/bin/chromium; it never
+# downloads a browser of its own, and `playwright install` is not used).
+web_browser() {
+  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    step "chromium present ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
+  else
+    apt_install chromium chromium-driver
+  fi
+}
+web_browser
+# ---- end of web console block -------------------------------------------------------------------------
 step "done"

@@ -15,6 +15,7 @@ bash scripts/install.sh
 py="$(bash scripts/install.sh --print-python)"
 
 export MEDBROKER_REQUIRE_OPENSSH=1
+export MEDBROKER_REQUIRE_BROWSER=1  # web console: a missing chromium fails instead of skipping
 case "${CI:-}" in
   "" | 0 | false | no) default_profile=dev ;;
   *) default_profile=ci ;;
