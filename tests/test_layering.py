@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import subprocess
@@ -47,15 +48,18 @@ TABLE: dict[str, Row] = {
     "recording": Row(2, ("sessions/recording.py", "sessions/replay.py", "sessions/commands.py",
                          "sessions/textindex.py"),
                      ("core",), ("cryptography", "pyte"), "record format, reader, replay, command index"),
+    "export": Row(2, ("broker/siem.py",), ("core",), (), "audit export sinks (JSON lines, syslog)"),
     "relay": Row(3, ("sessions/relay.py", "sessions/sftp.py", "sessions/scp.py", "sessions/sftp_device.py"),
                  ("core", "domain", "codec", "recording"), ("asyncssh",), "moves bytes; asks layer 2, never SQL"),
-    "app": Row(3, ("broker/app.py",), ("core", "store", "keys", "domain", "codec", "recording"), ("cryptography",),
+    "app": Row(3, ("broker/app.py",), ("core", "store", "keys", "domain", "codec", "recording", "export"),
+               ("cryptography",),
                "one broker home: config, store, audit, keys"),
     "server": Row(4, ("broker/server.py", "broker/live.py", "broker/selfservice.py", "broker/mfa.py"),
-                  ("core", "store", "keys", "domain", "codec", "recording", "relay", "app"), ("asyncssh", "uvloop"),
+                  ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app"),
+                  ("asyncssh", "uvloop"),
                   "the asyncssh adapter"),
     "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/web.py", "broker/web_*.py"),
-                  ("core", "store", "keys", "domain", "codec", "recording", "relay", "app", "server"), None,
+                  ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "server"), None,
                   "argv, printing, exit codes, HTTP"),
 }
 NEVER_IN_LAYER_2 = ("asyncssh", "typer")
@@ -98,7 +102,8 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imports_of(path: str) -> list[Imp]:
+@functools.lru_cache(maxsize=None)
+def imports_of(path: str) -> tuple[Imp, ...]:
     """Every import in the file, resolved to dotted names; ``if TYPE_CHECKING:`` blocks are skipped."""
     tree = ast.parse((REPO / path).read_text(encoding="utf-8"), filename=path)
     package = path.rsplit("/", 1)[0].replace("/", ".")
@@ -129,7 +134,7 @@ def imports_of(path: str) -> list[Imp]:
             visit(child, inner)
 
     visit(tree, True)
-    return found
+    return tuple(found)
 
 
 def project_target(imp: Imp) -> str | None:
