@@ -8,6 +8,7 @@ window with its warnings. ``Broker`` holds what the whole process shares.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from typing import Any
@@ -20,14 +21,19 @@ from broker.config import format_duration, parse_duration, parse_listen
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, find_active_grant, request_hint
-from broker.identity import Principal, authenticate_key, lockout_remaining, parse_login
+from broker.identity import Principal, authenticate_key, parse_login
 from broker.keys import openssh_fingerprint
+from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_failure
+from broker.mfa import install_mfa_hook, mfa_hook_status
+from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
 from sessions.policy import ProtectedPaths, load_protected_paths
-from sessions.relay import RefusalSession
+from sessions.relay import RefusalSession, RelaySession
+from sessions.sftp import SftpFilter
+from sessions.sftp_device import DeviceSftp
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "run_server", "start_server"]
 
@@ -44,7 +50,9 @@ VENDOR_ALGORITHMS: dict[str, list[str]] = {
                        "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ecdsa-sha2-nistp256@openssh.com",
                        "rsa-sha2-512", "rsa-sha2-256"],
 }
-MAX_KEY_TRIES = 6
+MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries default)
+MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
+CODE_PROMPT = "Verification code: "
 
 
 class Broker:
@@ -174,13 +182,73 @@ class SessionPolicy:
         return None
 
     def check_subsystem(self, name: str) -> str | None:
-        return (f"the {name} subsystem is not available through medbroker yet; "
-                "file transfers must pass the patient-data guard")
+        if name == "sftp":
+            return None
+        return f"the {name} subsystem is not available through medbroker; use sftp or scp for files"
 
-    make_filter = None
+    def make_filter(self, relay: RelaySession, name: str) -> "GuardedSftp":
+        """The SFTP policy proxy for one channel, with its own second SFTP session for realpath checks."""
+        return GuardedSftp(self, relay)
 
     def make_scanner(self) -> OutputScanner | None:
         return OutputScanner() if self.scan_output else None
+
+
+class GuardedSftp:
+    """Glue between one relayed SFTP channel and its :class:`SftpFilter`: audit, recording, transfers."""
+
+    # filter event name -> recording frame kind
+    _FRAMES = {"sftp.request": "sftp-request", "transfer.file": "file-transfer",
+               "sftp.summary": "sftp-reply-summary", "sftp.unexpected-reply": "sftp-reply-summary"}
+
+    def __init__(self, policy: SessionPolicy, relay: RelaySession) -> None:
+        live = policy.live
+        self.live, self.relay, self.broker = live, relay, policy.broker
+        self.device_sftp = DeviceSftp(live.upconn.start_sftp_client)
+        self.filter = SftpFilter(
+            policy.protected, self.device_sftp.realpath, self.device_sftp.head, relay.up.write,
+            relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal)
+
+    def vendor_data(self, data: bytes) -> None:
+        self.filter.vendor_data(data)
+
+    def device_data(self, data: bytes) -> None:
+        self.filter.device_data(data)
+
+    def close(self):
+        summary = self.filter.close()
+        self.device_sftp.close()
+        return summary
+
+    def _fields(self) -> dict[str, Any]:
+        live = self.live
+        return dict(user=live.user, device=live.device.name, session_id=live.id, grant_id=live.grant.id)
+
+    def _record(self, name: str, details: dict) -> None:
+        self.live.recorder.append_event(self.relay.ctx.number, self._FRAMES.get(name, "sftp-request"),
+                                        {"event": name, **details})
+        if name == "transfer.file":
+            self.broker.audit_soon("transfer.file", **self._fields(), **details)
+            row = {"session_id": self.live.id, "at": utc_iso(self.broker.app.clock.now()),
+                   "path": details.get("path", "?"), "direction": details.get("direction", "?"),
+                   "bytes": int(details.get("bytes") or 0), "sha256": details.get("sha256"),
+                   "outcome": details.get("outcome", "ok"), "details": json.dumps(details, default=str)}
+            self.broker.spawn(self.broker.db(self.broker.app.store.insert_transfer, row))
+        elif name == "sftp.summary":
+            self.broker.audit_soon("sftp.summary", **self._fields(), **details)
+
+    def _denied(self, decision, details: dict) -> None:
+        self.live.recorder.append_event(self.relay.ctx.number, "policy-denial",
+                                        {"op": decision.op, "path": decision.path, "reason": decision.reason})
+        self.broker.audit_soon("sftp.denied", **self._fields(), op=decision.op, path=decision.path,
+                               reason=decision.reason, **{k: v for k, v in details.items()
+                                                          if k not in ("op", "path", "reason")})
+        self.relay.notice(decision.reason)
+
+    def _fatal(self, message: str) -> None:
+        self.broker.audit_soon("channel.refused", **self._fields(), kind="sftp", reason=message)
+        self.relay.notice(message)
+        self.relay.exit(1)
 
 
 class BrokerServer(asyncssh.SSHServer):
@@ -195,7 +263,12 @@ class BrokerServer(asyncssh.SSHServer):
         self.device_name: str | None = None
         self.login_error: str | None = None
         self.principal: Principal | None = None
-        self.key_tries = 0
+        self.fingerprint: str | None = None
+        self.tried_keys: set[str] = set()
+        self.key_verified = False  # asyncssh checked the signature (set by the MFA hook, broker/mfa.py)
+        self.code_ok = False
+        self.code_tries = 0
+        self.not_counted = False  # this connection's failure is already counted, or was no failure
         self.authenticated = False
         self.counted_unauth = False
         self.live: LiveSession | None = None
@@ -223,10 +296,12 @@ class BrokerServer(asyncssh.SSHServer):
         if b.per_address[self.source] <= 0:
             b.per_address.pop(self.source, None)
         self._leave_unauth()
-        if not self.authenticated and self.user and self.key_tries:
-            b.audit_soon("auth.failure", user=self.user, source=self.source, reason="no accepted key",
-                         attempts=self.key_tries)
-            b.spawn(b.db(b.app.store.add_auth_failure, self.user, self.source, utc_iso(b.app.clock.now())))
+        if not self.authenticated and self.user and self.tried_keys and not self.not_counted:
+            if self.key_verified:  # right key, no code typed (Ctrl-C at the prompt, BatchMode): no guess made
+                b.audit_soon("auth.failure", user=self.user, source=self.source, method="keyboard-interactive",
+                             reason="no verification code entered")
+            else:
+                b.spawn(self._count_failure("no accepted key", method="publickey", keys=len(self.tried_keys)))
         if self.live is not None:
             b.spawn(self.live.finish("closed"))
 
@@ -236,7 +311,12 @@ class BrokerServer(asyncssh.SSHServer):
             self.broker.unauthenticated -= 1
 
     # ---------------------------------------------------------------- authentication
+    # Key, then (for users with TOTP enrolled) a code: asyncssh cannot send partial success itself, so
+    # broker/mfa.py's hook asks second_factor_needed() once the key's signature is verified. docs/mfa.md.
     def begin_auth(self, username: str) -> bool:
+        # asyncssh calls this again when the client switches user names mid-way: start over.
+        self.principal, self.fingerprint, self.user, self.device_name = None, None, None, None
+        self.key_verified = self.code_ok = False
         self.login = username
         try:
             target = parse_login(username)
@@ -252,41 +332,131 @@ class BrokerServer(asyncssh.SSHServer):
         return True
 
     def public_key_auth_supported(self) -> bool:
+        return not self.key_verified
+
+    def _lockout_policy(self) -> LockoutPolicy:
+        return LockoutPolicy.from_config(self.broker.app.config)
+
+    async def _refuse_if_locked(self) -> bool:
+        """Disconnect with the time left when (user, source) is locked; the attempt is not a failure."""
+        b = self.broker
+        locked = await b.db(lockout_left, b.app.store, self.user, self.source, b.app.clock.now(),
+                            self._lockout_policy())
+        if not locked:
+            return False
+        self.not_counted = True
+        await b.audit("auth.failure", user=self.user, source=self.source, reason="locked out", remaining_s=locked)
+        self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                             f"too many failed logins for {self.user} from {self.source}; "
+                             f"try again in {format_duration(locked)}")
         return True
+
+    async def _count_failure(self, reason: str, **fields: Any) -> int:
+        """Audit a failed attempt and count it; audits ``auth.lockout`` when it starts one (returns its length)."""
+        b = self.broker
+        await b.audit("auth.failure", user=self.user, source=self.source, reason=reason, **fields)
+        policy = self._lockout_policy()
+        started = await b.db(record_failure, b.app.store, self.user, self.source, b.app.clock.now(), policy)
+        if started:
+            await b.audit("auth.lockout", user=self.user, source=self.source, lockout_s=started,
+                          max_failures=policy.max_failures, window_s=policy.window_s)
+        return started
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         b = self.broker
-        if self.user is None:
-            return False
-        self.key_tries += 1
-        if self.key_tries > MAX_KEY_TRIES:
-            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many authentication failures")
-            return False
-        limits = b.app.config.limits
-        locked = await b.db(lambda: lockout_remaining(
-            b.app.store, self.user, self.source, b.app.clock.now(), max_failures=limits.max_auth_failures,
-            window_s=b.app.config.seconds("limits", "failure_window"),
-            lockout_s=b.app.config.seconds("limits", "lockout")))
-        if locked:
-            await b.audit("auth.failure", user=self.user, source=self.source, reason="locked out",
-                          remaining_s=locked)
-            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
-                                 f"too many failed logins; try again in {format_duration(locked)}")
+        if self.user is None or self.key_verified:
             return False
         fingerprint = openssh_fingerprint(key.public_data)
+        self.tried_keys.add(fingerprint)  # asyncssh asks twice per key (query, then signed): count keys
+        if len(self.tried_keys) > MAX_KEY_TRIES:
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                 f"too many keys offered (at most {MAX_KEY_TRIES}); "
+                                 "choose the key with ssh -i FILE -o IdentitiesOnly=yes")
+            return False
+        if await self._refuse_if_locked():
+            return False
         try:
-            self.principal = await b.db(authenticate_key, b.app.store, self.user, fingerprint)
+            principal = await b.db(authenticate_key, b.app.store, self.user, fingerprint)
         except PermissionDeniedError:
             return False
-        self.fingerprint = fingerprint
+        if principal.totp_enrolled and not mfa_hook_status().active:
+            # Fail closed: without the hook a key alone would let this user in.
+            self.not_counted = True
+            await b.audit("auth.failure", user=self.user, source=self.source, key=fingerprint,
+                          reason=f"second factor unavailable: {mfa_hook_status().reason}")
+            self.conn.send_auth_banner("medbroker: your account needs a verification code, and this broker "
+                                       "cannot ask for one right now; tell the hospital's medbroker administrators\n")
+            return False
+        self.principal, self.fingerprint = principal, fingerprint
         return True
 
+    def second_factor_needed(self) -> bool:
+        """Called by the MFA hook after asyncssh verified the key's signature: True = ask for a code next."""
+        self.key_verified = True
+        return bool(self.principal and self.principal.totp_enrolled and not self.code_ok)
+
+    def kbdint_auth_supported(self) -> bool:
+        return (self.key_verified and self.principal is not None and self.principal.totp_enrolled
+                and not self.code_ok and self.code_tries < MAX_CODE_TRIES)
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str):
+        if not self.kbdint_auth_supported():
+            return False
+        return "", "", "", [(CODE_PROMPT, False)]
+
+    async def validate_kbdint_response(self, username: str, responses: list[str]):
+        b = self.broker
+        if not self.kbdint_auth_supported():
+            return False
+        self.code_tries += 1
+        if await self._refuse_if_locked():  # another connection may have locked the pair meanwhile
+            return False
+        answer = responses[0] if len(responses) == 1 else None
+        try:
+            result = await b.db(check_code, b.app.store, b.app.keys, self.user, answer, b.app.clock.now())
+        except BrokerError as exc:  # the sealed secret does not decrypt: refuse, never fall back to key only
+            self.not_counted = True
+            log.error("TOTP check for %s failed: %s", self.user, exc.message)
+            await b.audit("auth.failure", user=self.user, source=self.source, method="keyboard-interactive",
+                          reason="TOTP secret unreadable", error=exc.message)
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                 "medbroker cannot check verification codes right now; "
+                                 "tell the hospital's medbroker administrators")
+            return False
+        if result.ok:
+            self.code_ok = True
+            return True
+        self.not_counted = True  # each wrong code is counted here, not again when the connection ends
+        started = await self._count_failure(f"{result.reason} verification code", method="keyboard-interactive",
+                                            attempt=self.code_tries)
+        if started:
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                 f"too many failed logins for {self.user} from {self.source}; "
+                                 f"try again in {format_duration(started)}")
+            return False
+        left = MAX_CODE_TRIES - self.code_tries
+        if left <= 0:
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                 "wrong or already used verification code; wait for the next code in your "
+                                 "authenticator app, then connect again")
+            return False
+        return ("", f"medbroker: wrong or already used code; enter the next code from your authenticator app "
+                f"({left} {'try' if left == 1 else 'tries'} left)", "", [(CODE_PROMPT, False)])
+
     async def auth_completed(self) -> None:
+        # Checked before the first await: channel requests can arrive as soon as asyncssh sent success.
+        if self.principal is None or (self.principal.totp_enrolled and not self.code_ok):
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "authentication incomplete")
+            self.not_counted = True
+            self.broker.audit_soon("auth.failure", user=self.user, source=self.source,
+                                   reason="second factor missing at completion (MFA hook inactive?)")
+            return
         self.authenticated = True
         self._leave_unauth()
         b = self.broker
+        b.spawn(b.db(clear_failures, b.app.store, self.user, self.source))
         await b.audit("auth.success", user=self.user, device=self.device_name, source=self.source,
-                      method="publickey", key=getattr(self, "fingerprint", None))
+                      method="publickey+totp" if self.code_ok else "publickey", key=self.fingerprint)
 
     # ---------------------------------------------------------------- channels
     async def session_requested(self) -> asyncssh.SSHServerSession:
@@ -429,6 +599,7 @@ async def start_server(app: App, address: str, *, seal: bool = True) -> tuple[as
     :raises OSError: the port is taken
     """
     host, port = parse_listen(address)
+    install_mfa_hook()  # key + TOTP (broker/mfa.py); when it cannot install, TOTP users are refused
     broker = Broker(app, port=port)
     if seal:
         await broker.seal_interrupted()

@@ -179,8 +179,13 @@ class RelaySession(asyncssh.SSHServerSession):
         self.up = up
         if self._holds["device"]:
             up.pause_reading()
-        if self.subsystem and self.ctx.make_filter:
-            self.filter = self.ctx.make_filter(self, self.subsystem)
+        if self.subsystem:
+            # A subsystem always runs through its filter; without one it must not run at all.
+            self.filter = self.ctx.make_filter(self, self.subsystem) if self.ctx.make_filter else None
+            if self.filter is None:
+                self.notice(f"the {self.subsystem} subsystem is not available through medbroker")
+                self.exit(1)
+                return
         elif self.ctx.make_scanner:
             self.scanner = self.ctx.make_scanner()
         for action in self.pending:
@@ -195,10 +200,16 @@ class RelaySession(asyncssh.SSHServerSession):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.ctx.recorder.append_data(self.ctx.number, "input", data)
+        if self.up is not None:
+            self._deliver(self.up, data, datatype)
+        elif not self.closed:  # replayed through _deliver too, so nothing reaches the device unfiltered
+            self.pending.append(lambda up: self._deliver(up, data, datatype))
+
+    def _deliver(self, up: asyncssh.SSHClientChannel, data: bytes, datatype: asyncssh.DataType) -> None:
         if self.filter is not None:
             self.filter.vendor_data(data)
         else:
-            self._to_up(lambda up: up.write(data, datatype))
+            up.write(data, datatype)
 
     def eof_received(self) -> bool:
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "vendor"})
