@@ -1,0 +1,85 @@
+"""Shared helpers for the front-door tests (MFA, lockout, limits, secrets, crash, fail-closed)."""
+
+from __future__ import annotations
+
+import json
+import time
+from itertools import count
+from pathlib import Path
+from typing import Callable
+
+import pyotp
+
+from broker.identity import add_user, add_user_key
+from broker.totp import enrol_totp
+from helpers.broker import World
+from helpers.keys import generate_keypair
+
+__all__ = ["add_person", "code", "details", "events", "wait", "world_with"]
+
+_serial = count(1)
+
+
+def code(secret: str, offset: int = 0) -> str:
+    """What an authenticator app shows now (``offset=1``: the next 30-second step), computed by pyotp."""
+    return pyotp.TOTP(secret).at(time.time(), counter_offset=offset)
+
+
+def add_person(world: World, *, role: str = "vendor", totp: bool = True, grant: bool = True,
+               prefix: str = "v") -> tuple[str, str | None]:
+    """A new user with an ssh-keygen key (``world.ssh(..., key=name)`` works), TOTP and a grant on ct-01.
+
+    Codes are single-use per user and 30-second step, so tests that log in several times take a fresh
+    person instead of waiting for the next step. Returns (name, base32 secret or None).
+    """
+    name = f"{prefix}{next(_serial)}"
+    app = world.app
+    now = app.clock.now()
+    world.keys[name] = generate_keypair(world.tmp / "people", name)
+    add_user(app.store, name, role, "Acme Imaging" if role == "vendor" else None, now)
+    add_user_key(app.store, name, world.keys[name].public_key, now)
+    secret = enrol_totp(app.store, app.keys, name).secret.reveal() if totp else None
+    if grant and role == "vendor":
+        world.grant(user=name)
+    return name, secret
+
+
+def events(world: World, name: str, user: str | None = None) -> list[dict]:
+    """Audit rows of exactly this event (optionally for one user), oldest first."""
+    rows = [r for r in world.events(name) if r["event"] == name]
+    return [r for r in rows if user is None or r["user_name"] == user]
+
+
+def details(row: dict) -> dict:
+    """An audit row's details column."""
+    return json.loads(row["details"])
+
+
+def wait(predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.05) -> bool:
+    """Poll ``predicate`` until true (bounded); returns whether it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def world_with(tmp: Path, config: str | None = None, **device_kwargs) -> World:
+    """A started World (broker + sshd device) with ``config`` as broker.toml; close both with ``close_world``."""
+    from helpers.sshd import SshdDevice
+
+    device = SshdDevice(tmp / "device", **device_kwargs).start()
+    try:
+        return World(tmp, device).setup(config=config)
+    except BaseException:
+        device.close()
+        raise
+
+
+def close_world(world: World) -> None:
+    """Stop the broker and the device of a :func:`world_with` world."""
+    try:
+        world.close()
+    finally:
+        world.device.close()
