@@ -16,6 +16,7 @@ from broker.config import DEFAULT_CONFIG_TOML, BrokerConfig, load_config
 from broker.errors import BrokerError, ConfigError, StorageError
 from broker.grants import GrantRules
 from broker.keys import FileKeyProvider, generate_host_key, generate_signing_key, load_signing_key, verify_hex
+from broker.siem import build_sinks
 from broker.store import Store, open_store
 
 __all__ = ["App", "init_home", "open_app", "check_home", "CheckResult", "ALERT_EVENTS", "default_policy_file"]
@@ -73,6 +74,10 @@ class App:
             fh.write(line + "\n")
 
     def close(self) -> None:
+        for sink in self.audit.sinks:  # SIEM sinks flush what they queued (bounded wait)
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
         self.store.close()
 
 
@@ -121,7 +126,9 @@ def open_app(home: Path, *, clock: Clock | None = None) -> App:
                           f"create one with: medbroker --home {home} init")
     cfg = load_config(cfg_file, home=Path(home))
     store = open_store(cfg.db_path)
-    return App(cfg, store, clock or SystemClock(), FileKeyProvider(cfg.path(cfg.recording.data_key)))
+    app = App(cfg, store, clock or SystemClock(), FileKeyProvider(cfg.path(cfg.recording.data_key)))
+    app.audit.sinks.extend(build_sinks(cfg))  # every process (server and CLI) exports what it writes
+    return app
 
 
 @dataclass(frozen=True)

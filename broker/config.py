@@ -21,11 +21,13 @@ __all__ = [
     "AlertConfig",
     "RetentionConfig",
     "WebConfig",
+    "SiemConfig",
     "Home",
     "load_config",
     "parse_duration",
     "format_duration",
     "parse_listen",
+    "parse_syslog_address",
     "DEFAULT_CONFIG_TOML",
 ]
 
@@ -189,6 +191,21 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class SiemConfig:
+    """Copies of every audit event for a SIEM: a rotated JSON-lines file and/or RFC 5424 syslog."""
+
+    jsonl_file: str = ""
+    """Path of the JSON-lines file ("" = off); rotated to FILE.1 … FILE.N at ``jsonl_max_bytes``."""
+    jsonl_max_bytes: int = 10 * 1024 * 1024
+    jsonl_backups: int = 5
+    syslog_address: str = ""
+    """``udp://HOST:PORT`` or ``tcp://HOST:PORT`` of the collector ("" = off)."""
+    syslog_app_name: str = "medbroker"
+    syslog_hostname: str = ""
+    """HOSTNAME field of each message ("" = this machine's host name)."""
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """The whole validated configuration; paths are relative to ``home`` unless absolute."""
 
@@ -202,6 +219,7 @@ class BrokerConfig:
     alerts: AlertConfig = field(default_factory=AlertConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    siem: SiemConfig = field(default_factory=SiemConfig)
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the broker home."""
@@ -245,6 +263,7 @@ _SECTIONS = {
     "alerts": AlertConfig,
     "retention": RetentionConfig,
     "web": WebConfig,
+    "siem": SiemConfig,
 }
 
 
@@ -306,6 +325,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
     except UsageError as exc:
         raise ConfigError(f"{source}: listen.address: {exc.message}", exc.hint) from None
     _validate_web(cfg.web, source)
+    _validate_siem(cfg.siem, source)
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
     if cfg.grants.critical_approvers not in (1, 2, 3):
@@ -345,6 +365,43 @@ def _validate_web(web: WebConfig, source: str) -> None:
             raise ConfigError(f"{source}: web.smtp_to: {addr!r} is not an e-mail address")
     if web.webhook_url and not re.fullmatch(r"https?://\S+", web.webhook_url):
         raise ConfigError(f"{source}: web.webhook_url = {web.webhook_url!r} is not an http(s) URL")
+
+
+_PRINTABLE_ASCII = re.compile(r"[!-~]+")  # RFC 5424 PRINTUSASCII: no spaces, no controls
+
+
+def parse_syslog_address(text: str) -> tuple[str, str, int]:
+    """Parse ``udp://HOST:PORT`` or ``tcp://HOST:PORT`` (``[::1]`` for IPv6) into (transport, host, port).
+
+    :raises UsageError: another scheme, or not HOST:PORT with a port in 1..65535
+    """
+    scheme, sep, rest = (text or "").partition("://")
+    if not sep or scheme not in ("udp", "tcp"):
+        raise UsageError(f"syslog address {text!r} is not udp://HOST:PORT or tcp://HOST:PORT",
+                         "e.g. udp://127.0.0.1:514 or tcp://siem.hospital.example:6514")
+    host, port = parse_listen(rest)
+    if port == 0:
+        raise UsageError(f"syslog address {text!r} has port 0", "name the collector's port, e.g. 514")
+    return scheme, host, port
+
+
+def _validate_siem(siem: SiemConfig, source: str) -> None:
+    if siem.syslog_address:
+        try:
+            parse_syslog_address(siem.syslog_address)
+        except UsageError as exc:
+            raise ConfigError(f"{source}: siem.syslog_address: {exc.message}", exc.hint) from None
+    if not _PRINTABLE_ASCII.fullmatch(siem.syslog_app_name) or len(siem.syslog_app_name) > 48:
+        raise ConfigError(f"{source}: siem.syslog_app_name = {siem.syslog_app_name!r}; expected 1-48 printable "
+                          "ASCII characters without spaces (RFC 5424 APP-NAME)")
+    if siem.syslog_hostname and (not _PRINTABLE_ASCII.fullmatch(siem.syslog_hostname)
+                                 or len(siem.syslog_hostname) > 255):
+        raise ConfigError(f"{source}: siem.syslog_hostname = {siem.syslog_hostname!r}; expected 1-255 printable "
+                          "ASCII characters without spaces (RFC 5424 HOSTNAME)")
+    if siem.jsonl_file and siem.jsonl_max_bytes < 4096:
+        raise ConfigError(f"{source}: siem.jsonl_max_bytes = {siem.jsonl_max_bytes}; expected at least 4096")
+    if siem.jsonl_backups > 1000:
+        raise ConfigError(f"{source}: siem.jsonl_backups = {siem.jsonl_backups}; expected at most 1000")
 
 
 def load_config(path: Path, *, home: Path | None = None) -> BrokerConfig:
@@ -453,4 +510,12 @@ smtp_from = "medbroker@localhost"
 smtp_to = []                      # e.g. ["biomed-oncall@hospital.example"]
 smtp_starttls = false
 webhook_url = ""                  # POSTed as JSON on new requests and decisions
+
+[siem]                            # copies of every audit event (catalogue: docs/events.md)
+jsonl_file = ""                   # e.g. "siem/audit.jsonl": one JSON object per line, "" = off
+jsonl_max_bytes = 10485760        # rotate to FILE.1, FILE.2, ... at this size
+jsonl_backups = 5                 # rotated files kept
+syslog_address = ""               # RFC 5424 syslog: "udp://HOST:514" or "tcp://HOST:PORT", "" = off
+syslog_app_name = "medbroker"
+syslog_hostname = ""              # "" = this machine's host name
 """

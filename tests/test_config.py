@@ -126,6 +126,8 @@ NON_DEFAULT = {
             "idle_timeout": '"15m"', "session_max": '"8h"', "share_max": '"7d"', "tls_cert": '"c.pem"',
             "tls_key": '"k.pem"', "smtp_host": '"127.0.0.1"', "smtp_port": "2525", "smtp_from": '"mb@h.example"',
             "smtp_to": '["biomed@h.example"]', "smtp_starttls": "true", "webhook_url": '"http://127.0.0.1:9/web"'},
+    "siem": {"jsonl_file": '"siem/audit.jsonl"', "jsonl_max_bytes": "65536", "jsonl_backups": "2",
+             "syslog_address": '"tcp://127.0.0.1:6514"', "syslog_app_name": '"mb"', "syslog_hostname": '"jump-1"'},
 }
 
 
