@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import re
@@ -27,9 +28,11 @@ __all__ = [
     "PasswordDeviceUnavailableError",
     "SshdDevice",
     "SshdStartError",
+    "device_accounts_supported",
     "live_devices",
     "openssh_version",
     "password_devices_supported",
+    "remove_stale_accounts",
 ]
 
 _SFTP_SERVER_CANDIDATES = (
@@ -43,6 +46,13 @@ _USERADD_RETRIES = 50  # /etc/passwd lock held by a parallel run; 50 x 0.1 s
 _REAPER = Path(__file__).with_name("reaper.py")
 _LIVE: set[SshdDevice] = set()
 _user_serial = count(1)
+# Throwaway device accounts are mbdev<pid>x<n>, their files live in /tmp/mbdev-<pid>-*: the pid of the
+# test process that made them, so a later run can remove what a killed run left behind.
+_ACCOUNT_PREFIX = "mbdev"
+_ACCOUNT_NAME = re.compile(rf"{_ACCOUNT_PREFIX}(\d+)x\d+")
+_SHARED_DIR_NAME = re.compile(rf"{_ACCOUNT_PREFIX}-(\d+)-\w+")
+_SHARED_PARENT = Path("/tmp")
+_housekeeping_done = False
 
 
 class SshdStartError(RuntimeError):
@@ -69,21 +79,93 @@ def openssh_version() -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def password_devices_supported() -> bool:
-    """Return True when password devices can be made here (root with useradd, chpasswd and userdel)."""
+def device_accounts_supported() -> bool:
+    """Return True when devices log in as throwaway local accounts (root with useradd, chpasswd and userdel).
+
+    Then every device's login is its own account with /bin/sh as shell, never root: root's shell rc
+    files here (pyenv init, which can wait 60 s on a stale lock) must not run for each device command.
+    """
     return os.geteuid() == 0 and all(find_binary(n) for n in ("useradd", "chpasswd", "userdel"))
 
 
-def _run_admin(argv: list[str], *, stdin: bytes | None = None) -> None:
-    """Run useradd/chpasswd/userdel, retrying while another process holds the passwd/group lock."""
+def password_devices_supported() -> bool:
+    """Return True when password devices can be made here (they need a throwaway account: root only)."""
+    return device_accounts_supported()
+
+
+def _run_admin(argv: list[str], *, stdin: bytes | None = None, ok_codes: tuple[int, ...] = (0,)) -> None:
+    """Run useradd/chpasswd/userdel, retrying while another process holds the passwd/group lock.
+
+    ok_codes: exit statuses that count as success (userdel's 6: the account is already gone).
+    """
     for _ in range(_USERADD_RETRIES):
         proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=30, check=False)
-        if proc.returncode == 0:
+        if proc.returncode in ok_codes:
             return
         if b"lock" not in proc.stderr.lower():
             break
         time.sleep(0.1)
     raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
+
+
+def _delete_account(name: str) -> None:
+    # -f: even if a straggling session process still runs as it; 6 = no such user (already removed).
+    _run_admin(["userdel", "-f", name], ok_codes=(0, 6))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_accounts() -> list[str]:
+    """Delete throwaway device accounts and /tmp/mbdev-<pid>-* dirs left by test runs that no longer run.
+
+    A run killed with SIGKILL (or a CI timeout) cannot run close(); its pid is in the names, so any
+    later run cleans up after it. Accounts of live runs (parallel suites) are left alone.
+    Returns the names of the deleted accounts. Root only; does nothing otherwise.
+    """
+    if not device_accounts_supported():
+        return []
+    removed = []
+    for entry in pwd.getpwall():
+        match = _ACCOUNT_NAME.fullmatch(entry.pw_name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            _delete_account(entry.pw_name)
+        except RuntimeError:
+            continue  # best effort: the next run tries again
+        removed.append(entry.pw_name)
+    for path in _SHARED_PARENT.glob(f"{_ACCOUNT_PREFIX}-*"):
+        match = _SHARED_DIR_NAME.fullmatch(path.name)
+        if match is not None and path.is_dir() and not path.is_symlink() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _close_live_devices() -> None:
+    """atexit: close devices a caller forgot (outside pytest's session-end check), so no account outlives us."""
+    for device in list(_LIVE):
+        try:
+            device.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; the next run's remove_stale_accounts retries
+            pass
+
+
+def _housekeeping() -> None:
+    """Once per process, before the first throwaway account: sweep stale ones and arm the atexit cleanup."""
+    global _housekeeping_done
+    if _housekeeping_done:
+        return
+    _housekeeping_done = True
+    atexit.register(_close_live_devices)
+    remove_stale_accounts()
 
 
 class SshdDevice:
@@ -92,15 +174,20 @@ class SshdDevice:
     workdir: private dir for config, host key, pid file and logs (e.g. a pytest tmp_path subdir).
     authorized_keys: keys (KeyPair, public-key line, or .pub path) that may log in; default: a fresh
       ed25519 pair is generated and exposed as `client_key` (the broker's device credential).
-    password: if given, the device also accepts password auth for a throwaway local account created for
-      this device (root only; raises PasswordDeviceUnavailableError otherwise) and `login` is that account.
+    password: if given, the device also accepts password auth for its account (root only: raises
+      PasswordDeviceUnavailableError otherwise).
     port: fixed port (default: a free one, retried up to 3 times if taken meanwhile).
     tree: create the fake device filesystem (see `tree`, `root`).
     extra_config: extra sshd_config lines, placed *before* the defaults because sshd keeps the first
       value it reads for a keyword (so "MaxSessions 1" or "Ciphers ..." override); no Match blocks.
 
-    Attributes: host, port, login (the throwaway account's name once started, for password devices),
-    password, host_key (KeyPair), host_key_line ("ssh-ed25519 AAAA..."),
+    The account: as root (as in CI) every device gets a throwaway local account `mbdev<pid>x<n>` with
+    /bin/sh as its shell, made at start and deleted at close; the tree, its home, lives in a
+    world-traversable /tmp/mbdev-<pid>-* dir and belongs to it (it can read the patient data, so only
+    the broker's policy stops that; it can write tmp/ and service/firmware/). Not root: the current user.
+
+    Attributes: host, port, login (the account's name; for root, valid once started), password,
+    host_key (KeyPair), host_key_line ("ssh-ed25519 AAAA..."),
     host_key_fingerprint ("SHA256:..."), client_key (KeyPair | None), tree (DeviceTree | None),
     root (Path), log_path, sftp_log_path, config_path, authorized_keys_path, pid.
     Use as a context manager (start/close) or through the `device` fixture; close() always cleans up.
@@ -144,12 +231,13 @@ class SshdDevice:
             self.client_key = next((k for k in authorized_keys if isinstance(k, KeyPair)), None)
         self._initial_keys = list(authorized_keys)
         self.login = pwd.getpwuid(os.geteuid()).pw_name
+        self._use_account = device_accounts_supported()
         self._account_created = False
         # Files the logged-in account must read or write live in `shared`: for a throwaway account that
         # is a world-traversable /tmp dir, because pytest's tmp dirs are 0700 root.
         self._shared_dir = self.workdir
-        if password is not None:
-            self._shared_dir = Path(tempfile.mkdtemp(prefix="mbdev-", dir="/tmp"))
+        if self._use_account:
+            self._shared_dir = Path(tempfile.mkdtemp(prefix=f"{_ACCOUNT_PREFIX}-{os.getpid()}-", dir=_SHARED_PARENT))
             self._shared_dir.chmod(0o755)
         self.root = self._shared_dir / "root"
         self.authorized_keys_path = self._shared_dir / "authorized_keys"
@@ -220,23 +308,36 @@ class SshdDevice:
         _LIVE.add(self)
         self._prepared = True
         self.authorized_keys_path.write_text("".join(self._key_line(k) + "\n" for k in self._initial_keys))
+        self.authorized_keys_path.chmod(0o644)  # sshd reads it as the account
         self.sftp_log_path.touch()
         if self._want_tree:
             self.tree = make_device_tree(self.root)
         else:
             self.root.mkdir(exist_ok=True)
-        if self.password is not None:
+        if self._use_account:
             self._create_account()
         if os.geteuid() == 0:
             # Privilege-separation dir; containers and fresh VMs often lack it (systemd makes it at boot).
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
 
     def _create_account(self) -> None:
-        name = f"mbdev{os.getpid()}x{next(_user_serial)}"
-        _run_admin(["useradd", "-M", "-d", str(self.root), "-s", "/bin/sh", "-c", "medbroker test device", name])
-        self._account_created = True
+        _housekeeping()
+        name = f"{_ACCOUNT_PREFIX}{os.getpid()}x{next(_user_serial)}"
+        # --system: no mail spool or subuid ranges to clean up. -p '*': no password matches, but the
+        # account is not "locked" ('!'), which sshd without PAM refuses even for public keys.
+        # Home = the tree (inside the shared dir), so sshd can chdir there.
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            pass
+        else:  # our pid and serial, not made by us: left by a dead run whose pid was this one
+            _delete_account(name)
+        self._account_created = True  # set first: close() deletes it even if useradd died half-way
         self.login = name
-        _run_admin(["chpasswd"], stdin=f"{name}:{self.password}\n".encode())
+        _run_admin(["useradd", "--system", "-M", "-d", str(self.root), "-s", "/bin/sh", "-p", "*",
+                    "-c", "medbroker test device", name])
+        if self.password is not None:
+            _run_admin(["chpasswd"], stdin=f"{name}:{self.password}\n".encode())
         entry = pwd.getpwnam(name)
         for path in [self.root, *self.root.rglob("*"), self.sftp_log_path]:
             os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
@@ -399,7 +500,7 @@ class SshdDevice:
         finally:
             try:
                 if self._account_created:
-                    _run_admin(["userdel", "-f", self.login])
+                    _delete_account(self.login)
                     self._account_created = False
             finally:
                 if self._shared_dir != self.workdir:
