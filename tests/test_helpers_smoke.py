@@ -67,14 +67,14 @@ def test_pty_shell_sees_typed_input_and_window_resizes(dev, pinned):
         # Type only after the prompt: earlier keystrokes race ssh switching the local tty to raw mode.
         term.expect(PROMPT)
         term.sendline("echo $((6*7))")
-        term.expect(re.compile(rb"\r42\r\n"))
+        term.expect(re.compile(rb"[\r\n]42\r\n"))
         term.expect(PROMPT)
         term.sendline("stty size")
-        term.expect(re.compile(rb"\r24 80\r\n"))
+        term.expect(re.compile(rb"[\r\n]24 80\r\n"))
         term.expect(PROMPT)
         term.resize(132, 40)
         term.sendline("stty size")
-        term.expect(re.compile(rb"\r40 132\r\n"))
+        term.expect(re.compile(rb"[\r\n]40 132\r\n"))
         term.expect(PROMPT)
         term.sendline("exit 5")
         assert term.wait(timeout=10) == 5
