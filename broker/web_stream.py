@@ -112,6 +112,8 @@ async def changes(request: Request, viewer) -> Response:
     if topic not in ("inbox", "sessions"):
         return PlainTextResponse("unknown topic", status_code=404)
     if topic == "inbox" and viewer.role not in ("approver", "admin"):
+        await web.audit("web.denied", actor=viewer.name, user=viewer.name, source=source_of(request), reason="role",
+                        path=request.url.path, action="follow the approval inbox")
         return PlainTextResponse("forbidden", status_code=403)
 
     async def events() -> AsyncIterator[str]:

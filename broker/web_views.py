@@ -16,7 +16,7 @@ from broker.app import ALERT_EVENTS, App
 from broker.audit import EVENTS, parse_details
 from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, parse_duration
-from broker.errors import BrokerError, ConflictError, NotFoundError, PermissionDeniedError, UsageError
+from broker.errors import BrokerError, ConflictError, GrantExpiredError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import approve_request, deny_request, expire_requests, get_request, list_grants, list_requests
 from broker.identity import get_principal
 from broker.web import HOME, Web, _origin_ok, page, source_of
@@ -97,9 +97,9 @@ def _peek_token(app: App, token: str, now) -> dict:
     if row is None:
         raise NotFoundError("this sign-in link is not valid")
     if row["used_at"]:
-        raise ConflictError(f"this sign-in link was already used at {row['used_at'][11:19]} UTC")
+        raise GrantExpiredError(f"this sign-in link was already used at {row['used_at'][11:19]} UTC")
     if parse_utc(row["expires_at"]) <= now:
-        raise ConflictError(f"this sign-in link expired at {row['expires_at'][11:19]} UTC")
+        raise GrantExpiredError(f"this sign-in link expired at {row['expires_at'][11:19]} UTC")
     return row | {"role": app.store.get_user(row["user_name"])["role"]}
 
 
