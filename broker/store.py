@@ -231,6 +231,14 @@ MIGRATIONS: dict[int, str | list[str]] = {
 }
 
 
+_DISK_HINT = "nothing was written; free disk space in the broker home (or fix its permissions) and retry"
+
+
+def _is_disk_error(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("disk is full", "disk I/O error", "readonly database"))
+
+
 def _row(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     cols = [c[0] for c in cursor.description or ()]
     return [dict(zip(cols, r)) for r in cursor.fetchall()]
@@ -292,11 +300,21 @@ class Store:
             raise StorageError(f"database is busy or unwritable: {exc}", "retry in a moment") from exc
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            # SQLite may already have rolled back (SQLITE_FULL, IOERR, BUSY): a second ROLLBACK would
+            # replace the real error with "cannot rollback - no transaction is active".
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and _is_disk_error(exc):
+                raise StorageError(f"database write failed: {exc}", _DISK_HINT) from exc
             raise
         else:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(f"database write failed: {exc}", _DISK_HINT) from exc
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
         """Run a read query and return rows as dicts."""
