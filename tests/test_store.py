@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
 import threading
 from pathlib import Path
 
@@ -263,3 +265,55 @@ def test_run_propagates_errors(mem: Store) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         asyncio.run(main())
     assert len(mem.list_users()) == 1
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):
+    """A 4 MiB tmpfs (root only); unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30, check=True)
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            for _ in range(4096):  # bounded: 16 MiB of attempts into a 4 MiB filesystem
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("size", [100, 2_000_000])  # commits in one WAL frame / spills pages mid-transaction
+def test_full_disk_is_a_storage_error_and_writes_nothing(tiny_fs: Path, size: int) -> None:
+    s = open_store(tiny_fs / "medbroker.db")
+    try:
+        s.insert_user("alice", "vendor", None, AT)
+        filler = _fill(tiny_fs)
+        with pytest.raises(StorageError) as info:
+            with s.transaction():
+                s.insert_user("bob", "vendor", "x" * size, AT)
+                s.insert_user("carol", "vendor", "y" * size, AT)
+        assert "full" in info.value.message and info.value.hint
+        assert not s.db.conn.in_transaction
+        assert [u["name"] for u in s.list_users()] == ["alice"]
+        filler.unlink()
+        s.insert_user("dave", "vendor", None, AT)  # usable again once there is space
+        assert [u["name"] for u in s.list_users()] == ["alice", "dave"]
+    finally:
+        s.close()
