@@ -10,14 +10,20 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from functools import lru_cache
-from itertools import count
 from pathlib import Path
 
 from helpers import HelperTimeoutError, find_binary
+from helpers.accounts import (
+    accounts_supported,
+    create_account,
+    delete_account,
+    make_shared_dir,
+    new_account_name,
+    remove_stale_accounts,
+)
 from helpers.clients import known_hosts_entry, write_known_hosts
 from helpers.devicetree import DeviceTree, make_device_tree
 from helpers.keys import KeyPair, generate_keypair
@@ -42,16 +48,8 @@ _SFTP_SERVER_CANDIDATES = (
 )
 _LISTENING = re.compile(r"Server listening on \S+ port (\d+)")
 _PORT_RETRIES = 3
-_USERADD_RETRIES = 50  # /etc/passwd lock held by a parallel run; 50 x 0.1 s
 _REAPER = Path(__file__).with_name("reaper.py")
 _LIVE: set[SshdDevice] = set()
-_user_serial = count(1)
-# Throwaway device accounts are mbdev<pid>x<n>, their files live in /tmp/mbdev-<pid>-*: the pid of the
-# test process that made them, so a later run can remove what a killed run left behind.
-_ACCOUNT_PREFIX = "mbdev"
-_ACCOUNT_NAME = re.compile(rf"{_ACCOUNT_PREFIX}(\d+)x\d+")
-_SHARED_DIR_NAME = re.compile(rf"{_ACCOUNT_PREFIX}-(\d+)-\w+")
-_SHARED_PARENT = Path("/tmp")
 _housekeeping_done = False
 
 
@@ -85,68 +83,12 @@ def device_accounts_supported() -> bool:
     Then every device's login is its own account with /bin/sh as shell, never root: root's shell rc
     files here (pyenv init, which can wait 60 s on a stale lock) must not run for each device command.
     """
-    return os.geteuid() == 0 and all(find_binary(n) for n in ("useradd", "chpasswd", "userdel"))
+    return accounts_supported()
 
 
 def password_devices_supported() -> bool:
     """Return True when password devices can be made here (they need a throwaway account: root only)."""
-    return device_accounts_supported()
-
-
-def _run_admin(argv: list[str], *, stdin: bytes | None = None, ok_codes: tuple[int, ...] = (0,)) -> None:
-    """Run useradd/chpasswd/userdel, retrying while another process holds the passwd/group lock.
-
-    ok_codes: exit statuses that count as success (userdel's 6: the account is already gone).
-    """
-    for _ in range(_USERADD_RETRIES):
-        proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=30, check=False)
-        if proc.returncode in ok_codes:
-            return
-        if b"lock" not in proc.stderr.lower():
-            break
-        time.sleep(0.1)
-    raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
-
-
-def _delete_account(name: str) -> None:
-    # -f: even if a straggling session process still runs as it; 6 = no such user (already removed).
-    _run_admin(["userdel", "-f", name], ok_codes=(0, 6))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_accounts() -> list[str]:
-    """Delete throwaway device accounts and /tmp/mbdev-<pid>-* dirs left by test runs that no longer run.
-
-    A run killed with SIGKILL (or a CI timeout) cannot run close(); its pid is in the names, so any
-    later run cleans up after it. Accounts of live runs (parallel suites) are left alone.
-    Returns the names of the deleted accounts. Root only; does nothing otherwise.
-    """
-    if not device_accounts_supported():
-        return []
-    removed = []
-    for entry in pwd.getpwall():
-        match = _ACCOUNT_NAME.fullmatch(entry.pw_name)
-        if match is None or _pid_alive(int(match.group(1))):
-            continue
-        try:
-            _delete_account(entry.pw_name)
-        except RuntimeError:
-            continue  # best effort: the next run tries again
-        removed.append(entry.pw_name)
-    for path in _SHARED_PARENT.glob(f"{_ACCOUNT_PREFIX}-*"):
-        match = _SHARED_DIR_NAME.fullmatch(path.name)
-        if match is not None and path.is_dir() and not path.is_symlink() and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-    return removed
+    return accounts_supported()
 
 
 def _close_live_devices() -> None:
@@ -237,8 +179,7 @@ class SshdDevice:
         # is a world-traversable /tmp dir, because pytest's tmp dirs are 0700 root.
         self._shared_dir = self.workdir
         if self._use_account:
-            self._shared_dir = Path(tempfile.mkdtemp(prefix=f"{_ACCOUNT_PREFIX}-{os.getpid()}-", dir=_SHARED_PARENT))
-            self._shared_dir.chmod(0o755)
+            self._shared_dir = make_shared_dir()
         self.root = self._shared_dir / "root"
         self.authorized_keys_path = self._shared_dir / "authorized_keys"
         self.sftp_log_path = self._shared_dir / "sftp.log"
@@ -322,23 +263,10 @@ class SshdDevice:
 
     def _create_account(self) -> None:
         _housekeeping()
-        name = f"{_ACCOUNT_PREFIX}{os.getpid()}x{next(_user_serial)}"
-        # --system: no mail spool or subuid ranges to clean up. -p '*': no password matches, but the
-        # account is not "locked" ('!'), which sshd without PAM refuses even for public keys.
-        # Home = the tree (inside the shared dir), so sshd can chdir there.
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            pass
-        else:  # our pid and serial, not made by us: left by a dead run whose pid was this one
-            _delete_account(name)
+        self.login = new_account_name()
         self._account_created = True  # set first: close() deletes it even if useradd died half-way
-        self.login = name
-        _run_admin(["useradd", "--system", "-M", "-d", str(self.root), "-s", "/bin/sh", "-p", "*",
-                    "-c", "medbroker test device", name])
-        if self.password is not None:
-            _run_admin(["chpasswd"], stdin=f"{name}:{self.password}\n".encode())
-        entry = pwd.getpwnam(name)
+        # Home = the tree, inside the shared dir, so sshd can chdir there.
+        entry = create_account(self.login, self.root, password=self.password)
         for path in [self.root, *self.root.rglob("*"), self.sftp_log_path]:
             os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
@@ -500,7 +428,7 @@ class SshdDevice:
         finally:
             try:
                 if self._account_created:
-                    _delete_account(self.login)
+                    delete_account(self.login)
                     self._account_created = False
             finally:
                 if self._shared_dir != self.workdir:
