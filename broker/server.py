@@ -53,6 +53,7 @@ VENDOR_ALGORITHMS: dict[str, list[str]] = {
 MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries default)
 MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
 CODE_PROMPT = "Verification code: "
+REFUSAL_GRACE_S = 3.0  # an over-cap connection gets this long to reach user auth and read why it is refused
 
 
 class Broker:
@@ -64,6 +65,7 @@ class Broker:
         self.live: dict[str, LiveSession] = {}
         self.unauthenticated = 0
         self.per_address: dict[str, int] = {}
+        self.limit_audited: dict[str, float] = {}  # source -> loop time of its last audited cap refusal
         self.pid = os.getpid()
         self._control: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -269,6 +271,8 @@ class BrokerServer(asyncssh.SSHServer):
         self.code_ok = False
         self.code_tries = 0
         self.not_counted = False  # this connection's failure is already counted, or was no failure
+        self.refusal: str | None = None  # over a connection cap: said at user auth, then disconnected
+        self._refusal_timer: asyncio.TimerHandle | None = None
         self.authenticated = False
         self.counted_unauth = False
         self.live: LiveSession | None = None
@@ -284,13 +288,32 @@ class BrokerServer(asyncssh.SSHServer):
         b.per_address[self.source] = b.per_address.get(self.source, 0) + 1
         b.unauthenticated += 1
         self.counted_unauth = True
-        if b.unauthenticated > limits.max_unauthenticated or \
-                b.per_address[self.source] > limits.max_connections_per_address:
-            b.audit_soon("auth.failure", source=self.source, reason="connection limit reached")
-            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections; try again later")
+        over = max(b.unauthenticated / limits.max_unauthenticated if limits.max_unauthenticated else 3.0,
+                   b.per_address[self.source] / limits.max_connections_per_address
+                   if limits.max_connections_per_address else 3.0)
+        if over <= 1:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - b.limit_audited.get(self.source, -60.0) >= 1.0:  # a flood must not flood the audit log
+            b.limit_audited[self.source] = loop.time()
+            b.audit_soon("auth.failure", source=self.source, reason="connection limit reached",
+                         connections_from_source=b.per_address[self.source], unauthenticated=b.unauthenticated)
+        if over > 2:  # far over: drop at once, no key exchange spent on it
+            conn.abort()
+            return
+        # Slightly over: a DISCONNECT sent now would arrive before the version line (OpenSSH shows "banner line
+        # contains invalid characters"), so refuse with a readable reason at user auth, or drop after a grace.
+        if b.per_address[self.source] > limits.max_connections_per_address:
+            self.refusal = (f"too many connections from {self.source}; close some (or share one with "
+                            "ssh -o ControlMaster=auto) and try again in a minute")
+        else:
+            self.refusal = "the broker has too many logins in progress; try again in a minute"
+        self._refusal_timer = loop.call_later(REFUSAL_GRACE_S, conn.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         b = self.broker
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
         b.connections.discard(self.conn)
         b.per_address[self.source] = b.per_address.get(self.source, 1) - 1
         if b.per_address[self.source] <= 0:
@@ -318,6 +341,9 @@ class BrokerServer(asyncssh.SSHServer):
         self.principal, self.fingerprint, self.user, self.device_name = None, None, None, None
         self.key_verified = self.code_ok = False
         self.login = username
+        if self.refusal:
+            self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, self.refusal)
+            return True
         try:
             target = parse_login(username)
             self.user, self.device_name = target.user, target.device
