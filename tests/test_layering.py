@@ -54,12 +54,15 @@ TABLE: dict[str, Row] = {
     "app": Row(3, ("broker/app.py",), ("core", "store", "keys", "domain", "codec", "recording", "export"),
                ("cryptography",),
                "one broker home: config, store, audit, keys"),
+    "report": Row(3, ("broker/report.py",), ("core", "store", "keys", "domain", "recording", "export"),
+                  ("cryptography",), "signed maintenance reports from the store"),
     "server": Row(4, ("broker/server.py", "broker/live.py", "broker/selfservice.py", "broker/mfa.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app"),
                   ("asyncssh", "uvloop"),
                   "the asyncssh adapter"),
     "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/web.py", "broker/web_*.py"),
-                  ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "server"), None,
+                  ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "report",
+                   "server"), None,
                   "argv, printing, exit codes, HTTP"),
 }
 NEVER_IN_LAYER_2 = ("asyncssh", "typer")
