@@ -15,7 +15,9 @@ __all__ = ["Spy", "summarize_collapsed", "IDLE_LEAVES"]
 _THREAD = re.compile(r"^thread \(\d+\): (.*)$")
 _LINE = re.compile(r":\d+\)$")
 # Leaf frames of threads that are blocked, which py-spy --nonblocking cannot always tell from running.
-IDLE_LEAVES = ("Condition.wait (threading.py", "Event.wait (threading.py", "SimpleQueue.get")
+# A thread-pool worker whose leaf frame is _worker itself is blocked in work_queue.get().
+IDLE_LEAVES = ("Condition.wait (threading.py", "Event.wait (threading.py", "SimpleQueue.get", "Thread.join (threading.py",
+               "_worker (concurrent/futures/thread.py")
 
 
 def _short(frame: str) -> str:
@@ -58,7 +60,6 @@ def summarize_collapsed(path: Path | list[Path], top: int = 25) -> dict:
         frames = stack.split(";")
         m = _THREAD.match(frames[0])
         if m:
-            thr[_thread_group(m.group(1))] += n
             frames = frames[1:]
         if not frames:
             continue
@@ -67,6 +68,8 @@ def summarize_collapsed(path: Path | list[Path], top: int = 25) -> dict:
             idle += n
             continue
         total += n
+        if m:
+            thr[_thread_group(m.group(1))] += n
         self_c[leaf] += n
         self_fn[_LINE.sub(")", leaf)] += n
         for f in {_LINE.sub(")", _short(f)) for f in frames}:

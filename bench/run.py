@@ -70,20 +70,39 @@ def _rotate(items: list[str], k: int) -> list[str]:
     return items[k:] + items[:k]
 
 
-def _settle(world: BenchWorld, max_s: float) -> dict:
-    """Wait until every broker is idle (< 5 % of a core over 0.2 s, twice in a row); returns CPU used meanwhile."""
+def _busy_threads(pid: int) -> int:
+    """Threads of ``pid`` running or in uninterruptible I/O (fsync) right now."""
+    n = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        if text[text.rindex(")") + 2] in "RD":
+            n += 1
+    return n
+
+
+def _settle(world: BenchWorld, max_s: float, quiet_needed: int = 5) -> dict:
+    """Wait until every broker is idle: 5 consecutive 0.1 s windows under 5 % CPU with no thread running or
+    in disk I/O (closing a recording fsyncs, then the search index is built). Returns the CPU used meanwhile."""
     out = {}
     for b in world.brokers.values():
         if b.proc is None:
             continue
         t0, c0 = time.monotonic(), cpu_seconds(b.pid) or 0.0
         quiet, last = 0, c0
-        while quiet < 2 and time.monotonic() - t0 < max_s:
+        while quiet < quiet_needed and time.monotonic() - t0 < max_s:
             time.sleep(0.1)
             now = cpu_seconds(b.pid)
             if now is None:
                 break
-            quiet = quiet + 1 if now - last < 0.005 else 0
+            quiet = quiet + 1 if now - last < 0.005 and _busy_threads(b.pid) == 0 else 0
             last = now
         out[b.name] = {"cpu_s": last - c0, "wait_s": time.monotonic() - t0,
                        "timed_out": time.monotonic() - t0 >= max_s}
@@ -346,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out_dir / f"{stamp}.json"
     json_path.write_text(json.dumps(result, indent=1, default=str))
     summary = summarize(result)
-    md = render_markdown(result, summary, json_path.name)
+    md = render_markdown(result, summary, json_path.name, "results/" if save else "")
     md_path = BENCH / "RESULTS.md" if save else out_dir / f"{stamp}.md"
     md_path.write_text(md)
     _log(f"wrote {json_path} and {md_path}")
