@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -22,9 +23,14 @@ from broker.devices import add_device
 from broker.errors import BrokerError
 from broker.identity import add_user, add_user_key
 
-__all__ = ["DemoWorld", "build_demo", "run_demo", "find_sshd"]
+__all__ = ["DEMO_ACCOUNT", "DemoWorld", "build_demo", "ensure_demo_account", "run_demo", "find_sshd"]
 
 _SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server")
+# Run as root, the demo device is logged in to with a dedicated maintenance account, as on a real
+# device: never root (whose shell rc files may do anything, e.g. pyenv waiting on a stale lock).
+DEMO_ACCOUNT = "medbroker-demo"
+DEMO_ACCOUNT_HOME = Path("/var/lib/medbroker-demo")
+_ACCOUNT_TOOLS = ("useradd", "usermod", "getent")
 
 
 def find_sshd() -> str | None:
@@ -38,6 +44,75 @@ def find_sshd() -> str | None:
 def _keygen(path: Path, comment: str) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
                    check=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+def _admin(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, timeout=30, check=False, stdin=subprocess.DEVNULL)
+
+
+def ensure_demo_account() -> pwd.struct_passwd:
+    """As root: create (once) the system account ``medbroker-demo``, shell /bin/sh, home /var/lib/medbroker-demo.
+
+    Idempotent: an existing account is kept (its password field is set to ``*`` if it is locked,
+    because sshd without PAM refuses locked accounts even for public keys).
+    Returns its passwd entry.
+
+    :raises BrokerError: not root, the shadow tools are missing, or useradd/usermod fail
+    """
+    if os.geteuid() != 0:
+        raise BrokerError("only root can create the demo device account", "run medbroker demo as root, or as "
+                          "yourself: the demo device then logs in as you")
+    missing = [tool for tool in _ACCOUNT_TOOLS if not shutil.which(tool)]
+    if missing:
+        raise BrokerError(f"cannot create the demo device account {DEMO_ACCOUNT}: {', '.join(missing)} missing",
+                          "install the passwd package (useradd, usermod), or run the demo as a normal user")
+    try:
+        pwd.getpwnam(DEMO_ACCOUNT)
+    except KeyError:
+        proc = _admin(["useradd", "--system", "--create-home", "--home-dir", str(DEMO_ACCOUNT_HOME),
+                       "--shell", "/bin/sh", "-p", "*", "-c", "medbroker demo device maintenance", DEMO_ACCOUNT])
+        if proc.returncode != 0 and b"already exists" not in proc.stderr:  # a parallel demo made it
+            raise BrokerError(f"useradd {DEMO_ACCOUNT} failed: {proc.stderr.decode(errors='replace').strip()}",
+                              "create the account by hand (shell /bin/sh), then run medbroker demo again")
+    shadow = _admin(["getent", "shadow", DEMO_ACCOUNT]).stdout.decode(errors="replace").split(":")
+    if len(shadow) > 1 and shadow[1].startswith("!"):
+        proc = _admin(["usermod", "-p", "*", DEMO_ACCOUNT])
+        if proc.returncode != 0:
+            raise BrokerError(f"usermod -p '*' {DEMO_ACCOUNT} failed: {proc.stderr.decode(errors='replace').strip()}",
+                              f"unlock the account by hand: usermod -p '*' {DEMO_ACCOUNT}")
+    entry = pwd.getpwnam(DEMO_ACCOUNT)
+    DEMO_ACCOUNT_HOME.mkdir(mode=0o755, parents=True, exist_ok=True)  # sshd chdirs there
+    os.chown(DEMO_ACCOUNT_HOME, entry.pw_uid, entry.pw_gid)
+    return entry
+
+
+def _share_with(root: Path, tree_root: Path, device_dir: Path, entry: pwd.struct_passwd) -> None:
+    """Let the device account reach what it needs: the tree (read), firmware/ and tmp/ (write), authorized_keys.
+
+    The demo root comes from mkdtemp (0700); people/ (private keys) and home/ (the broker's) stay closed.
+    """
+    root.chmod(0o755)
+    device_dir.chmod(0o755)
+    (device_dir / "authorized_keys").chmod(0o644)
+    for path in [tree_root, *tree_root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for writable in (tree_root / "service" / "firmware", tree_root / "tmp"):
+        for path in [writable, *writable.rglob("*")]:
+            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+
+def _check_reachable(root: Path) -> None:
+    """Refuse a demo root the device account could not reach, before anything is created.
+
+    :raises BrokerError: an existing directory above ``root`` is closed to other users (``--dir`` under /root)
+    """
+    for parent in root.absolute().parents:
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            raise BrokerError(f"the demo device account {DEMO_ACCOUNT} could not reach {root}: {parent} is closed "
+                              f"to other users", f"leave --dir out (a new directory under /tmp is used), choose "
+                              f"a --dir under /tmp, or: chmod o+x {parent}")
 
 
 def _free_port(preferred: int) -> int:
@@ -96,6 +171,7 @@ class DemoWorld:
     broker_port: int
     ssh_config: Path
     tree: dict[str, Path]
+    device_login: str = ""
 
     def stop(self) -> None:
         if self.sshd.poll() is None:
@@ -111,11 +187,17 @@ class DemoWorld:
 def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
     """Create the demo world under ``root`` and start the device sshd (not the broker).
 
-    :raises BrokerError: sshd or ssh-keygen missing, or sshd does not start
+    Run as root, the device is logged in to as the system account ``medbroker-demo`` (created once),
+    otherwise as the current user.
+
+    :raises BrokerError: sshd or ssh-keygen missing, sshd does not start, or (root) the demo account
+        cannot be made or could not reach ``root``
     """
     sshd_bin = find_sshd()
     if not sshd_bin or not shutil.which("ssh-keygen"):
         raise BrokerError("OpenSSH is not installed", "run: bash scripts/install.sh (installs openssh-server)")
+    if os.geteuid() == 0:
+        _check_reachable(root)
     root.mkdir(parents=True, exist_ok=True)
     people, dev = root / "people", root / "device"
     people.mkdir(exist_ok=True)
@@ -128,13 +210,18 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
         _keygen(dev / "broker_login_key", "medbroker -> ct-01")
     (dev / "authorized_keys").write_text((dev / "broker_login_key.pub").read_text())
     tree = _make_device_tree(root / "ct-01-fs")
+    if os.geteuid() == 0:
+        account = ensure_demo_account()
+        _share_with(root, root / "ct-01-fs", dev, account)
+        login = account.pw_name
+    else:
+        login = pwd.getpwuid(os.geteuid()).pw_name
     device_port = _free_port(22022)
     sftp = next((p for p in _SFTP_SERVERS if os.path.exists(p)), "internal-sftp")
-    login = pwd.getpwuid(os.geteuid()).pw_name
     (dev / "sshd_config").write_text(
         f"Port {device_port}\nListenAddress 127.0.0.1\nHostKey {dev / 'ssh_host_ed25519_key'}\n"
-        f"PidFile {dev / 'sshd.pid'}\nAuthorizedKeysFile {dev / 'authorized_keys'}\nStrictModes no\n"
-        f"UsePAM no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        f"PidFile {dev / 'sshd.pid'}\nAuthorizedKeysFile {dev / 'authorized_keys'}\nAllowUsers {login}\n"
+        f"StrictModes no\nUsePAM no\nPermitRootLogin no\nPasswordAuthentication no\n"
         f"KbdInteractiveAuthentication no\nSubsystem sftp {sftp}\nPrintMotd no\nLogLevel VERBOSE\n"
         f"Banner none\n")
     if os.geteuid() == 0:
@@ -171,7 +258,7 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
                    protect=(str(tree["dicom"]), str(tree["hl7"])), description="Demo CT scanner (local sshd)",
                    actor="demo")
     else:
-        app.store.update_device("ct-01", port=device_port)
+        app.store.update_device("ct-01", port=device_port, login=login)
     broker_port = _free_port(broker_port)
     host_pub = (home / "keys" / "host_ed25519.pub").read_text().split()[:2]
     (root / "known_hosts").write_text(f"[127.0.0.1]:{broker_port} {' '.join(host_pub)}\n")
@@ -181,7 +268,7 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
     for name in ("alice", "bob", "carol"):
         lines.append(f"Match originalhost broker user {name},{name}@*\n  IdentityFile {people / name}\n")
     ssh_config.write_text("".join(lines))
-    return DemoWorld(root, home, app, proc, device_port, broker_port, ssh_config, tree)
+    return DemoWorld(root, home, app, proc, device_port, broker_port, ssh_config, tree, login)
 
 
 def instructions(world: DemoWorld) -> str:
@@ -191,14 +278,15 @@ def instructions(world: DemoWorld) -> str:
     return f"""
 medbroker demo is running.
   broker (vendor SSH port): 127.0.0.1:{world.broker_port}
-  device ct-01 (real OpenSSH sshd): 127.0.0.1:{world.device_port}, patient data under {world.tree['dicom']}
+  device ct-01 (real OpenSSH sshd, maintenance login {world.device_login}): 127.0.0.1:{world.device_port}
+    patient data under {world.tree['dicom']}
   people: alice (vendor, Acme Imaging), bob (approver), carol (security); keys in {world.root / 'people'}
   broker home: {home}
 
 1. Vendor alice tries to connect. Refused: no approval yet.
      {F} alice@ct-01@broker
-2. Alice asks for access over SSH:
-     {F} alice@broker request ct-01 --for 30m --reason "tube temperature check"
+2. Alice asks for access over SSH (ssh sends the command as one line: quote it whole):
+     {F} alice@broker "request ct-01 --for 30m --reason 'tube temperature check'"
 3. Approver bob approves (use the id printed in step 2):
      {F} bob@broker approve 1
 4. Alice connects and works (the device login is never shown to her):
