@@ -288,6 +288,8 @@ async def start_web(app: App, address: str, *, broker: Any = None, notify: bool 
     :raises ConfigError: bad address, network address without TLS, half a TLS key pair
     :raises OSError: the port is taken
     """
+    from broker.web_notify import notify_enabled, prepare_notifier, run_notifier
+
     cfg = app.config.with_web(address)
     host, port = parse_listen(address)
     web_cfg = cfg.web
@@ -297,6 +299,8 @@ async def start_web(app: App, address: str, *, broker: Any = None, notify: bool 
     if web_cfg.tls_cert:
         tls = {"ssl_certfile": str(cfg.path(web_cfg.tls_cert)), "ssl_keyfile": str(cfg.path(web_cfg.tls_key))}
     asgi = create_web_app(app, broker=broker)
+    web: Web = asgi.state.web
+    cursor = await prepare_notifier(web) if notify and notify_enabled(web) else None
     hsts = bool(tls) or web_cfg.public_url.startswith("https://")
     config = uvicorn.Config(SecurityHeaders(asgi, hsts=hsts), host=host, port=port, lifespan="off", log_config=None,
                             access_log=False, server_header=False, proxy_headers=False, timeout_keep_alive=5,
@@ -318,12 +322,7 @@ async def start_web(app: App, address: str, *, broker: Any = None, notify: bool 
         app.config = app.config.with_web(f"{shown}:{bound}")
     else:
         app.config = replace(app.config, web=replace(app.config.web, address=f"{host}:{bound}"))
-    web: Web = asgi.state.web
-    notifier = None
-    if notify:
-        from broker.web_notify import run_notifier
-
-        notifier = asyncio.get_running_loop().create_task(run_notifier(web))
+    notifier = None if cursor is None else asyncio.get_running_loop().create_task(run_notifier(web, cursor))
     await web.audit("broker.started", address=f"{host}:{bound}", component="web")
     return WebHandle(server, task, web, notifier, console_url(app.config), bound)
 

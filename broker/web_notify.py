@@ -20,7 +20,7 @@ from broker.grants import get_request
 from broker.web import Web
 from broker.web_links import console_url
 
-__all__ = ["NOTIFY_EVENTS", "run_notifier", "build_notification", "send_webhook", "send_email"]
+__all__ = ["NOTIFY_EVENTS", "notify_enabled", "prepare_notifier", "run_notifier", "build_notification", "send_webhook", "send_email"]
 
 log = logging.getLogger("medbroker.web.notify")
 NOTIFY_EVENTS = ("request.created", "request.approved", "request.denied", "request.expired")
@@ -109,18 +109,29 @@ async def _deliver(web: Web, body: dict[str, Any]) -> None:
                             about=body["event"])
 
 
-async def run_notifier(web: Web) -> None:
-    """Tail the audit log forever (until cancelled) and notify about requests and decisions."""
+def notify_enabled(web: Web) -> bool:
     cfg = web.app.config.web
-    if not cfg.webhook_url and not (cfg.smtp_host and cfg.smtp_to):
-        return
+    return bool(cfg.webhook_url or (cfg.smtp_host and cfg.smtp_to))
+
+
+def _start_cursor(store: Any) -> int:
+    with store.transaction():
+        text = store.get_web_state(_CURSOR)
+        if text is None:  # first start: begin now, do not announce history
+            cursor = store.last_audit_id()
+            store.set_web_state(_CURSOR, str(cursor))
+            return cursor
+        return int(text)
+
+
+async def prepare_notifier(web: Web) -> int:
+    """Fix where notifying starts before the console accepts anything (so nothing slips between)."""
+    return await web.db(_start_cursor, web.app.store)
+
+
+async def run_notifier(web: Web, cursor: int) -> None:
+    """Tail the audit log from ``cursor`` until cancelled and notify about requests and decisions."""
     store = web.app.store
-    cursor_text = await web.db(store.get_web_state, _CURSOR)
-    if cursor_text is None:  # first start: begin now, do not announce history
-        cursor = await web.db(store.last_audit_id)
-        await web.db(store.set_web_state, _CURSOR, str(cursor))
-    else:
-        cursor = int(cursor_text)
     while True:
         try:
             rows = await web.db(lambda: store.audit_rows(after_id=cursor, event="request", limit=50))
