@@ -75,14 +75,19 @@ def serve(
         "--listen", metavar="HOST:PORT",
         help="Vendor SSH address (default: listen.address in broker.toml, normally 0.0.0.0:2222).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    web: Annotated[str | None, typer.Option(
+        "--web", metavar="HOST:PORT",
+        help="Also serve the web console here (default: web.address in broker.toml; empty = off).")] = None,
 ) -> None:
-    """Serve the vendor SSH port until Ctrl-C or SIGTERM."""
+    """Serve the vendor SSH port (and the web console with --web) until Ctrl-C or SIGTERM."""
     level = getattr(logging, log_level.upper(), None)
     if log_level.lower() not in ("debug", "info", "warning", "error") or not isinstance(level, int):
         raise typer.BadParameter("use debug, info, warning or error", param_hint="--log-level")
     app = state(ctx).app()
     address = listen or app.config.listen.address
     parse_listen(address)
+    if web:
+        app.config = app.config.with_web(web)  # run_server starts the console when web.address is set
     from broker.server import run_server  # lazily: the CLI works without the SSH stack loaded
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
