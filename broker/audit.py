@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from broker.clock import Clock, utc_iso
+from broker.keys import sign_hex
 from broker.store import Store, dumps
 
-__all__ = ["EVENTS", "AuditLog", "row_hash", "verify_chain", "ChainResult"]
+__all__ = ["EVENTS", "AuditLog", "row_hash", "verify_chain", "ChainResult", "checkpoint_message", "write_checkpoint"]
 
 # The stable event catalogue (area.action[.outcome]). Names are API: add, never rename.
 EVENTS: dict[str, str] = {
@@ -18,6 +19,8 @@ EVENTS: dict[str, str] = {
     "auth.failure": "an authentication attempt failed (reason; never the secret)",
     "auth.lockout": "too many failures from one user and address; the pair is locked",
     "auth.totp.enrolled": "a user enrolled TOTP",
+    "auth.totp.removed": "an administrator removed a user's TOTP enrolment (key alone from now on)",
+    "keys.rotated": "a new data key became current; device credentials and TOTP secrets were re-sealed with it",
     "login.refused": "an authenticated user was refused (no grant, unknown device, bad username)",
     "user.created": "an administrator created a user",
     "user.key.added": "a public key was registered for a user",
@@ -158,11 +161,36 @@ def verify_chain(store: Store, *, verify_signature: Callable[[bytes, str], bool]
             problems.append(f"checkpoint {cp['id']}: audit row {eid} is missing (rows deleted)")
         elif hashes[eid] != cp["hash"]:
             problems.append(f"checkpoint {cp['id']}: audit row {eid} hash differs from the signed checkpoint")
-        if verify_signature is not None and not verify_signature(
-            f"{eid}:{cp['hash']}".encode(), cp["signature"]
-        ):
+        if verify_signature is not None and not verify_signature(checkpoint_message(eid, cp["hash"]), cp["signature"]):
             problems.append(f"checkpoint {cp['id']}: signature invalid")
     return ChainResult(ok=not problems, rows=len(rows), problems=tuple(problems), last_hash=prev_hash)
+
+
+def checkpoint_message(event_id: int, hash_: str) -> bytes:
+    """What a checkpoint's signature covers: the row id and its chain hash."""
+    return f"{event_id}:{hash_}".encode()
+
+
+def write_checkpoint(log: AuditLog, signing_key: Any) -> dict[str, Any] | None:
+    """Sign the head of the audit chain, so a rewritten tail (rows re-hashed after deletion) is detected.
+
+    An ``audit.checkpoint`` row is appended first and the checkpoint covers that row, so a quiet broker
+    does not write a new checkpoint every period: nothing happens when no row was added since the last one.
+
+    :param signing_key: the broker's ed25519 private key (``App.signing_key``)
+    :returns: the checkpoint (``event_id``, ``hash``, ``signature``, ``at``), or None when nothing changed
+    """
+    store = log.store
+    last = store.last_checkpoint()
+    if last is not None and last["event_id"] >= store.last_audit_id():
+        return None
+    row = log.record("audit.checkpoint", previous_event_id=last["event_id"] if last else None,
+                     previous_checkpoint_at=last["at"] if last else None)
+    checkpoint = {"event_id": row["id"], "hash": row["hash"],
+                  "signature": sign_hex(signing_key, checkpoint_message(row["id"], row["hash"])),
+                  "at": utc_iso(log.clock.now())}
+    store.insert_checkpoint(checkpoint["event_id"], checkpoint["hash"], checkpoint["signature"], checkpoint["at"])
+    return checkpoint
 
 
 def parse_details(row: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,10 @@ from broker.commands import audit as audit_cmds
 from broker.commands import devices as device_cmds
 from broker.commands import grants as grant_cmds
 from broker.commands import home as home_cmds
+from broker.commands import keys as keys_cmds
 from broker.commands import recordings as recording_cmds
 from broker.commands import sessions as session_cmds
+from broker.commands import totp as totp_cmds
 from broker.commands import users as user_cmds
 from broker.commands.common import State, default_home
 from broker.errors import BrokerError
@@ -95,6 +97,8 @@ app.add_typer(grant_cmds.grants_app, name="grants")
 app.add_typer(grant_cmds.requests_app, name="requests")
 app.add_typer(session_cmds.app, name="sessions")
 app.add_typer(audit_cmds.app, name="audit")
+app.add_typer(keys_cmds.app, name="keys")
+user_cmds.app.command("totp")(totp_cmds.totp)
 
 
 def main(argv: list[str] | None = None) -> None:

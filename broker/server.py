@@ -16,6 +16,7 @@ from typing import Any
 import asyncssh
 
 from broker.app import App, default_policy_file
+from broker.audit import write_checkpoint
 from broker.clock import utc_iso
 from broker.config import format_duration, parse_duration, parse_listen
 from broker.devices import Device, device_credential, get_device
@@ -53,6 +54,7 @@ VENDOR_ALGORITHMS: dict[str, list[str]] = {
 MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries default)
 MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
 CODE_PROMPT = "Verification code: "
+CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then every 5 minutes (600 ticks of 0.5 s)
 REFUSAL_GRACE_S = 3.0  # an over-cap connection gets this long to reach user auth and read why it is refused
 
 
@@ -124,6 +126,8 @@ class Broker:
         while True:
             await asyncio.sleep(0.5)
             tick += 1
+            if tick % CHECKPOINT_TICKS == 1:
+                self.spawn(self.write_checkpoint())
             if not self.live:
                 continue
             try:
@@ -147,6 +151,13 @@ class Broker:
                 raise
             except Exception:  # the loop must survive a transient DB error
                 log.exception("control loop iteration failed")
+
+    async def write_checkpoint(self) -> None:
+        """Sign the audit chain's head (broker/audit.py); a failure is logged, the next period tries again."""
+        try:
+            await self.db(lambda: write_checkpoint(self.app.audit, self.app.signing_key))
+        except Exception:
+            log.exception("writing the audit checkpoint failed")
 
     def policy_for(self, live: LiveSession) -> "SessionPolicy":
         """The data-protection policy for one live session's channels."""
@@ -659,6 +670,7 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
             break
         await asyncio.wait(pending, timeout=10)
     await broker.audit("broker.stopped", pid=broker.pid)
+    await broker.write_checkpoint()  # the last rows of this run are signed too
 
 
 def run_server(app: App, address: str, *, on_ready=None) -> None:

@@ -565,6 +565,10 @@ class Store:
     def checkpoints(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM audit_checkpoints ORDER BY id")
 
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        """The newest signed audit checkpoint, or None."""
+        return self.one("SELECT * FROM audit_checkpoints ORDER BY id DESC LIMIT 1")
+
     # ------------------------------------------------------------------ lockout
     def add_auth_failure(self, user: str, source: str, at: str) -> None:
         self.execute("INSERT INTO auth_failures (user_name, source, at) VALUES (?, ?, ?)", (user, source, at))

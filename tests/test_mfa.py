@@ -199,3 +199,106 @@ def test_secret_is_sealed_and_bound_to_its_user(world, vendor, tmp_path):
             check_code(store, world.app.keys, "bob", _code(secret), world.app.clock.now())
     finally:
         store.close()
+
+
+# ----------------------------------------------------------------------------- medbroker user totp
+def _cli(world: World, *args: str, input: str | None = None):
+    from typer.testing import CliRunner
+
+    from broker.cli import app
+
+    return CliRunner().invoke(app, ["--home", str(world.app.home), *args], input=input)
+
+
+def test_cli_enrols_prints_uri_and_qr_and_the_code_then_works(world):
+    name, _ = add_person(world, totp=False)
+    r = _cli(world, "user", "totp", name)
+    assert r.exit_code == 0, r.output
+    uri = next(line for line in r.stdout.splitlines() if line.startswith("otpauth://totp/"))
+    assert f"medbroker%20broker%3A{name}?secret=" in uri and "&digits=6&period=30" in uri
+    assert "█" in r.stdout or "▀" in r.stdout  # the QR code
+    secret = re.search(r"secret=([A-Z2-7]+)", uri).group(1)
+    assert secret not in world.app.store.get_user(name)["totp_secret"]  # stored sealed
+    enrolled = _events(world, "auth.totp.enrolled", name)
+    assert len(enrolled) == 1 and secret not in enrolled[0]["details"]
+    ok = world.ssh(name, "grants", key=name, password=_code(secret))
+    assert ok.returncode == 0, ok.stderr
+    assert _details(_events(world, "auth.success", name)[-1])["method"] == "publickey+totp"
+
+    again = _cli(world, "user", "totp", name)
+    assert again.exit_code == 1 and "already has TOTP enrolled" in again.stderr and "--reset" in again.stderr
+    reset = _cli(world, "user", "totp", name, "--reset", "--no-qr")
+    assert reset.exit_code == 0 and "re-enrolled" in reset.stdout and "█" not in reset.stdout
+    new_secret = re.search(r"secret=([A-Z2-7]+)", reset.stdout).group(1)
+    old = world.ssh(name, "grants", key=name, password=_code(secret, 1))
+    assert old.returncode == 255, "the replaced secret stops working at once"
+    removed = _cli(world, "user", "totp", name, "--remove")
+    assert removed.exit_code == 0 and "key alone" in removed.stdout
+    assert len(_events(world, "auth.totp.removed", name)) == 1
+    key_only = world.ssh(name, "grants", key=name)
+    assert key_only.returncode == 0, key_only.stderr
+    assert new_secret != secret
+
+
+def test_cli_json_never_holds_the_secret_and_needs_a_private_file(world, tmp_path):
+    name, _ = add_person(world, totp=False)
+    r = _cli(world, "user", "totp", name, "--json")
+    assert r.exit_code == 2 and "needs --uri-file" in r.stderr
+    assert not world.app.store.get_user(name)["totp_secret"], "a refused command changes nothing"
+    target = tmp_path / "uri.txt"
+    r = _cli(world, "user", "totp", name, "--json", "--uri-file", str(target))
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["totp_enrolled"] is True and doc["uri_file"] == str(target)
+    uri = target.read_text().strip()
+    secret = re.search(r"secret=([A-Z2-7]+)", uri).group(1)
+    assert secret not in r.stdout and (target.stat().st_mode & 0o777) == 0o600
+    shown = _cli(world, "user", "show", name, "--json")
+    assert json.loads(shown.stdout)["totp_enrolled"] is True and secret not in shown.stdout
+    exists = _cli(world, "user", "totp", name, "--reset", "--uri-file", str(target))
+    assert exists.exit_code == 2 and "already exists" in exists.stderr
+    assert totp_secret(world.app.store, world.app.keys, name).reveal() == secret, "unchanged after the refusal"
+    unknown = _cli(world, "user", "totp", "nobody-here")
+    assert unknown.exit_code == 1 and "does not exist" in unknown.stderr
+
+
+# ----------------------------------------------------------------------------- pure TOTP logic
+def test_codes_match_pyotp_and_rfc6238_vectors():
+    secret = base64.b32encode(b"12345678901234567890").decode()
+    for t, expected in ((59, "287082"), (1111111109, "081804"), (1234567890, "005924"), (2000000000, "279037")):
+        assert code_for_step(secret, t // 30) == expected  # RFC 6238 appendix B, last six digits
+    random_secret = pyotp.random_base32()
+    for t in range(0, 10**9, 7_777_777):
+        assert code_for_step(random_secret, t // 30) == pyotp.TOTP(random_secret).at(t)
+
+
+@pytest.mark.parametrize("typed,expected", [("123456", "123456"), (" 123 456 ", "123456"), ("123-456", "123456"),
+                                            ("12345", None), ("1234567", None), ("12345a", None),
+                                            ("١٢٣٤٥٦", None), ("", None), (None, None), ("1" * 100, None)])
+def test_code_normalisation(typed, expected):
+    assert normalise_code(typed) == expected
+
+
+def test_check_code_window_and_replay(tmp_path):
+    from datetime import datetime, timezone
+
+    from broker.identity import add_user
+
+    store = open_store(tmp_path / "t.db")
+    keys = FileKeyProvider(tmp_path / "data.key")
+    keys.rotate()
+    try:
+        now = datetime(2026, 1, 1, 8, 0, 10, tzinfo=timezone.utc)
+        add_user(store, "erin", "vendor", None, now)
+        secret = enrol_totp(store, keys, "erin").secret.reveal()
+        step = current_step(now)
+        assert check_code(store, keys, "erin", code_for_step(secret, step - 2), now).reason == "wrong"
+        assert check_code(store, keys, "erin", code_for_step(secret, step - 1), now).ok  # phone a step behind
+        assert check_code(store, keys, "erin", code_for_step(secret, step - 1), now).reason == "reused"
+        assert check_code(store, keys, "erin", code_for_step(secret, step + 1), now).ok  # phone a step ahead
+        assert check_code(store, keys, "erin", code_for_step(secret, step), now).reason == "reused"  # older step
+        assert check_code(store, keys, "erin", "12 34", now).reason == "malformed"
+        add_user(store, "fay", "vendor", None, now)
+        assert check_code(store, keys, "fay", "123456", now).reason == "not-enrolled"
+    finally:
+        store.close()
