@@ -214,12 +214,17 @@ async def watch_stream(request: Request, viewer) -> Response:
         decoders: dict = {}
         try:
             yield "retry: 600000\n\n"
+            quiet = 0.0
             while not web.closing.is_set():
-                try:
-                    item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                try:  # short waits, so a stopping console ends the stream at once
+                    item = await asyncio.wait_for(queue.get(), POLL_S)
                 except asyncio.TimeoutError:
-                    yield ": keepalive\n\n"
+                    quiet += POLL_S
+                    if quiet >= KEEPALIVE_S:
+                        quiet = 0.0
+                        yield ": keepalive\n\n"
                     continue
+                quiet = 0.0
                 if item is None:
                     yield _sse("end", {"reason": "the recording ended"})
                     return
