@@ -7,6 +7,7 @@ and approves; the vendor connects with OpenSSH; security watches live, ends the 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ except ImportError:  # the browser fixture skips (locally) or fails (CI) and say
     expect = None
 
 from broker.devices import add_device
+from broker.grants import get_grant
 from broker.web import start_web, stop_web
 from helpers.broker import World
 from web_support import PHONE, Browser, link_from, screenshot, wait_for
@@ -161,10 +163,13 @@ def test_critical_device_needs_a_second_distinct_approver(browser, world):
                port=world.device.port, login=world.device.login, host_key=world.device.host_key_line,
                now=world.app.clock.now(), key_text=Path(world.device.client_key.private_path).read_text(),
                device_class="critical")
-    rid = _request(world, "linac-01", "1h")
     ctx, page = _signin(browser, world, "bob", **PHONE)
     try:
+        assert "Nothing to approve" in page.locator("#inbox").inner_text()
+        expect(page.locator("#live-note")).to_contain_text("Live")
+        rid = _request(world, "linac-01", "1h")  # arrives while the inbox is open: no reload needed
         card = page.locator(f"#request-{rid}")
+        expect(card).to_be_visible()
         assert "critical · 2 approvers" in card.inner_text()
         card.get_by_role("button", name="Approve (1 of 2)").click()
         page.wait_for_load_state()
@@ -182,14 +187,20 @@ def test_critical_device_needs_a_second_distinct_approver(browser, world):
     try:
         card = page.locator(f"#request-{rid}")
         assert "bob" in card.locator(".approvals").inner_text()
-        card.get_by_label(f"Window for request {rid}").select_option("30m")
-        card.get_by_role("button", name="Approve").click()
+        window = card.get_by_label(f"Window for request {rid}")
+        window.select_option("30m")
+        window.focus()
+        page.keyboard.press("Tab")  # keyboard only: the approve button is the next stop
+        expect(card.get_by_role("button", name="Approve")).to_be_focused()
+        page.keyboard.press("Enter")
         page.wait_for_load_state()
         assert "approved" in page.locator(".flash.ok").inner_text()
     finally:
         ctx.close()
     grant = world.app.store.list_grants()[-1]
     assert grant["approved_by"] == "bob,dave" and grant["device"] == "linac-01"
+    assert grant["ends_at"] > grant["starts_at"] and get_grant(world.app.store, grant["id"]).ends_at - \
+        get_grant(world.app.store, grant["id"]).starts_at == timedelta(minutes=30)
     r = world.ssh("alice@linac-01", "echo inside")
     assert r.returncode == 0 and r.stdout == b"inside\n"
 
