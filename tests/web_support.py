@@ -73,10 +73,19 @@ class Browser:
             shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def screenshot(page, name: str) -> None:
-    """Save a screenshot for the README under docs/screenshots/ (kept in the repository)."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
+def screenshot(page, name: str) -> Path:
+    """Take a full-page screenshot; with MEDBROKER_SCREENSHOTS=1 it refreshes docs/screenshots/NAME.
+
+    By default it goes to a temporary directory, so a test run leaves the work tree clean.
+    """
+    if os.environ.get("MEDBROKER_SCREENSHOTS") == "1":
+        target = SCREENSHOTS / name
+    else:
+        target = Path(tempfile.gettempdir()) / "medbroker-screenshots" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 1000
+    return target
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:
