@@ -25,6 +25,9 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "keystroke_p99": ("keystroke round trip p99", "ms", False),
     "setup": ("session setup (`ssh host true`)", "ms", False),
 }
+# medbroker only: a new session's keystrokes right after a bulk download session closed, and after settling
+INTERFERENCE = {"keystroke_after_bulk": "right after a bulk download closed (broker still finishing it)",
+                "keystroke_after_bulk_settled": "after the broker went idle again"}
 MAIN_PATHS = ("direct", "proxyjump", "proxyjump-gcm", "medbroker")
 LABELS = {"direct": "direct", "proxyjump": "ProxyJump", "proxyjump-gcm": "ProxyJump AES-GCM",
           "medbroker": "medbroker", "medbroker-tmpfs": "medbroker, recordings on tmpfs"}
@@ -238,7 +241,7 @@ def render_markdown(result: dict, summary: dict, json_name: str, link_dir: str =
                                   else "-" for p in MAIN_PATHS) + " | | |")
     lines += ["", "## Targets", "", "| target | measured | met? |", "|---|---|---|"]
     lines += [f"| {row['target']} | {row['measured']} | {_verdict(row['met'])} |" for row in summary["targets"]]
-    lines += _keystroke_section(summary) + _concurrency_section(result) + _recording_section(result, summary)
+    lines += _keystroke_section(summary) + _interference_section(result) + _concurrency_section(result) + _recording_section(result, summary)
     lines += _profile_section(result) + _errors_section(summary, result)
     return "\n".join(lines) + "\n"
 
@@ -253,6 +256,22 @@ def _keystroke_section(summary: dict) -> list[str]:
         out.append(f"| {LABELS.get(path, path)} | {d['n']} | " + " | ".join(
             f"{d[k]:.3f}" for k in ("p50", "p90", "p99", "p99.9", "max")) + " |")
     return out
+
+
+def _interference_section(result: dict) -> list[str]:
+    rows = []
+    for metric, title in INTERFERENCE.items():
+        rtts = sorted(x for s in result["samples"] if s["metric"] == metric and s["ok"] for x in s["extra"]["rtt_ms"])
+        cpu = [s["extra"].get("broker_cpu_s", 0) for s in result["samples"] if s["metric"] == metric and s["ok"]]
+        if rtts:
+            rows.append(f"| {title} | {len(rtts)} | " + " | ".join(
+                f"{percentile(rtts, q):.2f}" for q in (50, 99, 99.9)) + f" | {rtts[-1]:.1f} | {sum(cpu) / len(cpu):.1f} |")
+    if not rows:
+        return []
+    return ["", "## Keystrokes on medbroker while it finishes another session", "",
+            "A bulk download through medbroker ends; a new session starts typing at once (first row) or after the "
+            "broker is idle again (second row).", "",
+            "| when | n | p50 ms | p99 ms | p99.9 ms | max ms | broker CPU s during the typing |", "|---|---|---|---|---|---|---|"] + rows
 
 
 def _concurrency_section(result: dict) -> list[str]:

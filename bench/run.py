@@ -49,7 +49,7 @@ class Plan:
     profile_transfers: int
     profile_sessions: int
     settle_max_s: float
-    only: tuple[str, ...] = ("bulk", "sftp", "scp", "keys", "setup", "load", "profile")
+    only: tuple[str, ...] = ("bulk", "sftp", "scp", "keys", "setup", "load", "interference", "profile")
 
 
 QUICK = Plan("quick", blob_mib=32, rounds=2, keys_per_round=100, key_gap_ms=5, setups_per_round=2, levels=(50,),
@@ -147,7 +147,7 @@ def _measure(world: BenchWorld, plan: Plan, metric: str, path: str, rnd: int) ->
 
 def _show(rec: dict) -> str:
     if rec["ok"]:
-        unit = "ms" if rec["metric"] in ("keystroke", "setup") else "MB/s"
+        unit = "ms" if rec["metric"].startswith(("keystroke", "setup")) else "MB/s"
         extra = ""
         if rec["extra"].get("post_session_cpu_s"):
             extra = f" (broker after-session CPU {rec['extra']['post_session_cpu_s']:.1f} s)"
@@ -204,6 +204,25 @@ def run_concurrency(world: BenchWorld, plan: Plan, result: dict) -> None:
                         f"{res['broker_rss_per_session_bytes'] / 1024:.0f} KiB" if "broker_cpu_pct" in res else ""))
             else:
                 _log(f"    failed: {res.get('error')}")
+
+
+def run_interference(world: BenchWorld, plan: Plan, result: dict) -> None:
+    """Keystrokes on a new medbroker session right after a bulk download session closed (no settling), i.e.
+    while the broker finishes that session (recording close, search indexing), versus after settling."""
+    for rnd in range(1, plan.rounds + 1):
+        for busy in (True, False):
+            _settle(world, plan.settle_max_s)
+            d = clients.bulk_download(world, "medbroker", 60 + plan.blob_mib * 1.5)
+            if not busy:
+                _settle(world, plan.settle_max_s)
+            b = world.brokers["medbroker"]
+            c0 = cpu_seconds(b.pid) or 0.0
+            k = clients.keystrokes(world, "medbroker", plan.keys_per_round, plan.key_gap_ms / 1000, 300)
+            rec = {"metric": "keystroke_after_bulk" if busy else "keystroke_after_bulk_settled", "path": "medbroker",
+                   "round": rnd, "ok": k.ok and d.ok, "value": k.value, "error": k.error or d.error,
+                   "refused": k.refused, "extra": dict(k.extra, broker_cpu_s=(cpu_seconds(b.pid) or 0.0) - c0)}
+            result["samples"].append(rec)
+            _log(f"  {rec['metric']:30} round {rnd}: {_show(rec)}")
 
 
 def run_profile(world: BenchWorld, plan: Plan, result: dict, out_dir: Path, stamp: str) -> None:
@@ -279,9 +298,10 @@ def _parse(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--levels", help="concurrency levels, e.g. 50,200,500")
     p.add_argument("--load-duration", type=float, help="seconds of typing per concurrency level (full: 30)")
     p.add_argument("--load-paths", help="paths for the concurrency phase, e.g. direct,proxyjump,medbroker")
-    p.add_argument("--only", help="phases: bulk,sftp,scp,keys,setup,load,profile (default: all)")
+    p.add_argument("--only", help="phases: bulk,sftp,scp,keys,setup,load,interference,profile (default: all)")
     p.add_argument("--wait-quiet", type=float, default=0,
-                   help="wait up to this many seconds for the 1-minute load average to drop below 0.5 first")
+                   help="first wait up to this many seconds for the 1-minute load average to drop below --quiet-load")
+    p.add_argument("--quiet-load", type=float, default=0.5, help="load average that counts as quiet (default 0.5)")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (configs, logs) for inspection")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
@@ -294,15 +314,15 @@ def _parse(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
         changes["load_paths"] = tuple(x for x in a.load_paths.split(",") if x)
     if a.only:
         changes["only"] = tuple(x for x in a.only.split(",") if x)
-    unknown = set(changes.get("only", ())) - set(GROUPS) - {"load", "profile"}
+    unknown = set(changes.get("only", ())) - set(GROUPS) - {"load", "interference", "profile"}
     if unknown or set(changes.get("load_paths", ())) - {"direct", "proxyjump", "medbroker"}:
         p.error(f"unknown phase or load path: {sorted(unknown) or changes.get('load_paths')}")
     return replace(plan, **changes), a
 
 
-def _wait_quiet(limit_s: float) -> float:
+def _wait_quiet(limit_s: float, level: float) -> float:
     t0 = time.monotonic()
-    while time.monotonic() - t0 < limit_s and os.getloadavg()[0] >= 0.5:
+    while time.monotonic() - t0 < limit_s and os.getloadavg()[0] >= level:
         time.sleep(5)
     return os.getloadavg()[0]
 
@@ -325,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp = now.strftime("%Y-%m-%dT%H%M%S") + f"-{plan.mode}"
     if args.wait_quiet:
         _log(f"waiting up to {args.wait_quiet:.0f} s for a quiet machine; load average now {os.getloadavg()[0]:.2f}")
-        _log(f"load average {_wait_quiet(args.wait_quiet):.2f}")
+        _log(f"load average {_wait_quiet(args.wait_quiet, args.quiet_load):.2f}")
     result: dict = {"schema": 1, "mode": plan.mode, "plan": asdict(plan), "started_at": now.isoformat(timespec="seconds"),
                     "machine": machine_facts(), "product": _product_state(), "samples": [], "noise": [],
                     "concurrency": []}
@@ -349,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             run_rounds(world, plan, result)
         if "load" in plan.only:
             run_concurrency(world, plan, result)
+        if "interference" in plan.only and "medbroker" in world.brokers:
+            _log("keystrokes while the broker finishes a bulk session, vs settled")
+            run_interference(world, plan, result)
         if "profile" in plan.only:
             _log("profiling the broker with py-spy")
             run_profile(world, plan, result, out_dir, stamp)
