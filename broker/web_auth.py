@@ -14,6 +14,7 @@ from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration
 from broker.errors import PermissionDeniedError, UsageError
 from broker.identity import Principal, get_principal, lockout_remaining
+from broker.totp import check_code
 from broker.web_links import token_hash
 
 __all__ = ["COOKIE", "Viewer", "SignedOut", "start_session", "load_session", "end_session", "check_csrf",
@@ -149,18 +150,9 @@ def check_password(stored: str, password: str) -> bool:
     return hmac.compare_digest(want, got)
 
 
-def _totp_ok(app: App, user: str, secret: str, code: str, now: datetime) -> bool:
-    import pyotp
-
-    code = (code or "").strip().replace(" ", "")
-    if not (code.isascii() and code.isdigit() and len(code) == 6):
-        return False
-    totp = pyotp.TOTP(secret)
-    step_now = int(now.timestamp()) // totp.interval
-    for step in (step_now, step_now - 1, step_now + 1):
-        if hmac.compare_digest(totp.generate_otp(step), code):
-            return app.store.claim_totp_step(user, step)  # each code works once (replay)
-    return False
+def _totp_ok(app: App, user: str, code: str, now: datetime) -> bool:
+    """A current, unused code for ``user`` (sealed secret, replay-protected: broker/totp.py)."""
+    return check_code(app.store, app.keys, user, code, now).ok
 
 
 def set_password(app: App, viewer: Viewer, password: str, confirm: str, code: str, now: datetime) -> None:
@@ -176,7 +168,7 @@ def set_password(app: App, viewer: Viewer, password: str, confirm: str, code: st
         raise UsageError(f"the password must be {MIN_PASSWORD}-200 characters long", "a passphrase of 3-4 words works")
     if password != confirm:
         raise UsageError("the two passwords differ", "type the same password twice")
-    if not _totp_ok(app, viewer.name, user["totp_secret"], code, now):
+    if not _totp_ok(app, viewer.name, code, now):
         raise UsageError("the authenticator code is wrong or was already used", "wait for the next code")
     app.store.set_web_password(viewer.name, hash_password(password), utc_iso(now))
     app.audit.record("web.password.set", actor=viewer.name, user=viewer.name)
@@ -201,7 +193,7 @@ def password_signin(app: App, user: str, password: str, code: str, now: datetime
     # Always run scrypt, so the answer time does not tell whether the user has a password.
     good_pw = check_password(pw["hash"] if pw else _DUMMY_HASH, password or "") and pw is not None
     ok = bool(row and not row["disabled"] and good_pw and row["totp_secret"]
-              and _totp_ok(app, name, row["totp_secret"], code, now))
+              and _totp_ok(app, name, code, now))
     if not ok:
         app.store.add_auth_failure(name, key, utc_iso(now))
         app.audit.record("web.signin.failed", user=name, source=source, method="password",

@@ -25,6 +25,7 @@ from broker.errors import ConfigError
 from broker.grants import get_request, request_grant
 from broker.identity import add_user, get_principal
 from broker.selfservice import run_command
+from broker.totp import enrol_totp
 from broker.web import start_web, stop_web
 from broker.web_auth import check_password, hash_password
 from broker.web_links import issue_signin_link, safe_next_path
@@ -293,8 +294,8 @@ def test_every_page_checks_the_role_on_the_server(console):
 
 # ---------------------------------------------------------------------------- password + TOTP
 def test_password_and_totp_sign_in(console):
-    secret = pyotp.random_base32()
-    console.app.store.set_user_totp("bob", secret)
+    secret = enrol_totp(console.app.store, console.app.keys, "bob").secret.reveal()
+    assert secret not in console.app.store.get_user("bob")["totp_secret"]  # stored sealed
     totp = pyotp.TOTP(secret)
     bob = console.client("bob")
     token = bob.csrf("/account")
