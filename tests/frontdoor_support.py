@@ -83,3 +83,37 @@ def close_world(world: World) -> None:
         world.close()
     finally:
         world.device.close()
+
+
+def prepared_home(tmp: Path, device, config: str | None = None) -> tuple[Path, dict]:
+    """A broker home (alice vendor with a 1 h grant on ct-01, bob approver) for a ``medbroker serve`` process.
+
+    Same people and device as :class:`World`, but no broker is started and the app is closed again.
+    Returns (home, {name: KeyPair}).
+    """
+    from broker.app import init_home
+    from broker.devices import add_device
+    from broker.grants import approve_request, request_grant
+    from broker.identity import get_principal
+
+    home = tmp / "home"
+    if config is not None:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "broker.toml").write_text(config)
+    app = init_home(home)
+    try:
+        now = app.clock.now()
+        keys = {}
+        for name, role in (("alice", "vendor"), ("bob", "approver")):
+            keys[name] = generate_keypair(tmp / "people", name)
+            add_user(app.store, name, role, None, now)
+            add_user_key(app.store, name, keys[name].public_key, now)
+        add_device(app.store, app.audit, app.keys, name="ct-01", host=device.host, port=device.port,
+                   login=device.login, host_key=device.host_key_line, now=now,
+                   key_text=Path(device.client_key.private_path).read_text())
+        req = request_grant(app.store, app.audit, app.rules, get_principal(app.store, "alice"), "ct-01", 3600,
+                            "crash test", now)
+        approve_request(app.store, app.audit, app.rules, req.id, get_principal(app.store, "bob"), now)
+    finally:
+        app.close()
+    return home, keys
