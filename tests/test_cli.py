@@ -287,6 +287,16 @@ def test_device_password_from_stdin_is_never_shown_or_stored_in_clear(people, ke
     rows = people.rows("SELECT * FROM devices") + people.rows("SELECT * FROM audit_events")
     dump = "\n".join(str(row) for row in rows)
     assert password not in dump
+    people.ok("device", "add", "us-04", "--host", "10.1.2.4", "--login", "svc", "--password-stdin",
+              "--host-key", keys["host"].public_key, input=password + "\r\n")
+    from broker.app import open_app
+    from broker.devices import device_credential, get_device
+
+    a = open_app(people.path)
+    try:  # the stored credential is exactly the line, without its CR/LF ending
+        assert device_credential(get_device(a.store, "us-04"), a.keys).reveal() == password
+    finally:
+        a.close()
     r = people.fails(2, "device", "add", "us-03", "--host", "10.1.2.4", "--login", "svc", "--password-stdin",
                      "--host-key", keys["host2"].public_key, input="\n")
     assert "password is empty" in r.stderr

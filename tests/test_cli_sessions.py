@@ -161,6 +161,9 @@ def test_sessions_list_and_show(env):
     human = env.ok("sessions", "show", "s-closed").stdout
     assert "medbroker replay s-closed" in human and "alice" in human
     assert "s-live" in env.ok("sessions", "list").stdout
+    events = json.loads(env.ok("audit", "log", "--session", "s-closed", "--json").stdout)["events"]
+    assert [e["event"] for e in events] == ["session.start", "session.end"]
+    assert {e["session_id"] for e in events} == {"s-closed"}
     r = env.cli("sessions", "show", "nope")
     assert r.exit_code == 1 and "session 'nope' does not exist" in r.stderr
 

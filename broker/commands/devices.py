@@ -82,7 +82,8 @@ def _read_password(login: str, host: str) -> str:
     if sys.stdin.isatty():
         return getpass.getpass(f"Password for {login}@{host} (not echoed): ")
     line = sys.stdin.readline()
-    return line[:-1] if line.endswith("\n") else line
+    line = line[:-1] if line.endswith("\n") else line
+    return line[:-1] if line.endswith("\r") else line  # a CRLF line from a Windows-edited file
 
 
 def _private_key(path: Path) -> str:
