@@ -322,6 +322,7 @@ def _recording_section(result: dict, summary: dict) -> list[str]:
 
 PROFILE_PARTS = {
     "bulk": "during bulk exec transfers (download and upload)",
+    "sftp": "during SFTP get and put (through the broker's SFTP guard)",
     "after_session": "after each bulk session closed (work the broker does once the client has gone)",
     "interactive": "during interactive load (N sessions typing)",
 }

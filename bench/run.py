@@ -226,20 +226,26 @@ def run_interference(world: BenchWorld, plan: Plan, result: dict) -> None:
 
 
 def run_profile(world: BenchWorld, plan: Plan, result: dict, out_dir: Path, stamp: str) -> None:
-    """py-spy on a fresh broker: during bulk transfers, during the after-session work, under interactive load."""
+    """py-spy on a fresh broker: during bulk exec and SFTP transfers, during the after-session work, and under
+    interactive load. Each part is its own py-spy run, so settling between transfers is not mixed in."""
     b = world.brokers["medbroker"]
     b.restart()
     _settle(world, plan.settle_max_s)
-    files: dict[str, list[Path]] = {"bulk": [], "after_session": [], "interactive": []}
+    files: dict[str, list[Path]] = {"bulk": [], "sftp": [], "after_session": [], "interactive": []}
     errors, workload = [], []
+    timeout = 60 + plan.blob_mib * 1.5
+    runs = (("bulk", "bulk_download", lambda: clients.bulk_download(world, "medbroker", timeout)),
+            ("bulk", "bulk_upload", lambda: clients.bulk_upload(world, "medbroker", timeout)),
+            ("sftp", "sftp_get", lambda: clients.sftp_transfer(world, "medbroker", "get", timeout)),
+            ("sftp", "sftp_put", lambda: clients.sftp_transfer(world, "medbroker", "put", timeout)))
     for i in range(plan.profile_transfers):
-        for metric, fn in (("bulk_download", clients.bulk_download), ("bulk_upload", clients.bulk_upload)):
-            spy = Spy(b.pid, out_dir / f"profile-{stamp}-bulk-{metric}-{i}.txt")
+        for part, metric, fn in runs:
+            spy = Spy(b.pid, out_dir / f"profile-{stamp}-{part}-{metric}-{i}.txt")
             if spy.start():
-                s = fn(world, "medbroker", 60 + plan.blob_mib * 1.5)
-                workload.append({"metric": metric, "ok": s.ok, "value": s.value, "error": s.error})
+                s = fn()
+                workload.append({"metric": metric, "ok": s.ok, "value": s.value, "error": s.error or s.refused})
             spy.stop()
-            files["bulk"].append(spy.out)
+            files[part].append(spy.out)
             errors += [spy.error] if spy.error else []
             spy = Spy(b.pid, out_dir / f"profile-{stamp}-after-{metric}-{i}.txt")
             if spy.start():
