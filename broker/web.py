@@ -45,6 +45,7 @@ HOME = {"approver": "/inbox", "admin": "/inbox", "security": "/sessions", "vendo
 _STATUS = ((PermissionDeniedError, 403), (NotFoundError, 404), (ConflictError, 409), (GrantExpiredError, 410),
            (UsageError, 400))
 MAX_FORM_FIELDS = 20
+NOTIFIER_STOP_S = 15.0
 
 
 def _ago(value: str | None, now) -> str:
@@ -331,9 +332,12 @@ async def stop_web(handle: WebHandle) -> None:
     """Stop the console: end live streams, stop the notifier, close connections."""
     handle.web.closing.set()
     if handle.notifier is not None:
-        handle.notifier.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await handle.notifier
+        try:  # let a notification in flight finish and record its position (bounded)
+            await asyncio.wait_for(asyncio.shield(handle.notifier), NOTIFIER_STOP_S)
+        except asyncio.TimeoutError:
+            handle.notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handle.notifier
     handle.server.should_exit = True
     try:
         await asyncio.wait_for(handle.task, 10)

@@ -130,9 +130,13 @@ async def prepare_notifier(web: Web) -> int:
 
 
 async def run_notifier(web: Web, cursor: int) -> None:
-    """Tail the audit log from ``cursor`` until cancelled and notify about requests and decisions."""
+    """Tail the audit log from ``cursor`` and notify about requests and decisions, until ``web.closing``.
+
+    Stopping waits for the notification in flight and its saved position (see :func:`broker.web.stop_web`),
+    so a restart does not send it twice.
+    """
     store = web.app.store
-    while True:
+    while not web.closing.is_set():
         try:
             rows = await web.db(lambda: store.audit_rows(after_id=cursor, event="request", limit=50))
             for row in rows:
@@ -144,8 +148,13 @@ async def run_notifier(web: Web, cursor: int) -> None:
                         log.warning("cannot build a notification for audit row %s: %s", row["id"], exc)
                 cursor = row["id"]
                 await web.db(store.set_web_state, _CURSOR, str(cursor))
+                if web.closing.is_set():
+                    return
         except asyncio.CancelledError:
             raise
         except Exception:  # the loop must survive a transient database error
             log.exception("notifier iteration failed")
-        await asyncio.sleep(POLL_S)
+        try:
+            await asyncio.wait_for(web.closing.wait(), POLL_S)
+        except asyncio.TimeoutError:
+            pass
