@@ -685,6 +685,15 @@ def run_server(app: App, address: str, *, on_ready=None) -> None:
 
     async def main() -> None:
         acceptor, broker = await start_server(app, address)
+        web = None
+        if app.config.web.address:  # [web] address or `serve --web`
+            from broker.web import start_web  # lazily: no web stack without a console
+
+            try:
+                web = await start_web(app, app.config.web.address, broker=broker)
+            except BaseException:
+                await stop_server(acceptor, broker)
+                raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
