@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
 import time
 from itertools import count
 from pathlib import Path
@@ -15,7 +20,9 @@ from broker.totp import enrol_totp
 from helpers.broker import World
 from helpers.keys import generate_keypair
 
-__all__ = ["add_person", "code", "details", "events", "wait", "world_with"]
+__all__ = ["Serve", "add_person", "close_world", "code", "details", "events", "prepared_home", "wait", "world_with"]
+
+REPO = Path(__file__).resolve().parent.parent
 
 _serial = count(1)
 
@@ -117,3 +124,48 @@ def prepared_home(tmp: Path, device, config: str | None = None) -> tuple[Path, d
     finally:
         app.close()
     return home, keys
+
+
+class Serve:
+    """``python -m broker.cli --home HOME serve`` as a child process, stderr to a log file."""
+
+    def __init__(self, home: Path, port: int, log: Path, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "MEDBROKER_HOME"}
+        self.log = log
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "broker.cli", "--home", str(home), "serve", "--listen", f"127.0.0.1:{port}",
+                 *args], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+        self._await_line(b"medbroker listening", 60)
+
+    def _await_line(self, needle: bytes, timeout: float) -> None:
+        deadline, seen = time.monotonic() + timeout, b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while needle not in seen:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    self.stop()
+                    raise AssertionError(f"broker did not start: {seen!r}\n{self.log.read_text()[-3000:]}")
+                if sel.select(left):
+                    chunk = os.read(self.proc.stdout.fileno(), 4096)
+                    if not chunk:
+                        continue
+                    seen += chunk
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)  # reaped: a zombie would still look alive to the next broker's pid check
+        self.proc.stdout.close()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if not self.proc.stdout.closed:
+            self.proc.stdout.close()
+        return self.proc.returncode
