@@ -36,6 +36,7 @@ from broker.errors import BrokerError
 from sessions.policy import HEAD_BYTES, Decision, OutputScanner, ProtectedPaths, detect_patient_data, normalize_path
 from sessions.sftp_codec import (
     DEFAULT_MAX_LEN, FX_FAILURE, FX_NO_SUCH_FILE, FX_OP_UNSUPPORTED, FX_PERMISSION_DENIED, FXF_CREAT, FXF_READ,
+    FXF_WRITE,
     PacketReader, SftpProtocolError, SftpRequest, extended_reply, init_packet, limits_payload, parse_limits,
     parse_reply, parse_request, read_request, rewrite_version, status_reply,
 )
@@ -78,10 +79,17 @@ class TransferRecord:
     bytes: int
     sha256: str
     sequential: bool
+    started_at: str = ""
+    ended_at: str = ""
+    outcome: str = "ok"
+    kept: str | None = None
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "direction": self.direction, "bytes": self.bytes, "sha256": self.sha256,
-                "sequential": self.sequential}
+        out = {"path": self.path, "direction": self.direction, "bytes": self.bytes, "sha256": self.sha256,
+               "sequential": self.sequential, "outcome": self.outcome}
+        if self.started_at:
+            out |= {"started_at": self.started_at, "ended_at": self.ended_at}
+        return out | ({"kept": self.kept} if self.kept else {})
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,8 @@ class _Handle:
     counts: dict = field(default_factory=lambda: {"download": 0, "upload": 0})
     next_offset: dict = field(default_factory=lambda: {"download": 0, "upload": 0})
     sequential: dict = field(default_factory=lambda: {"download": True, "upload": True})
+    opened_at: str = ""
+    keep: object = None  # a sessions.scp.KeptFile when uploads are kept
 
     def account(self, direction: str, offset: int, data: bytes) -> None:
         self.hashes[direction].update(data)
@@ -140,6 +150,13 @@ def _text(path: bytes) -> str:
     return path.decode("utf-8", "surrogateescape")
 
 
+def _effective_pflags(pflags: int | None) -> int:
+    """OpenSSH's sftp-server opens a file read-only when neither READ nor WRITE is set (``flags_from_portable``):
+    such an OPEN yields a readable handle, so it is judged and content-checked as a read."""
+    pflags = pflags or 0
+    return pflags | FXF_READ if not pflags & (FXF_READ | FXF_WRITE) else pflags
+
+
 class SftpFilter:
     """The SFTP policy proxy for one channel; see the module docstring.
 
@@ -159,17 +176,21 @@ class SftpFilter:
         packet); the relay should close the channel. Without it, :meth:`vendor_data` and
         :meth:`device_data` raise :class:`SftpProtocolError` instead.
     :param check_timeout: seconds a path check (including the wait for earlier renames) may take
+    :param now: UTC ISO timestamp for transfer records (``started_at``/``ended_at``)
+    :param uploads: a :class:`sessions.scp.KeptUploads` to keep a copy of every uploaded file, or None
     """
 
     def __init__(self, policy: ProtectedPaths, realpath: Callable[[bytes], Awaitable[bytes]],
                  head_reader: Callable[[bytes, int], Awaitable[bytes]], send_to_device: Callable[[bytes], None],
                  send_to_vendor: Callable[[bytes], None], record_event: Callable[[str, dict], None],
                  on_denied: Callable[[Decision, dict], None], *, mode: str = "normal",
-                 on_fatal: Callable[[str], None] | None = None, check_timeout: float = 30.0) -> None:
+                 on_fatal: Callable[[str], None] | None = None, check_timeout: float = 30.0,
+                 now: Callable[[], str] = lambda: "", uploads=None) -> None:
         self._policy, self._realpath, self._head_reader = policy, realpath, head_reader
         self._to_device, self._to_vendor = send_to_device, send_to_vendor
         self._record, self._on_denied, self._on_fatal = record_event, on_denied, on_fatal
         self._mode, self._timeout = mode, check_timeout
+        self._now, self._uploads = now, uploads
         self._vreader, self._dreader = PacketReader(DEFAULT_MAX_LEN), PacketReader(DEVICE_MAX_LEN)
         self._queue: deque[_Item] = deque()
         self._worker: asyncio.Task | None = None
@@ -246,6 +267,8 @@ class SftpFilter:
                 self._reply_local(req, self._policy.decide_sftp("write", [handle.path], mode=self._mode))
                 return
             handle.account("upload", req.offset or 0, req.data or b"")
+            if handle.keep is not None:
+                handle.keep.write(req.data or b"", req.offset or 0)
             self._n["up"] += len(req.data or b"")
             self._forward(req)
 
@@ -326,11 +349,12 @@ class SftpFilter:
             self._reply_local(req, Decision(False, f"medbroker could not resolve the path on {self._policy.device} "
                                             f"({exc}); the request was refused", "sftp.denied", req.op))
             return
-        decision = self._policy.decide_sftp(req.op, resolved, mode=self._mode, pflags=req.pflags or 0)
+        pflags = _effective_pflags(req.pflags) if req.op == "open" else req.pflags or 0
+        decision = self._policy.decide_sftp(req.op, resolved, mode=self._mode, pflags=pflags)
         if not decision.allowed:
             self._reply_local(req, decision, resolved=list(resolved))
             return
-        if req.op == "open" and (req.pflags or 0) & FXF_READ:
+        if req.op == "open" and pflags & FXF_READ:
             refusal = await self._check_content(req, resolved[0])
             if refusal:
                 return
@@ -450,7 +474,9 @@ class SftpFilter:
         path = resolved[0] if resolved else _text(req.paths[0])
         may_read = req.op == "open" and self._policy.decide_sftp("read", [path], mode=self._mode).allowed
         may_write = req.op == "open" and self._policy.decide_sftp("write", [path], mode=self._mode).allowed
-        self._handles[handle] = _Handle(path, "file" if req.op == "open" else "dir", may_read, may_write)
+        keep = self._uploads.open(path) if self._uploads is not None and may_write and req.op == "open" else None
+        self._handles[handle] = _Handle(path, "file" if req.op == "open" else "dir", may_read, may_write,
+                                        opened_at=self._now(), keep=keep)
 
     def _data(self, req: SftpRequest, data: bytes, packet: bytes) -> bytes | None:
         handle = self._handles.get(req.handle) if req.handle is not None else None
@@ -475,14 +501,21 @@ class SftpFilter:
                 return None
         return packet
 
-    def _close_handle(self, handle_id: bytes | None) -> None:
+    def _close_handle(self, handle_id: bytes | None, outcome: str = "ok") -> None:
         handle = self._handles.pop(handle_id, None) if handle_id is not None else None
         if handle is None or handle.kind != "file":
             return
+        kept = None
+        if handle.keep is not None:
+            kept = handle.keep.finish(handle.hashes["upload"].hexdigest() if handle.sequential["upload"] else None) \
+                if handle.counts["upload"] else handle.keep.discard()
         for direction in ("download", "upload"):
             if handle.counts[direction]:
                 record = TransferRecord(handle.path, direction, handle.counts[direction],
-                                        handle.hashes[direction].hexdigest(), handle.sequential[direction])
+                                        handle.hashes[direction].hexdigest(), handle.sequential[direction],
+                                        handle.opened_at, self._now(),
+                                        "stopped" if handle.poisoned and direction == "download" else outcome,
+                                        kept if direction == "upload" else None)
                 self._transfers.append(record)
                 self._record("transfer.file", record.as_dict())
 
@@ -511,7 +544,9 @@ class SftpFilter:
         if self._worker is not None:
             self._worker.cancel()
         for handle_id in list(self._handles):
-            self._close_handle(handle_id)
+            self._close_handle(handle_id, "interrupted")  # the channel ended with the file still open
+        if self._uploads is not None:
+            self._uploads.close()
         n = self._n
         self._summary = SftpSummary(n["requests"], n["forwarded"], n["denied"], n["down"], n["up"],
                                     tuple(self._transfers), self._error)
