@@ -232,7 +232,7 @@ def test_allowed_download_is_byte_exact_and_hashed(tmp_path: Path) -> None:
     assert files["/var/log/vendor/service.log"]["sha256"] == hashlib.sha256(w.tree["log"].read_bytes()).hexdigest()
     dump = files["/tmp/service-dump.bin"]
     assert dump == {"path": "/tmp/service-dump.bin", "direction": "download", "bytes": len(big),
-                    "sha256": hashlib.sha256(big).hexdigest(), "sequential": True}
+                    "sha256": hashlib.sha256(big).hexdigest(), "sequential": True, "outcome": "ok"}
     summary = w.summaries[0]
     assert summary.denied == 0 and summary.bytes_down == len(big) + len(w.tree["log"].read_bytes())
     assert w.event("sftp.summary")[0]["files"] == [t.as_dict() for t in summary.transfers]
@@ -341,7 +341,7 @@ def test_upload_is_hashed_and_lands(tmp_path: Path) -> None:
     assert (w.root / "tmp" / "fw-4.3.0.bin").read_bytes() == payload
     up = [t for t in w.event("transfer.file") if t["direction"] == "upload"]
     assert up == [{"path": "/tmp/fw-4.3.0.bin", "direction": "upload", "bytes": len(payload),
-                   "sha256": hashlib.sha256(payload).hexdigest(), "sequential": True}]
+                   "sha256": hashlib.sha256(payload).hexdigest(), "sequential": True, "outcome": "ok"}]
 
 
 def test_moves_and_links_across_the_protection_boundary_are_refused(tmp_path: Path) -> None:
