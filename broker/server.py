@@ -33,6 +33,7 @@ from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import RefusalSession, RelaySession
+from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
 
@@ -181,13 +182,19 @@ class SessionPolicy:
         policy = broker.app.config.policy
         self.scan_output = policy.scan_output
         self.check_commands = policy.check_commands
+        self.keep_uploads = broker.app.config.recording.keep_uploads
+
+    def kept_uploads(self) -> KeptUploads | None:
+        """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
+        return KeptUploads(self.broker.app.config.home / "uploads" / self.live.id) if self.keep_uploads else None
 
     def check_exec(self, command: str) -> str | None:
-        """A refusal message for an exec command, or None to run it."""
-        words = command.split()
-        if words and words[0] == "scp" and ("-t" in words or "-f" in words):
-            return ("legacy scp (scp -O) is not available through medbroker; use scp without -O (it speaks SFTP, "
-                    "which the patient-data guard checks) or sftp")
+        """A refusal message for an exec command, or None to run it (legacy scp: None, the broker serves it)."""
+        if is_scp_command(command):
+            return None  # make_exec_handler serves it over the device's SFTP, under the same path policy
+        refusal = transfer_server_refusal(command)
+        if refusal:
+            return refusal
         if self.check_commands:
             decision = check_command_line(command, self.protected, None)
             if not decision.allowed:
@@ -206,6 +213,10 @@ class SessionPolicy:
     def make_scanner(self) -> OutputScanner | None:
         return OutputScanner() if self.scan_output else None
 
+    def make_exec_handler(self, relay: RelaySession, command: str) -> ScpServer | None:
+        """Legacy scp (``scp -t``/``scp -f``) is served by the broker itself (sessions/scp.py), never the device."""
+        return GuardedScp(self, relay, command).server if is_scp_command(command) else None
+
 
 class GuardedSftp:
     """Glue between one relayed SFTP channel and its :class:`SftpFilter`: audit, recording, transfers."""
@@ -213,6 +224,7 @@ class GuardedSftp:
     # filter event name -> recording frame kind
     _FRAMES = {"sftp.request": "sftp-request", "transfer.file": "file-transfer",
                "sftp.summary": "sftp-reply-summary", "sftp.unexpected-reply": "sftp-reply-summary"}
+    _DENIED_EVENT = "sftp.denied"
 
     def __init__(self, policy: SessionPolicy, relay: RelaySession) -> None:
         live = policy.live
@@ -220,7 +232,8 @@ class GuardedSftp:
         self.device_sftp = DeviceSftp(live.upconn.start_sftp_client)
         self.filter = SftpFilter(
             policy.protected, self.device_sftp.realpath, self.device_sftp.head, relay.up.write,
-            relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal)
+            relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
+            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads())
 
     def vendor_data(self, data: bytes) -> None:
         self.filter.vendor_data(data)
@@ -253,15 +266,34 @@ class GuardedSftp:
     def _denied(self, decision, details: dict) -> None:
         self.live.recorder.append_event(self.relay.ctx.number, "policy-denial",
                                         {"op": decision.op, "path": decision.path, "reason": decision.reason})
-        self.broker.audit_soon("sftp.denied", **self._fields(), op=decision.op, path=decision.path,
+        self.broker.audit_soon(self._DENIED_EVENT, **self._fields(), op=decision.op, path=decision.path,
                                reason=decision.reason, **{k: v for k, v in details.items()
                                                           if k not in ("op", "path", "reason")})
-        self.relay.notice(decision.reason)
+        if self._DENIED_EVENT == "sftp.denied":  # scp carries the reason in-band; sftp shows only a code
+            self.relay.notice(decision.reason)
 
     def _fatal(self, message: str) -> None:
         self.broker.audit_soon("channel.refused", **self._fields(), kind="sftp", reason=message)
         self.relay.notice(message)
         self.relay.exit(1)
+
+
+class GuardedScp(GuardedSftp):
+    """Glue between one legacy scp exec channel and its :class:`ScpServer`: the SFTP glue's transfer
+    records, refusals audited as ``scp.denied`` (the vendor reads them in the SCP error record)."""
+
+    _DENIED_EVENT = "scp.denied"
+
+    def __init__(self, policy: SessionPolicy, relay: RelaySession, command: str) -> None:
+        live = policy.live
+        self.live, self.relay, self.broker = live, relay, policy.broker
+        self.server = ScpServer(
+            command, policy.protected, lambda: live.upconn.start_sftp_client(path_encoding=None),
+            relay.write_to_vendor, relay.exit, self._hold, self._record, self._denied, mode=live.grant.mode,
+            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads())
+
+    def _hold(self, on: bool) -> None:
+        (self.relay.hold if on else self.relay.release)("vendor", "scp-input")
 
 
 class BrokerServer(asyncssh.SSHServer):

@@ -17,7 +17,7 @@ import asyncssh
 from asyncssh.packet import Boolean, String, UInt32
 
 __all__ = ["ChannelContext", "RelaySession", "UpstreamSession", "RefusalSession", "Recorder", "SubsystemFilter",
-           "ENV_ALLOWED"]
+           "ExecHandler", "ENV_ALLOWED"]
 
 log = logging.getLogger("medbroker.relay")
 
@@ -44,6 +44,26 @@ class SubsystemFilter(Protocol):
     def close(self) -> Any: ...
 
 
+class ExecHandler(Protocol):
+    """An exec command the broker serves itself instead of the device (legacy scp, sessions/scp.py).
+
+    No device channel is opened; the handler gets the vendor's bytes and EOF, ``pause_writing`` while
+    the vendor's window or the recorder is full, and ends the channel through the relay
+    (``write_to_vendor``, ``exit``, ``hold``/``release`` of the vendor side)."""
+
+    def start(self) -> None: ...
+
+    def vendor_data(self, data: bytes) -> None: ...
+
+    def vendor_eof(self) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+    def close(self) -> Any: ...
+
+
 @dataclass
 class ChannelContext:
     """What the server gives each relayed channel: numbering, recording and policy hooks."""
@@ -56,6 +76,8 @@ class ChannelContext:
     """Returns a refusal message for an exec command, or None to allow it."""
     check_subsystem: Callable[[str], str | None] = lambda name: f"subsystem {name} is not available"
     make_filter: Callable[["RelaySession", str], SubsystemFilter | None] | None = None
+    make_exec_handler: Callable[["RelaySession", str], ExecHandler | None] | None = None
+    """For an allowed exec command: a handler that serves it in the broker, or None to run it on the device."""
     make_scanner: Callable[[], Any] | None = None
     """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
     on_detection: Callable[["RelaySession", str], None] = lambda relay, what: None
@@ -112,6 +134,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.kind = "shell"
         self.refusal: str | None = None
         self.filter: SubsystemFilter | None = None
+        self.handler: ExecHandler | None = None
         self.scanner = None
         self.closed = False
         self.exit_code: int | None = None
@@ -140,6 +163,10 @@ class RelaySession(asyncssh.SSHServerSession):
         self.kind, self.command = "exec", command
         self.ctx.recorder.append_event(self.ctx.number, "exec", {"command": command})
         self.refusal = self.ctx.check_exec(command)
+        if self.refusal is None and self.ctx.make_exec_handler is not None:
+            self.handler = self.ctx.make_exec_handler(self, command)
+            if self.handler is not None and self._holds["device"]:  # e.g. the recorder is behind already
+                self.handler.pause_writing()
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
@@ -151,6 +178,9 @@ class RelaySession(asyncssh.SSHServerSession):
     def session_started(self) -> None:
         if self.refusal is not None:
             self.refuse(self.kind, self.refusal)
+            return
+        if self.handler is not None:  # served by the broker itself: no device channel
+            self.handler.start()
             return
         asyncio.get_running_loop().create_task(self._open_upstream())
 
@@ -200,7 +230,9 @@ class RelaySession(asyncssh.SSHServerSession):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.ctx.recorder.append_data(self.ctx.number, "input", data)
-        if self.up is not None:
+        if self.handler is not None:
+            self.handler.vendor_data(data)
+        elif self.up is not None:
             self._deliver(self.up, data, datatype)
         elif not self.closed:  # replayed through _deliver too, so nothing reaches the device unfiltered
             self.pending.append(lambda up: self._deliver(up, data, datatype))
@@ -213,6 +245,9 @@ class RelaySession(asyncssh.SSHServerSession):
 
     def eof_received(self) -> bool:
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "vendor"})
+        if self.handler is not None:
+            self.handler.vendor_eof()
+            return True
         self._to_up(lambda up: up.write_eof())
         return True
 
@@ -250,6 +285,8 @@ class RelaySession(asyncssh.SSHServerSession):
             chan = self.chan if side == "vendor" else self.up
             if chan is not None:
                 chan.pause_reading()
+            if side == "device" and self.handler is not None:  # the handler is the device side
+                self.handler.pause_writing()
         reasons.add(reason)
 
     def release(self, side: str, reason: str) -> None:
@@ -259,6 +296,8 @@ class RelaySession(asyncssh.SSHServerSession):
             chan = self.chan if side == "vendor" else self.up
             if not reasons and chan is not None:
                 chan.resume_reading()
+            if not reasons and side == "device" and self.handler is not None:
+                self.handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()
@@ -372,11 +411,12 @@ class RelaySession(asyncssh.SSHServerSession):
             return
         self._finished = True
         self.closed = True
-        if self.filter is not None:
-            try:
-                self.filter.close()
-            except Exception:  # the summary must not prevent closing
-                log.exception("subsystem filter close failed")
+        for part in (self.filter, self.handler):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:  # the summary must not prevent closing
+                    log.exception("subsystem filter or exec handler close failed")
         self.ctx.recorder.append_event(self.ctx.number, "channel-close", {})
         self.ctx.on_closed(self)
 
