@@ -42,7 +42,9 @@ def test_editing_keys_history_and_search_give_the_command_that_ran(world):
     try:
         term.expect(PROMPT, timeout=15)
         term.send(b"PS1='$ '\r")
-        term.expect(PROMPT, timeout=10)
+        # The new prompt on its own line: PROMPT alone matches the echoed "PS1='$ '" and the next keys
+        # would then race the prompt (the index would read "$ echo ..." as the command).
+        term.expect(re.compile(rb"\n[^\n']*\$ "), timeout=10)
 
         def run(keys: bytes, marker: bytes) -> None:
             term.send(keys)
