@@ -21,7 +21,7 @@ from broker.clock import utc_iso
 from broker.config import format_duration, parse_duration, parse_listen
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
-from broker.grants import Grant, find_active_grant, request_hint
+from broker.grants import Grant, expire_requests, find_active_grant, request_hint
 from broker.identity import Principal, authenticate_key, parse_login
 from broker.keys import openssh_fingerprint
 from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_failure
@@ -52,7 +52,8 @@ VENDOR_ALGORITHMS: dict[str, list[str]] = {
                        "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ecdsa-sha2-nistp256@openssh.com",
                        "rsa-sha2-512", "rsa-sha2-256"],
 }
-MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries default)
+MAX_KEY_TRIES = 6
+EXPIRY_TICKS = 60  # control-loop ticks (0.5 s) between sweeps for expired requests  # distinct keys per connection (OpenSSH's MaxAuthTries default)
 MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
 CODE_PROMPT = "Verification code: "
 CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then every 5 minutes (600 ticks of 0.5 s)
@@ -129,6 +130,8 @@ class Broker:
             tick += 1
             if tick % CHECKPOINT_TICKS == 1:
                 self.spawn(self.write_checkpoint())
+            if tick % EXPIRY_TICKS == 1:  # pending requests past their TTL become expired (audited)
+                self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit, self.app.clock.now())))
             if not self.live:
                 continue
             try:
@@ -733,6 +736,10 @@ def run_server(app: App, address: str, *, on_ready=None) -> None:
         if on_ready:
             on_ready(broker.port)
         await stop.wait()
+        if web is not None:
+            from broker.web import stop_web
+
+            await stop_web(web)
         await stop_server(acceptor, broker)
 
     runner(main())
