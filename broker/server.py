@@ -52,8 +52,8 @@ VENDOR_ALGORITHMS: dict[str, list[str]] = {
                        "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ecdsa-sha2-nistp256@openssh.com",
                        "rsa-sha2-512", "rsa-sha2-256"],
 }
-MAX_KEY_TRIES = 6
-EXPIRY_TICKS = 60  # control-loop ticks (0.5 s) between sweeps for expired requests  # distinct keys per connection (OpenSSH's MaxAuthTries default)
+MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries default)
+EXPIRY_TICKS = 60  # control-loop ticks (0.5 s) between sweeps for expired requests
 MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
 CODE_PROMPT = "Verification code: "
 CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then every 5 minutes (600 ticks of 0.5 s)
