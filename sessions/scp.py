@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable
 
 import asyncssh
 
-from broker.errors import PermissionDeniedError
+from broker.errors import BrokerError, PermissionDeniedError
 from sessions.policy import HEAD_BYTES, PFLAG_CREAT, PFLAG_READ, PFLAG_TRUNC, PFLAG_WRITE, Decision, OutputScanner, \
     ProtectedPaths, detect_patient_data, normalize_path
 
@@ -55,7 +55,7 @@ class ScpCommandError(PermissionDeniedError):
     """An exec command for the scp server that medbroker will not run; the message says why."""
 
 
-class ScpProtocolError(PermissionDeniedError):
+class ScpProtocolError(BrokerError):
     """The vendor's client broke the SCP protocol (bad record, oversized line, lost data)."""
 
 
@@ -227,7 +227,8 @@ def parse_record(line: bytes) -> ScpRecord:
     """Parse one control record from the vendor's scp (the line without its ``\\n``).
 
     :raises ScpProtocolError: anything but a well-formed C, D, E, T record or a 1/2 error record;
-        C/D names that are empty, ``.``, ``..`` or contain ``/`` or NUL (they would escape the target)
+        C/D names that are empty, ``..`` or contain ``/`` or NUL (they would escape the target), and
+        ``.`` as a file name (``D0755 0 .`` is what ``scp -r . host:dir`` sends: the target itself)
     """
     if not line:
         raise ScpProtocolError("empty SCP record")
@@ -243,7 +244,7 @@ def parse_record(line: bytes) -> ScpRecord:
     if m is None:
         raise ScpProtocolError(f"unexpected SCP record {line[:60]!r}")
     name = m.group(4)
-    if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
+    if name in (b"", b"..") or (name == b"." and m.group(1) == b"C") or b"/" in name or b"\0" in name:
         raise ScpProtocolError(f"unexpected file name {name[:60]!r} in an SCP record")
     size = int(m.group(3))
     if size >= 1 << 63:
@@ -315,6 +316,10 @@ class _Input:
         return self._take(n)
 
 
+class _Hangup(Exception):
+    """The vendor's channel closed: stop at the next step (cancelling would orphan asyncssh's parallel reads)."""
+
+
 class ScpServer:
     """The broker's scp server for one exec channel; see the module docstring.
 
@@ -373,12 +378,8 @@ class ScpServer:
         if self._closed:
             return
         self._closed = True
-        self._input.feed_eof()
+        self._input.feed_eof()  # the protocol task stops at its next step and closes the device session
         self._writable.set()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self._sftp is not None:
-            self._sftp.exit()
 
     # ------------------------------------------------------------------------------- plumbing
     async def _run(self) -> None:
@@ -389,12 +390,20 @@ class ScpServer:
             except ScpCommandError as exc:
                 self._deny(Decision(False, str(exc), "scp.denied", "command", ""), command=self.command)
                 return
-            self._sftp = await self._dev(self._start_client())
+            try:
+                self._sftp = await self._dev(self._start_client())
+            except (asyncssh.Error, OSError, TimeoutError, asyncio.TimeoutError) as exc:
+                reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
+                raise ScpProtocolError(f"medbroker serves legacy scp through the SFTP server of "
+                                       f"{self._policy.device}, which did not start ({reason}); ask the hospital "
+                                       "to enable it, or use sftp") from None
             if cmd.sink:
                 await self._serve_sink(cmd)
             else:
                 await self._serve_source(cmd)
             status = 1 if self.errors else 0
+        except _Hangup:
+            pass
         except ScpProtocolError as exc:
             self._emit(b"\x02" + _PREFIX.encode() + _one_line(exc.message) + b"\n")
         except (asyncssh.Error, OSError, TimeoutError, asyncio.TimeoutError) as exc:
@@ -419,6 +428,8 @@ class ScpServer:
     async def _write(self, data: bytes) -> None:
         self._emit(data)
         await self._writable.wait()
+        if self._closed:
+            raise _Hangup()
 
     async def _dev(self, awaitable: Awaitable[Any]) -> Any:
         async with asyncio.timeout(self._timeout):
@@ -535,7 +546,8 @@ class ScpServer:
             return
         raw = resolved.encode("utf-8", "surrogateescape")
         try:
-            entries = sorted([e async for e in self._sftp.scandir(raw)], key=lambda e: e.filename)
+            async with asyncio.timeout(self._timeout):
+                entries = sorted([e async for e in self._sftp.scandir(raw)], key=lambda e: e.filename)
         except asyncssh.SFTPError as exc:
             self._device_error(raw, exc)
             entries = []
@@ -604,7 +616,7 @@ class ScpServer:
                 self._emit(b"\0")
             if await self._ack() is not None and outcome == "ok":
                 outcome = "failed"
-        except asyncio.CancelledError:
+        except (_Hangup, asyncio.CancelledError):
             outcome = "interrupted"
             raise
         finally:
@@ -715,6 +727,9 @@ class ScpServer:
             while got < rec.size:
                 chunk = await self._input.read_some(min(BLOCK, rec.size - got))
                 if not chunk:
+                    self._transfer(resolved, "upload", got, digest.hexdigest(), started, "interrupted")
+                    if keep is not None:
+                        keep.discard()
                     raise ScpProtocolError("the connection ended in the middle of a file")
                 got += len(chunk)
                 digest.update(chunk)

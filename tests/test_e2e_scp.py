@@ -223,3 +223,77 @@ def test_scp_command_lines_never_reach_a_shell(t):
         status, out, _ = _scp_exec(t, command, None)
         assert status == 1 and out.startswith(b"\x01medbroker: "), (command, out)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["scp-O", "scp-sftp"])
+def test_patient_data_deep_inside_an_archive_is_stopped_mid_stream(t, tmp_path, legacy):
+    import io
+    import tarfile
+
+    from fixtures.patientdata import dicom_bare
+
+    name = f"tmp/archive-{'o' if legacy else 's'}.tar"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:  # a harmless member first, so the head check passes
+        for member, data in (("service.log", _payload(600_000)), ("export.raw", dicom_bare("TEST^PATIENT^TEN"))):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    t.device_file(name, buf.getvalue())
+    mark = t.last_event_id()
+    r = t.scp(f"REMOTE:{name}", str(tmp_path / "archive.tar"), legacy=legacy)
+    assert r.returncode == 1 and b"DICOM/tar patient data" in r.stderr, r.stderr
+    assert patient_bytes_in(tmp_path) == []
+    event = "scp.denied" if legacy else "sftp.denied"
+    assert t.wait_events(mark, event)[0]["details"]["content"] == "DICOM/tar"
+    if legacy:
+        record = t.wait_events(mark, "transfer.file")[0]["details"]
+        assert record["outcome"] == "stopped" and record["bytes"] < len(buf.getvalue())
+
+
+def test_asyncssh_scp_client_is_served_too(t, tmp_path):
+    import asyncio
+
+    import asyncssh
+
+    async def run() -> str:
+        async with asyncssh.connect("127.0.0.1", t.world.port, username=t.login, known_hosts=None, config=None,
+                                    client_keys=[str(t.world.keys["alice"].private_path)], agent_path=None) as conn:
+            await asyncssh.scp((conn, "service/logs/system.log"), str(tmp_path / "system.log"))
+            await asyncssh.scp(str(tmp_path / "system.log"), (conn, "tmp/asyncssh-up.log"), preserve=True)
+            await asyncssh.scp((conn, "var/log/vendor"), str(tmp_path / "vendor"), recurse=True)
+            try:
+                await asyncssh.scp((conn, "tmp/report.pdf"), str(tmp_path / "report.pdf"))
+            except asyncssh.SFTPError as exc:
+                return exc.reason
+            return "not refused"
+
+    reason = asyncio.run(asyncio.wait_for(run(), 60))
+    assert "contains DICOM patient data" in reason
+    log = t.path("service/logs/system.log").read_bytes()
+    assert (tmp_path / "system.log").read_bytes() == log == t.path("tmp/asyncssh-up.log").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "vendor").iterdir()) == ["counters.csv", "service.log"]
+    assert patient_bytes_in(tmp_path) == []
+
+
+def test_a_vendor_who_hangs_up_mid_transfer_leaves_an_interrupted_record(t):
+    big = t.device_file("tmp/hangup.bin", _payload(8_000_000))
+    mark = t.last_event_id()
+    with t.paramiko() as client:
+        chan = client.get_transport().open_session(timeout=15)
+        chan.settimeout(15)
+        chan.exec_command("scp -f tmp/hangup.bin")
+        chan.sendall(b"\0")
+        got = b""
+        while b"\n" not in got:
+            got += chan.recv(100)
+        assert got.startswith(b"C0644 8000000 hangup.bin\n")
+        chan.sendall(b"\0")  # go ahead: the data follows
+        while len(got) < 300_000:
+            got += chan.recv(65536)
+        chan.close()
+    record = t.wait_events(mark, "transfer.file")[0]["details"]
+    assert record["path"] == str(big) and record["outcome"] == "interrupted" and record["bytes"] < 8_000_000
+    # the broker is fine: the next transfer works
+    r = t.scp("REMOTE:service/logs/system.log", "/dev/null", legacy=True)
+    assert r.returncode == 0, r.stderr

@@ -95,6 +95,7 @@ def test_command_parser_accepts_only_plain_paths(command):
 @pytest.mark.parametrize("line, kind, fields", [
     (b"C0644 12 notes.txt", "C", {"mode": 0o644, "size": 12, "name": b"notes.txt"}),
     (b"D0755 0 logs", "D", {"mode": 0o755, "name": b"logs"}),
+    (b"D0755 0 .", "D", {"name": b"."}),  # scp -r . host:dir
     (b"C0600 0 with space.txt", "C", {"name": b"with space.txt"}),
     (b"T1700000000 0 1700000001 0", "T", {"mtime": 1700000000, "atime": 1700000001}),
     (b"E", "E", {}),
@@ -123,7 +124,8 @@ def test_record_parser_never_accepts_a_path(line):
     except ScpProtocolError:
         return
     if rec.kind in "CD":
-        assert rec.name not in (b"", b".", b"..") and b"/" not in rec.name and b"\0" not in rec.name
+        assert rec.name not in (b"", b"..") and b"/" not in rec.name and b"\0" not in rec.name
+        assert rec.name != b"." or rec.kind == "D"
 
 
 @given(st.lists(st.binary(min_size=0, max_size=40).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=8),
