@@ -228,6 +228,8 @@ MIGRATIONS: dict[int, str | list[str]] = {
             value TEXT NOT NULL
         )""",
     ],
+    # 6: staff toolkit: when retention removed a recording's payload (metadata, hashes and signatures stay)
+    6: ["ALTER TABLE sessions ADD COLUMN payload_removed_at TEXT"],
 }
 
 
@@ -621,6 +623,18 @@ class Store:
         sql += ' ORDER BY s.started_at, t."offset" LIMIT ?'
         params.append(int(limit))
         return self.query(sql, tuple(params))
+
+    def retention_candidates(self, ended_before: str) -> list[dict[str, Any]]:
+        """Sessions that ended before ``ended_before`` and still have their recording payload (oldest first)."""
+        return self.query("SELECT * FROM sessions WHERE status != 'live' AND payload_removed_at IS NULL "
+                          "AND coalesce(ended_at, started_at) < ? ORDER BY started_at", (ended_before,))
+
+    def mark_payload_removed(self, session_id: str, at: str) -> None:
+        """Record that retention removed a session's payload, and drop its indexed output text with it
+        (commands and transfer paths stay searchable: they are metadata)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE sessions SET payload_removed_at = ? WHERE id = ?", (at, session_id))
+            conn.execute("DELETE FROM search_text WHERE session_id = ? AND kind = 'output'", (session_id,))
 
     # ------------------------------------------------------------------ web console
     def insert_web_token(self, row: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ TABLE: dict[str, Row] = {
                   ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
     "codec": Row(2, ("sessions/sftp_codec.py",), ("core",), (), "SFTP wire format: stdlib + layer 0"),
     "recording": Row(2, ("sessions/recording.py", "sessions/replay.py", "sessions/commands.py",
-                         "sessions/textindex.py"),
+                         "sessions/textindex.py", "sessions/retention.py", "sessions/htmlexport.py"),
                      ("core",), ("cryptography", "pyte"), "record format, reader, replay, command index"),
     "export": Row(2, ("broker/siem.py",), ("core",), (), "audit export sinks (JSON lines, syslog)"),
     "relay": Row(3, ("sessions/relay.py", "sessions/sftp.py", "sessions/scp.py", "sessions/sftp_device.py"),
