@@ -14,9 +14,13 @@ from broker.commands import grants as grant_cmds
 from broker.commands import home as home_cmds
 from broker.commands import keys as keys_cmds
 from broker.commands import recordings as recording_cmds
+from broker.commands import report as report_cmds
+from broker.commands import retention as retention_cmds
+from broker.commands import search as search_cmds
 from broker.commands import sessions as session_cmds
 from broker.commands import totp as totp_cmds
 from broker.commands import users as user_cmds
+from broker.commands import watch as watch_cmds
 from broker.commands.common import State, default_home
 from broker.errors import BrokerError
 
@@ -96,6 +100,10 @@ app.add_typer(user_cmds.app, name="user")
 app.add_typer(grant_cmds.grants_app, name="grants")
 app.add_typer(grant_cmds.requests_app, name="requests")
 app.add_typer(session_cmds.app, name="sessions")
+watch_cmds.register(session_cmds.app)
+search_cmds.register(session_cmds.app)
+report_cmds.register(app)
+app.add_typer(retention_cmds.app, name="retention")
 app.add_typer(audit_cmds.app, name="audit")
 app.add_typer(keys_cmds.app, name="keys")
 user_cmds.app.command("totp")(totp_cmds.totp)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -82,9 +83,22 @@ def check_recordings(a: App) -> list[dict[str, Any]]:
 
 
 @app.command("verify")
-def verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def verify(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    report: Annotated[Path | None, typer.Option(
+        "--report", metavar="FILE", dir_okay=False,
+        help="Instead: check a report from `medbroker report -o FILE` against its signature FILE.sig.")] = None,
+    signature: Annotated[Path | None, typer.Option(
+        "--signature", metavar="SIG", dir_okay=False, help="The report's signature file (default: FILE.sig).")] = None,
+) -> None:
     """Verify the audit chain, its signed checkpoints and every session recording; exit 1 naming what is broken."""
     a = open_home(ctx)
+    if report is not None:
+        from broker.commands.report import verify_report_file
+
+        verify_report_file(a, report, signature, as_json=as_json)
+        return
     chain = verify_chain(a.store, verify_signature=a.verify_signature)
     recordings = check_recordings(a)
     broken = [r for r in recordings if r["state"] == "broken"]
@@ -106,6 +120,8 @@ def verify(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                 say(f"recording {r['session_id']}: BROKEN: {safe('; '.join(r['problems']))}")
             elif r["state"] != "ok":
                 say(f"recording {r['session_id']}: {r['state']}")
+            elif r["notes"] and r["notes"][0].startswith("payload removed by retention"):
+                say(f"recording {r['session_id']}: ok; {safe(r['notes'][0].split(':')[0])}")
         say(f"recordings: {counts['ok']} ok, {counts['live']} live, {counts['incomplete']} incomplete, "
             f"{counts['broken']} broken")
     if not ok:

@@ -11,12 +11,11 @@ import typer
 from broker.app import App
 from broker.commands.common import admin_actor, emit_json, open_home, say
 from broker.commands.sessions import get_session_row
-from broker.config import parse_duration
 from broker.errors import RecordingError, StorageError, UsageError
 
 __all__ = ["register", "replay", "export", "verify_session_recording", "FORMATS"]
 
-FORMATS = ("asciicast", "text", "json")
+FORMATS = ("asciicast", "text", "json", "html")
 VIEW_ROLES = ("security", "admin")
 ByOpt = Annotated[str | None, typer.Option(
     "--by", metavar="NAME", help="Security or admin user viewing it (audited; default: local:<your OS login>).")]
@@ -28,7 +27,7 @@ def verify_session_recording(a: App, row: dict[str, Any]):
     :returns: a ``sessions.recording.VerifyResult``
     :raises RecordingError: the file cannot be opened
     """
-    from sessions.recording import verify_recording
+    from sessions.retention import verify_any as verify_recording  # also checks redacted (retention) recordings
 
     live = row["status"] == "live"
     return verify_recording(
@@ -43,9 +42,9 @@ def verify_session_recording(a: App, row: dict[str, Any]):
 def _seconds(text: str | None, option: str) -> float | None:
     if text is None:
         return None
-    if text.strip() in ("0", "0s"):
-        return 0.0
-    return float(parse_duration(text, what=option))
+    from broker.commands.player import parse_offset  # 0, 90s, 1m30s, 00:01:30 (as show/search print offsets)
+
+    return parse_offset(text, what=option)
 
 
 def replay(
@@ -72,6 +71,11 @@ def replay(
     row = get_session_row(a, session_id)
     actor = admin_actor(a, by, action="replay recordings", roles=VIEW_ROLES)
     result = verify_session_recording(a, row)
+    if result.ok and row.get("payload_removed_at"):
+        raise RecordingError(f"the terminal content of session {session_id} was removed by retention on "
+                             f"{row['payload_removed_at'][:10]}; nothing is left to replay",
+                             f"its metadata remains: medbroker sessions show {session_id}, or "
+                             f"medbroker export {session_id} --format text -o FILE")
     if not result.ok:
         raise RecordingError(f"recording of session {session_id} failed verification: {verification_summary(result)}",
                              f"inspect the evidence with: medbroker export {session_id} --format json -o FILE; "
@@ -86,11 +90,23 @@ def replay(
         out.write(data)
         out.flush()
 
-    frames = read_frames(row["recording"], key_lookup=a.keys.get)
-    try:
-        play(frames, write, speed=speed, max_idle=idle, start_at=start_at, instant=instant)
-    finally:
-        frames.close()
+    if not instant and sys.stdin.isatty() and sys.stdout.isatty():  # keys pause, seek and change speed
+        from broker.commands.player import KEYS_HELP, play_on_terminal
+
+        typer.echo(f"medbroker: {KEYS_HELP}", err=True)
+        player = play_on_terminal(lambda: read_frames(row["recording"], key_lookup=a.keys.get), write,
+                                  fd=sys.stdin.fileno(), play=play, speed=speed, max_idle=idle, start_at=start_at)
+        if not player.finished:
+            out.write(b"\r\n")
+            out.flush()
+            typer.echo(f"medbroker: stopped at {player.shown:.0f}s of session {session_id}", err=True)
+            return
+    else:
+        frames = read_frames(row["recording"], key_lookup=a.keys.get)
+        try:
+            play(frames, write, speed=speed, max_idle=idle, start_at=start_at, instant=instant)
+        finally:
+            frames.close()
     out.write(b"\r\n")
     out.flush()
     typer.echo(f"medbroker: end of session {session_id}", err=True)
@@ -115,17 +131,19 @@ def _write_atomically(path: Path, text: str) -> None:
 def export(
     ctx: typer.Context,
     session_id: Annotated[str, typer.Argument(metavar="ID", help="Session id (see: medbroker sessions list).")],
-    fmt: Annotated[str, typer.Option("--format", help="asciicast (v2, for players), text (transcript) or json.")],
+    fmt: Annotated[str, typer.Option("--format", help="asciicast (v2, for players), text (transcript), json, or "
+                                                      "html (one self-contained replay page).")],
     output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", dir_okay=False,
                                          help="Where to write it; '-' for stdout.")],
     by: ByOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary of the export.")] = False,
 ) -> None:
-    """Export a recording as asciicast v2, a text transcript or JSON, stating its verification status.
+    """Export a recording as asciicast v2, a text transcript, JSON or an HTML replay page, with its verification.
 
     Damaged recordings export what can be read, and the export says what is broken.
     """
-    from sessions.recording import read_frames, read_header
+    from sessions.htmlexport import to_html
+    from sessions.retention import open_frames as read_frames, read_any_header as read_header
     from sessions.replay import to_asciicast, to_json, to_text, verification_summary
 
     if fmt not in FORMATS:
@@ -141,6 +159,8 @@ def export(
             text = to_asciicast(frames, header=header, verify_result=result)
         elif fmt == "text":
             text = to_text(frames, header=header, verify_result=result)
+        elif fmt == "html":
+            text = to_html(frames, header=header, verify_result=result)
         else:
             text = to_json(frames, header=header, verify_result=result)
     finally:

@@ -53,26 +53,34 @@ def list_(
     device: Annotated[str | None, typer.Option("--device", metavar="NAME", help="Only on this device.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List sessions, oldest first."""
+    """List sessions, oldest first (live ones with their grant end and idle time)."""
+    from broker.commands.session_extras import idle_text, live_extras
+
     a = open_home(ctx)
-    docs = [session_doc(r) for r in a.store.list_sessions(status="live" if live else None, user=user, device=device)]
+    docs = [session_doc(r) | live_extras(a, r)
+            for r in a.store.list_sessions(status="live" if live else None, user=user, device=device)]
     if as_json:
         emit_json({"sessions": docs})
         return
-    print_table(["id", "user", "device", "status", "started", "length", "in", "out", "grant", "source"],
+    print_table(["id", "user", "device", "status", "started", "length", "in", "out", "idle", "grant", "grant ends",
+                 "source"],
                 ([d["id"], d["user"], d["device"], d["status"], when(d["started_at"]), _length(d), d["bytes_in"],
-                  d["bytes_out"], d["grant_id"], d["source"]] for d in docs),
+                  d["bytes_out"], idle_text(d), d["grant_id"], when(d["grant_ends_at"]), d["source"]] for d in docs),
                 empty="no live sessions" if live else "no sessions")
 
 
 @app.command("show")
 def show(ctx: typer.Context, session_id: SessionId, as_json: JsonOpt = False) -> None:
-    """Show one session: who, where, when, outcome, recording, file transfers."""
+    """Show one session: who, where, when, outcome, recording, commands, file transfers, denials and alerts."""
+    from broker.commands.session_extras import live_extras, print_activity, session_activity
+
     a = open_home(ctx)
-    doc = session_doc(get_session_row(a, session_id))
+    row = get_session_row(a, session_id)
+    doc = session_doc(row) | live_extras(a, row)
     transfers = a.store.transfers(session_id)
+    activity = session_activity(a, row)
     if as_json:
-        emit_json(doc | {"transfers": transfers})
+        emit_json(doc | {"transfers": transfers} | activity)
         return
     print_fields([("session", doc["id"]), ("user", doc["user"]), ("device", doc["device"]),
                   ("grant", doc["grant_id"]), ("source", doc["source"]), ("status", doc["status"]),
@@ -87,6 +95,7 @@ def show(ctx: typer.Context, session_id: SessionId, as_json: JsonOpt = False) ->
         print_table(["at", "direction", "path", "bytes", "sha256", "outcome"],
                     ([when(t["at"]), t["direction"], t["path"], t["bytes"], t["sha256"], t["outcome"]]
                      for t in transfers), title="File transfers")
+    print_activity(row, activity)
     say(f"Replay: medbroker replay {doc['id']}    Export: medbroker export {doc['id']} --format text -o FILE")
 
 
