@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from broker.app import open_app
-    from broker.server import run_server
+    from broker.serve import run_server
 
     app = open_app(Path(args.home))
     try:

@@ -112,7 +112,7 @@ def broker_launcher() -> tuple[list[str], str]:
                 return cli, "medbroker serve"
         except (OSError, subprocess.TimeoutExpired):
             pass
-    return [sys.executable, str(BENCH / "serve.py")], "bench/serve.py (broker.server.run_server)"
+    return [sys.executable, str(BENCH / "serve.py")], "bench/serve.py (broker.serve.run_server)"
 
 
 @dataclass

@@ -307,7 +307,7 @@ def run_demo(root: Path | None = None, *, broker_port: int = 2222, echo=print, d
 
     :param duration_s: stop by itself after this many seconds (tests)
     """
-    from broker.server import run_server
+    from broker.serve import run_server
 
     root = root or Path(tempfile.mkdtemp(prefix="medbroker-demo-"))
     world = build_demo(root, broker_port=broker_port)

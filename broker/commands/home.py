@@ -88,7 +88,7 @@ def serve(
     parse_listen(address)
     if web:
         app.config = app.config.with_web(web)  # run_server starts the console when web.address is set
-    from broker.server import run_server  # lazily: the CLI works without the SSH stack loaded
+    from broker.serve import run_server  # lazily: the CLI works without the SSH stack loaded
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level > logging.DEBUG:  # asyncssh logs every connection and channel at INFO
