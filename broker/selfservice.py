@@ -57,7 +57,9 @@ def _parser() -> _Parser:
     r = sub.add_parser("request", add_help=False)
     r.add_argument("device")
     r.add_argument("--for", dest="duration", required=True)
-    r.add_argument("--reason", required=True)
+    # ssh joins its arguments with spaces, so `--reason "tube replacement"` typed at a shell arrives as
+    # two words: take every word up to the next option.
+    r.add_argument("--reason", required=True, nargs="+")
     r.add_argument("--ticket")
     r.add_argument("--forward", action="append", default=[])
     r.add_argument("--mode", default="normal")
@@ -68,7 +70,7 @@ def _parser() -> _Parser:
     a.add_argument("--json", action="store_true")
     d = sub.add_parser("deny", add_help=False)
     d.add_argument("id", type=int)
-    d.add_argument("--reason")
+    d.add_argument("--reason", nargs="+")
     d.add_argument("--json", action="store_true")
     for name in ("requests", "grants", "status", "help", "web"):
         s = sub.add_parser(name, add_help=False)
@@ -99,7 +101,8 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
             return Reply(0, HELP.replace("PORT", str(port)).replace("BROKER", host))
         if args.cmd == "request":
             req = request_grant(app.store, app.audit, app.rules, principal, args.device,
-                                parse_duration(args.duration, what="--for"), args.reason, now, ticket=args.ticket,
+                                parse_duration(args.duration, what="--for"), " ".join(args.reason), now,
+                                ticket=args.ticket,
                                 forwards=tuple(args.forward), mode=args.mode, source=source)
             if args.json:
                 return Reply(0, json.dumps(req.as_dict()) + "\n")
@@ -120,7 +123,8 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
             return Reply(0, f"Request {args.id} approved: grant {dec.grant.id} lets {dec.grant.user} on "
                             f"{dec.grant.device} until {utc_iso(dec.grant.ends_at)}.\n")
         if args.cmd == "deny":
-            req = deny_request(app.store, app.audit, args.id, principal, now, args.reason)
+            req = deny_request(app.store, app.audit, args.id, principal, now,
+                               " ".join(args.reason) if args.reason else None)
             if args.json:
                 return Reply(0, json.dumps(req.as_dict()) + "\n")
             return Reply(0, f"Request {args.id} denied.\n")

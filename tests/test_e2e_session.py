@@ -343,3 +343,24 @@ def test_tampered_recording_is_detected(world):
     result = verify_recording(path, expected_final_hash=row["final_hash"], signature=row["signature"],
                               public_key=world.app.signing_key.public_key())
     assert not result.ok and result.problems
+
+
+def test_multi_word_reason_typed_at_a_shell_works_over_ssh(world):
+    """ssh joins its arguments with spaces: --reason "tube replacement" arrives as two words."""
+    import subprocess
+
+    from helpers.clients import ssh_options
+
+    argv = ["ssh", *ssh_options(key=world.keys["alice"].private_path, known_hosts=world.known_hosts,
+                                host_key_checking="yes"), "-p", str(world.port), "alice@127.0.0.1",
+            "request", "ct-01", "--for", "2h", "--reason", "tube replacement", "--ticket", "WO-1234", "--json"]
+    r = subprocess.run(argv, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    req = json.loads(r.stdout)
+    assert req["reason"] == "tube replacement" and req["ticket"] == "WO-1234"
+    argv[argv.index("alice@127.0.0.1")] = "bob@127.0.0.1"
+    argv[argv.index("-i") + 1] = str(world.keys["bob"].private_path)
+    r = subprocess.run([*argv[:argv.index("bob@127.0.0.1") + 1], "deny", str(req["id"]), "--reason", "not", "today"],
+                       capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(world.events("request.denied")[-1]["details"])["reason"] == "not today"
