@@ -180,6 +180,7 @@ class SyslogSink:
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._start_lock = threading.Lock()
+        self._pid = os.getpid()
         self.sent = 0
         self.dropped = 0
         self.errors = 0
@@ -189,6 +190,8 @@ class SyslogSink:
         if self._closing.is_set():
             self.dropped += 1
             return
+        if self._pid != os.getpid():
+            self._after_fork()
         limit = MAX_UDP_MESSAGE if self.transport == "udp" else None
         message = format_syslog(row, app_name=self.app_name, hostname=self.hostname, max_bytes=limit)
         try:
@@ -197,6 +200,14 @@ class SyslogSink:
             self.dropped += 1
             return
         self._ensure_thread()
+
+    def _after_fork(self) -> None:
+        """A forked worker inherits no sender thread: start afresh with its own queue and socket."""
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._thread, self._pid = None, None, os.getpid()
+        self._queue = queue.Queue(maxsize=self._queue.maxsize)
+        self._start_lock = threading.Lock()
 
     def _ensure_thread(self) -> None:
         with self._start_lock:

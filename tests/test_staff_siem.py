@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,30 @@ def test_jsonl_from_the_live_server_and_the_cli(tmp_path, device):
         assert all(rows[e["id"]] == e["hash"] for e in events)
     finally:
         w.close()
+
+
+def test_a_forked_worker_sends_its_own_events():
+    """listen.workers > 1 may fork after the App exists: the child starts its own sender."""
+    col = UdpCollector()
+    try:
+        sink = SyslogSink(col.address, hostname="h")
+        sink(_row(id=1))
+        col.receive(lambda m: m["sd"]["id"] == "1")
+        with warnings.catch_warnings():  # Python 3.12+ warns about fork() in a process with threads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: send one event, flush, exit without running pytest's teardown
+            code = 1
+            try:
+                sink(_row(id=2))
+                sink.close()
+                code = 0 if sink.sent == 1 else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        msg = col.receive(lambda m: m["sd"]["id"] == "2")
+        assert msg["procid"] == str(pid)
+        sink.close()
+    finally:
+        col.close()
