@@ -334,3 +334,6 @@ def test_other_channels_to_the_same_files(t, tmp_path):
     assert patient_bytes_in(tmp_path) == []
     r = t.ssh("rsync --server --sender -vlogDtprze.iLsfxC . tmp/")
     assert r.returncode == 1 and b"rsync is not available" in r.stderr and r.stdout == b""
+    # a reverse tunnel the device could push files through is refused too
+    r = t.ssh("true", extra_opts=["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:22"])
+    assert r.returncode == 255 and b"forwarding failed" in r.stderr
