@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import time
 
-import paramiko
 import pytest
 
 from frontdoor_support import add_person, close_world, code, details, events, wait, world_with

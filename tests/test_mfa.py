@@ -7,7 +7,6 @@ import base64
 import json
 import re
 import time
-from pathlib import Path
 
 import paramiko
 import pyotp

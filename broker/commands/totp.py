@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from broker.commands.common import BY_ADMIN_HELP, JSON_HELP, admin_actor, emit_json, open_home, say
-from broker.errors import ConflictError, UsageError
+from broker.errors import UsageError
 from broker.identity import get_principal, validate_name
 from broker.totp import DIGITS, PERIOD_S, enrol_totp, remove_totp
 
