@@ -291,6 +291,8 @@ def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
                 raise ConfigError(f"{source}: {name}.{key} = {value!r}; expected a whole number >= 0")
         elif not isinstance(value, str):
             raise ConfigError(f"{source}: {name}.{key} = {value!r}; expected a string")
+        elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ConfigError(f"{source}: {name}.{key} contains a control character", "remove it")
         values[key] = value
     return cls(**values)
 
@@ -330,6 +332,13 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
     if cfg.grants.critical_approvers not in (1, 2, 3):
         raise ConfigError(f"{source}: grants.critical_approvers must be 1, 2 or 3")
+    version = cfg.listen.server_version
+    if not 1 <= len(version) <= 245 or not all(0x20 < ord(c) < 0x7F for c in version):
+        raise ConfigError(f"{source}: listen.server_version = {version!r}; use 1-245 printable ASCII characters "
+                          "without spaces", 'e.g. "medbroker"')
+    for key in ("max_unauthenticated", "max_connections_per_address", "max_channels_per_connection"):
+        if getattr(cfg.limits, key) < 1:
+            raise ConfigError(f"{source}: limits.{key} must be at least 1", "0 would refuse every connection")
     if cfg.limits.max_auth_failures < 1:
         raise ConfigError(f"{source}: limits.max_auth_failures must be at least 1")
     if cfg.listen.workers < 1 or cfg.listen.workers > 64:

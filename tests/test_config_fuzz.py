@@ -250,13 +250,14 @@ def test_the_writer_produces_the_toml_it_means():
 
 
 # ----------------------------------------------------------------------------- found by the fuzzing above
-@pytest.mark.xfail(strict=True, reason="config.py accepts a NUL in path keys; medbroker init then fails with "
-                   "'internal error: ValueError: embedded null byte' instead of a ConfigError naming the key")
 def test_nul_in_a_path_is_a_config_error(cfgdir):
     assert _load(cfgdir, '[listen]\nhost_key = "keys/host\\u0000key"\n') is None
 
 
-@pytest.mark.xfail(strict=True, reason="config.py accepts a non-ASCII listen.server_version; medbroker serve then "
-                   "fails with 'internal error: UnicodeEncodeError' (asyncssh needs 1-245 printable ASCII)")
 def test_non_ascii_server_version_is_a_config_error(cfgdir):
     assert _load(cfgdir, '[listen]\nserver_version = "m\\u00e9dbroker"\n') is None
+
+
+def test_zero_connection_limits_are_config_errors(cfgdir):
+    for key in ("max_unauthenticated", "max_connections_per_address", "max_channels_per_connection"):
+        assert _load(cfgdir, f"[limits]\n{key} = 0\n") is None
