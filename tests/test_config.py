@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import string
 import tomllib
 from pathlib import Path
@@ -23,10 +22,7 @@ from broker.config import (
 )
 from broker.errors import ConfigError, UsageError
 
-try:
-    from helpers import FUZZ_EXAMPLES
-except ImportError:  # pragma: no cover - conftest helpers missing
-    FUZZ_EXAMPLES = int(os.environ.get("MEDBROKER_FUZZ_EXAMPLES", "500"))
+from helpers import FUZZ_EXAMPLES_OTHER
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
@@ -387,7 +383,7 @@ def test_parse_duration_non_string() -> None:
         parse_duration(None)  # type: ignore[arg-type]
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.text())
 @example("١٢m")
 @example("9" * 9 + "d")
@@ -448,7 +444,7 @@ def test_parse_listen_refuses(text: str) -> None:
     assert "HOST:PORT" in info.value.message
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.text())
 @example("h:²")
 @example("h:٢٢")

@@ -24,7 +24,7 @@ from fixtures.patientdata import (
     dicomdir,
     hl7_message,
 )
-from helpers import FUZZ_EXAMPLES
+from helpers import FUZZ_EXAMPLES_OTHER
 from sessions.policy import HEAD_BYTES, OutputScanner, detect_patient_data
 
 PATIENT_FILES = {
@@ -112,7 +112,7 @@ def test_no_false_positives_on_machine_files() -> None:
     assert len(hits) > 50  # the corpus was really read
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.binary(max_size=HEAD_BYTES + 16))
 def test_detect_never_raises(head: bytes) -> None:
     assert detect_patient_data(head) in (None, "DICOM", "HL7v2", "ASTM")
@@ -164,7 +164,7 @@ def test_scanner_no_false_positives_on_random_and_text() -> None:
     assert _scan(log) is None
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.lists(st.binary(max_size=1024), max_size=6))
 def test_scanner_never_raises(chunks: list[bytes]) -> None:
     scanner = OutputScanner()

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import FUZZ_EXAMPLES
+from helpers import FUZZ_EXAMPLES_OTHER
 from sessions.scp import (
     ScpCommand, ScpCommandError, ScpProtocolError, _Input, is_scp_command, parse_record, parse_scp_command,
     transfer_server_refusal,
@@ -74,13 +74,13 @@ def test_transfer_servers_run_as_commands_are_refused(command, refused):
 
 @given(st.text(min_size=1, max_size=60).filter(lambda p: "\0" not in p and not any(ord(c) < 0x20 or c == "\x7f"
                                                                                    for c in p)))
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 def test_any_quoted_path_round_trips_literally(path):
     assert parse_scp_command(f"scp -f -- {shlex.quote(path)}").path == path.encode("utf-8", "surrogateescape")
 
 
 @given(st.text(max_size=80))
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 def test_command_parser_accepts_only_plain_paths(command):
     try:
         cmd = parse_scp_command(command)
@@ -117,7 +117,7 @@ def test_bad_records_are_protocol_errors(line):
 
 
 @given(st.binary(max_size=64))
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 def test_record_parser_never_accepts_a_path(line):
     try:
         rec = parse_record(line)
@@ -130,7 +130,7 @@ def test_record_parser_never_accepts_a_path(line):
 
 @given(st.lists(st.binary(min_size=0, max_size=40).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=8),
        st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=30))
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 def test_input_yields_the_same_lines_however_the_stream_is_split(lines, cuts):
     stream = b"".join(line + b"\n" for line in lines)
     holds: list[bool] = []

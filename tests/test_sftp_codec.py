@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import FUZZ_EXAMPLES
+from helpers import FUZZ_EXAMPLES_OTHER
 from sessions.sftp_codec import (
     DEFAULT_MAX_LEN,
     EXTENSION_OPS,
@@ -205,7 +205,7 @@ def test_max_len_is_configurable() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- garbage
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.binary(max_size=400))
 def test_garbage_never_raises_anything_but_protocol_error(data: bytes) -> None:
     for parse in (parse_request, parse_reply):
@@ -224,7 +224,7 @@ def test_garbage_never_raises_anything_but_protocol_error(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.sampled_from(sorted(REQUESTS.values())), st.data())
 def test_every_truncation_is_a_clear_error(pkt: bytes, data: st.DataObject) -> None:
     cut = data.draw(st.integers(5, len(pkt) - 1))
@@ -238,7 +238,7 @@ def test_every_truncation_is_a_clear_error(pkt: bytes, data: st.DataObject) -> N
         assert req.op in ("extended", "unknown", "limits") or req.raw == truncated
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.binary(min_size=1, max_size=200))
 def test_bit_flipped_requests_give_a_request_or_a_protocol_error(noise: bytes) -> None:
     for pkt in REQUESTS.values():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from broker.commands.player import Player
 from broker.errors import UsageError
-from helpers import FUZZ_EXAMPLES
+from helpers import FUZZ_EXAMPLES_OTHER
 from helpers.pty import PtySession
 from sessions.recording import read_frames
 from sessions.replay import replay
@@ -152,7 +152,7 @@ def test_offsets_as_people_and_listings_write_them(home):
     assert "not a duration" in home.cli("replay", SID, "--from", "1m30", code=2).stderr
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.text(max_size=24))
 def test_parse_offset_fuzz(text):
     from broker.commands.player import format_offset, parse_offset

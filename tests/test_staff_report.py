@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from broker.errors import UsageError
 from broker.report import parse_time_bound
-from helpers import FUZZ_EXAMPLES
+from helpers import FUZZ_EXAMPLES_OTHER
 from staff_support import make_staff_home
 
 TODAY = datetime.now(timezone.utc).strftime("%Y-%m-%d")
@@ -162,7 +162,7 @@ def test_filters_periods_and_errors(home, tmp_path):
     assert "may not" in home.cli("report", "--from", TODAY, "--to", TODAY, "--by", "alice", code=1).stderr
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.text(max_size=40))
 def test_parse_time_bound_fuzz(text):
     now = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)

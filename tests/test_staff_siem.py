@@ -22,7 +22,7 @@ from broker.audit import EVENTS
 from broker.config import DEFAULT_CONFIG_TOML, parse_syslog_address
 from broker.errors import ConfigError, UsageError
 from broker.siem import FACILITY, SD_ID, JsonLinesSink, SyslogSink, event_severity, format_syslog, siem_record
-from helpers import FUZZ_EXAMPLES
+from helpers import FUZZ_EXAMPLES_OTHER
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,7 +143,7 @@ def test_default_config_has_the_section_and_sinks_are_off(tmp_path):
         app.close()
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.text(max_size=60))
 def test_parse_syslog_address_fuzz(text):
     try:

@@ -29,7 +29,7 @@ from broker.totp import enrol_totp
 from broker.web import start_web, stop_web
 from broker.web_auth import check_password, hash_password
 from broker.web_links import issue_signin_link, safe_next_path
-from helpers import FUZZ_EXAMPLES
+from helpers import FUZZ_EXAMPLES_OTHER
 from sessions.recording import RecordingWriter
 from web_support import Client, LoopThread
 
@@ -412,7 +412,7 @@ def test_console_off_loopback_needs_tls(tmp_path):
     assert cfg.with_web("127.0.0.1:8080").web.address == "127.0.0.1:8080"
 
 
-@settings(max_examples=FUZZ_EXAMPLES)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.text(max_size=300))
 def test_next_path_never_leaves_the_site(text):
     out = safe_next_path(text)
