@@ -135,7 +135,9 @@ def test_sftp_reads_of_protected_paths_are_refused_however_they_are_named(t, tmp
     denied = t.wait_events(mark, "sftp.denied", 12)
     assert {e["details"]["op"] for e in denied} >= {"opendir", "stat", "lstat", "statvfs", "realpath"}
     assert all(any(e["details"]["path"].startswith(str(p)) for p in t.protected) for e in denied)
-    _no_patient_bytes_recorded(t, known)
+    session = _no_patient_bytes_recorded(t, known)[0]
+    frames = [f.event() for f in t.frames(session) if f.kind == "policy-denial"]
+    assert len(frames) == len(t.events_since(mark, "sftp.denied")) and all("protected patient-data directory" in f["reason"] for f in frames)
 
 
 def test_sftp_patient_data_outside_protected_dirs_is_refused_by_content(t, tmp_path):
