@@ -192,9 +192,11 @@ class SessionPolicy:
         return KeptUploads(self.broker.app.config.home / "uploads" / self.live.id) if self.keep_uploads else None
 
     def check_exec(self, command: str) -> str | None:
-        """A refusal message for an exec command, or None to run it (legacy scp: None, the broker serves it)."""
+        """A refusal message for an exec command, or None to run it. Legacy scp never gets here when
+        :meth:`make_exec_handler` serves it; without that handler it is refused, never run on the device."""
         if is_scp_command(command):
-            return None  # make_exec_handler serves it over the device's SFTP, under the same path policy
+            return ("legacy scp (scp -O) is not available on this channel; use scp without -O (it speaks SFTP, "
+                    "which the patient-data guard checks) or sftp")
         refusal = transfer_server_refusal(command)
         if refusal:
             return refusal

@@ -161,11 +161,13 @@ class RelaySession(asyncssh.SSHServerSession):
         if isinstance(command, bytes):
             command = command.decode("utf-8", "replace")
         self.kind, self.command = "exec", command
-        self.refusal = self.ctx.check_exec(command)
-        if self.refusal is None and self.ctx.make_exec_handler is not None:
-            self.handler = self.ctx.make_exec_handler(self, command)
-            if self.handler is not None and self._holds["device"]:  # e.g. the recorder is behind already
-                self.handler.pause_writing()
+        # A command the broker serves itself (legacy scp) is judged by its handler, item by item;
+        # everything else by check_exec, which also refuses scp when no handler serves it (fail closed).
+        self.handler = self.ctx.make_exec_handler(self, command) if self.ctx.make_exec_handler else None
+        if self.handler is None:
+            self.refusal = self.ctx.check_exec(command)
+        elif self._holds["device"]:  # e.g. the recorder is behind already
+            self.handler.pause_writing()
         # served_by: the broker answers this command itself (legacy scp); the device never runs it
         self.ctx.recorder.append_event(self.ctx.number, "exec", {"command": command} if self.handler is None
                                        else {"command": command, "served_by": "medbroker"})
