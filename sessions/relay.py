@@ -77,7 +77,8 @@ class ChannelContext:
     check_subsystem: Callable[[str], str | None] = lambda name: f"subsystem {name} is not available"
     make_filter: Callable[["RelaySession", str], SubsystemFilter | None] | None = None
     make_exec_handler: Callable[["RelaySession", str], ExecHandler | None] | None = None
-    """For an allowed exec command: a handler that serves it in the broker, or None to run it on the device."""
+    """Asked first for each exec command: a handler that serves it in the broker (check_exec is then not
+    asked), or None to judge it with check_exec and run it on the device."""
     make_scanner: Callable[[], Any] | None = None
     """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
     on_detection: Callable[["RelaySession", str], None] = lambda relay, what: None
