@@ -27,7 +27,8 @@ class SessionText:
 def build_session_text(read: Callable[[], Iterable[Any]]) -> SessionText:
     """Index a recording. ``read()`` must return a fresh iterator of frames each call (two passes).
 
-    Protocol channels (sftp subsystem) contribute their transfer paths, not their bytes.
+    Protocol channels (the sftp subsystem, legacy scp served by the broker) contribute their transfer
+    paths, not their bytes.
     """
     out = SessionText(commands=index_commands(read()))
     plains: dict[int, PlainText] = {}
@@ -36,8 +37,8 @@ def build_session_text(read: Callable[[], Iterable[Any]]) -> SessionText:
     used = 0
     for frame in read():
         kind = frame.kind
-        if kind == "subsystem":
-            protocol.add(frame.channel)
+        if kind == "subsystem" or (kind == "exec" and frame.event().get("served_by")):
+            protocol.add(frame.channel)  # sftp, or legacy scp served by the broker: file bytes, not terminal text
         elif kind == "file-transfer":
             ev = frame.event()
             out.transfers.append((frame.offset, frame.channel,
