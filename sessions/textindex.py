@@ -11,6 +11,7 @@ from sessions.replay import _Plain as PlainText
 __all__ = ["SessionText", "build_session_text"]
 
 MAX_TEXT = 4_000_000  # characters of output indexed per session; bulk data beyond that is not text anyway
+MAX_EXAMINED = 16 << 20  # output bytes looked at per session: a 256 MiB `cat` is not read as text
 MAX_LINE = 1000
 
 
@@ -34,7 +35,7 @@ def build_session_text(read: Callable[[], Iterable[Any]]) -> SessionText:
     plains: dict[int, PlainText] = {}
     partial: dict[int, str] = {}
     protocol: set[int] = set()
-    used = 0
+    used = examined = 0
     for frame in read():
         kind = frame.kind
         if kind == "subsystem" or (kind == "exec" and frame.event().get("served_by")):
@@ -43,7 +44,11 @@ def build_session_text(read: Callable[[], Iterable[Any]]) -> SessionText:
             ev = frame.event()
             out.transfers.append((frame.offset, frame.channel,
                                   f"{ev.get('direction', '?')} {ev.get('path', '?')}"[:MAX_LINE]))
-        elif kind in ("output", "stderr") and frame.channel not in protocol and used < MAX_TEXT:
+        elif kind in ("output", "stderr") and frame.channel not in protocol and used < MAX_TEXT \
+                and examined < MAX_EXAMINED:
+            examined += len(frame.payload)
+            if examined >= MAX_EXAMINED:
+                out.truncated = True
             text = plains.setdefault(frame.channel, PlainText()).feed(frame.payload)
             if text.count("\ufffd") * 4 > len(text) + 4:  # binary data, not terminal text
                 continue
