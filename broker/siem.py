@@ -207,7 +207,10 @@ class SyslogSink:
             self._sock.close()
         self._sock, self._thread, self._pid = None, None, os.getpid()
         self._queue = queue.Queue(maxsize=self._queue.maxsize)
+        # Every lock the parent's sender thread may have held at fork() time is copied locked: renew them.
         self._start_lock = threading.Lock()
+        self._closing = threading.Event()
+        self.sent = self.dropped = self.errors = 0
 
     def _ensure_thread(self) -> None:
         with self._start_lock:

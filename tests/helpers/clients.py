@@ -482,8 +482,10 @@ def paramiko_exec(
             if chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
                 progressed = True
-            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                # Data is processed in packet order, so everything sent before exit-status is here.
+            if chan.exit_status_ready() and (chan.eof_received or chan.closed) \
+                    and not chan.recv_ready() and not chan.recv_stderr_ready():
+                # sshd may send exit-status before the last stderr bytes (it reads the pipes after the
+                # child exits), so wait for EOF too; data before EOF is then all here.
                 break
             if time.monotonic() > deadline:
                 raise HelperTimeoutError(f"paramiko exec {command!r} did not finish in {timeout}s; out={bytes(out)!r}")
