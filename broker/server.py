@@ -32,7 +32,7 @@ from broker.live import LiveSession, SessionSettings
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
 from sessions.policy import ProtectedPaths, load_protected_paths
-from sessions.relay import RefusalSession, RelaySession
+from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
@@ -600,39 +600,20 @@ class BrokerServer(asyncssh.SSHServer):
                                session_id=self.live.id if self.live else None)
 
 
-class SelfServiceSession(asyncssh.SSHServerSession):
+class SelfServiceSession(OneShotSession):
     """``ssh alice@broker [command]``: status, request, approve, deny."""
 
     def __init__(self, server: BrokerServer) -> None:
+        super().__init__()
         self.server = server
-        self.command: str | None = None
-        self.pty = False
-
-    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
-        self.chan = chan
-
-    def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
-        self.pty = True
-        return True
-
-    def shell_requested(self) -> bool:
-        return True
-
-    def exec_requested(self, command: str | bytes) -> bool:
-        self.command = command.decode("utf-8", "replace") if isinstance(command, bytes) else command
-        return True
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        self.command = f"__subsystem {subsystem}"
-        return True
 
     def session_started(self) -> None:
         self.server.broker.spawn(self._run())
 
     async def _run(self) -> None:
         s, b = self.server, self.server.broker
-        if self.command and self.command.startswith("__subsystem "):
-            reply_status, out, err = 1, "", (f"{self.command.split()[1]} needs a device: use "
+        if self.subsystem:
+            reply_status, out, err = 1, "", (f"{self.subsystem} needs a device: use "
                                              f"USER@DEVICE@{b.settings.public_host}\n")
         else:
             reply = await b.db(lambda: run_command(b.app, s.principal, self.command, source=s.source, port=b.port))
@@ -644,12 +625,6 @@ class SelfServiceSession(asyncssh.SSHServerSession):
         if err:
             self.chan.write_stderr(err.encode())
         self.chan.exit(reply_status)
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        pass  # self-service commands read no input
-
-    def eof_received(self) -> bool:
-        return True
 
 
 def _listen_options(app: App) -> dict[str, Any]:

@@ -16,8 +16,17 @@ from typing import Any, Awaitable, Callable, Protocol
 import asyncssh
 from asyncssh.packet import Boolean, String, UInt32
 
-__all__ = ["ChannelContext", "RelaySession", "UpstreamSession", "RefusalSession", "Recorder", "SubsystemFilter",
-           "ExecHandler", "ENV_ALLOWED"]
+__all__ = [
+    "ChannelContext",
+    "RelaySession",
+    "UpstreamSession",
+    "OneShotSession",
+    "RefusalSession",
+    "Recorder",
+    "SubsystemFilter",
+    "ExecHandler",
+    "ENV_ALLOWED",
+]
 
 log = logging.getLogger("medbroker.relay")
 
@@ -426,13 +435,14 @@ class RelaySession(asyncssh.SSHServerSession):
         self.ctx.on_closed(self)
 
 
-class RefusalSession(asyncssh.SSHServerSession):
-    """A channel that only explains why it was refused, then exits 1."""
+class OneShotSession(asyncssh.SSHServerSession):
+    """A channel that accepts whatever is asked (pty, shell, exec, subsystem), remembers it, and answers
+    once from ``session_started``: refusals and the broker's own commands."""
 
-    def __init__(self, message: str, on_shown: Callable[[], None] | None = None) -> None:
-        self.message = message
-        self.on_shown = on_shown
+    def __init__(self) -> None:
         self.pty = False
+        self.command: str | None = None
+        self.subsystem: str | None = None
 
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self.chan = chan
@@ -444,11 +454,28 @@ class RefusalSession(asyncssh.SSHServerSession):
     def shell_requested(self) -> bool:
         return True
 
-    def exec_requested(self, command: str) -> bool:
+    def exec_requested(self, command: str | bytes) -> bool:
+        self.command = command.decode("utf-8", "replace") if isinstance(command, bytes) else command
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        self.subsystem = subsystem
         return True
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        pass  # one-shot channels read no input
+
+    def eof_received(self) -> bool:
+        return True
+
+
+class RefusalSession(OneShotSession):
+    """A channel that only explains why it was refused, then exits 1."""
+
+    def __init__(self, message: str, on_shown: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.message = message
+        self.on_shown = on_shown
 
     def session_started(self) -> None:
         eol = "\r\n" if self.pty else "\n"
