@@ -242,7 +242,7 @@ def render_markdown(result: dict, summary: dict, json_name: str, link_dir: str =
     lines += ["", "## Targets", "", "| target | measured | met? |", "|---|---|---|"]
     lines += [f"| {row['target']} | {row['measured']} | {_verdict(row['met'])} |" for row in summary["targets"]]
     lines += _keystroke_section(summary) + _interference_section(result) + _concurrency_section(result) + _recording_section(result, summary)
-    lines += _profile_section(result) + _errors_section(summary, result)
+    lines += _profile_section(result, link_dir) + _errors_section(summary, result)
     return "\n".join(lines) + "\n"
 
 
@@ -328,7 +328,7 @@ PROFILE_PARTS = {
 }
 
 
-def _profile_section(result: dict) -> list[str]:
+def _profile_section(result: dict, link_dir: str = "results/") -> list[str]:
     prof = result.get("profile")
     if not prof:
         return []
@@ -339,7 +339,7 @@ def _profile_section(result: dict) -> list[str]:
         p = prof.get(part)
         if not p or not p.get("samples"):
             continue
-        out += ["", f"### {title}: {p['samples']} samples (raw stacks: `{p.get('raw', '?')}`)", "",
+        out += ["", f"### {title}: {p['samples']} samples (raw stacks: `{link_dir}{p.get('raw', '?')}`)", "",
                 "Samples per thread: " + ", ".join(f"{k} {v:.0f} %" for k, v in p.get("threads", {}).items()), "",
                 "| self % | function (self time) | | inclusive % | function (with callees) |", "|---|---|---|---|---|"]
         selfs, incl = p.get("self_functions", [])[:15], [e for e in p.get("inclusive", []) if not _boring(e["frame"])][:15]

@@ -8,6 +8,7 @@ process), then a py-spy profile of the broker. Writes ``bench/results/<date>-<mo
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import signal
@@ -274,8 +275,9 @@ def run_profile(world: BenchWorld, plan: Plan, result: dict, out_dir: Path, stam
         existing = [p for p in paths if p.exists()]
         if existing:
             prof[name] = summarize_collapsed(existing)
-            merged = out_dir / f"profile-{stamp}-{name}.collapsed.txt"
-            merged.write_text("".join(p.read_text(errors="replace") for p in existing))
+            merged = out_dir / f"profile-{stamp}-{name}.collapsed.txt.gz"  # flamegraph.pl input, gzipped
+            with gzip.open(merged, "wt") as fh:
+                fh.write("".join(p.read_text(errors="replace") for p in existing))
             prof[name]["raw"] = merged.name
         for p in paths:
             p.unlink(missing_ok=True)
