@@ -216,6 +216,7 @@ def render_markdown(result: dict, summary: dict, json_name: str, link_dir: str =
         f"- product: commit `{result['product']['commit'][:10]}`"
         f"{' + uncommitted changes in broker/ or sessions/' if result['product']['dirty'] else ''}; broker started with "
         f"{result['product']['launcher']} as its own process; recordings strict + encrypted (defaults)",
+        _code_line(result),
         f"- payload: {plan['blob_mib']} MiB of random bytes on the device's tmpfs, sha256-checked after every transfer; "
         f"keystrokes: {plan['keys_per_round']} per path per round, {plan['key_gap_ms']} ms apart; setup: "
         f"{plan['setups_per_round']} per path per round",
@@ -244,6 +245,19 @@ def render_markdown(result: dict, summary: dict, json_name: str, link_dir: str =
     lines += _keystroke_section(summary) + _interference_section(result) + _concurrency_section(result) + _recording_section(result, summary)
     lines += _profile_section(result, link_dir) + _errors_section(summary, result)
     return "\n".join(lines) + "\n"
+
+
+def _code_line(result: dict) -> str:
+    """Say whether every broker process in the run ran the same product code (the working tree is shared)."""
+    versions = result["product"].get("code_versions")
+    if not versions:
+        return "- product code during the run: not tracked (older result)"
+    seen = sorted({v for starts in versions.values() for _, v in starts} | {result["product"].get("code_at_end", "")} - {""})
+    if len(seen) <= 1:
+        return f"- product code: the same in every broker process and at the end (`{seen[0] if seen else '?'}`)"
+    starts = "; ".join(f"{name}: " + ", ".join(f"{t} `{v}`" for t, v in s) for name, s in versions.items())
+    return (f"- **product code changed during the run** ({len(seen)} versions; the working tree is shared): broker "
+            f"starts {starts}; at the end `{result['product'].get('code_at_end')}`")
 
 
 def _keystroke_section(summary: dict) -> list[str]:

@@ -24,7 +24,7 @@ from bench.concurrency import run_level
 from bench.profiling import Spy, summarize_collapsed
 from bench.report import LABELS, render_markdown, summarize
 from bench.sysinfo import cpu_seconds, machine_facts, our_cpu_jiffies, system_busy
-from bench.world import BENCH, REPO, BenchWorld
+from bench.world import BENCH, REPO, BenchWorld, code_fingerprint
 
 __all__ = ["Plan", "QUICK", "FULL", "main"]
 
@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"interrupted ({interrupted}); cleaning up")
     finally:
         world.close()
+        result["product"]["code_versions"] = {b.name: b.code_versions for b in world.brokers.values()}
+        result["product"]["code_at_end"] = code_fingerprint()
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if interrupted:
         result["interrupted"] = interrupted

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BenchWorld", "BrokerProc", "BenchSetupError", "PATHS", "DEVICE_ACCOUNT"]
+__all__ = ["BenchWorld", "BrokerProc", "BenchSetupError", "PATHS", "DEVICE_ACCOUNT", "code_fingerprint"]
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -102,6 +102,27 @@ def _is_tmpfs(path: str) -> bool:
         return False
 
 
+def code_fingerprint() -> str:
+    """HEAD plus a hash of every .py file under broker/ and sessions/ as they are on disk now.
+
+    Several engineers share this working tree: a broker started later in a run may run different code.
+    """
+    h = hashlib.sha256()
+    for d in ("broker", "sessions"):
+        for p in sorted((REPO / d).rglob("*.py")):
+            h.update(str(p.relative_to(REPO)).encode() + b"\0")
+            try:
+                h.update(p.read_bytes())
+            except OSError:
+                pass
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, timeout=30,
+                              check=False).stdout.decode().strip()
+    except (OSError, subprocess.TimeoutExpired):
+        head = "?"
+    return f"{head or '?'}+{h.hexdigest()[:10]}"
+
+
 def broker_launcher() -> tuple[list[str], str]:
     """argv prefix that runs the broker, and a label: ``medbroker serve`` if the CLI has it, else bench/serve.py."""
     if importlib.util.find_spec("broker.cli") is not None:
@@ -127,6 +148,8 @@ class BrokerProc:
     proc: subprocess.Popen | None = None
     banner: str = ""
     log: Path = field(init=False)
+    code_versions: list = field(default_factory=list)
+    """(time, fingerprint) at every start: the product code each process ran."""
 
     def __post_init__(self) -> None:
         self.log = self.home.parent / f"{self.name}.log"
@@ -145,6 +168,7 @@ class BrokerProc:
             argv = self.launcher + ["--home", str(self.home), "--listen", f"127.0.0.1:{self.port}"]
         else:
             argv = self.launcher + ["--home", str(self.home), "serve", "--listen", f"127.0.0.1:{self.port}"]
+        self.code_versions.append((time.strftime("%H:%M:%S"), code_fingerprint()))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv + (extra or []), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          cwd=REPO, start_new_session=True, env=env,
