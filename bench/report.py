@@ -252,12 +252,16 @@ def _code_line(result: dict) -> str:
     versions = result["product"].get("code_versions")
     if not versions:
         return "- product code during the run: not tracked (older result)"
-    seen = sorted({v for starts in versions.values() for _, v in starts} | {result["product"].get("code_at_end", "")} - {""})
-    if len(seen) <= 1:
-        return f"- product code: the same in every broker process and at the end (`{seen[0] if seen else '?'}`)"
+    all_versions = {v for starts in versions.values() for _, v in starts} | {result["product"].get("code_at_end", "")}
+    all_versions.discard("")
+    code = {v.split("+")[-1] for v in all_versions}  # the broker/ and sessions/ content hash, without HEAD
+    if len(code) <= 1:
+        heads = sorted({v.split("+")[0] for v in all_versions})
+        moved = f"; HEAD moved ({', '.join(heads)}) by commits outside broker/ and sessions/" if len(heads) > 1 else ""
+        return f"- product code (broker/, sessions/): the same in every broker process and at the end (`{next(iter(code), '?')}`){moved}"
     starts = "; ".join(f"{name}: " + ", ".join(f"{t} `{v}`" for t, v in s) for name, s in versions.items())
-    return (f"- **product code changed during the run** ({len(seen)} versions; the working tree is shared): broker "
-            f"starts {starts}; at the end `{result['product'].get('code_at_end')}`")
+    return (f"- **product code changed during the run** ({len(code)} versions of broker/ and sessions/; the working tree "
+            f"is shared): broker starts {starts}; at the end `{result['product'].get('code_at_end')}`")
 
 
 def _keystroke_section(summary: dict) -> list[str]:
