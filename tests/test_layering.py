@@ -45,7 +45,7 @@ TABLE: dict[str, Row] = {
                       "sessions/content.py", "sessions/exec_check.py"),
                   ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
     "codec": Row(2, ("sessions/sftp_codec.py",), ("core",), (), "SFTP wire format: stdlib + layer 0"),
-    "recording": Row(2, ("sessions/recording.py", "sessions/replay.py", "sessions/commands.py",
+    "recording": Row(2, ("sessions/recording.py", "sessions/recwriter.py", "sessions/replay.py", "sessions/commands.py",
                          "sessions/textindex.py", "sessions/retention.py", "sessions/htmlexport.py"),
                      ("core",), ("cryptography", "pyte"), "record format, reader, replay, command index"),
     "export": Row(2, ("broker/siem.py",), ("core",), (), "audit export sinks (JSON lines, syslog)"),

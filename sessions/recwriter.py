@@ -1,0 +1,442 @@
+"""Recording writer: frames queued on the event loop, then encrypted, chained and written in batches by one shared thread."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import stat
+import threading
+from collections import deque
+from typing import Any, Callable
+
+from broker.clock import Clock
+from broker.errors import RecordingError, UsageError
+from sessions.recording import (
+    _END, _ENCRYPTED, _EPOCH, _FIXED, _IOV_MAX, _MAX_HEADER, _PRELUDE, _US, _WRITE_BATCH, DATA_KINDS, KINDS, MAGIC,
+    MAX_PAYLOAD, VERSION, _aad, _derive, _describe, _dumps, _fsync_dir, _open_new, _pack_frame, _write_all,
+    _writev_all,
+)
+
+__all__ = ["RecordingWriter", "FLUSH_INTERVAL", "BATCH_BYTES"]
+
+FLUSH_INTERVAL = 0.02
+"""Seconds a queued frame may wait for the writer thread (group commit): readers see it at most this late."""
+BATCH_BYTES = 256 << 10
+"""Queued payload of one recording that wakes the writer thread at once instead of at the next tick."""
+
+
+def _report_callback_error(exc: Exception) -> None:
+    threading.excepthook(threading.ExceptHookArgs((type(exc), exc, exc.__traceback__, threading.current_thread())))
+
+
+class _Pool:
+    """The one writer thread of this process and the lock every writer's queue lives under.
+
+    Appending never wakes the thread for each frame: the thread writes everything queued every
+    ``FLUSH_INTERVAL`` while there is work, at once when a recording has ``BATCH_BYTES`` queued, when one
+    ends, or when someone drains. An idle thread sleeps until the next frame arrives. One thread for all
+    sessions: 500 sessions are 500 queues, not 500 threads and 10,000 thread wake-ups a second.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)  # the writer thread waits here
+        self.done = threading.Condition(self.lock)  # drain()/close() wait here
+        self.ready: dict[int, RecordingWriter] = {}  # writers with queued frames, in arrival order
+        self.urgent = False
+        self.sleeping = True
+        self.thread: threading.Thread | None = None
+
+    def start_locked(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="medbroker-recording-writer", daemon=True)
+            self.thread.start()
+
+    def hurry_locked(self) -> None:
+        """Make the thread write now (an end frame, a drain, a full batch)."""
+        if not self.urgent:
+            self.urgent = True
+            self.sleeping = False
+            self.wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                if not self.ready:
+                    self.wake.wait(FLUSH_INTERVAL)  # one idle tick first: a busy session must not wake us per frame
+                    if not self.ready:
+                        self.sleeping = True
+                        while not self.ready:
+                            self.wake.wait()
+                        if not self.urgent:
+                            self.wake.wait(FLUSH_INTERVAL)  # the first frame after a pause: collect company
+                elif not self.urgent:
+                    self.wake.wait(FLUSH_INTERVAL)  # collect more frames: one write for many
+                work = list(self.ready.values())
+                self.ready.clear()
+                self.urgent = False
+                batches = []
+                for w in work:
+                    batches.append((w, w._queue))
+                    w._queue = deque()
+                    w._queued = 0
+                    w._inflight = True
+            for w, batch in batches:
+                w._write_batch(batch)
+
+
+_pool = _Pool()
+
+
+def _reset_after_fork() -> None:  # a forked child has no writer thread; its recordings start a new one
+    global _pool
+    _pool = _Pool()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class RecordingWriter:
+    """Appends frames to one session's recording; the process's shared writer thread writes them in batches.
+
+    ``append_data``/``append_event`` only stamp the frame and queue it (no disk I/O, no hashing, no thread
+    wake-up in the common case), so they are safe and cheap on the event loop. Call them from one thread.
+    The writer thread encrypts, chains and writes whole batches, every :data:`FLUSH_INTERVAL` while
+    frames are queued (so ``sessions watch`` and a crash lose at most that window), at once when
+    :data:`BATCH_BYTES` are queued, for the end frame and for :meth:`drain`. The constructor creates the
+    file and writes the header synchronously, so a recording that cannot even start fails there (strict
+    mode refuses the session before connecting).
+
+    Flow control: ``pending_bytes`` is the payload queued but not yet written. When it reaches
+    ``high_water``, ``paused`` turns True and ``on_pause()`` runs on the appending thread; the relay should
+    stop reading from both sides. When the writer has brought it down to ``low_water``, ``paused`` turns
+    False and ``on_resume()`` runs on the writer thread (use ``loop.call_soon_threadsafe``). Above
+    ``max_pending`` the recording fails instead of growing memory without bound.
+
+    Errors (disk full, EIO, a vanished volume) set ``failed`` to a :class:`RecordingError` whose
+    ``__cause__`` is the ``OSError``, and call ``on_error(error)`` exactly once, from the writer thread
+    (or from the thread whose append/close found it): wire it with ``loop.call_soon_threadsafe``.
+    Appends after a failure or after close are dropped and counted in ``dropped_frames`` (they never
+    raise, so late asyncssh callbacks and best-effort mode keep working); strict mode ends the session
+    from ``on_error``.
+
+    All recordings of a process share one writer thread, so a recordings volume that blocks writes
+    stalls every recording (and, through the backlog, pauses every session) rather than one.
+
+    :param path: the new file (must not exist)
+    :param header: JSON object; needs a non-empty ``session_id``; ``encryption`` is reserved
+    :param clock: monotonic offsets (``mono_ns``, from construction) and UTC wall time (``wall_us``)
+    :param aead_key: 32-byte AES-256-GCM key, or None for a clear recording
+    :param key_id: the key's id, stored in the header so readers can look it up (required with a key)
+    :param fsync: fsync after every batch (close always fsyncs)
+    :param on_error: ``on_error(RecordingError)``, called once, usually from the writer thread
+    :param on_pause: called on the appending thread when ``pending_bytes`` reaches ``high_water``
+    :param on_resume: called on the writer thread when it is back at ``low_water``
+    :param high_water: backlog (payload bytes) that pauses; default 8 MiB
+    :param low_water: backlog that resumes; default 2 MiB
+    :param max_pending: backlog at which the recording fails; default 64 MiB
+    :raises RecordingError: bad header or key, file exists, cannot be created or written
+    :raises UsageError: water marks out of order
+    """
+
+    def __init__(self, path: str | os.PathLike[str], header: dict[str, Any], *, clock: Clock,
+                 aead_key: bytes | None = None, key_id: str | None = None, fsync: bool = False,
+                 on_error: Callable[[RecordingError], None] | None = None,
+                 on_pause: Callable[[], None] | None = None, on_resume: Callable[[], None] | None = None,
+                 high_water: int = 8 << 20, low_water: int = 2 << 20, max_pending: int = 64 << 20) -> None:
+        self.path = os.fspath(path)
+        if not isinstance(header, dict) or not isinstance(header.get("session_id"), str) \
+                or not header["session_id"]:
+            raise RecordingError("recording header needs a non-empty 'session_id' string")
+        if "encryption" in header:
+            raise RecordingError("recording header key 'encryption' is reserved for the writer")
+        if not 0 <= low_water <= high_water <= max_pending:
+            raise UsageError(f"need 0 <= low_water <= high_water <= max_pending; got "
+                             f"{low_water}, {high_water}, {max_pending}")
+        full = dict(header)
+        self._aead = None
+        if aead_key is not None:
+            if len(aead_key) != 32 or not key_id:
+                raise RecordingError("recording encryption needs a 32-byte key and a key_id")
+            salt = os.urandom(16)
+            self._aead, check = _derive(aead_key, salt, header["session_id"])
+            full["encryption"] = {"alg": "AES-256-GCM", "kdf": "HKDF-SHA256", "key_id": key_id,
+                                  "salt": salt.hex(), "key_check": check, "nonce": "seq"}
+        elif key_id is not None:
+            raise RecordingError("key_id given without aead_key")
+        try:
+            body = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise RecordingError(f"recording header is not JSON-serialisable: {exc}") from None
+        if len(body) > _MAX_HEADER:
+            raise RecordingError(f"recording header is {len(body)} bytes; the limit is {_MAX_HEADER}")
+        head = _PRELUDE.pack(MAGIC, VERSION, len(body)) + body
+        self.header: dict[str, Any] = full
+        self._aad = _aad(header["session_id"])
+        self._last_hash = hashlib.sha256(head).digest()
+        self._fd = _open_new(self.path)
+        try:
+            _write_all(self._fd, head + self._last_hash)
+            if fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            os.close(self._fd)
+            if stat.S_ISREG(os.stat(self.path).st_mode):
+                os.unlink(self.path)
+            raise RecordingError(f"cannot write recording {self.path}: {_describe(exc)}",
+                                 "free space on the recordings volume, then retry") from exc
+        self._clock, self._fsync = clock, fsync
+        self._on_error, self._on_pause, self._on_resume = on_error, on_pause, on_resume
+        self._high, self._low, self._max = high_water, low_water, max_pending
+        self._mono0 = clock.monotonic_ns()
+        self.last_activity_mono_ns = self._mono0
+        self.bytes_in = self.bytes_out = 0
+        self._seq = self._pending = self._queued = self.dropped_frames = 0
+        self._paused = self._stopping = self._closed = self._ended = self._inflight = False
+        self._failed: RecordingError | None = None
+        self._final: str | None = None
+        self._queue: deque[tuple[int, int, int, int, int, bytes]] = deque()
+        self._pool = _pool
+        self._close_lock = threading.Lock()
+
+    # -- state the relay and `sessions list` poll (plain attribute reads, no locks) --
+    @property
+    def pending_bytes(self) -> int:
+        """Payload bytes queued but not yet written."""
+        return self._pending
+
+    @property
+    def paused(self) -> bool:
+        """True from crossing ``high_water`` until the backlog is back at ``low_water``."""
+        return self._paused
+
+    @property
+    def failed(self) -> RecordingError | None:
+        """The error that stopped the recording, or None."""
+        return self._failed
+
+    @property
+    def frames(self) -> int:
+        """Frames appended so far (the last sequence number)."""
+        return self._seq
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
+
+    # -- hot path --
+    def append_data(self, channel: int, kind: str, data: bytes) -> int:
+        """Queue raw bytes of ``input``, ``output`` or ``stderr``; returns the last sequence number.
+
+        Data over :data:`MAX_PAYLOAD` becomes several consecutive frames. Returns 0 when the frame was
+        dropped because the recording failed or is closed (see ``failed``).
+
+        :raises RecordingError: not a data kind, or a channel outside 0..2**32-1
+        """
+        if kind not in DATA_KINDS:
+            raise RecordingError(f"{kind!r} is not a data kind ({', '.join(sorted(DATA_KINDS))}); "
+                                 "use append_event")
+        data = data if type(data) is bytes else bytes(data)
+        code = KINDS[kind]
+        if len(data) <= MAX_PAYLOAD:
+            return self._enqueue(channel, code, data)
+        seq = 0
+        for start in range(0, len(data), MAX_PAYLOAD):
+            seq = self._enqueue(channel, code, data[start:start + MAX_PAYLOAD])
+        return seq
+
+    def append_event(self, channel: int, kind: str, event: dict[str, Any]) -> int:
+        """Queue an event frame whose payload is ``event`` as compact UTF-8 JSON; returns its sequence number.
+
+        Returns 0 when dropped because the recording failed or is closed.
+
+        :raises RecordingError: unknown or data kind, ``end`` (use close), not a JSON object, too large,
+            a channel outside 0..2**32-1
+        """
+        code = KINDS.get(kind)
+        if code is None or kind in DATA_KINDS or code == _END:
+            raise RecordingError(f"{kind!r} is not an event kind", "event kinds: " + ", ".join(
+                k for k in KINDS if k not in DATA_KINDS and k != "end"))
+        if not isinstance(event, dict):
+            raise RecordingError(f"{kind} event must be a dict, got {type(event).__name__}")
+        try:
+            payload = _dumps(event)
+        except (TypeError, ValueError) as exc:
+            raise RecordingError(f"{kind} event is not JSON-serialisable: {exc}") from None
+        if len(payload) > MAX_PAYLOAD:
+            raise RecordingError(f"{kind} event is {len(payload)} bytes; the limit is {MAX_PAYLOAD}")
+        return self._enqueue(channel, code, payload)
+
+    def _enqueue(self, channel: int, code: int, payload: bytes, *, end_reason: str | None = None) -> int:
+        if not 0 <= channel <= 0xFFFFFFFF:
+            raise RecordingError(f"channel {channel} is out of range 0..2**32-1")
+        final = end_reason is not None
+        pause = False
+        pool = self._pool
+        with pool.lock:
+            if self._failed is not None or self._stopping:
+                if not final:
+                    self.dropped_frames += 1
+                return 0
+            if final:  # built under the lock so the counts match the frames before it
+                payload = _dumps({"reason": end_reason, "frames": self._seq + 1, "bytes_in": self.bytes_in,
+                                  "bytes_out": self.bytes_out})
+            n = len(payload)
+            if not final and self._pending + n > self._max:
+                overflow = RecordingError(
+                    f"recording {self.path}: backlog over {self._max} bytes (disk slower than the session)",
+                    "the relay must pause reading while writer.paused is True")
+            else:
+                overflow = None
+                mono = self._clock.monotonic_ns()
+                self._seq = seq = self._seq + 1
+                self._queue.append((seq, mono - self._mono0, (self._clock.now() - _EPOCH) // _US,
+                                    channel, code, payload))
+                self._pending += n
+                self._queued += n
+                if code == 1:
+                    self.bytes_in += n
+                elif code <= 3:
+                    self.bytes_out += n
+                if code <= 3:
+                    self.last_activity_mono_ns = mono
+                if self._pending >= self._high and not self._paused:
+                    self._paused = pause = True
+                if final:  # atomically with the end frame: nothing may follow it
+                    self._stopping = True
+                pool.ready[id(self)] = self
+                if final or self._queued >= BATCH_BYTES:
+                    pool.hurry_locked()
+                elif pool.sleeping:
+                    pool.sleeping = False
+                    pool.wake.notify()
+                pool.start_locked()
+        if overflow is not None:
+            self.dropped_frames += 1
+            self._fail(overflow)
+            return 0
+        if pause and self._on_pause is not None:
+            self._on_pause()
+        return seq
+
+    # -- writer thread --
+    def _write_batch(self, batch: deque[tuple[int, int, int, int, int, bytes]]) -> None:
+        """Encrypt, chain and write one batch (writer thread; ``_inflight`` is set)."""
+        prev, aead, aad = self._last_hash, self._aead, self._aad
+        out: list[bytes] = []
+        size = 0
+        ended = False
+        try:
+            if self._failed is None:
+                for seq, mono, wall, channel, code, payload in batch:
+                    size += len(payload)
+                    flags = _ENCRYPTED if aead is not None and code != _END else 0
+                    fixed = _FIXED.pack(seq, mono, wall, channel, code, flags)
+                    if flags:
+                        payload = aead.encrypt(seq.to_bytes(12, "big"), payload, aad + fixed)
+                    prev = _pack_frame(prev, fixed, payload, out)
+                    ended = ended or code == _END
+                    if size >= _WRITE_BATCH or len(out) >= _IOV_MAX:  # write in steps: bounded latency for readers
+                        self._flush(out, size, prev)
+                        out, size = [], 0
+                if out:
+                    self._flush(out, size, prev)
+        except Exception as exc:  # noqa: BLE001 - any write failure must surface, never die silently
+            self._fail(exc)
+        finally:
+            with self._pool.lock:
+                self._inflight = False
+                self._ended = self._ended or ended
+                self._pool.done.notify_all()
+
+    def _flush(self, parts: list[bytes], size: int, last_hash: bytes) -> None:
+        _writev_all(self._fd, parts)
+        if self._fsync:
+            os.fsync(self._fd)
+        self._last_hash = last_hash
+        with self._pool.lock:
+            self._pending -= size
+            resume = self._paused and self._pending <= self._low
+            if resume:
+                self._paused = False
+            self._pool.done.notify_all()
+        if resume and self._on_resume is not None:
+            try:
+                self._on_resume()
+            except Exception as exc:  # noqa: BLE001 - the caller's bug: report it, keep recording
+                _report_callback_error(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, RecordingError):
+            err = exc
+        else:
+            err = RecordingError(f"recording {self.path}: write failed: {_describe(exc)}",
+                                 "free space or fix the recordings volume (medbroker check); "
+                                 "the session could not be recorded")
+            err.__cause__ = exc
+        pool = self._pool
+        with pool.lock:
+            if self._failed is not None:
+                return
+            self._failed = err
+            self._queue.clear()
+            pool.ready.pop(id(self), None)
+            self._pending = self._queued = 0
+            pool.done.notify_all()
+        if self._on_error is not None:
+            try:
+                self._on_error(err)
+            except Exception as cb_exc:  # noqa: BLE001 - the caller's bug: report it
+                _report_callback_error(cb_exc)
+
+    # -- lifecycle --
+    def drain(self, timeout: float | None = None) -> bool:
+        """Block until everything queued is written (or the writer failed); False on timeout."""
+        pool = self._pool
+        with pool.lock:
+            if self._queue:
+                pool.hurry_locked()
+            return pool.done.wait_for(
+                lambda: self._failed is not None or (self._pending == 0 and not self._queue and not self._inflight),
+                timeout)
+
+    def close(self, reason: str = "closed") -> str:
+        """Append the ``end`` frame, drain, fsync, close; returns the final chain hash (hex). Idempotent.
+
+        Blocks until the writer has finished: from async code use :meth:`aclose`.
+
+        :raises RecordingError: the recording failed (the same error on every call)
+        """
+        pool = self._pool
+        with self._close_lock:
+            if not self._closed:
+                try:
+                    self._enqueue(0, _END, b"", end_reason=str(reason))
+                    with pool.lock:
+                        self._stopping = True
+                        pool.done.wait_for(lambda: not self._inflight and (
+                            self._failed is not None or (self._ended and not self._queue)))
+                    if self._failed is None:
+                        try:
+                            os.fsync(self._fd)
+                        except OSError as exc:
+                            if exc.errno != errno.EINVAL:  # pipes and devices cannot fsync
+                                self._fail(exc)
+                finally:
+                    self._closed = True
+                    os.close(self._fd)
+                if self._failed is None:
+                    self._final = self._last_hash.hex()
+                    _fsync_dir(self.path)
+            if self._failed is not None:
+                raise self._failed
+            assert self._final is not None
+            return self._final
+
+    async def aclose(self, reason: str = "closed") -> str:
+        """:meth:`close` in a worker thread, for the event loop."""
+        return await asyncio.to_thread(self.close, reason)
