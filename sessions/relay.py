@@ -33,6 +33,11 @@ log = logging.getLogger("medbroker.relay")
 EOF_HOLD_S = 0.1  # see RelaySession.device_eof
 # Environment variables forwarded to the device (sshd's Debian default AcceptEnv is LANG LC_*).
 ENV_ALLOWED = ("LANG", "LC_")
+# Send buffer per channel before the relay stops reading the other side. asyncssh's default (64 KiB high,
+# 16 KiB low) paused the relay every two 32 KiB packets under bulk load; 1 MiB lets a transfer flow while
+# still bounding memory per busy channel (docs/performance.md, "relay write buffers").
+WRITE_BUFFER_HIGH = 1 << 20
+WRITE_BUFFER_LOW = 256 << 10
 
 
 class Recorder(Protocol):
@@ -155,6 +160,7 @@ class RelaySession(asyncssh.SSHServerSession):
     # ------------------------------------------------------------ vendor requests
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self.chan = chan
+        chan.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
 
     def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
         self.pty = (term_type, term_size, term_modes)
@@ -221,6 +227,7 @@ class RelaySession(asyncssh.SSHServerSession):
             up.close()
             return
         self.up = up
+        up.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         if self._holds["device"]:
             up.pause_reading()
         if self.subsystem:
