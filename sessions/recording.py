@@ -214,6 +214,7 @@ class _Raw:
     payload: bytes
     stored: bytes
     computed: bytes
+    skipped: bool = False  # read_frames(want_data=...) did not want it: payload neither copied nor hashed
 
 
 class _Scanner:
@@ -282,7 +283,8 @@ class _Scanner:
         self._pos = end + 32
         return True
 
-    def next_frame(self) -> _Raw | None:
+    def next_frame(self, skip: Callable[[int, int], bool] | None = None) -> _Raw | None:
+        """The next frame, or None at the end of the file; ``skip(channel, code)`` True: leave the payload."""
         if not self._need(_LEN.size):
             return None
         size, guard = _LEN.unpack_from(self._buf, self._pos)
@@ -292,13 +294,17 @@ class _Scanner:
             return None
         p = self._pos + _LEN.size
         fixed = bytes(self._buf[p:p + _FIXED.size])
-        payload = bytes(self._buf[p + _FIXED.size:p + size])
+        fields = _FIXED.unpack(fixed)
         stored = bytes(self._buf[p + size:p + size + 32])
-        h = hashlib.sha256(self.prev)
-        h.update(fixed)
-        h.update(payload)
         self.index += 1
-        raw = _Raw(self.index, self.offset, *_FIXED.unpack(fixed), fixed, payload, stored, h.digest())
+        if skip is not None and skip(fields[3], fields[4]):
+            raw = _Raw(self.index, self.offset, *fields, fixed, b"", stored, stored, skipped=True)
+        else:
+            payload = bytes(self._buf[p + _FIXED.size:p + size])
+            h = hashlib.sha256(self.prev)
+            h.update(fixed)
+            h.update(payload)
+            raw = _Raw(self.index, self.offset, *fields, fixed, payload, stored, h.digest())
         self._pos = p + size + 32
         self.prev, self.last = stored, raw
         return raw
@@ -356,6 +362,8 @@ class _Checker:
             problems.append(f"frame {n}: unknown kind code {raw.code}")
         if raw.flags & ~_ENCRYPTED:
             problems.append(f"frame {n}: unknown flags 0x{raw.flags:02x}")
+        if raw.skipped:
+            return problems, None
         payload: bytes | None = raw.payload
         if raw.flags & _ENCRYPTED:
             if not self.encrypted:
@@ -426,7 +434,8 @@ def _writer_gone(fh: Any) -> bool:
 def read_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes] | None = None,
                 follow: bool = False, *, strict: bool = True, stop: Callable[[], bool] | None = None,
                 timeout: float | None = None, poll_interval: float = 0.1,
-                sleep: Callable[[float], None] = time.sleep) -> Iterator[Frame]:
+                sleep: Callable[[float], None] = time.sleep,
+                want_data: Callable[[int, str], bool] | None = None) -> Iterator[Frame]:
     """Yield the frames of a recording in order, decrypted, checking the chain as it goes.
 
     A torn tail ends the iteration quietly (see :func:`verify_recording`). With ``follow=True`` it tails a
@@ -437,6 +446,9 @@ def read_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes]
     :param key_lookup: key id → 32-byte key, for encrypted recordings
     :param strict: raise on the first chain problem; False skips damaged frames and stops where the
         file cannot be parsed (for exporting damaged evidence)
+    :param want_data: ``want_data(channel, kind)`` is asked before each input/output/stderr frame is
+        decoded; False leaves that frame out unread: not copied, hash-checked, decrypted or yielded (its
+        sequence number and time are still checked). For indexers; events are always decoded.
     :raises RecordingError: unreadable, not a recording, encrypted without the right key, or (strict)
         a chain problem, naming the frame
     :raises UsageError: ``follow`` without ``stop`` or ``timeout``
@@ -471,11 +483,13 @@ def read_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes]
         if sc.header_problem:
             problem(sc.header_problem)
         checker = _Checker(sc.header, _key_for(sc.header, key_lookup, name))
+        skip = None if want_data is None else \
+            (lambda channel, code: (kind := KIND_NAMES.get(code)) in DATA_KINDS and not want_data(channel, kind))
         while True:
             try:
-                raw = sc.next_frame()
+                raw = sc.next_frame(skip)
                 if raw is None and follow and _writer_gone(fh):
-                    raw = sc.next_frame()  # the writer may have written its last batch just before exiting
+                    raw = sc.next_frame(skip)  # the writer may have written its last batch just before exiting
                     if raw is None:
                         return
             except _Corrupt as exc:

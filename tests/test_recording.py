@@ -482,6 +482,41 @@ def test_encrypted_frames_are_authenticated(tmp_path: Path) -> None:
     assert "frame 4: stored in clear in an encrypted recording" in verify_recording(bad).problems
 
 
+def test_want_data_leaves_unwanted_data_frames_unread(tmp_path: Path) -> None:
+    """Indexers ask for some data frames only: the rest are neither decrypted nor yielded; events always are."""
+    path = tmp_path / "w.mbr"
+    clock = FakeClock()
+    w = RecordingWriter(path, HEADER, clock=clock, aead_key=KEY, key_id="k1")
+    for i in range(12):
+        clock.advance(0.25)
+        w.append_data(i % 3, ("input", "output", "stderr")[i % 2 + (i % 5 == 0)], b"chunk-%d" % i)
+        if i % 4 == 0:
+            w.append_event(i % 3, "exec", {"command": f"run {i}"})
+    w.close()
+    full = list(read_frames(path, key_lookup=keys))
+    asked: list[tuple[int, str]] = []
+
+    def want(channel: int, kind: str) -> bool:
+        asked.append((channel, kind))
+        return channel == 1 and kind == "output"
+
+    part = list(read_frames(path, key_lookup=keys, want_data=want))
+    assert part == [f for f in full if f.kind not in DATA_KINDS or (f.channel, f.kind) == (1, "output")]
+    assert asked == [(f.channel, f.kind) for f in full if f.kind in DATA_KINDS]
+    assert any(f.kind == "output" and f.channel == 1 for f in part) and any(f.kind == "end" for f in part)
+    # A damaged frame that is not wanted is not even read; a wanted one still fails the strict reader.
+    data = path.read_bytes()
+    _, spans = frame_spans(data)
+    victim = next(i for i, f in enumerate(full) if (f.channel, f.kind) == (0, "input"))
+    end = spans[victim][1]
+    bad = tmp_path / "bad.mbr"
+    bad.write_bytes(data[:end - 40] + bytes([data[end - 40] ^ 1]) + data[end - 39:])
+    assert list(read_frames(bad, key_lookup=keys, want_data=lambda c, k: c != 0)) == \
+        [f for f in full if f.kind not in DATA_KINDS or f.channel != 0]
+    with pytest.raises(RecordingError, match=f"frame {victim + 1}: hash mismatch"):
+        list(read_frames(bad, key_lookup=keys, want_data=lambda c, k: c == 0))
+
+
 # ---------------------------------------------------------------- follow mode
 
 
