@@ -1,4 +1,4 @@
-"""Patient-data guard throughput: OutputScanner MB/s on random, text, base64 and tar; SFTP codec packets/s."""
+"""Patient-data guard cost: OutputScanner MB/s on random, text, base64, hex dump and tar, µs per small feed; SFTP codec MB/s."""
 
 from __future__ import annotations
 
@@ -42,6 +42,43 @@ def _tar(total: int) -> bytes:
     return buf.getvalue()[:total]
 
 
+def _hexdump(data: bytes) -> bytes:
+    """``xxd``-style dump of ``data`` (offset, eight 2-byte groups, ASCII column), built here."""
+    lines = []
+    for off in range(0, len(data), 16):
+        row = data[off:off + 16]
+        groups = " ".join(row[k:k + 2].hex() for k in range(0, 16, 2))
+        text = row.translate(_DOTS).decode("ascii")
+        lines.append(f"{off:08x}: {groups:<39}  {text}\n")
+    return "".join(lines).encode()
+
+
+_DOTS = bytes(b if 0x20 <= b < 0x7F else 0x2E for b in range(256))
+
+
+def _shell(total: int) -> bytes:
+    """Interactive shell output: prompts, commands and ``ls``-like listings."""
+    rnd, lines, size = random.Random(7), [], 0
+    while size < total:
+        line = (b"svc@ct-01:~$ ls -l /var/log/device\r\n" if rnd.random() < 0.1 else
+                b"-rw-r--r-- 1 svc svc %7d Nov 28 12:%02d service-%04d.log\r\n"
+                % (rnd.randint(1, 9_999_999), rnd.randint(0, 59), rnd.randint(0, 9999)))
+        lines.append(line)
+        size += len(line)
+    return b"".join(lines)[:total]
+
+
+def feed_cost(data: bytes, chunk: int) -> float:
+    """µs per OutputScanner.feed of ``chunk``-byte pieces of ``data`` (asserts nothing is found)."""
+    chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    scanner = OutputScanner()
+    start = time.perf_counter()
+    for c in chunks:
+        if scanner.feed(c):
+            raise AssertionError("benchmark data unexpectedly matched")
+    return (time.perf_counter() - start) / len(chunks) * 1e6
+
+
 def scan_rate(data: bytes, chunk: int) -> float:
     """MB/s of OutputScanner.feed over ``data`` in ``chunk``-byte pieces (asserts nothing is found)."""
     chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
@@ -68,15 +105,24 @@ def codec_rate(total: int, size: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mib", type=int, default=256, help="MiB of each data kind (default 256)")
+    ap.add_argument("--repeat", type=int, default=1, help="report the best of this many runs (default 1)")
     args = ap.parse_args()
+    best = range(max(1, args.repeat))
     total = args.mib * 1024 * 1024
     kinds = {"random": os.urandom(total), "text": _text(total)}
     kinds["base64"] = base64.encodebytes(kinds["random"][: total * 3 // 4])[:total]
+    kinds["hexdump"] = _hexdump(kinds["random"][: total // 4])[:total]
     kinds["tar"] = _tar(total)
-    print(f"OutputScanner, {args.mib} MiB per kind, python {sys.version.split()[0]}")
+    print(f"OutputScanner, {args.mib} MiB per kind, best of {len(best)}, python {sys.version.split()[0]}")
     for name, data in kinds.items():
-        rates = [f"{chunk // 1024:>4} KiB chunks {scan_rate(data, chunk):7.0f} MB/s" for chunk in (32768, 262144)]
+        rates = [f"{chunk // 1024:>4} KiB chunks {max(scan_rate(data, chunk) for _ in best):7.0f} MB/s" for chunk in (32768, 262144)]
         print(f"  {name:7} " + "   ".join(rates))
+    shell = _shell(min(total, 4 * 1024 * 1024))
+    small = {"shell": shell, "random": kinds["random"][:len(shell)], "base64": kinds["base64"][:len(shell)]}
+    print("OutputScanner, µs per feed of small chunks (keystroke echo, short output)")
+    for name, data in small.items():
+        costs = [f"{chunk:>4} B {min(feed_cost(data[:chunk * 100_000], chunk) for _ in best):6.2f} µs" for chunk in (1, 16, 256, 4096)]
+        print(f"  {name:7} " + "   ".join(costs))
     for size in (32 * 1024, 255 * 1024):
         print(f"SFTP DATA framing+parse, {size // 1024} KiB replies: {codec_rate(total // 4, size):7.0f} MB/s")
 
