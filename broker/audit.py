@@ -73,6 +73,10 @@ EVENTS: dict[str, str] = {
     "notify.failed": "a notification (webhook or e-mail) could not be delivered",
     "broker.started": "the broker started serving",
     "broker.stopped": "the broker stopped",
+    "broker.worker.started": "a worker process began accepting on the shared port (listen.workers > 1)",
+    "broker.worker.stopped": "a worker process stopped cleanly (its live sessions ended first)",
+    "broker.worker.failed": "a worker process ended unexpectedly (exit status or signal); the supervisor "
+                            "sealed its live recordings and starts a new worker",
 }
 
 _HASHED = ("id", "at", "event", "actor", "user_name", "device", "session_id", "grant_id", "request_id",

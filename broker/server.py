@@ -61,11 +61,18 @@ REFUSAL_GRACE_S = 3.0  # an over-cap connection gets this long to reach user aut
 
 
 class Broker:
-    """Process-wide state: the app, live sessions, connection counters, the control loop."""
+    """Process-wide state: the app, live sessions, connection counters, the control loop.
 
-    def __init__(self, app: App, *, port: int = 2222) -> None:
+    ``worker`` is this process's index under a supervisor (``listen.workers > 1``, broker/workers.py), or None
+    for a broker that runs alone. Only a broker that is not a worker has ``duties``: the broker-wide periodic
+    work (signed audit checkpoints, expiring pending requests), which must run in exactly one process.
+    """
+
+    def __init__(self, app: App, *, port: int = 2222, worker: int | None = None) -> None:
         self.app = app
         self.port = port
+        self.worker = worker
+        self.duties = worker is None
         self.live: dict[str, LiveSession] = {}
         self.unauthenticated = 0
         self.per_address: dict[str, int] = {}
@@ -123,14 +130,15 @@ class Broker:
                 pass
 
     async def _control_loop(self) -> None:
-        """Every 0.5 s: end sessions that were killed or whose grant was revoked (from any process)."""
+        """Every 0.5 s: end this process's sessions that were killed or whose grant was revoked (from any
+        process); with ``duties``, also checkpoint the audit chain and expire pending requests."""
         tick = 0
         while True:
             await asyncio.sleep(0.5)
             tick += 1
-            if tick % CHECKPOINT_TICKS == 1:
+            if self.duties and tick % CHECKPOINT_TICKS == 1:
                 self.spawn(self.write_checkpoint())
-            if tick % EXPIRY_TICKS == 1:  # pending requests past their TTL become expired (audited)
+            if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL become expired (audited)
                 self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit, self.app.clock.now())))
             if not self.live:
                 continue
@@ -646,24 +654,33 @@ def _listen_options(app: App) -> dict[str, Any]:
     )
 
 
-async def start_server(app: App, address: str, *, seal: bool = True) -> tuple[asyncssh.SSHAcceptor, Broker]:
+async def start_server(app: App, address: str, *, seal: bool = True,
+                       worker: int | None = None) -> tuple[asyncssh.SSHAcceptor, Broker]:
     """Start listening; returns the acceptor (``.sockets``, ``.close()``) and the broker state.
 
+    :param seal: first seal recordings that crashed broker processes left live
+    :param worker: this process's index under a supervisor (broker/workers.py): it shares the port with
+        SO_REUSEPORT, leaves broker-wide duties to the supervisor and audits ``broker.worker.started``
     :raises UsageError: bad address
     :raises OSError: the port is taken
     """
     host, port = parse_listen(address)
     install_mfa_hook()  # key + TOTP (broker/mfa.py); when it cannot install, TOTP users are refused
-    broker = Broker(app, port=port)
+    broker = Broker(app, port=port, worker=worker)
     if seal:
         await broker.seal_interrupted()
+    shared = app.config.listen.workers > 1 or worker is not None  # several processes accept on this port
     acceptor = await asyncssh.listen(host, port, server_factory=lambda: BrokerServer(broker),
-                                     reuse_address=True, reuse_port=app.config.listen.workers > 1,
+                                     reuse_address=True, reuse_port=shared,
                                      **_listen_options(app))
     broker.port = acceptor.sockets[0].getsockname()[1] if port == 0 else port
     broker.settings = broker.settings.with_port(broker.port)
     broker.start_control()
-    await broker.audit("broker.started", address=f"{host}:{broker.port}", pid=broker.pid)
+    if worker is None:
+        await broker.audit("broker.started", address=f"{host}:{broker.port}", pid=broker.pid)
+    else:
+        await broker.audit("broker.worker.started", address=f"{host}:{broker.port}", pid=broker.pid, worker=worker,
+                           supervisor_pid=os.getppid())
     return acceptor, broker
 
 
@@ -686,5 +703,8 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
         if not pending:
             break
         await asyncio.wait(pending, timeout=10)
+    if broker.worker is not None:  # the supervisor signs the chain once every worker has stopped
+        await broker.audit("broker.worker.stopped", pid=broker.pid, worker=broker.worker)
+        return
     await broker.audit("broker.stopped", pid=broker.pid)
     await broker.write_checkpoint()  # the last rows of this run are signed too
