@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import pyte
 
-__all__ = ["CommandEntry", "index_commands"]
+__all__ = ["CommandEntry", "CommandIndex", "index_commands"]
 
 _MAX_COMMAND = 4096
 
@@ -82,25 +82,44 @@ class _Terminal:
         self.start = None
 
 
+class CommandIndex:
+    """Builds the command index one frame at a time (see :func:`index_commands`), for single-pass indexers."""
+
+    def __init__(self) -> None:
+        self._out: list[CommandEntry] = []
+        self._terms: dict[int, _Terminal] = {}
+
+    def wants(self, channel: int, kind: str) -> bool:
+        """Whether a data frame matters here: input and output of PTY channels (stderr never does)."""
+        return kind in ("input", "output") and channel in self._terms
+
+    def feed(self, frame: Any) -> None:
+        """Take the next frame (a ``sessions.recording.Frame``-like object), in recording order."""
+        kind = frame.kind
+        if kind == "exec":
+            self._out.append(CommandEntry(frame.offset, frame.channel, str(frame.event().get("command", "")), "exec"))
+        elif kind == "pty":
+            ev = frame.event()
+            self._terms[frame.channel] = _Terminal(int(ev.get("cols") or 80), int(ev.get("rows") or 24))
+        elif kind == "resize" and frame.channel in self._terms:
+            ev = frame.event()
+            self._terms[frame.channel].resize(int(ev.get("cols") or 80), int(ev.get("rows") or 24))
+        elif kind == "input" and frame.channel in self._terms:
+            self._terms[frame.channel].keystrokes(frame.offset, frame.payload)
+        elif kind == "output" and frame.channel in self._terms:
+            self._terms[frame.channel].output(frame.payload, self._out, frame.channel)
+
+    def result(self) -> list[CommandEntry]:
+        """The commands so far, in time order."""
+        return sorted(self._out, key=lambda c: c.offset)
+
+
 def index_commands(frames: Iterable[Any]) -> list[CommandEntry]:
     """Reconstruct the commands of a session from its frames (``sessions.recording.Frame`` objects).
 
     :returns: commands in time order; shell lines read from the emulated screen, exec commands verbatim
     """
-    out: list[CommandEntry] = []
-    terms: dict[int, _Terminal] = {}
+    index = CommandIndex()
     for frame in frames:
-        kind = frame.kind
-        if kind == "exec":
-            out.append(CommandEntry(frame.offset, frame.channel, str(frame.event().get("command", "")), "exec"))
-        elif kind == "pty":
-            ev = frame.event()
-            terms[frame.channel] = _Terminal(int(ev.get("cols") or 80), int(ev.get("rows") or 24))
-        elif kind == "resize" and frame.channel in terms:
-            ev = frame.event()
-            terms[frame.channel].resize(int(ev.get("cols") or 80), int(ev.get("rows") or 24))
-        elif kind == "input" and frame.channel in terms:
-            terms[frame.channel].keystrokes(frame.offset, frame.payload)
-        elif kind == "output" and frame.channel in terms:
-            terms[frame.channel].output(frame.payload, out, frame.channel)
-    return sorted(out, key=lambda c: c.offset)
+        index.feed(frame)
+    return index.result()
