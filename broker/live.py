@@ -18,8 +18,9 @@ from broker.config import format_duration
 from broker.devices import Device
 from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
 from broker.grants import Grant
+from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
-from sessions.recording import RecordingWriter, read_frames, seal_recording, sign_final_hash
+from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
 from sessions.relay import ChannelContext, RelaySession
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -356,22 +357,14 @@ class LiveSession:
 
 
 async def index_session(broker: "Broker", session_id: str, path: Path) -> None:
-    """Build the command index and search text of a closed recording (off the event loop)."""
-    from sessions.textindex import build_session_text
-
-    keys = broker.app.keys
+    """Build the command index and search text of a closed recording (off the loop; big ones in a child)."""
     try:
-        text = await asyncio.get_running_loop().run_in_executor(
-            None, build_session_text, lambda: read_frames(path, key_lookup=keys.get, strict=False))
+        rows = await build_index_rows(path, broker.app.keys.get)
     except (OSError, BrokerError) as exc:
         log.warning("cannot index %s: %s", session_id, exc)
         return
-    commands = [(c.offset, c.channel, c.source, c.command) for c in text.commands]
-    rows = [(c.offset, "command", c.command) for c in text.commands]
-    rows += [(offset, "output", line) for offset, _, line in text.lines]
-    rows += [(offset, "transfer", what) for offset, _, what in text.transfers]
     now = utc_iso(broker.app.clock.now())
-    await broker.db(lambda: broker.app.store.save_session_text(session_id, commands, rows, now))
+    await broker.db(lambda: broker.app.store.save_session_text(session_id, rows.commands, rows.texts, now))
 
 
 async def seal_interrupted_sessions(broker: "Broker") -> None:

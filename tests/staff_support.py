@@ -17,8 +17,9 @@ from broker.clock import FakeClock, utc_iso
 from broker.devices import add_device
 from broker.grants import approve_request, request_grant
 from broker.identity import add_user, get_principal
-from sessions.recording import DATA_KINDS, RecordingWriter, read_frames, sign_final_hash
-from sessions.textindex import build_session_text
+from broker.indexer import session_rows
+from sessions.recording import DATA_KINDS, RecordingWriter, sign_final_hash
+from sessions.textindex import index_recording
 
 __all__ = ["StaffHome", "make_staff_home", "DEVICE_HOST_KEY"]
 
@@ -86,12 +87,8 @@ class StaffHome:
         self.app.audit.record("session.end", user=user, device=device, session_id=session_id, grant_id=grant_id,
                               status=status, final_hash=final)
         if index:
-            text = build_session_text(lambda: read_frames(path, key_lookup=self.app.keys.get))
-            commands = [(c.offset, c.channel, c.source, c.command) for c in text.commands]
-            rows = [(c.offset, "command", c.command) for c in text.commands]
-            rows += [(o, "output", line) for o, _, line in text.lines]
-            rows += [(o, "transfer", what) for o, _, what in text.transfers]
-            store.save_session_text(session_id, commands, rows, utc_iso(ended))
+            rows = session_rows(index_recording(path, self.app.keys.get))  # what the broker's indexer runs
+            store.save_session_text(session_id, rows.commands, rows.texts, utc_iso(ended))
         return store.get_session(session_id)
 
     def sql(self, statement: str, params: tuple = ()) -> list[tuple]:
