@@ -7,18 +7,33 @@ import asyncio
 from broker.app import App
 from broker.server import start_server, stop_server
 
-__all__ = ["run_server"]
+__all__ = ["run_server", "run_worker"]
+
+
+def _runner():
+    try:
+        import uvloop  # measured +25 % bulk throughput (asyncssh-notes, baseline table)
+        return uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run
 
 
 def run_server(app: App, address: str, *, on_ready=None) -> None:
-    """Serve until SIGINT/SIGTERM (``medbroker serve``)."""
-    import signal
+    """Serve until SIGINT/SIGTERM (``medbroker serve``).
 
-    try:
-        import uvloop  # measured +25 % bulk throughput (asyncssh-notes, baseline table)
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
+    With ``listen.workers = 1`` this process is the broker. With more, it is the supervisor of that many
+    worker processes sharing the port (broker/workers.py); ``on_ready(port)`` is then called once every
+    worker accepts connections.
+
+    :param on_ready: ``on_ready(port)`` once the broker accepts connections (port 0 resolved)
+    :raises OSError: the port is taken
+    """
+    if app.config.listen.workers > 1:
+        from broker.workers import supervise
+
+        _runner()(supervise(app, address, on_ready=on_ready))
+        return
+    import signal
 
     async def main() -> None:
         acceptor, broker = await start_server(app, address)
@@ -44,4 +59,14 @@ def run_server(app: App, address: str, *, on_ready=None) -> None:
             await stop_web(web)
         await stop_server(acceptor, broker)
 
-    runner(main())
+    _runner()(main())
+
+
+def run_worker(app: App, address: str, *, index: int, supervisor_pid: int) -> None:
+    """One worker process of a supervisor (``serve --worker-of``), until SIGTERM or the supervisor is gone.
+
+    :raises OSError: the port cannot be shared
+    """
+    from broker.workers import serve_worker
+
+    _runner()(serve_worker(app, address, index=index, supervisor_pid=supervisor_pid))

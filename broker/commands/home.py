@@ -2,6 +2,7 @@
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -78,6 +79,13 @@ def serve(
     web: Annotated[str | None, typer.Option(
         "--web", metavar="HOST:PORT",
         help="Also serve the web console here (default: web.address in broker.toml; empty = off).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, max=64, metavar="N",
+        help="Broker processes accepting on the port (default: listen.workers in broker.toml, normally 1). "
+             "With more than 1 this process supervises them.")] = None,
+    worker_of: Annotated[str | None, typer.Option(
+        "--worker-of", hidden=True, help="Internal: run as worker INDEX of the supervisor SUPERVISOR_PID.",
+        metavar="SUPERVISOR_PID:INDEX")] = None,
 ) -> None:
     """Serve the vendor SSH port (and the web console with --web) until Ctrl-C or SIGTERM."""
     level = getattr(logging, log_level.upper(), None)
@@ -86,20 +94,34 @@ def serve(
     app = state(ctx).app()
     address = listen or app.config.listen.address
     parse_listen(address)
+    if workers is not None:
+        app.config = replace(app.config, listen=replace(app.config.listen, workers=workers))
     if web:
         app.config = app.config.with_web(web)  # run_server starts the console when web.address is set
-    from broker.serve import run_server  # lazily: the CLI works without the SSH stack loaded
+    from broker.serve import run_server, run_worker  # lazily: the CLI works without the SSH stack loaded
 
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    several = app.config.listen.workers > 1
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s"
+                        + ("[%(process)d]" if several else "") + ": %(message)s")
     if level > logging.DEBUG:  # asyncssh logs every connection and channel at INFO
         logging.getLogger("asyncssh").setLevel(max(level, logging.WARNING))
 
     def ready(port: int) -> None:
         host = address.rpartition(":")[0]
-        say(f"medbroker listening on {host}:{port} (home {app.home}); Ctrl-C stops it")
+        processes = f", {app.config.listen.workers} worker processes" if several else ""
+        say(f"medbroker listening on {host}:{port} (home {app.home}{processes}); Ctrl-C stops it")
 
     try:
-        run_server(app, address, on_ready=ready)
+        if worker_of is not None:
+            from broker.workers import parse_worker_of
+
+            try:
+                supervisor_pid, index = parse_worker_of(worker_of)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--worker-of") from None
+            run_worker(app, address, index=index, supervisor_pid=supervisor_pid)
+        else:
+            run_server(app, address, on_ready=ready)
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise StorageError(f"cannot listen on {address}: {why}",
