@@ -15,6 +15,7 @@ hides the signatures. They stop the ordinary ways of copying patient data (``cat
 from __future__ import annotations
 
 import base64
+import re
 import struct
 
 __all__ = ["HEAD_BYTES", "DICOM", "HL7", "ASTM", "detect_patient_data", "OutputScanner"]
@@ -146,9 +147,12 @@ def _text_record(buf: bytes, i: int) -> str | None:
     return None
 
 
-def _record_start(buf: bytes, j: int) -> bool:
-    """``buf[j]`` starts a line, or follows STX (and a frame number) of ASTM's low-level framing."""
-    return j == 0 or buf[j - 1] in b"\r\n\x02" or (48 <= buf[j - 1] <= 55 and buf[j - 2:j - 1] == b"\x02")
+def _record_start(buf: bytes, j: int, origin: bool) -> bool:
+    """``buf[j]`` starts a line, or follows STX (and a frame number) of ASTM's low-level framing;
+    ``buf[0]`` only when ``origin`` says that it is the stream's first byte."""
+    if j == 0:
+        return origin
+    return buf[j - 1] in b"\r\n\x02" or (48 <= buf[j - 1] <= 55 and buf[j - 2:j - 1] == b"\x02")
 
 
 def _b64_needles(sig: bytes) -> list[bytes]:
@@ -171,16 +175,49 @@ def _hex_needles(sig: bytes) -> tuple[list[bytes], list[bytes]]:
     return [h], [even, odd, b" ".join(pairs)]
 
 
+def _pattern(text: bytes, fold: bool) -> bytes:
+    """Regex source matching ``text`` literally; with ``fold``, ``a``-``f`` match either case (hex digits)."""
+    return b"".join(b"[%c%c]" % (c, c - 32) if fold and 0x61 <= c <= 0x66 else re.escape(bytes([c])) for c in text)
+
+
+def _anchored(needles: list[bytes], anchors: tuple[bytes, ...], *, fold: bool = False) -> list[re.Pattern[bytes]]:
+    """Regexes that together match exactly where one of ``needles`` occurs, one per anchor.
+
+    Each regex starts with its anchor literal, so ``re`` skips through the text to that literal in C;
+    an alternation whose branches start with different bytes would instead be tried at every byte. A
+    needle is verified around its anchor by a lookbehind. Anchors must not contain letters when ``fold``.
+    """
+    groups: dict[bytes, list[bytes]] = {a: [] for a in anchors}
+    for needle in needles:
+        anchor = next(a for a in anchors if a in needle)
+        rest = needle[needle.index(anchor) + len(anchor):]
+        groups[anchor].append(_pattern(rest, fold) + b"(?<=" + _pattern(needle, fold) + b")")
+    return [re.compile(re.escape(a) + b"(?:" + b"|".join(alts) + b")") for a, alts in groups.items() if alts]
+
+
 # Base64 and hex forms use the standard delimiter spellings; raw streams accept any delimiters.
 _ENCODED_SIGS = ((DICOM, b"DICM\x02\x00"), (HL7, b"MSH|^~\\&"), (ASTM, b"H|\\^&|"))
 _B64 = [(kind, n) for kind, sig in _ENCODED_SIGS for n in _b64_needles(sig)]
 _HEX_PLAIN = [(kind, n) for kind, sig in _ENCODED_SIGS for n in _hex_needles(sig)[0]]
 _HEX_DUMP = [(kind, n) for kind, sig in _ENCODED_SIGS for n in _hex_needles(sig)[1]]
+# Every base64 needle holds one of A, X, x; every hex needle 44 (DICOM), 48 (ASTM) or 53 (HL7).
+_B64_RES = _anchored([n for _, n in _B64], (b"A", b"X", b"x"))
+_HEX_ANCHORS = (b"44", b"48", b"53")
+_PLAIN_RES = _anchored([n for _, n in _HEX_PLAIN], _HEX_ANCHORS, fold=True)
+_DUMP_RES = _anchored([n for _, n in _HEX_DUMP], _HEX_ANCHORS, fold=True)
+_HEX_RES = _anchored([n for _, n in _HEX_PLAIN + _HEX_DUMP], _HEX_ANCHORS, fold=True)
+_KEEP = max(len(n) for _, n in _B64 + _HEX_PLAIN + _HEX_DUMP) - 1  # encoded text that a needle may share with
+# the previous search
 _B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
 _DUMP_CHARS = b"0123456789abcdefABCDEF :\r\n"
 _HEX_LOWER = b"0123456789abcdef\r\n"
+_DICM_RE = re.compile(re.escape(b"DICM\x02\x00"))
+_RECORD_RE = re.compile(rb"H\|")
+_USTAR_RE = re.compile(rb"ustar")
 _NUL_RUN = b"\0" * 32
-_TAIL = 1024      # bytes of the previous chunk searched again: covers split signatures and tar headers
+_TAIL = 1024      # bytes of the previous chunk kept: covers split signatures and tar headers
+_RECORD_BACK = 16 # an H| this far before the new bytes may still be completed by them (HL7 needs 8)
+_TAR_BACK = 520   # a ustar magic needs 511 more bytes: the rest of its header and the member's head
 _WINDOW = 32      # encoded-data probe width ...
 _PROBES = 8       # ... about this many per chunk ...
 _MIN_STRIDE = 256 # ... but at least this far apart
@@ -189,22 +226,31 @@ _MIN_STRIDE = 256 # ... but at least this far apart
 class OutputScanner:
     """Streaming detector of patient data in a byte stream; feed it every chunk in order.
 
-    Per chunk (plus the last 1 KiB of the previous one, so signatures split across chunks are found):
+    Each chunk is searched together with the last 1 KiB of the stream before it (the window), so
+    signatures split across chunks are found:
 
     * raw: ``DICM\\x02\\x00`` anywhere (DICOM Part 10 meta header); ``H|`` anchors verified as HL7 v2
       ``MSH|`` + encoding characters, or as an ASTM header (``H|\\^&|`` anywhere, other delimiters at
       a record start); the stream's own first bytes through :func:`detect_patient_data`;
-    * tar: every ``ustar`` magic whose 512-byte header checksum is valid; a regular member's first
-      bytes go through :func:`detect_patient_data` (so DICOM without preamble is caught there too);
+    * tar: when the window holds a 32-NUL run, every ``ustar`` magic whose 512-byte header checksum is
+      valid; a regular member's first bytes go through :func:`detect_patient_data` (so DICOM without
+      preamble is caught there too);
     * encoded: only when one of about eight 32-byte probes of the chunk (at least 256 bytes apart,
-      plus its last 32 bytes) looks like base64 or a hex dump, the chunk with newlines removed is
-      searched for the base64 forms of the three signatures in all three alignments and for their
-      ``xxd -p``, ``xxd``, ``od -t x1`` and ``hexdump -C`` forms. So an encoded block shorter than an
-      eighth of its chunk (4 KiB in a full 32 KiB SSH packet) mixed with other output can slip through.
+      plus its last 32 bytes), or of the previous chunk, looks like base64 or a hex dump, the window
+      with line breaks removed is searched for the base64 forms of the three signatures in all three
+      alignments and for their ``xxd -p``, ``xxd``, ``od -t x1`` and ``hexdump -C`` forms (any case).
+      So an encoded block shorter than an eighth of its chunk (4 KiB in a full 32 KiB SSH packet)
+      mixed with other output can slip through.
 
-    Not detected: compressed or encrypted data, DICOM without preamble in the middle of raw output,
-    base64 of files whose signature lies beyond a line break that splits a hex-dump line.
-    Cost is a few ``bytes.find`` passes per chunk; bench/content_throughput.py measures it.
+    Once something is found, every later feed reports it again. Not detected: compressed or encrypted
+    data, DICOM without preamble in the middle of raw output, base64 of files whose signature lies
+    beyond a line break that splits a hex-dump line.
+
+    Cost: what an earlier window already settled is not searched again, so a one-byte feed (keystroke
+    echo) looks at a few dozen bytes. Every search is one C-level ``re`` pass that skips to a literal
+    anchor (``H|``; ``DICM\\x02\\x00`` only when the window has a NUL; base64 needles by ``A``/``X``/``x``,
+    hex by ``44``/``48``/``53``); Python looks only at the rare anchor hits. bench/content_throughput.py
+    measures it.
     """
 
     def __init__(self) -> None:
@@ -212,6 +258,9 @@ class OutputScanner:
         self._pos = 0          # stream bytes consumed so far
         self._head = b""       # the stream's first HEAD_BYTES
         self._prev_encoded = False  # the previous chunk looked encoded
+        self._found: str | None = None
+        # stream offsets up to which the gated searches (tar, base64 + plain hex, hex dumps) have run
+        self._tar_done = self._b64_done = self._dump_done = 0
 
     @property
     def position(self) -> int:
@@ -223,91 +272,138 @@ class OutputScanner:
 
         :param chunk: the next bytes, in stream order
         :return: None, or what was found: ``"DICOM"``, ``"HL7v2"`` or ``"ASTM"``, with ``"/tar"``,
-            ``"/base64"`` or ``"/hex"`` appended when it was found inside that wrapping
+            ``"/base64"`` or ``"/hex"`` appended when it was found inside that wrapping; after a
+            finding, the same finding for every later chunk
         """
-        if not chunk:
-            return None
+        if self._found or not chunk:
+            return self._found
         hit = None
         if self._pos < HEAD_BYTES:
             self._head += chunk[:HEAD_BYTES - self._pos]
             hit = detect_patient_data(self._head)
+        old = len(self._tail)          # window[:old] was searched with the previous chunk
+        origin = self._pos - old       # stream offset of window[0]
+        window = self._tail + chunk if old else chunk
         self._pos += len(chunk)
-        window = self._tail + chunk if self._tail else chunk
         self._tail = window[-_TAIL:]
-        if hit:
-            return hit
-        if b"\0" in window:  # DICOM meta headers and tar headers contain NULs; most text has none
-            if window.find(b"DICM\x02\x00") != -1:
+        hit = hit or self._find_raw(window, old, origin) or self._find_encoded(window, chunk, origin)
+        self._found = hit
+        return hit
+
+    def _find_raw(self, window: bytes, old: int, origin: int) -> str | None:
+        if window.find(b"\0") != -1:  # DICOM meta headers and tar headers contain NULs; most text has none
+            if _DICM_RE.search(window, max(old - 5, 0)):
                 return DICOM
             # every regular-file tar header holds a NUL-padded linkname field; random data has no such run
-            hit = self._find_tar(window) if window.find(_NUL_RUN) != -1 else None
-            if hit:
-                return hit
-        hit = self._find_records(window)
-        if hit:
-            return hit
-        return self._find_encoded(window, chunk)
+            if window.find(_NUL_RUN) != -1:
+                since = max(self._tar_done - origin - _TAR_BACK, 0)
+                self._tar_done = self._pos
+                hit = _find_tar(window, since)
+                if hit:
+                    return hit
+        return _find_records(window, max(old - _RECORD_BACK, 0), origin == 0)
 
-    @staticmethod
-    def _find_records(window: bytes) -> str | None:
-        j = window.find(b"H|")
-        while j != -1:
-            if j >= 2 and window[j - 2:j] == b"MS" and _delims_ok(window, j + 2, 0x7C, 3, 5, eol_ok=False):
-                return HL7
-            # ASTM in a stream: the standard header H|\^&| anywhere; other delimiters only at a record
-            # start, so that random bytes do not raise alarms (about one per 3 GB otherwise)
-            if window.startswith(b"\\^&|", j + 2) or (_record_start(window, j) and _delims_ok(
-                    window, j + 2, 0x7C, 3, 3, eol_ok=window.startswith(b"\\^&", j + 2))):
-                return ASTM
-            j = window.find(b"H|", j + 1)
-        return None
-
-    @staticmethod
-    def _find_tar(window: bytes) -> str | None:
-        j = window.find(b"ustar")
-        while j != -1:
-            start = j - 257
-            if start >= 0 and len(window) >= start + 512 and window[start + 156:start + 157] in b"07\0":
-                header = window[start:start + 512]
-                size = _tar_number(header[124:136])
-                data = window[start + 512:start + 512 + min(size, HEAD_BYTES)]
-                if size and len(data) == min(size, HEAD_BYTES) and _tar_checksum_ok(header):
-                    kind = detect_patient_data(data)
-                    if kind:
-                        return kind + "/tar"
-            j = window.find(b"ustar", j + 1)
-        return None
-
-    def _find_encoded(self, window: bytes, chunk: bytes) -> str | None:
-        b64 = dump = False
-        size = len(chunk)
-        stride = max(_MIN_STRIDE, size // _PROBES)
-        for k in [*range(0, size, stride), max(size - _WINDOW, 0)]:
-            probe = chunk[k:k + _WINDOW]
-            if not probe.isascii():
-                continue
-            rest = probe.translate(None, _B64_CHARS)
-            if not rest:
-                # all-lowercase runs are paths and words, unless they are plain hex (xxd -p)
-                b64 = b64 or not probe.islower() or not probe.translate(None, _HEX_LOWER)
-            elif len(rest) <= _WINDOW // 3 and len(probe.translate(None, _DUMP_CHARS)) <= 2:
-                dump = True
+    def _find_encoded(self, window: bytes, chunk: bytes, origin: int) -> str | None:
+        b64, dump = _looks_encoded(chunk)
         now = b64 or dump
-        if prev := self._prev_encoded:  # the previous chunk was encoded: a needle may straddle into this one
+        if self._prev_encoded:  # the previous chunk was encoded: a needle may straddle into this one
             b64 = dump = True
         self._prev_encoded = now
-        if not (now or prev):
+        if not (b64 or dump):
             return None
-        flat = window.translate(None, b"\r\n")
+        # Search only text that no earlier search covered (plus what a needle may share with it).
+        b64_since, dump_since = self._b64_done - origin, self._dump_done - origin
+        if b64 and dump and b64_since == dump_since:
+            self._b64_done = self._dump_done = self._pos
+            text = _flat_since(window, b64_since)
+            return (_search(text, _B64_RES, _B64, "/base64")
+                    or _search(text, _HEX_RES, _HEX_PLAIN + _HEX_DUMP, "/hex", fold=True))
+        hit = None
         if b64:
-            for kind, needle in _B64:
-                if flat.find(needle) != -1:
-                    return kind + "/base64"
-        low = flat.lower()
-        for kind, needle in (_HEX_PLAIN if b64 else []) + (_HEX_DUMP if dump else []):
-            if low.find(needle) != -1:
-                return kind + "/hex"
+            self._b64_done = self._pos
+            text = _flat_since(window, b64_since)
+            hit = (_search(text, _B64_RES, _B64, "/base64")
+                   or _search(text, _PLAIN_RES, _HEX_PLAIN, "/hex", fold=True))
+        if dump:
+            self._dump_done = self._pos
+            hit = hit or _search(_flat_since(window, dump_since), _DUMP_RES, _HEX_DUMP, "/hex", fold=True)
+        return hit
+
+
+def _find_records(window: bytes, since: int, origin: bool) -> str | None:
+    """HL7 v2 or ASTM header at an ``H|`` at or after ``window[since]``; ``origin``: window[0] is the stream's first byte."""
+    m = _RECORD_RE.search(window, since)
+    while m:
+        j = m.start()
+        if j >= 2 and window[j - 2:j] == b"MS" and _delims_ok(window, j + 2, 0x7C, 3, 5, eol_ok=False):
+            return HL7
+        # ASTM in a stream: the standard header H|\^&| anywhere; other delimiters only at a record
+        # start, so that random bytes do not raise alarms (about one per 3 GB otherwise)
+        if window.startswith(b"\\^&|", j + 2) or (_record_start(window, j, origin) and _delims_ok(
+                window, j + 2, 0x7C, 3, 3, eol_ok=window.startswith(b"\\^&", j + 2))):
+            return ASTM
+        m = _RECORD_RE.search(window, j + 1)
+    return None
+
+
+def _find_tar(window: bytes, since: int) -> str | None:
+    """Patient data in a tar member whose header's ``ustar`` magic lies at or after ``window[since]``."""
+    m = _USTAR_RE.search(window, since)
+    while m:
+        start = m.start() - 257
+        if start >= 0 and len(window) >= start + 512 and window[start + 156:start + 157] in b"07\0":
+            header = window[start:start + 512]
+            size = _tar_number(header[124:136])
+            data = window[start + 512:start + 512 + min(size, HEAD_BYTES)]
+            if size and len(data) == min(size, HEAD_BYTES) and _tar_checksum_ok(header):
+                kind = detect_patient_data(data)
+                if kind:
+                    return kind + "/tar"
+        m = _USTAR_RE.search(window, m.start() + 1)
+    return None
+
+
+def _looks_encoded(chunk: bytes) -> tuple[bool, bool]:
+    """(looks like base64 or plain hex, looks like a hex dump), from 32-byte probes of ``chunk``."""
+    b64 = dump = False
+    size = len(chunk)
+    stride = max(_MIN_STRIDE, size // _PROBES)
+    for k in [*range(0, size, stride), size - _WINDOW] if size > _WINDOW else (0,):
+        probe = chunk[k:k + _WINDOW]
+        if not probe.isascii():
+            continue
+        rest = probe.translate(None, _B64_CHARS)
+        if not rest:
+            # all-lowercase runs are paths and words, unless they are plain hex (xxd -p)
+            b64 = b64 or not probe.islower() or not probe.translate(None, _HEX_LOWER)
+        elif len(rest) <= _WINDOW // 3 and len(probe.translate(None, _DUMP_CHARS)) <= 2:
+            dump = True
+    return b64, dump
+
+
+def _flat_since(window: bytes, since: int) -> bytes:
+    """``window[since:]`` without CR/LF, after the last :data:`_KEEP` such bytes before it: all the
+    text in which an encoded needle that ends at or after ``window[since]`` can lie."""
+    if since <= 0:
+        return _strip_eol(window)
+    pre = _strip_eol(window[max(since - 4 * _KEEP, 0):since])
+    if len(pre) < _KEEP and since > 4 * _KEEP:  # mostly line breaks: take all of it
+        pre = _strip_eol(window[:since])
+    return pre[-_KEEP:] + _strip_eol(window[since:])
+
+
+def _strip_eol(text: bytes) -> bytes:
+    return text.replace(b"\n", b"").replace(b"\r", b"")
+
+
+def _search(text: bytes, patterns: list[re.Pattern[bytes]], needles: list[tuple[str, bytes]], wrap: str,
+            *, fold: bool = False) -> str | None:
+    """``kind + wrap`` of the first of ``needles`` in ``text`` (case-insensitive with ``fold``), if
+    ``patterns`` (one pass each) see any of them."""
+    if not any(p.search(text) for p in patterns):
         return None
+    low = text.lower() if fold else text
+    return next((kind + wrap for kind, needle in needles if needle in low), None)
 
 
 def _tar_number(field: bytes) -> int:
