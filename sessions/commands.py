@@ -15,6 +15,10 @@ import pyte
 __all__ = ["CommandEntry", "CommandIndex", "index_commands"]
 
 _MAX_COMMAND = 4096
+# pyte draws ~0.35 MB/s. Output between two command lines is emulated in full up to _EXACT bytes; of a longer
+# stretch (a 100 MiB `cat` in the shell) only the last _TAIL bytes, from a line start: what is left on screen.
+_EXACT = 256 << 10
+_TAIL = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,24 @@ class _Terminal:
         self.stream = pyte.ByteStream(self.screen)
         self.start: tuple[int, int] | None = None  # (x, y) where the current command line began
         self.pending: list[float] = []  # offsets of Enters whose lines are not read yet (typeahead, paste)
+        self.held = bytearray()  # output since the last command line, not yet drawn
+        self.trimmed = False  # the head of ``held`` was dropped
 
     def resize(self, cols: int, rows: int) -> None:
+        self._settle()
         self.screen.resize(max(rows, 2), max(cols, 2))
 
     def keystrokes(self, offset: float, data: bytes) -> None:
+        self._settle()
         if self.start is None and not self.pending:
             self.start = (self.screen.cursor.x, self.screen.cursor.y)
         self.pending.extend(offset for b in data if b in (0x0D, 0x0A))
 
     def output(self, data: bytes, out: list[CommandEntry], channel: int) -> None:
+        if self.start is None and not self.pending:  # between command lines: draw it when it matters
+            self._hold(data)
+            return
+        self._settle()
         # Read each edited line right before the shell's newline moves the cursor off it.
         while self.pending:
             cut = data.find(b"\n")
@@ -59,6 +71,26 @@ class _Terminal:
             data = data[cut:]
             self._feed(data[:1])
             data = data[1:]
+        if self.start is None and not self.pending:
+            self._hold(data)
+        else:
+            self._feed(data)
+
+    def _hold(self, data: bytes) -> None:
+        self.held += data
+        if len(self.held) > (2 * _TAIL if self.trimmed else _EXACT):
+            del self.held[:-_TAIL]
+            self.trimmed = True
+
+    def _settle(self) -> None:
+        """Draw the held output (only its tail, from a line start, if it was long)."""
+        if not self.held:
+            return
+        data = bytes(self.held)
+        if self.trimmed:
+            data = data[data.find(b"\n") + 1:]
+        self.held.clear()
+        self.trimmed = False
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:

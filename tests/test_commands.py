@@ -87,6 +87,33 @@ def test_exec_commands_and_screen_lines_without_ssh():
     assert [(c.command, c.source) for c in index_commands(frames)] == [("uname -a", "exec"), ("ls -la", "shell")]
 
 
+def _typed(line: bytes, offset: float) -> list:
+    return [_F("input", line + b"\r", offset=offset), _F("output", line + b"\r\n", offset=offset)]
+
+
+def test_long_output_between_commands_is_drawn_from_its_tail_with_the_same_result(monkeypatch):
+    """A long `cat` in the shell: the emulator draws only its last part (pyte draws ~0.35 MB/s), same commands.
+
+    Limits scaled down 16x so the exact run stays fast."""
+    import sessions.commands as commands
+
+    monkeypatch.setattr(commands, "_EXACT", 16 << 10)
+    monkeypatch.setattr(commands, "_TAIL", 4 << 10)
+    log = b"".join(b"\x1b[32mOK\x1b[0m gantry step %d \xc3\xa4 done\r\n" % i for i in range(6000))
+    frames = [_F("pty", event={"cols": 80, "rows": 24}), _F("output", b"$ ")]
+    frames += _typed(b"cat /var/log/gantry.log", 1.0)
+    frames += [_F("output", log[i:i + 4096], offset=2.0) for i in range(0, len(log), 4096)]
+    frames += [_F("output", b"$ "), _F("resize", event={"cols": 100, "rows": 30})] + _typed(b"uptime", 3.0)
+    frames += [_F("output", b" 10:00 up 3 days\r\n" * 3000 + b"$ ", offset=3.5)]
+    frames += [_F("input", b"ls -l", offset=4.0), _F("output", b"ls -l", offset=4.0)]
+    frames += [_F("input", b"a\r", offset=4.2), _F("output", b"a\r\n" + log[:50_000] + b"$ ", offset=4.3)]
+    assert len(log) > 10 * commands._EXACT
+    tail_fed = [(c.command, c.offset) for c in index_commands(frames)]
+    monkeypatch.setattr(commands, "_EXACT", 1 << 40)  # draw every byte
+    exact = [(c.command, c.offset) for c in index_commands(frames)]
+    assert tail_fed == exact == [("cat /var/log/gantry.log", 1.0), ("uptime", 3.0), ("ls -la", 4.2)]
+
+
 from hypothesis import given, strategies as st  # noqa: E402
 
 
