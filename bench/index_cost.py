@@ -85,7 +85,8 @@ async def _measure(run: Callable[[], Any], *, with_ticker: bool) -> dict[str, An
     lags.clear()
     cpu0, kids0, wall0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     result = await run()
-    wall, cpu, kids = time.perf_counter() - wall0, time.process_time() - cpu0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     stop.set()
     if ticker is not None:
         await ticker

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -15,7 +16,7 @@ from broker.errors import BrokerError, RecordingError
 from sessions.recording import read_header
 from sessions.textindex import SessionText, index_recording
 
-__all__ = ["CHILD_MIN_BYTES", "IndexRows", "build_index_rows", "session_rows", "run_child"]
+__all__ = ["CHILD_MIN_BYTES", "MAX_CHILDREN", "IndexRows", "build_index_rows", "session_rows", "run_child"]
 
 log = logging.getLogger("medbroker.indexer")
 
@@ -23,7 +24,11 @@ CHILD_MIN_BYTES = 256 << 10
 """Smaller recordings are indexed on a thread of the broker: starting a child costs ~0.3 s of CPU, more
 than indexing a few hundred KiB does."""
 
+MAX_CHILDREN = 2
+"""Children indexing at once per broker process; the rest wait (a shutdown ends every session together)."""
+
 _BATCH = 1 << 16  # answer bytes parsed at a time
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 _ROOT = str(Path(__file__).resolve().parents[1])  # holds broker/ and sessions/: the child imports from here
 
 
@@ -67,9 +72,10 @@ async def build_index_rows(path: Path, key_lookup: Callable[[str], bytes], *,
                            child_min_bytes: int = CHILD_MIN_BYTES, python: str = sys.executable) -> IndexRows:
     """Index a closed recording without holding the event loop or, when it is big, the broker's GIL.
 
-    Recordings of ``child_min_bytes`` or more are indexed by ``python -m broker.indexer`` at nice 10; the
-    key travels through its stdin, never argv or environment. If the child cannot start or dies without
-    an answer, this logs a warning and indexes on a thread of the broker instead.
+    Recordings of ``child_min_bytes`` or more are indexed by ``python -m broker.indexer`` at nice 10, at
+    most :data:`MAX_CHILDREN` at once; the key travels through its stdin, never argv or environment. If
+    the child cannot start or dies without an answer, this logs a warning and indexes on a thread of the
+    broker instead.
 
     :param key_lookup: key id → 32-byte key (``KeyProvider.get``); called in the broker only
     :param python: the interpreter for the child
@@ -82,13 +88,29 @@ async def build_index_rows(path: Path, key_lookup: Callable[[str], bytes], *,
     if (await loop.run_in_executor(None, os.stat, path)).st_size < child_min_bytes:
         return await loop.run_in_executor(None, _index_here, path, key_lookup)
     job = await loop.run_in_executor(None, _job, path, key_lookup)
+    async with _SLOTS.setdefault(loop, asyncio.Semaphore(MAX_CHILDREN)):
+        answer, err, status = await _run_child(path, job, python)
+    if status is None:
+        return await loop.run_in_executor(None, _index_here, path, key_lookup)
+    if status != 0 or answer is None:
+        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no usable answer"]
+        log.warning("indexer process failed (exit status %s: %s); indexing %s on a broker thread",
+                    status, last[0][:300], path.name)
+        return await loop.run_in_executor(None, _index_here, path, key_lookup)
+    if isinstance(answer, str):
+        raise RecordingError(answer)
+    return answer
+
+
+async def _run_child(path: Path, job: bytes, python: str) -> tuple[IndexRows | str | None, bytes, int | None]:
+    """(answer, stderr, exit status); status None: it could not start (logged)."""
     try:
         proc = await asyncio.create_subprocess_exec(
             python, "-P", "-m", "broker.indexer", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=_child_env())
     except OSError as exc:
         log.warning("cannot start the indexer process (%s); indexing %s on a broker thread", exc, path.name)
-        return await loop.run_in_executor(None, _index_here, path, key_lookup)
+        return None, b"", None
     try:
         answer, err = await _talk(proc, job)
     except BaseException:  # cancelled (broker stopping): the child goes too
@@ -96,14 +118,7 @@ async def build_index_rows(path: Path, key_lookup: Callable[[str], bytes], *,
             proc.kill()
             await proc.wait()
         raise
-    if proc.returncode != 0 or answer is None:
-        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no usable answer"]
-        log.warning("indexer process failed (exit status %s: %s); indexing %s on a broker thread",
-                    proc.returncode, last[0][:300], path.name)
-        return await loop.run_in_executor(None, _index_here, path, key_lookup)
-    if isinstance(answer, str):
-        raise RecordingError(answer)
-    return answer
+    return answer, err, proc.returncode
 
 
 async def _talk(proc: asyncio.subprocess.Process, job: bytes) -> tuple[IndexRows | str | None, bytes]:

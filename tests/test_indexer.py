@@ -153,3 +153,23 @@ def test_a_big_session_is_indexed_by_the_child_and_searchable(world, caplog) -> 
     assert [h["text"] for h in world.app.store.search_sessions("needle-42")] == ["needle-42"]
     assert [h["text"] for h in world.app.store.search_sessions("69999")] == ["69999"]
     assert "indexer process" not in caplog.text and "cannot index" not in caplog.text  # no fallback
+
+
+def test_at_most_max_children_index_at_once(tmp_path: Path) -> None:
+    """A shutdown ends every session together: their children queue instead of starting all at once."""
+    from broker.indexer import MAX_CHILDREN
+
+    paths = [record(tmp_path / f"s{i}.mbr") for i in range(MAX_CHILDREN + 3)]
+    seen: list[int] = []
+
+    async def scenario() -> list:
+        jobs = asyncio.gather(*(build_index_rows(p, keys, child_min_bytes=0) for p in paths))
+        deadline = time.monotonic() + 60
+        while not jobs.done() and time.monotonic() < deadline:
+            seen.append(len(_indexer_children()))
+            await asyncio.sleep(0.005)
+        return await jobs
+
+    results = run(scenario())
+    assert [(r.commands, r.texts) for r in results] == [rows_in_thread(p) for p in paths]
+    assert max(seen) == MAX_CHILDREN  # they did overlap, and never beyond the limit

@@ -120,8 +120,8 @@ def test_full_caps_stop_reading_output_but_shell_commands_still_count(tmp_path: 
 
 _kinds = st.sampled_from(["input", "output", "output", "stderr", "pty", "exec", "exec-served", "subsystem",
                           "file-transfer", "resize"])
-_payloads = st.one_of(st.binary(max_size=300), st.sampled_from([b"$ ", b"ls\r", b"a\r\nb\r\n", b"\x00\x00\x01",
-                                                                  "Grüße\n".encode("latin-1"), b"\x1b[31mred\x1b[0m\n"]))
+_payloads = st.one_of(st.binary(max_size=300), st.sampled_from([
+    b"$ ", b"ls\r", b"a\r\nb\r\n", b"\x00\x00\x01", "Grüße\n".encode("latin-1"), b"\x1b[31mred\x1b[0m\n"]))
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
