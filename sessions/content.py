@@ -206,11 +206,19 @@ _HEX_ANCHORS = (b"44", b"48", b"53")
 _PLAIN_RES = _anchored([n for _, n in _HEX_PLAIN], _HEX_ANCHORS, fold=True)
 _DUMP_RES = _anchored([n for _, n in _HEX_DUMP], _HEX_ANCHORS, fold=True)
 _HEX_RES = _anchored([n for _, n in _HEX_PLAIN + _HEX_DUMP], _HEX_ANCHORS, fold=True)
+# the bytes that end a needle (either case for hex): a needle ends in new text only if one of them is there
+_NEEDLE_END_RE = re.compile(b"[" + re.escape(bytes(sorted({n[-1] for _, n in _B64} | {
+    c for _, n in _HEX_PLAIN + _HEX_DUMP for c in n[-1:] + n[-1:].upper()}))) + b"]")
+_QUICK = 64       # new encoded text up to this long gets that check first
 _KEEP = max(len(n) for _, n in _B64 + _HEX_PLAIN + _HEX_DUMP) - 1  # encoded text that a needle may share with
 # the previous search
 _B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
 _DUMP_CHARS = b"0123456789abcdefABCDEF :\r\n"
 _HEX_LOWER = b"0123456789abcdef\r\n"
+# A probe is all base64 characters (group b64), or ASCII with at most two bytes outside the dump alphabet;
+# one re call per probe, which fails within a few bytes on text and binary data.
+_PROBE_RE = re.compile(rb"(?P<b64>[A-Za-z0-9+/=\r\n]*+\Z)|[0-9a-fA-F :\r\n]*+(?:[^0-9a-fA-F :\r\n\x80-\xff]"
+                       rb"[0-9a-fA-F :\r\n]*+){0,2}+\Z")
 _DICM_RE = re.compile(re.escape(b"DICM\x02\x00"))
 _RECORD_RE = re.compile(rb"H\|")
 _USTAR_RE = re.compile(rb"ustar")
@@ -276,6 +284,7 @@ class OutputScanner:
             finding, the same finding for every later chunk
         """
         if self._found or not chunk:
+            self._pos += len(chunk)
             return self._found
         hit = None
         if self._pos < HEAD_BYTES:
@@ -286,22 +295,23 @@ class OutputScanner:
         window = self._tail + chunk if old else chunk
         self._pos += len(chunk)
         self._tail = window[-_TAIL:]
-        hit = hit or self._find_raw(window, old, origin) or self._find_encoded(window, chunk, origin)
-        self._found = hit
+        if not hit and window.find(b"\0") != -1:  # DICOM meta and tar headers have NULs; most text has none
+            hit = self._find_binary(window, old, origin)
+        if not hit:
+            record = _RECORD_RE.search(window, old - _RECORD_BACK if old > _RECORD_BACK else 0)
+            hit = _find_records(window, record, origin == 0) if record else None
+        self._found = hit = hit or self._find_encoded(window, chunk, origin)
         return hit
 
-    def _find_raw(self, window: bytes, old: int, origin: int) -> str | None:
-        if window.find(b"\0") != -1:  # DICOM meta headers and tar headers contain NULs; most text has none
-            if _DICM_RE.search(window, max(old - 5, 0)):
-                return DICOM
-            # every regular-file tar header holds a NUL-padded linkname field; random data has no such run
-            if window.find(_NUL_RUN) != -1:
-                since = max(self._tar_done - origin - _TAR_BACK, 0)
-                self._tar_done = self._pos
-                hit = _find_tar(window, since)
-                if hit:
-                    return hit
-        return _find_records(window, max(old - _RECORD_BACK, 0), origin == 0)
+    def _find_binary(self, window: bytes, old: int, origin: int) -> str | None:
+        if _DICM_RE.search(window, max(old - 5, 0)):
+            return DICOM
+        # every regular-file tar header holds a NUL-padded linkname field; random data has no such run
+        if window.find(_NUL_RUN) == -1:
+            return None
+        since = max(self._tar_done - origin - _TAR_BACK, 0)
+        self._tar_done = self._pos
+        return _find_tar(window, since)
 
     def _find_encoded(self, window: bytes, chunk: bytes, origin: int) -> str | None:
         b64, dump = _looks_encoded(chunk)
@@ -313,6 +323,14 @@ class OutputScanner:
             return None
         # Search only text that no earlier search covered (plus what a needle may share with it).
         b64_since, dump_since = self._b64_done - origin, self._dump_done - origin
+        since = min(b64_since if b64 else len(window), dump_since if dump else len(window))
+        if len(window) - since <= _QUICK and not _NEEDLE_END_RE.search(window, since):
+            # no byte that could end a needle arrived since the last search (keystroke echo, mostly)
+            if b64:
+                self._b64_done = self._pos
+            if dump:
+                self._dump_done = self._pos
+            return None
         if b64 and dump and b64_since == dump_since:
             self._b64_done = self._dump_done = self._pos
             text = _flat_since(window, b64_since)
@@ -330,9 +348,9 @@ class OutputScanner:
         return hit
 
 
-def _find_records(window: bytes, since: int, origin: bool) -> str | None:
-    """HL7 v2 or ASTM header at an ``H|`` at or after ``window[since]``; ``origin``: window[0] is the stream's first byte."""
-    m = _RECORD_RE.search(window, since)
+def _find_records(window: bytes, m: re.Match[bytes] | None, origin: bool) -> str | None:
+    """HL7 v2 or ASTM header at the ``H|`` found by ``m`` or a later one (``origin``: window[0] is the
+    stream's first byte)."""
     while m:
         j = m.start()
         if j >= 2 and window[j - 2:j] == b"MS" and _delims_ok(window, j + 2, 0x7C, 3, 5, eol_ok=False):
@@ -364,21 +382,33 @@ def _find_tar(window: bytes, since: int) -> str | None:
 
 
 def _looks_encoded(chunk: bytes) -> tuple[bool, bool]:
-    """(looks like base64 or plain hex, looks like a hex dump), from 32-byte probes of ``chunk``."""
+    """(looks like base64 or plain hex, looks like a hex dump), from 32-byte probes of ``chunk``.
+
+    A probe looks base64-like when all its bytes are base64 characters (or CR/LF), except all-lowercase
+    ones (paths and words) that are not plain hex; hex-dump-like when it is ASCII with at most 2 bytes
+    outside the dump alphabet and at most 10 outside the base64 one.
+    """
+    return _LOOKS_ENCODED_1[chunk[0]] if len(chunk) == 1 else _probe(chunk)
+
+
+def _probe(chunk: bytes) -> tuple[bool, bool]:
     b64 = dump = False
     size = len(chunk)
     stride = max(_MIN_STRIDE, size // _PROBES)
     for k in [*range(0, size, stride), size - _WINDOW] if size > _WINDOW else (0,):
         probe = chunk[k:k + _WINDOW]
-        if not probe.isascii():
+        m = _PROBE_RE.match(probe) if probe.isascii() else None
+        if m is None:
             continue
-        rest = probe.translate(None, _B64_CHARS)
-        if not rest:
+        if m.lastgroup:
             # all-lowercase runs are paths and words, unless they are plain hex (xxd -p)
             b64 = b64 or not probe.islower() or not probe.translate(None, _HEX_LOWER)
-        elif len(rest) <= _WINDOW // 3 and len(probe.translate(None, _DUMP_CHARS)) <= 2:
-            dump = True
+        else:
+            dump = dump or len(probe.translate(None, _B64_CHARS)) <= _WINDOW // 3
     return b64, dump
+
+
+_LOOKS_ENCODED_1 = [_probe(bytes([c])) for c in range(256)]
 
 
 def _flat_since(window: bytes, since: int) -> bytes:
