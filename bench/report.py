@@ -30,7 +30,8 @@ INTERFERENCE = {"keystroke_after_bulk": "right after a bulk download closed (bro
                 "keystroke_after_bulk_settled": "after the broker went idle again"}
 MAIN_PATHS = ("direct", "proxyjump", "proxyjump-gcm", "medbroker")
 LABELS = {"direct": "direct", "proxyjump": "ProxyJump", "proxyjump-gcm": "ProxyJump AES-GCM",
-          "medbroker": "medbroker", "medbroker-tmpfs": "medbroker, recordings on tmpfs"}
+          "medbroker": "medbroker", "medbroker-tmpfs": "medbroker, recordings on tmpfs",
+          "medbroker-2w": "medbroker, 2 worker processes"}
 MiB = 1 << 20
 
 
@@ -317,6 +318,30 @@ def _concurrency_section(result: dict) -> list[str]:
                    f"{rtt['50']:.2f} | {rtt['99']:.2f} | {rtt['99.9']:.2f} | {rtt['100']:.1f} | {broker} | "
                    f"{c['device_cpu_pct']:.0f} | {c['device_pss_per_session_bytes'] / 1024:.0f} | "
                    f"{c['loadgen_cpu_pct']:.0f} ({lg['loop_lag_ms']['99']:.1f}) | {c['other_cpu_pct']:.0f} |")
+    return out + _workers_comparison(rows)
+
+
+def _workers_comparison(rows: list[dict]) -> list[str]:
+    """One process vs two worker processes (``medbroker`` vs ``medbroker-2w``) at each level both ran."""
+    by = {(c["path"], c["sessions"]): c for c in rows if "loadgen" in c}
+    levels = sorted(n for path, n in by if path == "medbroker-2w" and ("medbroker", n) in by)
+    if not levels:
+        return []
+    out = ["", "One broker process vs two worker processes (`listen.workers = 2`; broker CPU, RSS and threads "
+           "are summed over the supervisor and its workers):", "",
+           "| sessions | p50 ms 1 → 2 | p99 ms 1 → 2 | broker CPU % 1 → 2 | broker CPU µs/key 1 → 2 | "
+           "broker RSS loaded MiB 1 → 2 |", "|---|---|---|---|---|---|"]
+    for n in levels:
+        one, two = by[("medbroker", n)], by[("medbroker-2w", n)]
+        r1, r2 = one["loadgen"]["rtt_ms"], two["loadgen"]["rtt_ms"]
+
+        def pair(key: str, fmt: str, scale: float = 1.0) -> str:
+            a, b = one.get(key), two.get(key)
+            return "-" if a is None or b is None else f"{a / scale:{fmt}} → {b / scale:{fmt}}"
+
+        out.append(f"| {n} | {r1['50']:.1f} → {r2['50']:.1f} | {r1['99']:.1f} → {r2['99']:.1f} | "
+                   f"{pair('broker_cpu_pct', '.0f')} | {pair('broker_cpu_us_per_key', '.0f')} | "
+                   f"{pair('broker_rss_bytes', '.0f', MiB)} |")
     return out
 
 

@@ -58,7 +58,7 @@ QUICK = Plan("quick", blob_mib=32, rounds=2, keys_per_round=100, key_gap_ms=5, s
              profile_sessions=0, settle_max_s=120)
 FULL = Plan("full", blob_mib=256, rounds=5, keys_per_round=500, key_gap_ms=5, setups_per_round=4,
             levels=(50, 200, 500), load_duration_s=30, load_interval_ms=100,
-            load_paths=("direct", "proxyjump", "medbroker"), profile_transfers=2, profile_sessions=200,
+            load_paths=("direct", "proxyjump", "medbroker", "medbroker-2w"), profile_transfers=2, profile_sessions=200,
             settle_max_s=600)
 
 
@@ -305,7 +305,8 @@ def _parse(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--setups", type=int, help="setup runs per path per round (full: 4, i.e. 20 in 5 rounds)")
     p.add_argument("--levels", help="concurrency levels, e.g. 50,200,500")
     p.add_argument("--load-duration", type=float, help="seconds of typing per concurrency level (full: 30)")
-    p.add_argument("--load-paths", help="paths for the concurrency phase, e.g. direct,proxyjump,medbroker")
+    p.add_argument("--load-paths", help="paths for the concurrency phase, e.g. direct,proxyjump,medbroker,medbroker-2w "
+                                        "(medbroker-2w: the same broker with listen.workers = 2)")
     p.add_argument("--only", help="phases: bulk,sftp,scp,keys,setup,load,interference,profile (default: all)")
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="first wait up to this many seconds for the 1-minute load average to drop below --quiet-load")
@@ -323,7 +324,7 @@ def _parse(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
     if a.only:
         changes["only"] = tuple(x for x in a.only.split(",") if x)
     unknown = set(changes.get("only", ())) - set(GROUPS) - {"load", "interference", "profile"}
-    if unknown or set(changes.get("load_paths", ())) - {"direct", "proxyjump", "medbroker"}:
+    if unknown or set(changes.get("load_paths", ())) - {"direct", "proxyjump", "medbroker", "medbroker-2w"}:
         p.error(f"unknown phase or load path: {sorted(unknown) or changes.get('load_paths')}")
     return replace(plan, **changes), a
 
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"schema": 1, "mode": plan.mode, "plan": asdict(plan), "started_at": now.isoformat(timespec="seconds"),
                     "machine": machine_facts(), "product": _product_state(), "samples": [], "noise": [],
                     "concurrency": []}
-    world = BenchWorld(blob_mib=plan.blob_mib, log=_log, keep=args.keep)
+    world = BenchWorld(blob_mib=plan.blob_mib, log=_log, keep=args.keep,
+                       multi_worker="load" in plan.only and "medbroker-2w" in plan.load_paths)
     interrupted = None
     try:
         _log(f"starting the bench world in {world.root} ({plan.mode} plan)")

@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     from broker.serve import run_server
 
     app = open_app(Path(args.home))
+
+    def ready(port: int) -> None:  # the line `medbroker serve` prints (bench/world.py waits for it with workers > 1)
+        print(f"medbroker listening on {args.listen.rpartition(':')[0]}:{port}", flush=True)
+
     try:
         if args.cprofile:
             import cProfile
@@ -35,12 +39,12 @@ def main(argv: list[str] | None = None) -> None:
             prof = cProfile.Profile()
             prof.enable()
             try:
-                run_server(app, args.listen)
+                run_server(app, args.listen, on_ready=ready)
             finally:
                 prof.disable()
                 prof.dump_stats(args.cprofile)
         else:
-            run_server(app, args.listen)
+            run_server(app, args.listen, on_ready=ready)
     finally:
         app.close()
 

@@ -28,8 +28,10 @@ BENCH = Path(__file__).resolve().parent
 DEVICE_ACCOUNT = "mbbench"
 DEVICE_ACCOUNT_HOME = "/var/lib/medbroker-bench"
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server")
-# ssh_config Host aliases; "medbroker-tmpfs" is the same broker code with recordings on tmpfs.
-PATHS = ("direct", "proxyjump", "proxyjump-gcm", "medbroker", "medbroker-tmpfs")
+# ssh_config Host aliases; "medbroker-tmpfs" is the same broker code with recordings on tmpfs, "medbroker-2w"
+# the same home config with [listen] workers = 2 (a supervisor and two worker processes on one port).
+PATHS = ("direct", "proxyjump", "proxyjump-gcm", "medbroker", "medbroker-tmpfs", "medbroker-2w")
+MULTI_WORKER = {"medbroker-2w": 2}  # broker path -> listen.workers
 GCM = "aes128-gcm@openssh.com"
 
 
@@ -145,6 +147,8 @@ class BrokerProc:
     port: int
     recordings: Path
     launcher: list[str]
+    workers: int = 1
+    """listen.workers: > 1 means this process is a supervisor and the workers are its children."""
     proc: subprocess.Popen | None = None
     banner: str = ""
     log: Path = field(init=False)
@@ -169,11 +173,14 @@ class BrokerProc:
         else:
             argv = self.launcher + ["--home", str(self.home), "serve", "--listen", f"127.0.0.1:{self.port}"]
         self.code_versions.append((time.strftime("%H:%M:%S"), code_fingerprint()))
+        log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv + (extra or []), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          cwd=REPO, start_new_session=True, env=env,
                                          preexec_fn=_raise_nofile)
         self.banner = _wait_banner(self.port, self.proc, self.log, f"broker {self.name}")
+        if self.workers > 1:  # the first worker answers the banner; measure only once every worker accepts
+            _wait_log(self.log, log_start, b"medbroker listening on", self.proc, f"broker {self.name}")
 
     def stop(self) -> None:
         """SIGTERM (the broker ends sessions and flushes recordings), then SIGKILL after 30 s."""
@@ -195,6 +202,20 @@ class BrokerProc:
                 pass
 
 
+def _wait_log(log: Path, offset: int, needle: bytes, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
+    """Wait until ``needle`` appears in ``log`` after ``offset`` (the log is appended to across restarts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchSetupError(f"{what} exited with {proc.returncode}; log {log}:\n{_tail(log)}")
+        with open(log, "rb") as fh:
+            fh.seek(offset)
+            if needle in fh.read():
+                return
+        time.sleep(0.1)
+    raise BenchSetupError(f"{what} did not report {needle.decode()!r} within {timeout:.0f} s; log {log}:\n{_tail(log)}")
+
+
 def _raise_nofile() -> None:
     import resource
 
@@ -205,8 +226,10 @@ def _raise_nofile() -> None:
 class BenchWorld:
     """Build with ``start()``; tear down with ``close()`` (idempotent)."""
 
-    def __init__(self, *, blob_mib: int, log=print, keep: bool = False) -> None:
+    def __init__(self, *, blob_mib: int, log=print, keep: bool = False, multi_worker: bool = False) -> None:
+        """:param multi_worker: also start the "medbroker-2w" broker (two worker processes)"""
         self.blob_size = blob_mib << 20
+        self.multi_worker = multi_worker
         self.log = log
         self.keep = keep
         self.root = Path(tempfile.mkdtemp(prefix="medbroker-bench-"))
@@ -312,7 +335,10 @@ class BenchWorld:
         launcher, self.launcher_label = broker_launcher()
         template = (BENCH / "broker.toml").read_text()
         rec_tmpfs = self._recordings_tmpfs()
-        for name, rec in (("medbroker", None), ("medbroker-tmpfs", rec_tmpfs)):
+        names = [("medbroker", None), ("medbroker-tmpfs", rec_tmpfs)]
+        if self.multi_worker:
+            names += [(name, None) for name in MULTI_WORKER]
+        for name, rec in names:
             if name == "medbroker-tmpfs" and rec is None:
                 continue
             home = self.root / name / "home"
@@ -321,6 +347,10 @@ class BenchWorld:
             if rec is not None:
                 text, n = re.subn(r'(?m)^dir = "recordings"', f'dir = "{rec}"', text)
                 assert n == 1, "bench/broker.toml must contain the line: dir = \"recordings\""
+            workers = MULTI_WORKER.get(name, 1)
+            if workers > 1:
+                text, n = re.subn(r"(?m)^\[listen\]\n", f"[listen]\nworkers = {workers}\n", text)
+                assert n == 1, "bench/broker.toml must contain a [listen] section"
             (home / "broker.toml").write_text(text)
             app = init_home(home)
             try:
@@ -339,7 +369,7 @@ class BenchWorld:
                 host_pub = (home / "keys" / "host_ed25519.pub").read_text().strip()
             finally:
                 app.close()
-            b = BrokerProc(name, home, _free_port(), recordings, launcher)
+            b = BrokerProc(name, home, _free_port(), recordings, launcher, workers)
             b.host_pub = host_pub  # type: ignore[attr-defined]
             self.brokers[name] = b
             b.start()
