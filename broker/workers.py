@@ -143,7 +143,11 @@ class Supervisor:
         self.app, self.host, self.count = app, host, workers
         self.sockets, self.port = reserve_port(host, port)
         self.address = _listen_text(host, self.port)
-        self.broker = Broker(app, port=self.port)  # broker-wide duties, sealing, the web console's view
+        try:
+            self.broker = Broker(app, port=self.port)  # broker-wide duties, sealing, the web console's view
+        except BaseException:
+            self.close()
+            raise
         self.slots = [_Slot(i) for i in range(workers)]
         self.stopping = False
         self.level = _log_level()
