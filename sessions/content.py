@@ -297,8 +297,9 @@ class OutputScanner:
         self._tail = window[-_TAIL:]
         if not hit and window.find(b"\0") != -1:  # DICOM meta and tar headers have NULs; most text has none
             hit = self._find_binary(window, old, origin)
-        if not hit:
-            record = _RECORD_RE.search(window, old - _RECORD_BACK if old > _RECORD_BACK else 0)
+        since = old - _RECORD_BACK if old > _RECORD_BACK else 0
+        if not hit and window.find(b"|", since) != -1:  # memchr: text and base64 seldom have a |
+            record = _RECORD_RE.search(window, since)
             hit = _find_records(window, record, origin == 0) if record else None
         self._found = hit = hit or self._find_encoded(window, chunk, origin)
         return hit
