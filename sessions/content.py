@@ -200,9 +200,9 @@ _ENCODED_SIGS = ((DICOM, b"DICM\x02\x00"), (HL7, b"MSH|^~\\&"), (ASTM, b"H|\\^&|
 _B64 = [(kind, n) for kind, sig in _ENCODED_SIGS for n in _b64_needles(sig)]
 _HEX_PLAIN = [(kind, n) for kind, sig in _ENCODED_SIGS for n in _hex_needles(sig)[0]]
 _HEX_DUMP = [(kind, n) for kind, sig in _ENCODED_SIGS for n in _hex_needles(sig)[1]]
-# Every base64 needle holds one of A, X, x; every hex needle 44 (DICOM), 48 (ASTM) or 53 (HL7).
+# Every base64 needle holds one of A, X, x; every hex needle 44 (DICOM) or 48 (ASTM, and HL7's MSH|).
 _B64_RES = _anchored([n for _, n in _B64], (b"A", b"X", b"x"))
-_HEX_ANCHORS = (b"44", b"48", b"53")
+_HEX_ANCHORS = (b"44", b"48")
 _PLAIN_RES = _anchored([n for _, n in _HEX_PLAIN], _HEX_ANCHORS, fold=True)
 _DUMP_RES = _anchored([n for _, n in _HEX_DUMP], _HEX_ANCHORS, fold=True)
 _HEX_RES = _anchored([n for _, n in _HEX_PLAIN + _HEX_DUMP], _HEX_ANCHORS, fold=True)
@@ -255,9 +255,11 @@ class OutputScanner:
     beyond a line break that splits a hex-dump line.
 
     Cost: what an earlier window already settled is not searched again, so a one-byte feed (keystroke
-    echo) looks at a few dozen bytes. Every search is one C-level ``re`` pass that skips to a literal
-    anchor (``H|``; ``DICM\\x02\\x00`` only when the window has a NUL; base64 needles by ``A``/``X``/``x``,
-    hex by ``44``/``48``/``53``); Python looks only at the rare anchor hits. bench/content_throughput.py
+    echo) looks at a few dozen bytes, and encoded text only when a byte that can end a needle arrived.
+    Every search is one C-level pass that skips to a literal anchor: ``DICM\\x02\\x00`` only when the
+    window has a NUL, ``H|`` only when it has a ``|`` (memchr first), base64 needles by ``A``/``X``/``x``
+    and hex by ``44``/``48`` (re with lookbehinds); Python looks only at the rare anchor hits. So random
+    data costs two passes, text mostly two memchr calls and the probes. bench/content_throughput.py
     measures it.
     """
 
