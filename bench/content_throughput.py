@@ -1,4 +1,4 @@
-"""Patient-data guard cost: OutputScanner MB/s on random, text, base64, hex dump and tar, µs per small feed; SFTP codec MB/s.
+"""Patient-data guard cost: OutputScanner MB/s per data kind and µs per small feed; SFTP codec MB/s.
 
 Times are the thread's CPU time (time.thread_time), so other load on a shared machine inflates them
 less than wall-clock time would; --repeat N reports the best of N runs.
@@ -119,13 +119,15 @@ def main() -> None:
     kinds["tar"] = _tar(total)
     print(f"OutputScanner, {args.mib} MiB per kind, best of {len(best)}, python {sys.version.split()[0]}")
     for name, data in kinds.items():
-        rates = [f"{chunk // 1024:>4} KiB chunks {max(scan_rate(data, chunk) for _ in best):7.0f} MB/s" for chunk in (32768, 262144)]
+        rates = [f"{chunk // 1024:>4} KiB chunks {max(scan_rate(data, chunk) for _ in best):7.0f} MB/s"
+                 for chunk in (32768, 262144)]
         print(f"  {name:7} " + "   ".join(rates))
     shell = _shell(min(total, 4 * 1024 * 1024))
     small = {"shell": shell, "random": kinds["random"][:len(shell)], "base64": kinds["base64"][:len(shell)]}
     print("OutputScanner, µs per feed of small chunks (keystroke echo, short output)")
     for name, data in small.items():
-        costs = [f"{chunk:>4} B {min(feed_cost(data[:chunk * 100_000], chunk) for _ in best):6.2f} µs" for chunk in (1, 16, 256, 4096)]
+        costs = [f"{chunk:>4} B {min(feed_cost(data[:chunk * 100_000], chunk) for _ in best):6.2f} µs"
+                 for chunk in (1, 16, 256, 4096)]
         print(f"  {name:7} " + "   ".join(costs))
     for size in (32 * 1024, 255 * 1024):
         print(f"SFTP DATA framing+parse, {size // 1024} KiB replies: {codec_rate(total // 4, size):7.0f} MB/s")

@@ -322,3 +322,21 @@ def test_reference_window_start_fix() -> None:
         assert _first_hit(ReferenceScanner(), chunks) is None
     assert _first_hit(OutputScanner(), [b"\nH|!#$|"]) == (0, "ASTM")
     assert _first_hit(OutputScanner(), [b"H|!#$|"]) == (0, "ASTM")
+
+
+def test_scanner_searches_text_left_while_the_probes_said_plain() -> None:
+    # HL7's base64 needle 1TSHxeflwm ends in "lwm": one-byte probes of l, w, m look like words, so
+    # nothing is searched until the Z; the search then still covers the needle, as the original did.
+    needle = base64.b64encode(b"\0" + b"MSH|^~\\&" + b"\0")[2:12]
+    assert needle == b"1TSHxeflwm"
+    chunks = [bytes([c]) for c in b"log: " + needle] + [b"Z"]
+    assert _first_hit(ReferenceScanner(), chunks) == (len(chunks) - 1, "HL7v2/base64")
+    assert _first_hit(OutputScanner(), chunks) == (len(chunks) - 1, "HL7v2/base64")
+
+
+def test_scanner_keeps_reporting_after_a_finding() -> None:
+    scanner, record = OutputScanner(), b"\nMSH|^~\\&|LAB|"
+    assert scanner.feed(b"x" * 300) is None
+    assert scanner.feed(record) == "HL7v2"
+    assert scanner.feed(b"more output") == "HL7v2" and scanner.feed(b"") == "HL7v2"
+    assert scanner.position == 300 + len(record) + len(b"more output")
