@@ -121,6 +121,9 @@ class LiveSession:
         except BrokerError as exc:
             await self.finish("failed", reason=exc.message)
             raise
+        except asyncio.CancelledError:  # the broker is stopping: close the recording and the row, then go
+            await asyncio.shield(self.finish("failed", reason="the broker stopped while connecting to the device"))
+            raise
         self.upconn_closed = False
         b.live[self.id] = self
         await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,

@@ -80,6 +80,7 @@ class Broker:
         self.pid = os.getpid()
         self._control: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
@@ -579,7 +580,12 @@ class BrokerServer(asyncssh.SSHServer):
             raise exc
         credential = await b.db(device_credential, device, b.app.keys)
         live = LiveSession(b, self, device, grant, credential)
-        await live.start()
+        start = asyncio.ensure_future(live.start())
+        b.starting.add(start)
+        try:
+            await start
+        finally:
+            b.starting.discard(start)
         return live
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
@@ -688,6 +694,10 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
     """Stop listening, end live sessions cleanly, flush recordings."""
     acceptor.close()
     await acceptor.wait_closed()
+    for start in list(broker.starting):  # sessions still connecting to their device never begin
+        start.cancel()
+    if broker.starting:
+        await asyncio.wait(list(broker.starting), timeout=10)
     for live in list(broker.live.values()):
         await live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
     await broker.stop_control()

@@ -244,6 +244,37 @@ def test_device_down_and_slow_device_fail_fast_with_clear_message(world):
     assert world.events("device.unreachable")
 
 
+def test_broker_stopping_while_a_session_connects_closes_it_cleanly(world):
+    """A stop during the device connect ends that session as failed, with a sealed recording and no leaks."""
+    import gc
+    import threading
+
+    from sessions.recording import verify_recording
+
+    now = world.app.clock.now()
+    key = Path(world.device.client_key.private_path).read_text()
+    results = []
+    with SilentListener() as silent:
+        add_device(world.app.store, world.app.audit, world.app.keys, name="slow-01", host="127.0.0.1",
+                   port=silent.port, login="root", host_key=world.device.host_key_line, now=now, key_text=key)
+        world.grant(device="slow-01")
+        client = threading.Thread(target=lambda: results.append(world.ssh("alice@slow-01", "true", timeout=60)))
+        client.start()
+        assert _wait(lambda: silent.accepted >= 1, timeout=20)
+        t0 = time.monotonic()
+        world.harness.stop()  # the device never answers: the connect is still pending
+        stopped_in = time.monotonic() - t0
+        client.join(30)
+    assert not client.is_alive() and results and results[0].returncode != 0
+    assert stopped_in < 8  # cancelled, not waited out (the connect timeout is 10 s)
+    row = world.app.store.list_sessions()[-1]
+    assert row["device"] == "slow-01" and row["status"] == "failed"
+    assert "stopped while connecting" in row["end_reason"] and row["final_hash"]
+    assert verify_recording(row["recording"], expected_final_hash=row["final_hash"],
+                            key_lookup=world.app.keys.get).ok
+    gc.collect()  # an abandoned connect would surface here as an unraisable ResourceWarning (an error)
+
+
 def test_forwarding_agent_and_subsystems_refused(world):
     world.grant()
     r = world.ssh("alice@ct-01", None, extra_opts=["-W", "127.0.0.1:22"])

@@ -49,6 +49,8 @@ class BrokerHarness:
         return self.call(_count(self.broker))
 
     def stop(self) -> None:
+        if self.loop.is_closed():  # stopped already (a test stopped the broker itself)
+            return
         if self._acceptor is not None:
             self.call(stop_server(self._acceptor, self.broker))
             self._acceptor = None
