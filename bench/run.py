@@ -23,7 +23,7 @@ from bench import clients
 from bench.concurrency import run_level
 from bench.profiling import Spy, summarize_collapsed
 from bench.report import LABELS, render_markdown, summarize
-from bench.sysinfo import cpu_seconds, machine_facts, our_cpu_jiffies, system_busy
+from bench.sysinfo import child_pids, cpu_seconds, machine_facts, our_cpu_jiffies, system_busy
 from bench.world import BENCH, REPO, BenchWorld, code_fingerprint
 
 __all__ = ["Plan", "QUICK", "FULL", "main"]
@@ -72,12 +72,20 @@ def _rotate(items: list[str], k: int) -> list[str]:
 
 
 def _busy_threads(pid: int) -> int:
-    """Threads of ``pid`` running or in uninterruptible I/O (fsync) right now."""
+    """Threads of ``pid`` running or in uninterruptible I/O (fsync) right now, plus its living indexer
+    child processes (the post-session search index is built in one: its work is the broker's work).
+    Worker processes of a multi-worker broker are children too, and do not count."""
     n = 0
+    for child in child_pids(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as fh:
+                n += b"broker.indexer" in fh.read()
+        except OSError:
+            continue
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
+        return n
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as fh:
@@ -96,11 +104,11 @@ def _settle(world: BenchWorld, max_s: float, quiet_needed: int = 5) -> dict:
     for b in world.brokers.values():
         if b.proc is None:
             continue
-        t0, c0 = time.monotonic(), cpu_seconds(b.pid) or 0.0
+        t0, c0 = time.monotonic(), cpu_seconds(b.pid, reaped_children=True) or 0.0
         quiet, last = 0, c0
         while quiet < quiet_needed and time.monotonic() - t0 < max_s:
             time.sleep(0.1)
-            now = cpu_seconds(b.pid)
+            now = cpu_seconds(b.pid, reaped_children=True)
             if now is None:
                 break
             quiet = quiet + 1 if now - last < 0.005 and _busy_threads(b.pid) == 0 else 0
@@ -131,12 +139,12 @@ def _measure(world: BenchWorld, plan: Plan, metric: str, path: str, rnd: int) ->
     }
     _settle(world, plan.settle_max_s)
     broker = world.brokers.get(path)
-    cpu0 = cpu_seconds(broker.pid) if broker else None
+    cpu0 = cpu_seconds(broker.pid, reaped_children=True) if broker else None
     sys0, ours0 = system_busy(), our_cpu_jiffies()
     s = fns[metric]()
     s.extra["other_cpu_pct"] = _other_pct(sys0, ours0)
     if broker is not None:
-        s.extra["broker_cpu_s"] = (cpu_seconds(broker.pid) or 0.0) - (cpu0 or 0.0)
+        s.extra["broker_cpu_s"] = (cpu_seconds(broker.pid, reaped_children=True) or 0.0) - (cpu0 or 0.0)
         after = _settle(world, plan.settle_max_s).get(broker.name, {})
         s.extra["post_session_cpu_s"] = after.get("cpu_s")
         s.extra["post_session_wait_s"] = after.get("wait_s")
@@ -217,11 +225,11 @@ def run_interference(world: BenchWorld, plan: Plan, result: dict) -> None:
             if not busy:
                 _settle(world, plan.settle_max_s)
             b = world.brokers["medbroker"]
-            c0 = cpu_seconds(b.pid) or 0.0
+            c0 = cpu_seconds(b.pid, reaped_children=True) or 0.0
             k = clients.keystrokes(world, "medbroker", plan.keys_per_round, plan.key_gap_ms / 1000, 300)
             rec = {"metric": "keystroke_after_bulk" if busy else "keystroke_after_bulk_settled", "path": "medbroker",
                    "round": rnd, "ok": k.ok and d.ok, "value": k.value, "error": k.error or d.error,
-                   "refused": k.refused, "extra": dict(k.extra, broker_cpu_s=(cpu_seconds(b.pid) or 0.0) - c0)}
+                   "refused": k.refused, "extra": dict(k.extra, broker_cpu_s=(cpu_seconds(b.pid, reaped_children=True) or 0.0) - c0)}
             result["samples"].append(rec)
             _log(f"  {rec['metric']:30} round {rnd}: {_show(rec)}")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 __all__ = ["CpuSample", "cpu_seconds", "rss_bytes", "descendants", "tree_cpu_seconds", "system_busy", "our_cpu_jiffies",
-           "machine_facts", "CLK_TCK"]
+           "machine_facts", "CLK_TCK", "child_pids"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -33,12 +33,25 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2:].split()
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of one process (its threads included), or None when it is gone."""
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float | None:
+    """User + system CPU seconds of one process (its threads included), or None when it is gone.
+
+    :param reaped_children: add the CPU of its children that have exited and been reaped (the broker's
+        post-session indexer runs in a child process); not for process trees summed live
+    """
     f = _stat_fields(pid)
     if f is None:
         return None
-    return (int(f[11]) + int(f[12])) / CLK_TCK
+    return (int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if reaped_children else 0)) / CLK_TCK
+
+
+def child_pids(pid: int) -> list[int]:
+    """Living direct children of ``pid`` (e.g. the broker's indexer processes)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def rss_bytes(pid: int) -> int | None:
