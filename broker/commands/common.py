@@ -16,8 +16,9 @@ import typer
 
 from broker.app import App, open_app
 from broker.clock import utc_iso
-from broker.errors import PermissionDeniedError, UsageError
+from broker.errors import PermissionDeniedError, StorageError, UsageError
 from broker.identity import Principal, get_principal, require_role
+from broker.keys import write_private
 
 __all__ = [
     "State",
@@ -214,3 +215,18 @@ def read_text_file(path: Path, *, what: str, limit: int = 1 << 20) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{what} {path} is not a text file", "is this the right file?") from None
+
+
+def write_output_file(path: Path, data: bytes) -> None:
+    """Write an export or report named with ``-o``: mode 0600 (it can hold sensitive output), complete or
+    not at all (:func:`broker.keys.write_private`); a missing directory is an error, never created.
+
+    :raises StorageError: the directory is missing or not writable, or the disk is full
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        if not directory.is_dir():
+            raise FileNotFoundError(2, "No such directory", str(directory))
+        write_private(path, data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}", "choose a writable -o path") from None

@@ -1,7 +1,5 @@
 """``medbroker replay`` and ``export``: watch or convert a session recording (both audited)."""
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,9 +7,9 @@ import sys
 import typer
 
 from broker.app import App
-from broker.commands.common import admin_actor, emit_json, open_home, say
+from broker.commands.common import admin_actor, emit_json, open_home, say, write_output_file
 from broker.commands.sessions import get_session_row
-from broker.errors import RecordingError, StorageError, UsageError
+from broker.errors import RecordingError, UsageError
 
 __all__ = ["register", "replay", "export", "verify_session_recording", "FORMATS"]
 
@@ -112,22 +110,6 @@ def replay(
     typer.echo(f"medbroker: end of session {session_id}", err=True)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` (mode 0600: recordings can hold sensitive output) via a temporary file."""
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}", "choose a writable -o path") from None
-
-
 def export(
     ctx: typer.Context,
     session_id: Annotated[str, typer.Argument(metavar="ID", help="Session id (see: medbroker sessions list).")],
@@ -167,7 +149,7 @@ def export(
         frames.close()
     to_stdout = str(output) == "-"
     if not to_stdout:
-        _write_atomically(output, text)
+        write_output_file(output, text.encode("utf-8"))
     a.audit.record("recording.exported", actor=actor, user=row["user_name"], device=row["device"],
                    session_id=session_id, source="cli", format=fmt,
                    path="-" if to_stdout else str(output.absolute()), verified=result.ok)

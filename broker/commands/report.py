@@ -4,14 +4,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from broker.app import App
-from broker.commands.common import admin_actor, emit_json, open_home, safe, say
+from broker.commands.common import admin_actor, emit_json, open_home, safe, say, write_output_file
 from broker.errors import BrokerError, NotFoundError, RecordingError, StorageError, UsageError
 from broker.report import REPORT_FORMATS, build_report, parse_time_bound, render_report, sign_report, verify_report
 
@@ -43,21 +42,6 @@ def session_verification(a: App, row: dict[str, Any]) -> dict[str, Any]:
     if row.get("payload_removed_at") and state != "broken":
         summary += f"; terminal content removed by retention on {row['payload_removed_at'][:10]}"
     return {"state": state, "summary": summary, "problems": problems, "notes": list(res.notes)}
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}", "choose a writable -o path") from None
 
 
 def report(
@@ -102,8 +86,8 @@ def report(
         return
     sig = sign_report(data, a.signing_key, file_name=output.name, signed_at=now)
     sig_path = Path(f"{output}.sig")
-    _write_private(output, data)
-    _write_private(sig_path, (json.dumps(sig, indent=1) + "\n").encode())
+    write_output_file(output, data)
+    write_output_file(sig_path, (json.dumps(sig, indent=1) + "\n").encode())
     a.audit.record("report.created", actor=actor, device=device, source="cli", format=fmt,
                    path=str(output.absolute()), period=doc["period"], sha256=sig["sha256"], bytes=len(data),
                    sessions=summary["sessions"], signed=True, key=sig["key"])
