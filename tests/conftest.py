@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 from itertools import count
 from pathlib import Path
 
@@ -196,3 +197,19 @@ def device(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[
                 errors.append(f"{dev!r}: {exc}")
         if errors:
             pytest.fail("closing devices failed:\n" + "\n".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def world(tmp_path: Path, device: Callable[..., SshdDevice]) -> Iterator[Any]:
+    """A :class:`helpers.broker.World` (home, people, ct-01 on a real sshd, in-process broker), closed after.
+
+    Test modules that need a different world (a grant up front, the web console) define their own.
+    """
+    from helpers.broker import World
+
+    w = World(tmp_path, device()).setup()
+    try:
+        yield w
+    finally:
+        w.close()
+

@@ -8,20 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.broker import World
 from sessions.commands import index_commands
 from sessions.recording import read_frames
 
 PROMPT = re.compile(rb"[#$] ")
-
-
-@pytest.fixture
-def world(tmp_path, device):
-    w = World(tmp_path, device()).setup()
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def _commands(world):

@@ -14,21 +14,11 @@ import pytest
 from broker.devices import add_device
 from broker.grants import get_grant, revoke_grant
 from broker.identity import get_principal
-from helpers.broker import World
 from helpers.clients import ControlMaster, paramiko_exec, paramiko_session
 from helpers.net import SilentListener, closed_port
 
 pytestmark = pytest.mark.openssh
 PROMPT = re.compile(rb"[#$] ")
-
-
-@pytest.fixture
-def world(tmp_path, device):
-    w = World(tmp_path, device()).setup()
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def _wait(predicate, timeout=10.0, step=0.05):

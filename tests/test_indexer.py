@@ -126,17 +126,6 @@ def test_cancelling_stops_the_child(tmp_path: Path) -> None:
     run(scenario())
 
 
-@pytest.fixture
-def world(tmp_path, device):
-    from helpers.broker import World
-
-    w = World(tmp_path, device()).setup()
-    try:
-        yield w
-    finally:
-        w.close()
-
-
 @pytest.mark.openssh
 def test_a_big_session_is_indexed_by_the_child_and_searchable(world, caplog) -> None:
     world.grant()

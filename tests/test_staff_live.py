@@ -66,15 +66,6 @@ class Cli:
         self.proc.stderr.close()
 
 
-@pytest.fixture
-def world(tmp_path, device):
-    w = World(tmp_path, device()).setup()
-    try:
-        yield w
-    finally:
-        w.close()
-
-
 def _cli(world: World, *args: str):
     r = runner.invoke(cli_app, ["--home", str(world.app.home), *args])
     assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
