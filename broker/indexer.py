@@ -10,11 +10,13 @@ import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 from broker.errors import BrokerError, RecordingError
 from sessions.recording import read_header
-from sessions.textindex import SessionText, index_recording
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sessions.textindex import SessionText
 
 __all__ = ["CHILD_MIN_BYTES", "MAX_CHILDREN", "IndexRows", "build_index_rows", "session_rows", "run_child"]
 
@@ -50,6 +52,8 @@ def session_rows(text: SessionText) -> IndexRows:
 
 
 def _index_here(path: Path, key_lookup: Callable[[str], bytes]) -> IndexRows:
+    from sessions.textindex import index_recording  # lazily: the terminal emulator (pyte) is not needed at start-up
+
     return session_rows(index_recording(path, key_lookup))
 
 
