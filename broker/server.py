@@ -701,8 +701,8 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
     for live in list(broker.live.values()):
         await live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
     await broker.stop_control()
-    for conn in list(broker.connections):
-        conn.close()
+    for conn in list(broker.connections):  # anyone still connected (connecting, self-service) is told why
+        conn.disconnect(asyncssh.DISC_BY_APPLICATION, "medbroker is shutting down; reconnect in a moment")
     for conn in list(broker.connections):
         try:
             await asyncio.wait_for(conn.wait_closed(), 5)
