@@ -81,6 +81,7 @@ class Broker:
         self._control: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
+        self.stopping = False  # set by stop_server: no new device session starts after it
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
@@ -579,6 +580,10 @@ class BrokerServer(asyncssh.SSHServer):
                           reason="no active grant")
             raise exc
         credential = await b.db(device_credential, device, b.app.keys)
+        if b.stopping:  # checked and registered below without an await between: stop_server misses none
+            await b.audit("session.refused", user=user, device=device_name, source=self.source,
+                          reason="broker stopping")
+            raise BrokerError("the broker is shutting down; reconnect in a moment", "nothing was run on the device")
         live = LiveSession(b, self, device, grant, credential)
         start = asyncio.ensure_future(live.start())
         b.starting.add(start)
@@ -690,14 +695,20 @@ async def start_server(app: App, address: str, *, seal: bool = True,
     return acceptor, broker
 
 
+async def _cancel_starts(broker: Broker) -> None:
+    """Sessions still connecting to their device never begin: each closes its recording, marked failed."""
+    for start in list(broker.starting):
+        start.cancel()
+    if broker.starting:
+        await asyncio.wait(list(broker.starting), timeout=10)
+
+
 async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
     """Stop listening, end live sessions cleanly, flush recordings."""
     acceptor.close()
     await acceptor.wait_closed()
-    for start in list(broker.starting):  # sessions still connecting to their device never begin
-        start.cancel()
-    if broker.starting:
-        await asyncio.wait(list(broker.starting), timeout=10)
+    broker.stopping = True
+    await _cancel_starts(broker)
     for live in list(broker.live.values()):
         await live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
     await broker.stop_control()
