@@ -213,3 +213,17 @@ def world(tmp_path: Path, device: Callable[..., SshdDevice]) -> Iterator[Any]:
     finally:
         w.close()
 
+
+
+@pytest.fixture
+def exposed_world(tmp_path: Path, device: Callable[..., SshdDevice]) -> Iterator[Any]:
+    """Like ``world``, but ct-01 is *exposed*: its maintenance login can read the patient directories
+    (data/dicom, var/spool/hl7, opt/lis/data), all three protected. Only the broker's own guards stand
+    between the vendor and the patient data there."""
+    from helpers.broker import World
+
+    w = World(tmp_path, device(exposed=True)).setup()
+    try:
+        yield w
+    finally:
+        w.close()

@@ -94,6 +94,8 @@ class World:
         tree = self.device.tree
         if protect is None:
             protect = (str(tree.root / "data" / "dicom"),) if tree is not None else ()
+            if self.device.exposed:  # every patient directory of the tree, so containment is about all of them
+                protect = tuple(str(p) for p in self.device.patient_dirs)
         add_device(self.app.store, self.app.audit, self.app.keys, name="ct-01", host=self.device.host,
                    port=self.device.port, login=self.device.login, host_key=self.device.host_key_line, now=now,
                    key_text=Path(self.device.client_key.private_path).read_text(), protect=protect)
@@ -107,13 +109,21 @@ class World:
         return self.harness.port
 
     def grant(self, seconds: int = 3600, *, user: str = "alice", device: str = "ct-01", approver: str = "bob",
-              **kwargs: Any):
-        """Request and approve through the domain layer; returns the Grant."""
+              second: str = "dave", **kwargs: Any):
+        """Request and approve through the domain layer; returns the Grant.
+
+        When the first approval leaves the request pending (a critical or exposed device needs two
+        approvers), ``second`` approves too.
+        """
         now = self.app.clock.now()
         req = request_grant(self.app.store, self.app.audit, self.app.rules, get_principal(self.app.store, user),
                             device, seconds, "test work", now, **kwargs)
-        return approve_request(self.app.store, self.app.audit, self.app.rules, req.id,
-                               get_principal(self.app.store, approver), now).grant
+        decision = approve_request(self.app.store, self.app.audit, self.app.rules, req.id,
+                                   get_principal(self.app.store, approver), now)
+        if decision.grant is None:
+            decision = approve_request(self.app.store, self.app.audit, self.app.rules, req.id,
+                                       get_principal(self.app.store, second), now)
+        return decision.grant
 
     def ssh(self, login: str, command: str | None = None, *, key: str | None = None, **kwargs: Any) -> ProcResult:
         """Real OpenSSH ``ssh`` to the broker as ``login`` (e.g. ``alice@ct-01``) with that person's key."""

@@ -120,13 +120,17 @@ class SshdDevice:
       PasswordDeviceUnavailableError otherwise).
     port: fixed port (default: a free one, retried up to 3 times if taken meanwhile).
     tree: create the fake device filesystem (see `tree`, `root`).
+    exposed: False (default) makes a *contained* device: as root, the patient directories (`patient_dirs`:
+      data/dicom, var/spool/hl7, opt/lis/data) belong to root with mode 0700, so the maintenance login
+      cannot read them. True makes an *exposed* device: the login owns and can read the whole tree, as on
+      scanners whose vendor owns the OS. Not root: always exposed (the login is the current user).
     extra_config: extra sshd_config lines, placed *before* the defaults because sshd keeps the first
       value it reads for a keyword (so "MaxSessions 1" or "Ciphers ..." override); no Match blocks.
 
     The account: as root (as in CI) every device gets a throwaway local account `mbdev<pid>x<n>` with
     /bin/sh as its shell, made at start and deleted at close; the tree, its home, lives in a
-    world-traversable /tmp/mbdev-<pid>-* dir and belongs to it (it can read the patient data, so only
-    the broker's policy stops that; it can write tmp/ and service/firmware/). Not root: the current user.
+    world-traversable /tmp/mbdev-<pid>-* dir and belongs to it, except the patient directories of a
+    contained device (see `exposed`); it can write tmp/ and service/firmware/. Not root: the current user.
 
     Attributes: host, port, login (the account's name; for root, valid once started), password,
     host_key (KeyPair), host_key_line ("ssh-ed25519 AAAA..."),
@@ -148,6 +152,7 @@ class SshdDevice:
         client_alive_interval: int = 15,
         extra_config: Sequence[str] = (),
         startup_timeout: float = 10.0,
+        exposed: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +164,7 @@ class SshdDevice:
         self.client_alive_interval = client_alive_interval
         self.extra_config = tuple(extra_config)
         self.startup_timeout = startup_timeout
+        self.exposed = exposed
         if password is not None and not password_devices_supported():
             raise PasswordDeviceUnavailableError(
                 "a password device needs root (it creates a throwaway local account with useradd/chpasswd); "
@@ -269,6 +275,25 @@ class SshdDevice:
         entry = create_account(self.login, self.root, password=self.password)
         for path in [self.root, *self.root.rglob("*"), self.sftp_log_path]:
             os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        if not self.exposed and self.tree is not None:
+            # Contained: the patient trees belong to root, mode 0700; the maintenance login cannot read
+            # (or traverse) them, so only an exposed device depends on the broker's own guards.
+            for path in self.patient_dirs:
+                os.chown(path, 0, 0, follow_symlinks=False)
+                path.chmod(0o700)
+
+    @property
+    def patient_dirs(self) -> tuple[Path, ...]:
+        """The fake tree's patient directories (DICOM store, HL7 spool, LIS data); empty without a tree."""
+        if self.tree is None:
+            return ()
+        p = self.tree.patient
+        return (p["dicom_dir"], p["hl7_dir"], p["astm_file"].parent)
+
+    @property
+    def contained(self) -> bool:
+        """True when the login cannot read the patient directories (a throwaway account and exposed=False)."""
+        return self._account_created and not self.exposed and self.tree is not None
 
     def _sftp_subsystem(self) -> str:
         server = next((p for p in _SFTP_SERVER_CANDIDATES if os.access(p, os.X_OK)), None)
