@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ ALERT_EVENTS = ("auth.lockout", "device.hostkey.mismatch", "exec.denied", "sftp.
 
 
 def default_policy_file() -> Path:
-    """The protected-paths policy shipped in ``config/`` next to the package."""
-    return Path(__file__).resolve().parent.parent / "config" / "protected-paths.toml"
+    """The protected-paths policy shipped inside the package (``broker/defaults/``; the repository's
+    ``config/protected-paths.toml`` links to it), so a wheel install finds it as well as a checkout."""
+    return Path(str(resources.files("broker") / "defaults" / "protected-paths.toml"))
 
 
 @dataclass
