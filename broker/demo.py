@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -271,10 +273,27 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
     return DemoWorld(root, home, app, proc, device_port, broker_port, ssh_config, tree, login)
 
 
+def medbroker_command() -> str:
+    """How a person runs this medbroker from a shell, as printed in hints.
+
+    ``medbroker`` when the PATH finds this installation's own launcher; otherwise that launcher's absolute
+    path (a venv's bin, or a pyenv without a rehash, is not on the PATH); ``python -m broker.cli`` when
+    there is no launcher (a checkout run with ``python -m``).
+    """
+    launcher = Path(sys.executable).parent / "medbroker"
+    if launcher.is_file() and os.access(launcher, os.X_OK):
+        found = shutil.which("medbroker")
+        if found and Path(found).resolve() == launcher.resolve():
+            return "medbroker"
+        return shlex.quote(str(launcher))
+    return f"{shlex.quote(sys.executable)} -m broker.cli"
+
+
 def instructions(world: DemoWorld) -> str:
     """The copy-paste walkthrough printed by ``medbroker demo``."""
     F = f"ssh -F {world.ssh_config}"
     home = world.home
+    mb = medbroker_command()
     return f"""
 medbroker demo is running.
   broker (vendor SSH port): 127.0.0.1:{world.broker_port}
@@ -293,10 +312,10 @@ medbroker demo is running.
      {F} alice@ct-01@broker
      {F} alice@ct-01@broker tail -n 3 {world.tree['logs']}/system.log
 5. Security reviews (in another terminal):
-     medbroker --home {home} sessions list
-     medbroker --home {home} replay SESSION_ID --instant
-     medbroker --home {home} audit verify
-     medbroker --home {home} audit log
+     {mb} --home {home} sessions list
+     {mb} --home {home} replay SESSION_ID --instant
+     {mb} --home {home} audit verify
+     {mb} --home {home} audit log
 
 Press Ctrl-C to stop the demo (the broker and the device sshd stop; files stay in {world.root}).
 """
