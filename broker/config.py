@@ -199,10 +199,26 @@ class SiemConfig:
     jsonl_max_bytes: int = 10 * 1024 * 1024
     jsonl_backups: int = 5
     syslog_address: str = ""
-    """``udp://HOST:PORT`` or ``tcp://HOST:PORT`` of the collector ("" = off)."""
+    """``udp://HOST:PORT``, ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (RFC 5425) of the collector ("" = off)."""
     syslog_app_name: str = "medbroker"
     syslog_hostname: str = ""
-    """HOSTNAME field of each message ("" = this machine's host name)."""
+    """HOSTNAME field of each message, and the ``host`` of every exported record ("" = this machine's name)."""
+    syslog_bom: bool = False
+    """Start MSG with the UTF-8 BOM (RFC 5424 §6.4 MSG-UTF8). Off: MSG-ANY, which naive JSON parsers read."""
+    syslog_sd_id: str = "medbroker@32473"
+    """Structured-data id, NAME@ENTERPRISE-NUMBER; set your organisation's IANA number (32473 is RFC 5612's
+    documentation number: medbroker owns none)."""
+    syslog_ca_file: str = ""
+    """tls://: the CA bundle that signs the collector's certificate ("" = the system's CAs)."""
+    syslog_client_cert: str = ""
+    """tls://: a client certificate (PEM) for collectors that require one ("" = none)."""
+    syslog_client_key: str = ""
+    """tls://: the client certificate's private key (PEM; "" = in syslog_client_cert)."""
+    syslog_server_name: str = ""
+    """tls://: the name the collector's certificate must carry ("" = the host of syslog_address)."""
+    format: str = "medbroker"
+    """Record shape in the JSON-lines file and syslog MSG: "medbroker" (docs/events.md) or "ecs" (Elastic
+    Common Schema field names, which Elastic and Splunk map without custom parsing)."""
 
 
 @dataclass(frozen=True)
@@ -380,14 +396,15 @@ _PRINTABLE_ASCII = re.compile(r"[!-~]+")  # RFC 5424 PRINTUSASCII: no spaces, no
 
 
 def parse_syslog_address(text: str) -> tuple[str, str, int]:
-    """Parse ``udp://HOST:PORT`` or ``tcp://HOST:PORT`` (``[::1]`` for IPv6) into (transport, host, port).
+    """Parse ``udp://HOST:PORT``, ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (``[::1]`` for IPv6) into
+    (transport, host, port).
 
     :raises UsageError: another scheme, or not HOST:PORT with a port in 1..65535
     """
     scheme, sep, rest = (text or "").partition("://")
-    if not sep or scheme not in ("udp", "tcp"):
-        raise UsageError(f"syslog address {text!r} is not udp://HOST:PORT or tcp://HOST:PORT",
-                         "e.g. udp://127.0.0.1:514 or tcp://siem.hospital.example:6514")
+    if not sep or scheme not in ("udp", "tcp", "tls"):
+        raise UsageError(f"syslog address {text!r} is not udp://HOST:PORT, tcp://HOST:PORT or tls://HOST:PORT",
+                         "e.g. udp://127.0.0.1:514 or tls://siem.hospital.example:6514")
     host, port = parse_listen(rest)
     if port == 0:
         raise UsageError(f"syslog address {text!r} has port 0", "name the collector's port, e.g. 514")
@@ -395,6 +412,20 @@ def parse_syslog_address(text: str) -> tuple[str, str, int]:
 
 
 def _validate_siem(siem: SiemConfig, source: str) -> None:
+    if not re.fullmatch(r"[!#-<>?A-\\^-~]{1,23}@[1-9][0-9]{0,9}(\.[0-9]{1,9}){0,3}", siem.syslog_sd_id) \
+            or len(siem.syslog_sd_id) > 32:
+        raise ConfigError(f"{source}: siem.syslog_sd_id = {siem.syslog_sd_id!r}; expected NAME@ENTERPRISE-NUMBER "
+                          "(RFC 5424 §6.3.2, at most 32 printable characters, no '=', ']', '\"' or space)",
+                          'e.g. "medbroker@12345" with your organisation\'s IANA private enterprise number')
+    if siem.format not in ("medbroker", "ecs"):
+        raise ConfigError(f"{source}: siem.format = {siem.format!r}; expected 'medbroker' or 'ecs'")
+    tls_files = ("syslog_ca_file", "syslog_client_cert", "syslog_client_key", "syslog_server_name")
+    if any(getattr(siem, k) for k in tls_files) and not siem.syslog_address.startswith("tls://"):
+        used = next(k for k in tls_files if getattr(siem, k))
+        raise ConfigError(f"{source}: siem.{used} is set but siem.syslog_address is not tls://HOST:PORT",
+                          "use tls:// for syslog over TLS (RFC 5425), or remove the TLS settings")
+    if siem.syslog_client_key and not siem.syslog_client_cert:
+        raise ConfigError(f"{source}: siem.syslog_client_key is set without siem.syslog_client_cert")
     if siem.syslog_address:
         try:
             parse_syslog_address(siem.syslog_address)
@@ -524,7 +555,14 @@ webhook_url = ""                  # POSTed as JSON on new requests and decisions
 jsonl_file = ""                   # e.g. "siem/audit.jsonl": one JSON object per line, "" = off
 jsonl_max_bytes = 10485760        # rotate to FILE.1, FILE.2, ... at this size
 jsonl_backups = 5                 # rotated files kept
-syslog_address = ""               # RFC 5424 syslog: "udp://HOST:514" or "tcp://HOST:PORT", "" = off
+syslog_address = ""               # RFC 5424 syslog: "udp://HOST:514", "tcp://HOST:PORT" or "tls://HOST:6514", "" = off
 syslog_app_name = "medbroker"
-syslog_hostname = ""              # "" = this machine's host name
+syslog_hostname = ""              # "" = this machine's host name (also the "host" of every exported record)
+syslog_bom = false                # true: MSG starts with the UTF-8 BOM (RFC 5424 MSG-UTF8); naive JSON parsers choke on it
+syslog_sd_id = "medbroker@32473"  # NAME@YOUR-IANA-ENTERPRISE-NUMBER; 32473 is the documentation number (RFC 5612)
+syslog_ca_file = ""               # tls://: CA bundle that signs the collector ("" = system CAs)
+syslog_client_cert = ""           # tls://: client certificate PEM, if the collector asks for one
+syslog_client_key = ""            # tls://: its key ("" = inside syslog_client_cert)
+syslog_server_name = ""           # tls://: name on the collector's certificate ("" = the address's host)
+format = "medbroker"              # "medbroker" (docs/events.md) or "ecs" (Elastic Common Schema field names)
 """

@@ -123,7 +123,18 @@ NON_DEFAULT = {
             "tls_key": '"k.pem"', "smtp_host": '"127.0.0.1"', "smtp_port": "2525", "smtp_from": '"mb@h.example"',
             "smtp_to": '["biomed@h.example"]', "smtp_starttls": "true", "webhook_url": '"http://127.0.0.1:9/web"'},
     "siem": {"jsonl_file": '"siem/audit.jsonl"', "jsonl_max_bytes": "65536", "jsonl_backups": "2",
-             "syslog_address": '"tcp://127.0.0.1:6514"', "syslog_app_name": '"mb"', "syslog_hostname": '"jump-1"'},
+             "syslog_address": '"tls://127.0.0.1:6514"', "syslog_app_name": '"mb"', "syslog_hostname": '"jump-1"',
+             "syslog_bom": "true", "syslog_sd_id": '"medbroker@12345"', "syslog_ca_file": '"ca.pem"',
+             "syslog_client_cert": '"client.pem"', "syslog_client_key": '"client.key"',
+             "syslog_server_name": '"siem.example"', "format": '"ecs"'},
+}
+# Keys that mean something only together with another: set alone they are refused (an option that would
+# do nothing), so the one-key test adds the companion.
+COMPANIONS = {
+    ("siem", "syslog_ca_file"): 'syslog_address = "tls://127.0.0.1:6514"',
+    ("siem", "syslog_client_cert"): 'syslog_address = "tls://127.0.0.1:6514"',
+    ("siem", "syslog_client_key"): 'syslog_address = "tls://127.0.0.1:6514"\nsyslog_client_cert = "c.pem"',
+    ("siem", "syslog_server_name"): 'syslog_address = "tls://127.0.0.1:6514"',
 }
 
 
@@ -136,7 +147,8 @@ def test_non_default_table_covers_every_key() -> None:
 @pytest.mark.parametrize("section,key", [(s, k) for s, keys in NON_DEFAULT.items() for k in keys])
 def test_every_key_can_be_set(tmp_path: Path, section: str, key: str) -> None:
     raw = NON_DEFAULT[section][key]
-    cfg = load_text(tmp_path, f"[{section}]\n{key} = {raw}\n")
+    companion = COMPANIONS.get((section, key), "")
+    cfg = load_text(tmp_path, f"[{section}]\n{companion}\n{key} = {raw}\n")
     value = getattr(getattr(cfg, section), key)
     default = getattr(_SECTIONS[section](), key)
     assert value != default
