@@ -188,6 +188,8 @@ class WebConfig:
     smtp_to: tuple[str, ...] = ()
     smtp_starttls: bool = False
     webhook_url: str = ""
+    webhook_secret_file: str = ""
+    """A file holding the webhook signing secret (>= 16 bytes); "" = unsigned webhooks."""
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,9 @@ def _validate_web(web: WebConfig, source: str) -> None:
     for addr in web.smtp_to:
         if not re.fullmatch(r"[^@\s<>,]+@[^@\s<>,]+", addr):
             raise ConfigError(f"{source}: web.smtp_to: {addr!r} is not an e-mail address")
+    if web.webhook_secret_file and not web.webhook_url:
+        raise ConfigError(f"{source}: web.webhook_secret_file is set but web.webhook_url is empty",
+                          "set the webhook URL too, or remove the secret file setting")
     if web.webhook_url and not re.fullmatch(r"https?://\S+", web.webhook_url):
         raise ConfigError(f"{source}: web.webhook_url = {web.webhook_url!r} is not an http(s) URL")
 
@@ -550,6 +555,7 @@ smtp_from = "medbroker@localhost"
 smtp_to = []                      # e.g. ["biomed-oncall@hospital.example"]
 smtp_starttls = false
 webhook_url = ""                  # POSTed as JSON on new requests and decisions
+webhook_secret_file = ""          # file with the HMAC-SHA256 signing secret (>= 16 bytes); docs/web.md
 
 [siem]                            # copies of every audit event (catalogue: docs/events.md)
 jsonl_file = ""                   # e.g. "siem/audit.jsonl": one JSON object per line, "" = off

@@ -121,7 +121,8 @@ NON_DEFAULT = {
     "web": {"address": '"127.0.0.1:8080"', "public_url": '"https://broker.example"', "link_ttl": '"5m"',
             "idle_timeout": '"15m"', "session_max": '"8h"', "share_max": '"7d"', "tls_cert": '"c.pem"',
             "tls_key": '"k.pem"', "smtp_host": '"127.0.0.1"', "smtp_port": "2525", "smtp_from": '"mb@h.example"',
-            "smtp_to": '["biomed@h.example"]', "smtp_starttls": "true", "webhook_url": '"http://127.0.0.1:9/web"'},
+            "smtp_to": '["biomed@h.example"]', "smtp_starttls": "true", "webhook_url": '"http://127.0.0.1:9/web"',
+            "webhook_secret_file": '"hook.secret"'},
     "siem": {"jsonl_file": '"siem/audit.jsonl"', "jsonl_max_bytes": "65536", "jsonl_backups": "2",
              "syslog_address": '"tls://127.0.0.1:6514"', "syslog_app_name": '"mb"', "syslog_hostname": '"jump-1"',
              "syslog_bom": "true", "syslog_sd_id": '"medbroker@12345"', "syslog_ca_file": '"ca.pem"',
@@ -131,6 +132,7 @@ NON_DEFAULT = {
 # Keys that mean something only together with another: set alone they are refused (an option that would
 # do nothing), so the one-key test adds the companion.
 COMPANIONS = {
+    ("web", "webhook_secret_file"): 'webhook_url = "http://127.0.0.1:9/web"',
     ("siem", "syslog_ca_file"): 'syslog_address = "tls://127.0.0.1:6514"',
     ("siem", "syslog_client_cert"): 'syslog_address = "tls://127.0.0.1:6514"',
     ("siem", "syslog_client_key"): 'syslog_address = "tls://127.0.0.1:6514"\nsyslog_client_cert = "c.pem"',
