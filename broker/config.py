@@ -19,6 +19,7 @@ __all__ = [
     "LimitsConfig",
     "PolicyConfig",
     "AlertConfig",
+    "MetricsConfig",
     "RetentionConfig",
     "WebConfig",
     "SiemConfig",
@@ -224,6 +225,17 @@ class SiemConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Health, readiness and Prometheus metrics (broker/health.py)."""
+
+    address: str = ""
+    """HOST:PORT of a listener serving only /healthz, /readyz and /metrics ("" = none; the web console, when
+    it runs, serves them too)."""
+    min_free_mb: int = 1024
+    """/readyz fails when the recordings volume has less free space than this (MiB)."""
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """The whole validated configuration; paths are relative to ``home`` unless absolute."""
 
@@ -238,6 +250,7 @@ class BrokerConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     web: WebConfig = field(default_factory=WebConfig)
     siem: SiemConfig = field(default_factory=SiemConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the broker home."""
@@ -282,6 +295,7 @@ _SECTIONS = {
     "retention": RetentionConfig,
     "web": WebConfig,
     "siem": SiemConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -346,6 +360,13 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         raise ConfigError(f"{source}: listen.address: {exc.message}", exc.hint) from None
     _validate_web(cfg.web, source)
     _validate_siem(cfg.siem, source)
+    if cfg.metrics.address:
+        try:
+            parse_listen(cfg.metrics.address)
+        except UsageError as exc:
+            raise ConfigError(f"{source}: metrics.address: {exc.message}", exc.hint) from None
+    if not 0 <= cfg.metrics.min_free_mb <= 1 << 24:
+        raise ConfigError(f"{source}: metrics.min_free_mb = {cfg.metrics.min_free_mb}; expected 0-16777216 (MiB)")
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
     if cfg.grants.critical_approvers not in (1, 2, 3):
@@ -571,4 +592,8 @@ syslog_client_cert = ""           # tls://: client certificate PEM, if the colle
 syslog_client_key = ""            # tls://: its key ("" = inside syslog_client_cert)
 syslog_server_name = ""           # tls://: name on the collector's certificate ("" = the address's host)
 format = "medbroker"              # "medbroker" (docs/events.md) or "ecs" (Elastic Common Schema field names)
+
+[metrics]                         # /healthz, /readyz, /metrics (Prometheus); docs/operations.md
+address = ""                      # e.g. "127.0.0.1:9464": a listener for them alone ("" = only on the web console)
+min_free_mb = 1024                # /readyz fails below this much free space on the recordings volume
 """
