@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from broker.app import App
+from broker.service import sd_notify
 from broker.server import start_server, stop_server
 
 __all__ = ["run_server", "run_worker"]
@@ -66,6 +67,7 @@ def run_server(app: App, address: str, *, on_ready=None) -> None:
         if on_ready:
             on_ready(broker.port)
         await stop.wait()
+        sd_notify("STOPPING=1")
         if metrics is not None:
             from broker.health import stop_metrics_listener
 

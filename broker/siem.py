@@ -174,10 +174,13 @@ class JsonLinesSink:
     """
 
     def __init__(self, path: Path, *, max_bytes: int = 10 * 1024 * 1024, backups: int = 5,
-                 host: str | None = None, fmt: str = "medbroker") -> None:
+                 host: str | None = None, fmt: str = "medbroker",
+                 to_record: Any = None) -> None:
+        """:param to_record: ``to_record(row) -> dict | None`` instead of the SIEM record (None: skip the row)"""
         self.path = Path(path)
         self.host = host or socket.gethostname()
         self.fmt = fmt
+        self.to_record = to_record
         self.max_bytes = max_bytes
         self.backups = backups
         self._lock = threading.Lock()
@@ -188,7 +191,10 @@ class JsonLinesSink:
 
         :raises OSError: the file cannot be written (``AuditLog`` logs and carries on)
         """
-        line = (_record_json(export_record(row, self.fmt, self.host)) + "\n").encode("utf-8", "replace")
+        record = self.to_record(row) if self.to_record is not None else export_record(row, self.fmt, self.host)
+        if record is None:
+            return
+        line = (_record_json(record) + "\n").encode("utf-8", "replace")
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             lock_fd = os.open(f"{self.path}.lock", os.O_WRONLY | os.O_CREAT, 0o600)

@@ -493,6 +493,19 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in values)
         self.execute(f"UPDATE sessions SET {sets} WHERE id = ?", (*values.values(), session_id))
 
+    def rebase_recordings(self, old_dir: str, new_dir: str) -> int:
+        """Point recording paths under ``old_dir`` at the same names under ``new_dir`` (a restored home).
+
+        :return: the number of sessions changed
+        """
+        old = old_dir.rstrip("/") + "/"
+        rows = self.query("SELECT id, recording FROM sessions WHERE substr(recording, 1, ?) = ?", (len(old), old))
+        with self.transaction() as conn:
+            for row in rows:
+                conn.execute("UPDATE sessions SET recording = ? WHERE id = ?",
+                             (new_dir.rstrip("/") + "/" + row["recording"][len(old):], row["id"]))
+        return len(rows)
+
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM sessions WHERE id = ?", (session_id,))
 

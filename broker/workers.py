@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from broker.app import App
+from broker.service import sd_notify
 from broker.config import parse_listen
 from broker.errors import BrokerError, ConfigError
 from broker.server import Broker, start_server, stop_server
@@ -320,6 +321,7 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
             if on_ready:
                 on_ready(sup.port)
             await stop.wait()
+            sd_notify("STOPPING=1")
         else:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)

@@ -62,7 +62,7 @@ TABLE: dict[str, Row] = {
                   ("asyncssh", "uvloop"),
                   "the asyncssh adapter"),
     "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/serve.py",
-                      "broker/workers.py", "broker/web.py", "broker/web_*.py", "broker/health.py"),
+                      "broker/workers.py", "broker/web.py", "broker/web_*.py", "broker/health.py", "broker/service.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "report",
                    "server"), None,
                   "argv, printing, exit codes, HTTP"),

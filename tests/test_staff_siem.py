@@ -514,3 +514,26 @@ def test_jsonl_records_name_their_host(tmp_path):
         app.close()
     lines = [json.loads(x) for x in (tmp_path / "home" / "siem" / "audit.jsonl").read_text().splitlines()]
     assert lines and all(x["host"] == "jump-2" for x in lines)
+
+
+def test_alerts_file_rotates_like_the_siem_file(tmp_path):
+    """[alerts] file grows by one line per denial; it rotates by size instead of filling the disk."""
+    from broker.siem import JsonLinesSink
+
+    app = _home_with(tmp_path, "")
+    try:
+        app.audit.record("sftp.denied", user="alice", device="ct-01", reason="x" * 100)
+        sink = app._alerts
+        assert isinstance(sink, JsonLinesSink)
+        sink.max_bytes = 4096
+        for i in range(60):
+            app.audit.record("sftp.denied", user="alice", device="ct-01", reason=f"{i:03d}" + "y" * 100)
+        app.audit.record("user.created", user="erin", actor="admin")  # not an alert: not written
+    finally:
+        app.close()
+    alerts = tmp_path / "home" / "alerts.jsonl"
+    rotated = alerts.with_name("alerts.jsonl.1")
+    assert rotated.exists() and alerts.stat().st_size <= 4096 and rotated.stat().st_size <= 4096
+    last = json.loads(alerts.read_text().splitlines()[-1])
+    assert last["event"] == "sftp.denied" and last["details"]["reason"].startswith("059")
+    assert "user.created" not in alerts.read_text()
