@@ -33,7 +33,7 @@ from broker.grants import Grant
 
 __all__ = ["PathCheck", "ContainmentReport", "probe_containment", "check_device", "check_devices",
            "save_report", "cached_report", "session_containment", "channel_refusal", "protected_list",
-           "READABLE", "PROBE_TIMEOUT_S"]
+           "READABLE", "PROBE_TIMEOUT_S", "site_defaults", "check_now", "describe_policy"]
 
 READABLE = ("readable", "readable-by-name")  # path statuses that make a device exposed
 PROBE_TIMEOUT_S = 10.0
@@ -408,3 +408,41 @@ def channel_refusal(kind: str, grant: Grant, device: Device, report: Containment
     return (f"{why}, and grant {grant.id} was approved by one approver (while the device was {seen}); "
             f"{what} on an exposed device needs two approvers who know it is exposed. Request again: two "
             f"approvers must approve{fix}")
+
+
+def site_defaults(app) -> tuple[str, ...]:
+    """The site's default protected paths (``[policy] protected_paths_file`` or the shipped file)."""
+    from broker.app import default_policy_file
+    from sessions.policy import load_protected_paths
+
+    cfg = app.config
+    path = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file else default_policy_file()
+    return tuple(load_protected_paths(path))
+
+
+def check_now(app, name: str, *, trigger: str, actor: str | None = None,
+              timeout_s: float | None = None) -> ContainmentReport:
+    """Check one device now over its own short connection, store and audit the result (for the CLI).
+
+    :raises NotFoundError: unknown device
+    """
+    from broker.devices import get_device
+
+    dev = get_device(app.store, name)
+    secret = device_credential(dev, app.keys).reveal()
+    limit = timeout_s if timeout_s is not None else min(float(app.config.seconds("upstream", "connect_timeout")),
+                                                        PROBE_TIMEOUT_S)
+    report = asyncio.run(check_device(dev, secret, protected_list(dev, site_defaults(app)), app.clock.now(),
+                                      timeout_s=limit))
+    save_report(app.store, app.audit, report, trigger=trigger, actor=actor)
+    return report
+
+
+def describe_policy(device: Device, site_default: str) -> str:
+    """One sentence: what this device allows while it is exposed (or unknown)."""
+    policy = shell_policy(device.exposed_shell, site_default)
+    source = "device setting" if device.exposed_shell else "site default"
+    text = {"allow": "shell and exec for any grant (the broker's own guards are all that stand in the way)",
+            "files-only": "sftp and scp only, never a shell or exec",
+            "two-approvers": "shell and exec only on grants two different approvers approved"}[policy]
+    return f"{policy} ({source}): {text}"

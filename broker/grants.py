@@ -25,6 +25,8 @@ from broker.store import Store, dumps
 __all__ = [
     "GrantRules",
     "approvals_needed",
+    "approval_card",
+    "approvals_text",
     "ApprovalRequest",
     "Grant",
     "Decision",
@@ -188,6 +190,48 @@ def _grant(row: dict) -> Grant:
         row["mode"], _opt_dt(row["revoked_at"]), row["revoked_by"], row["revoke_reason"],
         row.get("shell") or "allowed", row.get("containment"),
     )
+
+
+def approval_card(store: Store, rules: GrantRules, req: ApprovalRequest) -> dict:
+    """What an approver must know before approving ``req``: the device's containment, what approving
+    means on it, the grant's shell mode, and the approvals so far with their windows (CLI, SSH and web)."""
+    dev = store.get_device(req.device) or {}
+    containment = dev.get("containment") or "unknown"
+    policy = shell_policy(dev.get("exposed_shell"), rules.exposed_shell)
+    try:
+        details = json.loads(dev.get("containment_details") or "{}")
+    except ValueError:
+        details = {}
+    exposed = [p.get("path") for p in details.get("paths", []) if p.get("status") in ("readable", "readable-by-name")]
+    notes = []
+    if containment == "exposed":
+        notes.append(f"{req.device} is EXPOSED: its maintenance login can read {', '.join(exposed) or 'protected paths'}, "
+                     "so only the broker's guards keep that patient data on the device. " + {
+                         "two-approvers": "A shell or exec opens only when two approvers approve: approving means "
+                                          "you accept that risk.",
+                         "files-only": "Only sftp and scp work on it (no shell or exec), whoever approves.",
+                         "allow": "Shell and exec are allowed on it anyway (its policy is allow)."}[policy])
+    elif containment == "unknown":
+        notes.append(f"{req.device}'s containment is unknown (not checked yet); it is checked when the session "
+                     "starts, and if the device is exposed a single approval gives no shell or exec.")
+    else:
+        notes.append(f"{req.device} is contained: its maintenance login cannot read the protected paths.")
+    if req.mode != "normal":
+        notes.append(f"{req.mode} request: files only (sftp and scp, no shell or exec) unless you approve it "
+                     "with --allow-shell (every approver must).")
+    return {"containment": containment, "containment_checked_at": dev.get("containment_checked_at"),
+            "exposed_paths": exposed, "exposed_allows": policy, "approvals_needed": approvals_needed(rules, dev),
+            "notes": notes, "approvals": [dict(a) for a in req.approval_details]}
+
+
+def approvals_text(req: ApprovalRequest) -> str:
+    """``bob (5m, shell allowed), dave (as requested)``: each approval with its window and shell choice."""
+    parts = []
+    for a in req.approval_details:
+        window = a.get("duration") or "as requested"
+        shell = ", shell allowed" if a.get("allow_shell") and req.mode != "normal" else ""
+        parts.append(f"{a['approver']} ({window}{shell})")
+    return ", ".join(parts) or "-"
 
 
 def request_hint(user: str, device: str, public_host: str = "broker", port: int = 2222) -> str:
