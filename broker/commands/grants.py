@@ -100,8 +100,8 @@ def approve(
     g = dec.grant
     files = (" Files only (sftp and scp): no shell or commands." if g.shell == "files-only" else "")
     say(f"Request {request_id} approved: grant {g.id} lets {g.user} on {g.device} from {when(g.starts_at)} "
-        f"until {when(g.ends_at)} ({format_duration((g.ends_at - g.starts_at).total_seconds())}; approved by "
-        f"{approvals_text(dec.request)}).{files}")
+        f"until {when(g.ends_at)} ({format_duration((g.ends_at - g.starts_at).total_seconds())}), approved by "
+        f"{approvals_text(dec.request)}.{files}")
 
 
 def deny(
