@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import posixpath
 import secrets
 import stat as stat_mod
@@ -35,6 +36,7 @@ __all__ = ["PathCheck", "ContainmentReport", "probe_containment", "check_device"
            "save_report", "cached_report", "session_containment", "channel_refusal", "protected_list",
            "READABLE", "PROBE_TIMEOUT_S", "site_defaults", "check_now", "describe_policy"]
 
+log = logging.getLogger("medbroker.containment")
 READABLE = ("readable", "readable-by-name")  # path statuses that make a device exposed
 PROBE_TIMEOUT_S = 10.0
 _UPSTREAM_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
@@ -326,10 +328,14 @@ async def check_devices(app, defaults: tuple[str, ...], *, only_unknown: bool = 
     todo = [d for d in devices if not only_unknown or d.containment == "unknown"]
 
     async def one(dev: Device) -> ContainmentReport:
-        secret = (await store.run(device_credential, dev, app.keys)).reveal()
-        report = await check_device(dev, secret, protected_list(dev, defaults), app.clock.now(), timeout_s=timeout_s)
-        if report.state != "unknown" or dev.containment == "unknown":
+        try:
+            secret = (await store.run(device_credential, dev, app.keys)).reveal()
+            report = await check_device(dev, secret, protected_list(dev, defaults), app.clock.now(),
+                                        timeout_s=timeout_s)
             await store.run(lambda: save_report(store, app.audit, report, trigger="broker-start"))
+        except BrokerError as exc:  # one device's trouble never stops the others (or the broker)
+            log.warning("containment check of %s at start failed: %s", dev.name, exc.message)
+            report = _failed(dev, app.clock.now(), exc.message)
         return report
 
     return list(await asyncio.gather(*(one(d) for d in todo)))
@@ -354,8 +360,11 @@ async def session_containment(broker, live) -> ContainmentReport:
             why = "timed out" if isinstance(exc, asyncio.TimeoutError) else (
                 getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
             report = _failed(dev, now, f"check failed: {why}")
-        await broker.db(lambda: save_report(app.store, app.audit, report, trigger="session-start",
-                                            session_id=live.id))
+        try:
+            await broker.db(lambda: save_report(app.store, app.audit, report, trigger="session-start",
+                                                session_id=live.id))
+        except BrokerError as exc:  # the result still applies to this session; the cache just stays old
+            log.warning("cannot store the containment check of %s: %s", dev.name, exc.message)
     await broker.db(lambda: app.store.update_session(live.id, containment=report.state))
     if live.recorder is not None:
         live.recorder.append_event(0, "containment", {"state": report.state, "checked_at": report.checked_at,

@@ -121,6 +121,7 @@ class LiveSession:
         })
         try:
             self.upconn = await self._connect()
+            self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
         except BrokerError as exc:
             await self.finish("failed", reason=exc.message)
             raise
@@ -128,7 +129,6 @@ class LiveSession:
             await asyncio.shield(self.finish("failed", reason="the broker stopped while connecting to the device"))
             raise
         self.upconn_closed = False
-        self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
         b.live[self.id] = self
         await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
                       session_id=self.id, grant_id=self.grant.id, recording=self.path.name,

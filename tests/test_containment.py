@@ -273,3 +273,53 @@ def test_session_record_and_report_show_containment(world, tmp_path):
     assert dev["sessions"][0]["containment"] == "contained"
     r = cli(w, "report", "--from", day, "--to", day, "-o", str(tmp_path / "r.md"))
     assert "Containment: contained" in (tmp_path / "r.md").read_text()
+
+
+# ----------------------------------------------------------------------------- device add
+@pytest.fixture
+def cli_home(tmp_path) -> Path:
+    h = tmp_path / "cli-home"
+    h.mkdir()
+    (h / "broker.toml").write_text('[upstream]\nconnect_timeout = "2s"\n')
+    assert runner.invoke(cli_app, ["--home", str(h), "init"]).exit_code == 0
+    return h
+
+
+def _add(home: Path, dev, *extra: str, port: int | None = None):
+    r = runner.invoke(cli_app, ["--home", str(home), "device", "add", "ct-01", "--host", dev.host, "--port",
+                                str(port or dev.port), "--login", dev.login, "--key", str(dev.client_key.private_path),
+                                "--host-key", dev.host_key_line, *extra])
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    return r
+
+
+def test_device_add_checks_containment_and_records_unknown_when_unreachable(cli_home, device):
+    from helpers.net import closed_port
+
+    exposed = device(exposed=True)
+    protect = [a for p in exposed.patient_dirs for a in ("--protect", str(p))]
+    r = _add(cli_home, exposed, *protect)
+    assert r.exit_code == 0, r.stderr
+    assert "Containment: EXPOSED" in r.stdout and "medbroker device check ct-01" in r.stdout
+    runner.invoke(cli_app, ["--home", str(cli_home), "device", "remove", "ct-01"])
+    r = _add(cli_home, exposed, "--json", *protect, port=closed_port())
+    assert r.exit_code == 0, r.stderr  # added anyway
+    doc = json.loads(r.stdout)
+    assert doc["containment"] == "unknown" and "cannot connect" in doc["containment_check"]["error"]
+    r = runner.invoke(cli_app, ["--home", str(cli_home), "device", "check", "ct-01"])
+    assert r.exit_code == 1 and "unknown" in r.stdout
+
+
+def test_world_grant_on_an_exposed_device_gets_two_approvers_and_runs_commands(exposed_world):
+    """Other tests rely on this: on ``exposed_world`` ``w.grant()`` gives a grant that opens exec and
+    shell, so the broker's own guards (not the approval rule) are what those tests exercise."""
+    w = exposed_world
+    grant = w.grant()
+    assert grant.approved_by == ("bob", "dave") and grant.containment == "exposed"
+    assert w.ssh("alice@ct-01", "echo runs").stdout == b"runs\n"
+    pty = w.pty("alice@ct-01")
+    try:
+        pty.sendline("echo shell-$((40+2))")
+        pty.expect(b"shell-42", timeout=20)
+    finally:
+        pty.close()
