@@ -120,6 +120,9 @@ def test_exposed_device_needs_two_approvers_and_then_allows_a_shell(exposed_worl
     assert any("EXPOSED" in n and "accept that risk" in n for n in card["notes"])
     text = cli(w, "requests", "show", str(req.id)).stdout
     assert "containment: exposed" in text and "EXPOSED" in text
+    r = w.ssh("bob", "requests")
+    assert b"device containment: EXPOSED" in r.stdout and b"accept that risk" in r.stdout
+    assert b"(needs 2)" in r.stdout
     r = cli(w, "approve", str(req.id), "--by", "bob")
     assert r.exit_code == 0 and "1 of 2 approvals" in r.stdout and "exposed" in r.stdout
     assert w.app.store.get_request(req.id)["status"] == "pending"
@@ -199,6 +202,17 @@ def test_read_only_grant_is_files_only_on_every_channel(world, tmp_path):
     assert (tmp_path / "dl" / "got").read_bytes() == readme.read_bytes()
     r = _sftp(w, f"put {tmp_path / 'dl' / 'got'} {w.device.tree.root / 'tmp' / 'up'}\n", tmp_path)
     assert r.returncode != 0 and not (w.device.tree.root / "tmp" / "up").exists()  # read-only still enforced
+    from helpers.clients import scp_download, scp_upload
+
+    for legacy in (True, False):  # legacy scp is served by the broker itself; both stay usable
+        out = tmp_path / f"scp-{legacy}"
+        r = scp_download("alice@ct-01", "127.0.0.1", w.port, w.keys["alice"].private_path, str(readme), out,
+                         legacy=legacy, known_hosts=w.known_hosts)
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == readme.read_bytes()
+        r = scp_upload("alice@ct-01", "127.0.0.1", w.port, w.keys["alice"].private_path, out,
+                       str(w.device.tree.root / "tmp" / "up2"), legacy=legacy, known_hosts=w.known_hosts)
+        assert r.returncode != 0 and not (w.device.tree.root / "tmp" / "up2").exists()
 
 
 def test_upload_only_grant_with_allow_shell_opens_a_shell(world):
