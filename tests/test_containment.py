@@ -337,3 +337,36 @@ def test_world_grant_on_an_exposed_device_gets_two_approvers_and_runs_commands(e
         pty.expect(b"shell-42", timeout=20)
     finally:
         pty.close()
+
+
+# ----------------------------------------------------------------------------- the decision, exhaustively
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(kind=st.sampled_from(["shell", "exec"]), shell=st.sampled_from(["allowed", "files-only"]),
+       mode=st.sampled_from(["normal", "read-only", "upload-only"]),
+       approvers=st.lists(st.sampled_from(["bob", "dave", "erin"]), min_size=1, max_size=3),
+       state=st.sampled_from(["contained", "exposed", "unknown", None]),
+       device_policy=st.sampled_from([None, "allow", "files-only", "two-approvers"]),
+       site=st.sampled_from(["allow", "files-only", "two-approvers"]))
+def test_channel_decision_table(kind, shell, mode, approvers, state, device_policy, site):
+    from datetime import datetime, timezone
+
+    from broker.containment import ContainmentReport, channel_refusal
+    from broker.devices import Device
+    from broker.grants import Grant
+
+    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    grant = Grant(7, 3, "alice", "ct-01", now, now + timedelta(hours=1), tuple(approvers), (), mode, None, None, None,
+                  shell, "contained")
+    device = Device("ct-01", "h", 22, "svc", "key", "x", "k", "fp", ("/data/dicom",), "standard", {}, None, "t",
+                    state or "unknown", None, None, device_policy)
+    report = None if state is None else ContainmentReport("ct-01", "svc", state, "t")
+    refusal = channel_refusal(kind, grant, device, report, site)
+    policy = device_policy or site
+    allowed = shell == "allowed" and (state == "contained" or policy == "allow" or (
+        policy == "two-approvers" and len(set(approvers)) >= 2))
+    assert (refusal is None) == allowed
+    if refusal is not None:
+        assert "files-only" in refusal or "exposed" in refusal or "unknown" in refusal
