@@ -55,7 +55,7 @@ class App:
     def rules(self) -> GrantRules:
         c = self.config
         return GrantRules(c.seconds("grants", "max_duration"), c.seconds("grants", "request_ttl"),
-                          c.grants.critical_approvers)
+                          c.grants.critical_approvers, c.policy.exposed_shell)
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:

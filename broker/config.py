@@ -151,6 +151,8 @@ class PolicyConfig:
     protected_paths_file: str = ""
     scan_output: bool = True
     check_commands: bool = True
+    exposed_shell: str = "two-approvers"
+    containment_ttl: str = "60s"
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,13 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         raise ConfigError(f"{source}: metrics.min_free_mb = {cfg.metrics.min_free_mb}; expected 0-16777216 (MiB)")
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
+    if cfg.policy.exposed_shell not in ("allow", "files-only", "two-approvers"):
+        raise ConfigError(f"{source}: policy.exposed_shell = {cfg.policy.exposed_shell!r}; expected 'allow', "
+                          "'files-only' or 'two-approvers'")
+    try:
+        cfg.seconds("policy", "containment_ttl")
+    except UsageError as exc:
+        raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
     if cfg.grants.critical_approvers not in (1, 2, 3):
         raise ConfigError(f"{source}: grants.critical_approvers must be 1, 2 or 3")
     version = cfg.listen.server_version
@@ -552,6 +561,8 @@ max_channels_per_connection = 10
 protected_paths_file = ""         # default: config/protected-paths.toml shipped with medbroker
 scan_output = true                # stop DICOM/HL7/ASTM content in shell and exec output
 check_commands = true             # refuse exec commands naming protected paths
+exposed_shell = "two-approvers"   # exposed devices (login can read a protected path): allow | files-only | two-approvers
+containment_ttl = "60s"           # how long a containment check is reused at session start
 
 [alerts]
 file = "alerts.jsonl"             # every denial and detection, one JSON object per line

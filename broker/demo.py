@@ -215,6 +215,8 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
     if os.geteuid() == 0:
         account = ensure_demo_account()
         _share_with(root, root / "ct-01-fs", dev, account)
+        for patient_dir in (tree["dicom"], tree["hl7"]):  # contained: the login cannot read patient data
+            patient_dir.chmod(0o700)                       # (root-owned; docs/data-protection.md "Containment")
         login = account.pw_name
     else:
         login = pwd.getpwuid(os.geteuid()).pw_name
@@ -258,7 +260,10 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
                    host_key=(dev / "ssh_host_ed25519_key.pub").read_text(), now=now,
                    key_text=(dev / "broker_login_key").read_text(),
                    protect=(str(tree["dicom"]), str(tree["hl7"])), description="Demo CT scanner (local sshd)",
-                   actor="demo")
+                   actor="demo",
+                   # Not root, the demo device's login is you and reads its patient data (exposed): let the
+                   # sandbox walkthrough open a shell with one approver anyway.
+                   exposed_shell=None if os.geteuid() == 0 else "allow")
     else:
         app.store.update_device("ct-01", port=device_port, login=login)
     broker_port = _free_port(broker_port)

@@ -57,7 +57,7 @@ TABLE: dict[str, Row] = {
     "report": Row(3, ("broker/report.py",), ("core", "store", "keys", "domain", "recording", "export"),
                   ("cryptography",), "signed maintenance reports from the store"),
     "server": Row(4, ("broker/server.py", "broker/live.py", "broker/indexer.py", "broker/selfservice.py",
-                      "broker/mfa.py"),
+                      "broker/mfa.py", "broker/containment.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app"),
                   ("asyncssh", "uvloop"),
                   "the asyncssh adapter"),
