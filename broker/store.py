@@ -532,7 +532,8 @@ class Store:
         return self.one("SELECT * FROM sessions WHERE id = ?", (session_id,))
 
     def list_sessions(self, *, status: str | None = None, user: str | None = None,
-                      device: str | None = None, since: str | None = None) -> list[dict[str, Any]]:
+                      device: str | None = None, since: str | None = None, until: str | None = None,
+                      newest_first: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
         sql, params = "SELECT * FROM sessions WHERE 1=1", []
         for col, val in (("status", status), ("user_name", user), ("device", device)):
             if val:
@@ -541,7 +542,32 @@ class Store:
         if since:
             sql += " AND started_at >= ?"
             params.append(since)
-        return self.query(sql + " ORDER BY started_at", tuple(params))
+        if until:
+            sql += " AND started_at < ?"
+            params.append(until)
+        sql += " ORDER BY started_at DESC, id DESC" if newest_first else " ORDER BY started_at"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return self.query(sql, tuple(params))
+
+    def session_kinds(self, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Per session: what was run (from the command index: the first command, how many, their sources)
+        and how many files moved; sessions not indexed yet are absent."""
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(session_ids), 500):
+            chunk = session_ids[start:start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            for row in self.query(
+                    f'SELECT session_id, count(*) AS n, group_concat(DISTINCT source) AS sources, '
+                    f'(SELECT command FROM commands c2 WHERE c2.session_id = c.session_id ORDER BY "offset", id '
+                    f'LIMIT 1) AS first FROM commands c WHERE session_id IN ({marks}) GROUP BY session_id',
+                    tuple(chunk)):
+                out[row["session_id"]] = {"commands": row["n"], "sources": row["sources"], "first": row["first"]}
+            for row in self.query(f"SELECT session_id, count(*) AS n FROM file_transfers WHERE session_id IN ({marks}) "
+                                  "GROUP BY session_id", tuple(chunk)):
+                out.setdefault(row["session_id"], {"commands": 0, "sources": None, "first": None})["files"] = row["n"]
+        return out
 
     def sessions_to_stop(self, pid: int, now: str) -> list[dict[str, Any]]:
         """Live sessions of this broker process that someone asked to end (kill or revoked grant)."""
