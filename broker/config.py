@@ -138,7 +138,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = (text or "").rpartition(":")
     host = host.strip("[]")
     # isascii(): str.isdigit() is also true for '²' and '٢', which int() rejects or reads as digits.
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+    # len(): a 5000-digit port made int() raise ValueError (Python's digit limit), an internal error (issue 11)
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 <= int(port) <= 65535:
         raise UsageError(f"listen address {text!r} is not HOST:PORT", "e.g. 0.0.0.0:2222 or 127.0.0.1:2222")
     return host, int(port)
 

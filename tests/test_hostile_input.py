@@ -119,7 +119,9 @@ def test_huge_ids_over_ssh_self_service_end_the_channel_at_once(world):
     ["revoke", str(2**63), "--by", "alice"], ["approve", str(2**63), "--by", "bob"],
     ["sessions", "kill", HUGE, "--by", "carol"], ["sessions", "show", HUGE], ["replay", HUGE, "--speed", "1e400"],
     ["replay", HUGE, "--speed", "nan"], ["audit", "log", "--limit", HUGE],
-    ["sessions", "watch", HUGE, "--for", "9" * 30 + "d"],
+    ["sessions", "watch", HUGE, "--for", "9" * 30 + "d"], ["serve", "--listen", "127.0.0.1:" + "9" * 5000],
+    ["approve", "9" * 5000, "--by", "bob"], ["replay", HUGE, "--from", HUGE + ":00:00"],
+    ["sessions", "search", "x", "--limit", HUGE],
 ])
 def test_cli_numbers_get_a_clean_refusal(home, args):
     r = runner.invoke(cli_app, ["--home", str(home.home), *args])
