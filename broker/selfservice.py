@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from broker.app import App
 from broker.clock import utc_iso
-from broker.config import format_duration, parse_duration, parse_id
+from broker.config import escape_unsafe, format_duration, parse_duration, parse_id
 from broker.devices import list_devices
 from broker.errors import BrokerError, UsageError
 from broker.grants import approve_request, deny_request, expire_requests, list_grants, list_requests, request_grant
@@ -178,7 +178,7 @@ def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: 
         lines.append("Pending requests:" if pending else "Pending requests: none")
         for r in pending:
             lines.append(f"  request {r.id}: {r.user} -> {r.device} for {format_duration(r.duration_s)}: "
-                         f"{r.reason}" + (f" [{r.ticket}]" if r.ticket else ""))
+                         f"{escape_unsafe(r.reason)}" + (f" [{escape_unsafe(r.ticket)}]" if r.ticket else ""))
     if cmd == "status":
         if devices:
             lines.append("Devices: " + ", ".join(devices))

@@ -222,3 +222,26 @@ def test_retention_redacted_recordings_still_verify(home):
     rc, doc, text = _verify(home)
     assert rc == 0, text
     assert doc["differences"] == [] and "payload removed by retention" in text
+
+
+def test_a_session_named_only_by_a_refusal_is_not_a_difference(home):
+    """A start refused before session.start may leave only e.g. session.refused / device.unreachable rows."""
+    from broker.app import open_app
+
+    victim = _closed(home)[0]
+    _sql(home, "INSERT INTO sessions (id, user_name, device, grant_id, source, started_at, status, recording) "
+               "SELECT 'refused-1', user_name, device, grant_id, source, started_at, 'failed', "
+               "replace(recording, id, 'refused-1') FROM sessions WHERE id = ?", (victim["id"],))
+    a = open_app(home)
+    try:
+        header = {"session_id": "refused-1", "user": victim["user_name"], "device": victim["device"],
+                  "grant_id": victim["grant_id"], "started_at": victim["started_at"]}
+        RecordingWriter(victim["recording"].replace(victim["id"], "refused-1"), header, clock=a.clock).close("failed")
+        a.audit.record("device.unreachable", user=victim["user_name"], device=victim["device"],
+                       session_id="refused-1", error="timed out")
+    finally:
+        a.close()
+    rc, doc, _ = _verify(home)
+    assert "refused-1" not in {d["session_id"] for d in doc["differences"]}
+    entry = next(r for r in doc["recordings"] if r["session_id"] == "refused-1")
+    assert any("device.unreachable" in n for n in entry["notes"])

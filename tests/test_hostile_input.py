@@ -179,6 +179,8 @@ def test_stored_invisible_characters_are_shown_escaped(home):
     r = runner.invoke(cli_app, ["--home", str(home.home), "grants", "list"])
     assert r.exit_code == 0 and "\u202e" not in r.stdout and "\u200b" not in r.stdout
     assert "evil<U+202E>exe.txt<U+200B>" in r.stdout
+    reply = run_command(home, get_principal(home.store, "bob"), "requests")
+    assert "evil<U+202E>exe.txt<U+200B>" in reply.stdout and "\u202e" not in reply.stdout
 
 
 @settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)

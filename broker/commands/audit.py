@@ -52,18 +52,23 @@ class _Chain:
         return status if isinstance(status, str) else None
 
 
-def _chain_facts(a: App) -> dict[str, _Chain]:
-    """session id → what session.start / session.end / session.sealed rows recorded (the last closing row wins)."""
+def _chain_facts(a: App) -> tuple[dict[str, _Chain], dict[str, str]]:
+    """session id → what session.start / session.end / session.sealed rows recorded (the last closing row wins),
+    and session id → the first other event naming it (a session refused while starting may have only those)."""
     out: dict[str, _Chain] = {}
-    for row in a.store.audit_rows(event="session"):
-        if row["event"] not in _FACT_EVENTS or not row["session_id"]:
+    mentioned: dict[str, str] = {}
+    for row in a.store.audit_rows():
+        if not row["session_id"]:
+            continue
+        if row["event"] not in _FACT_EVENTS:
+            mentioned.setdefault(row["session_id"], row["event"])
             continue
         facts = out.setdefault(row["session_id"], _Chain())
         if row["event"] == "session.start":
             facts.start = row
         else:
             facts.closing, facts.closing_details = row, parse_details(row)
-    return out
+    return out, mentioned
 
 
 def _differ(entry: dict[str, Any], what: str, expected: Any, found: Any, text: str) -> None:
@@ -95,10 +100,14 @@ def _missing_row_entry(sid: str, facts: _Chain) -> dict[str, Any]:
     return entry
 
 
-def _reconcile_row(entry: dict[str, Any], row: dict[str, Any], facts: _Chain | None, live: bool) -> None:
+def _reconcile_row(entry: dict[str, Any], row: dict[str, Any], facts: _Chain | None, live: bool,
+                   mentioned: str | None = None) -> None:
     """Compare one sessions row with the audit chain's session.start / session.end / session.sealed rows."""
     if facts is None:  # a running broker inserts the row before session.start, while it connects to the device
-        if not live or not _pid_alive(row["broker_pid"]):
+        if mentioned and not live:  # refused while starting: the chain names it, but holds no start or end
+            entry["notes"].append(f"the audit chain names this session only in {mentioned} rows "
+                                  "(no session.start or session.end)")
+        elif not live or not _pid_alive(row["broker_pid"]):
             _differ(entry, "audit rows", "session.start or session.end", "none",
                     f"the sessions row (status {row['status']!r}) is unknown to the audit chain: no session.start, "
                     "session.end or session.sealed row names it" + (
@@ -158,7 +167,7 @@ def check_recordings(a: App) -> list[dict[str, Any]]:
     after a crash, chain intact), ``broken`` (missing, altered, unsigned or not matching the database or the
     audit chain).
     """
-    chain = _chain_facts(a)
+    chain, mentioned = _chain_facts(a)
     rows = a.store.list_sessions()
     known = {row["id"] for row in rows}
     results = []
@@ -170,7 +179,7 @@ def check_recordings(a: App) -> list[dict[str, Any]]:
         problems: list[str] = entry["problems"]
         incomplete = False
         logged = facts.final_hash if facts is not None else None
-        _reconcile_row(entry, row, facts, live)
+        _reconcile_row(entry, row, facts, live, mentioned.get(sid))
         if not os.path.exists(row["recording"]):
             _differ(entry, "recording file", "present", "missing", "recording file is missing")
         else:
@@ -184,7 +193,7 @@ def check_recordings(a: App) -> list[dict[str, Any]]:
                 problems.append(exc.message)
             else:
                 entry["frames"] = res.frames
-                entry["notes"] = list(res.notes)
+                entry["notes"] = list(res.notes) + entry["notes"]
                 problems += res.problems
                 incomplete = res.incomplete
             _check_header(entry, row, facts)
