@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import json
 import re
 import time
@@ -293,9 +294,12 @@ _CSI_DEC_MODES = frozenset(b"?" + m for m in (b"1", b"3", b"5", b"6", b"7", b"12
 _ESC_FINALS = frozenset(b"78=>DEHMNOc\\")
 _ESC_CHARSET = frozenset(b"()*+-./#%")
 _MAX_SEQ = 64
-_WHOLE_CSI = re.compile(rb"\x1b\[([0-?]{0,64})([ -/]{0,4})([@-~])")
+_WHOLE_CSI = re.compile(rb"\x1b\[[0-?]{0,64}[ -/]{0,4}[@-~]")
 _SAFE_RUN = re.compile(rb"(?:[\x00-\x04\x06-\x1a\x1c-\x7f]+|\xc2[\xa0-\xbf]|[\xc3-\xdf][\x80-\xbf]"
-                       rb"|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3})+")
+                       rb"|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
+                       rb"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})+")
+# Well-formed UTF-8 (RFC 3629): the range of the byte after each lead byte (no overlongs, surrogates, > U+10FFFF).
+_FIRST = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
 (_GROUND, _ESC, _ESC_INTER, _CSI, _STRING, _STRING_ESC, _UTF8, _C2) = range(8)
 
 
@@ -310,6 +314,17 @@ def _csi_allowed(params: bytes, inter: bytes, final: int) -> bool:
     if params[:1] in (b"<", b"=", b">", b"?"):
         return final == 0x6D and params[:1] == b">"  # xterm modifyOtherKeys (CSI > 4;1 m) is harmless
     return final in _CSI_FINALS
+
+
+_SIMPLE = re.compile(_SAFE_RUN.pattern[:-2] + rb"|" + _WHOLE_CSI.pattern + rb")+")
+
+
+@functools.lru_cache(maxsize=4096)
+def _csi_verdict(seq: bytes) -> bool:
+    """Whether a whole ``ESC [ … final`` sequence may reach a staff terminal (cached: output repeats them)."""
+    body = seq[2:-1]
+    cut = len(body) - len(body.lstrip(b"0123456789:;<=>?"))
+    return _csi_allowed(body[:cut], body[cut:], seq[-1])
 
 
 class TerminalGuard:
@@ -329,18 +344,10 @@ class TerminalGuard:
         out = bytearray()
         i, n = 0, len(data)
         while i < n:
-            if self.state == _GROUND:  # fast path: runs of text, UTF-8 and harmless controls pass whole
-                m = _SAFE_RUN.match(data, i)
+            if self.state == _GROUND:  # fast path: text, UTF-8, harmless controls and whole CSI sequences
+                m = _SIMPLE.match(data, i)
                 if m:
-                    out += m.group()
-                    i = m.end()
-                    continue
-                m = _WHOLE_CSI.match(data, i)  # a complete CSI sequence (colours, cursor) judged at once
-                if m:
-                    if _csi_allowed(m.group(1), m.group(2), m.group(3)[0]):
-                        out += m.group()
-                    else:
-                        self.dropped += 1
+                    out += _WHOLE_CSI.sub(self._judge_csi, m.group())
                     i = m.end()
                     continue
             self._byte(data[i], out)
@@ -396,14 +403,16 @@ class TerminalGuard:
             if 0x40 <= b <= 0x7E:
                 raw = bytes(self.seq)
                 cut = len(raw) - len(raw.lstrip(b"0123456789:;<=>?"))
-                params, inter = (raw, b"") if cut == 0 else (raw[:cut], raw[cut:])
+                params, inter = raw[:cut], raw[cut:]
                 if _csi_allowed(params, inter, b) and all(0x20 <= c <= 0x2F for c in inter):
                     out += b"\x1b[" + raw + bytes((b,))
                 else:
                     self.dropped += 1
                 self.state = _GROUND
-            elif 0x20 <= b <= 0x3F and len(self.seq) < _MAX_SEQ:
-                self.seq.append(b)
+            elif 0x30 <= b <= 0x3F and len(self.seq) < _MAX_SEQ and not any(c < 0x30 for c in self.seq):
+                self.seq.append(b)  # parameters: at most 64, before any intermediate (as _WHOLE_CSI)
+            elif 0x20 <= b <= 0x2F and sum(c < 0x30 for c in self.seq) < 4:
+                self.seq.append(b)  # intermediates: at most 4
             elif b < 0x20 and b != 0x1B:  # executed mid-sequence by terminals
                 self._ground(b, out)
             else:
@@ -423,7 +432,8 @@ class TerminalGuard:
                 self._byte(b, out)
             return
         if st == _UTF8:  # a character is written whole or, if broken off, as '?' (no stray 0x80-0x9F byte)
-            if 0x80 <= b <= 0xBF:
+            lo, hi = _FIRST.get(self.pending[0], (0x80, 0xBF)) if len(self.pending) == 1 else (0x80, 0xBF)
+            if lo <= b <= hi:
                 self.pending.append(b)
                 self.need -= 1
                 if self.need == 0:
@@ -457,6 +467,12 @@ class TerminalGuard:
         else:
             self.state = _GROUND
             out.append(b)
+
+    def _judge_csi(self, m: re.Match[bytes]) -> bytes:
+        if _csi_verdict(m.group()):
+            return m.group()
+        self.dropped += 1
+        return b""
 
     def _drop(self) -> None:
         self.state = _GROUND

@@ -200,7 +200,9 @@ def test_unsafe_char_agrees_with_what_the_cli_shows(text):
     b"\x1b]52;c;ZXZpbA==\x07", b"\x1b]8;;https://evil.example/\x1b\\", b"\x1b]0;title\x07", b"\x1b]4;1;?\x1b\\",
     b"\x1b]11;?\x07", b"\x1bP+q544e\x1b\\", b"\x1b_apc\x1b\\", b"\x1b^pm\x1b\\", b"\x1bXsos\x1b\\", b"\x1b[21t",
     b"\x1b[6n", b"\x1b[c", b"\x1b[>c", b"\x1b[?1000h", b"\x1b[?1004h", b"\x9d52;c;eA==\x07", b"\xc2\x9d0;t\x07",
-    b"\x9b6n", b"\x1b G", b"\x1bZ", b"\x05", b"\x1b]1337;File=x\x07", b"\x1b]", b"\x1b[", b"\x1b", b"\xc2"]),
+    b"\x9b6n", b"\x1b G", b"\x1bZ", b"\x05", b"\x1b]1337;File=x\x07", b"\x1b]", b"\x1b[", b"\x1b", b"\xc2",
+    b"\x1b[" + b"1;" * 31 + b"m", b"\x1b[" + b"1;" * 33 + b"m", b"\x1b[1    q", b"\x1b[1     q", b"\x1b[1 2q",
+    b"\x1b[2 q", b"\x1b[!p", b"\xe2\x98", b"\xf0\x9f\x98\x80"]),
     st.just(TEXT)), max_size=12), st.data())
 def test_terminal_guard_drops_what_makes_terminals_act_in_any_chunking(parts, data):
     stream = b"".join(parts)
