@@ -174,7 +174,7 @@ def _pump(path: str, keys, stop: threading.Event, loop: asyncio.AbstractEventLoo
 
 def _frame_event(frame: Any, decoders: dict) -> str | None:
     if frame.kind in ("output", "stderr"):
-        from sessions.replay import TerminalGuard  # the browser's terminal ignores OSC/DCS; dropped here too
+        from sessions.termguard import TerminalGuard  # the browser's terminal ignores OSC/DCS; dropped here too
 
         dec, guard = decoders.setdefault((frame.channel, frame.kind), (
             codecs.getincrementaldecoder("utf-8")("replace"), TerminalGuard()))

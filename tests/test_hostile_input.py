@@ -31,7 +31,8 @@ from broker.selfservice import run_command
 from frontdoor_support import wait
 from helpers import FUZZ_EXAMPLES_OTHER
 from sessions.recording import read_frames
-from sessions.replay import TerminalGuard, replay, to_asciicast
+from sessions.replay import replay, to_asciicast
+from sessions.termguard import TerminalGuard
 
 runner = CliRunner()
 HUGE = "99999999999999999999999"
