@@ -344,3 +344,15 @@ def test_web_reasons_with_invisible_characters_are_refused_and_stored_ones_shown
     console.app.store.execute("UPDATE access_requests SET reason = ? WHERE id = ?", ("evil\u202eexe.txt\u200b", rid))
     page = bob.get(f"/requests/{rid}")[2]
     assert "\u202e" not in page and "\u200b" not in page and "evil&lt;U+202E&gt;exe.txt&lt;U+200B&gt;" in page
+
+
+def test_web_live_view_drops_osc_split_across_frames():
+    from types import SimpleNamespace
+
+    from broker.web_stream import _frame_event
+
+    decoders: dict = {}
+    events = [_frame_event(SimpleNamespace(kind="output", channel=1, mono_ns=i, payload=p), decoders)
+              for i, p in enumerate((b"ok \x1b]52;c;ZXZp", b"bA==\x07\x1b[1mbold\x1b[0m \xe2\x98", b"\x83"))]
+    text = "".join(json.loads(e.split("data: ", 1)[1])["d"] for e in events if e)
+    assert text == "ok \x1b[1mbold\x1b[0m \u2603"
