@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
-# 4 front-door security (MFA, checkpoints), 5 file guard.
+# 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes.
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -230,6 +230,21 @@ MIGRATIONS: dict[int, str | list[str]] = {
     ],
     # 6: staff toolkit: when retention removed a recording's payload (metadata, hashes and signatures stay)
     6: ["ALTER TABLE sessions ADD COLUMN payload_removed_at TEXT"],
+    # 7: containment (can the device login read the protected paths?), what an exposed device allows,
+    # per-approval windows and shell choices, the grant's shell mode, containment in the session record
+    7: [
+        "ALTER TABLE devices ADD COLUMN containment TEXT NOT NULL DEFAULT 'unknown'",
+        "ALTER TABLE devices ADD COLUMN containment_checked_at TEXT",
+        "ALTER TABLE devices ADD COLUMN containment_details TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE devices ADD COLUMN exposed_shell TEXT",
+        "ALTER TABLE approvals ADD COLUMN duration_s INTEGER",
+        "ALTER TABLE approvals ADD COLUMN allow_shell INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE grants ADD COLUMN shell TEXT NOT NULL DEFAULT 'allowed'",
+        "ALTER TABLE grants ADD COLUMN containment TEXT",
+        # a read-only or upload-only grant means the same on every channel: files only (finding 4)
+        "UPDATE grants SET shell = 'files-only' WHERE mode != 'normal'",
+        "ALTER TABLE sessions ADD COLUMN containment TEXT",
+    ],
 }
 
 
@@ -416,6 +431,11 @@ class Store:
     def delete_device(self, name: str) -> int:
         return self.execute("DELETE FROM devices WHERE name = ?", (name,)).rowcount
 
+    def set_device_containment(self, name: str, state: str, checked_at: str, details: str) -> None:
+        """Store the result of a containment check (shared by every broker process: the session-start cache)."""
+        self.execute("UPDATE devices SET containment = ?, containment_checked_at = ?, containment_details = ? "
+                     "WHERE name = ?", (state, checked_at, details, name))
+
     def update_device(self, name: str, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
         self.execute(f"UPDATE devices SET {sets} WHERE name = ?", (*values.values(), name))
@@ -449,10 +469,12 @@ class Store:
                 conn.execute("UPDATE access_requests SET status = 'expired', decided_at = ? WHERE id = ?", (now, rid))
             return ids
 
-    def add_approval(self, request_id: int, approver: str, at: str) -> bool:
-        """Record one person's approval; False when they had already approved this request."""
-        cur = self.execute("INSERT OR IGNORE INTO approvals (request_id, approver, at) VALUES (?, ?, ?)",
-                           (request_id, approver, at))
+    def add_approval(self, request_id: int, approver: str, at: str, duration_s: int | None = None,
+                     allow_shell: bool = False) -> bool:
+        """Record one person's approval (with the window and shell choice they made); False when they had
+        already approved this request."""
+        cur = self.execute("INSERT OR IGNORE INTO approvals (request_id, approver, at, duration_s, allow_shell) "
+                           "VALUES (?, ?, ?, ?, ?)", (request_id, approver, at, duration_s, int(allow_shell)))
         return cur.rowcount == 1
 
     def approvals(self, request_id: int) -> list[dict[str, Any]]:
@@ -508,6 +530,19 @@ class Store:
     def update_session(self, session_id: str, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
         self.execute(f"UPDATE sessions SET {sets} WHERE id = ?", (*values.values(), session_id))
+
+    def rebase_recordings(self, old_dir: str, new_dir: str) -> int:
+        """Point recording paths under ``old_dir`` at the same names under ``new_dir`` (a restored home).
+
+        :return: the number of sessions changed
+        """
+        old = old_dir.rstrip("/") + "/"
+        rows = self.query("SELECT id, recording FROM sessions WHERE substr(recording, 1, ?) = ?", (len(old), old))
+        with self.transaction() as conn:
+            for row in rows:
+                conn.execute("UPDATE sessions SET recording = ? WHERE id = ?",
+                             (new_dir.rstrip("/") + "/" + row["recording"][len(old):], row["id"]))
+        return len(rows)
 
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM sessions WHERE id = ?", (session_id,))

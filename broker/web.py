@@ -22,6 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from broker.app import App
+from broker.health import Health, health_routes
 from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, parse_listen
 from broker.errors import (BrokerError, ConfigError, ConflictError, GrantExpiredError, NotFoundError,
@@ -266,6 +267,7 @@ def create_web_app(app: App, *, broker: Any = None) -> Starlette:
         Route("/events/{topic}", s.changes),
         Route("/sessions/{sid}/stream", s.watch_stream),
         Mount("/static", app=StaticFiles(directory=str(_HERE / "static")), name="static"),
+        *health_routes(Health(app, broker)),
     ]
     asgi = Starlette(routes=routes)
     asgi.state.web = web

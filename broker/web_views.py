@@ -17,7 +17,8 @@ from broker.audit import EVENTS, parse_details
 from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, id_in_range, parse_duration, parse_id, unsafe_char
 from broker.errors import BrokerError, ConflictError, GrantExpiredError, NotFoundError, PermissionDeniedError, UsageError
-from broker.grants import approve_request, deny_request, expire_requests, get_request, list_grants, list_requests
+from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, get_request,
+                           list_grants, list_requests)
 from broker.identity import get_principal
 from broker.web import HOME, Web, _origin_ok, page, source_of
 from broker.web_auth import COOKIE, SignedOut, end_session, load_session, password_signin, set_password, \
@@ -158,8 +159,11 @@ def _request_cards(app: App, requests: list, viewer_name: str) -> list[dict[str,
         dev = app.store.get_device(r.device) or {}
         user = app.store.get_user(r.user) or {}
         critical = dev.get("device_class") == "critical"
-        needed = app.config.grants.critical_approvers if critical else 1
+        card = approval_card(app.store, app.rules, r)
+        needed = card["approvals_needed"]
         cards.append({
+            "containment": card["containment"], "notes": card["notes"], "exposed_paths": card["exposed_paths"],
+            "approvals_text": approvals_text(r), "shell_choice": r.mode != "normal",
             "r": r, "critical": critical, "needed": needed, "company": user.get("company"),
             "waiting": format_duration((now - r.created_at).total_seconds()),
             "requested": format_duration(r.duration_s), "mine": r.user == viewer_name,
@@ -200,11 +204,13 @@ async def approve(request: Request, viewer) -> Response:
     web = _web(request)
     rid = request.path_params["rid"]
     text = str(request.state.form.get("duration") or "").strip()
+    allow_shell = str(request.state.form.get("allow_shell") or "") == "yes"
 
     def run():
         dur = parse_duration(text, what="window") if text else None
         principal = get_principal(web.app.store, viewer.name)
-        return approve_request(web.app.store, web.app.audit, web.app.rules, rid, principal, web.now(), duration_s=dur)
+        return approve_request(web.app.store, web.app.audit, web.app.rules, rid, principal, web.now(), duration_s=dur,
+                               allow_shell=allow_shell)
 
     try:
         dec = await web.db(run)
@@ -212,12 +218,16 @@ async def approve(request: Request, viewer) -> Response:
         web.flash(viewer, "error", f"Request {rid}: {exc}")
         return _back(request, "/inbox")
     if dec.grant is None:
-        web.flash(viewer, "ok", f"Approval recorded for request {rid} ({dec.request.device} is critical): "
+        why = "exposed" if dec.request.device and (web.app.store.get_device(dec.request.device) or {}).get(
+            "containment") == "exposed" else "critical"
+        web.flash(viewer, "ok", f"Approval recorded for request {rid} ({dec.request.device} is {why}): "
                                 f"{dec.approvals_needed} more approver needed.")
     else:
         left = format_duration((dec.grant.ends_at - dec.grant.starts_at).total_seconds())
+        files = " Files only (sftp and scp): no shell or commands." if dec.grant.shell == "files-only" else ""
         web.flash(viewer, "ok", f"Request {rid} approved: {dec.grant.user} may use {dec.grant.device} for {left}, "
-                                f"until {dec.grant.ends_at.strftime('%H:%M UTC')}.")
+                                f"until {dec.grant.ends_at.strftime('%H:%M UTC')} (approved by "
+                                f"{approvals_text(dec.request)}).{files}")
     return _back(request, "/inbox")
 
 

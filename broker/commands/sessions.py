@@ -85,6 +85,7 @@ def show(ctx: typer.Context, session_id: SessionId, as_json: JsonOpt = False) ->
         return
     print_fields([("session", doc["id"]), ("user", doc["user"]), ("device", doc["device"]),
                   ("grant", doc["grant_id"]), ("source", doc["source"]), ("status", doc["status"]),
+                  ("containment", (doc.get("containment") or "-").replace("exposed", "EXPOSED")),
                   ("started", when(doc["started_at"])), ("ended", when(doc["ended_at"])), ("length", _length(doc)),
                   ("end reason", doc["end_reason"]), ("bytes in/out", f"{doc['bytes_in']} / {doc['bytes_out']}"),
                   ("last activity", when(doc["last_activity_at"])), ("recording", doc["recording"]),
