@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -30,6 +31,11 @@ __all__ = [
     "parse_listen",
     "parse_syslog_address",
     "DEFAULT_CONFIG_TOML",
+    "MAX_ID",
+    "unsafe_char",
+    "escape_unsafe",
+    "parse_id",
+    "id_in_range",
 ]
 
 # re.ASCII: without it \d accepts any Unicode digit ('١٢m') and \s any Unicode space.
@@ -38,6 +44,13 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # Ten years: longer than any window or timeout makes sense, short enough that now + duration
 # never overflows datetime (999999999d did).
 MAX_DURATION_S = 3650 * 86400
+# Ids are SQLite INTEGERs (signed 64-bit): a larger number cannot name a row, and binding it raises
+# OverflowError (issue 11 finding 10: `approve 99999999999999999999999` hung the SSH channel, HTTP 500).
+MAX_ID = 2**63 - 1
+# Unicode categories never accepted in reasons and tickets (see unsafe_char): control, format, surrogate,
+# line and paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_ID = re.compile(r"\s*(\d{1,19})\s*", re.ASCII)
 
 
 def parse_duration(text: str, *, what: str = "duration") -> int:
@@ -62,6 +75,49 @@ def parse_duration(text: str, *, what: str = "duration") -> int:
     return seconds
 
 
+def unsafe_char(text: str) -> str | None:
+    """The first character of ``text`` a person's reason or ticket may not contain, named, or None.
+
+    Refused: control characters (C0, DEL, C1: ESC and the one-byte CSI run terminal commands), format
+    characters (bidi overrides and isolates U+202A-202E, U+2066-2069, marks U+200E/200F/061C, zero-width
+    U+200B-200D, U+2060, U+FEFF, soft hyphen, tags: they reorder or hide what an approver reads), surrogates
+    and the line/paragraph separators. Tab is refused too (a reason is one line).
+    """
+    for c in text:
+        if unicodedata.category(c) in _UNSAFE_CATEGORIES:
+            name = unicodedata.name(c, "") or ("control character" if unicodedata.category(c) == "Cc" else "")
+            return f"U+{ord(c):04X}" + (f" ({name})" if name else "")
+    return None
+
+
+def escape_unsafe(text: str) -> str:
+    """``text`` with every :func:`unsafe_char` character shown as ``<U+202E>``: fit for a terminal or a page."""
+    return "".join(f"<U+{ord(c):04X}>" if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text)
+
+
+def id_in_range(value: object) -> bool:
+    """Whether ``value`` is an int that can name a row (1 … :data:`MAX_ID`)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
+
+
+def parse_id(text: object, *, what: str = "id") -> int:
+    """Parse a request, grant or share id a person typed: ASCII digits, 1 … :data:`MAX_ID`.
+
+    :param what: name used in the error message, e.g. ``request id``
+    :raises UsageError: not a whole positive number in range (``-1``, ``1_000``, ``١٢``, 23 digits)
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _ID.fullmatch(text) if isinstance(text, str) else None
+        value = int(m.group(1)) if m else 0
+    if not id_in_range(value):
+        shown = ascii(text if not isinstance(text, str) or len(text) <= 40 else text[:40] + "...")
+        raise UsageError(f"{what} {shown} is not a valid id",
+                         f"ids are whole numbers from 1 to {MAX_ID}, as medbroker printed them")
+    return value
+
+
 def format_duration(seconds: float) -> str:
     """Render seconds compactly: ``2h``, ``1h30m``, ``45s``."""
     seconds = int(round(seconds))
@@ -83,7 +139,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = (text or "").rpartition(":")
     host = host.strip("[]")
     # isascii(): str.isdigit() is also true for '²' and '٢', which int() rejects or reads as digits.
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+    # len(): a 5000-digit port made int() raise ValueError (Python's digit limit), an internal error (issue 11)
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 <= int(port) <= 65535:
         raise UsageError(f"listen address {text!r} is not HOST:PORT", "e.g. 0.0.0.0:2222 or 127.0.0.1:2222")
     return host, int(port)
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from broker.audit import AuditLog
 from broker.clock import parse_utc, utc_iso
-from broker.config import format_duration
+from broker.config import format_duration, id_in_range, unsafe_char
 from broker.devices import shell_policy
 from broker.errors import (
     ApprovalRequiredError,
@@ -51,9 +51,23 @@ MAX_REASON = 500
 
 
 def _printable(text: str) -> bool:
-    """No C0/C1 control character or DEL: reasons and tickets are shown on approvers' terminals, where
-    ESC or the one-byte CSI (U+009B) would run terminal commands."""
-    return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+    """No control or invisible formatting character (:func:`broker.config.unsafe_char`): reasons and tickets
+    are shown on approvers' terminals, where ESC or the one-byte CSI (U+009B) would run terminal commands,
+    and in pages and mails, where bidi overrides and zero-width characters change what the approver reads."""
+    return unsafe_char(text) is None
+
+
+def check_text(text: str, what: str, max_len: int, example: str) -> None:
+    """Refuse a reason, ticket or note that is too long or holds a character :func:`_printable` refuses.
+
+    :raises UsageError: naming the offending character (e.g. ``U+202E (RIGHT-TO-LEFT OVERRIDE)``)
+    """
+    if len(text) > max_len:
+        raise UsageError(f"{what} is {len(text)} characters long; at most {max_len} are allowed", example)
+    bad = unsafe_char(text)
+    if bad:
+        raise UsageError(f"{what} contains {bad}, a control or invisible formatting character that could hide or "
+                         "reorder what an approver reads", f"type it as plain text, e.g. {example}")
 
 
 @dataclass(frozen=True)
@@ -252,7 +266,7 @@ def parse_forward(text: str) -> str:
 
 def get_request(store: Store, request_id: int) -> ApprovalRequest:
     """:raises NotFoundError: unknown id"""
-    row = store.get_request(request_id)
+    row = store.get_request(request_id) if id_in_range(request_id) else None
     if not row:
         raise NotFoundError(f"request {request_id} does not exist", "list requests with: medbroker grants list")
     return _request(store, row)
@@ -260,7 +274,7 @@ def get_request(store: Store, request_id: int) -> ApprovalRequest:
 
 def get_grant(store: Store, grant_id: int) -> Grant:
     """:raises NotFoundError: unknown id"""
-    row = store.get_grant(grant_id)
+    row = store.get_grant(grant_id) if id_in_range(grant_id) else None
     if not row:
         raise NotFoundError(f"grant {grant_id} does not exist", "list grants with: medbroker grants list")
     return _grant(row)
@@ -310,11 +324,14 @@ def request_grant(store: Store, audit: AuditLog, rules: GrantRules, requester: P
             f"ask for at most --for {format_duration(rules.max_duration_s)}",
         )
     reason = (reason or "").strip()
-    if not reason or len(reason) > MAX_REASON or not _printable(reason):
+    if not reason:
         raise UsageError("a reason of 1-500 printable characters is required",
                          'say what the work is, e.g. --reason "replace X-ray tube"')
-    if ticket is not None and (not ticket.strip() or len(ticket) > 100 or not _printable(ticket)):
+    check_text(reason, "the reason", MAX_REASON, '--reason "replace X-ray tube"')
+    if ticket is not None and not ticket.strip():
         raise UsageError("ticket must be 1-100 printable characters", "e.g. --ticket WO-1234")
+    if ticket is not None:
+        check_text(ticket, "the ticket", 100, "--ticket WO-1234")
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not known", f"use one of: {', '.join(MODES)}")
     forwards = tuple(parse_forward(f) for f in forwards)
@@ -438,8 +455,8 @@ def deny_request(store: Store, audit: AuditLog, request_id: int, approver: Princ
     :raises PermissionDeniedError | ConflictError | GrantExpiredError: as for :func:`approve_request`
     """
     _check_decidable(store, audit, request_id, approver, now, "deny")
-    if reason is not None and (len(reason) > MAX_REASON or not _printable(reason)):
-        raise UsageError("the reason must be at most 500 printable characters")
+    if reason is not None:
+        check_text(reason, "the reason", MAX_REASON, '--reason "no work order for this week"')
     if store.decide_request(request_id, "denied", approver.name, utc_iso(now), reason, None) is None:
         raise ConflictError(f"request {request_id} was decided concurrently", "nothing changed")
     req = get_request(store, request_id)
@@ -468,9 +485,12 @@ def revoke_grant(store: Store, audit: AuditLog, grant_id: int, by: Principal, no
     :raises ConflictError: already revoked (audited)
     """
     def refuse(exc: Exception) -> None:
-        audit.record("request.refused", actor=by.name, grant_id=grant_id, action="revoke", reason=str(exc))
+        audit.record("request.refused", actor=by.name, grant_id=grant_id if id_in_range(grant_id) else None,
+                     action="revoke", reason=str(exc))
         raise exc
 
+    if reason is not None:
+        check_text(reason, "the reason", MAX_REASON, '--reason "work finished early"')
     if by.disabled:
         refuse(PermissionDeniedError(f"user {by.name} is disabled"))
     try:

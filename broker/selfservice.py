@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from broker.app import App
 from broker.clock import utc_iso
-from broker.config import format_duration, parse_duration
+from broker.config import escape_unsafe, format_duration, parse_duration, parse_id
 from broker.devices import list_devices
 from broker.errors import BrokerError, UsageError
 from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, list_grants,
@@ -55,6 +55,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, "run: help")
 
 
+def _request_id(text: str) -> int:
+    try:
+        return parse_id(text, what="request id")
+    except UsageError as exc:  # argparse turns ArgumentTypeError into error() → UsageError with this text
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _parser() -> _Parser:
     p = _Parser(prog="", add_help=False)
     sub = p.add_subparsers(dest="cmd")
@@ -69,12 +76,12 @@ def _parser() -> _Parser:
     r.add_argument("--mode", default="normal")
     r.add_argument("--json", action="store_true")
     a = sub.add_parser("approve", add_help=False)
-    a.add_argument("id", type=int)
+    a.add_argument("id", type=_request_id)
     a.add_argument("--for", dest="duration")
     a.add_argument("--allow-shell", action="store_true")
     a.add_argument("--json", action="store_true")
     d = sub.add_parser("deny", add_help=False)
-    d.add_argument("id", type=int)
+    d.add_argument("id", type=_request_id)
     d.add_argument("--reason", nargs="+")
     d.add_argument("--json", action="store_true")
     for name in ("requests", "grants", "status", "help", "web"):
@@ -185,8 +192,8 @@ def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: 
         for r in pending:
             card = cards[r.id]
             lines.append(f"  request {r.id}: {r.user} -> {r.device} for {format_duration(r.duration_s)}"
-                         + (f" ({r.mode})" if r.mode != "normal" else "") + f": {r.reason}"
-                         + (f" [{r.ticket}]" if r.ticket else ""))
+                         + (f" ({r.mode})" if r.mode != "normal" else "") + f": {escape_unsafe(r.reason)}"
+                         + (f" [{escape_unsafe(r.ticket)}]" if r.ticket else ""))
             lines.append(f"    device containment: {card['containment'].replace('exposed', 'EXPOSED')}; approvals: "
                          f"{approvals_text(r)} (needs {card['approvals_needed']})")
             if staff:

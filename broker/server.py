@@ -395,6 +395,10 @@ class BrokerServer(asyncssh.SSHServer):
         if b.per_address[self.source] <= 0:
             b.per_address.pop(self.source, None)
         self._leave_unauth()
+        if isinstance(exc, asyncssh.IllegalUserName) and not self.authenticated:  # NUL/CR/LF/ESC, ≥1024 bytes:
+            # asyncssh refuses these names before begin_auth, so the name itself is not known (issue 11)
+            b.audit_soon("auth.failure", source=self.source, reason="malformed login name", login=None,
+                         error=f"refused by the SSH layer: {str(exc.reason)[:80]}")
         if not self.authenticated and self.user and self.tried_keys and not self.not_counted:
             if self.key_verified:  # right key, no code typed (Ctrl-C at the prompt, BatchMode): no guess made
                 b.audit_soon("auth.failure", user=self.user, source=self.source, method="keyboard-interactive",
@@ -430,7 +434,7 @@ class BrokerServer(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"medbroker: {exc.message}; log in as USER@DEVICE, "
                                        f"e.g. ssh -p {self.broker.port} alice@ct-01@{self.broker.settings.public_host}\n")
             self.broker.audit_soon("auth.failure", source=self.source, reason="malformed login name",
-                                   login=username[:80])
+                                   login=ascii(username[:80])[1:-1], login_length=len(username))
         return True
 
     def public_key_auth_supported(self) -> bool:

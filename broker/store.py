@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from sqlite_utils import Database
 
-from broker.errors import StorageError
+from broker.errors import NotFoundError, StorageError
 
 __all__ = ["Store", "MIGRATIONS", "open_store"]
 
@@ -261,6 +261,13 @@ def _row(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     return [dict(zip(cols, r)) for r in cursor.fetchall()]
 
 
+def _out_of_range() -> NotFoundError:
+    # A safety net behind the edges' own id checks (issue 11 finding 10): OverflowError used to escape as an
+    # HTTP 500 or a hung SSH channel.
+    return NotFoundError("no such record: a number in the request is out of range",
+                         "ids are whole numbers as medbroker printed them")
+
+
 class Store:
     """Synchronous access to the broker database.
 
@@ -334,8 +341,14 @@ class Store:
                 raise StorageError(f"database write failed: {exc}", _DISK_HINT) from exc
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
-        """Run a read query and return rows as dicts."""
-        return _row(self.db.conn.execute(sql, params))
+        """Run a read query and return rows as dicts.
+
+        :raises NotFoundError: a number beyond SQLite's 64-bit integers (it can name no row)
+        """
+        try:
+            return _row(self.db.conn.execute(sql, params))
+        except OverflowError:
+            raise _out_of_range() from None
 
     def one(self, sql: str, params: tuple | dict = ()) -> dict[str, Any] | None:
         rows = self.query(sql, params)
@@ -343,8 +356,11 @@ class Store:
 
     def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
         """Run one write statement in its own transaction (or the enclosing one)."""
-        with self.transaction() as conn:
-            return conn.execute(sql, params)
+        try:
+            with self.transaction() as conn:
+                return conn.execute(sql, params)
+        except OverflowError:
+            raise _out_of_range() from None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the single store worker thread."""

@@ -15,7 +15,7 @@ from starlette.responses import RedirectResponse, Response
 from broker.app import ALERT_EVENTS, App
 from broker.audit import EVENTS, parse_details
 from broker.clock import parse_utc, utc_iso
-from broker.config import format_duration, parse_duration
+from broker.config import format_duration, id_in_range, parse_duration, parse_id, unsafe_char
 from broker.errors import BrokerError, ConflictError, GrantExpiredError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, get_request,
                            list_grants, list_requests)
@@ -306,8 +306,11 @@ async def kill(request: Request, viewer) -> Response:
     sid = request.path_params["sid"]
     row = await _session(web, sid)
     reason = str(request.state.form.get("reason") or "").strip()
-    if not reason or len(reason) > 300 or any(ord(c) < 0x20 for c in reason):
-        web.flash(viewer, "error", "Give a reason (1-300 characters); the vendor sees it.")
+    bad = unsafe_char(reason)
+    if not reason or len(reason) > 300 or bad:
+        web.flash(viewer, "error", "Give a reason (1-300 characters); the vendor sees it."
+                  + (f" It contains {bad}, a control or invisible formatting character: type plain text." if bad
+                     else ""))
         return _back(request, f"/sessions/{sid}/watch")
     ok = await web.db(web.app.store.request_session_kill, sid, viewer.name, reason, utc_iso(web.now()))
     if not ok:
@@ -398,7 +401,8 @@ async def share(request: Request, viewer) -> Response:
 async def revoke_share(request: Request, viewer) -> Response:
     web = _web(request)
     share_id = request.path_params["share_id"]
-    ok = await web.db(web.app.store.revoke_web_share, share_id, viewer.name, utc_iso(web.now()))
+    ok = id_in_range(share_id) and await web.db(web.app.store.revoke_web_share, share_id, viewer.name,
+                                                utc_iso(web.now()))
     if ok:
         await web.audit("recording.share.revoked", actor=viewer.name, share_id=share_id)
         web.flash(viewer, "ok", f"Link {share_id} revoked; it no longer opens the recording.")
@@ -431,11 +435,12 @@ async def audit_page(request: Request, viewer) -> Response:
     keys = ("event", "actor", "user", "device", "session", "since", "until")
     f = {k: (request.query_params.get(k) or "").strip()[:80] for k in keys}
     try:
-        before = int(request.query_params.get("before") or 0) or None
+        before_text = request.query_params.get("before") or ""
+        before = parse_id(before_text, what="before") if before_text.strip() not in ("", "0") else None
         since = utc_iso(parse_utc(f["since"])) if f["since"] else None
         until = utc_iso(parse_utc(f["until"]) + (timedelta(days=1) if len(f["until"]) == 10 else timedelta()))\
             if f["until"] else None
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UsageError("dates are written 2026-05-01 or 2026-05-01T08:30", "fix the filter") from None
     rows = await web.db(lambda: web.app.store.search_audit(
         event=f["event"] or None, actor=f["actor"] or None, user=f["user"] or None, device=f["device"] or None,

@@ -11,6 +11,7 @@ from broker.errors import UsageError
 from broker.grants import (MODES, ApprovalRequest, Grant, approval_card, approvals_text, approve_request, deny_request,
                            get_request, list_grants, list_requests, request_grant, revoke_grant)
 from broker.identity import get_principal
+from broker.grants import check_text
 
 __all__ = ["register", "grants_app", "requests_app", "request_state"]
 
@@ -130,8 +131,8 @@ def revoke(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke a grant: its live sessions end at once (the broker checks every half second)."""
-    if reason is not None and (len(reason) > 500 or safe(reason) != reason):
-        raise UsageError("the reason must be at most 500 printable characters")
+    if reason is not None:
+        check_text(reason, "the reason", 500, '--reason "work finished early"')
     a = open_home(ctx)
     principal = get_principal(a.store, by)  # revoke_grant checks (and audits) role and state
     now = a.clock.now()

@@ -10,6 +10,7 @@ from broker.commands.common import (JSON_HELP, admin_actor, emit_json, open_home
                                     say, when)
 from broker.config import format_duration
 from broker.errors import ConflictError, NotFoundError, UsageError
+from broker.grants import check_text
 
 __all__ = ["app", "session_doc", "get_session_row"]
 
@@ -142,8 +143,10 @@ def kill(
     as_json: JsonOpt = False,
 ) -> None:
     """End a live session: the broker serving it closes it within about a second."""
-    if reason is not None and (not reason.strip() or len(reason) > 500 or safe(reason) != reason):
+    if reason is not None and not reason.strip():
         raise UsageError("the reason must be 1-500 printable characters")
+    if reason is not None:
+        check_text(reason, "the reason", 500, '--reason "copying images"')
     a = open_home(ctx)
     row = get_session_row(a, session_id)
     actor = admin_actor(a, by, action="end sessions", roles=KILL_ROLES)
