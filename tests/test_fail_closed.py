@@ -108,7 +108,7 @@ def test_live_session_hitting_a_full_volume_is_ended_and_told_why(tmp_path):
                 [row] = world.app.store.list_sessions()
                 assert wait(lambda: os.path.getsize(row["recording"]) > 0)
                 fill(recs)
-                told = b"recording became unavailable, and medbroker never runs a session it cannot record"
+                told = b"recording failed (No space left on device), and medbroker never runs a session it cannot record"
                 for i in range(200):  # up to ~200 KiB of echoed text: the writer's next batches hit ENOSPC
                     try:
                         term.sendline(f"{i:04d} " + "x" * 1000)
@@ -126,5 +126,128 @@ def test_live_session_hitting_a_full_volume_is_ended_and_told_why(tmp_path):
             assert failed and "No space left on device" in details(failed[0])["error"]
             end = [e for e in events(world, "session.end") if e["session_id"] == row["id"]]
             assert len(end) == 1 and details(end[0])["status"] == "recording-failed"
+        finally:
+            close_world(world)
+
+
+# --- finding 7 of issue 11: the acknowledgment rule -------------------------------------------------------
+ACK_WINDOW = 256 << 10  # docs/recording-format.md, "The acknowledgment rule"
+
+
+class _Vendor:
+    """A real ``ssh alice@ct-01@broker CMD`` whose stdout is counted as it arrives (never stored)."""
+
+    def __init__(self, world, command: str) -> None:
+        import tempfile
+        import threading
+        import time
+
+        from helpers.clients import ssh_options
+
+        self._scratch = Path(tempfile.mkdtemp(prefix="mbvendor-"))
+        argv = ["ssh", *ssh_options(key=world.keys["alice"].private_path, known_hosts=world.known_hosts,
+                                    host_key_checking="yes"),
+                "-p", str(world.port), "alice@ct-01@127.0.0.1", command]
+        env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "DISPLAY")}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)
+        self.received = 0
+        self.eof_at: float | None = None  # wall time the vendor's stdout closed (the channel and ssh ended)
+        self.stderr = b""
+
+        def pump_out() -> None:
+            while chunk := os.read(self.proc.stdout.fileno(), 1 << 16):
+                self.received += len(chunk)
+            self.eof_at = time.time()
+
+        def pump_err() -> None:
+            self.stderr = self.proc.stderr.read()
+
+        self._threads = [threading.Thread(target=pump_out, daemon=True), threading.Thread(target=pump_err, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            for t in self._threads:
+                t.join(10)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        return code
+
+
+def _recorded_output(world, path: Path) -> int:
+    from sessions.recording import read_frames
+
+    return sum(len(f.payload) for f in read_frames(path, key_lookup=world.app.keys.get, strict=False)
+               if f.kind in ("output", "stderr"))
+
+
+def _seconds(iso: str) -> float:
+    from broker.clock import parse_utc
+
+    return parse_utc(iso).timestamp()
+
+
+@pytest.mark.parametrize("command", [
+    "head -c 20000000 /dev/urandom | base64",            # the issue's reproduction: high-entropy text
+    "seq -f 'maintenance log line %.0f: all good' 1 900000",  # ordinary log-like text, ~30 MB
+])
+def test_full_volume_lets_at_most_the_ack_window_out_unrecorded_and_ends_within_100ms(tmp_path, command):
+    """Finding 7: 20 MB of output into a 3 MiB recordings volume. What the vendor received beyond what the
+    recording holds is at most the acknowledgment window (256 KiB), and the session ends (the vendor's ssh
+    sees its channel close) within 100 ms of the writer's failure, with "recording failed"."""
+    with tmpfs(tmp_path / "recs", "3m") as recs:
+        world = world_with(tmp_path, _config(recs))
+        try:
+            world.grant()
+            vendor = _Vendor(world, command)
+            code = vendor.wait(120)
+            assert code != 0, "the session should have been ended"
+            assert b"recording failed (No space left on device)" in vendor.stderr, vendor.stderr
+            [row] = world.app.store.list_sessions()
+            assert wait(lambda: world.app.store.get_session(row["id"])["status"] != "live", timeout=20)
+            assert world.app.store.get_session(row["id"])["status"] == "recording-failed"
+            recorded = _recorded_output(world, Path(row["recording"]))
+            unrecorded = vendor.received - recorded
+            failed = [details(e) for e in events(world, "recording.failed") if e["session_id"] == row["id"]
+                      and details(e).get("failed_at")]  # (finish() adds a second row when close re-raises)
+            assert len(failed) == 1 and "No space left on device" in failed[0]["error"]
+            ended_after_ms = (vendor.eof_at - _seconds(failed[0]["failed_at"])) * 1000
+            print(f"\n{command!r}: vendor received {vendor.received} B, recording holds {recorded} B of output, "
+                  f"unrecorded {unrecorded} B ({unrecorded / 1024:.1f} KiB); vendor's channel closed "
+                  f"{ended_after_ms:.1f} ms after the write failed")
+            assert 1 << 20 < recorded < 3 << 20  # the volume really filled mid-session
+            assert unrecorded <= ACK_WINDOW, f"{unrecorded} bytes reached the vendor unrecorded"
+            assert ended_after_ms <= 100, f"the session ended {ended_after_ms:.0f} ms after the failure"
+            end = [details(e) for e in events(world, "session.end") if e["session_id"] == row["id"]]
+            assert len(end) == 1 and end[0]["status"] == "recording-failed"
+        finally:
+            close_world(world)
+
+
+def test_best_effort_mode_warns_and_delivers_everything_when_the_volume_fills(tmp_path):
+    """recording.mode = "best_effort" keeps its meaning: the vendor is warned once and the session goes on
+    (every byte delivered, exit status 0), while recording.failed is audited."""
+    command = "seq -f 'maintenance log line %.0f: all good' 1 900000"
+    expected = sum(len(f"maintenance log line {i}: all good\n") for i in range(1, 900001))
+    with tmpfs(tmp_path / "recs", "3m") as recs:
+        world = world_with(tmp_path, f'[recording]\ndir = "{recs}"\nmode = "best_effort"\n')
+        try:
+            world.grant()
+            vendor = _Vendor(world, command)
+            assert vendor.wait(120) == 0, vendor.stderr
+            assert vendor.received == expected
+            assert vendor.stderr.count(b"warning: recording failed; this session continues unrecorded") == 1
+            [row] = world.app.store.list_sessions()
+            assert wait(lambda: world.app.store.get_session(row["id"])["status"] != "live", timeout=20)
+            failed = [e for e in events(world, "recording.failed") if e["session_id"] == row["id"]]
+            assert failed and "No space left on device" in details(failed[0])["error"]
+            assert 1 << 20 < _recorded_output(world, Path(row["recording"])) < 3 << 20
         finally:
             close_world(world)
