@@ -207,7 +207,7 @@ class RecordingWriter:
         self._on_error, self._on_pause, self._on_resume = on_error, on_pause, on_resume
         self._high, self._low, self._max = high_water, low_water, max_pending
         self._window, self._unit = window, 0
-        self._batch = BATCH_BYTES if window is None else min(BATCH_BYTES, max(1, window // 4))
+        self._batch = BATCH_BYTES if window is None else min(BATCH_BYTES, max(1, window // 2))
         self.failed_at = None  # wall time (clock.now()) the failure was found, for the audit row
         self._mono0 = clock.monotonic_ns()
         self.last_activity_mono_ns = self._mono0
