@@ -134,20 +134,62 @@ def test_live_session_hitting_a_full_volume_is_ended_and_told_why(tmp_path):
 ACK_WINDOW = 256 << 10  # docs/recording-format.md, "The acknowledgment rule"
 
 
+class _Broker:
+    """``medbroker serve`` in a child process (its own GIL, as in production) with recordings on ``recs``;
+    alice holds a grant on ct-01 (a real sshd)."""
+
+    def __init__(self, tmp_path: Path, device, recs: Path, mode: str) -> None:
+        from frontdoor_support import Serve, prepared_home
+        from helpers.clients import write_known_hosts
+        from helpers.net import free_port
+
+        self.home, self.people = prepared_home(tmp_path, device(), f'[recording]\ndir = "{recs}"\nmode = "{mode}"\n')
+        self.port = free_port()
+        self.known_hosts = write_known_hosts(tmp_path / "known_hosts", "127.0.0.1", self.port,
+                                             (self.home / "keys" / "host_ed25519.pub").read_text())
+        self.serve = Serve(self.home, self.port, tmp_path / "broker.log")
+
+    def store(self):
+        from broker.store import open_store
+
+        return open_store(self.home / "medbroker.db", migrate=False)
+
+    def session(self) -> dict:
+        store = self.store()
+        try:
+            [row] = store.list_sessions()
+            return dict(row)
+        finally:
+            store.close()
+
+    def audit(self, name: str, session_id: str) -> list[dict]:
+        store = self.store()
+        try:
+            return [details(e) for e in store.audit_rows(event=name) if e["session_id"] == session_id]
+        finally:
+            store.close()
+
+    def recorded_output(self, path: str) -> int:
+        from broker.keys import FileKeyProvider
+        from sessions.recording import read_frames
+
+        keys = FileKeyProvider(self.home / "keys" / "data.key")
+        return sum(len(f.payload) for f in read_frames(path, key_lookup=keys.get, strict=False)
+                   if f.kind in ("output", "stderr"))
+
+
 class _Vendor:
     """A real ``ssh alice@ct-01@broker CMD`` whose stdout is counted as it arrives (never stored)."""
 
-    def __init__(self, world, command: str) -> None:
-        import tempfile
+    def __init__(self, broker: _Broker, command: str) -> None:
         import threading
         import time
 
         from helpers.clients import ssh_options
 
-        self._scratch = Path(tempfile.mkdtemp(prefix="mbvendor-"))
-        argv = ["ssh", *ssh_options(key=world.keys["alice"].private_path, known_hosts=world.known_hosts,
+        argv = ["ssh", *ssh_options(key=broker.people["alice"].private_path, known_hosts=broker.known_hosts,
                                     host_key_checking="yes"),
-                "-p", str(world.port), "alice@ct-01@127.0.0.1", command]
+                "-p", str(broker.port), "alice@ct-01@127.0.0.1", command]
         env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "DISPLAY")}
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
@@ -181,42 +223,37 @@ class _Vendor:
         return code
 
 
-def _recorded_output(world, path: Path) -> int:
-    from sessions.recording import read_frames
-
-    return sum(len(f.payload) for f in read_frames(path, key_lookup=world.app.keys.get, strict=False)
-               if f.kind in ("output", "stderr"))
-
-
 def _seconds(iso: str) -> float:
     from broker.clock import parse_utc
 
     return parse_utc(iso).timestamp()
 
 
+LOG_LINES = "seq -f 'maintenance log line %.0f: all good' 1 900000"  # ordinary text, 34,088,895 bytes
+
+
 @pytest.mark.parametrize("command", [
-    "head -c 20000000 /dev/urandom | base64",            # the issue's reproduction: high-entropy text
-    "seq -f 'maintenance log line %.0f: all good' 1 900000",  # ordinary log-like text, ~30 MB
+    "head -c 20000000 /dev/urandom | base64",  # the issue's reproduction: 27 MB of high-entropy text
+    LOG_LINES,
 ])
-def test_full_volume_lets_at_most_the_ack_window_out_unrecorded_and_ends_within_100ms(tmp_path, command):
-    """Finding 7: 20 MB of output into a 3 MiB recordings volume. What the vendor received beyond what the
+def test_full_volume_lets_at_most_the_ack_window_out_unrecorded_and_ends_within_100ms(tmp_path, device, command):
+    """Finding 7: tens of MB of output into a 3 MiB recordings volume. What the vendor received beyond what the
     recording holds is at most the acknowledgment window (256 KiB), and the session ends (the vendor's ssh
     sees its channel close) within 100 ms of the writer's failure, with "recording failed"."""
     with tmpfs(tmp_path / "recs", "3m") as recs:
-        world = world_with(tmp_path, _config(recs))
+        broker = _Broker(tmp_path, device, recs, "strict")
         try:
-            world.grant()
-            vendor = _Vendor(world, command)
+            vendor = _Vendor(broker, command)
             code = vendor.wait(120)
             assert code != 0, "the session should have been ended"
             assert b"recording failed (No space left on device)" in vendor.stderr, vendor.stderr
-            [row] = world.app.store.list_sessions()
-            assert wait(lambda: world.app.store.get_session(row["id"])["status"] != "live", timeout=20)
-            assert world.app.store.get_session(row["id"])["status"] == "recording-failed"
-            recorded = _recorded_output(world, Path(row["recording"]))
+            row = broker.session()
+            assert wait(lambda: broker.session()["status"] != "live", timeout=20)
+            assert broker.session()["status"] == "recording-failed"
+            recorded = broker.recorded_output(row["recording"])
             unrecorded = vendor.received - recorded
-            failed = [details(e) for e in events(world, "recording.failed") if e["session_id"] == row["id"]
-                      and details(e).get("failed_at")]  # (finish() adds a second row when close re-raises)
+            # (finish() adds a second row, without failed_at, when closing re-raises the same error)
+            failed = [e for e in broker.audit("recording.failed", row["id"]) if e.get("failed_at")]
             assert len(failed) == 1 and "No space left on device" in failed[0]["error"]
             ended_after_ms = (vendor.eof_at - _seconds(failed[0]["failed_at"])) * 1000
             print(f"\n{command!r}: vendor received {vendor.received} B, recording holds {recorded} B of output, "
@@ -225,29 +262,27 @@ def test_full_volume_lets_at_most_the_ack_window_out_unrecorded_and_ends_within_
             assert 1 << 20 < recorded < 3 << 20  # the volume really filled mid-session
             assert unrecorded <= ACK_WINDOW, f"{unrecorded} bytes reached the vendor unrecorded"
             assert ended_after_ms <= 100, f"the session ended {ended_after_ms:.0f} ms after the failure"
-            end = [details(e) for e in events(world, "session.end") if e["session_id"] == row["id"]]
-            assert len(end) == 1 and end[0]["status"] == "recording-failed"
+            [end] = broker.audit("session.end", row["id"])
+            assert end["status"] == "recording-failed"
         finally:
-            close_world(world)
+            broker.serve.stop()
 
 
-def test_best_effort_mode_warns_and_delivers_everything_when_the_volume_fills(tmp_path):
+def test_best_effort_mode_warns_and_delivers_everything_when_the_volume_fills(tmp_path, device):
     """recording.mode = "best_effort" keeps its meaning: the vendor is warned once and the session goes on
     (every byte delivered, exit status 0), while recording.failed is audited."""
-    command = "seq -f 'maintenance log line %.0f: all good' 1 900000"
     expected = sum(len(f"maintenance log line {i}: all good\n") for i in range(1, 900001))
     with tmpfs(tmp_path / "recs", "3m") as recs:
-        world = world_with(tmp_path, f'[recording]\ndir = "{recs}"\nmode = "best_effort"\n')
+        broker = _Broker(tmp_path, device, recs, "best_effort")
         try:
-            world.grant()
-            vendor = _Vendor(world, command)
+            vendor = _Vendor(broker, LOG_LINES)
             assert vendor.wait(120) == 0, vendor.stderr
             assert vendor.received == expected
             assert vendor.stderr.count(b"warning: recording failed; this session continues unrecorded") == 1
-            [row] = world.app.store.list_sessions()
-            assert wait(lambda: world.app.store.get_session(row["id"])["status"] != "live", timeout=20)
-            failed = [e for e in events(world, "recording.failed") if e["session_id"] == row["id"]]
-            assert failed and "No space left on device" in details(failed[0])["error"]
-            assert 1 << 20 < _recorded_output(world, Path(row["recording"])) < 3 << 20
+            row = broker.session()
+            assert wait(lambda: broker.session()["status"] != "live", timeout=20)
+            failed = broker.audit("recording.failed", row["id"])
+            assert failed and "No space left on device" in failed[0]["error"]
+            assert 1 << 20 < broker.recorded_output(row["recording"]) < 3 << 20
         finally:
-            close_world(world)
+            broker.serve.stop()
