@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from broker.clock import display_zone
 from broker.errors import ConfigError, UsageError
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "PolicyConfig",
     "AlertConfig",
     "MetricsConfig",
+    "DisplayConfig",
     "RetentionConfig",
     "WebConfig",
     "SiemConfig",
@@ -284,6 +286,14 @@ class SiemConfig:
 
 
 @dataclass(frozen=True)
+class DisplayConfig:
+    """How times are shown to people (the CLI, the web console, reports, messages to vendors)."""
+
+    timezone: str = ""
+    """IANA zone name, e.g. "Asia/Shanghai" or "UTC"; "" = the host's zone. JSON output stays UTC."""
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Health, readiness and Prometheus metrics (broker/health.py)."""
 
@@ -310,6 +320,7 @@ class BrokerConfig:
     web: WebConfig = field(default_factory=WebConfig)
     siem: SiemConfig = field(default_factory=SiemConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    display: DisplayConfig = field(default_factory=DisplayConfig)
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the broker home."""
@@ -355,6 +366,7 @@ _SECTIONS = {
     "web": WebConfig,
     "siem": SiemConfig,
     "metrics": MetricsConfig,
+    "display": DisplayConfig,
 }
 
 
@@ -424,6 +436,11 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
             parse_listen(cfg.metrics.address)
         except UsageError as exc:
             raise ConfigError(f"{source}: metrics.address: {exc.message}", exc.hint) from None
+    try:
+        display_zone(cfg.display.timezone)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: display.timezone: {exc}", 'an IANA name such as "Europe/Berlin", '
+                          '"Asia/Shanghai" or "UTC"; "" = the host\'s zone') from None
     if not 0 <= cfg.metrics.min_free_mb <= 1 << 24:
         raise ConfigError(f"{source}: metrics.min_free_mb = {cfg.metrics.min_free_mb}; expected 0-16777216 (MiB)")
     if cfg.recording.mode not in ("strict", "best_effort"):
@@ -664,4 +681,7 @@ format = "medbroker"              # "medbroker" (docs/events.md) or "ecs" (Elast
 [metrics]                         # /healthz, /readyz, /metrics (Prometheus); docs/operations.md
 address = ""                      # e.g. "127.0.0.1:9464": a listener for them alone ("" = only on the web console)
 min_free_mb = 1024                # /readyz fails below this much free space on the recordings volume
+
+[display]                         # how times are shown to people (JSON output stays UTC)
+timezone = ""                     # IANA name, e.g. "Asia/Shanghai" or "UTC"; "" = this host's zone
 """

@@ -130,6 +130,7 @@ NON_DEFAULT = {
              "syslog_client_cert": '"client.pem"', "syslog_client_key": '"client.key"',
              "syslog_server_name": '"siem.example"', "format": '"ecs"'},
     "metrics": {"address": '"127.0.0.1:9464"', "min_free_mb": "10"},
+    "display": {"timezone": '"Asia/Shanghai"'},
 }
 # Keys that mean something only together with another: set alone they are refused (an option that would
 # do nothing), so the one-key test adds the companion.
