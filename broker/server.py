@@ -317,7 +317,9 @@ class GuardedSftp:
             self.relay.notice(decision.reason)
 
     def _fatal(self, message: str) -> None:
-        self.broker.audit_soon("channel.refused", **self._fields(), kind="sftp", reason=message)
+        """A protocol violation (sessions/sftp.py): recorded, audited, told to the vendor; the channel ends now."""
+        self.live.recorder.append_event(self.relay.ctx.number, "policy-denial", {"violation": message})
+        self.broker.audit_soon("sftp.protocol.denied", **self._fields(), kind="sftp", reason=message)
         self.relay.notice(message)
         self.relay.exit(1)
 
