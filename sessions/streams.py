@@ -9,8 +9,9 @@ vendor is told to use sftp or scp through the broker instead.
 
 What is recognised (docs/data-protection.md, "Stream detection"):
 
-* ``sftp``: the client's INIT (``uint32 5, byte 1, uint32 version``) and the server's VERSION (``byte 2``,
-  version, extension pairs that fill the packet exactly).
+* ``sftp``: the client's INIT (``uint32 5, byte 1, uint32 version`` at the start of a chunk, or with
+  extension pairs that fill it exactly) and the server's VERSION (``byte 2``, version, extension pairs that
+  fill the packet exactly; without extensions only after an INIT-like packet from the vendor).
 * ``scp``: the legacy protocol's file and directory records (``C0644 12 name\\n``, ``D0755 0 dir\\n``, an
   optional ``T`` time record before them) at the start of a line or after an ``\\0`` acknowledgment.
 * ``rsync``: the daemon greeting ``@RSYNCD: <version>`` on a line of its own, and ``rsync --server``'s
@@ -137,7 +138,7 @@ class StreamJudge:
         if len(self._head[direction]) < 4:
             self._head[direction] += data[:4 - len(self._head[direction])]
         self._seen[direction] = end = self._seen[direction] + len(data)
-        found, pending = self._scan(direction, buf, max(0, self._resume[direction] - base))
+        found, pending = self._scan(direction, buf, max(0, self._resume[direction] - base), len(tail))
         if found is None and self._armed[direction] > 0:
             m = _SCP.search(buf, max(0, self._resume[direction] - base), len(tail) + self._armed[direction])
             if m:
@@ -156,12 +157,12 @@ class StreamJudge:
         return None
 
     # ------------------------------------------------------------------------------------------ detectors
-    def _scan(self, direction: str, buf: bytes, start: int) -> tuple[tuple[str, int] | None, int | None]:
-        """(protocol, position) of a hit in ``buf[start:]``, and the position of the earliest candidate
-        that needs more bytes (or None)."""
+    def _scan(self, direction: str, buf: bytes, start: int, fresh: int) -> tuple[tuple[str, int] | None, int | None]:
+        """(protocol, position) of a hit in ``buf[start:]`` (``buf[fresh:]`` is the new chunk), and the position
+        of the earliest candidate that needs more bytes (or None)."""
         pending: list[int] = []
         if b"\x00" in buf:  # SFTP, tar and cpio headers all hold NUL bytes; terminal text rarely does
-            found = (self._sftp(direction, buf, start, pending) or _find_tar(buf, start, pending)
+            found = (self._sftp(direction, buf, start, fresh, pending) or _find_tar(buf, start, pending)
                      or _find_cpio(buf, start, pending))
             if found is not None:
                 return found, None
@@ -173,11 +174,13 @@ class StreamJudge:
                 i = buf.find(needle, i + 1)
         return None, min(pending) if pending else None
 
-    def _sftp(self, direction: str, buf: bytes, start: int, pending: list[int]) -> tuple[str, int] | None:
+    def _sftp(self, direction: str, buf: bytes, start: int, fresh: int, pending: list[int]) -> tuple[str, int] | None:
         if direction == VENDOR:
-            m = _SFTP_INIT.search(buf, start)
-            if m:
-                return "sftp", m.start()
+            # A client writes its INIT as one message, so it starts a chunk; anywhere else these 9 bytes are
+            # too common in binaries being uploaded (measured: node, libLLVM). An INIT split on purpose is
+            # still given away by the server's VERSION, which comes before any file data.
+            if _SFTP_INIT.match(buf, fresh):
+                return "sftp", fresh
             if not self._init_seen and _SFTP_LOOSE_INIT.search(buf, start):
                 self._init_seen = True  # lets a VERSION without extensions count (see _sftp_hello)
         for m in _SFTP_HELLO[direction].finditer(buf, start):
@@ -198,11 +201,11 @@ class StreamJudge:
 
 
 def _sftp_hello(buf: bytes, pos: int, *, bare_ok: bool) -> bool | None:
-    """An INIT or VERSION packet at ``pos``: length 5 (``bare_ok``: a VERSION after an INIT-like packet) or
+    """An INIT or VERSION packet at ``pos``: length 5 (only if ``bare_ok``: a VERSION after an INIT-like packet) or
     a length that extension pairs (printable name, any value) fill exactly. None: the packet is incomplete."""
     (length,) = struct.unpack_from(">I", buf, pos)
-    if length == 5:
-        return bare_ok or buf[pos + 4] == 1
+    if length == 5:  # a bare INIT counts only at the start of a chunk (StreamJudge._sftp)
+        return bare_ok
     if length < 5 or length > _MAX_SFTP_HELLO:
         return False
     if pos + 4 + length > len(buf):
