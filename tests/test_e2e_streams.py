@@ -98,6 +98,21 @@ def test_sftp_server_started_from_exec_cannot_list_or_read(exposed_world, comman
     assert denial["direction"] == "vendor" and denial["command"] == command and denial["kind"] == "exec"
 
 
+def test_sftp_server_from_exec_on_a_contained_device_ends_too(world):
+    """On a contained device the login cannot read the patient tree anyway; the stream still ends the channel,
+    because an unguarded SFTP server would still reach everything else the login can (and leave no records)."""
+    w = world
+    w.grant()
+    with _client(w) as client:
+        chan = client.get_transport().open_session(timeout=10)
+        chan.exec_command("S=/usr/lib/openssh/sftp-ser; ${S}ver")
+        with pytest.raises((paramiko.SSHException, EOFError, OSError)):
+            paramiko.SFTPClient(chan).listdir(str(w.device.tree.system_log.parent))
+        out, err, status = _drain(chan)
+    assert status == 1 and b"system.log" not in out and b"SFTP" in err
+    assert _wait(lambda: _denials(w, "sftp"))
+
+
 def test_sftp_server_after_output_is_caught_on_the_device_reply(exposed_world):
     """A hand-made client: output before the server, and an INIT whose version field is not a usual one,
     so only the server's VERSION reply gives it away; nothing after it reaches the vendor."""
@@ -271,6 +286,12 @@ def test_ordinary_maintenance_is_not_ended(exposed_world):
         term.expect(PROMPT, timeout=15)
         term.sendline("ls -l service; uname -a; top -b -n 1 | head -5")
         term.expect(PROMPT, timeout=15)
+        term.sendline("top -d 0.2")  # full screen, redrawn five times a second, for two seconds
+        time.sleep(2)
+        term.send("q")
+        term.expect(PROMPT, timeout=15)
+        term.sendline("dmesg 2>/dev/null | tail -n 20; seq 1 20000 | tail -n 1")
+        term.expect(rb"20000", timeout=15)
         term.sendline("exit")
         term.read_until_eof(timeout=15)
     finally:
