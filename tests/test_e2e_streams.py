@@ -98,6 +98,20 @@ def test_sftp_server_started_from_exec_cannot_list_or_read(exposed_world, comman
     assert denial["direction"] == "vendor" and denial["command"] == command and denial["kind"] == "exec"
 
 
+def test_openssh_sftp_with_a_server_command(exposed_world, tmp_path):
+    """``sftp -s PATH`` runs the server as an exec command; the path is spelled so the command check misses it."""
+    from helpers.clients import run_sftp_batch
+
+    w = exposed_world
+    w.grant()
+    r = run_sftp_batch(f"ls {w.device.tree.dicom_dir}\nget {w.device.tree.patient['hl7_file']} {tmp_path}/x\n",
+                       "alice@ct-01", "127.0.0.1", w.port, w.keys["alice"].private_path, known_hosts=w.known_hosts,
+                       extra_opts=["-s", "S=/usr/lib/openssh/sftp-ser; ${S}ver"])
+    assert r.returncode != 0 and b"study-0001" not in r.stdout and not (tmp_path / "x").exists()
+    assert b"an SFTP server or client was detected" in r.stderr
+    assert _wait(lambda: _denials(w, "sftp"))
+
+
 def test_sftp_server_from_exec_on_a_contained_device_ends_too(world):
     """On a contained device the login cannot read the patient tree anyway; the stream still ends the channel,
     because an unguarded SFTP server would still reach everything else the login can (and leave no records)."""
@@ -208,7 +222,7 @@ def test_legacy_scp_served_by_the_broker_still_works(exposed_world, tmp_path):
 
 # ------------------------------------------------------------------------------------------------- rsync
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed (scripts/install.sh installs it)")
-@pytest.mark.parametrize("direction", ["download", "upload"])
+@pytest.mark.parametrize("direction", ["download", "upload", "daemon"])
 def test_real_rsync_through_the_broker(exposed_world, tmp_path, direction):
     w = exposed_world
     w.grant()
@@ -222,6 +236,8 @@ def test_real_rsync_through_the_broker(exposed_world, tmp_path, direction):
     rsync_path = "R=rsy; ${R}nc"
     if direction == "download":
         argv = ["rsync", "-a", "-e", rsh, f"--rsync-path={rsync_path}", f"alice@ct-01@127.0.0.1:{remote_logs}/", str(local)]
+    elif direction == "daemon":  # rsync daemon over ssh: "@RSYNCD: 32.0 ..." greetings
+        argv = ["rsync", "-a", "-e", rsh, f"--rsync-path={rsync_path}", "alice@ct-01@127.0.0.1::logs/", str(local)]
     else:
         argv = ["rsync", "-a", "-e", rsh, f"--rsync-path={rsync_path}", str(local) + "/",
                 f"alice@ct-01@127.0.0.1:{w.device.tree.tmp_dir}/up/"]
