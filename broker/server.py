@@ -20,6 +20,7 @@ from broker.audit import write_checkpoint
 from broker.clock import utc_iso
 from broker.config import format_duration, parse_duration, parse_listen
 from broker.containment import channel_refusal, check_devices
+from broker.directory import refresh_for_login, run_directory_sync
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, expire_requests, find_active_grant, request_hint
@@ -84,6 +85,9 @@ class Broker:
         self.tasks: set[asyncio.Task] = set()
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
         self.stopping = False  # set by stop_server: no new device session starts after it
+        # [directory]: control-loop ticks (0.5 s) between re-reads of every directory user (0 = no directory)
+        self.directory_ticks = max(1, app.config.seconds("directory", "sync_interval") * 2) \
+            if app.config.directory.url else 0
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
@@ -144,6 +148,8 @@ class Broker:
                 self.spawn(self.write_checkpoint())
             if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL become expired (audited)
                 self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit, self.app.clock.now())))
+            if self.duties and self.directory_ticks and tick % self.directory_ticks == 1:  # [directory] sync_interval
+                self.spawn(run_directory_sync(self.app, self.db))
             if not self.live:
                 continue
             try:
@@ -369,6 +375,7 @@ class BrokerServer(asyncssh.SSHServer):
         self.principal: Principal | None = None
         self.fingerprint: str | None = None
         self.tried_keys: set[str] = set()
+        self.refreshed = False  # the directory was asked about this user on this connection
         self.key_verified = False  # asyncssh checked the signature (set by the MFA hook, broker/mfa.py)
         self.code_ok = False
         self.code_tries = 0
@@ -450,6 +457,7 @@ class BrokerServer(asyncssh.SSHServer):
     def begin_auth(self, username: str) -> bool:
         # asyncssh calls this again when the client switches user names mid-way: start over.
         self.principal, self.fingerprint, self.user, self.device_name = None, None, None, None
+        self.refreshed = False
         self.key_verified = self.code_ok = False
         self.login = username
         if self.refusal:
@@ -512,6 +520,9 @@ class BrokerServer(asyncssh.SSHServer):
             return False
         if await self._refuse_if_locked():
             return False
+        if b.app.config.directory.url and not self.refreshed:
+            self.refreshed = True  # directory users: keys, role and state as the directory says now (once)
+            await refresh_for_login(b.app, b.db, self.user)
         try:
             principal = await b.db(authenticate_key, b.app.store, self.user, fingerprint)
         except PermissionDeniedError:
