@@ -122,3 +122,39 @@ def test_a_directory_that_cannot_be_asked_changes_nothing(tmp_path, slapd):
     finally:
         console.close()
         slapd.remove(eve)
+
+
+def test_phone_sign_in_with_the_directory_in_a_browser(tmp_path, slapd):
+    """An approver on a phone: directory password + code in headless Chromium, lands on the inbox with the
+    approver's role; a person the directory disabled afterwards cannot sign in any more."""
+    from web_support import PHONE, Browser
+
+    pat = _name("pat")
+    slapd.add_person(pat, "pat's directory password", roles=("approver",))
+    console = Console(tmp_path, slapd.config(tmp_path / "ldap.secret"))
+    browser = Browser()
+    try:
+        Client(console.url).post("/signin", {"user": pat, "password": "pat's directory password", "code": "0"})
+        secret = enrol_totp(console.app.store, console.app.keys, pat).secret.reveal()
+        console.clock.advance(31)
+        ctx = browser.context(**PHONE)
+        page = ctx.new_page()
+        page.goto(console.url + "/signin")
+        page.get_by_label("User name").fill(pat)
+        page.get_by_label("Password").fill("pat's directory password")
+        page.get_by_label("Authenticator code").fill(pyotp.TOTP(secret).at(console.clock.now()))
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url("**/inbox")
+        assert "Sign out" in page.content() or page.locator("form[action='/signout']").count() == 1
+        ctx.close()
+        # the directory removes pat from the approvers: the next sync disables pat; sign-in is refused
+        slapd.set_groups(pat, ())
+        assert console.loop.call(run_directory_sync(console.app, console.app.store.run)) == [pat]
+        console.clock.advance(31)
+        status, _, _ = Client(console.url).post("/signin", {"user": pat, "password": "pat's directory password",
+                                                            "code": pyotp.TOTP(secret).at(console.clock.now())})
+        assert status == 401
+    finally:
+        browser.close()
+        console.close()
+        slapd.remove(pat)
