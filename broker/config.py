@@ -39,6 +39,20 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DURATION_S = 3650 * 86400
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "KB": 1000, "MIB": 1 << 20, "MB": 1000 ** 2, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``"64KiB"`` -> 65536; accepts B, KB, KiB, MB, MiB, GiB (case-insensitive) or a plain number of bytes.
+
+    :raises ValueError: for anything else
+    """
+    m = re.fullmatch(r"\s*(\d{1,15})\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size; use e.g. 64KiB, 1MiB or 0")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
 def parse_duration(text: str, *, what: str = "duration") -> int:
     """Parse ``90s``, ``15m``, ``2h`` or ``1d`` into whole seconds.
 
@@ -150,6 +164,9 @@ class PolicyConfig:
     protected_paths_file: str = ""
     scan_output: bool = True
     check_commands: bool = True
+    max_opaque_output: str = "64KiB"
+    """Per session: output that cannot be inspected (compressed, encrypted, random) before the session
+    ends with an alert; "0" turns the limit off. See docs/data-protection.md."""
 
 
 @dataclass(frozen=True)
@@ -328,6 +345,11 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         raise ConfigError(f"{source}: listen.address: {exc.message}", exc.hint) from None
     _validate_web(cfg.web, source)
     _validate_siem(cfg.siem, source)
+    try:
+        parse_size(cfg.policy.max_opaque_output)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: policy.max_opaque_output = {cfg.policy.max_opaque_output!r}; {exc}",
+                          'e.g. max_opaque_output = "64KiB" ("0" turns the limit off)') from None
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
     if cfg.grants.critical_approvers not in (1, 2, 3):
@@ -495,6 +517,7 @@ max_channels_per_connection = 10
 protected_paths_file = ""         # default: config/protected-paths.toml shipped with medbroker
 scan_output = true                # stop DICOM/HL7/ASTM content in shell and exec output
 check_commands = true             # refuse exec commands naming protected paths
+max_opaque_output = "64KiB"       # per session: compressed/encrypted/random output before it ends ("0": off)
 
 [alerts]
 file = "alerts.jsonl"             # every denial and detection, one JSON object per line

@@ -18,7 +18,7 @@ import asyncssh
 from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
 from broker.clock import utc_iso
-from broker.config import format_duration, parse_duration, parse_listen
+from broker.config import format_duration, parse_duration, parse_listen, parse_size
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, expire_requests, find_active_grant, request_hint
@@ -29,7 +29,8 @@ from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
-from sessions.content import OutputScanner
+from sessions.decoders import DeepScanner
+from sessions.entropy import OpaqueBudget
 from sessions.exec_check import check_command_line
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
@@ -225,8 +226,14 @@ class SessionPolicy:
         """The SFTP policy proxy for one channel, with its own second SFTP session for realpath checks."""
         return GuardedSftp(self, relay)
 
-    def make_scanner(self) -> OutputScanner | None:
-        return OutputScanner() if self.scan_output else None
+    def make_scanner(self) -> DeepScanner | None:
+        """One scanner per shell/exec channel; the opaque-output budget belongs to the session (all channels)."""
+        if not self.scan_output:
+            return None
+        budget = getattr(self.live, "opaque_budget", None)
+        if budget is None:
+            budget = self.live.opaque_budget = OpaqueBudget(parse_size(self.broker.app.config.policy.max_opaque_output))
+        return DeepScanner(budget)
 
     def make_exec_handler(self, relay: RelaySession, command: str) -> ScpServer | None:
         """Legacy scp (``scp -t``/``scp -f``) is served by the broker itself (sessions/scp.py), never the device."""

@@ -1,0 +1,529 @@
+"""Patient data that OutputScanner cannot read on its own: decoded, decompressed, re-spelled, and what is left bounded.
+
+:class:`DeepScanner` runs :class:`sessions.content.OutputScanner` on a stream and adds, per chunk:
+
+* **text variants** where a ``|`` arrived: HL7 headers (``MSH|``, ``FHS|``, ``BHS|`` with encoding
+  characters) in any case and in rot13 (``ZFU|``); HL7 segments without an MSH (``PID|``, ``OBX|``,
+  ``PV1|``, ``EVN|`` ... in any case or rot13, at a line start, with at least three more ``|`` and a
+  ``^`` on the line); ASTM headers (``H|\\^&``) and patient records (``P|1|``) likewise;
+* **UTF-16** (LE or BE): when a sample of the chunk is at least a quarter NUL, the same text checks on the
+  window with its NULs removed;
+* **DICOM JSON and XML** (PS3.18 ``"00100010": {"vr": "PN"``, PS3.19 ``<NativeDicomModel>`` /
+  ``<DicomAttribute tag="00100010" ...>``), where a ``{`` or ``<`` arrived;
+* **DICOM without preamble**, little or big endian, explicit or implicit VR, anywhere in the stream: the
+  DICOM UID root ``1.2.840.10008.`` behind a group 0002/0008 element header, or a Patient's Name
+  element header (0010,0010) PN with a printable value;
+* **compression**: gzip, zlib, bzip2 and xz streams are decompressed as they arrive and the output is
+  scanned (a nested DeepScanner); at most :data:`MAX_STREAMS` at a time, :data:`STREAM_CAP` bytes each,
+  :data:`FEED_CAP` per chunk and the session's ``inflate_limit``, so a zip bomb costs bounded time;
+* **encoded runs**: every run of at least 16 base64/base32/hex characters (memchr-style prefilter: one
+  ``translate`` and one ``find``) is decoded and the bytes scanned; lines of one width (``base64``,
+  ``base32``, ``xxd -p`` output) are decoded as one stream, so a file's head, DICM at 128 and compressed
+  streams inside are seen; runs longer than a line are decoded as they arrive;
+* **dumps**: ``od -b``, ``od -c``, ``xxd -i`` and hex with separators (``4d:53``, ``\\x4d``, ``%4D``) of
+  the signatures, where a probe of the chunk looks like such a dump;
+* the **opaque budget** (sessions/entropy.py): high-entropy output counts against a per-session volume;
+  over it, :data:`sessions.entropy.OPAQUE` is reported.
+
+Findings are ``"DICOM"``, ``"HL7v2"``, ``"ASTM"`` with the wrappings appended (``"HL7v2/base64/gzip"``),
+or ``"opaque"``. Pure and stdlib-only (layer 2); bench/content_throughput.py measures the cost.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bz2
+import lzma
+import re
+import zlib
+
+from sessions.content import ASTM, DICOM, HL7, OutputScanner, _delims_ok, _record_start
+from sessions.entropy import OPAQUE, OpaqueBudget, OpaqueMeter
+
+__all__ = ["DeepScanner", "MAX_DEPTH"]
+
+MAX_DEPTH = 3          # raw -> decoded -> decompressed -> decoded
+MAX_STREAMS = 6        # compressed streams decompressed at once per stream
+STREAM_CAP = 16 << 20  # decompressed bytes per compressed stream
+FEED_CAP = 1 << 20     # decompressed bytes per compressed stream per chunk
+_BACK = 256            # text checks look this far back (a record's fields may arrive after its name)
+_TAIL = 1024
+_LONG_RUN = 8192       # a run with no line break longer than this is decoded as it arrives
+
+# ---------------------------------------------------------------------------------------- text variants
+_ROT13 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"NOPQRSTUVWXYZABCDEFGHIJKLM")
+_HEADERS = frozenset({b"MSH", b"FHS", b"BHS"})
+_SEGMENTS = frozenset(b"PID PD1 PV1 PV2 NK1 OBX OBR ORC EVN DG1 AL1 IN1 GT1 MRG SCH TXA RXE RXA SPM NTE".split())
+_SEG_RE = re.compile(rb"(?<![A-Za-z0-9])([A-Za-z][A-Za-z0-9]{2}|[A-Za-z])\|")
+_ASTM_SEQ_RE = re.compile(rb"\d{1,4}\|")
+_VR_RE = re.compile(rb'"vr"\s*:\s*"[A-Z]{2}"')
+_TAGKEY_RE = re.compile(rb'"[0-9A-Fa-f]{8}"\s*:\s*\{')
+_DXML_RE = re.compile(rb'<NativeDicomModel\b|<DicomAttribute\s[^>]{0,200}?\btag\s*=\s*["\'][0-9A-Fa-f]{8}["\']')
+
+
+def _line_fields(buf: bytes, i: int) -> bool:
+    """The rest of the line at ``buf[i:]`` has at least three ``|`` and a ``^`` (HL7/ASTM field shapes)."""
+    line = buf[i:i + 512]
+    for eol in (b"\r", b"\n"):
+        k = line.find(eol)
+        if k != -1:
+            line = line[:k]
+    return line.count(b"|") >= 3 and b"^" in line
+
+
+def text_hit(buf: bytes, since: int, origin: bool) -> str | None:
+    """HL7/ASTM records in any case or rot13, HL7 segments without MSH, DICOM JSON/XML in ``buf[since:]``."""
+    if buf.find(b"|", since) != -1:
+        for m in _SEG_RE.finditer(buf, since):
+            word, end = m.group(1).upper(), m.end()
+            for name in (word, word.translate(_ROT13)):
+                if name in _HEADERS:
+                    if _delims_ok(buf, end, 0x7C, 3, 5, eol_ok=False):
+                        return HL7
+                elif name == b"H":
+                    if buf.startswith(b"\\^&", end) or (
+                            _record_start(buf, m.start(), origin)
+                            and _delims_ok(buf, end, 0x7C, 3, 3, eol_ok=False)):
+                        return ASTM
+                elif name == b"P":
+                    if (_record_start(buf, m.start(), origin) and _ASTM_SEQ_RE.match(buf, end)
+                            and _line_fields(buf, end)):
+                        return ASTM
+                elif name in _SEGMENTS and _record_start(buf, m.start(), origin) and _line_fields(buf, end):
+                    return HL7
+    if buf.find(b"{", since) != -1:
+        for m in _VR_RE.finditer(buf, since):
+            if _TAGKEY_RE.search(buf, max(0, m.start() - 512), m.start()):
+                return DICOM
+    if buf.find(b"<", since) != -1 and _DXML_RE.search(buf, since):
+        return DICOM
+    return None
+
+
+# ------------------------------------------------------------------------------------ binary structures
+_BIN_RE = re.compile(rb"\x1f\x8b\x08|BZh[1-9]1AY&SY|\xfd7zXZ\x00|\x78[\x01\x5e\x9c\xda]|1\.2\.840\.10008\."
+                     rb"|\x10\x00\x10\x00PN|\x00\x10\x00\x10PN")
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+def _dicom_element(buf: bytes, m: re.Match[bytes]) -> bool:
+    """A DICOM data element is at ``m`` (the UID root behind a 0002/0008 header, or a PN header)."""
+    s = m.start()
+    if buf[s] == 0x31:  # "1.2.840.10008." : look at the 8 bytes before it
+        if s < 8:
+            return False
+        tag = buf[s - 8:s - 4]
+        groups = (int.from_bytes(tag[:2], "little"), int.from_bytes(tag[:2], "big"))
+        if buf[s - 4:s - 2] == b"UI":
+            return 2 in groups or 8 in groups
+        length = int.from_bytes(buf[s - 4:s], "little")  # implicit VR little endian
+        return int.from_bytes(tag[:2], "little") in (2, 8) and 14 <= length <= 64
+    order = "little" if buf[s] == 0x10 else "big"
+    length = int.from_bytes(buf[s + 6:s + 8], order)
+    value = buf[s + 8:s + 8 + min(length, 64)]
+    return 2 <= length <= 324 and length % 2 == 0 and len(value) >= 2 and not value.translate(None, _PRINTABLE + b"\0")
+
+
+class _Inflater:
+    """One compressed stream being decompressed into a nested scanner, within the caps."""
+
+    def __init__(self, kind: str, child: "DeepScanner", budget: OpaqueBudget) -> None:
+        self.kind, self.child, self.budget = kind, child, budget
+        self.out = 0
+        self.done = False
+        self._zlib = kind in ("gzip", "zlib")
+        if kind == "gzip":
+            self._d: object = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif kind == "zlib":
+            self._d = zlib.decompressobj()
+        elif kind == "bzip2":
+            self._d = bz2.BZ2Decompressor()
+        else:
+            self._d = lzma.LZMADecompressor()
+
+    def feed(self, data: bytes) -> str | None:
+        d, made, hit = self._d, 0, None
+        try:
+            while not self.done:
+                want = min(64 * 1024, FEED_CAP - made, STREAM_CAP - self.out)
+                if want <= 0 or not self.budget.inflate(0):
+                    self.done = True  # over a cap: the rest stays uninspected (and counts as opaque)
+                    break
+                if self._zlib:
+                    out = d.decompress(data, want)
+                    data = d.unconsumed_tail
+                    if d.eof:
+                        self.done = True
+                else:
+                    out = d.decompress(data, want)  # type: ignore[attr-defined]
+                    data = b""
+                    if d.eof:  # type: ignore[attr-defined]
+                        self.done = True
+                made += len(out)
+                self.out += len(out)
+                self.budget.inflate(len(out))
+                if out:
+                    hit = self.child.feed(out)
+                    if hit:
+                        return f"{hit}/{self.kind}"
+                if not out and (not data if self._zlib else d.needs_input):  # type: ignore[attr-defined]
+                    break
+        except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError):
+            self.done = True
+        return None
+
+
+# ------------------------------------------------------------------------------------------ encoded runs
+_RUN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
+_CLASS = bytes(0x61 if c in _RUN_CHARS else 0x20 for c in range(256))
+_A16 = b"a" * 16
+_HEX = b"0123456789abcdefABCDEF"
+_B32 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567abcdefghijklmnopqrstuvwxyz"
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
+def _decode(enc: str, text: bytes) -> bytes:
+    """Decode whole groups of ``text`` (caller keeps the rest); b"" when it is not that encoding."""
+    try:
+        if enc == "base64":
+            return binascii.a2b_base64(text.translate(_URLSAFE))
+        if enc == "hex":
+            return binascii.unhexlify(text)
+        return base64.b32decode(text.upper())
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _pad(enc: str, text: bytes) -> bytes:
+    """The last, partial group of a run made decodable (base64/base32 padding, odd hex digit dropped)."""
+    if enc == "hex":
+        return text[:len(text) & ~1]
+    if enc == "base64":
+        return text[:-1] if len(text) % 4 == 1 else text + b"=" * (-len(text) % 4)
+    keep = {0: 0, 1: 0, 2: 2, 3: 2, 4: 4, 5: 5, 6: 5, 7: 7}[len(text) % 8]
+    text = text[:len(text) - len(text) % 8 + keep]
+    return text + b"=" * (-len(text) % 8)
+
+
+_GROUP = {"base64": 4, "base32": 8, "hex": 2}
+
+
+def _encodings(text: bytes) -> list[str]:
+    encs = ["base64"]
+    if not text.translate(None, _HEX):
+        encs.append("hex")
+    if not text.translate(None, _B32) and (text.isupper() or text.islower()):
+        encs.append("base32")
+    return encs
+
+
+class _Stream:
+    """One encoded run decoded as it arrives (all encodings its characters allow) into nested scanners."""
+
+    def __init__(self, depth: int, budget: OpaqueBudget, width: int | None) -> None:
+        self.depth, self.budget, self.width = depth, budget, width
+        self.next = 0              # where the next line must start (in the current data)
+        self.first: bytes | None = None  # the first line, until a second of the same width arrives
+        self.dec: dict[str, list] | None = None  # enc -> [rest, scanner]
+        self.total = 0             # characters of the first line (a run longer than a chunk)
+        self.line_start = False    # that line started a line
+
+    def feed(self, text: bytes) -> str | None:
+        if self.dec is None:
+            if self.first is None and self.width is not None and self.total == 0:
+                self.first = text
+                return None
+            start = (self.first or b"") + text
+            self.first = None
+            self.dec = {e: [b"", DeepScanner(self.budget, depth=self.depth + 1)] for e in _encodings(start)}
+            text = start
+        for enc in list(self.dec):
+            rest, scanner = self.dec[enc]
+            if enc != "base64" and text.translate(None, _HEX if enc == "hex" else _B32):
+                del self.dec[enc]
+                continue
+            text2 = rest + text
+            k = len(text2) - len(text2) % _GROUP[enc]
+            self.dec[enc][0] = text2[k:]
+            hit = scanner.feed(_decode(enc, text2[:k])) if k else None
+            if hit:
+                return f"{hit}/{enc}"
+        return None
+
+    def close(self, short: "_Runs") -> str | None:
+        if self.dec is None:
+            return short.single(self.first) if self.first else None
+        for enc, (rest, scanner) in self.dec.items():
+            if rest:
+                hit = scanner.feed(_decode(enc, _pad(enc, rest)))
+                if hit:
+                    return f"{hit}/{enc}"
+        return None
+
+
+class _Runs:
+    """Finds encoded runs of >= 16 characters in a stream and decodes them (see DeepScanner)."""
+
+    def __init__(self, depth: int, budget: OpaqueBudget) -> None:
+        self.depth, self.budget = depth, budget
+        self.partial = b""          # run characters at the end of the data, not yet ended
+        self.line_start = True      # the next data starts a line
+        self.block: _Stream | None = None
+        self.short: dict[str, DeepScanner] = {}
+
+    def single(self, text: bytes) -> str | None:
+        """A run on its own: decoded whole into one long-lived scanner per encoding."""
+        for enc in _encodings(text):
+            scanner = self.short.get(enc)
+            if scanner is None:
+                scanner = self.short[enc] = DeepScanner(self.budget, depth=self.depth + 1)
+            hit = scanner.feed(b"\n" + _decode(enc, _pad(enc, text)))
+            if hit:
+                return f"{hit}/{enc}"
+        return None
+
+    def feed(self, chunk: bytes) -> str | None:
+        data = self.partial + chunk if self.partial else chunk
+        t = data.translate(_CLASS)
+        if self.block is None and t.find(_A16) == -1:
+            k = len(t) - len(t.rstrip(b"a"))
+            self._set_partial(data, len(data) - k)
+            return None
+        return self._slow(data, t)
+
+    def _set_partial(self, data: bytes, s: int) -> None:
+        self.line_start = s == 0 and self.line_start or (s > 0 and data[s - 1] == 0x0A)
+        self.partial = data[s:]
+
+    def _close_block(self) -> str | None:
+        block, self.block = self.block, None
+        return block.close(self) if block else None
+
+    def _slow(self, data: bytes, t: bytes) -> str | None:
+        n, i, hit = len(data), 0, None
+        segs = []
+        if self.block is not None and self.block.next == 0:
+            e = t.find(b" ")
+            segs.append((0, n if e == -1 else e))
+            i = segs[0][1]
+        while True:
+            j = t.find(_A16, i)
+            if j == -1:
+                break
+            s = max(t.rfind(b" ", i, j) + 1, i)
+            e = t.find(b" ", j)
+            e = n if e == -1 else e
+            segs.append((s, e))
+            i = e
+        if not segs or segs[-1][1] != n:  # trailing run characters shorter than 16 may grow into a run
+            k = len(t) - len(t.rstrip(b"a"))
+            tail = n - k if k else n
+        else:
+            tail = None
+        for s, e in segs:
+            block = self.block
+            if e == n:  # the run may go on in the next chunk
+                if block is not None and block.next == s and block.width is not None and n - s <= block.width:
+                    block.next = 0
+                    self._set_partial(data, s)
+                    return hit
+                if n - s < 16:
+                    if block is not None and block.next != s:
+                        hit = hit or self._close_block()
+                    elif block is not None:
+                        block.next = 0
+                    self._set_partial(data, s)
+                    return hit
+                if block is None or block.next != s or block.width is not None:
+                    hit = hit or self._close_block()
+                    block = self.block = _Stream(self.depth, self.budget, None)
+                    block.line_start = (s == 0 and self.line_start) or (s > 0 and data[s - 1] == 0x0A)
+                k = (n - s) - (n - s) % 8
+                hit = hit or block.feed(data[s:s + k])
+                block.total += k
+                block.next = 0
+                self.line_start = False
+                self.partial = data[s + k:]
+                return hit
+            starts = (s == 0 and self.line_start) or (s > 0 and data[s - 1] == 0x0A)
+            nl = 1 if data[e] == 0x0A else 2 if data[e:e + 2] == b"\r\n" else 0
+            full = starts and nl > 0
+            if block is not None and block.next == s and block.width is None:
+                # a run longer than a chunk ended; if it was a whole line, more lines of its width may follow
+                hit = hit or block.feed(data[s:e])
+                block.total += e - s
+                if nl and block.line_start and block.total >= 16:
+                    block.width, block.next = block.total, e + nl
+                else:
+                    hit = hit or self._close_block()
+                continue
+            if block is not None and block.next == s and full and block.width is not None and e - s <= block.width:
+                hit = hit or block.feed(data[s:e])
+                if e - s < block.width:
+                    hit = hit or self._close_block()
+                else:
+                    block.next = e + nl
+                continue
+            hit = hit or self._close_block()
+            if e - s < 16:
+                continue
+            if full:
+                self.block = _Stream(self.depth, self.budget, e - s)
+                self.block.next = e + nl
+                hit = hit or self.block.feed(data[s:e])
+            else:
+                hit = hit or self.single(data[s:e])
+        if self.block is not None:
+            if self.block.next == n or self.block.next == tail:
+                self.block.next = 0
+            else:
+                hit = hit or self._close_block()
+        if tail is not None:
+            self._set_partial(data, tail)
+        else:
+            self.partial, self.line_start = b"", data[-1:] == b"\n"
+        return hit
+
+
+# ----------------------------------------------------------------------------------------------- dumps
+def _od_c(sig: bytes) -> bytes:
+    esc = {0: b"\\0", 7: b"\\a", 8: b"\\b", 9: b"\\t", 10: b"\\n", 11: b"\\v", 12: b"\\f", 13: b"\\r"}
+    cells = [(b"   " + bytes([c])) if 0x20 <= c < 0x7F else
+             (b"  " + esc[c] if c in esc else b" %03o" % c) for c in sig]
+    return b"".join(cells)
+
+
+_DUMP_SIGS = ((HL7, b"MSH|^~\\&"), (DICOM, b"DICM\x02\x00"), (ASTM, b"H|\\^&"))
+_DUMP_NEEDLES = [(kind, form) for kind, sig in _DUMP_SIGS for form in (
+    b" ".join(b"%03o" % c for c in sig),                         # od -b
+    b", ".join(b"0x%02x" % c for c in sig),                      # xxd -i
+    b"".join(b"\\x%02x" % c for c in sig),                        # \x4d\x53
+    b"".join(b"%%%02x" % c for c in sig),                         # %4d%53 (URL encoding)
+    b" ".join(b"0x%02x" % c for c in sig),
+    *(sep.join(b"%02x" % c for c in sig) for sep in (b":", b"-", b",", b", ")))]
+_OD_C_NEEDLES = [(kind, _od_c(sig)) for kind, sig in _DUMP_SIGS]
+_DUMP_PROBE = re.compile(rb"[0-7]{3} [0-7]{3} [0-7]{3}|0[xX][0-9a-fA-F]{2}, ?0[xX]|(?:   [!-~]|  \\[0abtnvfr\\]"
+                         rb"| [0-7]{3}){4}|[0-9a-fA-F]{2}[:,-] ?[0-9a-fA-F]{2}[:,-] ?[0-9a-fA-F]{2}"
+                         rb"|\\x[0-9a-fA-F]{2}\\x|%[0-9a-fA-F]{2}%")
+_DUMP_KEEP = max(len(n) for _, n in _DUMP_NEEDLES + _OD_C_NEEDLES)
+
+
+def _dumpish(chunk: bytes) -> bool:
+    size = len(chunk)
+    if size <= 192:
+        return _DUMP_PROBE.search(chunk) is not None
+    return any(_DUMP_PROBE.search(chunk, k, k + 96) for k in (*range(0, size - 96, 4096), size - 96))
+
+
+def _dump_hit(window: bytes, since: int) -> str | None:
+    text = window[max(0, since - _DUMP_KEEP):]
+    text = text.replace(b"\n", b"").replace(b"\r", b"") if b"\n" in text else text
+    low = text.lower()
+    bare = low.translate(None, b" \t")
+    for kind, needle in _DUMP_NEEDLES:
+        if needle in low or needle.translate(None, b" ") in bare:
+            return kind + "/dump"
+    for kind, needle in _OD_C_NEEDLES:
+        if needle in text:
+            return kind + "/dump"
+    return None
+
+
+# -------------------------------------------------------------------------------------------- scanner
+class DeepScanner:
+    """OutputScanner plus the layers of the module doc; feed every chunk of one stream in order."""
+
+    def __init__(self, budget: OpaqueBudget | None = None, *, depth: int = 0) -> None:
+        """:param budget: the session's shared budget (opaque bytes, decompressed bytes); None: a private
+            one without an opaque limit (tests, SFTP)
+        :param depth: nesting level; nested scanners read decoded or decompressed bytes"""
+        self._base = OutputScanner()
+        self._budget = budget if budget is not None else OpaqueBudget(0)
+        self._meter = OpaqueMeter() if depth == 0 and self._budget.limit else None
+        self._depth = depth
+        self._tail = b""
+        self._pos = 0
+        self._found: str | None = None
+        self._inflaters: list[_Inflater] = []
+        self._bin_done = 0
+        self._runs = _Runs(depth, self._budget) if depth < MAX_DEPTH else None
+        self._dump_prev = False
+
+    @property
+    def position(self) -> int:
+        """Number of bytes fed so far."""
+        return self._pos
+
+    @property
+    def budget(self) -> OpaqueBudget:
+        return self._budget
+
+    def feed(self, chunk: bytes) -> str | None:
+        """Scan the next chunk; returns what was found (see module doc), then the same for every later chunk."""
+        if self._found or not chunk:
+            self._pos += len(chunk)
+            return self._found
+        hit = self._base.feed(chunk)
+        old = len(self._tail)
+        origin = self._pos - old
+        window = self._tail + chunk if old else chunk
+        self._pos += len(chunk)
+        self._tail = window[-_TAIL:]
+        since = max(old - _BACK, 0)
+        if not hit:
+            hit = text_hit(window, since, origin == 0)
+        if not hit and self._inflaters:
+            hit = self._feed_inflaters(chunk)
+        if not hit and (not chunk.isascii() or window.find(b"\0", max(old - 16, 0)) != -1):
+            hit = self._binary(window, old, origin)
+        if not hit and self._runs is not None:
+            hit = self._runs.feed(chunk)
+        if not hit:
+            dump = _dumpish(chunk if len(chunk) > 192 else window[-len(chunk) - 96:])
+            if dump or self._dump_prev:
+                hit = _dump_hit(window, old)
+            self._dump_prev = dump
+        if not hit and self._meter is not None:
+            count = self._meter.feed(chunk)
+            if count and self._budget.add(count):
+                hit = OPAQUE
+        self._found = hit
+        return hit
+
+    def _binary(self, window: bytes, old: int, origin: int) -> str | None:
+        # UTF-16 text: the text checks on the window without its NULs
+        probe = window[-256:]
+        if probe.count(b"\0") * 4 >= len(probe) or window[:256].count(b"\0") * 4 >= min(len(window), 256):
+            hit = text_hit(window.replace(b"\0", b""), 0, origin == 0)
+            if hit:
+                return hit + "/utf-16"
+        since = max(self._bin_done - origin - 16, 0)
+        self._bin_done = self._pos
+        for m in _BIN_RE.finditer(window, since):
+            c = window[m.start()]
+            if c in (0x31, 0x10, 0x00):
+                if _dicom_element(window, m):
+                    return DICOM
+                continue
+            start = origin + m.start()
+            if self._depth >= MAX_DEPTH or len(self._inflaters) >= MAX_STREAMS:
+                continue
+            if any(getattr(f, "start", -1) == start for f in self._inflaters):
+                continue
+            kind = {0x1F: "gzip", 0x42: "bzip2", 0xFD: "xz"}.get(c, "zlib")
+            inflater = _Inflater(kind, DeepScanner(self._budget, depth=self._depth + 1), self._budget)
+            inflater.start = start  # type: ignore[attr-defined]
+            hit = inflater.feed(window[m.start():])
+            if hit:
+                return hit
+            if not inflater.done:
+                self._inflaters.append(inflater)
+        return None
+
+    def _feed_inflaters(self, chunk: bytes) -> str | None:
+        hit = None
+        for inflater in self._inflaters:
+            hit = hit or inflater.feed(chunk)
+        self._inflaters = [f for f in self._inflaters if not f.done]
+        return hit
