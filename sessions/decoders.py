@@ -55,7 +55,8 @@ _LONG_RUN = 8192       # a run with no line break longer than this is decoded as
 _ROT13 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"NOPQRSTUVWXYZABCDEFGHIJKLM")
 _HEADERS = frozenset({b"MSH", b"FHS", b"BHS"})
 _SEGMENTS = frozenset(b"PID PD1 PV1 PV2 NK1 OBX OBR ORC EVN DG1 AL1 IN1 GT1 MRG SCH TXA RXE RXA SPM NTE".split())
-_SEG_RE = re.compile(rb"(?<![A-Za-z0-9])([A-Za-z][A-Za-z0-9]{2}|[A-Za-z])\|")
+# anchored on the "|" itself (re skips to it in C), the name verified by lookbehinds
+_SEG_RE = re.compile(rb"\|(?:(?<=(?<![A-Za-z0-9])[A-Za-z][A-Za-z0-9]{2}\|)|(?<=(?<![A-Za-z0-9])[A-Za-z]\|))")
 _ASTM_SEQ_RE = re.compile(rb"\d{1,4}\|")
 _VR_RE = re.compile(rb'"vr"\s*:\s*"[A-Z]{2}"')
 _TAGKEY_RE = re.compile(rb'"[0-9A-Fa-f]{8}"\s*:\s*\{')
@@ -76,21 +77,24 @@ def text_hit(buf: bytes, since: int, origin: bool) -> str | None:
     """HL7/ASTM records in any case or rot13, HL7 segments without MSH, DICOM JSON/XML in ``buf[since:]``."""
     if buf.find(b"|", since) != -1:
         for m in _SEG_RE.finditer(buf, since):
-            word, end = m.group(1).upper(), m.end()
+            end = m.end()
+            word = buf[end - 2:end - 1] if not buf[end - 3:end - 2].isalnum() else buf[end - 4:end - 1]
+            word = word.upper()
+            start = end - 1 - len(word)
             for name in (word, word.translate(_ROT13)):
                 if name in _HEADERS:
                     if _delims_ok(buf, end, 0x7C, 3, 5, eol_ok=False):
                         return HL7
                 elif name == b"H":
                     if buf.startswith(b"\\^&", end) or (
-                            _record_start(buf, m.start(), origin)
+                            _record_start(buf, start, origin)
                             and _delims_ok(buf, end, 0x7C, 3, 3, eol_ok=False)):
                         return ASTM
                 elif name == b"P":
-                    if (_record_start(buf, m.start(), origin) and _ASTM_SEQ_RE.match(buf, end)
+                    if (_record_start(buf, start, origin) and _ASTM_SEQ_RE.match(buf, end)
                             and _line_fields(buf, end)):
                         return ASTM
-                elif name in _SEGMENTS and _record_start(buf, m.start(), origin) and _line_fields(buf, end):
+                elif name in _SEGMENTS and _record_start(buf, start, origin) and _line_fields(buf, end):
                     return HL7
     if buf.find(b"{", since) != -1:
         for m in _VR_RE.finditer(buf, since):
@@ -102,15 +106,19 @@ def text_hit(buf: bytes, since: int, origin: bool) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ binary structures
-_BIN_RE = re.compile(rb"\x1f\x8b\x08|BZh[1-9]1AY&SY|\xfd7zXZ\x00|\x78[\x01\x5e\x9c\xda]|1\.2\.840\.10008\."
-                     rb"|\x10\x00\x10\x00PN|\x00\x10\x00\x10PN")
+_MAGICS = ((b"\x1f\x8b\x08", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+_ZLIB_RE = re.compile(rb"x[\x01\x5e\x9c\xda]")
+_BZIP2_RE = re.compile(rb"BZh[1-9]1AY&SY")
+_UID_ROOT = b"1.2.840.10008."
+# bytes that text (ASCII or UTF-8, with tabs and terminal escapes) does not have; binary data has many
+_CONTROL = bytes(0 if c < 0x20 and c not in b"\t\r\n\x1b\x0c" or c == 0x7F else 1 for c in range(256))
 _PRINTABLE = bytes(range(0x20, 0x7F))
 
 
-def _dicom_element(buf: bytes, m: re.Match[bytes]) -> bool:
-    """A DICOM data element is at ``m`` (the UID root behind a 0002/0008 header, or a PN header)."""
-    s = m.start()
-    if buf[s] == 0x31:  # "1.2.840.10008." : look at the 8 bytes before it
+def _dicom_element(buf: bytes, s: int) -> bool:
+    """A DICOM data element's value starts at ``buf[s]`` (the UID root behind a group 0002/0008 element
+    header: explicit VR little or big endian, or implicit VR little endian)."""
+    if True:
         if s < 8:
             return False
         tag = buf[s - 8:s - 4]
@@ -119,10 +127,7 @@ def _dicom_element(buf: bytes, m: re.Match[bytes]) -> bool:
             return 2 in groups or 8 in groups
         length = int.from_bytes(buf[s - 4:s], "little")  # implicit VR little endian
         return int.from_bytes(tag[:2], "little") in (2, 8) and 14 <= length <= 64
-    order = "little" if buf[s] == 0x10 else "big"
-    length = int.from_bytes(buf[s + 6:s + 8], order)
-    value = buf[s + 8:s + 8 + min(length, 64)]
-    return 2 <= length <= 324 and length % 2 == 0 and len(value) >= 2 and not value.translate(None, _PRINTABLE + b"\0")
+    return False
 
 
 class _Inflater:
@@ -131,6 +136,7 @@ class _Inflater:
     def __init__(self, kind: str, child: "DeepScanner", budget: OpaqueBudget) -> None:
         self.kind, self.child, self.budget = kind, child, budget
         self.out = 0
+        self.start = -1
         self.done = False
         self._zlib = kind in ("gzip", "zlib")
         if kind == "gzip":
@@ -177,6 +183,9 @@ class _Inflater:
 # ------------------------------------------------------------------------------------------ encoded runs
 _RUN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
 _CLASS = bytes(0x61 if c in _RUN_CHARS else 0x20 for c in range(256))
+# the prefilter: 16 letters/digits/+ in a row (text has about 4 such words per 32 KiB, base64 one per line)
+_PRE = bytes(0x61 if c in _RUN_CHARS and c not in b"/-_" else 0x20 for c in range(256))
+_TRAIL_RE = re.compile(rb"[A-Za-z0-9+/_-]*\Z")
 _A16 = b"a" * 16
 _HEX = b"0123456789abcdefABCDEF"
 _B32 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567abcdefghijklmnopqrstuvwxyz"
@@ -226,8 +235,20 @@ class _Stream:
         self.next = 0              # where the next line must start (in the current data)
         self.first: bytes | None = None  # the first line, until a second of the same width arrives
         self.dec: dict[str, list] | None = None  # enc -> [rest, scanner]
+        self.queue: list[bytes] = []
         self.total = 0             # characters of the first line (a run longer than a chunk)
         self.line_start = False    # that line started a line
+
+    def add(self, text: bytes) -> None:
+        """Queue ``text``; decoded at the next :meth:`flush` (one decode and scan per chunk, not per line)."""
+        self.queue.append(text)
+
+    def flush(self) -> str | None:
+        if not self.queue:
+            return None
+        text = self.queue[0] if len(self.queue) == 1 else b"".join(self.queue)
+        self.queue = []
+        return self.feed(text)
 
     def feed(self, text: bytes) -> str | None:
         if self.dec is None:
@@ -252,14 +273,57 @@ class _Stream:
         return None
 
     def close(self, short: "_Runs") -> str | None:
+        hit = self.flush()
+        if hit:
+            return hit
         if self.dec is None:
-            return short.single(self.first) if self.first else None
+            if self.first:
+                short.single(self.first)
+            return None
         for enc, (rest, scanner) in self.dec.items():
             if rest:
                 hit = scanner.feed(_decode(enc, _pad(enc, rest)))
                 if hit:
                     return f"{hit}/{enc}"
         return None
+
+
+class _Classes:
+    """Where run characters end, around a few positions of ``data``: translates only the slices it needs
+    (text has a few runs per chunk; a base64 stream is one run, translated once)."""
+
+    _STEP = 512
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.full: bytes | None = None
+
+    def _all(self) -> bytes:
+        if self.full is None:
+            self.full = self.data.translate(_CLASS)
+        return self.full
+
+    def find(self, sub: bytes, j: int = 0) -> int:
+        """First non-run character at or after ``j`` (``sub`` is always b" "), or -1."""
+        if self.full is None:
+            piece = self.data[j:j + self._STEP].translate(_CLASS)
+            k = piece.find(sub)
+            if k != -1:
+                return j + k
+            if j + self._STEP >= len(self.data):
+                return -1
+        return self._all().find(sub, j)
+
+    def rfind(self, sub: bytes, lo: int, j: int) -> int:
+        """Last non-run character in ``data[lo:j]``, or -1."""
+        if self.full is None:
+            a = max(lo, j - self._STEP)
+            k = self.data[a:j].translate(_CLASS).rfind(sub)
+            if k != -1:
+                return a + k
+            if a == lo:
+                return -1
+        return self._all().rfind(sub, lo, j)
 
 
 class _Runs:
@@ -271,26 +335,36 @@ class _Runs:
         self.line_start = True      # the next data starts a line
         self.block: _Stream | None = None
         self.short: dict[str, DeepScanner] = {}
+        self.singles: dict[str, list[bytes]] = {}
 
-    def single(self, text: bytes) -> str | None:
-        """A run on its own: decoded whole into one long-lived scanner per encoding."""
+    def single(self, text: bytes) -> None:
+        """A run on its own: decoded whole; the runs of one chunk are scanned together (:meth:`flush_singles`)
+        by one long-lived scanner per encoding, each run after a line break. Words (lower-case letters only,
+        not hex) are skipped: base64 of any data longer than a few bytes has capitals or digits."""
+        if text.isalpha() and text.islower() and text.translate(None, _HEX):
+            return
         for enc in _encodings(text):
+            self.singles.setdefault(enc, []).append(_decode(enc, _pad(enc, text)))
+
+    def flush_singles(self) -> str | None:
+        singles, self.singles = self.singles, {}
+        for enc, parts in singles.items():
             scanner = self.short.get(enc)
             if scanner is None:
                 scanner = self.short[enc] = DeepScanner(self.budget, depth=self.depth + 1)
-            hit = scanner.feed(b"\n" + _decode(enc, _pad(enc, text)))
+            hit = scanner.feed(b"\n" + b"\n".join(parts))
             if hit:
                 return f"{hit}/{enc}"
         return None
 
     def feed(self, chunk: bytes) -> str | None:
         data = self.partial + chunk if self.partial else chunk
-        t = data.translate(_CLASS)
-        if self.block is None and t.find(_A16) == -1:
-            k = len(t) - len(t.rstrip(b"a"))
-            self._set_partial(data, len(data) - k)
+        pre = data.translate(_PRE)
+        if self.block is None and pre.find(_A16) == -1:
+            self._set_partial(data, _TRAIL_RE.search(data, max(0, len(data) - 64)).start())
             return None
-        return self._slow(data, t)
+        hit = self._slow(data, _Classes(data), pre)
+        return hit or self.flush_singles()
 
     def _set_partial(self, data: bytes, s: int) -> None:
         self.line_start = s == 0 and self.line_start or (s > 0 and data[s - 1] == 0x0A)
@@ -300,7 +374,7 @@ class _Runs:
         block, self.block = self.block, None
         return block.close(self) if block else None
 
-    def _slow(self, data: bytes, t: bytes) -> str | None:
+    def _slow(self, data: bytes, t: "_Classes", pre: bytes) -> str | None:
         n, i, hit = len(data), 0, None
         segs = []
         if self.block is not None and self.block.next == 0:
@@ -308,7 +382,7 @@ class _Runs:
             segs.append((0, n if e == -1 else e))
             i = segs[0][1]
         while True:
-            j = t.find(_A16, i)
+            j = pre.find(_A16, i)
             if j == -1:
                 break
             s = max(t.rfind(b" ", i, j) + 1, i)
@@ -317,8 +391,7 @@ class _Runs:
             segs.append((s, e))
             i = e
         if not segs or segs[-1][1] != n:  # trailing run characters shorter than 16 may grow into a run
-            k = len(t) - len(t.rstrip(b"a"))
-            tail = n - k if k else n
+            tail = _TRAIL_RE.search(data, max(0, n - 64)).start()
         else:
             tail = None
         for s, e in segs:
@@ -359,7 +432,7 @@ class _Runs:
                     hit = hit or self._close_block()
                 continue
             if block is not None and block.next == s and full and block.width is not None and e - s <= block.width:
-                hit = hit or block.feed(data[s:e])
+                block.add(data[s:e])
                 if e - s < block.width:
                     hit = hit or self._close_block()
                 else:
@@ -373,10 +446,11 @@ class _Runs:
                 self.block.next = e + nl
                 hit = hit or self.block.feed(data[s:e])
             else:
-                hit = hit or self.single(data[s:e])
+                self.single(data[s:e])
         if self.block is not None:
             if self.block.next == n or self.block.next == tail:
                 self.block.next = 0
+                hit = hit or self.block.flush()
             else:
                 hit = hit or self._close_block()
         if tail is not None:
@@ -403,17 +477,23 @@ _DUMP_NEEDLES = [(kind, form) for kind, sig in _DUMP_SIGS for form in (
     b" ".join(b"0x%02x" % c for c in sig),
     *(sep.join(b"%02x" % c for c in sig) for sep in (b":", b"-", b",", b", ")))]
 _OD_C_NEEDLES = [(kind, _od_c(sig)) for kind, sig in _DUMP_SIGS]
-_DUMP_PROBE = re.compile(rb"[0-7]{3} [0-7]{3} [0-7]{3}|0[xX][0-9a-fA-F]{2}, ?0[xX]|(?:   [!-~]|  \\[0abtnvfr\\]"
-                         rb"| [0-7]{3}){4}|[0-9a-fA-F]{2}[:,-] ?[0-9a-fA-F]{2}[:,-] ?[0-9a-fA-F]{2}"
-                         rb"|\\x[0-9a-fA-F]{2}\\x|%[0-9a-fA-F]{2}%")
 _DUMP_KEEP = max(len(n) for _, n in _DUMP_NEEDLES + _OD_C_NEEDLES)
+
+
+_DUMP_ALPHABET = b"0123456789abcdefABCDEFxX,:-%\\ \t\r\n"
+
+
+def _dump_probe(p: bytes) -> bool:
+    """A probe of dump text: nearly all hex/octal digits and separators, or od -c's 4-wide cells."""
+    return len(p) >= 24 and (len(p.translate(None, _DUMP_ALPHABET)) * 16 <= len(p) or p.count(b"   ") * 8 >= len(p))
 
 
 def _dumpish(chunk: bytes) -> bool:
     size = len(chunk)
     if size <= 192:
-        return _DUMP_PROBE.search(chunk) is not None
-    return any(_DUMP_PROBE.search(chunk, k, k + 96) for k in (*range(0, size - 96, 4096), size - 96))
+        return _dump_probe(chunk)
+    stride = min(4096, max(96, size // 8))  # at least eight probes: a short dump may sit in the middle
+    return any(_dump_probe(chunk[k:k + 96]) for k in (*range(0, size - 96, stride), size - 96))
 
 
 def _dump_hit(window: bytes, since: int) -> str | None:
@@ -475,11 +555,11 @@ class DeepScanner:
             hit = text_hit(window, since, origin == 0)
         if not hit and self._inflaters:
             hit = self._feed_inflaters(chunk)
-        if not hit and (not chunk.isascii() or window.find(b"\0", max(old - 16, 0)) != -1):
+        if not hit and (chunk.find(b"\0") != -1 if chunk.isascii() else chunk.translate(_CONTROL).find(b"\0") != -1):
             hit = self._binary(window, old, origin)
         if not hit and self._runs is not None:
             hit = self._runs.feed(chunk)
-        if not hit:
+        if not hit and self._depth == 0:
             dump = _dumpish(chunk if len(chunk) > 192 else window[-len(chunk) - 96:])
             if dump or self._dump_prev:
                 hit = _dump_hit(window, old)
@@ -500,21 +580,28 @@ class DeepScanner:
                 return hit + "/utf-16"
         since = max(self._bin_done - origin - 16, 0)
         self._bin_done = self._pos
-        for m in _BIN_RE.finditer(window, since):
-            c = window[m.start()]
-            if c in (0x31, 0x10, 0x00):
-                if _dicom_element(window, m):
-                    return DICOM
+        k = window.find(_UID_ROOT, since)
+        while k != -1:
+            if _dicom_element(window, k):
+                return DICOM
+            k = window.find(_UID_ROOT, k + 1)
+        if self._depth >= MAX_DEPTH:
+            return None
+        starts = []
+        for magic, kind in _MAGICS:
+            k = window.find(magic, since)
+            while k != -1 and len(starts) < 16:
+                if kind != "bzip2" or _BZIP2_RE.match(window, k) or len(window) - k < 10:
+                    starts.append((k, kind))
+                k = window.find(magic, k + 1)
+        starts += [(m.start(), "zlib") for m in _ZLIB_RE.finditer(window, since)][:16]
+        for k, kind in sorted(starts):
+            start = origin + k
+            if len(self._inflaters) >= MAX_STREAMS or any(f.start == start for f in self._inflaters):
                 continue
-            start = origin + m.start()
-            if self._depth >= MAX_DEPTH or len(self._inflaters) >= MAX_STREAMS:
-                continue
-            if any(getattr(f, "start", -1) == start for f in self._inflaters):
-                continue
-            kind = {0x1F: "gzip", 0x42: "bzip2", 0xFD: "xz"}.get(c, "zlib")
             inflater = _Inflater(kind, DeepScanner(self._budget, depth=self._depth + 1), self._budget)
-            inflater.start = start  # type: ignore[attr-defined]
-            hit = inflater.feed(window[m.start():])
+            inflater.start = start
+            hit = inflater.feed(window[k:])
             if hit:
                 return hit
             if not inflater.done:
