@@ -73,6 +73,11 @@ def _line_fields(buf: bytes, i: int) -> bool:
     return line.count(b"|") >= 3 and b"^" in line
 
 
+def _starts(buf: bytes, j: int, origin: bool) -> bool:
+    """A record starts at ``buf[j]``: after a line break, STX, or an escaped ``\\r``/``\\n`` (JSON, repr)."""
+    return _record_start(buf, j, origin) or buf[j - 2:j] in (b"\\r", b"\\n") and j >= 2
+
+
 def text_hit(buf: bytes, since: int, origin: bool) -> str | None:
     """HL7/ASTM records in any case or rot13, HL7 segments without MSH, DICOM JSON/XML in ``buf[since:]``."""
     if buf.find(b"|", since) != -1:
@@ -83,18 +88,18 @@ def text_hit(buf: bytes, since: int, origin: bool) -> str | None:
             start = end - 1 - len(word)
             for name in (word, word.translate(_ROT13)):
                 if name in _HEADERS:
-                    if _delims_ok(buf, end, 0x7C, 3, 5, eol_ok=False):
-                        return HL7
+                    if _delims_ok(buf, end, 0x7C, 3, 5, eol_ok=False) or buf.startswith(b"^~\\\\&|", end):
+                        return HL7  # the second: inside a JSON string or a Python repr
                 elif name == b"H":
                     if buf.startswith(b"\\^&", end) or (
-                            _record_start(buf, start, origin)
+                            _starts(buf, start, origin)
                             and _delims_ok(buf, end, 0x7C, 3, 3, eol_ok=False)):
                         return ASTM
                 elif name == b"P":
-                    if (_record_start(buf, start, origin) and _ASTM_SEQ_RE.match(buf, end)
+                    if (_starts(buf, start, origin) and _ASTM_SEQ_RE.match(buf, end)
                             and _line_fields(buf, end)):
                         return ASTM
-                elif name in _SEGMENTS and _record_start(buf, start, origin) and _line_fields(buf, end):
+                elif name in _SEGMENTS and _starts(buf, start, origin) and _line_fields(buf, end):
                     return HL7
     if buf.find(b"{", since) != -1:
         for m in _VR_RE.finditer(buf, since):
@@ -497,7 +502,7 @@ def _dumpish(chunk: bytes) -> bool:
 
 
 def _dump_hit(window: bytes, since: int) -> str | None:
-    text = window[max(0, since - _DUMP_KEEP):]
+    text = window[max(0, since - 3 * _DUMP_KEEP):]  # a needle may span a line break and its indentation
     text = text.replace(b"\n", b"").replace(b"\r", b"") if b"\n" in text else text
     low = text.lower()
     bare = low.translate(None, b" \t")
