@@ -49,7 +49,7 @@ STREAM_CAP = 16 << 20  # decompressed bytes per compressed stream
 FEED_CAP = 1 << 20     # decompressed bytes per compressed stream per chunk
 _BACK = 256            # text checks look this far back (a record's fields may arrive after its name)
 _TAIL = 1024
-_LONG_RUN = 8192       # a run with no line break longer than this is decoded as it arrives
+_PARTIAL_MAX = 4096    # run characters kept for the next chunk at most (more are decoded now)
 
 # ---------------------------------------------------------------------------------------- text variants
 _ROT13 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"NOPQRSTUVWXYZABCDEFGHIJKLM")
@@ -242,6 +242,7 @@ class _Stream:
         self.dec: dict[str, list] | None = None  # enc -> [rest, scanner]
         self.queue: list[bytes] = []
         self.total = 0             # characters of the first line (a run longer than a chunk)
+        self.line_done = 0         # characters of the current line already decoded (a wide line in pieces)
         self.line_start = False    # that line started a line
 
     def add(self, text: bytes) -> None:
@@ -402,10 +403,18 @@ class _Runs:
         for s, e in segs:
             block = self.block
             if e == n:  # the run may go on in the next chunk
-                if block is not None and block.next == s and block.width is not None and n - s <= block.width:
+                if (block is not None and block.next == s and block.width is not None
+                        and block.line_done + n - s <= block.width):
                     block.next = 0
-                    self._set_partial(data, s)
-                    return hit
+                    if n - s <= _PARTIAL_MAX:
+                        self._set_partial(data, s)
+                        return hit
+                    # a wide line arriving in small pieces: decode what came, keep little (no quadratic copying)
+                    k = (n - s) - (n - s) % 8
+                    block.add(data[s:s + k])
+                    block.line_done += k
+                    self.partial, self.line_start = data[s + k:], False
+                    return hit or block.flush()
                 if n - s < 16:
                     if block is not None and block.next != s:
                         hit = hit or self._close_block()
@@ -436,9 +445,11 @@ class _Runs:
                 else:
                     hit = hit or self._close_block()
                 continue
-            if block is not None and block.next == s and full and block.width is not None and e - s <= block.width:
+            if (block is not None and block.next == s and block.width is not None and nl
+                    and (starts or (s == 0 and block.line_done)) and block.line_done + e - s <= block.width):
                 block.add(data[s:e])
-                if e - s < block.width:
+                line, block.line_done = block.line_done + e - s, 0
+                if line < block.width:
                     hit = hit or self._close_block()
                 else:
                     block.next = e + nl

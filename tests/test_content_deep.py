@@ -209,3 +209,20 @@ def test_signature_fragments_never_raise(parts, size):
     scanner = DeepScanner()
     for i in range(0, len(data), size):
         scanner.feed(data[i:i + size])
+
+
+def test_wide_lines_in_tiny_pieces_cost_linear_time():
+    # a block of 60 000-character lines sent a few bytes at a time must not be re-copied on every feed
+    line = base64.b64encode(os.urandom(45_000)) + b"\n"
+    data = line * 3
+    scanner = DeepScanner()
+    start = time.thread_time()
+    for i in range(0, len(data), 5):
+        scanner.feed(data[i:i + 5])
+    assert time.thread_time() - start < 20
+
+
+def test_wide_wrapped_base64_is_read_across_pieces():
+    data = b"".join(base64.b64encode(HL7 * 300)[i:i + 20000] + b"\n" for i in range(0, 80000, 20000))
+    for size in (3, 1000, 7000):
+        assert _scan(data, size) == "HL7v2/base64"
