@@ -256,10 +256,14 @@ class _Stream:
         self.queue = []
         return self.feed(text)
 
-    def feed(self, text: bytes) -> str | None:
+    def feed(self, text: bytes, short: "_Runs | None" = None) -> str | None:
+        """Decode ``text`` (the run's next characters); the first line of a block is also scanned on its own
+        through ``short`` at once, so a head in it is found before the second line arrives."""
         if self.dec is None:
             if self.first is None and self.width is not None and self.total == 0:
                 self.first = text
+                if short is not None:
+                    short.single(text)  # scanned with this chunk's other runs, at the end of the feed
                 return None
             start = (self.first or b"") + text
             self.first = None
@@ -282,10 +286,7 @@ class _Stream:
         hit = self.flush()
         if hit:
             return hit
-        if self.dec is None:
-            if self.first:
-                short.single(self.first)
-            return None
+        return None  # a lone first line was scanned on its own when it arrived
         for enc, (rest, scanner) in self.dec.items():
             if rest:
                 hit = scanner.feed(_decode(enc, _pad(enc, rest)))
@@ -460,7 +461,7 @@ class _Runs:
             if full:
                 self.block = _Stream(self.depth, self.budget, e - s)
                 self.block.next = e + nl
-                hit = hit or self.block.feed(data[s:e])
+                hit = hit or self.block.feed(data[s:e], self)
             else:
                 self.single(data[s:e])
         if self.block is not None:
@@ -506,8 +507,8 @@ def _dump_probe(p: bytes) -> bool:
 
 def _dumpish(chunk: bytes) -> bool:
     size = len(chunk)
-    if size <= 192:
-        return _dump_probe(chunk)
+    if size <= 192:  # overlapping probes: a dump line may follow a prompt in the same small chunk
+        return any(_dump_probe(chunk[k:k + 96]) for k in range(0, max(size - 48, 1), 48))
     stride = min(4096, max(96, size // 8))  # at least eight probes: a short dump may sit in the middle
     return any(_dump_probe(chunk[k:k + 96]) for k in (*range(0, size - 96, stride), size - 96))
 

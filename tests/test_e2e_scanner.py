@@ -115,3 +115,24 @@ def test_ordinary_output_does_not_trip_the_budget(staged):
     assert r.returncode == 0, r.stderr
     assert b"could not be inspected" not in r.stderr
     assert not w.events("alert.exfiltration")
+
+
+@pytest.mark.parametrize("command", ["gzip -c {f} | base64", "base32 {f} | tr A-Z a-z", "od -c {f}"])
+def test_encoded_patient_data_typed_in_an_interactive_shell_is_stopped(staged, command):
+    import re
+
+    w, f = staged
+    term = w.pty("alice@ct-01")
+    try:
+        term.expect(re.compile(rb"[#$] "), timeout=15)
+        term.sendline(command.format(f=f))
+        term.read_until_eof(timeout=15)
+    finally:
+        term.wait(timeout=10)
+        term.close()
+    shown = bytes(term.output)
+    encoded = subprocess.run(["sh", "-c", command.format(f=f)], capture_output=True, check=True).stdout
+    assert CANARY not in shown and encoded[:48] not in shown.replace(b"\r\n", b"\n")
+    assert b"patient data" in shown
+    assert _wait(lambda: w.events("alert.exfiltration"))
+    assert _alert(w)["content"].startswith("HL7v2")
