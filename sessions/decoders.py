@@ -26,7 +26,8 @@
   over it, :data:`sessions.entropy.OPAQUE` is reported.
 
 Findings are ``"DICOM"``, ``"HL7v2"``, ``"ASTM"`` with the wrappings appended (``"HL7v2/base64/gzip"``),
-or ``"opaque"``. Pure and stdlib-only (layer 2); bench/content_throughput.py measures the cost.
+or ``"opaque"``. The text variants and dumps live in sessions/textforms.py. Pure and stdlib-only (layer 2);
+bench/content_throughput.py measures the cost, bench/content_false_alarms.py the false alarms.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ import lzma
 import re
 import zlib
 
-from sessions.content import ASTM, DICOM, HL7, OutputScanner, _delims_ok, _record_start
+from sessions.content import DICOM, OutputScanner
 from sessions.entropy import OPAQUE, OpaqueBudget, OpaqueMeter
+from sessions.textforms import dump_hit, dumpish, text_hit
 
 __all__ = ["DeepScanner", "MAX_DEPTH"]
 
@@ -51,65 +53,6 @@ _BACK = 256            # text checks look this far back (a record's fields may a
 _TAIL = 1024
 _PARTIAL_MAX = 4096    # run characters kept for the next chunk at most (more are decoded now)
 
-# ---------------------------------------------------------------------------------------- text variants
-_ROT13 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"NOPQRSTUVWXYZABCDEFGHIJKLM")
-_HEADERS = frozenset({b"MSH", b"FHS", b"BHS"})
-_SEGMENTS = frozenset(b"PID PD1 PV1 PV2 NK1 OBX OBR ORC EVN DG1 AL1 IN1 GT1 MRG SCH TXA RXE RXA SPM NTE".split())
-# anchored on the "|" itself (re skips to it in C), the name verified by lookbehinds
-_SEG_RE = re.compile(rb"\|(?:(?<=(?<![A-Za-z0-9])[A-Za-z][A-Za-z0-9]{2}\|)|(?<=(?<![A-Za-z0-9])[A-Za-z]\|))")
-_ASTM_SEQ_RE = re.compile(rb"\d{1,4}\|")
-_VR_RE = re.compile(rb'"vr"\s*:\s*"[A-Z]{2}"')
-_TAGKEY_RE = re.compile(rb'"[0-9A-Fa-f]{8}"\s*:\s*\{')
-_DXML_RE = re.compile(rb'<NativeDicomModel\b|<DicomAttribute\s[^>]{0,200}?\btag\s*=\s*["\'][0-9A-Fa-f]{8}["\']')
-
-
-def _line_fields(buf: bytes, i: int) -> bool:
-    """The rest of the line at ``buf[i:]`` has at least three ``|`` and a ``^`` (HL7/ASTM field shapes)."""
-    line = buf[i:i + 512]
-    for eol in (b"\r", b"\n"):
-        k = line.find(eol)
-        if k != -1:
-            line = line[:k]
-    return line.count(b"|") >= 3 and b"^" in line
-
-
-def _starts(buf: bytes, j: int, origin: bool) -> bool:
-    """A record starts at ``buf[j]``: after a line break, STX, or an escaped ``\\r``/``\\n`` (JSON, repr)."""
-    return _record_start(buf, j, origin) or buf[j - 2:j] in (b"\\r", b"\\n") and j >= 2
-
-
-def text_hit(buf: bytes, since: int, origin: bool) -> str | None:
-    """HL7/ASTM records in any case or rot13, HL7 segments without MSH, DICOM JSON/XML in ``buf[since:]``."""
-    if buf.find(b"|", since) != -1:
-        for m in _SEG_RE.finditer(buf, since):
-            end = m.end()
-            word = buf[end - 2:end - 1] if not buf[end - 3:end - 2].isalnum() else buf[end - 4:end - 1]
-            word = word.upper()
-            start = end - 1 - len(word)
-            for name in (word, word.translate(_ROT13)):
-                if name in _HEADERS:
-                    if _delims_ok(buf, end, 0x7C, 3, 5, eol_ok=False) or buf.startswith(b"^~\\\\&|", end):
-                        return HL7  # the second: inside a JSON string or a Python repr
-                elif name == b"H":
-                    if buf.startswith(b"\\^&", end) or (
-                            _starts(buf, start, origin)
-                            and _delims_ok(buf, end, 0x7C, 3, 3, eol_ok=False)):
-                        return ASTM
-                elif name == b"P":
-                    if (_starts(buf, start, origin) and _ASTM_SEQ_RE.match(buf, end)
-                            and _line_fields(buf, end)):
-                        return ASTM
-                elif name in _SEGMENTS and _starts(buf, start, origin) and _line_fields(buf, end):
-                    return HL7
-    if buf.find(b"{", since) != -1:
-        for m in _VR_RE.finditer(buf, since):
-            if _TAGKEY_RE.search(buf, max(0, m.start() - 512), m.start()):
-                return DICOM
-    if buf.find(b"<", since) != -1 and _DXML_RE.search(buf, since):
-        return DICOM
-    return None
-
-
 # ------------------------------------------------------------------------------------ binary structures
 _MAGICS = ((b"\x1f\x8b\x08", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 _ZLIB_RE = re.compile(rb"x[\x01\x5e\x9c\xda]")
@@ -117,22 +60,19 @@ _BZIP2_RE = re.compile(rb"BZh[1-9]1AY&SY")
 _UID_ROOT = b"1.2.840.10008."
 # bytes that text (ASCII or UTF-8, with tabs and terminal escapes) does not have; binary data has many
 _CONTROL = bytes(0 if c < 0x20 and c not in b"\t\r\n\x1b\x0c" or c == 0x7F else 1 for c in range(256))
-_PRINTABLE = bytes(range(0x20, 0x7F))
 
 
 def _dicom_element(buf: bytes, s: int) -> bool:
     """A DICOM data element's value starts at ``buf[s]`` (the UID root behind a group 0002/0008 element
     header: explicit VR little or big endian, or implicit VR little endian)."""
-    if True:
-        if s < 8:
-            return False
-        tag = buf[s - 8:s - 4]
-        groups = (int.from_bytes(tag[:2], "little"), int.from_bytes(tag[:2], "big"))
-        if buf[s - 4:s - 2] == b"UI":
-            return 2 in groups or 8 in groups
-        length = int.from_bytes(buf[s - 4:s], "little")  # implicit VR little endian
-        return int.from_bytes(tag[:2], "little") in (2, 8) and 14 <= length <= 64
-    return False
+    if s < 8:
+        return False
+    tag = buf[s - 8:s - 4]
+    groups = (int.from_bytes(tag[:2], "little"), int.from_bytes(tag[:2], "big"))
+    if buf[s - 4:s - 2] == b"UI":  # explicit VR, either byte order
+        return 2 in groups or 8 in groups
+    length = int.from_bytes(buf[s - 4:s], "little")  # implicit VR little endian
+    return int.from_bytes(tag[:2], "little") in (2, 8) and 14 <= length <= 64
 
 
 class _Inflater:
@@ -477,56 +417,6 @@ class _Runs:
         return hit
 
 
-# ----------------------------------------------------------------------------------------------- dumps
-def _od_c(sig: bytes) -> bytes:
-    esc = {0: b"\\0", 7: b"\\a", 8: b"\\b", 9: b"\\t", 10: b"\\n", 11: b"\\v", 12: b"\\f", 13: b"\\r"}
-    cells = [(b"   " + bytes([c])) if 0x20 <= c < 0x7F else
-             (b"  " + esc[c] if c in esc else b" %03o" % c) for c in sig]
-    return b"".join(cells)
-
-
-_DUMP_SIGS = ((HL7, b"MSH|^~\\&"), (DICOM, b"DICM\x02\x00"), (ASTM, b"H|\\^&"))
-_DUMP_NEEDLES = [(kind, form) for kind, sig in _DUMP_SIGS for form in (
-    b" ".join(b"%03o" % c for c in sig),                         # od -b
-    b", ".join(b"0x%02x" % c for c in sig),                      # xxd -i
-    b"".join(b"\\x%02x" % c for c in sig),                        # \x4d\x53
-    b"".join(b"%%%02x" % c for c in sig),                         # %4d%53 (URL encoding)
-    b" ".join(b"0x%02x" % c for c in sig),
-    *(sep.join(b"%02x" % c for c in sig) for sep in (b":", b"-", b",", b", ")))]
-_OD_C_NEEDLES = [(kind, _od_c(sig)) for kind, sig in _DUMP_SIGS]
-_DUMP_KEEP = max(len(n) for _, n in _DUMP_NEEDLES + _OD_C_NEEDLES)
-
-
-_DUMP_ALPHABET = b"0123456789abcdefABCDEFxX,:-%\\ \t\r\n"
-
-
-def _dump_probe(p: bytes) -> bool:
-    """A probe of dump text: nearly all hex/octal digits and separators, or od -c's 4-wide cells."""
-    return len(p) >= 24 and (len(p.translate(None, _DUMP_ALPHABET)) * 16 <= len(p) or p.count(b"   ") * 8 >= len(p))
-
-
-def _dumpish(chunk: bytes) -> bool:
-    size = len(chunk)
-    if size <= 192:  # overlapping probes: a dump line may follow a prompt in the same small chunk
-        return any(_dump_probe(chunk[k:k + 96]) for k in range(0, max(size - 48, 1), 48))
-    stride = min(4096, max(96, size // 8))  # at least eight probes: a short dump may sit in the middle
-    return any(_dump_probe(chunk[k:k + 96]) for k in (*range(0, size - 96, stride), size - 96))
-
-
-def _dump_hit(window: bytes, since: int) -> str | None:
-    text = window[max(0, since - 3 * _DUMP_KEEP):]  # a needle may span a line break and its indentation
-    text = text.replace(b"\n", b"").replace(b"\r", b"") if b"\n" in text else text
-    low = text.lower()
-    bare = low.translate(None, b" \t")
-    for kind, needle in _DUMP_NEEDLES:
-        if needle in low or needle.translate(None, b" ") in bare:
-            return kind + "/dump"
-    for kind, needle in _OD_C_NEEDLES:
-        if needle in text:
-            return kind + "/dump"
-    return None
-
-
 # -------------------------------------------------------------------------------------------- scanner
 class DeepScanner:
     """OutputScanner plus the layers of the module doc; feed every chunk of one stream in order."""
@@ -577,9 +467,9 @@ class DeepScanner:
         if not hit and self._runs is not None:
             hit = self._runs.feed(chunk)
         if not hit and self._depth == 0:
-            dump = _dumpish(chunk if len(chunk) > 192 else window[-len(chunk) - 96:])
+            dump = dumpish(chunk if len(chunk) > 192 else window[-len(chunk) - 96:])
             if dump or self._dump_prev:
-                hit = _dump_hit(window, old)
+                hit = dump_hit(window, old)
             self._dump_prev = dump
         if not hit and self._meter is not None:
             count = self._meter.feed(chunk)
