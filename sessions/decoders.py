@@ -323,26 +323,26 @@ class _Runs:
 
     def _slow(self, data: bytes, t: "_Classes", pre: bytes) -> str | None:
         n, i, hit = len(data), 0, None
-        segs = []
-        if self.block is not None and self.block.next == 0:
-            e = t.find(b" ")
-            segs.append((0, n if e == -1 else e))
-            i = segs[0][1]
+        block = self.block
+        if block is not None and block.width is None and block.next == 0 and block.line_start and block.total >= 16:
+            # the whole line came before its line break: lines of its width may follow
+            nl = 1 if data[:1] == b"\n" else 2 if data[:2] == b"\r\n" else 0
+            if nl:
+                block.width, block.next = block.total, nl
         while True:
-            j = pre.find(_A16, i)
-            if j == -1:
-                break
-            s = max(t.rfind(b" ", i, j) + 1, i)
-            e = t.find(b" ", j)
-            e = n if e == -1 else e
-            segs.append((s, e))
-            i = e
-        if not segs or segs[-1][1] != n:  # trailing run characters shorter than 16 may grow into a run
-            tail = _TRAIL_RE.search(data, max(0, n - 64)).start()
-        else:
-            tail = None
-        for s, e in segs:
             block = self.block
+            if block is not None and i <= block.next < n and t.find(b" ", block.next) != block.next:
+                # the open block's next line, whatever it holds (the prefilter needs 16 letters/digits in a row)
+                s = block.next
+                e = t.find(b" ", s)
+            else:
+                j = pre.find(_A16, i)
+                if j == -1:
+                    break
+                s = max(t.rfind(b" ", i, j) + 1, i)
+                e = t.find(b" ", j)
+            e = n if e == -1 else e
+            i = e
             if e == n:  # the run may go on in the next chunk
                 if (block is not None and block.next == s and block.width is not None
                         and block.line_done + n - s <= block.width):
@@ -404,16 +404,14 @@ class _Runs:
                 hit = hit or self.block.feed(data[s:e], self)
             else:
                 self.single(data[s:e])
+        tail = _TRAIL_RE.search(data, max(0, n - 64)).start()  # run characters that may grow into a run
         if self.block is not None:
             if self.block.next == n or self.block.next == tail:
                 self.block.next = 0
                 hit = hit or self.block.flush()
             else:
                 hit = hit or self._close_block()
-        if tail is not None:
-            self._set_partial(data, tail)
-        else:
-            self.partial, self.line_start = b"", data[-1:] == b"\n"
+        self._set_partial(data, tail)
         return hit
 
 

@@ -16,12 +16,15 @@ __all__ = ["text_hit", "dumpish", "dump_hit"]
 _ROT13 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"NOPQRSTUVWXYZABCDEFGHIJKLM")
 _HEADERS = frozenset({b"MSH", b"FHS", b"BHS"})
 _SEGMENTS = frozenset(b"PID PD1 PV1 PV2 NK1 OBX OBR ORC EVN DG1 AL1 IN1 GT1 MRG SCH TXA RXE RXA SPM NTE".split())
-# anchored on the "|" itself (re skips to it in C), the name verified by lookbehinds
-_SEG_RE = re.compile(rb"\|(?:(?<=(?<![A-Za-z0-9])[A-Za-z][A-Za-z0-9]{2}\|)|(?<=(?<![A-Za-z0-9])[A-Za-z]\|))")
+_NAMES3 = sorted(_HEADERS | _SEGMENTS | {n.translate(_ROT13) for n in _HEADERS | _SEGMENTS})
+# anchored on the "|" itself (re skips to it in C); only known record names (any case, rot13) behind it,
+# so that output full of "x|" costs no Python work per "|"
+_SEG_RE = re.compile(rb"\|(?:(?<=[A-Za-z][A-Za-z0-9]{2}\|)(?<=(?<![A-Za-z0-9])(?i:" + b"|".join(_NAMES3)
+                     + rb")\|)|(?<=(?<![A-Za-z0-9])[HhPpUuCc]\|))")
 _ASTM_SEQ_RE = re.compile(rb"\d{1,4}\|")
 _VR_RE = re.compile(rb'"vr"\s*:\s*"[A-Z]{2}"')
-_TAGKEY_RE = re.compile(rb'"[0-9A-Fa-f]{8}"\s*:\s*\{')
-_DXML_RE = re.compile(rb'<NativeDicomModel\b|<DicomAttribute\s[^>]{0,200}?\btag\s*=\s*["\'][0-9A-Fa-f]{8}["\']')
+_TAGKEY_RE = re.compile(rb'"[0-9A-Fa-f]{8}"\s*:\s*\{\s*')
+_XML_TAG_RE = re.compile(rb'tag\s*=\s*["\'][0-9A-Fa-f]{8}["\']')
 
 
 def _line_fields(buf: bytes, i: int) -> bool:
@@ -63,11 +66,18 @@ def text_hit(buf: bytes, since: int, origin: bool) -> str | None:
                 elif name in _SEGMENTS and _starts(buf, start, origin) and _line_fields(buf, end):
                     return HL7
     if buf.find(b"{", since) != -1:
-        for m in _VR_RE.finditer(buf, since):
-            if _TAGKEY_RE.search(buf, max(0, m.start() - 512), m.start()):
+        # PS3.18: "00100010": {"vr": "PN", ...}; "vr" comes first in the standard's examples, pydicom and dcmtk
+        for m in _TAGKEY_RE.finditer(buf, since):
+            if _VR_RE.match(buf, m.end()) or _VR_RE.search(buf, m.end(), m.end() + 160):
                 return DICOM
-    if buf.find(b"<", since) != -1 and _DXML_RE.search(buf, since):
-        return DICOM
+    if buf.find(b"<", since) != -1:
+        if buf.find(b"<NativeDicomModel", since) != -1:
+            return DICOM
+        k = buf.find(b"<DicomAttribute", since)
+        while k != -1:
+            if _XML_TAG_RE.search(buf, k, k + 160):
+                return DICOM
+            k = buf.find(b"<DicomAttribute", k + 15)
     return None
 
 

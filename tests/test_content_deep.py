@@ -74,6 +74,7 @@ CASES = {
                                               "encoding": "base64"}).encode(), "HL7v2/base64"),
     "short base64 in text": (lambda: b"note=" + base64.b64encode(b"PID|1||42^^^H||DOE^JO") + b" end", "HL7v2/base64"),
     "base64url": (lambda: base64.urlsafe_b64encode(DCM), "DICOM/base64"),
+    "narrow base64 of gzip": (lambda: _sh("gzip -c | base64 -w 16", HL7 * 40), "HL7v2/gzip/base64"),
     "base64 -w0 of gzip": (lambda: base64.b64encode(gzip.compress(HL7 * 200)), "HL7v2/gzip/base64"),
     "dicom json": (lambda: b'[{"00100010": {"vr": "PN", "Value": [{"Alphabetic": "DOE^JOHN"}]}}]', "DICOM"),
     "dicom json spaced": (lambda: json.dumps([{"00080016": {"vr": "UI", "Value": ["1.2.3"]}}], indent=2).encode(),
@@ -226,3 +227,17 @@ def test_wide_wrapped_base64_is_read_across_pieces():
     data = b"".join(base64.b64encode(HL7 * 300)[i:i + 20000] + b"\n" for i in range(0, 80000, 20000))
     for size in (3, 1000, 7000):
         assert _scan(data, size) == "HL7v2/base64"
+
+
+@pytest.mark.parametrize("data", [
+    b"a|" * 16384, b"ABC|" * 8192, b"\nPID|1|2|3|" * 3000, b"\x1f\x8b\x08" * 10922, b"x\x9c" * 16384,
+    b'{"vr":"PN"' * 3276, b"<DicomAttribute " * 2048, "PID|1|".encode("utf-16-le") * 2730, b"4d:" * 10922,
+    b" ".join(base64.b64encode(os.urandom(12)) for _ in range(1900)),
+    b"".join(base64.b64encode(os.urandom(12)) + b"\n" for _ in range(2000)),
+], ids=lambda d: repr(d[:12]))
+def test_hostile_chunks_cost_bounded_time(data):
+    # output built to make the scanner work hardest: the event loop must not stall (measured: <= ~7 ms)
+    start = time.thread_time()
+    for _ in range(5):
+        DeepScanner(OpaqueBudget(1 << 62)).feed(data[:32768])
+    assert (time.thread_time() - start) / 5 < 0.05
