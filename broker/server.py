@@ -19,6 +19,7 @@ from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
 from broker.clock import utc_iso
 from broker.config import format_duration, parse_duration, parse_listen, parse_size
+from broker.containment import channel_refusal, check_devices
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, expire_requests, find_active_grant, request_hint
@@ -37,6 +38,7 @@ from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
+from sessions.streams import StreamJudge, stream_refusal
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
 
@@ -202,9 +204,21 @@ class SessionPolicy:
         """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
         return KeptUploads(self.broker.app.config.home / "uploads" / self.live.id) if self.keep_uploads else None
 
+    def check_shell(self) -> str | None:
+        """A refusal message for an interactive shell (files-only grant, or an exposed device), or None."""
+        return self._containment_refusal("shell")
+
+    def _containment_refusal(self, kind: str) -> str | None:
+        live = self.live
+        return channel_refusal(kind, live.grant, live.device, live.containment,
+                               self.broker.app.config.policy.exposed_shell)
+
     def check_exec(self, command: str) -> str | None:
         """A refusal message for an exec command, or None to run it. Legacy scp never gets here when
         :meth:`make_exec_handler` serves it; without that handler it is refused, never run on the device."""
+        refusal = self._containment_refusal("exec")  # files-only grant or exposed device (broker/containment.py)
+        if refusal:
+            return refusal
         if is_scp_command(command):
             return ("legacy scp (scp -O) is not available on this channel; use scp without -O (it speaks SFTP, "
                     "which the patient-data guard checks) or sftp")
@@ -235,9 +249,37 @@ class SessionPolicy:
             budget = self.live.opaque_budget = OpaqueBudget(parse_size(self.broker.app.config.policy.max_opaque_output))
         return DeepScanner(budget)
 
+    def make_stream_judge(self, relay: RelaySession) -> "GuardedStreams":
+        """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3)."""
+        return GuardedStreams(self, relay)
+
     def make_exec_handler(self, relay: RelaySession, command: str) -> ScpServer | None:
         """Legacy scp (``scp -t``/``scp -f``) is served by the broker itself (sessions/scp.py), never the device."""
         return GuardedScp(self, relay, command).server if is_scp_command(command) else None
+
+
+class GuardedStreams:
+    """Glue between one shell/exec channel and its :class:`StreamJudge`: a file-transfer protocol there is
+    recorded (policy-denial frame), audited (``channel.protocol.denied``) and explained to the vendor."""
+
+    def __init__(self, policy: SessionPolicy, relay: RelaySession) -> None:
+        self.live, self.relay, self.broker = policy.live, relay, policy.broker
+        self.judge = StreamJudge()
+
+    def feed(self, direction: str, data: bytes) -> str | None:
+        """Judge one chunk; a refusal sentence when the channel must end, else None."""
+        if self.judge.feed(direction, data) is None:
+            return None
+        hit, live, relay = self.judge.hit, self.live, self.relay
+        reason = stream_refusal(hit)
+        live.recorder.append_event(relay.ctx.number, "policy-denial", {
+            "protocol": hit.protocol, "stream": "input" if direction == "vendor" else "output",
+            "offset": hit.offset, "reason": reason})
+        self.broker.audit_soon("channel.protocol.denied", user=live.user, device=live.device.name,
+                               session_id=live.id, grant_id=live.grant.id, channel=relay.ctx.number,
+                               kind=relay.kind, command=relay.command, protocol=hit.protocol, direction=direction,
+                               offset=hit.offset, reason=reason)
+        return reason
 
 
 class GuardedSftp:
@@ -295,7 +337,9 @@ class GuardedSftp:
             self.relay.notice(decision.reason)
 
     def _fatal(self, message: str) -> None:
-        self.broker.audit_soon("channel.refused", **self._fields(), kind="sftp", reason=message)
+        """A protocol violation (sessions/sftp.py): recorded, audited, told to the vendor; the channel ends now."""
+        self.live.recorder.append_event(self.relay.ctx.number, "policy-denial", {"violation": message})
+        self.broker.audit_soon("sftp.protocol.denied", **self._fields(), kind="sftp", reason=message)
         self.relay.notice(message)
         self.relay.exit(1)
 
@@ -389,6 +433,10 @@ class BrokerServer(asyncssh.SSHServer):
         if b.per_address[self.source] <= 0:
             b.per_address.pop(self.source, None)
         self._leave_unauth()
+        if isinstance(exc, asyncssh.IllegalUserName) and not self.authenticated:  # NUL/CR/LF/ESC, ≥1024 bytes:
+            # asyncssh refuses these names before begin_auth, so the name itself is not known (issue 11)
+            b.audit_soon("auth.failure", source=self.source, reason="malformed login name", login=None,
+                         error=f"refused by the SSH layer: {str(exc.reason)[:80]}")
         if not self.authenticated and self.user and self.tried_keys and not self.not_counted:
             if self.key_verified:  # right key, no code typed (Ctrl-C at the prompt, BatchMode): no guess made
                 b.audit_soon("auth.failure", user=self.user, source=self.source, method="keyboard-interactive",
@@ -424,7 +472,7 @@ class BrokerServer(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"medbroker: {exc.message}; log in as USER@DEVICE, "
                                        f"e.g. ssh -p {self.broker.port} alice@ct-01@{self.broker.settings.public_host}\n")
             self.broker.audit_soon("auth.failure", source=self.source, reason="malformed login name",
-                                   login=username[:80])
+                                   login=ascii(username[:80])[1:-1], login_length=len(username))
         return True
 
     def public_key_auth_supported(self) -> bool:
@@ -687,6 +735,8 @@ async def start_server(app: App, address: str, *, seal: bool = True,
     broker = Broker(app, port=port, worker=worker)
     if seal:
         await broker.seal_interrupted()
+    if broker.duties:  # devices never checked get a containment check now (bounded wait; the rest goes on)
+        await asyncio.wait([broker.spawn(check_devices(app, broker.default_protected))], timeout=3)
     shared = app.config.listen.workers > 1 or worker is not None  # several processes accept on this port
     acceptor = await asyncssh.listen(host, port, server_factory=lambda: BrokerServer(broker),
                                      reuse_address=True, reuse_port=shared,
