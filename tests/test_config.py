@@ -494,3 +494,22 @@ def test_max_opaque_output_is_a_size(tmp_path) -> None:
     path.write_text('[policy]\nmax_opaque_output = "lots"\n')
     with pytest.raises(ConfigError, match="policy.max_opaque_output"):
         load_config(path)
+
+
+def test_example_config_lists_every_key_and_loads(tmp_path: Path) -> None:
+    """config/broker.example.toml is what admins copy: it must name every key the broker knows and load."""
+    import re
+
+    example = (Path(__file__).resolve().parent.parent / "config" / "broker.example.toml").read_text()
+    shown, section = set(), None
+    for line in example.splitlines():
+        head = re.match(r"\[(\w+)\]", line)
+        if head:
+            section = head.group(1)
+        key = re.match(r"(\w+)\s*=", line)
+        if key and section:
+            shown.add((section, key.group(1)))
+    known = {(s, f.name) for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert known - shown == set(), f"missing from config/broker.example.toml: {sorted(known - shown)}"
+    (tmp_path / "broker.toml").write_text(example)
+    load_config(tmp_path / "broker.toml")
