@@ -21,7 +21,11 @@
   ``base32``, ``xxd -p`` output) are decoded as one stream, so a file's head, DICM at 128 and compressed
   streams inside are seen; runs longer than a line are decoded as they arrive;
 * **dumps**: ``od -b``, ``od -c``, ``xxd -i`` and hex with separators (``4d:53``, ``\\x4d``, ``%4D``) of
-  the signatures, where a probe of the chunk looks like such a dump;
+  the signatures, where a probe of the chunk looks like such a dump; and every numeric dump read back into
+  bytes and scanned (sessions/dumps.py: any radix, word size, byte or bit order, offsets and text columns,
+  uuencode), up to the budget's ``dump_limit`` per session, after which dump text counts as opaque;
+* **odd spellings**: lines reversed (``rev``), characters spaced apart, DICOM printed as text
+  (``strings``, ``cat -v``: ``DICM`` shortly before the DICOM UID root);
 * the **opaque budget** (sessions/entropy.py): high-entropy output counts against a per-session volume;
   over it, :data:`sessions.entropy.OPAQUE` is reported.
 
@@ -41,6 +45,7 @@ import zlib
 
 from sessions.content import DICOM, OutputScanner
 from sessions.entropy import OPAQUE, OpaqueBudget, OpaqueMeter
+from sessions.dumps import DumpReader, dump_lines
 from sessions.textforms import dump_hit, dumpish, text_hit
 
 __all__ = ["DeepScanner", "MAX_DEPTH"]
@@ -52,6 +57,42 @@ FEED_CAP = 1 << 20     # decompressed bytes per compressed stream per chunk
 _BACK = 256            # text checks look this far back (a record's fields may arrive after its name)
 _TAIL = 1024
 _PARTIAL_MAX = 4096    # run characters kept for the next chunk at most (more are decoded now)
+_DUMP_STICKY = 64 << 10  # after a chunk that looks like a dump, the dump reader sees this much more output
+
+# ------------------------------------------------------------------------------------ odd spellings
+_REVERSED = ((b"&\\~^|HSM", "HL7v2/reversed"), (b"&^\\|H", "ASTM/reversed"))
+_SQUEEZE = b" \t\r\n"
+_SQUEEZED = ((b"msh|^~\\&", "HL7v2/spaced"), (b"h|\\^&", "ASTM/spaced"), (b"dicm", "DICOM/spaced"))
+
+
+def _spaced(chunk: bytes) -> bool:
+    """Characters spaced apart: in one of the two interleavings, at least three in four are blanks."""
+    for half in (chunk[1::2], chunk[0::2]):
+        if len(half.translate(None, _SQUEEZE)) * 4 <= len(half):
+            return True
+    return False
+
+
+def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
+    """Spellings no decoder undoes: lines reversed (``rev``), characters spaced apart (``sed 's/./& /g'``,
+    ``fold -w1``), and DICOM shown as text (``strings``, ``cat -v``: DICM shortly before the DICOM UID root)."""
+    for needle, what in _REVERSED:
+        if window.find(needle, since) != -1:
+            return what
+    if len(chunk) >= 8 and _spaced(chunk):
+        squeezed = window[since:].translate(None, _SQUEEZE).lower()
+        for needle, what in _SQUEEZED:
+            k = squeezed.find(needle)
+            if k != -1 and (needle != b"dicm" or squeezed.find(b"1.2.840.10008", k, k + 400) != -1):
+                return what
+    k = window.find(_UID_ROOT, since)
+    while k != -1:
+        d = window.rfind(b"DICM", max(0, k - 400), k)
+        if d != -1:
+            return "DICOM/text"
+        k = window.find(_UID_ROOT, k + 1)
+    return None
+
 
 # ------------------------------------------------------------------------------------ binary structures
 _MAGICS = ((b"\x1f\x8b\x08", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
@@ -434,6 +475,9 @@ class DeepScanner:
         self._bin_done = 0
         self._runs = _Runs(depth, self._budget) if depth < MAX_DEPTH else None
         self._dump_prev = False
+        self._dumps: DumpReader | None = None
+        self._dump_until = -1
+        self._reader_at = -1  # stream position up to which the dump reader has been fed
 
     @property
     def position(self) -> int:
@@ -465,16 +509,39 @@ class DeepScanner:
         if not hit and self._runs is not None:
             hit = self._runs.feed(chunk)
         if not hit and self._depth == 0:
-            dump = dumpish(chunk if len(chunk) > 192 else window[-len(chunk) - 96:])
+            dump = dumpish(chunk if len(chunk) > 192 else window[-len(chunk) - 96:]) or dump_lines(chunk)
+            if dump:
+                self._dump_until = self._pos + _DUMP_STICKY
             if dump or self._dump_prev:
                 hit = dump_hit(window, old)
+            # A dump is read back line by line, so the reader gets every chunk while dumps were seen lately
+            # (a small chunk of a dump may not look like one on its own); dump chunks count toward the cap.
+            if not hit and (dump or self._pos <= self._dump_until):
+                if not dump or self._budget.dump(len(chunk)):
+                    piece = chunk
+                    if self._dumps is None or self._reader_at < origin + old:  # (re)engaged: from the line start
+                        self._dumps = self._dumps or DumpReader(lambda: DeepScanner(self._budget, depth=1))
+                        start = window.rfind(b"\n", 0, old) + 1
+                        piece = window[start:] if self._reader_at < origin + start else chunk
+                    hit = self._dumps.feed(piece)
+                    self._reader_at = self._pos
+                elif self._budget.add(len(chunk)):  # past the cap: dumps count as opaque
+                    hit = OPAQUE
             self._dump_prev = dump
+        if not hit:
+            hit = odd_forms(window, since, chunk)
         if not hit and self._meter is not None:
             count = self._meter.feed(chunk)
             if count and self._budget.add(count):
                 hit = OPAQUE
         self._found = hit
         return hit
+
+    def flush(self) -> str | None:
+        """The stream paused (a prompt after the output): decode a dump's last line that has no line break."""
+        if not self._found and self._dumps is not None:
+            self._found = self._dumps.flush()
+        return self._found
 
     def _binary(self, window: bytes, old: int, origin: int) -> str | None:
         # UTF-16 text: the text checks on the window without its NULs

@@ -47,13 +47,22 @@ def format_size(n: int) -> str:
 class OpaqueBudget:
     """One session's count of opaque output bytes (all its channels) and of decompressed bytes."""
 
-    def __init__(self, limit: int, *, inflate_limit: int = 64 << 20) -> None:
+    def __init__(self, limit: int, *, inflate_limit: int = 64 << 20, dump_limit: int = 32 << 20) -> None:
         """:param limit: opaque bytes allowed per session; 0 turns the budget off
-        :param inflate_limit: bytes the scanner may decompress per session"""
+        :param inflate_limit: bytes the scanner may decompress per session
+        :param dump_limit: bytes of numeric dump text (od, xxd, ...) the scanner reads back into bytes per
+            session; dump text past it is counted as opaque (reading dumps back costs ~0.2 s of CPU per MB)"""
         self.limit = limit
         self.used = 0
         self.inflate_limit = inflate_limit
         self.inflated = 0
+        self.dump_limit = dump_limit
+        self.dumped = 0
+
+    def dump(self, n: int) -> bool:
+        """Count ``n`` bytes of dump text; False when the per-session cap of decoded dumps is reached."""
+        self.dumped += n
+        return self.dumped <= self.dump_limit
 
     def add(self, n: int) -> bool:
         """Count ``n`` more opaque bytes; True when the session is now over its limit."""

@@ -92,6 +92,29 @@ def test_encoded_patient_data_in_exec_output_stops_the_session(staged, command, 
     _assert_stopped(w, r, expected, content)
 
 
+@pytest.mark.parametrize("command, content", [
+    ("od -t u1 {f}", "HL7v2"),           # decimal bytes
+    ("od -A n -t d1 {f}", "HL7v2"),      # signed decimal, no offsets
+    ("xxd -b {f}", "HL7v2"),             # binary digits, six bytes a line
+    ("od -x {f}", "HL7v2"),              # little-endian 16-bit words
+    ("od -t o2 {f}", "HL7v2"),           # octal words
+    ("basenc --base2msbf {f}", "HL7v2"),  # one long run of bits, wrapped mid-byte
+    ("bzip2 -c {f} | od -t x1", "HL7v2/bzip2"),
+    ("python3 -c \"print(list(open('{f}','rb').read()))\"", "HL7v2"),
+    ("rev {f}", "HL7v2/reversed"),
+    ("sed 's/./& /g' {f}", "HL7v2/spaced"),
+])
+def test_patient_data_as_numbers_or_respelled_stops_the_session(staged, command, content):
+    """Any numeric dump is read back into bytes (radix, word size, byte and bit order do not matter), and
+    reversed or spaced-out text is recognised: variants of the od/xxd family the listed forms would miss."""
+    w, f = staged
+    command = command.format(f=f)
+    expected = subprocess.run(["sh", "-c", command], capture_output=True, check=True).stdout
+    assert CANARY not in expected
+    r = w.ssh("alice@ct-01", command)
+    _assert_stopped(w, r, expected, content)
+
+
 def test_random_output_over_the_opaque_budget_ends_the_session(staged):
     w, _ = staged
     r = w.ssh("alice@ct-01", "head -c 200000 /dev/urandom | base64")
