@@ -29,6 +29,7 @@ from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
+from sessions.cmd_judge import DevicePaths, ShellLineGuard, judge_command
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
 from sessions.policy import ProtectedPaths, load_protected_paths
@@ -36,6 +37,7 @@ from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
+from sessions.shell_lines import LiveScreen
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
 
@@ -196,6 +198,10 @@ class SessionPolicy:
         self.scan_output = policy.scan_output
         self.check_commands = policy.check_commands
         self.keep_uploads = broker.app.config.recording.keep_uploads
+        # Commands that build paths at run time are refused unless the device is known to be contained
+        # (its login cannot read the protected paths): the containment check sets ``live.contained``.
+        self.strict_commands = getattr(live, "contained", None) is not True
+        self._shell: dict = {}  # this channel's interactive shell: where earlier lines may have left it (cd)
 
     def kept_uploads(self) -> KeptUploads | None:
         """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
@@ -215,6 +221,49 @@ class SessionPolicy:
             if not decision.allowed:
                 return decision.reason
         return None
+
+    def _device_paths(self) -> DevicePaths:
+        """One realpath session per live session (it ends with the device connection)."""
+        paths = getattr(self.live, "device_paths", None)
+        if paths is None:
+            paths = DevicePaths(lambda: self.live.upconn.start_sftp_client(path_encoding=None))
+            self.live.device_paths = paths
+        return paths
+
+    async def judge_exec(self, command: str) -> str | None:
+        """After :meth:`check_exec`: the command's paths resolved on the device (sessions/cmd_judge.py)."""
+        if not self.check_commands or is_scp_command(command):
+            return None
+        decision = await judge_command(command, self.protected, self._device_paths(), strict=self.strict_commands,
+                                       lexical=False)
+        return None if decision.allowed else decision.reason
+
+    async def judge_line(self, line: str) -> str | None:
+        """A command line read off an interactive shell: the lexical check, then the device's realpath."""
+        refusal = transfer_server_refusal(line)
+        if refusal:
+            return refusal
+        decision = await judge_command(line, self.protected, self._device_paths(), strict=self.strict_commands,
+                                       shell=self._shell)
+        return None if decision.allowed else decision.reason
+
+    def make_line_guard(self, relay: RelaySession) -> ShellLineGuard | None:
+        """Each command line of a PTY shell is judged before its Enter reaches the device."""
+        if not self.check_commands or relay.up is None or relay.pty is None:
+            return None
+        size = relay.pty[1] or (80, 24)
+        up = relay.up
+
+        def refused(line: str, reason: str) -> None:
+            live = self.live
+            live.recorder.append_event(relay.ctx.number, "policy-denial",
+                                       {"kind": "shell-line", "command": line, "reason": reason})
+            self.broker.audit_soon("exec.denied", user=live.user, device=live.device.name, session_id=live.id,
+                                   grant_id=live.grant.id, kind="shell-line", command=line, reason=reason)
+            relay.notice(f"refused: {reason}")
+
+        return ShellLineGuard(LiveScreen(int(size[0]) or 80, int(size[1]) or 24), self.judge_line,
+                              lambda data: up.write(data), refused)
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":

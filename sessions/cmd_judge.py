@@ -1,0 +1,381 @@
+"""Commands resolved like files: judge a command line with the device's own realpath before it runs.
+
+The lexical check (sessions/exec_check.py) runs first. Then every path word :func:`analyze_command` found
+is resolved on the device through an SFTP session, as the SFTP filter resolves its paths, so a symlink
+into a protected tree (``service/latest.dcm -> ../data/dicom/...``, a linked directory) is refused like
+the tree itself. Patterns are expanded against the device's directory listing, each match resolved.
+With ``strict`` (a device whose login can read patient data) a command that builds paths at run time is
+refused too. docs/data-protection.md, "Commands resolved like files".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from typing import Awaitable, Callable
+
+import asyncssh
+
+from sessions.cmd_paths import CommandPaths, PathWord, analyze_command
+from sessions.exec_check import check_command_line
+from sessions.policy import Decision, ProtectedPaths, normalize_path
+
+__all__ = ["DevicePaths", "judge_command", "JUDGE_TIMEOUT_S", "MAX_MATCHES"]
+
+JUDGE_TIMEOUT_S = 10.0  # a device that does not answer in time: the command is refused (fail closed)
+MAX_MATCHES = 256  # directory entries a pattern may match on the device before the command is refused
+_MAX_GLOB_DEPTH = 4
+_HINT = "Ask the hospital's biomedical engineer if you need a de-identified export."
+
+
+class DevicePaths:
+    """The device's own view of paths, on a second SFTP session of the device login (started on first use).
+
+    Relative paths count from the login's home, where sshd also starts commands and shells.
+
+    :param start_client: ``await start_client()`` -> an ``asyncssh.SFTPClient``
+    """
+
+    def __init__(self, start_client: Callable[[], Awaitable[asyncssh.SFTPClient]]) -> None:
+        self._start = start_client
+        self._client: asyncssh.SFTPClient | None = None
+        self._lock = asyncio.Lock()
+        self.round_trips = 0
+
+    async def _sftp(self) -> asyncssh.SFTPClient:
+        async with self._lock:
+            if self._client is None:
+                self._client = await self._start()
+            return self._client
+
+    async def realpath(self, path: str) -> str:
+        """The canonical path (``~`` = the login's home). :raises asyncssh.SFTPError: as the device answers"""
+        sftp = await self._sftp()
+        self.round_trips += 1
+        return normalize_path((await sftp.realpath(_wire(path))).decode("utf-8", "surrogateescape"))
+
+    async def readlink(self, path: str) -> str:
+        """A symlink's target. :raises asyncssh.SFTPError: not a link, or as the device answers"""
+        sftp = await self._sftp()
+        self.round_trips += 1
+        return (await sftp.readlink(_wire(path))).decode("utf-8", "surrogateescape")
+
+    async def listdir(self, path: str) -> list[str]:
+        """Names in a directory. :raises asyncssh.SFTPError: as the device answers"""
+        sftp = await self._sftp()
+        self.round_trips += 1
+        names = await sftp.listdir(_wire(path))
+        return [n.decode("utf-8", "surrogateescape") for n in names if n not in (b".", b"..")]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.exit()
+            self._client = None
+
+
+def _wire(path: str) -> bytes:
+    if path == "~":
+        path = "."
+    elif path.startswith("~/"):
+        path = path[2:] or "."
+    return path.encode("utf-8", "surrogateescape")
+
+
+async def resolve(device: DevicePaths, path: str, depth: int = 0) -> str:
+    """The device's canonical form of ``path``. When the device's realpath fails (a missing or unreadable
+    component, e.g. a link into a directory the login cannot enter), the parent is resolved the same way
+    and the last component is followed with readlink if it is a symlink, else appended as it is."""
+    try:
+        return await device.realpath(path)
+    except asyncssh.SFTPError:
+        pass
+    stripped = path.rstrip("/")
+    parent, _, base = stripped.rpartition("/")
+    if depth > 32 or not stripped or stripped in ("~", ".") or base == "":
+        return normalize_path(stripped.lstrip("~") or "/")
+    if not parent:
+        parent = "/" if stripped.startswith("/") else "."
+    canonical = await resolve(device, parent, depth + 1)
+    if base in (".", ".."):
+        return normalize_path(base, canonical)
+    joined = normalize_path(base, canonical)
+    try:
+        target = await device.readlink(joined)
+    except asyncssh.SFTPError:
+        return joined
+    return await resolve(device, target if target.startswith("/") else canonical.rstrip("/") + "/" + target,
+                         depth + 4)
+
+
+async def judge_command(command: str, protected: ProtectedPaths, device: DevicePaths, *, strict: bool,
+                        lexical: bool = True,
+                        judge_scripts: Callable[[list[str]], Awaitable[str | None]] | None = None,
+                        shell: dict | None = None) -> Decision:
+    """Decide a command line: lexical check, then each path word resolved on the device.
+
+    :param command: the exec command, or a command line read off an interactive shell's screen
+    :param protected: the device's protected paths
+    :param device: the device's realpath/listdir
+    :param strict: refuse commands that build paths at run time (the device's login can read patient data)
+    :param lexical: run sessions/exec_check.py's check first (off when the caller already did)
+    :param judge_scripts: ``await judge_scripts(canonical_paths) -> refusal or None`` for the scripts the
+        command runs (``sh x.sh``, ``python3 x.py``, ``./x``, ``. x``): the seam for inspecting uploaded
+        content; without it scripts are judged as paths only
+    :param shell: an interactive shell's state across lines (``{"cwds": (...)}``): the line starts where
+        earlier allowed lines may have left the shell (``cd``), and an allowed line updates it
+    :return: a :class:`Decision` (``exec.denied`` when refused)
+    :raises asyncssh.Error, OSError: the device could not answer (callers refuse: fail closed)
+    """
+    if lexical:
+        decision = check_command_line(command, protected, None)
+        if not decision.allowed:
+            return decision
+    found: CommandPaths = analyze_command(command, protected, *([shell["cwds"]] if shell and shell.get("cwds") else []))
+    if strict and found.runtime:
+        return _deny(f"{found.runtime}. On {protected.device}, whose maintenance login can read patient data, "
+                     "medbroker refuses commands whose paths are only known when they run; write the paths out.",
+                     "")
+    results = await asyncio.gather(*(_judge_word(w, protected, device, strict) for w in found.paths))
+    hit = next((r for r in results if r is not None), None)
+    if hit:
+        return hit
+    if judge_scripts is not None and found.scripts:
+        scripts = [await resolve(device, s if s.startswith(("/", "~")) else "~/" + s) for s in found.scripts]
+        reason = await judge_scripts(scripts)
+        if reason:
+            return _deny(reason, scripts[0])
+    if shell is not None:
+        shell["cwds"] = found.cwds
+    return Decision(True, "", "exec.allowed", "exec")
+
+
+async def _judge_word(word: PathWord, protected: ProtectedPaths, device: DevicePaths, strict: bool) -> Decision | None:
+    canonical = await resolve(device, word.path)
+    hit = _verdict(word, canonical, protected)
+    if hit or not word.glob:
+        return hit
+    matches = await _expand(device, canonical, [c for c in word.glob.split("/") if c], 0)
+    if matches is None:
+        if strict:
+            return _deny(f"the pattern {word.word} matches more than {MAX_MATCHES} entries on {protected.device}; "
+                         "medbroker cannot check them all. Name the files you need.", canonical)
+        return None
+    for path in matches:
+        hit = _verdict(word, path, protected) or _verdict(word, await resolve(device, path), protected)
+        if hit:
+            return hit
+    return None
+
+
+async def _expand(device: DevicePaths, directory: str, parts: list[str], depth: int) -> list[str] | None:
+    """Entries under ``directory`` matching the pattern components (None: more than MAX_MATCHES)."""
+    if not parts:
+        return [directory]
+    if depth >= _MAX_GLOB_DEPTH or "**" in parts[0]:
+        return None
+    try:
+        names = await device.listdir(directory)
+    except asyncssh.SFTPError:
+        return []
+    hits = [n for n in names if fnmatch.fnmatchcase(n, parts[0])]
+    if len(hits) > MAX_MATCHES:
+        return None
+    out: list[str] = []
+    for name in hits:
+        path = normalize_path(name, directory)
+        if len(parts) > 1:
+            try:
+                path = await device.realpath(path)
+            except asyncssh.SFTPError:
+                continue
+        more = await _expand(device, path, parts[1:], depth + 1)
+        if more is None:
+            return None
+        out.extend(more)
+        if len(out) > MAX_MATCHES:
+            return None
+    return out
+
+
+def _verdict(word: PathWord, canonical: str, protected: ProtectedPaths) -> Decision | None:
+    root = protected.protecting(canonical)
+    if root:
+        via = "" if normalize_path(word.path.lstrip("~") or "/") == canonical else f" (it resolves to {canonical})"
+        return _deny(f"the command names {word.word}{via}, {'a' if canonical == root else 'inside the'} protected "
+                     f"patient-data directory {root} on {protected.device}; medbroker refuses commands that read, "
+                     f"write or move patient data. {_HINT}", canonical)
+    below = None if word.ancestor_ok else protected.revealed_by(canonical)
+    if below:
+        return _deny(f"the command reads {word.word} ({canonical} on the device), which contains the protected "
+                     f"patient-data directory {below} on {protected.device}; medbroker refuses commands that could "
+                     "read it recursively. Name a more specific directory.", canonical)
+    return None
+
+
+def _deny(reason: str, path: str) -> Decision:
+    return Decision(False, reason, "exec.denied", "exec", path)
+
+
+ECHO_IDLE_S = 0.015  # the device's echo of the keys before an Enter has settled when it was quiet this long
+ECHO_MAX_S = 0.3
+PASTE_MAX = 64 << 10
+_PASTE_START, _PASTE_END = b"\x1b[200~", b"\x1b[201~"
+_INTERRUPT = b"\x03"  # Ctrl-C: the shell drops the line (and any here-doc or continuation) and prompts again
+
+
+class ShellLineGuard:
+    """Judges each command line of an interactive shell before its Enter reaches the device.
+
+    Ordinary keys go straight through. At Enter (CR or LF from the vendor) the line is read off the live
+    screen (sessions/shell_lines.py) and judged; meanwhile further input waits, in order. Allowed: the
+    Enter is sent. Refused: the Enter is not sent, Ctrl-C clears the line on the device, typeahead is
+    dropped, and ``refused(line, reason)`` tells the vendor and the audit. A bracketed paste that holds a
+    newline is judged line by line before any of it is sent.
+
+    :param screen: a ``sessions.shell_lines.LiveScreen`` fed with the device's output (:meth:`device_output`)
+    :param judge: ``await judge(line) -> refusal or None``; raising refuses (fail closed)
+    :param send: writes bytes to the device's channel
+    :param refused: ``refused(line, reason)``
+    """
+
+    def __init__(self, screen, judge: Callable[[str], Awaitable[str | None]], send: Callable[[bytes], None],
+                 refused: Callable[[str, str], None], *, timeout: float = JUDGE_TIMEOUT_S) -> None:
+        self.screen = screen
+        self._judge, self._send, self._refused, self._timeout = judge, send, refused, timeout
+        self._busy = False
+        self._queue = bytearray()
+        self._paste: bytearray | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last_output = self._last_sent = -1.0
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self.enter_latency: list[float] = []  # seconds each judged Enter was held (measured, docs/performance)
+
+    def device_output(self, data: bytes) -> None:
+        self._last_output = self._loop.time()
+        self.screen.output(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.screen.resize(cols, rows)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def vendor_data(self, data: bytes) -> None:
+        if self._busy:
+            self._queue += data
+            return
+        self._process(bytes(data))
+
+    def _forward(self, data: bytes) -> None:
+        if data and not self._closed:
+            self._last_sent = self._loop.time()
+            self._send(data)
+
+    def _process(self, data: bytes) -> None:
+        while data and not self._closed:
+            if self._paste is not None:
+                end = data.find(_PASTE_END)
+                self._paste += data if end < 0 else data[:end + len(_PASTE_END)]
+                if end < 0 and len(self._paste) <= PASTE_MAX:
+                    return
+                paste, self._paste = bytes(self._paste), None
+                data = b"" if end < 0 else data[end + len(_PASTE_END):]
+                if not self._start_paste(paste, data):
+                    return
+                continue
+            cuts = [i for i in (data.find(b"\r"), data.find(b"\n"), data.find(_PASTE_START)) if i >= 0]
+            if not cuts:
+                self.screen.keystroke()
+                self._forward(data)
+                return
+            i = min(cuts)
+            if i:
+                self.screen.keystroke()
+                self._forward(data[:i])
+            if data.startswith(_PASTE_START, i):
+                self.screen.keystroke()
+                self._paste = bytearray()
+                data = data[i:]
+                continue
+            n = 2 if data[i:i + 2] == b"\r\n" else 1
+            enter, rest = data[i:i + n], data[i + n:]
+            if self.screen.start is None or not self.screen.reading_command():
+                self.screen.line_done()
+                self._forward(enter)
+                data = rest
+                continue
+            self._busy = True
+            self._queue = bytearray(rest)
+            self._task = self._loop.create_task(self._enter(enter))
+            return
+
+    def _start_paste(self, paste: bytes, rest: bytes) -> bool:
+        body = paste[len(_PASTE_START):]
+        body = body[:-len(_PASTE_END)] if body.endswith(_PASTE_END) else body
+        if b"\r" not in body and b"\n" not in body and len(paste) <= PASTE_MAX:
+            self._forward(paste)
+            return True
+        self._busy = True
+        self._queue = bytearray(rest)
+        self._task = self._loop.create_task(self._judge_paste(paste, body))
+        return False
+
+    async def _settled(self) -> None:
+        """Wait (briefly) until the device echoed the keys sent so far, so the screen shows the whole line."""
+        deadline = self._loop.time() + ECHO_MAX_S
+        while self._loop.time() < deadline:
+            now = self._loop.time()
+            if self._last_output >= self._last_sent and now - self._last_output >= ECHO_IDLE_S:
+                return
+            await asyncio.sleep(ECHO_IDLE_S / 2)
+
+    async def _verdict(self, line: str) -> str | None:
+        try:
+            return await asyncio.wait_for(self._judge(line), self._timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # fail closed: a line the broker could not check is not run
+            return (f"medbroker could not check this command line on the device "
+                    f"({type(exc).__name__}: {exc or 'no answer'}); it was not run")
+
+    async def _enter(self, enter: bytes) -> None:
+        began = self._loop.time()
+        await self._settled()
+        line = self.screen.line()
+        reason = await self._verdict(line) if line.strip() else None
+        self.enter_latency.append(self._loop.time() - began)
+        self.screen.line_done()
+        self._finish(enter, line, reason)
+
+    async def _judge_paste(self, paste: bytes, body: bytes) -> None:
+        await self._settled()
+        prefix = self.screen.line() if self.screen.start is not None else ""
+        reason = None
+        if len(paste) > PASTE_MAX:
+            reason = f"a paste of more than {PASTE_MAX // 1024} KiB cannot be checked; paste less at a time"
+        lines = (prefix + body.decode("utf-8", "replace")).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        for line in lines:
+            if reason is None and line.strip():
+                reason = await self._verdict(line)
+                if reason:
+                    prefix = line
+        self._finish(paste, prefix if reason else "", reason)
+
+    def _finish(self, allowed: bytes, line: str, reason: str | None) -> None:
+        if self._closed:
+            return
+        if reason is None:
+            self._forward(allowed)
+            rest = bytes(self._queue)
+        else:
+            self.screen.line_done()
+            self._refused(line, reason)  # first, so the shell's fresh prompt comes after the reason
+            self._forward(_INTERRUPT)
+            rest = b""  # typed ahead on the assumption that the refused line ran
+        self._queue.clear()
+        self._busy = False
+        self._task = None
+        self._process(rest)
