@@ -29,7 +29,8 @@ from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
-from sessions.cmd_judge import DevicePaths, ShellLineGuard, judge_command
+from sessions.cmd_judge import DevicePaths, judge_command
+from sessions.cmd_paths import analyze_command
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
 from sessions.policy import ProtectedPaths, load_protected_paths
@@ -37,6 +38,7 @@ from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
+from sessions.shell_guard import PipedLineGuard, ShellLineGuard
 from sessions.shell_lines import LiveScreen
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
@@ -230,8 +232,10 @@ class SessionPolicy:
             self.live.device_paths = paths
         return paths
 
-    async def judge_exec(self, command: str) -> str | None:
-        """After :meth:`check_exec`: the command's paths resolved on the device (sessions/cmd_judge.py)."""
+    async def judge_exec(self, command: str, pty: bool = False) -> str | None:
+        """After :meth:`check_exec`: the command's paths resolved on the device (sessions/cmd_judge.py). A shell
+        run on the vendor's input (``bash``, ``sudo -i``) is allowed here: :meth:`make_line_guard` judges its
+        lines one by one."""
         if not self.check_commands or is_scp_command(command):
             return None
         decision = await judge_command(command, self.protected, self._device_paths(), strict=self.strict_commands,
@@ -247,11 +251,14 @@ class SessionPolicy:
                                        shell=self._shell)
         return None if decision.allowed else decision.reason
 
-    def make_line_guard(self, relay: RelaySession) -> ShellLineGuard | None:
-        """Each command line of a PTY shell is judged before its Enter reaches the device."""
-        if not self.check_commands or relay.up is None or relay.pty is None:
+    def make_line_guard(self, relay: RelaySession) -> ShellLineGuard | PipedLineGuard | None:
+        """Each command line typed into a PTY channel (a shell, or ``su``/``sudo -i`` run by exec) is judged
+        before its Enter reaches the device; a shell without a PTY has each input line judged."""
+        if not self.check_commands or relay.up is None or relay.kind not in ("shell", "exec"):
             return None
-        size = relay.pty[1] or (80, 24)
+        if relay.pty is None and relay.kind == "exec" and not analyze_command(relay.command or "",
+                                                                               self.protected).reads_input:
+            return None  # an ordinary command: judged as a whole before it ran
         up = relay.up
 
         def refused(line: str, reason: str) -> None:
@@ -260,10 +267,13 @@ class SessionPolicy:
                                        {"kind": "shell-line", "command": line, "reason": reason})
             self.broker.audit_soon("exec.denied", user=live.user, device=live.device.name, session_id=live.id,
                                    grant_id=live.grant.id, kind="shell-line", command=line, reason=reason)
-            relay.notice(f"refused: {reason}")
+            relay.notice(f"refused: {reason}", stdout=relay.pty is not None)
 
-        return ShellLineGuard(LiveScreen(int(size[0]) or 80, int(size[1]) or 24), self.judge_line,
-                              lambda data: up.write(data), refused)
+        if relay.pty is None:
+            return PipedLineGuard(self.judge_line, up.write, up.write_eof, refused)
+        size = relay.pty[1] or (80, 24)
+        return ShellLineGuard(LiveScreen(int(size[0]) or 80, int(size[1]) or 24), self.judge_line, up.write,
+                              up.write_eof, refused)
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":

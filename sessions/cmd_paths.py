@@ -40,6 +40,7 @@ _NO_FILES = frozenset({"echo", "printf", "true", "false", ":", "exit", "return",
 _KNOWN_VARS = frozenset({"USER", "LOGNAME", "SHELL", "TERM", "LANG", "PATH", "HOSTNAME", "RANDOM", "SECONDS", "LINENO",
                          "UID", "EUID", "PPID", "BASHPID", "COLUMNS", "LINES", "SHLVL", "OPTIND", "?", "$", "!", "#",
                          "-", "_", "0", "@", "*", "1", "2", "3", "4", "5", "6", "7", "8", "9", "REPLY_UNUSED"})
+_LOGIN_SHELLS = frozenset({"su", "runuser", "login", "script", "screen", "tmux", "byobu"})
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish", "csh", "tcsh", "rbash"})
 # Interpreter -> the flags that take inline code.
 _INTERPRETERS = {"python": ("-c",), "perl": ("-e", "-E"), "ruby": ("-e",), "node": ("-e", "-p", "--eval", "--print"),
@@ -79,6 +80,9 @@ class CommandPaths:
     paths: tuple[PathWord, ...] = ()
     runtime: str | None = None
     scripts: tuple[str, ...] = ()
+    reads_input: bool = False
+    """The whole line is a shell run on the vendor's own input (``bash``, ``sh -i``, ``su -``, ``sudo -i``):
+    fine where each input line is judged in turn (sessions/shell_guard.py), refused elsewhere on strict."""
     cwds: tuple[str, ...] = ("~",)
     """Where the shell may be after the line (``cd``): an interactive shell's next line starts there."""
 
@@ -88,6 +92,8 @@ class _Walk:
         self.protected = protected
         self.paths: dict[tuple[str, bool, str], PathWord] = {}
         self.runtime: str | None = None
+        self.input_shells = 0  # shells reading the vendor's input, as the whole line
+        self.commands = 0
         self.scripts: list[str] = []
         leaves = {p.rsplit("/", 1)[-1] for p in protected.prefixes}
         self.leaves = tuple(sorted(x.casefold() for x in leaves if len(x) >= 3))
@@ -122,7 +128,8 @@ def analyze_command(command: str, protected: ProtectedPaths, cwds: tuple[str, ..
         _line(command, walk, {}, where, 0)
     except (_ParseError, RecursionError) as exc:
         return CommandPaths(runtime=f"medbroker could not follow this command line ({exc})", cwds=tuple(cwds))
-    return CommandPaths(tuple(walk.paths.values()), walk.runtime, tuple(dict.fromkeys(walk.scripts)),
+    reads_input = walk.input_shells == 1 and walk.commands == 1 and walk.runtime is None
+    return CommandPaths(tuple(walk.paths.values()), walk.runtime, tuple(dict.fromkeys(walk.scripts)), reads_input,
                         tuple(dict.fromkeys(where[-_MAX_VALUES:])))
 
 
@@ -252,6 +259,19 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
 
     start = k
     k = _skip_wrappers(words, k)
+    wrappers = [w[0].rsplit("/", 1)[-1] for w in words[start:k]]
+    login = {"-i", "-s", "--login", "--shell"} & {w[0] for w in words[start:k]}
+    if k >= len(words) and login and {"sudo", "doas"} & set(wrappers) or (
+            k < len(words) and words[k][0].rsplit("/", 1)[-1] in _LOGIN_SHELLS
+            and not any(w[0] in ("-c", "--command") or w[0].startswith("--command=") for w in words[k + 1:])):
+        if depth == 0:
+            walk.commands += 1
+        if depth == 0 and before == ";" and not redirs and walk.commands == 1:
+            walk.input_shells += 1
+        else:
+            walk.flag("a login shell reading commands from its input: medbroker cannot check commands it does "
+                      "not see; run them directly or in an interactive session")
+        return
     for w in words[start:k]:
         if w[0].rsplit("/", 1)[-1] in ("xargs", "parallel"):
             walk.flag(f"{w[0]} takes its arguments from its input, which medbroker cannot see before it runs; "
@@ -286,6 +306,8 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
     if name in ("xargs", "parallel"):
         walk.flag(f"{name} takes its arguments from its input, which medbroker cannot see before it runs; "
                   "name the files on the command line or use find ... -exec")
+    if depth == 0:
+        walk.commands += 1
     if name in ("eval", "source", ".") or (
             base in _SHELLS and not any(a.startswith("-c") or not a.startswith("-") for a in args)):
         if name == "eval":
@@ -298,6 +320,8 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
         elif name in ("source", "."):
             if args:
                 walk.scripts.append(args[0])
+        elif depth == 0 and before == ";" and not redirs and walk.commands == 1:
+            walk.input_shells += 1  # the vendor's own input: judged line by line where that is possible
         else:
             walk.flag(f"{name} reading commands from its input: medbroker cannot check commands it does not see; "
                       "run them directly or in an interactive session")

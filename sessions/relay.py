@@ -94,13 +94,13 @@ class ChannelContext:
     make_exec_handler: Callable[["RelaySession", str], ExecHandler | None] | None = None
     """Asked first for each exec command: a handler that serves it in the broker (check_exec is then not
     asked), or None to judge it with check_exec and run it on the device."""
-    judge_exec: Callable[[str], Awaitable[str | None]] | None = None
-    """Asked after check_exec allowed an exec command, before the device channel opens: a refusal message or
-    None (sessions/cmd_judge.py resolves its paths on the device). Raising or not answering in
+    judge_exec: Callable[[str, bool], Awaitable[str | None]] | None = None
+    """``judge_exec(command, pty)``: asked after check_exec allowed an exec command, before the device channel
+    opens: a refusal message or None (sessions/cmd_judge.py resolves its paths on the device). Raising or not answering in
     JUDGE_TIMEOUT_S refuses the command."""
     make_line_guard: Callable[["RelaySession"], Any] | None = None
-    """For a shell with a PTY: a line guard (``vendor_data``, ``device_output``, ``resize``, ``close``) that
-    judges each command line before its Enter reaches the device (sessions/cmd_judge.ShellLineGuard)."""
+    """Asked for every shell and exec channel once the device channel is open: None, or a line guard (``vendor_data``, ``vendor_eof``, ``device_output``,
+    ``resize``, ``close``) that judges each command line before it reaches the device (sessions/shell_guard.py)."""
     make_scanner: Callable[[], Any] | None = None
     """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
     on_detection: Callable[["RelaySession", str], None] = lambda relay, what: None
@@ -217,7 +217,8 @@ class RelaySession(asyncssh.SSHServerSession):
         """Exec commands are judged by ``judge_exec`` (device realpath) before the device channel exists."""
         if self.kind == "exec" and self.ctx.judge_exec is not None:
             try:
-                refusal = await asyncio.wait_for(self.ctx.judge_exec(self.command or ""), JUDGE_TIMEOUT_S)
+                refusal = await asyncio.wait_for(self.ctx.judge_exec(self.command or "", self.pty is not None),
+                                                 JUDGE_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # fail closed
@@ -266,7 +267,7 @@ class RelaySession(asyncssh.SSHServerSession):
                 return
         elif self.ctx.make_scanner:
             self.scanner = self.ctx.make_scanner()
-        if self.kind == "shell" and self.pty and self.ctx.make_line_guard:
+        if not self.subsystem and self.ctx.make_line_guard:
             self.line_guard = self.ctx.make_line_guard(self)
         for action in self.pending:
             action(up)
@@ -300,7 +301,7 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.handler is not None:
             self.handler.vendor_eof()
             return True
-        self._to_up(lambda up: up.write_eof())
+        self._to_up(lambda up: self.line_guard.vendor_eof() if self.line_guard is not None else up.write_eof())
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
@@ -436,14 +437,16 @@ class RelaySession(asyncssh.SSHServerSession):
         self._finish()
 
     # ------------------------------------------------------------ broker actions
-    def notice(self, message: str) -> None:
-        """Show a broker message on the vendor's terminal (stderr) and record it."""
+    def notice(self, message: str, *, stdout: bool = False) -> None:
+        """Show a broker message on the vendor's terminal (stderr; ``stdout``: in order with the device's
+        output, as a PTY merges them anyway) and record it."""
         if self.chan is None or self.closed:
             return
         self.ctx.recorder.append_event(self.ctx.number, "notice", {"text": message})
         eol = "\r\n" if self.pty else "\n"
         try:
-            self.chan.write_stderr(f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
+            (self.chan.write if stdout else self.chan.write_stderr)(
+                f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
         except OSError:  # the vendor already closed the channel
             pass
 

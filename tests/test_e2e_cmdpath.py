@@ -181,3 +181,33 @@ def test_shell_lines_built_at_run_time_are_refused_on_an_exposed_device(exposed)
         term.wait(timeout=10)
         term.close()
     assert DICOM_CANARY not in bytes(term.output)
+
+
+def test_shell_without_a_pty_has_each_input_line_judged(exposed):
+    script = b"tail -c +140 service/latest.dcm\nls service\ncd service\ncut -c2- patients-link/adt_a01.hl7\necho done"
+    r = exposed.ssh("alice@ct-01", None, input=script)
+    assert DICOM_CANARY not in r.stdout and HL7_CANARY not in r.stdout
+    assert b"patients-link" in r.stdout and r.stdout.rstrip().endswith(b"done")  # the others ran, in order
+    assert r.stderr.count(b"protected patient-data directory") == 2, r.stderr
+    assert _wait(lambda: len([e for e in exposed.events("exec.denied") if _kind(e) == "shell-line"]) == 2)
+
+
+def test_an_interactive_program_started_by_exec_with_a_pty_is_guarded_too(exposed):
+    term = exposed.pty("alice@ct-01", "sh -i")  # a shell started as an exec command, e.g. su or sudo -i
+    try:
+        term.expect(PROMPT, timeout=15)
+        shown = _line(term, "tail -c +140 service/latest.dcm")
+        assert b"protected patient-data directory" in shown and DICOM_CANARY not in shown
+        shown = _line(term, "cat service/logs/system.log")
+        assert b"gantry" in shown
+        term.sendline("exit")
+        term.read_until_eof(timeout=15)
+    finally:
+        term.wait(timeout=10)
+        term.close()
+
+
+def test_exec_of_a_shell_reading_the_vendors_input_has_each_line_judged(exposed):
+    r = exposed.ssh("alice@ct-01", "sh", input=b"tail -c +140 service/latest.dcm\nls service\n")
+    assert DICOM_CANARY not in r.stdout and b"patients-link" in r.stdout
+    assert b"protected patient-data directory" in r.stderr

@@ -52,7 +52,7 @@ TABLE: dict[str, Row] = {
                      ("core",), ("cryptography", "pyte"), "record format, reader, replay, command index"),
     "export": Row(2, ("broker/siem.py",), ("core",), (), "audit export sinks (JSON lines, syslog)"),
     "relay": Row(3, ("sessions/relay.py", "sessions/sftp.py", "sessions/scp.py", "sessions/sftp_device.py",
-                    "sessions/cmd_judge.py"),
+                    "sessions/cmd_judge.py", "sessions/shell_guard.py"),
                  ("core", "domain", "codec", "recording"), ("asyncssh",), "moves bytes; asks layer 2, never SQL"),
     "app": Row(3, ("broker/app.py",), ("core", "store", "keys", "domain", "codec", "recording", "export"),
                ("cryptography",),

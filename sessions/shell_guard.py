@@ -1,0 +1,258 @@
+"""Each command line of an interactive shell is judged before the device runs it.
+
+With a PTY (:class:`ShellLineGuard`) the line is read off a live terminal emulator at the vendor's Enter
+(sessions/shell_lines.py), because keystrokes lie (editing, history, completion); without a PTY
+(:class:`PipedLineGuard`: ``ssh -T host < script``, ``bash`` reading a pipe) the input lines are the
+commands. The judge is sessions/cmd_judge.py's (lexical check, then the device's realpath).
+docs/data-protection.md, "Commands resolved like files".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+__all__ = ["ShellLineGuard", "PipedLineGuard", "ECHO_IDLE_S", "ECHO_MAX_S", "PASTE_MAX", "LINE_MAX"]
+
+JUDGE_TIMEOUT_S = 10.0
+ECHO_IDLE_S = 0.015  # the device's echo of the keys before an Enter has settled when it was quiet this long
+ECHO_MAX_S = 0.3
+PASTE_MAX = 64 << 10
+LINE_MAX = 64 << 10
+_PASTE_START, _PASTE_END = b"\x1b[200~", b"\x1b[201~"
+_INTERRUPT = b"\x03"  # Ctrl-C: the shell drops the line (and any here-doc or continuation) and prompts again
+
+
+class _Guard:
+    """What both guards share: a queue of vendor input held while a line is judged, EOF kept in order."""
+
+    def __init__(self, judge: Callable[[str], Awaitable[str | None]], send: Callable[[bytes], None],
+                 send_eof: Callable[[], None], refused: Callable[[str, str], None], timeout: float) -> None:
+        self._judge, self._send, self._send_eof, self._refused, self._timeout = judge, send, send_eof, refused, timeout
+        self._busy = False
+        self._queue = bytearray()
+        self._eof = False
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self.judged: list[float] = []  # seconds each judged line was held before it went on (measured)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def vendor_data(self, data: bytes) -> None:
+        if self._busy:
+            self._queue += data
+            return
+        self._process(bytes(data))
+
+    def vendor_eof(self) -> None:
+        self._eof = True
+        if not self._busy:
+            self._at_eof()
+
+    def device_output(self, data: bytes) -> None:
+        pass
+
+    def resize(self, cols: int, rows: int) -> None:
+        pass
+
+    def _forward(self, data: bytes) -> None:
+        if data and not self._closed:
+            self._send(data)
+
+    def _hold(self, coro, rest: bytes) -> None:
+        """Judge asynchronously; input (and EOF) that arrives meanwhile waits behind it."""
+        self._busy = True
+        self._queue = bytearray(rest)
+        self._task = self._loop.create_task(coro)
+
+    async def _verdict(self, line: str) -> str | None:
+        try:
+            return await asyncio.wait_for(self._judge(line), self._timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # fail closed: a line the broker could not check is not run
+            return (f"medbroker could not check this command line on the device "
+                    f"({type(exc).__name__}: {exc or 'no answer'}); it was not run")
+
+    def _resume(self, rest: bytes) -> None:
+        self._queue.clear()
+        self._busy = False
+        self._task = None
+        if rest:
+            self._process(rest)
+        if self._eof and not self._busy:
+            self._at_eof()
+
+    def _process(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _at_eof(self) -> None:
+        if not self._closed:
+            self._send_eof()
+
+
+class ShellLineGuard(_Guard):
+    """A PTY shell: ordinary keys go straight through; at Enter (CR or LF from the vendor) the line is read
+    off the live screen and judged while further input waits, in order. Allowed: the Enter is sent.
+    Refused: the Enter is not sent, ``refused(line, reason)`` tells the vendor and the audit, Ctrl-C clears
+    the line on the device, typeahead is dropped. A bracketed paste that holds a newline is judged line by
+    line before any of it is sent.
+
+    :param screen: a ``sessions.shell_lines.LiveScreen``, fed here with the device's output
+    :param judge: ``await judge(line) -> refusal or None``; raising or not answering in ``timeout`` refuses
+    :param send: writes bytes to the device's channel; ``send_eof`` sends EOF there
+    :param refused: ``refused(line, reason)``
+    """
+
+    def __init__(self, screen, judge: Callable[[str], Awaitable[str | None]], send: Callable[[bytes], None],
+                 send_eof: Callable[[], None], refused: Callable[[str, str], None], *,
+                 timeout: float = JUDGE_TIMEOUT_S) -> None:
+        super().__init__(judge, send, send_eof, refused, timeout)
+        self.screen = screen
+        self._paste: bytearray | None = None
+        self._last_output = self._last_sent = -1.0
+
+    def device_output(self, data: bytes) -> None:
+        self._last_output = self._loop.time()
+        self.screen.output(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.screen.resize(cols, rows)
+
+    def _forward(self, data: bytes) -> None:
+        if data and not self._closed:
+            self._last_sent = self._loop.time()
+            self._send(data)
+
+    def _process(self, data: bytes) -> None:
+        while data and not self._closed:
+            if self._paste is not None:
+                end = data.find(_PASTE_END)
+                self._paste += data if end < 0 else data[:end + len(_PASTE_END)]
+                if end < 0 and len(self._paste) <= PASTE_MAX:
+                    return
+                paste, self._paste = bytes(self._paste), None
+                data = b"" if end < 0 else data[end + len(_PASTE_END):]
+                body = paste[len(_PASTE_START):]
+                body = body[:-len(_PASTE_END)] if body.endswith(_PASTE_END) else body
+                if b"\r" in body or b"\n" in body or len(paste) > PASTE_MAX:
+                    self._hold(self._judge_paste(paste, body), data)
+                    return
+                self._forward(paste)
+                continue
+            cuts = [i for i in (data.find(b"\r"), data.find(b"\n"), data.find(_PASTE_START)) if i >= 0]
+            if not cuts:
+                self.screen.keystroke()
+                self._forward(data)
+                return
+            i = min(cuts)
+            if i:
+                self.screen.keystroke()
+                self._forward(data[:i])
+            if data.startswith(_PASTE_START, i):
+                self.screen.keystroke()
+                self._paste = bytearray()
+                data = data[i:]
+                continue
+            n = 2 if data[i:i + 2] == b"\r\n" else 1
+            enter, rest = data[i:i + n], data[i + n:]
+            if self.screen.start is None or not self.screen.reading_command():
+                self.screen.line_done()  # nothing typed, or a full-screen program / a command reading input
+                self._forward(enter)
+                data = rest
+                continue
+            self._hold(self._enter(enter), rest)
+            return
+
+    async def _settled(self) -> None:
+        """Wait (briefly) until the device echoed the keys sent so far, so the screen shows the whole line."""
+        deadline = self._loop.time() + ECHO_MAX_S
+        while self._loop.time() < deadline:
+            if self._last_output >= self._last_sent and self._loop.time() - self._last_output >= ECHO_IDLE_S:
+                return
+            await asyncio.sleep(ECHO_IDLE_S / 2)
+
+    async def _enter(self, enter: bytes) -> None:
+        began = self._loop.time()
+        await self._settled()
+        line = self.screen.line()
+        reason = await self._verdict(line) if line.strip() else None
+        self.judged.append(self._loop.time() - began)
+        self.screen.line_done()
+        self._finish(enter, line, reason)
+
+    async def _judge_paste(self, paste: bytes, body: bytes) -> None:
+        await self._settled()
+        prefix = self.screen.line() if self.screen.start is not None else ""
+        reason, shown = None, ""
+        if len(paste) > PASTE_MAX:
+            reason = f"a paste of more than {PASTE_MAX // 1024} KiB cannot be checked; paste less at a time"
+        text = (prefix + body.decode("utf-8", "replace")).replace("\r\n", "\n").replace("\r", "\n")
+        for line in text.split("\n"):
+            if reason is None and line.strip():
+                reason = await self._verdict(line)
+                shown = line
+        self._finish(paste, shown, reason)
+
+    def _finish(self, allowed: bytes, line: str, reason: str | None) -> None:
+        if self._closed:
+            return
+        if reason is None:
+            self._forward(allowed)
+            self._resume(bytes(self._queue))
+            return
+        self.screen.line_done()
+        self._refused(line, reason)  # first, so the shell's fresh prompt comes after the reason
+        self._forward(_INTERRUPT)
+        self._resume(b"")  # typeahead was typed on the assumption that the refused line ran
+
+
+class PipedLineGuard(_Guard):
+    """A shell without a PTY reads its commands from the vendor's input: each line is judged before it is
+    sent; a refused line is not sent (the vendor reads why on stderr) and the next one is judged in turn.
+    A line the broker cannot hold (over LINE_MAX bytes) is refused."""
+
+    def __init__(self, judge: Callable[[str], Awaitable[str | None]], send: Callable[[bytes], None],
+                 send_eof: Callable[[], None], refused: Callable[[str, str], None], *,
+                 timeout: float = JUDGE_TIMEOUT_S) -> None:
+        super().__init__(judge, send, send_eof, refused, timeout)
+        self._line = bytearray()
+
+    def _process(self, data: bytes) -> None:
+        while data and not self._closed:
+            cut = data.find(b"\n")
+            if cut < 0:
+                self._line += data
+                if len(self._line) > LINE_MAX:
+                    self._line.clear()
+                    self._refused("", f"a command line longer than {LINE_MAX // 1024} KiB cannot be checked")
+                return
+            line, data = bytes(self._line) + data[:cut + 1], data[cut + 1:]
+            self._line.clear()
+            self._hold(self._judge_line(line), data)
+            return
+
+    def _at_eof(self) -> None:
+        if self._line:  # a last line without a newline is a command too
+            line = bytes(self._line)
+            self._line.clear()
+            self._hold(self._judge_line(line), b"")
+            return
+        super()._at_eof()
+
+    async def _judge_line(self, line: bytes) -> None:
+        began = self._loop.time()
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        reason = await self._verdict(text) if text.strip() else None
+        self.judged.append(self._loop.time() - began)
+        if self._closed:
+            return
+        if reason is None:
+            self._forward(line)
+        else:
+            self._refused(text, reason)
+        self._resume(bytes(self._queue))
