@@ -151,7 +151,11 @@ async def judge_command(command: str, protected: ProtectedPaths, device: DeviceP
 
 async def _judge_word(word: PathWord, protected: ProtectedPaths, device: DevicePaths, strict: bool) -> Decision | None:
     canonical = await resolve(device, word.path)
-    hit = _verdict(word, canonical, protected)
+    if word.glob:  # the directory a pattern starts in is not read itself: only protected if inside a tree
+        root = protected.protecting(canonical)
+        hit = _verdict(word, canonical, protected) if root else None
+    else:
+        hit = _verdict(word, canonical, protected)
     if hit or not word.glob:
         return hit
     matches = await _expand(device, canonical, [c for c in word.glob.split("/") if c], 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
-__all__ = ["ShellLineGuard", "PipedLineGuard", "ECHO_IDLE_S", "ECHO_MAX_S", "PASTE_MAX", "LINE_MAX"]
+__all__ = ["ShellLineGuard", "PipedLineGuard", "typed_text", "ECHO_IDLE_S", "ECHO_MAX_S", "PASTE_MAX", "LINE_MAX"]
 
 JUDGE_TIMEOUT_S = 10.0
 ECHO_IDLE_S = 0.015  # the device's echo of the keys before an Enter has settled when it was quiet this long
@@ -115,6 +115,7 @@ class ShellLineGuard(_Guard):
         self.screen = screen
         self._paste: bytearray | None = None
         self._last_output = self._last_sent = -1.0
+        self._typed = bytearray()  # keys sent since the line began: judged too, in case the screen does not show them
 
     def device_output(self, data: bytes) -> None:
         self._last_output = self._loop.time()
@@ -146,13 +147,11 @@ class ShellLineGuard(_Guard):
                 continue
             cuts = [i for i in (data.find(b"\r"), data.find(b"\n"), data.find(_PASTE_START)) if i >= 0]
             if not cuts:
-                self.screen.keystroke()
-                self._forward(data)
+                self._key(data)
                 return
             i = min(cuts)
             if i:
-                self.screen.keystroke()
-                self._forward(data[:i])
+                self._key(data[:i])
             if data.startswith(_PASTE_START, i):
                 self.screen.keystroke()
                 self._paste = bytearray()
@@ -161,12 +160,22 @@ class ShellLineGuard(_Guard):
             n = 2 if data[i:i + 2] == b"\r\n" else 1
             enter, rest = data[i:i + n], data[i + n:]
             if self.screen.start is None or not self.screen.reading_command():
-                self.screen.line_done()  # nothing typed, or a full-screen program / a command reading input
+                self._line_done()  # nothing typed, or a full-screen program / a command reading input
                 self._forward(enter)
                 data = rest
                 continue
             self._hold(self._enter(enter), rest)
             return
+
+    def _key(self, data: bytes) -> None:
+        self.screen.keystroke()
+        if len(self._typed) < LINE_MAX:
+            self._typed += data
+        self._forward(data)
+
+    def _line_done(self) -> None:
+        self.screen.line_done()
+        self._typed.clear()
 
     async def _settled(self) -> None:
         """Wait (briefly) until the device echoed the keys sent so far, so the screen shows the whole line."""
@@ -179,11 +188,15 @@ class ShellLineGuard(_Guard):
     async def _enter(self, enter: bytes) -> None:
         began = self._loop.time()
         await self._settled()
-        line = self.screen.line()
-        reason = await self._verdict(line) if line.strip() else None
+        line, typed = self.screen.line(), typed_text(bytes(self._typed))
+        # The screen shows what the shell will run (editing, history, completion); the keys count too, for a
+        # shell that does not echo them (stty -echo) or echoes them late.
+        candidates = [text for text in dict.fromkeys((line, typed)) if text.strip()]
+        reasons = await asyncio.gather(*(self._verdict(text) for text in candidates))
+        hit = next(((text, r) for text, r in zip(candidates, reasons) if r), None)
         self.judged.append(self._loop.time() - began)
-        self.screen.line_done()
-        self._finish(enter, line, reason)
+        self._line_done()
+        self._finish(enter, hit[0] if hit else line, hit[1] if hit else None)
 
     async def _judge_paste(self, paste: bytes, body: bytes) -> None:
         await self._settled()
@@ -205,10 +218,42 @@ class ShellLineGuard(_Guard):
             self._forward(allowed)
             self._resume(bytes(self._queue))
             return
-        self.screen.line_done()
+        self._line_done()
         self._refused(line, reason)  # first, so the shell's fresh prompt comes after the reason
         self._forward(_INTERRUPT)
         self._resume(b"")  # typeahead was typed on the assumption that the refused line ran
+
+
+def typed_text(keys: bytes) -> str:
+    """The line a plain terminal would hold after ``keys``: backspace, Ctrl-U and Ctrl-W applied, escape
+    sequences (arrows, function keys) and other control characters left out."""
+    out: list[str] = []
+    text = keys.decode("utf-8", "replace")
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c in "\x7f\x08":
+            if out:
+                out.pop()
+        elif c == "\x15":
+            out.clear()
+        elif c == "\x17":
+            while out and out[-1] == " ":
+                out.pop()
+            while out and out[-1] != " ":
+                out.pop()
+        elif c == "\x1b":
+            j = i + 1
+            if j < len(text) and text[j] in "[O":
+                j += 1
+                while j < len(text) and not ("@" <= text[j] <= "~"):
+                    j += 1
+            i = j + 1
+            continue
+        elif c >= " " or c == "\t":
+            out.append(c)
+        i += 1
+    return "".join(out)
 
 
 class PipedLineGuard(_Guard):
