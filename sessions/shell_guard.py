@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
+from sessions.cmd_paths import closed_for_judging, incomplete
+
 __all__ = ["ShellLineGuard", "PipedLineGuard", "typed_text", "ECHO_IDLE_S", "ECHO_MAX_S", "PASTE_MAX", "LINE_MAX"]
 
 JUDGE_TIMEOUT_S = 10.0
@@ -35,6 +37,7 @@ class _Guard:
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._pending = ""  # lines of a command the shell is still reading (open quote, here-doc, for ... do)
         self.judged: list[float] = []  # seconds each judged line was held before it went on (measured)
 
     def close(self) -> None:
@@ -77,6 +80,23 @@ class _Guard:
         except Exception as exc:  # fail closed: a line the broker could not check is not run
             return (f"medbroker could not check this command line on the device "
                     f"({type(exc).__name__}: {exc or 'no answer'}); it was not run")
+
+    async def _judge_lines(self, lines: list[str]) -> tuple[str, str | None]:
+        """Judge the line(s) just ended (screen and keys for a PTY), each with the earlier lines of a command
+        the shell is still reading. Returns (what was judged, refusal or None); keeps the pending lines."""
+        composed = list(dict.fromkeys(f"{self._pending}\n{t}" if self._pending else t for t in lines if t.strip()))
+        if not composed:
+            return "", None
+        reasons = await asyncio.gather(*(self._verdict(closed_for_judging(text)) for text in composed))
+        for text, reason in zip(composed, reasons):
+            if reason:
+                self._pending = ""
+                return text, reason
+        self._pending = composed[0] if incomplete(composed[0]) else ""
+        if len(self._pending) > LINE_MAX:
+            self._pending = ""
+            return composed[0][:200], f"a command longer than {LINE_MAX // 1024} KiB cannot be checked"
+        return composed[0], None
 
     def _resume(self, rest: bytes) -> None:
         self._queue.clear()
@@ -168,6 +188,8 @@ class ShellLineGuard(_Guard):
             return
 
     def _key(self, data: bytes) -> None:
+        if b"\x03" in data:  # the shell drops a command it was still reading
+            self._pending = ""
         self.screen.keystroke()
         if len(self._typed) < LINE_MAX:
             self._typed += data
@@ -191,12 +213,14 @@ class ShellLineGuard(_Guard):
         line, typed = self.screen.line(), typed_text(bytes(self._typed))
         # The screen shows what the shell will run (editing, history, completion); the keys count too, for a
         # shell that does not echo them (stty -echo) or echoes them late.
-        candidates = [text for text in dict.fromkeys((line, typed)) if text.strip()]
-        reasons = await asyncio.gather(*(self._verdict(text) for text in candidates))
-        hit = next(((text, r) for text, r in zip(candidates, reasons) if r), None)
+        # A single typed word without a slash names no path (it would be a command name): not sent to the
+        # device's realpath, so a password typed at a prompt that does not echo is not either.
+        if not any(c in typed.strip() for c in " \t/"):
+            typed = ""
+        judged, reason = await self._judge_lines([line, typed])
         self.judged.append(self._loop.time() - began)
         self._line_done()
-        self._finish(enter, hit[0] if hit else line, hit[1] if hit else None)
+        self._finish(enter, judged or line, reason)
 
     async def _judge_paste(self, paste: bytes, body: bytes) -> None:
         await self._settled()
@@ -205,10 +229,12 @@ class ShellLineGuard(_Guard):
         if len(paste) > PASTE_MAX:
             reason = f"a paste of more than {PASTE_MAX // 1024} KiB cannot be checked; paste less at a time"
         text = (prefix + body.decode("utf-8", "replace")).replace("\r\n", "\n").replace("\r", "\n")
+        pending = self._pending
         for line in text.split("\n"):
-            if reason is None and line.strip():
-                reason = await self._verdict(line)
-                shown = line
+            if reason is None:
+                shown, reason = await self._judge_lines([line])
+        if reason is None:  # the pasted text stays in the shell's buffer until Enter: that Enter judges it again
+            self._pending = pending
         self._finish(paste, shown, reason)
 
     def _finish(self, allowed: bytes, line: str, reason: str | None) -> None:
@@ -292,12 +318,12 @@ class PipedLineGuard(_Guard):
     async def _judge_line(self, line: bytes) -> None:
         began = self._loop.time()
         text = line.decode("utf-8", "replace").rstrip("\r\n")
-        reason = await self._verdict(text) if text.strip() else None
+        judged, reason = await self._judge_lines([text])
         self.judged.append(self._loop.time() - began)
         if self._closed:
             return
         if reason is None:
             self._forward(line)
         else:
-            self._refused(text, reason)
+            self._refused(judged, reason)
         self._resume(bytes(self._queue))

@@ -8,6 +8,8 @@ cursor row is the line the shell will run (after editing, history recall and tab
 
 from __future__ import annotations
 
+import re
+
 import pyte
 
 __all__ = ["LiveScreen"]
@@ -19,6 +21,8 @@ _EXACT = 32 << 10
 _TAIL = 16 << 10
 _ALT_SCREENS = frozenset(m << 5 for m in (47, 1047, 1049))  # pyte keeps private modes shifted left by 5
 _BRACKETED_PASTE = 2004 << 5
+# readline's incremental search shows "(reverse-i-search)`aXb': echo aXbc"; Enter runs what follows the prompt.
+_SEARCH = re.compile(r"^\((?:failed )?(?:reverse-|bck-|fwd-)?i-search\)`[^']*': ")
 
 
 class LiveScreen:
@@ -88,6 +92,9 @@ class LiveScreen:
         text = "".join(parts).rstrip()
         if self.start is None and text.startswith("> "):  # bash's PS2
             text = text[2:]
+        search = _SEARCH.match(rows[y_end])  # the search prompt replaces the whole row, prompt included
+        if search:
+            text = rows[y_end][search.end():].rstrip()
         return text[:_MAX_LINE]
 
     def line_done(self) -> None:

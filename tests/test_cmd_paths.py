@@ -334,3 +334,38 @@ def test_the_screen_reader_and_key_editor_never_raise(output, keys):
     screen.output(keys)
     assert isinstance(screen.line(), str) and len(screen.line()) <= 8192
     assert isinstance(typed_text(keys), str)
+
+
+def _piped(lines: bytes) -> _Sink:
+    async def go():
+        sink = _Sink()
+
+        async def judge_line(text):
+            await asyncio.sleep(0.002)
+            return "no" if "secret" in text else None
+        guard = PipedLineGuard(judge_line, sink.sent.extend, lambda: setattr(sink, "eof", True),
+                               lambda line, reason: sink.refusals.append((line, reason)))
+        guard.vendor_data(lines)
+        guard.vendor_eof()
+        await asyncio.sleep(0.3)
+        return sink
+    return asyncio.run(go())
+
+
+def test_a_command_spread_over_lines_is_judged_whole_and_never_unjudged():
+    sink = _piped(b"echo 'one\ntwo' && cat secret\nls\n")  # the second line completes a refused command
+    assert bytes(sink.sent) == b"echo 'one\nls\n" and "cat secret" in sink.refusals[0][0]
+    sink = _piped(b"cat secret # it's a comment\nls\n")  # looks incomplete to a reader that misses comments
+    assert bytes(sink.sent) == b"ls\n" and sink.refusals
+    sink = _piped(b"cat > /tmp/x <<EOF\nit's a secret in the body\nEOF\nls\n")  # a here-doc body is input
+    assert bytes(sink.sent) == b"cat > /tmp/x <<EOF\nit's a secret in the body\nEOF\nls\n" and not sink.refusals
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("echo 'multi", True), ("echo 'multi\nline'", False), ("cat <<EOF", True), ("cat <<EOF\nit's\nEOF", False),
+    ("for f in *; do", True), ("for f in *; do\necho $f\ndone", False), ("ls |", True), ("if true; then", True),
+    ("if true; then echo; fi", False), ("echo a \\", True), ("cat <<< x", False), ("{ ls;", True), ("ls", False)])
+def test_incomplete_commands(text, expected):
+    from sessions.cmd_paths import incomplete
+
+    assert incomplete(text) is expected

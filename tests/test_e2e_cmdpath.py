@@ -16,6 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.openssh
 PROMPT = re.compile(rb"[#$] $")
+PS2 = re.compile(rb"> $")
 DICOM_CANARY = b"TEST^PATIENT"
 HL7_CANARY = b"TEST^PATIENT^THREE"
 
@@ -175,6 +176,21 @@ def test_shell_lines_built_at_run_time_are_refused_on_an_exposed_device(exposed)
             assert b"refused" in shown and DICOM_CANARY not in shown, shown
         shown = _line(term, "ls service")
         assert b"patients-link" in shown and b"refused" not in shown
+        shown = _line(term, "tail -c +140 service/latest.dcm # it's only a comment")
+        assert b"refused" in shown and DICOM_CANARY not in shown
+        term.sendline("for f in service/logs/*.log; do")
+        term.expect(PS2, timeout=10)
+        term.sendline("wc -l $f")
+        term.expect(PS2, timeout=10)
+        shown = _line(term, "done")
+        assert b"system.log" in shown and b"refused" not in shown, shown
+        term.sendline("cat > /tmp/cmdpath-$$.txt <<'EOF'")
+        term.expect(PS2, timeout=10)
+        term.sendline("it's a note; cat service/latest.dcm")  # a here-doc body is data, not a command
+        term.expect(PS2, timeout=10)
+        shown = _line(term, "EOF")
+        shown += _line(term, "cat /tmp/cmdpath-$$.txt; rm -f /tmp/cmdpath-$$.txt")
+        assert b"it's a note" in shown and b"refused" not in shown, shown
         term.sendline("exit")
         term.read_until_eof(timeout=15)
     finally:
