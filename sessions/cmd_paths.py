@@ -177,6 +177,13 @@ def _judge_substitution(inner: str, walk: _Walk) -> None:
         separators = [t for t in _tokenize(inner) if isinstance(t, str)]
     except _ParseError:
         words, separators = [], ["?"]
+    if words and words[0] == "echo" and not separators and "$" not in inner and "\\" not in inner \
+            and not any(w.startswith("-") for w in words[1:]):
+        # `echo literal` (Ansible's temporary directories): its output is its words, judged as paths here
+        for word in words[1:]:
+            word = _tilde(word)
+            walk.add(word if word.startswith(("/", _HOME)) else _join(_HOME, word), word, False)
+        return
     if not words or words[0] not in _PURE_SUBST or separators or "$" in inner:
         walk.flag(f"command substitution $({inner.strip()[:60]}): its output becomes part of the command, and "
                   "medbroker cannot see which files that names")

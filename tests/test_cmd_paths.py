@@ -93,6 +93,7 @@ SYMLINKED = [
     "sh -c 'tail service/latest.dcm'", "sudo -u root tail service/latest.dcm", "find service/patients-link -type f",
     "python3 -c 'print(open(\"service/latest.dcm\").read())'", "cp service/latest.dcm /tmp/x",
     "rsync -a service/patients-link/ /tmp/y", "ln -s service/patients-link /tmp/z",
+    "cat $(echo service/latest.dcm)", "cat \"`echo service/patients-link/adt_a01.hl7`\"",
     # metadata too, as over SFTP (stat, listing): names and sizes of patient files stay on the device
     "ls -la service/patients-link", "stat service/latest.dcm", "ls service/*", "readlink service/latest.dcm",
 ]
@@ -115,6 +116,10 @@ BENIGN = [
     "ls service/logs/*", "echo $HOME $USER $$", "python3 -c 'print(42)'", "awk '{print $1}' service/logs/system.log",
     "find service/logs -name '*.log'", "cp /tmp/fw.bin service/firmware/", "journalctl -u vendor --since today",
     "bash -c 'ls service'", "X=service/logs; cat $X/system.log", "ps aux | grep vendor | head",
+    # Ansible's own commands (ansible-core 2.x, sh shell plugin)
+    "/bin/sh -c 'echo ~ && sleep 0'",
+    "/bin/sh -c '( umask 77 && mkdir -p \"` echo ~/.ansible/tmp `\"&& mkdir \"` echo ~/.ansible/tmp/ansible-tmp-1-2 `\" "
+    "&& echo ansible-tmp-1-2=\"` echo ~/.ansible/tmp/ansible-tmp-1-2 `\" ) && sleep 0'",
 ]
 
 
