@@ -272,8 +272,15 @@ class SessionPolicy:
         if relay.pty is None:
             return PipedLineGuard(self.judge_line, up.write, up.write_eof, refused)
         size = relay.pty[1] or (80, 24)
+
+        def ran_anyway(reason: str) -> None:  # a line that ran without a judged Enter named patient data
+            self.broker.spawn(self.live.terminate(
+                "stopped", f"a command line ran without Enter and was refused as it ran ({reason}); the session "
+                "was ended"))
+
         return ShellLineGuard(LiveScreen(int(size[0]) or 80, int(size[1]) or 24), self.judge_line, up.write,
-                              up.write_eof, refused)
+                              up.write_eof, refused, end=ran_anyway,
+                              pause=lambda on: (relay.hold if on else relay.release)("device", "line-judge"))
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":

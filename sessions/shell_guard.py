@@ -22,6 +22,7 @@ ECHO_MAX_S = 0.3
 PASTE_MAX = 64 << 10
 LINE_MAX = 64 << 10
 _PASTE_START, _PASTE_END = b"\x1b[200~", b"\x1b[201~"
+_PASTE_ON, _PASTE_OFF = b"\x1b[?2004h", b"\x1b[?2004l"
 _INTERRUPT = b"\x03"  # Ctrl-C: the shell drops the line (and any here-doc or continuation) and prompts again
 
 
@@ -126,20 +127,53 @@ class ShellLineGuard(_Guard):
     :param judge: ``await judge(line) -> refusal or None``; raising or not answering in ``timeout`` refuses
     :param send: writes bytes to the device's channel; ``send_eof`` sends EOF there
     :param refused: ``refused(line, reason)``
+    :param end: ``end(reason)`` ends the session: a line ran without an Enter the guard saw (a key bound to
+        accept-line; bash >= 5.1 says so by turning bracketed paste off) and was refused as it ran
+    :param pause: ``pause(True/False)`` stops/resumes reading the device while such a line is judged
     """
 
     def __init__(self, screen, judge: Callable[[str], Awaitable[str | None]], send: Callable[[bytes], None],
                  send_eof: Callable[[], None], refused: Callable[[str, str], None], *,
+                 end: Callable[[str], None] | None = None, pause: Callable[[bool], None] | None = None,
                  timeout: float = JUDGE_TIMEOUT_S) -> None:
         super().__init__(judge, send, send_eof, refused, timeout)
         self.screen = screen
+        self._end, self._pause = end, pause
+        self._armed = False  # an Enter (or Ctrl-C/Ctrl-D) went to the shell since its last prompt
+        self._tail = b""
         self._paste: bytearray | None = None
         self._last_output = self._last_sent = -1.0
         self._typed = bytearray()  # keys sent since the line began: judged too, in case the screen does not show them
 
     def device_output(self, data: bytes) -> None:
         self._last_output = self._loop.time()
+        seen = self._tail + data
+        self._tail = seen[-8:]
+        ran = seen.rfind(_PASTE_OFF)
+        if ran >= 0 and seen.rfind(_PASTE_ON) < ran and not self._armed and self.screen.start is not None:
+            # bash (>= 5.1) turns bracketed paste off when it runs a line: this one ran without an Enter the
+            # guard judged (a key bound to accept-line). Judge it as it runs; a hit ends the session.
+            self.screen.output(data[:max(0, len(data) - (len(seen) - ran))])
+            line = self.screen.line()
+            self.screen.line_done()
+            self._typed.clear()
+            self._armed = True
+            if self._pause is not None:  # no more of its output until it is judged
+                self._pause(True)
+            self._loop.create_task(self._judge_ran(line))
+        elif seen.rfind(_PASTE_ON) > ran:
+            self._armed = False
         self.screen.output(data)
+
+    async def _judge_ran(self, line: str) -> None:
+        judged, reason = await self._judge_lines([line])
+        if reason and not self._closed:
+            self._refused(judged, reason)
+            if self._end is not None:
+                self._end(reason)
+                return
+        if self._pause is not None:
+            self._pause(False)
 
     def resize(self, cols: int, rows: int) -> None:
         self.screen.resize(cols, rows)
@@ -165,7 +199,8 @@ class ShellLineGuard(_Guard):
                     return
                 self._forward(paste)
                 continue
-            cuts = [i for i in (data.find(b"\r"), data.find(b"\n"), data.find(_PASTE_START)) if i >= 0]
+            cuts = [i for i in (data.find(b"\r"), data.find(b"\n"), data.find(b"\x0f"), data.find(_PASTE_START))
+                    if i >= 0]  # CR, LF and Ctrl-O (readline's operate-and-get-next) run the line
             if not cuts:
                 self._key(data)
                 return
@@ -181,6 +216,7 @@ class ShellLineGuard(_Guard):
             enter, rest = data[i:i + n], data[i + n:]
             if self.screen.start is None or not self.screen.reading_command():
                 self._line_done()  # nothing typed, or a full-screen program / a command reading input
+                self._armed = True
                 self._forward(enter)
                 data = rest
                 continue
@@ -188,12 +224,16 @@ class ShellLineGuard(_Guard):
             return
 
     def _key(self, data: bytes) -> None:
-        if b"\x03" in data:  # the shell drops a command it was still reading
-            self._pending = ""
         self.screen.keystroke()
         if len(self._typed) < LINE_MAX:
             self._typed += data
         self._forward(data)
+        if b"\x04" in data:  # on an empty line the shell exits
+            self._armed = True
+        if b"\x03" in data:  # the shell drops the line, and a command it was still reading
+            self._armed = True
+            self._pending = ""
+            self._line_done()
 
     def _line_done(self) -> None:
         self.screen.line_done()
@@ -240,6 +280,7 @@ class ShellLineGuard(_Guard):
     def _finish(self, allowed: bytes, line: str, reason: str | None) -> None:
         if self._closed:
             return
+        self._armed = True
         if reason is None:
             self._forward(allowed)
             self._resume(bytes(self._queue))

@@ -374,3 +374,46 @@ def test_incomplete_commands(text, expected):
     from sessions.cmd_paths import incomplete
 
     assert incomplete(text) is expected
+
+
+def test_a_line_run_without_a_judged_enter_is_judged_as_it_runs_and_ends_the_session():
+    async def go():
+        sink, ended = _Sink(), []
+
+        async def judge_line(text):
+            return "no" if "secret" in text else None
+        guard = ShellLineGuard(LiveScreen(80, 24), judge_line, sink.sent.extend, lambda: None,
+                               lambda line, reason: sink.refusals.append((line, reason)), end=ended.append)
+        guard.device_output(b"\x1b[?2004h$ ")
+        guard.vendor_data(b"cat secret")
+        guard.device_output(b"cat secret")
+        guard.vendor_data(b"x")  # a key rebound to accept-line: bash runs the line and says so
+        guard.device_output(b"\x1b[?2004l\r\n")
+        await asyncio.sleep(0.05)
+        return sink, ended
+    sink, ended = asyncio.run(go())
+    assert sink.refusals and sink.refusals[0][0].startswith("cat secret") and ended == ["no"]
+
+
+def test_ctrl_c_and_a_judged_enter_do_not_count_as_running_unjudged():
+    async def go():
+        sink, ended = _Sink(), []
+
+        async def judge_line(text):
+            return "no" if "secret" in text else None
+        guard = ShellLineGuard(LiveScreen(80, 24), judge_line, sink.sent.extend, lambda: None,
+                               lambda line, reason: sink.refusals.append((line, reason)), end=ended.append)
+        guard.device_output(b"\x1b[?2004h$ ")
+        guard.vendor_data(b"cat secret")
+        guard.device_output(b"cat secret")
+        guard.vendor_data(b"\x03")  # the vendor gives up on the line
+        guard.device_output(b"^C\x1b[?2004l\r\r\n\x1b[?2004h$ ")
+        guard.vendor_data(b"ls")
+        guard.device_output(b"ls")
+        guard.vendor_data(b"\x0f")  # Ctrl-O runs the line too: judged like Enter
+        await asyncio.sleep(0.4)
+        guard.device_output(b"\x1b[?2004l\r\nfile\r\n\x1b[?2004h$ ")
+        await asyncio.sleep(0.05)
+        return sink, ended
+    sink, ended = asyncio.run(go())
+    assert not sink.refusals and not ended and bytes(sink.sent) == b"cat secret\x03ls\x0f"

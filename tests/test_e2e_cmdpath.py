@@ -227,3 +227,22 @@ def test_exec_of_a_shell_reading_the_vendors_input_has_each_line_judged(exposed)
     r = exposed.ssh("alice@ct-01", "sh", input=b"tail -c +140 service/latest.dcm\nls service\n")
     assert DICOM_CANARY not in r.stdout and b"patients-link" in r.stdout
     assert b"protected patient-data directory" in r.stderr
+
+
+def test_a_line_run_by_a_rebound_key_is_judged_as_it_runs_and_ends_the_session(exposed):
+    term = exposed.pty("alice@ct-01", "bash --norc --noprofile -i")
+    try:
+        term.expect(PROMPT, timeout=15)
+        _line(term, "bind '\"\\C-x\": accept-line'")  # Ctrl-X now runs the line, no Enter needed
+        term.send("tail -c +140 service/latest.dcm")
+        time.sleep(0.2)
+        term.send(b"\x18")
+        term.read_until_eof(timeout=15)
+    finally:
+        term.wait(timeout=10)
+        term.close()
+    shown = bytes(term.output)
+    assert b"refused" in shown and b"was ended" in shown, shown
+    assert DICOM_CANARY not in shown  # its output was held while the line was judged
+    assert _wait(lambda: exposed.app.store.list_sessions()[-1]["status"] == "stopped")
+    assert _wait(lambda: [e for e in exposed.events("exec.denied") if _kind(e) == "shell-line"])
