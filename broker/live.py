@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from broker.clock import utc_iso
+from broker.containment import session_containment
 from broker.config import format_duration
 from broker.devices import Device
 from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
@@ -80,6 +81,7 @@ class LiveSession:
         self._timers: list[asyncio.TimerHandle] = []
         self._end_status = "closed"
         self._end_reason = "vendor disconnected"
+        self.containment = None  # the ContainmentReport that applies (broker/containment.py), set at start
 
     # ---------------------------------------------------------------- setup
     async def start(self) -> None:
@@ -94,6 +96,7 @@ class LiveSession:
             "session_id": self.id, "user": self.user, "device": self.device.name, "grant_id": self.grant.id,
             "source": self.server.source, "started_at": utc_iso(now), "device_host": self.device.host,
             "device_host_key": self.device.host_key_fingerprint, "grant_ends_at": utc_iso(self.grant.ends_at),
+            "containment": self.device.containment, "containment_checked_at": self.device.containment_checked_at,
         }
         key_id, key = b.app.keys.current() if s.encrypt else (None, None)
         loop = asyncio.get_running_loop()
@@ -118,6 +121,7 @@ class LiveSession:
         })
         try:
             self.upconn = await self._connect()
+            self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
         except BrokerError as exc:
             await self.finish("failed", reason=exc.message)
             raise
@@ -128,7 +132,7 @@ class LiveSession:
         b.live[self.id] = self
         await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
                       session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
-                      grant_ends_at=utc_iso(self.grant.ends_at))
+                      grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state)
         self._schedule_window()
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
@@ -187,6 +191,7 @@ class LiveSession:
         ctx = ChannelContext(
             number=self.numbers, recorder=self.recorder, open_upstream=self._open_upstream,
             check_exec=policy.check_exec, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
+            check_shell=policy.check_shell,
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
             judge_exec=policy.judge_exec, make_line_guard=policy.make_line_guard,
             on_detection=self._detected, on_closed=self._channel_closed,

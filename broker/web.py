@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
 import jinja2
+import markupsafe
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,6 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from broker.app import App
+from broker.health import Health, health_routes
 from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, parse_listen
 from broker.errors import (BrokerError, ConfigError, ConflictError, GrantExpiredError, NotFoundError,
@@ -58,6 +61,15 @@ def _hhmm(value: str | None) -> str:
     return value[:16].replace("T", " ") + " UTC" if value else ""
 
 
+def _visible(value: Any) -> Any:
+    """Bidi overrides, zero-width and other format characters in stored text are shown as ``<U+202E>``, not
+    obeyed (issue 11): they would reorder or hide what an approver reads. Markup (tojson, safe) is left alone."""
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup) and not value.isascii():
+        return "".join(f"<U+{ord(c):04X}>" if unicodedata.category(c) in ("Cf", "Cs", "Zl", "Zp") else c
+                       for c in value)
+    return value
+
+
 def _bytes(n: int | None) -> str:
     n = int(n or 0)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -76,7 +88,8 @@ class Web:
         self.closing = asyncio.Event()
         self.flashes: dict[str, list[tuple[str, str]]] = {}
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
-                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                                      finalize=_visible)
         self.env.filters.update(hhmm=_hhmm, nbytes=_bytes, duration=format_duration)
 
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -254,6 +267,7 @@ def create_web_app(app: App, *, broker: Any = None) -> Starlette:
         Route("/events/{topic}", s.changes),
         Route("/sessions/{sid}/stream", s.watch_stream),
         Mount("/static", app=StaticFiles(directory=str(_HERE / "static")), name="static"),
+        *health_routes(Health(app, broker)),
     ]
     asgi = Starlette(routes=routes)
     asgi.state.web = web

@@ -90,6 +90,8 @@ class ChannelContext:
     check_exec: Callable[[str], str | None] = lambda command: None
     """Returns a refusal message for an exec command, or None to allow it."""
     check_subsystem: Callable[[str], str | None] = lambda name: f"subsystem {name} is not available"
+    check_shell: Callable[[], str | None] = lambda: None
+    """Returns a refusal message for an interactive shell, or None to allow it."""
     make_filter: Callable[["RelaySession", str], SubsystemFilter | None] | None = None
     make_exec_handler: Callable[["RelaySession", str], ExecHandler | None] | None = None
     """Asked first for each exec command: a handler that serves it in the broker (check_exec is then not
@@ -180,6 +182,7 @@ class RelaySession(asyncssh.SSHServerSession):
     def shell_requested(self) -> bool:
         self.kind = "shell"
         self.ctx.recorder.append_event(self.ctx.number, "shell", {})
+        self.refusal = self.ctx.check_shell()
         return True
 
     def exec_requested(self, command: str | bytes) -> bool:

@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import re
+import unicodedata
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -139,7 +140,10 @@ def safe(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return _UNSAFE.sub("?", str(value))
+    text = _UNSAFE.sub("?", str(value))
+    # bidi overrides, zero-width and other format characters (issue 11): shown, not obeyed
+    return text if text.isascii() else "".join(
+        f"<U+{ord(c):04X}>" if unicodedata.category(c) in ("Cf", "Cs") else c for c in text)
 
 
 def when(value: datetime | str | None) -> str:
