@@ -246,3 +246,10 @@ def test_a_line_run_by_a_rebound_key_is_judged_as_it_runs_and_ends_the_session(e
     assert DICOM_CANARY not in shown  # its output was held while the line was judged
     assert _wait(lambda: exposed.app.store.list_sessions()[-1]["status"] == "stopped")
     assert _wait(lambda: [e for e in exposed.events("exec.denied") if _kind(e) == "shell-line"])
+
+
+def test_on_a_contained_device_run_time_paths_are_left_to_the_device(contained):
+    # base64 of service/latest.dcm: the broker cannot know the path; the device's permissions refuse the read
+    r = contained.ssh("alice@ct-01", "tail -c +140 $(echo c2VydmljZS9sYXRlc3QuZGNt | base64 -d)")
+    assert r.returncode != 0 and DICOM_CANARY not in r.stdout
+    assert b"Permission denied" in r.stderr and b"medbroker" not in r.stderr, r.stderr
