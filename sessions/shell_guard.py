@@ -19,6 +19,7 @@ __all__ = ["ShellLineGuard", "PipedLineGuard", "typed_text", "ECHO_IDLE_S", "ECH
 JUDGE_TIMEOUT_S = 10.0
 ECHO_IDLE_S = 0.015  # the device's echo of the keys before an Enter has settled when it was quiet this long
 ECHO_MAX_S = 0.3
+DRAW_IDLE_S = 0.05  # the screen is drawn once the device's output paused this long
 PASTE_MAX = 64 << 10
 LINE_MAX = 64 << 10
 _PASTE_START, _PASTE_END = b"\x1b[200~", b"\x1b[201~"
@@ -45,6 +46,9 @@ class _Guard:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
+        drawing = getattr(self, "_drawing", None)
+        if drawing is not None:
+            drawing.cancel()
 
     def vendor_data(self, data: bytes) -> None:
         if self._busy:
@@ -140,6 +144,7 @@ class ShellLineGuard(_Guard):
         self.screen = screen
         self._end, self._pause = end, pause
         self._armed = False  # an Enter (or Ctrl-C/Ctrl-D) went to the shell since its last prompt
+        self._drawing: asyncio.TimerHandle | None = None
         self._tail = b""
         self._paste: bytearray | None = None
         self._last_output = self._last_sent = -1.0
@@ -164,6 +169,17 @@ class ShellLineGuard(_Guard):
         elif seen.rfind(_PASTE_ON) > ran:
             self._armed = False
         self.screen.output(data)
+        if self._drawing is None:  # draw when the output pauses, so the next keystroke rarely has to
+            self._drawing = self._loop.call_later(DRAW_IDLE_S, self._draw)
+
+    def _draw(self) -> None:
+        if self._closed:
+            return
+        if self._loop.time() - self._last_output < DRAW_IDLE_S:
+            self._drawing = self._loop.call_later(DRAW_IDLE_S, self._draw)
+            return
+        self._drawing = None
+        self.screen.settle()
 
     async def _judge_ran(self, line: str) -> None:
         judged, reason = await self._judge_lines([line])
