@@ -131,6 +131,9 @@ async def judge_command(command: str, protected: ProtectedPaths, device: DeviceP
         if not decision.allowed:
             return decision
     found: CommandPaths = analyze_command(command, protected, *([shell["cwds"]] if shell and shell.get("cwds") else []))
+    if found.runtime and found.runtime.startswith("medbroker could not follow") and not found.paths:
+        return _deny(f"{found.runtime}; medbroker resolves every path a command names before it runs. Split it "
+                     "into shorter commands.", "")
     if strict and found.runtime:
         return _deny(f"{found.runtime}. On {protected.device}, whose maintenance login can read patient data, "
                      "medbroker refuses commands whose paths are only known when they run; write the paths out.",

@@ -181,6 +181,7 @@ def test_too_many_paths_are_refused_not_judged_in_part(tree):
     line = "cat " + " ".join(f"f{i}" for i in range(MAX_PATHS + 5))
     assert analyze_command(line, pp).runtime
     assert not judge(tree, line, strict=True).allowed
+    assert not judge(tree, line, strict=False).allowed  # resolution holds on contained devices too
 
 
 @settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None, suppress_health_check=[HealthCheck.too_slow])
