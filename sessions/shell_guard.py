@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
-from sessions.cmd_paths import closed_for_judging, incomplete
+from sessions.cmd_lines import closed_for_judging, incomplete
 
 __all__ = ["ShellLineGuard", "PipedLineGuard", "typed_text", "ECHO_IDLE_S", "ECHO_MAX_S", "PASTE_MAX", "LINE_MAX"]
 

@@ -372,7 +372,7 @@ def test_a_command_spread_over_lines_is_judged_whole_and_never_unjudged():
     ("for f in *; do", True), ("for f in *; do\necho $f\ndone", False), ("ls |", True), ("if true; then", True),
     ("if true; then echo; fi", False), ("echo a \\", True), ("cat <<< x", False), ("{ ls;", True), ("ls", False)])
 def test_incomplete_commands(text, expected):
-    from sessions.cmd_paths import incomplete
+    from sessions.cmd_lines import incomplete
 
     assert incomplete(text) is expected
 

@@ -43,7 +43,7 @@ TABLE: dict[str, Row] = {
     "domain": Row(2, ("broker/identity.py", "broker/grants.py", "broker/devices.py", "broker/audit.py",
                       "broker/lockout.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
                       "sessions/content.py", "sessions/exec_check.py",
-                      "sessions/cmd_paths.py"),
+                      "sessions/cmd_paths.py", "sessions/cmd_lines.py"),
                   ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
     "codec": Row(2, ("sessions/sftp_codec.py",), ("core",), (), "SFTP wire format: stdlib + layer 0"),
     "recording": Row(2, ("sessions/recording.py", "sessions/recwriter.py", "sessions/replay.py", "sessions/commands.py",
