@@ -24,6 +24,8 @@ __all__ = ["DevicePaths", "judge_command", "JUDGE_TIMEOUT_S", "MAX_MATCHES"]
 
 JUDGE_TIMEOUT_S = 10.0  # a device that does not answer in time: the command is refused (fail closed)
 MAX_MATCHES = 256  # directory entries a pattern may match on the device before the command is refused
+MAX_WALK = 4096  # entries looked at below a directory a recursive command is given, looking for links
+_WALK_DEPTH = 12
 _MAX_GLOB_DEPTH = 4
 _HINT = "Ask the hospital's biomedical engineer if you need a de-identified export."
 
@@ -59,6 +61,21 @@ class DevicePaths:
         sftp = await self._sftp()
         self.round_trips += 1
         return (await sftp.readlink(_wire(path))).decode("utf-8", "surrogateescape")
+
+    async def scandir(self, path: str) -> list[tuple[str, str]]:
+        """(name, kind) in a directory, kind ``dir``, ``link`` or ``other``. :raises asyncssh.SFTPError:"""
+        sftp = await self._sftp()
+        self.round_trips += 1
+        out = []
+        for entry in await sftp.readdir(_wire(path)):
+            name = entry.filename.decode("utf-8", "surrogateescape") if isinstance(entry.filename, bytes) \
+                else entry.filename
+            if name in (".", ".."):
+                continue
+            kind = {asyncssh.FILEXFER_TYPE_DIRECTORY: "dir", asyncssh.FILEXFER_TYPE_SYMLINK: "link"}.get(
+                entry.attrs.type, "other")
+            out.append((name, kind))
+        return out
 
     async def listdir(self, path: str) -> list[str]:
         """Names in a directory. :raises asyncssh.SFTPError: as the device answers"""
@@ -153,6 +170,48 @@ async def judge_command(command: str, protected: ProtectedPaths, device: DeviceP
 
 
 async def _judge_word(word: PathWord, protected: ProtectedPaths, device: DevicePaths, strict: bool) -> Decision | None:
+    hit = await _judge_one(word, protected, device, strict)
+    if hit is None and word.recursive and strict and not word.glob:
+        hit = await _judge_tree(word, await resolve(device, word.path), protected, device)
+    return hit
+
+
+async def _judge_tree(word: PathWord, top: str, protected: ProtectedPaths, device: DevicePaths) -> Decision | None:
+    """A directory a recursive command walks: every symlink below it is resolved (bounded), since ``find -L``,
+    ``grep -R``, ``tar h`` or ``find ... -exec cat {}`` read what the links point to."""
+    todo, seen = [top], 0
+    depth = 0
+    while todo and depth < _WALK_DEPTH:
+        listings = await asyncio.gather(*(_scan(device, d) for d in todo), return_exceptions=True)
+        nxt: list[str] = []
+        for directory, listing in zip(todo, listings):
+            if isinstance(listing, BaseException):
+                continue
+            for name, kind in listing:
+                seen += 1
+                if seen > MAX_WALK:
+                    return _deny(f"{word.word} holds more than {MAX_WALK} entries; medbroker cannot check them all for "
+                                 f"links into patient data on {protected.device}. Name a smaller directory.", top)
+                path = normalize_path(name, directory)
+                if kind == "dir":
+                    nxt.append(path)
+                elif kind == "link":
+                    target = await resolve(device, path)
+                    root = protected.protecting(target) or protected.revealed_by(target)
+                    if root:
+                        return _deny(f"{word.word} holds {path}, a link to {target}, and the command walks "
+                                     f"{word.word}; the protected patient-data directory {root} on "
+                                     f"{protected.device} could be read through it. {_HINT}", path)
+        todo, depth = nxt, depth + 1
+    return None
+
+
+async def _scan(device: DevicePaths, path: str) -> list[tuple[str, str]]:
+    scandir = getattr(device, "scandir", None)
+    return await scandir(path) if scandir is not None else []
+
+
+async def _judge_one(word: PathWord, protected: ProtectedPaths, device: DevicePaths, strict: bool) -> Decision | None:
     canonical = await resolve(device, word.path)
     if word.glob:  # the directory a pattern starts in is not read itself: only protected if inside a tree
         root = protected.protecting(canonical)

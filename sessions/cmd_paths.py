@@ -70,6 +70,9 @@ class PathWord:
     word: str
     ancestor_ok: bool = False
     glob: str = ""
+    recursive: bool = False
+    """The command walks a directory it is given (``find``, ``grep -r``, ``tar c``, ``cp -r``): links inside it
+    into a protected tree are followed by some of them (``find -L``, ``grep -R``, ``tar h``, ``cat {}``)."""
     """For a pattern: the part after ``path`` (``*.log``, ``*/x``), matched against the device's directory."""
 
 
@@ -91,6 +94,7 @@ class _Walk:
     def __init__(self, protected: ProtectedPaths) -> None:
         self.protected = protected
         self.paths: dict[tuple[str, bool, str], PathWord] = {}
+        self.recursive = False  # the command being read walks the directories it is given
         self.runtime: str | None = None
         self.input_shells = 0  # shells reading the vendor's input, as the whole line
         self.commands = 0
@@ -102,12 +106,14 @@ class _Walk:
         if self.runtime is None:
             self.runtime = what
 
-    def add(self, path: str, word: str, ancestor_ok: bool, glob: str = "") -> None:
+    def add(self, path: str, word: str, ancestor_ok: bool, glob: str = "", recursive: bool = False) -> None:
         if len(path) > 4096 or "\n" in path:
             return
         if len(self.paths) >= MAX_PATHS:
             raise _ParseError(f"more than {MAX_PATHS} paths in one command line")
-        self.paths.setdefault((path, ancestor_ok, glob), PathWord(path, word, ancestor_ok, glob))
+        key = (path, ancestor_ok, glob)
+        old = self.paths.get(key)
+        self.paths[key] = PathWord(path, word, ancestor_ok, glob, recursive or (old is not None and old.recursive))
 
 
 def analyze_command(command: str, protected: ProtectedPaths, cwds: tuple[str, ...] = (_HOME,)) -> CommandPaths:
@@ -337,6 +343,7 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
         walk.flag(f"{name} reading its program from its input: medbroker cannot see which files it opens")
     dest = _dest_index(name, args)
     safe = _safe_on_ancestor(name, args)
+    walk.recursive = _walks(name, args)
     if "/" in raw_name:
         expanded, unknown = _expand(raw_name, variables, cwds[-1])
         _path_word(raw_name, expanded, walk, cwds, False)
@@ -386,6 +393,23 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
         walk.flag("IFS is changed, which changes how the device splits words into paths")
     if name in ("cd", "pushd"):
         _cd(args, walk, variables, cwds)
+
+
+_WALKERS = frozenset({"find", "tar", "bsdtar", "rsync", "zip", "7z", "7za", "cpio", "pax", "rg", "ag", "tree",
+                      "star", "afio", "zipcloak", "lsar", "duplicity", "borg", "restic"})
+_WALK_WITH_FLAG = frozenset({"cp", "scp", "grep", "egrep", "fgrep", "zgrep", "ls", "rm", "diff", "chmod", "chown",
+                             "chgrp", "du", "sha256sum", "md5sum", "cat", "head", "tail", "wc", "gzip", "xz", "bzip2",
+                             "zstd", "sed", "awk", "sort", "uniq", "strings", "od", "xxd", "hexdump", "base64"})
+
+
+def _walks(name: str, args: list[str]) -> bool:
+    if name in _WALKERS:
+        return True
+    if name not in _WALK_WITH_FLAG:
+        return False
+    short = {ch for a in args if a.startswith("-") and not a.startswith("--") for ch in a[1:]}
+    return bool(short & {"r", "R", "a"}) or any(a in ("--recursive", "--dereference-recursive", "--archive")
+                                                for a in args)
 
 
 def _code_flags(base: str) -> tuple[str, ...]:
@@ -491,7 +515,8 @@ def _path_word(word: str, expanded: list[str], walk: _Walk, cwds: list[str], anc
                 continue
             bases = ["/"] if piece.startswith(("/", _HOME)) else cwds[-_MAX_VALUES:]
             for base in dict.fromkeys(bases):
-                walk.add(_join(base, piece) if base != "/" else piece, word, ancestor_ok, glob)
+                walk.add(_join(base, piece) if base != "/" else piece, word, ancestor_ok, glob,
+                         walk.recursive and not ancestor_ok)
 
 
 def _pieces(text: str) -> list[str]:

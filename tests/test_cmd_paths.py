@@ -51,6 +51,14 @@ class LocalPaths:
         except OSError:
             raise asyncssh.SFTPNoSuchFile("not a link") from None
 
+    async def scandir(self, path: str) -> list[tuple[str, str]]:
+        self.round_trips += 1
+        try:
+            entries = list(os.scandir(self._abs(path)))
+        except OSError:
+            raise asyncssh.SFTPNoSuchFile("no such directory") from None
+        return [(e.name, "link" if e.is_symlink() else "dir" if e.is_dir() else "other") for e in entries]
+
     async def listdir(self, path: str) -> list[str]:
         self.round_trips += 1
         try:
@@ -108,13 +116,17 @@ RUNTIME = [
     "echo 'cat x' | bash -s", "awk 'BEGIN { while ((getline l < (\"serv\" \"ice/latest.dcm\")) > 0) print l }'",
     "ruby -e 'puts File.read(\"a\"+\"b\")'", "node -e 'require(\"fs\").readFileSync(\"x\"+\"y\")'",
     "mapfile -t L < /tmp/l; cat ${L[0]}", "cat ~root/x", "python3 < /tmp/prog.py",
+    # a directory holding links into a protected tree, walked by a command that can follow them
+    "find service -name latest.dcm -exec cat {} +", "find -L service -type f", "grep -R PID service",
+    "tar chf - service", "cp -rL service /tmp/s", "cd service && grep -R PID .", "rsync -aL service/ /tmp/s",
 ]
 BENIGN = [
     "ls service", "cat service/logs/system.log", "tail -f service/logs/system.log", "tail -f logs", "cd service && ls",
     "cd service/logs; grep boot system.log", "ls -l service", "echo hello from $(hostname)", "for f in service/logs/*.log; do wc -l $f; done",
     "uptime; df -h", "systemctl status orthanc", "cat service/firmware/version.txt > /tmp/v", "du -sh service",
     "ls service/logs/*", "echo $HOME $USER $$", "python3 -c 'print(42)'", "awk '{print $1}' service/logs/system.log",
-    "find service/logs -name '*.log'", "cp /tmp/fw.bin service/firmware/", "journalctl -u vendor --since today",
+    "find service/logs -name '*.log'", "grep -r error service/logs", "tar czf /tmp/l.tgz service/logs",
+    "cp /tmp/fw.bin service/firmware/", "journalctl -u vendor --since today",
     "bash -c 'ls service'", "X=service/logs; cat $X/system.log", "ps aux | grep vendor | head",
     # Ansible's own commands (ansible-core 2.x, sh shell plugin)
     "/bin/sh -c 'echo ~ && sleep 0'",

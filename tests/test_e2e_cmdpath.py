@@ -32,10 +32,12 @@ RUNTIME = ["cat $(echo c2VydmljZS9sYXRlc3QuZGNt | base64 -d)", "cat `printf %b '
            "perl -e 'open F, \"serv\" . \"ice/patients-link/adt_a01.hl7\"; print <F>'",
            "while read p; do cat \"$p\"; done <<< service/latest.dcm",
            "echo Y2F0IHNlcnZpY2UvbGF0ZXN0LmRjbQ== | base64 -d | sh",
-           "X=service/latest.dcm; sh -c \"tail -c +140 $X\""]
+           "X=service/latest.dcm; sh -c \"tail -c +140 $X\"",
+           "find service -name latest.dcm -exec tail -c +140 {} +", "grep -R -a PID service", "tar chf - service"]
 BENIGN = ["ls service", "cat service/logs/system.log", "tail -n 1 service/logs/system.log",
           "cd service && ls", "cd service/logs && grep -c boot system.log", "ls -la service/firmware",
-          "echo hello from $(hostname)", "for f in service/logs/*.log; do wc -l $f; done"]
+          "echo hello from $(hostname)", "for f in service/logs/*.log; do wc -l $f; done",
+          "grep -r gantry service/logs", "find service/firmware -type f"]
 
 
 def _wait(predicate, timeout=10.0):
