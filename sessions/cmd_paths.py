@@ -359,6 +359,7 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
                 _line(text + " " + " ".join(a for a in args), walk, dict(variables), list(cwds), depth + 1)
     code_flags = _code_flags(base)
     expect_code = base in _CODE_OPERAND
+    bases = list(cwds)
     skip_next = False
     for i, a in enumerate(args):
         if skip_next:
@@ -381,7 +382,16 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
             walk.flag(f"the argument {a} of {name} uses {unknown}, whose value medbroker cannot know")
         if name in _NO_FILES:
             continue
-        _path_word(a, expanded, walk, cwds, safe or i == dest)
+        walking = walk.recursive
+        if i and args[i - 1] in _OPTION_VALUE or a.startswith("-"):  # tar -C DIR, -f FILE: not what is walked
+            walk.recursive = False
+        _path_word(a, expanded, walk, bases, safe or i == dest)
+        walk.recursive = walking
+        moved = a[len("--directory="):] if a.startswith("--directory=") else \
+            a if i and args[i - 1] in ("-C", "--directory") else None
+        if moved and len(expanded) == 1 and not unknown:  # tar/make/git -C DIR: later words count from DIR too
+            target = _tilde(expanded[0].split("=", 1)[1] if a.startswith("--directory=") else expanded[0])
+            bases = bases + [target if target.startswith(("/", _HOME)) else _join(cwds[-1], target)]
         if (base in _SHELLS or base in _INTERPRETERS) and not a.startswith("-") and i == _first_operand(args):
             if not (base in _SHELLS and any(x.startswith("-c") for x in args[:i])):
                 walk.scripts.append(a)
@@ -395,6 +405,8 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
         _cd(args, walk, variables, cwds)
 
 
+_OPTION_VALUE = frozenset({"-C", "--directory", "-f", "--file", "-o", "--output", "-T", "--files-from", "-X",
+                           "--exclude-from", "-e", "--regexp", "--exclude", "--include", "-name", "-iname", "-path"})
 _WALKERS = frozenset({"find", "tar", "bsdtar", "rsync", "zip", "7z", "7za", "cpio", "pax", "rg", "ag", "tree",
                       "star", "afio", "zipcloak", "lsar", "duplicity", "borg", "restic"})
 _WALK_WITH_FLAG = frozenset({"cp", "scp", "grep", "egrep", "fgrep", "zgrep", "ls", "rm", "diff", "chmod", "chown",

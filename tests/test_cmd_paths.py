@@ -118,7 +118,8 @@ RUNTIME = [
     "mapfile -t L < /tmp/l; cat ${L[0]}", "cat ~root/x", "python3 < /tmp/prog.py",
     # a directory holding links into a protected tree, walked by a command that can follow them
     "find service -name latest.dcm -exec cat {} +", "find -L service -type f", "grep -R PID service",
-    "tar chf - service", "cp -rL service /tmp/s", "cd service && grep -R PID .", "rsync -aL service/ /tmp/s",
+    "tar chf - service", "cp -rL service /tmp/s", "tar -C service -chf - patients-link",
+    "tar --directory=service -chf - patients-link/adt_a01.hl7", "cd service && grep -R PID .", "rsync -aL service/ /tmp/s",
 ]
 BENIGN = [
     "ls service", "cat service/logs/system.log", "tail -f service/logs/system.log", "tail -f logs", "cd service && ls",
@@ -126,6 +127,7 @@ BENIGN = [
     "uptime; df -h", "systemctl status orthanc", "cat service/firmware/version.txt > /tmp/v", "du -sh service",
     "ls service/logs/*", "echo $HOME $USER $$", "python3 -c 'print(42)'", "awk '{print $1}' service/logs/system.log",
     "find service/logs -name '*.log'", "grep -r error service/logs", "tar czf /tmp/l.tgz service/logs",
+    "tar cf - -C service logs", "tar -C service -cf - logs",
     "cp /tmp/fw.bin service/firmware/", "journalctl -u vendor --since today",
     "bash -c 'ls service'", "X=service/logs; cat $X/system.log", "ps aux | grep vendor | head",
     # Ansible's own commands (ansible-core 2.x, sh shell plugin)
