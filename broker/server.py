@@ -283,8 +283,11 @@ class SessionPolicy:
                                    grant_id=live.grant.id, kind="shell-line", command=line, reason=reason)
             relay.notice(f"refused: {reason}", stdout=relay.pty is not None)
 
+        def hold_input(on: bool) -> None:
+            (relay.hold if on else relay.release)("vendor", "line-judge")
+
         if relay.pty is None:
-            return PipedLineGuard(self.judge_line, up.write, up.write_eof, refused)
+            return PipedLineGuard(self.judge_line, up.write, up.write_eof, refused, hold_input=hold_input)
         size = relay.pty[1] or (80, 24)
 
         def ran_anyway(reason: str) -> None:  # a line that ran without a judged Enter named patient data
@@ -294,7 +297,8 @@ class SessionPolicy:
 
         return ShellLineGuard(LiveScreen(int(size[0]) or 80, int(size[1]) or 24), self.judge_line, up.write,
                               up.write_eof, refused, end=ran_anyway,
-                              pause=lambda on: (relay.hold if on else relay.release)("device", "line-judge"))
+                              pause=lambda on: (relay.hold if on else relay.release)("device", "line-judge"),
+                              hold_input=hold_input)
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":

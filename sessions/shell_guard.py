@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
-from sessions.cmd_lines import closed_for_judging, incomplete
+from sessions.cmd_lines import closed_for_judging, incomplete, strip_heredocs
 
 __all__ = ["ShellLineGuard", "PipedLineGuard", "typed_text", "ECHO_IDLE_S", "ECHO_MAX_S", "PASTE_MAX", "LINE_MAX"]
 
@@ -27,11 +27,19 @@ _PASTE_ON, _PASTE_OFF = b"\x1b[?2004h", b"\x1b[?2004l"
 _INTERRUPT = b"\x03"  # Ctrl-C: the shell drops the line (and any here-doc or continuation) and prompts again
 
 
+QUEUE_MAX = 256 << 10  # vendor input held while a line is judged before the vendor side is paused
+
+
+async def _none() -> None:
+    return None
+
+
 class _Guard:
     """What both guards share: a queue of vendor input held while a line is judged, EOF kept in order."""
 
     def __init__(self, judge: Callable[[str], Awaitable[str | None]], send: Callable[[bytes], None],
-                 send_eof: Callable[[], None], refused: Callable[[str, str], None], timeout: float) -> None:
+                 send_eof: Callable[[], None], refused: Callable[[str, str], None], timeout: float,
+                 hold_input: Callable[[bool], None] | None = None) -> None:
         self._judge, self._send, self._send_eof, self._refused, self._timeout = judge, send, send_eof, refused, timeout
         self._busy = False
         self._queue = bytearray()
@@ -40,6 +48,8 @@ class _Guard:
         self._task: asyncio.Task | None = None
         self._closed = False
         self._pending = ""  # lines of a command the shell is still reading (open quote, here-doc, for ... do)
+        self._allowed: str | None = None  # the text last allowed (a here-doc body line does not change it)
+        self._hold_input = hold_input
         self.judged: list[float] = []  # seconds each judged line was held before it went on (measured)
 
     def close(self) -> None:
@@ -53,6 +63,8 @@ class _Guard:
     def vendor_data(self, data: bytes) -> None:
         if self._busy:
             self._queue += data
+            if len(self._queue) > QUEUE_MAX and self._hold_input is not None:
+                self._hold_input(True)  # flow control: the vendor waits, memory stays bounded
             return
         self._process(bytes(data))
 
@@ -92,12 +104,15 @@ class _Guard:
         composed = list(dict.fromkeys(f"{self._pending}\n{t}" if self._pending else t for t in lines if t.strip()))
         if not composed:
             return "", None
-        reasons = await asyncio.gather(*(self._verdict(closed_for_judging(text)) for text in composed))
+        texts = [closed_for_judging(text) for text in composed]
+        # A here-document body line leaves the command unchanged: judged once, not again for every line.
+        reasons = await asyncio.gather(*(self._verdict(t) if t != self._allowed else _none() for t in texts))
         for text, reason in zip(composed, reasons):
             if reason:
-                self._pending = ""
+                self._pending, self._allowed = "", None
                 return text, reason
-        self._pending = composed[0] if incomplete(composed[0]) else ""
+        self._allowed = texts[0]
+        self._pending = strip_heredocs(composed[0])[0] if incomplete(composed[0]) else ""
         if len(self._pending) > LINE_MAX:
             self._pending = ""
             return composed[0][:200], f"a command longer than {LINE_MAX // 1024} KiB cannot be checked"
@@ -107,6 +122,8 @@ class _Guard:
         self._queue.clear()
         self._busy = False
         self._task = None
+        if self._hold_input is not None:
+            self._hold_input(False)
         if rest:
             self._process(rest)
         if self._eof and not self._busy:
@@ -139,8 +156,8 @@ class ShellLineGuard(_Guard):
     def __init__(self, screen, judge: Callable[[str], Awaitable[str | None]], send: Callable[[bytes], None],
                  send_eof: Callable[[], None], refused: Callable[[str, str], None], *,
                  end: Callable[[str], None] | None = None, pause: Callable[[bool], None] | None = None,
-                 timeout: float = JUDGE_TIMEOUT_S) -> None:
-        super().__init__(judge, send, send_eof, refused, timeout)
+                 hold_input: Callable[[bool], None] | None = None, timeout: float = JUDGE_TIMEOUT_S) -> None:
+        super().__init__(judge, send, send_eof, refused, timeout, hold_input)
         self.screen = screen
         self._end, self._pause = end, pause
         self._armed = False  # an Enter (or Ctrl-C/Ctrl-D) went to the shell since its last prompt
@@ -346,8 +363,8 @@ class PipedLineGuard(_Guard):
 
     def __init__(self, judge: Callable[[str], Awaitable[str | None]], send: Callable[[bytes], None],
                  send_eof: Callable[[], None], refused: Callable[[str, str], None], *,
-                 timeout: float = JUDGE_TIMEOUT_S) -> None:
-        super().__init__(judge, send, send_eof, refused, timeout)
+                 hold_input: Callable[[bool], None] | None = None, timeout: float = JUDGE_TIMEOUT_S) -> None:
+        super().__init__(judge, send, send_eof, refused, timeout, hold_input)
         self._line = bytearray()
 
     def _process(self, data: bytes) -> None:

@@ -432,3 +432,29 @@ def test_ctrl_c_and_a_judged_enter_do_not_count_as_running_unjudged():
         return sink, ended
     sink, ended = asyncio.run(go())
     assert not sink.refusals and not ended and bytes(sink.sent) == b"cat secret\x03ls\x0f"
+
+
+def test_a_long_here_document_is_judged_once_and_held_input_is_bounded():
+    async def go():
+        sink, calls, holds = _Sink(), [], []
+
+        async def judge_line(text):
+            calls.append(text)
+            await asyncio.sleep(0.001)
+            return None
+        guard = PipedLineGuard(judge_line, sink.sent.extend, lambda: setattr(sink, "eof", True),
+                               lambda line, reason: sink.refusals.append((line, reason)), hold_input=holds.append)
+        body = b"".join(b"TWFuIGlzIGRpc3Rpbmd1aXNoZWQsIG5vdCBvbmx5IGJ5IGhpcyByZWFzb24s%06d\n" % i for i in range(5000))
+        script = b"base64 -d > /tmp/fw.bin <<EOF\n" + body + b"EOF\nls\n"
+        for i in range(0, len(script), 4096):  # as the channel delivers it, while lines are being judged
+            guard.vendor_data(script[i:i + 4096])
+        guard.vendor_eof()
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if sink.eof:
+                break
+        return sink, calls, holds
+    sink, calls, holds = asyncio.run(go())
+    assert sink.eof and bytes(sink.sent).endswith(b"EOF\nls\n") and not sink.refusals
+    assert len(calls) <= 4  # the command, its end, ls: not once per body line
+    assert True in holds and holds[-1] is False
