@@ -49,7 +49,11 @@ EVENTS: dict[str, str] = {
     "session.sealed": "an interrupted recording was sealed at startup",
     "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem)",
     "exec.denied": "an exec command naming a protected path was refused",
+    "channel.protocol.denied": "a file-transfer protocol (sftp, scp, rsync, tar, cpio, ssh) flowed on a shell or exec "
+                               "channel; the channel was ended",
     "sftp.denied": "an SFTP request was refused by policy",
+    "sftp.protocol.denied": "an SFTP peer broke the protocol (malformed or oversize packet, request before INIT, "
+                            "reused request id, unexpected packet or reply); the channel was closed at once",
     "sftp.summary": "bytes per file at the end of an SFTP channel",
     "scp.denied": "a legacy scp transfer was refused",
     "transfer.file": "a file crossed the broker (path, direction, bytes, sha256)",

@@ -22,6 +22,7 @@ from broker.grants import Grant
 from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
 from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
+from sessions.recwriter import ACK_WINDOW
 from sessions.relay import ChannelContext, RelaySession
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,7 +106,8 @@ class LiveSession:
                 self.path, header, clock=b.app.clock, aead_key=key, key_id=key_id,
                 on_error=lambda exc: loop.call_soon_threadsafe(self._recording_failed, exc),
                 on_pause=self._recorder_behind,
-                on_resume=lambda: loop.call_soon_threadsafe(self._recorder_caught_up))
+                on_resume=lambda: loop.call_soon_threadsafe(self._recorder_caught_up),
+                window=ACK_WINDOW)  # the acknowledgment rule: docs/recording-format.md
         except (OSError, BrokerError) as exc:
             await b.audit("recording.failed", user=self.user, device=self.device.name, source=self.server.source,
                           session_id=self.id, error=str(exc))
@@ -194,8 +196,10 @@ class LiveSession:
             check_shell=policy.check_shell,
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
             judge_exec=policy.judge_exec, make_line_guard=policy.make_line_guard,
+            make_stream_judge=policy.make_stream_judge,
             on_detection=self._detected, on_closed=self._channel_closed,
             on_refused=self._refused, on_upstream_error=self._upstream_error,
+            forward_unrecorded=not self.broker.settings.strict,
         )
         relay = RelaySession(ctx)
         if self.recorder.paused:
@@ -282,13 +286,26 @@ class LiveSession:
             f'{self.device.name} --for 1h --reason "..."', event="session.expired")
 
     def _recording_failed(self, exc: BaseException) -> None:
+        """The writer thread could not write (runs on the loop, via call_soon_threadsafe).
+
+        Strict: every channel stops reading at once (the relays already drop what the recorder refuses), the
+        vendor is told why and the channels close now; at most the acknowledgment window of output went out
+        unwritten. Best effort: the session goes on unrecorded, with a warning.
+        """
+        failed_at = getattr(self.recorder, "failed_at", None)
         self.broker.audit_soon("recording.failed", user=self.user, device=self.device.name, session_id=self.id,
-                               error=str(exc))
+                               error=str(exc), failed_at=utc_iso(failed_at) if failed_at else None)
+        cause = exc.__cause__
+        why = (getattr(cause, "strerror", None) or type(cause).__name__) if cause is not None else "write failed"
         if self.broker.settings.strict:
+            for relay in list(self.channels):
+                relay.hold("vendor", "recording-failed")
+                relay.hold("device", "recording-failed")
             self.broker.spawn(self.terminate(
-                "recording-failed", "recording became unavailable, and medbroker never runs a session it cannot "
+                "recording-failed", f"recording failed ({why}), and medbroker never runs a session it cannot "
                 "record; the session was ended. Tell the hospital's security team."))
         else:
+            self._recorder_caught_up()  # the writer dropped its backlog: nothing to wait for any more
             for relay in list(self.channels):
                 relay.notice("warning: recording failed; this session continues unrecorded (best-effort mode)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import contextvars
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -14,7 +15,7 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from broker.clock import parse_utc, utc_iso
+from broker.clock import display_zone, local_text, parse_utc, utc_iso
 from broker.config import format_duration, parse_duration
 from broker.errors import UsageError
 from broker.keys import sign_hex, verify_hex
@@ -134,11 +135,13 @@ def _containment_line(c: dict[str, Any] | None) -> str:
 
 def build_report(store: Store, *, start: datetime, end: datetime, device: str | None,
                  verify: Callable[[dict[str, Any]], dict[str, Any]], generated_at: datetime,
-                 generated_by: str) -> dict[str, Any]:
+                 generated_by: str, display_timezone: str = "") -> dict[str, Any]:
     """Collect the maintenance report for sessions that started in ``[start, end)``.
 
     :param device: one device, or None for every registered device and every device with sessions
     :param verify: session row → ``{"state", "summary", "problems", "notes"}`` (the CLI verifies recordings)
+    :param display_timezone: the zone Markdown and HTML show times in (``[display] timezone``; "" = the
+        host's); JSON keeps UTC
     :raises UsageError: ``end`` is not after ``start``
     """
     if end <= start:
@@ -167,7 +170,8 @@ def build_report(store: Store, *, start: datetime, end: datetime, device: str | 
         "recordings_failing_verification": sum(1 for s in all_sessions if s["verification"]["state"] == "broken"),
     }
     return {"format": "medbroker-maintenance-report", "version": 1, "generated_at": utc_iso(generated_at),
-            "generated_by": generated_by, "period": {"from": lo, "to": hi}, "device_filter": device,
+            "generated_by": generated_by, "display_timezone": display_timezone,
+            "period": {"from": lo, "to": hi}, "device_filter": device,
             "summary": summary, "devices": devices}
 
 
@@ -183,8 +187,12 @@ def _md(value: Any) -> str:
     return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", _plain(value))
 
 
+_ZONE: contextvars.ContextVar[Any] = contextvars.ContextVar("report_zone", default=None)
+
+
 def _when(value: str | None) -> str:
-    return "-" if not value else value.replace("T", " ")[:19] + " UTC"
+    """A time in the report's display zone (``display_timezone`` of the document)."""
+    return "-" if not value else local_text(value, _ZONE.get())
 
 
 def _period(p: dict[str, str]) -> str:
@@ -345,10 +353,16 @@ def render_report(doc: dict[str, Any], fmt: str) -> str:
     """
     if fmt == "json":
         return json.dumps(doc, ensure_ascii=False, indent=1) + "\n"
-    if fmt == "md":
-        return _render_md(doc)
-    if fmt == "html":
-        return _render_html(doc)
+    if fmt in ("md", "html"):
+        try:
+            zone = display_zone(doc.get("display_timezone") or "")
+        except ValueError:
+            zone = None
+        token = _ZONE.set(zone)
+        try:
+            return _render_md(doc) if fmt == "md" else _render_html(doc)
+        finally:
+            _ZONE.reset(token)
     raise UsageError(f"report format {fmt!r} is not known", f"use one of: {', '.join(REPORT_FORMATS)}")
 
 

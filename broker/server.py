@@ -41,6 +41,7 @@ from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
 from sessions.shell_guard import PipedLineGuard, ShellLineGuard
 from sessions.shell_lines import LiveScreen
+from sessions.streams import StreamJudge, stream_refusal
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
 
@@ -312,9 +313,37 @@ class SessionPolicy:
     def make_scanner(self) -> OutputScanner | None:
         return OutputScanner() if self.scan_output else None
 
+    def make_stream_judge(self, relay: RelaySession) -> "GuardedStreams":
+        """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3)."""
+        return GuardedStreams(self, relay)
+
     def make_exec_handler(self, relay: RelaySession, command: str) -> ScpServer | None:
         """Legacy scp (``scp -t``/``scp -f``) is served by the broker itself (sessions/scp.py), never the device."""
         return GuardedScp(self, relay, command).server if is_scp_command(command) else None
+
+
+class GuardedStreams:
+    """Glue between one shell/exec channel and its :class:`StreamJudge`: a file-transfer protocol there is
+    recorded (policy-denial frame), audited (``channel.protocol.denied``) and explained to the vendor."""
+
+    def __init__(self, policy: SessionPolicy, relay: RelaySession) -> None:
+        self.live, self.relay, self.broker = policy.live, relay, policy.broker
+        self.judge = StreamJudge()
+
+    def feed(self, direction: str, data: bytes) -> str | None:
+        """Judge one chunk; a refusal sentence when the channel must end, else None."""
+        if self.judge.feed(direction, data) is None:
+            return None
+        hit, live, relay = self.judge.hit, self.live, self.relay
+        reason = stream_refusal(hit)
+        live.recorder.append_event(relay.ctx.number, "policy-denial", {
+            "protocol": hit.protocol, "stream": "input" if direction == "vendor" else "output",
+            "offset": hit.offset, "reason": reason})
+        self.broker.audit_soon("channel.protocol.denied", user=live.user, device=live.device.name,
+                               session_id=live.id, grant_id=live.grant.id, channel=relay.ctx.number,
+                               kind=relay.kind, command=relay.command, protocol=hit.protocol, direction=direction,
+                               offset=hit.offset, reason=reason)
+        return reason
 
 
 class GuardedSftp:
@@ -372,7 +401,9 @@ class GuardedSftp:
             self.relay.notice(decision.reason)
 
     def _fatal(self, message: str) -> None:
-        self.broker.audit_soon("channel.refused", **self._fields(), kind="sftp", reason=message)
+        """A protocol violation (sessions/sftp.py): recorded, audited, told to the vendor; the channel ends now."""
+        self.live.recorder.append_event(self.relay.ctx.number, "policy-denial", {"violation": message})
+        self.broker.audit_soon("sftp.protocol.denied", **self._fields(), kind="sftp", reason=message)
         self.relay.notice(message)
         self.relay.exit(1)
 

@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from broker.app import App
 from broker.health import Health, health_routes
-from broker.clock import parse_utc, utc_iso
+from broker.clock import display_zone, local_text, parse_utc, utc_iso
 from broker.config import format_duration, parse_listen
 from broker.errors import (BrokerError, ConfigError, ConflictError, GrantExpiredError, NotFoundError,
                            PermissionDeniedError, UsageError)
@@ -57,8 +57,9 @@ def _ago(value: str | None, now) -> str:
     return format_duration((now - parse_utc(value)).total_seconds())
 
 
-def _hhmm(value: str | None) -> str:
-    return value[:16].replace("T", " ") + " UTC" if value else ""
+def _hhmm(value: str | None, zone=None) -> str:
+    """A time to the minute in the display zone (``[display] timezone``; the host's by default)."""
+    return local_text(value, zone, seconds=False) if value else ""
 
 
 def _visible(value: Any) -> Any:
@@ -90,7 +91,8 @@ class Web:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
                                       undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                                       finalize=_visible)
-        self.env.filters.update(hhmm=_hhmm, nbytes=_bytes, duration=format_duration)
+        zone = display_zone(app.config.display.timezone)
+        self.env.filters.update(hhmm=lambda v: _hhmm(v, zone), nbytes=_bytes, duration=format_duration)
 
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a synchronous store/domain call on the single store thread."""

@@ -86,6 +86,13 @@ else
   apt_install asciinema
 fi
 
+# 2b. rsync (tests drive a real rsync client through the broker to show its stream is refused).
+if command -v rsync >/dev/null 2>&1; then
+  step "rsync present"
+else
+  apt_install rsync
+fi
+
 # 3. Python >= 3.11 that pip may install into.
 py="$(choose_python)"
 if [ -z "$py" ]; then

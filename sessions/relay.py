@@ -39,14 +39,21 @@ ENV_ALLOWED = ("LANG", "LC_")
 # still bounding memory per busy channel (docs/performance.md, "relay write buffers").
 WRITE_BUFFER_HIGH = 1 << 20
 WRITE_BUFFER_LOW = 256 << 10
+# SFTP replies and broker-served scp blocks reach the vendor whole, up to 256 KiB each (sftp.MAX_DATA, scp.BLOCK):
+# announced to the recorder so its acknowledgment window leaves room for one (docs/recording-format.md).
+WHOLE_UNIT = 256 << 10
 
 
 class Recorder(Protocol):
     """What the relay needs of a recording writer."""
 
-    def append_data(self, channel: int, kind: str, data: bytes) -> None: ...
+    def append_data(self, channel: int, kind: str, data: bytes) -> int:
+        """Queue ``data``; 0 when it was not taken (the recording failed or is closed)."""
 
-    def append_event(self, channel: int, kind: str, event: dict) -> None: ...
+    def append_event(self, channel: int, kind: str, event: dict) -> int: ...
+
+    def expect_unit(self, size: int) -> None:
+        """Single appends of up to ``size`` bytes follow (may call the pause callback at once)."""
 
 
 class SubsystemFilter(Protocol):
@@ -105,11 +112,17 @@ class ChannelContext:
     ``resize``, ``close``) that judges each command line before it reaches the device (sessions/shell_guard.py)."""
     make_scanner: Callable[[], Any] | None = None
     """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
+    make_stream_judge: Callable[["RelaySession"], Any] | None = None
+    """A stream judge for shell/exec channels (``feed("vendor"|"device", bytes) -> str | None``: a sentence
+    when a file-transfer protocol flows, sessions/streams.py); the relay then ends the channel."""
     on_detection: Callable[["RelaySession", str], None] = lambda relay, what: None
     on_closed: Callable[["RelaySession"], None] = lambda relay: None
     on_refused: Callable[["RelaySession", str, str], None] = lambda relay, kind, message: None
     on_upstream_error: Callable[["RelaySession", Exception], str] = lambda relay, exc: f"device error: {exc}"
     notices: list[str] = field(default_factory=list)
+    forward_unrecorded: bool = False
+    """Best-effort recording: keep relaying data the recorder did not take. False (strict): data the recorder
+    refused (it failed or is closed) is dropped, never handed on unrecorded."""
 
 
 class UpstreamSession(asyncssh.SSHClientSession):
@@ -162,6 +175,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.handler: ExecHandler | None = None
         self.scanner = None
         self.line_guard = None
+        self.judge = None
         self.closed = False
         self.exit_code: int | None = None
         self.exit_sent = False
@@ -196,6 +210,8 @@ class RelaySession(asyncssh.SSHServerSession):
             self.refusal = self.ctx.check_exec(command)
         elif self._holds["device"]:  # e.g. the recorder is behind already
             self.handler.pause_writing()
+        if self.handler is not None:  # its blocks reach the vendor whole
+            self.ctx.recorder.expect_unit(WHOLE_UNIT)
         # served_by: the broker answers this command itself (legacy scp); the device never runs it
         self.ctx.recorder.append_event(self.ctx.number, "exec", {"command": command} if self.handler is None
                                        else {"command": command, "served_by": "medbroker"})
@@ -268,8 +284,11 @@ class RelaySession(asyncssh.SSHServerSession):
                 self.notice(f"the {self.subsystem} subsystem is not available through medbroker")
                 self.exit(1)
                 return
+            self.ctx.recorder.expect_unit(WHOLE_UNIT)
         elif self.ctx.make_scanner:
             self.scanner = self.ctx.make_scanner()
+        if not self.subsystem and self.ctx.make_stream_judge:
+            self.judge = self.ctx.make_stream_judge(self)
         if not self.subsystem and self.ctx.make_line_guard:
             self.line_guard = self.ctx.make_line_guard(self)
         for action in self.pending:
@@ -283,7 +302,8 @@ class RelaySession(asyncssh.SSHServerSession):
             self.pending.append(action)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.ctx.recorder.append_data(self.ctx.number, "input", data)
+        if not self.ctx.recorder.append_data(self.ctx.number, "input", data) and not self.ctx.forward_unrecorded:
+            return  # the recording failed: nothing unrecorded reaches the device (the session is ending)
         if self.handler is not None:
             self.handler.vendor_data(data)
         elif self.up is not None:
@@ -294,6 +314,8 @@ class RelaySession(asyncssh.SSHServerSession):
     def _deliver(self, up: asyncssh.SSHClientChannel, data: bytes, datatype: asyncssh.DataType) -> None:
         if self.filter is not None:
             self.filter.vendor_data(data)
+        elif self.judge is not None and self._judged("vendor", data):
+            return
         elif self.line_guard is not None and datatype is None:
             self.line_guard.vendor_data(data)
         else:
@@ -377,15 +399,34 @@ class RelaySession(asyncssh.SSHServerSession):
                 self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {"content": hit, "stream": "output"})
                 self.ctx.on_detection(self, hit)
                 return
-        self.ctx.recorder.append_data(self.ctx.number, "output" if datatype is None else "stderr", data)
-        self.chan.write(data, datatype)
-        if self.line_guard is not None:
-            self.line_guard.device_output(data)
+        if self.judge is not None and self._judged("device", data):
+            return
+        # Recorded (queued) first, then forwarded: the recorder's acknowledgment window bounds what is
+        # forwarded before it is written, and a failed recording forwards nothing more (fail closed).
+        if self.ctx.recorder.append_data(self.ctx.number, "output" if datatype is None else "stderr", data) \
+                or self.ctx.forward_unrecorded:
+            self.chan.write(data, datatype)
+            if self.line_guard is not None:
+                self.line_guard.device_output(data)
+
+    def _judged(self, direction: str, data: bytes) -> bool:
+        """Feed the stream judge before delivering ``data``; True when it must not be delivered: a file-transfer
+        protocol on this channel ends it (one line on stderr, exit 1), and nothing more crosses it."""
+        if self.closed:
+            return True
+        refusal = self.judge.feed(direction, data)
+        if refusal is None:
+            return False
+        self.judge = None
+        self.exit_sent = True  # the device's own exit status must not follow
+        self.notice(refusal)
+        self.exit(1)
+        return True
 
     def write_to_vendor(self, data: bytes) -> None:
         """Used by subsystem filters: record and send device-side bytes to the vendor."""
-        self.ctx.recorder.append_data(self.ctx.number, "output", data)
-        self.chan.write(data)
+        if self.ctx.recorder.append_data(self.ctx.number, "output", data) or self.ctx.forward_unrecorded:
+            self.chan.write(data)
 
     def device_eof(self) -> None:
         """Device EOF: held until the exit status is known (or briefly), like sshd's own ordering.

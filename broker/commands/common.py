@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import typer
 
 from broker.app import App, open_app
-from broker.clock import utc_iso
+from broker.clock import display_zone, local_text, utc_iso
 from broker.errors import PermissionDeniedError, StorageError, UsageError
 from broker.identity import Principal, get_principal, require_role
 from broker.keys import write_private
@@ -70,6 +70,7 @@ class State:
         """
         if self._app is None:
             self._app = open_app(self.home)
+            set_display_zone(self._app.config.display.timezone)
         return self._app
 
     def close(self) -> None:
@@ -146,12 +147,22 @@ def safe(value: Any) -> str:
         f"<U+{ord(c):04X}>" if unicodedata.category(c) in ("Cf", "Cs") else c for c in text)
 
 
+_DISPLAY: dict[str, Any] = {"zone": None}  # this invocation's [display] timezone (set when the home opens)
+
+
+def set_display_zone(name: str) -> None:
+    """Show times in the zone ``[display] timezone`` names ("" = the host's)."""
+    _DISPLAY["zone"] = display_zone(name)
+
+
 def when(value: datetime | str | None) -> str:
-    """A UTC timestamp to the second, e.g. ``2026-01-01 08:00:00Z``."""
+    """A timestamp to the second in the display zone: ``2026-01-01 09:00:00 CET``, ``…Z`` in UTC."""
     if value is None:
         return "-"
-    text = utc_iso(value) if isinstance(value, datetime) else str(value)
-    return text.replace("T", " ")[:19] + "Z" if len(text) >= 19 else safe(text)
+    text = value if isinstance(value, datetime) else str(value)
+    if isinstance(text, str) and len(text) < 19:
+        return safe(text)
+    return safe(local_text(text, _DISPLAY["zone"]))
 
 
 def _console():
