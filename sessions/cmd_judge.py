@@ -20,10 +20,11 @@ from sessions.cmd_paths import CommandPaths, PathWord, analyze_command
 from sessions.exec_check import check_command_line
 from sessions.policy import Decision, ProtectedPaths, normalize_path
 
-__all__ = ["DevicePaths", "judge_command", "JUDGE_TIMEOUT_S", "MAX_MATCHES"]
+__all__ = ["DevicePaths", "judge_command", "JUDGE_TIMEOUT_S", "MAX_LISTINGS", "MAX_ENTRIES"]
 
 JUDGE_TIMEOUT_S = 10.0  # a device that does not answer in time: the command is refused (fail closed)
-MAX_MATCHES = 256  # directory entries a pattern may match on the device before the command is refused
+MAX_LISTINGS = 1024  # directories a pattern may make medbroker list on the device (exposed: more is refused)
+MAX_ENTRIES = 50_000  # directory entries looked at for one pattern
 MAX_WALK = 4096  # entries looked at below a directory a recursive command is given, looking for links
 _WALK_DEPTH = 12
 _MAX_GLOB_DEPTH = 4
@@ -220,47 +221,60 @@ async def _judge_one(word: PathWord, protected: ProtectedPaths, device: DevicePa
         hit = _verdict(word, canonical, protected)
     if hit or not word.glob:
         return hit
-    matches = await _expand(device, canonical, [c for c in word.glob.split("/") if c], 0)
+    budget = [MAX_LISTINGS, MAX_ENTRIES]
+    matches = await _expand(device, canonical, [c for c in word.glob.split("/") if c], budget)
     if matches is None:
         if strict:
-            return _deny(f"the pattern {word.word} matches more than {MAX_MATCHES} entries on {protected.device}; "
-                         "medbroker cannot check them all. Name the files you need.", canonical)
+            return _deny(f"the pattern {word.word} reaches more than {MAX_ENTRIES} entries in {MAX_LISTINGS} "
+                         f"directories on {protected.device}; medbroker cannot check them all. Name the files you "
+                         "need.", canonical)
         return None
-    for path in matches:
-        hit = _verdict(word, path, protected) or _verdict(word, await resolve(device, path), protected)
+    links = [path for path, kind in matches if kind == "link"]
+    for path, _ in matches:  # entries of a directory that is not protected: only their own names matter
+        hit = _verdict(word, path, protected)
         if hit:
             return hit
+    for path, target in zip(links, await asyncio.gather(*(resolve(device, p) for p in links))):
+        hit = _verdict(word, target, protected)
+        if hit:
+            return hit
+    if word.recursive and strict:  # grep -R x service/*: each matched directory is walked too
+        for path, kind in matches:
+            if kind == "dir":
+                hit = await _judge_tree(word, path, protected, device)
+                if hit:
+                    return hit
     return None
 
 
-async def _expand(device: DevicePaths, directory: str, parts: list[str], depth: int) -> list[str] | None:
-    """Entries under ``directory`` matching the pattern components (None: more than MAX_MATCHES)."""
-    if not parts:
-        return [directory]
-    if depth >= _MAX_GLOB_DEPTH or "**" in parts[0]:
-        return None
-    try:
-        names = await device.listdir(directory)
-    except asyncssh.SFTPError:
-        return []
-    hits = [n for n in names if fnmatch.fnmatchcase(n, parts[0])]
-    if len(hits) > MAX_MATCHES:
-        return None
-    out: list[str] = []
-    for name in hits:
-        path = normalize_path(name, directory)
-        if len(parts) > 1:
-            try:
-                path = await device.realpath(path)
-            except asyncssh.SFTPError:
+async def _expand(device: DevicePaths, directory: str, parts: list[str],
+                  budget: list[int]) -> list[tuple[str, str]] | None:
+    """(path, kind) of the entries under ``directory`` that match the pattern components, descending through
+    directories and links (links resolved on the device); None when the budget of listings/entries runs out."""
+    level = [(directory, "dir")]
+    for depth, part in enumerate(parts):
+        if depth >= _MAX_GLOB_DEPTH or "**" in part:
+            return None
+        last = depth == len(parts) - 1
+        dirs = [p for p, kind in level if kind in ("dir", "link")]
+        budget[0] -= len(dirs)
+        if budget[0] < 0:
+            return None
+        listings = await asyncio.gather(*(_scan(device, d) for d in dirs), return_exceptions=True)
+        nxt: list[tuple[str, str]] = []
+        for d, listing in zip(dirs, listings):
+            if isinstance(listing, BaseException):
                 continue
-        more = await _expand(device, path, parts[1:], depth + 1)
-        if more is None:
-            return None
-        out.extend(more)
-        if len(out) > MAX_MATCHES:
-            return None
-    return out
+            budget[1] -= len(listing)
+            if budget[1] < 0:
+                return None
+            nxt.extend((normalize_path(name, d), kind) for name, kind in listing if fnmatch.fnmatchcase(name, part))
+        if not last:  # descend: a link that is a directory counts from where it points
+            links = [p for p, kind in nxt if kind == "link"]
+            targets = dict(zip(links, await asyncio.gather(*(resolve(device, p) for p in links))))
+            nxt = [(targets.get(p, p), "dir" if kind == "link" else kind) for p, kind in nxt]
+        level = nxt
+    return level
 
 
 def _verdict(word: PathWord, canonical: str, protected: ProtectedPaths) -> Decision | None:

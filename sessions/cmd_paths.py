@@ -357,6 +357,8 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
         for text in expanded:
             if text != raw_name:
                 _line(text + " " + " ".join(a for a in args), walk, dict(variables), list(cwds), depth + 1)
+        if expanded and not unknown:  # judged as the command it expands to
+            return
     code_flags = _code_flags(base)
     expect_code = base in _CODE_OPERAND
     bases = list(cwds)
@@ -380,8 +382,8 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
         expanded, unknown = _expand(a, variables, cwds[-1])
         if unknown and name not in _NO_FILES:
             walk.flag(f"the argument {a} of {name} uses {unknown}, whose value medbroker cannot know")
-        if name in _NO_FILES:
-            continue
+        if name in _NO_FILES or (name == "rsync" and "--server" in args and a == "."):
+            continue  # (rsync's server is given "." as a placeholder for the transfer's own arguments)
         walking = walk.recursive
         if i and args[i - 1] in _OPTION_VALUE or a.startswith("-"):  # tar -C DIR, -f FILE: not what is walked
             walk.recursive = False

@@ -101,7 +101,7 @@ SYMLINKED = [
     "sh -c 'tail service/latest.dcm'", "sudo -u root tail service/latest.dcm", "find service/patients-link -type f",
     "python3 -c 'print(open(\"service/latest.dcm\").read())'", "cp service/latest.dcm /tmp/x",
     "rsync -a service/patients-link/ /tmp/y", "ln -s service/patients-link /tmp/z",
-    "cat $(echo service/latest.dcm)", "cat \"`echo service/patients-link/adt_a01.hl7`\"",
+    "C=tail; $C -c +140 service/latest.dcm", "cat $(echo service/latest.dcm)", "cat \"`echo service/patients-link/adt_a01.hl7`\"",
     # metadata too, as over SFTP (stat, listing): names and sizes of patient files stay on the device
     "ls -la service/patients-link", "stat service/latest.dcm", "ls service/*", "readlink service/latest.dcm",
 ]
@@ -118,7 +118,7 @@ RUNTIME = [
     "mapfile -t L < /tmp/l; cat ${L[0]}", "cat ~root/x", "python3 < /tmp/prog.py",
     # a directory holding links into a protected tree, walked by a command that can follow them
     "find service -name latest.dcm -exec cat {} +", "find -L service -type f", "grep -R PID service",
-    "tar chf - service", "cp -rL service /tmp/s", "tar -C service -chf - patients-link",
+    "tar chf - service", "cp -rL service /tmp/s", "grep -R PID serv*", "cat serv*/*/adt*", "tar -C service -chf - patients-link",
     "tar --directory=service -chf - patients-link/adt_a01.hl7", "cd service && grep -R PID .", "rsync -aL service/ /tmp/s",
 ]
 BENIGN = [
@@ -127,7 +127,8 @@ BENIGN = [
     "uptime; df -h", "systemctl status orthanc", "cat service/firmware/version.txt > /tmp/v", "du -sh service",
     "ls service/logs/*", "echo $HOME $USER $$", "python3 -c 'print(42)'", "awk '{print $1}' service/logs/system.log",
     "find service/logs -name '*.log'", "grep -r error service/logs", "tar czf /tmp/l.tgz service/logs",
-    "tar cf - -C service logs", "tar -C service -cf - logs",
+    "tar cf - -C service logs", "tar -C service -cf - logs", "ls /usr/share/doc/*/copyright",
+    "rsync --server --sender -logDtpre.iLsfxCIvu . service/logs/",
     "cp /tmp/fw.bin service/firmware/", "journalctl -u vendor --since today",
     "bash -c 'ls service'", "X=service/logs; cat $X/system.log", "ps aux | grep vendor | head",
     # Ansible's own commands (ansible-core 2.x, sh shell plugin)
