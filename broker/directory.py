@@ -85,10 +85,17 @@ class Directory:
         timeout = self.app.config.seconds("directory", "timeout")
         conn = ldap3.Connection(self._server(), user=dn, password=password, receive_timeout=timeout,
                                 raise_exceptions=True, read_only=True, auto_bind=ldap3.AUTO_BIND_NONE)
-        conn.open()
-        if self.cfg.starttls and not self.cfg.url.startswith("ldaps://"):
-            conn.start_tls()
-        conn.bind()
+        try:
+            conn.open()
+            if self.cfg.starttls and not self.cfg.url.startswith("ldaps://"):
+                conn.start_tls()
+            conn.bind()
+        except BaseException:
+            try:
+                conn.unbind()  # closes the socket even when the bind failed
+            except Exception:  # noqa: BLE001 - already closed
+                pass
+            raise
         return conn
 
     def _service(self) -> Any:
@@ -289,3 +296,45 @@ def directory_signin(app: App, directory: Directory, name: str, password: str, n
     if user.role not in ROLES:
         raise PermissionDeniedError("authentication failed")
     return user
+
+
+async def refresh_for_login(app: App, run_db: Callable[..., Any], name: str) -> None:
+    """Before an SSH key is checked: mirror ``name`` from the directory (its keys, role, state), so a directory
+    user logs in with the keys the directory holds now. The directory is asked off the event loop; when it
+    cannot be asked, the local mirror decides as it stands (logged)."""
+    import asyncio
+
+    directory = directory_for(app)
+    if directory is None or not await run_db(_directory_managed, app, name):
+        return
+    try:
+        user = await asyncio.get_running_loop().run_in_executor(None, directory.lookup, name)
+    except DirectoryError as exc:
+        log.warning("directory lookup for %s failed: %s", name, exc.message)
+        return
+    await run_db(lambda: sync_from_directory(app, user, name, app.clock.now()))
+
+
+def _directory_managed(app: App, name: str) -> bool:
+    row = app.store.get_user(name)
+    return row is None or row.get("source") == "directory"
+
+
+async def run_directory_sync(app: App, run_db: Callable[..., Any]) -> list[str]:
+    """One pass of :func:`sync_directory_users`: lookups off the loop, store changes on the store thread.
+    Returns the users it disabled; a directory that cannot be asked changes nothing (logged)."""
+    import asyncio
+
+    directory = directory_for(app)
+    if directory is None:
+        return []
+    names = await run_db(lambda: [r["name"] for r in app.store.list_users() if r.get("source") == "directory"])
+    loop = asyncio.get_running_loop()
+    found: dict[str, DirectoryUser | None] = {}
+    try:
+        for name in names:
+            found[name] = await loop.run_in_executor(None, lambda n=name: directory.lookup(n, fresh=True))
+    except DirectoryError as exc:
+        log.warning("directory sync skipped: %s", exc.message)
+        return []
+    return await run_db(lambda: sync_directory_users(app, directory, app.clock.now(), lookup=found.get))

@@ -18,8 +18,9 @@ import asyncssh
 from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
 from broker.clock import utc_iso
-from broker.config import format_duration, parse_duration, parse_listen
+from broker.config import format_duration, parse_duration, parse_listen, parse_size
 from broker.containment import channel_refusal, check_devices
+from broker.directory import refresh_for_login, run_directory_sync
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, expire_requests, find_active_grant, request_hint
@@ -32,7 +33,8 @@ from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
 from sessions.cmd_judge import DevicePaths, judge_command
 from sessions.cmd_paths import analyze_command
-from sessions.content import OutputScanner
+from sessions.decoders import DeepScanner
+from sessions.entropy import OpaqueBudget
 from sessions.exec_check import check_command_line
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
@@ -88,6 +90,9 @@ class Broker:
         self.tasks: set[asyncio.Task] = set()
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
         self.stopping = False  # set by stop_server: no new device session starts after it
+        # [directory]: control-loop ticks (0.5 s) between re-reads of every directory user (0 = no directory)
+        self.directory_ticks = max(1, app.config.seconds("directory", "sync_interval") * 2) \
+            if app.config.directory.url else 0
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
@@ -148,6 +153,8 @@ class Broker:
                 self.spawn(self.write_checkpoint())
             if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL become expired (audited)
                 self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit, self.app.clock.now())))
+            if self.duties and self.directory_ticks and tick % self.directory_ticks == 1:  # [directory] sync_interval
+                self.spawn(run_directory_sync(self.app, self.db))
             if not self.live:
                 continue
             try:
@@ -310,8 +317,14 @@ class SessionPolicy:
         """The SFTP policy proxy for one channel, with its own second SFTP session for realpath checks."""
         return GuardedSftp(self, relay)
 
-    def make_scanner(self) -> OutputScanner | None:
-        return OutputScanner() if self.scan_output else None
+    def make_scanner(self) -> DeepScanner | None:
+        """One scanner per shell/exec channel; the opaque-output budget belongs to the session (all channels)."""
+        if not self.scan_output:
+            return None
+        budget = getattr(self.live, "opaque_budget", None)
+        if budget is None:
+            budget = self.live.opaque_budget = OpaqueBudget(parse_size(self.broker.app.config.policy.max_opaque_output))
+        return DeepScanner(budget)
 
     def make_stream_judge(self, relay: RelaySession) -> "GuardedStreams":
         """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3)."""
@@ -440,6 +453,7 @@ class BrokerServer(asyncssh.SSHServer):
         self.principal: Principal | None = None
         self.fingerprint: str | None = None
         self.tried_keys: set[str] = set()
+        self.refreshed = False  # the directory was asked about this user on this connection
         self.key_verified = False  # asyncssh checked the signature (set by the MFA hook, broker/mfa.py)
         self.code_ok = False
         self.code_tries = 0
@@ -521,6 +535,7 @@ class BrokerServer(asyncssh.SSHServer):
     def begin_auth(self, username: str) -> bool:
         # asyncssh calls this again when the client switches user names mid-way: start over.
         self.principal, self.fingerprint, self.user, self.device_name = None, None, None, None
+        self.refreshed = False
         self.key_verified = self.code_ok = False
         self.login = username
         if self.refusal:
@@ -583,6 +598,9 @@ class BrokerServer(asyncssh.SSHServer):
             return False
         if await self._refuse_if_locked():
             return False
+        if b.app.config.directory.url and not self.refreshed:
+            self.refreshed = True  # directory users: keys, role and state as the directory says now (once)
+            await refresh_for_login(b.app, b.db, self.user)
         try:
             principal = await b.db(authenticate_key, b.app.store, self.user, fingerprint)
         except PermissionDeniedError:

@@ -42,7 +42,7 @@ TABLE: dict[str, Row] = {
     "keys": Row(1, ("broker/keys.py",), ("core",), ("cryptography",), "key material, sealing, signatures"),
     "domain": Row(2, ("broker/identity.py", "broker/grants.py", "broker/devices.py", "broker/audit.py",
                       "broker/lockout.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
-                      "sessions/content.py", "sessions/exec_check.py",
+                      "sessions/content.py", "sessions/decoders.py", "sessions/entropy.py", "sessions/textforms.py", "sessions/exec_check.py",
                       "sessions/cmd_paths.py", "sessions/cmd_lines.py"),
                   ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
     "codec": Row(2, ("sessions/sftp_codec.py", "sessions/streams.py"), ("core",), (),
