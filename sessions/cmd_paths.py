@@ -409,21 +409,28 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
 
 _OPTION_VALUE = frozenset({"-C", "--directory", "-f", "--file", "-o", "--output", "-T", "--files-from", "-X",
                            "--exclude-from", "-e", "--regexp", "--exclude", "--include", "-name", "-iname", "-path"})
-_WALKERS = frozenset({"find", "tar", "bsdtar", "rsync", "zip", "7z", "7za", "cpio", "pax", "rg", "ag", "tree",
-                      "star", "afio", "zipcloak", "lsar", "duplicity", "borg", "restic"})
-_WALK_WITH_FLAG = frozenset({"cp", "scp", "grep", "egrep", "fgrep", "zgrep", "ls", "rm", "diff", "chmod", "chown",
-                             "chgrp", "du", "sha256sum", "md5sum", "cat", "head", "tail", "wc", "gzip", "xz", "bzip2",
-                             "zstd", "sed", "awk", "sort", "uniq", "strings", "od", "xxd", "hexdump", "base64"})
-
-
 def _walks(name: str, args: list[str]) -> bool:
-    if name in _WALKERS:
-        return True
-    if name not in _WALK_WITH_FLAG:
-        return False
+    """Whether the command walks the directories it is given *and* reads through symlinks found there: only
+    then can a link inside an ordinary directory lead it into a protected tree (``find -L``, ``find -exec``,
+    ``grep -R``, ``tar h``, ``cp -L``, ``rsync -L``, ``zip`` without ``-y``, ``7z``, ``rg -L``...)."""
     short = {ch for a in args if a.startswith("-") and not a.startswith("--") for ch in a[1:]}
-    return bool(short & {"r", "R", "a"}) or any(a in ("--recursive", "--dereference-recursive", "--archive")
-                                                for a in args)
+    long = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    if name == "find":
+        return bool({"-L", "-follow", "-exec", "-execdir", "-ok", "-okdir"} & set(args))
+    if name in ("grep", "egrep", "fgrep", "zgrep"):
+        return "R" in short or "--dereference-recursive" in long
+    if name in ("tar", "bsdtar", "star"):
+        first = args[0] if args else ""
+        return "h" in short or (not first.startswith("-") and "h" in first) or "--dereference" in long
+    if name in ("cp", "rsync", "cpio", "pax", "du", "ls", "chmod", "chown", "chgrp"):
+        return ("L" in short and (name not in ("cp", "ls", "chmod", "chown", "chgrp")
+                                  or bool(short & {"r", "R", "a"}))) \
+            or bool(long & {"--dereference", "--copy-links", "--copy-unsafe-links", "--copy-dirlinks"})
+    if name == "zip":
+        return "y" not in short and "--symlinks" not in long
+    if name in ("7z", "7za", "7zr", "rg", "ag", "tree"):
+        return name.startswith("7") or "L" in short or "l" in short or "f" in short or "--follow" in long
+    return False
 
 
 def _code_flags(base: str) -> tuple[str, ...]:

@@ -128,6 +128,7 @@ BENIGN = [
     "ls service/logs/*", "echo $HOME $USER $$", "python3 -c 'print(42)'", "awk '{print $1}' service/logs/system.log",
     "find service/logs -name '*.log'", "grep -r error service/logs", "tar czf /tmp/l.tgz service/logs",
     "tar cf - -C service logs", "tar -C service -cf - logs", "ls /usr/share/doc/*/copyright",
+    "ls -lR service", "grep -r PID service", "tar cf - service", "cp -r service /tmp/s", "find service -name '*.log'",
     "rsync --server --sender -logDtpre.iLsfxCIvu . service/logs/",
     "cp /tmp/fw.bin service/firmware/", "journalctl -u vendor --since today",
     "bash -c 'ls service'", "X=service/logs; cat $X/system.log", "ps aux | grep vendor | head",
