@@ -31,6 +31,8 @@ from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
+from sessions.cmd_judge import DevicePaths, judge_command
+from sessions.cmd_paths import analyze_command
 from sessions.decoders import DeepScanner
 from sessions.entropy import OpaqueBudget
 from sessions.exec_check import check_command_line
@@ -39,6 +41,8 @@ from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
+from sessions.shell_guard import PipedLineGuard, ShellLineGuard
+from sessions.shell_lines import LiveScreen
 from sessions.streams import StreamJudge, stream_refusal
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
@@ -205,6 +209,11 @@ class SessionPolicy:
         self.scan_output = policy.scan_output
         self.check_commands = policy.check_commands
         self.keep_uploads = broker.app.config.recording.keep_uploads
+        # Commands that build paths at run time are refused unless the device is known to be contained
+        # (its login cannot read the protected paths; broker/containment.py): unknown counts as exposed.
+        containment = getattr(live, "containment", None)
+        self.strict_commands = getattr(containment, "state", None) != "contained"
+        self._shell: dict = {}  # this channel's interactive shell: where earlier lines may have left it (cd)
 
     def kept_uploads(self) -> KeptUploads | None:
         """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
@@ -236,6 +245,68 @@ class SessionPolicy:
             if not decision.allowed:
                 return decision.reason
         return None
+
+    def _device_paths(self) -> DevicePaths:
+        """One realpath session per live session (it ends with the device connection)."""
+        paths = getattr(self.live, "device_paths", None)
+        if paths is None:
+            paths = DevicePaths(lambda: self.live.upconn.start_sftp_client(path_encoding=None))
+            self.live.device_paths = paths
+        return paths
+
+    async def judge_exec(self, command: str, pty: bool = False) -> str | None:
+        """After :meth:`check_exec`: the command's paths resolved on the device (sessions/cmd_judge.py). A shell
+        run on the vendor's input (``bash``, ``sudo -i``) is allowed here: :meth:`make_line_guard` judges its
+        lines one by one."""
+        if not self.check_commands or is_scp_command(command):
+            return None
+        decision = await judge_command(command, self.protected, self._device_paths(), strict=self.strict_commands,
+                                       lexical=False)
+        return None if decision.allowed else decision.reason
+
+    async def judge_line(self, line: str) -> str | None:
+        """A command line read off an interactive shell: the lexical check, then the device's realpath."""
+        refusal = transfer_server_refusal(line)
+        if refusal:
+            return refusal
+        decision = await judge_command(line, self.protected, self._device_paths(), strict=self.strict_commands,
+                                       shell=self._shell)
+        return None if decision.allowed else decision.reason
+
+    def make_line_guard(self, relay: RelaySession) -> ShellLineGuard | PipedLineGuard | None:
+        """Each command line typed into a PTY channel (a shell, or ``su``/``sudo -i`` run by exec) is judged
+        before its Enter reaches the device; a shell without a PTY has each input line judged."""
+        if not self.check_commands or relay.up is None or relay.kind not in ("shell", "exec"):
+            return None
+        if relay.pty is None and relay.kind == "exec" and not analyze_command(relay.command or "",
+                                                                               self.protected).reads_input:
+            return None  # an ordinary command: judged as a whole before it ran
+        up = relay.up
+
+        def refused(line: str, reason: str) -> None:
+            live = self.live
+            live.recorder.append_event(relay.ctx.number, "policy-denial",
+                                       {"kind": "shell-line", "command": line, "reason": reason})
+            self.broker.audit_soon("exec.denied", user=live.user, device=live.device.name, session_id=live.id,
+                                   grant_id=live.grant.id, kind="shell-line", command=line, reason=reason)
+            relay.notice(f"refused: {reason}", stdout=relay.pty is not None)
+
+        def hold_input(on: bool) -> None:
+            (relay.hold if on else relay.release)("vendor", "line-judge")
+
+        if relay.pty is None:
+            return PipedLineGuard(self.judge_line, up.write, up.write_eof, refused, hold_input=hold_input)
+        size = relay.pty[1] or (80, 24)
+
+        def ran_anyway(reason: str) -> None:  # a line that ran without a judged Enter named patient data
+            self.broker.spawn(self.live.terminate(
+                "stopped", f"a command line ran without Enter and was refused as it ran ({reason}); the session "
+                "was ended"))
+
+        return ShellLineGuard(LiveScreen(int(size[0]) or 80, int(size[1]) or 24), self.judge_line, up.write,
+                              up.write_eof, refused, end=ran_anyway,
+                              pause=lambda on: (relay.hold if on else relay.release)("device", "line-judge"),
+                              hold_input=hold_input)
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":

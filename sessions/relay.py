@@ -31,6 +31,7 @@ __all__ = [
 log = logging.getLogger("medbroker.relay")
 
 EOF_HOLD_S = 0.1  # see RelaySession.device_eof
+JUDGE_TIMEOUT_S = 10.0  # ChannelContext.judge_exec: no answer in time refuses the command (fail closed)
 # Environment variables forwarded to the device (sshd's Debian default AcceptEnv is LANG LC_*).
 ENV_ALLOWED = ("LANG", "LC_")
 # Send buffer per channel before the relay stops reading the other side. asyncssh's default (64 KiB high,
@@ -102,6 +103,13 @@ class ChannelContext:
     make_exec_handler: Callable[["RelaySession", str], ExecHandler | None] | None = None
     """Asked first for each exec command: a handler that serves it in the broker (check_exec is then not
     asked), or None to judge it with check_exec and run it on the device."""
+    judge_exec: Callable[[str, bool], Awaitable[str | None]] | None = None
+    """``judge_exec(command, pty)``: asked after check_exec allowed an exec command, before the device channel
+    opens: a refusal message or None (sessions/cmd_judge.py resolves its paths on the device). Raising or not answering in
+    JUDGE_TIMEOUT_S refuses the command."""
+    make_line_guard: Callable[["RelaySession"], Any] | None = None
+    """Asked for every shell and exec channel once the device channel is open: None, or a line guard (``vendor_data``, ``vendor_eof``, ``device_output``,
+    ``resize``, ``close``) that judges each command line before it reaches the device (sessions/shell_guard.py)."""
     make_scanner: Callable[[], Any] | None = None
     """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
     make_stream_judge: Callable[["RelaySession"], Any] | None = None
@@ -166,6 +174,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.filter: SubsystemFilter | None = None
         self.handler: ExecHandler | None = None
         self.scanner = None
+        self.line_guard = None
         self.judge = None
         self.closed = False
         self.exit_code: int | None = None
@@ -221,7 +230,26 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.handler is not None:  # served by the broker itself: no device channel
             self.handler.start()
             return
-        asyncio.get_running_loop().create_task(self._open_upstream())
+        asyncio.get_running_loop().create_task(self._judge_then_open())
+
+    async def _judge_then_open(self) -> None:
+        """Exec commands are judged by ``judge_exec`` (device realpath) before the device channel exists."""
+        if self.kind == "exec" and self.ctx.judge_exec is not None:
+            try:
+                refusal = await asyncio.wait_for(self.ctx.judge_exec(self.command or "", self.pty is not None),
+                                                 JUDGE_TIMEOUT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # fail closed
+                refusal = (f"medbroker could not check this command on the device ({type(exc).__name__}: "
+                           f"{exc or 'no answer'}); it was not run")
+            if refusal is not None:
+                if not self.closed:
+                    self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
+                        "kind": "exec", "command": self.command, "reason": refusal})
+                    self.refuse("exec", refusal)
+                return
+        await self._open_upstream()
 
     def refuse(self, kind: str, message: str) -> None:
         """Tell the vendor why on stderr, record it, exit 1."""
@@ -261,6 +289,8 @@ class RelaySession(asyncssh.SSHServerSession):
             self.scanner = self.ctx.make_scanner()
         if not self.subsystem and self.ctx.make_stream_judge:
             self.judge = self.ctx.make_stream_judge(self)
+        if not self.subsystem and self.ctx.make_line_guard:
+            self.line_guard = self.ctx.make_line_guard(self)
         for action in self.pending:
             action(up)
         self.pending.clear()
@@ -284,7 +314,11 @@ class RelaySession(asyncssh.SSHServerSession):
     def _deliver(self, up: asyncssh.SSHClientChannel, data: bytes, datatype: asyncssh.DataType) -> None:
         if self.filter is not None:
             self.filter.vendor_data(data)
-        elif self.judge is None or not self._judged("vendor", data):
+        elif self.judge is not None and self._judged("vendor", data):
+            return
+        elif self.line_guard is not None and datatype is None:
+            self.line_guard.vendor_data(data)
+        else:
             up.write(data, datatype)
 
     def eof_received(self) -> bool:
@@ -292,11 +326,13 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.handler is not None:
             self.handler.vendor_eof()
             return True
-        self._to_up(lambda up: up.write_eof())
+        self._to_up(lambda up: self.line_guard.vendor_eof() if self.line_guard is not None else up.write_eof())
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         self.ctx.recorder.append_event(self.ctx.number, "resize", {"cols": width, "rows": height})
+        if self.line_guard is not None:
+            self.line_guard.resize(width, height)
         if self.up is None and self.pty is not None:
             self.pty = (self.pty[0], (width, height, pixwidth, pixheight), self.pty[2])
         else:
@@ -370,6 +406,8 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.ctx.recorder.append_data(self.ctx.number, "output" if datatype is None else "stderr", data) \
                 or self.ctx.forward_unrecorded:
             self.chan.write(data, datatype)
+            if self.line_guard is not None:
+                self.line_guard.device_output(data)
 
     def _judged(self, direction: str, data: bytes) -> bool:
         """Feed the stream judge before delivering ``data``; True when it must not be delivered: a file-transfer
@@ -443,14 +481,16 @@ class RelaySession(asyncssh.SSHServerSession):
         self._finish()
 
     # ------------------------------------------------------------ broker actions
-    def notice(self, message: str) -> None:
-        """Show a broker message on the vendor's terminal (stderr) and record it."""
+    def notice(self, message: str, *, stdout: bool = False) -> None:
+        """Show a broker message on the vendor's terminal (stderr; ``stdout``: in order with the device's
+        output, as a PTY merges them anyway) and record it."""
         if self.chan is None or self.closed:
             return
         self.ctx.recorder.append_event(self.ctx.number, "notice", {"text": message})
         eol = "\r\n" if self.pty else "\n"
         try:
-            self.chan.write_stderr(f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
+            (self.chan.write if stdout else self.chan.write_stderr)(
+                f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
         except OSError:  # the vendor already closed the channel
             pass
 
@@ -474,7 +514,7 @@ class RelaySession(asyncssh.SSHServerSession):
             return
         self._finished = True
         self.closed = True
-        for part in (self.filter, self.handler):
+        for part in (self.filter, self.handler, self.line_guard):
             if part is not None:
                 try:
                     part.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import time
 
 import pytest
@@ -64,11 +65,15 @@ def test_patient_data_in_exec_output_stops_the_session(world, how):
 
 
 def test_patient_data_shown_in_an_interactive_shell_is_stopped(world):
-    hl7 = world.device.tree.patient["hl7_file"]
+    # A copy outside the protected tree (made before the session): no command check can know it is patient
+    # data, and lines naming the protected tree are refused before they run (tests/test_e2e_cmdpath.py).
+    copy = world.device.tree.tmp_dir / "innocent.txt"
+    shutil.copyfile(world.device.tree.patient["hl7_file"], copy)
+    copy.chmod(0o644)
     term = world.pty("alice@ct-01")
     try:
         term.expect(PROMPT, timeout=15)
-        term.sendline(f"cp {hl7} /tmp/innocent-$$.txt && cat /tmp/innocent-$$.txt; rm -f /tmp/innocent-$$.txt")
+        term.sendline(f"cat {copy}")
         term.read_until_eof(timeout=15)
     finally:
         term.wait(timeout=10)
