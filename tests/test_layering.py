@@ -42,7 +42,7 @@ TABLE: dict[str, Row] = {
     "keys": Row(1, ("broker/keys.py",), ("core",), ("cryptography",), "key material, sealing, signatures"),
     "domain": Row(2, ("broker/identity.py", "broker/grants.py", "broker/devices.py", "broker/audit.py",
                       "broker/lockout.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
-                      "sessions/content.py", "sessions/exec_check.py"),
+                      "sessions/content.py", "sessions/exec_check.py", "sessions/upload_check.py"),
                   ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
     "codec": Row(2, ("sessions/sftp_codec.py",), ("core",), (), "SFTP wire format: stdlib + layer 0"),
     "recording": Row(2, ("sessions/recording.py", "sessions/recwriter.py", "sessions/replay.py", "sessions/commands.py",
