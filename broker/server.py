@@ -31,6 +31,7 @@ from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
+from sessions.upload_check import StreamGuard, find_reference
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
@@ -214,7 +215,21 @@ class SessionPolicy:
             decision = check_command_line(command, self.protected, None)
             if not decision.allowed:
                 return decision.reason
+            # a path inside an encoded or quoted payload (echo <base64> | base64 -d | python3)
+            found = find_reference(command.encode("utf-8", "surrogateescape"), self.protected)
+            if found:
+                return found.reason(self.protected.device, "this command")
         return None
+
+    def upload_guard(self, path: str) -> StreamGuard | None:
+        """A judge of one file uploaded over SFTP (sessions/sftp.py): a script or module naming a protected
+        path is refused and removed."""
+        return StreamGuard(self.protected, f"the uploaded file {path}") if self.check_commands else None
+
+    def make_input_guard(self, command: str) -> StreamGuard | None:
+        """A judge of an exec channel's stdin: a script piped to an interpreter (Ansible pipelining) that
+        names a protected path ends the channel (sessions/upload_check.py)."""
+        return StreamGuard(self.protected, "the input of this command", eager=True) if self.check_commands else None
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":
@@ -248,7 +263,8 @@ class GuardedSftp:
         self.filter = SftpFilter(
             policy.protected, self.device_sftp.realpath, self.device_sftp.head, relay.up.write,
             relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
-            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads())
+            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
+            upload_guard=policy.upload_guard, discard_upload=self._discard_upload)
 
     def vendor_data(self, data: bytes) -> None:
         self.filter.vendor_data(data)
@@ -286,6 +302,15 @@ class GuardedSftp:
                                                           if k not in ("op", "path", "reason")})
         if self._DENIED_EVENT == "sftp.denied":  # scp carries the reason in-band; sftp shows only a code
             self.relay.notice(decision.reason)
+
+    async def _discard_upload(self, path: str) -> None:
+        """Remove a refused upload from the device (it named a protected path); recorded either way."""
+        try:
+            await self.device_sftp.remove(path)
+            outcome = "removed"
+        except Exception as exc:  # the device refused, or the channel is gone: say so, the denial stands
+            outcome = f"not removed: {getattr(exc, 'reason', None) or exc}"
+        self._record("sftp.upload.discarded", {"path": path, "outcome": outcome})
 
     def _fatal(self, message: str) -> None:
         self.broker.audit_soon("channel.refused", **self._fields(), kind="sftp", reason=message)

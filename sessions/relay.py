@@ -95,6 +95,9 @@ class ChannelContext:
     asked), or None to judge it with check_exec and run it on the device."""
     make_scanner: Callable[[], Any] | None = None
     """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
+    make_input_guard: Callable[[str], Any] | None = None
+    """A judge of an exec channel's stdin (``feed(bytes)``/``finish()`` -> refusal or None), given the
+    command, or None: interpreter input naming a protected path ends the channel (sessions/upload_check.py)."""
     on_detection: Callable[["RelaySession", str], None] = lambda relay, what: None
     on_closed: Callable[["RelaySession"], None] = lambda relay: None
     on_refused: Callable[["RelaySession", str, str], None] = lambda relay, kind, message: None
@@ -151,6 +154,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.filter: SubsystemFilter | None = None
         self.handler: ExecHandler | None = None
         self.scanner = None
+        self.input_guard = None
         self.closed = False
         self.exit_code: int | None = None
         self.exit_sent = False
@@ -182,6 +186,8 @@ class RelaySession(asyncssh.SSHServerSession):
         self.handler = self.ctx.make_exec_handler(self, command) if self.ctx.make_exec_handler else None
         if self.handler is None:
             self.refusal = self.ctx.check_exec(command)
+            if self.refusal is None and self.ctx.make_input_guard:
+                self.input_guard = self.ctx.make_input_guard(command)
         elif self._holds["device"]:  # e.g. the recorder is behind already
             self.handler.pause_writing()
         # served_by: the broker answers this command itself (legacy scp); the device never runs it
@@ -251,6 +257,8 @@ class RelaySession(asyncssh.SSHServerSession):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.ctx.recorder.append_data(self.ctx.number, "input", data)
+        if self.input_guard is not None and self._input_refused(self.input_guard.feed(data)):
+            return
         if self.handler is not None:
             self.handler.vendor_data(data)
         elif self.up is not None:
@@ -264,8 +272,19 @@ class RelaySession(asyncssh.SSHServerSession):
         else:
             up.write(data, datatype)
 
+    def _input_refused(self, reason: str | None) -> bool:
+        """Stdin named a protected path: the chunk is not forwarded and the channel ends (once)."""
+        if reason is None:
+            return False
+        if not self.closed:  # the guard keeps answering the same refusal, so later chunks are dropped too
+            self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {"stream": "input", "reason": reason})
+            self.refuse("exec", reason)
+        return True
+
     def eof_received(self) -> bool:
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "vendor"})
+        if self.input_guard is not None and self._input_refused(self.input_guard.finish()):
+            return True  # the EOF is held too: python runs a piped script only after it
         if self.handler is not None:
             self.handler.vendor_eof()
             return True
