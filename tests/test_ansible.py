@@ -1,0 +1,262 @@
+"""Real Ansible (ansible-core from PyPI) through the broker: modules that read protected paths get nothing,
+ordinary automation works, and the metadata of protected files stays on the device on every channel.
+
+Ansible sends each module as a program: uploaded over SFTP (``ssh_transfer_method`` smart: sftp, then scp,
+then ``dd`` on stdin) and run by ``/bin/sh -c 'python3 …/AnsiballZ_stat.py'``, or with pipelining on the
+stdin of ``/bin/sh -c 'python3 && sleep 0'``. The path a module reads travels inside that program, where
+the command check cannot see it; sessions/upload_check.py judges it (docs/data-protection.md,
+"Automation clients (Ansible)").
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.ansible import AnsibleTarget, ansible_available, result_text, run_ansible
+from helpers.broker import World
+from helpers.clients import run_sftp_batch
+from sessions.recording import read_frames
+
+pytestmark = [pytest.mark.openssh,
+              pytest.mark.skipif(not ansible_available(), reason="ansible-core is not installed (the test extra)")]
+
+MODES = {"sftp-upload": {}, "pipelining": {"pipelining": True}}
+CANARY = b"TEST^PATIENT"  # every synthetic patient name on the fake device
+
+
+def target(w: World, **kw) -> AnsibleTarget:
+    return AnsibleTarget("127.0.0.1", w.port, "alice@ct-01", Path(w.keys["alice"].private_path), w.known_hosts, **kw)
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
+def frames_of_all_sessions(w: World) -> list:
+    wait_for(lambda: all(r["final_hash"] for r in w.app.store.list_sessions()))
+    return [f for r in w.app.store.list_sessions()
+            for f in read_frames(Path(r["recording"]), key_lookup=w.app.keys.get)]
+
+
+def secrets_of(path: Path) -> list[bytes]:
+    """What must never reach the vendor about a protected file: content, its encodings, hashes, size."""
+    data = path.read_bytes()
+    return [CANARY, data[:40], base64.b64encode(data)[:40], hashlib.sha1(data).hexdigest().encode(),
+            hashlib.sha256(data).hexdigest().encode(), hashlib.md5(data).hexdigest().encode()]
+
+
+def assert_nothing_about(result, path: Path) -> None:
+    seen = result_text(result).encode()
+    for secret in secrets_of(path):
+        assert secret not in seen, secret
+    assert "stat" not in result.result and "content" not in result.result and "files" not in result.result
+    assert result.failed, result.result
+
+
+def guard_events(w: World, mode: str) -> list[dict]:
+    name = "exec.denied" if mode == "pipelining" else "sftp.denied"
+    return [dict(e, details=json.loads(e["details"])) for e in wait_for(lambda: w.events(name))]
+
+
+# ---------------------------------------------------------------- exposed device: the broker's own guard
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ansible_stat_and_slurp_of_a_protected_file_get_nothing(exposed_world, mode):
+    w = exposed_world
+    w.grant()
+    hl7 = w.device.tree.patient["hl7_file"]
+    t = target(w, **MODES[mode])
+    stat = run_ansible(t, "stat", {"path": str(hl7), "get_mime": True, "get_checksum": True})
+    slurp = run_ansible(t, "slurp", {"src": str(hl7)})
+    for result in (stat, slurp):
+        assert_nothing_about(result, hl7)
+    if mode == "pipelining":  # the broker's reason is what Ansible shows as the module's stderr
+        for result in (stat, slurp):
+            assert "medbroker: the input of this command names " + str(hl7) in result.result["module_stderr"]
+    events = guard_events(w, mode)
+    assert len(events) >= 2 and all(str(hl7) in e["details"]["reason"] for e in events)
+    assert all("protected patient-data directory" in e["details"]["reason"] for e in events)
+    if mode == "sftp-upload":
+        assert {e["details"]["op"] for e in events} == {"write"}  # the write carrying the path was refused
+        assert all(e["details"]["path"].endswith((".py",)) and "AnsiballZ_" in e["details"]["path"] for e in events)
+    denials = [f.event() for f in frames_of_all_sessions(w) if f.kind == "policy-denial"]
+    assert len(denials) >= 2 and all(str(hl7) in d["reason"] for d in denials)
+    assert not any(CANARY in f.payload for f in frames_of_all_sessions(w) if f.kind in ("output", "stderr"))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ansible_relative_paths_and_directory_listings_are_refused(exposed_world, mode):
+    """A home-relative path and ``find`` inside a protected directory: no names, sizes or owners."""
+    w = exposed_world
+    w.grant()
+    t = target(w, **MODES[mode])
+    hl7 = w.device.tree.patient["hl7_file"]
+    rel = run_ansible(t, "slurp", {"src": "var/spool/hl7/adt_a01.hl7"})
+    assert_nothing_about(rel, hl7)
+    found = run_ansible(t, "find", {"paths": str(w.device.tree.dicom_dir), "recurse": True})
+    assert_nothing_about(found, w.device.tree.patient["dicom_file"])
+    assert b"study-0001" not in result_text(found).encode() and b"IM000001" not in result_text(found).encode()
+    assert len(guard_events(w, mode)) >= 2
+
+
+def test_a_script_uploaded_with_sftp_naming_a_protected_path_is_refused_and_removed(exposed_world, tmp_path):
+    """Plain OpenSSH sftp: the write is refused with the reason and nothing of the script stays on the device;
+    an ordinary script uploads as before."""
+    w = exposed_world
+    w.grant()
+    tree = w.device.tree
+    hl7 = tree.patient["hl7_file"]
+    bad = tmp_path / "collect.py"
+    bad.write_text("import sys\n" * 2000 + f"print(open({str(hl7)!r}).read())\n" + "# end\n" * 2000)
+    zipped = tmp_path / "collect.b64"  # the same, hidden the AnsiballZ way: base64 of a zip, judged at CLOSE
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("__main__.py", f"print(open({'var/spool/' + 'hl7/adt_a01.hl7'!r}).read())")
+    zipped.write_bytes(base64.b64encode(buf.getvalue()))  # no delimiter: judged whole at CLOSE
+    good = tmp_path / "health.py"
+    good.write_text("import os\nprint(os.uname())\nprint(open('service/logs/system.log').read())\n")
+    for local in (bad, zipped):
+        r = run_sftp_batch(f"put {local} tmp/{local.name}\n", "alice@ct-01", "127.0.0.1", w.port,
+                           w.keys["alice"].private_path, known_hosts=w.known_hosts)
+        assert r.returncode != 0
+        assert b"medbroker: the uploaded file " in r.stderr and b"protected patient-data directory" in r.stderr
+        assert wait_for(lambda: not (tree.tmp_dir / local.name).exists(), 5), f"{local.name} left on the device"
+    r = run_sftp_batch(f"put {good} tmp/health.py\n", "alice@ct-01", "127.0.0.1", w.port,
+                       w.keys["alice"].private_path, known_hosts=w.known_hosts)
+    assert r.returncode == 0, r.stderr
+    assert (tree.tmp_dir / "health.py").read_bytes() == good.read_bytes()
+    events = guard_events(w, "sftp-upload")
+    assert [e["details"]["op"] for e in events] == ["write", "close"]
+    assert events[1]["details"]["via"].startswith("base64 > zip:__main__.py")
+    discarded = [f.event() for f in frames_of_all_sessions(w)
+                 if f.kind == "sftp-request" and f.event().get("event") == "sftp.upload.discarded"]
+    assert [d["outcome"] for d in discarded] == ["removed", "removed"]
+
+
+@pytest.mark.parametrize("script", [
+    "print(open('{hl7}').read())",
+    "import base64;print(open(base64.b64decode('{b64}').decode()).read())",
+])
+def test_interpreter_stdin_naming_a_protected_path_ends_the_channel(exposed_world, script):
+    w = exposed_world
+    w.grant()
+    hl7 = str(w.device.tree.patient["hl7_file"])
+    text = script.format(hl7=hl7, b64=base64.b64encode(hl7.encode()).decode())
+    r = w.ssh("alice@ct-01", "python3", input=text.encode() + b"\n")
+    assert r.returncode == 1 and CANARY not in r.stdout
+    assert b"medbroker: the input of this command names " + hl7.encode() in r.stderr
+    ok = w.ssh("alice@ct-01", "python3", input=b"print(6 * 7)\n")
+    assert ok.returncode == 0 and ok.stdout == b"42\n"
+
+
+def test_an_encoded_path_on_the_command_line_is_refused(exposed_world):
+    w = exposed_world
+    w.grant()
+    hl7 = str(w.device.tree.patient["hl7_file"])
+    script = base64.b64encode(f"cat {hl7}".encode()).decode()
+    r = w.ssh("alice@ct-01", f"echo {script} | base64 -d | sh")
+    assert r.returncode == 1 and CANARY not in r.stdout
+    assert b"medbroker: this command names " + hl7.encode() in r.stderr
+
+
+# ---------------------------------------------------------------- metadata on the other channels
+def test_metadata_of_protected_files_is_refused_on_sftp_and_exec(exposed_world):
+    w = exposed_world
+    w.grant()
+    tree = w.device.tree
+    hl7, hl7_dir = tree.patient["hl7_file"], tree.patient["hl7_dir"]
+    r = run_sftp_batch(f"-ls -l {hl7_dir}\n-ls -l {hl7}\n-ls -l var/spool\n", "alice@ct-01", "127.0.0.1",
+                       w.port, w.keys["alice"].private_path, known_hosts=w.known_hosts)
+    shown = r.stdout + r.stderr
+    assert b"adt_a01.mllp" not in shown and b"-rw" not in shown.split(b"sftp> -ls -l var/spool")[0]
+    assert b"hl7" in shown.split(b"sftp> -ls -l var/spool")[1]  # the protected directory itself may be named
+    for command in (f"stat {hl7}", f"ls -l {hl7_dir}", f"sha1sum {hl7}", f"file {hl7}", f"ls -lR {tree.root}/var",
+                    f"find {tree.root}/var -name '*.hl7'", f"du -a {tree.root}/var/spool", f"wc -c {hl7}",
+                    "stat var/spool/hl7/adt_a01.hl7", "md5sum var/spool/hl7/*"):
+        r = w.ssh("alice@ct-01", command)
+        assert r.returncode == 1 and b"adt_a01" not in r.stdout, command
+        assert b"medbroker: " in r.stderr, command
+    digest = hashlib.sha1(hl7.read_bytes()).hexdigest().encode()
+    frames = frames_of_all_sessions(w)
+    assert not any(digest in f.payload for f in frames)
+    assert not any(b"adt_a01.mllp" in f.payload for f in frames if f.kind in ("output", "stderr"))
+
+
+@pytest.mark.xfail(strict=False, reason="the exec check does not know the login's home yet (server passes home=None); "
+                   "the cmdpath branch resolves command paths on the device")
+@pytest.mark.parametrize("command", ["ls -lR var/spool", "du -a var", "find var -name '*.hl7' -ls"])
+def test_home_relative_recursive_listing_of_an_ancestor_is_refused(exposed_world, command):
+    w = exposed_world
+    w.grant()
+    r = w.ssh("alice@ct-01", command)
+    assert b"adt_a01" not in r.stdout and r.returncode == 1
+
+
+# ---------------------------------------------------------------- contained device: containment first
+def test_contained_device_ansible_gets_nothing_even_without_the_upload_check(tmp_path, device):
+    """On a contained device the login cannot read the patient trees: with every broker-side command and
+    upload check switched off, Ansible's stat and slurp still get no metadata and no content."""
+    w = World(tmp_path, device()).setup(config="[policy]\ncheck_commands = false\n")
+    try:
+        w.grant()
+        dcm = w.device.tree.patient["dicom_file"]
+        assert w.device.contained
+        for mode in MODES:
+            t = target(w, **MODES[mode])
+            stat = run_ansible(t, "stat", {"path": str(dcm), "get_checksum": True, "get_mime": True})
+            # the device itself answers: the login cannot traverse the directory ("Permission denied")
+            assert_nothing_about(stat, dcm)
+            assert "Permission denied" in stat.result["msg"], stat.result
+            slurp = run_ansible(t, "slurp", {"src": str(dcm)})
+            assert_nothing_about(slurp, dcm)
+        assert w.events("sftp.denied") == [] and w.events("exec.denied") == []
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_contained_device_the_upload_check_answers_first(world, mode):
+    w = world
+    w.grant()
+    dcm = w.device.tree.patient["dicom_file"]  # the contained world protects data/dicom
+    result = run_ansible(target(w, **MODES[mode]), "stat", {"path": str(dcm), "get_checksum": True})
+    assert_nothing_about(result, dcm)
+    assert guard_events(w, mode)
+
+
+# ---------------------------------------------------------------- ordinary automation works
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ordinary_ansible_use_works_through_the_broker(exposed_world, mode):
+    w = exposed_world
+    w.grant()
+    t = target(w, **MODES[mode])
+    tree = w.device.tree
+    ping = run_ansible(t, "ping")
+    assert not ping.failed and ping.result["ping"] == "pong", ping.text
+    facts = run_ansible(t, "setup", {"gather_subset": ["!all", "!min", "distribution", "python"]})
+    assert not facts.failed and facts.result["ansible_facts"]["ansible_python"]["executable"] == "/usr/bin/python3"
+    uname = run_ansible(t, "command", {"cmd": "uname -a"})
+    assert not uname.failed and uname.result["stdout"].startswith("Linux"), uname.text
+    notes = "firmware 4.2.1 notes: tube warm-up OK\n"
+    copy = run_ansible(t, "copy", {"content": notes, "dest": str(tree.tmp_dir / "notes.txt")})
+    assert not copy.failed, copy.text
+    assert (tree.tmp_dir / "notes.txt").read_text() == notes
+    config = tree.root / "etc/vendor/service.conf"
+    line = run_ansible(t, "lineinfile", {"path": str(config), "line": "log_level=debug", "create": True})
+    assert not line.failed and "log_level=debug" in config.read_text(), line.text
+    back = run_ansible(t, "slurp", {"src": "tmp/notes.txt"})
+    assert not back.failed and base64.b64decode(back.result["content"]).decode() == notes, back.text
+    assert w.events("sftp.denied") == [] and w.events("exec.denied") == [] and w.events("alert.exfiltration") == []
