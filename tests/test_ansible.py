@@ -172,6 +172,26 @@ def test_an_encoded_path_on_the_command_line_is_refused(exposed_world):
     assert b"medbroker: this command names " + hl7.encode() in r.stderr
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_slurp_of_patient_data_outside_a_protected_directory_is_stopped_in_the_output(exposed_world, mode):
+    """Finding 11 as reported: the HL7 message came back base64-encoded inside slurp's JSON. Here the file
+    lies where no path rule applies (a copy in tmp/), so only the output scanner can stop it: it must read
+    a short base64 run inside JSON. DEPENDS ON the scanner branch (sessions/content.py, issue 11)."""
+    w = exposed_world
+    w.grant()
+    tree = w.device.tree
+    disguised = tree.tmp_dir / "adt-export.txt"
+    disguised.write_bytes(tree.patient["hl7_file"].read_bytes())
+    result = run_ansible(target(w, **MODES[mode]), "slurp", {"src": "tmp/adt-export.txt"})
+    assert_nothing_about(result, disguised)
+    alerts = wait_for(lambda: w.events("alert.exfiltration"))
+    assert alerts and json.loads(alerts[0]["details"])["content"] == "HL7"
+    frames = frames_of_all_sessions(w)
+    assert any(f.kind == "alert" for f in frames)
+    assert not any(CANARY in f.payload or base64.b64encode(disguised.read_bytes())[:40] in f.payload
+                   for f in frames if f.kind in ("output", "stderr"))
+
+
 # ---------------------------------------------------------------- metadata on the other channels
 def test_metadata_of_protected_files_is_refused_on_sftp_and_exec(exposed_world):
     w = exposed_world
