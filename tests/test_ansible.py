@@ -185,7 +185,7 @@ def test_slurp_of_patient_data_outside_a_protected_directory_is_stopped_in_the_o
     result = run_ansible(target(w, **MODES[mode]), "slurp", {"src": "tmp/adt-export.txt"})
     assert_nothing_about(result, disguised)
     alerts = wait_for(lambda: w.events("alert.exfiltration"))
-    assert alerts and json.loads(alerts[0]["details"])["content"] == "HL7"
+    assert alerts and json.loads(alerts[0]["details"])["content"].startswith("HL7")  # "HL7v2/base64"
     frames = frames_of_all_sessions(w)
     assert any(f.kind == "alert" for f in frames)
     assert not any(CANARY in f.payload or base64.b64encode(disguised.read_bytes())[:40] in f.payload
