@@ -330,7 +330,8 @@ class GuardedScp(GuardedSftp):
         self.server = ScpServer(
             command, policy.protected, lambda: live.upconn.start_sftp_client(path_encoding=None),
             relay.write_to_vendor, relay.exit, self._hold, self._record, self._denied, mode=live.grant.mode,
-            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads())
+            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
+            upload_guard=policy.upload_guard)
 
     def _hold(self, on: bool) -> None:
         (self.relay.hold if on else self.relay.release)("vendor", "scp-input")

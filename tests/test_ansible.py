@@ -20,7 +20,7 @@ import pytest
 
 from helpers.ansible import AnsibleTarget, ansible_available, result_text, run_ansible
 from helpers.broker import World
-from helpers.clients import run_sftp_batch
+from helpers.clients import run_sftp_batch, scp_upload
 from sessions.recording import read_frames
 
 pytestmark = [pytest.mark.openssh,
@@ -144,6 +144,28 @@ def test_a_script_uploaded_with_sftp_naming_a_protected_path_is_refused_and_remo
     discarded = [f.event() for f in frames_of_all_sessions(w)
                  if f.kind == "sftp-request" and f.event().get("event") == "sftp.upload.discarded"]
     assert [d["outcome"] for d in discarded] == ["removed", "removed"]
+
+
+def test_a_script_uploaded_with_legacy_scp_naming_a_protected_path_is_refused_and_removed(exposed_world, tmp_path):
+    """``scp -O`` (served by the broker itself, sessions/scp.py): the same judge, the reason in scp's error."""
+    w = exposed_world
+    w.grant()
+    tree = w.device.tree
+    bad = tmp_path / "collect.sh"
+    bad.write_text("#!/bin/sh\n" + "echo collecting\n" * 5000 + "tail -c +1 opt/lis/data/result.txt\n")
+    good = tmp_path / "rotate.sh"
+    good.write_text("#!/bin/sh\nfind service/logs -name '*.log' -mtime +30 -delete\n")
+    results = {}
+    for local, ok in ((bad, False), (good, True)):
+        r = results[local.name] = scp_upload("alice@ct-01", "127.0.0.1", w.port, w.keys["alice"].private_path,
+                                             local, f"tmp/{local.name}", legacy=True, known_hosts=w.known_hosts)
+        assert (r.returncode == 0) is ok, r.stderr
+        assert (tree.tmp_dir / local.name).exists() is ok
+    assert b"medbroker: the uploaded file " in results["collect.sh"].stderr
+    assert b"opt/lis/data/result.txt" in results["collect.sh"].stderr
+    denied = [json.loads(e["details"]) for e in wait_for(lambda: w.events("scp.denied"))]
+    assert len(denied) == 1 and denied[0]["op"] == "write" and denied[0]["discarded"] == "removed"
+    assert denied[0]["names"].endswith("opt/lis/data/result.txt")  # home-relative, judged without the home
 
 
 @pytest.mark.parametrize("script", [
