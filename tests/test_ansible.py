@@ -20,7 +20,7 @@ import pytest
 
 from helpers.ansible import AnsibleTarget, ansible_available, result_text, run_ansible
 from helpers.broker import World
-from helpers.clients import run_sftp_batch, scp_upload
+from helpers.clients import paramiko_connect, paramiko_sftp, run_sftp_batch, scp_upload
 from sessions.recording import read_frames
 
 pytestmark = [pytest.mark.openssh,
@@ -144,6 +144,32 @@ def test_a_script_uploaded_with_sftp_naming_a_protected_path_is_refused_and_remo
     discarded = [f.event() for f in frames_of_all_sessions(w)
                  if f.kind == "sftp-request" and f.event().get("event") == "sftp.upload.discarded"]
     assert [d["outcome"] for d in discarded] == ["removed", "removed"]
+
+
+def test_an_upload_written_out_of_order_is_refused(exposed_world):
+    """The judge reads an upload as a stream: a write that skips ahead (where a path could be split across
+    pieces sent in reverse) is refused with the reason; in-order writes at any size pass."""
+    w = exposed_world
+    w.grant()
+    host_key = (w.app.config.home / "keys" / "host_ed25519.pub").read_text()
+    client = paramiko_connect("127.0.0.1", w.port, "alice@ct-01", key=w.keys["alice"].private_path,
+                              host_key_line=host_key)
+    try:
+        with paramiko_sftp(client) as sftp:
+            with sftp.open("tmp/inorder.bin", "wb") as f:
+                for _ in range(5):
+                    f.write(b"x" * 40000)
+            assert sftp.stat("tmp/inorder.bin").st_size == 200000
+            with pytest.raises(PermissionError, match="checks uploads in order"):
+                with sftp.open("tmp/holes.py", "wb") as f:
+                    f.write(b"print(1)\n")
+                    f.seek(100000)
+                    f.write(b"print(2)\n")
+                    f.flush()
+    finally:
+        client.close()
+    assert not (w.device.tree.tmp_dir / "holes.py").exists()
+    assert [json.loads(e["details"])["op"] for e in wait_for(lambda: w.events("sftp.denied"))] == ["write"]
 
 
 def test_a_script_uploaded_with_legacy_scp_naming_a_protected_path_is_refused_and_removed(exposed_world, tmp_path):
