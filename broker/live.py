@@ -188,7 +188,7 @@ class LiveSession:
             number=self.numbers, recorder=self.recorder, open_upstream=self._open_upstream,
             check_exec=policy.check_exec, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
-            make_input_guard=policy.make_input_guard,
+            make_input_guard=policy.make_input_guard, vet_exec=policy.vet_exec,
             on_detection=self._detected, on_closed=self._channel_closed,
             on_refused=self._refused, on_upstream_error=self._upstream_error,
         )

@@ -31,7 +31,7 @@ from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
-from sessions.upload_check import StreamGuard, find_reference
+from sessions.upload_check import StreamGuard, find_reference, script_candidates
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
@@ -224,7 +224,30 @@ class SessionPolicy:
     def upload_guard(self, path: str) -> StreamGuard | None:
         """A judge of one file uploaded over SFTP (sessions/sftp.py): a script or module naming a protected
         path is refused and removed."""
-        return StreamGuard(self.protected, f"the uploaded file {path}") if self.check_commands else None
+        return StreamGuard(self.protected, f"the uploaded file {path}", program=path) if self.check_commands else None
+
+    async def vet_exec(self, command: str) -> str | None:
+        """Before an exec command runs: read the scripts it runs (``python3 x``, ``./collect``, Ansible's
+        ``…/AnsiballZ_stat.py``) on the device, up to 4 MiB each, and refuse one that names a protected path."""
+        paths = script_candidates(command) if self.check_commands else []
+        if not paths or self.live.upconn is None:
+            return None
+        device = DeviceSftp(self.live.upconn.start_sftp_client)
+        try:
+            for path in paths:
+                try:
+                    where = path[2:] if path.startswith("~/") else path  # SFTP starts in the login's home
+                    head = await asyncio.wait_for(device.head(where.encode("utf-8", "surrogateescape"), 4 << 20), 10)
+                except (asyncssh.SFTPError, BrokerError):
+                    continue  # not there, not a regular file, not readable: the device will say so itself
+                found = find_reference(head, self.protected)
+                if found:
+                    return found.reason(self.protected.device, f"the script {path} this command runs")
+        except (asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
+            return f"medbroker could not read the script this command runs ({exc}); the command was refused"
+        finally:
+            device.close()
+        return None
 
     def make_input_guard(self, command: str) -> StreamGuard | None:
         """A judge of an exec channel's stdin: a script piped to an interpreter (Ansible pipelining) that

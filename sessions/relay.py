@@ -95,6 +95,9 @@ class ChannelContext:
     asked), or None to judge it with check_exec and run it on the device."""
     make_scanner: Callable[[], Any] | None = None
     """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
+    vet_exec: Callable[[str], Awaitable[str | None]] | None = None
+    """Asked (awaited) before an exec command reaches the device: a refusal, or None. Reads the scripts the
+    command runs (sessions/upload_check.py) on the broker's own device session."""
     make_input_guard: Callable[[str], Any] | None = None
     """A judge of an exec channel's stdin (``feed(bytes)``/``finish()`` -> refusal or None), given the
     command, or None: interpreter input naming a protected path ends the channel (sessions/upload_check.py)."""
@@ -221,6 +224,12 @@ class RelaySession(asyncssh.SSHServerSession):
                if isinstance(k, str) and k.startswith(ENV_ALLOWED)}
         pty = self.pty or (None, None, None)
         try:
+            if self.kind == "exec" and self.command and self.ctx.vet_exec is not None:
+                refusal = await self.ctx.vet_exec(self.command)
+                if refusal is not None or self.closed:
+                    if refusal is not None and not self.closed:
+                        self.refuse("exec", refusal)
+                    return
             up, _ = await self.ctx.open_upstream(
                 lambda: UpstreamSession(self), self.command, self.subsystem, env, *pty)
         except asyncio.CancelledError:

@@ -27,13 +27,14 @@ import bz2
 import io
 import lzma
 import re
+import shlex
 import zipfile
 import zlib
 from dataclasses import dataclass
 
 from sessions.policy import ProtectedPaths, normalize_path
 
-__all__ = ["Reference", "StreamGuard", "UploadJudge", "find_reference", "MAX_DEPTH", "CARRY_MAX", "EXPAND_MAX", "JUDGE_MAX"]
+__all__ = ["Reference", "StreamGuard", "UploadJudge", "find_reference", "looks_like_program", "script_candidates", "MAX_DEPTH", "CARRY_MAX", "EXPAND_MAX", "JUDGE_MAX"]
 
 MAX_DEPTH = 4
 """How many decodings deep (escapes, base64, zip member, gzip ...) the judge follows."""
@@ -178,13 +179,16 @@ class UploadJudge:
     ``feed`` judges every run that is complete (ended by a delimiter); an unfinished run is held back
     (up to :data:`CARRY_MAX`) and judged with the next chunk or at ``finish``. Chunks must be in
     stream order; out-of-order SFTP writes are judged as they come (``finish`` judges the held tail).
-    Once a reference is found, every later call returns it again. After ``limit`` bytes the rest of
+    With ``program`` (the file's name), a stream that does not look like a program
+    (:func:`looks_like_program`) is not judged: configuration files name the data directories they
+    configure (``datadir=/var/lib/mysql``). Once a reference is found, every later call returns it again. After ``limit`` bytes the rest of
     the stream is not judged and ``unjudged`` counts it. ``eager`` also judges the newest bytes of an
     unfinished run at once (for a stream a program consumes as it arrives: an exec channel's stdin).
     """
 
     def __init__(self, protected: ProtectedPaths, home: str | None = None, *, limit: int = JUDGE_MAX,
-                 eager: bool = False) -> None:
+                 eager: bool = False, program: str | None = None) -> None:
+        self._program = program
         self._m = _Matcher(protected, home)
         self._carry = bytearray()
         self._limit = limit
@@ -204,6 +208,10 @@ class UploadJudge:
             return None
         if not self._started:
             self._started = True
+            if self._program is not None and not looks_like_program(self._program, data[:_TAIL]):
+                self._limit = 0  # a data or config file: judged when a program runs it (script_candidates)
+                self.unjudged += len(data)
+                return None
             if any(magic in data[:_TAIL] for magic in _MAGICS):  # a zip (also a python zipapp), gzip, xz ...
                 self._whole = bytearray()
         if self._whole is not None:
@@ -374,6 +382,74 @@ def _zip_members(data: bytes):
         yield content, f"zip:{info.filename[:120]}"
 
 
+_SCRIPT_SUFFIXES = (".py", ".pyc", ".pyz", ".sh", ".bash", ".ksh", ".zsh", ".pl", ".pm", ".rb", ".php", ".js",
+                    ".mjs", ".lua", ".tcl", ".awk", ".sed", ".ps1", ".psm1", ".bat", ".cmd", ".vbs", ".r", ".jl",
+                    ".exp", ".run", ".bin")
+_INTERPRETER = re.compile(r"^(python[0-9.]*|pypy[0-9.]*|perl[0-9.]*|ruby[0-9.]*|node(js)?|php[0-9.]*|lua[0-9.]*|"
+                          r"tclsh[0-9.]*|wish|[gm]?awk|sed|sh|bash|dash|ksh|zsh|ash|busybox|env|pwsh|Rscript|julia|"
+                          r"expect|osascript|source|\.)$")
+
+
+def looks_like_program(name: str, head: bytes) -> bool:
+    """True when an uploaded file is something a device runs: ``#!``, a zip (python zipapp), an ELF, or a
+    script's file name (``.py``, ``.sh``, ``AnsiballZ_*``, ...)."""
+    base = name.rsplit("/", 1)[-1].lower()
+    return head[:2] == b"#!" or head[:4] in (b"PK\x03\x04", b"\x7fELF") or base.endswith(_SCRIPT_SUFFIXES) or \
+        base.startswith("ansiballz_")
+
+
+def script_candidates(command: str, limit: int = 4) -> list[str]:
+    """Files an exec command runs as a program: the first operand of an interpreter (``python3 x``,
+    ``sh -c '…'`` is read again), and a command word that is a path (``./collect``, ``~/x.py``), outside
+    the system directories. Pure and lexical; the caller reads and judges each file on the device.
+
+    :param command: the exec command line
+    :param limit: at most this many paths
+    """
+    out: list[str] = []
+
+    def walk(line: str, depth: int) -> None:
+        try:
+            words = shlex.split(line, comments=False)
+        except ValueError:
+            words = line.split()
+        at_start, interp, skip = True, False, False
+        for word in words:
+            if word in (";", "&&", "||", "|", "&", "(", ")") or word.endswith(";"):
+                at_start, interp, skip = True, False, False
+                continue
+            base = word.rsplit("/", 1)[-1]
+            if (interp or at_start or skip) and " " in word and depth < 3:
+                walk(word, depth + 1)  # sh -c '…', python3 -c '…' (its paths: the command check)
+                interp = at_start = skip = False
+                continue
+            if skip:  # the argument of -c/-e/-m: code or a module name, not a file
+                skip = interp = False
+                continue
+            if interp and word.startswith("-"):
+                skip = word in _CODE_OPTIONS
+                continue
+            if at_start and (base in _PREFIXES or word.isdigit()):
+                continue
+            if (at_start or interp) and _INTERPRETER.match(base):
+                interp, at_start = True, False
+                continue
+            if (interp or (at_start and "/" in word)) and not word.startswith(_SYSTEM_DIRS) and word not in out:
+                out.append(word)
+            interp = at_start = False
+            if "=" in word and "/" not in word.split("=", 1)[0]:
+                at_start = True  # VAR=value cmd
+
+    walk(command, 0)
+    return out[:limit]
+
+
+_CODE_OPTIONS = frozenset({"-c", "-e", "-E", "-m", "-r", "--eval", "-W", "-X"})
+_PREFIXES = frozenset({"sudo", "nice", "nohup", "timeout", "exec", "command", "time", "stdbuf", "ionice", "chrt",
+                       "setsid", "doas", "xargs"})
+_SYSTEM_DIRS = ("/bin/", "/sbin/", "/usr/bin/", "/usr/sbin/", "/usr/local/bin/", "/usr/lib/", "/lib/", "/etc/init.d/")
+
+
 class StreamGuard:
     """An :class:`UploadJudge` that answers with the sentence for the vendor: what the relay and the SFTP
     filter hold per exec channel's stdin or per uploaded file.
@@ -384,8 +460,8 @@ class StreamGuard:
     """
 
     def __init__(self, protected: ProtectedPaths, what: str, home: str | None = None, *,
-                 limit: int = JUDGE_MAX, eager: bool = False) -> None:
-        self.judge = UploadJudge(protected, home, limit=limit, eager=eager)
+                 limit: int = JUDGE_MAX, eager: bool = False, program: str | None = None) -> None:
+        self.judge = UploadJudge(protected, home, limit=limit, eager=eager, program=program)
         self.device, self.what = protected.device, what
 
     def feed(self, data: bytes) -> str | None:

@@ -119,7 +119,7 @@ def test_a_script_uploaded_with_sftp_naming_a_protected_path_is_refused_and_remo
     hl7 = tree.patient["hl7_file"]
     bad = tmp_path / "collect.py"
     bad.write_text("import sys\n" * 2000 + f"print(open({str(hl7)!r}).read())\n" + "# end\n" * 2000)
-    zipped = tmp_path / "collect.b64"  # the same, hidden the AnsiballZ way: base64 of a zip, judged at CLOSE
+    zipped = tmp_path / "collect_payload.py"  # hidden the AnsiballZ way: base64 of a zip, judged at CLOSE
     import io
     import zipfile
     buf = io.BytesIO()
@@ -328,3 +328,39 @@ def test_ordinary_ansible_use_works_through_the_broker(exposed_world, mode):
     back = run_ansible(t, "slurp", {"src": "tmp/notes.txt"})
     assert not back.failed and base64.b64decode(back.result["content"]).decode() == notes, back.text
     assert w.events("sftp.denied") == [] and w.events("exec.denied") == [] and w.events("alert.exfiltration") == []
+
+
+@pytest.mark.parametrize("name, how", [("collect.txt", "python3 tmp/collect.txt"), ("run", "sh tmp/run"),
+                                       ("tool", "./tmp/tool --all")])
+def test_a_file_run_by_an_interpreter_is_read_and_judged_first(exposed_world, name, how):
+    """A file that does not look like a program passes the upload check (configuration files name the
+    directories they configure); when a command runs it, the broker reads it on the device and judges it."""
+    w = exposed_world
+    w.grant()
+    tree = w.device.tree
+    hl7 = tree.patient["hl7_file"]
+    text = f"print(open({str(hl7)!r}).read())\n" if how.startswith("python") else f"cat {hl7}\n"
+    target_file = tree.tmp_dir / name
+    target_file.write_text(text)
+    target_file.chmod(0o755)
+    import shutil
+    shutil.chown(target_file, w.device.login, w.device.login)
+    r = w.ssh("alice@ct-01", how)
+    assert r.returncode == 1 and CANARY not in r.stdout, r
+    assert b"medbroker: the script " in r.stderr and str(hl7).encode() in r.stderr
+    assert json.loads(wait_for(lambda: w.events("exec.denied"))[0]["details"])["command"] == how
+    target_file.write_text("print('ok')\n" if how.startswith("python") else "echo ok\n")
+    assert w.ssh("alice@ct-01", how).stdout == b"ok\n"
+
+
+def test_a_configuration_file_naming_a_protected_directory_uploads(exposed_world, tmp_path):
+    """my.cnf names /var/lib/mysql, orthanc.json its StorageDirectory: data, not programs, so they upload."""
+    w = exposed_world
+    w.grant()
+    conf = tmp_path / "orthanc.json"
+    conf.write_text(json.dumps({"StorageDirectory": "/var/lib/orthanc/db", "IndexDirectory": "/var/lib/orthanc/db"}))
+    r = run_sftp_batch(f"put {conf} tmp/orthanc.json\n", "alice@ct-01", "127.0.0.1", w.port,
+                       w.keys["alice"].private_path, known_hosts=w.known_hosts)
+    assert r.returncode == 0, r.stderr
+    assert (w.device.tree.tmp_dir / "orthanc.json").read_bytes() == conf.read_bytes()
+    assert w.events("sftp.denied") == []

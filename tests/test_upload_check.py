@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from helpers import FUZZ_EXAMPLES_OTHER
 from helpers.ansible import ansible_available, build_module_payloads
 from sessions.policy import ProtectedPaths, load_protected_paths
-from sessions.upload_check import JUDGE_MAX, StreamGuard, UploadJudge, find_reference
+from sessions.upload_check import (JUDGE_MAX, StreamGuard, UploadJudge, find_reference, looks_like_program,
+                                   script_candidates)
 
 ROOT = "/srv/dev"  # the device login's home, as in the tests' device tree
 DEFAULTS = load_protected_paths(Path(__file__).parent.parent / "config" / "protected-paths.toml")
@@ -234,3 +235,43 @@ def test_fuzz_arbitrary_bytes_never_crash(data, cuts, eager):
     j.feed(data[at:])
     j.finish()
     find_reference(data, PROTECTED, None)
+
+
+# ---------------------------------------------------------------- programs vs data, scripts a command runs
+@pytest.mark.parametrize("name, head, program", [
+    ("AnsiballZ_stat.py", b"#!/usr/bin/python3\n", True), ("source", b"#!/bin/sh\necho", True),
+    ("collect.pl", b"use strict;", True), ("app.pyz", b"PK\x03\x04", True), ("tool", b"\x7fELF\x02", True),
+    ("my.cnf", b"[mysqld]\ndatadir=/var/lib/mysql\n", False), ("orthanc.json", b'{"StorageDirectory"', False),
+    ("fw-4.2.1.img", b"\x00\x01\x02", False),
+])
+def test_looks_like_program(name, head, program):
+    assert looks_like_program(name, head) is program
+
+
+def test_configuration_files_are_not_judged_as_programs():
+    config = b"[mysqld]\ndatadir=/var/lib/mysql\nsocket=/var/run/mysqld/mysqld.sock\n"
+    assert judge(config) is not None  # it does name a protected directory...
+    j = UploadJudge(PROTECTED, ROOT, program="/etc/mysql/my.cnf")
+    assert j.feed(config) is None and j.finish() is None and j.unjudged == len(config)  # ...but is not a program
+    script = UploadJudge(PROTECTED, ROOT, program="/srv/dev/tmp/collect.sh")
+    script.feed(b"#!/bin/sh\ncat " + HL7.encode() + b"\n")
+    assert script.finish() is not None
+
+
+@pytest.mark.parametrize("command, scripts", [
+    ("/bin/sh -c '/usr/bin/python3 ~alice@ct-01/.ansible/tmp/ansible-tmp-1/AnsiballZ_stat.py && sleep 0'",
+     ["~alice@ct-01/.ansible/tmp/ansible-tmp-1/AnsiballZ_stat.py"]),
+    ("/bin/sh -c '/usr/bin/python3 && sleep 0'", []), ("python3 -u tmp/x.txt arg", ["tmp/x.txt"]),
+    ("./collect --all", ["./collect"]), ("FOO=1 ~/run.sh", ["~/run.sh"]), ("env python3 tmp/a", ["tmp/a"]),
+    ("sudo python3 x.py", ["x.py"]), ("timeout 5 ./a.sh", ["./a.sh"]), ("echo hi | sh tmp/s", ["tmp/s"]),
+    ("awk -f prog.awk data", ["prog.awk"]), ("python3 -c 'print(1)'", []), ("perl -e 1", []),
+    ("ls -l /tmp", []), ("cat tmp/x", []), ("/usr/bin/uptime", []), ("uname -a; df -h", []),
+])
+def test_script_candidates(command, scripts):
+    assert script_candidates(command) == scripts
+
+
+@settings(max_examples=FUZZ_EXAMPLES_OTHER)
+@given(st.text(max_size=300))
+def test_fuzz_script_candidates_never_crash(command):
+    assert len(script_candidates(command)) <= 4
