@@ -31,7 +31,7 @@ from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
-from sessions.upload_check import StreamGuard, find_reference, script_candidates
+from sessions.upload_check import StreamGuard, find_reference, path_tokens, script_candidates
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
@@ -243,16 +243,47 @@ class SessionPolicy:
                 found = find_reference(head, self.protected)
                 if found:
                     return found.reason(self.protected.device, f"the script {path} this command runs")
+                linked = await self._resolve_tokens(head, device)
+                if linked:
+                    token, resolved = linked
+                    return (f"the script {path} this command runs names {token}, which is "
+                            f"{self.protected.protected_reason(resolved)}")
         except (asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
             return f"medbroker could not read the script this command runs ({exc}); the command was refused"
         finally:
             device.close()
         return None
 
+    async def _resolve_tokens(self, script: bytes, device: DeviceSftp | None = None) -> tuple[str, str] | None:
+        """Resolve a script's path-like words through the device's realpath, concurrently (one round trip):
+        the first that lands in a protected tree (a symlink such as tmp/images -> data/dicom), or None."""
+        tokens = [t[2:] if t.startswith("~/") else t for t in path_tokens(script)]
+        if not tokens or self.live.upconn is None:
+            return None
+        if device is None:
+            device = DeviceSftp(self.live.upconn.start_sftp_client)
+            try:
+                return await asyncio.wait_for(self._resolve_tokens(script, device), 10)
+            finally:
+                device.close()
+
+        async def resolve(token: str) -> str | None:
+            try:
+                return (await device.realpath(token.encode("utf-8", "surrogateescape"))).decode(
+                    "utf-8", "surrogateescape")
+            except (asyncssh.SFTPError, UnicodeError):
+                return None  # no such path (yet): nothing to resolve
+
+        for token, resolved in zip(tokens, await asyncio.gather(*(resolve(t) for t in tokens))):
+            if resolved is not None and self.protected.is_protected(resolved):
+                return token, resolved
+        return None
+
     def make_input_guard(self, command: str) -> StreamGuard | None:
         """A judge of an exec channel's stdin: a script piped to an interpreter (Ansible pipelining) that
         names a protected path ends the channel (sessions/upload_check.py)."""
-        return StreamGuard(self.protected, "the input of this command", eager=True) if self.check_commands else None
+        return StreamGuard(self.protected, "the input of this command", eager=True,
+                           resolve=self._resolve_tokens) if self.check_commands else None
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":

@@ -290,10 +290,24 @@ class RelaySession(asyncssh.SSHServerSession):
             self.refuse("exec", reason)
         return True
 
+    async def _vet_then_eof(self) -> None:
+        try:
+            reason = await self.input_guard.vet()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # cannot check: fail closed
+            reason = f"medbroker could not check the paths in this command's input ({exc}); it was refused"
+        if not self._input_refused(reason) and not self.closed:
+            self._to_up(lambda up: up.write_eof())
+
     def eof_received(self) -> bool:
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "vendor"})
-        if self.input_guard is not None and self._input_refused(self.input_guard.finish()):
-            return True  # the EOF is held too: python runs a piped script only after it
+        if self.input_guard is not None:
+            if self._input_refused(self.input_guard.finish()):
+                return True  # the EOF is held too: python runs a piped script only after it
+            if getattr(self.input_guard, "vet", None) is not None:  # and until its paths are resolved
+                asyncio.get_running_loop().create_task(self._vet_then_eof())
+                return True
         if self.handler is not None:
             self.handler.vendor_eof()
             return True

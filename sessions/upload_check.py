@@ -29,12 +29,14 @@ import lzma
 import re
 import shlex
 import zipfile
+from typing import Awaitable, Callable
 import zlib
 from dataclasses import dataclass
 
 from sessions.policy import ProtectedPaths, normalize_path
 
-__all__ = ["Reference", "StreamGuard", "UploadJudge", "find_reference", "looks_like_program", "script_candidates", "MAX_DEPTH", "CARRY_MAX", "EXPAND_MAX", "JUDGE_MAX"]
+__all__ = ["Reference", "StreamGuard", "UploadJudge", "find_reference", "looks_like_program", "path_tokens",
+           "script_candidates", "MAX_DEPTH", "CARRY_MAX", "EXPAND_MAX", "JUDGE_MAX"]
 
 MAX_DEPTH = 4
 """How many decodings deep (escapes, base64, zip member, gzip ...) the judge follows."""
@@ -47,6 +49,7 @@ JUDGE_MAX = 64 << 20
 """Bytes of one stream the judge reads; beyond them a stream is passed unjudged (``UploadJudge.unjudged``):
 scripts are small, firmware images are not, and judging costs CPU on the broker's event loop."""
 _MAGICS = (b"PK\x03\x04", b"\x1f\x8b\x08", b"\xfd7zXZ\x00", b"BZh9", b"BZh1")
+_KEEP = 4 << 20  # bytes of a stream kept for StreamGuard.vet
 _ZIP_MEMBERS = 4096
 _ZIP_TOTAL = 64 << 20
 _TAIL = 4096  # bytes of a cut-off run kept so a path straddling the cut is still seen
@@ -444,6 +447,26 @@ def script_candidates(command: str, limit: int = 4) -> list[str]:
     return out[:limit]
 
 
+def path_tokens(data: bytes, limit: int = 32) -> list[str]:
+    """Path-like words of a script, to resolve on the device (a symlink into a protected tree names no
+    protected path): plain-text tokens with a ``/`` and a letter or digit, outside the system directories,
+    in order of appearance, without duplicates, at most ``limit`` of them.
+    """
+    out: dict[str, None] = {}
+    for tok in _TOKEN.finditer(data):
+        raw = tok.group()
+        if b"/" not in raw or len(raw) > 1024 or raw.startswith(b"//") or not any(c.isalnum() for c in raw.decode(
+                "utf-8", "replace")):
+            continue
+        text = raw.decode("utf-8", "surrogateescape")
+        if text.startswith(_SYSTEM_DIRS) or text in out:
+            continue
+        out[text] = None
+        if len(out) >= limit:
+            break
+    return list(out)
+
+
 _CODE_OPTIONS = frozenset({"-c", "-e", "-E", "-m", "-r", "--eval", "-W", "-X"})
 _PREFIXES = frozenset({"sudo", "nice", "nohup", "timeout", "exec", "command", "time", "stdbuf", "ionice", "chrt",
                        "setsid", "doas", "xargs"})
@@ -460,13 +483,29 @@ class StreamGuard:
     """
 
     def __init__(self, protected: ProtectedPaths, what: str, home: str | None = None, *,
-                 limit: int = JUDGE_MAX, eager: bool = False, program: str | None = None) -> None:
+                 limit: int = JUDGE_MAX, eager: bool = False, program: str | None = None,
+                 resolve: Callable[[bytes], Awaitable[tuple[str, str] | None]] | None = None) -> None:
         self.judge = UploadJudge(protected, home, limit=limit, eager=eager, program=program)
-        self.device, self.what = protected.device, what
+        self.protected, self.device, self.what = protected, protected.device, what
+        self._resolve = resolve
+        self._kept = bytearray()  # the first _KEEP bytes, for vet()
 
     def feed(self, data: bytes) -> str | None:
         """Judge the next piece; the refusal sentence once a protected path is named, else None."""
+        if self._resolve is not None and len(self._kept) < _KEEP:
+            self._kept += data[:_KEEP - len(self._kept)]
         return self._reason(self.judge.feed(data))
+
+    async def vet(self) -> str | None:
+        """After :meth:`finish` found nothing: resolve the stream's path-like words on the device
+        (``resolve(data)`` -> (word, resolved protected path) or None); the refusal sentence or None."""
+        if self._resolve is None or not self._kept:
+            return None
+        linked = await self._resolve(bytes(self._kept))
+        if linked is None:
+            return None
+        token, resolved = linked
+        return f"{self.what} names {token}, which is {self.protected.protected_reason(resolved)}"
 
     def finish(self) -> str | None:
         """End of the stream (EOF, CLOSE): judge the rest; the refusal sentence or None."""

@@ -364,3 +364,18 @@ def test_a_configuration_file_naming_a_protected_directory_uploads(exposed_world
     assert r.returncode == 0, r.stderr
     assert (w.device.tree.tmp_dir / "orthanc.json").read_bytes() == conf.read_bytes()
     assert w.events("sftp.denied") == []
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ansible_through_a_symlink_into_a_protected_tree_gets_nothing(exposed_world, mode):
+    """tmp/images -> data/dicom on the device: the module's path names no protected directory; the broker
+    resolves the program's paths through the device's realpath before it runs (the uploaded file before
+    the command that runs it; piped input before its EOF reaches python)."""
+    w = exposed_world
+    w.grant()
+    dcm = w.device.tree.patient["dicom_file"]
+    via_link = "tmp/images/" + str(dcm.relative_to(w.device.tree.dicom_dir))
+    result = run_ansible(target(w, **MODES[mode]), "stat", {"path": via_link, "get_checksum": True})
+    assert_nothing_about(result, dcm)
+    denied = [json.loads(e["details"]) for e in wait_for(lambda: w.events("exec.denied"))]
+    assert denied and f"names {via_link}, which is {dcm} is inside" in denied[0]["reason"]

@@ -21,7 +21,7 @@ from helpers import FUZZ_EXAMPLES_OTHER
 from helpers.ansible import ansible_available, build_module_payloads
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.upload_check import (JUDGE_MAX, StreamGuard, UploadJudge, find_reference, looks_like_program,
-                                   script_candidates)
+                                   path_tokens, script_candidates)
 
 ROOT = "/srv/dev"  # the device login's home, as in the tests' device tree
 DEFAULTS = load_protected_paths(Path(__file__).parent.parent / "config" / "protected-paths.toml")
@@ -275,3 +275,30 @@ def test_script_candidates(command, scripts):
 @given(st.text(max_size=300))
 def test_fuzz_script_candidates_never_crash(command):
     assert len(script_candidates(command)) <= 4
+
+
+def test_path_tokens_are_the_paths_a_script_names():
+    script = (b"#!/usr/bin/python3\nimport os\nP = 'tmp/images/2026/11/study-0001.dcm'\n"
+              b"os.system('/usr/bin/uptime')\nopen(\"~/service/latest.dcm\"); u = 'https://example.org/x'\n"
+              b"open('tmp/images/2026/11/study-0001.dcm')\n")
+    # once each, in order; system programs and URLs ("https" then "//example.org/x") are not resolved
+    assert path_tokens(script) == ["tmp/images/2026/11/study-0001.dcm", "~/service/latest.dcm"]
+    assert len(path_tokens(b" ".join(b"d%d/f" % i for i in range(100)))) == 32
+
+
+def test_stream_guard_vet_resolves_the_words_of_the_stream():
+    import asyncio
+    asked = []
+
+    async def resolve(data: bytes):
+        asked.append(path_tokens(data))
+        return ("tmp/images/x.dcm", f"{ROOT}/data/dicom/x.dcm") if b"tmp/images" in data else None
+
+    guard = StreamGuard(PROTECTED, "the input of this command", ROOT, resolve=resolve)
+    assert guard.feed(b"print(open('tmp/images/x.dcm').read())\n") is None and guard.finish() is None
+    reason = asyncio.run(guard.vet())
+    assert reason.startswith("the input of this command names tmp/images/x.dcm, which is ")
+    assert f"{ROOT}/data/dicom/x.dcm is inside {ROOT}/data/dicom" in reason and asked == [["tmp/images/x.dcm"]]
+    plain = StreamGuard(PROTECTED, "x", ROOT, resolve=resolve)
+    plain.feed(b"print(1)\n")
+    assert asyncio.run(plain.vet()) is None
