@@ -31,6 +31,7 @@ __all__ = [
 log = logging.getLogger("medbroker.relay")
 
 EOF_HOLD_S = 0.1  # see RelaySession.device_eof
+INPUT_DRAIN_S = 10.0  # after refused stdin, how long the vendor may keep writing before the channel ends
 # Environment variables forwarded to the device (sshd's Debian default AcceptEnv is LANG LC_*).
 ENV_ALLOWED = ("LANG", "LC_")
 # Send buffer per channel before the relay stops reading the other side. asyncssh's default (64 KiB high,
@@ -158,6 +159,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.handler: ExecHandler | None = None
         self.scanner = None
         self.input_guard = None
+        self.input_refusal: str | None = None  # stdin named a protected path: drained, then the channel ends
         self.closed = False
         self.exit_code: int | None = None
         self.exit_sent = False
@@ -238,7 +240,7 @@ class RelaySession(asyncssh.SSHServerSession):
             self.notice(self.ctx.on_upstream_error(self, exc))
             self.exit(1)
             return
-        if self.closed:
+        if self.closed or self.input_refusal is not None:
             up.close()
             return
         self.up = up
@@ -281,14 +283,30 @@ class RelaySession(asyncssh.SSHServerSession):
         else:
             up.write(data, datatype)
 
-    def _input_refused(self, reason: str | None) -> bool:
-        """Stdin named a protected path: the chunk is not forwarded and the channel ends (once)."""
+    def _input_refused(self, reason: str | None, *, at_eof: bool = False) -> bool:
+        """Stdin named a protected path: nothing more is forwarded, the device's side ends at once, and the
+        vendor's side is read to its EOF (bounded) before it ends with the reason, so a client still
+        writing (Ansible's ``dd``) reads the reason instead of a broken pipe."""
         if reason is None:
             return False
-        if not self.closed:  # the guard keeps answering the same refusal, so later chunks are dropped too
+        if self.closed:
+            return True
+        if self.input_refusal is None:
+            self.input_refusal = reason
             self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {"stream": "input", "reason": reason})
-            self.refuse("exec", reason)
+            self.ctx.on_refused(self, "exec", reason)
+            self.pending.clear()
+            if self.up is not None:
+                self.up.close()
+            asyncio.get_running_loop().call_later(INPUT_DRAIN_S, self._end_refused)
+        if at_eof:
+            self._end_refused()
         return True
+
+    def _end_refused(self) -> None:
+        if not self.closed:
+            self.notice(self.input_refusal or "refused")
+            self.exit(1)
 
     async def _vet_then_eof(self) -> None:
         try:
@@ -297,13 +315,13 @@ class RelaySession(asyncssh.SSHServerSession):
             raise
         except Exception as exc:  # cannot check: fail closed
             reason = f"medbroker could not check the paths in this command's input ({exc}); it was refused"
-        if not self._input_refused(reason) and not self.closed:
+        if not self._input_refused(reason, at_eof=True) and not self.closed:
             self._to_up(lambda up: up.write_eof())
 
     def eof_received(self) -> bool:
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "vendor"})
         if self.input_guard is not None:
-            if self._input_refused(self.input_guard.finish()):
+            if self._input_refused(self.input_guard.finish(), at_eof=True):
                 return True  # the EOF is held too: python runs a piped script only after it
             if getattr(self.input_guard, "vet", None) is not None:  # and until its paths are resolved
                 asyncio.get_running_loop().create_task(self._vet_then_eof())
@@ -370,6 +388,8 @@ class RelaySession(asyncssh.SSHServerSession):
     # ------------------------------------------------------------ device side
     def from_device(self, data: bytes, datatype: asyncssh.DataType) -> None:
         """Device output: scan, record, forward (the filter forwards for subsystems)."""
+        if self.input_refusal is not None:
+            return
         if self.filter is not None:
             self.filter.device_data(data)
             return
@@ -398,7 +418,7 @@ class RelaySession(asyncssh.SSHServerSession):
         EOF when the command ends, so the relay does the same.
         """
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
-        if self.closed or self.eof_state != "none":
+        if self.closed or self.eof_state != "none" or self.input_refusal is not None:
             return
         if self.exit_sent:
             self._send_eof()
@@ -413,7 +433,7 @@ class RelaySession(asyncssh.SSHServerSession):
 
     def device_exited(self, *, status: int | None = None, signal: tuple | None = None) -> None:
         """Forward the device's exit-status or exit-signal at once, then any held EOF."""
-        if self.closed or self.exit_sent:
+        if self.closed or self.exit_sent or self.input_refusal is not None:
             return
         self.exit_sent = True
         if signal is not None:
@@ -433,7 +453,7 @@ class RelaySession(asyncssh.SSHServerSession):
             self._send_eof()
 
     def device_closed(self, up: UpstreamSession, exc: Exception | None) -> None:
-        if self.closed:
+        if self.closed or self.input_refusal is not None:  # a refused input ends the channel itself
             return
         if not self.exit_sent:
             self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": None})

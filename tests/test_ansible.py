@@ -81,9 +81,12 @@ def test_ansible_stat_and_slurp_of_a_protected_file_get_nothing(exposed_world, m
     slurp = run_ansible(t, "slurp", {"src": str(hl7)})
     for result in (stat, slurp):
         assert_nothing_about(result, hl7)
-    if mode == "pipelining":  # the broker's reason is what Ansible shows as the module's stderr
-        for result in (stat, slurp):
+    for result in (stat, slurp):  # the broker's reason is in Ansible's result, not a broken pipe
+        if mode == "pipelining":  # the module's stderr
             assert "medbroker: the input of this command names " + str(hl7) in result.result["module_stderr"]
+        else:  # sftp, scp, then `dd of=…` on stdin: Ansible reports the last one's stderr
+            assert "failed to transfer file" in result.result["msg"], result.result
+            assert "medbroker: the input of this command names " + str(hl7) in result.result["msg"]
     events = guard_events(w, mode)
     assert len(events) >= 2 and all(str(hl7) in e["details"]["reason"] for e in events)
     assert all("protected patient-data directory" in e["details"]["reason"] for e in events)
