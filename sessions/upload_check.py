@@ -184,8 +184,8 @@ class UploadJudge:
     stream order; out-of-order SFTP writes are judged as they come (``finish`` judges the held tail).
     With ``program`` (the file's name), a stream that does not look like a program
     (:func:`looks_like_program`) is not judged: configuration files name the data directories they
-    configure (``datadir=/var/lib/mysql``). Once a reference is found, every later call returns it again. After ``limit`` bytes the rest of
-    the stream is not judged and ``unjudged`` counts it. ``eager`` also judges the newest bytes of an
+    configure (``datadir=/var/lib/mysql``). Once a reference is found, every later call returns it
+    again. After ``limit`` bytes the rest of the stream is not judged and ``unjudged`` counts it. ``eager`` also judges the newest bytes of an
     unfinished run at once (for a stream a program consumes as it arrives: an exec channel's stdin).
     """
 
@@ -410,15 +410,26 @@ def script_candidates(command: str, limit: int = 4) -> list[str]:
     :param limit: at most this many paths
     """
     out: list[str] = []
+    cwd = [""]  # the directory `cd` moved to, as a prefix for relative scripts ("" = the login's home)
 
     def walk(line: str, depth: int) -> None:
         try:
             words = shlex.split(line, comments=False)
         except ValueError:
             words = line.split()
-        at_start, interp, skip = True, False, False
+        words = [part for w in words for part in ((w[:-1], ";") if len(w) > 1 and w.endswith(";") else (w,))]
+        at_start, interp, skip, cd = True, False, False, False
         for word in words:
-            if word in (";", "&&", "||", "|", "&", "(", ")") or word.endswith(";"):
+            if cd:  # cd DIR
+                cd = False
+                if word in ("~", "-"):
+                    cwd[0] = ""
+                elif word.startswith(("/", "~/")):
+                    cwd[0] = word.rstrip("/") + "/"
+                else:
+                    cwd[0] = cwd[0] + word.rstrip("/") + "/"
+                continue
+            if word in (";", "&&", "||", "|", "&", "(", ")"):
                 at_start, interp, skip = True, False, False
                 continue
             base = word.rsplit("/", 1)[-1]
@@ -434,11 +445,16 @@ def script_candidates(command: str, limit: int = 4) -> list[str]:
                 continue
             if at_start and (base in _PREFIXES or word.isdigit()):
                 continue
+            if at_start and word in ("cd", "pushd"):
+                cd, at_start = True, False
+                continue
             if (at_start or interp) and _INTERPRETER.match(base):
                 interp, at_start = True, False
                 continue
-            if (interp or (at_start and "/" in word)) and not word.startswith(_SYSTEM_DIRS) and word not in out:
-                out.append(word)
+            if interp or (at_start and "/" in word):
+                path = word if word.startswith(("/", "~")) else cwd[0] + word
+                if not path.startswith(_SYSTEM_DIRS) and path not in out:
+                    out.append(path)
             interp = at_start = False
             if "=" in word and "/" not in word.split("=", 1)[0]:
                 at_start = True  # VAR=value cmd

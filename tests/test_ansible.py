@@ -334,7 +334,7 @@ def test_ordinary_ansible_use_works_through_the_broker(exposed_world, mode):
 
 
 @pytest.mark.parametrize("name, how", [("collect.txt", "python3 tmp/collect.txt"), ("run", "sh tmp/run"),
-                                       ("tool", "./tmp/tool --all")])
+                                       ("tool", "./tmp/tool --all"), ("tool2", "cd tmp && ./tool2")])
 def test_a_file_run_by_an_interpreter_is_read_and_judged_first(exposed_world, name, how):
     """A file that does not look like a program passes the upload check (configuration files name the
     directories they configure); when a command runs it, the broker reads it on the device and judges it."""

@@ -266,6 +266,8 @@ def test_configuration_files_are_not_judged_as_programs():
     ("sudo python3 x.py", ["x.py"]), ("timeout 5 ./a.sh", ["./a.sh"]), ("echo hi | sh tmp/s", ["tmp/s"]),
     ("awk -f prog.awk data", ["prog.awk"]), ("python3 -c 'print(1)'", []), ("perl -e 1", []),
     ("ls -l /tmp", []), ("cat tmp/x", []), ("/usr/bin/uptime", []), ("uname -a; df -h", []),
+    ("cd tmp && ./tool", ["tmp/./tool"]), ("cd /opt/vendor; python3 diag.py", ["/opt/vendor/diag.py"]),
+    ("cd tmp; cd sub && sh run", ["tmp/sub/run"]), ("cd ~ && ./x", ["./x"]),
 ])
 def test_script_candidates(command, scripts):
     assert script_candidates(command) == scripts

@@ -85,7 +85,8 @@ def _environment(scratch: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("ANSIBLE_") and k not in ("SSH_AUTH_SOCK", "DISPLAY")}
     env.update(
-        ANSIBLE_CONFIG=str(scratch / "ansible.cfg"), ANSIBLE_HOME=str(scratch / "home"), ANSIBLE_LOCAL_TEMP=str(scratch / "tmp"),
+        ANSIBLE_CONFIG=str(scratch / "ansible.cfg"), ANSIBLE_HOME=str(scratch / "home"),
+        ANSIBLE_LOCAL_TEMP=str(scratch / "tmp"),
         ANSIBLE_HOST_KEY_CHECKING="True", ANSIBLE_SSH_ARGS="-o ControlMaster=no -o ControlPath=none",
         ANSIBLE_SSH_RETRIES="0", ANSIBLE_TIMEOUT="20", ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_RETRY_FILES_ENABLED="False", ANSIBLE_GATHERING="explicit", ANSIBLE_DEPRECATION_WARNINGS="False",
