@@ -387,7 +387,7 @@ def _zip_members(data: bytes):
 
 _SCRIPT_SUFFIXES = (".py", ".pyc", ".pyz", ".sh", ".bash", ".ksh", ".zsh", ".pl", ".pm", ".rb", ".php", ".js",
                     ".mjs", ".lua", ".tcl", ".awk", ".sed", ".ps1", ".psm1", ".bat", ".cmd", ".vbs", ".r", ".jl",
-                    ".exp", ".run", ".bin")
+                    ".exp")  # not .bin/.img: firmware images hold whole filesystems, config files and all
 _INTERPRETER = re.compile(r"^(python[0-9.]*|pypy[0-9.]*|perl[0-9.]*|ruby[0-9.]*|node(js)?|php[0-9.]*|lua[0-9.]*|"
                           r"tclsh[0-9.]*|wish|[gm]?awk|sed|sh|bash|dash|ksh|zsh|ash|busybox|env|pwsh|Rscript|julia|"
                           r"expect|osascript|source|\.)$")

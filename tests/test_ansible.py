@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -328,6 +329,11 @@ def test_ordinary_ansible_use_works_through_the_broker(exposed_world, mode):
     config = tree.root / "etc/vendor/service.conf"
     line = run_ansible(t, "lineinfile", {"path": str(config), "line": "log_level=debug", "create": True})
     assert not line.failed and "log_level=debug" in config.read_text(), line.text
+    firmware = w.tmp / "fw-4.3.0.bin"  # a firmware image that happens to contain a protected path's name
+    firmware.write_bytes(os.urandom(1 << 20) + b"\0datadir=/var/lib/mysql\0" + os.urandom(1 << 20))
+    fw = run_ansible(t, "copy", {"src": str(firmware), "dest": str(tree.tmp_dir / "fw-4.3.0.bin")})
+    assert not fw.failed, fw.text
+    assert (tree.tmp_dir / "fw-4.3.0.bin").read_bytes() == firmware.read_bytes()
     back = run_ansible(t, "slurp", {"src": "tmp/notes.txt"})
     assert not back.failed and base64.b64decode(back.result["content"]).decode() == notes, back.text
     assert w.events("sftp.denied") == [] and w.events("exec.denied") == [] and w.events("alert.exfiltration") == []
