@@ -31,7 +31,7 @@ from broker.selfservice import run_command
 from broker.live import LiveSession, SessionSettings
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
-from sessions.upload_check import StreamGuard, find_reference, path_tokens, script_candidates
+from sessions.upload_check import StreamGuard, find_reference, path_tokens, runs_interpreter, script_candidates
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
@@ -282,8 +282,10 @@ class SessionPolicy:
     def make_input_guard(self, command: str) -> StreamGuard | None:
         """A judge of an exec channel's stdin: a script piped to an interpreter (Ansible pipelining) that
         names a protected path ends the channel (sessions/upload_check.py)."""
-        return StreamGuard(self.protected, "the input of this command", eager=True,
-                           resolve=self._resolve_tokens) if self.check_commands else None
+        if not self.check_commands:
+            return None
+        return StreamGuard(self.protected, "the input of this command", eager=True, resolve=self._resolve_tokens,
+                           program=None if runs_interpreter(command) else "<stdin>")
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":

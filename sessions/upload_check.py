@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from sessions.policy import ProtectedPaths, normalize_path
 
 __all__ = ["Reference", "StreamGuard", "UploadJudge", "find_reference", "looks_like_program", "path_tokens",
-           "script_candidates", "MAX_DEPTH", "CARRY_MAX", "EXPAND_MAX", "JUDGE_MAX"]
+           "runs_interpreter", "script_candidates", "MAX_DEPTH", "CARRY_MAX", "EXPAND_MAX", "JUDGE_MAX"]
 
 MAX_DEPTH = 4
 """How many decodings deep (escapes, base64, zip member, gzip ...) the judge follows."""
@@ -201,6 +201,11 @@ class UploadJudge:
         self.found: Reference | None = None
         self.judged = 0
         self.unjudged = 0
+
+    @property
+    def judging(self) -> bool:
+        """False once the stream was found not to be a program (``program``): it is passed unjudged."""
+        return self._limit > 0
 
     def feed(self, data: bytes) -> Reference | None:
         """Judge the next piece of the stream; the reference found so far, or None."""
@@ -483,6 +488,34 @@ def path_tokens(data: bytes, limit: int = 32) -> list[str]:
     return list(out)
 
 
+def runs_interpreter(command: str) -> bool:
+    """True when a simple command of ``command`` (``sh -c '…'`` read again) starts an interpreter or shell
+    (``python3``, ``sh -s``, ``perl``, ``env python3``): its stdin may be a program, so all of it is judged.
+    Otherwise (``cat > f``, ``dd of=f``, ``tee f``) stdin is judged only when it looks like a program."""
+
+    def walk(line: str, depth: int) -> bool:
+        try:
+            words = shlex.split(line, comments=False)
+        except ValueError:
+            words = line.split()
+        at_start = True
+        for word in words:
+            if word.endswith((";", "&&", "||", "|", "&")) or word in ("(", ")"):
+                at_start = True
+                continue
+            base = word.rsplit("/", 1)[-1]
+            if " " in word and depth < 3 and walk(word, depth + 1):
+                return True
+            if at_start and (base in _PREFIXES or "=" in word or word.isdigit()):
+                continue
+            if at_start and _INTERPRETER.match(base):
+                return True
+            at_start = False
+        return False
+
+    return walk(command, 0)
+
+
 _CODE_OPTIONS = frozenset({"-c", "-e", "-E", "-m", "-r", "--eval", "-W", "-X"})
 _PREFIXES = frozenset({"sudo", "nice", "nohup", "timeout", "exec", "command", "time", "stdbuf", "ionice", "chrt",
                        "setsid", "doas", "xargs"})
@@ -508,9 +541,10 @@ class StreamGuard:
 
     def feed(self, data: bytes) -> str | None:
         """Judge the next piece; the refusal sentence once a protected path is named, else None."""
-        if self._resolve is not None and len(self._kept) < _KEEP:
+        reason = self._reason(self.judge.feed(data))
+        if self._resolve is not None and len(self._kept) < _KEEP and self.judge.judging:
             self._kept += data[:_KEEP - len(self._kept)]
-        return self._reason(self.judge.feed(data))
+        return reason
 
     async def vet(self) -> str | None:
         """After :meth:`finish` found nothing: resolve the stream's path-like words on the device

@@ -388,3 +388,19 @@ def test_ansible_through_a_symlink_into_a_protected_tree_gets_nothing(exposed_wo
     assert_nothing_about(result, dcm)
     denied = [json.loads(e["details"]) for e in wait_for(lambda: w.events("exec.denied"))]
     assert denied and f"names {via_link}, which is {dcm} is inside" in denied[0]["reason"]
+
+
+def test_a_configuration_file_piped_to_cat_is_data_but_a_script_piped_to_dd_is_judged(exposed_world):
+    """exec stdin of a command that is no interpreter (cat > f, dd of=f) is judged only when it is a
+    program: my.cnf passes, a #! script naming a protected path does not (Ansible's piped transfer)."""
+    w = exposed_world
+    w.grant()
+    tree = w.device.tree
+    conf = b"[mysqld]\ndatadir=/var/lib/mysql\n"
+    r = w.ssh("alice@ct-01", "cat > tmp/my.cnf", input=conf)
+    assert r.returncode == 0, r.stderr
+    assert (tree.tmp_dir / "my.cnf").read_bytes() == conf
+    hl7 = str(tree.patient["hl7_file"])
+    r = w.ssh("alice@ct-01", "dd of=tmp/collect.py bs=65536", input=f"#!/usr/bin/python3\nopen({hl7!r})\n".encode())
+    assert r.returncode == 1 and b"medbroker: the input of this command names " in r.stderr
+    assert not (tree.tmp_dir / "collect.py").exists() or hl7.encode() not in (tree.tmp_dir / "collect.py").read_bytes()

@@ -21,7 +21,7 @@ from helpers import FUZZ_EXAMPLES_OTHER
 from helpers.ansible import ansible_available, build_module_payloads
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.upload_check import (JUDGE_MAX, StreamGuard, UploadJudge, find_reference, looks_like_program,
-                                   path_tokens, script_candidates)
+                                   path_tokens, runs_interpreter, script_candidates)
 
 ROOT = "/srv/dev"  # the device login's home, as in the tests' device tree
 DEFAULTS = load_protected_paths(Path(__file__).parent.parent / "config" / "protected-paths.toml")
@@ -304,3 +304,13 @@ def test_stream_guard_vet_resolves_the_words_of_the_stream():
     plain = StreamGuard(PROTECTED, "x", ROOT, resolve=resolve)
     plain.feed(b"print(1)\n")
     assert asyncio.run(plain.vet()) is None
+
+
+@pytest.mark.parametrize("command, interpreter", [
+    ("/bin/sh -c '/usr/bin/python3 && sleep 0'", True), ("python3 -", True), ("sh -s", True), ("perl", True),
+    ("env python3", True), ("sudo bash", True), ("cat > /etc/mysql/my.cnf", False),
+    ("dd of=~/.ansible/tmp/x/AnsiballZ_ping.py bs=65536", False), ("tee tmp/notes.txt", False),
+    ("cat | python3", True), ("LANG=C awk '{print}'", True),
+])
+def test_runs_interpreter(command, interpreter):
+    assert runs_interpreter(command) is interpreter
