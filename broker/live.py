@@ -198,6 +198,7 @@ class LiveSession:
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
             judge_exec=policy.judge_exec, make_line_guard=policy.make_line_guard,
             make_stream_judge=policy.make_stream_judge,
+            make_input_guard=policy.make_input_guard, vet_exec=policy.vet_exec,
             on_detection=self._detected, on_closed=self._channel_closed,
             on_refused=self._refused, on_upstream_error=self._upstream_error,
             forward_unrecorded=not self.broker.settings.strict,

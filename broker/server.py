@@ -36,6 +36,7 @@ from sessions.cmd_paths import analyze_command
 from sessions.decoders import DeepScanner
 from sessions.entropy import OpaqueBudget
 from sessions.exec_check import check_command_line
+from sessions.upload_check import StreamGuard, find_reference, path_tokens, runs_interpreter, script_candidates
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
@@ -244,6 +245,10 @@ class SessionPolicy:
             decision = check_command_line(command, self.protected, None)
             if not decision.allowed:
                 return decision.reason
+            # a path inside an encoded or quoted payload (echo <base64> | base64 -d | python3)
+            found = find_reference(command.encode("utf-8", "surrogateescape"), self.protected)
+            if found:
+                return found.reason(self.protected.device, "this command")
         return None
 
     def _device_paths(self) -> DevicePaths:
@@ -307,6 +312,72 @@ class SessionPolicy:
                               up.write_eof, refused, end=ran_anyway,
                               pause=lambda on: (relay.hold if on else relay.release)("device", "line-judge"),
                               hold_input=hold_input)
+
+    def upload_guard(self, path: str) -> StreamGuard | None:
+        """A judge of one file uploaded over SFTP (sessions/sftp.py): a script or module naming a protected
+        path is refused and removed."""
+        return StreamGuard(self.protected, f"the uploaded file {path}", program=path) if self.check_commands else None
+
+    async def vet_exec(self, command: str) -> str | None:
+        """Before an exec command runs: read the scripts it runs (``python3 x``, ``./collect``, Ansible's
+        ``…/AnsiballZ_stat.py``) on the device, up to 4 MiB each, and refuse one that names a protected path."""
+        paths = script_candidates(command) if self.check_commands else []
+        if not paths or self.live.upconn is None:
+            return None
+        device = DeviceSftp(self.live.upconn.start_sftp_client)
+        try:
+            for path in paths:
+                try:
+                    where = path[2:] if path.startswith("~/") else path  # SFTP starts in the login's home
+                    head = await asyncio.wait_for(device.head(where.encode("utf-8", "surrogateescape"), 4 << 20), 10)
+                except (asyncssh.SFTPError, BrokerError):
+                    continue  # not there, not a regular file, not readable: the device will say so itself
+                found = find_reference(head, self.protected)
+                if found:
+                    return found.reason(self.protected.device, f"the script {path} this command runs")
+                linked = await self._resolve_tokens(head, device)
+                if linked:
+                    token, resolved = linked
+                    return (f"the script {path} this command runs names {token}, which is "
+                            f"{self.protected.protected_reason(resolved)}")
+        except (asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
+            return f"medbroker could not read the script this command runs ({exc}); the command was refused"
+        finally:
+            device.close()
+        return None
+
+    async def _resolve_tokens(self, script: bytes, device: DeviceSftp | None = None) -> tuple[str, str] | None:
+        """Resolve a script's path-like words through the device's realpath, concurrently (one round trip):
+        the first that lands in a protected tree (a symlink such as tmp/images -> data/dicom), or None."""
+        tokens = [t[2:] if t.startswith("~/") else t for t in path_tokens(script)]
+        if not tokens or self.live.upconn is None:
+            return None
+        if device is None:
+            device = DeviceSftp(self.live.upconn.start_sftp_client)
+            try:
+                return await asyncio.wait_for(self._resolve_tokens(script, device), 10)
+            finally:
+                device.close()
+
+        async def resolve(token: str) -> str | None:
+            try:
+                return (await device.realpath(token.encode("utf-8", "surrogateescape"))).decode(
+                    "utf-8", "surrogateescape")
+            except (asyncssh.SFTPError, UnicodeError):
+                return None  # no such path (yet): nothing to resolve
+
+        for token, resolved in zip(tokens, await asyncio.gather(*(resolve(t) for t in tokens))):
+            if resolved is not None and self.protected.is_protected(resolved):
+                return token, resolved
+        return None
+
+    def make_input_guard(self, command: str) -> StreamGuard | None:
+        """A judge of an exec channel's stdin: a script piped to an interpreter (Ansible pipelining) that
+        names a protected path ends the channel (sessions/upload_check.py)."""
+        if not self.check_commands:
+            return None
+        return StreamGuard(self.protected, "the input of this command", eager=True, resolve=self._resolve_tokens,
+                           program=None if runs_interpreter(command) else "<stdin>")
 
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":
@@ -374,7 +445,8 @@ class GuardedSftp:
         self.filter = SftpFilter(
             policy.protected, self.device_sftp.realpath, self.device_sftp.head, relay.up.write,
             relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
-            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads())
+            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
+            upload_guard=policy.upload_guard, discard_upload=self._discard_upload)
 
     def vendor_data(self, data: bytes) -> None:
         self.filter.vendor_data(data)
@@ -413,6 +485,15 @@ class GuardedSftp:
         if self._DENIED_EVENT == "sftp.denied":  # scp carries the reason in-band; sftp shows only a code
             self.relay.notice(decision.reason)
 
+    async def _discard_upload(self, path: str) -> None:
+        """Remove a refused upload from the device (it named a protected path); recorded either way."""
+        try:
+            await self.device_sftp.remove(path)
+            outcome = "removed"
+        except Exception as exc:  # the device refused, or the channel is gone: say so, the denial stands
+            outcome = f"not removed: {getattr(exc, 'reason', None) or exc}"
+        self._record("sftp.upload.discarded", {"path": path, "outcome": outcome})
+
     def _fatal(self, message: str) -> None:
         """A protocol violation (sessions/sftp.py): recorded, audited, told to the vendor; the channel ends now."""
         self.live.recorder.append_event(self.relay.ctx.number, "policy-denial", {"violation": message})
@@ -433,7 +514,8 @@ class GuardedScp(GuardedSftp):
         self.server = ScpServer(
             command, policy.protected, lambda: live.upconn.start_sftp_client(path_encoding=None),
             relay.write_to_vendor, relay.exit, self._hold, self._record, self._denied, mode=live.grant.mode,
-            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads())
+            now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
+            upload_guard=policy.upload_guard)
 
     def _hold(self, on: bool) -> None:
         (self.relay.hold if on else self.relay.release)("vendor", "scp-input")

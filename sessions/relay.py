@@ -32,6 +32,7 @@ log = logging.getLogger("medbroker.relay")
 
 EOF_HOLD_S = 0.1  # see RelaySession.device_eof
 JUDGE_TIMEOUT_S = 10.0  # ChannelContext.judge_exec: no answer in time refuses the command (fail closed)
+INPUT_DRAIN_S = 10.0  # after refused stdin, how long the vendor may keep writing before the channel ends
 # Environment variables forwarded to the device (sshd's Debian default AcceptEnv is LANG LC_*).
 ENV_ALLOWED = ("LANG", "LC_")
 # Send buffer per channel before the relay stops reading the other side. asyncssh's default (64 KiB high,
@@ -115,6 +116,12 @@ class ChannelContext:
     make_stream_judge: Callable[["RelaySession"], Any] | None = None
     """A stream judge for shell/exec channels (``feed("vendor"|"device", bytes) -> str | None``: a sentence
     when a file-transfer protocol flows, sessions/streams.py); the relay then ends the channel."""
+    vet_exec: Callable[[str], Awaitable[str | None]] | None = None
+    """Asked (awaited) before an exec command reaches the device: a refusal, or None. Reads the scripts the
+    command runs (sessions/upload_check.py) on the broker's own device session."""
+    make_input_guard: Callable[[str], Any] | None = None
+    """A judge of an exec channel's stdin (``feed(bytes)``/``finish()`` -> refusal or None), given the
+    command, or None: interpreter input naming a protected path ends the channel (sessions/upload_check.py)."""
     on_detection: Callable[["RelaySession", str], None] = lambda relay, what: None
     on_closed: Callable[["RelaySession"], None] = lambda relay: None
     on_refused: Callable[["RelaySession", str, str], None] = lambda relay, kind, message: None
@@ -176,6 +183,8 @@ class RelaySession(asyncssh.SSHServerSession):
         self.scanner = None
         self.line_guard = None
         self.judge = None
+        self.input_guard = None
+        self.input_refusal: str | None = None  # stdin named a protected path: drained, then the channel ends
         self.closed = False
         self.exit_code: int | None = None
         self.exit_sent = False
@@ -208,6 +217,8 @@ class RelaySession(asyncssh.SSHServerSession):
         self.handler = self.ctx.make_exec_handler(self, command) if self.ctx.make_exec_handler else None
         if self.handler is None:
             self.refusal = self.ctx.check_exec(command)
+            if self.refusal is None and self.ctx.make_input_guard:
+                self.input_guard = self.ctx.make_input_guard(command)
         elif self._holds["device"]:  # e.g. the recorder is behind already
             self.handler.pause_writing()
         if self.handler is not None:  # its blocks reach the vendor whole
@@ -262,6 +273,12 @@ class RelaySession(asyncssh.SSHServerSession):
                if isinstance(k, str) and k.startswith(ENV_ALLOWED)}
         pty = self.pty or (None, None, None)
         try:
+            if self.kind == "exec" and self.command and self.ctx.vet_exec is not None:
+                refusal = await self.ctx.vet_exec(self.command)
+                if refusal is not None or self.closed:
+                    if refusal is not None and not self.closed:
+                        self.refuse("exec", refusal)
+                    return
             up, _ = await self.ctx.open_upstream(
                 lambda: UpstreamSession(self), self.command, self.subsystem, env, *pty)
         except asyncio.CancelledError:
@@ -270,7 +287,7 @@ class RelaySession(asyncssh.SSHServerSession):
             self.notice(self.ctx.on_upstream_error(self, exc))
             self.exit(1)
             return
-        if self.closed:
+        if self.closed or self.input_refusal is not None:
             up.close()
             return
         self.up = up
@@ -304,6 +321,8 @@ class RelaySession(asyncssh.SSHServerSession):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if not self.ctx.recorder.append_data(self.ctx.number, "input", data) and not self.ctx.forward_unrecorded:
             return  # the recording failed: nothing unrecorded reaches the device (the session is ending)
+        if self.input_guard is not None and self._input_refused(self.input_guard.feed(data)):
+            return
         if self.handler is not None:
             self.handler.vendor_data(data)
         elif self.up is not None:
@@ -321,8 +340,49 @@ class RelaySession(asyncssh.SSHServerSession):
         else:
             up.write(data, datatype)
 
+    def _input_refused(self, reason: str | None, *, at_eof: bool = False) -> bool:
+        """Stdin named a protected path: nothing more is forwarded, the device's side ends at once, and the
+        vendor's side is read to its EOF (bounded) before it ends with the reason, so a client still
+        writing (Ansible's ``dd``) reads the reason instead of a broken pipe."""
+        if reason is None:
+            return False
+        if self.closed:
+            return True
+        if self.input_refusal is None:
+            self.input_refusal = reason
+            self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {"stream": "input", "reason": reason})
+            self.ctx.on_refused(self, "exec", reason)
+            self.pending.clear()
+            if self.up is not None:
+                self.up.close()
+            asyncio.get_running_loop().call_later(INPUT_DRAIN_S, self._end_refused)
+        if at_eof:
+            self._end_refused()
+        return True
+
+    def _end_refused(self) -> None:
+        if not self.closed:
+            self.notice(self.input_refusal or "refused")
+            self.exit(1)
+
+    async def _vet_then_eof(self) -> None:
+        try:
+            reason = await self.input_guard.vet()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # cannot check: fail closed
+            reason = f"medbroker could not check the paths in this command's input ({exc}); it was refused"
+        if not self._input_refused(reason, at_eof=True) and not self.closed:
+            self._to_up(lambda up: up.write_eof())
+
     def eof_received(self) -> bool:
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "vendor"})
+        if self.input_guard is not None:
+            if self._input_refused(self.input_guard.finish(), at_eof=True):
+                return True  # the EOF is held too: python runs a piped script only after it
+            if getattr(self.input_guard, "vet", None) is not None:  # and until its paths are resolved
+                asyncio.get_running_loop().create_task(self._vet_then_eof())
+                return True
         if self.handler is not None:
             self.handler.vendor_eof()
             return True
@@ -387,6 +447,8 @@ class RelaySession(asyncssh.SSHServerSession):
     # ------------------------------------------------------------ device side
     def from_device(self, data: bytes, datatype: asyncssh.DataType) -> None:
         """Device output: scan, record, forward (the filter forwards for subsystems)."""
+        if self.input_refusal is not None:
+            return
         if self.filter is not None:
             self.filter.device_data(data)
             return
@@ -436,7 +498,7 @@ class RelaySession(asyncssh.SSHServerSession):
         EOF when the command ends, so the relay does the same.
         """
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
-        if self.closed or self.eof_state != "none":
+        if self.closed or self.eof_state != "none" or self.input_refusal is not None:
             return
         if self.exit_sent:
             self._send_eof()
@@ -451,7 +513,7 @@ class RelaySession(asyncssh.SSHServerSession):
 
     def device_exited(self, *, status: int | None = None, signal: tuple | None = None) -> None:
         """Forward the device's exit-status or exit-signal at once, then any held EOF."""
-        if self.closed or self.exit_sent:
+        if self.closed or self.exit_sent or self.input_refusal is not None:
             return
         self.exit_sent = True
         if signal is not None:
@@ -471,7 +533,7 @@ class RelaySession(asyncssh.SSHServerSession):
             self._send_eof()
 
     def device_closed(self, up: UpstreamSession, exc: Exception | None) -> None:
-        if self.closed:
+        if self.closed or self.input_refusal is not None:  # a refused input ends the channel itself
             return
         if not self.exit_sent:
             self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": None})

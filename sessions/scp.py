@@ -336,14 +336,17 @@ class ScpServer:
     :param now: UTC ISO timestamp for transfer records
     :param uploads: a :class:`KeptUploads` to keep a copy of every uploaded file, or None
     :param op_timeout: seconds one device operation may take
+    :param upload_guard: ``upload_guard(path)`` -> a :class:`sessions.upload_check.StreamGuard` judging each
+        uploaded file, or None: a file naming a protected path is refused (``scp.denied``) and removed
     """
 
     def __init__(self, command: str, policy: ProtectedPaths, start_client: Callable[[], Awaitable[Any]],
                  send: Callable[[bytes], None], finish: Callable[[int], None], hold_input: Callable[[bool], None],
                  record_event: Callable[[str, dict], None], on_denied: Callable[[Decision, dict], None], *,
                  mode: str = "normal", now: Callable[[], str] = lambda: "", uploads: "KeptUploads | None" = None,
-                 op_timeout: float = 60.0) -> None:
+                 op_timeout: float = 60.0, upload_guard: Callable[[str], Any] | None = None) -> None:
         self.command = command
+        self._upload_guard = upload_guard
         self._policy, self._start_client, self._send, self._finish = policy, start_client, send, finish
         self._record, self._on_denied, self._mode, self._now = record_event, on_denied, mode, now
         self._uploads, self._timeout = uploads, op_timeout
@@ -668,6 +671,21 @@ class ScpServer:
                     await self._recv_file(dest, rec, times if cmd.preserve else None)
                 times = None
 
+    async def _discard(self, raw: bytes, resolved: str, reason: str, guard: Any, keep: Any, started: str, got: int,
+                       digest: str) -> None:
+        """An upload named a protected path (sessions/upload_check.py): remove what was written, refuse it."""
+        try:
+            await self._dev(self._sftp.remove(raw))
+            outcome = "removed"
+        except (asyncssh.SFTPError, PermissionDeniedError) as exc:
+            outcome = f"not removed: {getattr(exc, 'reason', None) or exc}"
+        if keep is not None:
+            keep.discard()
+        ref = getattr(guard, "reference", None)
+        self._deny(Decision(False, reason, "scp.denied", "write", resolved), resolved=resolved,
+                   names=ref.path if ref else None, via=ref.via if ref else None, discarded=outcome)
+        self._transfer(resolved, "upload", got, digest, started, "refused")
+
     async def _is_dir(self, path: bytes) -> bool:
         try:
             attrs = await self._dev(self._sftp.stat(path))
@@ -720,7 +738,8 @@ class ScpServer:
             self._device_error(dest, exc)
             return
         keep = self._uploads.open(resolved) if self._uploads is not None else None
-        digest, got, written, failure = hashlib.sha256(), 0, 0, None
+        guard = self._upload_guard(resolved) if self._upload_guard is not None else None
+        digest, got, written, failure, refused = hashlib.sha256(), 0, 0, None, None
         try:
             self._emit(b"\0")
             pending = bytearray()
@@ -736,7 +755,9 @@ class ScpServer:
                 if keep is not None:
                     keep.write(chunk)
                 pending += chunk
-                if failure is None and (len(pending) >= BLOCK or got == rec.size):
+                if guard is not None and refused is None:  # a script naming a protected path: stop writing
+                    refused = guard.feed(chunk) or (guard.finish() if got == rec.size else None)
+                if failure is None and refused is None and (len(pending) >= BLOCK or got == rec.size):
                     try:
                         await self._dev(f.write(bytes(pending), written))
                         written += len(pending)
@@ -746,6 +767,9 @@ class ScpServer:
             client_error = await self._ack()
         finally:
             await self._close_quietly(f)
+        if refused is not None:
+            await self._discard(raw, resolved, refused, guard, keep, started, got, digest.hexdigest())
+            return
         kept = keep.finish(digest.hexdigest()) if keep is not None and failure is None and not client_error \
             else (keep.discard() if keep is not None else None)
         if failure is None and times is not None:

@@ -150,6 +150,8 @@ class _Handle:
     contiguous: dict = field(default_factory=lambda: {"download": True, "upload": True})
     opened_at: str = ""
     keep: object = None  # a sessions.scp.KeptFile when uploads are kept
+    guard: object = None  # a sessions.upload_check.StreamGuard judging what is written (uploads)
+    refused: str | None = None  # the upload named a protected path: writes and CLOSE are refused
 
     def account(self, direction: str, offset: int, data: bytes) -> None:
         self.hashes[direction].update(data)
@@ -207,6 +209,10 @@ class SftpFilter:
     :param check_timeout: seconds a path check (including the wait for earlier renames) may take
     :param now: UTC ISO timestamp for transfer records (``started_at``/``ended_at``)
     :param uploads: a :class:`sessions.scp.KeptUploads` to keep a copy of every uploaded file, or None
+    :param upload_guard: ``upload_guard(path)`` -> a :class:`sessions.upload_check.StreamGuard` for a file
+        opened for writing, or None: an upload that names a protected path (a script, an Ansible module)
+        has the write that shows it and every later one refused, and its CLOSE answered PERMISSION_DENIED
+        after ``discard_upload(path)`` removed the file from the device
     """
 
     def __init__(self, policy: ProtectedPaths, realpath: Callable[[bytes], Awaitable[bytes]],
@@ -214,12 +220,16 @@ class SftpFilter:
                  send_to_vendor: Callable[[bytes], None], record_event: Callable[[str, dict], None],
                  on_denied: Callable[[Decision, dict], None], *, mode: str = "normal",
                  on_fatal: Callable[[str], None] | None = None, check_timeout: float = 30.0,
-                 now: Callable[[], str] = lambda: "", uploads=None) -> None:
+                 now: Callable[[], str] = lambda: "", uploads=None,
+                 upload_guard: Callable[[str], object] | None = None,
+                 discard_upload: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._policy, self._realpath, self._head_reader = policy, realpath, head_reader
         self._to_device, self._to_vendor = send_to_device, send_to_vendor
         self._record, self._on_denied, self._on_fatal = record_event, on_denied, on_fatal
         self._mode, self._timeout = mode, check_timeout
         self._now, self._uploads = now, uploads
+        self._upload_guard, self._discard_upload = upload_guard, discard_upload
+        self._discards: set[asyncio.Task] = set()
         self._vreader, self._dreader = PacketReader(DEFAULT_MAX_LEN), PacketReader(DEVICE_MAX_LEN)
         self._queue: deque[_Item] = deque()
         self._worker: asyncio.Task | None = None
@@ -269,6 +279,8 @@ class SftpFilter:
         handle = self._handles.get(req.handle) if req.handle is not None else None
         if req.op == "close" and handle is not None:
             handle.closing = True  # later READ/WRITE on it must not overtake this CLOSE
+            if handle.guard is not None:
+                self._judge_upload(req, handle)
         if req.op in ("read", "write") and handle is not None and not handle.closing:
             self._stream(req, handle)  # open handle: no check needed, never waits behind the queue
             return
@@ -304,11 +316,51 @@ class SftpFilter:
             if not handle.may_write:
                 self._reply_local(req, self._policy.decide_sftp("write", [handle.path], mode=self._mode))
                 return
+            if handle.guard is not None and self._judge_upload(req, handle):
+                return
             handle.account("upload", req.offset or 0, req.data or b"")
             if handle.keep is not None:
                 handle.keep.write(req.data or b"", req.offset or 0)
             self._n["up"] += len(req.data or b"")
             self._forward(req)
+
+    def _judge_upload(self, req: SftpRequest, handle: _Handle) -> bool:
+        """Judge a WRITE or CLOSE of an upload (sessions/upload_check.py); True if the WRITE was refused.
+        A refused CLOSE is still forwarded (the device must release the handle) and answered later."""
+        if handle.refused is None:
+            if req.op == "close":
+                handle.refused = handle.guard.finish()
+            elif handle.counts["upload"] and req.offset != handle.next_offset["upload"]:
+                handle.refused = "medbroker checks uploads in order; this write skipped ahead or went back"
+            else:
+                handle.refused = handle.guard.feed(req.data or b"")
+            if handle.refused is None:
+                return False
+            ref = handle.guard.reference
+            decision = Decision(False, handle.refused, "sftp.denied", req.op, handle.path)
+            details = {"id": req.id, "op": req.op, "paths": [], "resolved": [handle.path],
+                       "names": ref.path if ref else None, "via": ref.via if ref else None}
+            self._n["denied"] += 1
+            self._on_denied(decision, details)
+        if req.op != "close":
+            self._to_vendor(status_reply(req.id or 0, FX_PERMISSION_DENIED, handle.refused))
+        return True
+
+    def _hold_refusal(self, req: SftpRequest, reason: str, path: str) -> None:
+        """The device closed a refused upload: remove the file there, then answer the CLOSE with the refusal."""
+        reply = status_reply(req.id or 0, FX_PERMISSION_DENIED, reason)
+
+        async def discard() -> None:
+            try:
+                if self._discard_upload is not None:
+                    await self._discard_upload(path)
+            finally:
+                if not self._closed:
+                    self._to_vendor(reply)
+
+        task = asyncio.get_running_loop().create_task(discard())
+        self._discards.add(task)
+        task.add_done_callback(self._discards.discard)
 
     def _forward_plain(self, req: SftpRequest) -> None:
         """Forward a request that names no path to check (handle ops, limits; realpath is checked on
@@ -515,7 +567,11 @@ class SftpFilter:
                                                              min(mr or unlimited, MAX_DATA),
                                                              min(mw or unlimited, MAX_DATA), mh))
         elif req.op == "close" and rep.op == "status":
-            self._close_handle(req.handle)
+            closed = self._handles.get(req.handle) if req.handle is not None else None
+            self._close_handle(req.handle, "refused" if closed and closed.refused else "ok")
+            if closed is not None and closed.refused is not None:
+                self._hold_refusal(req, closed.refused, closed.path)
+                out = None
         if out is not None:
             self._to_vendor(out)
 
@@ -524,8 +580,10 @@ class SftpFilter:
         may_read = req.op == "open" and self._policy.decide_sftp("read", [path], mode=self._mode).allowed
         may_write = req.op == "open" and self._policy.decide_sftp("write", [path], mode=self._mode).allowed
         keep = self._uploads.open(path) if self._uploads is not None and may_write and req.op == "open" else None
+        guard = self._upload_guard(path) if self._upload_guard is not None and may_write and req.op == "open" \
+            and (req.pflags or 0) & FXF_WRITE else None
         self._handles[handle] = _Handle(path, "file" if req.op == "open" else "dir", may_read, may_write,
-                                        opened_at=self._now(), keep=keep)
+                                        opened_at=self._now(), keep=keep, guard=guard)
 
     def _data(self, req: SftpRequest, data: bytes, packet: bytes) -> bytes | None:
         handle = self._handles.get(req.handle) if req.handle is not None else None

@@ -61,6 +61,13 @@ class DeviceSftp:
                 out += chunk
             return out
 
+    async def remove(self, path: str) -> None:
+        """Delete a file on the device (an upload medbroker refused after its bytes were written).
+
+        :raises asyncssh.SFTPError: as the device answers
+        """
+        await (await self._sftp()).remove(path.encode("utf-8", "surrogateescape"))
+
     def close(self) -> None:
         """End the second session."""
         if self._client is not None:

@@ -44,7 +44,7 @@ TABLE: dict[str, Row] = {
                       "broker/lockout.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
                       "sessions/content.py", "sessions/decoders.py", "sessions/entropy.py", "sessions/textforms.py", "sessions/dumps.py",
                       "sessions/exec_check.py",
-                      "sessions/cmd_paths.py", "sessions/cmd_lines.py"),
+                      "sessions/cmd_paths.py", "sessions/cmd_lines.py", "sessions/upload_check.py"),
                   ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
     "codec": Row(2, ("sessions/sftp_codec.py", "sessions/streams.py"), ("core",), (),
                  "SFTP wire format, transfer-protocol stream shapes: stdlib + layer 0"),
