@@ -340,7 +340,10 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
                       "run them directly or in an interactive session")
     if (base in _INTERPRETERS and base not in _CODE_OPERAND and _code_flags(base)
             and not any(a in _code_flags(base) or not a.startswith("-") for a in args)):
-        walk.flag(f"{name} reading its program from its input: medbroker cannot see which files it opens")
+        if before == "|" or redirs:  # a program piped or redirected in: built or read where medbroker cannot see
+            walk.flag(f"{name} reading its program from its input: medbroker cannot see which files it opens")
+        # else the program is the vendor's own input on this channel, which the input guard reads before the
+        # device does (sessions/upload_check.py, SessionPolicy.make_input_guard): Ansible's pipelining
     dest = _dest_index(name, args)
     safe = _safe_on_ancestor(name, args)
     walk.recursive = _walks(name, args)
@@ -522,7 +525,8 @@ def _path_word(word: str, expanded: list[str], walk: _Walk, cwds: list[str], anc
     for text in expanded:
         for piece in _pieces(text):
             piece = _tilde(piece)
-            if piece.startswith("~") and piece != _HOME and not piece.startswith(_HOME + "/"):
+            if piece.startswith("~") and piece != _HOME and not piece.startswith(_HOME + "/") \
+                    and "@" not in piece.split("/", 1)[0]:  # ~a@b is no user name: the shell keeps it literal
                 walk.flag(f"{word} names another user's home directory")
                 continue
             glob = ""

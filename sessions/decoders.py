@@ -60,6 +60,9 @@ _PARTIAL_MAX = 4096    # run characters kept for the next chunk at most (more ar
 _DUMP_STICKY = 64 << 10  # after a chunk that looks like a dump, the dump reader sees this much more output
 
 # ------------------------------------------------------------------------------------ odd spellings
+_LINES = re.compile(rb"[\r\n]+")
+_TEXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t"  # an HL7 line is printable text (binary data is not)
+_NAMEISH = re.compile(rb"[A-Za-z]{2,}\^[A-Za-z]{2,}")  # a person-name-like component: FAMILY^GIVEN
 _REVERSED = ((b"&\\~^|HSM", "HL7v2/reversed"), (b"&^\\|H", "ASTM/reversed"))
 _SQUEEZE = b" \t\r\n"
 _SQUEEZED = ((b"msh|^~\\&", "HL7v2/spaced"), (b"h|\\^&", "ASTM/spaced"), (b"dicm", "DICOM/spaced"))
@@ -79,6 +82,16 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
     for needle, what in _REVERSED:
         if window.find(needle, since) != -1:
             return what
+    if chunk.find(b"^") != -1 and chunk.find(b"|") != -1:  # HL7/ASTM-ish: also read the window backwards
+        hit = text_hit(window[::-1], 0, False)  # (rev of \r-separated HL7 puts the PID segment first)
+        if hit:
+            return hit + "/reversed"
+        # HL7 field texture without any segment name in view (the first piece of a reversed or cut message):
+        # a line with five or more field separators, an empty field and component separators
+        for line in _LINES.split(chunk):
+            if (line.count(b"|") >= 5 and line.count(b"^") >= 2 and b"||" in line and len(line) <= 4096
+                    and not line.translate(None, _TEXT_BYTES) and _NAMEISH.search(line)):
+                return "HL7v2/fields"
     if len(chunk) >= 8 and _spaced(chunk):
         squeezed = window[since:].translate(None, _SQUEEZE).lower()
         for needle, what in _SQUEEZED:

@@ -46,6 +46,7 @@ _RUN_DEC5 = re.compile(rb"(?:-?\d{1,5}(?:[\s,;]+|$))+")
 _DROP = bytes.maketrans(b"", b"")
 _NOT_HEX = b" \t\r\n,xX\\"
 _NUM = re.compile(rb"-?\d+")
+_OCT_TOK = re.compile(rb"[0-7]+")
 
 
 def _swap16(data: bytes) -> bytes:
@@ -96,10 +97,10 @@ def _decode(body: bytes) -> list[tuple[str, bytes]]:
         out += [("hex8-be", data), ("hex8-le", _swap32(data))]
     m = _RUN_OCT3.match(body)
     if m and m.end() >= 15 and body[3:4] in (b" ", b"\t", b","):
-        out.append(("oct3", bytes(int(t, 8) & 0xFF for t in m.group().split())))
+        out.append(("oct3", bytes(int(t, 8) & 0xFF for t in _OCT_TOK.findall(m.group()))))
     m = _RUN_OCT6.match(body)
     if m and m.end() >= 13:
-        words = [int(t, 8) for t in m.group().split()]
+        words = [int(t, 8) for t in _OCT_TOK.findall(m.group())]
         out.append(("oct6", b"".join(w.to_bytes(2, "little") for w in words if w <= 0xFFFF)))
     m = _RUN_DEC.match(body)
     if m and m.end() >= 8:
@@ -164,6 +165,12 @@ class DumpReader:
         return self._found
 
     def _line(self, line: bytes) -> None:
+        try:
+            self._decode_line(line)
+        except (ValueError, OverflowError):  # a shape the regexes let through but the decoder refuses: skip it
+            pass
+
+    def _decode_line(self, line: bytes) -> None:
         line = line.rstrip(b"\r")
         if len(line) < 8:
             return

@@ -267,8 +267,6 @@ def test_metadata_of_protected_files_is_refused_on_sftp_and_exec(exposed_world):
     assert not any(b"adt_a01.mllp" in f.payload for f in frames if f.kind in ("output", "stderr"))
 
 
-@pytest.mark.xfail(strict=False, reason="the exec check does not know the login's home yet (server passes home=None); "
-                   "the cmdpath branch resolves command paths on the device")
 @pytest.mark.parametrize("command", ["ls -lR var/spool", "du -a var", "find var -name '*.hl7' -ls"])
 def test_home_relative_recursive_listing_of_an_ancestor_is_refused(exposed_world, command):
     w = exposed_world

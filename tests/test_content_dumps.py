@@ -108,3 +108,20 @@ def test_reader_takes_any_bytes(chunks):
     for c in chunks:
         assert r.feed(c) is None
     r.flush()
+
+
+@settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["", "0x", "\\x", "-"]),
+                          st.text("0123456789abcdefABCDEF", min_size=1, max_size=9),
+                          st.sampled_from([" ", ",", ", ", "  ", "\t", ";", "\n", "|", ":"])), max_size=40),
+       st.sampled_from(["", "0000000 ", "00000010: ", "[", "0000020  "]))
+def test_number_shaped_lines_never_raise(tokens, prefix):
+    """Lines made of number-like tokens and separators of every kind (the shapes the decoders match) decode
+    or are skipped; nothing raises into the relay."""
+    line = (prefix + "".join(a + b + c for a, b, c in tokens)).encode()
+    seen = []
+    r = DumpReader(lambda: type("S", (), {"feed": lambda self, d: seen.append(d)})())
+    r.feed(line + b"\n")
+    r.flush()
+    s = DeepScanner()
+    s.feed(line + b"\n")

@@ -227,7 +227,9 @@ def test_an_interactive_program_started_by_exec_with_a_pty_is_guarded_too(expose
 
 def test_exec_of_a_shell_reading_the_vendors_input_has_each_line_judged(exposed):
     r = exposed.ssh("alice@ct-01", "sh", input=b"tail -c +140 service/latest.dcm\nls service\n")
-    assert DICOM_CANARY not in r.stdout and b"patients-link" in r.stdout
+    # Refused either line by line (the line guard) or as a whole (the input guard of an interpreter's
+    # program: sessions/upload_check.py, which judges the stream before any of it runs); never run.
+    assert DICOM_CANARY not in r.stdout and r.returncode != 0
     assert b"protected patient-data directory" in r.stderr
 
 

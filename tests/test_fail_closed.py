@@ -143,7 +143,10 @@ class _Broker:
         from helpers.clients import write_known_hosts
         from helpers.net import free_port
 
-        self.home, self.people = prepared_home(tmp_path, device(), f'[recording]\ndir = "{recs}"\nmode = "{mode}"\n')
+        # The opaque-output budget (64 KiB of random base64 by default) would end the session long before the
+        # recordings volume fills: this test is about the recording path, so the budget is set out of the way.
+        self.home, self.people = prepared_home(tmp_path, device(), f'[recording]\ndir = "{recs}"\nmode = "{mode}"\n'
+                                               '[policy]\nmax_opaque_output = "1GiB"\n')
         self.port = free_port()
         self.known_hosts = write_known_hosts(tmp_path / "known_hosts", "127.0.0.1", self.port,
                                              (self.home / "keys" / "host_ed25519.pub").read_text())
