@@ -80,6 +80,7 @@ class LiveSession:
         self._timers: list[asyncio.TimerHandle] = []
         self._end_status = "closed"
         self._end_reason = "vendor disconnected"
+        self.abort_reason: tuple[str, str] | None = None  # (status, reason) when start() is cancelled on purpose
 
     # ---------------------------------------------------------------- setup
     async def start(self) -> None:
@@ -111,24 +112,29 @@ class LiveSession:
             raise RecordingError(
                 "recording is unavailable, and medbroker never runs a session it cannot record",
                 "try again later and tell the hospital's security team") from None
-        await b.db(b.app.store.insert_session, {
-            "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
-            "source": self.server.source, "started_at": utc_iso(now), "status": "live",
-            "recording": str(self.path), "broker_pid": b.pid, "last_activity_at": utc_iso(now),
-        })
+        # From here on every way out (device error, the vendor leaving, the broker stopping: both cancel this
+        # task, each naming itself in abort_reason) closes the recording, the row and any device connection.
         try:
+            await b.db(b.app.store.insert_session, {
+                "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
+                "source": self.server.source, "started_at": utc_iso(now), "status": "live",
+                "recording": str(self.path), "broker_pid": b.pid, "last_activity_at": utc_iso(now),
+                "auth_key": self.server.fingerprint,
+                "user_role": self.server.principal.role if self.server.principal else None,
+            })
             self.upconn = await self._connect()
+            self.upconn_closed = False
+            b.live[self.id] = self
+            await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
+                          session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
+                          grant_ends_at=utc_iso(self.grant.ends_at))
         except BrokerError as exc:
             await self.finish("failed", reason=exc.message)
             raise
-        except asyncio.CancelledError:  # the broker is stopping: close the recording and the row, then go
-            await asyncio.shield(self.finish("failed", reason="the broker stopped while connecting to the device"))
+        except asyncio.CancelledError:
+            status, reason = self.abort_reason or ("failed", "the broker stopped while connecting to the device")
+            await asyncio.shield(self.finish(status, reason=reason))
             raise
-        self.upconn_closed = False
-        b.live[self.id] = self
-        await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
-                      session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
-                      grant_ends_at=utc_iso(self.grant.ends_at))
         self._schedule_window()
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
@@ -292,17 +298,24 @@ class LiveSession:
         if self.ending:
             return
         self.ending = True
-        if event:
-            await self.broker.audit(event, user=self.user, device=self.device.name, session_id=self.id,
-                                    grant_id=self.grant.id, **fields)
-        for relay in list(self.channels):
-            relay.notice(message)
-            relay.exit(1)
         self._end_status, self._end_reason = status, message
+        # The vendor is told and cut off first, before any await: the audit row below waits for the store thread.
+        for relay in list(self.channels):
+            if relay.chan is None:  # the vendor left before asyncssh opened this channel: nothing to tell
+                self.channels.discard(relay)
+                continue
+            try:
+                relay.notice(message)
+                relay.exit(1)
+            except Exception:  # one broken channel must not keep the others (or the device link) open
+                log.exception("session %s: ending channel %s failed", self.id, relay.ctx.number)
         conn = self.server.conn
         if conn is not None:
             loop = asyncio.get_running_loop()
             loop.call_later(0.5, conn.close)
+        if event:
+            await self.broker.audit(event, user=self.user, device=self.device.name, session_id=self.id,
+                                    grant_id=self.grant.id, **fields)
         await self.finish(status, reason=message)
 
     async def finish(self, status: str | None = None, *, reason: str | None = None) -> None:

@@ -22,7 +22,7 @@ from broker.config import format_duration, parse_duration, parse_listen
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, expire_requests, find_active_grant, request_hint
-from broker.identity import Principal, authenticate_key, parse_login
+from broker.identity import Principal, authenticate_key, parse_login, standing_refusal
 from broker.keys import openssh_fingerprint
 from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_failure
 from broker.mfa import install_mfa_hook, mfa_hook_status
@@ -150,14 +150,8 @@ class Broker:
                     live = self.live.get(row["id"])
                     if live is None or live.ending:
                         continue
-                    if row["kill_requested_at"]:
-                        reason = row["kill_reason"] or "no reason given"
-                        await live.terminate("killed", f"security staff ended this session: {reason}",
-                                             event="session.killed", by=row["kill_requested_by"], reason=reason)
-                    else:
-                        why = row["revoke_reason"] or "no reason given"
-                        await live.terminate("revoked", f"your access to {live.device.name} was revoked by "
-                                             f"{row['revoked_by']}: {why}. Ask the hospital before reconnecting.")
+                    # Each in its own task: one slow or broken session never delays another's end.
+                    self.spawn(self._stop_session(live, row))
                 if tick % 10 == 0:
                     for live in list(self.live.values()):
                         await live.save_counters()
@@ -165,6 +159,20 @@ class Broker:
                 raise
             except Exception:  # the loop must survive a transient DB error
                 log.exception("control loop iteration failed")
+
+    async def _stop_session(self, live: LiveSession, row: dict[str, Any]) -> None:
+        """End one live session for the reason ``row`` (from ``Store.sessions_to_stop``) gives."""
+        try:
+            status, message, kw = stop_decision(row, live.device.name)
+            await live.terminate(status, message, **kw)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # logged with the session id; the others are ended by their own tasks
+            log.exception("ending session %s failed", live.id)
+            try:
+                await live.finish("failed", reason="ending the session failed; see the broker log")
+            except Exception:
+                log.exception("finishing session %s failed", live.id)
 
     async def write_checkpoint(self) -> None:
         """Sign the audit chain's head (broker/audit.py); a failure is logged, the next period tries again."""
@@ -182,6 +190,30 @@ class Broker:
         from broker.live import seal_interrupted_sessions
 
         await seal_interrupted_sessions(self)
+
+
+def stop_decision(row: dict[str, Any], device: str) -> tuple[str, str, dict[str, Any]]:
+    """``(status, message for the vendor, terminate keywords: audit event and fields)`` for a row of
+    ``Store.sessions_to_stop``."""
+    if row["kill_requested_at"]:
+        reason = row["kill_reason"] or "no reason given"
+        return ("killed", f"security staff ended this session: {reason}",
+                dict(event="session.killed", by=row["kill_requested_by"], reason=reason))
+    if row["revoked_at"]:
+        why = row["revoke_reason"] or "no reason given"
+        return ("revoked", f"your access to {device} was revoked by {row['revoked_by']}: {why}. "
+                "Ask the hospital before reconnecting.", {})
+    user = row["user_name"]
+    if row["user_disabled"]:
+        cause, text = "user.disabled", f"the account {user} was disabled by the hospital's medbroker administrators"
+    elif row["key_gone"]:
+        cause, text = "user.key.removed", f"the SSH key this session logged in with ({row['auth_key']}) was removed"
+    elif row["device_gone"]:
+        cause, text = "device.removed", f"{device} was removed from medbroker"
+    else:
+        cause, text = "user.role.changed", f"the role of {user} changed from {row['user_role']} to {row['role_now']}"
+    return ("stopped", f"{text}, so this session was ended. Ask the hospital's medbroker administrators.",
+            dict(event="session.stopped", cause=cause))
 
 
 class SessionPolicy:
@@ -335,6 +367,8 @@ class BrokerServer(asyncssh.SSHServer):
         self.counted_unauth = False
         self.live: LiveSession | None = None
         self.live_lock = asyncio.Lock()
+        self.gone = False  # connection_lost ran: nothing may start for this connection any more
+        self._starting: tuple[LiveSession, asyncio.Future] | None = None  # a device session being set up
 
     # ---------------------------------------------------------------- connection
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -382,6 +416,11 @@ class BrokerServer(asyncssh.SSHServer):
         if b.per_address[self.source] <= 0:
             b.per_address.pop(self.source, None)
         self._leave_unauth()
+        self.gone = True
+        if self._starting is not None:  # still connecting to the device: stop, close the row and device link
+            live, start = self._starting
+            live.abort_reason = ("closed", "the vendor disconnected while medbroker was connecting to the device")
+            start.cancel()
         if not self.authenticated and self.user and self.tried_keys and not self.not_counted:
             if self.key_verified:  # right key, no code typed (Ctrl-C at the prompt, BatchMode): no guess made
                 b.audit_soon("auth.failure", user=self.user, source=self.source, method="keyboard-interactive",
@@ -550,6 +589,15 @@ class BrokerServer(asyncssh.SSHServer):
     # ---------------------------------------------------------------- channels
     async def session_requested(self) -> asyncssh.SSHServerSession:
         b = self.broker
+        # Every channel asks again whether this login still stands: disabling the user, removing the key
+        # or changing the role refuses new channels on connections that are already open (ControlMaster).
+        refusal = await b.db(standing_refusal, b.app.store, self.user, self.fingerprint,
+                             self.principal.role if self.principal else None)
+        if refusal:
+            await b.audit("channel.refused", user=self.user, device=self.device_name, source=self.source,
+                          kind="session", reason=refusal, session_id=self.live.id if self.live else None)
+            return RefusalSession(f"{refusal}; new channels on this connection are refused. "
+                                  "Ask the hospital's medbroker administrators.")
         if self.device_name is None:
             return SelfServiceSession(self)
         try:
@@ -580,6 +628,8 @@ class BrokerServer(asyncssh.SSHServer):
                           reason="no active grant")
             raise exc
         credential = await b.db(device_credential, device, b.app.keys)
+        if self.gone:  # the vendor left while the grant was looked up: nothing is opened for nobody
+            raise BrokerError("the connection closed before the session started")
         if b.stopping:  # checked and registered below without an await between: stop_server misses none
             await b.audit("session.refused", user=user, device=device_name, source=self.source,
                           reason="broker stopping")
@@ -587,10 +637,21 @@ class BrokerServer(asyncssh.SSHServer):
         live = LiveSession(b, self, device, grant, credential)
         start = asyncio.ensure_future(live.start())
         b.starting.add(start)
+        self._starting = (live, start)  # connection_lost cancels it (LiveSession.start then cleans up)
         try:
             await start
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # this coroutine itself is being cancelled
+                raise
+            # start() was cancelled (vendor gone, broker stopping) and has closed the recording and the row
+            why = live.abort_reason[1] if live.abort_reason else "the broker is shutting down; reconnect in a moment"
+            raise BrokerError(why, "nothing was run on the device") from None
         finally:
             b.starting.discard(start)
+            self._starting = None
+        if self.gone:  # gone between start's end and here (connection_lost found no live session to finish)
+            await live.finish("closed", reason="the vendor disconnected while the session was starting")
+            raise BrokerError("the connection closed before the session started")
         return live
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):

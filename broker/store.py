@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
-# 4 front-door security (MFA, checkpoints), 5 file guard.
+# 4 front-door security (MFA, checkpoints), 5 file guard, 7 session lifecycle (issue 11).
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -230,6 +230,9 @@ MIGRATIONS: dict[int, str | list[str]] = {
     ],
     # 6: staff toolkit: when retention removed a recording's payload (metadata, hashes and signatures stay)
     6: ["ALTER TABLE sessions ADD COLUMN payload_removed_at TEXT"],
+    # 7: session lifecycle: the key and role a session was authorised with, so removing the key or changing
+    # the role ends it (control loop, any process)
+    7: ["ALTER TABLE sessions ADD COLUMN auth_key TEXT", "ALTER TABLE sessions ADD COLUMN user_role TEXT"],
 }
 
 
@@ -385,6 +388,13 @@ class Store:
     def find_key(self, name: str, fingerprint: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM user_keys WHERE user_name = ? AND fingerprint = ?", (name, fingerprint))
 
+    def delete_user_key(self, name: str, fingerprint: str) -> int:
+        return self.execute("DELETE FROM user_keys WHERE user_name = ? AND fingerprint = ?",
+                            (name, fingerprint)).rowcount
+
+    def set_user_role(self, name: str, role: str) -> None:
+        self.execute("UPDATE users SET role = ? WHERE name = ?", (role, name))
+
     # ------------------------------------------------------------------ devices
     def insert_device(self, row: dict[str, Any]) -> None:
         cols = ", ".join(row)
@@ -509,12 +519,23 @@ class Store:
         return self.query(sql + " ORDER BY started_at", tuple(params))
 
     def sessions_to_stop(self, pid: int, now: str) -> list[dict[str, Any]]:
-        """Live sessions of this broker process that someone asked to end (kill or revoked grant)."""
+        """Live sessions of this broker process that must end: killed, grant revoked, or the people and
+        things they were authorised with changed (user disabled or gone, login key removed, role changed,
+        device removed). ``user_disabled``/``key_gone``/``role_now``/``device_gone`` say which."""
         return self.query(
-            "SELECT s.id, s.kill_reason, s.kill_requested_by, s.kill_requested_at, g.revoked_at, g.revoked_by, "
-            "g.revoke_reason FROM sessions s JOIN grants g ON g.id = s.grant_id "
+            "SELECT s.id, s.user_name, s.device, s.user_role, s.auth_key, s.kill_reason, s.kill_requested_by, "
+            "s.kill_requested_at, g.revoked_at, g.revoked_by, g.revoke_reason, "
+            "(u.name IS NULL OR u.disabled != 0) AS user_disabled, "
+            "(s.auth_key IS NOT NULL AND k.id IS NULL) AS key_gone, u.role AS role_now, "
+            "(d.name IS NULL) AS device_gone "
+            "FROM sessions s JOIN grants g ON g.id = s.grant_id "
+            "LEFT JOIN users u ON u.name = s.user_name "
+            "LEFT JOIN user_keys k ON k.user_name = s.user_name AND k.fingerprint = s.auth_key "
+            "LEFT JOIN devices d ON d.name = s.device "
             "WHERE s.status = 'live' AND s.broker_pid = ? AND (s.kill_requested_at IS NOT NULL "
-            "OR g.revoked_at IS NOT NULL)",
+            "OR g.revoked_at IS NOT NULL OR u.name IS NULL OR u.disabled != 0 "
+            "OR (s.auth_key IS NOT NULL AND k.id IS NULL) "
+            "OR (s.user_role IS NOT NULL AND u.role IS NOT s.user_role) OR d.name IS NULL)",
             (pid,),
         )
 
