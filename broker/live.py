@@ -156,7 +156,7 @@ class LiveSession:
             await b.audit("device.legacy_algorithms", device=dev.name, session_id=self.id,
                           algorithms=dev.legacy_algorithms)
         try:
-            return await asyncio.wait_for(asyncssh.connect(dev.host, dev.port, **opts), s.connect_timeout_s + 1)
+            return await _connect_or_close(asyncssh.connect(dev.host, dev.port, **opts), s.connect_timeout_s + 1)
         except asyncssh.HostKeyNotVerifiable:
             seen = await self._presented_key()
             await b.audit("device.hostkey.mismatch", user=self.user, device=dev.name, session_id=self.id,
@@ -370,6 +370,25 @@ class LiveSession:
         last = datetime.fromtimestamp(self.broker.app.clock.now().timestamp() - idle_s, tz=self.grant.ends_at.tzinfo)
         await self.broker.db(lambda: self.broker.app.store.update_session(
             self.id, last_activity_at=utc_iso(last), **self._counters()))
+
+
+async def _connect_or_close(connect, timeout: float) -> asyncssh.SSHClientConnection:
+    """Await ``connect`` for at most ``timeout``; when cancelled or timed out, a connection that still
+    arrives is closed. (A cancel that lands just as asyncssh's own wait_for finishes is swallowed there and
+    the connection returned; a plain nested wait_for then drops it, open, on the floor: the ghost device
+    connections of issue 11.)"""
+    task = asyncio.ensure_future(connect)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout)
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(_close_late_connection)
+        raise
+
+
+def _close_late_connection(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 async def index_session(broker: "Broker", session_id: str, path: Path) -> None:
