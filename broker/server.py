@@ -11,13 +11,14 @@ import asyncio
 import json
 import logging
 import os
+from datetime import datetime
 from typing import Any
 
 import asyncssh
 
 from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
-from broker.clock import utc_iso
+from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, parse_duration, parse_listen
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
@@ -28,6 +29,7 @@ from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_f
 from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
+from broker.startups import Admission, StartupGate, StartupPolicy
 from broker.live import LiveSession, SessionSettings
 from sessions.content import OutputScanner
 from sessions.exec_check import check_command_line
@@ -56,6 +58,7 @@ MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries defaul
 EXPIRY_TICKS = 60  # control-loop ticks (0.5 s) between sweeps for expired requests
 MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
 CODE_PROMPT = "Verification code: "
+RECENT_TICKS = 60  # control-loop ticks between refreshes of recently successful addresses (other workers' logins)
 CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then every 5 minutes (600 ticks of 0.5 s)
 REFUSAL_GRACE_S = 3.0  # an over-cap connection gets this long to reach user auth and read why it is refused
 
@@ -77,6 +80,7 @@ class Broker:
         self.unauthenticated = 0
         self.per_address: dict[str, int] = {}
         self.limit_audited: dict[str, float] = {}  # source -> loop time of its last audited cap refusal
+        self.gate = StartupGate(StartupPolicy.from_config(app.config))  # pre-auth slots (finding 9)
         self.pid = os.getpid()
         self._control: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -142,6 +146,8 @@ class Broker:
                 self.spawn(self.write_checkpoint())
             if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL become expired (audited)
                 self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit, self.app.clock.now())))
+            if tick % RECENT_TICKS == 0:
+                self.spawn(self.refresh_recent())
             if not self.live:
                 continue
             try:
@@ -173,6 +179,20 @@ class Broker:
                 await live.finish("failed", reason="ending the session failed; see the broker log")
             except Exception:
                 log.exception("finishing session %s failed", live.id)
+
+    async def refresh_recent(self) -> None:
+        """Learn the addresses that logged in recently through any process (workers share the database)."""
+        try:
+            now_utc, now = self.app.clock.now(), asyncio.get_running_loop().time()
+            window = self.gate.policy.recent_s
+            since = utc_iso(datetime.fromtimestamp(now_utc.timestamp() - window, tz=now_utc.tzinfo))
+            rows = await self.db(self.app.store.recent_login_sources, since)
+            for row in rows:
+                at = now - (now_utc - parse_utc(row["at"])).total_seconds()
+                if at > self.gate.recent.get(row["source"], float("-inf")):
+                    self.gate.recent[row["source"]] = at
+        except Exception:
+            log.exception("reading recent logins failed")
 
     async def write_checkpoint(self) -> None:
         """Sign the audit chain's head (broker/audit.py); a failure is logged, the next period tries again."""
@@ -365,6 +385,9 @@ class BrokerServer(asyncssh.SSHServer):
         self._refusal_timer: asyncio.TimerHandle | None = None
         self.authenticated = False
         self.counted_unauth = False
+        self.gated = False  # holds one of the gate's per-address pre-auth slots (an address without a recent login)
+        self.dropped = False  # refused by the gate at connect: nothing more is counted for it
+        self.connected_at = 0.0
         self.live: LiveSession | None = None
         self.live_lock = asyncio.Lock()
         self.gone = False  # connection_lost ran: nothing may start for this connection any more
@@ -380,10 +403,18 @@ class BrokerServer(asyncssh.SSHServer):
         b.per_address[self.source] = b.per_address.get(self.source, 0) + 1
         b.unauthenticated += 1
         self.counted_unauth = True
+        self.connected_at = now = asyncio.get_running_loop().time()
         over = max(b.unauthenticated / limits.max_unauthenticated if limits.max_unauthenticated else 3.0,
                    b.per_address[self.source] / limits.max_connections_per_address
                    if limits.max_connections_per_address else 3.0)
         if over <= 1:
+            if not b.gate.is_recent(self.source, now):  # recent addresses: only the two caps apply
+                verdict = b.gate.admit(self.source, b.unauthenticated, now)
+                if verdict.reason:
+                    self._drop(verdict)
+                    return
+                b.gate.started(self.source)
+                self.gated = True
             return
         loop = asyncio.get_running_loop()
         per_address = b.per_address[self.source] > limits.max_connections_per_address
@@ -407,10 +438,38 @@ class BrokerServer(asyncssh.SSHServer):
             self.refusal = "the broker has too many logins in progress; try again in a minute"
         self._refusal_timer = loop.call_later(REFUSAL_GRACE_S, conn.abort)
 
+    def _drop(self, verdict: Admission) -> None:
+        """Refused by the gate: closed at once, before any key exchange (OpenSSH drops these too)."""
+        b = self.broker
+        self.dropped = self.not_counted = True
+        self._leave_unauth()
+        loop = asyncio.get_running_loop()
+        key = f"gate:{self.source}"  # one row a second per address, however fast it reconnects
+        if loop.time() - b.limit_audited.get(key, -60.0) >= 1.0:
+            if len(b.limit_audited) > 1024:
+                b.limit_audited.clear()
+            b.limit_audited[key] = loop.time()
+            extra = {"penalty_left_s": round(verdict.penalty_left)} if verdict.penalty_left else {}
+            b.audit_soon("auth.failure", source=self.source, reason=verdict.reason,
+                         unauthenticated=b.unauthenticated, **extra)
+        self.conn.abort()
+
+    def _penalise(self, kind: str) -> None:
+        """OpenSSH PerSourcePenalties: audited once, when the address becomes refused."""
+        b = self.broker
+        seconds = b.gate.penalise(self.source, kind, asyncio.get_running_loop().time())
+        if seconds:
+            b.audit_soon("auth.penalty", source=self.source, penalty_s=round(seconds), reason=kind,
+                         user=self.user)
+
     def connection_lost(self, exc: Exception | None) -> None:
         b = self.broker
         if self._refusal_timer is not None:
             self._refusal_timer.cancel()
+        if not self.authenticated and not self.dropped and self.refusal is None:
+            timeout = b.app.config.seconds("listen", "login_timeout")
+            if asyncio.get_running_loop().time() - self.connected_at >= timeout - 0.5:
+                self._penalise("grace")  # held a pre-auth slot until the login timeout
         b.connections.discard(self.conn)
         b.per_address[self.source] = b.per_address.get(self.source, 1) - 1
         if b.per_address[self.source] <= 0:
@@ -434,6 +493,9 @@ class BrokerServer(asyncssh.SSHServer):
         if self.counted_unauth:
             self.counted_unauth = False
             self.broker.unauthenticated -= 1
+        if self.gated:
+            self.gated = False
+            self.broker.gate.ended(self.source)
 
     # ---------------------------------------------------------------- authentication
     # Key, then (for users with TOTP enrolled) a code: asyncssh cannot send partial success itself, so
@@ -483,6 +545,7 @@ class BrokerServer(asyncssh.SSHServer):
         """Audit a failed attempt and count it; audits ``auth.lockout`` when it starts one (returns its length)."""
         b = self.broker
         await b.audit("auth.failure", user=self.user, source=self.source, reason=reason, **fields)
+        self._penalise("authfail")
         policy = self._lockout_policy()
         started = await b.db(record_failure, b.app.store, self.user, self.source, b.app.clock.now(), policy)
         if started:
@@ -582,6 +645,7 @@ class BrokerServer(asyncssh.SSHServer):
         self.authenticated = True
         self._leave_unauth()
         b = self.broker
+        b.gate.logged_in(self.source, asyncio.get_running_loop().time())
         b.spawn(b.db(clear_failures, b.app.store, self.user, self.source))
         await b.audit("auth.success", user=self.user, device=self.device_name, source=self.source,
                       method="publickey+totp" if self.code_ok else "publickey", key=self.fingerprint)
@@ -747,6 +811,7 @@ async def start_server(app: App, address: str, *, seal: bool = True,
                                      **_listen_options(app))
     broker.port = acceptor.sockets[0].getsockname()[1] if port == 0 else port
     broker.settings = broker.settings.with_port(broker.port)
+    await broker.refresh_recent()
     broker.start_control()
     if worker is None:
         await broker.audit("broker.started", address=f"{host}:{broker.port}", pid=broker.pid)

@@ -609,6 +609,11 @@ class Store:
         ).fetchall()
         return [r[0] for r in rows]
 
+    def recent_login_sources(self, since: str) -> list[dict[str, Any]]:
+        """Addresses with a successful SSH login at or after ``since``, each with its latest one."""
+        return self.query("SELECT source, max(at) AS at FROM audit_events WHERE event = 'auth.success' AND at >= ? "
+                          "AND source IS NOT NULL GROUP BY source", (since,))
+
     def clear_auth_failures(self, user: str, source: str) -> None:
         self.execute("DELETE FROM auth_failures WHERE user_name = ? AND source = ?", (user, source))
 

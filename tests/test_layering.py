@@ -41,7 +41,7 @@ TABLE: dict[str, Row] = {
     "store": Row(1, ("broker/store.py",), ("core",), ("sqlite_utils",), "the only SQL"),
     "keys": Row(1, ("broker/keys.py",), ("core",), ("cryptography",), "key material, sealing, signatures"),
     "domain": Row(2, ("broker/identity.py", "broker/grants.py", "broker/devices.py", "broker/audit.py",
-                      "broker/lockout.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
+                      "broker/lockout.py", "broker/startups.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
                       "sessions/content.py", "sessions/exec_check.py"),
                   ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
     "codec": Row(2, ("sessions/sftp_codec.py",), ("core",), (), "SFTP wire format: stdlib + layer 0"),
