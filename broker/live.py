@@ -115,13 +115,14 @@ class LiveSession:
         # From here on every way out (device error, the vendor leaving, the broker stopping: both cancel this
         # task, each naming itself in abort_reason) closes the recording, the row and any device connection.
         try:
-            await b.db(b.app.store.insert_session, {
+            # Shielded: a cancel must not drop the queued insert, or session.end would name a row never written.
+            await asyncio.shield(b.db(b.app.store.insert_session, {
                 "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
                 "source": self.server.source, "started_at": utc_iso(now), "status": "live",
                 "recording": str(self.path), "broker_pid": b.pid, "last_activity_at": utc_iso(now),
                 "auth_key": self.server.fingerprint,
                 "user_role": self.server.principal.role if self.server.principal else None,
-            })
+            }))
             self.upconn = await self._connect()
             self.upconn_closed = False
             b.live[self.id] = self
