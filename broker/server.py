@@ -835,8 +835,12 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
     await acceptor.wait_closed()
     broker.stopping = True
     await _cancel_starts(broker)
-    for live in list(broker.live.values()):
-        await live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
+    lives = list(broker.live.values())
+    results = await asyncio.gather(*(live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
+                                     for live in lives), return_exceptions=True)
+    for live, result in zip(lives, results):
+        if isinstance(result, Exception):  # all end together; one failure is logged, never stops the others
+            log.error("ending session %s at shutdown failed: %r", live.id, result)
     await broker.stop_control()
     for conn in list(broker.connections):  # anyone still connected (connecting, self-service) is told why
         conn.disconnect(asyncssh.DISC_BY_APPLICATION, "medbroker is shutting down; reconnect in a moment")
