@@ -58,7 +58,8 @@ def _no_ghosts(world) -> None:
         world.app.store.list_sessions(status="live")
     assert world.harness.live_count() == 0
     assert _wait(lambda: _device_connections(world.device.port) == 0, 10)
-    assert world.harness.call(_per_address(world.harness.broker)) == {}
+    assert _wait(lambda: world.harness.call(_per_address(world.harness.broker)) == {}, 10), \
+        world.harness.call(_per_address(world.harness.broker))  # every connection gone, counted out
 
 
 async def _per_address(broker):
