@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
-# 4 front-door security (MFA, checkpoints), 5 file guard, 7 session lifecycle (issue 11).
+# 4 front-door security (MFA, checkpoints), 5 file guard, 8 session lifecycle (issue 11).
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -230,9 +230,9 @@ MIGRATIONS: dict[int, str | list[str]] = {
     ],
     # 6: staff toolkit: when retention removed a recording's payload (metadata, hashes and signatures stay)
     6: ["ALTER TABLE sessions ADD COLUMN payload_removed_at TEXT"],
-    # 7: session lifecycle: the key and role a session was authorised with, so removing the key or changing
+    # 8: session lifecycle: the key and role a session was authorised with, so removing the key or changing
     # the role ends it (control loop, any process)
-    7: ["ALTER TABLE sessions ADD COLUMN auth_key TEXT", "ALTER TABLE sessions ADD COLUMN user_role TEXT"],
+    8: ["ALTER TABLE sessions ADD COLUMN auth_key TEXT", "ALTER TABLE sessions ADD COLUMN user_role TEXT"],
 }
 
 
