@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from broker.config import DEFAULT_CONFIG_TOML, BrokerConfig, load_config
 from broker.errors import BrokerError, ConfigError, StorageError
 from broker.grants import GrantRules
 from broker.keys import FileKeyProvider, generate_host_key, generate_signing_key, load_signing_key, verify_hex
-from broker.siem import build_sinks
+from broker.siem import JsonLinesSink, build_sinks
 from broker.store import Store, open_store
 
 __all__ = ["App", "init_home", "open_app", "check_home", "CheckResult", "ALERT_EVENTS", "default_policy_file"]
@@ -26,8 +27,9 @@ ALERT_EVENTS = ("auth.lockout", "device.hostkey.mismatch", "exec.denied", "sftp.
 
 
 def default_policy_file() -> Path:
-    """The protected-paths policy shipped in ``config/`` next to the package."""
-    return Path(__file__).resolve().parent.parent / "config" / "protected-paths.toml"
+    """The protected-paths policy shipped inside the package (``broker/defaults/``; the repository's
+    ``config/protected-paths.toml`` links to it), so a wheel install finds it as well as a checkout."""
+    return Path(str(resources.files("broker") / "defaults" / "protected-paths.toml"))
 
 
 @dataclass
@@ -40,6 +42,7 @@ class App:
     keys: FileKeyProvider
     audit: AuditLog = field(init=False)
     _signing: Ed25519PrivateKey | None = field(default=None, init=False, repr=False)
+    _alerts: JsonLinesSink | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.audit = AuditLog(self.store, self.clock, [self._alert_sink])
@@ -52,7 +55,7 @@ class App:
     def rules(self) -> GrantRules:
         c = self.config
         return GrantRules(c.seconds("grants", "max_duration"), c.seconds("grants", "request_ttl"),
-                          c.grants.critical_approvers)
+                          c.grants.critical_approvers, c.policy.exposed_shell)
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:
@@ -65,13 +68,16 @@ class App:
         return verify_hex(self.signing_key.public_key(), message, signature_hex)
 
     def _alert_sink(self, row: dict[str, Any]) -> None:
+        """Alerts (denials, detections, lockouts, ...) to ``[alerts] file``, one JSON line each, rotated by
+        size like the SIEM file (10 MiB, 5 kept)."""
         if not row["event"].startswith(ALERT_EVENTS):
             return
         path = self.config.path(self.config.alerts.file)
-        line = json.dumps({k: row[k] for k in ("id", "at", "event", "actor", "user_name", "device", "session_id",
-                                                "grant_id", "source")} | {"details": json.loads(row["details"])})
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        if self._alerts is None or self._alerts.path != path:
+            self._alerts = JsonLinesSink(path, to_record=lambda r: {
+                k: r[k] for k in ("id", "at", "event", "actor", "user_name", "device", "session_id", "grant_id",
+                                  "source")} | {"details": json.loads(r["details"])})
+        self._alerts(row)
 
     def close(self) -> None:
         for sink in self.audit.sinks:  # SIEM sinks flush what they queued (bounded wait)

@@ -34,6 +34,8 @@ EVENTS: dict[str, str] = {
     "device.hostkey.mismatch": "a device presented a host key other than the pinned one",
     "device.unreachable": "the broker could not reach a device",
     "device.legacy_algorithms": "a connection to a device used per-device legacy algorithms",
+    "device.containment": "a containment check: can the device login read a protected path (state, exposed paths, trigger)",
+    "device.changed": "an administrator changed a device setting (e.g. what an exposed device allows)",
     "request.created": "a vendor requested access",
     "request.approved": "an approver approved (partially, for critical devices)",
     "request.denied": "an approver denied a request",

@@ -17,6 +17,7 @@ from broker.commands import recordings as recording_cmds
 from broker.commands import report as report_cmds
 from broker.commands import retention as retention_cmds
 from broker.commands import search as search_cmds
+from broker.commands import service as service_cmds
 from broker.commands import sessions as session_cmds
 from broker.commands import totp as totp_cmds
 from broker.commands import users as user_cmds
@@ -106,6 +107,9 @@ report_cmds.register(app)
 app.add_typer(retention_cmds.app, name="retention")
 app.add_typer(audit_cmds.app, name="audit")
 app.add_typer(keys_cmds.app, name="keys")
+app.add_typer(service_cmds.app, name="service")
+app.command("backup")(service_cmds.backup)
+app.command("restore")(service_cmds.restore)
 user_cmds.app.command("totp")(totp_cmds.totp)
 
 

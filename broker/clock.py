@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["Clock", "SystemClock", "FakeClock", "utc_iso", "parse_utc"]
+__all__ = ["Clock", "SystemClock", "FakeClock", "utc_iso", "parse_utc", "display_zone", "local_text"]
 
 
 class Clock:
@@ -60,3 +61,35 @@ def parse_utc(text: str) -> datetime:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.astimezone(timezone.utc)
+
+
+def display_zone(name: str) -> tzinfo | None:
+    """The time zone people read times in: an IANA name (``Asia/Shanghai``), ``UTC``, or "" for the
+    host's own zone (returned as None).
+
+    :raises ValueError: an unknown zone name
+    """
+    if not name:
+        return None
+    if name.upper() in ("UTC", "Z"):
+        return timezone.utc
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown time zone {name!r}") from None
+
+
+def local_text(value: datetime | str | None, zone: tzinfo | None = None, *, seconds: bool = True) -> str:
+    """A timestamp for people, in ``zone`` (None: the host's zone): ``2026-11-28 15:30:00 CET``, or with
+    a ``Z`` when the zone is UTC (``2026-11-28 14:30:00Z``). Unparseable text comes back unchanged."""
+    if value is None or value == "":
+        return "-"
+    try:
+        dt = value if isinstance(value, datetime) else parse_utc(str(value))
+    except ValueError:
+        return str(value)
+    local = dt.astimezone(zone) if zone is not None else dt.astimezone()
+    text = local.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+    if local.utcoffset() == timedelta(0) and (local.tzname() or "UTC").upper() in ("UTC", "GMT", "Z", "ETC/UTC"):
+        return text + ("Z" if seconds else " UTC")
+    return f"{text} {local.tzname() or local.strftime('%z')}"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from broker.clock import display_zone
 from broker.errors import ConfigError, UsageError
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "LimitsConfig",
     "PolicyConfig",
     "AlertConfig",
+    "MetricsConfig",
+    "DisplayConfig",
     "RetentionConfig",
     "WebConfig",
     "SiemConfig",
@@ -30,6 +34,11 @@ __all__ = [
     "parse_startups",
     "parse_syslog_address",
     "DEFAULT_CONFIG_TOML",
+    "MAX_ID",
+    "unsafe_char",
+    "escape_unsafe",
+    "parse_id",
+    "id_in_range",
 ]
 
 # re.ASCII: without it \d accepts any Unicode digit ('١٢m') and \s any Unicode space.
@@ -38,6 +47,13 @@ _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # Ten years: longer than any window or timeout makes sense, short enough that now + duration
 # never overflows datetime (999999999d did).
 MAX_DURATION_S = 3650 * 86400
+# Ids are SQLite INTEGERs (signed 64-bit): a larger number cannot name a row, and binding it raises
+# OverflowError (issue 11 finding 10: `approve 99999999999999999999999` hung the SSH channel, HTTP 500).
+MAX_ID = 2**63 - 1
+# Unicode categories never accepted in reasons and tickets (see unsafe_char): control, format, surrogate,
+# line and paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_ID = re.compile(r"\s*(\d{1,19})\s*", re.ASCII)
 
 
 def parse_duration(text: str, *, what: str = "duration") -> int:
@@ -62,6 +78,49 @@ def parse_duration(text: str, *, what: str = "duration") -> int:
     return seconds
 
 
+def unsafe_char(text: str) -> str | None:
+    """The first character of ``text`` a person's reason or ticket may not contain, named, or None.
+
+    Refused: control characters (C0, DEL, C1: ESC and the one-byte CSI run terminal commands), format
+    characters (bidi overrides and isolates U+202A-202E, U+2066-2069, marks U+200E/200F/061C, zero-width
+    U+200B-200D, U+2060, U+FEFF, soft hyphen, tags: they reorder or hide what an approver reads), surrogates
+    and the line/paragraph separators. Tab is refused too (a reason is one line).
+    """
+    for c in text:
+        if unicodedata.category(c) in _UNSAFE_CATEGORIES:
+            name = unicodedata.name(c, "") or ("control character" if unicodedata.category(c) == "Cc" else "")
+            return f"U+{ord(c):04X}" + (f" ({name})" if name else "")
+    return None
+
+
+def escape_unsafe(text: str) -> str:
+    """``text`` with every :func:`unsafe_char` character shown as ``<U+202E>``: fit for a terminal or a page."""
+    return "".join(f"<U+{ord(c):04X}>" if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text)
+
+
+def id_in_range(value: object) -> bool:
+    """Whether ``value`` is an int that can name a row (1 … :data:`MAX_ID`)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
+
+
+def parse_id(text: object, *, what: str = "id") -> int:
+    """Parse a request, grant or share id a person typed: ASCII digits, 1 … :data:`MAX_ID`.
+
+    :param what: name used in the error message, e.g. ``request id``
+    :raises UsageError: not a whole positive number in range (``-1``, ``1_000``, ``١٢``, 23 digits)
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _ID.fullmatch(text) if isinstance(text, str) else None
+        value = int(m.group(1)) if m else 0
+    if not id_in_range(value):
+        shown = ascii(text if not isinstance(text, str) or len(text) <= 40 else text[:40] + "...")
+        raise UsageError(f"{what} {shown} is not a valid id",
+                         f"ids are whole numbers from 1 to {MAX_ID}, as medbroker printed them")
+    return value
+
+
 def format_duration(seconds: float) -> str:
     """Render seconds compactly: ``2h``, ``1h30m``, ``45s``."""
     seconds = int(round(seconds))
@@ -83,7 +142,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = (text or "").rpartition(":")
     host = host.strip("[]")
     # isascii(): str.isdigit() is also true for '²' and '٢', which int() rejects or reads as digits.
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+    # len(): a 5000-digit port made int() raise ValueError (Python's digit limit), an internal error (issue 11)
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 <= int(port) <= 65535:
         raise UsageError(f"listen address {text!r} is not HOST:PORT", "e.g. 0.0.0.0:2222 or 127.0.0.1:2222")
     return host, int(port)
 
@@ -161,6 +221,8 @@ class PolicyConfig:
     protected_paths_file: str = ""
     scan_output: bool = True
     check_commands: bool = True
+    exposed_shell: str = "two-approvers"
+    containment_ttl: str = "60s"
 
 
 @dataclass(frozen=True)
@@ -199,6 +261,8 @@ class WebConfig:
     smtp_to: tuple[str, ...] = ()
     smtp_starttls: bool = False
     webhook_url: str = ""
+    webhook_secret_file: str = ""
+    """A file holding the webhook signing secret (>= 16 bytes); "" = unsigned webhooks."""
 
 
 @dataclass(frozen=True)
@@ -210,10 +274,45 @@ class SiemConfig:
     jsonl_max_bytes: int = 10 * 1024 * 1024
     jsonl_backups: int = 5
     syslog_address: str = ""
-    """``udp://HOST:PORT`` or ``tcp://HOST:PORT`` of the collector ("" = off)."""
+    """``udp://HOST:PORT``, ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (RFC 5425) of the collector ("" = off)."""
     syslog_app_name: str = "medbroker"
     syslog_hostname: str = ""
-    """HOSTNAME field of each message ("" = this machine's host name)."""
+    """HOSTNAME field of each message, and the ``host`` of every exported record ("" = this machine's name)."""
+    syslog_bom: bool = False
+    """Start MSG with the UTF-8 BOM (RFC 5424 §6.4 MSG-UTF8). Off: MSG-ANY, which naive JSON parsers read."""
+    syslog_sd_id: str = "medbroker@32473"
+    """Structured-data id, NAME@ENTERPRISE-NUMBER; set your organisation's IANA number (32473 is RFC 5612's
+    documentation number: medbroker owns none)."""
+    syslog_ca_file: str = ""
+    """tls://: the CA bundle that signs the collector's certificate ("" = the system's CAs)."""
+    syslog_client_cert: str = ""
+    """tls://: a client certificate (PEM) for collectors that require one ("" = none)."""
+    syslog_client_key: str = ""
+    """tls://: the client certificate's private key (PEM; "" = in syslog_client_cert)."""
+    syslog_server_name: str = ""
+    """tls://: the name the collector's certificate must carry ("" = the host of syslog_address)."""
+    format: str = "medbroker"
+    """Record shape in the JSON-lines file and syslog MSG: "medbroker" (docs/events.md) or "ecs" (Elastic
+    Common Schema field names, which Elastic and Splunk map without custom parsing)."""
+
+
+@dataclass(frozen=True)
+class DisplayConfig:
+    """How times are shown to people (the CLI, the web console, reports, messages to vendors)."""
+
+    timezone: str = ""
+    """IANA zone name, e.g. "Asia/Shanghai" or "UTC"; "" = the host's zone. JSON output stays UTC."""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Health, readiness and Prometheus metrics (broker/health.py)."""
+
+    address: str = ""
+    """HOST:PORT of a listener serving only /healthz, /readyz and /metrics ("" = none; the web console, when
+    it runs, serves them too)."""
+    min_free_mb: int = 1024
+    """/readyz fails when the recordings volume has less free space than this (MiB)."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +330,8 @@ class BrokerConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     web: WebConfig = field(default_factory=WebConfig)
     siem: SiemConfig = field(default_factory=SiemConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    display: DisplayConfig = field(default_factory=DisplayConfig)
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the broker home."""
@@ -275,6 +376,8 @@ _SECTIONS = {
     "retention": RetentionConfig,
     "web": WebConfig,
     "siem": SiemConfig,
+    "metrics": MetricsConfig,
+    "display": DisplayConfig,
 }
 
 
@@ -344,8 +447,27 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         raise ConfigError(f"{source}: listen.address: {exc.message}", exc.hint) from None
     _validate_web(cfg.web, source)
     _validate_siem(cfg.siem, source)
+    if cfg.metrics.address:
+        try:
+            parse_listen(cfg.metrics.address)
+        except UsageError as exc:
+            raise ConfigError(f"{source}: metrics.address: {exc.message}", exc.hint) from None
+    try:
+        display_zone(cfg.display.timezone)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: display.timezone: {exc}", 'an IANA name such as "Europe/Berlin", '
+                          '"Asia/Shanghai" or "UTC"; "" = the host\'s zone') from None
+    if not 0 <= cfg.metrics.min_free_mb <= 1 << 24:
+        raise ConfigError(f"{source}: metrics.min_free_mb = {cfg.metrics.min_free_mb}; expected 0-16777216 (MiB)")
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
+    if cfg.policy.exposed_shell not in ("allow", "files-only", "two-approvers"):
+        raise ConfigError(f"{source}: policy.exposed_shell = {cfg.policy.exposed_shell!r}; expected 'allow', "
+                          "'files-only' or 'two-approvers'")
+    try:
+        cfg.seconds("policy", "containment_ttl")
+    except UsageError as exc:
+        raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
     if cfg.grants.critical_approvers not in (1, 2, 3):
         raise ConfigError(f"{source}: grants.critical_approvers must be 1, 2 or 3")
     version = cfg.listen.server_version
@@ -420,6 +542,9 @@ def _validate_web(web: WebConfig, source: str) -> None:
     for addr in web.smtp_to:
         if not re.fullmatch(r"[^@\s<>,]+@[^@\s<>,]+", addr):
             raise ConfigError(f"{source}: web.smtp_to: {addr!r} is not an e-mail address")
+    if web.webhook_secret_file and not web.webhook_url:
+        raise ConfigError(f"{source}: web.webhook_secret_file is set but web.webhook_url is empty",
+                          "set the webhook URL too, or remove the secret file setting")
     if web.webhook_url and not re.fullmatch(r"https?://\S+", web.webhook_url):
         raise ConfigError(f"{source}: web.webhook_url = {web.webhook_url!r} is not an http(s) URL")
 
@@ -428,14 +553,15 @@ _PRINTABLE_ASCII = re.compile(r"[!-~]+")  # RFC 5424 PRINTUSASCII: no spaces, no
 
 
 def parse_syslog_address(text: str) -> tuple[str, str, int]:
-    """Parse ``udp://HOST:PORT`` or ``tcp://HOST:PORT`` (``[::1]`` for IPv6) into (transport, host, port).
+    """Parse ``udp://HOST:PORT``, ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (``[::1]`` for IPv6) into
+    (transport, host, port).
 
     :raises UsageError: another scheme, or not HOST:PORT with a port in 1..65535
     """
     scheme, sep, rest = (text or "").partition("://")
-    if not sep or scheme not in ("udp", "tcp"):
-        raise UsageError(f"syslog address {text!r} is not udp://HOST:PORT or tcp://HOST:PORT",
-                         "e.g. udp://127.0.0.1:514 or tcp://siem.hospital.example:6514")
+    if not sep or scheme not in ("udp", "tcp", "tls"):
+        raise UsageError(f"syslog address {text!r} is not udp://HOST:PORT, tcp://HOST:PORT or tls://HOST:PORT",
+                         "e.g. udp://127.0.0.1:514 or tls://siem.hospital.example:6514")
     host, port = parse_listen(rest)
     if port == 0:
         raise UsageError(f"syslog address {text!r} has port 0", "name the collector's port, e.g. 514")
@@ -443,6 +569,20 @@ def parse_syslog_address(text: str) -> tuple[str, str, int]:
 
 
 def _validate_siem(siem: SiemConfig, source: str) -> None:
+    if not re.fullmatch(r"[!#-<>?A-\\^-~]{1,23}@[1-9][0-9]{0,9}(\.[0-9]{1,9}){0,3}", siem.syslog_sd_id) \
+            or len(siem.syslog_sd_id) > 32:
+        raise ConfigError(f"{source}: siem.syslog_sd_id = {siem.syslog_sd_id!r}; expected NAME@ENTERPRISE-NUMBER "
+                          "(RFC 5424 §6.3.2, at most 32 printable characters, no '=', ']', '\"' or space)",
+                          'e.g. "medbroker@12345" with your organisation\'s IANA private enterprise number')
+    if siem.format not in ("medbroker", "ecs"):
+        raise ConfigError(f"{source}: siem.format = {siem.format!r}; expected 'medbroker' or 'ecs'")
+    tls_files = ("syslog_ca_file", "syslog_client_cert", "syslog_client_key", "syslog_server_name")
+    if any(getattr(siem, k) for k in tls_files) and not siem.syslog_address.startswith("tls://"):
+        used = next(k for k in tls_files if getattr(siem, k))
+        raise ConfigError(f"{source}: siem.{used} is set but siem.syslog_address is not tls://HOST:PORT",
+                          "use tls:// for syslog over TLS (RFC 5425), or remove the TLS settings")
+    if siem.syslog_client_key and not siem.syslog_client_cert:
+        raise ConfigError(f"{source}: siem.syslog_client_key is set without siem.syslog_client_cert")
     if siem.syslog_address:
         try:
             parse_syslog_address(siem.syslog_address)
@@ -552,6 +692,8 @@ penalty_max = "10m"               # ... and never longer than this
 protected_paths_file = ""         # default: config/protected-paths.toml shipped with medbroker
 scan_output = true                # stop DICOM/HL7/ASTM content in shell and exec output
 check_commands = true             # refuse exec commands naming protected paths
+exposed_shell = "two-approvers"   # exposed devices (login can read a protected path): allow | files-only | two-approvers
+containment_ttl = "60s"           # how long a containment check is reused at session start
 
 [alerts]
 file = "alerts.jsonl"             # every denial and detection, one JSON object per line
@@ -576,12 +718,27 @@ smtp_from = "medbroker@localhost"
 smtp_to = []                      # e.g. ["biomed-oncall@hospital.example"]
 smtp_starttls = false
 webhook_url = ""                  # POSTed as JSON on new requests and decisions
+webhook_secret_file = ""          # file with the HMAC-SHA256 signing secret (>= 16 bytes); docs/web.md
 
 [siem]                            # copies of every audit event (catalogue: docs/events.md)
 jsonl_file = ""                   # e.g. "siem/audit.jsonl": one JSON object per line, "" = off
 jsonl_max_bytes = 10485760        # rotate to FILE.1, FILE.2, ... at this size
 jsonl_backups = 5                 # rotated files kept
-syslog_address = ""               # RFC 5424 syslog: "udp://HOST:514" or "tcp://HOST:PORT", "" = off
+syslog_address = ""               # RFC 5424 syslog: "udp://HOST:514", "tcp://HOST:PORT" or "tls://HOST:6514", "" = off
 syslog_app_name = "medbroker"
-syslog_hostname = ""              # "" = this machine's host name
+syslog_hostname = ""              # "" = this machine's host name (also the "host" of every exported record)
+syslog_bom = false                # true: MSG starts with the UTF-8 BOM (RFC 5424 MSG-UTF8); naive JSON parsers choke on it
+syslog_sd_id = "medbroker@32473"  # NAME@YOUR-IANA-ENTERPRISE-NUMBER; 32473 is the documentation number (RFC 5612)
+syslog_ca_file = ""               # tls://: CA bundle that signs the collector ("" = system CAs)
+syslog_client_cert = ""           # tls://: client certificate PEM, if the collector asks for one
+syslog_client_key = ""            # tls://: its key ("" = inside syslog_client_cert)
+syslog_server_name = ""           # tls://: name on the collector's certificate ("" = the address's host)
+format = "medbroker"              # "medbroker" (docs/events.md) or "ecs" (Elastic Common Schema field names)
+
+[metrics]                         # /healthz, /readyz, /metrics (Prometheus); docs/operations.md
+address = ""                      # e.g. "127.0.0.1:9464": a listener for them alone ("" = only on the web console)
+min_free_mb = 1024                # /readyz fails below this much free space on the recordings volume
+
+[display]                         # how times are shown to people (JSON output stays UTC)
+timezone = ""                     # IANA name, e.g. "Asia/Shanghai" or "UTC"; "" = this host's zone
 """

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -213,6 +215,8 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
     if os.geteuid() == 0:
         account = ensure_demo_account()
         _share_with(root, root / "ct-01-fs", dev, account)
+        for patient_dir in (tree["dicom"], tree["hl7"]):  # contained: the login cannot read patient data
+            patient_dir.chmod(0o700)                       # (root-owned; docs/data-protection.md "Containment")
         login = account.pw_name
     else:
         login = pwd.getpwuid(os.geteuid()).pw_name
@@ -256,7 +260,10 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
                    host_key=(dev / "ssh_host_ed25519_key.pub").read_text(), now=now,
                    key_text=(dev / "broker_login_key").read_text(),
                    protect=(str(tree["dicom"]), str(tree["hl7"])), description="Demo CT scanner (local sshd)",
-                   actor="demo")
+                   actor="demo",
+                   # Not root, the demo device's login is you and reads its patient data (exposed): let the
+                   # sandbox walkthrough open a shell with one approver anyway.
+                   exposed_shell=None if os.geteuid() == 0 else "allow")
     else:
         app.store.update_device("ct-01", port=device_port, login=login)
     broker_port = _free_port(broker_port)
@@ -271,10 +278,27 @@ def build_demo(root: Path, *, broker_port: int = 2222) -> DemoWorld:
     return DemoWorld(root, home, app, proc, device_port, broker_port, ssh_config, tree, login)
 
 
+def medbroker_command() -> str:
+    """How a person runs this medbroker from a shell, as printed in hints.
+
+    ``medbroker`` when the PATH finds this installation's own launcher; otherwise that launcher's absolute
+    path (a venv's bin, or a pyenv without a rehash, is not on the PATH); ``python -m broker.cli`` when
+    there is no launcher (a checkout run with ``python -m``).
+    """
+    launcher = Path(sys.executable).parent / "medbroker"
+    if launcher.is_file() and os.access(launcher, os.X_OK):
+        found = shutil.which("medbroker")
+        if found and Path(found).resolve() == launcher.resolve():
+            return "medbroker"
+        return shlex.quote(str(launcher))
+    return f"{shlex.quote(sys.executable)} -m broker.cli"
+
+
 def instructions(world: DemoWorld) -> str:
     """The copy-paste walkthrough printed by ``medbroker demo``."""
     F = f"ssh -F {world.ssh_config}"
     home = world.home
+    mb = medbroker_command()
     return f"""
 medbroker demo is running.
   broker (vendor SSH port): 127.0.0.1:{world.broker_port}
@@ -293,10 +317,10 @@ medbroker demo is running.
      {F} alice@ct-01@broker
      {F} alice@ct-01@broker tail -n 3 {world.tree['logs']}/system.log
 5. Security reviews (in another terminal):
-     medbroker --home {home} sessions list
-     medbroker --home {home} replay SESSION_ID --instant
-     medbroker --home {home} audit verify
-     medbroker --home {home} audit log
+     {mb} --home {home} sessions list
+     {mb} --home {home} replay SESSION_ID --instant
+     {mb} --home {home} audit verify
+     {mb} --home {home} audit log
 
 Press Ctrl-C to stop the demo (the broker and the device sshd stop; files stay in {world.root}).
 """

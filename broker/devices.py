@@ -16,9 +16,14 @@ from broker.keys import KeyProvider, Secret
 from broker.store import Store, dumps
 
 __all__ = ["Device", "DeviceSpec", "load_inventory", "CLASSES", "LEGACY_KEYS", "add_device", "get_device", "list_devices", "remove_device",
-           "device_credential", "validate_protected_path"]
+           "device_credential", "validate_protected_path", "SHELL_POLICIES", "CONTAINMENT_STATES",
+           "set_exposed_shell", "shell_policy"]
 
 CLASSES = ("standard", "critical")
+# What an *exposed* device (its login can read a protected path) allows: shell and exec for any grant,
+# files only (SFTP/scp), or shell and exec only on grants two distinct approvers approved.
+SHELL_POLICIES = ("allow", "files-only", "two-approvers")
+CONTAINMENT_STATES = ("contained", "exposed", "unknown")
 LEGACY_KEYS = ("kex_algs", "encryption_algs", "mac_algs", "server_host_key_algs")
 # Matched with fullmatch and re.ASCII: '$' also matched before a final newline and \d any Unicode digit.
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
@@ -43,6 +48,10 @@ class Device:
     legacy_algorithms: dict
     description: str | None
     created_at: str
+    containment: str = "unknown"
+    containment_checked_at: str | None = None
+    containment_details: dict | None = None
+    exposed_shell: str | None = None  # None: the site default ([policy] exposed_shell)
 
     def as_dict(self) -> dict:
         """Public view: never the credential."""
@@ -51,7 +60,10 @@ class Device:
             "auth": self.auth_kind, "host_key": self.host_key, "host_key_fingerprint": self.host_key_fingerprint,
             "protected_paths": list(self.protected_paths), "class": self.device_class,
             "legacy_algorithms": self.legacy_algorithms, "description": self.description,
-            "created_at": self.created_at,
+            "created_at": self.created_at, "containment": self.containment,
+            "containment_checked_at": self.containment_checked_at,
+            "containment_paths": (self.containment_details or {}).get("paths", []),
+            "exposed_shell": self.exposed_shell,
         }
 
 
@@ -112,7 +124,34 @@ def load_inventory(path) -> list[DeviceSpec]:
 def _device(row: dict) -> Device:
     return Device(row["name"], row["host"], row["port"], row["login"], row["auth_kind"], row["credential"],
                   row["host_key"], row["host_key_fingerprint"], tuple(json.loads(row["protected_paths"])),
-                  row["device_class"], json.loads(row["legacy_algorithms"]), row["description"], row["created_at"])
+                  row["device_class"], json.loads(row["legacy_algorithms"]), row["description"], row["created_at"],
+                  row.get("containment") or "unknown", row.get("containment_checked_at"),
+                  json.loads(row.get("containment_details") or "{}"), row.get("exposed_shell"))
+
+
+def shell_policy(exposed_shell: str | None, site_default: str) -> str:
+    """What an exposed device allows: its own setting, else the site default."""
+    return exposed_shell or site_default
+
+
+def _check_shell_policy(value: str | None) -> None:
+    if value is not None and value not in SHELL_POLICIES:
+        raise UsageError(f"shell policy {value!r} is not known", f"use one of: {', '.join(SHELL_POLICIES)}")
+
+
+def set_exposed_shell(store: Store, audit: AuditLog, name: str, value: str | None, *,
+                      actor: str | None = None) -> Device:
+    """Set what ``name`` allows while it is exposed (None: the site default).
+
+    :raises NotFoundError: unknown device
+    :raises UsageError: not one of :data:`SHELL_POLICIES`
+    """
+    _check_shell_policy(value)
+    before = get_device(store, name)
+    store.update_device(name, exposed_shell=value)
+    audit.record("device.changed", actor=actor, device=name, setting="exposed_shell",
+                 before=before.exposed_shell, after=value)
+    return get_device(store, name)
 
 
 def validate_protected_path(path: str) -> str:
@@ -130,7 +169,7 @@ def add_device(store: Store, audit: AuditLog, keys: KeyProvider, *, name: str, h
                host_key: str, now: datetime, key_text: str | None = None, password: str | None = None,
                protect: tuple[str, ...] = (), device_class: str = "standard",
                legacy_algorithms: dict | None = None, description: str | None = None,
-               actor: str | None = None) -> Device:
+               actor: str | None = None, exposed_shell: str | None = None) -> Device:
     """Register a device with its pinned host key and the credential the broker logs in with.
 
     :raises UsageError: bad name/host/port/login/host key/class, or not exactly one credential
@@ -157,6 +196,7 @@ def add_device(store: Store, audit: AuditLog, keys: KeyProvider, *, name: str, h
     for k, v in legacy.items():
         if k not in LEGACY_KEYS or not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise UsageError(f"legacy algorithm setting {k!r} is not valid", f"keys: {', '.join(LEGACY_KEYS)}")
+    _check_shell_policy(exposed_shell)
     hk = parse_public_key(host_key)
     paths = tuple(dict.fromkeys(validate_protected_path(p) for p in protect))
     if store.get_device(name):
@@ -168,11 +208,11 @@ def add_device(store: Store, audit: AuditLog, keys: KeyProvider, *, name: str, h
         "credential": keys.seal(secret.encode(), context=f"device:{name}".encode()),
         "host_key": hk.line, "host_key_fingerprint": hk.fingerprint, "protected_paths": dumps(list(paths)),
         "device_class": device_class, "legacy_algorithms": dumps(legacy), "description": description,
-        "created_at": utc_iso(now),
+        "created_at": utc_iso(now), **({"exposed_shell": exposed_shell} if exposed_shell else {}),
     })
     audit.record("device.added", actor=actor, device=name, host=host, port=int(port), login=login,
                  host_key_fingerprint=hk.fingerprint, protected_paths=list(paths), device_class=device_class,
-                 legacy_algorithms=legacy)
+                 legacy_algorithms=legacy, **({"exposed_shell": exposed_shell} if exposed_shell else {}))
     return get_device(store, name)
 
 

@@ -9,7 +9,8 @@ from datetime import datetime, timedelta
 
 from broker.audit import AuditLog
 from broker.clock import parse_utc, utc_iso
-from broker.config import format_duration
+from broker.config import format_duration, id_in_range, unsafe_char
+from broker.devices import shell_policy
 from broker.errors import (
     ApprovalRequiredError,
     ConflictError,
@@ -23,6 +24,9 @@ from broker.store import Store, dumps
 
 __all__ = [
     "GrantRules",
+    "approvals_needed",
+    "approval_card",
+    "approvals_text",
     "ApprovalRequest",
     "Grant",
     "Decision",
@@ -47,9 +51,23 @@ MAX_REASON = 500
 
 
 def _printable(text: str) -> bool:
-    """No C0/C1 control character or DEL: reasons and tickets are shown on approvers' terminals, where
-    ESC or the one-byte CSI (U+009B) would run terminal commands."""
-    return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+    """No control or invisible formatting character (:func:`broker.config.unsafe_char`): reasons and tickets
+    are shown on approvers' terminals, where ESC or the one-byte CSI (U+009B) would run terminal commands,
+    and in pages and mails, where bidi overrides and zero-width characters change what the approver reads."""
+    return unsafe_char(text) is None
+
+
+def check_text(text: str, what: str, max_len: int, example: str) -> None:
+    """Refuse a reason, ticket or note that is too long or holds a character :func:`_printable` refuses.
+
+    :raises UsageError: naming the offending character (e.g. ``U+202E (RIGHT-TO-LEFT OVERRIDE)``)
+    """
+    if len(text) > max_len:
+        raise UsageError(f"{what} is {len(text)} characters long; at most {max_len} are allowed", example)
+    bad = unsafe_char(text)
+    if bad:
+        raise UsageError(f"{what} contains {bad}, a control or invisible formatting character that could hide or "
+                         "reorder what an approver reads", f"type it as plain text, e.g. {example}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,18 @@ class GrantRules:
     max_duration_s: int = 8 * 3600
     request_ttl_s: int = 24 * 3600
     critical_approvers: int = 2
+    exposed_shell: str = "two-approvers"  # [policy] exposed_shell: what an exposed device allows by default
+
+
+def approvals_needed(rules: GrantRules, device_row: dict | None) -> int:
+    """Distinct approvers a request on this device needs: the critical-class rule, and two when the device
+    is known to be exposed and allows shell/exec only with two approvers (so approvers knowingly accept it)."""
+    dev = device_row or {}
+    needed = rules.critical_approvers if dev.get("device_class") == "critical" else 1
+    if dev.get("containment") == "exposed" and \
+            shell_policy(dev.get("exposed_shell"), rules.exposed_shell) == "two-approvers":
+        needed = max(needed, 2)
+    return needed
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,7 @@ class ApprovalRequest:
     decision_reason: str | None
     grant_id: int | None
     approvals: tuple[str, ...] = ()
+    approval_details: tuple[dict, ...] = ()  # per approval: approver, at, duration_s (None = as requested), allow_shell
 
     def as_dict(self) -> dict:
         return {
@@ -91,6 +122,7 @@ class ApprovalRequest:
             "decided_at": utc_iso(self.decided_at) if self.decided_at else None,
             "decided_by": self.decided_by, "decision_reason": self.decision_reason,
             "grant_id": self.grant_id, "approvals": list(self.approvals),
+            "approval_details": [dict(a) for a in self.approval_details],
         }
 
 
@@ -110,6 +142,8 @@ class Grant:
     revoked_at: datetime | None
     revoked_by: str | None
     revoke_reason: str | None
+    shell: str = "allowed"  # "files-only": exec and shell channels are refused (SFTP/scp only)
+    containment: str | None = None  # the device's containment as the approvers saw it
 
     def state(self, now: datetime) -> str:
         if self.revoked_at:
@@ -124,7 +158,8 @@ class Grant:
             "starts_at": utc_iso(self.starts_at), "ends_at": utc_iso(self.ends_at),
             "approved_by": list(self.approved_by), "forwards": list(self.forwards), "mode": self.mode,
             "revoked_at": utc_iso(self.revoked_at) if self.revoked_at else None,
-            "revoked_by": self.revoked_by, "revoke_reason": self.revoke_reason,
+            "revoked_by": self.revoked_by, "revoke_reason": self.revoke_reason, "shell": self.shell,
+            "containment_at_approval": self.containment,
         }
         if now is not None:
             d["state"] = self.state(now)
@@ -145,13 +180,20 @@ def _opt_dt(text: str | None) -> datetime | None:
     return parse_utc(text) if text else None
 
 
+def _approval_detail(a: dict) -> dict:
+    return {"approver": a["approver"], "at": a["at"], "duration_s": a.get("duration_s"),
+            "duration": format_duration(a["duration_s"]) if a.get("duration_s") else None,
+            "allow_shell": bool(a.get("allow_shell"))}
+
+
 def _request(store: Store, row: dict) -> ApprovalRequest:
-    approvals = tuple(a["approver"] for a in store.approvals(row["id"]))
+    rows = store.approvals(row["id"])
+    approvals = tuple(a["approver"] for a in rows)
     return ApprovalRequest(
         row["id"], row["user_name"], row["device"], row["duration_s"], row["reason"], row["ticket"],
         tuple(json.loads(row["forwards"])), row["mode"], row["status"], parse_utc(row["created_at"]),
         parse_utc(row["expires_at"]), _opt_dt(row["decided_at"]), row["decided_by"], row["decision_reason"],
-        row["grant_id"], approvals,
+        row["grant_id"], approvals, tuple(_approval_detail(a) for a in rows),
     )
 
 
@@ -160,7 +202,50 @@ def _grant(row: dict) -> Grant:
         row["id"], row["request_id"], row["user_name"], row["device"], parse_utc(row["starts_at"]),
         parse_utc(row["ends_at"]), tuple(row["approved_by"].split(",")), tuple(json.loads(row["forwards"])),
         row["mode"], _opt_dt(row["revoked_at"]), row["revoked_by"], row["revoke_reason"],
+        row.get("shell") or "allowed", row.get("containment"),
     )
+
+
+def approval_card(store: Store, rules: GrantRules, req: ApprovalRequest) -> dict:
+    """What an approver must know before approving ``req``: the device's containment, what approving
+    means on it, the grant's shell mode, and the approvals so far with their windows (CLI, SSH and web)."""
+    dev = store.get_device(req.device) or {}
+    containment = dev.get("containment") or "unknown"
+    policy = shell_policy(dev.get("exposed_shell"), rules.exposed_shell)
+    try:
+        details = json.loads(dev.get("containment_details") or "{}")
+    except ValueError:
+        details = {}
+    exposed = [p.get("path") for p in details.get("paths", []) if p.get("status") in ("readable", "readable-by-name")]
+    notes = []
+    if containment == "exposed":
+        notes.append(f"{req.device} is EXPOSED: its maintenance login can read {', '.join(exposed) or 'protected paths'}, "
+                     "so only the broker's guards keep that patient data on the device. " + {
+                         "two-approvers": "A shell or exec opens only when two approvers approve: approving means "
+                                          "you accept that risk.",
+                         "files-only": "Only sftp and scp work on it (no shell or exec), whoever approves.",
+                         "allow": "Shell and exec are allowed on it anyway (its policy is allow)."}[policy])
+    elif containment == "unknown":
+        notes.append(f"{req.device}'s containment is unknown (not checked yet); it is checked when the session "
+                     "starts, and if the device is exposed a single approval gives no shell or exec.")
+    else:
+        notes.append(f"{req.device} is contained: its maintenance login cannot read the protected paths.")
+    if req.mode != "normal":
+        notes.append(f"{req.mode} request: files only (sftp and scp, no shell or exec) unless you approve it "
+                     "with --allow-shell (every approver must).")
+    return {"containment": containment, "containment_checked_at": dev.get("containment_checked_at"),
+            "exposed_paths": exposed, "exposed_allows": policy, "approvals_needed": approvals_needed(rules, dev),
+            "notes": notes, "approvals": [dict(a) for a in req.approval_details]}
+
+
+def approvals_text(req: ApprovalRequest) -> str:
+    """``bob (5m, shell allowed), dave (as requested)``: each approval with its window and shell choice."""
+    parts = []
+    for a in req.approval_details:
+        window = a.get("duration") or "as requested"
+        shell = ", shell allowed" if a.get("allow_shell") and req.mode != "normal" else ""
+        parts.append(f"{a['approver']} ({window}{shell})")
+    return ", ".join(parts) or "-"
 
 
 def request_hint(user: str, device: str, public_host: str = "broker", port: int = 2222) -> str:
@@ -181,7 +266,7 @@ def parse_forward(text: str) -> str:
 
 def get_request(store: Store, request_id: int) -> ApprovalRequest:
     """:raises NotFoundError: unknown id"""
-    row = store.get_request(request_id)
+    row = store.get_request(request_id) if id_in_range(request_id) else None
     if not row:
         raise NotFoundError(f"request {request_id} does not exist", "list requests with: medbroker grants list")
     return _request(store, row)
@@ -189,7 +274,7 @@ def get_request(store: Store, request_id: int) -> ApprovalRequest:
 
 def get_grant(store: Store, grant_id: int) -> Grant:
     """:raises NotFoundError: unknown id"""
-    row = store.get_grant(grant_id)
+    row = store.get_grant(grant_id) if id_in_range(grant_id) else None
     if not row:
         raise NotFoundError(f"grant {grant_id} does not exist", "list grants with: medbroker grants list")
     return _grant(row)
@@ -239,11 +324,14 @@ def request_grant(store: Store, audit: AuditLog, rules: GrantRules, requester: P
             f"ask for at most --for {format_duration(rules.max_duration_s)}",
         )
     reason = (reason or "").strip()
-    if not reason or len(reason) > MAX_REASON or not _printable(reason):
+    if not reason:
         raise UsageError("a reason of 1-500 printable characters is required",
                          'say what the work is, e.g. --reason "replace X-ray tube"')
-    if ticket is not None and (not ticket.strip() or len(ticket) > 100 or not _printable(ticket)):
+    check_text(reason, "the reason", MAX_REASON, '--reason "replace X-ray tube"')
+    if ticket is not None and not ticket.strip():
         raise UsageError("ticket must be 1-100 printable characters", "e.g. --ticket WO-1234")
+    if ticket is not None:
+        check_text(ticket, "the ticket", 100, "--ticket WO-1234")
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not known", f"use one of: {', '.join(MODES)}")
     forwards = tuple(parse_forward(f) for f in forwards)
@@ -292,13 +380,16 @@ def _check_decidable(store: Store, audit: AuditLog, request_id: int, approver: P
 
 
 def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id: int, approver: Principal,
-                    now: datetime, *, duration_s: int | None = None) -> Decision:
+                    now: datetime, *, duration_s: int | None = None, allow_shell: bool = False) -> Decision:
     """Approve a pending request; the grant window starts now.
 
-    Critical devices need ``rules.critical_approvers`` distinct approvers: earlier approvals are
-    recorded and the request stays pending.
+    Critical devices need ``rules.critical_approvers`` distinct approvers, exposed devices two (unless
+    their shell policy says otherwise): earlier approvals are recorded and the request stays pending.
+    The window is the shortest any approver chose. A read-only or upload-only grant is files-only (no
+    exec or shell channel) unless every approver allowed a shell.
 
     :param duration_s: an optional shorter window than requested
+    :param allow_shell: for a read-only or upload-only request: also allow shell and exec channels
     :raises PermissionDeniedError: not an approver, own request, disabled
     :raises ConflictError: already decided or already approved by this person
     :raises GrantExpiredError: the request expired
@@ -309,8 +400,8 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
         raise UsageError(f"an approval may shorten the window, not lengthen it (requested "
                          f"{format_duration(req.duration_s)})")
     dev = store.get_device(req.device)
-    needed = rules.critical_approvers if dev and dev["device_class"] == "critical" else 1
-    length = duration_s or req.duration_s
+    needed = approvals_needed(rules, dev)
+    containment = (dev or {}).get("containment") or "unknown"
     conflict: ConflictError | None = None
     gid: int | None = None
     # Re-check, record and count under one write lock: approvals arriving together must see each other
@@ -320,16 +411,21 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
         if current.status != "pending":
             by = f" by {current.decided_by}" if current.decided_by else ""
             conflict = ConflictError(f"request {request_id} was already {current.status}{by}", "nothing changed")
-        elif not store.add_approval(request_id, approver.name, utc_iso(now)):
+        elif not store.add_approval(request_id, approver.name, utc_iso(now), duration_s, allow_shell):
             conflict = ConflictError(f"{approver.name} already approved request {request_id}",
                                      "a second, different approver is needed")
         else:
-            approvers = tuple(a["approver"] for a in store.approvals(request_id))
+            rows = store.approvals(request_id)
+            approvers = tuple(a["approver"] for a in rows)
+            # The shortest window any approver chose (finding 6: a first approver's --for 5m was dropped).
+            length = min([a["duration_s"] for a in rows if a.get("duration_s")] + [req.duration_s])
+            shell = "allowed" if req.mode == "normal" or all(a.get("allow_shell") for a in rows) else "files-only"
             if len(approvers) >= needed:
                 gid = store.decide_request(request_id, "approved", ",".join(approvers), utc_iso(now), None, {
                     "request_id": request_id, "user_name": req.user, "device": req.device,
                     "starts_at": utc_iso(now), "ends_at": utc_iso(now + timedelta(seconds=length)),
                     "approved_by": ",".join(approvers), "forwards": dumps(list(req.forwards)), "mode": req.mode,
+                    "shell": shell, "containment": containment,
                 })
     if conflict is not None:  # somebody decided or approved between our check and our write
         audit.record("request.refused", actor=approver.name, user=req.user, device=req.device,
@@ -337,14 +433,18 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
         raise conflict
     if gid is None:
         audit.record("request.approved", actor=approver.name, user=req.user, device=req.device,
-                     request_id=request_id, approvals=len(approvers), needed=needed, final=False)
+                     request_id=request_id, approvals=len(approvers), needed=needed, final=False,
+                     duration_s=duration_s or req.duration_s, allow_shell=allow_shell, containment=containment)
         return Decision(get_request(store, request_id), None, needed - len(approvers))
     audit.record("request.approved", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
-                 grant_id=gid, approvals=len(approvers), needed=needed, final=True)
+                 grant_id=gid, approvals=len(approvers), needed=needed, final=True,
+                 duration_s=duration_s or req.duration_s, allow_shell=allow_shell, containment=containment)
     grant = get_grant(store, gid)
     audit.record("grant.created", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
                  grant_id=gid, starts_at=utc_iso(grant.starts_at), ends_at=utc_iso(grant.ends_at),
-                 approved_by=list(approvers))
+                 approved_by=list(approvers), window_s=length, shell=shell, mode=req.mode, containment=containment,
+                 approvals=[{"approver": a["approver"], "duration_s": a.get("duration_s") or req.duration_s,
+                             "allow_shell": bool(a.get("allow_shell"))} for a in rows])
     return Decision(get_request(store, request_id), grant, 0)
 
 
@@ -355,8 +455,8 @@ def deny_request(store: Store, audit: AuditLog, request_id: int, approver: Princ
     :raises PermissionDeniedError | ConflictError | GrantExpiredError: as for :func:`approve_request`
     """
     _check_decidable(store, audit, request_id, approver, now, "deny")
-    if reason is not None and (len(reason) > MAX_REASON or not _printable(reason)):
-        raise UsageError("the reason must be at most 500 printable characters")
+    if reason is not None:
+        check_text(reason, "the reason", MAX_REASON, '--reason "no work order for this week"')
     if store.decide_request(request_id, "denied", approver.name, utc_iso(now), reason, None) is None:
         raise ConflictError(f"request {request_id} was decided concurrently", "nothing changed")
     req = get_request(store, request_id)
@@ -385,9 +485,12 @@ def revoke_grant(store: Store, audit: AuditLog, grant_id: int, by: Principal, no
     :raises ConflictError: already revoked (audited)
     """
     def refuse(exc: Exception) -> None:
-        audit.record("request.refused", actor=by.name, grant_id=grant_id, action="revoke", reason=str(exc))
+        audit.record("request.refused", actor=by.name, grant_id=grant_id if id_in_range(grant_id) else None,
+                     action="revoke", reason=str(exc))
         raise exc
 
+    if reason is not None:
+        check_text(reason, "the reason", MAX_REASON, '--reason "work finished early"')
     if by.disabled:
         refuse(PermissionDeniedError(f"user {by.name} is disabled"))
     try:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from broker.clock import utc_iso
+from broker.containment import session_containment
 from broker.config import format_duration
 from broker.devices import Device
 from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
@@ -21,6 +22,7 @@ from broker.grants import Grant
 from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
 from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
+from sessions.recwriter import ACK_WINDOW
 from sessions.relay import ChannelContext, RelaySession
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,6 +83,7 @@ class LiveSession:
         self._end_status = "closed"
         self._end_reason = "vendor disconnected"
         self.abort_reason: tuple[str, str] | None = None  # (status, reason) when start() is cancelled on purpose
+        self.containment = None  # the ContainmentReport that applies (broker/containment.py), set at start
 
     # ---------------------------------------------------------------- setup
     async def start(self) -> None:
@@ -95,6 +98,7 @@ class LiveSession:
             "session_id": self.id, "user": self.user, "device": self.device.name, "grant_id": self.grant.id,
             "source": self.server.source, "started_at": utc_iso(now), "device_host": self.device.host,
             "device_host_key": self.device.host_key_fingerprint, "grant_ends_at": utc_iso(self.grant.ends_at),
+            "containment": self.device.containment, "containment_checked_at": self.device.containment_checked_at,
         }
         key_id, key = b.app.keys.current() if s.encrypt else (None, None)
         loop = asyncio.get_running_loop()
@@ -103,7 +107,8 @@ class LiveSession:
                 self.path, header, clock=b.app.clock, aead_key=key, key_id=key_id,
                 on_error=lambda exc: loop.call_soon_threadsafe(self._recording_failed, exc),
                 on_pause=self._recorder_behind,
-                on_resume=lambda: loop.call_soon_threadsafe(self._recorder_caught_up))
+                on_resume=lambda: loop.call_soon_threadsafe(self._recorder_caught_up),
+                window=ACK_WINDOW)  # the acknowledgment rule: docs/recording-format.md
         except (OSError, BrokerError) as exc:
             await b.audit("recording.failed", user=self.user, device=self.device.name, source=self.server.source,
                           session_id=self.id, error=str(exc))
@@ -124,11 +129,12 @@ class LiveSession:
                 "user_role": self.server.principal.role if self.server.principal else None,
             }))
             self.upconn = await self._connect()
+            self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
             self.upconn_closed = False
             b.live[self.id] = self
             await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
                           session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
-                          grant_ends_at=utc_iso(self.grant.ends_at))
+                          grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state)
         except BrokerError as exc:
             await self.finish("failed", reason=exc.message)
             raise
@@ -194,9 +200,11 @@ class LiveSession:
         ctx = ChannelContext(
             number=self.numbers, recorder=self.recorder, open_upstream=self._open_upstream,
             check_exec=policy.check_exec, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
+            check_shell=policy.check_shell,
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
             on_detection=self._detected, on_closed=self._channel_closed,
             on_refused=self._refused, on_upstream_error=self._upstream_error,
+            forward_unrecorded=not self.broker.settings.strict,
         )
         relay = RelaySession(ctx)
         if self.recorder.paused:
@@ -283,13 +291,26 @@ class LiveSession:
             f'{self.device.name} --for 1h --reason "..."', event="session.expired")
 
     def _recording_failed(self, exc: BaseException) -> None:
+        """The writer thread could not write (runs on the loop, via call_soon_threadsafe).
+
+        Strict: every channel stops reading at once (the relays already drop what the recorder refuses), the
+        vendor is told why and the channels close now; at most the acknowledgment window of output went out
+        unwritten. Best effort: the session goes on unrecorded, with a warning.
+        """
+        failed_at = getattr(self.recorder, "failed_at", None)
         self.broker.audit_soon("recording.failed", user=self.user, device=self.device.name, session_id=self.id,
-                               error=str(exc))
+                               error=str(exc), failed_at=utc_iso(failed_at) if failed_at else None)
+        cause = exc.__cause__
+        why = (getattr(cause, "strerror", None) or type(cause).__name__) if cause is not None else "write failed"
         if self.broker.settings.strict:
+            for relay in list(self.channels):
+                relay.hold("vendor", "recording-failed")
+                relay.hold("device", "recording-failed")
             self.broker.spawn(self.terminate(
-                "recording-failed", "recording became unavailable, and medbroker never runs a session it cannot "
+                "recording-failed", f"recording failed ({why}), and medbroker never runs a session it cannot "
                 "record; the session was ended. Tell the hospital's security team."))
         else:
+            self._recorder_caught_up()  # the writer dropped its backlog: nothing to wait for any more
             for relay in list(self.channels):
                 relay.notice("warning: recording failed; this session continues unrecorded (best-effort mode)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import contextvars
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -14,8 +15,8 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from broker.clock import parse_utc, utc_iso
-from broker.config import parse_duration
+from broker.clock import display_zone, local_text, parse_utc, utc_iso
+from broker.config import format_duration, parse_duration
 from broker.errors import UsageError
 from broker.keys import sign_hex, verify_hex
 from broker.siem import event_severity
@@ -82,7 +83,8 @@ def _session_doc(store: Store, row: dict[str, Any], verify: Callable[[dict[str, 
     request = request or {}
     user = store.get_user(row["user_name"]) or {}
     approvals = store.approvals(request["id"]) if request.get("id") else []
-    approvers = [{"name": a["approver"], "at": a["at"]} for a in approvals]
+    approvers = [{"name": a["approver"], "at": a["at"], "window_s": a.get("duration_s") or request.get("duration_s")}
+                 for a in approvals]
     if not approvers and grant.get("approved_by"):
         approvers = [{"name": n, "at": None} for n in grant["approved_by"].split(",") if n]
     started = parse_utc(row["started_at"])
@@ -103,6 +105,7 @@ def _session_doc(store: Store, row: dict[str, Any], verify: Callable[[dict[str, 
                     if grant.get("revoked_at") else None),
         "source": row["source"], "started_at": row["started_at"], "ended_at": row["ended_at"],
         "status": row["status"], "end_reason": row["end_reason"],
+        "containment": row.get("containment"), "shell": grant.get("shell"), "mode": grant.get("mode"),
         "bytes_in": row["bytes_in"], "bytes_out": row["bytes_out"],
         "payload_removed_at": row.get("payload_removed_at"),
         "commands": commands, "files": files, "denials_and_alerts": flagged,
@@ -110,13 +113,35 @@ def _session_doc(store: Store, row: dict[str, Any], verify: Callable[[dict[str, 
     }
 
 
+def _containment_doc(info: dict[str, Any]) -> dict[str, Any] | None:
+    """The device's last containment check: state, when, which protected paths its login could read."""
+    if not info:
+        return None
+    details = _details({"details": info.get("containment_details")})
+    return {"state": info.get("containment") or "unknown", "checked_at": info.get("containment_checked_at"),
+            "exposed_paths": [p.get("path") for p in details.get("paths", [])
+                              if isinstance(p, dict) and p.get("status") in ("readable", "readable-by-name")]}
+
+
+def _containment_line(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "Containment: unknown."
+    when = f" (checked {_when(c['checked_at'])})" if c.get("checked_at") else " (never checked)"
+    if c["state"] == "exposed":
+        return (f"Containment: EXPOSED{when}: the device login can read {', '.join(c['exposed_paths'])}; "
+                "`medbroker device check` says how to fix it.")
+    return f"Containment: {c['state']}{when}."
+
+
 def build_report(store: Store, *, start: datetime, end: datetime, device: str | None,
                  verify: Callable[[dict[str, Any]], dict[str, Any]], generated_at: datetime,
-                 generated_by: str) -> dict[str, Any]:
+                 generated_by: str, display_timezone: str = "") -> dict[str, Any]:
     """Collect the maintenance report for sessions that started in ``[start, end)``.
 
     :param device: one device, or None for every registered device and every device with sessions
     :param verify: session row → ``{"state", "summary", "problems", "notes"}`` (the CLI verifies recordings)
+    :param display_timezone: the zone Markdown and HTML show times in (``[display] timezone``; "" = the
+        host's); JSON keeps UTC
     :raises UsageError: ``end`` is not after ``start``
     """
     if end <= start:
@@ -133,6 +158,7 @@ def build_report(store: Store, *, start: datetime, end: datetime, device: str | 
                    if e["session_id"] is None and _is_flagged(e["event"])]
         devices.append({"name": name, "registered": bool(info), "host": info.get("host"),
                         "class": info.get("device_class"), "description": info.get("description"),
+                        "containment": _containment_doc(info),
                         "sessions": sessions, "refusals_outside_sessions": outside})
     all_sessions = [s for d in devices for s in d["sessions"]]
     summary = {
@@ -144,7 +170,8 @@ def build_report(store: Store, *, start: datetime, end: datetime, device: str | 
         "recordings_failing_verification": sum(1 for s in all_sessions if s["verification"]["state"] == "broken"),
     }
     return {"format": "medbroker-maintenance-report", "version": 1, "generated_at": utc_iso(generated_at),
-            "generated_by": generated_by, "period": {"from": lo, "to": hi}, "device_filter": device,
+            "generated_by": generated_by, "display_timezone": display_timezone,
+            "period": {"from": lo, "to": hi}, "device_filter": device,
             "summary": summary, "devices": devices}
 
 
@@ -160,8 +187,12 @@ def _md(value: Any) -> str:
     return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", _plain(value))
 
 
+_ZONE: contextvars.ContextVar[Any] = contextvars.ContextVar("report_zone", default=None)
+
+
 def _when(value: str | None) -> str:
-    return "-" if not value else value.replace("T", " ")[:19] + " UTC"
+    """A time in the report's display zone (``display_timezone`` of the document)."""
+    return "-" if not value else local_text(value, _ZONE.get())
 
 
 def _period(p: dict[str, str]) -> str:
@@ -171,7 +202,18 @@ def _period(p: dict[str, str]) -> str:
 
 
 def _approvers(s: dict[str, Any]) -> str:
-    return ", ".join(a["name"] + (f" ({_when(a['at'])})" if a["at"] else "") for a in s["approvers"]) or "-"
+    def one(a: dict[str, Any]) -> str:
+        bits = [_when(a["at"])] if a["at"] else []
+        if a.get("window_s"):
+            bits.append(f"window {format_duration(a['window_s'])}")
+        return a["name"] + (f" ({', '.join(bits)})" if bits else "")
+
+    return ", ".join(one(a) for a in s["approvers"]) or "-"
+
+
+def _session_containment(x: dict[str, Any]) -> str:
+    state = x.get("containment") or "not recorded"
+    return state.replace("exposed", "EXPOSED") + (" · files only" if x.get("shell") == "files-only" else "")
 
 
 def _event_line(e: dict[str, Any]) -> str:
@@ -195,6 +237,8 @@ def _render_md(doc: dict[str, Any]) -> str:
             out += ["(no longer registered)", ""]
         elif d["description"]:
             out += [_md(d["description"]), ""]
+        if d["registered"]:
+            out += [_md(_containment_line(d.get("containment"))).replace("\\`", "`"), ""]
         if not d["sessions"]:
             out += ["No maintenance sessions in this period.", ""]
         for x in d["sessions"]:
@@ -206,6 +250,7 @@ def _render_md(doc: dict[str, Any]) -> str:
                     ("actual start", _when(x["started_at"])), ("actual end", _when(x["ended_at"])),
                     ("outcome", f"{x['status']}: {_plain(x['end_reason'])}"),
                     ("bytes in / out", f"{x['bytes_in']} / {x['bytes_out']}"), ("source", x["source"]),
+                    ("containment at start", _session_containment(x)),
                     ("recording", x["verification"]["summary"])]
             if x["revoked"]:
                 rows.append(("revoked", f"{_when(x['revoked']['at'])} by {x['revoked']['by']}: "
@@ -260,6 +305,8 @@ def _render_html(doc: dict[str, Any]) -> str:
             out.append("<p>(no longer registered)</p>")
         elif d["description"]:
             out.append(f"<p>{_h(d['description'])}</p>")
+        if d["registered"]:
+            out.append(f"<p>{_h(_containment_line(d.get('containment')))}</p>")
         if not d["sessions"]:
             out.append("<p>No maintenance sessions in this period.</p>")
         for x in d["sessions"]:
@@ -270,7 +317,8 @@ def _render_html(doc: dict[str, Any]) -> str:
                     ("Approved window", f"{_when(x['window']['from'])} to {_when(x['window']['to'])}"),
                     ("Actual start", _when(x["started_at"])), ("Actual end", _when(x["ended_at"])),
                     ("Outcome", f"{x['status']}: {_plain(x['end_reason'])}"),
-                    ("Bytes in / out", f"{x['bytes_in']} / {x['bytes_out']}"), ("Source", x["source"])]
+                    ("Bytes in / out", f"{x['bytes_in']} / {x['bytes_out']}"), ("Source", x["source"]),
+                    ("Containment at start", _session_containment(x))]
             if x["revoked"]:
                 rows.append(("Revoked", f"{_when(x['revoked']['at'])} by {x['revoked']['by']}: "
                                         f"{_plain(x['revoked']['reason'])}"))
@@ -305,10 +353,16 @@ def render_report(doc: dict[str, Any], fmt: str) -> str:
     """
     if fmt == "json":
         return json.dumps(doc, ensure_ascii=False, indent=1) + "\n"
-    if fmt == "md":
-        return _render_md(doc)
-    if fmt == "html":
-        return _render_html(doc)
+    if fmt in ("md", "html"):
+        try:
+            zone = display_zone(doc.get("display_timezone") or "")
+        except ValueError:
+            zone = None
+        token = _ZONE.set(zone)
+        try:
+            return _render_md(doc) if fmt == "md" else _render_html(doc)
+        finally:
+            _ZONE.reset(token)
     raise UsageError(f"report format {fmt!r} is not known", f"use one of: {', '.join(REPORT_FORMATS)}")
 
 

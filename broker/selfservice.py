@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from broker.app import App
 from broker.clock import utc_iso
-from broker.config import format_duration, parse_duration
+from broker.config import escape_unsafe, format_duration, parse_duration, parse_id
 from broker.devices import list_devices
 from broker.errors import BrokerError, UsageError
-from broker.grants import approve_request, deny_request, expire_requests, list_grants, list_requests, request_grant
+from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, list_grants,
+                           list_requests, request_grant)
 from broker.identity import Principal, get_principal
 from broker.web_links import issue_signin_link
 
@@ -26,7 +27,10 @@ HELP = """\
 medbroker over SSH. Commands:
   (no command)                       what you may do: your grants, pending requests, devices
   request DEVICE --for 2h --reason TEXT [--ticket REF] [--forward HOST:PORT] [--mode read-only]
-  approve ID [--for DURATION]        approvers: approve a request (optionally a shorter window)
+  approve ID [--for DURATION] [--allow-shell]
+                                     approvers: approve a request (optionally a shorter window; the
+                                     shortest any approver chose applies); --allow-shell lets a
+                                     read-only/upload-only grant open a shell (else files only)
   deny ID [--reason TEXT]            approvers: deny a request
   requests                           pending requests (approvers see everyone's)
   grants                             your grants (approvers and security see all)
@@ -51,6 +55,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, "run: help")
 
 
+def _request_id(text: str) -> int:
+    try:
+        return parse_id(text, what="request id")
+    except UsageError as exc:  # argparse turns ArgumentTypeError into error() → UsageError with this text
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _parser() -> _Parser:
     p = _Parser(prog="", add_help=False)
     sub = p.add_subparsers(dest="cmd")
@@ -65,11 +76,12 @@ def _parser() -> _Parser:
     r.add_argument("--mode", default="normal")
     r.add_argument("--json", action="store_true")
     a = sub.add_parser("approve", add_help=False)
-    a.add_argument("id", type=int)
+    a.add_argument("id", type=_request_id)
     a.add_argument("--for", dest="duration")
+    a.add_argument("--allow-shell", action="store_true")
     a.add_argument("--json", action="store_true")
     d = sub.add_parser("deny", add_help=False)
-    d.add_argument("id", type=int)
+    d.add_argument("id", type=_request_id)
     d.add_argument("--reason", nargs="+")
     d.add_argument("--json", action="store_true")
     for name in ("requests", "grants", "status", "help", "web"):
@@ -112,16 +124,22 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
                             f"Then connect with: ssh -p {port} {req.user}@{req.device}@{host}\n")
         if args.cmd == "approve":
             dur = parse_duration(args.duration, what="--for") if args.duration else None
-            dec = approve_request(app.store, app.audit, app.rules, args.id, principal, now, duration_s=dur)
+            dec = approve_request(app.store, app.audit, app.rules, args.id, principal, now, duration_s=dur,
+                                  allow_shell=args.allow_shell)
+            card = approval_card(app.store, app.rules, dec.request)
             if args.json:
                 return Reply(0, json.dumps({"request": dec.request.as_dict(),
                                             "grant": dec.grant.as_dict(now) if dec.grant else None,
-                                            "approvals_needed": dec.approvals_needed}) + "\n")
+                                            "approvals_needed": dec.approvals_needed, "card": card}) + "\n")
+            notes = "".join(f"  ! {n}\n" for n in card["notes"])
             if dec.grant is None:
-                return Reply(0, f"Approval recorded for request {args.id}; {dec.approvals_needed} more "
-                                f"approver(s) needed (critical device).\n")
+                why = "exposed device" if card["containment"] == "exposed" else "critical device"
+                return Reply(0, f"Approval recorded for request {args.id} ({approvals_text(dec.request)}); "
+                                f"{dec.approvals_needed} more approver(s) needed ({why}).\n" + notes)
+            files = " Files only (sftp and scp): no shell or commands." if dec.grant.shell == "files-only" else ""
             return Reply(0, f"Request {args.id} approved: grant {dec.grant.id} lets {dec.grant.user} on "
-                            f"{dec.grant.device} until {utc_iso(dec.grant.ends_at)}.\n")
+                            f"{dec.grant.device} until {utc_iso(dec.grant.ends_at)} (approved by "
+                            f"{approvals_text(dec.request)}).{files}\n" + notes)
         if args.cmd == "deny":
             req = deny_request(app.store, app.audit, args.id, principal, now,
                                " ".join(args.reason) if args.reason else None)
@@ -150,9 +168,10 @@ def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: 
     pending = list_requests(app.store, status="pending", user=None if principal.role in ("approver", "admin")
                             else principal.name)
     devices = [d.name for d in list_devices(app.store)]
+    cards = {r.id: approval_card(app.store, app.rules, r) for r in pending}
     data = {"user": principal.name, "role": principal.role,
             "active_grants": [g.as_dict(now) for g in grants],
-            "pending_requests": [r.as_dict() for r in pending], "devices": devices}
+            "pending_requests": [r.as_dict() | {"card": cards[r.id]} for r in pending], "devices": devices}
     if cmd == "requests":
         data = {"pending_requests": data["pending_requests"]}
     elif cmd == "grants":
@@ -166,12 +185,19 @@ def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: 
         for g in grants:
             left = format_duration((g.ends_at - now).total_seconds())
             lines.append(f"  grant {g.id}: {g.user} on {g.device} until {utc_iso(g.ends_at)} ({left} left)"
-                         f"  -> ssh -p {port} {g.user}@{g.device}@{host}")
+                         + (" files only (sftp/scp)" if g.shell == "files-only" else "")
+                         + f"  -> ssh -p {port} {g.user}@{g.device}@{host}")
     if "pending_requests" in data:
         lines.append("Pending requests:" if pending else "Pending requests: none")
         for r in pending:
-            lines.append(f"  request {r.id}: {r.user} -> {r.device} for {format_duration(r.duration_s)}: "
-                         f"{r.reason}" + (f" [{r.ticket}]" if r.ticket else ""))
+            card = cards[r.id]
+            lines.append(f"  request {r.id}: {r.user} -> {r.device} for {format_duration(r.duration_s)}"
+                         + (f" ({r.mode})" if r.mode != "normal" else "") + f": {escape_unsafe(r.reason)}"
+                         + (f" [{escape_unsafe(r.ticket)}]" if r.ticket else ""))
+            lines.append(f"    device containment: {card['containment'].replace('exposed', 'EXPOSED')}; approvals: "
+                         f"{approvals_text(r)} (needs {card['approvals_needed']})")
+            if staff:
+                lines += [f"    ! {n}" for n in card["notes"]]
     if cmd == "status":
         if devices:
             lines.append("Devices: " + ", ".join(devices))

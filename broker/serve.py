@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from broker.app import App
+from broker.service import sd_notify
 from broker.server import start_server, stop_server
 
 __all__ = ["run_server", "run_worker"]
@@ -46,6 +47,19 @@ def run_server(app: App, address: str, *, on_ready=None) -> None:
             except BaseException:
                 await stop_server(acceptor, broker)
                 raise
+        metrics = None
+        if app.config.metrics.address:
+            from broker.health import start_metrics_listener
+
+            try:
+                metrics = await start_metrics_listener(app, app.config.metrics.address, broker=broker)
+            except BaseException:
+                if web is not None:
+                    from broker.web import stop_web
+
+                    await stop_web(web)
+                await stop_server(acceptor, broker)
+                raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -53,6 +67,11 @@ def run_server(app: App, address: str, *, on_ready=None) -> None:
         if on_ready:
             on_ready(broker.port)
         await stop.wait()
+        sd_notify("STOPPING=1")
+        if metrics is not None:
+            from broker.health import stop_metrics_listener
+
+            await stop_metrics_listener(metrics)
         if web is not None:
             from broker.web import stop_web
 

@@ -20,6 +20,7 @@ from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
 from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, parse_duration, parse_listen
+from broker.containment import channel_refusal, check_devices
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, expire_requests, find_active_grant, request_hint
@@ -253,9 +254,21 @@ class SessionPolicy:
         """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
         return KeptUploads(self.broker.app.config.home / "uploads" / self.live.id) if self.keep_uploads else None
 
+    def check_shell(self) -> str | None:
+        """A refusal message for an interactive shell (files-only grant, or an exposed device), or None."""
+        return self._containment_refusal("shell")
+
+    def _containment_refusal(self, kind: str) -> str | None:
+        live = self.live
+        return channel_refusal(kind, live.grant, live.device, live.containment,
+                               self.broker.app.config.policy.exposed_shell)
+
     def check_exec(self, command: str) -> str | None:
         """A refusal message for an exec command, or None to run it. Legacy scp never gets here when
         :meth:`make_exec_handler` serves it; without that handler it is refused, never run on the device."""
+        refusal = self._containment_refusal("exec")  # files-only grant or exposed device (broker/containment.py)
+        if refusal:
+            return refusal
         if is_scp_command(command):
             return ("legacy scp (scp -O) is not available on this channel; use scp without -O (it speaks SFTP, "
                     "which the patient-data guard checks) or sftp")
@@ -475,6 +488,10 @@ class BrokerServer(asyncssh.SSHServer):
         if b.per_address[self.source] <= 0:
             b.per_address.pop(self.source, None)
         self._leave_unauth()
+        if isinstance(exc, asyncssh.IllegalUserName) and not self.authenticated:  # NUL/CR/LF/ESC, ≥1024 bytes:
+            # asyncssh refuses these names before begin_auth, so the name itself is not known (issue 11)
+            b.audit_soon("auth.failure", source=self.source, reason="malformed login name", login=None,
+                         error=f"refused by the SSH layer: {str(exc.reason)[:80]}")
         self.gone = True
         if self._starting is not None:  # still connecting to the device: stop, close the row and device link
             live, start = self._starting
@@ -518,7 +535,7 @@ class BrokerServer(asyncssh.SSHServer):
             self.conn.send_auth_banner(f"medbroker: {exc.message}; log in as USER@DEVICE, "
                                        f"e.g. ssh -p {self.broker.port} alice@ct-01@{self.broker.settings.public_host}\n")
             self.broker.audit_soon("auth.failure", source=self.source, reason="malformed login name",
-                                   login=username[:80])
+                                   login=ascii(username[:80])[1:-1], login_length=len(username))
         return True
 
     def public_key_auth_supported(self) -> bool:
@@ -805,6 +822,8 @@ async def start_server(app: App, address: str, *, seal: bool = True,
     broker = Broker(app, port=port, worker=worker)
     if seal:
         await broker.seal_interrupted()
+    if broker.duties:  # devices never checked get a containment check now (bounded wait; the rest goes on)
+        await asyncio.wait([broker.spawn(check_devices(app, broker.default_protected))], timeout=3)
     shared = app.config.listen.workers > 1 or worker is not None  # several processes accept on this port
     acceptor = await asyncssh.listen(host, port, server_factory=lambda: BrokerServer(broker),
                                      reuse_address=True, reuse_port=shared,

@@ -1,4 +1,4 @@
-"""SIEM export of the audit stream: a size-rotated JSON-lines file and RFC 5424 syslog over UDP or TCP."""
+"""SIEM export of the audit stream: a size-rotated JSON-lines file and RFC 5424 syslog over UDP, TCP or TLS."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import queue
 import re
 import select
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any
 
 from broker.config import BrokerConfig, parse_syslog_address
 
-__all__ = ["siem_record", "event_severity", "format_syslog", "JsonLinesSink", "SyslogSink", "build_sinks",
-           "FACILITY", "SD_ID", "MAX_UDP_MESSAGE", "RECORD_VERSION"]
+__all__ = ["siem_record", "ecs_record", "export_record", "event_severity", "format_syslog", "JsonLinesSink",
+           "SyslogSink", "build_sinks", "FACILITY", "SD_ID", "MAX_UDP_MESSAGE", "RECORD_VERSION"]
 
 log = logging.getLogger("medbroker.siem")
 
@@ -50,17 +51,70 @@ def event_severity(event: str) -> int:
     return 4 if event.endswith(_WARNING_SUFFIXES) else 5
 
 
-def siem_record(row: dict[str, Any]) -> dict[str, Any]:
-    """The stable JSON object exported for one committed audit row (documented in docs/events.md)."""
+def siem_record(row: dict[str, Any], host: str | None = None) -> dict[str, Any]:
+    """The stable JSON object exported for one committed audit row (documented in docs/events.md).
+
+    :param host: the exporting broker's host name (``host``; several brokers feed one SIEM)
+    """
     try:
         details = json.loads(row.get("details") or "{}")
     except (TypeError, ValueError):
         details = {"unparsed": str(row.get("details"))}
-    return {"v": RECORD_VERSION, "id": row.get("id"), "at": row.get("at"), "event": row.get("event"),
-            "severity": event_severity(str(row.get("event"))), "actor": row.get("actor"),
-            "user": row.get("user_name"), "device": row.get("device"), "session_id": row.get("session_id"),
-            "grant_id": row.get("grant_id"), "request_id": row.get("request_id"), "source": row.get("source"),
-            "details": details, "hash": row.get("hash"), "prev_hash": row.get("prev_hash")}
+    record = {"v": RECORD_VERSION, "id": row.get("id"), "at": row.get("at"), "event": row.get("event"),
+              "severity": event_severity(str(row.get("event"))), "actor": row.get("actor"),
+              "user": row.get("user_name"), "device": row.get("device"), "session_id": row.get("session_id"),
+              "grant_id": row.get("grant_id"), "request_id": row.get("request_id"), "source": row.get("source"),
+              "details": details, "hash": row.get("hash"), "prev_hash": row.get("prev_hash")}
+    if host is not None:
+        record["host"] = host
+    return record
+
+
+_SYSLOG_NAMES = {2: "critical", 3: "error", 4: "warning", 5: "notice"}
+
+
+def ecs_record(row: dict[str, Any], host: str | None = None) -> dict[str, Any]:
+    """The audit row with Elastic Common Schema field names (``event.action``, ``user.name``, ``source.ip``,
+    ``host.name``), so Elastic and Splunk map it without a custom parser; medbroker's own fields stay under
+    ``medbroker`` (the whole :func:`siem_record`)."""
+    rec = siem_record(row, host)
+    event = str(rec["event"])
+    outcome = "failure" if event.endswith((".denied", ".refused", ".failure", ".failed", ".mismatch")) else "success"
+    out: dict[str, Any] = {
+        "@timestamp": rec["at"], "ecs": {"version": "8.11.0"},
+        "event": {"action": event, "id": str(rec["id"]), "kind": "event", "category": [_ecs_category(event)],
+                  "outcome": outcome, "severity": rec["severity"], "dataset": "medbroker.audit",
+                  "hash": rec["hash"]},
+        "log": {"syslog": {"severity": {"code": rec["severity"], "name": _SYSLOG_NAMES.get(rec["severity"], "notice")}}},
+        "observer": {"product": "medbroker", "type": "jump-host"},
+        "medbroker": rec,
+    }
+    if host:
+        out["host"] = {"name": host}
+    # user.name is who acted (an approver deciding about alice: the approver; alice herself otherwise);
+    # user.target.name the person acted on.
+    actor, subject = rec["actor"], rec["user"]
+    if actor or subject:
+        out["user"] = {"name": actor or subject}
+        if actor and subject and actor != subject:
+            out["user"]["target"] = {"name": subject}
+    if rec["source"]:
+        out["source"] = {"ip": rec["source"], "address": rec["source"]}
+    if rec["device"]:
+        out["destination"] = {"address": rec["device"]}
+    return out
+
+
+def _ecs_category(event: str) -> str:
+    area = event.split(".", 1)[0]
+    return {"auth": "authentication", "session": "session", "sftp": "file", "scp": "file", "transfer": "file",
+            "alert": "intrusion_detection", "exec": "process", "user": "iam", "grant": "iam", "request": "iam",
+            "device": "host"}.get(area, "configuration")
+
+
+def export_record(row: dict[str, Any], fmt: str = "medbroker", host: str | None = None) -> dict[str, Any]:
+    """The exported object for one audit row in the configured ``[siem] format``."""
+    return ecs_record(row, host) if fmt == "ecs" else siem_record(row, host)
 
 
 def _record_json(record: dict[str, Any]) -> str:
@@ -77,29 +131,38 @@ def _header_field(value: str) -> str:
 
 
 def format_syslog(row: dict[str, Any], *, app_name: str = "medbroker", hostname: str = "-",
-                  procid: str | None = None, max_bytes: int | None = None) -> bytes:
+                  procid: str | None = None, max_bytes: int | None = None, bom: bool = False,
+                  sd_id: str = SD_ID, fmt: str = "medbroker") -> bytes:
     """One RFC 5424 message for an audit row (no transport framing).
 
-    ``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [medbroker@32473 id=… hash=… …] BOM{json}``: MSGID is
+    ``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [medbroker@32473 id=… hash=… …] {json}``: MSGID is
     the event name, the structured data carries the ids that SIEM rules filter on, the MSG is the
-    :func:`siem_record` JSON. With ``max_bytes`` a longer message has its ``details`` replaced by
-    ``{"truncated": true}`` (the full row stays in the database and the JSON-lines file).
+    :func:`export_record` JSON (with ``host`` = HOSTNAME). With ``max_bytes`` a longer message has its
+    ``details`` replaced by ``{"truncated": true}`` (the full row stays in the database and the JSON-lines
+    file).
 
     :param procid: default: this process id
+    :param bom: start MSG with the UTF-8 BOM (RFC 5424 MSG-UTF8); off, MSG is MSG-ANY and starts with ``{``
+    :param sd_id: the structured-data id, NAME@ENTERPRISE-NUMBER
+    :param fmt: "medbroker" or "ecs" (:func:`ecs_record`)
     """
-    record = siem_record(row)
-    event = str(record["event"])
-    pri = FACILITY * 8 + record["severity"]
-    params = [("id", record["id"]), ("hash", record["hash"]), ("actor", record["actor"]), ("user", record["user"]),
-              ("device", record["device"]), ("session", record["session_id"]), ("grant", record["grant_id"]),
-              ("request", record["request_id"]), ("source", record["source"])]
-    sd = "[" + SD_ID + "".join(f' {k}="{_sd_value(v)}"' for k, v in params if v is not None) + "]"
-    head = (f"<{pri}>1 {_header_field(str(record['at']))} {_header_field(hostname)} {_header_field(app_name)[:48]} "
+    host = hostname if hostname not in ("", "-") else None
+    base = siem_record(row, host)
+    record = export_record(row, fmt, host)
+    event = str(base["event"])
+    pri = FACILITY * 8 + base["severity"]
+    params = [("id", base["id"]), ("hash", base["hash"]), ("actor", base["actor"]), ("user", base["user"]),
+              ("device", base["device"]), ("session", base["session_id"]), ("grant", base["grant_id"]),
+              ("request", base["request_id"]), ("source", base["source"])]
+    sd = "[" + sd_id + "".join(f' {k}="{_sd_value(v)}"' for k, v in params if v is not None) + "]"
+    head = (f"<{pri}>1 {_header_field(str(base['at']))} {_header_field(hostname)} {_header_field(app_name)[:48]} "
             f"{_header_field(procid or str(os.getpid()))[:128]} {_header_field(event)[:32]} {sd} ")
-    message = (head + "\ufeff" + _record_json(record)).encode("utf-8", "replace")
+    lead = "\ufeff" if bom else ""
+    message = (head + lead + _record_json(record)).encode("utf-8", "replace")
     if max_bytes is not None and len(message) > max_bytes:
-        record["details"] = {"truncated": True, "bytes": len(message)}
-        message = (head + "\ufeff" + _record_json(record)).encode("utf-8", "replace")
+        inner = record["medbroker"] if fmt == "ecs" else record
+        inner["details"] = {"truncated": True, "bytes": len(message)}
+        message = (head + lead + _record_json(record)).encode("utf-8", "replace")
     return message
 
 
@@ -110,8 +173,14 @@ class JsonLinesSink:
     the size check, the rotation and the write. Files are created with mode 0600.
     """
 
-    def __init__(self, path: Path, *, max_bytes: int = 10 * 1024 * 1024, backups: int = 5) -> None:
+    def __init__(self, path: Path, *, max_bytes: int = 10 * 1024 * 1024, backups: int = 5,
+                 host: str | None = None, fmt: str = "medbroker",
+                 to_record: Any = None) -> None:
+        """:param to_record: ``to_record(row) -> dict | None`` instead of the SIEM record (None: skip the row)"""
         self.path = Path(path)
+        self.host = host or socket.gethostname()
+        self.fmt = fmt
+        self.to_record = to_record
         self.max_bytes = max_bytes
         self.backups = backups
         self._lock = threading.Lock()
@@ -122,7 +191,10 @@ class JsonLinesSink:
 
         :raises OSError: the file cannot be written (``AuditLog`` logs and carries on)
         """
-        line = (_record_json(siem_record(row)) + "\n").encode("utf-8", "replace")
+        record = self.to_record(row) if self.to_record is not None else export_record(row, self.fmt, self.host)
+        if record is None:
+            return
+        line = (_record_json(record) + "\n").encode("utf-8", "replace")
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             lock_fd = os.open(f"{self.path}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
@@ -160,20 +232,36 @@ class JsonLinesSink:
 
 
 class SyslogSink:
-    """Send each audit row as an RFC 5424 message to a collector over UDP or TCP.
+    """Send each audit row as an RFC 5424 message to a collector over UDP, TCP or TLS.
 
     The calling thread only formats and queues; one background thread sends, so a slow or absent
-    collector never holds up the audit log. TCP uses octet-counting framing (RFC 6587 §3.4.1) and
-    reconnects with back-off; messages wait in a bounded queue (10 000) and are counted in ``dropped``
-    beyond it or when :meth:`close` gives up. UDP messages over 8 KiB lose their ``details``.
+    collector never holds up the audit log. TCP and TLS (RFC 5425) use octet-counting framing (RFC 6587
+    §3.4.1) and reconnect with back-off; TLS verifies the collector's certificate against ``ca_file`` (or
+    the system's CAs) and its name, and may present a client certificate. Messages wait in a bounded
+    queue (10 000) and are counted in ``dropped`` beyond it or when :meth:`close` gives up. UDP messages
+    over 8 KiB lose their ``details``.
     """
 
     def __init__(self, address: str, *, app_name: str = "medbroker", hostname: str = "",
-                 connect_timeout: float = 3.0, queue_max: int = _QUEUE_MAX) -> None:
-        """:raises UsageError: ``address`` is not udp://HOST:PORT or tcp://HOST:PORT"""
+                 connect_timeout: float = 3.0, queue_max: int = _QUEUE_MAX, bom: bool = False,
+                 sd_id: str = SD_ID, fmt: str = "medbroker", ca_file: str | Path | None = None,
+                 client_cert: str | Path | None = None, client_key: str | Path | None = None,
+                 server_name: str | None = None) -> None:
+        """:raises UsageError: ``address`` is not udp://, tcp:// or tls://HOST:PORT
+        :raises OSError: a TLS certificate or CA file cannot be read"""
         self.transport, self.host, self.port = parse_syslog_address(address)
         self.app_name = app_name
         self.hostname = _header_field(hostname or socket.gethostname())
+        self.bom, self.sd_id, self.fmt = bom, sd_id, fmt
+        self.server_name = server_name or self.host
+        self._tls: ssl.SSLContext | None = None
+        if self.transport == "tls":
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=str(ca_file) if ca_file else None)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if client_cert:
+                ctx.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
+            self._tls = ctx
         self.connect_timeout = connect_timeout
         self._queue: queue.Queue[bytes] = queue.Queue(maxsize=queue_max)
         self._sock: socket.socket | None = None
@@ -193,7 +281,8 @@ class SyslogSink:
         if self._pid != os.getpid():
             self._after_fork()
         limit = MAX_UDP_MESSAGE if self.transport == "udp" else None
-        message = format_syslog(row, app_name=self.app_name, hostname=self.hostname, max_bytes=limit)
+        message = format_syslog(row, app_name=self.app_name, hostname=self.hostname, max_bytes=limit, bom=self.bom,
+                                sd_id=self.sd_id, fmt=self.fmt)
         try:
             self._queue.put_nowait(message)
         except queue.Full:
@@ -225,6 +314,12 @@ class SyslogSink:
             sock.connect((self.host, self.port))
             return sock
         sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        if self._tls is not None:
+            try:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.server_name)
+            except BaseException:
+                sock.close()
+                raise
         sock.settimeout(10.0)
         return sock
 
@@ -235,6 +330,14 @@ class SyslogSink:
         if not readable:
             return False
         try:
+            if isinstance(self._sock, ssl.SSLSocket):  # TLS cannot peek; a collector sends nothing but close_notify
+                self._sock.setblocking(False)
+                try:
+                    return self._sock.recv(1) == b""
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    return False
+                finally:
+                    self._sock.settimeout(10.0)
             return self._sock.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
@@ -246,7 +349,7 @@ class SyslogSink:
             self._sock = self._connect()
         if self.transport == "udp":
             self._sock.send(message)
-        else:
+        else:  # tcp and tls: octet counting
             self._sock.sendall(str(len(message)).encode() + b" " + message)
 
     def _drop_socket(self) -> None:
@@ -303,10 +406,15 @@ def build_sinks(cfg: BrokerConfig) -> list[Any]:
     """The SIEM sinks configured in ``[siem]`` (none by default); each is ``sink(row)`` with ``close()``."""
     siem = cfg.siem
     sinks: list[Any] = []
+    host = siem.syslog_hostname or socket.gethostname()
     if siem.jsonl_file:
         sinks.append(JsonLinesSink(cfg.path(siem.jsonl_file), max_bytes=siem.jsonl_max_bytes,
-                                   backups=siem.jsonl_backups))
+                                   backups=siem.jsonl_backups, host=host, fmt=siem.format))
     if siem.syslog_address:
-        sinks.append(SyslogSink(siem.syslog_address, app_name=siem.syslog_app_name,
-                                hostname=siem.syslog_hostname))
+        sinks.append(SyslogSink(siem.syslog_address, app_name=siem.syslog_app_name, hostname=host,
+                                bom=siem.syslog_bom, sd_id=siem.syslog_sd_id, fmt=siem.format,
+                                ca_file=cfg.path(siem.syslog_ca_file) if siem.syslog_ca_file else None,
+                                client_cert=cfg.path(siem.syslog_client_cert) if siem.syslog_client_cert else None,
+                                client_key=cfg.path(siem.syslog_client_key) if siem.syslog_client_key else None,
+                                server_name=siem.syslog_server_name or None))
     return sinks

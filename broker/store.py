@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from sqlite_utils import Database
 
-from broker.errors import StorageError
+from broker.errors import NotFoundError, StorageError
 
 __all__ = ["Store", "MIGRATIONS", "open_store"]
 
@@ -24,7 +24,8 @@ T = TypeVar("T")
 
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
-# 4 front-door security (MFA, checkpoints), 5 file guard, 8 session lifecycle (issue 11).
+# 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
+# lifecycle (issue 11).
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -230,6 +231,21 @@ MIGRATIONS: dict[int, str | list[str]] = {
     ],
     # 6: staff toolkit: when retention removed a recording's payload (metadata, hashes and signatures stay)
     6: ["ALTER TABLE sessions ADD COLUMN payload_removed_at TEXT"],
+    # 7: containment (can the device login read the protected paths?), what an exposed device allows,
+    # per-approval windows and shell choices, the grant's shell mode, containment in the session record
+    7: [
+        "ALTER TABLE devices ADD COLUMN containment TEXT NOT NULL DEFAULT 'unknown'",
+        "ALTER TABLE devices ADD COLUMN containment_checked_at TEXT",
+        "ALTER TABLE devices ADD COLUMN containment_details TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE devices ADD COLUMN exposed_shell TEXT",
+        "ALTER TABLE approvals ADD COLUMN duration_s INTEGER",
+        "ALTER TABLE approvals ADD COLUMN allow_shell INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE grants ADD COLUMN shell TEXT NOT NULL DEFAULT 'allowed'",
+        "ALTER TABLE grants ADD COLUMN containment TEXT",
+        # a read-only or upload-only grant means the same on every channel: files only (finding 4)
+        "UPDATE grants SET shell = 'files-only' WHERE mode != 'normal'",
+        "ALTER TABLE sessions ADD COLUMN containment TEXT",
+    ],
     # 8: session lifecycle: the key and role a session was authorised with, so removing the key or changing
     # the role ends it (control loop, any process)
     8: ["ALTER TABLE sessions ADD COLUMN auth_key TEXT", "ALTER TABLE sessions ADD COLUMN user_role TEXT"],
@@ -247,6 +263,13 @@ def _is_disk_error(exc: sqlite3.OperationalError) -> bool:
 def _row(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     cols = [c[0] for c in cursor.description or ()]
     return [dict(zip(cols, r)) for r in cursor.fetchall()]
+
+
+def _out_of_range() -> NotFoundError:
+    # A safety net behind the edges' own id checks (issue 11 finding 10): OverflowError used to escape as an
+    # HTTP 500 or a hung SSH channel.
+    return NotFoundError("no such record: a number in the request is out of range",
+                         "ids are whole numbers as medbroker printed them")
 
 
 class Store:
@@ -322,8 +345,14 @@ class Store:
                 raise StorageError(f"database write failed: {exc}", _DISK_HINT) from exc
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
-        """Run a read query and return rows as dicts."""
-        return _row(self.db.conn.execute(sql, params))
+        """Run a read query and return rows as dicts.
+
+        :raises NotFoundError: a number beyond SQLite's 64-bit integers (it can name no row)
+        """
+        try:
+            return _row(self.db.conn.execute(sql, params))
+        except OverflowError:
+            raise _out_of_range() from None
 
     def one(self, sql: str, params: tuple | dict = ()) -> dict[str, Any] | None:
         rows = self.query(sql, params)
@@ -331,8 +360,11 @@ class Store:
 
     def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
         """Run one write statement in its own transaction (or the enclosing one)."""
-        with self.transaction() as conn:
-            return conn.execute(sql, params)
+        try:
+            with self.transaction() as conn:
+                return conn.execute(sql, params)
+        except OverflowError:
+            raise _out_of_range() from None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the single store worker thread."""
@@ -410,6 +442,11 @@ class Store:
     def delete_device(self, name: str) -> int:
         return self.execute("DELETE FROM devices WHERE name = ?", (name,)).rowcount
 
+    def set_device_containment(self, name: str, state: str, checked_at: str, details: str) -> None:
+        """Store the result of a containment check (shared by every broker process: the session-start cache)."""
+        self.execute("UPDATE devices SET containment = ?, containment_checked_at = ?, containment_details = ? "
+                     "WHERE name = ?", (state, checked_at, details, name))
+
     def update_device(self, name: str, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
         self.execute(f"UPDATE devices SET {sets} WHERE name = ?", (*values.values(), name))
@@ -443,10 +480,12 @@ class Store:
                 conn.execute("UPDATE access_requests SET status = 'expired', decided_at = ? WHERE id = ?", (now, rid))
             return ids
 
-    def add_approval(self, request_id: int, approver: str, at: str) -> bool:
-        """Record one person's approval; False when they had already approved this request."""
-        cur = self.execute("INSERT OR IGNORE INTO approvals (request_id, approver, at) VALUES (?, ?, ?)",
-                           (request_id, approver, at))
+    def add_approval(self, request_id: int, approver: str, at: str, duration_s: int | None = None,
+                     allow_shell: bool = False) -> bool:
+        """Record one person's approval (with the window and shell choice they made); False when they had
+        already approved this request."""
+        cur = self.execute("INSERT OR IGNORE INTO approvals (request_id, approver, at, duration_s, allow_shell) "
+                           "VALUES (?, ?, ?, ?, ?)", (request_id, approver, at, duration_s, int(allow_shell)))
         return cur.rowcount == 1
 
     def approvals(self, request_id: int) -> list[dict[str, Any]]:
@@ -503,11 +542,25 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in values)
         self.execute(f"UPDATE sessions SET {sets} WHERE id = ?", (*values.values(), session_id))
 
+    def rebase_recordings(self, old_dir: str, new_dir: str) -> int:
+        """Point recording paths under ``old_dir`` at the same names under ``new_dir`` (a restored home).
+
+        :return: the number of sessions changed
+        """
+        old = old_dir.rstrip("/") + "/"
+        rows = self.query("SELECT id, recording FROM sessions WHERE substr(recording, 1, ?) = ?", (len(old), old))
+        with self.transaction() as conn:
+            for row in rows:
+                conn.execute("UPDATE sessions SET recording = ? WHERE id = ?",
+                             (new_dir.rstrip("/") + "/" + row["recording"][len(old):], row["id"]))
+        return len(rows)
+
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM sessions WHERE id = ?", (session_id,))
 
     def list_sessions(self, *, status: str | None = None, user: str | None = None,
-                      device: str | None = None, since: str | None = None) -> list[dict[str, Any]]:
+                      device: str | None = None, since: str | None = None, until: str | None = None,
+                      newest_first: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
         sql, params = "SELECT * FROM sessions WHERE 1=1", []
         for col, val in (("status", status), ("user_name", user), ("device", device)):
             if val:
@@ -516,7 +569,32 @@ class Store:
         if since:
             sql += " AND started_at >= ?"
             params.append(since)
-        return self.query(sql + " ORDER BY started_at", tuple(params))
+        if until:
+            sql += " AND started_at < ?"
+            params.append(until)
+        sql += " ORDER BY started_at DESC, id DESC" if newest_first else " ORDER BY started_at"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return self.query(sql, tuple(params))
+
+    def session_kinds(self, session_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Per session: what was run (from the command index: the first command, how many, their sources)
+        and how many files moved; sessions not indexed yet are absent."""
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(session_ids), 500):
+            chunk = session_ids[start:start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            for row in self.query(
+                    f'SELECT session_id, count(*) AS n, group_concat(DISTINCT source) AS sources, '
+                    f'(SELECT command FROM commands c2 WHERE c2.session_id = c.session_id ORDER BY "offset", id '
+                    f'LIMIT 1) AS first FROM commands c WHERE session_id IN ({marks}) GROUP BY session_id',
+                    tuple(chunk)):
+                out[row["session_id"]] = {"commands": row["n"], "sources": row["sources"], "first": row["first"]}
+            for row in self.query(f"SELECT session_id, count(*) AS n FROM file_transfers WHERE session_id IN ({marks}) "
+                                  "GROUP BY session_id", tuple(chunk)):
+                out.setdefault(row["session_id"], {"commands": 0, "sources": None, "first": None})["files"] = row["n"]
+        return out
 
     def sessions_to_stop(self, pid: int, now: str) -> list[dict[str, Any]]:
         """Live sessions of this broker process that must end: killed, grant revoked, or the people and

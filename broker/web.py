@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
 import jinja2
+import markupsafe
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,7 +22,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from broker.app import App
-from broker.clock import parse_utc, utc_iso
+from broker.health import Health, health_routes
+from broker.clock import display_zone, local_text, parse_utc, utc_iso
 from broker.config import format_duration, parse_listen
 from broker.errors import (BrokerError, ConfigError, ConflictError, GrantExpiredError, NotFoundError,
                            PermissionDeniedError, UsageError)
@@ -54,8 +57,18 @@ def _ago(value: str | None, now) -> str:
     return format_duration((now - parse_utc(value)).total_seconds())
 
 
-def _hhmm(value: str | None) -> str:
-    return value[:16].replace("T", " ") + " UTC" if value else ""
+def _hhmm(value: str | None, zone=None) -> str:
+    """A time to the minute in the display zone (``[display] timezone``; the host's by default)."""
+    return local_text(value, zone, seconds=False) if value else ""
+
+
+def _visible(value: Any) -> Any:
+    """Bidi overrides, zero-width and other format characters in stored text are shown as ``<U+202E>``, not
+    obeyed (issue 11): they would reorder or hide what an approver reads. Markup (tojson, safe) is left alone."""
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup) and not value.isascii():
+        return "".join(f"<U+{ord(c):04X}>" if unicodedata.category(c) in ("Cf", "Cs", "Zl", "Zp") else c
+                       for c in value)
+    return value
 
 
 def _bytes(n: int | None) -> str:
@@ -76,8 +89,10 @@ class Web:
         self.closing = asyncio.Event()
         self.flashes: dict[str, list[tuple[str, str]]] = {}
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
-                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.env.filters.update(hhmm=_hhmm, nbytes=_bytes, duration=format_duration)
+                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                                      finalize=_visible)
+        zone = display_zone(app.config.display.timezone)
+        self.env.filters.update(hhmm=lambda v: _hhmm(v, zone), nbytes=_bytes, duration=format_duration)
 
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a synchronous store/domain call on the single store thread."""
@@ -254,6 +269,7 @@ def create_web_app(app: App, *, broker: Any = None) -> Starlette:
         Route("/events/{topic}", s.changes),
         Route("/sessions/{sid}/stream", s.watch_stream),
         Mount("/static", app=StaticFiles(directory=str(_HERE / "static")), name="static"),
+        *health_routes(Health(app, broker)),
     ]
     asgi = Starlette(routes=routes)
     asgi.state.web = web

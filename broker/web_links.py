@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from broker.audit import AuditLog
 from broker.clock import parse_utc, utc_iso
-from broker.config import BrokerConfig, format_duration, parse_listen
+from broker.config import BrokerConfig, format_duration, parse_listen, unsafe_char
 from broker.errors import ConfigError, GrantExpiredError, NotFoundError, PermissionDeniedError, UsageError
 from broker.store import Store
 
@@ -124,8 +124,9 @@ def issue_share_link(store: Store, audit: AuditLog, config: BrokerConfig, sessio
     if not 0 < ttl_s <= limit:
         raise UsageError(f"a share link may live at most {format_duration(limit)}", "pick a shorter time")
     note = (note or "").strip() or None
-    if note is not None and (len(note) > 200 or any(ord(c) < 0x20 for c in note)):
-        raise UsageError("the note must be at most 200 printable characters")
+    if note is not None and (len(note) > 200 or unsafe_char(note)):
+        raise UsageError("the note must be at most 200 printable characters"
+                         + (f"; it contains {unsafe_char(note)}" if unsafe_char(note) else ""))
     token = secrets.token_urlsafe(_TOKEN_BYTES)
     expires = now + timedelta(seconds=ttl_s)
     share_id = store.insert_web_share({"token_hash": token_hash(token), "session_id": session_id, "created_by": by,

@@ -7,12 +7,16 @@ and keeps its position in ``web_state``, so a restart neither repeats nor skips 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import smtplib
+import time
 import urllib.error
 import urllib.request
 from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from typing import Any
 
 from broker.errors import BrokerError
@@ -20,7 +24,8 @@ from broker.grants import get_request
 from broker.web import Web
 from broker.web_links import console_url
 
-__all__ = ["NOTIFY_EVENTS", "notify_enabled", "prepare_notifier", "run_notifier", "build_notification", "send_webhook", "send_email"]
+__all__ = ["NOTIFY_EVENTS", "notify_enabled", "prepare_notifier", "run_notifier", "build_notification", "send_webhook",
+           "send_email", "sign_webhook", "SIGNATURE_HEADER", "TIMESTAMP_HEADER"]
 
 log = logging.getLogger("medbroker.web.notify")
 NOTIFY_EVENTS = ("request.created", "request.approved", "request.denied", "request.expired")
@@ -28,14 +33,40 @@ _CURSOR = "notify_cursor"
 POLL_S = 1.0
 TIMEOUT_S = 10.0
 ATTEMPTS = 3
+SIGNATURE_HEADER = "X-Medbroker-Signature"  # "sha256=" + hex HMAC-SHA256(secret, TIMESTAMP + "." + body)
+TIMESTAMP_HEADER = "X-Medbroker-Timestamp"  # Unix seconds when sent; receivers refuse old ones (replay)
+
+
+def _request_as_of(store: Any, req: Any, row: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+    """The request as it stood right after the audit row ``row`` (the notifier may run later, when the
+    request has moved on: a ``request.created`` must not arrive already showing ``approved``)."""
+    state = req.as_dict()
+    approvers = [a["approver"] for a in store.approvals(req.id) if a["at"] <= row["at"]]
+    event, final = row["event"], details.get("final", True)
+    if event == "request.created":
+        approvers, status = [], "pending"
+    elif event == "request.approved":
+        approvers = approvers[:int(details.get("approvals") or len(approvers))]
+        status = "approved" if final else "pending"
+    else:
+        status = "denied" if event == "request.denied" else "expired"
+    state.update(status=status, approvals=approvers)
+    if status == "pending":
+        state.update(decided_at=None, decided_by=None, decision_reason=None, grant_id=None)
+    return state
 
 
 def build_notification(web: Web, row: dict[str, Any]) -> dict[str, Any]:
-    """The JSON body for one audit row about a request (also the source of the e-mail text)."""
+    """The JSON body for one audit row about a request (also the source of the e-mail text).
+
+    ``request`` is the request as of that event; ``text`` is one line for chat tools (Slack, Mattermost,
+    Teams webhooks show it as the message).
+    """
     app = web.app
     req = get_request(app.store, row["request_id"])
     details = json.loads(row["details"] or "{}")
     user = app.store.get_user(req.user) or {}
+    device = app.store.get_device(req.device) or {}
     who = f"{req.user}" + (f" ({user['company']})" if user.get("company") else "")
     length = req.as_dict()["duration"]
     if row["event"] == "request.created":
@@ -50,15 +81,29 @@ def build_notification(web: Web, row: dict[str, Any]) -> dict[str, Any]:
             f": {details['reason']}" if details.get("reason") else "")
     else:
         summary = f"request of {req.user} for {req.device} expired undecided"
+    url = f"{console_url(app.config)}/requests/{req.id}"
+    where = f" ({device['description']})" if device.get("description") else ""
     return {"event": row["event"], "at": row["at"], "actor": row["actor"], "audit_id": row["id"],
-            "summary": summary, "url": f"{console_url(app.config)}/requests/{req.id}", "request": req.as_dict()}
+            "summary": summary, "text": f"medbroker: {summary}{where} - {url}", "url": url,
+            "device_description": device.get("description"),
+            "request": _request_as_of(app.store, req, row, details)}
 
 
-def send_webhook(url: str, body: dict[str, Any]) -> None:
-    """POST ``body`` as JSON; raises OSError on a network error or a non-2xx answer."""
+def sign_webhook(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The signature header value: ``sha256=`` + hex HMAC-SHA256 over ``TIMESTAMP.BODY`` (docs/web.md)."""
+    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def send_webhook(url: str, body: dict[str, Any], secret: bytes | None = None) -> None:
+    """POST ``body`` as JSON, signed when ``secret`` is set; raises OSError on a network error or a non-2xx
+    answer."""
     data = json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST",
-                                 headers={"Content-Type": "application/json", "User-Agent": "medbroker"})
+    headers = {"Content-Type": "application/json", "User-Agent": "medbroker"}
+    if secret:
+        stamp = str(int(time.time()))
+        headers[TIMESTAMP_HEADER] = stamp
+        headers[SIGNATURE_HEADER] = sign_webhook(secret, stamp, data)
+    req = urllib.request.Request(url, data=data, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:  # noqa: S310 - URL from broker.toml
             resp.read(4096)
@@ -74,8 +119,11 @@ def send_email(cfg: Any, body: dict[str, Any]) -> None:
     msg["Subject"] = f"[medbroker] request {req['id']}: {body['summary']}"[:200]
     msg["From"] = cfg.smtp_from
     msg["To"] = ", ".join(cfg.smtp_to)
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid("medbroker", domain=cfg.smtp_from.rpartition("@")[2] or None)
     lines = [body["summary"], "", f"Open it: {body['url']}", "",
-             f"Device:    {req['device']}", f"Vendor:    {req['user']}", f"Length:    {req['duration']}",
+             f"Device:    {req['device']}" + (f" ({body['device_description']})" if body.get("device_description") else ""),
+             f"Vendor:    {req['user']}", f"Length:    {req['duration']}",
              f"Reason:    {req['reason']}", f"Ticket:    {req['ticket'] or '-'}", f"Status:    {req['status']}",
              f"Approvals: {', '.join(req['approvals']) or '-'}"]
     msg.set_content("\n".join(lines) + "\n")
@@ -90,7 +138,8 @@ async def _deliver(web: Web, body: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     channels = []
     if cfg.webhook_url:
-        channels.append(("webhook", lambda: send_webhook(cfg.webhook_url, body)))
+        secret = web_secret(web.app.config)
+        channels.append(("webhook", lambda: send_webhook(cfg.webhook_url, body, secret)))
     if cfg.smtp_host and cfg.smtp_to:
         channels.append(("email", lambda: send_email(cfg, body)))
     for name, send in channels:
@@ -107,6 +156,20 @@ async def _deliver(web: Web, body: dict[str, Any]) -> None:
             log.warning("notification %s failed: %s", name, error)
             await web.audit("notify.failed", request_id=body["request"]["id"], channel=name, error=error[:300],
                             about=body["event"])
+
+
+def web_secret(config: Any) -> bytes | None:
+    """The webhook signing secret from ``[web] webhook_secret_file`` (None when unset).
+
+    :raises OSError: the file cannot be read (the delivery fails and is audited as notify.failed)
+    """
+    name = config.web.webhook_secret_file
+    if not name:
+        return None
+    secret = config.path(name).read_bytes().strip()
+    if len(secret) < 16:
+        raise OSError(f"{config.path(name)}: the webhook secret is shorter than 16 bytes")
+    return secret
 
 
 def notify_enabled(web: Web) -> bool:

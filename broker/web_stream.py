@@ -174,8 +174,11 @@ def _pump(path: str, keys, stop: threading.Event, loop: asyncio.AbstractEventLoo
 
 def _frame_event(frame: Any, decoders: dict) -> str | None:
     if frame.kind in ("output", "stderr"):
-        dec = decoders.setdefault((frame.channel, frame.kind), codecs.getincrementaldecoder("utf-8")("replace"))
-        text = dec.decode(frame.payload)
+        from sessions.termguard import TerminalGuard  # the browser's terminal ignores OSC/DCS; dropped here too
+
+        dec, guard = decoders.setdefault((frame.channel, frame.kind), (
+            codecs.getincrementaldecoder("utf-8")("replace"), TerminalGuard()))
+        text = dec.decode(guard.feed(frame.payload))
         return _sse("o", {"t": round(frame.mono_ns / 1e9, 3), "d": text}) if text else None
     try:
         ev = json.loads(frame.payload)

@@ -15,9 +15,10 @@ from starlette.responses import RedirectResponse, Response
 from broker.app import ALERT_EVENTS, App
 from broker.audit import EVENTS, parse_details
 from broker.clock import parse_utc, utc_iso
-from broker.config import format_duration, parse_duration
+from broker.config import format_duration, id_in_range, parse_duration, parse_id, unsafe_char
 from broker.errors import BrokerError, ConflictError, GrantExpiredError, NotFoundError, PermissionDeniedError, UsageError
-from broker.grants import approve_request, deny_request, expire_requests, get_request, list_grants, list_requests
+from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, get_request,
+                           list_grants, list_requests)
 from broker.identity import get_principal
 from broker.web import HOME, Web, _origin_ok, page, source_of
 from broker.web_auth import COOKIE, SignedOut, end_session, load_session, password_signin, set_password, \
@@ -158,9 +159,13 @@ def _request_cards(app: App, requests: list, viewer_name: str) -> list[dict[str,
         dev = app.store.get_device(r.device) or {}
         user = app.store.get_user(r.user) or {}
         critical = dev.get("device_class") == "critical"
-        needed = app.config.grants.critical_approvers if critical else 1
+        card = approval_card(app.store, app.rules, r)
+        needed = card["approvals_needed"]
         cards.append({
+            "containment": card["containment"], "notes": card["notes"], "exposed_paths": card["exposed_paths"],
+            "approvals_text": approvals_text(r), "shell_choice": r.mode != "normal",
             "r": r, "critical": critical, "needed": needed, "company": user.get("company"),
+            "description": dev.get("description"),
             "waiting": format_duration((now - r.created_at).total_seconds()),
             "requested": format_duration(r.duration_s), "mine": r.user == viewer_name,
             "approved_by_me": viewer_name in r.approvals, "more": max(0, needed - len(r.approvals)),
@@ -200,11 +205,13 @@ async def approve(request: Request, viewer) -> Response:
     web = _web(request)
     rid = request.path_params["rid"]
     text = str(request.state.form.get("duration") or "").strip()
+    allow_shell = str(request.state.form.get("allow_shell") or "") == "yes"
 
     def run():
         dur = parse_duration(text, what="window") if text else None
         principal = get_principal(web.app.store, viewer.name)
-        return approve_request(web.app.store, web.app.audit, web.app.rules, rid, principal, web.now(), duration_s=dur)
+        return approve_request(web.app.store, web.app.audit, web.app.rules, rid, principal, web.now(), duration_s=dur,
+                               allow_shell=allow_shell)
 
     try:
         dec = await web.db(run)
@@ -212,12 +219,16 @@ async def approve(request: Request, viewer) -> Response:
         web.flash(viewer, "error", f"Request {rid}: {exc}")
         return _back(request, "/inbox")
     if dec.grant is None:
-        web.flash(viewer, "ok", f"Approval recorded for request {rid} ({dec.request.device} is critical): "
+        why = "exposed" if dec.request.device and (web.app.store.get_device(dec.request.device) or {}).get(
+            "containment") == "exposed" else "critical"
+        web.flash(viewer, "ok", f"Approval recorded for request {rid} ({dec.request.device} is {why}): "
                                 f"{dec.approvals_needed} more approver needed.")
     else:
         left = format_duration((dec.grant.ends_at - dec.grant.starts_at).total_seconds())
+        files = " Files only (sftp and scp): no shell or commands." if dec.grant.shell == "files-only" else ""
         web.flash(viewer, "ok", f"Request {rid} approved: {dec.grant.user} may use {dec.grant.device} for {left}, "
-                                f"until {dec.grant.ends_at.strftime('%H:%M UTC')}.")
+                                f"until {dec.grant.ends_at.strftime('%H:%M UTC')} (approved by "
+                                f"{approvals_text(dec.request)}).{files}")
     return _back(request, "/inbox")
 
 
@@ -295,8 +306,11 @@ async def kill(request: Request, viewer) -> Response:
     sid = request.path_params["sid"]
     row = await _session(web, sid)
     reason = str(request.state.form.get("reason") or "").strip()
-    if not reason or len(reason) > 300 or any(ord(c) < 0x20 for c in reason):
-        web.flash(viewer, "error", "Give a reason (1-300 characters); the vendor sees it.")
+    bad = unsafe_char(reason)
+    if not reason or len(reason) > 300 or bad:
+        web.flash(viewer, "error", "Give a reason (1-300 characters); the vendor sees it."
+                  + (f" It contains {bad}, a control or invisible formatting character: type plain text." if bad
+                     else ""))
         return _back(request, f"/sessions/{sid}/watch")
     ok = await web.db(web.app.store.request_session_kill, sid, viewer.name, reason, utc_iso(web.now()))
     if not ok:
@@ -387,7 +401,8 @@ async def share(request: Request, viewer) -> Response:
 async def revoke_share(request: Request, viewer) -> Response:
     web = _web(request)
     share_id = request.path_params["share_id"]
-    ok = await web.db(web.app.store.revoke_web_share, share_id, viewer.name, utc_iso(web.now()))
+    ok = id_in_range(share_id) and await web.db(web.app.store.revoke_web_share, share_id, viewer.name,
+                                                utc_iso(web.now()))
     if ok:
         await web.audit("recording.share.revoked", actor=viewer.name, share_id=share_id)
         web.flash(viewer, "ok", f"Link {share_id} revoked; it no longer opens the recording.")
@@ -420,11 +435,12 @@ async def audit_page(request: Request, viewer) -> Response:
     keys = ("event", "actor", "user", "device", "session", "since", "until")
     f = {k: (request.query_params.get(k) or "").strip()[:80] for k in keys}
     try:
-        before = int(request.query_params.get("before") or 0) or None
+        before_text = request.query_params.get("before") or ""
+        before = parse_id(before_text, what="before") if before_text.strip() not in ("", "0") else None
         since = utc_iso(parse_utc(f["since"])) if f["since"] else None
         until = utc_iso(parse_utc(f["until"]) + (timedelta(days=1) if len(f["until"]) == 10 else timedelta()))\
             if f["until"] else None
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UsageError("dates are written 2026-05-01 or 2026-05-01T08:30", "fix the filter") from None
     rows = await web.db(lambda: web.app.store.search_audit(
         event=f["event"] or None, actor=f["actor"] or None, user=f["user"] or None, device=f["device"] or None,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from broker.app import App
+from broker.service import sd_notify
 from broker.config import parse_listen
 from broker.errors import BrokerError, ConfigError
 from broker.server import Broker, start_server, stop_server
@@ -296,7 +297,7 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    web, started = None, False
+    web, metrics, started = None, None, False
     try:
         await broker.seal_interrupted()  # once, before any worker serves
         broker.start_control()  # checkpoints and request expiry: this process only
@@ -310,17 +311,26 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
                 from broker.web import start_web
 
                 web = await start_web(app, app.config.web.address, broker=broker)
+            if app.config.metrics.address:  # this process only; counters come from the shared audit log
+                from broker.health import start_metrics_listener
+
+                metrics = await start_metrics_listener(app, app.config.metrics.address, broker=broker)
             await broker.audit("broker.started", address=sup.address, pid=broker.pid, workers=sup.count,
                                worker_pids=[s.proc.pid for s in sup.slots])
             started = True
             if on_ready:
                 on_ready(sup.port)
             await stop.wait()
+            sd_notify("STOPPING=1")
         else:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
     finally:
         try:
+            if metrics is not None:
+                from broker.health import stop_metrics_listener
+
+                await stop_metrics_listener(metrics)
             if web is not None:
                 from broker.web import stop_web
 

@@ -41,9 +41,17 @@ writes audit rows (the SSH server and each CLI command):
 jsonl_file = "siem/audit.jsonl"   # JSON lines, rotated to FILE.1 … FILE.N
 jsonl_max_bytes = 10485760
 jsonl_backups = 5
-syslog_address = "udp://127.0.0.1:514"   # or "tcp://HOST:PORT"
+syslog_address = "udp://127.0.0.1:514"   # or "tcp://HOST:PORT", "tls://HOST:6514"
 syslog_app_name = "medbroker"
-syslog_hostname = ""              # "" = this machine's host name
+syslog_hostname = ""              # "" = this machine's host name (also each record's "host")
+syslog_bom = false                # true: MSG starts with a UTF-8 BOM (RFC 5424 MSG-UTF8)
+syslog_sd_id = "medbroker@32473"  # NAME@YOUR-IANA-ENTERPRISE-NUMBER
+# tls://HOST:6514 (RFC 5425): the collector's certificate is verified against the system CAs or:
+syslog_ca_file = ""               # CA bundle that signs the collector
+syslog_client_cert = ""           # client certificate PEM, for collectors that require one
+syslog_client_key = ""            # its key ("" = inside syslog_client_cert)
+syslog_server_name = ""           # name on the collector's certificate ("" = the address's host)
+format = "medbroker"              # or "ecs": Elastic Common Schema field names
 ```
 
 A sink failure never undoes or blocks the audit row: the database is the record, sinks are copies.
@@ -55,10 +63,11 @@ One UTF-8 JSON object per line, in audit order per process:
 ```json
 {{"v":1,"id":42,"at":"2026-11-28T14:15:30.123456Z","event":"session.killed","severity":4,"actor":null,
  "user":"alice","device":"ct-01","session_id":"20261128-141530-3fa2c1","grant_id":7,"request_id":null,
- "source":null,"details":{{"by":"carol","reason":"audit hold"}},"hash":"…","prev_hash":"…"}}
+ "source":null,"details":{{"by":"carol","reason":"audit hold"}},"hash":"…","prev_hash":"…","host":"jump-1"}}
 ```
 
-`v` is the record version (1). `hash`/`prev_hash` are the audit chain's, so a SIEM copy can be checked
+`v` is the record version (1). `host` is the exporting broker's host name (`syslog_hostname`, else the
+machine's), so one SIEM can tell several brokers apart. `hash`/`prev_hash` are the audit chain's, so a SIEM copy can be checked
 against `medbroker audit verify`. Before a write would take the file past `jsonl_max_bytes`, it is
 renamed to `FILE.1` (`FILE.1` → `FILE.2` …, the oldest beyond `jsonl_backups` is deleted). Several
 processes append to the same file safely (a lock file, `FILE.lock`, serialises rotation and writes).
@@ -68,18 +77,35 @@ Files are created with mode 0600.
 
 ```
 <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [{SD_ID} id="42" hash="…" actor="…" user="alice"
- device="ct-01" session="…" grant="7" request="…" source="…"] BOM{{json}}
+ device="ct-01" session="…" grant="7" request="…" source="…"] {{json}}
 ```
 
 * PRI = facility {FACILITY} ("log audit") × 8 + the severity in the table below.
 * TIMESTAMP is the row's `at` (UTC, microseconds). MSGID is the event name. PROCID is the writing process.
-* Structured data `{SD_ID}` carries the ids (parameters that are null are left out). 32473 is the
-  documentation enterprise number of RFC 5612; filter on the name `medbroker`.
-* MSG is a UTF-8 BOM followed by the same JSON object as the JSON-lines file.
+* Structured data `syslog_sd_id` (default `{SD_ID}`) carries the ids (parameters that are null are left
+  out). RFC 5424 §6.3.2 wants a private SD-ID as NAME@ENTERPRISE-NUMBER; medbroker owns no IANA number, so
+  the default uses 32473, the documentation number of RFC 5612. A hospital that owns a number sets it
+  (`syslog_sd_id = "medbroker@12345"`); rules can also filter on the name `medbroker`.
+* MSG is the same JSON object as the JSON-lines file, from its first byte (RFC 5424 MSG-ANY). RFC 5424
+  lets UTF-8 messages start with a BOM (MSG-UTF8); that breaks collectors that parse the MSG as JSON, so
+  it is off unless `syslog_bom = true`.
 * UDP: one message per datagram; a message longer than {MAX_UDP_MESSAGE} bytes has its `details` replaced by
-  `{{"truncated": true, "bytes": N}}`. TCP: octet-counting framing (RFC 6587 §3.4.1, `LEN SP MSG`), one
-  connection kept open and re-established with back-off; up to 10 000 events wait in memory while the
-  collector is away, later ones are dropped and counted (the database keeps them all).
+  `{{"truncated": true, "bytes": N}}`. TCP and TLS: octet-counting framing (RFC 6587 §3.4.1 and RFC 5425,
+  `LEN SP MSG`), one connection kept open and re-established with back-off; up to 10 000 events wait in
+  memory while the collector is away, later ones are dropped and counted (the database keeps them all).
+* TLS (`tls://HOST:PORT`, RFC 5425, TLS 1.2 or later): the collector's certificate must chain to
+  `syslog_ca_file` (or the system's CAs) and carry the address's host name or `syslog_server_name`; a
+  collector that fails verification gets nothing, and the failure is counted and logged.
+  `syslog_client_cert`/`syslog_client_key` present a client certificate when the collector asks.
+
+### ECS (Elastic Common Schema)
+
+`format = "ecs"` exports each row with ECS field names, which Elastic and Splunk's ECS add-ons map without
+a custom parser: `@timestamp`, `event.action` (the event name), `event.id`, `event.outcome`
+(`failure` for denials, refusals and failures), `event.category`, `user.name` (who acted: the approver of
+a decision, else the user) and `user.target.name` (whom it concerned), `source.ip`, `host.name`,
+`destination.address` (the device), `log.syslog.severity`; medbroker's own record stays whole under
+`medbroker`.
 
 ## Catalogue
 

@@ -218,7 +218,10 @@ _JS = r"""
     b.addEventListener("click", function () { seek(m[0]); }); list.appendChild(b);
   });
   if (!marks.length) list.style.display = "none";
-  seek(0);
+  // Open on the first output, not a blank screen: an auditor sees at once what the session looked like.
+  var first = out.filter(function (e) { return e[1] === "o"; })[0];
+  seek(first ? first[0] : 0);
+  slider.value = t;
 })();
 """
 

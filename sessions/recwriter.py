@@ -20,12 +20,16 @@ from sessions.recording import (
     _writev_all,
 )
 
-__all__ = ["RecordingWriter", "FLUSH_INTERVAL", "BATCH_BYTES"]
+__all__ = ["RecordingWriter", "FLUSH_INTERVAL", "BATCH_BYTES", "ACK_WINDOW"]
 
 FLUSH_INTERVAL = 0.02
 """Seconds a queued frame may wait for the writer thread (group commit): readers see it at most this late."""
 BATCH_BYTES = 256 << 10
 """Queued payload of one recording that wakes the writer thread at once instead of at the next tick."""
+ACK_WINDOW = 256 << 10
+"""The acknowledgment rule (docs/recording-format.md): payload a session may have handed on (to the vendor or
+the device) before the writer thread has written it. A writer built with ``window=ACK_WINDOW`` pauses its
+session before the next unit could push its unwritten payload past this bound."""
 
 
 def _report_callback_error(exc: Exception) -> None:
@@ -116,6 +120,13 @@ class RecordingWriter:
     False and ``on_resume()`` runs on the writer thread (use ``loop.call_soon_threadsafe``). Above
     ``max_pending`` the recording fails instead of growing memory without bound.
 
+    Acknowledgment window: with ``window`` set (the broker uses :data:`ACK_WINDOW`), the marks follow the
+    largest unit the caller appends in one call (``append_data``, or announced by :meth:`expect_unit`):
+    ``paused`` turns True as soon as ``pending_bytes`` plus one such unit would exceed ``window``, and False
+    when the backlog is down to half of ``window`` minus that unit. A caller that appends each unit before
+    handing it on and stops handing on synchronously in ``on_pause`` therefore never has more than
+    ``window`` bytes handed on but not yet written. Pausing also wakes the writer thread at once.
+
     Errors (disk full, EIO, a vanished volume) set ``failed`` to a :class:`RecordingError` whose
     ``__cause__`` is the ``OSError``, and call ``on_error(error)`` exactly once, from the writer thread
     (or from the thread whose append/close found it): wire it with ``loop.call_soon_threadsafe``.
@@ -138,6 +149,7 @@ class RecordingWriter:
     :param high_water: backlog (payload bytes) that pauses; default 8 MiB
     :param low_water: backlog that resumes; default 2 MiB
     :param max_pending: backlog at which the recording fails; default 64 MiB
+    :param window: acknowledgment window in bytes; replaces ``high_water``/``low_water`` (see above)
     :raises RecordingError: bad header or key, file exists, cannot be created or written
     :raises UsageError: water marks out of order
     """
@@ -146,7 +158,8 @@ class RecordingWriter:
                  aead_key: bytes | None = None, key_id: str | None = None, fsync: bool = False,
                  on_error: Callable[[RecordingError], None] | None = None,
                  on_pause: Callable[[], None] | None = None, on_resume: Callable[[], None] | None = None,
-                 high_water: int = 8 << 20, low_water: int = 2 << 20, max_pending: int = 64 << 20) -> None:
+                 high_water: int = 8 << 20, low_water: int = 2 << 20, max_pending: int = 64 << 20,
+                 window: int | None = None) -> None:
         self.path = os.fspath(path)
         if not isinstance(header, dict) or not isinstance(header.get("session_id"), str) \
                 or not header["session_id"]:
@@ -156,6 +169,8 @@ class RecordingWriter:
         if not 0 <= low_water <= high_water <= max_pending:
             raise UsageError(f"need 0 <= low_water <= high_water <= max_pending; got "
                              f"{low_water}, {high_water}, {max_pending}")
+        if window is not None and not 0 < window <= max_pending:
+            raise UsageError(f"need 0 < window <= max_pending; got {window}, {max_pending}")
         full = dict(header)
         self._aead = None
         if aead_key is not None:
@@ -191,6 +206,9 @@ class RecordingWriter:
         self._clock, self._fsync = clock, fsync
         self._on_error, self._on_pause, self._on_resume = on_error, on_pause, on_resume
         self._high, self._low, self._max = high_water, low_water, max_pending
+        self._window, self._unit = window, 0
+        self._batch = BATCH_BYTES if window is None else min(BATCH_BYTES, max(1, window // 2))
+        self.failed_at = None  # wall time (clock.now()) the failure was found, for the audit row
         self._mono0 = clock.monotonic_ns()
         self.last_activity_mono_ns = self._mono0
         self.bytes_in = self.bytes_out = 0
@@ -212,6 +230,33 @@ class RecordingWriter:
     def paused(self) -> bool:
         """True from crossing ``high_water`` until the backlog is back at ``low_water``."""
         return self._paused
+
+    def _over_locked(self) -> bool:
+        if self._window is None:
+            return self._pending >= self._high
+        return self._pending + self._unit > self._window
+
+    def _under_locked(self) -> bool:
+        if self._window is None:
+            return self._pending <= self._low
+        return self._pending <= max(0, self._window - self._unit) // 2
+
+    def expect_unit(self, size: int) -> None:
+        """Announce that single appends of up to ``size`` bytes will follow (an SFTP reply, an scp block).
+
+        With a ``window``, the session pauses from now on early enough for such a unit to fit, including
+        the first one; ``on_pause`` may run at once. Without a window this does nothing.
+        """
+        pause = False
+        with self._pool.lock:
+            if self._window is None or size <= self._unit:
+                return
+            self._unit = size
+            if not self._paused and self._failed is None and not self._stopping and self._over_locked():
+                self._paused = pause = True
+                self._pool.hurry_locked()
+        if pause and self._on_pause is not None:
+            self._on_pause()
 
     @property
     def failed(self) -> RecordingError | None:
@@ -242,6 +287,8 @@ class RecordingWriter:
                                  "use append_event")
         data = data if type(data) is bytes else bytes(data)
         code = KINDS[kind]
+        if len(data) > self._unit:  # the acknowledgment window's unit (read by the writer thread under the lock)
+            self._unit = min(len(data), MAX_PAYLOAD)
         if len(data) <= MAX_PAYLOAD:
             return self._enqueue(channel, code, data)
         seq = 0
@@ -304,12 +351,12 @@ class RecordingWriter:
                     self.bytes_out += n
                 if code <= 3:
                     self.last_activity_mono_ns = mono
-                if self._pending >= self._high and not self._paused:
+                if not self._paused and self._over_locked():
                     self._paused = pause = True
                 if final:  # atomically with the end frame: nothing may follow it
                     self._stopping = True
                 pool.ready[id(self)] = self
-                if final or self._queued >= BATCH_BYTES:
+                if final or pause or self._queued >= self._batch:
                     pool.hurry_locked()
                 elif pool.sleeping:
                     pool.sleeping = False
@@ -360,7 +407,7 @@ class RecordingWriter:
         self._last_hash = last_hash
         with self._pool.lock:
             self._pending -= size
-            resume = self._paused and self._pending <= self._low
+            resume = self._paused and self._under_locked()
             if resume:
                 self._paused = False
             self._pool.done.notify_all()
@@ -383,6 +430,8 @@ class RecordingWriter:
             if self._failed is not None:
                 return
             self._failed = err
+            self.failed_at = self._clock.now()
+            self._paused = False  # nothing is queued any more: best-effort sessions must not stay paused
             self._queue.clear()
             pool.ready.pop(id(self), None)
             self._pending = self._queued = 0

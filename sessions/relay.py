@@ -38,14 +38,21 @@ ENV_ALLOWED = ("LANG", "LC_")
 # still bounding memory per busy channel (docs/performance.md, "relay write buffers").
 WRITE_BUFFER_HIGH = 1 << 20
 WRITE_BUFFER_LOW = 256 << 10
+# SFTP replies and broker-served scp blocks reach the vendor whole, up to 256 KiB each (sftp.MAX_DATA, scp.BLOCK):
+# announced to the recorder so its acknowledgment window leaves room for one (docs/recording-format.md).
+WHOLE_UNIT = 256 << 10
 
 
 class Recorder(Protocol):
     """What the relay needs of a recording writer."""
 
-    def append_data(self, channel: int, kind: str, data: bytes) -> None: ...
+    def append_data(self, channel: int, kind: str, data: bytes) -> int:
+        """Queue ``data``; 0 when it was not taken (the recording failed or is closed)."""
 
-    def append_event(self, channel: int, kind: str, event: dict) -> None: ...
+    def append_event(self, channel: int, kind: str, event: dict) -> int: ...
+
+    def expect_unit(self, size: int) -> None:
+        """Single appends of up to ``size`` bytes follow (may call the pause callback at once)."""
 
 
 class SubsystemFilter(Protocol):
@@ -89,6 +96,8 @@ class ChannelContext:
     check_exec: Callable[[str], str | None] = lambda command: None
     """Returns a refusal message for an exec command, or None to allow it."""
     check_subsystem: Callable[[str], str | None] = lambda name: f"subsystem {name} is not available"
+    check_shell: Callable[[], str | None] = lambda: None
+    """Returns a refusal message for an interactive shell, or None to allow it."""
     make_filter: Callable[["RelaySession", str], SubsystemFilter | None] | None = None
     make_exec_handler: Callable[["RelaySession", str], ExecHandler | None] | None = None
     """Asked first for each exec command: a handler that serves it in the broker (check_exec is then not
@@ -100,6 +109,9 @@ class ChannelContext:
     on_refused: Callable[["RelaySession", str, str], None] = lambda relay, kind, message: None
     on_upstream_error: Callable[["RelaySession", Exception], str] = lambda relay, exc: f"device error: {exc}"
     notices: list[str] = field(default_factory=list)
+    forward_unrecorded: bool = False
+    """Best-effort recording: keep relaying data the recorder did not take. False (strict): data the recorder
+    refused (it failed or is closed) is dropped, never handed on unrecorded."""
 
 
 class UpstreamSession(asyncssh.SSHClientSession):
@@ -171,6 +183,7 @@ class RelaySession(asyncssh.SSHServerSession):
     def shell_requested(self) -> bool:
         self.kind = "shell"
         self.ctx.recorder.append_event(self.ctx.number, "shell", {})
+        self.refusal = self.ctx.check_shell()
         return True
 
     def exec_requested(self, command: str | bytes) -> bool:
@@ -184,6 +197,8 @@ class RelaySession(asyncssh.SSHServerSession):
             self.refusal = self.ctx.check_exec(command)
         elif self._holds["device"]:  # e.g. the recorder is behind already
             self.handler.pause_writing()
+        if self.handler is not None:  # its blocks reach the vendor whole
+            self.ctx.recorder.expect_unit(WHOLE_UNIT)
         # served_by: the broker answers this command itself (legacy scp); the device never runs it
         self.ctx.recorder.append_event(self.ctx.number, "exec", {"command": command} if self.handler is None
                                        else {"command": command, "served_by": "medbroker"})
@@ -237,6 +252,7 @@ class RelaySession(asyncssh.SSHServerSession):
                 self.notice(f"the {self.subsystem} subsystem is not available through medbroker")
                 self.exit(1)
                 return
+            self.ctx.recorder.expect_unit(WHOLE_UNIT)
         elif self.ctx.make_scanner:
             self.scanner = self.ctx.make_scanner()
         for action in self.pending:
@@ -250,7 +266,8 @@ class RelaySession(asyncssh.SSHServerSession):
             self.pending.append(action)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.ctx.recorder.append_data(self.ctx.number, "input", data)
+        if not self.ctx.recorder.append_data(self.ctx.number, "input", data) and not self.ctx.forward_unrecorded:
+            return  # the recording failed: nothing unrecorded reaches the device (the session is ending)
         if self.handler is not None:
             self.handler.vendor_data(data)
         elif self.up is not None:
@@ -340,13 +357,16 @@ class RelaySession(asyncssh.SSHServerSession):
                 self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {"content": hit, "stream": "output"})
                 self.ctx.on_detection(self, hit)
                 return
-        self.ctx.recorder.append_data(self.ctx.number, "output" if datatype is None else "stderr", data)
-        self.chan.write(data, datatype)
+        # Recorded (queued) first, then forwarded: the recorder's acknowledgment window bounds what is
+        # forwarded before it is written, and a failed recording forwards nothing more (fail closed).
+        if self.ctx.recorder.append_data(self.ctx.number, "output" if datatype is None else "stderr", data) \
+                or self.ctx.forward_unrecorded:
+            self.chan.write(data, datatype)
 
     def write_to_vendor(self, data: bytes) -> None:
         """Used by subsystem filters: record and send device-side bytes to the vendor."""
-        self.ctx.recorder.append_data(self.ctx.number, "output", data)
-        self.chan.write(data)
+        if self.ctx.recorder.append_data(self.ctx.number, "output", data) or self.ctx.forward_unrecorded:
+            self.chan.write(data)
 
     def device_eof(self) -> None:
         """Device EOF: held until the exit status is known (or briefly), like sshd's own ordering.

@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 from broker.clock import parse_utc, utc_iso
 from broker.errors import UsageError
+from sessions.termguard import TerminalGuard
 
 __all__ = ["FrameLike", "ReplayStats", "replay", "to_asciicast", "to_text", "to_json", "verification_summary",
-           "notice_bytes"]
+           "notice_bytes", "TerminalGuard"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _DATA = ("input", "output", "stderr")
@@ -87,7 +88,8 @@ def notice_bytes(event: dict[str, Any]) -> bytes:
 
 def replay(frames: Iterable[FrameLike], write: Callable[[bytes], None], *, speed: float = 1.0,
            max_idle: float | None = None, start_at: float = 0.0, instant: bool = False,
-           sleep: Callable[[float], None] = time.sleep, channels: Collection[int] | None = None) -> ReplayStats:
+           sleep: Callable[[float], None] = time.sleep, channels: Collection[int] | None = None,
+           raw: bool = False) -> ReplayStats:
     """Play a session's terminal (output, stderr and broker notices) with its recorded timing.
 
     Pauses between frames are the recorded gaps, each clamped to ``max_idle`` then divided by ``speed``.
@@ -95,6 +97,8 @@ def replay(frames: Iterable[FrameLike], write: Callable[[bytes], None], *, speed
     resumes from there. Subsystem (SFTP) and scp/rsync channels are left out unless named in ``channels``.
 
     :param write: receives terminal bytes (flush it yourself)
+    :param raw: write the recorded bytes unchanged; by default :class:`TerminalGuard` drops what would make the
+        analyst's terminal act (clipboard writes, hyperlinks, titles, reports), keeping what draws the screen
     :param sleep: injectable for tests
     :returns: frames and bytes written, seconds slept, recorded seconds covered
     :raises UsageError: ``speed`` not positive, ``max_idle`` or ``start_at`` negative
@@ -104,6 +108,7 @@ def replay(frames: Iterable[FrameLike], write: Callable[[bytes], None], *, speed
     if (max_idle is not None and max_idle < 0) or start_at < 0:
         raise UsageError("--max-idle and --from must not be negative")
     term = _Channels(channels)
+    guards: dict[int, TerminalGuard] = {}
     shown = start_at
     count = written = 0
     slept = last = 0.0
@@ -116,6 +121,12 @@ def replay(frames: Iterable[FrameLike], write: Callable[[bytes], None], *, speed
             data = notice_bytes(event)
         else:
             continue
+        if not raw and frame.channel not in term.protocol:  # a protocol channel named in ``channels`` is a
+            # binary stream asked for by number (for a pipe), not a terminal
+            data = guards.setdefault(frame.channel, TerminalGuard()).feed(data) if frame.kind != "notice" else \
+                TerminalGuard().feed(data)
+            if not data:
+                continue
         t = frame.mono_ns / 1e9
         if not instant and t > shown:
             gap = t - shown if max_idle is None else min(t - shown, max_idle)
@@ -195,8 +206,11 @@ def _started_epoch(header: dict[str, Any], first_wall_us: int | None) -> int | N
 
 
 def to_asciicast(frames: Iterable[FrameLike], *, header: dict[str, Any], verify_result: Any = None,
-                 channels: Collection[int] | None = None) -> str:
+                 channels: Collection[int] | None = None, raw: bool = False) -> str:
     """Render an asciicast v2 file: ``o`` output/stderr/notices, ``i`` input, ``r`` resizes, ``m`` markers.
+
+    Output passes :class:`TerminalGuard` (players write it to a terminal) unless ``raw``; the JSON export and
+    the recording keep every byte.
 
     Markers label notices, policy denials, alerts, exec commands and file transfers. Size comes from the
     first pty/resize frame (default 80x24). The verification status goes in the title and in
@@ -210,6 +224,7 @@ def to_asciicast(frames: Iterable[FrameLike], *, header: dict[str, Any], verify_
     size: tuple[int, int] | None = None
     term_type = "xterm-256color"
     decoders: dict[tuple[int, str], Any] = {}
+    guards: dict[int, TerminalGuard] = {}
     events: list[list[Any]] = []
     first_wall = None
     t = 0.0
@@ -224,7 +239,9 @@ def to_asciicast(frames: Iterable[FrameLike], *, header: dict[str, Any], verify_
                 continue
             code = "i" if kind == "input" else "o"
             dec = decoders.setdefault((frame.channel, code), codecs.getincrementaldecoder("utf-8")("replace"))
-            text = dec.decode(frame.payload)
+            payload = frame.payload if code == "i" or raw else \
+                guards.setdefault(frame.channel, TerminalGuard()).feed(frame.payload)
+            text = dec.decode(payload)
             if text:
                 events.append([t, code, text])
         elif kind in ("pty", "resize") and shows:
@@ -237,7 +254,8 @@ def to_asciicast(frames: Iterable[FrameLike], *, header: dict[str, Any], verify_
             if kind == "pty" and isinstance(ev.get("term"), str):
                 term_type = ev["term"]
         if kind == "notice" and shows:
-            events.append([t, "o", notice_bytes(ev).decode("utf-8", "replace")])
+            notice = notice_bytes(ev) if raw else TerminalGuard().feed(notice_bytes(ev))
+            events.append([t, "o", notice.decode("utf-8", "replace")])
         if kind in _MARKED:
             events.append([t, "m", _marker(kind, ev)])
     for (_, code), dec in decoders.items():
@@ -271,7 +289,7 @@ _ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)
                      r"|\x1b[ -/]*[0-~]|\x9b[0-?]*[ -/]*[@-~]")
 # A sequence cut off by the end of a chunk: kept for the next one.
 _PARTIAL = re.compile(r"(?:\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?|[PX^_][^\x1b]*\x1b?|[ -/]*)|\x9b[0-?]*[ -/]*)\Z")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _BACKSPACED = re.compile(r"[^\n\x08]\x08")
 
 

@@ -168,6 +168,33 @@ def test_sessions_list_and_show(env):
     assert r.exit_code == 1 and "session 'nope' does not exist" in r.stderr
 
 
+def test_sessions_list_is_newest_first_bounded_and_says_what_ran(env):
+    """Staff look for yesterday's session among months of them: newest first, --since/--until/--limit,
+    and a column that says what the session ran (first command of the index, files moved)."""
+    a = env.app()
+    try:
+        for day in range(1, 6):
+            sid = f"s-2026-11-0{day}"
+            a.store.insert_session({"id": sid, "user_name": "alice", "device": "ct-01", "grant_id": env.grant_id,
+                                    "source": "127.0.0.1", "started_at": f"2026-11-0{day}T10:00:00.000000Z",
+                                    "status": "closed", "recording": str(a.config.recordings_dir / f"{sid}.mbr")})
+        a.store.save_session_text("s-2026-11-04", [(1.0, 1, "exec", "tail -n 50 /var/log/vendor/service.log"),
+                                                   (2.0, 1, "exec", "uptime")], [], "2026-11-04T10:05:00Z")
+    finally:
+        a.close()
+    docs = json.loads(env.ok("sessions", "list", "--json").stdout)["sessions"]
+    assert [d["id"] for d in docs] == [f"s-2026-11-0{d}" for d in (5, 4, 3, 2, 1)]
+    assert docs[1]["activity"] == {"commands": 2, "sources": "exec", "first": "tail -n 50 /var/log/vendor/service.log"}
+    got = json.loads(env.ok("sessions", "list", "--since", "2026-11-02", "--until", "2026-11-04", "--json").stdout)
+    assert [d["id"] for d in got["sessions"]] == ["s-2026-11-04", "s-2026-11-03", "s-2026-11-02"] and not got["more"]
+    got = json.loads(env.ok("sessions", "list", "--limit", "2", "--json").stdout)
+    assert [d["id"] for d in got["sessions"]] == ["s-2026-11-05", "s-2026-11-04"] and got["more"]
+    human = env.ok("sessions", "list", "--limit", "2").stdout
+    assert "exec: tail -n 50" in human and "(+1)" in human and "the newest 2" in human
+    assert env.cli("sessions", "list", "--since", "yesterday-ish").exit_code == 2
+    assert env.cli("sessions", "list", "--limit", "-1").exit_code == 2
+
+
 # ----------------------------------------------------------------------------- replay
 def test_replay_instant_prints_the_terminal_and_is_audited(env):
     env.record("s1")

@@ -118,15 +118,31 @@ NON_DEFAULT = {
                "max_unauthenticated_per_address": "3", "max_startups": '"20:50:90"', "reserved_for_recent": "10",
                "recent_login_window": '"1h"', "penalty_authfail": '"7s"', "penalty_grace": '"9s"',
                "penalty_min": '"11s"', "penalty_max": '"13m"'},
-    "policy": {"protected_paths_file": '"pp.toml"', "scan_output": "false", "check_commands": "false"},
+    "policy": {"protected_paths_file": '"pp.toml"', "scan_output": "false", "check_commands": "false",
+               "exposed_shell": '"files-only"', "containment_ttl": '"5m"'},
     "alerts": {"file": '"a.jsonl"', "webhook_url": '"http://127.0.0.1:9/hook"'},
     "retention": {"days": "365", "allow_below_floor": "true"},
     "web": {"address": '"127.0.0.1:8080"', "public_url": '"https://broker.example"', "link_ttl": '"5m"',
             "idle_timeout": '"15m"', "session_max": '"8h"', "share_max": '"7d"', "tls_cert": '"c.pem"',
             "tls_key": '"k.pem"', "smtp_host": '"127.0.0.1"', "smtp_port": "2525", "smtp_from": '"mb@h.example"',
-            "smtp_to": '["biomed@h.example"]', "smtp_starttls": "true", "webhook_url": '"http://127.0.0.1:9/web"'},
+            "smtp_to": '["biomed@h.example"]', "smtp_starttls": "true", "webhook_url": '"http://127.0.0.1:9/web"',
+            "webhook_secret_file": '"hook.secret"'},
     "siem": {"jsonl_file": '"siem/audit.jsonl"', "jsonl_max_bytes": "65536", "jsonl_backups": "2",
-             "syslog_address": '"tcp://127.0.0.1:6514"', "syslog_app_name": '"mb"', "syslog_hostname": '"jump-1"'},
+             "syslog_address": '"tls://127.0.0.1:6514"', "syslog_app_name": '"mb"', "syslog_hostname": '"jump-1"',
+             "syslog_bom": "true", "syslog_sd_id": '"medbroker@12345"', "syslog_ca_file": '"ca.pem"',
+             "syslog_client_cert": '"client.pem"', "syslog_client_key": '"client.key"',
+             "syslog_server_name": '"siem.example"', "format": '"ecs"'},
+    "metrics": {"address": '"127.0.0.1:9464"', "min_free_mb": "10"},
+    "display": {"timezone": '"Asia/Shanghai"'},
+}
+# Keys that mean something only together with another: set alone they are refused (an option that would
+# do nothing), so the one-key test adds the companion.
+COMPANIONS = {
+    ("web", "webhook_secret_file"): 'webhook_url = "http://127.0.0.1:9/web"',
+    ("siem", "syslog_ca_file"): 'syslog_address = "tls://127.0.0.1:6514"',
+    ("siem", "syslog_client_cert"): 'syslog_address = "tls://127.0.0.1:6514"',
+    ("siem", "syslog_client_key"): 'syslog_address = "tls://127.0.0.1:6514"\nsyslog_client_cert = "c.pem"',
+    ("siem", "syslog_server_name"): 'syslog_address = "tls://127.0.0.1:6514"',
 }
 
 
@@ -139,7 +155,8 @@ def test_non_default_table_covers_every_key() -> None:
 @pytest.mark.parametrize("section,key", [(s, k) for s, keys in NON_DEFAULT.items() for k in keys])
 def test_every_key_can_be_set(tmp_path: Path, section: str, key: str) -> None:
     raw = NON_DEFAULT[section][key]
-    cfg = load_text(tmp_path, f"[{section}]\n{key} = {raw}\n")
+    companion = COMPANIONS.get((section, key), "")
+    cfg = load_text(tmp_path, f"[{section}]\n{companion}\n{key} = {raw}\n")
     value = getattr(getattr(cfg, section), key)
     default = getattr(_SECTIONS[section](), key)
     assert value != default

@@ -70,7 +70,7 @@ def _steps(text: str) -> dict[int, list[str]]:
         if head:
             current = int(head.group(1))
             steps[current] = []
-        elif current is not None and re.match(r"\s+(ssh|medbroker) ", line):
+        elif current is not None and re.match(r"\s+(ssh|\S*medbroker) ", line):
             steps[current].append(line.strip())
     return steps
 
@@ -175,7 +175,11 @@ def test_walkthrough_commands_work_as_printed_and_ctrl_c_stops_everything(demo: 
     assert r.returncode == 1 and b"protected patient-data directory" in r.stderr and r.stdout == b"", r
 
     # 5. Security: the sessions are listed and the audit chain and recordings verify.
-    medbroker = [c for c in steps[5] if c.startswith(f"medbroker --home {home} ")]
+    # The printed medbroker runs as printed: this installation's launcher by absolute path unless the PATH
+    # finds that same launcher (here the PATH's medbroker is the test's wrapper, so the absolute path).
+    medbroker = [c for c in steps[5] if f" --home {home} " in c]
+    launcher = shlex.split(medbroker[0])[0]
+    assert launcher == str(Path(sys.executable).parent / "medbroker"), medbroker[0]
     sessions_list = next(c for c in medbroker if c.endswith(" sessions list"))
     r = demo.run(f"{sessions_list} --json")
     assert r.returncode == 0, r

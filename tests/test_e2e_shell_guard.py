@@ -15,7 +15,8 @@ PROMPT = re.compile(rb"[#$] ")
 
 @pytest.fixture
 def world(tmp_path, device):
-    w = World(tmp_path, device()).setup()
+    # Exposed: the login can read the patient directories, so these tests show the broker's own guards.
+    w = World(tmp_path, device(exposed=True)).setup()
     w.grant()
     try:
         yield w

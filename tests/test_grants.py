@@ -406,7 +406,8 @@ def test_critical_device_needs_two_distinct_approvers(w: World) -> None:
     first = w.approve(req.id, by="bob")
     assert first.grant is None and first.approvals_needed == 1
     assert first.request.status == "pending" and first.request.approvals == ("bob",)
-    assert w.details("request.approved")[-1] == {"approvals": 1, "needed": 2, "final": False}
+    assert w.details("request.approved")[-1] == {"approvals": 1, "needed": 2, "final": False, "duration_s": 7200,
+                                                 "allow_shell": False, "containment": "unknown"}
     with pytest.raises(ApprovalRequiredError):
         find_active_grant(w.store, "alice", "mri-01", w.now)
 
@@ -428,7 +429,8 @@ def test_critical_device_needs_two_distinct_approvers(w: World) -> None:
         ("request.approved", "dave", req.id, g.id),
         ("grant.created", "dave", req.id, g.id),
     ]
-    assert w.details("request.approved")[-1] == {"approvals": 2, "needed": 2, "final": True}
+    assert w.details("request.approved")[-1] == {"approvals": 2, "needed": 2, "final": True, "duration_s": 7200,
+                                                 "allow_shell": False, "containment": "unknown"}
     assert find_active_grant(w.store, "alice", "mri-01", w.now).id == g.id
 
 

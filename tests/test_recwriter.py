@@ -79,3 +79,97 @@ def test_one_failing_recording_does_not_stop_the_others(tmp_path: Path) -> None:
     assert broken.append_data(0, "output", b"dropped") == 0 and broken.dropped_frames == 1
     with pytest.raises(RecordingError):
         broken.close()
+
+
+# --- the acknowledgment window (issue 11, finding 7; docs/recording-format.md) ---------------------------------
+class _SlowVolume:
+    """A fifo as the recording "file", drained by a thread at a throttled pace: a disk slower than the session."""
+
+    def __init__(self, tmp_path: Path, name: str, read_size: int = 16384, pause_s: float = 0.0005) -> None:
+        self.path = tmp_path / name
+        os.mkfifo(self.path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        self.stop = threading.Event()
+        self.read_size, self.pause_s = read_size, pause_s
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+
+    def _drain(self) -> None:
+        while not self.stop.is_set():
+            try:
+                if not os.read(self.fd, self.read_size):
+                    time.sleep(self.pause_s)
+            except BlockingIOError:
+                pass
+            time.sleep(self.pause_s)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        os.close(self.fd)
+
+
+def _forward_through(w: RecordingWriter, held: threading.Event, sizes: list[int]) -> int:
+    """What the relay does: append each unit, then hand it on; never hand on while held. Returns the most
+    bytes that were ever handed on but not yet written (appended == handed on here, so that is pending_bytes)."""
+    worst = 0
+    for n in sizes:
+        deadline = time.monotonic() + 10
+        while held.is_set():
+            assert time.monotonic() < deadline, "the writer never caught up"
+            time.sleep(0.0002)
+        assert w.append_data(1, "output", b"o" * n)
+        worst = max(worst, w.pending_bytes)  # only the writer thread lowers it meanwhile
+    return worst
+
+
+@pytest.mark.parametrize("seed, largest, announced", [(1, 32768, 0), (2, 32768, 0), (3, 262144, 262144),
+                                                      (4, 1024, 0), (5, 262144 - 1024, 262144)])
+def test_the_ack_window_bounds_what_is_handed_on_before_it_is_written(tmp_path: Path, seed, largest,
+                                                                     announced) -> None:
+    import random
+
+    from sessions.recwriter import ACK_WINDOW
+
+    rnd = random.Random(seed)
+    sizes = [largest]
+    while sum(sizes) < 3 << 20:  # 3 MiB through a volume that takes ~30 MB/s at most
+        sizes.append(rnd.randint(1, largest))
+    rnd.shuffle(sizes)
+    vol = _SlowVolume(tmp_path, "slow.mbr")
+    held = threading.Event()
+    pauses: list[int] = []
+    w = RecordingWriter(vol.path, {"session_id": "slow"}, clock=SystemClock(), window=ACK_WINDOW,
+                        on_pause=lambda: (held.set(), pauses.append(1)), on_resume=held.clear)
+    vol.thread.start()
+    try:
+        if announced:
+            w.expect_unit(announced)  # the relay does this for SFTP and broker-served scp channels
+        worst = _forward_through(w, held, sizes)
+        assert worst <= ACK_WINDOW, f"{worst} bytes handed on before they were written"
+        assert pauses, "the slow volume never paused the session: the test proves nothing"
+        assert w.drain(10) and w.pending_bytes == 0
+    finally:
+        vol.close()
+
+
+def test_a_failed_writer_reports_once_and_leaves_nothing_paused(tmp_path: Path) -> None:
+    """After a write failure nothing stays queued or paused (best-effort sessions go on), appends are refused
+    (0: strict relays then hand nothing on), and the failure time is kept for the audit row."""
+    from sessions.recwriter import ACK_WINDOW
+
+    vol = _SlowVolume(tmp_path, "dies.mbr")
+    errors: list[BaseException] = []
+    held = threading.Event()
+    w = RecordingWriter(vol.path, {"session_id": "dies"}, clock=SystemClock(), window=ACK_WINDOW,
+                        on_pause=held.set, on_resume=held.clear, on_error=errors.append)
+    w.append_data(1, "output", b"x" * 200_000)  # a pipe holds 64 KiB: the writer blocks, the session pauses
+    w.append_data(1, "output", b"y" * 60_000)
+    assert w.paused and held.is_set()
+    vol.stop.set()
+    os.close(vol.fd)  # the "volume" goes away under the blocked writer: EPIPE
+    assert _wait(lambda: w.failed is not None)
+    assert errors == [w.failed] and w.failed_at is not None
+    assert not w.paused and w.pending_bytes == 0
+    assert w.append_data(1, "output", b"after") == 0
+    with pytest.raises(RecordingError):
+        w.close()

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,7 +22,8 @@ from broker.app import init_home
 from broker.audit import EVENTS
 from broker.config import DEFAULT_CONFIG_TOML, parse_syslog_address
 from broker.errors import ConfigError, UsageError
-from broker.siem import FACILITY, SD_ID, JsonLinesSink, SyslogSink, event_severity, format_syslog, siem_record
+from broker.siem import (FACILITY, SD_ID, JsonLinesSink, SyslogSink, ecs_record, event_severity, format_syslog,
+                         siem_record)
 from helpers import FUZZ_EXAMPLES_OTHER
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,14 +33,14 @@ REPO = Path(__file__).resolve().parent.parent
 _HEAD = re.compile(rb"<(\d{1,3})>1 (\S+) (\S+) (\S+) (\S+) (\S+) ")
 
 
-def parse_5424(message: bytes) -> dict:
-    """Split one RFC 5424 message strictly (header, one SD element with escapes, BOM + MSG)."""
+def parse_5424(message: bytes, *, bom: bool = False, sd_id: str = SD_ID) -> dict:
+    """Split one RFC 5424 message strictly (header, one SD element with escapes, [BOM +] MSG)."""
     m = _HEAD.match(message)
     assert m, message[:120]
     pri, ts, host, app, procid, msgid = m.groups()
     rest = message[m.end():].decode("utf-8")
-    assert rest.startswith("[" + SD_ID), rest[:80]
-    params, i = {}, len(SD_ID) + 1
+    assert rest.startswith("[" + sd_id + " "), rest[:80]
+    params, i = {}, len(sd_id) + 1
     while rest[i] == " ":
         eq = rest.index("=", i)
         name = rest[i + 1:eq]
@@ -53,9 +55,11 @@ def parse_5424(message: bytes) -> dict:
         i = j + 1
     assert rest[i] == "]"
     msg = rest[i + 1:]
-    assert msg.startswith(" \ufeff"), msg[:10]
+    lead = " \ufeff" if bom else " {"
+    assert msg.startswith(lead), msg[:10]
     return {"pri": int(pri), "timestamp": ts.decode(), "hostname": host.decode(), "app": app.decode(),
-            "procid": procid.decode(), "msgid": msgid.decode(), "sd": params, "msg": json.loads(msg[2:])}
+            "procid": procid.decode(), "msgid": msgid.decode(), "sd": params,
+            "msg": json.loads(msg[2:] if bom else msg[1:])}
 
 
 def _row(**over) -> dict:
@@ -74,8 +78,30 @@ def test_syslog_message_fields():
         "2026-11-28T14:15:30.123456Z", "jump-1", "medbroker", "4242", "session.killed")
     assert msg["sd"] == {"id": "7", "hash": "b" * 64, "actor": "carol", "user": "alice", "device": "ct-01",
                          "session": "20261128-141530-3fa2c1", "grant": "3", "source": "cli"}
-    assert msg["msg"] == siem_record(_row())
+    assert msg["msg"] == siem_record(_row(), "jump-1")
     assert msg["msg"]["details"] == {"reason": "audit hold"} and msg["msg"]["v"] == 1
+    assert msg["msg"]["host"] == "jump-1"  # several brokers feed one SIEM: every record names its host
+    # No BOM by default: MSG is plain JSON from its first byte (RFC 5424 MSG-ANY), as naive parsers expect.
+    raw = format_syslog(_row(), hostname="jump-1")
+    assert b"\xef\xbb\xbf" not in raw and json.loads(raw[raw.index(b"] ") + 2:])["id"] == 7
+
+
+def test_bom_and_sd_id_are_configurable():
+    raw = format_syslog(_row(), hostname="h", bom=True, sd_id="medbroker@99999")
+    msg = parse_5424(raw, bom=True, sd_id="medbroker@99999")
+    assert raw.count(b"\xef\xbb\xbf") == 1 and msg["sd"]["user"] == "alice"
+
+
+def test_ecs_records_carry_the_fields_elastic_and_splunk_map():
+    row = _row(event="request.approved", actor="bob", user_name="alice", source="10.1.2.3")
+    msg = parse_5424(format_syslog(row, hostname="jump-1", fmt="ecs"))
+    ecs = msg["msg"]
+    assert ecs["event"]["action"] == "request.approved" and ecs["@timestamp"] == row["at"]
+    assert ecs["user"] == {"name": "bob", "target": {"name": "alice"}}
+    assert ecs["source"]["ip"] == "10.1.2.3" and ecs["host"]["name"] == "jump-1"
+    assert ecs["medbroker"] == siem_record(row, "jump-1")  # nothing of medbroker's own record is lost
+    vendor = ecs_record(_row(event="sftp.denied", actor=None), "h")
+    assert vendor["user"] == {"name": "alice"} and vendor["event"]["outcome"] == "failure"
 
 
 def test_structured_data_escapes_and_controls():
@@ -124,6 +150,12 @@ def test_events_doc_is_up_to_date():
     ('syslog_hostname = "a b"', "siem.syslog_hostname"),
     ('jsonl_file = "x"\njsonl_max_bytes = 10', "siem.jsonl_max_bytes"),
     ('colour = "red"', "unknown key siem.colour"),
+    ('syslog_sd_id = "medbroker"', "siem.syslog_sd_id"),
+    ('syslog_sd_id = "med broker@1"', "siem.syslog_sd_id"),
+    ('syslog_sd_id = "a]b@1"', "siem.syslog_sd_id"),
+    ('format = "cef"', "siem.format"),
+    ('syslog_address = "udp://h:514"\nsyslog_ca_file = "ca.pem"', "siem.syslog_ca_file is set"),
+    ('syslog_address = "tls://h:6514"\nsyslog_client_key = "k.pem"', "without siem.syslog_client_cert"),
 ])
 def test_bad_siem_config_is_refused(tmp_path, text, needle):
     from broker.config import load_config
@@ -175,10 +207,12 @@ class UdpCollector:
 class TcpCollector:
     """Accepts connections and splits octet-counted frames; can drop each connection after N messages."""
 
-    def __init__(self, drop_after: int | None = None) -> None:
+    def __init__(self, drop_after: int | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.2)
-        self.address = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self.tls = tls
+        self.handshake_errors = 0
+        self.address = f"{'tls' if tls else 'tcp'}://127.0.0.1:{self.server.getsockname()[1]}"
         self.messages: list[dict] = []
         self.connections = 0
         self.drop_after = drop_after
@@ -192,6 +226,14 @@ class TcpCollector:
                 conn, _ = self.server.accept()
             except OSError:
                 continue
+            if self.tls is not None:
+                try:
+                    conn.settimeout(5)
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except (OSError, ssl.SSLError):
+                    self.handshake_errors += 1
+                    conn.close()
+                    continue
             self.connections += 1
             with conn:
                 conn.settimeout(0.2)
@@ -224,6 +266,58 @@ class TcpCollector:
         self._stop.set()
         self.thread.join(5)
         self.server.close()
+
+
+def _make_pki(tmp: Path) -> dict[str, Path]:
+    """A CA, a collector certificate for 127.0.0.1 signed by it, a client certificate, and a stranger CA."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(subject: str, key, issuer: str, issuer_key, *, ca: bool, san=None) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    def write(stem: str, c: x509.Certificate, key) -> tuple[Path, Path]:
+        cp, kp = tmp / f"{stem}.pem", tmp / f"{stem}.key"
+        cp.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+        return cp, kp
+
+    out: dict[str, Path] = {}
+    ca_key, other_key, srv_key, cli_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    out["ca"], _ = write("ca", cert("test syslog CA", ca_key, "test syslog CA", ca_key, ca=True), ca_key)
+    out["other_ca"], _ = write("other", cert("stranger CA", other_key, "stranger CA", other_key, ca=True), other_key)
+    out["server"], out["server_key"] = write("server", cert(
+        "collector", srv_key, "test syslog CA", ca_key, ca=False,
+        san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("collector.test")]), srv_key)
+    out["client"], out["client_key"] = write("client", cert("jump-1", cli_key, "test syslog CA", ca_key, ca=False),
+                                             cli_key)
+    return out
+
+
+def _collector_tls(pki: dict[str, Path], *, want_client: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["server"], pki["server_key"])
+    if want_client:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(pki["ca"])
+    return ctx
 
 
 def _home_with(tmp_path: Path, siem: str):
@@ -365,3 +459,81 @@ def test_a_forked_worker_sends_its_own_events():
         sink.close()
     finally:
         col.close()
+
+
+def test_syslog_over_tls_verifies_the_collector_and_presents_a_client_certificate(tmp_path):
+    """RFC 5425: the app's audit rows reach a TLS collector that requires a client certificate."""
+    pki = _make_pki(tmp_path)
+    col = TcpCollector(tls=_collector_tls(pki, want_client=True))
+    try:
+        app = _home_with(tmp_path, f'syslog_address = "{col.address}"\nsyslog_hostname = "jump-1"\n'
+                                   f'syslog_ca_file = "{pki["ca"]}"\nsyslog_client_cert = "{pki["client"]}"\n'
+                                   f'syslog_client_key = "{pki["client_key"]}"\nformat = "ecs"')
+        try:
+            row = app.audit.record("session.killed", user="alice", device="ct-01", session_id="s-1",
+                                   by="carol", reason="audit hold")
+        finally:
+            app.close()
+        got = [m for m in col.wait_for(1) if m["msgid"] == "session.killed"]
+        assert got and got[0]["sd"]["hash"] == row["hash"] and got[0]["msg"]["host"]["name"] == "jump-1"
+        assert got[0]["msg"]["event"]["action"] == "session.killed"
+    finally:
+        col.close()
+
+
+def test_syslog_over_tls_refuses_a_collector_the_ca_did_not_sign(tmp_path):
+    pki = _make_pki(tmp_path)
+    col = TcpCollector(tls=_collector_tls(pki, want_client=False))
+    try:
+        sink = SyslogSink(col.address, hostname="h", ca_file=pki["other_ca"])
+        try:
+            sink(_row(event="sftp.denied"))
+            deadline = time.monotonic() + 5
+            while sink.errors == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            sink.close(timeout=0.5)
+        assert sink.errors >= 1 and sink.sent == 0 and col.messages == []
+        # the same collector, with the right CA and its name: delivered
+        sink = SyslogSink(col.address.replace("127.0.0.1", "127.0.0.1"), hostname="h", ca_file=pki["ca"],
+                          server_name="collector.test")
+        try:
+            sink(_row(event="sftp.denied"))
+            assert col.wait_for(1) and sink.errors == 0
+        finally:
+            sink.close()
+    finally:
+        col.close()
+
+
+def test_jsonl_records_name_their_host(tmp_path):
+    app = _home_with(tmp_path, 'jsonl_file = "siem/audit.jsonl"\nsyslog_hostname = "jump-2"')
+    try:
+        app.audit.record("user.created", user="erin", actor="admin")
+    finally:
+        app.close()
+    lines = [json.loads(x) for x in (tmp_path / "home" / "siem" / "audit.jsonl").read_text().splitlines()]
+    assert lines and all(x["host"] == "jump-2" for x in lines)
+
+
+def test_alerts_file_rotates_like_the_siem_file(tmp_path):
+    """[alerts] file grows by one line per denial; it rotates by size instead of filling the disk."""
+    from broker.siem import JsonLinesSink
+
+    app = _home_with(tmp_path, "")
+    try:
+        app.audit.record("sftp.denied", user="alice", device="ct-01", reason="x" * 100)
+        sink = app._alerts
+        assert isinstance(sink, JsonLinesSink)
+        sink.max_bytes = 4096
+        for i in range(60):
+            app.audit.record("sftp.denied", user="alice", device="ct-01", reason=f"{i:03d}" + "y" * 100)
+        app.audit.record("user.created", user="erin", actor="admin")  # not an alert: not written
+    finally:
+        app.close()
+    alerts = tmp_path / "home" / "alerts.jsonl"
+    rotated = alerts.with_name("alerts.jsonl.1")
+    assert rotated.exists() and alerts.stat().st_size <= 4096 and rotated.stat().st_size <= 4096
+    last = json.loads(alerts.read_text().splitlines()[-1])
+    assert last["event"] == "sftp.denied" and last["details"]["reason"].startswith("059")
+    assert "user.created" not in alerts.read_text()

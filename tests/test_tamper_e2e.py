@@ -64,7 +64,7 @@ def _sessions(db) -> list[tuple[str, str]]:
 
 def test_untouched_evidence_verifies_and_the_last_row_is_signed(home, db):
     rc, report, _ = _verify(home, process=True)
-    assert rc == 0 and report["ok"] and report["counts"] == {"ok": 2, "live": 0, "incomplete": 0, "broken": 0}
+    assert rc == 0 and report["ok"] and report["counts"] == {"ok": 2, "live": 0, "open": 0, "incomplete": 0, "broken": 0}
     last_id, last_hash, last_event = db.execute(
         "SELECT id, hash, event FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
     event_id, cp_hash, signature = db.execute(

@@ -123,6 +123,10 @@ def test_phone_approval_then_vendor_session_watched_killed_and_replayed(browser,
         assert asked[-1]["actor"] == "carol"
         expect(page.locator("#watch")).to_have_attribute("data-ended", "1")
         assert "Session ended" in page.locator("#watch-status").inner_text()
+        # the page no longer claims the session is live or offers to end it
+        expect(page.locator("#session-state")).to_have_text(re.compile("^(ended|killed)$"))  # killed: reload won
+        assert page.locator("#kill-card").count() == 0 and page.locator("[data-ends]").count() == 0
+        assert "left" not in page.locator("main p").first.inner_text()
         # -- replay in the browser: verified, signed, and the typed text is on the screen
         page.goto(f"{world.web_url}/recordings/{sid}")
         page.wait_for_selector("#player[data-ready='1']")

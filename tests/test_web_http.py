@@ -419,3 +419,29 @@ def test_next_path_never_leaves_the_site(text):
     assert out.startswith("/") and not out.startswith("//") and "\\" not in out
     assert all(0x21 <= ord(c) <= 0x7E for c in out)
     assert out == "/" or out == text
+
+
+def test_inbox_card_shows_containment_windows_and_the_shell_choice(console):
+    details = json.dumps({"login": "service", "error": None, "paths": [
+        {"path": "/data/dicom", "status": "readable", "detail": "listable", "fix": "chmod 0700 /data/dicom"}]})
+    console.app.store.set_device_containment("ct-01", "exposed", utc_iso(console.clock.now()), details)
+    console.app.store.update_device("ct-01", description="Siemens SOMATOM, CT room 3 <B2>")
+    rid = request_grant(console.app.store, console.app.audit, console.app.rules,
+                        get_principal(console.app.store, "alice"), "ct-01", 7200, "tube replacement",
+                        console.clock.now(), mode="read-only").id
+    bob = console.client("bob")
+    page = bob.get("/inbox")[2]
+    assert f'id="containment-{rid}">exposed<' in page and "EXPOSED" in page and "/data/dicom" in page
+    assert "accept that risk" in page and f'id="allow-shell-{rid}"' in page and "files only" in page
+    # the approver on a phone sees which machine and room (escaped like everything shown)
+    assert f'id="description-{rid}">Siemens SOMATOM, CT room 3 &lt;B2&gt;<' in page
+    token = bob.csrf("/inbox")
+    bob.post(f"/requests/{rid}/approve", {"csrf": token, "duration": "30m", "allow_shell": "yes"})
+    assert get_request(console.app.store, rid).status == "pending"  # exposed: a second approver is needed
+    assert "bob (30m, shell allowed)" in bob.get(f"/requests/{rid}")[2]
+    dave = console.client("dave")
+    dave.post(f"/requests/{rid}/approve", {"csrf": dave.csrf("/inbox")})
+    grant = console.app.store.list_grants()[-1]
+    assert grant["shell"] == "files-only"  # dave did not allow a shell: the stricter choice wins
+    assert grant["ends_at"] == utc_iso(console.clock.now() + timedelta(minutes=30))  # bob's shorter window
+    assert "Files only" in dave.get("/inbox")[2]

@@ -28,8 +28,10 @@ class Webhook:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server naming
                 length = int(self.headers.get("Content-Length", "0"))
-                hook.bodies.append({"type": self.headers.get("Content-Type"),
-                                    "json": json.loads(self.rfile.read(length))})
+                raw = self.rfile.read(length)
+                hook.bodies.append({"type": self.headers.get("Content-Type"), "json": json.loads(raw), "raw": raw,
+                                    "signature": self.headers.get("X-Medbroker-Signature"),
+                                    "timestamp": self.headers.get("X-Medbroker-Timestamp")})
                 self.send_response(status)
                 self.end_headers()
 
@@ -118,9 +120,22 @@ def receivers():
         smtp.close()
 
 
-def _config(hook_url: str, smtp_port: int) -> str:
+def _config(hook_url: str, smtp_port: int, extra: str = "") -> str:
     return (f'[web]\nwebhook_url = "{hook_url}"\nsmtp_host = "127.0.0.1"\nsmtp_port = {smtp_port}\n'
-            'smtp_from = "medbroker@hospital.example"\nsmtp_to = ["biomed-oncall@hospital.example"]\n')
+            'smtp_from = "medbroker@hospital.example"\nsmtp_to = ["biomed-oncall@hospital.example"]\n' + extra)
+
+
+def verify_signature(secret: bytes, body: dict, *, max_age_s: int = 300) -> bool:
+    """What a receiver does (the snippet in docs/web.md): recompute the HMAC over TIMESTAMP.BODY, compare in
+    constant time, refuse stale timestamps."""
+    import hashlib
+    import hmac
+    import time
+
+    if not body["signature"] or not body["timestamp"] or abs(time.time() - int(body["timestamp"])) > max_age_s:
+        return False
+    want = "sha256=" + hmac.new(secret, body["timestamp"].encode() + b"." + body["raw"], hashlib.sha256).hexdigest()
+    return hmac.compare_digest(want, body["signature"])
 
 
 def test_new_request_and_each_decision_reach_webhook_and_email(tmp_path, receivers):
@@ -135,7 +150,10 @@ def test_new_request_and_each_decision_reach_webhook_and_email(tmp_path, receive
         assert note["event"] == "request.created" and note["request"]["id"] == rid
         assert note["url"] == f"{console.url}/requests/{rid}"
         assert note["summary"] == "alice (Acme Imaging) asks for ct-01 for 2h: tube replacement"
+        assert note["text"].startswith("medbroker: alice (Acme Imaging) asks for ct-01") and note["url"] in note["text"]
+        assert body["signature"] is None  # no secret configured: unsigned
         mail = smtp.messages[0]
+        assert mail["msg"]["Date"] and mail["msg"]["Message-ID"].endswith("@hospital.example>")
         assert mail["to"] == ["<biomed-oncall@hospital.example>"]
         assert f"request {rid}" in mail["msg"]["Subject"] and "alice (Acme Imaging) asks for ct-01" in mail["msg"]["Subject"]
         text = mail["msg"].get_payload(decode=True).decode()
@@ -208,3 +226,31 @@ def test_smtp_server_helper_speaks_smtp():
         smtp.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", smtp.port), timeout=1).close()
+
+
+def test_webhooks_are_signed_and_carry_the_state_as_of_their_event(tmp_path, receivers):
+    hook, smtp = receivers
+    secret = b"s3cret-shared-with-the-receiver"
+    (tmp_path / "hook.secret").write_bytes(secret + b"\n")
+    console = Console(tmp_path, _config(hook.url, smtp.port, f'webhook_secret_file = "{tmp_path / "hook.secret"}"\n'))
+    try:
+        from broker.web import start_web, stop_web
+
+        console.loop.call(stop_web(console.handle))  # the request is approved before the notifier sees it
+        rid = console.request()
+        approve_request(console.app.store, console.app.audit, console.app.rules, rid,
+                        get_principal(console.app.store, "bob"), console.clock.now())
+        console.handle = console.loop.call(start_web(console.app, "127.0.0.1:0"))
+        wait_for(lambda: len(hook.bodies) >= 2, timeout=10)
+        created, approved = hook.bodies[0], hook.bodies[1]
+        assert created["json"]["event"] == "request.created" and approved["json"]["event"] == "request.approved"
+        assert created["json"]["request"]["status"] == "pending" and created["json"]["request"]["approvals"] == []
+        assert created["json"]["request"]["grant_id"] is None
+        assert approved["json"]["request"]["status"] == "approved"
+        assert approved["json"]["request"]["approvals"] == ["bob"]
+        assert all(verify_signature(secret, b) for b in hook.bodies)
+        assert not verify_signature(b"another-secret-of-16-bytes", created)
+        tampered = dict(created, raw=created["raw"].replace(b"pending", b"approved"))
+        assert not verify_signature(secret, tampered)
+    finally:
+        console.close()

@@ -191,7 +191,8 @@ class Transfers:
 
 def make_transfer_world(tmp: Path) -> Transfers:
     """Start the device and the broker; the caller closes both (``t.world.close(); t.device.close()``)."""
-    device = SshdDevice(tmp / "device").start()
+    # Exposed: the login can read the patient directories, so only the broker's guards stop a read.
+    device = SshdDevice(tmp / "device", exposed=True).start()
     try:
         tree = device.tree
         assert tree is not None

@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import re
+import unicodedata
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import typer
 
 from broker.app import App, open_app
-from broker.clock import utc_iso
+from broker.clock import display_zone, local_text, utc_iso
 from broker.errors import PermissionDeniedError, StorageError, UsageError
 from broker.identity import Principal, get_principal, require_role
 from broker.keys import write_private
@@ -69,6 +70,7 @@ class State:
         """
         if self._app is None:
             self._app = open_app(self.home)
+            set_display_zone(self._app.config.display.timezone)
         return self._app
 
     def close(self) -> None:
@@ -139,15 +141,28 @@ def safe(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return _UNSAFE.sub("?", str(value))
+    text = _UNSAFE.sub("?", str(value))
+    # bidi overrides, zero-width and other format characters (issue 11): shown, not obeyed
+    return text if text.isascii() else "".join(
+        f"<U+{ord(c):04X}>" if unicodedata.category(c) in ("Cf", "Cs") else c for c in text)
+
+
+_DISPLAY: dict[str, Any] = {"zone": None}  # this invocation's [display] timezone (set when the home opens)
+
+
+def set_display_zone(name: str) -> None:
+    """Show times in the zone ``[display] timezone`` names ("" = the host's)."""
+    _DISPLAY["zone"] = display_zone(name)
 
 
 def when(value: datetime | str | None) -> str:
-    """A UTC timestamp to the second, e.g. ``2026-01-01 08:00:00Z``."""
+    """A timestamp to the second in the display zone: ``2026-01-01 09:00:00 CET``, ``…Z`` in UTC."""
     if value is None:
         return "-"
-    text = utc_iso(value) if isinstance(value, datetime) else str(value)
-    return text.replace("T", " ")[:19] + "Z" if len(text) >= 19 else safe(text)
+    text = value if isinstance(value, datetime) else str(value)
+    if isinstance(text, str) and len(text) < 19:
+        return safe(text)
+    return safe(local_text(text, _DISPLAY["zone"]))
 
 
 def _console():

@@ -8,10 +8,13 @@ from typing import Annotated
 
 import typer
 
-from broker.commands.common import (BY_ADMIN_HELP, JSON_HELP, admin_actor, emit_json, open_home, print_fields,
-                                    print_table, read_text_file, safe, say)
+from broker.commands.common import (BY_ADMIN_HELP, JSON_HELP, admin_actor, emit_json, open_home,
+                                    print_fields, print_table, read_text_file, safe, say)
+from broker.containment import READABLE, check_now, describe_policy
 from broker.config import format_duration
-from broker.devices import CLASSES, add_device, get_device, list_devices, remove_device, validate_protected_path
+from broker.devices import (CLASSES, SHELL_POLICIES, add_device, get_device, list_devices, remove_device,
+                             set_exposed_shell, validate_protected_path)
+from broker.devices import shell_policy
 from broker.errors import ConflictError, DeviceUnreachableError, PermissionDeniedError, UsageError
 from broker.identity import parse_public_key, validate_name
 
@@ -136,10 +139,17 @@ def add(
     legacy_host_key_alg: Annotated[list[str] | None, typer.Option(
         "--legacy-host-key-alg", metavar="ALG", help="Extra host key algorithm, e.g. ssh-rsa (repeatable).")] = None,
     description: Annotated[str | None, typer.Option("--description", help="Free text, e.g. model and room.")] = None,
+    exposed_shell: Annotated[str | None, typer.Option(
+        "--exposed-shell", metavar="POLICY",
+        help="What the device allows while exposed (its login can read a protected path): "
+             "allow, files-only or two-approvers. Default: [policy] exposed_shell.")] = None,
+    no_check: Annotated[bool, typer.Option(
+        "--no-check", help="Do not check containment now (it is checked at the first session).")] = False,
     by: ByOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a device with the credential the broker uses and its pinned SSH host key."""
+    """Register a device with the credential the broker uses and its pinned SSH host key, then check
+    containment (can the device login read a protected path?) when the device is reachable."""
     if (key is None) == (not password_stdin):
         raise UsageError("give exactly one credential", "--key FILE or --password-stdin")
     if (host_key is None) == (not fetch):
@@ -150,6 +160,8 @@ def add(
     validate_name(name, what="device name")
     if device_class not in CLASSES:
         raise UsageError(f"--class {device_class!r} is not known", f"use {' or '.join(CLASSES)}")
+    if exposed_shell is not None and exposed_shell not in SHELL_POLICIES:
+        raise UsageError(f"--exposed-shell {exposed_shell!r} is not known", f"use {', '.join(SHELL_POLICIES)}")
     for path in protect or ():
         validate_protected_path(path)
     legacy: dict[str, list[str]] = {}
@@ -175,12 +187,19 @@ def add(
     assert host_key is not None
     dev = add_device(a.store, a.audit, a.keys, name=name, host=host, port=port, login=login, host_key=host_key,
                      now=a.clock.now(), key_text=key_text, password=password, protect=tuple(protect or ()),
-                     device_class=device_class, legacy_algorithms=legacy, description=description, actor=actor)
+                     device_class=device_class, legacy_algorithms=legacy, description=description, actor=actor,
+                     exposed_shell=exposed_shell)
+    report = None if no_check else check_now(a, name, trigger="device-add", actor=actor)
+    if report is not None:
+        dev = get_device(a.store, name)
     if as_json:
-        emit_json(dev.as_dict())
+        emit_json(dev.as_dict() | ({"containment_check": report.as_dict()} if report else {}))
         return
     say(f"Device {dev.name} added: {dev.login}@{dev.host}:{dev.port} ({dev.auth_kind} login, {dev.device_class}), "
         f"host key {dev.host_key_fingerprint} pinned, {len(dev.protected_paths)} protected path(s).")
+    if report is not None:
+        say(f"Containment: {_state_line(report)}" + (f"; details and fixes: medbroker device check {name}"
+                                                     if report.state != "contained" else ""))
 
 
 def _confirm_fetched(name: str, line: str, yes: bool) -> str:
@@ -202,31 +221,100 @@ def _paths(paths: tuple[str, ...]) -> str:
     return ", ".join(paths) if paths else "-"
 
 
+def _state_line(report) -> str:
+    if report.state == "contained":
+        return "contained (the device login cannot read any protected path)"
+    if report.state == "exposed":
+        return f"EXPOSED: the device login can read {', '.join(report.exposed_paths)}"
+    return f"unknown ({report.error or 'a path could not be judged'})"
+
+
+def _containment(d) -> str:
+    return d.containment.upper() if d.containment == "exposed" else d.containment
+
+
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """List registered devices."""
+    """List registered devices with their containment (can the device login read a protected path?)."""
     devices = list_devices(open_home(ctx).store)
     if as_json:
         emit_json({"devices": [d.as_dict() for d in devices]})
         return
-    print_table(["name", "address", "login", "auth", "class", "protected", "host key"],
+    print_table(["name", "address", "login", "auth", "class", "protected", "containment", "host key"],
                 ([d.name, f"{d.host}:{d.port}", d.login, d.auth_kind, d.device_class, len(d.protected_paths),
-                  d.host_key_fingerprint] for d in devices), empty="no devices yet")
+                  _containment(d), d.host_key_fingerprint] for d in devices), empty="no devices yet")
 
 
 @app.command("show")
 def show(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="Device name.")],
          as_json: JsonOpt = False) -> None:
     """Show one device (never its credential)."""
-    d = get_device(open_home(ctx).store, name)
+    a = open_home(ctx)
+    d = get_device(a.store, name)
     if as_json:
-        emit_json(d.as_dict())
+        emit_json(d.as_dict() | {"exposed_allows": shell_policy(d.exposed_shell, a.config.policy.exposed_shell)})
         return
     legacy = "; ".join(f"{k}: {', '.join(v)}" for k, v in d.legacy_algorithms.items()) or "-"
+    exposed = [p["path"] for p in (d.containment_details or {}).get("paths", []) if p.get("status") in READABLE]
+    checked = f" (checked {d.containment_checked_at})" if d.containment_checked_at else " (never checked)"
     print_fields([("name", d.name), ("address", f"{d.host}:{d.port}"), ("login", d.login),
                   ("auth", f"{d.auth_kind} (sealed)"), ("class", d.device_class), ("host key", d.host_key),
                   ("fingerprint", d.host_key_fingerprint), ("protected", _paths(d.protected_paths)),
+                  ("containment", _containment(d) + checked), ("readable by the login", _paths(tuple(exposed))),
+                  ("while exposed", describe_policy(d, a.config.policy.exposed_shell)),
                   ("legacy algorithms", legacy), ("description", d.description), ("created", d.created_at)])
+
+
+@app.command("check")
+def check(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="Device name.")],
+          by: ByOpt = None, as_json: JsonOpt = False) -> None:
+    """Containment: can the broker's device login read each protected path? Exit 0 contained, 1 not.
+
+    Checks over SFTP as the device login, prints each path as readable, readable by name (a directory it
+    can enter but not list), not readable or absent, and for each readable path how to fix it."""
+    a = open_home(ctx)
+    d = get_device(a.store, name)
+    actor = admin_actor(a, by, action="check devices", roles=("admin", "security"))
+    report = check_now(a, d.name, trigger="device-check", actor=actor)
+    if as_json:
+        emit_json(report.as_dict() | {"exposed_allows": shell_policy(d.exposed_shell, a.config.policy.exposed_shell)})
+    else:
+        typer.echo(f"{d.name}: {_state_line(report)}")
+        typer.echo(f"checked {report.checked_at} over SFTP as {report.login}@{d.host}:{d.port}, "
+                   f"{len(report.paths)} protected path(s)")
+        for p in report.paths:
+            label = {"readable": "READABLE", "readable-by-name": "READABLE BY NAME", "not-readable": "not readable",
+                     "absent": "absent", "error": "error"}.get(p.status, p.status)
+            typer.echo(f"  {safe(p.path)}: {label}" + (f" - {safe(p.detail)}" if p.status != "absent" else ""))
+            if p.status in READABLE and p.fix:
+                typer.echo(f"      fix: {safe(p.fix)}")
+        if report.state != "contained":
+            typer.echo(f"While {d.name} is not contained it allows: "
+                       f"{describe_policy(d, a.config.policy.exposed_shell)}")
+            typer.echo(f"After fixing, check again: medbroker device check {d.name}")
+    if report.state != "contained":
+        raise typer.Exit(1)
+
+
+@app.command("set")
+def set_(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="Device name.")],
+         exposed_shell: Annotated[str, typer.Option(
+             "--exposed-shell", metavar="POLICY",
+             help="What the device allows while exposed: allow, files-only, two-approvers, or default "
+                  "(the site's [policy] exposed_shell).")],
+         by: ByOpt = None, as_json: JsonOpt = False) -> None:
+    """Change a device setting: what it allows while exposed (its login can read a protected path)."""
+    if exposed_shell != "default" and exposed_shell not in SHELL_POLICIES:
+        raise UsageError(f"--exposed-shell {exposed_shell!r} is not known",
+                         f"use {', '.join(SHELL_POLICIES)} or default")
+    a = open_home(ctx)
+    get_device(a.store, name)
+    actor = admin_actor(a, by, action="change devices")
+    d = set_exposed_shell(a.store, a.audit, name, None if exposed_shell == "default" else exposed_shell, actor=actor)
+    if as_json:
+        emit_json(d.as_dict() | {"exposed_allows": shell_policy(d.exposed_shell, a.config.policy.exposed_shell)})
+        return
+    say(f"Device {name} while exposed allows: {describe_policy(d, a.config.policy.exposed_shell)}.")
 
 
 @app.command("remove")

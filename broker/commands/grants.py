@@ -8,9 +8,10 @@ import typer
 from broker.commands.common import JSON_HELP, emit_json, open_home, print_table, safe, say, when
 from broker.config import format_duration, parse_duration
 from broker.errors import UsageError
-from broker.grants import (MODES, ApprovalRequest, Grant, approve_request, deny_request, list_grants, list_requests,
-                           request_grant, revoke_grant)
+from broker.grants import (MODES, ApprovalRequest, Grant, approval_card, approvals_text, approve_request, deny_request,
+                           get_request, list_grants, list_requests, request_grant, revoke_grant)
 from broker.identity import get_principal
+from broker.grants import check_text
 
 __all__ = ["register", "grants_app", "requests_app", "request_state"]
 
@@ -68,7 +69,11 @@ def approve(
     request_id: Annotated[int, typer.Argument(metavar="REQUEST_ID", help="The id `request` printed.")],
     by: ByOpt,
     duration: Annotated[str | None, typer.Option(
-        "--for", metavar="DURATION", help="Grant a shorter window than requested.")] = None,
+        "--for", metavar="DURATION", help="Grant a shorter window than requested (the shortest any approver "
+                                          "chose applies).")] = None,
+    allow_shell: Annotated[bool, typer.Option(
+        "--allow-shell", help="For a read-only or upload-only request: also allow a shell and commands "
+                              "(otherwise the grant is files-only: sftp and scp).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Approve a pending request: the grant window starts now."""
@@ -76,22 +81,28 @@ def approve(
     a = open_home(ctx)
     approver = get_principal(a.store, by)  # the domain checks (and audits) role, state and own-request
     now = a.clock.now()
-    dec = approve_request(a.store, a.audit, a.rules, request_id, approver, now, duration_s=seconds)
+    dec = approve_request(a.store, a.audit, a.rules, request_id, approver, now, duration_s=seconds,
+                          allow_shell=allow_shell)
+    card = approval_card(a.store, a.rules, dec.request)
     if as_json:
         emit_json({"request": _request_doc(dec.request, now), "grant": dec.grant.as_dict(now) if dec.grant else None,
-                   "approvals_needed": dec.approvals_needed})
+                   "approvals_needed": dec.approvals_needed, "card": card})
         return
     if dec.grant is None:
         have = len(dec.request.approvals)
         total = have + dec.approvals_needed
         more = ("a second approver" if dec.approvals_needed == 1 and have == 1
                 else f"{dec.approvals_needed} more approver(s)")
-        say(f"{have} of {total} approvals recorded for request {request_id} ({dec.request.device} is critical); "
+        why = "critical" if card["containment"] != "exposed" else card["containment"]
+        say(f"{have} of {total} approvals recorded for request {request_id} ({dec.request.device} is {why}; "
+            f"approvals so far: {approvals_text(dec.request)}); "
             f"{more} must approve: medbroker approve {request_id} --by NAME")
         return
     g = dec.grant
+    files = (" Files only (sftp and scp): no shell or commands." if g.shell == "files-only" else "")
     say(f"Request {request_id} approved: grant {g.id} lets {g.user} on {g.device} from {when(g.starts_at)} "
-        f"until {when(g.ends_at)} ({format_duration((g.ends_at - g.starts_at).total_seconds())}).")
+        f"until {when(g.ends_at)} ({format_duration((g.ends_at - g.starts_at).total_seconds())}), approved by "
+        f"{approvals_text(dec.request)}.{files}")
 
 
 def deny(
@@ -120,8 +131,8 @@ def revoke(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke a grant: its live sessions end at once (the broker checks every half second)."""
-    if reason is not None and (len(reason) > 500 or safe(reason) != reason):
-        raise UsageError("the reason must be at most 500 printable characters")
+    if reason is not None:
+        check_text(reason, "the reason", 500, '--reason "work finished early"')
     a = open_home(ctx)
     principal = get_principal(a.store, by)  # revoke_grant checks (and audits) role and state
     now = a.clock.now()
@@ -138,14 +149,17 @@ def _grant_rows(grants: list[Grant], now: datetime):
     for g in grants:
         state = g.state(now)
         left = format_duration((g.ends_at - now).total_seconds()) if state == "active" else "-"
+        mode = g.mode + (" (files only)" if g.shell == "files-only" else "")
         yield [g.id, g.user, g.device, state, when(g.starts_at), when(g.ends_at), left, ",".join(g.approved_by),
-               g.mode, g.request_id]
+               mode, g.request_id]
 
 
-def _request_rows(reqs: list[ApprovalRequest], now: datetime):
+def _request_rows(reqs: list[ApprovalRequest], now: datetime, store=None):
     for r in reqs:
-        yield [r.id, r.user, r.device, format_duration(r.duration_s), request_state(r, now), r.reason, r.ticket,
-               ",".join(r.approvals), when(r.created_at), when(r.expires_at)]
+        dev = (store.get_device(r.device) or {}) if store is not None else {}
+        device = r.device + (" (EXPOSED)" if dev.get("containment") == "exposed" else "")
+        yield [r.id, r.user, device, format_duration(r.duration_s), request_state(r, now), r.reason, r.ticket,
+               approvals_text(r) if r.approvals else "", when(r.created_at), when(r.expires_at)]
 
 
 _REQUEST_COLUMNS = ["id", "user", "device", "for", "status", "reason", "ticket", "approvals", "created", "expires"]
@@ -169,7 +183,7 @@ def grants_list(
         return
     print_table(["id", "user", "device", "state", "starts", "ends", "left", "approved by", "mode", "request"],
                 _grant_rows(grants, now), title="Grants", empty="no active grants" if active else "no grants")
-    print_table(_REQUEST_COLUMNS, _request_rows(pending, now), title="Pending requests", empty="none")
+    print_table(_REQUEST_COLUMNS, _request_rows(pending, now, a.store), title="Pending requests", empty="none")
 
 
 @requests_app.command("list")
@@ -186,7 +200,32 @@ def requests_list(
     if as_json:
         emit_json({"requests": [_request_doc(r, now) for r in reqs]})
         return
-    print_table(_REQUEST_COLUMNS, _request_rows(reqs, now), empty="no pending requests" if pending else "no requests")
+    print_table(_REQUEST_COLUMNS, _request_rows(reqs, now, a.store),
+                empty="no pending requests" if pending else "no requests")
+
+
+@requests_app.command("show")
+def requests_show(
+    ctx: typer.Context,
+    request_id: Annotated[int, typer.Argument(metavar="REQUEST_ID", help="The request.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """One request as an approver sees it: the device's containment, what approving means, the approvals."""
+    a = open_home(ctx)
+    now = a.clock.now()
+    req = get_request(a.store, request_id)
+    card = approval_card(a.store, a.rules, req)
+    if as_json:
+        emit_json(_request_doc(req, now) | {"card": card})
+        return
+    typer.echo(f"Request {req.id}: {req.user} -> {req.device} for {format_duration(req.duration_s)} "
+               f"({req.mode}), {request_state(req, now)}")
+    typer.echo(f"  reason: {safe(req.reason)}" + (f"  ticket: {safe(req.ticket)}" if req.ticket else ""))
+    typer.echo(f"  containment: {card['containment']}"
+               + (f" (checked {card['containment_checked_at']})" if card["containment_checked_at"] else ""))
+    for note in card["notes"]:
+        typer.echo(f"  ! {safe(note)}")
+    typer.echo(f"  approvals: {safe(approvals_text(req))} (needs {card['approvals_needed']})")
 
 
 def register(app: typer.Typer) -> None:

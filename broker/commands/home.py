@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from broker.app import check_home, init_home
+from broker.service import sd_notify
 from broker.config import parse_listen
 from broker.errors import ConfigError, StorageError
 from broker.identity import parse_public_key
@@ -110,6 +111,7 @@ def serve(
         host = address.rpartition(":")[0]
         processes = f", {app.config.listen.workers} worker processes" if several else ""
         say(f"medbroker listening on {host}:{port} (home {app.home}{processes}); Ctrl-C stops it")
+        sd_notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")  # systemd Type=notify
 
     try:
         if worker_of is not None:

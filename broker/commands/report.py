@@ -73,7 +73,7 @@ def report(
                             "see: medbroker device list")
     actor = admin_actor(a, by, action="create maintenance reports", roles=REPORT_ROLES)
     doc = build_report(a.store, start=lo, end=hi, device=device, verify=lambda row: session_verification(a, row),
-                       generated_at=now, generated_by=actor)
+                       generated_at=now, generated_by=actor, display_timezone=a.config.display.timezone)
     data = render_report(doc, fmt).encode("utf-8")
     summary = doc["summary"]
     if output is None or str(output) == "-":

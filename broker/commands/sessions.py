@@ -10,6 +10,7 @@ from broker.commands.common import (JSON_HELP, admin_actor, emit_json, open_home
                                     say, when)
 from broker.config import format_duration
 from broker.errors import ConflictError, NotFoundError, UsageError
+from broker.grants import check_text
 
 __all__ = ["app", "session_doc", "get_session_row"]
 
@@ -51,22 +52,54 @@ def list_(
     live: Annotated[bool, typer.Option("--live", help="Only sessions running now.")] = False,
     user: Annotated[str | None, typer.Option("--user", metavar="NAME", help="Only this user's.")] = None,
     device: Annotated[str | None, typer.Option("--device", metavar="NAME", help="Only on this device.")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="T", help="Only sessions started at or after T: a duration back from now (7d, 12h), "
+                                     "a date (2026-11-28) or an ISO-8601 time.")] = None,
+    until: Annotated[str | None, typer.Option(
+        "--until", metavar="T", help="Only sessions started before T (a date includes that whole day).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=0, max=1_000_000, metavar="N",
+                                       help="At most N sessions, newest first (0 = all).")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
-    """List sessions, oldest first (live ones with their grant end and idle time)."""
+    """List sessions, newest first (live ones with their grant end and idle time; what was run or copied)."""
     from broker.commands.session_extras import idle_text, live_extras
+    from broker.report import parse_time_bound
 
     a = open_home(ctx)
-    docs = [session_doc(r) | live_extras(a, r)
-            for r in a.store.list_sessions(status="live" if live else None, user=user, device=device)]
+    now = a.clock.now()
+    start = None if since is None else utc_iso(parse_time_bound(since, now, what="--since"))
+    end = None if until is None else utc_iso(parse_time_bound(until, now, what="--until", end=True))
+    rows = a.store.list_sessions(status="live" if live else None, user=user, device=device, since=start, until=end,
+                                 newest_first=True, limit=(limit + 1) if limit else None)
+    more = bool(limit) and len(rows) > limit
+    rows = rows[:limit] if limit else rows
+    kinds = a.store.session_kinds([r["id"] for r in rows])
+    docs = [session_doc(r) | live_extras(a, r) | {"activity": kinds.get(r["id"])} for r in rows]
     if as_json:
-        emit_json({"sessions": docs})
+        emit_json({"sessions": docs, "more": more})
         return
-    print_table(["id", "user", "device", "status", "started", "length", "in", "out", "idle", "grant", "grant ends",
-                 "source"],
+    print_table(["id", "user", "device", "status", "started", "length", "in", "out", "idle", "what", "grant",
+                 "grant ends", "source"],
                 ([d["id"], d["user"], d["device"], d["status"], when(d["started_at"]), _length(d), d["bytes_in"],
-                  d["bytes_out"], idle_text(d), d["grant_id"], when(d["grant_ends_at"]), d["source"]] for d in docs),
+                  d["bytes_out"], idle_text(d), _what(d["activity"]), d["grant_id"], when(d["grant_ends_at"]),
+                  d["source"]] for d in docs),
                 empty="no live sessions" if live else "no sessions")
+    if more:
+        say(f"(the newest {limit}; narrow with --since/--until/--user/--device or raise --limit, 0 = all)")
+
+
+def _what(activity: dict | None) -> str:
+    """One cell: the first command and how many more, or the files moved (from the command index)."""
+    if not activity:
+        return "-"
+    parts = []
+    if activity.get("first"):
+        first = activity["first"] if len(activity["first"]) <= 32 else activity["first"][:31] + "…"
+        more = activity["commands"] - 1
+        parts.append(f"{activity['sources'] or ''}: {first}" + (f" (+{more})" if more > 0 else ""))
+    if activity.get("files"):
+        parts.append(f"{activity['files']} file(s)")
+    return safe("; ".join(parts)) or "-"
 
 
 @app.command("show")
@@ -84,6 +117,7 @@ def show(ctx: typer.Context, session_id: SessionId, as_json: JsonOpt = False) ->
         return
     print_fields([("session", doc["id"]), ("user", doc["user"]), ("device", doc["device"]),
                   ("grant", doc["grant_id"]), ("source", doc["source"]), ("status", doc["status"]),
+                  ("containment", (doc.get("containment") or "-").replace("exposed", "EXPOSED")),
                   ("started", when(doc["started_at"])), ("ended", when(doc["ended_at"])), ("length", _length(doc)),
                   ("end reason", doc["end_reason"]), ("bytes in/out", f"{doc['bytes_in']} / {doc['bytes_out']}"),
                   ("last activity", when(doc["last_activity_at"])), ("recording", doc["recording"]),
@@ -109,8 +143,10 @@ def kill(
     as_json: JsonOpt = False,
 ) -> None:
     """End a live session: the broker serving it closes it within about a second."""
-    if reason is not None and (not reason.strip() or len(reason) > 500 or safe(reason) != reason):
+    if reason is not None and not reason.strip():
         raise UsageError("the reason must be 1-500 printable characters")
+    if reason is not None:
+        check_text(reason, "the reason", 500, '--reason "copying images"')
     a = open_home(ctx)
     row = get_session_row(a, session_id)
     actor = admin_actor(a, by, action="end sessions", roles=KILL_ROLES)

@@ -75,7 +75,16 @@
       const d = JSON.parse(ev.data);
       const li = document.createElement("li"); li.textContent = d.d; marks.appendChild(li);
     });
-    const finish = (text) => { es.close(); state.textContent = text; watch.dataset.ended = "1"; };
+    const finish = (text) => {
+      es.close(); state.textContent = text; watch.dataset.ended = "1";
+      // The page was drawn while the session was live: it is not any more (killed, revoked, expired, closed).
+      const badge = document.getElementById("session-state");
+      if (badge) { badge.textContent = "ended"; badge.className = "badge warn"; }
+      const left = document.getElementById("session-left");
+      if (left) left.remove();
+      const kill = document.getElementById("kill-card");
+      if (kill) kill.remove();
+    };
     es.addEventListener("end", (ev) => finish("Session ended: " + (JSON.parse(ev.data).reason || "closed")));
     es.addEventListener("failed", (ev) => finish("Cannot follow this session: " + JSON.parse(ev.data).reason));
     es.onopen = () => { state.textContent = "Watching live (read-only)."; watch.dataset.open = "1"; };
