@@ -59,6 +59,7 @@ MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries defaul
 EXPIRY_TICKS = 60  # control-loop ticks (0.5 s) between sweeps for expired requests
 MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
 CODE_PROMPT = "Verification code: "
+STOP_POLL_S = 0.25  # how often the control loop looks for sessions to end: revoke/kill/disable reach them in < 1 s
 RECENT_TICKS = 60  # control-loop ticks between refreshes of recently successful addresses (other workers' logins)
 CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then every 5 minutes (600 ticks of 0.5 s)
 REFUSAL_GRACE_S = 3.0  # an over-cap connection gets this long to reach user auth and read why it is refused
@@ -137,18 +138,22 @@ class Broker:
                 pass
 
     async def _control_loop(self) -> None:
-        """Every 0.5 s: end this process's sessions that were killed or whose grant was revoked (from any
-        process); with ``duties``, also checkpoint the audit chain and expire pending requests."""
-        tick = 0
+        """Every 0.25 s: end this process's sessions that were killed, revoked or withdrawn (from any process).
+        Every 0.5 s tick: with ``duties``, also checkpoint the audit chain and expire pending requests."""
+        tick = beat = 0
         while True:
-            await asyncio.sleep(0.5)
-            tick += 1
-            if self.duties and tick % CHECKPOINT_TICKS == 1:
-                self.spawn(self.write_checkpoint())
-            if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL become expired (audited)
-                self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit, self.app.clock.now())))
-            if tick % RECENT_TICKS == 0:
-                self.spawn(self.refresh_recent())
+            await asyncio.sleep(STOP_POLL_S)
+            beat += 1
+            new_tick = beat % 2 == 0
+            if new_tick:
+                tick += 1
+                if self.duties and tick % CHECKPOINT_TICKS == 1:
+                    self.spawn(self.write_checkpoint())
+                if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL expire (audited)
+                    self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit,
+                                                               self.app.clock.now())))
+                if tick % RECENT_TICKS == 0:
+                    self.spawn(self.refresh_recent())
             if not self.live:
                 continue
             try:
@@ -159,7 +164,7 @@ class Broker:
                         continue
                     # Each in its own task: one slow or broken session never delays another's end.
                     self.spawn(self._stop_session(live, row))
-                if tick % 10 == 0:
+                if new_tick and tick % 10 == 0:
                     for live in list(self.live.values()):
                         await live.save_counters()
             except asyncio.CancelledError:

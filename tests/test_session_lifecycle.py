@@ -88,6 +88,8 @@ def test_refused_forward_quits_ssh_mid_start_and_leaves_no_ghost(world):
         assert row["ended_at"] and row["end_reason"]
     ends = [json.loads(e["details"]) for e in world.events("session.end")]
     assert len(ends) == len(world.app.store.list_sessions())
+    verify = _cli(world, "audit", "verify")  # the aborted starts reconcile with the audit chain
+    assert verify.exit_code == 0, verify.stdout + verify.stderr
 
 
 def test_vendor_gone_while_device_is_slow_cancels_the_start(world):
@@ -280,6 +282,8 @@ def test_revoke_within_a_second_during_100_connect_and_vanish_vendors(world, tmp
     _no_ghosts(world)
     statuses = {row["status"] for row in world.app.store.list_sessions()}
     assert statuses <= {"closed", "failed", "revoked"}, statuses
+    verify = _cli(world, "audit", "verify")
+    assert verify.exit_code == 0, verify.stdout + verify.stderr
 
 
 # ----------------------------------------------------------------------------------------- finding 5
