@@ -87,6 +87,7 @@ class Broker:
         self._control: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
+        self.starting_sessions: dict[str, tuple[LiveSession, asyncio.Future]] = {}  # the same, by session id
         self.stopping = False  # set by stop_server: no new device session starts after it
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
@@ -154,11 +155,14 @@ class Broker:
                                                                self.app.clock.now())))
                 if tick % RECENT_TICKS == 0:
                     self.spawn(self.refresh_recent())
-            if not self.live:
+            if not self.live and not self.starting_sessions:
                 continue
             try:
                 rows = await self.db(self.app.store.sessions_to_stop, self.pid, utc_iso(self.app.clock.now()))
                 for row in rows:
+                    if row["id"] in self.starting_sessions:  # still connecting to the device: never starts
+                        self._abort_start(row)
+                        continue
                     live = self.live.get(row["id"])
                     if live is None or live.ending:
                         continue
@@ -171,6 +175,18 @@ class Broker:
                 raise
             except Exception:  # the loop must survive a transient DB error
                 log.exception("control loop iteration failed")
+
+    def _abort_start(self, row: dict[str, Any]) -> None:
+        """A session killed, revoked or withdrawn while it still connects to its device: cancel the start
+        (LiveSession.start closes the row with this status and reason; the vendor is refused with it)."""
+        live, start = self.starting_sessions.pop(row["id"])
+        status, message, kw = stop_decision(row, live.device.name)
+        live.abort_reason = (status, message)
+        start.cancel()
+        event = kw.pop("event", None)
+        if event:
+            self.audit_soon(event, user=live.user, device=live.device.name, session_id=live.id,
+                            grant_id=live.grant.id, **kw)
 
     async def _stop_session(self, live: LiveSession, row: dict[str, Any]) -> None:
         """End one live session for the reason ``row`` (from ``Store.sessions_to_stop``) gives."""
@@ -723,6 +739,7 @@ class BrokerServer(asyncssh.SSHServer):
         live = LiveSession(b, self, device, grant, credential)
         start = asyncio.ensure_future(live.start())
         b.starting.add(start)
+        b.starting_sessions[live.id] = (live, start)  # the control loop cancels it when killed or revoked
         self._starting = (live, start)  # connection_lost cancels it (LiveSession.start then cleans up)
         try:
             await start
@@ -734,6 +751,7 @@ class BrokerServer(asyncssh.SSHServer):
             raise BrokerError(why, "nothing was run on the device") from None
         finally:
             b.starting.discard(start)
+            b.starting_sessions.pop(live.id, None)
             self._starting = None
         if self.gone:  # gone between start's end and here (connection_lost found no live session to finish)
             await live.finish("closed", reason="the vendor disconnected while the session was starting")

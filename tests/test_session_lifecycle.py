@@ -125,6 +125,35 @@ def test_vendor_gone_while_device_is_slow_cancels_the_start(world):
         assert world.harness.live_count() == 0
 
 
+def test_revoke_during_a_slow_start_ends_it_within_a_second(world):
+    """The grant is revoked while the broker still waits for a device that does not answer: the start is
+    cancelled, the vendor told why, the row ends 'revoked', no device connection is left."""
+    now = world.app.clock.now()
+    key = Path(world.device.client_key.private_path).read_text()
+    with SilentListener() as silent:
+        add_device(world.app.store, world.app.audit, world.app.keys, name="slow-01", host="127.0.0.1",
+                   port=silent.port, login="root", host_key=world.device.host_key_line, now=now, key_text=key)
+        grant = world.grant(device="slow-01")
+        proc = subprocess.Popen(_ssh_argv(world, "alice@slow-01") + ["echo must-not-run"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert _wait(lambda: silent.accepted >= 1, 20)
+            t0 = time.monotonic()
+            revoke_grant(world.app.store, world.app.audit, grant.id, get_principal(world.app.store, "bob"),
+                         world.app.clock.now(), "wrong device")
+            out, err = proc.communicate(timeout=10)
+            elapsed = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert elapsed < 1.0 and proc.returncode != 0 and b"must-not-run" not in out
+        assert b"your access to slow-01 was revoked by bob: wrong device" in err
+        row = world.app.store.list_sessions()[-1]
+        assert row["status"] == "revoked" and "revoked by bob" in row["end_reason"]
+        assert world.harness.live_count() == 0
+
+
 @pytest.mark.parametrize("when", [0.0, 0.02, 0.05, 0.1, 0.2])
 def test_paramiko_closing_right_after_the_channel_open_leaves_nothing(world, when):
     world.grant()
