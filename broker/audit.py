@@ -23,7 +23,8 @@ EVENTS: dict[str, str] = {
     "auth.totp.removed": "an administrator removed a user's TOTP enrolment (key alone from now on)",
     "keys.rotated": "a new data key became current; device credentials and TOTP secrets were re-sealed with it",
     "login.refused": "an authenticated user was refused (no grant, unknown device, bad username)",
-    "user.created": "an administrator created a user",
+    "user.created": "an administrator created a user (or the directory did: actor directory, via directory)",
+    "user.directory.synced": "a directory user's role, state or SSH keys changed to what the directory says",
     "user.key.added": "a public key was registered for a user",
     "user.key.removed": "a user's public key was removed; sessions that logged in with it end",
     "user.role.changed": "a user's role changed; their live sessions end",
@@ -54,7 +55,11 @@ EVENTS: dict[str, str] = {
                        "key removed, role changed, device removed)",
     "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem)",
     "exec.denied": "an exec command naming a protected path was refused",
+    "channel.protocol.denied": "a file-transfer protocol (sftp, scp, rsync, tar, cpio, ssh) flowed on a shell or exec "
+                               "channel; the channel was ended",
     "sftp.denied": "an SFTP request was refused by policy",
+    "sftp.protocol.denied": "an SFTP peer broke the protocol (malformed or oversize packet, request before INIT, "
+                            "reused request id, unexpected packet or reply); the channel was closed at once",
     "sftp.summary": "bytes per file at the end of an SFTP channel",
     "scp.denied": "a legacy scp transfer was refused",
     "transfer.file": "a file crossed the broker (path, direction, bytes, sha256)",

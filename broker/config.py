@@ -23,6 +23,7 @@ __all__ = [
     "AlertConfig",
     "MetricsConfig",
     "DisplayConfig",
+    "DirectoryConfig",
     "RetentionConfig",
     "WebConfig",
     "SiemConfig",
@@ -297,6 +298,34 @@ class SiemConfig:
 
 
 @dataclass(frozen=True)
+class DirectoryConfig:
+    """LDAP / Active Directory accounts (broker/directory.py, docs/directory.md)."""
+
+    url: str = ""
+    """ldap://HOST:389 or ldaps://HOST:636 ("" = no directory)."""
+    starttls: bool = False
+    ca_file: str = ""
+    """CA bundle that signs the directory's certificate (ldaps:// or starttls; "" = the system's CAs)."""
+    bind_dn: str = ""
+    """The service account medbroker searches with ("" = anonymous)."""
+    bind_password_file: str = ""
+    """A file holding the service account's password (kept out of broker.toml)."""
+    user_base: str = ""
+    user_filter: str = "(&(objectClass=inetOrgPerson)(uid={name}))"
+    """{name} is the user name, escaped; Active Directory: (&(objectClass=user)(sAMAccountName={name}))."""
+    admin_group: str = ""
+    security_group: str = ""
+    approver_group: str = ""
+    vendor_group: str = ""
+    ssh_key_attribute: str = ""
+    """e.g. "sshPublicKey": SSH keys of directory users come from it ("" = directory users have no SSH keys)."""
+    company_attribute: str = "o"
+    sync_interval: str = "5m"
+    """How often every directory user is re-read (disabled or removed ones lose access then)."""
+    timeout: str = "5s"
+
+
+@dataclass(frozen=True)
 class DisplayConfig:
     """How times are shown to people (the CLI, the web console, reports, messages to vendors)."""
 
@@ -332,6 +361,7 @@ class BrokerConfig:
     siem: SiemConfig = field(default_factory=SiemConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     display: DisplayConfig = field(default_factory=DisplayConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the broker home."""
@@ -378,6 +408,7 @@ _SECTIONS = {
     "siem": SiemConfig,
     "metrics": MetricsConfig,
     "display": DisplayConfig,
+    "directory": DirectoryConfig,
 }
 
 
@@ -430,6 +461,8 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         ("web", "idle_timeout"),
         ("web", "session_max"),
         ("web", "share_max"),
+        ("directory", "sync_interval"),
+        ("directory", "timeout"),
     ]
     for section, key in durations:
         try:
@@ -452,6 +485,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
             parse_listen(cfg.metrics.address)
         except UsageError as exc:
             raise ConfigError(f"{source}: metrics.address: {exc.message}", exc.hint) from None
+    _validate_directory(cfg.directory, source)
     try:
         display_zone(cfg.display.timezone)
     except ValueError as exc:
@@ -566,6 +600,27 @@ def parse_syslog_address(text: str) -> tuple[str, str, int]:
     if port == 0:
         raise UsageError(f"syslog address {text!r} has port 0", "name the collector's port, e.g. 514")
     return scheme, host, port
+
+
+def _validate_directory(d: DirectoryConfig, source: str) -> None:
+    if not d.url:
+        used = [f.name for f in fields(d) if getattr(d, f.name) != f.default and f.name != "url"]
+        if used:
+            raise ConfigError(f"{source}: directory.{used[0]} is set but directory.url is empty",
+                              'set url = "ldaps://HOST:636" (or ldap://), or remove the [directory] settings')
+        return
+    if not re.fullmatch(r"ldaps?://[^\s/]+(:\d{1,5})?/?", d.url):
+        raise ConfigError(f"{source}: directory.url = {d.url!r} is not ldap://HOST[:PORT] or ldaps://HOST[:PORT]")
+    if d.starttls and d.url.startswith("ldaps://"):
+        raise ConfigError(f"{source}: directory.starttls with an ldaps:// url; use one of them")
+    if "{name}" not in d.user_filter or not (d.user_filter.startswith("(") and d.user_filter.endswith(")")):
+        raise ConfigError(f"{source}: directory.user_filter = {d.user_filter!r}; it must be an LDAP filter "
+                          "in parentheses containing {name}", "e.g. (&(objectClass=inetOrgPerson)(uid={name}))")
+    if not d.user_base:
+        raise ConfigError(f"{source}: directory.user_base is empty", 'e.g. "ou=people,dc=hospital,dc=example"')
+    if not any((d.admin_group, d.security_group, d.approver_group, d.vendor_group)):
+        raise ConfigError(f"{source}: [directory] maps no group to a role",
+                          'set e.g. approver_group = "cn=MedBroker-Approvers,ou=groups,dc=hospital,dc=example"')
 
 
 def _validate_siem(siem: SiemConfig, source: str) -> None:
@@ -738,6 +793,23 @@ format = "medbroker"              # "medbroker" (docs/events.md) or "ecs" (Elast
 [metrics]                         # /healthz, /readyz, /metrics (Prometheus); docs/operations.md
 address = ""                      # e.g. "127.0.0.1:9464": a listener for them alone ("" = only on the web console)
 min_free_mb = 1024                # /readyz fails below this much free space on the recordings volume
+
+[directory]                       # LDAP / Active Directory accounts (docs/directory.md); url "" = off
+url = ""                          # "ldaps://dc1.hospital.example:636" or "ldap://HOST:389" (+ starttls)
+starttls = false
+ca_file = ""                      # CA that signs the directory's certificate ("" = system CAs)
+bind_dn = ""                      # service account for searches ("" = anonymous)
+bind_password_file = ""           # file with its password
+user_base = ""                    # e.g. "ou=people,dc=hospital,dc=example"
+user_filter = "(&(objectClass=inetOrgPerson)(uid={name}))"   # AD: (&(objectClass=user)(sAMAccountName={name}))
+admin_group = ""                  # group DNs whose members get each role (first match wins, in this order)
+security_group = ""
+approver_group = ""               # e.g. "cn=MedBroker-Approvers,ou=groups,dc=hospital,dc=example"
+vendor_group = ""
+ssh_key_attribute = ""            # e.g. "sshPublicKey": directory users' SSH keys ("" = none)
+company_attribute = "o"
+sync_interval = "5m"              # re-read every directory user; disabled or removed ones lose access
+timeout = "5s"
 
 [display]                         # how times are shown to people (JSON output stays UTC)
 timezone = ""                     # IANA name, e.g. "Asia/Shanghai" or "UTC"; "" = this host's zone

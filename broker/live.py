@@ -202,6 +202,7 @@ class LiveSession:
             check_exec=policy.check_exec, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
             check_shell=policy.check_shell,
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
+            make_stream_judge=policy.make_stream_judge,
             on_detection=self._detected, on_closed=self._channel_closed,
             on_refused=self._refused, on_upstream_error=self._upstream_error,
             forward_unrecorded=not self.broker.settings.strict,

@@ -21,6 +21,7 @@ from broker.audit import write_checkpoint
 from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, parse_duration, parse_listen
 from broker.containment import channel_refusal, check_devices
+from broker.directory import refresh_for_login, run_directory_sync
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, expire_requests, find_active_grant, request_hint
@@ -39,6 +40,7 @@ from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
+from sessions.streams import StreamJudge, stream_refusal
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
 
@@ -89,6 +91,9 @@ class Broker:
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
         self.starting_sessions: dict[str, tuple[LiveSession, asyncio.Future]] = {}  # the same, by session id
         self.stopping = False  # set by stop_server: no new device session starts after it
+        # [directory]: control-loop ticks (0.5 s) between re-reads of every directory user (0 = no directory)
+        self.directory_ticks = max(1, app.config.seconds("directory", "sync_interval") * 2) \
+            if app.config.directory.url else 0
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
@@ -153,6 +158,8 @@ class Broker:
                 if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL expire (audited)
                     self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit,
                                                                self.app.clock.now())))
+                if self.duties and self.directory_ticks and tick % self.directory_ticks == 1:  # [directory] sync
+                    self.spawn(run_directory_sync(self.app, self.db))
                 if tick % RECENT_TICKS == 0:
                     self.spawn(self.refresh_recent())
             if not self.live and not self.starting_sessions:
@@ -314,9 +321,37 @@ class SessionPolicy:
     def make_scanner(self) -> OutputScanner | None:
         return OutputScanner() if self.scan_output else None
 
+    def make_stream_judge(self, relay: RelaySession) -> "GuardedStreams":
+        """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3)."""
+        return GuardedStreams(self, relay)
+
     def make_exec_handler(self, relay: RelaySession, command: str) -> ScpServer | None:
         """Legacy scp (``scp -t``/``scp -f``) is served by the broker itself (sessions/scp.py), never the device."""
         return GuardedScp(self, relay, command).server if is_scp_command(command) else None
+
+
+class GuardedStreams:
+    """Glue between one shell/exec channel and its :class:`StreamJudge`: a file-transfer protocol there is
+    recorded (policy-denial frame), audited (``channel.protocol.denied``) and explained to the vendor."""
+
+    def __init__(self, policy: SessionPolicy, relay: RelaySession) -> None:
+        self.live, self.relay, self.broker = policy.live, relay, policy.broker
+        self.judge = StreamJudge()
+
+    def feed(self, direction: str, data: bytes) -> str | None:
+        """Judge one chunk; a refusal sentence when the channel must end, else None."""
+        if self.judge.feed(direction, data) is None:
+            return None
+        hit, live, relay = self.judge.hit, self.live, self.relay
+        reason = stream_refusal(hit)
+        live.recorder.append_event(relay.ctx.number, "policy-denial", {
+            "protocol": hit.protocol, "stream": "input" if direction == "vendor" else "output",
+            "offset": hit.offset, "reason": reason})
+        self.broker.audit_soon("channel.protocol.denied", user=live.user, device=live.device.name,
+                               session_id=live.id, grant_id=live.grant.id, channel=relay.ctx.number,
+                               kind=relay.kind, command=relay.command, protocol=hit.protocol, direction=direction,
+                               offset=hit.offset, reason=reason)
+        return reason
 
 
 class GuardedSftp:
@@ -374,7 +409,9 @@ class GuardedSftp:
             self.relay.notice(decision.reason)
 
     def _fatal(self, message: str) -> None:
-        self.broker.audit_soon("channel.refused", **self._fields(), kind="sftp", reason=message)
+        """A protocol violation (sessions/sftp.py): recorded, audited, told to the vendor; the channel ends now."""
+        self.live.recorder.append_event(self.relay.ctx.number, "policy-denial", {"violation": message})
+        self.broker.audit_soon("sftp.protocol.denied", **self._fields(), kind="sftp", reason=message)
         self.relay.notice(message)
         self.relay.exit(1)
 
@@ -411,6 +448,7 @@ class BrokerServer(asyncssh.SSHServer):
         self.principal: Principal | None = None
         self.fingerprint: str | None = None
         self.tried_keys: set[str] = set()
+        self.refreshed = False  # the directory was asked about this user on this connection
         self.key_verified = False  # asyncssh checked the signature (set by the MFA hook, broker/mfa.py)
         self.code_ok = False
         self.code_tries = 0
@@ -541,6 +579,7 @@ class BrokerServer(asyncssh.SSHServer):
     def begin_auth(self, username: str) -> bool:
         # asyncssh calls this again when the client switches user names mid-way: start over.
         self.principal, self.fingerprint, self.user, self.device_name = None, None, None, None
+        self.refreshed = False
         self.key_verified = self.code_ok = False
         self.login = username
         if self.refusal:
@@ -604,6 +643,9 @@ class BrokerServer(asyncssh.SSHServer):
             return False
         if await self._refuse_if_locked():
             return False
+        if b.app.config.directory.url and not self.refreshed:
+            self.refreshed = True  # directory users: keys, role and state as the directory says now (once)
+            await refresh_for_login(b.app, b.db, self.user)
         try:
             principal = await b.db(authenticate_key, b.app.store, self.user, fingerprint)
         except PermissionDeniedError:

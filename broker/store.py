@@ -25,7 +25,7 @@ T = TypeVar("T")
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
 # 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
-# lifecycle (issue 11).
+# lifecycle (issue 11), 15 operations (directory users).
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -249,6 +249,8 @@ MIGRATIONS: dict[int, str | list[str]] = {
     # 8: session lifecycle: the key and role a session was authorised with, so removing the key or changing
     # the role ends it (control loop, any process)
     8: ["ALTER TABLE sessions ADD COLUMN auth_key TEXT", "ALTER TABLE sessions ADD COLUMN user_role TEXT"],
+    # 15: operations (issue 15): users mirrored from the directory ('directory'), never changed by hand
+    15: ["ALTER TABLE users ADD COLUMN source TEXT NOT NULL DEFAULT 'local'"],
 }
 
 
@@ -396,6 +398,22 @@ class Store:
     def set_user_disabled(self, name: str, disabled: bool) -> None:
         self.execute("UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name))
 
+    def set_user_source(self, name: str, source: str) -> None:
+        self.execute("UPDATE users SET source = ? WHERE name = ?", (source, name))
+
+    def set_user_role(self, name: str, role: str) -> None:
+        self.execute("UPDATE users SET role = ? WHERE name = ?", (role, name))
+
+    def set_user_company(self, name: str, company: str | None) -> None:
+        self.execute("UPDATE users SET company = ? WHERE name = ?", (company, name))
+
+    def replace_user_keys(self, name: str, keys: list[tuple[str, str]], at: str) -> None:
+        """Make ``name``'s keys exactly ``keys`` ((fingerprint, line) pairs), in one transaction."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM user_keys WHERE user_name = ?", (name,))
+            conn.executemany("INSERT INTO user_keys (user_name, fingerprint, public_key, added_at) VALUES (?, ?, ?, ?)",
+                             [(name, fp, line, at) for fp, line in keys])
+
     def set_user_totp(self, name: str, secret: str | None) -> None:
         self.execute("UPDATE users SET totp_secret = ?, totp_last_step = NULL WHERE name = ?", (secret, name))
 
@@ -424,8 +442,6 @@ class Store:
         return self.execute("DELETE FROM user_keys WHERE user_name = ? AND fingerprint = ?",
                             (name, fingerprint)).rowcount
 
-    def set_user_role(self, name: str, role: str) -> None:
-        self.execute("UPDATE users SET role = ? WHERE name = ?", (role, name))
 
     # ------------------------------------------------------------------ devices
     def insert_device(self, row: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timedelta
 
 from broker.app import App
@@ -172,6 +173,49 @@ def set_password(app: App, viewer: Viewer, password: str, confirm: str, code: st
         raise UsageError("the authenticator code is wrong or was already used", "wait for the next code")
     app.store.set_web_password(viewer.name, hash_password(password), utc_iso(now))
     app.audit.record("web.password.set", actor=viewer.name, user=viewer.name)
+
+
+def signin_locked(app: App, name: str, now: datetime, *, source: str) -> int:
+    """Seconds the web sign-in of ``name`` from ``source`` stays locked (0: not locked); audits a refusal."""
+    limits = app.config.limits
+    locked = lockout_remaining(app.store, name, f"web:{source}", now, max_failures=limits.max_auth_failures,
+                               window_s=app.config.seconds("limits", "failure_window"),
+                               lockout_s=app.config.seconds("limits", "lockout"))
+    if locked:
+        app.audit.record("web.signin.failed", user=name, source=source, method="password", reason="locked out")
+    return locked
+
+
+def uses_directory(app: App, name: str) -> bool:
+    """Does the directory decide ``name``'s sign-in? (Not for local users: they keep their console password.)"""
+    if not app.config.directory.url:
+        return False
+    row = app.store.get_user(name)
+    return row is None or row.get("source") == "directory"
+
+
+def directory_password_signin(app: App, checked: Any, name: str, code: str, now: datetime, *,
+                              source: str) -> str:
+    """Finish a directory sign-in on the store thread: ``checked`` is the :class:`DirectoryUser` whose password
+    the directory accepted (None when it did not); mirrors the account, then wants the TOTP code.
+
+    :raises PermissionDeniedError: one message for every failure (counted toward the lockout)
+    """
+    from broker.directory import sync_from_directory
+
+    row = sync_from_directory(app, checked, name, now) if checked is not None else None
+    ok = bool(checked is not None and row and not row["disabled"] and row["totp_secret"]
+              and _totp_ok(app, name, code, now))
+    if not ok:
+        app.store.add_auth_failure(name, f"web:{source}", utc_iso(now))
+        why = "wrong user, directory password or code" if not (checked and row and not row["totp_secret"]) \
+            else "no TOTP enrolled"
+        app.audit.record("web.signin.failed", user=name, source=source, method="directory", reason=why)
+        raise PermissionDeniedError("sign-in failed: wrong user name, password or code",
+                                    "a first sign-in needs a verification code: ask a medbroker administrator "
+                                    "to enrol you (medbroker user totp NAME), or get a one-time link over SSH")
+    app.store.clear_auth_failures(name, f"web:{source}")
+    return name
 
 
 def password_signin(app: App, user: str, password: str, code: str, now: datetime, *, source: str) -> str:

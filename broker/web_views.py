@@ -21,8 +21,8 @@ from broker.grants import (approval_card, approvals_text, approve_request, deny_
                            list_grants, list_requests)
 from broker.identity import get_principal
 from broker.web import HOME, Web, _origin_ok, page, source_of
-from broker.web_auth import COOKIE, SignedOut, end_session, load_session, password_signin, set_password, \
-    start_session
+from broker.web_auth import COOKIE, SignedOut, directory_password_signin, end_session, load_session, \
+    password_signin, set_password, signin_locked, start_session, uses_directory
 from broker.web_links import issue_share_link, redeem_signin_link, resolve_share_link, safe_next_path, token_hash
 
 APPROVE_ROLES = ("approver", "admin")
@@ -82,15 +82,37 @@ async def signin_page(request: Request) -> Response:
         if not _origin_ok(web, request):
             error = "this form did not come from the console"
         else:
+            name, password = str(form.get("user", "")).strip()[:64], str(form.get("password", ""))
+            code, src = str(form.get("code", "")), source_of(request)
             try:
-                user = await web.db(lambda: password_signin(
-                    web.app, str(form.get("user", "")), str(form.get("password", "")), str(form.get("code", "")),
-                    web.now(), source=source_of(request)))
+                if await web.db(uses_directory, web.app, name):
+                    user = await _directory_signin(web, name, password, code, src)
+                    return await _signed_in(web, request, user, "directory+totp", next_path)
+                user = await web.db(lambda: password_signin(web.app, name, password, code, web.now(), source=src))
                 return await _signed_in(web, request, user, "password+totp", next_path)
             except BrokerError as exc:
                 error = exc.message
     return web.render(request, "signin.html", status=401 if error else 200, error=error, next_path=next_path,
                       notice=SIGNED_OUT.get(reason, SIGNED_OUT["signin"]))
+
+
+async def _directory_signin(web: Web, name: str, password: str, code: str, source: str) -> str:
+    """Directory password (asked off the loop and off the store thread), then the TOTP code."""
+    from broker.directory import DirectoryError, directory_for, directory_signin
+
+    locked = await web.db(lambda: signin_locked(web.app, name, web.now(), source=source))
+    if locked:
+        raise PermissionDeniedError(f"too many failed sign-ins; try again in {format_duration(locked)}")
+    directory = directory_for(web.app)
+    try:
+        checked = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: directory_signin(web.app, directory, name, password, web.now()))
+    except PermissionDeniedError:
+        checked = None
+    except DirectoryError as exc:
+        await web.audit("web.signin.failed", user=name, source=source, method="directory", reason=exc.message)
+        raise
+    return await web.db(lambda: directory_password_signin(web.app, checked, name, code, web.now(), source=source))
 
 
 def _peek_token(app: App, token: str, now) -> dict:

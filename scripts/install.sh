@@ -86,6 +86,24 @@ else
   apt_install asciinema
 fi
 
+# 2b. rsync (tests drive a real rsync client through the broker to show its stream is refused).
+if command -v rsync >/dev/null 2>&1; then
+  step "rsync present"
+else
+  apt_install rsync
+fi
+
+# 2c. OpenLDAP's slapd (tests/test_directory.py starts a real directory on loopback; never as a service).
+if [ -x /usr/sbin/slapd ]; then
+  step "slapd present"
+else
+  # The package's postinst would configure and start a system slapd: preseed it to stay unconfigured.
+  if command -v debconf-set-selections >/dev/null 2>&1; then
+    echo "slapd slapd/no_configuration boolean true" | "${sudo_cmd[@]}" debconf-set-selections
+  fi
+  apt_install slapd
+fi
+
 # 3. Python >= 3.11 that pip may install into.
 py="$(choose_python)"
 if [ -z "$py" ]; then

@@ -104,6 +104,9 @@ class ChannelContext:
     asked), or None to judge it with check_exec and run it on the device."""
     make_scanner: Callable[[], Any] | None = None
     """An output scanner (``feed(bytes) -> str | None``) for shell/exec output, or None."""
+    make_stream_judge: Callable[["RelaySession"], Any] | None = None
+    """A stream judge for shell/exec channels (``feed("vendor"|"device", bytes) -> str | None``: a sentence
+    when a file-transfer protocol flows, sessions/streams.py); the relay then ends the channel."""
     on_detection: Callable[["RelaySession", str], None] = lambda relay, what: None
     on_closed: Callable[["RelaySession"], None] = lambda relay: None
     on_refused: Callable[["RelaySession", str, str], None] = lambda relay, kind, message: None
@@ -163,6 +166,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.filter: SubsystemFilter | None = None
         self.handler: ExecHandler | None = None
         self.scanner = None
+        self.judge = None
         self.closed = False
         self.exit_code: int | None = None
         self.exit_sent = False
@@ -255,6 +259,8 @@ class RelaySession(asyncssh.SSHServerSession):
             self.ctx.recorder.expect_unit(WHOLE_UNIT)
         elif self.ctx.make_scanner:
             self.scanner = self.ctx.make_scanner()
+        if not self.subsystem and self.ctx.make_stream_judge:
+            self.judge = self.ctx.make_stream_judge(self)
         for action in self.pending:
             action(up)
         self.pending.clear()
@@ -278,7 +284,7 @@ class RelaySession(asyncssh.SSHServerSession):
     def _deliver(self, up: asyncssh.SSHClientChannel, data: bytes, datatype: asyncssh.DataType) -> None:
         if self.filter is not None:
             self.filter.vendor_data(data)
-        else:
+        elif self.judge is None or not self._judged("vendor", data):
             up.write(data, datatype)
 
     def eof_received(self) -> bool:
@@ -357,11 +363,27 @@ class RelaySession(asyncssh.SSHServerSession):
                 self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {"content": hit, "stream": "output"})
                 self.ctx.on_detection(self, hit)
                 return
+        if self.judge is not None and self._judged("device", data):
+            return
         # Recorded (queued) first, then forwarded: the recorder's acknowledgment window bounds what is
         # forwarded before it is written, and a failed recording forwards nothing more (fail closed).
         if self.ctx.recorder.append_data(self.ctx.number, "output" if datatype is None else "stderr", data) \
                 or self.ctx.forward_unrecorded:
             self.chan.write(data, datatype)
+
+    def _judged(self, direction: str, data: bytes) -> bool:
+        """Feed the stream judge before delivering ``data``; True when it must not be delivered: a file-transfer
+        protocol on this channel ends it (one line on stderr, exit 1), and nothing more crosses it."""
+        if self.closed:
+            return True
+        refusal = self.judge.feed(direction, data)
+        if refusal is None:
+            return False
+        self.judge = None
+        self.exit_sent = True  # the device's own exit status must not follow
+        self.notice(refusal)
+        self.exit(1)
+        return True
 
     def write_to_vendor(self, data: bytes) -> None:
         """Used by subsystem filters: record and send device-side bytes to the vendor."""

@@ -35,7 +35,7 @@ import asyncssh
 from broker.errors import BrokerError
 from sessions.policy import HEAD_BYTES, Decision, OutputScanner, ProtectedPaths, detect_patient_data, normalize_path
 from sessions.sftp_codec import (
-    DEFAULT_MAX_LEN, FX_FAILURE, FX_NO_SUCH_FILE, FX_OP_UNSUPPORTED, FX_PERMISSION_DENIED, FXF_CREAT, FXF_READ,
+    DEFAULT_MAX_LEN, FX_NO_SUCH_FILE, FX_OP_UNSUPPORTED, FX_PERMISSION_DENIED, FXF_CREAT, FXF_READ,
     FXF_WRITE,
     PacketReader, SftpProtocolError, SftpRequest, extended_reply, init_packet, limits_payload, parse_limits,
     parse_reply, parse_request, read_request, rewrite_version, status_reply,
@@ -59,6 +59,12 @@ _REPLY_CHECKED = frozenset({"realpath", "expand-path", "home-directory"})
 _FORWARDED = frozenset({"init", "close", "fstat", "fsetstat", "readdir", "fstatvfs", "fsync", "limits",
                         "users-groups-by-id", "read", "write"}) | _REPLY_CHECKED
 _MAX_QUEUE = 1024
+_REPLY_OPS = {  # reply type -> the requests it may answer (STATUS answers any)
+    "handle": frozenset({"open", "opendir"}), "data": frozenset({"read"}),
+    "name": frozenset({"readdir", "realpath", "readlink", "expand-path", "home-directory"}),
+    "attrs": frozenset({"stat", "lstat", "fstat"}),
+    "extended-reply": frozenset({"statvfs", "fstatvfs", "limits", "users-groups-by-id", "extended"}),
+}
 
 
 class _DeviceStatus(Exception):
@@ -103,9 +109,14 @@ class SftpSummary:
     bytes_up: int
     transfers: tuple[TransferRecord, ...]
     error: str | None = None
+    replied: int = 0
+    """Device replies passed on (forwarded requests answered); ``forwarded - replied`` were still in flight."""
+    unanswered: int = 0
+    """Forwarded requests the device had not answered when the channel closed."""
 
     def as_dict(self) -> dict:
         return {"requests": self.requests, "forwarded": self.forwarded, "denied": self.denied,
+                "replied": self.replied, "unanswered": self.unanswered,
                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, "error": self.error,
                 "files": [t.as_dict() for t in self.transfers]}
 
@@ -201,8 +212,9 @@ class SftpFilter:
         self._ns_idle = asyncio.Event()
         self._ns_idle.set()
         self._transfers: list[TransferRecord] = []
-        self._n = {"requests": 0, "forwarded": 0, "denied": 0, "down": 0, "up": 0}
+        self._n = {"requests": 0, "forwarded": 0, "denied": 0, "replied": 0, "down": 0, "up": 0}
         self._error: str | None = None
+        self._init = self._version = False  # INIT seen from the vendor, VERSION from the device
         self._closed = False
         self._summary: SftpSummary | None = None
 
@@ -221,13 +233,21 @@ class SftpFilter:
 
     def _from_vendor(self, req: SftpRequest) -> None:
         self._n["requests"] += 1
+        # Protocol violations end the channel at once (issue 11, finding 12): a client that breaks the
+        # protocol cannot be answered consistently, and a half-served channel only hangs it.
         if req.op == "init":  # the first packet; clamp the version to the one medbroker parses
+            if self._init:
+                raise SftpProtocolError("a second INIT on the same channel")
+            self._init = True
             self._forward(req, init_packet(3) if (req.version or 0) > 3 else None)
             return
+        if not self._init:
+            raise SftpProtocolError(f"a {req.op} request (packet type {req.type}) before INIT")
+        if req.op == "unknown":
+            raise SftpProtocolError(f"packet type {req.type} is not an SFTP v3 request")
         if req.id in self._inflight or req.id in self._queued_ids:
-            self._reply_local(req, Decision(False, f"SFTP request id {req.id} is already in use; medbroker refuses "
-                                            "the duplicate", "sftp.denied", req.op), FX_FAILURE)
-            return
+            raise SftpProtocolError(f"request id {req.id} is used by a request still in flight (a {req.op} "
+                                    "request reused it); replies could not be told apart")
         handle = self._handles.get(req.handle) if req.handle is not None else None
         if req.op == "close" and handle is not None:
             handle.closing = True  # later READ/WRITE on it must not overtake this CLOSE
@@ -441,13 +461,24 @@ class SftpFilter:
     def _from_device(self, packet: bytes) -> None:
         rep = parse_reply(packet)
         if rep.op == "version":
+            if self._version or not self._init:
+                raise SftpProtocolError("a VERSION " + ("after the first" if self._version else "before any INIT"))
+            self._version = True
+            self._n["replied"] += 1
             self._to_vendor(rewrite_version(packet, ALLOWED_EXTENSIONS))
             return
+        if not self._version:
+            raise SftpProtocolError(f"a reply (packet type {rep.type}) before VERSION")
+        if rep.op == "unknown":
+            raise SftpProtocolError(f"packet type {rep.type} is not an SFTP v3 reply")
         inflight = self._inflight.pop(rep.id, None) if rep.id is not None else None
         if inflight is None:
             self._record("sftp.unexpected-reply", {"id": rep.id, "type": rep.type})
-            return
+            raise SftpProtocolError(f"a {rep.op} reply to request id {rep.id}, which is not in flight")
         req = inflight.req
+        if rep.op != "status" and req.op not in _REPLY_OPS.get(rep.op, ()):
+            raise SftpProtocolError(f"a {rep.op} reply to a {req.op} request (id {rep.id})")
+        self._n["replied"] += 1
         if req.op in _NAMESPACE_OPS:
             self._ns_inflight -= 1
             if not self._ns_inflight:
@@ -549,7 +580,7 @@ class SftpFilter:
             self._uploads.close()
         n = self._n
         self._summary = SftpSummary(n["requests"], n["forwarded"], n["denied"], n["down"], n["up"],
-                                    tuple(self._transfers), self._error)
+                                    tuple(self._transfers), self._error, n["replied"], len(self._inflight))
         self._record("sftp.summary", self._summary.as_dict())
         return self._summary
 

@@ -227,3 +227,17 @@ def exposed_world(tmp_path: Path, device: Callable[..., SshdDevice]) -> Iterator
         yield w
     finally:
         w.close()
+
+
+@pytest.fixture(scope="session")
+def slapd() -> Iterator[Any]:
+    """A real OpenLDAP slapd on loopback, once per test session (tests add people with unique names)."""
+    from helpers.slapd import Slapd, slapd_binary
+
+    if slapd_binary() is None:
+        _skip_or_fail("slapd is missing (scripts/install.sh installs Debian's slapd)")
+    server = Slapd()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -134,10 +134,20 @@ NON_DEFAULT = {
              "syslog_server_name": '"siem.example"', "format": '"ecs"'},
     "metrics": {"address": '"127.0.0.1:9464"', "min_free_mb": "10"},
     "display": {"timezone": '"Asia/Shanghai"'},
+    "directory": {"url": '"ldap://dc1.hospital.example:389"', "starttls": "true", "ca_file": '"ca.pem"',
+                  "bind_dn": '"cn=medbroker,ou=services,dc=h"', "bind_password_file": '"ldap.secret"',
+                  "user_base": '"ou=people,dc=h"', "user_filter": '"(uid={name})"', "admin_group": '"cn=a,dc=h"',
+                  "security_group": '"cn=s,dc=h"', "approver_group": '"cn=p,dc=h"', "vendor_group": '"cn=v,dc=h"',
+                  "ssh_key_attribute": '"sshPublicKey"', "company_attribute": '"company"', "sync_interval": '"1m"',
+                  "timeout": '"3s"'},
 }
+# A [directory] needs url, user_base and a group together.
+_DIRECTORY_BASE = {"url": '"ldap://127.0.0.1:389"', "user_base": '"ou=people,dc=h"', "approver_group": '"cn=p,dc=h"'}
 # Keys that mean something only together with another: set alone they are refused (an option that would
 # do nothing), so the one-key test adds the companion.
 COMPANIONS = {
+    **{("directory", k): "\n".join(f"{b} = {v}" for b, v in _DIRECTORY_BASE.items() if b != k)
+       for k in NON_DEFAULT["directory"]},
     ("web", "webhook_secret_file"): 'webhook_url = "http://127.0.0.1:9/web"',
     ("siem", "syslog_ca_file"): 'syslog_address = "tls://127.0.0.1:6514"',
     ("siem", "syslog_client_cert"): 'syslog_address = "tls://127.0.0.1:6514"',

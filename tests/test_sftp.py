@@ -21,16 +21,19 @@ from typing import AsyncIterator
 
 import asyncssh
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fixtures.patientdata import astm_message, dicom_bare, write_device_tree
+from helpers import FUZZ_EXAMPLES_OTHER
 from sessions.policy import Decision, ProtectedPaths
 from sessions.sftp import ALLOWED_EXTENSIONS, MAX_DATA, SftpFilter, SftpSummary
 from sessions.sftp_device import DeviceSftp
 from sessions.sftp_codec import (
-    FX_FAILURE, FX_NO_SUCH_FILE, FX_OK, FX_OP_UNSUPPORTED, FX_PERMISSION_DENIED, FXF_CREAT, FXF_READ, FXF_TRUNC,
+    FX_NO_SUCH_FILE, FX_OK, FX_OP_UNSUPPORTED, FX_PERMISSION_DENIED, FXF_CREAT, FXF_READ, FXF_TRUNC,
     FXF_WRITE,
     FXP_EXTENDED, FXP_OPEN, FXP_REALPATH, FXP_RENAME, FXP_STAT, PacketReader, frame, init_packet, parse_limits,
-    parse_reply, read_request, string, u32, u64,
+    parse_reply, parse_request, read_request, string, u32, u64,
 )
 
 TIMEOUT = 20
@@ -439,7 +442,7 @@ def test_version_limits_copy_data_and_unknown_requests(tmp_path: Path) -> None:
         assert names <= ALLOWED_EXTENSIONS and b"copy-data" not in names and b"ranges@asyncssh.com" not in names
         assert b"posix-rename@openssh.com" in names and b"limits@openssh.com" in names
         chan.write(_ext(1, b"limits@openssh.com") + _ext(2, b"copy-data", string(b"h") + u64(0) + u64(9)
-                   + string(b"h") + u64(0)) + _ext(3, b"check-file-name", string(b"/tmp")) + frame(42, u32(4))
+                   + string(b"h") + u64(0)) + _ext(3, b"check-file-name", string(b"/tmp")) + _ext(4, b"foo@example.com")
                    + frame(FXP_REALPATH, u32(5) + string(b"/tmp/images/2026")))
         got = await raw.replies(5)
         packet, read, write, _ = parse_limits(got[1].payload)
@@ -467,16 +470,30 @@ def test_pipelined_requests_wait_for_earlier_renames(tmp_path: Path) -> None:
         chan.write(frame(FXP_RENAME, u32(1) + string(b"/tmp/a.log") + string(b"/tmp/b.log"))
                    + frame(FXP_OPEN, u32(2) + string(b"/tmp/b.log") + u32(FXF_READ) + u32(0))
                    + frame(FXP_STAT, u32(3) + string(b"/tmp/nope/x"))
-                   + frame(FXP_OPEN, u32(4) + string(b"/tmp/c.log") + u32(FXF_WRITE | FXF_CREAT | FXF_TRUNC) + u32(0))
-                   + frame(FXP_STAT, u32(4) + string(b"/tmp")))  # duplicate id while 4 is pending
-        replies = await raw.reply_list(5)
-        got = {r.id: r for r in replies if r.id != 4}
-        assert got[1].code == FX_OK and got[2].op == "handle"
+                   + frame(FXP_OPEN, u32(4) + string(b"/tmp/c.log") + u32(FXF_WRITE | FXF_CREAT | FXF_TRUNC) + u32(0)))
+        replies = await raw.reply_list(4)
+        got = {r.id: r for r in replies}
+        assert got[1].code == FX_OK and got[2].op == "handle" and got[4].op == "handle"
         assert got[3].code == FX_NO_SUCH_FILE  # the device's own answer, given locally
-        fours = sorted((r.op, r.code) for r in replies if r.id == 4)
-        assert fours == [("handle", None), ("status", FX_FAILURE)]  # the duplicate is refused, the first served
 
     run_raw(body, tmp_path, server=_SlowRenameServer)
+
+
+def test_a_reused_request_id_ends_the_channel_at_once(tmp_path: Path) -> None:
+    """Two requests in flight with one id (four threads sharing one client, issue 11 finding 12): their
+    replies could not be told apart, so the channel ends with the reason instead of serving one of them."""
+    async def body(w: World, chan: asyncssh.SSHClientChannel, raw: RawSftp) -> None:
+        chan.write(init_packet(3))
+        await raw.replies(1)
+        started = asyncio.get_running_loop().time()
+        chan.write(frame(FXP_RENAME, u32(1) + string(b"/tmp/a.log") + string(b"/tmp/b.log"))
+                   + frame(FXP_STAT, u32(1) + string(b"/tmp")))  # id 1 again while the rename is pending
+        await asyncio.wait_for(raw.closed.wait(), TIMEOUT)
+        assert asyncio.get_running_loop().time() - started < 2
+        assert b"vendor broke the SFTP protocol: request id 1 is used by a request still in flight" in raw.stderr
+
+    w = run_raw(body, tmp_path, server=_SlowRenameServer)
+    assert w.fatal and "request id 1" in w.fatal[0] and w.summaries[0].error == w.fatal[0]
 
 
 def test_garbage_from_the_vendor_ends_the_channel(tmp_path: Path) -> None:
@@ -568,8 +585,6 @@ def test_filter_edge_cases_without_ssh() -> None:
         f.vendor_data(_ext(1, b"expand-path@openssh.com", string(b"~/x")))
         f.device_data(frame(104, u32(1) + u32(1) + string(b"/data/dicom/x") + string(b"") + u32(0)))  # NAME
         assert w.vendor_replies()[-1].code == FX_PERMISSION_DENIED
-        f.device_data(frame(101, u32(77) + u32(0) + string(b"") + string(b"")))  # a reply nobody asked for
-        assert w.events[-1] == ("sftp.unexpected-reply", {"id": 77, "type": 101})
         f.vendor_data(read_request(2, b"never-opened", 0, 10))  # unknown handle: forwarded, data refused
         f.device_data(frame(103, u32(2) + string(b"DICM")))
         assert w.vendor_replies()[-1].code == FX_PERMISSION_DENIED
@@ -601,8 +616,84 @@ def test_filter_without_on_fatal_raises_to_the_relay() -> None:
 def test_filter_bounds_the_check_queue() -> None:
     async def main() -> None:
         w = Wire()
-        w.filter.vendor_data(b"".join(frame(FXP_STAT, u32(i) + string(b"/tmp/%d" % i)) for i in range(1100)))
+        w.filter.vendor_data(init_packet(3) + b"".join(frame(FXP_STAT, u32(i) + string(b"/tmp/%d" % i))
+                                                       for i in range(1100)))
         assert w.fatal and "more than 1024 SFTP requests" in w.fatal[0]
         await w.filter.wait_closed()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------- protocol violations
+def _version_reply() -> bytes:
+    return frame(2, u32(3))
+
+
+@pytest.mark.parametrize("name,vendor,device,reason", [
+    ("request before INIT", [REQUEST_STAT], [], "a stat request (packet type 17) before INIT"),
+    ("second INIT", [init_packet(3), init_packet(3)], [], "a second INIT"),
+    ("a reply type from the vendor", [init_packet(3), frame(101, u32(1) + u32(0) + string(b"") + string(b""))], [],
+     "packet type 101 is not an SFTP v3 request"),
+    ("an unknown request type", [init_packet(3), frame(42, u32(4))], [], "packet type 42 is not an SFTP v3 request"),
+    ("reused id", [init_packet(3), frame(FXP_STAT, u32(9) + string(b"/tmp/a")), REQUEST_STAT], [],
+     "request id 9 is used by a request still in flight"),
+    ("truncated request", [init_packet(3), frame(FXP_STAT, u32(9) + u32(100))], [], "truncated SFTP stat request"),
+    ("oversize", [u32(1 << 30)], [], "outside 1..263168 bytes"),
+    ("reply before VERSION", [init_packet(3)], [frame(101, u32(1) + u32(0))], "before VERSION"),
+    ("second VERSION", [init_packet(3)], [_version_reply(), _version_reply()], "a VERSION after the first"),
+    ("reply nobody asked for", [init_packet(3)], [_version_reply(), frame(101, u32(77) + u32(0))],
+     "a status reply to request id 77, which is not in flight"),
+    ("unknown reply type", [init_packet(3)], [_version_reply(), frame(150, u32(1))], "packet type 150 is not"),
+])
+def test_protocol_violations_end_the_channel_with_the_reason(name, vendor, device, reason) -> None:
+    async def main() -> Wire:
+        w = Wire()
+        for packet in vendor:
+            w.filter.vendor_data(packet)
+        for packet in device:
+            w.filter.device_data(packet)
+        await asyncio.sleep(0)
+        return w
+
+    w = asyncio.run(main())
+    assert len(w.fatal) == 1 and reason in w.fatal[0], (name, w.fatal)
+    assert w.filter.close().error == w.fatal[0]
+
+
+def test_a_reply_of_the_wrong_type_ends_the_channel() -> None:
+    async def main() -> Wire:
+        w = Wire()
+        w.filter.vendor_data(init_packet(3))
+        w.filter.device_data(_version_reply())
+        w.filter.vendor_data(frame(FXP_STAT, u32(5) + string(b"/tmp")))
+        for _ in range(20):  # the path check resolves asynchronously
+            await asyncio.sleep(0.01)
+            if w.to_device[1:]:
+                break
+        assert parse_request(w.to_device[-1]).op == "stat"
+        w.filter.device_data(frame(103, u32(5) + string(b"secret bytes")))  # DATA answering a STAT
+        return w
+
+    w = asyncio.run(main())
+    assert w.fatal and "a data reply to a stat request (id 5)" in w.fatal[0]
+    assert not any(b"secret bytes" in p for p in w.to_vendor)
+
+
+@settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=80)), max_size=12))
+def test_fuzz_any_bytes_either_side_end_cleanly_or_pass(chunks) -> None:
+    """Whatever both peers send, the filter never raises to the relay and never hangs: it forwards, answers
+    locally, or ends the channel once with a sentence."""
+    async def main() -> Wire:
+        w = Wire()
+        w.filter.vendor_data(init_packet(3))
+        w.filter.device_data(_version_reply())
+        for from_vendor, data in chunks:
+            (w.filter.vendor_data if from_vendor else w.filter.device_data)(data)
+        await asyncio.sleep(0)
+        w.filter.close()
+        await w.filter.wait_closed()
+        return w
+
+    w = asyncio.run(main())
+    assert len(w.fatal) <= 1 and all(isinstance(m, str) and "SFTP" in m for m in w.fatal)

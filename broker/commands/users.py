@@ -155,6 +155,13 @@ def _reason_ok(reason: str | None) -> None:
         raise UsageError("the reason must be at most 500 printable characters")
 
 
+def _not_directory(a: App, name: str, what: str) -> None:
+    """Users mirrored from the directory get their role and keys from it (broker/directory.py)."""
+    if (a.store.get_user(name) or {}).get("source") == "directory":
+        raise ConflictError(f"{name} comes from the directory, which sets their {what}",
+                            "change it in the directory; medbroker follows at the next sync")
+
+
 @app.command("disable")
 def disable(
     ctx: typer.Context,
@@ -222,6 +229,7 @@ def role_(
     _reason_ok(reason)
     a = open_home(ctx)
     actor = admin_actor(a, by, action="change roles")
+    _not_directory(a, name, "role")
     old = set_user_role(a.store, name, role)
     a.audit.record("user.role.changed", actor=actor, user=name, source="cli", old_role=old, role=role,
                    reason=reason)
@@ -248,6 +256,7 @@ def key_remove(
     _reason_ok(reason)
     a = open_home(ctx)
     actor = admin_actor(a, by, action="remove user keys")
+    _not_directory(a, name, "SSH keys")
     live = [s for s in a.store.list_sessions(status="live", user=name) if s.get("auth_key") == fingerprint]
     remove_user_key(a.store, name, fingerprint)
     a.audit.record("user.key.removed", actor=actor, user=name, source="cli", fingerprint=fingerprint, reason=reason)
