@@ -197,9 +197,9 @@ def test_kill_revoke_and_expiry_never_fail_on_half_started_sessions(world):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     try:
         assert _wait(lambda: world.harness.live_count() == 2, 20)
+        sid = world.app.store.list_sessions(status="live")[0]["id"]  # a real one, before the storm's rows exist
         storm = _Storm(world, 30, logins=["alice@ct-01"])
         storm.start()
-        sid = world.app.store.list_sessions(status="live")[0]["id"]
         r = _cli(world, "sessions", "kill", sid, "--reason", "test kill", "--by", "carol")
         assert r.exit_code == 0, r.stdout + r.stderr
         time.sleep(0.3)
