@@ -162,6 +162,8 @@ class Broker:
                     self.spawn(run_directory_sync(self.app, self.db))
                 if tick % RECENT_TICKS == 0:
                     self.spawn(self.refresh_recent())
+                if self.connections:
+                    self.spawn(self._close_withdrawn())
             if not self.live and not self.starting_sessions:
                 continue
             try:
@@ -182,6 +184,26 @@ class Broker:
                 raise
             except Exception:  # the loop must survive a transient DB error
                 log.exception("control loop iteration failed")
+
+    async def _close_withdrawn(self) -> None:
+        """Authenticated connections without a device session whose login no longer stands (user disabled, key
+        removed, role changed) are closed with the reason; sessions are ended by ``sessions_to_stop``."""
+        servers = [c.get_owner() for c in list(self.connections)]
+        servers = [s for s in servers if isinstance(s, BrokerServer) and s.authenticated and not s.gone
+                   and s.live is None and s._starting is None and s.principal is not None]
+        if not servers:
+            return
+        logins = {(s.user, s.fingerprint, s.principal.role) for s in servers}
+        try:
+            verdicts = await self.db(lambda: {t: standing_refusal(self.app.store, *t) for t in logins})
+        except Exception:  # the next tick tries again
+            log.exception("checking open connections failed")
+            return
+        for s in servers:
+            why = verdicts.get((s.user, s.fingerprint, s.principal.role))
+            if why and not s.gone and s.live is None:
+                self.audit_soon("connection.closed", user=s.user, device=s.device_name, source=s.source, reason=why)
+                s.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"medbroker: {why}; this connection was closed")
 
     def _abort_start(self, row: dict[str, Any]) -> None:
         """A session killed, revoked or withdrawn while it still connects to its device: cancel the start

@@ -396,11 +396,42 @@ def test_new_channels_on_an_open_connection_are_refused_after_disable(world):
         for cm in (idle, selfservice):
             res = cm.run("echo two")
             assert res.returncode != 0 and b"two" not in res.stdout
-            assert b"the account alice was disabled" in res.stderr
-            assert b"new channels on this connection are refused" in res.stderr
+            # refused with the reason, or (once the control loop got there) the whole connection closed with it
+            assert (b"the account alice was disabled" in res.stderr
+                    and b"new channels on this connection are refused" in res.stderr) or \
+                b"the account alice was disabled" in cm.master_stderr(), (res.stderr, cm.master_stderr())
         time.sleep(1.0)  # the live session on `busy` has been ended and its connection closed meanwhile
         res = busy.run("echo three")
         assert res.returncode != 0 and b"three" not in res.stdout
-    refused = [json.loads(e["details"]) for e in world.events("channel.refused")]
-    assert sum("was disabled" in d.get("reason", "") for d in refused) >= 2
+        for cm in (idle, selfservice):  # idle authenticated connections are closed too, with the reason
+            assert _wait(lambda: b"the account alice was disabled" in cm.master_stderr()
+                         and b"this connection was closed" in cm.master_stderr(), 5), cm.master_stderr()
+    reasons = [json.loads(e["details"]).get("reason", "") for e in world.events("channel.refused")] + \
+        [json.loads(e["details"]).get("reason", "") for e in world.events("connection.closed")]
+    assert sum("was disabled" in r for r in reasons) >= 2
     _no_ghosts(world)
+
+
+def test_channel_on_an_open_connection_is_refused_right_after_disable(world):
+    """Before the control loop closes the connection, a new channel is refused with the reason (paramiko)."""
+    import paramiko
+
+    world.grant()
+    for _ in range(5):  # the control loop closes such connections within 0.5 s: try to beat it
+        world.app.store.set_user_disabled("alice", False)
+        client = paramiko_connect("127.0.0.1", world.port, "alice@ct-01", key=world.keys["alice"].private_path)
+        try:
+            world.app.store.set_user_disabled("alice", True)  # what `user disable` writes
+            chan = client.get_transport().open_session(timeout=10)
+            chan.exec_command("echo must-not-run")
+            out, err = chan.makefile("rb").read(), chan.makefile_stderr("rb").read()
+            assert chan.recv_exit_status() == 1
+            break
+        except (paramiko.SSHException, EOFError):  # the loop closed the connection first
+            continue
+        finally:
+            client.close()
+    else:
+        pytest.fail("the connection was closed before every channel open")
+    assert b"must-not-run" not in out
+    assert b"the account alice was disabled" in err and b"new channels on this connection are refused" in err
