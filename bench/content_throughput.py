@@ -1,4 +1,7 @@
-"""Patient-data guard cost: OutputScanner MB/s per data kind and µs per small feed; SFTP codec MB/s.
+"""Patient-data guard cost: OutputScanner and DeepScanner MB/s per data kind and µs per small feed; SFTP codec MB/s.
+
+``--scanner deep`` (default) measures what the broker runs on shell/exec output (sessions/decoders.py,
+with the opaque-output budget metering but no limit), ``--scanner base`` the signature scanner alone.
 
 Times are the thread's CPU time (time.thread_time), so other load on a shared machine inflates them
 less than wall-clock time would; --repeat N reports the best of N runs.
@@ -19,6 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sessions.content import OutputScanner  # noqa: E402
+from sessions.decoders import DeepScanner  # noqa: E402
+from sessions.entropy import OpaqueBudget  # noqa: E402
+
+SCANNERS = {"base": OutputScanner, "deep": lambda: DeepScanner(OpaqueBudget(1 << 62))}
+make_scanner = SCANNERS["deep"]
 from sessions.sftp_codec import FXP_DATA, PacketReader, frame, parse_reply, string, u32  # noqa: E402
 
 
@@ -75,7 +83,7 @@ def _shell(total: int) -> bytes:
 def feed_cost(data: bytes, chunk: int) -> float:
     """µs per OutputScanner.feed of ``chunk``-byte pieces of ``data`` (asserts nothing is found)."""
     chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
-    scanner = OutputScanner()
+    scanner = make_scanner()
     start = time.thread_time()
     for c in chunks:
         if scanner.feed(c):
@@ -86,7 +94,7 @@ def feed_cost(data: bytes, chunk: int) -> float:
 def scan_rate(data: bytes, chunk: int) -> float:
     """MB/s of OutputScanner.feed over ``data`` in ``chunk``-byte pieces (asserts nothing is found)."""
     chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
-    scanner = OutputScanner()
+    scanner = make_scanner()
     start = time.thread_time()
     for c in chunks:
         if scanner.feed(c):
@@ -110,21 +118,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mib", type=int, default=256, help="MiB of each data kind (default 256)")
     ap.add_argument("--repeat", type=int, default=1, help="report the best of this many runs (default 1)")
+    ap.add_argument("--scanner", choices=sorted(SCANNERS), default="deep", help="which scanner (default deep)")
     args = ap.parse_args()
+    global make_scanner
+    make_scanner = SCANNERS[args.scanner]
     best = range(max(1, args.repeat))
     total = args.mib * 1024 * 1024
     kinds = {"random": os.urandom(total), "text": _text(total)}
     kinds["base64"] = base64.encodebytes(kinds["random"][: total * 3 // 4])[:total]
     kinds["hexdump"] = _hexdump(kinds["random"][: total // 4])[:total]
+    kinds["hex"] = kinds["random"][: total // 2].hex().encode()
     kinds["tar"] = _tar(total)
-    print(f"OutputScanner, {args.mib} MiB per kind, best of {len(best)}, python {sys.version.split()[0]}")
+    kinds["shell"] = _shell(total)
+    print(f"{args.scanner} scanner, {args.mib} MiB per kind, best of {len(best)}, python {sys.version.split()[0]}")
     for name, data in kinds.items():
         rates = [f"{chunk // 1024:>4} KiB chunks {max(scan_rate(data, chunk) for _ in best):7.0f} MB/s"
                  for chunk in (32768, 262144)]
         print(f"  {name:7} " + "   ".join(rates))
     shell = _shell(min(total, 4 * 1024 * 1024))
     small = {"shell": shell, "random": kinds["random"][:len(shell)], "base64": kinds["base64"][:len(shell)]}
-    print("OutputScanner, µs per feed of small chunks (keystroke echo, short output)")
+    print(f"{args.scanner} scanner, µs per feed of small chunks (keystroke echo, short output)")
     for name, data in small.items():
         costs = [f"{chunk:>4} B {min(feed_cost(data[:chunk * 100_000], chunk) for _ in best):6.2f} µs"
                  for chunk in (1, 16, 256, 4096)]

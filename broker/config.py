@@ -57,6 +57,20 @@ _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _ID = re.compile(r"\s*(\d{1,19})\s*", re.ASCII)
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "KB": 1000, "MIB": 1 << 20, "MB": 1000 ** 2, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``"64KiB"`` -> 65536; accepts B, KB, KiB, MB, MiB, GiB (case-insensitive) or a plain number of bytes.
+
+    :raises ValueError: for anything else
+    """
+    m = re.fullmatch(r"\s*(\d{1,15})\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size; use e.g. 64KiB, 1MiB or 0")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
 def parse_duration(text: str, *, what: str = "duration") -> int:
     """Parse ``90s``, ``15m``, ``2h`` or ``1d`` into whole seconds.
 
@@ -224,6 +238,9 @@ class PolicyConfig:
     check_commands: bool = True
     exposed_shell: str = "two-approvers"
     containment_ttl: str = "60s"
+    max_opaque_output: str = "64KiB"
+    """Per session: output that cannot be inspected (compressed, encrypted, random) before the session
+    ends with an alert; "0" turns the limit off. See docs/data-protection.md."""
 
 
 @dataclass(frozen=True)
@@ -493,6 +510,11 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
                           '"Asia/Shanghai" or "UTC"; "" = the host\'s zone') from None
     if not 0 <= cfg.metrics.min_free_mb <= 1 << 24:
         raise ConfigError(f"{source}: metrics.min_free_mb = {cfg.metrics.min_free_mb}; expected 0-16777216 (MiB)")
+    try:
+        parse_size(cfg.policy.max_opaque_output)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: policy.max_opaque_output = {cfg.policy.max_opaque_output!r}; {exc}",
+                          'e.g. max_opaque_output = "64KiB" ("0" turns the limit off)') from None
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
     if cfg.policy.exposed_shell not in ("allow", "files-only", "two-approvers"):
@@ -749,6 +771,7 @@ scan_output = true                # stop DICOM/HL7/ASTM content in shell and exe
 check_commands = true             # refuse exec commands naming protected paths
 exposed_shell = "two-approvers"   # exposed devices (login can read a protected path): allow | files-only | two-approvers
 containment_ttl = "60s"           # how long a containment check is reused at session start
+max_opaque_output = "64KiB"       # per session: compressed/encrypted/random output before it ends ("0": off)
 
 [alerts]
 file = "alerts.jsonl"             # every denial and detection, one JSON object per line

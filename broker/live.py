@@ -21,6 +21,7 @@ from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchEr
 from broker.grants import Grant
 from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
+from sessions.entropy import OPAQUE
 from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
 from sessions.recwriter import ACK_WINDOW
 from sessions.relay import ChannelContext, RelaySession
@@ -241,15 +242,26 @@ class LiveSession:
         """Patient-data content in an output stream: stop it, end the session, raise an alert."""
         self.broker.audit_soon("alert.exfiltration", user=self.user, device=self.device.name, session_id=self.id,
                                grant_id=self.grant.id, channel=relay.ctx.number, content=what,
-                               command=relay.command)
-        self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "session ended"})
-        message = (f"output contained {what} patient data, which may not leave the hospital; the session "
-                   "was ended and security staff were alerted")
+                               command=relay.command, **self._opaque_detail(what))
+        if what == OPAQUE:  # the opaque-output budget (sessions/entropy.py), not a signature
+            budget = getattr(self, "opaque_budget", None)
+            why = budget.describe() if budget else "too much output that could not be inspected"
+            message = (f"the session produced {why}, which the patient-data guard cannot check; the session was "
+                       "ended and security staff were alerted")
+        else:
+            message = (f"output contained {what} patient data, which may not leave the hospital; the session "
+                       "was ended and security staff were alerted")
+        self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "session ended",
+                                                               "reason": message})
         relay.notice(message)
         relay.exit(1)
-        self.broker.spawn(self.terminate(
-            "stopped", f"output contained {what} patient data, which may not leave the hospital; the session "
-            "was ended and security staff were alerted"))
+        self.broker.spawn(self.terminate("stopped", message))
+
+    def _opaque_detail(self, what: str) -> dict[str, Any]:
+        budget = getattr(self, "opaque_budget", None)
+        if what != OPAQUE or budget is None:
+            return {}
+        return {"reason": budget.describe(), "opaque_bytes": budget.used, "limit_bytes": budget.limit}
 
     def _channel_closed(self, relay: RelaySession) -> None:
         self.channels.discard(relay)

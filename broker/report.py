@@ -91,7 +91,7 @@ def _session_doc(store: Store, row: dict[str, Any], verify: Callable[[dict[str, 
     commands = [{"offset": round(float(c["offset"]), 3), "at": utc_iso(started + timedelta(seconds=float(c["offset"]))),
                  "command": c["command"], "source": c["source"]} for c in store.session_commands(sid)]
     files = [{"at": t["at"], "direction": t["direction"], "path": t["path"], "bytes": t["bytes"], "sha256": t["sha256"],
-              "outcome": t["outcome"]} for t in store.transfers(sid)]
+              "outcome": t["outcome"], **_partial(t)} for t in store.transfers(sid)]
     flagged = [_event_doc(e) for e in store.audit_rows(session_id=sid) if _is_flagged(e["event"])]
     return {
         "id": sid,
@@ -111,6 +111,15 @@ def _session_doc(store: Store, row: dict[str, Any], verify: Callable[[dict[str, 
         "commands": commands, "files": files, "denials_and_alerts": flagged,
         "verification": verify(row),
     }
+
+
+def _partial(t: dict[str, Any]) -> dict[str, Any]:
+    """A resumed (reget/reput) or scattered transfer: what its sha256 covers, said plainly."""
+    try:
+        details = json.loads(t.get("details") or "{}")
+    except ValueError:
+        return {}
+    return {"partial": True, "covers": details.get("covers")} if details.get("partial") else {}
 
 
 def _containment_doc(info: dict[str, Any]) -> dict[str, Any] | None:
@@ -264,7 +273,8 @@ def _render_md(doc: dict[str, Any]) -> str:
                 out += ["Files moved:", "", "| at | direction | path | bytes | sha256 | outcome |",
                         "|---|---|---|---|---|---|"]
                 out += [f"| {_when(f['at'])} | {_md(f['direction'])} | {_md(f['path'])} | {f['bytes']} | "
-                        f"{_md(f['sha256'])} | {_md(f['outcome'])} |" for f in x["files"]]
+                        f"{_md(f['sha256'])}{' (partial: ' + _md(f['covers']) + ')' if f.get('partial') else ''} | "
+                        f"{_md(f['outcome'])} |" for f in x["files"]]
             else:
                 out += ["Files moved: none."]
             out += [""] + (["Denials and alerts:", ""] + [f"- {_md(_event_line(e))}" for e in x["denials_and_alerts"]]
@@ -334,7 +344,8 @@ def _render_html(doc: dict[str, Any]) -> str:
             out.append("<h4>Files moved</h4>" + ("<table><tr><th>at</th><th>direction</th><th>path</th><th>bytes</th>"
                        "<th>sha256</th><th>outcome</th></tr>" + "".join(
                 f"<tr><td>{_h(_when(f['at']))}</td><td>{_h(f['direction'])}</td><td><code>{_h(f['path'])}</code></td>"
-                f"<td>{_h(f['bytes'])}</td><td><code>{_h(f['sha256'])}</code></td><td>{_h(f['outcome'])}</td></tr>"
+                f"<td>{_h(f['bytes'])}</td><td><code>{_h(f['sha256'])}</code>"
+                f"{'<br>partial: ' + _h(f['covers']) if f.get('partial') else ''}</td><td>{_h(f['outcome'])}</td></tr>"
                 for f in x["files"]) + "</table>" if x["files"] else "<p>None.</p>"))
             out.append("<h4>Denials and alerts</h4>" + ("<ul>" + "".join(
                 f"<li>{_h(_event_line(e))}</li>" for e in x["denials_and_alerts"]) + "</ul>"

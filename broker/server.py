@@ -19,7 +19,7 @@ import asyncssh
 from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
 from broker.clock import parse_utc, utc_iso
-from broker.config import format_duration, parse_duration, parse_listen
+from broker.config import format_duration, parse_duration, parse_listen, parse_size
 from broker.containment import channel_refusal, check_devices
 from broker.directory import refresh_for_login, run_directory_sync
 from broker.devices import Device, device_credential, get_device
@@ -33,7 +33,8 @@ from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.startups import Admission, StartupGate, StartupPolicy
 from broker.live import LiveSession, SessionSettings
-from sessions.content import OutputScanner
+from sessions.decoders import DeepScanner
+from sessions.entropy import OpaqueBudget
 from sessions.exec_check import check_command_line
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
@@ -340,8 +341,14 @@ class SessionPolicy:
         """The SFTP policy proxy for one channel, with its own second SFTP session for realpath checks."""
         return GuardedSftp(self, relay)
 
-    def make_scanner(self) -> OutputScanner | None:
-        return OutputScanner() if self.scan_output else None
+    def make_scanner(self) -> DeepScanner | None:
+        """One scanner per shell/exec channel; the opaque-output budget belongs to the session (all channels)."""
+        if not self.scan_output:
+            return None
+        budget = getattr(self.live, "opaque_budget", None)
+        if budget is None:
+            budget = self.live.opaque_budget = OpaqueBudget(parse_size(self.broker.app.config.policy.max_opaque_output))
+        return DeepScanner(budget)
 
     def make_stream_judge(self, relay: RelaySession) -> "GuardedStreams":
         """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3)."""

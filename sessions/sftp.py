@@ -89,10 +89,22 @@ class TransferRecord:
     ended_at: str = ""
     outcome: str = "ok"
     kept: str | None = None
+    first_offset: int = 0
+    """Where the first byte through this handle sat in the file (a resumed ``reget``/``reput`` starts late)."""
+    contiguous: bool = True
+    """Every piece followed the one before (true of a resumed transfer too; false for random access)."""
 
     def as_dict(self) -> dict:
         out = {"path": self.path, "direction": self.direction, "bytes": self.bytes, "sha256": self.sha256,
                "sequential": self.sequential, "outcome": self.outcome}
+        if not self.sequential:
+            # Say plainly what the hash covers: the broker saw only these bytes, not the whole file.
+            out["partial"] = True
+            out["offset"] = self.first_offset
+            out["covers"] = (f"bytes {self.first_offset}..{self.first_offset + self.bytes} of the file (resumed "
+                             f"transfer); the sha256 is of those bytes only, not of the whole file"
+                             if self.contiguous else "pieces at scattered offsets; the sha256 is of the bytes in "
+                             "the order they passed, not of the file")
         if self.started_at:
             out |= {"started_at": self.started_at, "ended_at": self.ended_at}
         return out | ({"kept": self.kept} if self.kept else {})
@@ -134,11 +146,17 @@ class _Handle:
     counts: dict = field(default_factory=lambda: {"download": 0, "upload": 0})
     next_offset: dict = field(default_factory=lambda: {"download": 0, "upload": 0})
     sequential: dict = field(default_factory=lambda: {"download": True, "upload": True})
+    first_offset: dict = field(default_factory=lambda: {"download": None, "upload": None})
+    contiguous: dict = field(default_factory=lambda: {"download": True, "upload": True})
     opened_at: str = ""
     keep: object = None  # a sessions.scp.KeptFile when uploads are kept
 
     def account(self, direction: str, offset: int, data: bytes) -> None:
         self.hashes[direction].update(data)
+        if self.first_offset[direction] is None:
+            self.first_offset[direction] = offset
+        elif offset != self.next_offset[direction]:
+            self.contiguous[direction] = False
         self.counts[direction] += len(data)
         if offset != self.next_offset[direction]:
             self.sequential[direction] = False
@@ -546,7 +564,8 @@ class SftpFilter:
                                         handle.hashes[direction].hexdigest(), handle.sequential[direction],
                                         handle.opened_at, self._now(),
                                         "stopped" if handle.poisoned and direction == "download" else outcome,
-                                        kept if direction == "upload" else None)
+                                        kept if direction == "upload" else None,
+                                        handle.first_offset[direction] or 0, handle.contiguous[direction])
                 self._transfers.append(record)
                 self._record("transfer.file", record.as_dict())
 

@@ -119,7 +119,8 @@ NON_DEFAULT = {
                "recent_login_window": '"1h"', "penalty_authfail": '"7s"', "penalty_grace": '"9s"',
                "penalty_min": '"11s"', "penalty_max": '"13m"'},
     "policy": {"protected_paths_file": '"pp.toml"', "scan_output": "false", "check_commands": "false",
-               "exposed_shell": '"files-only"', "containment_ttl": '"5m"'},
+               "exposed_shell": '"files-only"', "containment_ttl": '"5m"',
+               "max_opaque_output": '"1MiB"'},
     "alerts": {"file": '"a.jsonl"', "webhook_url": '"http://127.0.0.1:9/hook"'},
     "retention": {"days": "365", "allow_below_floor": "true"},
     "web": {"address": '"127.0.0.1:8080"', "public_url": '"https://broker.example"', "link_ttl": '"5m"',
@@ -486,3 +487,32 @@ def test_parse_listen_fuzz(text: str) -> None:
     assert host and 0 <= port <= 65535
     tail = text.rpartition(":")[2]
     assert tail.isascii() and tail.isdigit() and int(tail) == port
+
+
+def test_max_opaque_output_is_a_size(tmp_path) -> None:
+    from broker.config import parse_size
+
+    assert parse_size("64KiB") == 65536 and parse_size("0") == 0 and parse_size("2 MiB") == 2 << 20
+    path = tmp_path / "broker.toml"
+    path.write_text('[policy]\nmax_opaque_output = "lots"\n')
+    with pytest.raises(ConfigError, match="policy.max_opaque_output"):
+        load_config(path)
+
+
+def test_example_config_lists_every_key_and_loads(tmp_path: Path) -> None:
+    """config/broker.example.toml is what admins copy: it must name every key the broker knows and load."""
+    import re
+
+    example = (Path(__file__).resolve().parent.parent / "config" / "broker.example.toml").read_text()
+    shown, section = set(), None
+    for line in example.splitlines():
+        head = re.match(r"\[(\w+)\]", line)
+        if head:
+            section = head.group(1)
+        key = re.match(r"(\w+)\s*=", line)
+        if key and section:
+            shown.add((section, key.group(1)))
+    known = {(s, f.name) for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert known - shown == set(), f"missing from config/broker.example.toml: {sorted(known - shown)}"
+    (tmp_path / "broker.toml").write_text(example)
+    load_config(tmp_path / "broker.toml")

@@ -102,6 +102,27 @@ def test_sftp_maintenance_transfers_work_and_are_recorded(t, tmp_path):
     assert {e["sha256"] for e in exported} == {x["sha256"] for x in stored}
 
 
+def test_a_resumed_download_says_what_its_hash_covers(t, tmp_path):
+    """`reget` continues a download at the size of the local partial file: the broker sees only the rest, and
+    the record says so (offset, range, partial) instead of passing the hash of a part for the file's."""
+    fw = t.path("opt/vendor/firmware/fw-4.2.1.bin")
+    data = fw.read_bytes()
+    half = len(data) // 2
+    (tmp_path / "fw.bin").write_bytes(data[:half])
+    known, mark = t.session_ids(), t.last_event_id()
+    r = t.sftp(f"reget opt/vendor/firmware/fw-4.2.1.bin {tmp_path}/fw.bin\n")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "fw.bin").read_bytes() == data
+    rec = t.wait_events(mark, "transfer.file")[0]["details"]
+    assert rec["bytes"] == len(data) - half and rec["sha256"] == sha256(data[half:])
+    assert rec["partial"] is True and rec["offset"] == half and rec["sequential"] is False
+    assert f"bytes {half}..{len(data)}" in rec["covers"] and "not of the whole file" in rec["covers"]
+    session = t.finished_sessions(known)[0]
+    shown = json.loads(t.cli("sessions", "show", session["id"], "--json"))["transfers"][0]
+    assert json.loads(shown["details"])["covers"] == rec["covers"]
+    assert "partial" in " ".join(t.cli("sessions", "show", session["id"]).split())
+
+
 def test_sftp_reads_of_protected_paths_are_refused_however_they_are_named(t, tmp_path):
     known, mark, log_mark = t.session_ids(), t.last_event_id(), t.sftp_log_mark()
     dicom = t.device.tree.patient["dicom_file"]

@@ -1,5 +1,6 @@
 """``medbroker sessions …``: live and past device sessions, and ending a live one."""
 
+import json
 from typing import Annotated, Any
 
 import typer
@@ -88,6 +89,18 @@ def list_(
         say(f"(the newest {limit}; narrow with --since/--until/--user/--device or raise --limit, 0 = all)")
 
 
+def transfer_hash_text(t: dict) -> str:
+    """The sha256 cell of a transfer: a resumed or scattered one says what its hash covers."""
+    try:
+        details = json.loads(t.get("details") or "{}")
+    except ValueError:
+        details = {}
+    if details.get("partial"):
+        start = int(details.get("offset") or 0)
+        return f"{t['sha256']} (partial: bytes {start}..{start + int(t['bytes'] or 0)} only)"
+    return t["sha256"] or "-"
+
+
 def _what(activity: dict | None) -> str:
     """One cell: the first command and how many more, or the files moved (from the command index)."""
     if not activity:
@@ -127,7 +140,7 @@ def show(ctx: typer.Context, session_id: SessionId, as_json: JsonOpt = False) ->
             f"{safe(doc['kill_reason'])}")
     if transfers:
         print_table(["at", "direction", "path", "bytes", "sha256", "outcome"],
-                    ([when(t["at"]), t["direction"], t["path"], t["bytes"], t["sha256"], t["outcome"]]
+                    ([when(t["at"]), t["direction"], t["path"], t["bytes"], transfer_hash_text(t), t["outcome"]]
                      for t in transfers), title="File transfers")
     print_activity(row, activity)
     say(f"Replay: medbroker replay {doc['id']}    Export: medbroker export {doc['id']} --format text -o FILE")
