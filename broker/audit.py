@@ -18,6 +18,7 @@ EVENTS: dict[str, str] = {
     "auth.success": "a user authenticated (method, key fingerprint)",
     "auth.failure": "an authentication attempt failed (reason; never the secret)",
     "auth.lockout": "too many failures from one user and address; the pair is locked",
+    "auth.penalty": "an address was penalised (failed logins, logins held until the timeout): refused for a while",
     "auth.totp.enrolled": "a user enrolled TOTP",
     "auth.totp.removed": "an administrator removed a user's TOTP enrolment (key alone from now on)",
     "keys.rotated": "a new data key became current; device credentials and TOTP secrets were re-sealed with it",
@@ -25,6 +26,8 @@ EVENTS: dict[str, str] = {
     "user.created": "an administrator created a user (or the directory did: actor directory, via directory)",
     "user.directory.synced": "a directory user's role, state or SSH keys changed to what the directory says",
     "user.key.added": "a public key was registered for a user",
+    "user.key.removed": "a user's public key was removed; sessions that logged in with it end",
+    "user.role.changed": "a user's role changed; their live sessions end",
     "user.disabled": "a user was disabled",
     "user.enabled": "a user was enabled again",
     "device.added": "a device was registered (host key fingerprint, protected paths)",
@@ -48,7 +51,11 @@ EVENTS: dict[str, str] = {
     "session.killed": "security staff ended a live session",
     "session.expired": "a session ended because its window ended",
     "session.sealed": "an interrupted recording was sealed at startup",
+    "session.stopped": "a live session ended because what it was opened with was withdrawn (user disabled, login "
+                       "key removed, role changed, device removed)",
     "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem)",
+    "connection.closed": "an open connection was closed because its login no longer stands (user disabled, "
+                         "key removed, role changed)",
     "exec.denied": "an exec command naming a protected path was refused",
     "channel.protocol.denied": "a file-transfer protocol (sftp, scp, rsync, tar, cpio, ssh) flowed on a shell or exec "
                                "channel; the channel was ended",

@@ -32,6 +32,7 @@ __all__ = [
     "parse_duration",
     "format_duration",
     "parse_listen",
+    "parse_startups",
     "parse_syslog_address",
     "DEFAULT_CONFIG_TOML",
     "MAX_ID",
@@ -216,6 +217,16 @@ class LimitsConfig:
     max_unauthenticated: int = 64
     max_connections_per_address: int = 32
     max_channels_per_connection: int = 10
+    # Pre-authentication slots (issue 11, finding 9; docs/security.md "Pre-authentication slots"). Addresses
+    # with a successful login within recent_login_window are "recent": only the two caps above apply to them.
+    max_unauthenticated_per_address: int = 8  # logins in progress one address without a recent login may hold
+    max_startups: str = "50:30:100"   # start:rate:full, percent of max_unauthenticated (OpenSSH MaxStartups)
+    reserved_for_recent: int = 25     # percent of max_unauthenticated only recent addresses may use
+    recent_login_window: str = "24h"
+    penalty_authfail: str = "5s"      # OpenSSH PerSourcePenalties: added per failed login ...
+    penalty_grace: str = "20s"        # ... per login left unfinished until listen.login_timeout
+    penalty_min: str = "30s"          # an address is refused once its penalty reaches this ...
+    penalty_max: str = "10m"          # ... for at most this long
 
 
 @dataclass(frozen=True)
@@ -458,6 +469,11 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         ("upstream", "keepalive_interval"),
         ("limits", "failure_window"),
         ("limits", "lockout"),
+        ("limits", "recent_login_window"),
+        ("limits", "penalty_authfail"),
+        ("limits", "penalty_grace"),
+        ("limits", "penalty_min"),
+        ("limits", "penalty_max"),
         ("web", "link_ttl"),
         ("web", "idle_timeout"),
         ("web", "session_max"),
@@ -519,6 +535,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
             raise ConfigError(f"{source}: limits.{key} must be at least 1", "0 would refuse every connection")
     if cfg.limits.max_auth_failures < 1:
         raise ConfigError(f"{source}: limits.max_auth_failures must be at least 1")
+    _validate_startups(cfg.limits, source)
     if cfg.listen.workers < 1 or cfg.listen.workers > 64:
         raise ConfigError(f"{source}: listen.workers must be between 1 and 64")
     if cfg.retention.days < 180 and not cfg.retention.allow_below_floor:
@@ -527,6 +544,37 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
             "logs must be kept at least six months (Cybersecurity Law Art. 21); "
             "set retention.allow_below_floor = true only with a documented exemption",
         )
+
+
+def parse_startups(text: str) -> tuple[int, int, int]:
+    """``limits.max_startups``: ``start:rate:full`` as three whole percentages of ``max_unauthenticated``.
+
+    :raises UsageError: not three numbers, or not 0 <= start <= full <= 100 and 0 <= rate <= 100
+    """
+    parts = text.split(":") if isinstance(text, str) else []
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
+        raise UsageError(f"limits.max_startups = {text!r} is not start:rate:full",
+                         'three whole percentages of max_unauthenticated, e.g. "50:30:100"')
+    start, rate, full = (int(p) for p in parts)
+    if not (0 <= start <= full <= 100 and rate <= 100):
+        raise UsageError(f"limits.max_startups = {text!r}: need start <= full <= 100 and rate <= 100",
+                         'e.g. "50:30:100": from 50 % of max_unauthenticated drop 30 %, rising to all at 100 %')
+    return start, rate, full
+
+
+def _validate_startups(limits: LimitsConfig, source: str) -> None:
+    if limits.max_unauthenticated_per_address < 1:
+        raise ConfigError(f"{source}: limits.max_unauthenticated_per_address must be at least 1",
+                          "0 would refuse every connection from an address without a recent login")
+    try:
+        parse_startups(limits.max_startups)
+    except UsageError as exc:
+        raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
+    if limits.reserved_for_recent > 90:
+        raise ConfigError(f"{source}: limits.reserved_for_recent = {limits.reserved_for_recent} is over 90",
+                          "it is the percent of max_unauthenticated kept for recent addresses; e.g. 25")
+    if parse_duration(limits.penalty_min) > parse_duration(limits.penalty_max):
+        raise ConfigError(f"{source}: limits.penalty_min is longer than limits.penalty_max")
 
 
 def _validate_web(web: WebConfig, source: str) -> None:
@@ -707,6 +755,15 @@ lockout = "15m"                   # ... locks that pair for this long
 max_unauthenticated = 64          # connections still authenticating, broker-wide
 max_connections_per_address = 32
 max_channels_per_connection = 10
+# Addresses without a successful login in recent_login_window also face these (docs/security.md):
+max_unauthenticated_per_address = 8   # logins in progress per such address
+max_startups = "50:30:100"        # random early drop: start:rate:full in % of max_unauthenticated
+reserved_for_recent = 25          # % of max_unauthenticated that only recently successful addresses may use
+recent_login_window = "24h"
+penalty_authfail = "5s"           # penalty per failed login ...
+penalty_grace = "20s"             # ... per login left unfinished until listen.login_timeout
+penalty_min = "30s"               # refused (dropped at once) while the penalty is at least this ...
+penalty_max = "10m"               # ... and never longer than this
 
 [policy]
 protected_paths_file = ""         # default: config/protected-paths.toml shipped with medbroker

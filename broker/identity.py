@@ -25,8 +25,11 @@ __all__ = [
     "parse_public_key",
     "add_user",
     "add_user_key",
+    "remove_user_key",
+    "set_user_role",
     "get_principal",
     "authenticate_key",
+    "standing_refusal",
     "require_role",
     "lockout_remaining",
 ]
@@ -166,6 +169,32 @@ def add_user_key(store: Store, name: str, key_text: str, now: datetime) -> Publi
     return key
 
 
+def remove_user_key(store: Store, name: str, fingerprint: str) -> None:
+    """Remove one of ``name``'s public keys; live sessions that logged in with it end (broker control loop).
+
+    :raises NotFoundError: unknown user, or no such key for them
+    """
+    get_principal(store, name)
+    if not store.delete_user_key(name, fingerprint):
+        raise NotFoundError(f"{name} has no key {fingerprint}", f"see: medbroker user show {name}")
+
+
+def set_user_role(store: Store, name: str, role: str) -> str:
+    """Give ``name`` another role; returns the old one. Their live sessions end (broker control loop).
+
+    :raises NotFoundError: unknown user
+    :raises UsageError: unknown role
+    :raises ConflictError: the user has that role already
+    """
+    if role not in ROLES:
+        raise UsageError(f"role {role!r} is not known", f"use one of: {', '.join(ROLES)}")
+    old = get_principal(store, name).role
+    if old == role:
+        raise ConflictError(f"user {name} is already {role}", "nothing changed")
+    store.set_user_role(name, role)
+    return old
+
+
 def get_principal(store: Store, name: str) -> Principal:
     """Look a user up.
 
@@ -187,6 +216,20 @@ def authenticate_key(store: Store, name: str, fingerprint: str) -> Principal:
     if not row or row["disabled"] or not store.find_key(name, fingerprint):
         raise PermissionDeniedError("authentication failed")
     return get_principal(store, name)
+
+
+def standing_refusal(store: Store, name: str, fingerprint: str | None, role: str | None) -> str | None:
+    """Why a connection that authenticated as ``name`` with key ``fingerprint`` and role ``role`` may not go
+    on (open channels, keep sessions), or None when it still may. Asked for every new channel; the broker's
+    control loop asks the same of live sessions through ``Store.sessions_to_stop``."""
+    row = store.get_user(name)
+    if not row or row["disabled"]:
+        return f"the account {name} was disabled by the hospital's medbroker administrators"
+    if fingerprint and not store.find_key(name, fingerprint):
+        return f"the SSH key this connection logged in with ({fingerprint}) was removed from {name}"
+    if role and row["role"] != role:
+        return f"the role of {name} changed from {role} to {row['role']}; log in again"
+    return None
 
 
 def require_role(principal: Principal, *roles: str, action: str) -> None:

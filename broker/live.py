@@ -83,6 +83,7 @@ class LiveSession:
         self._timers: list[asyncio.TimerHandle] = []
         self._end_status = "closed"
         self._end_reason = "vendor disconnected"
+        self.abort_reason: tuple[str, str] | None = None  # (status, reason) when start() is cancelled on purpose
         self.containment = None  # the ContainmentReport that applies (broker/containment.py), set at start
 
     # ---------------------------------------------------------------- setup
@@ -117,25 +118,31 @@ class LiveSession:
             raise RecordingError(
                 "recording is unavailable, and medbroker never runs a session it cannot record",
                 "try again later and tell the hospital's security team") from None
-        await b.db(b.app.store.insert_session, {
-            "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
-            "source": self.server.source, "started_at": utc_iso(now), "status": "live",
-            "recording": str(self.path), "broker_pid": b.pid, "last_activity_at": utc_iso(now),
-        })
+        # From here on every way out (device error, the vendor leaving, the broker stopping: both cancel this
+        # task, each naming itself in abort_reason) closes the recording, the row and any device connection.
         try:
+            # Shielded: a cancel must not drop the queued insert, or session.end would name a row never written.
+            await asyncio.shield(b.db(b.app.store.insert_session, {
+                "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
+                "source": self.server.source, "started_at": utc_iso(now), "status": "live",
+                "recording": str(self.path), "broker_pid": b.pid, "last_activity_at": utc_iso(now),
+                "auth_key": self.server.fingerprint,
+                "user_role": self.server.principal.role if self.server.principal else None,
+            }))
             self.upconn = await self._connect()
             self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
+            self.upconn_closed = False
+            b.live[self.id] = self
+            await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
+                          session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
+                          grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state)
         except BrokerError as exc:
             await self.finish("failed", reason=exc.message)
             raise
-        except asyncio.CancelledError:  # the broker is stopping: close the recording and the row, then go
-            await asyncio.shield(self.finish("failed", reason="the broker stopped while connecting to the device"))
+        except asyncio.CancelledError:
+            status, reason = self.abort_reason or ("failed", "the broker stopped while connecting to the device")
+            await asyncio.shield(self.finish(status, reason=reason))
             raise
-        self.upconn_closed = False
-        b.live[self.id] = self
-        await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
-                      session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
-                      grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state)
         self._schedule_window()
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
@@ -157,7 +164,7 @@ class LiveSession:
             await b.audit("device.legacy_algorithms", device=dev.name, session_id=self.id,
                           algorithms=dev.legacy_algorithms)
         try:
-            return await asyncio.wait_for(asyncssh.connect(dev.host, dev.port, **opts), s.connect_timeout_s + 1)
+            return await _connect_or_close(asyncssh.connect(dev.host, dev.port, **opts), s.connect_timeout_s + 1)
         except asyncssh.HostKeyNotVerifiable:
             seen = await self._presented_key()
             await b.audit("device.hostkey.mismatch", user=self.user, device=dev.name, session_id=self.id,
@@ -328,17 +335,24 @@ class LiveSession:
         if self.ending:
             return
         self.ending = True
-        if event:
-            await self.broker.audit(event, user=self.user, device=self.device.name, session_id=self.id,
-                                    grant_id=self.grant.id, **fields)
-        for relay in list(self.channels):
-            relay.notice(message)
-            relay.exit(1)
         self._end_status, self._end_reason = status, message
+        # The vendor is told and cut off first, before any await: the audit row below waits for the store thread.
+        for relay in list(self.channels):
+            if relay.chan is None:  # the vendor left before asyncssh opened this channel: nothing to tell
+                self.channels.discard(relay)
+                continue
+            try:
+                relay.notice(message)
+                relay.exit(1)
+            except Exception:  # one broken channel must not keep the others (or the device link) open
+                log.exception("session %s: ending channel %s failed", self.id, relay.ctx.number)
         conn = self.server.conn
         if conn is not None:
             loop = asyncio.get_running_loop()
             loop.call_later(0.5, conn.close)
+        if event:
+            await self.broker.audit(event, user=self.user, device=self.device.name, session_id=self.id,
+                                    grant_id=self.grant.id, **fields)
         await self.finish(status, reason=message)
 
     async def finish(self, status: str | None = None, *, reason: str | None = None) -> None:
@@ -393,6 +407,25 @@ class LiveSession:
         last = datetime.fromtimestamp(self.broker.app.clock.now().timestamp() - idle_s, tz=self.grant.ends_at.tzinfo)
         await self.broker.db(lambda: self.broker.app.store.update_session(
             self.id, last_activity_at=utc_iso(last), **self._counters()))
+
+
+async def _connect_or_close(connect, timeout: float) -> asyncssh.SSHClientConnection:
+    """Await ``connect`` for at most ``timeout``; when cancelled or timed out, a connection that still
+    arrives is closed. (A cancel that lands just as asyncssh's own wait_for finishes is swallowed there and
+    the connection returned; a plain nested wait_for then drops it, open, on the floor: the ghost device
+    connections of issue 11.)"""
+    task = asyncio.ensure_future(connect)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout)
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(_close_late_connection)
+        raise
+
+
+def _close_late_connection(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 async def index_session(broker: "Broker", session_id: str, path: Path) -> None:

@@ -11,25 +11,27 @@ import asyncio
 import json
 import logging
 import os
+from datetime import datetime
 from typing import Any
 
 import asyncssh
 
 from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
-from broker.clock import utc_iso
+from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, parse_duration, parse_listen, parse_size
 from broker.containment import channel_refusal, check_devices
 from broker.directory import refresh_for_login, run_directory_sync
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import Grant, expire_requests, find_active_grant, request_hint
-from broker.identity import Principal, authenticate_key, parse_login
+from broker.identity import Principal, authenticate_key, parse_login, standing_refusal
 from broker.keys import openssh_fingerprint
 from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_failure
 from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
+from broker.startups import Admission, StartupGate, StartupPolicy
 from broker.live import LiveSession, SessionSettings
 from sessions.cmd_judge import DevicePaths, judge_command
 from sessions.cmd_paths import analyze_command
@@ -65,6 +67,8 @@ MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries defaul
 EXPIRY_TICKS = 60  # control-loop ticks (0.5 s) between sweeps for expired requests
 MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
 CODE_PROMPT = "Verification code: "
+STOP_POLL_S = 0.25  # how often the control loop looks for sessions to end: revoke/kill/disable reach them in < 1 s
+RECENT_TICKS = 60  # control-loop ticks between refreshes of recently successful addresses (other workers' logins)
 CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then every 5 minutes (600 ticks of 0.5 s)
 REFUSAL_GRACE_S = 3.0  # an over-cap connection gets this long to reach user auth and read why it is refused
 
@@ -86,10 +90,12 @@ class Broker:
         self.unauthenticated = 0
         self.per_address: dict[str, int] = {}
         self.limit_audited: dict[str, float] = {}  # source -> loop time of its last audited cap refusal
+        self.gate = StartupGate(StartupPolicy.from_config(app.config))  # pre-auth slots (finding 9)
         self.pid = os.getpid()
         self._control: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
+        self.starting_sessions: dict[str, tuple[LiveSession, asyncio.Future]] = {}  # the same, by session id
         self.stopping = False  # set by stop_server: no new device session starts after it
         # [directory]: control-loop ticks (0.5 s) between re-reads of every directory user (0 = no directory)
         self.directory_ticks = max(1, app.config.seconds("directory", "sync_interval") * 2) \
@@ -144,41 +150,106 @@ class Broker:
                 pass
 
     async def _control_loop(self) -> None:
-        """Every 0.5 s: end this process's sessions that were killed or whose grant was revoked (from any
-        process); with ``duties``, also checkpoint the audit chain and expire pending requests."""
-        tick = 0
+        """Every 0.25 s: end this process's sessions that were killed, revoked or withdrawn (from any process).
+        Every 0.5 s tick: with ``duties``, also checkpoint the audit chain and expire pending requests."""
+        tick = beat = 0
         while True:
-            await asyncio.sleep(0.5)
-            tick += 1
-            if self.duties and tick % CHECKPOINT_TICKS == 1:
-                self.spawn(self.write_checkpoint())
-            if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL become expired (audited)
-                self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit, self.app.clock.now())))
-            if self.duties and self.directory_ticks and tick % self.directory_ticks == 1:  # [directory] sync_interval
-                self.spawn(run_directory_sync(self.app, self.db))
-            if not self.live:
+            await asyncio.sleep(STOP_POLL_S)
+            beat += 1
+            new_tick = beat % 2 == 0
+            if new_tick:
+                tick += 1
+                if self.duties and tick % CHECKPOINT_TICKS == 1:
+                    self.spawn(self.write_checkpoint())
+                if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL expire (audited)
+                    self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit,
+                                                               self.app.clock.now())))
+                if self.duties and self.directory_ticks and tick % self.directory_ticks == 1:  # [directory] sync
+                    self.spawn(run_directory_sync(self.app, self.db))
+                if tick % RECENT_TICKS == 0:
+                    self.spawn(self.refresh_recent())
+                if self.connections:
+                    self.spawn(self._close_withdrawn())
+            if not self.live and not self.starting_sessions:
                 continue
             try:
                 rows = await self.db(self.app.store.sessions_to_stop, self.pid, utc_iso(self.app.clock.now()))
                 for row in rows:
+                    if row["id"] in self.starting_sessions:  # still connecting to the device: never starts
+                        self._abort_start(row)
+                        continue
                     live = self.live.get(row["id"])
                     if live is None or live.ending:
                         continue
-                    if row["kill_requested_at"]:
-                        reason = row["kill_reason"] or "no reason given"
-                        await live.terminate("killed", f"security staff ended this session: {reason}",
-                                             event="session.killed", by=row["kill_requested_by"], reason=reason)
-                    else:
-                        why = row["revoke_reason"] or "no reason given"
-                        await live.terminate("revoked", f"your access to {live.device.name} was revoked by "
-                                             f"{row['revoked_by']}: {why}. Ask the hospital before reconnecting.")
-                if tick % 10 == 0:
+                    # Each in its own task: one slow or broken session never delays another's end.
+                    self.spawn(self._stop_session(live, row))
+                if new_tick and tick % 10 == 0:
                     for live in list(self.live.values()):
                         await live.save_counters()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must survive a transient DB error
                 log.exception("control loop iteration failed")
+
+    async def _close_withdrawn(self) -> None:
+        """Authenticated connections without a device session whose login no longer stands (user disabled, key
+        removed, role changed) are closed with the reason; sessions are ended by ``sessions_to_stop``."""
+        servers = [c.get_owner() for c in list(self.connections)]
+        servers = [s for s in servers if isinstance(s, BrokerServer) and s.authenticated and not s.gone
+                   and s.live is None and s._starting is None and s.principal is not None]
+        if not servers:
+            return
+        logins = {(s.user, s.fingerprint, s.principal.role) for s in servers}
+        try:
+            verdicts = await self.db(lambda: {t: standing_refusal(self.app.store, *t) for t in logins})
+        except Exception:  # the next tick tries again
+            log.exception("checking open connections failed")
+            return
+        for s in servers:
+            why = verdicts.get((s.user, s.fingerprint, s.principal.role))
+            if why and not s.gone and s.live is None:
+                self.audit_soon("connection.closed", user=s.user, device=s.device_name, source=s.source, reason=why)
+                s.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"medbroker: {why}; this connection was closed")
+
+    def _abort_start(self, row: dict[str, Any]) -> None:
+        """A session killed, revoked or withdrawn while it still connects to its device: cancel the start
+        (LiveSession.start closes the row with this status and reason; the vendor is refused with it)."""
+        live, start = self.starting_sessions.pop(row["id"])
+        status, message, kw = stop_decision(row, live.device.name)
+        live.abort_reason = (status, message)
+        start.cancel()
+        event = kw.pop("event", None)
+        if event:
+            self.audit_soon(event, user=live.user, device=live.device.name, session_id=live.id,
+                            grant_id=live.grant.id, **kw)
+
+    async def _stop_session(self, live: LiveSession, row: dict[str, Any]) -> None:
+        """End one live session for the reason ``row`` (from ``Store.sessions_to_stop``) gives."""
+        try:
+            status, message, kw = stop_decision(row, live.device.name)
+            await live.terminate(status, message, **kw)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # logged with the session id; the others are ended by their own tasks
+            log.exception("ending session %s failed", live.id)
+            try:
+                await live.finish("failed", reason="ending the session failed; see the broker log")
+            except Exception:
+                log.exception("finishing session %s failed", live.id)
+
+    async def refresh_recent(self) -> None:
+        """Learn the addresses that logged in recently through any process (workers share the database)."""
+        try:
+            now_utc, now = self.app.clock.now(), asyncio.get_running_loop().time()
+            window = self.gate.policy.recent_s
+            since = utc_iso(datetime.fromtimestamp(now_utc.timestamp() - window, tz=now_utc.tzinfo))
+            rows = await self.db(self.app.store.recent_login_sources, since)
+            for row in rows:
+                at = now - (now_utc - parse_utc(row["at"])).total_seconds()
+                if at > self.gate.recent.get(row["source"], float("-inf")):
+                    self.gate.recent[row["source"]] = at
+        except Exception:
+            log.exception("reading recent logins failed")
 
     async def write_checkpoint(self) -> None:
         """Sign the audit chain's head (broker/audit.py); a failure is logged, the next period tries again."""
@@ -196,6 +267,30 @@ class Broker:
         from broker.live import seal_interrupted_sessions
 
         await seal_interrupted_sessions(self)
+
+
+def stop_decision(row: dict[str, Any], device: str) -> tuple[str, str, dict[str, Any]]:
+    """``(status, message for the vendor, terminate keywords: audit event and fields)`` for a row of
+    ``Store.sessions_to_stop``."""
+    if row["kill_requested_at"]:
+        reason = row["kill_reason"] or "no reason given"
+        return ("killed", f"security staff ended this session: {reason}",
+                dict(event="session.killed", by=row["kill_requested_by"], reason=reason))
+    if row["revoked_at"]:
+        why = row["revoke_reason"] or "no reason given"
+        return ("revoked", f"your access to {device} was revoked by {row['revoked_by']}: {why}. "
+                "Ask the hospital before reconnecting.", {})
+    user = row["user_name"]
+    if row["user_disabled"]:
+        cause, text = "user.disabled", f"the account {user} was disabled by the hospital's medbroker administrators"
+    elif row["key_gone"]:
+        cause, text = "user.key.removed", f"the SSH key this session logged in with ({row['auth_key']}) was removed"
+    elif row["device_gone"]:
+        cause, text = "device.removed", f"{device} was removed from medbroker"
+    else:
+        cause, text = "user.role.changed", f"the role of {user} changed from {row['user_role']} to {row['role_now']}"
+    return ("stopped", f"{text}, so this session was ended. Ask the hospital's medbroker administrators.",
+            dict(event="session.stopped", cause=cause))
 
 
 class SessionPolicy:
@@ -544,8 +639,13 @@ class BrokerServer(asyncssh.SSHServer):
         self._refusal_timer: asyncio.TimerHandle | None = None
         self.authenticated = False
         self.counted_unauth = False
+        self.gated = False  # holds one of the gate's per-address pre-auth slots (an address without a recent login)
+        self.dropped = False  # refused by the gate at connect: nothing more is counted for it
+        self.connected_at = 0.0
         self.live: LiveSession | None = None
         self.live_lock = asyncio.Lock()
+        self.gone = False  # connection_lost ran: nothing may start for this connection any more
+        self._starting: tuple[LiveSession, asyncio.Future] | None = None  # a device session being set up
 
     # ---------------------------------------------------------------- connection
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -557,10 +657,18 @@ class BrokerServer(asyncssh.SSHServer):
         b.per_address[self.source] = b.per_address.get(self.source, 0) + 1
         b.unauthenticated += 1
         self.counted_unauth = True
+        self.connected_at = now = asyncio.get_running_loop().time()
         over = max(b.unauthenticated / limits.max_unauthenticated if limits.max_unauthenticated else 3.0,
                    b.per_address[self.source] / limits.max_connections_per_address
                    if limits.max_connections_per_address else 3.0)
         if over <= 1:
+            if not b.gate.is_recent(self.source, now):  # recent addresses: only the two caps apply
+                verdict = b.gate.admit(self.source, b.unauthenticated, now)
+                if verdict.reason:
+                    self._drop(verdict)
+                    return
+                b.gate.started(self.source)
+                self.gated = True
             return
         loop = asyncio.get_running_loop()
         per_address = b.per_address[self.source] > limits.max_connections_per_address
@@ -584,10 +692,38 @@ class BrokerServer(asyncssh.SSHServer):
             self.refusal = "the broker has too many logins in progress; try again in a minute"
         self._refusal_timer = loop.call_later(REFUSAL_GRACE_S, conn.abort)
 
+    def _drop(self, verdict: Admission) -> None:
+        """Refused by the gate: closed at once, before any key exchange (OpenSSH drops these too)."""
+        b = self.broker
+        self.dropped = self.not_counted = True
+        self._leave_unauth()
+        loop = asyncio.get_running_loop()
+        key = f"gate:{self.source}"  # one row a second per address, however fast it reconnects
+        if loop.time() - b.limit_audited.get(key, -60.0) >= 1.0:
+            if len(b.limit_audited) > 1024:
+                b.limit_audited.clear()
+            b.limit_audited[key] = loop.time()
+            extra = {"penalty_left_s": round(verdict.penalty_left)} if verdict.penalty_left else {}
+            b.audit_soon("auth.failure", source=self.source, reason=verdict.reason,
+                         unauthenticated=b.unauthenticated, **extra)
+        self.conn.abort()
+
+    def _penalise(self, kind: str) -> None:
+        """OpenSSH PerSourcePenalties: audited once, when the address becomes refused."""
+        b = self.broker
+        seconds = b.gate.penalise(self.source, kind, asyncio.get_running_loop().time())
+        if seconds:
+            b.audit_soon("auth.penalty", source=self.source, penalty_s=round(seconds), reason=kind,
+                         user=self.user)
+
     def connection_lost(self, exc: Exception | None) -> None:
         b = self.broker
         if self._refusal_timer is not None:
             self._refusal_timer.cancel()
+        if not self.authenticated and not self.dropped and self.refusal is None:
+            timeout = b.app.config.seconds("listen", "login_timeout")
+            if asyncio.get_running_loop().time() - self.connected_at >= timeout - 0.5:
+                self._penalise("grace")  # held a pre-auth slot until the login timeout
         b.connections.discard(self.conn)
         b.per_address[self.source] = b.per_address.get(self.source, 1) - 1
         if b.per_address[self.source] <= 0:
@@ -597,6 +733,11 @@ class BrokerServer(asyncssh.SSHServer):
             # asyncssh refuses these names before begin_auth, so the name itself is not known (issue 11)
             b.audit_soon("auth.failure", source=self.source, reason="malformed login name", login=None,
                          error=f"refused by the SSH layer: {str(exc.reason)[:80]}")
+        self.gone = True
+        if self._starting is not None:  # still connecting to the device: stop, close the row and device link
+            live, start = self._starting
+            live.abort_reason = ("closed", "the vendor disconnected while medbroker was connecting to the device")
+            start.cancel()
         if not self.authenticated and self.user and self.tried_keys and not self.not_counted:
             if self.key_verified:  # right key, no code typed (Ctrl-C at the prompt, BatchMode): no guess made
                 b.audit_soon("auth.failure", user=self.user, source=self.source, method="keyboard-interactive",
@@ -610,6 +751,9 @@ class BrokerServer(asyncssh.SSHServer):
         if self.counted_unauth:
             self.counted_unauth = False
             self.broker.unauthenticated -= 1
+        if self.gated:
+            self.gated = False
+            self.broker.gate.ended(self.source)
 
     # ---------------------------------------------------------------- authentication
     # Key, then (for users with TOTP enrolled) a code: asyncssh cannot send partial success itself, so
@@ -660,6 +804,7 @@ class BrokerServer(asyncssh.SSHServer):
         """Audit a failed attempt and count it; audits ``auth.lockout`` when it starts one (returns its length)."""
         b = self.broker
         await b.audit("auth.failure", user=self.user, source=self.source, reason=reason, **fields)
+        self._penalise("authfail")
         policy = self._lockout_policy()
         started = await b.db(record_failure, b.app.store, self.user, self.source, b.app.clock.now(), policy)
         if started:
@@ -762,6 +907,7 @@ class BrokerServer(asyncssh.SSHServer):
         self.authenticated = True
         self._leave_unauth()
         b = self.broker
+        b.gate.logged_in(self.source, asyncio.get_running_loop().time())
         b.spawn(b.db(clear_failures, b.app.store, self.user, self.source))
         await b.audit("auth.success", user=self.user, device=self.device_name, source=self.source,
                       method="publickey+totp" if self.code_ok else "publickey", key=self.fingerprint)
@@ -769,6 +915,15 @@ class BrokerServer(asyncssh.SSHServer):
     # ---------------------------------------------------------------- channels
     async def session_requested(self) -> asyncssh.SSHServerSession:
         b = self.broker
+        # Every channel asks again whether this login still stands: disabling the user, removing the key
+        # or changing the role refuses new channels on connections that are already open (ControlMaster).
+        refusal = await b.db(standing_refusal, b.app.store, self.user, self.fingerprint,
+                             self.principal.role if self.principal else None)
+        if refusal:
+            await b.audit("channel.refused", user=self.user, device=self.device_name, source=self.source,
+                          kind="session", reason=refusal, session_id=self.live.id if self.live else None)
+            return RefusalSession(f"{refusal}; new channels on this connection are refused. "
+                                  "Ask the hospital's medbroker administrators.")
         if self.device_name is None:
             return SelfServiceSession(self)
         try:
@@ -799,6 +954,8 @@ class BrokerServer(asyncssh.SSHServer):
                           reason="no active grant")
             raise exc
         credential = await b.db(device_credential, device, b.app.keys)
+        if self.gone:  # the vendor left while the grant was looked up: nothing is opened for nobody
+            raise BrokerError("the connection closed before the session started")
         if b.stopping:  # checked and registered below without an await between: stop_server misses none
             await b.audit("session.refused", user=user, device=device_name, source=self.source,
                           reason="broker stopping")
@@ -806,10 +963,23 @@ class BrokerServer(asyncssh.SSHServer):
         live = LiveSession(b, self, device, grant, credential)
         start = asyncio.ensure_future(live.start())
         b.starting.add(start)
+        b.starting_sessions[live.id] = (live, start)  # the control loop cancels it when killed or revoked
+        self._starting = (live, start)  # connection_lost cancels it (LiveSession.start then cleans up)
         try:
             await start
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # this coroutine itself is being cancelled
+                raise
+            # start() was cancelled (vendor gone, broker stopping) and has closed the recording and the row
+            why = live.abort_reason[1] if live.abort_reason else "the broker is shutting down; reconnect in a moment"
+            raise BrokerError(why, "nothing was run on the device") from None
         finally:
             b.starting.discard(start)
+            b.starting_sessions.pop(live.id, None)
+            self._starting = None
+        if self.gone:  # gone between start's end and here (connection_lost found no live session to finish)
+            await live.finish("closed", reason="the vendor disconnected while the session was starting")
+            raise BrokerError("the connection closed before the session started")
         return live
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
@@ -907,6 +1077,7 @@ async def start_server(app: App, address: str, *, seal: bool = True,
                                      **_listen_options(app))
     broker.port = acceptor.sockets[0].getsockname()[1] if port == 0 else port
     broker.settings = broker.settings.with_port(broker.port)
+    await broker.refresh_recent()
     broker.start_control()
     if worker is None:
         await broker.audit("broker.started", address=f"{host}:{broker.port}", pid=broker.pid)
@@ -930,8 +1101,12 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
     await acceptor.wait_closed()
     broker.stopping = True
     await _cancel_starts(broker)
-    for live in list(broker.live.values()):
-        await live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
+    lives = list(broker.live.values())
+    results = await asyncio.gather(*(live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
+                                     for live in lives), return_exceptions=True)
+    for live, result in zip(lives, results):
+        if isinstance(result, Exception):  # all end together; one failure is logged, never stops the others
+            log.error("ending session %s at shutdown failed: %r", live.id, result)
     await broker.stop_control()
     for conn in list(broker.connections):  # anyone still connected (connecting, self-service) is told why
         conn.disconnect(asyncssh.DISC_BY_APPLICATION, "medbroker is shutting down; reconnect in a moment")

@@ -24,8 +24,8 @@ T = TypeVar("T")
 
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
-# 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes,
-# 15 operations (directory users).
+# 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
+# lifecycle (issue 11), 15 operations (directory users).
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -246,6 +246,9 @@ MIGRATIONS: dict[int, str | list[str]] = {
         "UPDATE grants SET shell = 'files-only' WHERE mode != 'normal'",
         "ALTER TABLE sessions ADD COLUMN containment TEXT",
     ],
+    # 8: session lifecycle: the key and role a session was authorised with, so removing the key or changing
+    # the role ends it (control loop, any process)
+    8: ["ALTER TABLE sessions ADD COLUMN auth_key TEXT", "ALTER TABLE sessions ADD COLUMN user_role TEXT"],
     # 15: operations (issue 15): users mirrored from the directory ('directory'), never changed by hand
     15: ["ALTER TABLE users ADD COLUMN source TEXT NOT NULL DEFAULT 'local'"],
 }
@@ -435,6 +438,11 @@ class Store:
     def find_key(self, name: str, fingerprint: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM user_keys WHERE user_name = ? AND fingerprint = ?", (name, fingerprint))
 
+    def delete_user_key(self, name: str, fingerprint: str) -> int:
+        return self.execute("DELETE FROM user_keys WHERE user_name = ? AND fingerprint = ?",
+                            (name, fingerprint)).rowcount
+
+
     # ------------------------------------------------------------------ devices
     def insert_device(self, row: dict[str, Any]) -> None:
         cols = ", ".join(row)
@@ -605,12 +613,23 @@ class Store:
         return out
 
     def sessions_to_stop(self, pid: int, now: str) -> list[dict[str, Any]]:
-        """Live sessions of this broker process that someone asked to end (kill or revoked grant)."""
+        """Live sessions of this broker process that must end: killed, grant revoked, or the people and
+        things they were authorised with changed (user disabled or gone, login key removed, role changed,
+        device removed). ``user_disabled``/``key_gone``/``role_now``/``device_gone`` say which."""
         return self.query(
-            "SELECT s.id, s.kill_reason, s.kill_requested_by, s.kill_requested_at, g.revoked_at, g.revoked_by, "
-            "g.revoke_reason FROM sessions s JOIN grants g ON g.id = s.grant_id "
+            "SELECT s.id, s.user_name, s.device, s.user_role, s.auth_key, s.kill_reason, s.kill_requested_by, "
+            "s.kill_requested_at, g.revoked_at, g.revoked_by, g.revoke_reason, "
+            "(u.name IS NULL OR u.disabled != 0) AS user_disabled, "
+            "(s.auth_key IS NOT NULL AND k.id IS NULL) AS key_gone, u.role AS role_now, "
+            "(d.name IS NULL) AS device_gone "
+            "FROM sessions s JOIN grants g ON g.id = s.grant_id "
+            "LEFT JOIN users u ON u.name = s.user_name "
+            "LEFT JOIN user_keys k ON k.user_name = s.user_name AND k.fingerprint = s.auth_key "
+            "LEFT JOIN devices d ON d.name = s.device "
             "WHERE s.status = 'live' AND s.broker_pid = ? AND (s.kill_requested_at IS NOT NULL "
-            "OR g.revoked_at IS NOT NULL)",
+            "OR g.revoked_at IS NOT NULL OR u.name IS NULL OR u.disabled != 0 "
+            "OR (s.auth_key IS NOT NULL AND k.id IS NULL) "
+            "OR (s.user_role IS NOT NULL AND u.role IS NOT s.user_role) OR d.name IS NULL)",
             (pid,),
         )
 
@@ -683,6 +702,11 @@ class Store:
             (user, source, n),
         ).fetchall()
         return [r[0] for r in rows]
+
+    def recent_login_sources(self, since: str) -> list[dict[str, Any]]:
+        """Addresses with a successful SSH login at or after ``since``, each with its latest one."""
+        return self.query("SELECT source, max(at) AS at FROM audit_events WHERE event = 'auth.success' AND at >= ? "
+                          "AND source IS NOT NULL GROUP BY source", (since,))
 
     def clear_auth_failures(self, user: str, source: str) -> None:
         self.execute("DELETE FROM auth_failures WHERE user_name = ? AND source = ?", (user, source))

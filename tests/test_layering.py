@@ -41,7 +41,7 @@ TABLE: dict[str, Row] = {
     "store": Row(1, ("broker/store.py",), ("core",), ("sqlite_utils",), "the only SQL"),
     "keys": Row(1, ("broker/keys.py",), ("core",), ("cryptography",), "key material, sealing, signatures"),
     "domain": Row(2, ("broker/identity.py", "broker/grants.py", "broker/devices.py", "broker/audit.py",
-                      "broker/lockout.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
+                      "broker/lockout.py", "broker/startups.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
                       "sessions/content.py", "sessions/decoders.py", "sessions/entropy.py", "sessions/textforms.py", "sessions/dumps.py",
                       "sessions/exec_check.py",
                       "sessions/cmd_paths.py", "sessions/cmd_lines.py", "sessions/upload_check.py"),

@@ -9,7 +9,8 @@ from broker.app import App
 from broker.commands.common import (BY_ADMIN_HELP, JSON_HELP, admin_actor, emit_json, open_home, print_fields,
                                     print_table, read_text_file, safe, say, when)
 from broker.errors import ConflictError, UsageError
-from broker.identity import ROLES, PublicKey, add_user, add_user_key, get_principal, parse_public_key, validate_name
+from broker.identity import (ROLES, PublicKey, add_user, add_user_key, get_principal, parse_public_key, remove_user_key,
+                             set_user_role, validate_name)
 
 __all__ = ["app", "user_doc", "read_key_files"]
 
@@ -145,8 +146,20 @@ def _set_disabled(ctx: typer.Context, name: str, disabled: bool, by: str | None,
         return
     say(f"User {name} {verb}d.")
     if disabled and live:
-        say(f"{len(live)} live session(s) continue until ended: " +
-            "; ".join(f"medbroker sessions kill {s['id']}" for s in live))
+        say(f"{len(live)} live session(s) end within a second; the vendor is told why: " +
+            ", ".join(s["id"] for s in live))
+
+
+def _reason_ok(reason: str | None) -> None:
+    if reason is not None and (len(reason) > 500 or safe(reason) != reason):
+        raise UsageError("the reason must be at most 500 printable characters")
+
+
+def _not_directory(a: App, name: str, what: str) -> None:
+    """Users mirrored from the directory get their role and keys from it (broker/directory.py)."""
+    if (a.store.get_user(name) or {}).get("source") == "directory":
+        raise ConflictError(f"{name} comes from the directory, which sets their {what}",
+                            "change it in the directory; medbroker follows at the next sync")
 
 
 @app.command("disable")
@@ -157,7 +170,7 @@ def disable(
     by: ByOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Disable a user: no more logins, requests or approvals (live sessions are listed, not ended)."""
+    """Disable a user: no more logins, requests, approvals or channels; their live sessions end within a second."""
     _set_disabled(ctx, name, True, by, reason, as_json)
 
 
@@ -201,3 +214,56 @@ def key_add(
         return
     for k in keys:
         say(f"Key {k.type} {k.fingerprint} added for {name}.")
+
+
+@app.command("role")
+def role_(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")],
+    role: Annotated[str, typer.Argument(metavar="ROLE", help=f"The new role, one of: {', '.join(ROLES)}.")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (audited).")] = None,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a user's role; their live sessions end within a second (they log in again with the new role)."""
+    _reason_ok(reason)
+    a = open_home(ctx)
+    actor = admin_actor(a, by, action="change roles")
+    _not_directory(a, name, "role")
+    old = set_user_role(a.store, name, role)
+    a.audit.record("user.role.changed", actor=actor, user=name, source="cli", old_role=old, role=role,
+                   reason=reason)
+    live = a.store.list_sessions(status="live", user=name)
+    if as_json:
+        emit_json(user_doc(a, name) | {"old_role": old, "ended_sessions": [s["id"] for s in live]})
+        return
+    say(f"User {name} is now {role} (was {old}).")
+    if live:
+        say(f"{len(live)} live session(s) end within a second: " + ", ".join(s["id"] for s in live))
+
+
+@key_app.command("remove")
+def key_remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")],
+    fingerprint: Annotated[str, typer.Argument(metavar="FINGERPRINT",
+                                               help="The key's SHA256:... fingerprint (medbroker user show NAME).")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (audited).")] = None,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a user's key; sessions that logged in with it end within a second."""
+    _reason_ok(reason)
+    a = open_home(ctx)
+    actor = admin_actor(a, by, action="remove user keys")
+    _not_directory(a, name, "SSH keys")
+    live = [s for s in a.store.list_sessions(status="live", user=name) if s.get("auth_key") == fingerprint]
+    remove_user_key(a.store, name, fingerprint)
+    a.audit.record("user.key.removed", actor=actor, user=name, source="cli", fingerprint=fingerprint, reason=reason)
+    if as_json:
+        emit_json(user_doc(a, name) | {"ended_sessions": [s["id"] for s in live]})
+        return
+    say(f"Key {fingerprint} removed from {name}.")
+    if live:
+        say(f"{len(live)} live session(s) that logged in with it end within a second: " +
+            ", ".join(s["id"] for s in live))
