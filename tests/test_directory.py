@@ -78,6 +78,7 @@ def test_vendor_logs_in_with_the_key_in_the_directory_and_loses_access_when_remo
     slapd.add_person(vic, "vic's password", roles=("vendor",), keys=(key.public_key,), company="Acme Imaging")
     w = World(tmp_path, device()).setup(config=slapd.config(tmp_path / "ldap.secret", sync_interval='"1s"'))
     w.keys[vic] = key
+    closers = []
     try:
         assert w.app.store.get_user(vic) is None
         r = w.ssh(vic, "status")  # the key only the directory holds
@@ -86,6 +87,7 @@ def test_vendor_logs_in_with_the_key_in_the_directory_and_loses_access_when_remo
         assert row["source"] == "directory" and row["role"] == "vendor" and row["company"] == "Acme Imaging"
         w.grant(user=vic)
         term = w.pty(f"{vic}@ct-01")
+        closers.append(term.close)
         term.expect(re.compile(rb"[#$] "), timeout=15)
         # the directory takes vic out of the vendors group: the next sync disables vic, the session ends
         slapd.set_groups(vic, ())
@@ -99,6 +101,8 @@ def test_vendor_logs_in_with_the_key_in_the_directory_and_loses_access_when_remo
         # and a new login is refused
         assert w.ssh(vic, "status").returncode == 255
     finally:
+        for close in closers:
+            close()
         w.close()
         slapd.remove(vic)
 
