@@ -6,7 +6,7 @@ import time
 from datetime import datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["Clock", "SystemClock", "FakeClock", "utc_iso", "parse_utc", "display_zone", "local_text"]
+__all__ = ["Clock", "SystemClock", "FakeClock", "utc_iso", "parse_utc", "display_zone", "local_text", "clock_text"]
 
 
 class Clock:
@@ -93,3 +93,15 @@ def local_text(value: datetime | str | None, zone: tzinfo | None = None, *, seco
     if local.utcoffset() == timedelta(0) and (local.tzname() or "UTC").upper() in ("UTC", "GMT", "Z", "ETC/UTC"):
         return text + ("Z" if seconds else " UTC")
     return f"{text} {local.tzname() or local.strftime('%z')}"
+
+
+def clock_text(dt: datetime, zone: tzinfo | None = None, *, seconds: bool = True) -> str:
+    """A time of day for messages to people who may be elsewhere (a vendor abroad): UTC, and the display
+    zone's local time beside it when that differs (``14:30:00 UTC (15:30 CET)``)."""
+    fmt = "%H:%M:%S" if seconds else "%H:%M"
+    utc = dt.astimezone(timezone.utc)
+    local = dt.astimezone(zone) if zone is not None else dt.astimezone()
+    text = utc.strftime(fmt) + " UTC"
+    if local.utcoffset() != timedelta(0):
+        text += f" ({local.strftime('%H:%M')} {local.tzname() or local.strftime('%z')})"
+    return text

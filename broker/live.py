@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from broker.clock import utc_iso
+from broker.clock import clock_text, display_zone, utc_iso
 from broker.containment import session_containment
 from broker.config import format_duration
 from broker.devices import Device
@@ -288,8 +288,15 @@ class LiveSession:
                 self._timers.append(loop.call_later(left - w, self._warn, w))
         self._timers.append(loop.call_later(max(0.0, left), lambda: self.broker.spawn(self._expired())))
 
+    def _zone(self):
+        """The display zone for times told to the vendor (UTC is always given too)."""
+        try:
+            return display_zone(self.broker.app.config.display.timezone)
+        except ValueError:
+            return None
+
     def _warn(self, seconds_left: int) -> None:
-        when = self.grant.ends_at.strftime("%H:%M:%S UTC")
+        when = clock_text(self.grant.ends_at, self._zone())
         text = (f"your access to {self.device.name} ends in {format_duration(seconds_left)} (at {when}); "
                 f"save your work. To continue later, request again: ssh -p {self.broker.settings.port} "
                 f"{self.user}@{self.broker.settings.public_host} request {self.device.name} --for 1h --reason ...")
@@ -301,7 +308,7 @@ class LiveSession:
     async def _expired(self) -> None:
         await self.terminate(
             "expired", f"your approved window for {self.device.name} ended at "
-            f"{self.grant.ends_at.strftime('%H:%M:%S UTC')}, so the session is closed. To continue, request again: "
+            f"{clock_text(self.grant.ends_at, self._zone())}, so the session is closed. To continue, request again: "
             f"ssh -p {self.broker.settings.port} {self.user}@{self.broker.settings.public_host} request "
             f'{self.device.name} --for 1h --reason "..."', event="session.expired")
 

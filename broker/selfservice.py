@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass
 
 from broker.app import App
-from broker.clock import utc_iso
+from broker.clock import clock_text, display_zone, utc_iso
 from broker.config import escape_unsafe, format_duration, parse_duration, parse_id
 from broker.devices import list_devices
 from broker.errors import BrokerError, UsageError
@@ -152,7 +152,7 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
                 return Reply(0, json.dumps({"url": link.url, "expires_at": utc_iso(link.expires_at)}) + "\n")
             left = format_duration((link.expires_at - now).total_seconds())
             return Reply(0, f"Web console sign-in for {principal.name} ({principal.role}); it works once, for "
-                            f"{left} (until {link.expires_at.strftime('%H:%M:%S UTC')}):\n  {link.url}\n"
+                            f"{left} (until {clock_text(link.expires_at, display_zone(app.config.display.timezone))}):\n  {link.url}\n"
                             "Do not forward it: whoever opens it first is signed in as you.\n")
         return _status(app, principal, args.cmd, args.json, now, port)
     except BrokerError as exc:

@@ -14,7 +14,7 @@ from starlette.responses import RedirectResponse, Response
 
 from broker.app import ALERT_EVENTS, App
 from broker.audit import EVENTS, parse_details
-from broker.clock import parse_utc, utc_iso
+from broker.clock import clock_text, display_zone, parse_utc, utc_iso
 from broker.config import format_duration, id_in_range, parse_duration, parse_id, unsafe_char
 from broker.errors import BrokerError, ConflictError, GrantExpiredError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, get_request,
@@ -249,7 +249,7 @@ async def approve(request: Request, viewer) -> Response:
         left = format_duration((dec.grant.ends_at - dec.grant.starts_at).total_seconds())
         files = " Files only (sftp and scp): no shell or commands." if dec.grant.shell == "files-only" else ""
         web.flash(viewer, "ok", f"Request {rid} approved: {dec.grant.user} may use {dec.grant.device} for {left}, "
-                                f"until {dec.grant.ends_at.strftime('%H:%M UTC')} (approved by "
+                                f"until {clock_text(dec.grant.ends_at, display_zone(web.app.config.display.timezone), seconds=False)} (approved by "
                                 f"{approvals_text(dec.request)}).{files}")
     return _back(request, "/inbox")
 

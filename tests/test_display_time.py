@@ -49,3 +49,12 @@ def test_cli_and_report_show_the_display_zone_json_keeps_utc(tmp_path):
                             "--format", "md", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert " CST" in out.read_text() and "2026-01-01 08:00:00 CST" in out.read_text()  # midnight UTC, +8
+
+
+def test_vendor_messages_give_utc_and_the_local_time():
+    from broker.clock import clock_text
+
+    t = datetime(2026, 11, 28, 14, 30, 5, tzinfo=timezone.utc)
+    assert clock_text(t, display_zone("UTC")) == "14:30:05 UTC"
+    assert clock_text(t, display_zone("Asia/Shanghai")) == "14:30:05 UTC (22:30 CST)"
+    assert clock_text(t, display_zone("Europe/Berlin"), seconds=False) == "14:30 UTC (15:30 CET)"
