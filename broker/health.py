@@ -126,6 +126,13 @@ class Health:
         if self.broker is not None:
             for session in list(self.broker.live.values()):
                 backlog += getattr(session.recorder, "pending_bytes", 0) or 0
+        from sessions.recwriter import writer_stats
+
+        writes = writer_stats(reset_max=True)
+        siem = {"sent": 0, "errors": 0, "dropped": 0}
+        for sink in list(self.app.audit.sinks):
+            for key in siem:
+                siem[key] += int(getattr(sink, key, 0) or 0)
         helps = {
             "medbroker_audit_events_total": "Audit rows committed, by event",
             "medbroker_sessions_started_total": "Device sessions started",
@@ -162,6 +169,18 @@ class Health:
                                         value=len(pending))
                 yield GaugeMetricFamily("medbroker_recording_backlog_bytes",
                                         "Recorded bytes queued but not yet written (this process)", value=backlog)
+                yield CounterMetricFamily("medbroker_recording_writes", "Batch writes of the recording writer "
+                                          "(this process)", value=writes["writes"])
+                yield CounterMetricFamily("medbroker_recording_write_seconds", "Time spent in recording batch "
+                                          "writes (this process); divide by writes for the mean latency",
+                                          value=writes["seconds"])
+                yield GaugeMetricFamily("medbroker_recording_write_seconds_max", "The slowest recording batch "
+                                        "write since the previous scrape (this process)", value=writes["max_seconds"])
+                siem_fam = CounterMetricFamily("medbroker_siem_messages", "Audit events handed to syslog "
+                                               "collectors by this process, by outcome", labels=["outcome"])
+                for outcome in ("sent", "errors", "dropped"):
+                    siem_fam.add_metric([outcome], siem[outcome])
+                yield siem_fam
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector())

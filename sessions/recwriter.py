@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import threading
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ from sessions.recording import (
     _writev_all,
 )
 
-__all__ = ["RecordingWriter", "FLUSH_INTERVAL", "BATCH_BYTES", "ACK_WINDOW"]
+__all__ = ["RecordingWriter", "FLUSH_INTERVAL", "BATCH_BYTES", "ACK_WINDOW", "writer_stats"]
 
 FLUSH_INTERVAL = 0.02
 """Seconds a queued frame may wait for the writer thread (group commit): readers see it at most this late."""
@@ -53,6 +54,7 @@ class _Pool:
         self.urgent = False
         self.sleeping = True
         self.thread: threading.Thread | None = None
+        self.stats = {"writes": 0, "seconds": 0.0, "max_seconds": 0.0}  # batch writes (``writer_stats``)
 
     def start_locked(self) -> None:
         if self.thread is None:
@@ -89,10 +91,26 @@ class _Pool:
                     w._queued = 0
                     w._inflight = True
             for w, batch in batches:
+                started = time.perf_counter()
                 w._write_batch(batch)
+                took = time.perf_counter() - started
+                stats = self.stats  # read without the lock by writer_stats(): a torn read costs one sample
+                stats["writes"] += 1
+                stats["seconds"] += took
+                if took > stats["max_seconds"]:
+                    stats["max_seconds"] = took
 
 
 _pool = _Pool()
+
+
+def writer_stats(*, reset_max: bool = False) -> dict[str, float]:
+    """Batch writes of this process's recording writer: how many, total seconds, the slowest one (since the
+    last ``reset_max``); for ``/metrics``."""
+    stats = dict(_pool.stats)
+    if reset_max:
+        _pool.stats["max_seconds"] = 0.0
+    return stats
 
 
 def _reset_after_fork() -> None:  # a forked child has no writer thread; its recordings start a new one

@@ -76,6 +76,11 @@ def test_metrics_count_what_the_broker_did(world):
         assert sum(v for (n, _), v in got.items() if n == "medbroker_auth_failures_total") >= 1
         assert got[("medbroker_relayed_bytes_total", (("direction", "out"),))] >= len(b"hello\n")
         assert got[("medbroker_audit_events_total", (("event", "grant.created"),))] == 1
+        assert got[("medbroker_recording_writes_total", ())] >= 1  # the session's recording was written
+        assert got[("medbroker_recording_write_seconds_total", ())] > 0
+        assert ("medbroker_recording_write_seconds_max", ()) in got
+        assert {("outcome", o) for o in ("sent", "errors", "dropped")} <= {
+            lab[0] for (n, lab), _ in got.items() if n == "medbroker_siem_messages_total" and lab}
 
         status, ctype, body = _get(f"{base}/healthz")
         assert (status, body) == (200, "ok\n")
