@@ -371,7 +371,8 @@ class ScpServer:
         self._input.feed_eof()
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        if not self._closed:  # a pause after close (the recorder catching up) must not strand the protocol task
+            self._writable.clear()
 
     def resume_writing(self) -> None:
         self._writable.set()
@@ -628,10 +629,13 @@ class ScpServer:
                 self._transfer(resolved, "download", real, digest.hexdigest(), started, outcome)
 
     async def _close_quietly(self, f: Any) -> None:
+        closing = f.close()
         try:
-            await self._dev(f.close())
+            await self._dev(closing)
         except (asyncssh.Error, OSError, TimeoutError, asyncio.TimeoutError):
             pass
+        finally:
+            closing.close()  # cancelled before it ran (the vendor hung up): no "never awaited" coroutine
 
     # ------------------------------------------------------------------------------- upload (scp -t)
     async def _serve_sink(self, cmd: ScpCommand) -> None:

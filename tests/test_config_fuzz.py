@@ -217,9 +217,14 @@ def valid_documents(draw) -> dict[str, dict[str, object]]:
     for section, key in sorted(DURATION_KEYS):
         if section == "directory":  # [directory] keys need a url with them (tests/test_directory.py)
             continue
+        if (section, key) in (("limits", "penalty_min"), ("limits", "penalty_max")):
+            continue  # min <= max: drawn together below
         if draw(st.booleans()):
             doc.setdefault(section, {})[key] = draw(GOOD_DURATION)
     limits = doc.setdefault("limits", {})
+    if draw(st.booleans()):
+        low, high = sorted(draw(st.lists(st.integers(1, 3600), min_size=2, max_size=2)))
+        limits["penalty_min"], limits["penalty_max"] = f"{low}s", f"{high}s"
     for key in ("max_auth_failures", "max_unauthenticated", "max_connections_per_address",
                 "max_channels_per_connection"):
         if draw(st.booleans()):

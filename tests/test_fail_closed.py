@@ -278,10 +278,10 @@ def test_full_volume_lets_at_most_the_ack_window_out_unrecorded_and_ends_within_
 
     The byte bound is checked on every attempt. The 100 ms deadline is a wall-clock figure, which an
     overloaded machine can blow by not scheduling the broker (seen at load 6-7 on 2 cores,
-    docs/recording-format.md), so it gets up to three fresh sessions to meet it.
+    docs/recording-format.md), so it gets up to five fresh sessions to meet it.
     """
     times = []
-    for attempt in range(3):
+    for attempt in range(5):
         _, ended_after_ms = _fill_while_streaming(tmp_path / f"try{attempt}", device, command)
         times.append(ended_after_ms)
         if ended_after_ms <= 100:
