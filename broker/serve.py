@@ -37,6 +37,11 @@ def run_server(app: App, address: str, *, on_ready=None) -> None:
     import signal
 
     async def main() -> None:
+        # Signals first: a SIGTERM while the listeners start (systemd, a health probe's owner) stops cleanly.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         acceptor, broker = await start_server(app, address)
         web = None
         if app.config.web.address:  # [web] address or `serve --web`
@@ -60,10 +65,6 @@ def run_server(app: App, address: str, *, on_ready=None) -> None:
                     await stop_web(web)
                 await stop_server(acceptor, broker)
                 raise
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         if on_ready:
             on_ready(broker.port)
         await stop.wait()
