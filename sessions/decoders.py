@@ -45,7 +45,7 @@ import zlib
 
 from sessions.content import DICOM, OutputScanner
 from sessions.entropy import OPAQUE, OpaqueBudget, OpaqueMeter
-from sessions.dumps import DumpReader, dump_lines
+from sessions.dumps import DumpReader, dump_lines, escaped, unescape
 from sessions.textforms import dump_hit, dumpish, text_hit
 
 __all__ = ["DeepScanner", "MAX_DEPTH"]
@@ -63,6 +63,7 @@ _DUMP_STICKY = 64 << 10  # after a chunk that looks like a dump, the dump reader
 _LINES = re.compile(rb"[\r\n]+")
 _TEXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t"  # an HL7 line is printable text (binary data is not)
 _NAMEISH = re.compile(rb"[A-Za-z]{2,}\^[A-Za-z]{2,}")  # a person-name-like component: FAMILY^GIVEN
+_DOUBLED = ((b"H|\\\\^&", "ASTM/escaped"), (b"MSH|^~\\\\&", "HL7v2"))  # repr, sed -n l, JSON
 _REVERSED = ((b"&\\~^|HSM", "HL7v2/reversed"), (b"&^\\|H", "ASTM/reversed"))
 _SQUEEZE = b" \t\r\n"
 _SQUEEZED = ((b"msh|^~\\&", "HL7v2/spaced"), (b"h|\\^&", "ASTM/spaced"), (b"dicm", "DICOM/spaced"))
@@ -77,9 +78,11 @@ def _spaced(chunk: bytes) -> bool:
 
 
 def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
+    if len(chunk) < 192:  # a small chunk: judge the shapes on the recent window
+        chunk = window[-len(chunk) - 192:]
     """Spellings no decoder undoes: lines reversed (``rev``), characters spaced apart (``sed 's/./& /g'``,
     ``fold -w1``), and DICOM shown as text (``strings``, ``cat -v``: DICM shortly before the DICOM UID root)."""
-    for needle, what in _REVERSED:
+    for needle, what in _REVERSED + _DOUBLED:
         if window.find(needle, since) != -1:
             return what
     if chunk.find(b"^") != -1 and chunk.find(b"|") != -1:  # HL7/ASTM-ish: also read the window backwards
@@ -98,6 +101,14 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
             k = squeezed.find(needle)
             if k != -1 and (needle != b"dicm" or squeezed.find(b"1.2.840.10008", k, k + 400) != -1):
                 return what
+    if len(chunk) >= 24 and chunk.count(b"\n") * 12 >= len(chunk):  # lines cut short (fold -w 3): rejoin
+        joined = window[since:].replace(b"\n", b"")
+        hit = text_hit(joined, 0, False)
+        if hit:
+            return hit + "/folded"
+        for needle, what in _SQUEEZED:
+            if needle != b"dicm" and joined.lower().find(needle) != -1:
+                return what.split("/")[0] + "/folded"
     k = window.find(_UID_ROOT, since)
     while k != -1:
         d = window.rfind(b"DICM", max(0, k - 400), k)
@@ -491,6 +502,10 @@ class DeepScanner:
         self._dumps: DumpReader | None = None
         self._dump_until = -1
         self._reader_at = -1  # stream position up to which the dump reader has been fed
+        self._unescaped: DeepScanner | None = None  # binary shown as escapes, read back (see dumps.unescape)
+        self._esc_carry = b""
+        self._esc_until = -1
+        self._esc_at = -1
 
     @property
     def position(self) -> int:
@@ -541,7 +556,24 @@ class DeepScanner:
                 elif self._budget.add(len(chunk)):  # past the cap: dumps count as opaque
                     hit = OPAQUE
             self._dump_prev = dump
-        if not hit:
+        if not hit and self._depth == 0 and escaped(chunk if len(chunk) > 192 else window[-len(chunk) - 192:]):
+            self._esc_until = self._pos + _DUMP_STICKY
+        if not hit and self._depth == 0 and self._pos <= self._esc_until:
+            # first time: from the window's last line start (a small chunk alone did not show the escapes)
+            text = self._esc_carry + chunk if self._unescaped is not None and self._esc_at == origin + old else \
+                window[window.rfind(b"\n", 0, max(old - 1, 0)) + 1:]
+            self._esc_at = self._pos
+            cut = max(len(text) - 8, 0)  # an escape split by the chunk boundary waits for the next chunk
+            back = text.rfind(b"\\", cut)
+            back = max(back, text.rfind(b"^", cut), text.rfind(b"M-", cut))
+            keep = back if back != -1 else len(text)
+            self._esc_carry = text[keep:]
+            if self._unescaped is None:
+                self._unescaped = DeepScanner(self._budget, depth=1)
+            found = self._unescaped.feed(unescape(text[:keep]))
+            if found:
+                hit = found + "/escaped"
+        if not hit and self._depth == 0:
             hit = odd_forms(window, since, chunk)
         if not hit and self._meter is not None:
             count = self._meter.feed(chunk)

@@ -25,7 +25,7 @@ import binascii
 import re
 from typing import Any, Callable
 
-__all__ = ["DumpReader", "dump_lines"]
+__all__ = ["DumpReader", "dump_lines", "unescape", "escaped"]
 
 _OFFSET = re.compile(rb"[ \t]*(?:0x)?[0-9A-Fa-f]{4,16}:?(?=[ \t])")
 _OFFSET_LINE = re.compile(rb"(?m)^(?:[0-9a-f]{8}: |[0-7]{7} |[0-9a-f]{8}  )[0-9a-f]")
@@ -115,6 +115,37 @@ def _decode(body: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
+_OD_A_NAMES = (b"nul soh stx etx eot enq ack bel bs ht nl vt ff cr so si dle dc1 dc2 dc3 dc4 nak syn etb can em sub "
+               b"esc fs gs rs us sp").split()
+_OD_A = {name: i for i, name in enumerate(_OD_A_NAMES)} | {b"sp": 0x20, b"del": 0x7F}
+_OD_C_CELL = re.compile(rb"   ([^ ])|  \\([0abtnvfr])| ([0-7]{3})|(    )| ( ?[a-z][a-z0-9]{1,2})")
+_OD_C_LINE = re.compile(rb"(?:   [^ ]|  \\[0abtnvfr]| [0-7]{3}|    | (?: [a-z][a-z0-9]|[a-z][a-z0-9]{2}))+")
+_OD_C_ESC = {b"0": 0, b"a": 7, b"b": 8, b"t": 9, b"n": 10, b"v": 11, b"f": 12, b"r": 13}
+
+
+def _od_c(body: bytes) -> bytes | None:
+    """``od -c`` cells (4 wide: a character, a backslash escape, or 3 octal digits) back into bytes."""
+    if len(body) < 16 or len(body) % 4 or body[0::4].strip(b" ") or not _OD_C_LINE.fullmatch(body):
+        return None  # (every od -c/-a cell starts with a blank: a cheap test before the expression)
+    out = bytearray()
+    for m in _OD_C_CELL.finditer(body):
+        char, esc, octal, blank, name = m.groups()
+        if name is not None:  # od -a: named characters (nul, bs, nl, sp, del ...)
+            code = _OD_A.get(name.strip())
+            if code is None:
+                return None
+            out.append(code)
+        elif char is not None:
+            out += char
+        elif esc is not None:
+            out.append(_OD_C_ESC[esc])
+        elif octal is not None:
+            out.append(int(octal, 8) & 0xFF)
+        else:
+            out.append(0x20)
+    return bytes(out)
+
+
 _UU_START = re.compile(rb"(?m)^M[ -`]{60}$")
 
 
@@ -188,6 +219,10 @@ class DumpReader:
             except binascii.Error:
                 pass
         m = _OFFSET.match(line)
+        chars = _od_c(line[m.end():] if m else line)  # od -c: columns matter, so before any stripping
+        if chars:
+            self._add("od-c", chars)
+            return
         if m:  # an offset column: ends with ':' or is wider than the data tokens after it (od, hexdump)
             nxt = _SEP.split(line[m.end():].lstrip(), 1)[0]
             if not (m.group().endswith(b":") or len(m.group().strip()) != len(nxt)):
@@ -222,3 +257,43 @@ class DumpReader:
             if hit:
                 return f"{hit}/dump"
         return None
+
+
+# ------------------------------------------------------------------------------- escaped binary as text
+_ESC = re.compile(rb"\\x([0-9A-Fa-f]{2})|\\([0-7]{1,3})|\\([abtnvfr\\'\"])|M-\^(.)|M-(.)|\^(.)|\$(?=\n)")
+_PRINTABLE = bytes(range(0x20, 0x7F)) + b"\t\r\n"
+_ESC_CHAR = {b"a": 7, b"b": 8, b"t": 9, b"n": 10, b"v": 11, b"f": 12, b"r": 13, b"\\": 92, b"'": 39, b'"': 34}
+
+
+def escaped(chunk: bytes) -> bool:
+    """Binary shown as escapes: Python/C ``\\x00``/``\\000`` (repr, ``sed -n l``, ``printf %q``) or caret
+    notation (``cat -v``/``cat -A``: ``^@``, ``M-^@``)."""
+    if chunk.find(b"\\") == -1 and chunk.find(b"^@") == -1:
+        return False
+    probe = chunk[:512]
+    if not probe.isascii() or probe.translate(None, _PRINTABLE):  # escapes are printable text; binary is not
+        return False
+    return (chunk.count(b"\\x") + chunk.count(b"\\0") + chunk.count(b"\\r") >= 4) or chunk.count(b"^@") >= 4
+
+
+def _one(m: re.Match[bytes]) -> bytes:
+    hexa, octal, esc, meta_ctl, meta, ctl = m.groups()
+    if hexa is not None:
+        return bytes([int(hexa, 16)])
+    if octal is not None:
+        return bytes([int(octal, 8) & 0xFF])
+    if esc is not None:
+        return bytes([_ESC_CHAR[esc]])
+    if meta_ctl is not None:
+        return bytes([0x80 | (0x7F if meta_ctl == b"?" else ord(meta_ctl) & 0x1F)])
+    if meta is not None:
+        return bytes([0x80 | ord(meta)])
+    if ctl is not None:
+        return bytes([0x7F if ctl == b"?" else ord(ctl) & 0x1F])
+    return b""  # cat -A's "$" before a line break
+
+
+def unescape(text: bytes) -> bytes:
+    """Undo the escapes :func:`escaped` looks for (best effort: a ``^`` of real text becomes a control byte,
+    which only this extra view of the output sees)."""
+    return _ESC.sub(_one, text)

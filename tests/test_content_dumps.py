@@ -17,7 +17,7 @@ from sessions.decoders import DeepScanner
 from sessions.dumps import DumpReader
 from sessions.entropy import OPAQUE, OpaqueBudget
 
-FORMS = ["od -t u1", "od -A n -t d1", "od -t u2", "od -x", "od -t x4", "od -t o2", "od -b", "od -t x1",
+FORMS = ["od -a", "od -c", "od -A n -c", "hexdump -c", "od -t u1", "od -A n -t d1", "od -t u2", "od -x", "od -t x4", "od -t o2", "od -b", "od -t x1",
          "xxd", "xxd -b", "xxd -e", "xxd -i", "hexdump -C", "basenc --base2msbf", "basenc --base2lsbf",
          "python3 -c 'import sys; print(list(open(sys.argv[1], \"rb\").read()))'",
          "perl -ne 'print join(\",\", map {ord} split //), \"\\n\"'", "bzip2 -c FILE | od -t x1",
@@ -71,7 +71,7 @@ def test_respelled_text(files, cmd, what):
 def test_dicom_printed_as_text(files, cmd):
     out = subprocess.run(["sh", "-c", cmd.replace("FILE", str(files / "image.dcm"))], capture_output=True,
                          check=True).stdout
-    assert _scan(out, 4096) == "DICOM/text"
+    assert _scan(out, 4096) in ("DICOM/text", "DICOM/escaped")
 
 
 def test_dumps_of_programs_raise_no_patient_data_alarm():
@@ -79,7 +79,7 @@ def test_dumps_of_programs_raise_no_patient_data_alarm():
     rnd = random.Random(11)
     programs = [p for p in sorted(os.listdir("/usr/bin")) if os.path.isfile(f"/usr/bin/{p}")]
     for name in rnd.sample(programs, 20):
-        for form in ("xxd", "od -t u1", "od -x", "hexdump -C", "xxd -b"):
+        for form in ("xxd", "od -t u1", "od -x", "hexdump -C", "xxd -b", "od -c", "od -a", "cat -A", "sed -n l"):
             out = _run(form, f"/usr/bin/{name}")[:1 << 20]
             hit = _scan(out, 32768)
             assert hit in (None, OPAQUE), (form, name, hit)
@@ -125,3 +125,26 @@ def test_number_shaped_lines_never_raise(tokens, prefix):
     r.flush()
     s = DeepScanner()
     s.feed(line + b"\n")
+
+
+@pytest.mark.parametrize("cmd, what", [("fold -w 3 FILE", "HL7v2/folded"), ("fold -w 1 FILE", "HL7v2")])
+@pytest.mark.parametrize("size", [7, 4096])
+def test_text_folded_into_short_lines(files, cmd, what, size):
+    out = subprocess.run(["sh", "-c", cmd.replace("FILE", str(files / "msg.hl7"))], capture_output=True,
+                         check=True).stdout
+    hit = _scan(out, size)
+    assert hit is not None and hit.startswith(what.split("/")[0]), hit
+
+
+@pytest.mark.parametrize("size", [7, 4096])
+def test_escaped_astm_and_binary(files, tmp_path, size):
+    from fixtures.patientdata import astm_message, dicom_bare
+
+    (tmp_path / "r.txt").write_bytes(astm_message("TEST^PATIENT^FOUR"))
+    (tmp_path / "bare.raw").write_bytes(dicom_bare("TEST^PATIENT^SIX"))
+    for cmd, kind in (("sed -n l r.txt", "ASTM"), ("python3 -c \"print(repr(open('r.txt','rb').read()))\"", "ASTM"),
+                      ("cat -A bare.raw", "DICOM"), ("cat -v bare.raw", "DICOM"), ("sed -n l bare.raw", "DICOM"),
+                      ("python3 -c \"print(repr(open('bare.raw','rb').read()))\"", "DICOM")):
+        out = subprocess.run(["sh", "-c", cmd], capture_output=True, check=True, cwd=tmp_path).stdout
+        hit = _scan(out, size)
+        assert hit is not None and hit.startswith(kind), (cmd, hit)
