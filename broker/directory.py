@@ -194,16 +194,15 @@ def _disabled(values: dict[str, list[Any]]) -> bool:
     return any(_text(v).strip().lower() == "true" for v in values.get("nsAccountLock", []))
 
 
-_DIRECTORIES: dict[int, Directory] = {}
-
-
 def directory_for(app: App) -> Directory | None:
-    """The :class:`Directory` of ``app`` (one per App, so its cache is shared), or None when off."""
+    """The :class:`Directory` of ``app`` (kept on the app, so its lookup cache is shared by the web console
+    and the SSH server of that home and goes away with it), or None when off."""
     if not app.config.directory.url:
         return None
-    d = _DIRECTORIES.get(id(app))
-    if d is None or d.app is not app:
-        d = _DIRECTORIES[id(app)] = Directory(app)
+    d = getattr(app, "_directory", None)
+    if d is None:
+        d = Directory(app)
+        app._directory = d  # type: ignore[attr-defined]
     return d
 
 

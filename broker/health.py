@@ -21,7 +21,8 @@ from typing import Any
 
 from broker.app import App
 
-__all__ = ["Health", "health_routes", "start_metrics_listener", "stop_metrics_listener", "MetricsHandle"]
+__all__ = ["Health", "health_routes", "start_metrics_listener", "stop_metrics_listener", "MetricsHandle",
+           "serve_asgi", "stop_asgi"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _SCRAPE_ROWS = 50_000  # audit rows read per scrape at most (a backlog is caught up over the next scrapes)
@@ -215,26 +216,22 @@ class MetricsHandle:
     port: int
 
 
-async def start_metrics_listener(app: App, address: str, *, broker: Any = None) -> MetricsHandle:
-    """Serve /healthz, /readyz and /metrics alone on ``address`` (``[metrics] address``).
+async def serve_asgi(asgi: Any, host: str, port: int, what: str, **options: Any) -> tuple[Any, asyncio.Task, int]:
+    """Run ``asgi`` with uvicorn in the running loop (the broker's loop keeps SIGINT/SIGTERM); wait, bounded,
+    until it listens. Shared by the web console and the metrics listener.
 
-    :raises OSError: the port is taken
+    :return: (server, task, bound port)
+    :raises OSError: it could not listen (``what`` names it in the message)
     """
     import uvicorn
-    from starlette.applications import Starlette
-
-    from broker.config import parse_listen
-
-    host, port = parse_listen(address)
-    asgi = Starlette(routes=health_routes(Health(app, broker)))
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager
-        def capture_signals(self):  # the broker's loop owns SIGINT/SIGTERM
+        def capture_signals(self):  # the broker's loop owns SIGINT/SIGTERM (broker/serve.py)
             yield
 
     config = uvicorn.Config(asgi, host=host, port=port, lifespan="off", log_config=None, access_log=False,
-                            server_header=False, timeout_keep_alive=5, timeout_graceful_shutdown=2, ws="none")
+                            server_header=False, proxy_headers=False, timeout_keep_alive=5, ws="none", **options)
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve())
     for _ in range(200):  # bounded: 10 s
@@ -245,15 +242,35 @@ async def start_metrics_listener(app: App, address: str, *, broker: Any = None) 
         server.should_exit = True
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(task, 5)
-        raise OSError(f"the metrics listener could not listen on {address}")
-    return MetricsHandle(server, task, server.servers[0].sockets[0].getsockname()[1])
+        raise OSError(f"the {what} could not listen on {host}:{port}")
+    return server, task, server.servers[0].sockets[0].getsockname()[1]
+
+
+async def stop_asgi(server: Any, task: asyncio.Task) -> None:
+    """Stop a server from :func:`serve_asgi`: gracefully for 10 s, then by force (bounded)."""
+    server.should_exit = True
+    try:
+        await asyncio.wait_for(task, 10)
+    except asyncio.TimeoutError:
+        server.force_exit = True
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, 5)
+
+
+async def start_metrics_listener(app: App, address: str, *, broker: Any = None) -> MetricsHandle:
+    """Serve /healthz, /readyz and /metrics alone on ``address`` (``[metrics] address``).
+
+    :raises OSError: the port is taken
+    """
+    from starlette.applications import Starlette
+
+    from broker.config import parse_listen
+
+    host, port = parse_listen(address)
+    asgi = Starlette(routes=health_routes(Health(app, broker)))
+    server, task, bound = await serve_asgi(asgi, host, port, "metrics listener", timeout_graceful_shutdown=2)
+    return MetricsHandle(server, task, bound)
 
 
 async def stop_metrics_listener(handle: MetricsHandle) -> None:
-    handle.server.should_exit = True
-    try:
-        await asyncio.wait_for(handle.task, 10)
-    except asyncio.TimeoutError:
-        handle.server.force_exit = True
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(handle.task, 5)
+    await stop_asgi(handle.server, handle.task)

@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from broker.app import App
-from broker.health import Health, health_routes
+from broker.health import Health, health_routes, serve_asgi, stop_asgi
 from broker.clock import display_zone, local_text, parse_utc, utc_iso
 from broker.config import format_duration, parse_listen
 from broker.errors import (BrokerError, ConfigError, ConflictError, GrantExpiredError, NotFoundError,
@@ -288,12 +288,6 @@ class WebHandle:
     port: int
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # the broker's loop owns SIGINT/SIGTERM (run_server)
-        yield
-
-
 async def start_web(app: App, address: str, *, broker: Any = None, notify: bool = True) -> WebHandle:
     """Serve the console on ``address`` (HOST:PORT, port 0 picks one) in the running event loop.
 
@@ -319,21 +313,8 @@ async def start_web(app: App, address: str, *, broker: Any = None, notify: bool 
     web: Web = asgi.state.web
     cursor = await prepare_notifier(web) if notify and notify_enabled(web) else None
     hsts = bool(tls) or web_cfg.public_url.startswith("https://")
-    config = uvicorn.Config(SecurityHeaders(asgi, hsts=hsts), host=host, port=port, lifespan="off", log_config=None,
-                            access_log=False, server_header=False, proxy_headers=False, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=3, ws="none", **tls)
-    server = _Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve())
-    for _ in range(200):  # bounded: 10 s
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.05)
-    if not server.started:
-        server.should_exit = True
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(task, 5)
-        raise OSError(f"the web console could not listen on {address}")
-    bound = server.servers[0].sockets[0].getsockname()[1]
+    server, task, bound = await serve_asgi(SecurityHeaders(asgi, hsts=hsts), host, port, "web console",
+                                           timeout_graceful_shutdown=3, **tls)
     if not web_cfg.public_url:
         shown = f"[{host}]" if ":" in host else host
         app.config = app.config.with_web(f"{shown}:{bound}")
@@ -354,11 +335,5 @@ async def stop_web(handle: WebHandle) -> None:
             handle.notifier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await handle.notifier
-    handle.server.should_exit = True
-    try:
-        await asyncio.wait_for(handle.task, 10)
-    except asyncio.TimeoutError:
-        handle.server.force_exit = True
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(handle.task, 5)
+    await stop_asgi(handle.server, handle.task)
     await handle.web.audit("broker.stopped", component="web")
