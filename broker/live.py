@@ -80,6 +80,7 @@ class LiveSession:
         self.path = broker.settings.recordings_dir / f"{self.id}.mbr"
         self.ending = False
         self.finished = asyncio.Event()
+        self._finish_task: asyncio.Future | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._end_status = "closed"
         self._end_reason = "vendor disconnected"
@@ -363,11 +364,17 @@ class LiveSession:
         await self.finish(status, reason=message)
 
     async def finish(self, status: str | None = None, *, reason: str | None = None) -> None:
-        """Close upstream and the recording, sign it, store the outcome. Idempotent."""
-        if self.finished.is_set():
-            return
-        self.finished.set()
-        self.ending = True
+        """Close upstream and the recording, sign it, store the outcome. Idempotent: a second call waits for
+        the first one's work. The work runs in its own task, so a caller cancelled half-way (the vendor gone
+        while a failed start was being closed, the control loop, shutdown) never leaves the row ``live`` with
+        ``finished`` already set: the ghost rows of issue 11."""
+        if self._finish_task is None:
+            self.finished.set()
+            self.ending = True
+            self._finish_task = asyncio.ensure_future(self._finish(status, reason))
+        await asyncio.shield(self._finish_task)
+
+    async def _finish(self, status: str | None, reason: str | None) -> None:
         status = status if status and self._end_status == "closed" else self._end_status
         reason = reason or self._end_reason
         for t in self._timers:

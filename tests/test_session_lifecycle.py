@@ -4,6 +4,7 @@ however many other sessions are starting and dying around them. Real OpenSSH, pa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import os
@@ -187,6 +188,43 @@ def _quiet(fn) -> None:
         fn()
     except Exception:
         pass
+
+
+async def _finish_cancelled_half_way(broker) -> dict:
+    """Start ``finish`` on the one live session, cancel its caller while it closes the device link, then
+    call it again: the second call must wait for the first one's work, not return at once."""
+    live = next(iter(broker.live.values()))
+    caller = asyncio.ensure_future(live.finish("killed", reason="ended by the test"))
+    for _ in range(10_000):  # cancelled at every wait until it gives up (asyncio.wait_for swallows a cancel
+        await asyncio.sleep(0)  # that lands as its inner wait finishes, so one cancel may not reach it)
+        if caller.done():
+            break
+        caller.cancel()
+    try:
+        await caller
+    except asyncio.CancelledError:
+        pass
+    await asyncio.wait_for(live.finish("closed"), 15)
+    return broker.app.store.get_session(live.id)
+
+
+def test_a_finish_whose_caller_is_cancelled_half_way_still_ends_the_row(world):
+    """The ghost class behind finding 1: ending a session is interrupted (the vendor leaves while a failed
+    start is closed, the broker stops): the row still ends, with the first caller's status, and the device
+    link and the vendor's connection close."""
+    world.grant()
+    proc = subprocess.Popen(_ssh_argv(world, "alice@ct-01") + ["sleep 60"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert _wait(lambda: world.harness.live_count() == 1, 20)
+        row = world.harness.call(_finish_cancelled_half_way(world.harness.broker))
+        assert row["status"] == "killed" and row["end_reason"] == "ended by the test" and row["ended_at"]
+        proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    _no_ghosts(world)
 
 
 def test_kill_revoke_and_expiry_never_fail_on_half_started_sessions(world):
