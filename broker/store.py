@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -283,6 +284,11 @@ class Store:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._executor: ThreadPoolExecutor | None = None
+        # One connection, possibly used from two threads of one process (the store thread, and a CLI call or a
+        # test in the serving process): a write transaction belongs to the thread that began it. Without this,
+        # a second thread's write either joined the first one's open transaction or failed with "cannot
+        # start a transaction within a transaction".
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ plumbing
     def migrate(self) -> int:
@@ -319,7 +325,11 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An IMMEDIATE write transaction (serialises writers across processes)."""
+        """An IMMEDIATE write transaction (serialises writers across processes, and threads of this one)."""
+        with self._lock:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self.db.conn
         if conn.in_transaction:
             yield conn
@@ -352,7 +362,8 @@ class Store:
         :raises NotFoundError: a number beyond SQLite's 64-bit integers (it can name no row)
         """
         try:
-            return _row(self.db.conn.execute(sql, params))
+            with self._lock:
+                return _row(self.db.conn.execute(sql, params))
         except OverflowError:
             raise _out_of_range() from None
 
