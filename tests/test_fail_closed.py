@@ -244,7 +244,8 @@ def _fill_while_streaming(tmp_path: Path, device, command: str) -> tuple[int, fl
         try:
             vendor = _Vendor(broker, command)
             code = vendor.wait(120)
-            assert code != 0, "the session should have been ended"
+            assert code != 0, (f"the session should have been ended; vendor got {vendor.received} B, stderr "
+                               f"{vendor.stderr[-500:]!r}; broker log:\n{broker.serve.log.read_text()[-3000:]}")
             assert b"recording failed (No space left on device)" in vendor.stderr, vendor.stderr
             row = broker.session()
             assert wait(lambda: broker.session()["status"] != "live", timeout=20)
