@@ -1,0 +1,139 @@
+"""ProxyJump (issue 14 items 1 and 4): ``ssh -J alice@broker:2222 alice@ct-01`` is an ordinary recorded medbroker
+session, and ``medbroker ssh-config`` prints a config that works as printed. Real OpenSSH ssh/scp/sftp, paramiko
+and sshd devices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from broker.cli import app as cli_app
+from broker.grants import revoke_grant
+from broker.identity import get_principal
+from broker.jump import inner_login_refusal, jump_target
+from broker.jumpkeys import device_host_key, device_key_path, known_hosts_line, public_line
+from helpers.clients import paramiko_connect, run_command
+from sessions.recording import read_frames
+
+pytestmark = pytest.mark.openssh
+
+
+def _wait(predicate, timeout: float = 15.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return None
+
+
+def _jump_setup(world, tmp: Path, *, who: str = "alice", key: str | None = None) -> Path:
+    """An ssh config for ``ssh -F cfg -J hop …``: the hop is the broker as ``who``; every hop (the jump's own
+    ssh gets the same -F) uses ``key``'s identity and a known_hosts with the broker key and ct-01's jump key."""
+    kh = tmp / f"kh-{who}"
+    broker_key = (world.app.config.home / "keys" / "host_ed25519.pub").read_text().split()[:2]
+    kh.write_text(f"[127.0.0.1]:{world.port} {' '.join(broker_key)}\n" + known_hosts_line(world.app, "ct-01") + "\n")
+    cfg = tmp / f"ssh_config-{who}"
+    cfg.write_text(f"""Host hop
+  HostName 127.0.0.1
+  Port {world.port}
+  User {who}
+Host *
+  IdentityFile {world.keys[key or who].private_path}
+  IdentitiesOnly yes
+  IdentityAgent none
+  BatchMode yes
+  UserKnownHostsFile {kh}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  ConnectTimeout 10
+  ControlPath none
+""")
+    return cfg
+
+
+def _ssh(*argv: str, timeout: float = 30.0, input: bytes | None = None):
+    t0 = time.monotonic()
+    try:
+        return run_command(["ssh", *argv], timeout=timeout, input=input)
+    finally:
+        print("TIMING", round(time.monotonic() - t0, 2), argv[-2:])
+
+
+def _texts(row: dict, world) -> bytes:
+    frames = read_frames(Path(row["recording"]), key_lookup=world.app.keys.get)
+    return b"".join(f.payload for f in frames if f.kind in ("output", "stderr") and isinstance(f.payload, bytes))
+
+
+def test_ssh_J_runs_a_recorded_session_and_refuses_what_is_not_a_device(world, tmp_path):
+    """-J, -W through ProxyCommand, scp and sftp through the jump; the session is recorded as any other;
+    unknown targets, other ports and addresses are refused with the reason; a wrong inner key is refused."""
+    world.grant()
+    cfg = _jump_setup(world, tmp_path)
+    (world.device.tree.root / "tmp").mkdir(exist_ok=True)
+    (world.device.tree.root / "tmp" / "jump.log").write_bytes(b"service log through the jump\n")
+
+    r = _ssh("-F", str(cfg), "-J", "hop", "service@ct-01", "echo jumped-$((40+2)); id -un")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == b"jumped-42" and r.stdout.splitlines()[1] == world.device.login.encode()
+
+    # -W in a ProxyCommand, the device's own SSH port number, and the device name as inner login name
+    proxy = f"ssh -F {cfg} -W %h:%p hop"
+    r = _ssh("-F", str(cfg), "-o", f"ProxyCommand={proxy}", "-p", str(world.device.port), "alice@ct-01",
+             "echo via-W")
+    assert (r.returncode, r.stdout) == (0, b"via-W\n"), r.stderr
+
+    # scp and sftp through the jump (OpenSSH passes -J on)
+    down = tmp_path / "down.log"
+    r = run_command(["scp", "-F", str(cfg), "-J", "hop", f"alice@ct-01:{world.device.tree.root}/tmp/jump.log",
+                     str(down)], timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert down.read_bytes() == b"service log through the jump\n"
+    r = run_command(["sftp", "-F", str(cfg), "-J", "hop", "-b", "-", "alice@ct-01"], timeout=30,
+                    input=f"put {down} {world.device.tree.root}/tmp/up.log\n".encode())
+    assert r.returncode == 0, r.stderr
+    assert (world.device.tree.root / "tmp" / "up.log").read_bytes() == b"service log through the jump\n"
+
+    # recorded like any session: rows marked proxyjump, output in the recording and in the replay
+    rows = _wait(lambda: [s for s in world.app.store.list_sessions() if s["final_hash"]]
+                 if len([s for s in world.app.store.list_sessions() if s["final_hash"]]) >= 4 else None)
+    assert rows and len(rows) == 4 and {s["via"] for s in rows} == {"proxyjump"}
+    first = min(rows, key=lambda s: s["started_at"] + s["id"])
+    assert b"jumped-42" in _texts(first, world)
+    assert {s["source"] for s in rows} == {"127.0.0.1"} and {s["user_name"] for s in rows} == {"alice"}
+    replay = CliRunner().invoke(cli_app, ["--home", str(world.app.config.home), "replay", first["id"],
+                                          "--instant", "--by", "carol"])
+    assert replay.exit_code == 0 and "jumped-42" in replay.stdout, replay.output
+    starts = [e for e in world.events("session.start")]
+    assert len(starts) == 4 and {json.loads(e["details"]).get("via") for e in starts} == {"proxyjump"}
+    assert len(world.events("jump.open")) == 4 and len(world.events("jump.login")) == 4
+    assert _wait(lambda: len(world.events("jump.close")) == 4)
+
+    # refused with the reason: unknown name, another port, the device's real address, an IP
+    for target in ("ct-99:22", "ct-01:2222", f"{world.device.host}:{world.device.port}", "CT-01:22"):
+        r = _ssh("-F", str(cfg), "-W", target, "hop", timeout=20)
+        assert r.returncode != 0
+        assert b"administratively prohibited" in r.stderr and b"medbroker:" in r.stderr, r.stderr
+    refusals = [e for e in world.events("channel.refused")]
+    assert len(refusals) == 4
+    # the same neutral wording whether a name exists or not (alice was granted ct-01, so ct-01:2222 says more)
+    r99 = _ssh("-F", str(cfg), "-W", "ct-98:22", "hop", timeout=20)
+    assert b"is not a destination of this broker" in r99.stderr
+    cfg_dave = _jump_setup(world, tmp_path, who="dave")  # dave was never granted ct-01: neutral for it too
+    r = _ssh("-F", str(cfg_dave), "-W", "ct-01:2222", "hop", timeout=20)
+    assert b"is not a destination of this broker" in r.stderr, r.stderr
+
+    # the inner hop with another key than the first hop: refused, said, audited as a failed login
+    kh = tmp_path / "kh-alice"
+    r = _ssh("-F", "/dev/null", "-o", f"ProxyCommand=ssh -F {cfg} -W %h:%p hop", "-o", "BatchMode=yes",
+             "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+             "-o", "IdentityAgent=none", "-i", str(world.keys["bob"].private_path), "alice@ct-01", "true")
+    assert r.returncode == 255 and b"same key you used for the broker" in r.stderr, r.stderr
+    assert _wait(lambda: [e for e in world.events("auth.failure") if e["user_name"] == "alice"
+                          and json.loads(e["details"]).get("reason") == "no accepted key"])
