@@ -59,11 +59,7 @@ Host *
 
 
 def _ssh(*argv: str, timeout: float = 30.0, input: bytes | None = None):
-    t0 = time.monotonic()
-    try:
-        return run_command(["ssh", *argv], timeout=timeout, input=input)
-    finally:
-        print("TIMING", round(time.monotonic() - t0, 2), argv[-2:])
+    return run_command(["ssh", *argv], timeout=timeout, input=input)
 
 
 def _texts(row: dict, world) -> bytes:
@@ -137,3 +133,91 @@ def test_ssh_J_runs_a_recorded_session_and_refuses_what_is_not_a_device(world, t
     assert r.returncode == 255 and b"same key you used for the broker" in r.stderr, r.stderr
     assert _wait(lambda: [e for e in world.events("auth.failure") if e["user_name"] == "alice"
                           and json.loads(e["details"]).get("reason") == "no accepted key"])
+
+
+def test_the_jump_keeps_every_guard_and_ends_with_revoke_and_window(exposed_world, tmp_path):
+    """No grant: the usual answer. With one: the file guard refuses patient data through the jump, paramiko's
+    sock= channel and a ControlMaster first hop work, revoking ends the session and the jump, and so does
+    the end of the window."""
+    world = exposed_world
+    cfg = _jump_setup(world, tmp_path)
+    r = _ssh("-F", str(cfg), "-J", "hop", "alice@ct-01", "true")
+    assert r.returncode != 0 and b"no approved access for alice to ct-01 now" in r.stderr, r.stderr
+    assert b"request ct-01" in r.stderr
+
+    grant = world.grant()
+    dicom = world.device.tree.dicom_files[0]
+    got = tmp_path / "got.dcm"
+    r = run_command(["sftp", "-F", str(cfg), "-J", "hop", "-b", "-", "alice@ct-01"], timeout=30,
+                    input=f"get {dicom} {got}\n".encode())
+    assert r.returncode != 0 and not got.exists(), r.stdout + r.stderr
+    denied = _wait(lambda: world.events("sftp.denied"))
+    assert denied and denied[0]["session_id"]
+    row = world.app.store.get_session(denied[0]["session_id"])
+    assert row["via"] == "proxyjump"
+
+    # paramiko: the direct-tcpip channel of one client is the socket of another
+    import paramiko
+
+    outer = paramiko_connect("127.0.0.1", world.port, "alice", key=world.keys["alice"].private_path,
+                             host_key_line=(world.app.config.home / "keys" / "host_ed25519.pub").read_text())
+    try:
+        chan = outer.get_transport().open_channel("direct-tcpip", ("ct-01", 22), ("127.0.0.1", 0))
+        inner = paramiko.SSHClient()
+        algorithm, blob = public_line(world.app, "ct-01").split()
+        inner.get_host_keys().add("ct-01", algorithm, paramiko.PKey.from_type_string(algorithm, __import__(
+            "base64").b64decode(blob)))
+        inner.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            inner.connect("ct-01", sock=chan, username="alice", key_filename=str(world.keys["alice"].private_path),
+                          look_for_keys=False, allow_agent=False, timeout=10, banner_timeout=10, auth_timeout=10)
+            _, out, _ = inner.exec_command("echo paramiko-through-the-jump", timeout=10)
+            assert out.read() == b"paramiko-through-the-jump\n" and out.channel.recv_exit_status() == 0
+        finally:
+            inner.close()
+        with pytest.raises(paramiko.ChannelException):  # and a refused target is a refused channel
+            outer.get_transport().open_channel("direct-tcpip", ("10.0.0.1", 22), ("127.0.0.1", 0), timeout=10)
+    finally:
+        outer.close()
+
+    # the first hop is a ControlMaster; the jump is multiplexed over it (the mux client has no key at all)
+    from helpers.clients import ControlMaster
+
+    with ControlMaster("alice", "127.0.0.1", world.port, world.keys["alice"].private_path,
+                       known_hosts=world.known_hosts) as cm:
+        proxy = (f"ssh -F /dev/null -o BatchMode=yes -o PubkeyAuthentication=no -o ControlMaster=no "
+                 f"-o ControlPath={cm.control_path} -p {world.port} -W %h:%p alice@127.0.0.1")
+        r = _ssh("-F", str(cfg), "-o", f"ProxyCommand={proxy}", "alice@ct-01", "echo over-the-master")
+        assert (r.returncode, r.stdout) == (0, b"over-the-master\n"), r.stderr
+
+    # revoking the grant ends the session through the jump, and the jump with it
+    proc = subprocess.Popen(["ssh", "-F", str(cfg), "-J", "hop", "alice@ct-01", "echo started; sleep 30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        t0 = time.monotonic()
+        revoke_grant(world.app.store, world.app.audit, grant.id, get_principal(world.app.store, "bob"),
+                     world.app.clock.now(), reason="jump test")
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0 and time.monotonic() - t0 < 5 and b"revoked by bob" in err, err
+    ended = _wait(lambda: [s for s in world.app.store.list_sessions() if s["status"] == "revoked"])
+    assert ended and ended[0]["via"] == "proxyjump" and ended[0]["final_hash"]
+
+    # the window's end closes it too
+    world.grant(seconds=3)
+    proc = subprocess.Popen(["ssh", "-F", str(cfg), "-J", "hop", "alice@ct-01", "echo started; sleep 30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0 and b"approved window for ct-01 ended" in err, err
+    assert _wait(lambda: [s for s in world.app.store.list_sessions() if s["status"] == "expired"])
+    assert _wait(lambda: len(world.events("jump.close")) == len(world.events("jump.open")))
