@@ -221,3 +221,80 @@ def test_the_jump_keeps_every_guard_and_ends_with_revoke_and_window(exposed_worl
     assert proc.returncode != 0 and b"approved window for ct-01 ended" in err, err
     assert _wait(lambda: [s for s in world.app.store.list_sessions() if s["status"] == "expired"])
     assert _wait(lambda: len(world.events("jump.close")) == len(world.events("jump.open")))
+
+
+@pytest.fixture
+def public_world(tmp_path, device):
+    """Like ``world``, with [listen] public_host = 127.0.0.1, so a printed config connects as printed."""
+    from helpers.broker import World
+
+    w = World(tmp_path, device()).setup(config='[listen]\npublic_host = "127.0.0.1"\n')
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_ssh_config_as_printed_connects_directly_and_through_the_jump(public_world, tmp_path):
+    """``ssh alice@broker ssh-config``: its Host blocks and known_hosts lines, and nothing else the vendor did not
+    write themselves (their key), connect both ways with StrictHostKeyChecking=yes; the CLI prints the same,
+    --putty a registry file whose plink jump line works, --json the same facts."""
+    world = public_world
+    world.grant()
+    r = world.ssh("alice", "ssh-config")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    assert "Host ct-01\n" in text and "  User alice@ct-01\n" in text and "Host ct-01-jump\n" in text
+    assert f"  ProxyJump alice@127.0.0.1:{world.port}\n" in text
+    known = [line[2:] for line in text.splitlines() if line.startswith("# ") and " ssh-ed25519 " in line]
+    kh = tmp_path / "printed_known_hosts"
+    kh.write_text("\n".join(known) + "\n")
+    cfg = tmp_path / "printed_config"
+    cfg.write_text(text + f"""
+Host *
+  IdentityFile {world.keys['alice'].private_path}
+  IdentitiesOnly yes
+  IdentityAgent none
+  BatchMode yes
+  UserKnownHostsFile {kh}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  ControlPath none
+""")
+    for host in ("ct-01", "ct-01-jump"):
+        r = _ssh("-F", str(cfg), host, f"echo {host}-ok")
+        assert (r.returncode, r.stdout) == (0, f"{host}-ok\n".encode()), r.stderr
+    rows = _wait(lambda: [s for s in world.app.store.list_sessions() if s["final_hash"]]
+                 if len([s for s in world.app.store.list_sessions() if s["final_hash"]]) == 2 else None)
+    assert rows and sorted(str(s["via"]) for s in rows) == ["None", "proxyjump"]
+
+    runner = CliRunner()
+    home = ["--home", str(world.app.config.home)]
+    cli = runner.invoke(cli_app, [*home, "ssh-config", "--user", "alice", "--host", "127.0.0.1",
+                                  "--port", str(world.port)])
+    assert cli.exit_code == 0 and cli.stdout == text, cli.output
+    doc = json.loads(runner.invoke(cli_app, [*home, "ssh-config", "--json"]).stdout)
+    assert doc["user"] == "USER" and [d["name"] for d in doc["devices"]] == ["ct-01"]
+    assert doc["devices"][0]["jump_host_key"] == public_line(world.app, "ct-01")
+    bad = runner.invoke(cli_app, [*home, "ssh-config", "--user", "nobody"])
+    assert bad.exit_code == 1 and "nobody" in bad.stderr
+    reg = runner.invoke(cli_app, [*home, "ssh-config", "--user", "alice", "--putty", "--host", "127.0.0.1",
+                                  "--port", str(world.port)]).stdout
+    assert reg.startswith("Windows Registry Editor Version 5.00\n")
+    assert "[HKEY_CURRENT_USER\\Software\\SimonTatham\\PuTTY\\Sessions\\medbroker-ct-01]" in reg
+    assert f'"PortNumber"=dword:{world.port:08x}' in reg and '"UserName"="alice@ct-01"' in reg
+
+    # the printed plink jump line, with the vendor's .ppk, through PuTTY's own tools (when installed)
+    import shutil
+
+    if not (shutil.which("plink") and shutil.which("puttygen")):
+        return
+    ppk = tmp_path / "alice.ppk"
+    assert run_command(["puttygen", str(world.keys["alice"].private_path), "-O", "private", "-o", str(ppk)],
+                       timeout=30).returncode == 0
+    line = next(x[4:] for x in reg.splitlines() if x.startswith(";   plink") and "-proxycmd" in x)
+    line = line.replace("KEY.ppk", str(ppk)).replace("plink -ssh -hostkey", "plink -ssh -batch -hostkey", 1)
+    import shlex
+
+    r = run_command(shlex.split(line) + ["echo", "plink-jump-ok"], timeout=30)
+    assert (r.returncode, r.stdout) == (0, b"plink-jump-ok\n"), r.stderr
