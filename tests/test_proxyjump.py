@@ -298,3 +298,49 @@ Host *
 
     r = run_command(shlex.split(line) + ["echo", "plink-jump-ok"], timeout=30)
     assert (r.returncode, r.stdout) == (0, b"plink-jump-ok\n"), r.stderr
+
+
+def test_jump_targets_and_inner_names_are_decided_without_guessing(tmp_path, fuzz_examples):
+    """Only a device name as registered with port 22 or its own SSH port; any inner name but one naming
+    another device. Fuzzed: never an exception, never a device for a name that is not one."""
+    from hypothesis import given, settings, strategies as st
+
+    from broker.devices import Device
+
+    dev = Device(name="ct-01", host="10.20.0.15", port=2201, login="service", auth_kind="key", credential="x",
+                 host_key="ssh-ed25519 AAAA", host_key_fingerprint="SHA256:x", protected_paths=(),
+                 device_class="standard", legacy_algorithms={}, description=None, created_at="2026-01-01T00:00:00Z")
+    assert jump_target([dev], "ct-01", 22) is dev and jump_target([dev], "ct-01", 2201) is dev
+    for host, port in (("ct-01", 2222), ("CT-01", 22), ("10.20.0.15", 2201), ("ct-01.", 22), ("", 22)):
+        assert jump_target([dev], host, port) is None
+    assert inner_login_refusal("service", "ct-01") is None and inner_login_refusal("alice@ct-01", "ct-01") is None
+    assert "names the device ct-02" in inner_login_refusal("alice@ct-02", "ct-01")
+
+    @settings(max_examples=min(fuzz_examples, 300), deadline=None)
+    @given(st.text(max_size=80), st.integers(min_value=0, max_value=65535), st.text(max_size=300))
+    def check(host: str, port: int, login: str) -> None:
+        found = jump_target([dev], host, port)
+        assert found is None or (host == "ct-01" and port in (22, 2201))
+        why = inner_login_refusal(login, "ct-01")
+        assert why is None or (why.isascii() and "\n" not in why and len(why) < 400)
+
+    check()
+
+
+def test_jump_host_keys_are_per_device_private_and_stable(tmp_path):
+    from broker.app import init_home
+    from broker.errors import UsageError
+
+    app = init_home(tmp_path / "home")
+    try:
+        first = device_host_key(app, "ct-01")
+        assert device_host_key(app, "ct-01").public_data == first.public_data
+        assert device_host_key(app, "mr-02").public_data != first.public_data
+        path = device_key_path(app, "ct-01")
+        assert path.stat().st_mode & 0o777 == 0o600 and path.parent == app.config.home / "keys" / "jump"
+        assert known_hosts_line(app, "ct-01") == "ct-01 " + public_line(app, "ct-01")
+        assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temporary left
+        with pytest.raises(UsageError):
+            device_host_key(app, "../host_ed25519")
+    finally:
+        app.close()
