@@ -54,6 +54,11 @@ EVENTS: dict[str, str] = {
     "session.stopped": "a live session ended because what it was opened with was withdrawn (user disabled, login "
                        "key removed, role changed, device removed)",
     "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem)",
+    "jump.open": "a self-service login opened a ProxyJump channel (ssh -J) to a device name; the broker serves "
+                 "SSH on it (docs/security.md)",
+    "jump.login": "the vendor logged in through a ProxyJump channel (same key as the first hop); the session that "
+                  "follows carries via=proxyjump",
+    "jump.close": "a ProxyJump channel closed (bytes each way through it, the session it carried)",
     "connection.closed": "an open connection was closed because its login no longer stands (user disabled, "
                          "key removed, role changed)",
     "exec.denied": "an exec command naming a protected path was refused",

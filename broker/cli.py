@@ -19,6 +19,7 @@ from broker.commands import retention as retention_cmds
 from broker.commands import search as search_cmds
 from broker.commands import service as service_cmds
 from broker.commands import sessions as session_cmds
+from broker.commands import sshconfig as sshconfig_cmds
 from broker.commands import totp as totp_cmds
 from broker.commands import users as user_cmds
 from broker.commands import watch as watch_cmds
@@ -110,6 +111,7 @@ app.add_typer(keys_cmds.app, name="keys")
 app.add_typer(service_cmds.app, name="service")
 app.command("backup")(service_cmds.backup)
 app.command("restore")(service_cmds.restore)
+app.command("ssh-config")(sshconfig_cmds.ssh_config)
 user_cmds.app.command("totp")(totp_cmds.totp)
 
 

@@ -102,6 +102,9 @@ class LiveSession:
             "device_host_key": self.device.host_key_fingerprint, "grant_ends_at": utc_iso(self.grant.ends_at),
             "containment": self.device.containment, "containment_checked_at": self.device.containment_checked_at,
         }
+        via = getattr(self.server, "via", None)  # "proxyjump": reached through ssh -J (broker/jump.py)
+        if via:
+            header["via"] = via
         key_id, key = b.app.keys.current() if s.encrypt else (None, None)
         loop = asyncio.get_running_loop()
         try:
@@ -129,6 +132,7 @@ class LiveSession:
                 "recording": str(self.path), "broker_pid": b.pid, "last_activity_at": utc_iso(now),
                 "auth_key": self.server.fingerprint,
                 "user_role": self.server.principal.role if self.server.principal else None,
+                **({"via": via} if via else {}),
             }))
             self.upconn = await self._connect()
             self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
@@ -136,7 +140,8 @@ class LiveSession:
             b.live[self.id] = self
             await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
                           session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
-                          grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state)
+                          grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state,
+                          **({"via": via} if via else {}))
         except BrokerError as exc:
             await self.finish("failed", reason=exc.message)
             raise

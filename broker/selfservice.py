@@ -19,6 +19,7 @@ from broker.errors import BrokerError, UsageError
 from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, list_grants,
                            list_requests, request_grant)
 from broker.identity import Principal, get_principal
+from broker.sshconfig import build_ssh_config, render_openssh, render_putty
 from broker.web_links import issue_signin_link
 
 __all__ = ["Reply", "run_command", "HELP"]
@@ -35,6 +36,8 @@ medbroker over SSH. Commands:
   requests                           pending requests (approvers see everyone's)
   grants                             your grants (approvers and security see all)
   web                                a one-time sign-in link for the web console
+  ssh-config [--putty]               Host blocks for ~/.ssh/config (direct and ProxyJump) and the host
+                                     keys to pin; --putty: a PuTTY session file with plink lines
   help                               this text
 Add --json to any command for machine-readable output.
 Open a device session with: ssh -p PORT USER@DEVICE@BROKER
@@ -84,6 +87,9 @@ def _parser() -> _Parser:
     d.add_argument("id", type=_request_id)
     d.add_argument("--reason", nargs="+")
     d.add_argument("--json", action="store_true")
+    c = sub.add_parser("ssh-config", add_help=False)
+    c.add_argument("--putty", action="store_true")
+    c.add_argument("--json", action="store_true")
     for name in ("requests", "grants", "status", "help", "web"):
         s = sub.add_parser(name, add_help=False)
         s.add_argument("--json", action="store_true")
@@ -146,6 +152,11 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
             if args.json:
                 return Reply(0, json.dumps(req.as_dict()) + "\n")
             return Reply(0, f"Request {args.id} denied.\n")
+        if args.cmd == "ssh-config":  # the caller's own name filled in (broker/sshconfig.py)
+            config = build_ssh_config(app, principal.name, port=port)
+            if args.json:
+                return Reply(0, json.dumps(config.as_dict()) + "\n")
+            return Reply(0, render_putty(config) if args.putty else render_openssh(config))
         if args.cmd == "web":
             link = issue_signin_link(app.store, app.audit, app.config, principal.name, now, source=source)
             if args.json:

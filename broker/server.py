@@ -983,6 +983,10 @@ class BrokerServer(asyncssh.SSHServer):
         return live
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
+        if self.device_name is None:  # ProxyJump (ssh -J USER@broker DEVICE): decided and served in broker/jump.py
+            from broker.jump import open_jump  # jump.py builds on this module: imported here, not at the top
+
+            return open_jump(self, dest_host, dest_port)
         self._refuse_channel("direct-tcpip", f"{dest_host}:{dest_port}")
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,

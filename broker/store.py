@@ -26,7 +26,7 @@ T = TypeVar("T")
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
 # 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
-# lifecycle (issue 11), 15 operations (directory users).
+# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump.
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -252,6 +252,8 @@ MIGRATIONS: dict[int, str | list[str]] = {
     8: ["ALTER TABLE sessions ADD COLUMN auth_key TEXT", "ALTER TABLE sessions ADD COLUMN user_role TEXT"],
     # 15: operations (issue 15): users mirrored from the directory ('directory'), never changed by hand
     15: ["ALTER TABLE users ADD COLUMN source TEXT NOT NULL DEFAULT 'local'"],
+    # 17: ProxyJump (issue 14): how the vendor reached the session ('proxyjump' through ssh -J; NULL direct)
+    17: ["ALTER TABLE sessions ADD COLUMN via TEXT"],
 }
 
 

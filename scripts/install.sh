@@ -86,6 +86,13 @@ else
   apt_install asciinema
 fi
 
+# 2a. putty-tools (plink, pscp, psftp, puttygen: tests drive plink through a ProxyJump; issue 14).
+if command -v plink >/dev/null 2>&1 && command -v puttygen >/dev/null 2>&1; then
+  step "putty-tools present"
+else
+  apt_install putty-tools
+fi
+
 # 2b. rsync (tests drive a real rsync client through the broker to show its stream is refused).
 if command -v rsync >/dev/null 2>&1; then
   step "rsync present"
