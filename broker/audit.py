@@ -54,6 +54,8 @@ EVENTS: dict[str, str] = {
     "session.stopped": "a live session ended because what it was opened with was withdrawn (user disabled, login "
                        "key removed, role changed, device removed)",
     "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem)",
+    "forward.open": "an approved port forward opened a connection to a port on the device (port, origin)",
+    "forward.close": "a forwarded connection ended (port, bytes each way, TLS or plain text, reason)",
     "connection.closed": "an open connection was closed because its login no longer stands (user disabled, "
                          "key removed, role changed)",
     "exec.denied": "an exec command naming a protected path was refused",

@@ -32,7 +32,7 @@ from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.startups import Admission, StartupGate, StartupPolicy
-from broker.live import LiveSession, SessionSettings
+from broker.live import LiveSession, SessionSettings, open_forward
 from sessions.cmd_judge import DevicePaths, judge_command
 from sessions.cmd_paths import analyze_command
 from sessions.decoders import DeepScanner
@@ -983,6 +983,8 @@ class BrokerServer(asyncssh.SSHServer):
         return live
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
+        if self.device_name is not None:  # ssh -L ...:DEVICE:PORT on a device login: an approved forward?
+            return open_forward(self, dest_host, dest_port, f"{orig_host}:{orig_port}")
         self._refuse_channel("direct-tcpip", f"{dest_host}:{dest_port}")
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
