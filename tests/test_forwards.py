@@ -32,6 +32,9 @@ HL7 = (b"MSH|^~\\&|RIS|HOSP|PACS|HOSP|202612061200||ORU^R01|MSG00001|P|2.5\r"
        b"OBR|1|A1|B1|71020^CHEST XRAY^CPT\r")
 
 
+TLS_HELLO = b"\x16\x03\x01\x00\x2fSECRET-TLS-PAYLOAD" + bytes(range(32)) + b"\r\n\r\n"
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keeps a connection open between requests (the kill test holds one)
 
@@ -156,6 +159,14 @@ def test_request_strike_and_never_port_104(world):
     assert out["grant"]["forwards"] == [443] and out["request"]["struck"] == [8080]
     created = json.loads(world.events("grant.created")[-1]["details"])
     assert created["forwards"] == [443] and created["struck"] == [8080]
+    # over SSH self-service: the card shows the ports, the approver strikes one
+    rid = json.loads(world.ssh("alice", "request ct-01 --for 1h --reason web UI --forward 443 --forward 8443 --json"
+                               ).stdout)["id"]
+    card = world.ssh("bob", "requests").stdout.decode()
+    assert "forwards: 443, 8443" in card and "--strike PORT" in card
+    r = world.ssh("bob", f"approve {rid} --strike 8443")
+    assert r.returncode == 0 and b"Port forwards: 443." in r.stdout, r.stdout + r.stderr
+    assert world.ssh("alice", "request ct-01 --for 1h --reason x --forward 2575").returncode == 1
     # a request stored before ports were checked (old HOST:PORT text) never grants 104
     now = world.app.clock.now()
     rid = world.app.store.insert_request({
@@ -191,6 +202,10 @@ def test_forward_end_to_end(world, http_port):
         # struck, never-forwarded and other hosts: refused (ssh closes the local socket)
         for port in (local_struck, local_dicom, local_other):
             assert _get(port, "/page") == b""
+        # TLS (a ClientHello): only its sizes are recorded
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as s:
+            s.sendall(TLS_HELLO)
+            s.recv(65536)
         # HL7 served by the device's web server: the scanner ends that forwarded connection
         assert HL7[:40] not in _get(local, "/hl7")
         assert _wait(lambda: world.events("alert.exfiltration"))
@@ -227,6 +242,9 @@ def test_forward_end_to_end(world, http_port):
     sent = b"".join(f.payload for f in frames if f.kind == "input")
     got = b"".join(f.payload for f in frames if f.kind == "output")
     assert b"GET /page HTTP/1.0" in sent and PAGE in got and b"PID|" not in got
+    assert b"SECRET-TLS-PAYLOAD" not in sent
+    sizes = [f.event() for f in frames if f.kind == "forward-bytes"]
+    assert {"to": "device", "bytes": len(TLS_HELLO)} in sizes and any(c["tls"] for c in closes)
     # sessions show, replay, report
     show = _cli(world, "sessions", "show", sid)
     assert show.exit_code == 0 and f"forward port {http_port}" in show.stdout, show.stdout
@@ -251,3 +269,26 @@ def _recv_until(sock: socket.socket, marker: bytes) -> bytes:
             return out
         out += chunk
     return out
+
+
+def test_web_inbox_shows_each_port_with_a_checkbox_and_strikes_the_unchecked(tmp_path):
+    from test_web_http import Console
+
+    console = Console(tmp_path)
+    try:
+        now = console.clock.now()
+        rid = request_grant(console.app.store, console.app.audit, console.app.rules,
+                            get_principal(console.app.store, "alice"), "ct-01", 3600, "web UI", now,
+                            forwards=("443", "8080")).id
+        bob = console.client("bob")
+        status, _, page = bob.get("/inbox")
+        assert status == 200 and f'id="forward-{rid}-443"' in page and f'id="forward-{rid}-8080"' in page
+        token = bob.csrf("/inbox")
+        status, _, _ = bob.post(f"/requests/{rid}/approve", [("csrf", token), ("forward_shown", "443"),
+                                                             ("forward_shown", "8080"), ("forward", "443")])
+        assert status == 303
+        grant = console.app.store.list_grants()[-1]
+        assert json.loads(grant["forwards"]) == [443]
+        assert console.events("grant.created")[-1]["details"].count("8080") == 1  # struck, audited
+    finally:
+        console.close()
