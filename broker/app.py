@@ -196,6 +196,13 @@ def check_home(home: Path) -> list[CheckResult]:
     results.append(_check_recordings(rec))
     policy = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file else default_policy_file()
     results.append(CheckResult("policy", policy.exists(), str(policy) if policy.exists() else f"{policy} is missing"))
+    if policy.exists():
+        try:
+            ports = load_protected_ports(policy)
+            results.append(CheckResult("forward ports", True, "never forwarded: " + ", ".join(
+                str(p) for p in sorted(ports.reasons))))
+        except ConfigError as exc:
+            results.append(CheckResult("forward ports", False, str(exc)))
     return results
 
 

@@ -23,6 +23,7 @@ from broker.grants import Grant, find_active_grant, request_hint
 from broker.identity import standing_refusal
 from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
+from sessions.decoders import DeepScanner
 from sessions.entropy import OPAQUE
 from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
 from sessions.recwriter import ACK_WINDOW
@@ -238,6 +239,7 @@ class LiveSession:
         policy = self.broker.policy_for(self)
         relay = ForwardRelay(ForwardContext(
             number=number, port=port, recorder=self.recorder, make_scanner=policy.make_scanner,
+            make_input_scanner=DeepScanner if policy.scan_output else None,
             on_detection=self._forward_detected, on_closed=self._forward_closed,
             forward_unrecorded=not self.broker.settings.strict))
         if self.recorder.paused:
@@ -274,8 +276,14 @@ class LiveSession:
 
     def _forward_detected(self, relay: ForwardRelay, what: str, direction: str) -> None:
         """Patient data in a forward's plain text: the forwarded connection ends (ForwardRelay), alert."""
-        message = (f"a forwarded connection to port {relay.ctx.port} carried {what} patient data ({direction}); it "
-                   "was closed and security staff were alerted")
+        if what == OPAQUE:
+            budget = getattr(self, "opaque_budget", None)
+            why = budget.describe() if budget else "too much output that could not be inspected"
+            message = (f"a forwarded connection to port {relay.ctx.port} carried {why}, which the patient-data guard "
+                       "cannot check; it was closed and security staff were alerted")
+        else:
+            message = (f"a forwarded connection to port {relay.ctx.port} carried {what} patient data ({direction}); "
+                       "it was closed and security staff were alerted")
         self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "forward closed",
                                                                "port": relay.ctx.port, "reason": message})
         self.broker.audit_soon("alert.exfiltration", user=self.user, device=self.device.name, session_id=self.id,

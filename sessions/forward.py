@@ -38,7 +38,9 @@ class ForwardContext:
     recorder: Any
     """``append_data(channel, kind, bytes) -> int`` and ``append_event(channel, kind, dict) -> int``"""
     make_scanner: Callable[[], Any] | None = None
-    """A patient-data scanner (``feed(bytes) -> str | None``) per direction, or None (scanning off)."""
+    """A patient-data scanner (``feed(bytes) -> str | None``) for what the device sends, or None (scanning off)."""
+    make_input_scanner: Callable[[], Any] | None = None
+    """The same for what the vendor sends (uploads never count against the opaque-output budget)."""
     on_detection: Callable[["ForwardRelay", str, str], None] = lambda relay, what, direction: None
     on_closed: Callable[["ForwardRelay"], None] = lambda relay: None
     forward_unrecorded: bool = False
@@ -84,7 +86,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
         self._early: list[bytes] = []  # device bytes before the vendor channel exists
         self._first = b""  # the vendor's first byte(s) while too few to tell TLS
         self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
-        self._scan = {"vendor": ctx.make_scanner() if ctx.make_scanner else None,
+        self._scan = {"vendor": ctx.make_input_scanner() if ctx.make_input_scanner else None,
                       "device": ctx.make_scanner() if ctx.make_scanner else None}
 
     def device_session(self) -> _DeviceSide:

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from broker.cli import app as cli_app
 from broker.errors import PermissionDeniedError, UsageError
-from broker.forwards import ProtectedPorts, forward_refusal, grant_ports, load_protected_ports, parse_forward_port
+from broker.forwards import (ProtectedPorts, forward_refusal, grant_ports, load_protected_ports, parse_forward_port,
+                             parse_strikes)
 from broker.grants import approve_request, request_grant
 from broker.identity import get_principal
 from helpers.clients import ssh_options
@@ -292,3 +293,26 @@ def test_web_inbox_shows_each_port_with_a_checkbox_and_strikes_the_unchecked(tmp
         assert console.events("grant.created")[-1]["details"].count("8080") == 1  # struck, audited
     finally:
         console.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=12), max_size=4), st.lists(st.integers(1, 65535), max_size=4))
+def test_strike_parser_fuzz(texts, requested):
+    try:
+        struck = parse_strikes(texts, requested)
+    except UsageError:
+        return
+    assert set(struck) <= set(requested)
+
+
+def test_check_reports_a_bad_ports_table(tmp_path):
+    from broker.app import check_home, init_home
+
+    app = init_home(tmp_path / "home")
+    app.close()
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[protected]\npaths = ["/data/dicom"]\n[ports]\nnever = ["x"]\n')
+    toml = tmp_path / "home" / "broker.toml"
+    toml.write_text(toml.read_text().replace('protected_paths_file = ""', f'protected_paths_file = "{policy}"'))
+    bad = [r for r in check_home(tmp_path / "home") if r.name == "forward ports"]
+    assert bad and not bad[0].ok and "ports.never[0]" in bad[0].detail
