@@ -51,6 +51,15 @@ class ProtectedPorts:
     def __contains__(self, port: int) -> bool:
         return port in self.reasons
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProtectedPorts) and other.reasons == self.reasons
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.reasons.items()))
+
+    def __repr__(self) -> str:
+        return f"ProtectedPorts({sorted(self.reasons)})"
+
 
 def load_protected_ports(path: str | Path) -> ProtectedPorts:
     """The ``[ports]`` table of the policy file (broker/defaults/protected-paths.toml or the site's copy):

@@ -250,12 +250,14 @@ def test_forward_end_to_end(world, http_port):
     show = _cli(world, "sessions", "show", sid)
     assert show.exit_code == 0 and f"forward port {http_port}" in show.stdout, show.stdout
     replay = _cli(world, "replay", sid, "--instant")
-    assert replay.exit_code == 0 and f"port {http_port}" in replay.stdout, replay.stdout
+    assert replay.exit_code == 0 and f"forward to port {http_port} closed" in replay.stdout, replay.stdout
+    assert "tube temperature" not in replay.stdout  # a forward's bytes are not replayed as terminal output
     day = now.strftime("%Y-%m-%d")
     report = _cli(world, "report", "--device", "ct-01", "--from", day, "--to", day, "--format", "md",
                   "-o", str(world.tmp / "r.md"))
     assert report.exit_code == 0, report.stdout + report.stderr
-    assert f"{http_port}" in (world.tmp / "r.md").read_text()
+    md = (world.tmp / "r.md").read_text()
+    assert "Port forwards:" in md and f"port {http_port}: " in md and "bytes to the vendor" in md, md
     assert _cli(world, "audit", "verify").exit_code == 0
 
 
