@@ -276,7 +276,11 @@ class LiveSession:
 
     def _forward_detected(self, relay: ForwardRelay, what: str, direction: str) -> None:
         """Patient data in a forward's plain text: the forwarded connection ends (ForwardRelay), alert."""
-        if what == OPAQUE:
+        if what == "ssh":
+            message = (f"an SSH server answered on the forwarded port {relay.ctx.port}; SSH to {self.device.name} goes "
+                       f"through medbroker (ssh {self.user}@{self.device.name}@{self.broker.settings.public_host}), "
+                       "so the forwarded connection was closed and security staff were alerted")
+        elif what == OPAQUE:
             budget = getattr(self, "opaque_budget", None)
             why = budget.describe() if budget else "too much output that could not be inspected"
             message = (f"a forwarded connection to port {relay.ctx.port} carried {why}, which the patient-data guard "

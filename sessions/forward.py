@@ -150,6 +150,9 @@ class ForwardRelay(asyncssh.SSHTCPSession):
             return
         if self.tls is None:
             self.tls = False  # the device spoke first: not a TLS client hello
+        if not self.bytes_to_vendor and not self.tls and data.startswith(b"SSH-"):
+            self._ssh_refused()  # an SSH server on the device: an encrypted session past every guard
+            return
         if not self._judge("device", data):
             return
         self.bytes_to_vendor += len(data)
@@ -194,6 +197,13 @@ class ForwardRelay(asyncssh.SSHTCPSession):
         self.ctx.on_detection(self, hit, direction)
         self.close(f"{hit} patient data {direction}")
         return False
+
+    def _ssh_refused(self) -> None:
+        self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
+            "protocol": "ssh", "stream": "output", "port": self.ctx.port,
+            "reason": "an SSH server answered on a forwarded port; SSH to the device goes through medbroker"})
+        self.ctx.on_detection(self, "ssh", "to-vendor")
+        self.close("an SSH server answered on the forwarded port")
 
     # ------------------------------------------------------------ flow control
     def hold(self, side: str, reason: str) -> None:

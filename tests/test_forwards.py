@@ -65,6 +65,37 @@ def http_port():
         thread.join(5)
 
 
+@pytest.fixture
+def ssh_like():
+    """A port on the device side whose server greets like sshd."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                conn.settimeout(2)
+                try:
+                    conn.recv(100)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
 def _cli(world, *args: str):
     r = runner.invoke(cli_app, ["--home", str(world.app.home), *args])
     assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
@@ -181,18 +212,19 @@ def test_request_strike_and_never_port_104(world):
 
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.mark.openssh
-def test_forward_end_to_end(world, http_port):
+def test_forward_end_to_end(world, http_port, ssh_like):
     now = world.app.clock.now()
     struck = free_port()
     req = request_grant(world.app.store, world.app.audit, world.app.rules, get_principal(world.app.store, "alice"),
-                        "ct-01", 3600, "service UI", now, forwards=(str(http_port), f"localhost:{struck}"))
+                        "ct-01", 3600, "service UI", now,
+                        forwards=(str(http_port), f"localhost:{struck}", str(ssh_like)))
     approve_request(world.app.store, world.app.audit, world.app.rules, req.id, get_principal(world.app.store, "bob"),
                     now, strike=(str(struck),))
-    local, local_struck, local_dicom, local_other = free_port(), free_port(), free_port(), free_port()
+    local, local_struck, local_dicom, local_other, local_ssh = (free_port() for _ in range(5))
     argv = ["ssh", *ssh_options(key=world.keys["alice"].private_path, known_hosts=world.known_hosts,
                                 host_key_checking="yes"), "-p", str(world.port), "-N",
             "-L", f"{local}:ct-01:{http_port}", "-L", f"{local_struck}:localhost:{struck}",
-            "-L", f"{local_dicom}:127.0.0.1:104", "-L", f"{local_other}:10.9.9.9:{http_port}",
+            "-L", f"{local_dicom}:127.0.0.1:104", "-L", f"{local_ssh}:ct-01:{ssh_like}", "-L", f"{local_other}:10.9.9.9:{http_port}",
             "alice@ct-01@127.0.0.1"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -207,6 +239,8 @@ def test_forward_end_to_end(world, http_port):
         with socket.create_connection(("127.0.0.1", local), timeout=10) as s:
             s.sendall(TLS_HELLO)
             s.recv(65536)
+        # an SSH server on a granted port (an encrypted session past every guard): closed before its banner
+        assert b"SSH-" not in _get(local_ssh, "")
         # HL7 served by the device's web server: the scanner ends that forwarded connection
         assert HL7[:40] not in _get(local, "/hl7")
         assert _wait(lambda: world.events("alert.exfiltration"))
@@ -225,19 +259,21 @@ def test_forward_end_to_end(world, http_port):
             proc.kill()
             proc.communicate()
     text = err.decode()
-    assert f"port {struck} on ct-01 is not in your grant (it allows {http_port})" in text, text
+    allows = ", ".join(str(p) for p in sorted((http_port, ssh_like)))
+    assert f"port {struck} on ct-01 is not in your grant (it allows {allows})" in text, text
     assert "administratively prohibited: medbroker: port 104 can never be forwarded" in text, text
     assert "forwards reach ports on ct-01 only, not 10.9.9.9" in text, text
     refusals = [json.loads(e["details"]) for e in world.events("channel.refused")]
     assert {r["target"] for r in refusals} >= {f"localhost:{struck}", "127.0.0.1:104", f"10.9.9.9:{http_port}"}
     alert = json.loads(world.events("alert.exfiltration")[-1]["details"])
     assert alert["kind"] == "forward" and alert["port"] == http_port and alert["content"].startswith("HL7")
+    assert any(json.loads(e["details"]).get("content") == "ssh" for e in world.events("alert.exfiltration"))
     # the recording: open/close frames with the port, the plain text both ways
     assert _wait(lambda: world.app.store.get_session(sid)["final_hash"])
     row = world.app.store.get_session(sid)
     frames = list(read_frames(row["recording"], key_lookup=world.app.keys.get))
     opens = [f.event() for f in frames if f.kind == "channel-open" and f.event().get("type") == "direct-tcpip"]
-    assert opens and all(o["port"] == http_port for o in opens)
+    assert opens and all(o["port"] in (http_port, ssh_like) for o in opens)
     closes = [f.event() for f in frames if f.kind == "channel-close" and "port" in f.event()]
     assert len(closes) == len(opens) >= 3 and sum(c["bytes_to_vendor"] for c in closes) > len(PAGE)
     sent = b"".join(f.payload for f in frames if f.kind == "input")
