@@ -15,6 +15,7 @@ from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
 from broker.config import DEFAULT_CONFIG_TOML, BrokerConfig, load_config
 from broker.errors import BrokerError, ConfigError, StorageError
+from broker.forwards import ProtectedPorts, load_protected_ports
 from broker.grants import GrantRules
 from broker.keys import FileKeyProvider, generate_host_key, generate_signing_key, load_signing_key, verify_hex
 from broker.siem import JsonLinesSink, build_sinks
@@ -42,6 +43,7 @@ class App:
     keys: FileKeyProvider
     audit: AuditLog = field(init=False)
     _signing: Ed25519PrivateKey | None = field(default=None, init=False, repr=False)
+    _ports: ProtectedPorts | None = field(default=None, init=False, repr=False)
     _alerts: JsonLinesSink | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,7 +57,19 @@ class App:
     def rules(self) -> GrantRules:
         c = self.config
         return GrantRules(c.seconds("grants", "max_duration"), c.seconds("grants", "request_ttl"),
-                          c.grants.critical_approvers, c.policy.exposed_shell)
+                          c.grants.critical_approvers, c.policy.exposed_shell, self.protected_ports)
+
+    @property
+    def protected_ports(self) -> ProtectedPorts:
+        """Ports no grant may forward: built in, plus the policy file's ``[ports] never`` (read once).
+
+        :raises ConfigError: the policy file's [ports] table is wrong
+        """
+        if self._ports is None:
+            cfg = self.config
+            self._ports = load_protected_ports(cfg.path(cfg.policy.protected_paths_file)
+                                               if cfg.policy.protected_paths_file else default_policy_file())
+        return self._ports
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:
@@ -182,6 +196,13 @@ def check_home(home: Path) -> list[CheckResult]:
     results.append(_check_recordings(rec))
     policy = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file else default_policy_file()
     results.append(CheckResult("policy", policy.exists(), str(policy) if policy.exists() else f"{policy} is missing"))
+    if policy.exists():
+        try:
+            ports = load_protected_ports(policy)
+            results.append(CheckResult("forward ports", True, "never forwarded: " + ", ".join(
+                str(p) for p in sorted(ports.reasons))))
+        except ConfigError as exc:
+            results.append(CheckResult("forward ports", False, str(exc)))
     return results
 
 

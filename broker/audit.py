@@ -59,6 +59,8 @@ EVENTS: dict[str, str] = {
     "jump.login": "the vendor logged in through a ProxyJump channel (same key as the first hop); the session that "
                   "follows carries via=proxyjump",
     "jump.close": "a ProxyJump channel closed (bytes each way through it, the session it carried)",
+    "forward.open": "an approved port forward opened a connection to a port on the device (port, origin)",
+    "forward.close": "a forwarded connection ended (port, bytes each way, TLS or plain text, reason)",
     "connection.closed": "an open connection was closed because its login no longer stands (user disabled, "
                          "key removed, role changed)",
     "exec.denied": "an exec command naming a protected path was refused",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from broker.audit import AuditLog
 from broker.clock import parse_utc, utc_iso
 from broker.config import format_duration, id_in_range, unsafe_char
 from broker.devices import shell_policy
+from broker.forwards import ProtectedPorts, forwards_text, grant_ports, parse_forwards, parse_strikes
 from broker.errors import (
     ApprovalRequiredError,
     ConflictError,
@@ -41,12 +41,10 @@ __all__ = [
     "get_grant",
     "list_requests",
     "list_grants",
-    "parse_forward",
     "request_hint",
 ]
 
 MODES = ("normal", "read-only", "upload-only")
-_FORWARD = re.compile(r"(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:]{2,39}\]):(?P<port>\d{1,5})", re.ASCII)
 MAX_REASON = 500
 
 
@@ -78,6 +76,7 @@ class GrantRules:
     request_ttl_s: int = 24 * 3600
     critical_approvers: int = 2
     exposed_shell: str = "two-approvers"  # [policy] exposed_shell: what an exposed device allows by default
+    protected_ports: ProtectedPorts = field(default_factory=ProtectedPorts)  # never forwarded (broker/forwards.py)
 
 
 def approvals_needed(rules: GrantRules, device_row: dict | None) -> int:
@@ -111,7 +110,16 @@ class ApprovalRequest:
     decision_reason: str | None
     grant_id: int | None
     approvals: tuple[str, ...] = ()
-    approval_details: tuple[dict, ...] = ()  # per approval: approver, at, duration_s (None = as requested), allow_shell
+    approval_details: tuple[dict, ...] = ()  # per approval: approver, at, duration_s (None = as requested), allow_shell,
+    # struck (forward ports this approver did not allow)
+
+    @property
+    def struck(self) -> tuple[int, ...]:
+        """Forward ports any approver struck so far (none of them reaches the grant)."""
+        out: dict[int, None] = {}
+        for a in self.approval_details:
+            out.update(dict.fromkeys(a.get("struck") or ()))
+        return tuple(out)
 
     def as_dict(self) -> dict:
         return {
@@ -122,7 +130,7 @@ class ApprovalRequest:
             "decided_at": utc_iso(self.decided_at) if self.decided_at else None,
             "decided_by": self.decided_by, "decision_reason": self.decision_reason,
             "grant_id": self.grant_id, "approvals": list(self.approvals),
-            "approval_details": [dict(a) for a in self.approval_details],
+            "approval_details": [dict(a) for a in self.approval_details], "struck": list(self.struck),
         }
 
 
@@ -181,9 +189,13 @@ def _opt_dt(text: str | None) -> datetime | None:
 
 
 def _approval_detail(a: dict) -> dict:
+    try:
+        struck = [int(p) for p in json.loads(a.get("strikes") or "[]")]
+    except (ValueError, TypeError):
+        struck = []
     return {"approver": a["approver"], "at": a["at"], "duration_s": a.get("duration_s"),
             "duration": format_duration(a["duration_s"]) if a.get("duration_s") else None,
-            "allow_shell": bool(a.get("allow_shell"))}
+            "allow_shell": bool(a.get("allow_shell")), "struck": struck}
 
 
 def _request(store: Store, row: dict) -> ApprovalRequest:
@@ -230,12 +242,19 @@ def approval_card(store: Store, rules: GrantRules, req: ApprovalRequest) -> dict
                      "starts, and if the device is exposed a single approval gives no shell or exec.")
     else:
         notes.append(f"{req.device} is contained: its maintenance login cannot read the protected paths.")
+    ports = sorted(grant_ports(req.forwards))
+    if ports:
+        struck = set(req.struck)
+        notes.append(f"port forwards to {req.device}: {', '.join(str(p) + (' (struck)' if p in struck else '') for p in ports)}"
+                     f". Each forwarded connection is recorded (plain text in full; TLS, e.g. HTTPS, only its sizes: its "
+                     f"content cannot be inspected). Strike a port you do not allow: approve {req.id} --strike PORT.")
     if req.mode != "normal":
         notes.append(f"{req.mode} request: files only (sftp and scp, no shell or exec) unless you approve it "
                      "with --allow-shell (every approver must).")
     return {"containment": containment, "containment_checked_at": dev.get("containment_checked_at"),
             "exposed_paths": exposed, "exposed_allows": policy, "approvals_needed": approvals_needed(rules, dev),
-            "notes": notes, "approvals": [dict(a) for a in req.approval_details]}
+            "notes": notes, "approvals": [dict(a) for a in req.approval_details],
+            "forwards": [{"port": p, "struck": p in set(req.struck)} for p in ports]}
 
 
 def approvals_text(req: ApprovalRequest) -> str:
@@ -244,24 +263,14 @@ def approvals_text(req: ApprovalRequest) -> str:
     for a in req.approval_details:
         window = a.get("duration") or "as requested"
         shell = ", shell allowed" if a.get("allow_shell") and req.mode != "normal" else ""
-        parts.append(f"{a['approver']} ({window}{shell})")
+        struck = f", struck {forwards_text(a['struck'])}" if a.get("struck") else ""
+        parts.append(f"{a['approver']} ({window}{shell}{struck})")
     return ", ".join(parts) or "-"
 
 
 def request_hint(user: str, device: str, public_host: str = "broker", port: int = 2222) -> str:
     """The copy-paste command a vendor runs to ask for access."""
     return f'request it with: ssh -p {port} {user}@{public_host} request {device} --for 2h --reason "..."'
-
-
-def parse_forward(text: str) -> str:
-    """Validate a ``host:port`` forward a grant may allow.
-
-    :raises UsageError: not HOST:PORT or port out of range
-    """
-    m = _FORWARD.fullmatch(text or "") if isinstance(text, str) else None
-    if not m or not 0 < int(m.group("port")) < 65536:
-        raise UsageError(f"forward {text!r} is not HOST:PORT", "e.g. --forward 127.0.0.1:8080")
-    return text
 
 
 def get_request(store: Store, request_id: int) -> ApprovalRequest:
@@ -334,7 +343,10 @@ def request_grant(store: Store, audit: AuditLog, rules: GrantRules, requester: P
         check_text(ticket, "the ticket", 100, "--ticket WO-1234")
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not known", f"use one of: {', '.join(MODES)}")
-    forwards = tuple(parse_forward(f) for f in forwards)
+    try:
+        forwards = parse_forwards(forwards, device, rules.protected_ports, store.get_device(device).get("port"))
+    except PermissionDeniedError as exc:  # a patient-data port: refused and audited like other refusals
+        refuse(exc)
     rid = store.insert_request({
         "user_name": requester.name, "device": device, "duration_s": duration_s, "reason": reason,
         "ticket": ticket, "forwards": dumps(list(forwards)), "mode": mode, "status": "pending",
@@ -380,7 +392,8 @@ def _check_decidable(store: Store, audit: AuditLog, request_id: int, approver: P
 
 
 def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id: int, approver: Principal,
-                    now: datetime, *, duration_s: int | None = None, allow_shell: bool = False) -> Decision:
+                    now: datetime, *, duration_s: int | None = None, allow_shell: bool = False,
+                    strike: tuple[str, ...] = ()) -> Decision:
     """Approve a pending request; the grant window starts now.
 
     Critical devices need ``rules.critical_approvers`` distinct approvers, exposed devices two (unless
@@ -390,12 +403,15 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
 
     :param duration_s: an optional shorter window than requested
     :param allow_shell: for a read-only or upload-only request: also allow shell and exec channels
+    :param strike: forward ports of the request this approver does not allow (``"8080"``); the grant holds the
+        requested ports minus every approver's strikes, and never a port that can never be forwarded
     :raises PermissionDeniedError: not an approver, own request, disabled
     :raises ConflictError: already decided or already approved by this person
     :raises GrantExpiredError: the request expired
     :raises UsageError: ``duration_s`` longer than requested
     """
     req = _check_decidable(store, audit, request_id, approver, now, "approve")
+    struck = parse_strikes(strike, req.forwards)
     if duration_s is not None and not 0 < duration_s <= req.duration_s:
         raise UsageError(f"an approval may shorten the window, not lengthen it (requested "
                          f"{format_duration(req.duration_s)})")
@@ -411,7 +427,7 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
         if current.status != "pending":
             by = f" by {current.decided_by}" if current.decided_by else ""
             conflict = ConflictError(f"request {request_id} was already {current.status}{by}", "nothing changed")
-        elif not store.add_approval(request_id, approver.name, utc_iso(now), duration_s, allow_shell):
+        elif not store.add_approval(request_id, approver.name, utc_iso(now), duration_s, allow_shell, struck):
             conflict = ConflictError(f"{approver.name} already approved request {request_id}",
                                      "a second, different approver is needed")
         else:
@@ -420,11 +436,18 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
             # The shortest window any approver chose (finding 6: a first approver's --for 5m was dropped).
             length = min([a["duration_s"] for a in rows if a.get("duration_s")] + [req.duration_s])
             shell = "allowed" if req.mode == "normal" or all(a.get("allow_shell") for a in rows) else "files-only"
+            all_struck = set(struck)
+            for a in rows:
+                all_struck.update(_approval_detail(a)["struck"])
+            # Checked again at approval: a port the site protected after the request was made never reaches a grant.
+            dev_port = (dev or {}).get("port")
+            allowed = [p for p in sorted(grant_ports(req.forwards))
+                       if p not in all_struck and rules.protected_ports.reason(p, dev_port) is None]
             if len(approvers) >= needed:
                 gid = store.decide_request(request_id, "approved", ",".join(approvers), utc_iso(now), None, {
                     "request_id": request_id, "user_name": req.user, "device": req.device,
                     "starts_at": utc_iso(now), "ends_at": utc_iso(now + timedelta(seconds=length)),
-                    "approved_by": ",".join(approvers), "forwards": dumps(list(req.forwards)), "mode": req.mode,
+                    "approved_by": ",".join(approvers), "forwards": dumps(allowed), "mode": req.mode,
                     "shell": shell, "containment": containment,
                 })
     if conflict is not None:  # somebody decided or approved between our check and our write
@@ -434,15 +457,18 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
     if gid is None:
         audit.record("request.approved", actor=approver.name, user=req.user, device=req.device,
                      request_id=request_id, approvals=len(approvers), needed=needed, final=False,
-                     duration_s=duration_s or req.duration_s, allow_shell=allow_shell, containment=containment)
+                     duration_s=duration_s or req.duration_s, allow_shell=allow_shell, containment=containment,
+                     **({"struck": list(struck)} if struck else {}))
         return Decision(get_request(store, request_id), None, needed - len(approvers))
     audit.record("request.approved", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
                  grant_id=gid, approvals=len(approvers), needed=needed, final=True,
-                 duration_s=duration_s or req.duration_s, allow_shell=allow_shell, containment=containment)
+                 duration_s=duration_s or req.duration_s, allow_shell=allow_shell, containment=containment,
+                 **({"struck": list(struck)} if struck else {}))
     grant = get_grant(store, gid)
     audit.record("grant.created", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
                  grant_id=gid, starts_at=utc_iso(grant.starts_at), ends_at=utc_iso(grant.ends_at),
                  approved_by=list(approvers), window_s=length, shell=shell, mode=req.mode, containment=containment,
+                 forwards=list(grant.forwards), struck=sorted(grant_ports(req.forwards) - set(grant.forwards)),
                  approvals=[{"approver": a["approver"], "duration_s": a.get("duration_s") or req.duration_s,
                              "allow_shell": bool(a.get("allow_shell"))} for a in rows])
     return Decision(get_request(store, request_id), grant, 0)

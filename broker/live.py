@@ -17,19 +17,23 @@ from broker.clock import clock_text, display_zone, utc_iso
 from broker.containment import session_containment
 from broker.config import format_duration
 from broker.devices import Device
-from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
-from broker.grants import Grant
+from broker.errors import ApprovalRequiredError, BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
+from broker.forwards import forward_refusal, grant_ports
+from broker.grants import Grant, find_active_grant, request_hint
+from broker.identity import standing_refusal
 from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
+from sessions.decoders import DeepScanner
 from sessions.entropy import OPAQUE
 from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
 from sessions.recwriter import ACK_WINDOW
+from sessions.forward import ForwardContext, ForwardRelay
 from sessions.relay import ChannelContext, RelaySession
 
 if TYPE_CHECKING:  # pragma: no cover
     from broker.server import Broker, BrokerServer
 
-__all__ = ["LiveSession", "SessionSettings", "new_session_id", "seal_interrupted_sessions"]
+__all__ = ["LiveSession", "SessionSettings", "new_session_id", "open_forward", "seal_interrupted_sessions"]
 
 log = logging.getLogger("medbroker.live")
 
@@ -73,7 +77,7 @@ class LiveSession:
         self._credential = credential
         self.id = new_session_id(broker.app.clock.now())
         self.user = server.user
-        self.channels: set[RelaySession] = set()
+        self.channels: set[RelaySession | ForwardRelay] = set()
         self.numbers = 0
         self.upconn: asyncssh.SSHClientConnection | None = None
         self.recorder: RecordingWriter | None = None
@@ -223,6 +227,99 @@ class LiveSession:
         self.channels.add(relay)
         self.recorder.append_event(self.numbers, "channel-open", {"type": "session"})
         return relay
+
+    async def open_forward(self, port: int, dest_host: str, origin: str) -> ForwardRelay:
+        """A forwarded connection to 127.0.0.1:``port`` on the device, through this session's device connection
+        (issue 14): a channel of the session (max_channels, ended with it), recorded and scanned.
+
+        :raises BrokerError: too many channels, or the device refused the connection (the reason says which)
+        """
+        if self.upconn is None or self.ending:
+            raise DeviceUnreachableError("the session is ending")
+        if len(self.channels) >= self.broker.settings.max_channels:
+            raise BrokerError(f"at most {self.broker.settings.max_channels} channels per connection",
+                              "close some sessions or forwarded connections on this connection")
+        self.numbers += 1
+        number = self.numbers
+        policy = self.broker.policy_for(self)
+        relay = ForwardRelay(ForwardContext(
+            number=number, port=port, recorder=self.recorder, make_scanner=policy.make_scanner,
+            make_input_scanner=DeepScanner if policy.scan_output else None,
+            on_detection=self._forward_detected, on_closed=self._forward_closed,
+            forward_unrecorded=not self.broker.settings.strict))
+        if self.recorder.paused:
+            relay.hold("vendor", "recorder")
+            relay.hold("device", "recorder")
+        self.channels.add(relay)
+        self.recorder.append_event(number, "channel-open", {"type": "direct-tcpip", "port": port,
+                                                            "host": dest_host, "origin": origin})
+        try:
+            up, _ = await self.upconn.create_connection(relay.device_session, "127.0.0.1", port)
+        except (asyncssh.Error, OSError) as exc:
+            why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            relay.close(f"device refused: {why}")
+            raise DeviceUnreachableError(f"{self.device.name} refused the connection to its port {port} ({why})",
+                              "is the service running on the device? try again or call the hospital") from None
+        if self.ending or relay.closed:
+            up.close()
+            relay.close("the session ended while the forward opened")
+            raise BrokerError("the session is ending")
+        relay.attach_device(up)
+        relay.row_id = None
+        fields = dict(user=self.user, device=self.device.name, session_id=self.id, grant_id=self.grant.id,
+                      channel=number, port=port, target=f"{dest_host}:{port}", origin=origin)
+        self.broker.audit_soon("forward.open", **fields)
+
+        async def insert() -> None:
+            relay.row_id = await self.broker.db(self.broker.app.store.insert_forward, {
+                "session_id": self.id, "channel": number, "port": port,
+                "opened_at": utc_iso(self.broker.app.clock.now())})
+            if relay.closed:  # closed before the row existed: write its end now
+                await self._save_forward(relay)
+        relay.inserted = self.broker.spawn(insert())
+        return relay
+
+    def _forward_detected(self, relay: ForwardRelay, what: str, direction: str) -> None:
+        """Patient data in a forward's plain text: the forwarded connection ends (ForwardRelay), alert."""
+        if what == "ssh":
+            message = (f"an SSH server answered on the forwarded port {relay.ctx.port}; SSH to {self.device.name} goes "
+                       f"through medbroker (ssh {self.user}@{self.device.name}@{self.broker.settings.public_host}), "
+                       "so the forwarded connection was closed and security staff were alerted")
+        elif what == OPAQUE:
+            budget = getattr(self, "opaque_budget", None)
+            why = budget.describe() if budget else "too much output that could not be inspected"
+            message = (f"a forwarded connection to port {relay.ctx.port} carried {why}, which the patient-data guard "
+                       "cannot check; it was closed and security staff were alerted")
+        else:
+            message = (f"a forwarded connection to port {relay.ctx.port} carried {what} patient data ({direction}); "
+                       "it was closed and security staff were alerted")
+        self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "forward closed",
+                                                               "port": relay.ctx.port, "reason": message})
+        self.broker.audit_soon("alert.exfiltration", user=self.user, device=self.device.name, session_id=self.id,
+                               grant_id=self.grant.id, channel=relay.ctx.number, content=what, port=relay.ctx.port,
+                               direction=direction, kind="forward", **self._opaque_detail(what))
+        for other in list(self.channels):  # the vendor's terminal (if any) says why the page stopped
+            if isinstance(other, RelaySession):
+                other.notice(message)
+
+    def _forward_closed(self, relay: ForwardRelay) -> None:
+        self.channels.discard(relay)
+        if relay.up is None:  # never opened on the device (refused there): open_forward tells the vendor why
+            return
+        self.broker.audit_soon("forward.close", user=self.user, device=self.device.name, session_id=self.id,
+                               grant_id=self.grant.id, channel=relay.ctx.number, port=relay.ctx.port,
+                               bytes_to_device=relay.bytes_to_device, bytes_to_vendor=relay.bytes_to_vendor,
+                               tls=bool(relay.tls), reason=relay.reason)
+        if getattr(relay, "row_id", None) is not None:
+            self.broker.spawn(self._save_forward(relay))
+
+    async def _save_forward(self, relay: ForwardRelay) -> None:
+        if relay.row_id is None or getattr(relay, "saved", False):
+            return
+        relay.saved = True
+        values = dict(closed_at=utc_iso(self.broker.app.clock.now()), bytes_to_device=relay.bytes_to_device,
+                      bytes_to_vendor=relay.bytes_to_vendor, tls=int(bool(relay.tls)), outcome=relay.reason)
+        await self.broker.db(lambda: self.broker.app.store.close_forward(relay.row_id, **values))
 
     async def _open_upstream(self, factory, command, subsystem, env, term_type, term_size, term_modes):
         if self.upconn is None or self.ending:
@@ -490,3 +587,63 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+async def open_forward(server: "BrokerServer", dest_host: str, dest_port: int, origin: str) -> ForwardRelay:
+    """``connection_requested`` on a device login (``ssh -L 8443:ct-01:443 alice@ct-01@broker``): the port must be
+    in the grant, never a protected one; the session starts here if no channel started it (grant, recording,
+    device connection: ``_start_live``). Refusals reach OpenSSH as "open failed: administratively prohibited:
+    medbroker: <reason>" and are audited as ``channel.refused``.
+
+    :raises asyncssh.ChannelOpenError: refused, or the device refused the connection
+    """
+    b = server.broker
+    target = f"{dest_host}:{dest_port}"
+
+    def refused(text: str, code: int = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED) -> asyncssh.ChannelOpenError:
+        live = server.live
+        if live is not None and live.recorder is not None and not live.finished.is_set():
+            live.recorder.append_event(0, "policy-denial", {"kind": "forward", "target": target, "reason": text})
+        b.audit_soon("channel.refused", user=server.user, device=server.device_name, source=server.source,
+                     kind="direct-tcpip", target=target, reason=text, session_id=live.id if live else None,
+                     grant_id=live.grant.id if live else None)
+        return asyncssh.ChannelOpenError(code, f"medbroker: {text}")
+
+    try:
+        refusal = await b.db(standing_refusal, b.app.store, server.user, server.fingerprint,
+                             server.principal.role if server.principal else None)
+        if refusal:
+            raise refused(f"{refusal}; new channels on this connection are refused")
+        live = server.live
+        if live is None or live.ending:  # decide before starting a session (and a recording) for nothing
+            now, name = b.app.clock.now(), server.device_name
+            hint = request_hint(server.user, name, b.settings.public_host, b.port) + f" --forward {dest_port}"
+            try:
+                grant = await b.db(lambda: find_active_grant(b.app.store, server.user, name, now, hint=hint))
+                device = await b.db(b.app.store.get_device, name)
+            except ApprovalRequiredError as exc:
+                raise refused(f"{exc.message}; {exc.hint}") from None
+            why = forward_refusal(dest_host, dest_port, name, grant_ports(grant.forwards), b.app.protected_ports,
+                                  (device or {}).get("port"))
+            if why:
+                raise refused(why)
+        async with server.live_lock:
+            if server.live is None or server.live.ending:
+                server.live = await server._start_live()
+        live = server.live
+        why = forward_refusal(dest_host, dest_port, live.device.name, grant_ports(live.grant.forwards),
+                              b.app.protected_ports, live.device.port)
+        if why:
+            raise refused(why)
+        return await live.open_forward(dest_port, dest_host, origin)
+    except asyncssh.ChannelOpenError:
+        raise
+    except BrokerError as exc:
+        code = asyncssh.OPEN_CONNECT_FAILED if isinstance(exc, DeviceUnreachableError) \
+            else asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+        raise refused(exc.message + (f"; {exc.hint}" if exc.hint else ""), code) from None
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the per-channel boundary: logged with the session, refused (never an open channel)
+        log.exception("opening a forward to %s for %s failed", target, server.user)
+        raise refused("medbroker could not open this forward; see the broker log") from None

@@ -93,6 +93,7 @@ def _session_doc(store: Store, row: dict[str, Any], verify: Callable[[dict[str, 
     files = [{"at": t["at"], "direction": t["direction"], "path": t["path"], "bytes": t["bytes"], "sha256": t["sha256"],
               "outcome": t["outcome"], **_partial(t)} for t in store.transfers(sid)]
     flagged = [_event_doc(e) for e in store.audit_rows(session_id=sid) if _is_flagged(e["event"])]
+    forwards = forward_summary(store.forwards(sid))
     return {
         "id": sid,
         "requester": {"name": row["user_name"], "company": user.get("company")},
@@ -108,9 +109,27 @@ def _session_doc(store: Store, row: dict[str, Any], verify: Callable[[dict[str, 
         "containment": row.get("containment"), "shell": grant.get("shell"), "mode": grant.get("mode"),
         "bytes_in": row["bytes_in"], "bytes_out": row["bytes_out"],
         "payload_removed_at": row.get("payload_removed_at"),
-        "commands": commands, "files": files, "denials_and_alerts": flagged,
+        "commands": commands, "files": files, "forwards": forwards, "denials_and_alerts": flagged,
         "verification": verify(row),
     }
+
+
+def forward_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Forwarded connections of one session per port (issue 14): connections, bytes each way, TLS or plain."""
+    ports: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        p = ports.setdefault(r["port"], {"port": r["port"], "connections": 0, "bytes_to_device": 0,
+                                         "bytes_to_vendor": 0, "tls": False, "first_at": r["opened_at"]})
+        p["connections"] += 1
+        p["bytes_to_device"] += r["bytes_to_device"] or 0
+        p["bytes_to_vendor"] += r["bytes_to_vendor"] or 0
+        p["tls"] = p["tls"] or bool(r["tls"])
+    return list(ports.values())
+
+
+def _forward_line(f: dict[str, Any]) -> str:
+    return (f"port {f['port']}: {f['connections']} connection(s), {f['bytes_to_device']} bytes to the device, "
+            f"{f['bytes_to_vendor']} bytes to the vendor, " + ("TLS (sizes only)" if f["tls"] else "plain text recorded"))
 
 
 def _partial(t: dict[str, Any]) -> dict[str, Any]:
@@ -277,6 +296,8 @@ def _render_md(doc: dict[str, Any]) -> str:
                         f"{_md(f['outcome'])} |" for f in x["files"]]
             else:
                 out += ["Files moved: none."]
+            if x.get("forwards"):
+                out += ["", "Port forwards:", ""] + [f"- {_md(_forward_line(f))}" for f in x["forwards"]]
             out += [""] + (["Denials and alerts:", ""] + [f"- {_md(_event_line(e))}" for e in x["denials_and_alerts"]]
                            if x["denials_and_alerts"] else ["Denials and alerts: none."]) + [""]
         if d["refusals_outside_sessions"]:
@@ -347,6 +368,9 @@ def _render_html(doc: dict[str, Any]) -> str:
                 f"<td>{_h(f['bytes'])}</td><td><code>{_h(f['sha256'])}</code>"
                 f"{'<br>partial: ' + _h(f['covers']) if f.get('partial') else ''}</td><td>{_h(f['outcome'])}</td></tr>"
                 for f in x["files"]) + "</table>" if x["files"] else "<p>None.</p>"))
+            if x.get("forwards"):
+                out.append("<h4>Port forwards</h4><ul>" + "".join(f"<li>{_h(_forward_line(f))}</li>"
+                                                                  for f in x["forwards"]) + "</ul>")
             out.append("<h4>Denials and alerts</h4>" + ("<ul>" + "".join(
                 f"<li>{_h(_event_line(e))}</li>" for e in x["denials_and_alerts"]) + "</ul>"
                 if x["denials_and_alerts"] else "<p>None.</p>"))

@@ -16,6 +16,7 @@ from broker.clock import clock_text, display_zone, utc_iso
 from broker.config import escape_unsafe, format_duration, parse_duration, parse_id
 from broker.devices import list_devices
 from broker.errors import BrokerError, UsageError
+from broker.forwards import forwards_text
 from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, list_grants,
                            list_requests, request_grant)
 from broker.identity import Principal, get_principal
@@ -27,11 +28,14 @@ __all__ = ["Reply", "run_command", "HELP"]
 HELP = """\
 medbroker over SSH. Commands:
   (no command)                       what you may do: your grants, pending requests, devices
-  request DEVICE --for 2h --reason TEXT [--ticket REF] [--forward HOST:PORT] [--mode read-only]
-  approve ID [--for DURATION] [--allow-shell]
+  request DEVICE --for 2h --reason TEXT [--ticket REF] [--forward PORT] [--mode read-only]
+                                     --forward 443 (repeatable): a port on the device to reach
+                                     with ssh -L 8443:DEVICE:443 USER@DEVICE@BROKER during the window
+  approve ID [--for DURATION] [--allow-shell] [--strike PORT]
                                      approvers: approve a request (optionally a shorter window; the
                                      shortest any approver chose applies); --allow-shell lets a
-                                     read-only/upload-only grant open a shell (else files only)
+                                     read-only/upload-only grant open a shell (else files only);
+                                     --strike 8080 (repeatable) leaves a requested forward out
   deny ID [--reason TEXT]            approvers: deny a request
   requests                           pending requests (approvers see everyone's)
   grants                             your grants (approvers and security see all)
@@ -82,6 +86,7 @@ def _parser() -> _Parser:
     a.add_argument("id", type=_request_id)
     a.add_argument("--for", dest="duration")
     a.add_argument("--allow-shell", action="store_true")
+    a.add_argument("--strike", action="append", default=[])
     a.add_argument("--json", action="store_true")
     d = sub.add_parser("deny", add_help=False)
     d.add_argument("id", type=_request_id)
@@ -131,7 +136,7 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
         if args.cmd == "approve":
             dur = parse_duration(args.duration, what="--for") if args.duration else None
             dec = approve_request(app.store, app.audit, app.rules, args.id, principal, now, duration_s=dur,
-                                  allow_shell=args.allow_shell)
+                                  allow_shell=args.allow_shell, strike=tuple(args.strike))
             card = approval_card(app.store, app.rules, dec.request)
             if args.json:
                 return Reply(0, json.dumps({"request": dec.request.as_dict(),
@@ -143,9 +148,10 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
                 return Reply(0, f"Approval recorded for request {args.id} ({approvals_text(dec.request)}); "
                                 f"{dec.approvals_needed} more approver(s) needed ({why}).\n" + notes)
             files = " Files only (sftp and scp): no shell or commands." if dec.grant.shell == "files-only" else ""
+            fwd = f" Port forwards: {forwards_text(dec.grant.forwards)}." if dec.request.forwards else ""
             return Reply(0, f"Request {args.id} approved: grant {dec.grant.id} lets {dec.grant.user} on "
                             f"{dec.grant.device} until {utc_iso(dec.grant.ends_at)} (approved by "
-                            f"{approvals_text(dec.request)}).{files}\n" + notes)
+                            f"{approvals_text(dec.request)}).{files}{fwd}\n" + notes)
         if args.cmd == "deny":
             req = deny_request(app.store, app.audit, args.id, principal, now,
                                " ".join(args.reason) if args.reason else None)
@@ -197,6 +203,7 @@ def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: 
             left = format_duration((g.ends_at - now).total_seconds())
             lines.append(f"  grant {g.id}: {g.user} on {g.device} until {utc_iso(g.ends_at)} ({left} left)"
                          + (" files only (sftp/scp)" if g.shell == "files-only" else "")
+                         + (f" forwards {forwards_text(g.forwards)}" if g.forwards else "")
                          + f"  -> ssh -p {port} {g.user}@{g.device}@{host}")
     if "pending_requests" in data:
         lines.append("Pending requests:" if pending else "Pending requests: none")
@@ -204,7 +211,8 @@ def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: 
             card = cards[r.id]
             lines.append(f"  request {r.id}: {r.user} -> {r.device} for {format_duration(r.duration_s)}"
                          + (f" ({r.mode})" if r.mode != "normal" else "") + f": {escape_unsafe(r.reason)}"
-                         + (f" [{escape_unsafe(r.ticket)}]" if r.ticket else ""))
+                         + (f" [{escape_unsafe(r.ticket)}]" if r.ticket else "")
+                         + (f"; forwards: {forwards_text(r.forwards)}" if r.forwards else ""))
             lines.append(f"    device containment: {card['containment'].replace('exposed', 'EXPOSED')}; approvals: "
                          f"{approvals_text(r)} (needs {card['approvals_needed']})")
             if staff:

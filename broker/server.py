@@ -32,7 +32,7 @@ from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.startups import Admission, StartupGate, StartupPolicy
-from broker.live import LiveSession, SessionSettings
+from broker.live import LiveSession, SessionSettings, open_forward
 from sessions.cmd_judge import DevicePaths, judge_command
 from sessions.cmd_paths import analyze_command
 from sessions.decoders import DeepScanner
@@ -987,11 +987,7 @@ class BrokerServer(asyncssh.SSHServer):
             from broker.jump import open_jump  # jump.py builds on this module: imported here, not at the top
 
             return open_jump(self, dest_host, dest_port)
-        self._refuse_channel("direct-tcpip", f"{dest_host}:{dest_port}")
-        raise asyncssh.ChannelOpenError(
-            asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-            f"medbroker: port forwarding to {dest_host}:{dest_port} is not allowed; "
-            f"open a session with ssh -p {self.broker.port} USER@DEVICE@{self.broker.settings.public_host}")
+        return open_forward(self, dest_host, dest_port, f"{orig_host}:{orig_port}")  # ssh -L on a device login
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         self._refuse_channel("tcpip-forward", f"{listen_host}:{listen_port}")

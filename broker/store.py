@@ -252,6 +252,23 @@ MIGRATIONS: dict[int, str | list[str]] = {
     8: ["ALTER TABLE sessions ADD COLUMN auth_key TEXT", "ALTER TABLE sessions ADD COLUMN user_role TEXT"],
     # 15: operations (issue 15): users mirrored from the directory ('directory'), never changed by hand
     15: ["ALTER TABLE users ADD COLUMN source TEXT NOT NULL DEFAULT 'local'"],
+    # 16: approved port forwards (issue 14): ports each approver struck; one row per forwarded connection
+    16: [
+        "ALTER TABLE approvals ADD COLUMN strikes TEXT NOT NULL DEFAULT '[]'",
+        """CREATE TABLE forward_connections (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            channel INTEGER NOT NULL,
+            port INTEGER NOT NULL,
+            opened_at TEXT NOT NULL,
+            closed_at TEXT,
+            bytes_to_device INTEGER NOT NULL DEFAULT 0,
+            bytes_to_vendor INTEGER NOT NULL DEFAULT 0,
+            tls INTEGER NOT NULL DEFAULT 0,
+            outcome TEXT
+        )""",
+        "CREATE INDEX forward_connections_session ON forward_connections(session_id)",
+    ],
     # 17: ProxyJump (issue 14): how the vendor reached the session ('proxyjump' through ssh -J; NULL direct)
     17: ["ALTER TABLE sessions ADD COLUMN via TEXT"],
 }
@@ -510,11 +527,12 @@ class Store:
             return ids
 
     def add_approval(self, request_id: int, approver: str, at: str, duration_s: int | None = None,
-                     allow_shell: bool = False) -> bool:
-        """Record one person's approval (with the window and shell choice they made); False when they had
-        already approved this request."""
-        cur = self.execute("INSERT OR IGNORE INTO approvals (request_id, approver, at, duration_s, allow_shell) "
-                           "VALUES (?, ?, ?, ?, ?)", (request_id, approver, at, duration_s, int(allow_shell)))
+                     allow_shell: bool = False, strikes: tuple[int, ...] = ()) -> bool:
+        """Record one person's approval (with the window, shell choice and struck forward ports they chose);
+        False when they had already approved this request."""
+        cur = self.execute("INSERT OR IGNORE INTO approvals (request_id, approver, at, duration_s, allow_shell, "
+                           "strikes) VALUES (?, ?, ?, ?, ?, ?)",
+                           (request_id, approver, at, duration_s, int(allow_shell), json.dumps(list(strikes))))
         return cur.rowcount == 1
 
     def approvals(self, request_id: int) -> list[dict[str, Any]]:
@@ -650,6 +668,21 @@ class Store:
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         self.execute(f"INSERT INTO file_transfers ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def insert_forward(self, row: dict[str, Any]) -> int:
+        """One forwarded connection opened (port forwards, issue 14); returns its row id."""
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        return int(self.execute(f"INSERT INTO forward_connections ({cols}) VALUES ({marks})",
+                                tuple(row.values())).lastrowid)
+
+    def close_forward(self, row_id: int, **values: Any) -> None:
+        """A forwarded connection ended: its byte counts, TLS flag and outcome."""
+        sets = ", ".join(f"{k} = ?" for k in values)
+        self.execute(f"UPDATE forward_connections SET {sets} WHERE id = ?", (*values.values(), row_id))
+
+    def forwards(self, session_id: str) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM forward_connections WHERE session_id = ? ORDER BY id", (session_id,))
 
     def transfers(self, session_id: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM file_transfers WHERE session_id = ? ORDER BY id", (session_id,))

@@ -185,7 +185,7 @@ def _request_cards(app: App, requests: list, viewer_name: str) -> list[dict[str,
         needed = card["approvals_needed"]
         cards.append({
             "containment": card["containment"], "notes": card["notes"], "exposed_paths": card["exposed_paths"],
-            "approvals_text": approvals_text(r), "shell_choice": r.mode != "normal",
+            "approvals_text": approvals_text(r), "shell_choice": r.mode != "normal", "forwards": card["forwards"],
             "r": r, "critical": critical, "needed": needed, "company": user.get("company"),
             "description": dev.get("description"),
             "waiting": format_duration((now - r.created_at).total_seconds()),
@@ -228,12 +228,18 @@ async def approve(request: Request, viewer) -> Response:
     rid = request.path_params["rid"]
     text = str(request.state.form.get("duration") or "").strip()
     allow_shell = str(request.state.form.get("allow_shell") or "") == "yes"
+    form = request.state.form
+    # One checkbox per requested forward (checked = allowed); the form lists what it showed, so an unchecked box
+    # is a strike (an unchecked checkbox sends nothing).
+    shown = [str(v) for v in form.getlist("forward_shown")] if hasattr(form, "getlist") else []
+    kept = {str(v) for v in form.getlist("forward")} if hasattr(form, "getlist") else set()
+    strike = tuple(p for p in shown if p not in kept)
 
     def run():
         dur = parse_duration(text, what="window") if text else None
         principal = get_principal(web.app.store, viewer.name)
         return approve_request(web.app.store, web.app.audit, web.app.rules, rid, principal, web.now(), duration_s=dur,
-                               allow_shell=allow_shell)
+                               allow_shell=allow_shell, strike=strike)
 
     try:
         dec = await web.db(run)

@@ -228,7 +228,7 @@ def load_protected_paths(path: str | Path) -> list[str]:
         raise ConfigError(f"{path}: cannot read the protected-paths file ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    unknown = sorted(set(data) - {"protected"})
+    unknown = sorted(set(data) - {"protected", "ports"})  # [ports]: broker/forwards.py
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}", "the file holds one table: [protected] paths = [...]")
     table = data.get("protected")

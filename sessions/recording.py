@@ -35,7 +35,7 @@ KINDS: dict[str, int] = {name: code for code, name in enumerate((
     "input", "output", "stderr", "resize", "pty", "exec", "shell", "subsystem", "env", "signal", "break",
     "eof", "sftp-request", "sftp-reply-summary", "file-transfer", "policy-denial", "alert", "notice",
     "channel-open", "channel-close", "exit", "end",
-    "containment"), start=1)}
+    "containment", "forward-bytes"), start=1)}
 KIND_NAMES: dict[int, str] = {code: name for name, code in KINDS.items()}
 DATA_KINDS = frozenset({"input", "output", "stderr"})
 MAX_PAYLOAD = 1 << 20  # larger data is split into several frames; larger events are refused

@@ -70,8 +70,8 @@ class _Channels:
         self.protocol: set[int] = set()
 
     def observe(self, frame: FrameLike, event: dict[str, Any]) -> None:
-        if frame.kind == "subsystem":
-            self.protocol.add(frame.channel)
+        if frame.kind == "subsystem" or (frame.kind == "channel-open" and event.get("type") == "direct-tcpip"):
+            self.protocol.add(frame.channel)  # a port forward's bytes are a TCP stream, not a terminal
         elif frame.kind == "exec":
             words = str(event.get("command", "")).split(maxsplit=1)
             if words and words[0].rsplit("/", 1)[-1] in ("scp", "rsync", "sftp-server"):
@@ -79,6 +79,18 @@ class _Channels:
 
     def shows(self, channel: int) -> bool:
         return channel in self.only if self.only is not None else channel not in self.protocol
+
+
+def forward_marker(kind: str, event: dict[str, Any]) -> str | None:
+    """A port forward's opening or end as one line (issue 14), or None for any other frame."""
+    if kind == "channel-open" and event.get("type") == "direct-tcpip":
+        return f"forward to port {event.get('port', '?')} opened ({event.get('host', '?')}:{event.get('port', '?')}" \
+               f" from {event.get('origin', '?')})"
+    if kind == "channel-close" and "port" in event:
+        content = "TLS, sizes only" if event.get("tls") else "plain text recorded"
+        return (f"forward to port {event.get('port')} closed: {event.get('bytes_to_device', '?')} bytes to the device, "
+                f"{event.get('bytes_to_vendor', '?')} to the vendor ({content}); {event.get('reason', '')}")
+    return None
 
 
 def notice_bytes(event: dict[str, Any]) -> bytes:
@@ -115,16 +127,19 @@ def replay(frames: Iterable[FrameLike], write: Callable[[bytes], None], *, speed
     for frame in frames:
         event = _event(frame)
         term.observe(frame, event)
+        marker = forward_marker(frame.kind, event) if term.only is None else None
         if frame.kind in ("output", "stderr") and term.shows(frame.channel):
             data = frame.payload
         elif frame.kind == "notice" and term.shows(frame.channel):
             data = notice_bytes(event)
+        elif marker is not None:  # forwards are not terminals: one line each when they open and close
+            data = f"\r\n[medbroker {marker}]\r\n".encode()
         else:
             continue
         if not raw and frame.channel not in term.protocol:  # a protocol channel named in ``channels`` is a
             # binary stream asked for by number (for a pipe), not a terminal
-            data = guards.setdefault(frame.channel, TerminalGuard()).feed(data) if frame.kind != "notice" else \
-                TerminalGuard().feed(data)
+            data = guards.setdefault(frame.channel, TerminalGuard()).feed(data) \
+                if frame.kind not in ("notice", "channel-open", "channel-close") else TerminalGuard().feed(data)
             if not data:
                 continue
         t = frame.mono_ns / 1e9
@@ -258,6 +273,8 @@ def to_asciicast(frames: Iterable[FrameLike], *, header: dict[str, Any], verify_
             events.append([t, "o", notice.decode("utf-8", "replace")])
         if kind in _MARKED:
             events.append([t, "m", _marker(kind, ev)])
+        elif forward_marker(kind, ev):
+            events.append([t, "m", forward_marker(kind, ev)])
     for (_, code), dec in decoders.items():
         tail = dec.decode(b"", final=True)
         if tail:
@@ -349,8 +366,11 @@ def to_text(frames: Iterable[FrameLike], *, header: dict[str, Any] | None = None
         if frame.kind in ("output", "stderr"):
             if term.shows(frame.channel):
                 put(plains.setdefault(frame.channel, _Plain()).feed(frame.payload))
+        elif frame.kind == "forward-bytes" or (frame.kind == "eof" and frame.channel in term.protocol):
+            continue  # a TLS forward's sizes: its channel-close line has the totals
         elif frame.kind != "input":
-            line = f"[{_offset(frame.mono_ns)} {frame.kind}] {_summary(frame.kind, ev)}".rstrip()
+            summary = forward_marker(frame.kind, ev) or _summary(frame.kind, ev)
+            line = f"[{_offset(frame.mono_ns)} {frame.kind}] {summary}".rstrip()
             put(("" if at_line_start else "\n") + line + "\n")
     for plain in plains.values():
         put(plain.feed(b"", final=True))

@@ -159,7 +159,8 @@ def test_check_a_fresh_home_passes_and_changes_nothing(home: Path) -> None:
     results = check_home(home)
     assert failing(results) == {}
     names = [r.name for r in results]
-    assert names == ["config", "host key", "signing key", "data key", "database", "recordings", "policy"]
+    assert names == ["config", "host key", "signing key", "data key", "database", "recordings", "policy",
+                     "forward ports"]
     assert "schema" in by_name(results)["database"].detail
     assert by_name(results)["policy"].detail == str(default_policy_file())
     assert snapshot(home) == before

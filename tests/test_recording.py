@@ -153,7 +153,7 @@ def test_data_larger_than_a_frame_is_split_and_rejoined(tmp_path: Path) -> None:
 def test_kind_table_is_complete_and_two_way() -> None:
     spec = ("input output stderr resize pty exec shell subsystem env signal break eof sftp-request "
             "sftp-reply-summary file-transfer policy-denial alert notice channel-open channel-close exit end "
-            "containment").split()
+            "containment forward-bytes").split()
     assert sorted(KINDS) == sorted(spec)
     assert len(set(KINDS.values())) == len(spec) and all(0 < c < 256 for c in KINDS.values())
     assert all(KIND_NAMES[code] == name for name, code in KINDS.items())

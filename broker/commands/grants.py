@@ -8,6 +8,7 @@ import typer
 from broker.commands.common import JSON_HELP, emit_json, open_home, print_table, safe, say, when
 from broker.config import format_duration, parse_duration
 from broker.errors import UsageError
+from broker.forwards import forwards_text
 from broker.grants import (MODES, ApprovalRequest, Grant, approval_card, approvals_text, approve_request, deny_request,
                            get_request, list_grants, list_requests, request_grant, revoke_grant)
 from broker.identity import get_principal
@@ -47,7 +48,9 @@ def request(
     reason: Annotated[str, typer.Option("--reason", help="What the work is (shown to approvers, audited).")],
     ticket: Annotated[str | None, typer.Option("--ticket", metavar="REF", help="Work order or ticket.")] = None,
     forward: Annotated[list[str] | None, typer.Option(
-        "--forward", metavar="HOST:PORT", help="A port forward the window should allow (repeatable).")] = None,
+        "--forward", metavar="PORT", help="A port on the device the window should let the vendor forward to "
+                                          "(ssh -L 8443:DEVICE:443); repeatable. localhost:PORT and DEVICE:PORT "
+                                          "are accepted; other hosts and patient-data ports are refused.")] = None,
     mode: Annotated[str, typer.Option("--mode", help=f"{', '.join(MODES)}.")] = "normal",
     as_json: JsonOpt = False,
 ) -> None:
@@ -74,6 +77,9 @@ def approve(
     allow_shell: Annotated[bool, typer.Option(
         "--allow-shell", help="For a read-only or upload-only request: also allow a shell and commands "
                               "(otherwise the grant is files-only: sftp and scp).")] = False,
+    strike: Annotated[list[str] | None, typer.Option(
+        "--strike", metavar="PORT", help="Leave this requested port forward out of the grant (repeatable; "
+                                         "audited).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Approve a pending request: the grant window starts now."""
@@ -82,7 +88,7 @@ def approve(
     approver = get_principal(a.store, by)  # the domain checks (and audits) role, state and own-request
     now = a.clock.now()
     dec = approve_request(a.store, a.audit, a.rules, request_id, approver, now, duration_s=seconds,
-                          allow_shell=allow_shell)
+                          allow_shell=allow_shell, strike=tuple(strike or ()))
     card = approval_card(a.store, a.rules, dec.request)
     if as_json:
         emit_json({"request": _request_doc(dec.request, now), "grant": dec.grant.as_dict(now) if dec.grant else None,
@@ -102,7 +108,8 @@ def approve(
     files = (" Files only (sftp and scp): no shell or commands." if g.shell == "files-only" else "")
     say(f"Request {request_id} approved: grant {g.id} lets {g.user} on {g.device} from {when(g.starts_at)} "
         f"until {when(g.ends_at)} ({format_duration((g.ends_at - g.starts_at).total_seconds())}), approved by "
-        f"{approvals_text(dec.request)}.{files}")
+        f"{approvals_text(dec.request)}.{files}"
+        + (f" Port forwards: {forwards_text(g.forwards)}." if dec.request.forwards else ""))
 
 
 def deny(
@@ -225,6 +232,9 @@ def requests_show(
                + (f" (checked {card['containment_checked_at']})" if card["containment_checked_at"] else ""))
     for note in card["notes"]:
         typer.echo(f"  ! {safe(note)}")
+    if card["forwards"]:
+        typer.echo("  forwards: " + ", ".join(f"{f['port']}" + (" (struck)" if f["struck"] else "")
+                                              for f in card["forwards"]))
     typer.echo(f"  approvals: {safe(approvals_text(req))} (needs {card['approvals_needed']})")
 
 

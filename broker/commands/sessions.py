@@ -124,9 +124,10 @@ def show(ctx: typer.Context, session_id: SessionId, as_json: JsonOpt = False) ->
     row = get_session_row(a, session_id)
     doc = session_doc(row) | live_extras(a, row)
     transfers = a.store.transfers(session_id)
+    forwards = a.store.forwards(session_id)
     activity = session_activity(a, row)
     if as_json:
-        emit_json(doc | {"transfers": transfers} | activity)
+        emit_json(doc | {"transfers": transfers, "forwards": forwards} | activity)
         return
     print_fields([("session", doc["id"]), ("user", doc["user"]), ("device", doc["device"]),
                   ("grant", doc["grant_id"]), ("source", doc["source"]), ("status", doc["status"]),
@@ -142,6 +143,11 @@ def show(ctx: typer.Context, session_id: SessionId, as_json: JsonOpt = False) ->
         print_table(["at", "direction", "path", "bytes", "sha256", "outcome"],
                     ([when(t["at"]), t["direction"], t["path"], t["bytes"], transfer_hash_text(t), t["outcome"]]
                      for t in transfers), title="File transfers")
+    if forwards:
+        print_table(["opened", "closed", "forward port", "to device", "to vendor", "content", "outcome"],
+                    ([when(f["opened_at"]), when(f["closed_at"]), f"forward port {f['port']}", f["bytes_to_device"],
+                      f["bytes_to_vendor"], "TLS (sizes only)" if f["tls"] else "plain text", safe(f["outcome"] or "")]
+                     for f in forwards), title="Port forwards")
     print_activity(row, activity)
     say(f"Replay: medbroker replay {doc['id']}    Export: medbroker export {doc['id']} --format text -o FILE")
 

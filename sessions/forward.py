@@ -1,0 +1,250 @@
+"""One approved port forward: a vendor ``direct-tcpip`` channel ⇄ a device ``direct-tcpip`` channel, recorded.
+
+The device side is opened through the session's own device connection (to 127.0.0.1:PORT on the device), so
+nothing but the device is reachable. Every byte is recorded before it is handed on (the acknowledgment rule,
+docs/recording-format.md): plain text in full as ``input``/``output`` frames of the forward's channel, a TLS
+stream (it starts with a ClientHello, 0x16 0x03) as ``forward-bytes`` size frames only. Plain text is judged
+in both directions by the patient-data scanners; a finding ends this forwarded connection. Flow control is
+the relay's: stacked hold reasons per side. Imports nothing from the project (like sessions/relay.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import asyncssh
+
+__all__ = ["ForwardContext", "ForwardRelay", "is_tls_start"]
+
+log = logging.getLogger("medbroker.forward")
+
+WRITE_BUFFER_HIGH = 1 << 20  # as sessions/relay.py
+WRITE_BUFFER_LOW = 256 << 10
+
+
+def is_tls_start(first: bytes) -> bool:
+    """A TLS record header (handshake, version 3.x): the ClientHello every TLS client sends first."""
+    return len(first) >= 2 and first[0] == 0x16 and first[1] == 0x03
+
+
+@dataclass
+class ForwardContext:
+    """What the session gives one forwarded connection."""
+
+    number: int
+    port: int
+    recorder: Any
+    """``append_data(channel, kind, bytes) -> int`` and ``append_event(channel, kind, dict) -> int``"""
+    make_scanner: Callable[[], Any] | None = None
+    """A patient-data scanner (``feed(bytes) -> str | None``) for what the device sends, or None (scanning off)."""
+    make_input_scanner: Callable[[], Any] | None = None
+    """The same for what the vendor sends (uploads never count against the opaque-output budget)."""
+    on_detection: Callable[["ForwardRelay", str, str], None] = lambda relay, what, direction: None
+    on_closed: Callable[["ForwardRelay"], None] = lambda relay: None
+    forward_unrecorded: bool = False
+
+
+class _DeviceSide(asyncssh.SSHTCPSession):
+    def __init__(self, relay: "ForwardRelay") -> None:
+        self.relay = relay
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.relay.from_device(data)
+
+    def eof_received(self) -> bool:
+        self.relay.device_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self.relay.hold("vendor", "device-full")
+
+    def resume_writing(self) -> None:
+        self.relay.release("vendor", "device-full")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.close("device closed" if exc is None else f"device error: {exc}")
+
+
+class ForwardRelay(asyncssh.SSHTCPSession):
+    """Vendor side of one forwarded connection (asyncssh server TCP session)."""
+
+    kind = "forward"
+    command = None
+    subsystem = None
+
+    def __init__(self, ctx: ForwardContext) -> None:
+        self.ctx = ctx
+        self.chan: asyncssh.SSHTCPChannel | None = None
+        self.up: asyncssh.SSHTCPChannel | None = None
+        self.tls: bool | None = None  # decided by the vendor's first bytes (None: not yet)
+        self.bytes_to_device = 0
+        self.bytes_to_vendor = 0
+        self.closed = False
+        self.reason = "closed"
+        self._early: list[bytes] = []  # device bytes before the vendor channel exists
+        self._first = b""  # the vendor's first byte(s) while too few to tell TLS
+        self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
+        self._scan = {"vendor": ctx.make_input_scanner() if ctx.make_input_scanner else None,
+                      "device": ctx.make_scanner() if ctx.make_scanner else None}
+
+    def device_session(self) -> _DeviceSide:
+        """The session factory's product for the device side (``create_connection``)."""
+        return _DeviceSide(self)
+
+    def attach_device(self, up: asyncssh.SSHTCPChannel) -> None:
+        self.up = up
+        up.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
+        if self._holds["device"]:
+            up.pause_reading()
+
+    # ------------------------------------------------------------ vendor side (asyncssh callbacks)
+    def connection_made(self, chan: asyncssh.SSHTCPChannel) -> None:
+        self.chan = chan
+        chan.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
+        if self._holds["vendor"]:
+            chan.pause_reading()
+        early, self._early = self._early, []
+        for data in early:
+            self._to_vendor(data)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.closed:
+            return
+        if self.tls is None:
+            data = self._first + data
+            if len(data) < 2 and data[:1] == b"\x16":
+                self._first = data  # one byte that may start a ClientHello: wait for the next
+                return
+            self._first = b""
+            self.tls = is_tls_start(data)
+        if not self._judge("vendor", data):
+            return
+        self.bytes_to_device += len(data)
+        if self._record("input", "device", data) and self.up is not None:
+            self.up.write(data)
+
+    def eof_received(self) -> bool:
+        if self._first and not self.closed:  # a lone first byte: nothing more comes, hand it on
+            first, self._first = self._first, b""
+            self.tls = False
+            self.data_received(first, None)
+        self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "vendor"})
+        if self.up is not None and not self.closed:
+            self.up.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self.hold("device", "vendor-full")
+
+    def resume_writing(self) -> None:
+        self.release("device", "vendor-full")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close("vendor closed" if exc is None else f"vendor error: {exc}")
+
+    # ------------------------------------------------------------ device side
+    def from_device(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.tls is None:
+            self.tls = False  # the device spoke first: not a TLS client hello
+        if not self.bytes_to_vendor and not self.tls and data.startswith(b"SSH-"):
+            self._ssh_refused()  # an SSH server on the device: an encrypted session past every guard
+            return
+        if not self._judge("device", data):
+            return
+        self.bytes_to_vendor += len(data)
+        if self.chan is None:
+            if self._record("output", "vendor", data):
+                self._early.append(data)
+            return
+        if self._record("output", "vendor", data):
+            self.chan.write(data)
+
+    def _to_vendor(self, data: bytes) -> None:
+        if self.chan is not None and not self.closed:
+            self.chan.write(data)
+
+    def device_eof(self) -> None:
+        self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
+        if self.chan is not None and not self.closed:
+            self.chan.write_eof()
+
+    # ------------------------------------------------------------ recording and judging
+    def _record(self, kind: str, to: str, data: bytes) -> bool:
+        """Queue the bytes (plain text) or their size (TLS) in the recording before they are handed on; False
+        when the recorder did not take them (strict mode: they are dropped, never passed on unrecorded)."""
+        if self.tls:
+            taken = self.ctx.recorder.append_event(self.ctx.number, "forward-bytes", {"to": to, "bytes": len(data)})
+        else:
+            taken = self.ctx.recorder.append_data(self.ctx.number, kind, data)
+        return bool(taken) or self.ctx.forward_unrecorded
+
+    def _judge(self, side: str, data: bytes) -> bool:
+        """Plain text is scanned in both directions; True when ``data`` may pass."""
+        scanner = self._scan.get(side)
+        if self.tls or scanner is None:
+            return True
+        hit = scanner.feed(data)
+        if not hit:
+            return True
+        self._scan = {}
+        direction = "to-device" if side == "vendor" else "to-vendor"
+        self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
+            "content": hit, "stream": "input" if side == "vendor" else "output", "port": self.ctx.port})
+        self.ctx.on_detection(self, hit, direction)
+        self.close(f"{hit} patient data {direction}")
+        return False
+
+    def _ssh_refused(self) -> None:
+        self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
+            "protocol": "ssh", "stream": "output", "port": self.ctx.port,
+            "reason": "an SSH server answered on a forwarded port; SSH to the device goes through medbroker"})
+        self.ctx.on_detection(self, "ssh", "to-vendor")
+        self.close("an SSH server answered on the forwarded port")
+
+    # ------------------------------------------------------------ flow control
+    def hold(self, side: str, reason: str) -> None:
+        """Stop reading ``side`` ("vendor" or "device") until every reason is released (as RelaySession)."""
+        reasons = self._holds[side]
+        if not reasons:
+            chan = self.chan if side == "vendor" else self.up
+            if chan is not None:
+                chan.pause_reading()
+        reasons.add(reason)
+
+    def release(self, side: str, reason: str) -> None:
+        reasons = self._holds[side]
+        if reason in reasons:
+            reasons.discard(reason)
+            chan = self.chan if side == "vendor" else self.up
+            if not reasons and chan is not None:
+                chan.resume_reading()
+
+    # ------------------------------------------------------------ broker actions (LiveSession)
+    def notice(self, message: str, **_: Any) -> None:
+        """A forwarded TCP stream has no terminal: the message is recorded only (the session's shell shows it)."""
+        if not self.closed:
+            self.ctx.recorder.append_event(self.ctx.number, "notice", {"text": message})
+
+    def exit(self, status: int) -> None:
+        """End the forwarded connection on the broker's initiative (session ended, killed, window over)."""
+        self.close("ended by medbroker")
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        for chan in (self.chan, self.up):
+            if chan is not None:
+                try:
+                    chan.close()
+                except Exception:  # already gone
+                    log.debug("closing a forward channel failed", exc_info=True)
+        self.ctx.recorder.append_event(self.ctx.number, "channel-close", {
+            "port": self.ctx.port, "bytes_to_device": self.bytes_to_device, "bytes_to_vendor": self.bytes_to_vendor,
+            "tls": bool(self.tls), "reason": reason})
+        self.ctx.on_closed(self)
