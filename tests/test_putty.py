@@ -7,19 +7,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import pyotp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import UsageError
 from broker.identity import PRIVATE_KEY_REFUSAL, parse_public_key, parse_public_keys
+from broker.totp import enrol_totp
 from cli_support import Home
 from helpers import fuzz_examples, openssh_required
+from helpers.pty import PtySession
 from sessions.recording import read_frames
 
 # 500 examples in CI (300 locally): the mutations below reach every branch of the parser within a few dozen.
@@ -279,3 +283,32 @@ def test_plink_pscp_psftp_through_the_broker(exposed_world, pkeys, tmp_path):
     r = putty("plink", "alice@ct-01@127.0.0.1", f"cat {dicom}")
     assert r.returncode == 1 and b"DICM" not in r.stdout and b"protected patient-data directory" in r.stderr
     assert _wait(lambda: all(w.events(e) for e in ("sftp.denied", "scp.denied", "exec.denied")))
+
+    # An interactive shell, as the PuTTY window opens one (plink -t: a terminal), then with a TOTP code: PuTTY
+    # answers the broker's keyboard-interactive prompt after the key (docs/mfa.md).
+    argv = ["-P", port, "-i", str(pkeys["ed25519"].ppk), "-hostkey", host_fp, "alice@ct-01@127.0.0.1"]
+    for totp in (False, True):
+        secret = enrol_totp(w.app.store, w.app.keys, "alice").secret.reveal() if totp else None
+        with PtySession(["plink", "-t", *argv]) as term:
+            if totp:
+                term.expect(re.compile(rb"Verification code"), timeout=15)
+                term.sendline(pyotp.TOTP(secret).now())
+            term.expect(re.compile(rb"Press Return to begin session"), timeout=15)  # PuTTY's anti-spoofing line
+            term.send(b"\r")
+            term.sendline("echo SHELL-$((20+22))")
+            term.expect(re.compile(rb"SHELL-42"), timeout=15)
+            term.sendline("exit")
+            assert term.wait(timeout=15) == 0
+
+    def shell_inputs() -> list[bytes]:
+        """What was typed in each finished shell session since ``known`` (the recordings)."""
+        typed = []
+        for row in w.app.store.list_sessions():
+            if row["id"] not in known and row["final_hash"]:
+                frames = list(read_frames(Path(row["recording"]), key_lookup=w.app.keys.get))
+                if any(f.kind == "shell" for f in frames):
+                    typed.append(b"".join(f.payload for f in frames if f.kind == "input"))
+        return typed
+
+    shells = _wait(lambda: len(shell_inputs()) == 2 and shell_inputs())
+    assert all(b"echo SHELL-$((20+22))" in t for t in shells)
