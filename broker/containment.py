@@ -392,7 +392,7 @@ def channel_refusal(kind: str, grant: Grant, device: Device, report: Containment
     what = "an interactive shell" if kind == "shell" else "running commands"
     if grant.shell == "files-only":
         return (f"grant {grant.id} is {grant.mode} and files-only: {what} is not allowed, only sftp and scp "
-                f"(read-only and upload-only grants allow a shell only when the approver allows one). If you need "
+                f"(PuTTY: psftp, pscp, WinSCP); read-only and upload-only grants allow a shell only when the approver allows one. If you need "
                 f"a shell, request again and ask the approver to approve it with --allow-shell")
     state = report.state if report is not None else "unknown"
     if state == "contained":
@@ -410,7 +410,7 @@ def channel_refusal(kind: str, grant: Grant, device: Device, report: Containment
     fix = (f"; the hospital's biomedical engineer can make it contained (medbroker device check {device.name} "
            f"says how)")
     if policy == "files-only":
-        return f"{why}, so only sftp and scp are allowed on it, not {what}{fix}"
+        return f"{why}, so only sftp and scp (PuTTY: psftp, pscp, WinSCP) are allowed on it, not {what}{fix}"
     if len(set(grant.approved_by)) >= 2:
         return None
     seen = grant.containment or "unknown"

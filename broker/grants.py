@@ -42,6 +42,7 @@ __all__ = [
     "list_requests",
     "list_grants",
     "request_hint",
+    "putty_line",
 ]
 
 MODES = ("normal", "read-only", "upload-only")
@@ -269,8 +270,25 @@ def approvals_text(req: ApprovalRequest) -> str:
 
 
 def request_hint(user: str, device: str, public_host: str = "broker", port: int = 2222) -> str:
-    """The copy-paste command a vendor runs to ask for access."""
-    return f'request it with: ssh -p {port} {user}@{public_host} request {device} --for 2h --reason "..."'
+    """The copy-paste command a vendor runs to ask for access, and its PuTTY spelling on a second line."""
+    command = f'ssh -p {port} {user}@{public_host} request {device} --for 2h --reason "..."'
+    return f"request it with: {command}\n{putty_line(command)}"
+
+
+_PUTTY_SPELLINGS = (("ssh -p ", "plink -P "), ("scp -P ", "pscp -P "), ("sftp -P ", "psftp -P "))
+
+
+def putty_line(command: str) -> str:
+    """The PuTTY equivalent of an OpenSSH command line the broker prints to a vendor, as a line of its own:
+    ``ssh -p 2222 alice@ct-01@broker`` → ``PuTTY: plink -P 2222 alice@ct-01@broker`` (``scp -P`` → ``pscp -P``,
+    ``sftp -P`` → ``psftp -P``; the rest is the same for PuTTY's tools). docs/vendors.md explains the PuTTY window.
+
+    :raises ValueError: ``command`` is not one of those forms (a programming error)
+    """
+    for openssh, putty in _PUTTY_SPELLINGS:
+        if command.startswith(openssh):
+            return f"PuTTY: {putty}{command[len(openssh):]}"
+    raise ValueError(f"no PuTTY spelling for {command!r}")
 
 
 def get_request(store: Store, request_id: int) -> ApprovalRequest:

@@ -23,6 +23,8 @@ __all__ = [
     "parse_login",
     "validate_name",
     "parse_public_key",
+    "parse_public_keys",
+    "PRIVATE_KEY_REFUSAL",
     "add_user",
     "add_user_key",
     "remove_user_key",
@@ -47,6 +49,7 @@ KEY_TYPES = (
 # OpenSSH certificate types: the plain type with -cert-v01 before any @openssh.com suffix.
 _CERT_TYPES = tuple(t.removesuffix("@openssh.com") + "-cert-v01@openssh.com" for t in KEY_TYPES)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_TYPE_TOKEN = re.compile(r"[a-z][a-z0-9@._-]{0,63}")
 MAX_LOGIN = 256
 
 
@@ -119,8 +122,15 @@ class PublicKey:
         return f"{self.type} {base64.b64encode(self.blob).decode()}"
 
 
+def _shown_type(token: str) -> str:
+    """The first word of a would-be key for an error message: named only when it looks like a key type name
+    (a private key's base64 or a pasted password never reaches the terminal or the logs)."""
+    return repr(token) if not token or _TYPE_TOKEN.fullmatch(token) else "(not a key type name)"
+
+
 def parse_public_key(text: str) -> PublicKey:
-    """Parse ``TYPE BASE64 [COMMENT]`` as in ``id_ed25519.pub`` or ``authorized_keys``.
+    """Parse ``TYPE BASE64 [COMMENT]`` as in ``id_ed25519.pub``, ``authorized_keys`` or PuTTYgen's
+    'Public key for pasting' box.
 
     :raises UsageError: unknown type, bad base64, blob type differs from the declared type
     """
@@ -129,16 +139,117 @@ def parse_public_key(text: str) -> PublicKey:
         raise UsageError("not an OpenSSH public key", "pass the .pub file, e.g. ~/.ssh/id_ed25519.pub")
     ktype, b64 = parts[0], parts[1]
     if ktype not in KEY_TYPES and ktype not in _CERT_TYPES:
-        raise UsageError(f"key type {ktype!r} is not accepted", f"use one of: {', '.join(KEY_TYPES)}")
+        raise UsageError(f"key type {_shown_type(ktype)} is not accepted", f"use one of: {', '.join(KEY_TYPES)}")
+    return _key_from_blob(b64, parts[2] if len(parts) > 2 else "", declared=ktype)
+
+
+def _key_from_blob(b64: str, comment: str, *, declared: str | None) -> PublicKey:
     try:
         blob = base64.b64decode(b64, validate=True)
         (n,) = struct.unpack(">I", blob[:4])
         inner = blob[4:4 + n].decode("ascii")
     except (binascii.Error, struct.error, UnicodeDecodeError, ValueError):
         raise UsageError("public key data is not valid base64 key material") from None
-    if inner != ktype:
-        raise UsageError(f"public key says {ktype!r} but contains {inner!r}")
-    return PublicKey(ktype, blob, parts[2] if len(parts) > 2 else "", openssh_fingerprint(blob))
+    if declared is None:  # RFC 4716: the blob names its own type
+        if inner not in KEY_TYPES and inner not in _CERT_TYPES:
+            raise UsageError(f"key type {_shown_type(inner)} is not accepted", f"use one of: {', '.join(KEY_TYPES)}")
+    elif inner != declared:
+        raise UsageError(f"public key says {declared!r} but contains {_shown_type(inner)}")
+    return PublicKey(inner, blob, comment, openssh_fingerprint(blob))
+
+
+# What a private key looks like, in any format a vendor may have at hand: PuTTY's .ppk (v2, v3), OpenSSH's
+# own, PEM (RSA, EC, PKCS#8, encrypted) and the commercial SSH2 (RFC 4716-like) private key.
+_PRIVATE_MARKERS = re.compile(r"PuTTY-User-Key-File-\d+\s*:|-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----|"
+                              r"----\s*BEGIN SSH2 ENCRYPTED PRIVATE KEY\s*----|^Private-Lines\s*:", re.M | re.I)
+PRIVATE_KEY_REFUSAL = ("this is a private key; give the public key (PuTTYgen: Save public key, or the text box "
+                       "'Public key for pasting')")
+_PRIVATE_HINT = ("nothing was stored; keep the private key on your computer and never send it, "
+                 "or make a new key pair if it was shared")
+_RFC4716_BEGIN = re.compile(r"^----\s*BEGIN SSH2 PUBLIC KEY\s*----$")
+_RFC4716_END = re.compile(r"^----\s*END SSH2 PUBLIC KEY\s*----$")
+_RFC4716_MAX_LINES = 200  # an RSA-16384 key body is ~45 lines of 64 characters, plus headers
+
+
+def parse_public_keys(text: str) -> list[PublicKey]:
+    """Every public key in ``text``, in order.
+
+    Accepts OpenSSH one-line keys (``TYPE BASE64 [COMMENT]``: ``.pub`` files, ``authorized_keys`` lines,
+    PuTTYgen's 'Public key for pasting' box) and RFC 4716 blocks (``---- BEGIN SSH2 PUBLIC KEY ----``,
+    header lines such as ``Comment: "..."`` continued with a trailing backslash, base64 body: what PuTTYgen's
+    'Save public key' writes). Blank lines and ``#`` comments between keys are skipped.
+
+    :returns: at least one key
+    :raises UsageError: a private key (:data:`PRIVATE_KEY_REFUSAL`; nothing of it is echoed), a malformed
+        line or block (naming its line number), or no key at all
+    """
+    if not isinstance(text, str) or _PRIVATE_MARKERS.search(text):
+        raise UsageError(PRIVATE_KEY_REFUSAL, _PRIVATE_HINT)
+    lines = text.splitlines()
+    keys: list[PublicKey] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        number = i + 1
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        try:
+            if _RFC4716_BEGIN.fullmatch(line):
+                key, i = _parse_rfc4716(lines, i)
+                keys.append(key)
+            elif line.startswith("----"):
+                raise UsageError("unexpected '----' line; an RFC 4716 key starts with '---- BEGIN SSH2 PUBLIC KEY ----'",
+                                 "pass the public key file PuTTYgen saved, unchanged")
+            else:
+                keys.append(parse_public_key(line))
+        except UsageError as exc:
+            where = f"line {number}: " if len(lines) > 1 else ""
+            raise UsageError(f"{where}{exc.message}", exc.hint or _KEY_HINT) from None
+    if not keys:
+        raise UsageError("no public key found", _KEY_HINT)
+    return keys
+
+
+_KEY_HINT = ("pass the public key: an OpenSSH .pub file (ssh-ed25519 AAAA...), or PuTTYgen's "
+             "'Save public key' file (---- BEGIN SSH2 PUBLIC KEY ----)")
+
+
+def _parse_rfc4716(lines: list[str], i: int) -> tuple[PublicKey, int]:
+    """One RFC 4716 block whose BEGIN line came just before ``lines[i]``; returns the key and the index after
+    its END line."""
+    comment = ""
+    body: list[str] = []
+    in_headers = True
+    start = i
+    while i < len(lines):
+        if i - start > _RFC4716_MAX_LINES:
+            raise UsageError("the RFC 4716 key block is too long")
+        line = lines[i].strip()
+        i += 1
+        if _RFC4716_END.fullmatch(line):
+            if not body:
+                raise UsageError("the RFC 4716 key block has no key data")
+            key = _key_from_blob("".join(body), comment, declared=None)
+            return key, i
+        if in_headers and ":" in line:
+            # A header (RFC 4716 §3.3): TAG: VALUE, the value continued on the next line after a backslash.
+            tag, _, value = line.partition(":")
+            while value.endswith("\\") and i < len(lines) and i - start <= _RFC4716_MAX_LINES:
+                value = value[:-1] + lines[i].strip()
+                i += 1
+            tag, value = tag.strip(), value.strip()
+            if not tag or len(tag) > 64 or not all(0x21 <= ord(c) < 0x7F for c in tag):
+                raise UsageError("the RFC 4716 key block has a malformed header line")
+            if tag.lower() == "comment":
+                comment = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+            continue
+        in_headers = False
+        if not line or line.startswith("----") or ":" in line:
+            raise UsageError("the RFC 4716 key block is malformed (expected base64 key data or "
+                             "'---- END SSH2 PUBLIC KEY ----')")
+        body.append(line)
+    raise UsageError("the RFC 4716 key block has no '---- END SSH2 PUBLIC KEY ----' line")
 
 
 def add_user(store: Store, name: str, role: str, company: str | None, now: datetime) -> Principal:

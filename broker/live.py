@@ -19,7 +19,7 @@ from broker.config import format_duration
 from broker.devices import Device
 from broker.errors import ApprovalRequiredError, BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
 from broker.forwards import forward_refusal, grant_ports
-from broker.grants import Grant, find_active_grant, request_hint
+from broker.grants import Grant, find_active_grant, putty_line, request_hint
 from broker.identity import standing_refusal
 from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
@@ -400,20 +400,22 @@ class LiveSession:
 
     def _warn(self, seconds_left: int) -> None:
         when = clock_text(self.grant.ends_at, self._zone())
+        again = (f"ssh -p {self.broker.settings.port} {self.user}@{self.broker.settings.public_host} request "
+                 f"{self.device.name} --for 1h --reason ...")
         text = (f"your access to {self.device.name} ends in {format_duration(seconds_left)} (at {when}); "
-                f"save your work. To continue later, request again: ssh -p {self.broker.settings.port} "
-                f"{self.user}@{self.broker.settings.public_host} request {self.device.name} --for 1h --reason ...")
+                f"save your work. To continue later, request again: {again}\n{putty_line(again)}")
         for relay in list(self.channels):
             relay.notice(text)
         self.broker.audit_soon("session.warning", user=self.user, device=self.device.name, session_id=self.id,
                                grant_id=self.grant.id, seconds_left=seconds_left)
 
     async def _expired(self) -> None:
+        again = (f"ssh -p {self.broker.settings.port} {self.user}@{self.broker.settings.public_host} request "
+                 f'{self.device.name} --for 1h --reason "..."')
         await self.terminate(
             "expired", f"your approved window for {self.device.name} ended at "
             f"{clock_text(self.grant.ends_at, self._zone())}, so the session is closed. To continue, request again: "
-            f"ssh -p {self.broker.settings.port} {self.user}@{self.broker.settings.public_host} request "
-            f'{self.device.name} --for 1h --reason "..."', event="session.expired")
+            f"{again}", event="session.expired", vendor_note=putty_line(again))
 
     def _recording_failed(self, exc: BaseException) -> None:
         """The writer thread could not write (runs on the loop, via call_soon_threadsafe).
@@ -440,8 +442,11 @@ class LiveSession:
                 relay.notice("warning: recording failed; this session continues unrecorded (best-effort mode)")
 
     # ---------------------------------------------------------------- teardown
-    async def terminate(self, status: str, message: str, *, event: str | None = None, **fields: Any) -> None:
-        """End the session now: tell the vendor why, close every channel and the connection."""
+    async def terminate(self, status: str, message: str, *, event: str | None = None, vendor_note: str = "",
+                        **fields: Any) -> None:
+        """End the session now: tell the vendor why (``message``, then ``vendor_note`` on its own line, e.g. the
+        PuTTY spelling of a command; the session row keeps ``message`` only), close every channel and the
+        connection."""
         if self.ending:
             return
         self.ending = True
@@ -452,7 +457,7 @@ class LiveSession:
                 self.channels.discard(relay)
                 continue
             try:
-                relay.notice(message)
+                relay.notice(f"{message}\n{vendor_note}" if vendor_note else message)
                 relay.exit(1)
             except Exception:  # one broken channel must not keep the others (or the device link) open
                 log.exception("session %s: ending channel %s failed", self.id, relay.ctx.number)

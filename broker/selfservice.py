@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from broker.devices import list_devices
 from broker.errors import BrokerError, UsageError
 from broker.forwards import forwards_text
 from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, list_grants,
-                           list_requests, request_grant)
+                           list_requests, putty_line, request_grant)
 from broker.identity import Principal, get_principal
 from broker.sshconfig import build_ssh_config, render_openssh, render_putty
 from broker.web_links import issue_signin_link
@@ -45,6 +46,8 @@ medbroker over SSH. Commands:
   help                               this text
 Add --json to any command for machine-readable output.
 Open a device session with: ssh -p PORT USER@DEVICE@BROKER
+PuTTY: plink -P PORT in place of ssh -p PORT (files: psftp -P PORT, pscp -P PORT, WinSCP); in the PuTTY
+window, Host Name USER@DEVICE@BROKER and Port PORT
 """
 
 
@@ -121,7 +124,7 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
         principal = get_principal(app.store, principal.name)  # re-read: disabled since login?
         expire_requests(app.store, app.audit, now)
         if args.cmd in (None, "help"):
-            return Reply(0, HELP.replace("PORT", str(port)).replace("BROKER", host))
+            return Reply(0, _help_text(port, host))
         if args.cmd == "request":
             req = request_grant(app.store, app.audit, app.rules, principal, args.device,
                                 parse_duration(args.duration, what="--for"), " ".join(args.reason), now,
@@ -132,7 +135,8 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
             return Reply(0, f"Request {req.id} created: {req.user} -> {req.device} for "
                             f"{format_duration(req.duration_s)} (pending).\n"
                             f"An approver decides it with: ssh -p {port} APPROVER@{host} approve {req.id}\n"
-                            f"Then connect with: ssh -p {port} {req.user}@{req.device}@{host}\n")
+                            f"Then connect with: ssh -p {port} {req.user}@{req.device}@{host}\n"
+                            f"{putty_line(f'ssh -p {port} {req.user}@{req.device}@{host}')}\n")
         if args.cmd == "approve":
             dur = parse_duration(args.duration, what="--for") if args.duration else None
             dec = approve_request(app.store, app.audit, app.rules, args.id, principal, now, duration_s=dur,
@@ -176,6 +180,13 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
         status = 2 if isinstance(exc, UsageError) else 1
         text = f"error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else "")
         return Reply(status, stderr=text)
+
+
+def _help_text(port: int, host: str) -> str:
+    """HELP with this broker's port and host name in the connection instructions only (a ``PORT`` in an
+    option such as ``--forward`` names a port on the device and stays as it is)."""
+    text = re.sub(r"(?<=-p |-P )PORT|(?<=Port )PORT", str(port), HELP)
+    return text.replace("BROKER", host)
 
 
 def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: int) -> Reply:
@@ -222,4 +233,7 @@ def _status(app: App, principal: Principal, cmd: str, as_json: bool, now, port: 
             lines.append("Devices: " + ", ".join(devices))
         lines.append(f"Request access: ssh -p {port} {principal.name}@{host} request DEVICE --for 2h "
                      f'--reason "..."   (help: ssh -p {port} {principal.name}@{host} help)')
+        device = grants[0].device if grants and not staff else "DEVICE"
+        lines.append(f"PuTTY: plink -P {port} in place of ssh -p {port}; in the PuTTY window, Host Name "
+                     f"{principal.name}@{device}@{host} and Port {port}")
     return Reply(0, "\n".join(lines) + "\n")

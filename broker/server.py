@@ -24,7 +24,7 @@ from broker.containment import channel_refusal, check_devices
 from broker.directory import refresh_for_login, run_directory_sync
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
-from broker.grants import Grant, expire_requests, find_active_grant, request_hint
+from broker.grants import Grant, expire_requests, find_active_grant, putty_line, request_hint
 from broker.identity import Principal, authenticate_key, parse_login, standing_refusal
 from broker.keys import openssh_fingerprint
 from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_failure
@@ -332,7 +332,7 @@ class SessionPolicy:
             return refusal
         if is_scp_command(command):
             return ("legacy scp (scp -O) is not available on this channel; use scp without -O (it speaks SFTP, "
-                    "which the patient-data guard checks) or sftp")
+                    "which the patient-data guard checks) or sftp; PuTTY: pscp -sftp or psftp")
         refusal = transfer_server_refusal(command)
         if refusal:
             return refusal
@@ -477,7 +477,8 @@ class SessionPolicy:
     def check_subsystem(self, name: str) -> str | None:
         if name == "sftp":
             return None
-        return f"the {name} subsystem is not available through medbroker; use sftp or scp for files"
+        return (f"the {name} subsystem is not available through medbroker; use sftp or scp for files "
+                "(PuTTY: psftp, pscp -sftp, or WinSCP in SFTP mode)")
 
     def make_filter(self, relay: RelaySession, name: str) -> "GuardedSftp":
         """The SFTP policy proxy for one channel, with its own second SFTP session for realpath checks."""
@@ -774,8 +775,9 @@ class BrokerServer(asyncssh.SSHServer):
             # Say what is wrong with the name itself; it reveals nothing about users or devices.
             self.login_error = exc.message
             self.user = None
-            self.conn.send_auth_banner(f"medbroker: {exc.message}; log in as USER@DEVICE, "
-                                       f"e.g. ssh -p {self.broker.port} alice@ct-01@{self.broker.settings.public_host}\n")
+            example = f"ssh -p {self.broker.port} alice@ct-01@{self.broker.settings.public_host}"
+            self.conn.send_auth_banner(f"medbroker: {exc.message}; log in as USER@DEVICE, e.g. {example}\n"
+                                       f"{putty_line(example)}\n")
             self.broker.audit_soon("auth.failure", source=self.source, reason="malformed login name",
                                    login=ascii(username[:80])[1:-1], login_length=len(username))
         return True

@@ -100,6 +100,14 @@ else
   apt_install rsync
 fi
 
+# 2b2. PuTTY's command-line tools (tests/test_putty.py drives puttygen, plink, pscp and psftp through the broker).
+if command -v puttygen >/dev/null 2>&1 && command -v plink >/dev/null 2>&1 && command -v pscp >/dev/null 2>&1 \
+    && command -v psftp >/dev/null 2>&1; then
+  step "putty-tools present"
+else
+  apt_install putty-tools
+fi
+
 # 2c. OpenLDAP's slapd (tests/test_directory.py starts a real directory on loopback; never as a service).
 if [ -x /usr/sbin/slapd ]; then
   step "slapd present"

@@ -603,7 +603,7 @@ class RelaySession(asyncssh.SSHServerSession):
         eol = "\r\n" if self.pty else "\n"
         try:
             (self.chan.write if stdout else self.chan.write_stderr)(
-                f"{eol if self.pty else ''}medbroker: {message}{eol}".encode())
+                f"{eol if self.pty else ''}medbroker: {message.replace(chr(10), eol)}{eol}".encode())
         except OSError:  # the vendor already closed the channel
             pass
 
@@ -681,7 +681,7 @@ class RefusalSession(OneShotSession):
 
     def session_started(self) -> None:
         eol = "\r\n" if self.pty else "\n"
-        self.chan.write_stderr(f"medbroker: {self.message}{eol}".encode())
+        self.chan.write_stderr(f"medbroker: {self.message.replace(chr(10), eol)}{eol}".encode())
         if self.on_shown:
             self.on_shown()
         self.chan.exit(1)

@@ -47,7 +47,7 @@ _INPUT_HIGH = 4 * 1024 * 1024
 _UNQUOTED_SYNTAX = set(";&|<>()$`{}!")
 _GLOB = set("*?[]")
 _FLAG_LETTERS = set("tfrpdv")
-_HINT = "or use scp without -O (it speaks SFTP) or sftp"
+_HINT = "or use scp without -O (it speaks SFTP) or sftp (PuTTY: pscp -sftp or psftp)"
 _PREFIX = "medbroker: "
 
 

@@ -95,7 +95,7 @@ def stream_refusal(hit: StreamHit) -> str:
     return (f"{_REASONS.get(hit.protocol, hit.protocol)} was detected on this channel "
             f"({'sent by you' if hit.direction == VENDOR else 'sent by the device'}); file transfers on shell and "
             "exec channels bypass the patient-data guard, so the channel was closed. Use sftp or scp through "
-            "medbroker, where every file is checked")
+            "medbroker (PuTTY: psftp or pscp -sftp), where every file is checked")
 
 
 class StreamJudge:

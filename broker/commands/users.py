@@ -9,8 +9,8 @@ from broker.app import App
 from broker.commands.common import (BY_ADMIN_HELP, JSON_HELP, admin_actor, emit_json, open_home, print_fields,
                                     print_table, read_text_file, safe, say, when)
 from broker.errors import ConflictError, UsageError
-from broker.identity import (ROLES, PublicKey, add_user, add_user_key, get_principal, parse_public_key, remove_user_key,
-                             set_user_role, validate_name)
+from broker.identity import (KEY_TYPES, ROLES, PublicKey, add_user, add_user_key, get_principal, parse_public_keys,
+                             remove_user_key, set_user_role, validate_name)
 
 __all__ = ["app", "user_doc", "read_key_files"]
 
@@ -21,8 +21,10 @@ app.add_typer(key_app, name="key")
 
 ByOpt = Annotated[str | None, typer.Option("--by", metavar="NAME", help=BY_ADMIN_HELP)]
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
-KeyFile = Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False,
-                                         help="An OpenSSH public key file (.pub).")]
+KEY_HELP = ("A public key file (OpenSSH .pub, or PuTTYgen's 'Save public key' file in RFC 4716 form), or the "
+            "key text itself in quotes ('ssh-ed25519 AAAA... alice@laptop', as PuTTYgen's 'Public key for "
+            "pasting' box shows it).")
+KeyArg = Annotated[str, typer.Argument(metavar="KEY", help=KEY_HELP)]
 
 
 def user_doc(app_: App, name: str) -> dict:
@@ -37,24 +39,44 @@ def user_doc(app_: App, name: str) -> dict:
             "totp_enrolled": p.totp_enrolled, "created_at": row.get("created_at"), "keys": keys}
 
 
-def read_key_files(paths: list[Path]) -> list[PublicKey]:
-    """Parse every key line of every file (``.pub`` or authorized_keys style) before anything changes.
+def read_key_files(sources: list[str | Path]) -> list[PublicKey]:
+    """Parse every public key named by ``sources`` before anything changes: each a file (OpenSSH ``.pub``,
+    authorized_keys style, or RFC 4716 as PuTTYgen saves it) or the key text itself.
 
-    :raises UsageError: unreadable file, no key in it, or a line that is not a public key
+    :raises UsageError: unreadable or missing file, no key in it, a private key (never echoed), or a line
+        or block that is not a public key
     """
     keys: list[PublicKey] = []
-    for path in paths:
-        text = read_text_file(path, what="public key file")
-        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        if not lines:
-            raise UsageError(f"{path} holds no public key", "pass the .pub file, e.g. ~/.ssh/id_ed25519.pub")
-        for number, line in enumerate(lines, 1):
-            try:
-                keys.append(parse_public_key(line))
-            except UsageError as exc:
-                where = f"{path}" if len(lines) == 1 else f"{path} line {number}"
-                raise UsageError(f"{where}: {exc.message}", exc.hint) from None
+    for source in sources:
+        label, text = _key_text(str(source))
+        try:
+            keys.extend(parse_public_keys(text))
+        except UsageError as exc:
+            raise UsageError(f"{label}: {exc.message}", exc.hint) from None
     return keys
+
+
+_TEXT_STARTS = ("----", "PuTTY-User-Key-File", "-----BEGIN") + tuple(f"{t} " for t in KEY_TYPES)
+
+
+def _key_text(source: str) -> tuple[str, str]:
+    """(how to name it in errors, its text): a file when one exists by that name, else the key text itself."""
+    looks_like_text = "\n" in source or source.lstrip().startswith(_TEXT_STARTS)
+    if not looks_like_text and source:
+        path = Path(source)
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            is_file = is_dir = False
+        if is_file:
+            return str(path), read_text_file(path, what="public key file")
+        if is_dir:
+            raise UsageError(f"{safe(source[:200])} is a directory", "pass the public key file, e.g. alice.pub")
+        if not any(c.isspace() for c in source):
+            raise UsageError(f"no such public key file: {safe(source[:200])}",
+                             "pass a public key file, or the key text itself in quotes: "
+                             "--key 'ssh-ed25519 AAAA... alice@laptop'")
+    return "the key text", source
 
 
 @app.command("add")
@@ -63,9 +85,8 @@ def add(
     name: Annotated[str, typer.Argument(metavar="NAME",
                                         help="Login name: lowercase letters, digits, '.', '_' or '-'.")],
     role: Annotated[str, typer.Option("--role", help=f"One of: {', '.join(ROLES)}.")],
-    key: Annotated[list[Path] | None, typer.Option(
-        "--key", metavar="PUBKEY_FILE", exists=True, dir_okay=False,
-        help="A public key file; repeat for several keys.")] = None,
+    key: Annotated[list[str] | None, typer.Option(
+        "--key", metavar="PUBKEY", help=KEY_HELP + " Repeat for several keys.")] = None,
     company: Annotated[str | None, typer.Option("--company", help="The vendor's company.")] = None,
     by: ByOpt = None,
     as_json: JsonOpt = False,
@@ -186,16 +207,18 @@ def enable(
     _set_disabled(ctx, name, False, by, reason, as_json)
 
 
-@key_app.command("add")
+# KEY may be the key text itself, and RFC 4716 or PEM text starts with '-': click would take it for an
+# unknown option and echo it in its error (a pasted private key on the terminal). Pass such words through.
+@key_app.command("add", context_settings={"ignore_unknown_options": True})
 def key_add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(metavar="NAME", help="User name.")],
-    file: KeyFile,
+    key: KeyArg,
     by: ByOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register the public key(s) in FILE for a user."""
-    keys = read_key_files([file])
+    """Register the public key(s) in KEY (a file or the key text) for a user."""
+    keys = read_key_files([key])
     a = open_home(ctx)
     get_principal(a.store, name)
     actor = admin_actor(a, by, action="add user keys")
