@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from broker.errors import ConfigError
+from medcore.errors import ConfigError
 from sessions.content import ASTM, DICOM, HEAD_BYTES, HL7, OutputScanner, detect_patient_data
 
 __all__ = ["Decision", "ProtectedPaths", "normalize_path", "load_protected_paths", "check_command",

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from broker.clock import Clock, SystemClock, utc_iso
-from broker.errors import BrokerError, RecordingError, UsageError
+from medcore.clock import Clock, SystemClock, utc_iso
+from medcore.errors import BrokerError, RecordingError, UsageError
 
 __all__ = [
     "MAGIC", "VERSION", "KINDS", "KIND_NAMES", "DATA_KINDS", "MAX_PAYLOAD", "Frame", "VerifyResult",

@@ -13,8 +13,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from broker.clock import Clock
-from broker.errors import RecordingError, UsageError
+from medcore.clock import Clock
+from medcore.errors import RecordingError, UsageError
 from sessions.recording import (
     _END, _ENCRYPTED, _EPOCH, _FIXED, _IOV_MAX, _MAX_HEADER, _PRELUDE, _US, _WRITE_BATCH, DATA_KINDS, KINDS, MAGIC,
     MAX_PAYLOAD, VERSION, _aad, _derive, _describe, _dumps, _fsync_dir, _open_new, _pack_frame, _write_all,

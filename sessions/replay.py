@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
-from broker.clock import parse_utc, utc_iso
-from broker.errors import UsageError
+from medcore.clock import parse_utc, utc_iso
+from medcore.errors import UsageError
 from sessions.termguard import TerminalGuard
 
 __all__ = ["FrameLike", "ReplayStats", "replay", "to_asciicast", "to_text", "to_json", "verification_summary",

@@ -15,8 +15,8 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from broker.clock import utc_iso
-from broker.errors import RecordingError
+from medcore.clock import utc_iso
+from medcore.errors import RecordingError
 from sessions import recording as rec
 from sessions.recording import DATA_KINDS, KIND_NAMES, KINDS, MAGIC, VERSION, Frame, VerifyResult
 

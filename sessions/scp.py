@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable
 
 import asyncssh
 
-from broker.errors import BrokerError, PermissionDeniedError
+from medcore.errors import BrokerError, PermissionDeniedError
 from sessions.policy import HEAD_BYTES, PFLAG_CREAT, PFLAG_READ, PFLAG_TRUNC, PFLAG_WRITE, Decision, OutputScanner, \
     ProtectedPaths, detect_patient_data, normalize_path
 

@@ -32,7 +32,7 @@ from typing import Awaitable, Callable
 
 import asyncssh
 
-from broker.errors import BrokerError
+from medcore.errors import BrokerError
 from sessions.policy import HEAD_BYTES, Decision, OutputScanner, ProtectedPaths, detect_patient_data, normalize_path
 from sessions.sftp_codec import (
     DEFAULT_MAX_LEN, FX_NO_SUCH_FILE, FX_OP_UNSUPPORTED, FX_PERMISSION_DENIED, FXF_CREAT, FXF_READ,

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Collection, Iterable
 
-from broker.errors import BrokerError
+from medcore.errors import BrokerError
 
 __all__ = [
     "FXP_INIT", "FXP_VERSION", "FXP_OPEN", "FXP_CLOSE", "FXP_READ", "FXP_WRITE", "FXP_LSTAT", "FXP_FSTAT",

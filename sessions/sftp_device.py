@@ -7,7 +7,7 @@ from typing import Awaitable, Callable
 
 import asyncssh
 
-from broker.errors import PermissionDeniedError
+from medcore.errors import PermissionDeniedError
 
 __all__ = ["DeviceSftp", "NotRegularFileError"]
 
