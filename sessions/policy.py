@@ -1,9 +1,9 @@
 """Patient-data policy: protected path prefixes, SFTP and exec decisions, content sniffing (pure, no SSH).
 
-Layer 2: stdlib and broker/errors.py only. The SFTP proxy (sessions/sftp.py) resolves every path
+Layer 2: stdlib and medcore/errors.py only. The SFTP proxy (sessions/sftp.py) resolves every path
 through the device's own realpath first and then asks :meth:`ProtectedPaths.decide_sftp`; the relay
-asks :func:`check_command` before running an exec command and feeds shell/exec output through
-:class:`OutputScanner`. Content sniffing lives in sessions/content.py and is re-exported here.
+asks ``sessions.exec_check.check_command_line`` before running an exec command and feeds shell/exec output
+through :class:`OutputScanner`. Content sniffing lives in sessions/content.py and is re-exported here.
 docs/data-protection.md describes what this protects and what it cannot.
 """
 
@@ -17,7 +17,7 @@ from typing import Iterable
 from medcore.errors import ConfigError
 from sessions.content import ASTM, DICOM, HEAD_BYTES, HL7, OutputScanner, detect_patient_data
 
-__all__ = ["Decision", "ProtectedPaths", "normalize_path", "load_protected_paths", "check_command",
+__all__ = ["Decision", "ProtectedPaths", "normalize_path", "load_protected_paths",
            "SFTP_OPS", "MODES", "PFLAG_READ", "PFLAG_WRITE", "PFLAG_APPEND", "PFLAG_CREAT", "PFLAG_TRUNC",
            "PFLAG_EXCL", "HEAD_BYTES", "DICOM", "HL7", "ASTM", "detect_patient_data", "OutputScanner"]
 
@@ -257,15 +257,3 @@ def load_protected_paths(path: str | Path) -> list[str]:
         out[norm] = None
     return list(out)
 
-
-def check_command(command: str, protected: ProtectedPaths, home: str | None) -> Decision:
-    """Refuse an exec command line that names a protected path (best effort; see sessions/exec_check.py).
-
-    :param command: the command line as the vendor sent it
-    :param protected: the device's protected paths
-    :param home: the device login's home directory (where sshd runs the command), None if unknown
-    :return: a :class:`Decision`; ``event`` is ``exec.denied`` when refused
-    """
-    from sessions.exec_check import check_command_line  # exec_check imports this module
-
-    return check_command_line(command, protected, home)

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import FUZZ_EXAMPLES_OTHER
-from sessions.policy import ProtectedPaths, check_command
+from sessions.exec_check import check_command_line
+from sessions.policy import ProtectedPaths
 
 PP = ProtectedPaths.build("ct-01", ["/data/dicom"], ["/var/lib/orthanc", "/var/spool/hl7"])
 HOME = "/home/svc"
@@ -81,43 +82,43 @@ ALLOWED = [
 
 @pytest.mark.parametrize("command", REFUSED)
 def test_refused(command: str) -> None:
-    d = check_command(command, PP, HOME)
+    d = check_command_line(command, PP, HOME)
     assert not d.allowed and d.event == "exec.denied" and d.op == "exec"
     assert "ct-01" in d.reason or "could not read this command line" in d.reason
 
 
 @pytest.mark.parametrize("command", ALLOWED)
 def test_allowed(command: str) -> None:
-    d = check_command(command, PP, HOME)
+    d = check_command_line(command, PP, HOME)
     assert d.allowed, d.reason
     assert d.event == "exec.allowed"
 
 
 def test_reasons_name_the_path_and_what_to_do() -> None:
-    d = check_command("cat /data/dicom/2026/IM000001", PP, HOME)
+    d = check_command_line("cat /data/dicom/2026/IM000001", PP, HOME)
     assert d.path == "/data/dicom/2026/IM000001"
     assert d.reason.startswith("the command names /data/dicom/2026/IM000001, inside the protected patient-data "
                                "directory /data/dicom on ct-01;")
     assert "de-identified export" in d.reason
-    glob = check_command("ls /data/di*", PP, HOME)
+    glob = check_command_line("ls /data/di*", PP, HOME)
     assert "the pattern /data/di* could match the protected patient-data directory /data/dicom" in glob.reason
-    ancestor = check_command("tar cf - /data", PP, HOME)
+    ancestor = check_command_line("tar cf - /data", PP, HOME)
     assert "/data, which contains the protected patient-data directory /data/dicom" in ancestor.reason
     assert "Name a more specific directory" in ancestor.reason
 
 
 def test_unknown_home_judges_relative_paths_from_root() -> None:
-    assert not check_command("cat data/dicom/x", PP, None).allowed
+    assert not check_command_line("cat data/dicom/x", PP, None).allowed
     # but plain words are not treated as ancestors, and relative globs stay usable
-    assert check_command("grep var notes.txt", PP, None).allowed
-    assert check_command("ls *.log", PP, None).allowed
-    assert not check_command("cat dicom/x", PP, "/data").allowed
+    assert check_command_line("grep var notes.txt", PP, None).allowed
+    assert check_command_line("ls *.log", PP, None).allowed
+    assert not check_command_line("cat dicom/x", PP, "/data").allowed
 
 
 def test_home_is_the_starting_directory() -> None:
-    assert not check_command("cat dicom/x", PP, "/data").allowed
-    assert check_command("cat dicom/x", PP, "/home/svc").allowed
-    assert not check_command("cd; cat ../../data/dicom/x", PP, "/home/svc").allowed
+    assert not check_command_line("cat dicom/x", PP, "/data").allowed
+    assert check_command_line("cat dicom/x", PP, "/home/svc").allowed
+    assert not check_command_line("cd; cat ../../data/dicom/x", PP, "/home/svc").allowed
 
 
 # A path split into random segments, each quoted or escaped differently, is still the same path.
@@ -146,13 +147,13 @@ def test_any_quoting_of_a_protected_path_is_refused(cuts: list[int], styles: lis
     if pos < len(target):
         parts.append(target[pos:])
     line = f"{cmd} {''.join(parts)}"
-    assert not check_command(line, PP, HOME).allowed, line
+    assert not check_command_line(line, PP, HOME).allowed, line
 
 
 @settings(max_examples=FUZZ_EXAMPLES_OTHER)
 @given(st.text(max_size=200), st.sampled_from([None, "/home/svc", "/"]))
 def test_check_command_never_raises(command: str, home: str | None) -> None:
-    d = check_command(command, PP, home)
+    d = check_command_line(command, PP, home)
     assert d.event in ("exec.allowed", "exec.denied")
     assert d.allowed or d.reason
 
@@ -160,16 +161,16 @@ def test_check_command_never_raises(command: str, home: str | None) -> None:
 @settings(max_examples=200)
 @given(st.text(alphabet="abcdefg/.-_ *?{},=:~$'\"\\;&|<>()`", max_size=60))
 def test_naming_the_protected_path_literally_is_always_refused(noise: str) -> None:
-    assert not check_command(f"{noise} ; cat /data/dicom/x", PP, HOME).allowed
+    assert not check_command_line(f"{noise} ; cat /data/dicom/x", PP, HOME).allowed
 
 
 def test_home_inside_a_protected_tree_protects_every_relative_path() -> None:
-    assert not check_command("cat notes.txt", PP, "/data/dicom/export").allowed
-    assert check_command("cat notes.txt", PP, "/home/svc").allowed
+    assert not check_command_line("cat notes.txt", PP, "/data/dicom/export").allowed
+    assert check_command_line("cat notes.txt", PP, "/home/svc").allowed
 
 
 def test_long_scripts_are_checked_to_the_end() -> None:
     script = "; ".join(f"cd /opt/vendor/d{i} && ls -la x{i} /var/log/f{i}.log | grep -v y > /tmp/o{i}"
                        for i in range(300))
-    assert check_command(script, PP, HOME).allowed
-    assert not check_command(script + "; cd /data; cat dicom/x", PP, HOME).allowed
+    assert check_command_line(script, PP, HOME).allowed
+    assert not check_command_line(script + "; cd /data; cat dicom/x", PP, HOME).allowed

@@ -86,7 +86,6 @@ ALLOWED_CIRCLE_EDGES: dict[tuple[str, str], str] = {
     ("broker/web.py", "broker/web_views.py"): "removed by issue 12 item 4 (this branch)",
     ("broker/web.py", "broker/web_stream.py"): "removed by issue 12 item 4 (this branch)",
     ("broker/web.py", "broker/web_notify.py"): "removed by issue 12 item 4 (this branch)",
-    ("sessions/policy.py", "sessions/exec_check.py"): "removed by issue 12 item 4 (this branch)",
     ("sessions/recording.py", "sessions/recwriter.py"): "removed by issue 12 item 4 (this branch)",
 }
 
