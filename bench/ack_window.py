@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.clock import SystemClock  # noqa: E402
-from sessions.recording import RecordingWriter  # noqa: E402
+from sessions.recwriter import RecordingWriter  # noqa: E402
 from sessions.recwriter import ACK_WINDOW  # noqa: E402
 
 

@@ -16,7 +16,8 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.clock import FakeClock  # noqa: E402
-from sessions.recording import RecordingWriter, read_frames  # noqa: E402
+from sessions.recording import read_frames  # noqa: E402
+from sessions.recwriter import RecordingWriter  # noqa: E402
 from sessions.textindex import build_session_text  # noqa: E402
 
 _CHUNK = 32 << 10  # what the relay records per SSH packet

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--rate", type=float, default=2000.0, help="keystrokes per second in total (default 2000)")
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--module", default="sessions.recording", help="module providing RecordingWriter")
+    parser.add_argument("--module", default="sessions.recwriter", help="module providing RecordingWriter")
     args = parser.parse_args()
     cls = importlib.import_module(args.module).RecordingWriter
     base = baseline(args.rate, args.seconds)

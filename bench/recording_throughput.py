@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.clock import SystemClock  # noqa: E402
-from sessions.recording import RecordingWriter, verify_recording  # noqa: E402
+from sessions.recording import verify_recording  # noqa: E402
+from sessions.recwriter import RecordingWriter  # noqa: E402
 
 
 def run(directory: Path, total: int, chunk: int, encrypted: bool) -> dict[str, float]:

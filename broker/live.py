@@ -25,8 +25,8 @@ from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
 from sessions.decoders import DeepScanner
 from sessions.entropy import OPAQUE
-from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
-from sessions.recwriter import ACK_WINDOW
+from sessions.recording import seal_recording, sign_final_hash
+from sessions.recwriter import ACK_WINDOW, RecordingWriter
 from sessions.forward import ForwardContext, ForwardRelay
 from sessions.relay import ChannelContext, RelaySession
 

@@ -1,56 +1,38 @@
-"""Session recordings: append-only, hash-chained, optionally encrypted frame files; write, read, verify, seal."""
+"""Session recordings: append-only, hash-chained, optionally encrypted frame files; read, verify, seal.
+
+The format is defined in sessions/recformat.py (its names are re-exported here); the writer is
+sessions/recwriter.py.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
-import stat
-import struct
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any, Callable, Iterator
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from medcore.clock import Clock, SystemClock, utc_iso
 from medcore.errors import BrokerError, RecordingError, UsageError
+from sessions.recformat import (
+    DATA_KINDS, END_CODE, EPOCH, FIXED, FLAG_ENCRYPTED, KIND_NAMES, KINDS, LEN, MAGIC, MAX_HEADER, MAX_PAYLOAD,
+    MICROSECOND, PRELUDE, TAG, VERSION, derive_key, describe_error, dump_json, frame_aad, json_object, pack_frame,
+    write_all,
+)
 
 __all__ = [
     "MAGIC", "VERSION", "KINDS", "KIND_NAMES", "DATA_KINDS", "MAX_PAYLOAD", "Frame", "VerifyResult",
-    "RecordingWriter", "read_header", "read_frames", "verify_recording", "seal_recording",
+    "read_header", "read_frames", "verify_recording", "seal_recording",
     "sign_final_hash", "verify_final_hash_signature",
 ]
 
-MAGIC = b"MEDBREC\x00"
-VERSION = 1
-# Kind codes are stored in files: add new ones at the end, never renumber.
-KINDS: dict[str, int] = {name: code for code, name in enumerate((
-    "input", "output", "stderr", "resize", "pty", "exec", "shell", "subsystem", "env", "signal", "break",
-    "eof", "sftp-request", "sftp-reply-summary", "file-transfer", "policy-denial", "alert", "notice",
-    "channel-open", "channel-close", "exit", "end",
-    "containment", "forward-bytes"), start=1)}
-KIND_NAMES: dict[int, str] = {code: name for name, code in KINDS.items()}
-DATA_KINDS = frozenset({"input", "output", "stderr"})
-MAX_PAYLOAD = 1 << 20  # larger data is split into several frames; larger events are refused
-_MAX_HEADER = 1 << 20
-_PRELUDE = struct.Struct(">8sHI")  # magic, version, header length
-_LEN = struct.Struct(">II")  # body length, body length XOR 0xFFFFFFFF (tells a torn tail from damage)
-_FIXED = struct.Struct(">QQqIBB")  # seq, mono_ns, wall_us, channel, kind, flags
-_ENCRYPTED = 0x01
-_TAG = 16
-_END = KINDS["end"]
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_US = timedelta(microseconds=1)
 _MAX_PROBLEMS = 50
-_WRITE_BATCH = 1 << 20  # payload bytes per write() in the writer thread
-_IOV_MAX = 1020  # stay under the kernel's 1024 iovecs (4 per frame)
 _VERIFY_HINT = "run: medbroker audit verify (for the full report)"
 
 
@@ -74,7 +56,7 @@ class Frame:
     @property
     def wall_at(self) -> datetime:
         """Aware UTC wall time of the frame."""
-        return _EPOCH + self.wall_us * _US
+        return EPOCH + self.wall_us * MICROSECOND
 
     def event(self) -> dict[str, Any]:
         """The JSON object of an event frame.
@@ -83,7 +65,7 @@ class Frame:
         """
         if self.kind in DATA_KINDS:
             raise RecordingError(f"frame {self.seq} is {self.kind} data, not an event")
-        value = _json_object(self.payload)
+        value = json_object(self.payload)
         if value is None:
             raise RecordingError(f"frame {self.seq}: {self.kind} payload is not a JSON object")
         return value
@@ -102,96 +84,6 @@ class VerifyResult:
     torn_tail_bytes: int = 0
     end_reason: str | None = None
     encrypted: bool = False
-
-
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _dumps(value: dict[str, Any]) -> bytes:
-    try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    except UnicodeEncodeError:  # lone surrogates (e.g. surrogateescape'd paths): keep them as \u escapes
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _derive(key: bytes, salt: bytes, session_id: str) -> tuple[AESGCM, str]:
-    """Per-recording AES key and a key check value, both from HKDF(key, salt, session id)."""
-    okm = HKDF(algorithm=hashes.SHA256(), length=40, salt=salt,
-               info=b"medbroker recording v1\x00" + session_id.encode()).derive(key)
-    return AESGCM(okm[:32]), okm[32:].hex()
-
-
-def _aad(session_id: str) -> bytes:
-    return b"medbroker-rec-v1\x00" + session_id.encode() + b"\x00"
-
-
-def _pack_frame(prev: bytes, fixed: bytes, payload: bytes, out: list[bytes]) -> bytes:
-    """Append the stored form of one frame to ``out``; returns its chain hash."""
-    h = hashlib.sha256(prev)
-    h.update(fixed)
-    h.update(payload)
-    digest = h.digest()
-    size = len(fixed) + len(payload)
-    out += (_LEN.pack(size, size ^ 0xFFFFFFFF), fixed, payload, digest)
-    return digest
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _writev_all(fd: int, parts: list[bytes]) -> None:
-    """Write ``parts`` (at most IOV_MAX of them) without joining them first."""
-    done = os.writev(fd, parts)
-    total = sum(map(len, parts))
-    if done < total:  # short write (signal, full pipe): finish the rest the slow way
-        _write_all(fd, b"".join(parts)[done:])
-
-
-def _describe(exc: BaseException) -> str:
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-
-
-def _open_new(path: str) -> int:
-    """Create ``path`` for appending and lock it; never reuses an existing regular file."""
-    try:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            if stat.S_ISREG(os.stat(path).st_mode):
-                raise RecordingError(f"recording {path} already exists",
-                                     "recordings are never overwritten; use a new session id") from None
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)  # a device or pipe (tests)
-    except OSError as exc:
-        raise RecordingError(f"cannot create recording {path}: {_describe(exc)}",
-                             "check the recordings directory exists and is writable: medbroker check") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        raise RecordingError(f"recording {path} is already being written", "use a new session id") from exc
-    return fd
-
-
-def _fsync_dir(path: str) -> None:
-    # Make the new directory entry durable too; some filesystems refuse, which costs only durability.
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- reading
@@ -259,21 +151,21 @@ class _Scanner:
         return True
 
     def read_head(self) -> bool:
-        if not self._need(_PRELUDE.size):
+        if not self._need(PRELUDE.size):
             if not MAGIC.startswith(bytes(self._buf[:8])):
                 raise _Corrupt("not a medbroker recording (bad magic)")
             return False
-        magic, version, size = _PRELUDE.unpack_from(self._buf, 0)
+        magic, version, size = PRELUDE.unpack_from(self._buf, 0)
         if magic != MAGIC:
             raise _Corrupt("not a medbroker recording (bad magic)")
         if version != VERSION:
             raise _Corrupt(f"unsupported recording format version {version} (this broker reads {VERSION})")
-        if size > _MAX_HEADER:
+        if size > MAX_HEADER:
             raise _Corrupt("header: corrupt length field")
-        end = _PRELUDE.size + size
+        end = PRELUDE.size + size
         if not self._need(end + 32):
             return False
-        header = _json_object(bytes(self._buf[_PRELUDE.size:end]))
+        header = json_object(bytes(self._buf[PRELUDE.size:end]))
         if header is None or not isinstance(header.get("session_id"), str):
             self.header_problem = "header: not a valid JSON object with a session_id"
         else:
@@ -286,22 +178,22 @@ class _Scanner:
 
     def next_frame(self, skip: Callable[[int, int], bool] | None = None) -> _Raw | None:
         """The next frame, or None at the end of the file; ``skip(channel, code)`` True: leave the payload."""
-        if not self._need(_LEN.size):
+        if not self._need(LEN.size):
             return None
-        size, guard = _LEN.unpack_from(self._buf, self._pos)
-        if guard != size ^ 0xFFFFFFFF or not _FIXED.size <= size <= _FIXED.size + MAX_PAYLOAD + _TAG:
+        size, guard = LEN.unpack_from(self._buf, self._pos)
+        if guard != size ^ 0xFFFFFFFF or not FIXED.size <= size <= FIXED.size + MAX_PAYLOAD + TAG:
             raise _Corrupt(f"frame {self.index + 1}: corrupt length field at byte {self.offset}")
-        if not self._need(_LEN.size + size + 32):
+        if not self._need(LEN.size + size + 32):
             return None
-        p = self._pos + _LEN.size
-        fixed = bytes(self._buf[p:p + _FIXED.size])
-        fields = _FIXED.unpack(fixed)
+        p = self._pos + LEN.size
+        fixed = bytes(self._buf[p:p + FIXED.size])
+        fields = FIXED.unpack(fixed)
         stored = bytes(self._buf[p + size:p + size + 32])
         self.index += 1
         if skip is not None and skip(fields[3], fields[4]):
             raw = _Raw(self.index, self.offset, *fields, fixed, b"", stored, stored, skipped=True)
         else:
-            payload = bytes(self._buf[p + _FIXED.size:p + size])
+            payload = bytes(self._buf[p + FIXED.size:p + size])
             h = hashlib.sha256(self.prev)
             h.update(fixed)
             h.update(payload)
@@ -325,7 +217,7 @@ def _key_for(header: dict[str, Any], key_lookup: Callable[[str], bytes] | None,
                              "pass the broker's data keys (keys/data.key)")
     try:
         key = key_lookup(key_id)
-        aead, check = _derive(key, bytes.fromhex(enc.get("salt", "")), header["session_id"])
+        aead, check = derive_key(key, bytes.fromhex(enc.get("salt", "")), header["session_id"])
     except BrokerError:
         raise
     except Exception as exc:  # noqa: BLE001 - the caller's lookup: any failure means "no key"
@@ -333,7 +225,7 @@ def _key_for(header: dict[str, Any], key_lookup: Callable[[str], bytes] | None,
     if check != enc.get("key_check"):
         raise RecordingError(f"{path}: wrong key for this recording (key id {key_id!r})",
                              "the key file does not hold the key this recording was written with")
-    return aead, _aad(header["session_id"])
+    return aead, frame_aad(header["session_id"])
 
 
 class _Checker:
@@ -361,12 +253,12 @@ class _Checker:
         kind = KIND_NAMES.get(raw.code)
         if kind is None:
             problems.append(f"frame {n}: unknown kind code {raw.code}")
-        if raw.flags & ~_ENCRYPTED:
+        if raw.flags & ~FLAG_ENCRYPTED:
             problems.append(f"frame {n}: unknown flags 0x{raw.flags:02x}")
         if raw.skipped:
             return problems, None
         payload: bytes | None = raw.payload
-        if raw.flags & _ENCRYPTED:
+        if raw.flags & FLAG_ENCRYPTED:
             if not self.encrypted:
                 problems.append(f"frame {n}: marked encrypted but the header has no encryption")
                 payload = None
@@ -381,7 +273,7 @@ class _Checker:
         elif self.encrypted and kind != "end":
             problems.append(f"frame {n}: stored in clear in an encrypted recording")
         if payload is not None and kind is not None and kind not in DATA_KINDS:
-            event = _json_object(payload)
+            event = json_object(payload)
             if event is None:
                 problems.append(f"frame {n}: {kind} payload is not a JSON object")
             elif kind == "end":
@@ -397,7 +289,7 @@ def _open_read(path: str | os.PathLike[str], mode: str = "rb") -> Any:
     try:
         return open(path, mode, buffering=0)
     except OSError as exc:
-        raise RecordingError(f"cannot open recording {os.fspath(path)}: {_describe(exc)}",
+        raise RecordingError(f"cannot open recording {os.fspath(path)}: {describe_error(exc)}",
                              "check the session id and the recordings directory") from exc
 
 
@@ -618,17 +510,17 @@ def seal_recording(path: str | os.PathLike[str], *, clock: Clock | None = None) 
         now = (clock or SystemClock()).now()
         event = {"reason": "incomplete", "sealed_at": utc_iso(now), "dropped_bytes": dropped,
                  "frames": sc.index + 1}
-        fixed = _FIXED.pack((last.seq if last else 0) + 1, last.mono_ns if last else 0,
-                            (now - _EPOCH) // _US, 0, _END, 0)
+        fixed = FIXED.pack((last.seq if last else 0) + 1, last.mono_ns if last else 0,
+                            (now - EPOCH) // MICROSECOND, 0, END_CODE, 0)
         out: list[bytes] = []
-        digest = _pack_frame(sc.prev, fixed, _dumps(event), out)
+        digest = pack_frame(sc.prev, fixed, dump_json(event), out)
         try:
             os.ftruncate(fh.fileno(), end_at)
             os.lseek(fh.fileno(), end_at, os.SEEK_SET)
-            _write_all(fh.fileno(), b"".join(out))
+            write_all(fh.fileno(), b"".join(out))
             os.fsync(fh.fileno())
         except OSError as exc:
-            raise RecordingError(f"cannot seal {name}: {_describe(exc)}", "free space, then retry") from exc
+            raise RecordingError(f"cannot seal {name}: {describe_error(exc)}", "free space, then retry") from exc
         return digest.hex(), dropped
 
 
@@ -657,12 +549,3 @@ def verify_final_hash_signature(public_key: Ed25519PublicKey, final_hash_hex: st
         return True
     except (InvalidSignature, ValueError, RecordingError):
         return False
-
-
-def __getattr__(name: str) -> Any:
-    """``RecordingWriter`` lives in sessions/recwriter.py (which imports this module); served lazily here so
-    callers keep one import for the recording format."""
-    if name == "RecordingWriter":
-        from sessions.recwriter import RecordingWriter
-        return RecordingWriter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

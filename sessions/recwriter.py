@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -15,10 +16,9 @@ from typing import Any, Callable
 
 from medcore.clock import Clock
 from medcore.errors import RecordingError, UsageError
-from sessions.recording import (
-    _END, _ENCRYPTED, _EPOCH, _FIXED, _IOV_MAX, _MAX_HEADER, _PRELUDE, _US, _WRITE_BATCH, DATA_KINDS, KINDS, MAGIC,
-    MAX_PAYLOAD, VERSION, _aad, _derive, _describe, _dumps, _fsync_dir, _open_new, _pack_frame, _write_all,
-    _writev_all,
+from sessions.recformat import (
+    DATA_KINDS, END_CODE, EPOCH, FIXED, FLAG_ENCRYPTED, KINDS, MAGIC, MAX_HEADER, MAX_PAYLOAD, MICROSECOND, PRELUDE,
+    VERSION, derive_key, describe_error, dump_json, frame_aad, fsync_dir, pack_frame, write_all,
 )
 
 __all__ = ["RecordingWriter", "FLUSH_INTERVAL", "BATCH_BYTES", "ACK_WINDOW", "writer_stats"]
@@ -31,6 +31,38 @@ ACK_WINDOW = 256 << 10
 """The acknowledgment rule (docs/recording-format.md): payload a session may have handed on (to the vendor or
 the device) before the writer thread has written it. A writer built with ``window=ACK_WINDOW`` pauses its
 session before the next unit could push its unwritten payload past this bound."""
+
+_WRITE_BATCH = 1 << 20  # payload bytes per write() in the writer thread
+_IOV_MAX = 1020  # stay under the kernel's 1024 iovecs (4 per frame)
+
+
+def _writev_all(fd: int, parts: list[bytes]) -> None:
+    """Write ``parts`` (at most IOV_MAX of them) without joining them first."""
+    done = os.writev(fd, parts)
+    total = sum(map(len, parts))
+    if done < total:  # short write (signal, full pipe): finish the rest the slow way
+        write_all(fd, b"".join(parts)[done:])
+
+
+def _open_new(path: str) -> int:
+    """Create ``path`` for appending and lock it; never reuses an existing regular file."""
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            if stat.S_ISREG(os.stat(path).st_mode):
+                raise RecordingError(f"recording {path} already exists",
+                                     "recordings are never overwritten; use a new session id") from None
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)  # a device or pipe (tests)
+    except OSError as exc:
+        raise RecordingError(f"cannot create recording {path}: {describe_error(exc)}",
+                             "check the recordings directory exists and is writable: medbroker check") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise RecordingError(f"recording {path} is already being written", "use a new session id") from exc
+    return fd
 
 
 def _report_callback_error(exc: Exception) -> None:
@@ -195,7 +227,7 @@ class RecordingWriter:
             if len(aead_key) != 32 or not key_id:
                 raise RecordingError("recording encryption needs a 32-byte key and a key_id")
             salt = os.urandom(16)
-            self._aead, check = _derive(aead_key, salt, header["session_id"])
+            self._aead, check = derive_key(aead_key, salt, header["session_id"])
             full["encryption"] = {"alg": "AES-256-GCM", "kdf": "HKDF-SHA256", "key_id": key_id,
                                   "salt": salt.hex(), "key_check": check, "nonce": "seq"}
         elif key_id is not None:
@@ -204,22 +236,22 @@ class RecordingWriter:
             body = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         except (TypeError, ValueError) as exc:
             raise RecordingError(f"recording header is not JSON-serialisable: {exc}") from None
-        if len(body) > _MAX_HEADER:
-            raise RecordingError(f"recording header is {len(body)} bytes; the limit is {_MAX_HEADER}")
-        head = _PRELUDE.pack(MAGIC, VERSION, len(body)) + body
+        if len(body) > MAX_HEADER:
+            raise RecordingError(f"recording header is {len(body)} bytes; the limit is {MAX_HEADER}")
+        head = PRELUDE.pack(MAGIC, VERSION, len(body)) + body
         self.header: dict[str, Any] = full
-        self._aad = _aad(header["session_id"])
+        self._aad = frame_aad(header["session_id"])
         self._last_hash = hashlib.sha256(head).digest()
         self._fd = _open_new(self.path)
         try:
-            _write_all(self._fd, head + self._last_hash)
+            write_all(self._fd, head + self._last_hash)
             if fsync:
                 os.fsync(self._fd)
         except OSError as exc:
             os.close(self._fd)
             if stat.S_ISREG(os.stat(self.path).st_mode):
                 os.unlink(self.path)
-            raise RecordingError(f"cannot write recording {self.path}: {_describe(exc)}",
+            raise RecordingError(f"cannot write recording {self.path}: {describe_error(exc)}",
                                  "free space on the recordings volume, then retry") from exc
         self._clock, self._fsync = clock, fsync
         self._on_error, self._on_pause, self._on_resume = on_error, on_pause, on_resume
@@ -323,13 +355,13 @@ class RecordingWriter:
             a channel outside 0..2**32-1
         """
         code = KINDS.get(kind)
-        if code is None or kind in DATA_KINDS or code == _END:
+        if code is None or kind in DATA_KINDS or code == END_CODE:
             raise RecordingError(f"{kind!r} is not an event kind", "event kinds: " + ", ".join(
                 k for k in KINDS if k not in DATA_KINDS and k != "end"))
         if not isinstance(event, dict):
             raise RecordingError(f"{kind} event must be a dict, got {type(event).__name__}")
         try:
-            payload = _dumps(event)
+            payload = dump_json(event)
         except (TypeError, ValueError) as exc:
             raise RecordingError(f"{kind} event is not JSON-serialisable: {exc}") from None
         if len(payload) > MAX_PAYLOAD:
@@ -348,8 +380,8 @@ class RecordingWriter:
                     self.dropped_frames += 1
                 return 0
             if final:  # built under the lock so the counts match the frames before it
-                payload = _dumps({"reason": end_reason, "frames": self._seq + 1, "bytes_in": self.bytes_in,
-                                  "bytes_out": self.bytes_out})
+                payload = dump_json({"reason": end_reason, "frames": self._seq + 1, "bytes_in": self.bytes_in,
+                                     "bytes_out": self.bytes_out})
             n = len(payload)
             if not final and self._pending + n > self._max:
                 overflow = RecordingError(
@@ -359,7 +391,7 @@ class RecordingWriter:
                 overflow = None
                 mono = self._clock.monotonic_ns()
                 self._seq = seq = self._seq + 1
-                self._queue.append((seq, mono - self._mono0, (self._clock.now() - _EPOCH) // _US,
+                self._queue.append((seq, mono - self._mono0, (self._clock.now() - EPOCH) // MICROSECOND,
                                     channel, code, payload))
                 self._pending += n
                 self._queued += n
@@ -399,12 +431,12 @@ class RecordingWriter:
             if self._failed is None:
                 for seq, mono, wall, channel, code, payload in batch:
                     size += len(payload)
-                    flags = _ENCRYPTED if aead is not None and code != _END else 0
-                    fixed = _FIXED.pack(seq, mono, wall, channel, code, flags)
+                    flags = FLAG_ENCRYPTED if aead is not None and code != END_CODE else 0
+                    fixed = FIXED.pack(seq, mono, wall, channel, code, flags)
                     if flags:
                         payload = aead.encrypt(seq.to_bytes(12, "big"), payload, aad + fixed)
-                    prev = _pack_frame(prev, fixed, payload, out)
-                    ended = ended or code == _END
+                    prev = pack_frame(prev, fixed, payload, out)
+                    ended = ended or code == END_CODE
                     if size >= _WRITE_BATCH or len(out) >= _IOV_MAX:  # write in steps: bounded latency for readers
                         self._flush(out, size, prev)
                         out, size = [], 0
@@ -439,7 +471,7 @@ class RecordingWriter:
         if isinstance(exc, RecordingError):
             err = exc
         else:
-            err = RecordingError(f"recording {self.path}: write failed: {_describe(exc)}",
+            err = RecordingError(f"recording {self.path}: write failed: {describe_error(exc)}",
                                  "free space or fix the recordings volume (medbroker check); "
                                  "the session could not be recorded")
             err.__cause__ = exc
@@ -482,7 +514,7 @@ class RecordingWriter:
         with self._close_lock:
             if not self._closed:
                 try:
-                    self._enqueue(0, _END, b"", end_reason=str(reason))
+                    self._enqueue(0, END_CODE, b"", end_reason=str(reason))
                     with pool.lock:
                         self._stopping = True
                         pool.done.wait_for(lambda: not self._inflight and (
@@ -498,7 +530,7 @@ class RecordingWriter:
                     os.close(self._fd)
                 if self._failed is None:
                     self._final = self._last_hash.hex()
-                    _fsync_dir(self.path)
+                    fsync_dir(self.path)
             if self._failed is not None:
                 raise self._failed
             assert self._final is not None

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from medcore.clock import utc_iso
 from medcore.errors import RecordingError
 from sessions import recording as rec
+from sessions.recformat import fsync_dir
 from sessions.recording import DATA_KINDS, KIND_NAMES, KINDS, MAGIC, VERSION, Frame, VerifyResult
 
 __all__ = ["REDACTED_MAGIC", "RedactionResult", "is_redacted", "redact_recording", "verify_redacted", "verify_any",
@@ -222,7 +223,7 @@ def redact_recording(path: str | os.PathLike[str], *, private_key: Ed25519Privat
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    rec._fsync_dir(name)
+    fsync_dir(name)
     return RedactionResult(frames=frames, removed_frames=removed, removed_bytes=removed_bytes,
                            original_bytes=original_bytes, original_sha256=original.hexdigest(),
                            redacted_bytes=os.path.getsize(name), redacted_sha256=redacted, final_hash=final)

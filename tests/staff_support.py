@@ -18,7 +18,8 @@ from broker.devices import add_device
 from broker.grants import approve_request, request_grant
 from broker.identity import add_user, get_principal
 from broker.indexer import session_rows
-from sessions.recording import DATA_KINDS, RecordingWriter, sign_final_hash
+from sessions.recording import DATA_KINDS, sign_final_hash
+from sessions.recwriter import RecordingWriter
 from sessions.textindex import index_recording
 
 __all__ = ["StaffHome", "make_staff_home", "DEVICE_HOST_KEY"]

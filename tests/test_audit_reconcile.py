@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.cli import app as cli_app
-from sessions.recording import RecordingWriter
+from sessions.recwriter import RecordingWriter
 from frontdoor_support import close_world, events, wait, world_with
 
 pytestmark = pytest.mark.openssh

@@ -18,7 +18,8 @@ from broker.clock import utc_iso
 from broker.devices import add_device
 from broker.grants import approve_request, request_grant
 from broker.identity import add_user, get_principal
-from sessions.recording import RecordingWriter, seal_recording, sign_final_hash
+from sessions.recording import seal_recording, sign_final_hash
+from sessions.recwriter import RecordingWriter
 
 from broker.cli import app as cli_app
 

@@ -13,7 +13,7 @@ import pytest
 from broker.clock import FakeClock
 from broker.errors import RecordingError, StorageError
 from broker.indexer import build_index_rows, session_rows
-from sessions.recording import RecordingWriter
+from sessions.recwriter import RecordingWriter
 from sessions.textindex import index_recording
 
 KEY = bytes(range(32))

@@ -27,7 +27,6 @@ from sessions.recording import (
     KIND_NAMES,
     KINDS,
     MAX_PAYLOAD,
-    RecordingWriter,
     read_frames,
     read_header,
     seal_recording,
@@ -35,6 +34,7 @@ from sessions.recording import (
     verify_final_hash_signature,
     verify_recording,
 )
+from sessions.recwriter import RecordingWriter
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = bytes(range(32))
@@ -409,7 +409,7 @@ def test_seal_refuses_damage_and_live_writers(sample: tuple[Path, str, bytes], t
 _KILLED_WRITER = """
 import sys
 from broker.clock import SystemClock
-from sessions.recording import RecordingWriter
+from sessions.recwriter import RecordingWriter
 w = RecordingWriter(sys.argv[1], {"session_id": "killed"}, clock=SystemClock())
 for i in range(1, 2_000_001):
     w.append_data(0, "output", b"x" * (i % 5000))
@@ -625,7 +625,7 @@ def test_write_failure_in_the_writer_thread_surfaces(tmp_path: Path) -> None:
 _SMALL_DISK = """
 import resource, signal, sys
 from broker.clock import SystemClock
-from sessions.recording import RecordingWriter
+from sessions.recwriter import RecordingWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 w = RecordingWriter(sys.argv[1], {"session_id": "full"}, clock=SystemClock())

@@ -11,7 +11,8 @@ import pytest
 
 from broker.clock import FakeClock, SystemClock
 from broker.errors import RecordingError
-from sessions.recording import RecordingWriter, read_frames, verify_recording
+from sessions.recording import read_frames, verify_recording
+from sessions.recwriter import RecordingWriter
 from sessions.recwriter import FLUSH_INTERVAL
 
 KEY = bytes(range(32))

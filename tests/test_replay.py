@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from broker.clock import FakeClock
 from broker.errors import UsageError
-from sessions.recording import KINDS, Frame, RecordingWriter, read_frames, read_header, verify_recording
+from sessions.recording import KINDS, Frame, read_frames, read_header, verify_recording
+from sessions.recwriter import RecordingWriter
 from sessions.replay import replay, to_asciicast, to_json, to_text, verification_summary
 
 HEADER = {"session_id": "s-42", "user": "alice", "device": "ct-01", "started_at": "2026-01-01T08:00:00.000000Z"}

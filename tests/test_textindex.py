@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from broker.clock import FakeClock
 from sessions import textindex
-from sessions.recording import DATA_KINDS, Frame, RecordingWriter, read_frames
+from sessions.recording import DATA_KINDS, Frame, read_frames
+from sessions.recwriter import RecordingWriter
 from sessions.textindex import SessionText, TextIndex, build_session_text, index_recording
 
 KEY = bytes(range(32))

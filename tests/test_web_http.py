@@ -30,7 +30,7 @@ from broker.web import start_web, stop_web
 from broker.web_auth import check_password, hash_password
 from broker.web_links import issue_signin_link, safe_next_path
 from helpers import FUZZ_EXAMPLES_OTHER
-from sessions.recording import RecordingWriter
+from sessions.recwriter import RecordingWriter
 from web_support import Client, LoopThread
 
 PEOPLE = (("alice", "vendor"), ("bob", "approver"), ("dave", "approver"), ("carol", "security"), ("ann", "admin"))
