@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from broker.errors import BrokerError
-from broker.web import Web, page, source_of
+from broker.web_base import Web, page, source_of
 from broker.web_auth import COOKIE, SignedOut, load_session
 from broker.web_links import resolve_share_link
 

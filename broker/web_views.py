@@ -20,7 +20,7 @@ from broker.errors import BrokerError, ConflictError, GrantExpiredError, NotFoun
 from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, get_request,
                            list_grants, list_requests)
 from broker.identity import get_principal
-from broker.web import HOME, Web, _origin_ok, page, source_of
+from broker.web_base import HOME, Web, origin_ok, page, source_of
 from broker.web_auth import COOKIE, SignedOut, directory_password_signin, end_session, load_session, \
     password_signin, set_password, signin_locked, start_session, uses_directory
 from broker.web_links import issue_share_link, redeem_signin_link, resolve_share_link, safe_next_path, token_hash
@@ -79,7 +79,7 @@ async def signin_page(request: Request) -> Response:
     if request.method == "POST":
         form = await request.form(max_files=0, max_fields=8)
         next_path = safe_next_path(form.get("next"))
-        if not _origin_ok(web, request):
+        if not origin_ok(web, request):
             error = "this form did not come from the console"
         else:
             name, password = str(form.get("user", "")).strip()[:64], str(form.get("password", ""))
@@ -135,7 +135,7 @@ async def signin_link(request: Request) -> Response:
         if request.method == "GET":
             row = await web.db(_peek_token, web.app, token, web.now())
             return web.render(request, "signin_link.html", user=row["user_name"], role=row["role"])
-        if not _origin_ok(web, request):
+        if not origin_ok(web, request):
             raise PermissionDeniedError("this form did not come from the console")
         row = await web.db(redeem_signin_link, web.app.store, token, web.now(), src)
         return await _signed_in(web, request, row["user_name"], "ssh-link", row["next_path"])

@@ -83,9 +83,6 @@ NEVER_IN_LAYER_2 = ("asyncssh", "typer")
 ALLOWED_CIRCLE_EDGES: dict[tuple[str, str], str] = {
     ("broker/live.py", "broker/server.py"): "removed by issue 12 item 1",
     ("broker/server.py", "broker/jump.py"): "removed by issue 12 item 4 (this branch)",
-    ("broker/web.py", "broker/web_views.py"): "removed by issue 12 item 4 (this branch)",
-    ("broker/web.py", "broker/web_stream.py"): "removed by issue 12 item 4 (this branch)",
-    ("broker/web.py", "broker/web_notify.py"): "removed by issue 12 item 4 (this branch)",
 }
 
 
