@@ -29,7 +29,7 @@ from broker.grants import list_grants
 from broker.identity import standing_refusal
 from broker.jumpkeys import device_host_key
 from broker.keys import openssh_fingerprint
-from broker.server import BrokerServer, _listen_options
+from broker.server import BrokerServer, listen_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from broker.server import Broker
@@ -269,7 +269,7 @@ class JumpChannel(asyncssh.SSHTCPSession):
     async def _serve(self, sock: socket.socket) -> None:
         """Run the inner SSH server until the vendor is logged in (or refused); the session then runs on."""
         b = self.broker
-        options = _listen_options(b.app)
+        options = listen_options(b.app)
         options["server_host_keys"] = [self.key]
         try:
             await asyncssh.run_server(sock, server_factory=self._make_server, **options)

@@ -6,7 +6,7 @@ import asyncio
 
 from broker.app import App
 from broker.service import sd_notify
-from broker.server import start_server, stop_server
+from broker.listener import start_server, stop_server
 
 __all__ = ["run_server", "run_worker"]
 

@@ -12,15 +12,15 @@ import json
 import logging
 import os
 from datetime import datetime
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import asyncssh
 
 from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
 from broker.clock import parse_utc, utc_iso
-from broker.config import format_duration, parse_duration, parse_listen, parse_size
-from broker.containment import channel_refusal, check_devices
+from broker.config import format_duration, parse_duration, parse_size
+from broker.containment import channel_refusal
 from broker.directory import refresh_for_login, run_directory_sync
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
@@ -28,7 +28,7 @@ from broker.grants import Grant, expire_requests, find_active_grant, putty_line,
 from broker.identity import Principal, authenticate_key, parse_login, standing_refusal
 from broker.keys import openssh_fingerprint
 from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_failure
-from broker.mfa import install_mfa_hook, mfa_hook_status
+from broker.mfa import mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.startups import Admission, StartupGate, StartupPolicy
@@ -48,9 +48,12 @@ from sessions.shell_guard import PipedLineGuard, ShellLineGuard
 from sessions.shell_lines import LiveScreen
 from sessions.streams import StreamJudge, stream_refusal
 
-__all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
+__all__ = ["Broker", "BrokerServer", "JumpOpener", "VENDOR_ALGORITHMS", "listen_options"]
 
 log = logging.getLogger("medbroker.server")
+
+# Opens a ProxyJump channel for a self-service login: (outer server, host, port) -> the channel session.
+JumpOpener = Callable[["BrokerServer", str, int], Awaitable[asyncssh.SSHTCPSession]]
 
 # Vendor side: AEAD ciphers only, modern kex with the post-quantum hybrid first, no SHA-1, no
 # compression (asyncssh-notes §1.7 and §3.2: AES-GCM is ~2.6x faster than chacha20 in asyncssh).
@@ -81,8 +84,9 @@ class Broker:
     work (signed audit checkpoints, expiring pending requests), which must run in exactly one process.
     """
 
-    def __init__(self, app: App, *, port: int = 2222, worker: int | None = None) -> None:
+    def __init__(self, app: App, *, open_jump: JumpOpener, port: int = 2222, worker: int | None = None) -> None:
         self.app = app
+        self.open_jump = open_jump  # ProxyJump: broker/jump.py's open_jump, handed in (jump.py builds on this module)
         self.port = port
         self.worker = worker
         self.duties = worker is None
@@ -986,9 +990,7 @@ class BrokerServer(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
         if self.device_name is None:  # ProxyJump (ssh -J USER@broker DEVICE): decided and served in broker/jump.py
-            from broker.jump import open_jump  # jump.py builds on this module: imported here, not at the top
-
-            return open_jump(self, dest_host, dest_port)
+            return self.broker.open_jump(self, dest_host, dest_port)
         return open_forward(self, dest_host, dest_port, f"{orig_host}:{orig_port}")  # ssh -L on a device login
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
@@ -1037,7 +1039,8 @@ class SelfServiceSession(OneShotSession):
         self.chan.exit(reply_status)
 
 
-def _listen_options(app: App) -> dict[str, Any]:
+def listen_options(app: App) -> dict[str, Any]:
+    """asyncssh server options for the vendor port (host key, algorithms, timeouts); jump.py's inner servers too."""
     cfg = app.config
     host_key = asyncssh.read_private_key(str(cfg.path(cfg.listen.host_key)))
     return dict(
@@ -1054,76 +1057,3 @@ def _listen_options(app: App) -> dict[str, Any]:
         config=None,
         **VENDOR_ALGORITHMS,
     )
-
-
-async def start_server(app: App, address: str, *, seal: bool = True,
-                       worker: int | None = None) -> tuple[asyncssh.SSHAcceptor, Broker]:
-    """Start listening; returns the acceptor (``.sockets``, ``.close()``) and the broker state.
-
-    :param seal: first seal recordings that crashed broker processes left live
-    :param worker: this process's index under a supervisor (broker/workers.py): it shares the port with
-        SO_REUSEPORT, leaves broker-wide duties to the supervisor and audits ``broker.worker.started``
-    :raises UsageError: bad address
-    :raises OSError: the port is taken
-    """
-    host, port = parse_listen(address)
-    install_mfa_hook()  # key + TOTP (broker/mfa.py); when it cannot install, TOTP users are refused
-    broker = Broker(app, port=port, worker=worker)
-    if seal:
-        await broker.seal_interrupted()
-    if broker.duties:  # devices never checked get a containment check now (bounded wait; the rest goes on)
-        await asyncio.wait([broker.spawn(check_devices(app, broker.default_protected))], timeout=3)
-    shared = app.config.listen.workers > 1 or worker is not None  # several processes accept on this port
-    acceptor = await asyncssh.listen(host, port, server_factory=lambda: BrokerServer(broker),
-                                     reuse_address=True, reuse_port=shared,
-                                     **_listen_options(app))
-    broker.port = acceptor.sockets[0].getsockname()[1] if port == 0 else port
-    broker.settings = broker.settings.with_port(broker.port)
-    await broker.refresh_recent()
-    broker.start_control()
-    if worker is None:
-        await broker.audit("broker.started", address=f"{host}:{broker.port}", pid=broker.pid)
-    else:
-        await broker.audit("broker.worker.started", address=f"{host}:{broker.port}", pid=broker.pid, worker=worker,
-                           supervisor_pid=os.getppid())
-    return acceptor, broker
-
-
-async def _cancel_starts(broker: Broker) -> None:
-    """Sessions still connecting to their device never begin: each closes its recording, marked failed."""
-    for start in list(broker.starting):
-        start.cancel()
-    if broker.starting:
-        await asyncio.wait(list(broker.starting), timeout=10)
-
-
-async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
-    """Stop listening, end live sessions cleanly, flush recordings."""
-    acceptor.close()
-    await acceptor.wait_closed()
-    broker.stopping = True
-    await _cancel_starts(broker)
-    lives = list(broker.live.values())
-    results = await asyncio.gather(*(live.terminate("shutdown", "the broker is shutting down; reconnect in a moment")
-                                     for live in lives), return_exceptions=True)
-    for live, result in zip(lives, results):
-        if isinstance(result, Exception):  # all end together; one failure is logged, never stops the others
-            log.error("ending session %s at shutdown failed: %r", live.id, result)
-    await broker.stop_control()
-    for conn in list(broker.connections):  # anyone still connected (connecting, self-service) is told why
-        conn.disconnect(asyncssh.DISC_BY_APPLICATION, "medbroker is shutting down; reconnect in a moment")
-    for conn in list(broker.connections):
-        try:
-            await asyncio.wait_for(conn.wait_closed(), 5)
-        except asyncio.TimeoutError:
-            conn.abort()
-    for _ in range(3):  # finishing sessions may audit, which spawns more tasks
-        pending = [t for t in broker.tasks if not t.done()]
-        if not pending:
-            break
-        await asyncio.wait(pending, timeout=10)
-    if broker.worker is not None:  # the supervisor signs the chain once every worker has stopped
-        await broker.audit("broker.worker.stopped", pid=broker.pid, worker=broker.worker)
-        return
-    await broker.audit("broker.stopped", pid=broker.pid)
-    await broker.write_checkpoint()  # the last rows of this run are signed too

@@ -40,7 +40,9 @@ from broker.app import App
 from broker.service import sd_notify
 from broker.config import parse_listen
 from broker.errors import BrokerError, ConfigError
-from broker.server import Broker, start_server, stop_server
+from broker.jump import open_jump
+from broker.listener import start_server, stop_server
+from broker.server import Broker
 
 __all__ = ["READY", "reserve_port", "supervise", "serve_worker", "worker_command", "parse_worker_of"]
 
@@ -145,7 +147,8 @@ class Supervisor:
         self.sockets, self.port = reserve_port(host, port)
         self.address = _listen_text(host, self.port)
         try:
-            self.broker = Broker(app, port=self.port)  # broker-wide duties, sealing, the web console's view
+            # broker-wide duties, sealing, the web console's view (it accepts no connections: no jump is opened)
+            self.broker = Broker(app, port=self.port, open_jump=open_jump)
         except BaseException:
             self.close()
             raise

@@ -12,7 +12,8 @@ from broker.app import App, init_home
 from broker.devices import add_device
 from broker.grants import approve_request, request_grant
 from broker.identity import add_user, add_user_key, get_principal
-from broker.server import Broker, start_server, stop_server
+from broker.listener import start_server, stop_server
+from broker.server import Broker
 from helpers.clients import ProcResult, run_ssh, write_known_hosts
 from helpers.keys import KeyPair, generate_keypair
 from helpers.pty import PtySession
