@@ -47,6 +47,7 @@ from sessions.sftp_device import DeviceSftp
 from sessions.shell_guard import PipedLineGuard, ShellLineGuard
 from sessions.shell_lines import LiveScreen
 from sessions.streams import StreamJudge, stream_refusal
+from sessions.tilde import LoginTilde
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
 
@@ -310,6 +311,12 @@ class SessionPolicy:
         containment = getattr(live, "containment", None)
         self.strict_commands = getattr(containment, "state", None) != "contained"
         self._shell: dict = {}  # this channel's interactive shell: where earlier lines may have left it (cd)
+        # ~alice@ct-01 (the vendor's login as a tilde prefix, as Ansible sends it) means the device login's home
+        self.tilde = LoginTilde(f"{live.user}@{live.device.name}")
+
+    def rewrite_command(self, command: str) -> str | None:
+        """An exec command with ``~USER@DEVICE`` made the device login's home (sessions/tilde.py), or None."""
+        return self.tilde.rewrite_command(command)
 
     def kept_uploads(self) -> KeptUploads | None:
         """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
@@ -541,7 +548,8 @@ class GuardedSftp:
             policy.protected, self.device_sftp.realpath, self.device_sftp.head, relay.up.write,
             relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
             now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
-            upload_guard=policy.upload_guard, discard_upload=self._discard_upload)
+            upload_guard=policy.upload_guard, discard_upload=self._discard_upload,
+            rewrite_path=policy.tilde.rewrite_sftp_path)
 
     def vendor_data(self, data: bytes) -> None:
         self.filter.vendor_data(data)
