@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from broker.grants import (approval_card, approvals_text, approve_request, deny_
 from broker.identity import Principal, get_principal
 from broker.web_links import issue_signin_link
 
-__all__ = ["Reply", "run_command", "HELP"]
+__all__ = ["Reply", "run_command", "split_command", "COMMANDS", "HELP"]
 
 HELP = """\
 medbroker over SSH. Commands:
@@ -90,6 +91,51 @@ def _parser() -> _Parser:
     return p
 
 
+COMMANDS = frozenset({"request", "approve", "deny", "requests", "grants", "status", "help", "web"})
+"""The broker's own commands (``ssh alice@broker COMMAND``); anything else was meant for a device."""
+_OPTIONS = ("for", "reason", "ticket", "forward", "mode", "json", "allow-shell")
+_REASON = re.compile(r"(?:^|(?<=\s))--reason(?:=|(?=\s)|$)")
+_NEXT_OPTION = re.compile(r"(?:^|\s)--(?:" + "|".join(re.escape(o) for o in _OPTIONS) + r")(?==|\s|$)")
+
+
+def split_command(command: str) -> list[str]:
+    """Split a self-service command line into words; the text after ``--reason`` is taken as it arrived.
+
+    ssh (and plink) join their arguments with spaces, so ``--reason "customer's scanner won't boot"`` typed
+    at the vendor's shell arrives as ``--reason customer's scanner won't boot``: shell quoting rules would
+    fail on one apostrophe and silently eat two. The reason runs to the next option (``--for``, ``--ticket``,
+    …) or the end; one pair of quotes around all of it is removed. Everything else is split like a shell.
+
+    :raises ValueError: unbalanced quotes outside the reason
+    """
+    match = _REASON.search(command)
+    if match is None:
+        return shlex.split(command)
+    rest = command[match.end():]
+    if rest.startswith("="):
+        rest = rest[1:]
+    end = _NEXT_OPTION.search(rest)
+    reason, tail = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
+    reason = reason.strip()
+    if len(reason) >= 2 and reason[0] == reason[-1] and reason[0] in "'\"" and reason[0] not in reason[1:-1]:
+        reason = reason[1:-1].strip()
+    return shlex.split(command[:match.start()]) + ["--reason"] + ([reason] if reason else []) + split_command(tail)
+
+
+def _not_a_command(app: App, principal: Principal, word: str, port: int, host: str) -> Reply:
+    """``ssh alice@broker ls``: a device command sent to the broker itself. Say how to reach a device."""
+    staff = principal.role in ("approver", "security", "admin")
+    devices = [d.name for d in list_devices(app.store)] if staff else app.store.granted_devices(principal.name)
+    example = devices[0] if devices else "DEVICE"
+    shown = escape_unsafe(word[:40])
+    text = (f"error: '{shown}' is not a medbroker command. To run it on a device, log in as "
+            f"{principal.name}@DEVICE: ssh -p {port} {principal.name}@{example}@{host} {shown}\n")
+    if devices:
+        text += f"{'devices' if staff else 'your devices'}: {', '.join(devices)}\n"
+    text += f"medbroker's own commands: ssh -p {port} {principal.name}@{host} help\n"
+    return Reply(2, stderr=text)
+
+
 def run_command(app: App, principal: Principal, command: str | None, *, source: str | None = None,
                 port: int = 2222) -> Reply:
     """Run one broker command for ``principal``.
@@ -99,12 +145,19 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
     """
     now = app.clock.now()
     host = app.config.listen.public_host
-    try:
-        argv = shlex.split(command) if command else ["status"]
-    except ValueError as exc:
-        return Reply(2, stderr=f"error: cannot parse the command: {exc}\n")
-    if len(argv) > 64 or (command and len(command) > 4096):
+    if command and len(command) > 4096:
         return Reply(2, stderr="error: command too long\n")
+    try:
+        argv = split_command(command) if command else ["status"]
+    except ValueError as exc:
+        return Reply(2, stderr=f"error: cannot parse the command: {exc}\n"
+                               "hint: put --reason last; its text needs no quotes, apostrophes included "
+                               f"(ssh -p {port} USER@{host} request DEVICE --for 2h --reason customer's scanner "
+                               "won't boot); quote other values with double quotes\n")
+    if len(argv) > 64:
+        return Reply(2, stderr="error: command too long\n")
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        return _not_a_command(app, principal, argv[0], port, host)
     try:
         args = _parser().parse_args(argv)
         principal = get_principal(app.store, principal.name)  # re-read: disabled since login?
