@@ -505,10 +505,10 @@ def ended_grant_refusal(store: Store, user: str, device: str, now: datetime, hin
     when = clock_text(ended, zone) if now - ended < timedelta(hours=20) else local_text(ended, zone)
     if grant.revoked_at is not None and grant.revoked_at < grant.ends_at:
         why = f": {grant.revoke_reason}" if grant.revoke_reason else ""
-        text = (f"your access to {device} (grant {grant.id}) was revoked by {grant.revoked_by} at {when}{why}; "
-                f"no other grant is active")
+        text = f"your access to {device} (grant {grant.id}) was revoked by {grant.revoked_by} at {when}{why}"
     else:
-        text = f"your access to {device} (grant {grant.id}) ended at {when}; no other grant is active"
+        text = f"your access to {device} (grant {grant.id}) ended at {when}"
+    text = f"no approved access for {user} to {device} now: {text}"
     return ApprovalRequiredError(text, hint.replace("request it with:", "request again:", 1))
 
 

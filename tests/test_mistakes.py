@@ -10,12 +10,14 @@ import os
 import shlex
 import subprocess
 import time
+from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.grants import revoke_grant
+from broker.grants import ended_grant_refusal, request_hint, revoke_grant
 from broker.identity import get_principal
 from broker.selfservice import split_command
 from helpers.clients import run_command, ssh_options
@@ -104,7 +106,14 @@ def test_common_mistakes_get_answers_on_the_vendors_terminal(world, tmp_path):
     assert {"auth-agent", "x11", "tcpip-forward"} <= set(kinds), kinds
     assert all("not available" in d["reason"] for d in kinds.values())
 
-    # A grant that ended says which one and when, and how to ask again.
+    # A grant that ended says which one and when (UTC, and the display zone's time beside it), and how to ask again.
+    later = grant.ends_at + timedelta(minutes=5)
+    ended = ended_grant_refusal(w.app.store, "alice", "ct-01", later, request_hint("alice", "ct-01"),
+                                ZoneInfo("Europe/Berlin"))
+    assert ended.message == (f"no approved access for alice to ct-01 now: your access to ct-01 (grant {grant.id}) "
+                             f"ended at {grant.ends_at:%H:%M:%S} UTC ("
+                             f"{grant.ends_at.astimezone(ZoneInfo('Europe/Berlin')):%H:%M %Z})")
+    assert ended.hint.startswith("request again: ssh -p 2222 alice@broker request ct-01 --for 2h")
     revoke_grant(w.app.store, w.app.audit, grant.id, get_principal(w.app.store, "bob"), w.app.clock.now(),
                  "work moved to tomorrow")
     r = ssh("alice@ct-01", "true")
