@@ -8,7 +8,8 @@ scp (which speaks SFTP) sends the path still wrapped in the quotes Ansible added
 prefix before anything judges or runs the command or path:
 
 * exec command lines: ``~LOGIN`` that begins a shell word becomes ``~``; a word that is a quoted
-  ``'~LOGIN/rest'`` (or ``"…"``) becomes ``~/'rest'``, so the device's shell expands it to the home;
+  ``'~LOGIN/rest'`` (or ``"…"``, or quoted again inside ``sh -c '…'`` as ``'"'"'~LOGIN'"'"'``, which is how
+  Ansible sends ``echo '~alice@ct-01'``) becomes ``~/'rest'``, so the device's shell expands it to the home;
 * SFTP paths: ``~LOGIN`` / ``~LOGIN/rest`` and the quoted ``'~LOGIN/rest'`` become ``.`` / ``rest``
   (the SFTP server's relative paths start in the login's home).
 
@@ -23,7 +24,9 @@ __all__ = ["LoginTilde"]
 # Characters after which a shell word begins (unquoted), and after which a tilde prefix ends.
 _WORD_START = frozenset(" \t\n;&|()<>`")
 _PREFIX_END = frozenset(" \t\n;&|()<>`/")
-_QUOTES = ("'", '"')
+# Quote sequences that open (and close) a word: plain quotes, and a quote inside a single-quoted ``sh -c '…'``
+# argument as shlex.quote / Ansible nest it ('"'"' ) or as people write it ('\'').
+_QUOTES = ("'\"'\"'", "'\\''", "'", '"')
 
 
 class LoginTilde:
@@ -52,17 +55,16 @@ class LoginTilde:
                     i += n
                     changed = True
                     continue
-            if at_word and c in _QUOTES and command.startswith(prefix, i + 1):
-                after = command[i + 1 + n] if i + 1 + n < size else ""
-                if after == "/":  # '~alice@ct-01/rest' -> ~/'rest'
-                    out.append("~/" + c)
-                    i += 1 + n + 1
-                    changed = True
+            quote = next((q for q in _QUOTES if command.startswith(q + prefix, i)), None) if at_word else None
+            if quote is not None:
+                j = i + len(quote) + n
+                if command.startswith("/", j):  # '~alice@ct-01/rest' -> ~/'rest'
+                    out.append("~/" + quote)
+                    i, changed = j + 1, True
                     continue
-                if after == c:  # '~alice@ct-01' -> ~
+                if command.startswith(quote, j):  # '~alice@ct-01' -> ~
                     out.append("~")
-                    i += 1 + n + 1
-                    changed = True
+                    i, changed = j + len(quote), True
                     continue
             out.append(c)
             i += 1

@@ -165,6 +165,9 @@ TILDE = LoginTilde("alice@ct-01")
     ("rm -f -r '~alice@ct-01/.ansible/tmp/x/' > /dev/null 2>&1", "rm -f -r ~/'.ansible/tmp/x/' > /dev/null 2>&1"),
     ("cat ~alice@ct-01/../../etc/shadow", "cat ~/../../etc/shadow"),
     ('ls "~alice@ct-01"', "ls ~"),
+    # Ansible's `echo '~alice@ct-01'` (its ~ expansion) inside /bin/sh -c '...'
+    ("/bin/sh -c 'echo '\"'\"'~alice@ct-01'\"'\"' && sleep 0'", "/bin/sh -c 'echo ~ && sleep 0'"),
+    (r"sh -c 'ls '\''~alice@ct-01/x y'\'''", r"sh -c 'ls ~/'\''x y'\'''"),
     ("ls ~alice@ct-01x ~alice@ct-0 a~alice@ct-01 ~bob@ct-01", None),  # other names, mid-word: untouched
 ])
 def test_exec_words_naming_the_login_as_tilde_mean_the_home(sent, device_sees):
