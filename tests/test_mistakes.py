@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from broker.grants import ended_grant_refusal, request_hint, revoke_grant
 from broker.identity import get_principal
 from broker.selfservice import split_command
-from helpers.clients import run_command, ssh_options
+from helpers.clients import run_command, scp_download, scp_upload, ssh_options
 from sessions.sftp_codec import FXP_EXTENDED, FXP_OPEN, FXP_RENAME, frame, parse_request, rewrite_request_paths, \
     string, u32
 from sessions.tilde import LoginTilde
@@ -210,3 +210,34 @@ def test_request_paths_are_rewritten_in_the_packet(paths, rid):
         after = parse_request(out)
         assert after.paths == expected and after.id == rid and after.op == before.op
         assert (after.pflags, after.attrs) == (before.pflags, before.attrs)
+
+
+@pytest.mark.openssh
+def test_the_login_as_tilde_is_the_device_home_on_every_channel_and_judged_resolved(exposed_world, tmp_path):
+    """scp (SFTP mode, and legacy -O), sftp paths and exec words: ``~alice@ct-01`` is the device login's home;
+    ``~alice@ct-01/tmp/../data/dicom/…`` is judged as the resolved path (on a device whose login could read it);
+    no literal directory appears."""
+    w = exposed_world
+    w.grant()
+    tree = w.device.tree
+    key, kh = w.keys["alice"].private_path, w.known_hosts
+    local = tmp_path / "notes.txt"
+    local.write_bytes(b"service notes\n")
+    for remote, legacy in (("~alice@ct-01/tmp/a.txt", False), ("'~alice@ct-01/tmp/b.txt'", False),
+                           ("~alice@ct-01/tmp/c.txt", True)):
+        r = scp_upload("alice@ct-01", "127.0.0.1", w.port, key, local, remote, legacy=legacy, known_hosts=kh)
+        assert r.returncode == 0, (remote, r.stderr)
+    assert [(tree.tmp_dir / n).read_bytes() for n in ("a.txt", "b.txt", "c.txt")] == [b"service notes\n"] * 3
+    dicom = tree.patient["dicom_file"]
+    sneaky = "~alice@ct-01/tmp/../" + str(dicom.relative_to(tree.root))
+    r = scp_download("alice@ct-01", "127.0.0.1", w.port, key, sneaky, tmp_path / "x.dcm", known_hosts=kh)
+    assert r.returncode != 0 and b"protected patient-data directory" in r.stderr, r.stderr
+    assert not (tmp_path / "x.dcm").exists()
+    r = w.ssh("alice@ct-01", f"cat {sneaky} ; ls -d ~alice@ct-01/tmp")
+    assert r.returncode == 1 and b"medbroker: " in r.stderr and b"protected patient-data" in r.stderr, r.stderr
+    r = w.ssh("alice@ct-01", "ls ~alice@ct-01/tmp/a.txt '~alice@ct-01/tmp/b.txt'")
+    assert r.returncode == 0 and r.stdout.split() == [str(tree.tmp_dir / "a.txt").encode(),
+                                                      str(tree.tmp_dir / "b.txt").encode()], r
+    assert not list(tree.root.glob("~*"))
+    denied = [_details(e) for e in w.events("sftp.denied")]
+    assert denied and denied[0]["path"] == str(dicom), denied  # judged as the resolved path
