@@ -28,6 +28,8 @@ HELP = """\
 medbroker over SSH. Commands:
   (no command)                       what you may do: your grants, pending requests, devices
   request DEVICE --for 2h --reason TEXT [--ticket REF] [--forward HOST:PORT] [--mode read-only]
+                                     the reason runs to the next option or the end of the
+                                     line, as typed: no quotes needed, apostrophes welcome
   approve ID [--for DURATION] [--allow-shell]
                                      approvers: approve a request (optionally a shorter window; the
                                      shortest any approver chose applies); --allow-shell lets a

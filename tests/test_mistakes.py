@@ -78,7 +78,7 @@ def test_common_mistakes_get_answers_on_the_vendors_terminal(world, tmp_path):
                      "alice@ct-01@127.0.0.1:service/logs/", str(tmp_path / "copy")], timeout=30)
     assert r.returncode != 0 and b"medbroker: rsync is not available through medbroker" in r.stderr, r.stderr
     assert b"use scp or sftp" in r.stderr
-    assert any("rsync" in _details(e)["command"] for e in w.events("exec.denied"))
+    assert _wait(lambda: any("rsync" in _details(e)["command"] for e in w.events("exec.denied")))
 
     # Agent (-A) and X11 (-X) forwarding, and a remote forward (-R): refused as before, now said and audited;
     # the command itself still runs.
@@ -239,5 +239,5 @@ def test_the_login_as_tilde_is_the_device_home_on_every_channel_and_judged_resol
     assert r.returncode == 0 and r.stdout.split() == [str(tree.tmp_dir / "a.txt").encode(),
                                                       str(tree.tmp_dir / "b.txt").encode()], r
     assert not list(tree.root.glob("~*"))
-    denied = [_details(e) for e in w.events("sftp.denied")]
+    denied = [_details(e) for e in _wait(lambda: w.events("sftp.denied"))]
     assert denied and denied[0]["path"] == str(dicom), denied  # judged as the resolved path
