@@ -22,7 +22,7 @@ from broker.grants import (approval_card, approvals_text, approve_request, deny_
 from broker.identity import Principal, get_principal
 from broker.web_links import issue_signin_link
 
-__all__ = ["Reply", "run_command", "split_command", "COMMANDS", "HELP"]
+__all__ = ["Reply", "run_command", "split_command", "HELP"]
 
 HELP = """\
 medbroker over SSH. Commands:
@@ -93,9 +93,7 @@ def _parser() -> _Parser:
     return p
 
 
-COMMANDS = frozenset({"request", "approve", "deny", "requests", "grants", "status", "help", "web"})
-"""The broker's own commands (``ssh alice@broker COMMAND``); anything else was meant for a device."""
-_OPTIONS = ("for", "reason", "ticket", "forward", "mode", "json", "allow-shell")
+_OPTIONS = ("for", "reason", "ticket", "forward", "mode", "json", "allow-shell", "strike", "user", "putty")
 _REASON = re.compile(r"(?:^|(?<=\s))--reason(?:=|(?=\s)|$)")
 _NEXT_OPTION = re.compile(r"(?:^|\s)--(?:" + "|".join(re.escape(o) for o in _OPTIONS) + r")(?==|\s|$)")
 
@@ -131,10 +129,12 @@ def _not_a_command(app: App, principal: Principal, word: str, port: int, host: s
     example = devices[0] if devices else "DEVICE"
     shown = escape_unsafe(word[:40])
     text = (f"error: '{shown}' is not a medbroker command. To run it on a device, log in as "
-            f"{principal.name}@DEVICE: ssh -p {port} {principal.name}@{example}@{host} {shown}\n")
+            f"{principal.name}@DEVICE: ssh -p {port} {principal.name}@{example}@{host} {shown}\n"
+            f"PuTTY: plink -P {port} {principal.name}@{example}@{host} {shown}\n")
     if devices:
         text += f"{'devices' if staff else 'your devices'}: {', '.join(devices)}\n"
-    text += f"medbroker's own commands: ssh -p {port} {principal.name}@{host} help\n"
+    text += (f"medbroker's own commands: ssh -p {port} {principal.name}@{host} help\n"
+             f"PuTTY: plink -P {port} {principal.name}@{host} help\n")
     return Reply(2, stderr=text)
 
 
@@ -155,11 +155,9 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
         return Reply(2, stderr=f"error: cannot parse the command: {exc}\n"
                                "hint: put --reason last; its text needs no quotes, apostrophes included "
                                f"(ssh -p {port} USER@{host} request DEVICE --for 2h --reason customer's scanner "
-                               "won't boot); quote other values with double quotes\n")
+                               "won't boot); quote other values with double quotes (plink: the same)\n")
     if len(argv) > 64:
         return Reply(2, stderr="error: command too long\n")
-    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        return _not_a_command(app, principal, argv[0], port, host)
     try:
         args = _parser().parse_args(argv)
         principal = get_principal(app.store, principal.name)  # re-read: disabled since login?
@@ -211,6 +209,9 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
                             "Do not forward it: whoever opens it first is signed in as you.\n")
         return _status(app, principal, args.cmd, args.json, now, port)
     except BrokerError as exc:
+        if isinstance(exc, UsageError) and exc.message.startswith("argument cmd: invalid choice") \
+                and argv and not argv[0].startswith("-"):  # not one of the broker's own commands: meant for a device
+            return _not_a_command(app, principal, argv[0], port, host)
         status = 2 if isinstance(exc, UsageError) else 1
         text = f"error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else "")
         return Reply(status, stderr=text)

@@ -76,9 +76,11 @@ CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then ever
 # What a vendor reads when asking for agent or X11 forwarding on a session channel (sessions/chanreq.py).
 REFUSED_REQUESTS = {
     AGENT: "agent forwarding (ssh -A) is not available through medbroker: the device must never reach your "
-           "keys, and medbroker logs in to it with its own credential; connect without -A (ForwardAgent no)",
+           "keys, and medbroker logs in to it with its own credential; connect without -A (ForwardAgent no; "
+           "PuTTY: Connection > SSH > Auth, untick 'Allow agent forwarding')",
     X11: "X11 forwarding (ssh -X/-Y) is not available through medbroker: windows from the device would leave "
-         "unrecorded; connect without -X (ForwardX11 no) and copy files with scp or sftp",
+         "unrecorded; connect without -X (ForwardX11 no; PuTTY: Connection > SSH > X11, untick 'Enable X11 "
+         "forwarding') and copy files with scp or sftp",
 }
 REFUSAL_GRACE_S = 3.0  # an over-cap connection gets this long to reach user auth and read why it is refused
 

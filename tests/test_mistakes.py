@@ -70,6 +70,10 @@ def test_common_mistakes_get_answers_on_the_vendors_terminal(world, tmp_path):
     assert r.returncode == 2
     assert b"'ls' is not a medbroker command" in r.stderr and b"alice@ct-01@broker ls" in r.stderr, r.stderr
     assert b"your devices: ct-01" in r.stderr and b"alice@broker help" in r.stderr
+    assert b"PuTTY: plink -P " in r.stderr
+    # A quote left open outside the reason: refused, saying how to write it.
+    r = ssh("alice", 'request ct-01 --ticket "WO-1 --for 1h --reason x')
+    assert r.returncode == 2 and b"cannot parse the command" in r.stderr and b"put --reason last" in r.stderr
 
     # rsync runs `rsync --server` as an exec command: refused, and rsync shows why.
     r = run_command(["rsync", "-e", shlex.join(["ssh", *ssh_options(key=w.keys["alice"].private_path,
@@ -233,8 +237,12 @@ def test_the_login_as_tilde_is_the_device_home_on_every_channel_and_judged_resol
     r = scp_download("alice@ct-01", "127.0.0.1", w.port, key, sneaky, tmp_path / "x.dcm", known_hosts=kh)
     assert r.returncode != 0 and b"protected patient-data directory" in r.stderr, r.stderr
     assert not (tmp_path / "x.dcm").exists()
-    r = w.ssh("alice@ct-01", f"cat {sneaky} ; ls -d ~alice@ct-01/tmp")
-    assert r.returncode == 1 and b"medbroker: " in r.stderr and b"protected patient-data" in r.stderr, r.stderr
+    nested = "sh -c 'head -c 200 '\\''" + sneaky + "'\\'''"  # sh -c 'head -c 200 '\''~alice@ct-01/…'\'''
+    for command in (f"cat {sneaky} ; ls -d ~alice@ct-01/tmp", f"cat '{sneaky}'", nested):
+        r = w.ssh("alice@ct-01", command)
+        assert r.returncode == 1 and b"medbroker: " in r.stderr and b"protected patient-data" in r.stderr, \
+            (command, r.stderr)
+        assert b"DICM" not in r.stdout
     r = w.ssh("alice@ct-01", "ls ~alice@ct-01/tmp/a.txt '~alice@ct-01/tmp/b.txt'")
     assert r.returncode == 0 and r.stdout.split() == [str(tree.tmp_dir / "a.txt").encode(),
                                                       str(tree.tmp_dir / "b.txt").encode()], r
