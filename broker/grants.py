@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from broker.audit import AuditLog
-from broker.clock import parse_utc, utc_iso
+from broker.clock import clock_text, local_text, parse_utc, utc_iso
 from broker.config import format_duration, id_in_range, unsafe_char
 from broker.devices import shell_policy
 from broker.forwards import ProtectedPorts, forwards_text, grant_ports, parse_forwards, parse_strikes
@@ -24,6 +24,8 @@ from broker.store import Store, dumps
 
 __all__ = [
     "GrantRules",
+    "ended_grant_refusal",
+    "unknown_device_refusal",
     "approvals_needed",
     "approval_card",
     "approvals_text",
@@ -519,6 +521,39 @@ def find_active_grant(store: Store, user: str, device: str, now: datetime, *, hi
         raise ApprovalRequiredError(f"no approved access for {user} to {device} now",
                                     hint or request_hint(user, device))
     return _grant(rows[0])
+
+
+def unknown_device_refusal(store: Store, user: str, device: str, hint: str) -> ApprovalRequiredError:
+    """The answer to ``alice@nosuch@broker``. A vendor who has held grants learns the device is unknown and
+    which of *their* devices exist (never the rest of the inventory); one with no history gets the same
+    words as "no grant", so an outsider with a stolen key learns nothing about which devices exist."""
+    mine = store.granted_devices(user)
+    if not mine:
+        return ApprovalRequiredError(f"no approved access for {user} to {device} now", hint)
+    return ApprovalRequiredError(f"no device {device!r} among those you have had access to: {', '.join(mine)}",
+                                 "ask the hospital for the exact device name")
+
+
+def ended_grant_refusal(store: Store, user: str, device: str, now: datetime, hint: str,
+                        zone=None) -> ApprovalRequiredError:
+    """No active grant: say which grant ended when (its window, or a revocation), else the plain refusal.
+
+    :param hint: how to request again (``request_hint``)
+    :param zone: the display time zone (broker/clock.py ``display_zone``); UTC is always given too
+    """
+    row = store.last_ended_grant(user, device, utc_iso(now))
+    if row is None:
+        return ApprovalRequiredError(f"no approved access for {user} to {device} now", hint)
+    grant = _grant(row)
+    ended = parse_utc(row["ended_at"])
+    when = clock_text(ended, zone) if now - ended < timedelta(hours=20) else local_text(ended, zone)
+    if grant.revoked_at is not None and grant.revoked_at < grant.ends_at:
+        why = f": {grant.revoke_reason}" if grant.revoke_reason else ""
+        text = f"your access to {device} (grant {grant.id}) was revoked by {grant.revoked_by} at {when}{why}"
+    else:
+        text = f"your access to {device} (grant {grant.id}) ended at {when}"
+    text = f"no approved access for {user} to {device} now: {text}"
+    return ApprovalRequiredError(text, hint.replace("request it with:", "request again:", 1))
 
 
 def revoke_grant(store: Store, audit: AuditLog, grant_id: int, by: Principal, now: datetime,

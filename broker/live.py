@@ -210,7 +210,7 @@ class LiveSession:
         policy = self.broker.policy_for(self)
         ctx = ChannelContext(
             number=self.numbers, recorder=self.recorder, open_upstream=self._open_upstream,
-            check_exec=policy.check_exec, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
+            check_exec=policy.check_exec, rewrite_command=policy.rewrite_command, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
             check_shell=policy.check_shell,
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
             judge_exec=policy.judge_exec, make_line_guard=policy.make_line_guard,

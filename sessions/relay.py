@@ -100,6 +100,10 @@ class ChannelContext:
     """``open_upstream(session_factory, command, subsystem, env, term_type, term_size, term_modes)``"""
     check_exec: Callable[[str], str | None] = lambda command: None
     """Returns a refusal message for an exec command, or None to allow it."""
+    rewrite_command: Callable[[str], str | None] = lambda command: None
+    """Asked first for each exec command: the command as the device should see it (``~alice@ct-01`` made the
+    device login's home, sessions/tilde.py), or None to keep it. Every later hook sees the rewritten command;
+    the recording keeps both."""
     check_subsystem: Callable[[str], str | None] = lambda name: f"subsystem {name} is not available"
     check_shell: Callable[[], str | None] = lambda: None
     """Returns a refusal message for an interactive shell, or None to allow it."""
@@ -216,6 +220,9 @@ class RelaySession(asyncssh.SSHServerSession):
     def exec_requested(self, command: str | bytes) -> bool:
         if isinstance(command, bytes):
             command = command.decode("utf-8", "replace")
+        sent, rewritten = command, self.ctx.rewrite_command(command)
+        if rewritten is not None:
+            command = rewritten
         self.kind, self.command = "exec", command
         # A command the broker serves itself (legacy scp) is judged by its handler, item by item;
         # everything else by check_exec, which also refuses scp when no handler serves it (fail closed).
@@ -229,8 +236,10 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.handler is not None:  # its blocks reach the vendor whole
             self.ctx.recorder.expect_unit(WHOLE_UNIT)
         # served_by: the broker answers this command itself (legacy scp); the device never runs it
-        self.ctx.recorder.append_event(self.ctx.number, "exec", {"command": command} if self.handler is None
-                                       else {"command": command, "served_by": "medbroker"})
+        event = {"command": command} if self.handler is None else {"command": command, "served_by": "medbroker"}
+        if rewritten is not None:  # what the vendor sent, before ~USER@DEVICE became the device login's home
+            event["sent"] = sent
+        self.ctx.recorder.append_event(self.ctx.number, "exec", event)
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
