@@ -120,7 +120,7 @@ NON_DEFAULT = {
                "penalty_min": '"11s"', "penalty_max": '"13m"'},
     "policy": {"protected_paths_file": '"pp.toml"', "scan_output": "false", "check_commands": "false",
                "exposed_shell": '"files-only"', "containment_ttl": '"5m"',
-               "max_opaque_output": '"1MiB"'},
+               "max_opaque_output": '"1MiB"', "forward_tls": '"allow"'},
     "alerts": {"file": '"a.jsonl"', "webhook_url": '"http://127.0.0.1:9/hook"'},
     "retention": {"days": "365", "allow_below_floor": "true"},
     "web": {"address": '"127.0.0.1:8080"', "public_url": '"https://broker.example"', "link_ttl": '"5m"',
