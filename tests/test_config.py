@@ -516,3 +516,13 @@ def test_example_config_lists_every_key_and_loads(tmp_path: Path) -> None:
     assert known - shown == set(), f"missing from config/broker.example.toml: {sorted(known - shown)}"
     (tmp_path / "broker.toml").write_text(example)
     load_config(tmp_path / "broker.toml")
+
+
+def test_forward_tls_is_one_of_three(tmp_path) -> None:
+    path = tmp_path / "broker.toml"
+    for good in ("contained-only", "allow", "refuse"):
+        path.write_text(f'[policy]\nforward_tls = "{good}"\n')
+        assert load_config(path).policy.forward_tls == good
+    path.write_text('[policy]\nforward_tls = "yes"\n')
+    with pytest.raises(ConfigError, match="policy.forward_tls = 'yes'; expected 'contained-only', 'allow' or 'refuse'"):
+        load_config(path)
