@@ -198,7 +198,7 @@ def test_request_strike_and_never_port_104(world):
                           "--forward", "443", "--forward", "localhost:8080", "--json").stdout)
     assert doc["forwards"] == [443, 8080]
     show = _cli(world, "requests", "show", str(doc["id"])).stdout
-    assert "forwards: 443, 8080" in show and "TLS" in show
+    assert "forwards: 443, 8080" in show and "443 (TLS: inspected? no — allowed only on contained devices)" in show
     assert _cli(world, "approve", str(doc["id"]), "--by", "bob", "--strike", "9999").exit_code == 2
     out = json.loads(_cli(world, "approve", str(doc["id"]), "--by", "bob", "--strike", "8080", "--json").stdout)
     assert out["grant"]["forwards"] == [443] and out["request"]["struck"] == [8080]
@@ -209,6 +209,7 @@ def test_request_strike_and_never_port_104(world):
                                ).stdout)["id"]
     card = world.ssh("bob", "requests").stdout.decode()
     assert "forwards: 443, 8443" in card and "--strike PORT" in card
+    assert "8443 (TLS: inspected? no — allowed only on contained devices)" in card
     r = world.ssh("bob", f"approve {rid} --strike 8443")
     assert r.returncode == 0 and b"Port forwards: 443." in r.stdout, r.stdout + r.stderr
     assert world.ssh("alice", "request ct-01 --for 1h --reason x --forward 2575").returncode == 1
