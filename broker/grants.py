@@ -10,7 +10,7 @@ from broker.audit import AuditLog
 from broker.clock import clock_text, local_text, parse_utc, utc_iso
 from broker.config import format_duration, id_in_range, unsafe_char
 from broker.devices import shell_policy
-from broker.forwards import ProtectedPorts, forwards_text, grant_ports, parse_forwards, parse_strikes
+from broker.forwards import ProtectedPorts, forwards_text, grant_ports, parse_forwards, parse_strikes, tls_rule_text
 from broker.errors import (
     ApprovalRequiredError,
     ConflictError,
@@ -80,6 +80,7 @@ class GrantRules:
     critical_approvers: int = 2
     exposed_shell: str = "two-approvers"  # [policy] exposed_shell: what an exposed device allows by default
     protected_ports: ProtectedPorts = field(default_factory=ProtectedPorts)  # never forwarded (broker/forwards.py)
+    forward_tls: str = "contained-only"  # [policy] forward_tls: TLS through forwards (broker/forwards.py)
 
 
 def approvals_needed(rules: GrantRules, device_row: dict | None) -> int:
@@ -248,16 +249,20 @@ def approval_card(store: Store, rules: GrantRules, req: ApprovalRequest) -> dict
     ports = sorted(grant_ports(req.forwards))
     if ports:
         struck = set(req.struck)
-        notes.append(f"port forwards to {req.device}: {', '.join(str(p) + (' (struck)' if p in struck else '') for p in ports)}"
-                     f". Each forwarded connection is recorded (plain text in full; TLS, e.g. HTTPS, only its sizes: its "
-                     f"content cannot be inspected). Strike a port you do not allow: approve {req.id} --strike PORT.")
+        tls = tls_rule_text(rules.forward_tls)
+        notes.append(f"port forwards to {req.device}: "
+                     f"{', '.join(str(p) + (' (struck)' if p in struck else f' ({tls})') for p in ports)}"
+                     f". Each forwarded connection is recorded (plain text in full and inspected; TLS, e.g. HTTPS, only "
+                     f"its sizes: its content cannot be inspected). Strike a port you do not allow: approve {req.id} "
+                     "--strike PORT.")
     if req.mode != "normal":
         notes.append(f"{req.mode} request: files only (sftp and scp, no shell or exec) unless you approve it "
                      "with --allow-shell (every approver must).")
     return {"containment": containment, "containment_checked_at": dev.get("containment_checked_at"),
             "exposed_paths": exposed, "exposed_allows": policy, "approvals_needed": approvals_needed(rules, dev),
             "notes": notes, "approvals": [dict(a) for a in req.approval_details],
-            "forwards": [{"port": p, "struck": p in set(req.struck)} for p in ports]}
+            "forwards": [{"port": p, "struck": p in set(req.struck), "tls": tls_rule_text(rules.forward_tls)}
+                         for p in ports]}
 
 
 def approvals_text(req: ApprovalRequest) -> str:

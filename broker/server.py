@@ -41,6 +41,7 @@ from sessions.entropy import OpaqueBudget
 from sessions.exec_check import check_command_line
 from sessions.upload_check import StreamGuard, find_reference, path_tokens, runs_interpreter, script_candidates
 from sessions.policy import ProtectedPaths, load_protected_paths
+from sessions.forward import ForwardRelay
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
@@ -511,8 +512,9 @@ class SessionPolicy:
             budget = self.live.opaque_budget = OpaqueBudget(parse_size(self.broker.app.config.policy.max_opaque_output))
         return DeepScanner(budget)
 
-    def make_stream_judge(self, relay: RelaySession) -> "GuardedStreams":
-        """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3)."""
+    def make_stream_judge(self, relay: "RelaySession | ForwardRelay") -> "GuardedStreams":
+        """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3) or one plain-text
+        forwarded connection (issue 14)."""
         return GuardedStreams(self, relay)
 
     def make_exec_handler(self, relay: RelaySession, command: str) -> ScpServer | None:
@@ -521,10 +523,11 @@ class SessionPolicy:
 
 
 class GuardedStreams:
-    """Glue between one shell/exec channel and its :class:`StreamJudge`: a file-transfer protocol there is
-    recorded (policy-denial frame), audited (``channel.protocol.denied``) and explained to the vendor."""
+    """Glue between one shell/exec channel (or forwarded connection) and its :class:`StreamJudge`: a
+    file-transfer protocol there is recorded (policy-denial frame), audited (``channel.protocol.denied``) and
+    explained to the vendor."""
 
-    def __init__(self, policy: SessionPolicy, relay: RelaySession) -> None:
+    def __init__(self, policy: SessionPolicy, relay: "RelaySession | ForwardRelay") -> None:
         self.live, self.relay, self.broker = policy.live, relay, policy.broker
         self.judge = StreamJudge()
 
@@ -533,14 +536,15 @@ class GuardedStreams:
         if self.judge.feed(direction, data) is None:
             return None
         hit, live, relay = self.judge.hit, self.live, self.relay
-        reason = stream_refusal(hit)
+        port = getattr(relay.ctx, "port", None)  # a forwarded connection's device port
+        reason = stream_refusal(hit, forward=port is not None)
         live.recorder.append_event(relay.ctx.number, "policy-denial", {
             "protocol": hit.protocol, "stream": "input" if direction == "vendor" else "output",
-            "offset": hit.offset, "reason": reason})
+            "offset": hit.offset, "reason": reason, **({"port": port} if port is not None else {})})
         self.broker.audit_soon("channel.protocol.denied", user=live.user, device=live.device.name,
                                session_id=live.id, grant_id=live.grant.id, channel=relay.ctx.number,
                                kind=relay.kind, command=relay.command, protocol=hit.protocol, direction=direction,
-                               offset=hit.offset, reason=reason)
+                               offset=hit.offset, reason=reason, **({"port": port} if port is not None else {}))
         return reason
 
 
