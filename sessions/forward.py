@@ -177,8 +177,10 @@ class ForwardRelay(asyncssh.SSHTCPSession):
             return
         if not self._judge("device", data):
             return
-        if not self.tls and self._scan.get("device") is not None:
-            data = self._tail.take(data)  # a record-like unfinished last line waits briefly for the rest
+        scanner = self._scan.get("device")
+        if not self.tls and scanner is not None:
+            # a record-like unfinished last line, or output inside an undecided compressed stream, waits briefly
+            data = self._tail.take(data, scanner.undecided())
             if not data:
                 return
         self._deliver(data)

@@ -481,7 +481,7 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.judge is not None and self._judged("device", data):
             return
         if self.scanner is not None and datatype is None:
-            data = self._tail.take(data)
+            data = self._tail.take(data, self.scanner.undecided())
             if not data:
                 return
         self._forward(data, datatype)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-__all__ = ["TailHold", "TAIL_HOLD_S", "TAIL_HOLD_MAX"]
+__all__ = ["TailHold", "TAIL_HOLD_S", "TAIL_HOLD_MAX", "UNDECIDED_HOLD_MAX"]
 
 TAIL_HOLD_S = 0.02  # longest a record-like unfinished output line waits for the rest
 TAIL_HOLD_MAX = 8192
+UNDECIDED_HOLD_MAX = 64 * 1024  # longest output held whole while the scanner is undecided (see take)
 _TAIL_TEXT = bytes(range(0x20, 0x7F)) + b"\t\r\x1b"
 
 
@@ -32,11 +33,21 @@ class TailHold:
     def held(self) -> bytes:
         return self._held
 
-    def take(self, data: bytes) -> bytes:
-        """``data`` (after anything held before) minus a record-like unfinished last line, which is held."""
+    def take(self, data: bytes, undecided: bool = False) -> bytes:
+        """``data`` (after anything held before) minus a record-like unfinished last line, which is held.
+
+        ``undecided`` (DeepScanner.undecided): the scanner is inside a compressed stream that may still prove to
+        be patient data, so all of it is held (up to UNDECIDED_HOLD_MAX, at most TAIL_HOLD_S from the first
+        held byte) until a later chunk decides; a hit then drops it unseen (the first line of ``gzip | base64``
+        reached the vendor when a terminal delivered it alone)."""
         if self._held:
             data = self._held + data
             self._held = b""
+        if undecided and len(data) <= UNDECIDED_HOLD_MAX:
+            self._held = data
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(TAIL_HOLD_S, self._expired)
+            return b""
         cut = data.rfind(b"\n") + 1
         tail = data[cut:]
         if (tail and len(tail) <= TAIL_HOLD_MAX and (tail.find(b"|") != -1 or tail.find(b"^") != -1)
