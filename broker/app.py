@@ -57,7 +57,8 @@ class App:
     def rules(self) -> GrantRules:
         c = self.config
         return GrantRules(c.seconds("grants", "max_duration"), c.seconds("grants", "request_ttl"),
-                          c.grants.critical_approvers, c.policy.exposed_shell, self.protected_ports)
+                          c.grants.critical_approvers, c.policy.exposed_shell, self.protected_ports,
+                          c.policy.forward_tls)
 
     @property
     def protected_ports(self) -> ProtectedPorts:

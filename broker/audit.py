@@ -53,7 +53,8 @@ EVENTS: dict[str, str] = {
     "session.sealed": "an interrupted recording was sealed at startup",
     "session.stopped": "a live session ended because what it was opened with was withdrawn (user disabled, login "
                        "key removed, role changed, device removed)",
-    "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem)",
+    "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem; protocol = tls: a TLS "
+                       "forwarded connection [policy] forward_tls does not allow)",
     "jump.open": "a self-service login opened a ProxyJump channel (ssh -J) to a device name; the broker serves "
                  "SSH on it (docs/security.md)",
     "jump.login": "the vendor logged in through a ProxyJump channel (same key as the first hop); the session that "
@@ -65,7 +66,9 @@ EVENTS: dict[str, str] = {
                          "key removed, role changed)",
     "exec.denied": "an exec command naming a protected path was refused",
     "channel.protocol.denied": "a file-transfer protocol (sftp, scp, rsync, tar, cpio, ssh) flowed on a shell or exec "
-                               "channel; the channel was ended",
+                               "channel or a plain-text port forward (kind = forward, port), or a forwarded "
+                               "connection that started as TLS stopped being TLS (protocol = not-tls); that "
+                               "channel or connection was ended",
     "sftp.denied": "an SFTP request was refused by policy",
     "sftp.protocol.denied": "an SFTP peer broke the protocol (malformed or oversize packet, request before INIT, "
                             "reused request id, unexpected packet or reply); the channel was closed at once",

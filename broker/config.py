@@ -241,6 +241,9 @@ class PolicyConfig:
     max_opaque_output: str = "64KiB"
     """Per session: output that cannot be inspected (compressed, encrypted, random) before the session
     ends with an alert; "0" turns the limit off. See docs/data-protection.md."""
+    forward_tls: str = "contained-only"
+    """TLS through an approved port forward (it cannot be inspected): "contained-only" (only on devices whose
+    login cannot read patient data), "allow" or "refuse". See docs/security.md "Port forwards"."""
 
 
 @dataclass(frozen=True)
@@ -517,6 +520,9 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
                           'e.g. max_opaque_output = "64KiB" ("0" turns the limit off)') from None
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
+    if cfg.policy.forward_tls not in ("contained-only", "allow", "refuse"):
+        raise ConfigError(f"{source}: policy.forward_tls = {cfg.policy.forward_tls!r}; expected 'contained-only', "
+                          "'allow' or 'refuse'", 'e.g. forward_tls = "contained-only" (the default)')
     if cfg.policy.exposed_shell not in ("allow", "files-only", "two-approvers"):
         raise ConfigError(f"{source}: policy.exposed_shell = {cfg.policy.exposed_shell!r}; expected 'allow', "
                           "'files-only' or 'two-approvers'")
@@ -772,6 +778,7 @@ check_commands = true             # refuse exec commands naming protected paths
 exposed_shell = "two-approvers"   # exposed devices (login can read a protected path): allow | files-only | two-approvers
 containment_ttl = "60s"           # how long a containment check is reused at session start
 max_opaque_output = "64KiB"       # per session: compressed/encrypted/random output before it ends ("0": off)
+forward_tls = "contained-only"    # TLS through port forwards (not inspectable): contained-only | allow | refuse
 
 [alerts]
 file = "alerts.jsonl"             # every denial and detection, one JSON object per line

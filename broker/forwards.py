@@ -5,7 +5,8 @@ it on the device side, through the session's own device connection, to 127.0.0.1
 only (``--forward 443``; ``localhost:443``, ``127.0.0.1:443`` and ``DEVICE:443`` are accepted and stored as
 443); another host is refused. Ports that carry patient data (DICOM, HL7 MLLP) and the device's SSH port can
 never be requested, approved or opened; a site adds more in the policy file (``[ports] never = [...]``) and
-can never remove the built-in ones. Pure: no SSH, no SQL.
+can never remove the built-in ones. TLS through a forward cannot be inspected: ``[policy] forward_tls`` says where
+it is allowed (:func:`tls_refusal`, :func:`tls_rule_text`). Pure: no SSH, no SQL.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Iterable
 from broker.errors import ConfigError, PermissionDeniedError, UsageError
 
 __all__ = ["BUILTIN_NEVER", "LOCAL_NAMES", "ProtectedPorts", "load_protected_ports", "parse_forward_port",
-           "parse_forwards", "grant_ports", "parse_strikes", "forward_refusal", "forwards_text"]
+           "parse_forwards", "grant_ports", "parse_strikes", "forward_refusal", "forwards_text", "FORWARD_TLS",
+           "tls_refusal", "tls_rule_text"]
 
 # Ports that carry patient data or would bypass the broker: never forwarded, whatever a site configures.
 BUILTIN_NEVER: dict[int, str] = {
@@ -32,6 +34,7 @@ BUILTIN_NEVER: dict[int, str] = {
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"})
 _SPEC = re.compile(r"(?:(?P<host>[A-Za-z0-9._\-]{1,253}|\[[0-9A-Fa-f:]{2,39}\]):)?(?P<port>[0-9]{1,5})", re.ASCII)
 MAX_FORWARDS = 16
+FORWARD_TLS = ("contained-only", "allow", "refuse")  # [policy] forward_tls
 
 
 class ProtectedPorts:
@@ -191,3 +194,30 @@ def forward_refusal(dest_host: str, dest_port: int, device: str, allowed: frozen
                 + (f" (it allows {have})" if have else " (it allows no forwards)")
                 + f"; request it: request {device} --for 1h --reason ... --forward {dest_port}")
     return None
+
+
+def tls_rule_text(rule: str) -> str:
+    """What an approver reads next to each port: is TLS on it inspected, and where is it allowed."""
+    if rule == "allow":
+        return "TLS: inspected? no — allowed on every device (policy forward_tls = allow)"
+    if rule == "refuse":
+        return "TLS: refused (policy forward_tls = refuse); plain text only, inspected"
+    return "TLS: inspected? no — allowed only on contained devices"
+
+
+def tls_refusal(rule: str, containment: str | None, device: str, port: int) -> str | None:
+    """Why a TLS connection through a forward to ``port`` on ``device`` (containment state ``containment``) is
+    refused under ``[policy] forward_tls = rule``, or None to allow it. Unknown containment counts as exposed."""
+    if rule == "allow":
+        return None
+    after = (f"so this connection to port {port} on {device} was closed before it reached the device. Use the "
+             "device's plain-text (http) port if it has one")
+    if rule == "refuse":
+        return ("TLS through port forwards is refused on this broker (medbroker cannot inspect it), "
+                f"{after}, or ask the hospital's security team")
+    if containment == "contained":
+        return None
+    state = ("exposed: its maintenance login can read patient data" if containment == "exposed"
+             else "not known to be contained (its containment check has not succeeded)")
+    return (f"TLS through a port forward is allowed only on contained devices, and {device} is {state}; medbroker "
+            f"cannot inspect TLS, {after}, or ask the hospital's biomedical engineers to contain the device")

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from broker.audit import AuditLog
-from broker.clock import parse_utc, utc_iso
+from broker.clock import clock_text, local_text, parse_utc, utc_iso
 from broker.config import format_duration, id_in_range, unsafe_char
 from broker.devices import shell_policy
-from broker.forwards import ProtectedPorts, forwards_text, grant_ports, parse_forwards, parse_strikes
+from broker.forwards import ProtectedPorts, forwards_text, grant_ports, parse_forwards, parse_strikes, tls_rule_text
 from broker.errors import (
     ApprovalRequiredError,
     ConflictError,
@@ -24,6 +24,8 @@ from broker.store import Store, dumps
 
 __all__ = [
     "GrantRules",
+    "ended_grant_refusal",
+    "unknown_device_refusal",
     "approvals_needed",
     "approval_card",
     "approvals_text",
@@ -78,6 +80,7 @@ class GrantRules:
     critical_approvers: int = 2
     exposed_shell: str = "two-approvers"  # [policy] exposed_shell: what an exposed device allows by default
     protected_ports: ProtectedPorts = field(default_factory=ProtectedPorts)  # never forwarded (broker/forwards.py)
+    forward_tls: str = "contained-only"  # [policy] forward_tls: TLS through forwards (broker/forwards.py)
 
 
 def approvals_needed(rules: GrantRules, device_row: dict | None) -> int:
@@ -246,16 +249,20 @@ def approval_card(store: Store, rules: GrantRules, req: ApprovalRequest) -> dict
     ports = sorted(grant_ports(req.forwards))
     if ports:
         struck = set(req.struck)
-        notes.append(f"port forwards to {req.device}: {', '.join(str(p) + (' (struck)' if p in struck else '') for p in ports)}"
-                     f". Each forwarded connection is recorded (plain text in full; TLS, e.g. HTTPS, only its sizes: its "
-                     f"content cannot be inspected). Strike a port you do not allow: approve {req.id} --strike PORT.")
+        tls = tls_rule_text(rules.forward_tls)
+        notes.append(f"port forwards to {req.device}: "
+                     f"{', '.join(str(p) + (' (struck)' if p in struck else f' ({tls})') for p in ports)}"
+                     f". Each forwarded connection is recorded (plain text in full and inspected; TLS, e.g. HTTPS, only "
+                     f"its sizes: its content cannot be inspected). Strike a port you do not allow: approve {req.id} "
+                     "--strike PORT.")
     if req.mode != "normal":
         notes.append(f"{req.mode} request: files only (sftp and scp, no shell or exec) unless you approve it "
                      "with --allow-shell (every approver must).")
     return {"containment": containment, "containment_checked_at": dev.get("containment_checked_at"),
             "exposed_paths": exposed, "exposed_allows": policy, "approvals_needed": approvals_needed(rules, dev),
             "notes": notes, "approvals": [dict(a) for a in req.approval_details],
-            "forwards": [{"port": p, "struck": p in set(req.struck)} for p in ports]}
+            "forwards": [{"port": p, "struck": p in set(req.struck), "tls": tls_rule_text(rules.forward_tls)}
+                         for p in ports]}
 
 
 def approvals_text(req: ApprovalRequest) -> str:
@@ -519,6 +526,39 @@ def find_active_grant(store: Store, user: str, device: str, now: datetime, *, hi
         raise ApprovalRequiredError(f"no approved access for {user} to {device} now",
                                     hint or request_hint(user, device))
     return _grant(rows[0])
+
+
+def unknown_device_refusal(store: Store, user: str, device: str, hint: str) -> ApprovalRequiredError:
+    """The answer to ``alice@nosuch@broker``. A vendor who has held grants learns the device is unknown and
+    which of *their* devices exist (never the rest of the inventory); one with no history gets the same
+    words as "no grant", so an outsider with a stolen key learns nothing about which devices exist."""
+    mine = store.granted_devices(user)
+    if not mine:
+        return ApprovalRequiredError(f"no approved access for {user} to {device} now", hint)
+    return ApprovalRequiredError(f"no device {device!r} among those you have had access to: {', '.join(mine)}",
+                                 "ask the hospital for the exact device name")
+
+
+def ended_grant_refusal(store: Store, user: str, device: str, now: datetime, hint: str,
+                        zone=None) -> ApprovalRequiredError:
+    """No active grant: say which grant ended when (its window, or a revocation), else the plain refusal.
+
+    :param hint: how to request again (``request_hint``)
+    :param zone: the display time zone (broker/clock.py ``display_zone``); UTC is always given too
+    """
+    row = store.last_ended_grant(user, device, utc_iso(now))
+    if row is None:
+        return ApprovalRequiredError(f"no approved access for {user} to {device} now", hint)
+    grant = _grant(row)
+    ended = parse_utc(row["ended_at"])
+    when = clock_text(ended, zone) if now - ended < timedelta(hours=20) else local_text(ended, zone)
+    if grant.revoked_at is not None and grant.revoked_at < grant.ends_at:
+        why = f": {grant.revoke_reason}" if grant.revoke_reason else ""
+        text = f"your access to {device} (grant {grant.id}) was revoked by {grant.revoked_by} at {when}{why}"
+    else:
+        text = f"your access to {device} (grant {grant.id}) ended at {when}"
+    text = f"no approved access for {user} to {device} now: {text}"
+    return ApprovalRequiredError(text, hint.replace("request it with:", "request again:", 1))
 
 
 def revoke_grant(store: Store, audit: AuditLog, grant_id: int, by: Principal, now: datetime,

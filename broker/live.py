@@ -18,7 +18,7 @@ from broker.containment import session_containment
 from broker.config import format_duration
 from broker.devices import Device
 from broker.errors import ApprovalRequiredError, BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
-from broker.forwards import forward_refusal, grant_ports
+from broker.forwards import forward_refusal, grant_ports, tls_refusal
 from broker.grants import Grant, find_active_grant, putty_line, request_hint
 from broker.identity import standing_refusal
 from broker.indexer import build_index_rows
@@ -210,7 +210,7 @@ class LiveSession:
         policy = self.broker.policy_for(self)
         ctx = ChannelContext(
             number=self.numbers, recorder=self.recorder, open_upstream=self._open_upstream,
-            check_exec=policy.check_exec, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
+            check_exec=policy.check_exec, rewrite_command=policy.rewrite_command, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
             check_shell=policy.check_shell,
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
             judge_exec=policy.judge_exec, make_line_guard=policy.make_line_guard,
@@ -245,7 +245,9 @@ class LiveSession:
         relay = ForwardRelay(ForwardContext(
             number=number, port=port, recorder=self.recorder, make_scanner=policy.make_scanner,
             make_input_scanner=DeepScanner if policy.scan_output else None,
-            on_detection=self._forward_detected, on_closed=self._forward_closed,
+            make_handshake_scanner=DeepScanner if policy.scan_output else None,
+            make_stream_judge=policy.make_stream_judge, tls_refusal=lambda: self._tls_refusal(port),
+            on_detection=self._forward_detected, on_refused=self._forward_refused, on_closed=self._forward_closed,
             forward_unrecorded=not self.broker.settings.strict))
         if self.recorder.paused:
             relay.hold("vendor", "recorder")
@@ -279,26 +281,59 @@ class LiveSession:
         relay.inserted = self.broker.spawn(insert())
         return relay
 
+    def _tls_refusal(self, port: int) -> str | None:
+        """``[policy] forward_tls`` for this session's device (its containment at session start)."""
+        state = self.containment.state if self.containment is not None else None
+        return tls_refusal(self.broker.app.config.policy.forward_tls, state, self.device.name, port)
+
     def _forward_detected(self, relay: ForwardRelay, what: str, direction: str) -> None:
-        """Patient data in a forward's plain text: the forwarded connection ends (ForwardRelay), alert."""
+        """A finding in a forward's plain text (or TLS handshake). Patient data (or the opaque budget) ends the
+        session, as in shell/exec output (``_detected``); an SSH server on the port ends that connection only."""
+        fields = dict(user=self.user, device=self.device.name, session_id=self.id, grant_id=self.grant.id,
+                      channel=relay.ctx.number, content=what, port=relay.ctx.port, direction=direction,
+                      kind="forward")
         if what == "ssh":
             message = (f"an SSH server answered on the forwarded port {relay.ctx.port}; SSH to {self.device.name} goes "
                        f"through medbroker (ssh {self.user}@{self.device.name}@{self.broker.settings.public_host}), "
                        "so the forwarded connection was closed and security staff were alerted")
-        elif what == OPAQUE:
+            self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "forward closed",
+                                                                   "port": relay.ctx.port, "reason": message})
+            self.broker.audit_soon("alert.exfiltration", **fields)
+            for other in list(self.channels):  # the vendor's terminal (if any) says why the page stopped
+                if isinstance(other, RelaySession):
+                    other.notice(message)
+            return
+        if what == OPAQUE:  # the session's opaque-output budget (sessions/entropy.py), shared with exec output
             budget = getattr(self, "opaque_budget", None)
             why = budget.describe() if budget else "too much output that could not be inspected"
-            message = (f"a forwarded connection to port {relay.ctx.port} carried {why}, which the patient-data guard "
-                       "cannot check; it was closed and security staff were alerted")
+            message = (f"the session produced {why}, which the patient-data guard cannot check; the session was "
+                       "ended and security staff were alerted")
+        elif direction == "to-vendor":
+            message = (f"output contained {what} patient data, which may not leave the hospital; the session "
+                       "was ended and security staff were alerted")
         else:
-            message = (f"a forwarded connection to port {relay.ctx.port} carried {what} patient data ({direction}); "
-                       "it was closed and security staff were alerted")
-        self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "forward closed",
+            message = (f"a forwarded connection to port {relay.ctx.port} carried {what} patient data to the device; "
+                       "the session was ended and security staff were alerted")
+        self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "session ended",
                                                                "port": relay.ctx.port, "reason": message})
-        self.broker.audit_soon("alert.exfiltration", user=self.user, device=self.device.name, session_id=self.id,
-                               grant_id=self.grant.id, channel=relay.ctx.number, content=what, port=relay.ctx.port,
-                               direction=direction, kind="forward", **self._opaque_detail(what))
-        for other in list(self.channels):  # the vendor's terminal (if any) says why the page stopped
+        self.broker.audit_soon("alert.exfiltration", **fields, **self._opaque_detail(what))
+        self.broker.spawn(self.terminate("stopped", message))
+
+    def _forward_refused(self, relay: ForwardRelay, kind: str, direction: str, message: str) -> None:
+        """A forwarded connection ended by a rule: TLS not allowed here ("tls": ``channel.refused``), a TLS
+        start that stopped being TLS ("not-tls": ``channel.protocol.denied``), a file-transfer protocol
+        ("protocol": the stream judge audited it). The vendor's terminal, if a shell is open, says why."""
+        fields = dict(user=self.user, device=self.device.name, session_id=self.id, grant_id=self.grant.id,
+                      channel=relay.ctx.number, port=relay.ctx.port)
+        if kind == "tls":
+            self.broker.audit_soon("channel.refused", **fields, kind="direct-tcpip", protocol="tls",
+                                   target=f"{self.device.name}:{relay.ctx.port}", reason=message)
+        elif kind == "not-tls":
+            self.broker.audit_soon("channel.protocol.denied", **fields, kind="forward", protocol="not-tls",
+                                   direction=direction, reason=message)
+            message = (f"a forwarded connection to port {relay.ctx.port} was closed: {message} (medbroker records "
+                       "TLS as sizes only, so a stream that starts as TLS must stay TLS)")
+        for other in list(self.channels):
             if isinstance(other, RelaySession):
                 other.notice(message)
 

@@ -24,7 +24,7 @@ from broker.identity import Principal, get_principal
 from broker.sshconfig import build_ssh_config, render_openssh, render_putty
 from broker.web_links import issue_signin_link
 
-__all__ = ["Reply", "run_command", "HELP"]
+__all__ = ["Reply", "run_command", "split_command", "HELP"]
 
 HELP = """\
 medbroker over SSH. Commands:
@@ -32,6 +32,8 @@ medbroker over SSH. Commands:
   request DEVICE --for 2h --reason TEXT [--ticket REF] [--forward PORT] [--mode read-only]
                                      --forward 443 (repeatable): a port on the device to reach
                                      with ssh -L 8443:DEVICE:443 USER@DEVICE@BROKER during the window
+                                     the reason runs to the next option or the end of the
+                                     line, as typed: no quotes needed, apostrophes welcome
   approve ID [--for DURATION] [--allow-shell] [--strike PORT]
                                      approvers: approve a request (optionally a shorter window; the
                                      shortest any approver chose applies); --allow-shell lets a
@@ -104,6 +106,51 @@ def _parser() -> _Parser:
     return p
 
 
+_OPTIONS = ("for", "reason", "ticket", "forward", "mode", "json", "allow-shell", "strike", "user", "putty")
+_REASON = re.compile(r"(?:^|(?<=\s))--reason(?:=|(?=\s)|$)")
+_NEXT_OPTION = re.compile(r"(?:^|\s)--(?:" + "|".join(re.escape(o) for o in _OPTIONS) + r")(?==|\s|$)")
+
+
+def split_command(command: str) -> list[str]:
+    """Split a self-service command line into words; the text after ``--reason`` is taken as it arrived.
+
+    ssh (and plink) join their arguments with spaces, so ``--reason "customer's scanner won't boot"`` typed
+    at the vendor's shell arrives as ``--reason customer's scanner won't boot``: shell quoting rules would
+    fail on one apostrophe and silently eat two. The reason runs to the next option (``--for``, ``--ticket``,
+    …) or the end; one pair of quotes around all of it is removed. Everything else is split like a shell.
+
+    :raises ValueError: unbalanced quotes outside the reason
+    """
+    match = _REASON.search(command)
+    if match is None:
+        return shlex.split(command)
+    rest = command[match.end():]
+    if rest.startswith("="):
+        rest = rest[1:]
+    end = _NEXT_OPTION.search(rest)
+    reason, tail = (rest[:end.start()], rest[end.start():]) if end else (rest, "")
+    reason = reason.strip()
+    if len(reason) >= 2 and reason[0] == reason[-1] and reason[0] in "'\"" and reason[0] not in reason[1:-1]:
+        reason = reason[1:-1].strip()
+    return shlex.split(command[:match.start()]) + ["--reason"] + ([reason] if reason else []) + split_command(tail)
+
+
+def _not_a_command(app: App, principal: Principal, word: str, port: int, host: str) -> Reply:
+    """``ssh alice@broker ls``: a device command sent to the broker itself. Say how to reach a device."""
+    staff = principal.role in ("approver", "security", "admin")
+    devices = [d.name for d in list_devices(app.store)] if staff else app.store.granted_devices(principal.name)
+    example = devices[0] if devices else "DEVICE"
+    shown = escape_unsafe(word[:40])
+    text = (f"error: '{shown}' is not a medbroker command. To run it on a device, log in as "
+            f"{principal.name}@DEVICE: ssh -p {port} {principal.name}@{example}@{host} {shown}\n"
+            f"PuTTY: plink -P {port} {principal.name}@{example}@{host} {shown}\n")
+    if devices:
+        text += f"{'devices' if staff else 'your devices'}: {', '.join(devices)}\n"
+    text += (f"medbroker's own commands: ssh -p {port} {principal.name}@{host} help\n"
+             f"PuTTY: plink -P {port} {principal.name}@{host} help\n")
+    return Reply(2, stderr=text)
+
+
 def run_command(app: App, principal: Principal, command: str | None, *, source: str | None = None,
                 port: int = 2222) -> Reply:
     """Run one broker command for ``principal``.
@@ -113,11 +160,16 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
     """
     now = app.clock.now()
     host = app.config.listen.public_host
+    if command and len(command) > 4096:
+        return Reply(2, stderr="error: command too long\n")
     try:
-        argv = shlex.split(command) if command else ["status"]
+        argv = split_command(command) if command else ["status"]
     except ValueError as exc:
-        return Reply(2, stderr=f"error: cannot parse the command: {exc}\n")
-    if len(argv) > 64 or (command and len(command) > 4096):
+        return Reply(2, stderr=f"error: cannot parse the command: {exc}\n"
+                               "hint: put --reason last; its text needs no quotes, apostrophes included "
+                               f"(ssh -p {port} USER@{host} request DEVICE --for 2h --reason customer's scanner "
+                               "won't boot); quote other values with double quotes (plink: the same)\n")
+    if len(argv) > 64:
         return Reply(2, stderr="error: command too long\n")
     try:
         args = _parser().parse_args(argv)
@@ -177,6 +229,9 @@ def run_command(app: App, principal: Principal, command: str | None, *, source: 
                             "Do not forward it: whoever opens it first is signed in as you.\n")
         return _status(app, principal, args.cmd, args.json, now, port)
     except BrokerError as exc:
+        if isinstance(exc, UsageError) and exc.message.startswith("argument cmd: invalid choice") \
+                and argv and not argv[0].startswith("-"):  # not one of the broker's own commands: meant for a device
+            return _not_a_command(app, principal, argv[0], port, host)
         status = 2 if isinstance(exc, UsageError) else 1
         text = f"error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else "")
         return Reply(status, stderr=text)

@@ -18,13 +18,14 @@ import asyncssh
 
 from broker.app import App, default_policy_file
 from broker.audit import write_checkpoint
-from broker.clock import parse_utc, utc_iso
+from broker.clock import display_zone, parse_utc, utc_iso
 from broker.config import format_duration, parse_duration, parse_size
 from broker.containment import channel_refusal
 from broker.directory import refresh_for_login, run_directory_sync
 from broker.devices import Device, device_credential, get_device
 from broker.errors import ApprovalRequiredError, BrokerError, NotFoundError, PermissionDeniedError, UsageError
-from broker.grants import Grant, expire_requests, find_active_grant, putty_line, request_hint
+from broker.grants import (Grant, ended_grant_refusal, expire_requests, find_active_grant, putty_line,
+                           request_hint, unknown_device_refusal)
 from broker.identity import Principal, authenticate_key, parse_login, standing_refusal
 from broker.keys import openssh_fingerprint
 from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_failure
@@ -40,6 +41,7 @@ from sessions.entropy import OpaqueBudget
 from sessions.exec_check import check_command_line
 from sessions.upload_check import StreamGuard, find_reference, path_tokens, runs_interpreter, script_candidates
 from sessions.policy import ProtectedPaths, load_protected_paths
+from sessions.forward import ForwardRelay
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
 from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
@@ -47,6 +49,8 @@ from sessions.sftp_device import DeviceSftp
 from sessions.shell_guard import PipedLineGuard, ShellLineGuard
 from sessions.shell_lines import LiveScreen
 from sessions.streams import StreamJudge, stream_refusal
+from sessions.tilde import LoginTilde
+from sessions.chanreq import AGENT, X11, watch_refused_requests
 
 __all__ = ["Broker", "BrokerServer", "JumpOpener", "VENDOR_ALGORITHMS", "listen_options"]
 
@@ -73,6 +77,15 @@ CODE_PROMPT = "Verification code: "
 STOP_POLL_S = 0.25  # how often the control loop looks for sessions to end: revoke/kill/disable reach them in < 1 s
 RECENT_TICKS = 60  # control-loop ticks between refreshes of recently successful addresses (other workers' logins)
 CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then every 5 minutes (600 ticks of 0.5 s)
+# What a vendor reads when asking for agent or X11 forwarding on a session channel (sessions/chanreq.py).
+REFUSED_REQUESTS = {
+    AGENT: "agent forwarding (ssh -A) is not available through medbroker: the device must never reach your "
+           "keys, and medbroker logs in to it with its own credential; connect without -A (ForwardAgent no; "
+           "PuTTY: Connection > SSH > Auth, untick 'Allow agent forwarding')",
+    X11: "X11 forwarding (ssh -X/-Y) is not available through medbroker: windows from the device would leave "
+         "unrecorded; connect without -X (ForwardX11 no; PuTTY: Connection > SSH > X11, untick 'Enable X11 "
+         "forwarding') and copy files with scp or sftp",
+}
 REFUSAL_GRACE_S = 3.0  # an over-cap connection gets this long to reach user auth and read why it is refused
 
 
@@ -314,6 +327,12 @@ class SessionPolicy:
         containment = getattr(live, "containment", None)
         self.strict_commands = getattr(containment, "state", None) != "contained"
         self._shell: dict = {}  # this channel's interactive shell: where earlier lines may have left it (cd)
+        # ~alice@ct-01 (the vendor's login as a tilde prefix, as Ansible sends it) means the device login's home
+        self.tilde = LoginTilde(f"{live.user}@{live.device.name}")
+
+    def rewrite_command(self, command: str) -> str | None:
+        """An exec command with ``~USER@DEVICE`` made the device login's home (sessions/tilde.py), or None."""
+        return self.tilde.rewrite_command(command)
 
     def kept_uploads(self) -> KeptUploads | None:
         """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
@@ -497,8 +516,9 @@ class SessionPolicy:
             budget = self.live.opaque_budget = OpaqueBudget(parse_size(self.broker.app.config.policy.max_opaque_output))
         return DeepScanner(budget)
 
-    def make_stream_judge(self, relay: RelaySession) -> "GuardedStreams":
-        """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3)."""
+    def make_stream_judge(self, relay: "RelaySession | ForwardRelay") -> "GuardedStreams":
+        """The file-transfer protocol judge for one shell or exec channel (issue 11, finding 3) or one plain-text
+        forwarded connection (issue 14)."""
         return GuardedStreams(self, relay)
 
     def make_exec_handler(self, relay: RelaySession, command: str) -> ScpServer | None:
@@ -507,10 +527,11 @@ class SessionPolicy:
 
 
 class GuardedStreams:
-    """Glue between one shell/exec channel and its :class:`StreamJudge`: a file-transfer protocol there is
-    recorded (policy-denial frame), audited (``channel.protocol.denied``) and explained to the vendor."""
+    """Glue between one shell/exec channel (or forwarded connection) and its :class:`StreamJudge`: a
+    file-transfer protocol there is recorded (policy-denial frame), audited (``channel.protocol.denied``) and
+    explained to the vendor."""
 
-    def __init__(self, policy: SessionPolicy, relay: RelaySession) -> None:
+    def __init__(self, policy: SessionPolicy, relay: "RelaySession | ForwardRelay") -> None:
         self.live, self.relay, self.broker = policy.live, relay, policy.broker
         self.judge = StreamJudge()
 
@@ -519,14 +540,15 @@ class GuardedStreams:
         if self.judge.feed(direction, data) is None:
             return None
         hit, live, relay = self.judge.hit, self.live, self.relay
-        reason = stream_refusal(hit)
+        port = getattr(relay.ctx, "port", None)  # a forwarded connection's device port
+        reason = stream_refusal(hit, forward=port is not None)
         live.recorder.append_event(relay.ctx.number, "policy-denial", {
             "protocol": hit.protocol, "stream": "input" if direction == "vendor" else "output",
-            "offset": hit.offset, "reason": reason})
+            "offset": hit.offset, "reason": reason, **({"port": port} if port is not None else {})})
         self.broker.audit_soon("channel.protocol.denied", user=live.user, device=live.device.name,
                                session_id=live.id, grant_id=live.grant.id, channel=relay.ctx.number,
                                kind=relay.kind, command=relay.command, protocol=hit.protocol, direction=direction,
-                               offset=hit.offset, reason=reason)
+                               offset=hit.offset, reason=reason, **({"port": port} if port is not None else {}))
         return reason
 
 
@@ -546,7 +568,8 @@ class GuardedSftp:
             policy.protected, self.device_sftp.realpath, self.device_sftp.head, relay.up.write,
             relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
             now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
-            upload_guard=policy.upload_guard, discard_upload=self._discard_upload)
+            upload_guard=policy.upload_guard, discard_upload=self._discard_upload,
+            rewrite_path=policy.tilde.rewrite_sftp_path)
 
     def vendor_data(self, data: bytes) -> None:
         self.filter.vendor_data(data)
@@ -651,6 +674,7 @@ class BrokerServer(asyncssh.SSHServer):
         self.live_lock = asyncio.Lock()
         self.gone = False  # connection_lost ran: nothing may start for this connection any more
         self._starting: tuple[LiveSession, asyncio.Future] | None = None  # a device session being set up
+        self.pending_notices: list[str] = []  # refusals of global requests (ssh -R), told on the next channel
 
     # ---------------------------------------------------------------- connection
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -919,7 +943,37 @@ class BrokerServer(asyncssh.SSHServer):
                       method="publickey+totp" if self.code_ok else "publickey", key=self.fingerprint)
 
     # ---------------------------------------------------------------- channels
-    async def session_requested(self) -> asyncssh.SSHServerSession:
+    def session_requested(self):
+        # Our own channel object (asyncssh takes a (channel, session) pair, the session here still to be
+        # awaited), so agent (ssh -A) and X11 (ssh -X) requests on it are told and audited (sessions/chanreq.py).
+        chan = watch_refused_requests(self.conn.create_server_channel(), self._request_refused)
+        return chan, self._opened(chan)
+
+    async def _opened(self, chan: asyncssh.SSHServerChannel) -> asyncssh.SSHServerSession:
+        session = await self._session_for_channel()
+        if self.pending_notices:  # refused remote forwards: told once asyncssh confirmed the open (same step)
+            asyncio.get_running_loop().call_soon(self._tell_pending, chan)
+        return session
+
+    def _request_refused(self, chan: asyncssh.SSHServerChannel, kind: str) -> None:
+        """``ssh -A`` / ``ssh -X`` on a session channel: refused as before, now said and audited."""
+        text = REFUSED_REQUESTS[kind]
+        self._refuse_channel(kind, "session channel", reason=text)
+        self._tell(chan, text)
+
+    def _tell_pending(self, chan: asyncssh.SSHServerChannel) -> None:
+        notices, self.pending_notices = self.pending_notices, []
+        for text in notices:
+            self._tell(chan, text)
+
+    @staticmethod
+    def _tell(chan: asyncssh.SSHServerChannel, text: str) -> None:
+        try:
+            chan.write_stderr(f"medbroker: {text}\r\n".encode())
+        except (OSError, asyncssh.Error):  # the channel closed meanwhile: the audit row still says it
+            pass
+
+    async def _session_for_channel(self) -> asyncssh.SSHServerSession:
         b = self.broker
         # Every channel asks again whether this login still stands: disabling the user, removing the key
         # or changing the role refuses new channels on connections that are already open (ControlMaster).
@@ -953,12 +1007,14 @@ class BrokerServer(asyncssh.SSHServer):
         except NotFoundError:
             await b.audit("session.refused", user=user, device=device_name, source=self.source,
                           reason="unknown device")
-            # Same wording as "no grant": an authenticated vendor learns nothing more either way.
-            raise ApprovalRequiredError(f"no approved access for {user} to {device_name} now", hint) from None
-        except ApprovalRequiredError as exc:
+            # A vendor with no grant history gets the "no grant" wording (learns nothing about the inventory);
+            # one with history hears the device is unknown and which of their own devices exist.
+            raise await b.db(unknown_device_refusal, b.app.store, user, device_name, hint) from None
+        except ApprovalRequiredError:
             await b.audit("session.refused", user=user, device=device_name, source=self.source,
                           reason="no active grant")
-            raise exc
+            raise await b.db(lambda: ended_grant_refusal(b.app.store, user, device_name, now, hint,
+                                                         self._zone())) from None
         credential = await b.db(device_credential, device, b.app.keys)
         if self.gone:  # the vendor left while the grant was looked up: nothing is opened for nobody
             raise BrokerError("the connection closed before the session started")
@@ -988,13 +1044,23 @@ class BrokerServer(asyncssh.SSHServer):
             raise BrokerError("the connection closed before the session started")
         return live
 
+    def _zone(self):
+        """The display time zone for times told to the vendor (UTC is always given too)."""
+        try:
+            return display_zone(self.broker.app.config.display.timezone)
+        except ValueError:
+            return None
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
         if self.device_name is None:  # ProxyJump (ssh -J USER@broker DEVICE): decided and served in broker/jump.py
             return self.broker.open_jump(self, dest_host, dest_port)
         return open_forward(self, dest_host, dest_port, f"{orig_host}:{orig_port}")  # ssh -L on a device login
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        self._refuse_channel("tcpip-forward", f"{listen_host}:{listen_port}")
+        text = (f"remote port forwarding (ssh -R {listen_port}:…) is not available through medbroker: it would "
+                "open a way into the hospital network that nothing records or checks; copy files with scp or sftp")
+        self._refuse_channel("tcpip-forward", f"{listen_host}:{listen_port}", reason=text)
+        self._remember_notice(text)
         return False
 
     def unix_connection_requested(self, dest_path: str):
@@ -1003,13 +1069,22 @@ class BrokerServer(asyncssh.SSHServer):
                                         "medbroker: socket forwarding is not allowed")
 
     def unix_server_requested(self, listen_path: str) -> bool:
-        self._refuse_channel("streamlocal-forward", listen_path)
+        text = ("socket forwarding (ssh -R with a socket path) is not available through medbroker; copy files "
+                "with scp or sftp")
+        self._refuse_channel("streamlocal-forward", listen_path, reason=text)
+        self._remember_notice(text)
         return False
 
-    def _refuse_channel(self, kind: str, target: str) -> None:
+    def _remember_notice(self, text: str) -> None:
+        """A refusal with no channel to say it on (a global request): said on the next session channel."""
+        if text not in self.pending_notices and len(self.pending_notices) < 8:
+            self.pending_notices.append(text)
+
+    def _refuse_channel(self, kind: str, target: str, *, reason: str | None = None) -> None:
+        extra = {"reason": reason} if reason else {}
         self.broker.audit_soon("channel.refused", user=self.user, device=self.device_name, source=self.source,
                                kind=kind, target=target,
-                               session_id=self.live.id if self.live else None)
+                               session_id=self.live.id if self.live else None, **extra)
 
 
 class SelfServiceSession(OneShotSession):

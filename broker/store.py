@@ -572,6 +572,20 @@ class Store:
             (user, device, now, now),
         )
 
+    def granted_devices(self, user: str) -> list[str]:
+        """Devices ``user`` has ever held a grant for that are still registered, by name."""
+        return [r["device"] for r in self.query(
+            "SELECT DISTINCT g.device FROM grants g JOIN devices d ON d.name = g.device WHERE g.user_name = ? "
+            "ORDER BY g.device", (user,))]
+
+    def last_ended_grant(self, user: str, device: str, now: str) -> dict[str, Any] | None:
+        """The grant of ``user`` on ``device`` that ended (window over or revoked) most recently, or None."""
+        rows = self.query(
+            "SELECT *, CASE WHEN revoked_at IS NOT NULL AND revoked_at < ends_at THEN revoked_at ELSE ends_at END "
+            "AS ended_at FROM grants WHERE user_name = ? AND device = ? AND (ends_at <= ? OR revoked_at IS NOT NULL) "
+            "ORDER BY ended_at DESC, id DESC LIMIT 1", (user, device, now))
+        return rows[0] if rows else None
+
     def revoke_grant(self, grant_id: int, by: str, at: str, reason: str | None) -> bool:
         cur = self.execute(
             "UPDATE grants SET revoked_at = ?, revoked_by = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL",

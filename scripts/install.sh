@@ -86,13 +86,6 @@ else
   apt_install asciinema
 fi
 
-# 2a. putty-tools (plink, pscp, psftp, puttygen: tests drive plink through a ProxyJump; issue 14).
-if command -v plink >/dev/null 2>&1 && command -v puttygen >/dev/null 2>&1; then
-  step "putty-tools present"
-else
-  apt_install putty-tools
-fi
-
 # 2b. rsync (tests drive a real rsync client through the broker to show its stream is refused).
 if command -v rsync >/dev/null 2>&1; then
   step "rsync present"
@@ -100,12 +93,20 @@ else
   apt_install rsync
 fi
 
-# 2b2. PuTTY's command-line tools (tests/test_putty.py drives puttygen, plink, pscp and psftp through the broker).
+# 2b2. PuTTY's command-line tools (tests/test_putty.py drives puttygen, plink, pscp and psftp through the broker;
+# tests/test_proxyjump.py runs plink's -proxycmd jump).
 if command -v puttygen >/dev/null 2>&1 && command -v plink >/dev/null 2>&1 && command -v pscp >/dev/null 2>&1 \
     && command -v psftp >/dev/null 2>&1; then
   step "putty-tools present"
 else
   apt_install putty-tools
+fi
+
+# 2b3. lftp and rclone (tests/test_automation_clients.py: `lftp mirror` and rclone's SFTP backend through the broker).
+if command -v lftp >/dev/null 2>&1 && command -v rclone >/dev/null 2>&1; then
+  step "lftp and rclone present"
+else
+  apt_install lftp rclone
 fi
 
 # 2c. OpenLDAP's slapd (tests/test_directory.py starts a real directory on loopback; never as a service).

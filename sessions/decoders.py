@@ -187,6 +187,8 @@ class _Inflater:
                     break
         except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError):
             self.done = True
+        if not self.done:
+            self.budget.open_compressed = True
         return None
 
 
@@ -516,8 +518,17 @@ class DeepScanner:
     def budget(self) -> OpaqueBudget:
         return self._budget
 
+    def undecided(self) -> bool:
+        """After :meth:`feed`: a compressed stream (at any depth: plain, or inside base64/hex/...) took input from
+        this chunk and has not ended, so what was fed may still prove to be patient data when the rest arrives
+        (the first line of ``gzip | base64`` decodes to a header and a few compressed bytes). The relays hold
+        such output back briefly (sessions/tailhold.py) instead of forwarding it before the verdict."""
+        return self._budget.open_compressed
+
     def feed(self, chunk: bytes) -> str | None:
         """Scan the next chunk; returns what was found (see module doc), then the same for every later chunk."""
+        if self._depth == 0:
+            self._budget.open_compressed = False
         if self._found or not chunk:
             self._pos += len(chunk)
             return self._found

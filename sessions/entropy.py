@@ -58,6 +58,10 @@ class OpaqueBudget:
         self.inflated = 0
         self.dump_limit = dump_limit
         self.dumped = 0
+        # Set by any scanner of the session whose compressed stream took input in the current top-level feed and
+        # has not ended (reset at each top-level feed): the output so far may still turn out to be patient
+        # data once more of the stream arrives (DeepScanner.undecided).
+        self.open_compressed = False
 
     def dump(self, n: int) -> bool:
         """Count ``n`` bytes of dump text; False when the per-session cap of decoded dumps is reached."""

@@ -3,9 +3,18 @@
 The device side is opened through the session's own device connection (to 127.0.0.1:PORT on the device), so
 nothing but the device is reachable. Every byte is recorded before it is handed on (the acknowledgment rule,
 docs/recording-format.md): plain text in full as ``input``/``output`` frames of the forward's channel, a TLS
-stream (it starts with a ClientHello, 0x16 0x03) as ``forward-bytes`` size frames only. Plain text is judged
-in both directions by the patient-data scanners; a finding ends this forwarded connection. Flow control is
-the relay's: stacked hold reasons per side. Imports nothing from the project (like sessions/relay.py).
+stream as ``forward-bytes`` size frames only.
+
+TLS is a verified property, not a first impression (issue 14 follow-up): a stream that starts like a
+ClientHello (0x16 0x03) is first put to the site's rule (``[policy] forward_tls``: the session's
+``tls_refusal``; refused before any byte reaches the device), then both directions must stay well-formed TLS
+records (sessions/tlsrecords.py) with a ServerHello first from the device; the moment either is not, the
+connection ends ("not TLS after a TLS start"). The cleartext handshake bytes are scanned.
+
+Plain text is judged in both directions like shell/exec output: the patient-data scanners (a finding ends
+the whole session, LiveSession), the file-transfer stream judge (sessions/streams.py: tar, zip, sftp, ...
+end this connection) and, device to vendor, the held unfinished record-like line (sessions/tailhold.py).
+Flow control is the relay's: stacked hold reasons per side. Imports only its sibling helpers.
 """
 
 from __future__ import annotations
@@ -16,17 +25,15 @@ from typing import Any, Callable
 
 import asyncssh
 
+from sessions.tailhold import TailHold
+from sessions.tlsrecords import TLS_ALERT_ACCESS_DENIED, TlsRecords, is_tls_start
+
 __all__ = ["ForwardContext", "ForwardRelay", "is_tls_start"]
 
 log = logging.getLogger("medbroker.forward")
 
 WRITE_BUFFER_HIGH = 1 << 20  # as sessions/relay.py
 WRITE_BUFFER_LOW = 256 << 10
-
-
-def is_tls_start(first: bytes) -> bool:
-    """A TLS record header (handshake, version 3.x): the ClientHello every TLS client sends first."""
-    return len(first) >= 2 and first[0] == 0x16 and first[1] == 0x03
 
 
 @dataclass
@@ -41,7 +48,17 @@ class ForwardContext:
     """A patient-data scanner (``feed(bytes) -> str | None``) for what the device sends, or None (scanning off)."""
     make_input_scanner: Callable[[], Any] | None = None
     """The same for what the vendor sends (uploads never count against the opaque-output budget)."""
+    make_handshake_scanner: Callable[[], Any] | None = None
+    """A scanner for the cleartext TLS handshake bytes (no opaque budget: certificates look random), or None."""
+    make_stream_judge: Callable[["ForwardRelay"], Any] | None = None
+    """The file-transfer protocol judge for plain text (``feed("vendor"|"device", bytes) -> str | None``, which
+    records and audits its finding itself), or None."""
+    tls_refusal: Callable[[], str | None] = lambda: None
+    """Asked when the vendor's first bytes start a TLS handshake: why TLS is not allowed here, or None."""
     on_detection: Callable[["ForwardRelay", str, str], None] = lambda relay, what, direction: None
+    on_refused: Callable[["ForwardRelay", str, str, str], None] = lambda relay, kind, direction, message: None
+    """``(relay, kind, direction, message)``: the connection ends for ``kind`` "tls" (the site's rule), "not-tls"
+    (a TLS start, then no TLS) or "protocol" (a file-transfer protocol, already audited by the judge)."""
     on_closed: Callable[["ForwardRelay"], None] = lambda relay: None
     forward_unrecorded: bool = False
 
@@ -88,6 +105,9 @@ class ForwardRelay(asyncssh.SSHTCPSession):
         self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
         self._scan = {"vendor": ctx.make_input_scanner() if ctx.make_input_scanner else None,
                       "device": ctx.make_scanner() if ctx.make_scanner else None}
+        self._tls: dict[str, TlsRecords] = {}  # per side, once the vendor started a TLS handshake
+        self.judge = ctx.make_stream_judge(self) if ctx.make_stream_judge else None
+        self._tail = TailHold(self._release_tail)  # device to vendor, plain text (sessions/tailhold.py)
 
     def device_session(self) -> _DeviceSide:
         """The session factory's product for the device side (``create_connection``)."""
@@ -119,6 +139,8 @@ class ForwardRelay(asyncssh.SSHTCPSession):
                 return
             self._first = b""
             self.tls = is_tls_start(data)
+            if self.tls and not self._start_tls(data):
+                return
         if not self._judge("vendor", data):
             return
         self.bytes_to_device += len(data)
@@ -155,6 +177,19 @@ class ForwardRelay(asyncssh.SSHTCPSession):
             return
         if not self._judge("device", data):
             return
+        scanner = self._scan.get("device")
+        if not self.tls and scanner is not None:
+            # a record-like unfinished last line, or output inside an undecided compressed stream, waits briefly
+            data = self._tail.take(data, scanner.undecided())
+            if not data:
+                return
+        self._deliver(data)
+
+    def _release_tail(self, held: bytes) -> None:
+        if not self.closed:
+            self._deliver(held)
+
+    def _deliver(self, data: bytes) -> None:
         self.bytes_to_vendor += len(data)
         if self.chan is None:
             if self._record("output", "vendor", data):
@@ -168,6 +203,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
             self.chan.write(data)
 
     def device_eof(self) -> None:
+        self._tail.flush()
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
         if self.chan is not None and not self.closed:
             self.chan.write_eof()
@@ -182,20 +218,63 @@ class ForwardRelay(asyncssh.SSHTCPSession):
             taken = self.ctx.recorder.append_data(self.ctx.number, kind, data)
         return bool(taken) or self.ctx.forward_unrecorded
 
-    def _judge(self, side: str, data: bytes) -> bool:
-        """Plain text is scanned in both directions; True when ``data`` may pass."""
-        scanner = self._scan.get(side)
-        if self.tls or scanner is None:
+    def _start_tls(self, first: bytes) -> bool:
+        """The vendor's first bytes start a TLS handshake: the site's rule decides (before anything reaches the
+        device), then both directions are held to the TLS record layer. False when refused."""
+        refusal = self.ctx.tls_refusal()
+        if refusal is None:
+            self._tls = {"vendor": TlsRecords("client"), "device": TlsRecords("server")}
             return True
-        hit = scanner.feed(data)
+        self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
+            "protocol": "tls", "stream": "input", "port": self.ctx.port, "reason": refusal,
+            "bytes_withheld": len(first)})
+        self.ctx.on_refused(self, "tls", "to-device", refusal)
+        # A TLS client shows a fatal access_denied alert ("tlsv1 alert access denied"), not a bare reset.
+        if self.chan is not None and self._record("output", "vendor", TLS_ALERT_ACCESS_DENIED):
+            self.chan.write(TLS_ALERT_ACCESS_DENIED)
+        self.close(refusal)
+        return False
+
+    def _judge(self, side: str, data: bytes) -> bool:
+        """TLS is held to the record layer (its cleartext handshake scanned); plain text is scanned and judged
+        for file-transfer protocols in both directions. True when ``data`` may pass."""
+        direction = "to-device" if side == "vendor" else "to-vendor"
+        if self.tls:
+            records = self._tls[side]
+            why = records.feed(data)
+            if why:
+                self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
+                    "protocol": "not-tls", "stream": "input" if side == "vendor" else "output",
+                    "port": self.ctx.port, "reason": why})
+                self.ctx.on_refused(self, "not-tls", direction, why)
+                self.close(why)
+                return False
+            if not records.handshake:
+                return True
+            scanner = self._scan.setdefault(f"{side}-handshake", self.ctx.make_handshake_scanner()
+                                            if self.ctx.make_handshake_scanner else None)
+            return scanner is None or self._content(scanner.feed(records.handshake), side, direction)
+        scanner = self._scan.get(side)
+        if scanner is not None and not self._content(scanner.feed(data), side, direction):
+            return False
+        if self.judge is not None:
+            refusal = self.judge.feed(side, data)
+            if refusal is not None:
+                self.judge = None
+                self.ctx.on_refused(self, "protocol", direction, refusal)
+                self.close(refusal)
+                return False
+        return True
+
+    def _content(self, hit: str | None, side: str, direction: str) -> bool:
+        """A scanner's verdict: patient data ends the connection here and the session (LiveSession)."""
         if not hit:
             return True
         self._scan = {}
-        direction = "to-device" if side == "vendor" else "to-vendor"
         self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
             "content": hit, "stream": "input" if side == "vendor" else "output", "port": self.ctx.port})
-        self.ctx.on_detection(self, hit, direction)
         self.close(f"{hit} patient data {direction}")
+        self.ctx.on_detection(self, hit, direction)
         return False
 
     def _ssh_refused(self) -> None:
@@ -238,6 +317,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
             return
         self.closed = True
         self.reason = reason
+        self._tail.cancel()
         for chan in (self.chan, self.up):
             if chan is not None:
                 try:

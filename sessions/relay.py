@@ -16,6 +16,8 @@ from typing import Any, Awaitable, Callable, Protocol
 import asyncssh
 from asyncssh.packet import Boolean, String, UInt32
 
+from sessions.tailhold import TailHold
+
 __all__ = [
     "ChannelContext",
     "RelaySession",
@@ -31,9 +33,6 @@ __all__ = [
 log = logging.getLogger("medbroker.relay")
 
 EOF_HOLD_S = 0.1  # see RelaySession.device_eof
-TAIL_HOLD_S = 0.02  # RelaySession._hold_tail: longest a record-like unfinished output line waits for the rest
-TAIL_HOLD_MAX = 8192
-_TAIL_TEXT = bytes(range(0x20, 0x7F)) + b"\t\r\x1b"
 JUDGE_TIMEOUT_S = 10.0  # ChannelContext.judge_exec: no answer in time refuses the command (fail closed)
 INPUT_DRAIN_S = 10.0  # after refused stdin, how long the vendor may keep writing before the channel ends
 # Environment variables forwarded to the device (sshd's Debian default AcceptEnv is LANG LC_*).
@@ -100,6 +99,10 @@ class ChannelContext:
     """``open_upstream(session_factory, command, subsystem, env, term_type, term_size, term_modes)``"""
     check_exec: Callable[[str], str | None] = lambda command: None
     """Returns a refusal message for an exec command, or None to allow it."""
+    rewrite_command: Callable[[str], str | None] = lambda command: None
+    """Asked first for each exec command: the command as the device should see it (``~alice@ct-01`` made the
+    device login's home, sessions/tilde.py), or None to keep it. Every later hook sees the rewritten command;
+    the recording keeps both."""
     check_subsystem: Callable[[str], str | None] = lambda name: f"subsystem {name} is not available"
     check_shell: Callable[[], str | None] = lambda: None
     """Returns a refusal message for an interactive shell, or None to allow it."""
@@ -186,8 +189,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.scanner = None
         self.line_guard = None
         self.judge = None
-        self._held = b""  # an unfinished output line held back (see _hold_tail)
-        self._held_timer: asyncio.TimerHandle | None = None
+        self._tail = TailHold(self._release_tail)  # an unfinished output line held back (sessions/tailhold.py)
         self.input_guard = None
         self.input_refusal: str | None = None  # stdin named a protected path: drained, then the channel ends
         self.closed = False
@@ -216,6 +218,9 @@ class RelaySession(asyncssh.SSHServerSession):
     def exec_requested(self, command: str | bytes) -> bool:
         if isinstance(command, bytes):
             command = command.decode("utf-8", "replace")
+        sent, rewritten = command, self.ctx.rewrite_command(command)
+        if rewritten is not None:
+            command = rewritten
         self.kind, self.command = "exec", command
         # A command the broker serves itself (legacy scp) is judged by its handler, item by item;
         # everything else by check_exec, which also refuses scp when no handler serves it (fail closed).
@@ -229,8 +234,10 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.handler is not None:  # its blocks reach the vendor whole
             self.ctx.recorder.expect_unit(WHOLE_UNIT)
         # served_by: the broker answers this command itself (legacy scp); the device never runs it
-        self.ctx.recorder.append_event(self.ctx.number, "exec", {"command": command} if self.handler is None
-                                       else {"command": command, "served_by": "medbroker"})
+        event = {"command": command} if self.handler is None else {"command": command, "served_by": "medbroker"}
+        if rewritten is not None:  # what the vendor sent, before ~USER@DEVICE became the device login's home
+            event["sent"] = sent
+        self.ctx.recorder.append_event(self.ctx.number, "exec", event)
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
@@ -474,7 +481,7 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.judge is not None and self._judged("device", data):
             return
         if self.scanner is not None and datatype is None:
-            data = self._hold_tail(data)
+            data = self._tail.take(data, self.scanner.undecided())
             if not data:
                 return
         self._forward(data, datatype)
@@ -488,29 +495,9 @@ class RelaySession(asyncssh.SSHServerSession):
             if self.line_guard is not None:
                 self.line_guard.device_output(data)
 
-    def _hold_tail(self, data: bytes) -> bytes:
-        """Output is scanned chunk by chunk, and a chunk can end inside a record whose telling part comes
-        later (the start of a reversed or cut HL7 segment, a name before its segment id). The unfinished last
-        line is held back while it looks like record text (printable, with ``|`` or ``^``), until the next
-        output completes it (the scanner judges it with that context) or TAIL_HOLD_S passes."""
-        if self._held:
-            data = self._held + data
-            self._held = b""
-        cut = data.rfind(b"\n") + 1
-        tail = data[cut:]
-        if (tail and len(tail) <= TAIL_HOLD_MAX and (tail.find(b"|") != -1 or tail.find(b"^") != -1)
-                and not tail.translate(None, _TAIL_TEXT)):
-            self._held = tail
-            if self._held_timer is None:
-                self._held_timer = asyncio.get_running_loop().call_later(TAIL_HOLD_S, self._release_tail)
-            return data[:cut]
-        return data
-
-    def _release_tail(self) -> None:
-        """Nothing more came: the scanner has seen the held line with all the context there is."""
-        self._held_timer = None
-        held, self._held = self._held, b""
-        if held and not self.closed and self.scanner is not None:
+    def _release_tail(self, held: bytes) -> None:
+        """The held line, judged with all the context there is (TailHold): forwarded unless the channel ended."""
+        if not self.closed and self.scanner is not None:
             self._forward(held, None)
 
     def _judged(self, direction: str, data: bytes) -> bool:
@@ -539,7 +526,7 @@ class RelaySession(asyncssh.SSHServerSession):
         after that is lost (a ControlMaster mux client then exits 255). sshd sends exit-status before
         EOF when the command ends, so the relay does the same.
         """
-        self._flush_held()
+        self._tail.flush()
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
         if self.closed or self.eof_state != "none" or self.input_refusal is not None:
             return
@@ -549,13 +536,6 @@ class RelaySession(asyncssh.SSHServerSession):
             self.eof_state = "held"
             asyncio.get_running_loop().call_later(EOF_HOLD_S, self._send_eof)
 
-    def _flush_held(self) -> None:
-        if self._held_timer is not None:
-            self._held_timer.cancel()
-            self._held_timer = None
-        if self._held:
-            self._release_tail()
-
     def _send_eof(self) -> None:
         if self.eof_state != "sent" and not self.closed:
             self.eof_state = "sent"
@@ -563,7 +543,7 @@ class RelaySession(asyncssh.SSHServerSession):
 
     def device_exited(self, *, status: int | None = None, signal: tuple | None = None) -> None:
         """Forward the device's exit-status or exit-signal at once, then any held EOF."""
-        self._flush_held()
+        self._tail.flush()
         if self.closed or self.exit_sent or self.input_refusal is not None:
             return
         self.exit_sent = True

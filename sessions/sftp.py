@@ -38,7 +38,7 @@ from sessions.sftp_codec import (
     DEFAULT_MAX_LEN, FX_NO_SUCH_FILE, FX_OP_UNSUPPORTED, FX_PERMISSION_DENIED, FXF_CREAT, FXF_READ,
     FXF_WRITE,
     PacketReader, SftpProtocolError, SftpRequest, extended_reply, init_packet, limits_payload, parse_limits,
-    parse_reply, parse_request, read_request, rewrite_version, status_reply,
+    parse_reply, parse_request, read_request, rewrite_request_paths, rewrite_version, status_reply,
 )
 
 __all__ = ["SftpFilter", "SftpSummary", "TransferRecord", "ALLOWED_EXTENSIONS", "MAX_DATA"]
@@ -213,6 +213,9 @@ class SftpFilter:
         opened for writing, or None: an upload that names a protected path (a script, an Ansible module)
         has the write that shows it and every later one refused, and its CLOSE answered PERMISSION_DENIED
         after ``discard_upload(path)`` removed the file from the device
+    :param rewrite_path: ``rewrite_path(path) -> bytes | None``: a path argument as the device should see it
+        (``~alice@ct-01/x`` -> ``x``, sessions/tilde.py), or None to keep it; applied to each request before
+        anything judges it, recorded as ``sftp.path.rewritten``
     """
 
     def __init__(self, policy: ProtectedPaths, realpath: Callable[[bytes], Awaitable[bytes]],
@@ -222,13 +225,15 @@ class SftpFilter:
                  on_fatal: Callable[[str], None] | None = None, check_timeout: float = 30.0,
                  now: Callable[[], str] = lambda: "", uploads=None,
                  upload_guard: Callable[[str], object] | None = None,
-                 discard_upload: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 discard_upload: Callable[[str], Awaitable[None]] | None = None,
+                 rewrite_path: Callable[[bytes], bytes | None] | None = None) -> None:
         self._policy, self._realpath, self._head_reader = policy, realpath, head_reader
         self._to_device, self._to_vendor = send_to_device, send_to_vendor
         self._record, self._on_denied, self._on_fatal = record_event, on_denied, on_fatal
         self._mode, self._timeout = mode, check_timeout
         self._now, self._uploads = now, uploads
         self._upload_guard, self._discard_upload = upload_guard, discard_upload
+        self._rewrite_path = rewrite_path
         self._discards: set[asyncio.Task] = set()
         self._vreader, self._dreader = PacketReader(DEFAULT_MAX_LEN), PacketReader(DEVICE_MAX_LEN)
         self._queue: deque[_Item] = deque()
@@ -255,9 +260,22 @@ class SftpFilter:
             for packet in self._vreader.feed(data):
                 if self._closed:  # a fatal error earlier in this batch
                     break
-                self._from_vendor(parse_request(packet))
+                req = parse_request(packet)
+                if self._rewrite_path is not None and req.paths:
+                    req = self._rewritten(req)
+                self._from_vendor(req)
         except SftpProtocolError as exc:
             self._fatal("vendor", exc)
+
+    def _rewritten(self, req: SftpRequest) -> SftpRequest:
+        """``req`` with its paths rewritten (``~alice@ct-01/x`` -> ``x``); recorded when anything changed."""
+        packet = rewrite_request_paths(req.raw, self._rewrite_path)
+        if packet is None:
+            return req
+        new = parse_request(packet)
+        self._record("sftp.path.rewritten", {"id": req.id, "op": req.op, "sent": [_text(p) for p in req.paths],
+                                             "paths": [_text(p) for p in new.paths]})
+        return new
 
     def _from_vendor(self, req: SftpRequest) -> None:
         self._n["requests"] += 1

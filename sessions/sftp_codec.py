@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Collection, Iterable
+from typing import Callable, Collection, Iterable
 
 from medcore.errors import BrokerError
 
@@ -24,7 +24,7 @@ __all__ = [
     "FXF_READ", "FXF_WRITE", "FXF_APPEND", "FXF_CREAT", "FXF_TRUNC", "FXF_EXCL",
     "DEFAULT_MAX_LEN", "EXTENSION_OPS", "REQUEST_OPS",
     "SftpProtocolError", "PacketReader", "SftpAttrs", "SftpName", "SftpRequest", "SftpReply",
-    "parse_request", "parse_reply", "parse_attrs", "frame", "u32", "u64", "string", "attrs_bytes",
+    "parse_request", "rewrite_request_paths", "parse_reply", "parse_attrs", "frame", "u32", "u64", "string", "attrs_bytes",
     "status_reply", "version_packet", "init_packet", "rewrite_version", "read_request", "limits_payload",
     "parse_limits", "extended_reply",
 ]
@@ -338,6 +338,50 @@ def parse_request(packet: bytes) -> SftpRequest:
             args.append(cur.string())
     return SftpRequest(ptype, rid, op, tuple(fields.pop("paths")), extension=ext, args=tuple(args), raw=packet,
                        **fields)
+
+
+def rewrite_request_paths(packet: bytes, rewrite: Callable[[bytes], bytes | None]) -> bytes | None:
+    """The request ``packet`` with each path argument ``p`` replaced by ``rewrite(p)`` (None keeps it), length
+    prefix fixed; None when no path changed. Other fields are copied byte for byte.
+
+    :raises SftpProtocolError: truncated or malformed packet (as :func:`parse_request`)
+    """
+    _, ptype = _header(packet, "request")
+    if ptype == FXP_INIT:
+        return None
+    cur = _Cursor(packet, 5, f"request type {ptype}")
+    cur.u32()  # request id
+    if ptype in _REQUESTS:
+        layout = _REQUESTS[ptype][1]
+    elif ptype == FXP_EXTENDED:
+        layout = _EXTENSIONS.get(cur.string(), ("extended", ""))[1]
+    else:
+        return None
+    pieces: list[bytes] = []
+    last, changed = 4, False  # copy from after the length prefix
+    for code in layout:
+        if code != "p":
+            if code in "hds":
+                cur.string()
+            elif code == "a":
+                cur.attrs()
+            elif code == "o":
+                cur.u64()
+            elif code in "lf":
+                cur.u32()
+            elif code == "L":
+                cur.u64(), cur.string(), cur.u64()
+            continue
+        start = cur.pos
+        path = cur.string()
+        new = rewrite(path)
+        if new is not None and new != path:
+            pieces += [packet[last:start], string(new)]
+            last, changed = cur.pos, True
+    if not changed:
+        return None
+    body = b"".join(pieces) + packet[last:]
+    return u32(len(body)) + body
 
 
 def parse_reply(packet: bytes) -> SftpReply:

@@ -90,12 +90,14 @@ class StreamHit:
     offset: int
 
 
-def stream_refusal(hit: StreamHit) -> str:
-    """The sentence the vendor reads when a channel is ended for ``hit``."""
-    return (f"{_REASONS.get(hit.protocol, hit.protocol)} was detected on this channel "
-            f"({'sent by you' if hit.direction == VENDOR else 'sent by the device'}); file transfers on shell and "
-            "exec channels bypass the patient-data guard, so the channel was closed. Use sftp or scp through "
-            "medbroker (PuTTY: psftp or pscp -sftp), where every file is checked")
+def stream_refusal(hit: StreamHit, *, forward: bool = False) -> str:
+    """The sentence the vendor reads when a channel (``forward``: a forwarded connection) is ended for ``hit``."""
+    where, what = ("this forwarded connection", "through a port forward") if forward else \
+        ("this channel", "on shell and exec channels")
+    return (f"{_REASONS.get(hit.protocol, hit.protocol)} was detected on {where} "
+            f"({'sent by you' if hit.direction == VENDOR else 'sent by the device'}); file transfers {what} "
+            f"bypass the patient-data guard, so {'it' if forward else 'the channel'} was closed. Use sftp or scp "
+            "through medbroker (PuTTY: psftp or pscp -sftp), where every file is checked")
 
 
 class StreamJudge:

@@ -30,7 +30,7 @@ from helpers.sshd import (
 )
 
 # Profiles apply to every @given test. Parser fuzz tests ask for more with
-# @settings(max_examples=FUZZ_EXAMPLES) (10_000 in ci, 300 in dev).
+# @settings(max_examples=FUZZ_EXAMPLES) (4_000 in ci, 300 in dev).
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.register_profile(
     "ci", max_examples=1000, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
@@ -120,7 +120,7 @@ def _no_leftover_processes() -> Iterator[None]:
 
 @pytest.fixture
 def fuzz_examples() -> int:
-    """How many examples a parser fuzz test should run (10_000 under the ci profile, 300 in dev)."""
+    """How many examples a parser fuzz test should run (4_000 under the ci profile, 300 in dev)."""
     return FUZZ_EXAMPLES
 
 

@@ -14,12 +14,13 @@ import base64
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers.ansible import AnsibleTarget, ansible_available, result_text, run_ansible
+from helpers.ansible import AnsibleTarget, ansible_available, result_text, run_ansible, run_playbook
 from helpers.broker import World
 from helpers.clients import paramiko_connect, paramiko_sftp, run_sftp_batch, scp_upload
 from sessions.recording import read_frames
@@ -308,33 +309,55 @@ def test_contained_device_the_upload_check_answers_first(world, mode):
 
 
 # ---------------------------------------------------------------- ordinary automation works
-@pytest.mark.parametrize("mode", list(MODES))
-def test_ordinary_ansible_use_works_through_the_broker(exposed_world, mode):
+# Every transfer method with pipelining off and on, as four inventory hosts run in parallel by one playbook.
+PLAY_HOSTS = {f"{transfer}-{'pipe' if pipe else 'nopipe'}": {"transfer": transfer, "pipelining": pipe}
+              for transfer in ("sftp", "scp") for pipe in (False, True)}
+NOTES = "firmware 4.2.1 notes: tube warm-up OK\n"
+
+
+def test_ordinary_ansible_use_works_through_the_broker(exposed_world):
+    """ping, facts, shell, copy (content, a file, a ``~/`` destination), lineinfile, slurp and fetch,
+    over sftp and scp (OpenSSH 9's scp speaks SFTP), with pipelining off and on. Ansible expands ``~`` as
+    ``~alice@ct-01`` (its ansible_user); the broker makes that the device login's home, so nothing but what
+    was copied is left on the device: no literal ``~alice@ct-01`` directory, no module temp directories."""
     w = exposed_world
     w.grant()
-    t = target(w, **MODES[mode])
     tree = w.device.tree
-    ping = run_ansible(t, "ping")
-    assert not ping.failed and ping.result["ping"] == "pong", ping.text
-    facts = run_ansible(t, "setup", {"gather_subset": ["!all", "!min", "distribution", "python"]})
-    assert not facts.failed and facts.result["ansible_facts"]["ansible_python"]["executable"] == "/usr/bin/python3"
-    uname = run_ansible(t, "command", {"cmd": "uname -a"})
-    assert not uname.failed and uname.result["stdout"].startswith("Linux"), uname.text
-    notes = "firmware 4.2.1 notes: tube warm-up OK\n"
-    copy = run_ansible(t, "copy", {"content": notes, "dest": str(tree.tmp_dir / "notes.txt")})
-    assert not copy.failed, copy.text
-    assert (tree.tmp_dir / "notes.txt").read_text() == notes
-    config = tree.root / "etc/vendor/service.conf"
-    line = run_ansible(t, "lineinfile", {"path": str(config), "line": "log_level=debug", "create": True})
-    assert not line.failed and "log_level=debug" in config.read_text(), line.text
+    local = w.tmp / "fetched"
     firmware = w.tmp / "fw-4.3.0.bin"  # a firmware image that happens to contain a protected path's name
     firmware.write_bytes(os.urandom(1 << 20) + b"\0datadir=/var/lib/mysql\0" + os.urandom(1 << 20))
-    fw = run_ansible(t, "copy", {"src": str(firmware), "dest": str(tree.tmp_dir / "fw-4.3.0.bin")})
-    assert not fw.failed, fw.text
-    assert (tree.tmp_dir / "fw-4.3.0.bin").read_bytes() == firmware.read_bytes()
-    back = run_ansible(t, "slurp", {"src": "tmp/notes.txt"})
-    assert not back.failed and base64.b64decode(back.result["content"]).decode() == notes, back.text
+    h = "{{ inventory_hostname }}"
+    tasks = [
+        {"ping": {}, "register": "p"},
+        {"setup": {"gather_subset": ["!all", "!min", "python"]}},
+        {"shell": "uname -s && echo shell-$((6 * 7)) && cd tmp && pwd", "register": "sh"},
+        {"copy": {"content": NOTES, "dest": f"{tree.tmp_dir}/{h}-notes.txt"}},
+        {"copy": {"content": NOTES, "dest": f"~/tmp/{h}-tilde.txt"}},
+        {"copy": {"src": str(firmware), "dest": f"{tree.tmp_dir}/{h}-fw.bin"}},
+        {"lineinfile": {"path": f"{tree.root}/etc/vendor/{h}.conf", "line": "log_level=debug", "create": True}},
+        {"slurp": {"src": f"tmp/{h}-notes.txt"}, "register": "back"},
+        {"fetch": {"src": str(tree.system_log), "dest": f"{local}/{h}/system.log", "flat": True}},
+        {"assert": {"that": ["p.ping == 'pong'", "ansible_facts.python.executable == '/usr/bin/python3'",
+                             f"sh.stdout == 'Linux\\nshell-42\\n{tree.tmp_dir}'",
+                             "(back.content | b64decode) == " + json.dumps(NOTES)]}},
+    ]
+    targets = {name: target(w, **opts) for name, opts in PLAY_HOSTS.items()}
+    r = run_playbook(targets, tasks)
+    out = (r.stdout + r.stderr).decode("utf-8", "replace")
+    assert r.returncode == 0, out
+    for name in PLAY_HOSTS:
+        assert re.search(rf"{name}\s+: ok=10 .*failed=0", out), out
+        assert (tree.tmp_dir / f"{name}-notes.txt").read_text() == NOTES
+        assert (tree.tmp_dir / f"{name}-tilde.txt").read_text() == NOTES
+        assert (tree.tmp_dir / f"{name}-fw.bin").read_bytes() == firmware.read_bytes()
+        assert "log_level=debug" in (tree.root / f"etc/vendor/{name}.conf").read_text()
+        assert (local / name / "system.log").read_bytes() == tree.system_log.read_bytes()
+    home = tree.root  # the device login's home
+    assert not list(home.glob("~*")), sorted(p.name for p in home.iterdir())
+    assert not list((home / ".ansible" / "tmp").iterdir())  # every module temp directory was removed
     assert w.events("sftp.denied") == [] and w.events("exec.denied") == [] and w.events("alert.exfiltration") == []
+    rewritten = [f.event() for f in frames_of_all_sessions(w) if f.kind == "exec" and "sent" in f.event()]
+    assert rewritten and all("~alice@ct-01" in e["sent"] and "~alice@ct-01" not in e["command"] for e in rewritten)
 
 
 @pytest.mark.parametrize("name, how", [("collect.txt", "python3 tmp/collect.txt"), ("run", "sh tmp/run"),

@@ -120,7 +120,7 @@ NON_DEFAULT = {
                "penalty_min": '"11s"', "penalty_max": '"13m"'},
     "policy": {"protected_paths_file": '"pp.toml"', "scan_output": "false", "check_commands": "false",
                "exposed_shell": '"files-only"', "containment_ttl": '"5m"',
-               "max_opaque_output": '"1MiB"'},
+               "max_opaque_output": '"1MiB"', "forward_tls": '"allow"'},
     "alerts": {"file": '"a.jsonl"', "webhook_url": '"http://127.0.0.1:9/hook"'},
     "retention": {"days": "365", "allow_below_floor": "true"},
     "web": {"address": '"127.0.0.1:8080"', "public_url": '"https://broker.example"', "link_ttl": '"5m"',
@@ -516,3 +516,13 @@ def test_example_config_lists_every_key_and_loads(tmp_path: Path) -> None:
     assert known - shown == set(), f"missing from config/broker.example.toml: {sorted(known - shown)}"
     (tmp_path / "broker.toml").write_text(example)
     load_config(tmp_path / "broker.toml")
+
+
+def test_forward_tls_is_one_of_three(tmp_path) -> None:
+    path = tmp_path / "broker.toml"
+    for good in ("contained-only", "allow", "refuse"):
+        path.write_text(f'[policy]\nforward_tls = "{good}"\n')
+        assert load_config(path).policy.forward_tls == good
+    path.write_text('[policy]\nforward_tls = "yes"\n')
+    with pytest.raises(ConfigError, match="policy.forward_tls = 'yes'; expected 'contained-only', 'allow' or 'refuse'"):
+        load_config(path)

@@ -75,10 +75,10 @@ def test_dicom_printed_as_text(files, cmd):
 
 
 def test_dumps_of_programs_raise_no_patient_data_alarm():
-    """Hex, decimal and binary dumps of 20 programs from /usr/bin (seeded sample, first 1 MB of each dump)."""
+    """Hex, decimal and binary dumps of 10 programs from /usr/bin (seeded sample, first 1 MB of each dump)."""
     rnd = random.Random(11)
     programs = [p for p in sorted(os.listdir("/usr/bin")) if os.path.isfile(f"/usr/bin/{p}")]
-    for name in rnd.sample(programs, 20):
+    for name in rnd.sample(programs, 10):
         for form in ("xxd", "od -t u1", "od -x", "hexdump -C", "xxd -b", "od -c", "od -a", "cat -A", "sed -n l"):
             out = _run(form, f"/usr/bin/{name}")[:1 << 20]
             hit = _scan(out, 32768)

@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 
 from helpers.clients import ProcResult, run_command
 
-__all__ = ["AnsibleResult", "AnsibleTarget", "ansible_available", "build_module_payloads", "result_text", "run_ansible"]
+__all__ = ["AnsibleResult", "AnsibleTarget", "ansible_available", "build_module_payloads", "result_text", "run_ansible",
+           "run_playbook"]
 
 DEVICE_PYTHON = "/usr/bin/python3"
 _HOST = "ct01"
@@ -48,6 +49,10 @@ class AnsibleTarget:
     pipelining: bool = False
 
     def inventory(self) -> str:
+        return f"[devices]\n{self.host_line()}\n"
+
+    def host_line(self, name: str = _HOST) -> str:
+        """This target as one inventory line for host ``name``."""
         ssh_args = (f"-F /dev/null -o UserKnownHostsFile={self.known_hosts} -o GlobalKnownHostsFile=/dev/null "
                     "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o IdentityAgent=none -o BatchMode=yes "
                     "-o ConnectTimeout=10")
@@ -59,7 +64,7 @@ class AnsibleTarget:
             "ansible_ssh_pipelining": "true" if self.pipelining else "false",
             "ansible_pipelining": "true" if self.pipelining else "false",
         }
-        return f"[devices]\n{_HOST} " + " ".join(f"{k}={shlex.quote(v)}" for k, v in fields.items()) + "\n"
+        return f"{name} " + " ".join(f"{k}={shlex.quote(v)}" for k, v in fields.items())
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,25 @@ def run_ansible(target: AnsibleTarget, module: str, args: str | Mapping[str, Any
         except ValueError:
             result = {"unparsed": tree.read_text(errors="replace")}
         return AnsibleResult(rc, out, err, result)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_playbook(targets: Mapping[str, AnsibleTarget], tasks: Sequence[Mapping[str, Any]], *,
+                 timeout: float = 180.0) -> ProcResult:
+    """``ansible-playbook`` with one play of ``tasks`` on every host of ``targets`` (name -> target), in
+    parallel (one fork per host); bounded by ``timeout``. Task results are in the output (``-v``)."""
+    scratch = Path(tempfile.mkdtemp(prefix="mbansible-"))
+    try:
+        inventory = scratch / "inventory.ini"
+        inventory.write_text("[devices]\n" + "".join(t.host_line(n) + "\n" for n, t in targets.items()))
+        (scratch / "ansible.cfg").write_text("[defaults]\n")
+        play = [{"hosts": "devices", "gather_facts": False, "tasks": list(tasks)}]
+        (scratch / "play.yml").write_text(json.dumps(play))
+        env = _environment(scratch)
+        env["ANSIBLE_FORKS"] = str(max(1, len(targets)))
+        return run_command([shutil.which("ansible-playbook") or "ansible-playbook", "-i", str(inventory),
+                            str(scratch / "play.yml")], timeout=timeout, env=env)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import selectors
 import socket
 import threading
@@ -12,9 +13,32 @@ from helpers import HelperTimeoutError
 __all__ = ["SilentListener", "closed_port", "free_port", "wait_for_port"]
 
 
+_PORTS = random.Random()  # seeded from the OS: parallel runs and processes pick different ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free on `host` a moment ago (the kernel picks it; races are possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """Return a TCP port that was free on `host` a moment ago, below the kernel's ephemeral range.
+
+    A port the kernel picks (bind to 0) comes from the ephemeral range, which every outgoing connection of the
+    suite (ssh to the broker, the broker to its devices) also draws from: one of them could take it before
+    the test's listener (``ssh -L``, a broker) binds it ("Address already in use"). Ports 20000-32767 are
+    never handed out for outgoing connections, so only another listener can race for them.
+    """
+    low, high = 20000, 32767
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(200):
+        port = _PORTS.randint(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: the kernel's pick
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
