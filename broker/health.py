@@ -134,6 +134,7 @@ class Health:
         for sink in list(self.app.audit.sinks):
             for key in siem:
                 siem[key] += int(getattr(sink, key, 0) or 0)
+        sink_failures = dict(self.app.audit.sink_failures)
         helps = {
             "medbroker_audit_events_total": "Audit rows committed, by event",
             "medbroker_sessions_started_total": "Device sessions started",
@@ -182,6 +183,12 @@ class Health:
                 for outcome in ("sent", "errors", "dropped"):
                     siem_fam.add_metric([outcome], siem[outcome])
                 yield siem_fam
+                failed = CounterMetricFamily("medbroker_audit_sink_failures", "Committed audit rows an export "
+                                             "sink (jsonl, syslog, alert_sink) raised on (this process); the row "
+                                             "is kept, that copy is missing", labels=["sink"])
+                for name, n in sorted(sink_failures.items()):
+                    failed.add_metric([name], n)
+                yield failed
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector())

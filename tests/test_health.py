@@ -93,6 +93,25 @@ def test_metrics_count_what_the_broker_did(world):
         world.harness.call(stop_metrics_listener(handle))
 
 
+def test_metrics_count_audit_sink_failures_by_sink(tmp_path):
+    """A SIEM file that cannot be written loses no audit row; /metrics says how many rows it missed."""
+    from broker.app import init_home
+    from broker.health import Health
+    from broker.siem import JsonLinesSink
+
+    app = init_home(tmp_path / "home")
+    try:
+        (tmp_path / "blocked").write_text("a file where the SIEM directory should be")
+        app.audit.sinks.append(JsonLinesSink(tmp_path / "blocked" / "audit.jsonl"))
+        for _ in range(3):
+            app.audit.record("broker.started")
+        got = _samples(Health(app).render().decode())
+        assert got[("medbroker_audit_sink_failures_total", (("sink", "jsonl"),))] == 3
+        assert len(app.store.audit_rows(event="broker.started")) == 3
+    finally:
+        app.close()
+
+
 def test_live_sessions_gauge_follows_a_session(world):
     handle = world.harness.call(start_metrics_listener(world.app, "127.0.0.1:0", broker=world.harness.broker))
     base = f"http://127.0.0.1:{handle.port}"
