@@ -51,6 +51,7 @@ from sessions.shell_lines import LiveScreen
 from sessions.streams import StreamJudge, stream_refusal
 from sessions.tilde import LoginTilde
 from sessions.chanreq import AGENT, X11, watch_refused_requests
+from sessions.tasks import watch
 
 __all__ = ["Broker", "BrokerServer", "VENDOR_ALGORITHMS", "start_server"]
 
@@ -140,11 +141,11 @@ class Broker:
         await self.db(lambda: self.app.audit.record(event, **fields))
 
     def spawn(self, coro) -> asyncio.Task:
-        """Run ``coro`` in the background; ``stop_server`` waits for every such task."""
+        """Run ``coro`` in the background; ``stop_server`` waits for every such task; a failure is logged."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return task
+        return watch(task, log, f"background task {getattr(coro, '__qualname__', coro)!s}")
 
     def audit_soon(self, event: str, **fields: Any) -> None:
         """Fire-and-forget audit from a synchronous callback (ordering kept by the single store thread)."""

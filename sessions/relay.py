@@ -17,6 +17,7 @@ import asyncssh
 from asyncssh.packet import Boolean, String, UInt32
 
 from sessions.tailhold import TailHold
+from sessions.tasks import TaskSet
 
 __all__ = [
     "ChannelContext",
@@ -197,6 +198,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.exit_sent = False
         self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
         self.eof_state = "none"  # none | held | sent
+        self._tasks = TaskSet(log)  # judging, vetting: kept until they end, a failure logged
 
     # ------------------------------------------------------------ vendor requests
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
@@ -253,7 +255,7 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.handler is not None:  # served by the broker itself: no device channel
             self.handler.start()
             return
-        asyncio.get_running_loop().create_task(self._judge_then_open())
+        self._tasks.spawn(self._judge_then_open(), "opening the device channel")
 
     async def _judge_then_open(self) -> None:
         """Exec commands are judged by ``judge_exec`` (device realpath) before the device channel exists."""
@@ -393,7 +395,7 @@ class RelaySession(asyncssh.SSHServerSession):
             if self._input_refused(self.input_guard.finish(), at_eof=True):
                 return True  # the EOF is held too: python runs a piped script only after it
             if getattr(self.input_guard, "vet", None) is not None:  # and until its paths are resolved
-                asyncio.get_running_loop().create_task(self._vet_then_eof())
+                self._tasks.spawn(self._vet_then_eof(), "vetting the command's input")
                 return True
         if self.handler is not None:
             self.handler.vendor_eof()

@@ -31,6 +31,7 @@ from typing import Any, Awaitable, Callable
 import asyncssh
 
 from broker.errors import BrokerError, PermissionDeniedError
+from sessions.tasks import watch
 from sessions.policy import HEAD_BYTES, PFLAG_CREAT, PFLAG_READ, PFLAG_TRUNC, PFLAG_WRITE, Decision, OutputScanner, \
     ProtectedPaths, detect_patient_data, normalize_path
 
@@ -362,7 +363,7 @@ class ScpServer:
     # ------------------------------------------------------------------------------- channel hooks
     def start(self) -> None:
         """Begin serving (called once the vendor's channel is open)."""
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = watch(asyncio.get_running_loop().create_task(self._run()), log, "the legacy scp channel")
 
     def vendor_data(self, data: bytes) -> None:
         self._input.feed(data)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -40,8 +41,11 @@ from sessions.sftp_codec import (
     PacketReader, SftpProtocolError, SftpRequest, extended_reply, init_packet, limits_payload, parse_limits,
     parse_reply, parse_request, read_request, rewrite_request_paths, rewrite_version, status_reply,
 )
+from sessions.tasks import watch
 
 __all__ = ["SftpFilter", "SftpSummary", "TransferRecord", "ALLOWED_EXTENSIONS", "MAX_DATA"]
+
+log = logging.getLogger("medbroker.sftp")
 
 ALLOWED_EXTENSIONS = frozenset({
     b"posix-rename@openssh.com", b"hardlink@openssh.com", b"lsetstat@openssh.com", b"statvfs@openssh.com",
@@ -318,7 +322,7 @@ class SftpFilter:
         if req.id is not None:
             self._queued_ids.add(req.id)
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
+            self._worker = watch(asyncio.get_running_loop().create_task(self._drain()), log, "the SFTP request queue")
 
     def _stream(self, req: SftpRequest, handle: _Handle) -> None:
         if req.op == "read":
@@ -376,7 +380,7 @@ class SftpFilter:
                 if not self._closed:
                     self._to_vendor(reply)
 
-        task = asyncio.get_running_loop().create_task(discard())
+        task = watch(asyncio.get_running_loop().create_task(discard()), log, "discarding a kept upload")
         self._discards.add(task)
         task.add_done_callback(self._discards.discard)
 
