@@ -240,14 +240,21 @@ async def serve_asgi(asgi: Any, host: str, port: int, what: str, **options: Any)
     config = uvicorn.Config(asgi, host=host, port=port, lifespan="off", log_config=None, access_log=False,
                             server_header=False, proxy_headers=False, timeout_keep_alive=5, ws="none", **options)
     server = _Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve())
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits when it cannot bind; raised in a task it would end the broker's loop
+            raise OSError(f"the {what} could not listen on {host}:{port}") from None
+
+    task = asyncio.get_running_loop().create_task(serve())
     for _ in range(200):  # bounded: 10 s
         if server.started or task.done():
             break
         await asyncio.sleep(0.05)
     if not server.started:
         server.should_exit = True
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(Exception):  # its own failure (OSError) or the timeout; a cancel propagates
             await asyncio.wait_for(task, 5)
         raise OSError(f"the {what} could not listen on {host}:{port}")
     return server, task, server.servers[0].sockets[0].getsockname()[1]
@@ -260,7 +267,7 @@ async def stop_asgi(server: Any, task: asyncio.Task) -> None:
         await asyncio.wait_for(task, 10)
     except asyncio.TimeoutError:
         server.force_exit = True
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(Exception):  # a cancel of the caller propagates
             await asyncio.wait_for(task, 5)
 
 

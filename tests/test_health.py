@@ -170,3 +170,28 @@ def _get_quiet(url: str) -> int | None:
         return _get(url)[0]
     except OSError:
         return None
+
+
+def test_a_taken_port_is_an_oserror_and_the_loop_lives_on():
+    """uvicorn calls sys.exit() when it cannot bind; that SystemExit used to escape the broker's event loop
+    (``serve --web`` on a taken port ended with a traceback, status 3, the SSH listener not stopped)."""
+    import asyncio
+    import socket
+
+    from broker.health import serve_asgi
+
+    async def asgi(scope, receive, send):  # never reached
+        raise AssertionError
+
+    async def main() -> str:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(OSError) as info:
+                await serve_asgi(asgi, "127.0.0.1", port, "web console")
+            await asyncio.sleep(0.05)  # the loop still runs
+            return f"{info.value} / {port}"
+
+    message, port = asyncio.run(main()).split(" / ")
+    assert message == f"the web console could not listen on 127.0.0.1:{port}"
