@@ -605,7 +605,8 @@ async def seal_interrupted_sessions(broker: "Broker") -> None:
             continue  # another worker still serves it
         path = Path(row["recording"])
         try:
-            final_hash, dropped = await broker.db(seal_recording, path)
+            # File I/O (a whole recording is read) on the default executor: the store thread keeps answering.
+            final_hash, dropped = await asyncio.get_running_loop().run_in_executor(None, seal_recording, path)
             signature = sign_final_hash(app.signing_key, final_hash)
             status = "incomplete"
         except (OSError, BrokerError) as exc:
