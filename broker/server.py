@@ -333,7 +333,8 @@ class SessionPolicy:
 
     def kept_uploads(self) -> KeptUploads | None:
         """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
-        return KeptUploads(self.broker.app.config.home / "uploads" / self.live.id) if self.keep_uploads else None
+        return KeptUploads(self.broker.app.config.home / "uploads" / self.live.id,
+                           self.live.log.named("medbroker.scp")) if self.keep_uploads else None
 
     def check_shell(self) -> str | None:
         """A refusal message for an interactive shell (files-only grant, or an exposed device), or None."""
@@ -566,7 +567,7 @@ class GuardedSftp:
             relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
             now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
             upload_guard=policy.upload_guard, discard_upload=self._discard_upload,
-            rewrite_path=policy.tilde.rewrite_sftp_path)
+            rewrite_path=policy.tilde.rewrite_sftp_path, logger=relay.log.named("medbroker.sftp"))
 
     def vendor_data(self, data: bytes) -> None:
         self.filter.vendor_data(data)
@@ -635,7 +636,7 @@ class GuardedScp(GuardedSftp):
             command, policy.protected, lambda: live.upconn.start_sftp_client(path_encoding=None),
             relay.write_to_vendor, relay.exit, self._hold, self._record, self._denied, mode=live.grant.mode,
             now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
-            upload_guard=policy.upload_guard)
+            upload_guard=policy.upload_guard, logger=relay.log.named("medbroker.scp"))
 
     def _hold(self, on: bool) -> None:
         (self.relay.hold if on else self.relay.release)("vendor", "scp-input")

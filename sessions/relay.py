@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import asyncssh
 from asyncssh.packet import Boolean, String, UInt32
 
+from sessions.sessionlog import session_log
 from sessions.tailhold import TailHold
 from sessions.tasks import TaskSet
 
@@ -137,6 +138,8 @@ class ChannelContext:
     forward_unrecorded: bool = False
     """Best-effort recording: keep relaying data the recorder did not take. False (strict): data the recorder
     refused (it failed or is closed) is dropped, never handed on unrecorded."""
+    session_id: str = "?"
+    """Named in every log line of the channel: ``[session=ID channel=N]`` (sessions/sessionlog.py)."""
 
 
 class UpstreamSession(asyncssh.SSHClientSession):
@@ -198,7 +201,8 @@ class RelaySession(asyncssh.SSHServerSession):
         self.exit_sent = False
         self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
         self.eof_state = "none"  # none | held | sent
-        self._tasks = TaskSet(log)  # judging, vetting: kept until they end, a failure logged
+        self.log = session_log(log, ctx.session_id, ctx.number)
+        self._tasks = TaskSet(self.log)  # judging, vetting: kept until they end, a failure logged
 
     # ------------------------------------------------------------ vendor requests
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
@@ -614,7 +618,7 @@ class RelaySession(asyncssh.SSHServerSession):
                 try:
                     part.close()
                 except Exception:  # the summary must not prevent closing
-                    log.exception("subsystem filter or exec handler close failed")
+                    self.log.exception("subsystem filter or exec handler close failed")
         self.ctx.recorder.append_event(self.ctx.number, "channel-close", {})
         self.ctx.on_closed(self)
 

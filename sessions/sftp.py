@@ -230,7 +230,10 @@ class SftpFilter:
                  now: Callable[[], str] = lambda: "", uploads=None,
                  upload_guard: Callable[[str], object] | None = None,
                  discard_upload: Callable[[str], Awaitable[None]] | None = None,
-                 rewrite_path: Callable[[bytes], bytes | None] | None = None) -> None:
+                 rewrite_path: Callable[[bytes], bytes | None] | None = None,
+                 logger: logging.Logger | logging.LoggerAdapter = log) -> None:
+        """:param logger: where this channel logs (an adapter naming the session and channel, sessions/sessionlog.py)"""
+        self._log = logger
         self._policy, self._realpath, self._head_reader = policy, realpath, head_reader
         self._to_device, self._to_vendor = send_to_device, send_to_vendor
         self._record, self._on_denied, self._on_fatal = record_event, on_denied, on_fatal
@@ -322,7 +325,8 @@ class SftpFilter:
         if req.id is not None:
             self._queued_ids.add(req.id)
         if self._worker is None:
-            self._worker = watch(asyncio.get_running_loop().create_task(self._drain()), log, "the SFTP request queue")
+            self._worker = watch(asyncio.get_running_loop().create_task(self._drain()), self._log,
+                                 "the SFTP request queue")
 
     def _stream(self, req: SftpRequest, handle: _Handle) -> None:
         if req.op == "read":
@@ -380,7 +384,7 @@ class SftpFilter:
                 if not self._closed:
                     self._to_vendor(reply)
 
-        task = watch(asyncio.get_running_loop().create_task(discard()), log, "discarding a kept upload")
+        task = watch(asyncio.get_running_loop().create_task(discard()), self._log, "discarding a kept upload")
         self._discards.add(task)
         task.add_done_callback(self._discards.discard)
 

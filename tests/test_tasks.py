@@ -1,4 +1,5 @@
-"""sessions/tasks.py: a background task's exception is logged, never lost; a channel task that fails says so."""
+"""sessions/tasks.py and sessions/sessionlog.py: a background task's exception is logged, never lost; a channel
+task that fails says so, naming its session and channel."""
 
 from __future__ import annotations
 
@@ -78,8 +79,8 @@ def test_a_channel_task_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -
 
     async def main() -> None:
         key = asyncssh.generate_private_key("ssh-ed25519")
-        ctx = ChannelContext(number=1, recorder=_Recorder(), open_upstream=no_device, judge_exec=judge,
-                             on_refused=refused)
+        ctx = ChannelContext(number=3, recorder=_Recorder(), open_upstream=no_device, judge_exec=judge,
+                             on_refused=refused, session_id="s-20261206-abcd")
         server = await asyncssh.listen("127.0.0.1", 0, server_factory=lambda: _Relaying(ctx),
                                        server_host_keys=[key])
         port = server.sockets[0].getsockname()[1]
@@ -97,5 +98,7 @@ def test_a_channel_task_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -
 
     with caplog.at_level(logging.ERROR, logger="medbroker.relay"):
         asyncio.run(asyncio.wait_for(main(), TIMEOUT * 2))
-    lines = [r.getMessage() for r in caplog.records if r.name == "medbroker.relay"]
-    assert lines == ["opening the device channel failed: RuntimeError: cannot write the audit row"]
+    lines = [r for r in caplog.records if r.name == "medbroker.relay"]
+    assert [r.getMessage() for r in lines] == [  # the line names its session and channel (sessions/sessionlog.py)
+        "[session=s-20261206-abcd channel=3] opening the device channel failed: RuntimeError: cannot write the audit row"]
+    assert (lines[0].session_id, lines[0].channel) == ("s-20261206-abcd", 3)  # for handlers that filter on them
