@@ -31,9 +31,9 @@ from typing import Any, Awaitable, Callable
 import asyncssh
 
 from broker.errors import BrokerError, PermissionDeniedError
-from sessions.tasks import watch
 from sessions.policy import HEAD_BYTES, PFLAG_CREAT, PFLAG_READ, PFLAG_TRUNC, PFLAG_WRITE, Decision, OutputScanner, \
     ProtectedPaths, detect_patient_data, normalize_path
+from sessions.tasks import watch
 
 __all__ = ["ScpCommand", "ScpCommandError", "ScpProtocolError", "ScpRecord", "ScpServer", "is_scp_command",
            "parse_record", "parse_scp_command", "transfer_server_refusal", "KeptUploads", "KeptFile", "BLOCK"]
