@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -11,7 +12,10 @@ from broker.clock import Clock, utc_iso
 from broker.keys import sign_hex
 from broker.store import Store, dumps
 
-__all__ = ["EVENTS", "AuditLog", "row_hash", "verify_chain", "ChainResult", "checkpoint_message", "write_checkpoint"]
+__all__ = ["EVENTS", "AuditLog", "row_hash", "verify_chain", "ChainResult", "checkpoint_message", "write_checkpoint",
+           "sink_name"]
+
+log = logging.getLogger("medbroker.audit")
 
 # The stable event catalogue (area.action[.outcome]). Names are API: add, never rename.
 EVENTS: dict[str, str] = {
@@ -115,11 +119,16 @@ def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
 
 @dataclass
 class AuditLog:
-    """Writes audit rows; ``sinks`` get each committed row (JSON lines, syslog, alerts)."""
+    """Writes audit rows; ``sinks`` get each committed row (JSON lines, syslog, alerts).
+
+    A sink that raises never undoes or blocks the row: the failure is logged and counted in
+    ``sink_failures`` (by :func:`sink_name`), which ``/metrics`` exports.
+    """
 
     store: Store
     clock: Clock
     sinks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    sink_failures: dict[str, int] = field(default_factory=dict)
 
     def record(self, event: str, *, actor: str | None = None, user: str | None = None,
                device: str | None = None, session_id: str | None = None, grant_id: int | None = None,
@@ -147,9 +156,17 @@ class AuditLog:
         for sink in self.sinks:
             try:
                 sink(full)
-            except Exception:  # a broken sink must not undo or block the audit row
-                pass
+            except Exception as exc:  # noqa: BLE001 - a broken sink must not undo or block the audit row
+                self._sink_failed(sink, full, exc)
         return full
+
+    def _sink_failed(self, sink: Callable[[dict[str, Any]], None], row: dict[str, Any], exc: Exception) -> None:
+        name = sink_name(sink)
+        n = self.sink_failures[name] = self.sink_failures.get(name, 0) + 1
+        # The traceback once per sink: a sink that stays broken fails on every row.
+        log.warning("audit sink %s failed on row %s (%s): %s: %s; the row is committed, not exported there "
+                    "(%d failures of this sink)", name, row.get("id"), row.get("event"), type(exc).__name__, exc,
+                    n, exc_info=n == 1)
 
 
 @dataclass(frozen=True)
@@ -192,6 +209,12 @@ def verify_chain(store: Store, *, verify_signature: Callable[[bytes, str], bool]
         if verify_signature is not None and not verify_signature(checkpoint_message(eid, cp["hash"]), cp["signature"]):
             problems.append(f"checkpoint {cp['id']}: signature invalid")
     return ChainResult(ok=not problems, rows=len(rows), problems=tuple(problems), last_hash=prev_hash)
+
+
+def sink_name(sink: Callable[[dict[str, Any]], None]) -> str:
+    """A short label for a sink: its ``sink_name`` attribute, else its function or class name."""
+    name = getattr(sink, "sink_name", None) or getattr(sink, "__name__", None) or type(sink).__name__
+    return str(name).strip("_")
 
 
 def checkpoint_message(event_id: int, hash_: str) -> bytes:

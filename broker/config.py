@@ -382,6 +382,9 @@ class BrokerConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     display: DisplayConfig = field(default_factory=DisplayConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    _seconds: dict[tuple[str, str], int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Durations parsed once: :func:`load_config` parses every one while it validates; a config made with
+    ``replace()`` (e.g. ``with_web``) starts empty and parses each on first use."""
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the broker home."""
@@ -389,8 +392,20 @@ class BrokerConfig:
         return p if p.is_absolute() else self.home / p
 
     def seconds(self, section: str, key: str) -> int:
-        """A configured duration in seconds, e.g. ``seconds("grants", "max_duration")``."""
-        return parse_duration(getattr(getattr(self, section), key), what=f"{section}.{key}")
+        """A configured duration in seconds, e.g. ``seconds("grants", "max_duration")``; parsed once.
+
+        :raises UsageError: the value is not a duration (:func:`load_config` has refused such a file already)
+        """
+        value = self._seconds.get((section, key))
+        if value is None:
+            value = self._seconds[(section, key)] = parse_duration(getattr(getattr(self, section), key),
+                                                                   what=f"{section}.{key}")
+        return value
+
+    @property
+    def durations(self) -> dict[tuple[str, str], int]:
+        """Every duration parsed so far, in seconds, by (section, key): all of them after :func:`load_config`."""
+        return dict(self._seconds)
 
     @property
     def db_path(self) -> Path:

@@ -134,6 +134,7 @@ class Health:
         for sink in list(self.app.audit.sinks):
             for key in siem:
                 siem[key] += int(getattr(sink, key, 0) or 0)
+        sink_failures = dict(self.app.audit.sink_failures)
         helps = {
             "medbroker_audit_events_total": "Audit rows committed, by event",
             "medbroker_sessions_started_total": "Device sessions started",
@@ -182,6 +183,12 @@ class Health:
                 for outcome in ("sent", "errors", "dropped"):
                     siem_fam.add_metric([outcome], siem[outcome])
                 yield siem_fam
+                failed = CounterMetricFamily("medbroker_audit_sink_failures", "Committed audit rows an export "
+                                             "sink (jsonl, syslog, alert_sink) raised on (this process); the row "
+                                             "is kept, that copy is missing", labels=["sink"])
+                for name, n in sorted(sink_failures.items()):
+                    failed.add_metric([name], n)
+                yield failed
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector())
@@ -233,14 +240,21 @@ async def serve_asgi(asgi: Any, host: str, port: int, what: str, **options: Any)
     config = uvicorn.Config(asgi, host=host, port=port, lifespan="off", log_config=None, access_log=False,
                             server_header=False, proxy_headers=False, timeout_keep_alive=5, ws="none", **options)
     server = _Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve())
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits when it cannot bind; raised in a task it would end the broker's loop
+            raise OSError(f"the {what} could not listen on {host}:{port}") from None
+
+    task = asyncio.get_running_loop().create_task(serve())
     for _ in range(200):  # bounded: 10 s
         if server.started or task.done():
             break
         await asyncio.sleep(0.05)
     if not server.started:
         server.should_exit = True
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(Exception):  # its own failure (OSError) or the timeout; a cancel propagates
             await asyncio.wait_for(task, 5)
         raise OSError(f"the {what} could not listen on {host}:{port}")
     return server, task, server.servers[0].sockets[0].getsockname()[1]
@@ -253,7 +267,7 @@ async def stop_asgi(server: Any, task: asyncio.Task) -> None:
         await asyncio.wait_for(task, 10)
     except asyncio.TimeoutError:
         server.force_exit = True
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(Exception):  # a cancel of the caller propagates
             await asyncio.wait_for(task, 5)
 
 

@@ -29,6 +29,7 @@ from sessions.recording import seal_recording, sign_final_hash
 from sessions.recwriter import ACK_WINDOW, RecordingWriter
 from sessions.forward import ForwardContext, ForwardRelay
 from sessions.relay import ChannelContext, RelaySession
+from sessions.sessionlog import session_log
 
 if TYPE_CHECKING:  # pragma: no cover
     from broker.server import Broker, BrokerServer
@@ -76,6 +77,7 @@ class LiveSession:
         self.grant = grant
         self._credential = credential
         self.id = new_session_id(broker.app.clock.now())
+        self.log = session_log(log, self.id)  # "[session=ID] ..." on every line
         self.user = server.user
         self.channels: set[RelaySession | ForwardRelay] = set()
         self.numbers = 0
@@ -218,7 +220,7 @@ class LiveSession:
             make_input_guard=policy.make_input_guard, vet_exec=policy.vet_exec,
             on_detection=self._detected, on_closed=self._channel_closed,
             on_refused=self._refused, on_upstream_error=self._upstream_error,
-            forward_unrecorded=not self.broker.settings.strict,
+            forward_unrecorded=not self.broker.settings.strict, session_id=self.id,
         )
         relay = RelaySession(ctx)
         if self.recorder.paused:
@@ -248,7 +250,7 @@ class LiveSession:
             make_handshake_scanner=DeepScanner if policy.scan_output else None,
             make_stream_judge=policy.make_stream_judge, tls_refusal=lambda: self._tls_refusal(port),
             on_detection=self._forward_detected, on_refused=self._forward_refused, on_closed=self._forward_closed,
-            forward_unrecorded=not self.broker.settings.strict))
+            forward_unrecorded=not self.broker.settings.strict, session_id=self.id))
         if self.recorder.paused:
             relay.hold("vendor", "recorder")
             relay.hold("device", "recorder")
@@ -495,7 +497,7 @@ class LiveSession:
                 relay.notice(f"{message}\n{vendor_note}" if vendor_note else message)
                 relay.exit(1)
             except Exception:  # one broken channel must not keep the others (or the device link) open
-                log.exception("session %s: ending channel %s failed", self.id, relay.ctx.number)
+                self.log.channel(relay.ctx.number).exception("ending the channel failed")
         conn = self.server.conn
         if conn is not None:
             loop = asyncio.get_running_loop()
@@ -536,7 +538,7 @@ class LiveSession:
                 final_hash = await asyncio.get_running_loop().run_in_executor(None, rec.close, status)
                 signature = sign_final_hash(b.app.signing_key, final_hash)
             except Exception as exc:  # a failed close is itself evidence; keep going
-                log.exception("closing recording %s failed", self.id)
+                self.log.exception("closing the recording failed")
                 await b.audit("recording.failed", session_id=self.id, error=str(exc))
         now = utc_iso(b.app.clock.now())
         counters = self._counters()
@@ -605,7 +607,8 @@ async def seal_interrupted_sessions(broker: "Broker") -> None:
             continue  # another worker still serves it
         path = Path(row["recording"])
         try:
-            final_hash, dropped = await broker.db(seal_recording, path)
+            # File I/O (a whole recording is read) on the default executor: the store thread keeps answering.
+            final_hash, dropped = await asyncio.get_running_loop().run_in_executor(None, seal_recording, path)
             signature = sign_final_hash(app.signing_key, final_hash)
             status = "incomplete"
         except (OSError, BrokerError) as exc:

@@ -51,6 +51,7 @@ from sessions.shell_lines import LiveScreen
 from sessions.streams import StreamJudge, stream_refusal
 from sessions.tilde import LoginTilde
 from sessions.chanreq import AGENT, X11, watch_refused_requests
+from sessions.tasks import watch
 
 __all__ = ["Broker", "BrokerServer", "JumpOpener", "VENDOR_ALGORITHMS", "listen_options"]
 
@@ -144,11 +145,11 @@ class Broker:
         await self.db(lambda: self.app.audit.record(event, **fields))
 
     def spawn(self, coro) -> asyncio.Task:
-        """Run ``coro`` in the background; ``stop_server`` waits for every such task."""
+        """Run ``coro`` in the background; ``stop_server`` waits for every such task; a failure is logged."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return task
+        return watch(task, log, f"background task {getattr(coro, '__qualname__', coro)!s}")
 
     def audit_soon(self, event: str, **fields: Any) -> None:
         """Fire-and-forget audit from a synchronous callback (ordering kept by the single store thread)."""
@@ -336,7 +337,8 @@ class SessionPolicy:
 
     def kept_uploads(self) -> KeptUploads | None:
         """Where one channel keeps copies of uploaded files (``[recording] keep_uploads``), or None."""
-        return KeptUploads(self.broker.app.config.home / "uploads" / self.live.id) if self.keep_uploads else None
+        return KeptUploads(self.broker.app.config.home / "uploads" / self.live.id,
+                           self.live.log.named("medbroker.scp")) if self.keep_uploads else None
 
     def check_shell(self) -> str | None:
         """A refusal message for an interactive shell (files-only grant, or an exposed device), or None."""
@@ -569,7 +571,7 @@ class GuardedSftp:
             relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
             now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
             upload_guard=policy.upload_guard, discard_upload=self._discard_upload,
-            rewrite_path=policy.tilde.rewrite_sftp_path)
+            rewrite_path=policy.tilde.rewrite_sftp_path, logger=relay.log.named("medbroker.sftp"))
 
     def vendor_data(self, data: bytes) -> None:
         self.filter.vendor_data(data)
@@ -638,7 +640,7 @@ class GuardedScp(GuardedSftp):
             command, policy.protected, lambda: live.upconn.start_sftp_client(path_encoding=None),
             relay.write_to_vendor, relay.exit, self._hold, self._record, self._denied, mode=live.grant.mode,
             now=lambda: utc_iso(self.broker.app.clock.now()), uploads=policy.kept_uploads(),
-            upload_guard=policy.upload_guard)
+            upload_guard=policy.upload_guard, logger=relay.log.named("medbroker.scp"))
 
     def _hold(self, on: bool) -> None:
         (self.relay.hold if on else self.relay.release)("vendor", "scp-input")

@@ -173,6 +173,8 @@ class JsonLinesSink:
     the size check, the rotation and the write. Files are created with mode 0600.
     """
 
+    sink_name = "jsonl"  # the label of its failures in /metrics (broker/audit.py)
+
     def __init__(self, path: Path, *, max_bytes: int = 10 * 1024 * 1024, backups: int = 5,
                  host: str | None = None, fmt: str = "medbroker",
                  to_record: Any = None) -> None:
@@ -241,6 +243,8 @@ class SyslogSink:
     queue (10 000) and are counted in ``dropped`` beyond it or when :meth:`close` gives up. UDP messages
     over 8 KiB lose their ``details``.
     """
+
+    sink_name = "syslog"
 
     def __init__(self, address: str, *, app_name: str = "medbroker", hostname: str = "",
                  connect_timeout: float = 3.0, queue_max: int = _QUEUE_MAX, bom: bool = False,

@@ -43,6 +43,7 @@ from broker.errors import BrokerError, ConfigError
 from broker.jump import open_jump
 from broker.listener import start_server, stop_server
 from broker.server import Broker
+from sessions.tasks import watch
 
 __all__ = ["READY", "reserve_port", "supervise", "serve_worker", "worker_command", "parse_worker_of"]
 
@@ -188,7 +189,8 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 slot.proc.kill()
             await slot.proc.wait()
-        slot.drain = asyncio.get_running_loop().create_task(self._drain(slot, slot.proc))
+        slot.drain = watch(asyncio.get_running_loop().create_task(self._drain(slot, slot.proc)), log,
+                           "reading a worker's output")
         return ready
 
     async def _drain(self, slot: _Slot, proc: asyncio.subprocess.Process) -> None:
@@ -259,7 +261,7 @@ class Supervisor:
             raise BrokerError(f"broker worker {slot.index} {why} before it accepted connections",
                               "its error is printed above; fix it, or run a single process with --workers 1")
         for slot in self.slots:
-            slot.keeper = asyncio.get_running_loop().create_task(self.keep(slot))
+            slot.keeper = watch(asyncio.get_running_loop().create_task(self.keep(slot)), log, "keeping a worker")
 
     async def stop_all(self) -> None:
         """SIGTERM every worker and wait (bounded); one that does not stop is killed. Then seal what is left live."""

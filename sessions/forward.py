@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import asyncssh
 
+from sessions.sessionlog import session_log
 from sessions.tailhold import TailHold
 from sessions.tlsrecords import TLS_ALERT_ACCESS_DENIED, TlsRecords, is_tls_start
 
@@ -61,6 +62,8 @@ class ForwardContext:
     (a TLS start, then no TLS) or "protocol" (a file-transfer protocol, already audited by the judge)."""
     on_closed: Callable[["ForwardRelay"], None] = lambda relay: None
     forward_unrecorded: bool = False
+    session_id: str = "?"
+    """Named in every log line of the connection: ``[session=ID channel=N]`` (sessions/sessionlog.py)."""
 
 
 class _DeviceSide(asyncssh.SSHTCPSession):
@@ -93,6 +96,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
 
     def __init__(self, ctx: ForwardContext) -> None:
         self.ctx = ctx
+        self.log = session_log(log, ctx.session_id, ctx.number)
         self.chan: asyncssh.SSHTCPChannel | None = None
         self.up: asyncssh.SSHTCPChannel | None = None
         self.tls: bool | None = None  # decided by the vendor's first bytes (None: not yet)
@@ -323,7 +327,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
                 try:
                     chan.close()
                 except Exception:  # already gone
-                    log.debug("closing a forward channel failed", exc_info=True)
+                    self.log.debug("closing a forward channel failed", exc_info=True)
         self.ctx.recorder.append_event(self.ctx.number, "channel-close", {
             "port": self.ctx.port, "bytes_to_device": self.bytes_to_device, "bytes_to_vendor": self.bytes_to_vendor,
             "tls": bool(self.tls), "reason": reason})

@@ -16,7 +16,9 @@ from typing import Any, Awaitable, Callable, Protocol
 import asyncssh
 from asyncssh.packet import Boolean, String, UInt32
 
+from sessions.sessionlog import session_log
 from sessions.tailhold import TailHold
+from sessions.tasks import TaskSet
 
 __all__ = [
     "ChannelContext",
@@ -136,6 +138,8 @@ class ChannelContext:
     forward_unrecorded: bool = False
     """Best-effort recording: keep relaying data the recorder did not take. False (strict): data the recorder
     refused (it failed or is closed) is dropped, never handed on unrecorded."""
+    session_id: str = "?"
+    """Named in every log line of the channel: ``[session=ID channel=N]`` (sessions/sessionlog.py)."""
 
 
 class UpstreamSession(asyncssh.SSHClientSession):
@@ -197,6 +201,8 @@ class RelaySession(asyncssh.SSHServerSession):
         self.exit_sent = False
         self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
         self.eof_state = "none"  # none | held | sent
+        self.log = session_log(log, ctx.session_id, ctx.number)
+        self._tasks = TaskSet(self.log)  # judging, vetting: kept until they end, a failure logged
 
     # ------------------------------------------------------------ vendor requests
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
@@ -253,7 +259,7 @@ class RelaySession(asyncssh.SSHServerSession):
         if self.handler is not None:  # served by the broker itself: no device channel
             self.handler.start()
             return
-        asyncio.get_running_loop().create_task(self._judge_then_open())
+        self._tasks.spawn(self._judge_then_open(), "opening the device channel")
 
     async def _judge_then_open(self) -> None:
         """Exec commands are judged by ``judge_exec`` (device realpath) before the device channel exists."""
@@ -393,7 +399,7 @@ class RelaySession(asyncssh.SSHServerSession):
             if self._input_refused(self.input_guard.finish(), at_eof=True):
                 return True  # the EOF is held too: python runs a piped script only after it
             if getattr(self.input_guard, "vet", None) is not None:  # and until its paths are resolved
-                asyncio.get_running_loop().create_task(self._vet_then_eof())
+                self._tasks.spawn(self._vet_then_eof(), "vetting the command's input")
                 return True
         if self.handler is not None:
             self.handler.vendor_eof()
@@ -612,7 +618,7 @@ class RelaySession(asyncssh.SSHServerSession):
                 try:
                     part.close()
                 except Exception:  # the summary must not prevent closing
-                    log.exception("subsystem filter or exec handler close failed")
+                    self.log.exception("subsystem filter or exec handler close failed")
         self.ctx.recorder.append_event(self.ctx.number, "channel-close", {})
         self.ctx.on_closed(self)
 

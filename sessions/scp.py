@@ -33,6 +33,7 @@ import asyncssh
 from medcore.errors import BrokerError, PermissionDeniedError
 from sessions.policy import HEAD_BYTES, PFLAG_CREAT, PFLAG_READ, PFLAG_TRUNC, PFLAG_WRITE, Decision, OutputScanner, \
     ProtectedPaths, detect_patient_data, normalize_path
+from sessions.tasks import watch
 
 __all__ = ["ScpCommand", "ScpCommandError", "ScpProtocolError", "ScpRecord", "ScpServer", "is_scp_command",
            "parse_record", "parse_scp_command", "transfer_server_refusal", "KeptUploads", "KeptFile", "BLOCK"]
@@ -344,7 +345,10 @@ class ScpServer:
                  send: Callable[[bytes], None], finish: Callable[[int], None], hold_input: Callable[[bool], None],
                  record_event: Callable[[str, dict], None], on_denied: Callable[[Decision, dict], None], *,
                  mode: str = "normal", now: Callable[[], str] = lambda: "", uploads: "KeptUploads | None" = None,
-                 op_timeout: float = 60.0, upload_guard: Callable[[str], Any] | None = None) -> None:
+                 op_timeout: float = 60.0, upload_guard: Callable[[str], Any] | None = None,
+                 logger: logging.Logger | logging.LoggerAdapter = log) -> None:
+        """:param logger: where this channel logs (an adapter naming the session and channel, sessions/sessionlog.py)"""
+        self._log = logger
         self.command = command
         self._upload_guard = upload_guard
         self._policy, self._start_client, self._send, self._finish = policy, start_client, send, finish
@@ -362,7 +366,7 @@ class ScpServer:
     # ------------------------------------------------------------------------------- channel hooks
     def start(self) -> None:
         """Begin serving (called once the vendor's channel is open)."""
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = watch(asyncio.get_running_loop().create_task(self._run()), self._log, "the legacy scp channel")
 
     def vendor_data(self, data: bytes) -> None:
         self._input.feed(data)
@@ -414,7 +418,7 @@ class ScpServer:
             reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
             self._emit(b"\x02" + _PREFIX.encode() + _one_line(f"the device stopped answering ({reason})") + b"\n")
         except Exception:  # the channel's boundary: fail closed, say so, keep the broker running
-            log.exception("legacy scp channel failed")
+            self._log.exception("legacy scp channel failed")
             self._emit(b"\x02" + _PREFIX.encode() + b"internal error; the transfer was stopped\n")
         finally:
             if self._sftp is not None:
@@ -801,8 +805,10 @@ class KeptUploads:
     :param directory: e.g. ``$MEDBROKER_HOME/uploads/<session id>``; created 0700 on first use
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, logger: logging.Logger | logging.LoggerAdapter = log) -> None:
+        """:param logger: where failed copies are logged (an adapter naming the session, sessions/sessionlog.py)"""
         self.directory = directory
+        self._log = logger
         self._pool: ThreadPoolExecutor | None = None
         self._serial = itertools.count(1)
 
@@ -810,7 +816,7 @@ class KeptUploads:
         """Start a copy of one uploaded file."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="medbroker-uploads")
-        return KeptFile(self._pool, self.directory, device_path, next(self._serial))
+        return KeptFile(self._pool, self.directory, device_path, next(self._serial), self._log)
 
     def close(self) -> None:
         """No more uploads on this channel; queued writes still finish."""
@@ -821,8 +827,9 @@ class KeptUploads:
 class KeptFile:
     """One kept upload; see :class:`KeptUploads`. Errors are logged: a failed copy never stops the transfer."""
 
-    def __init__(self, pool: ThreadPoolExecutor, directory: Path, device_path: str, serial: int) -> None:
-        self._pool, self._dir, self._device_path = pool, directory, device_path
+    def __init__(self, pool: ThreadPoolExecutor, directory: Path, device_path: str, serial: int,
+                 logger: logging.Logger | logging.LoggerAdapter = log) -> None:
+        self._pool, self._dir, self._device_path, self._log = pool, directory, device_path, logger
         self._tmp = directory / f".partial-{os.getpid()}-{id(self):x}-{serial}"
         self._fd: int | None = None
         self._offset = 0
@@ -851,7 +858,7 @@ class KeptFile:
                 self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.pwrite(self._fd, data, offset)
         except OSError as exc:
-            log.error("cannot keep a copy of the upload to %s: %s", self._device_path, exc)
+            self._log.error("cannot keep a copy of the upload to %s: %s", self._device_path, exc)
 
     def _seal(self) -> None:
         if self._fd is None:
@@ -869,7 +876,7 @@ class KeptFile:
             meta.write_text(json.dumps({"device_path": self._device_path, "sha256": name}) + "\n")
             meta.chmod(0o600)
         except OSError as exc:
-            log.error("cannot keep a copy of the upload to %s: %s", self._device_path, exc)
+            self._log.error("cannot keep a copy of the upload to %s: %s", self._device_path, exc)
 
     def _drop(self) -> None:
         if self._fd is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -40,8 +41,11 @@ from sessions.sftp_codec import (
     PacketReader, SftpProtocolError, SftpRequest, extended_reply, init_packet, limits_payload, parse_limits,
     parse_reply, parse_request, read_request, rewrite_request_paths, rewrite_version, status_reply,
 )
+from sessions.tasks import watch
 
 __all__ = ["SftpFilter", "SftpSummary", "TransferRecord", "ALLOWED_EXTENSIONS", "MAX_DATA"]
+
+log = logging.getLogger("medbroker.sftp")
 
 ALLOWED_EXTENSIONS = frozenset({
     b"posix-rename@openssh.com", b"hardlink@openssh.com", b"lsetstat@openssh.com", b"statvfs@openssh.com",
@@ -226,7 +230,10 @@ class SftpFilter:
                  now: Callable[[], str] = lambda: "", uploads=None,
                  upload_guard: Callable[[str], object] | None = None,
                  discard_upload: Callable[[str], Awaitable[None]] | None = None,
-                 rewrite_path: Callable[[bytes], bytes | None] | None = None) -> None:
+                 rewrite_path: Callable[[bytes], bytes | None] | None = None,
+                 logger: logging.Logger | logging.LoggerAdapter = log) -> None:
+        """:param logger: where this channel logs (an adapter naming the session and channel, sessions/sessionlog.py)"""
+        self._log = logger
         self._policy, self._realpath, self._head_reader = policy, realpath, head_reader
         self._to_device, self._to_vendor = send_to_device, send_to_vendor
         self._record, self._on_denied, self._on_fatal = record_event, on_denied, on_fatal
@@ -318,7 +325,8 @@ class SftpFilter:
         if req.id is not None:
             self._queued_ids.add(req.id)
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
+            self._worker = watch(asyncio.get_running_loop().create_task(self._drain()), self._log,
+                                 "the SFTP request queue")
 
     def _stream(self, req: SftpRequest, handle: _Handle) -> None:
         if req.op == "read":
@@ -376,7 +384,7 @@ class SftpFilter:
                 if not self._closed:
                     self._to_vendor(reply)
 
-        task = asyncio.get_running_loop().create_task(discard())
+        task = watch(asyncio.get_running_loop().create_task(discard()), self._log, "discarding a kept upload")
         self._discards.add(task)
         task.add_done_callback(self._discards.discard)
 

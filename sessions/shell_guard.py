@@ -10,11 +10,15 @@ docs/data-protection.md, "Commands resolved like files".
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Awaitable, Callable
 
 from sessions.cmd_lines import closed_for_judging, incomplete, strip_heredocs
+from sessions.tasks import TaskSet, watch
 
 __all__ = ["ShellLineGuard", "PipedLineGuard", "typed_text", "ECHO_IDLE_S", "ECHO_MAX_S", "PASTE_MAX", "LINE_MAX"]
+
+log = logging.getLogger("medbroker.shell_guard")
 
 JUDGE_TIMEOUT_S = 10.0
 ECHO_IDLE_S = 0.015  # the device's echo of the keys before an Enter has settled when it was quiet this long
@@ -46,6 +50,7 @@ class _Guard:
         self._eof = False
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task | None = None
+        self._tasks = TaskSet(log)  # lines judged as they run: kept until they end, a failure logged
         self._closed = False
         self._pending = ""  # lines of a command the shell is still reading (open quote, here-doc, for ... do)
         self._allowed: str | None = None  # the text last allowed (a here-doc body line does not change it)
@@ -87,7 +92,7 @@ class _Guard:
         """Judge asynchronously; input (and EOF) that arrives meanwhile waits behind it."""
         self._busy = True
         self._queue = bytearray(rest)
-        self._task = self._loop.create_task(coro)
+        self._task = watch(self._loop.create_task(coro), log, "judging a command line")
 
     async def _verdict(self, line: str) -> str | None:
         try:
@@ -182,7 +187,7 @@ class ShellLineGuard(_Guard):
             self._armed = True
             if self._pause is not None:  # no more of its output until it is judged
                 self._pause(True)
-            self._loop.create_task(self._judge_ran(line))
+            self._tasks.spawn(self._judge_ran(line), "judging a command line that ran")
         elif seen.rfind(_PASTE_ON) > ran:
             self._armed = False
         self.screen.output(data)

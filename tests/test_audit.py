@@ -261,6 +261,22 @@ def test_failing_sink_loses_no_row_and_other_sinks_still_run(store: Store, clock
     assert verify_chain(store).ok
 
 
+def test_failing_sink_is_counted_and_logged_by_name(store: Store, clock: FakeClock,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    def broken(row: dict[str, Any]) -> None:
+        raise OSError("disk full")
+
+    log = AuditLog(store, clock, [broken, lambda row: None])
+    with caplog.at_level("WARNING", logger="medbroker.audit"):
+        log.record("broker.started")
+        row = log.record("broker.stopped")
+    assert log.sink_failures == {"broken": 2}  # the working sink is not counted
+    lines = [r for r in caplog.records if r.name == "medbroker.audit"]
+    assert len(lines) == 2
+    assert "audit sink broken failed on row %d (broker.stopped): OSError: disk full" % row["id"] in lines[1].getMessage()
+    assert lines[0].exc_info and not lines[1].exc_info  # the traceback once per sink
+
+
 def test_sink_sees_the_stored_row(store: Store, clock: FakeClock) -> None:
     got: list[dict[str, Any]] = []
     row = AuditLog(store, clock, [got.append]).record("session.killed", actor="sec", session_id="s-1", reason="x")

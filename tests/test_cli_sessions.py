@@ -326,6 +326,38 @@ def test_audit_verify_names_a_damaged_recording(env, damage, problem):
     assert {rec["session_id"]: rec["state"] for rec in doc["recordings"]} == {"s-good": "ok", "s-bad": "broken"}
 
 
+def test_startup_seals_an_interrupted_recording_off_the_store_thread(env, monkeypatch):
+    """The seal reads the whole recording: on the store's single thread it held up every database call."""
+    import asyncio
+    import threading
+
+    from broker import live
+    from broker.server import Broker
+
+    path = env.record("s-interrupted", close=False)
+    partial = path.read_bytes()  # what the disk held when the process died
+    env.writers.pop().close("not reached")
+    path.write_bytes(partial)
+    threads: list[str] = []
+    real_seal = live.seal_recording
+
+    def seal(p):  # our own function, observed: which thread runs it
+        threads.append(threading.current_thread().name)
+        return real_seal(p)
+
+    monkeypatch.setattr(live, "seal_recording", seal)
+    a = env.app()
+    try:
+        asyncio.run(Broker(a).seal_interrupted())
+        row = a.store.get_session("s-interrupted")
+        sealed = a.store.audit_rows(event="session.sealed")
+    finally:
+        a.close()
+    assert row["status"] == "incomplete" and row["final_hash"] and row["signature"]
+    assert [e["session_id"] for e in sealed] == ["s-interrupted"]
+    assert len(threads) == 1 and not threads[0].startswith("medbroker-store"), threads
+
+
 def test_audit_verify_cross_checks_the_audit_log(env):
     env.record("s1")
     other = "cd" * 32

@@ -102,6 +102,29 @@ def test_with_listen_returns_a_copy(tmp_path: Path) -> None:
         cfg.with_listen("nonsense")
 
 
+def test_durations_are_parsed_once_at_load(tmp_path: Path) -> None:
+    """Every duration key (a str in the TOML and on the dataclass) is parsed by load_config; callers get ints."""
+    cfg = load_text(tmp_path, '[listen]\nlogin_timeout = "45s"\n[grants]\nmax_duration = "2d"\n')
+    duration_keys = {(section, f.name) for section in _SECTIONS
+                     for f in dataclasses.fields(getattr(cfg, section))
+                     if isinstance(getattr(getattr(cfg, section), f.name), str)
+                     and _is_duration(getattr(getattr(cfg, section), f.name))}
+    assert duration_keys and duration_keys <= set(cfg.durations)  # nothing left to parse per call
+    assert cfg.durations[("listen", "login_timeout")] == 45 == cfg.seconds("listen", "login_timeout")
+    assert cfg.seconds("grants", "max_duration") == 2 * 86400
+    assert cfg.listen.login_timeout == "45s"  # the config still reads as written (check, docs)
+    other = cfg.with_listen("127.0.0.1:0")  # a copy parses on first use, from its own values
+    assert other.seconds("listen", "login_timeout") == 45 and other == dataclasses.replace(cfg, listen=other.listen)
+
+
+def _is_duration(text: str) -> bool:
+    try:
+        parse_duration(text)
+        return True
+    except UsageError:
+        return False
+
+
 # ---------------------------------------------------------------- every key
 
 # A non-default valid value for every key of every section.

@@ -93,6 +93,25 @@ def test_metrics_count_what_the_broker_did(world):
         world.harness.call(stop_metrics_listener(handle))
 
 
+def test_metrics_count_audit_sink_failures_by_sink(tmp_path):
+    """A SIEM file that cannot be written loses no audit row; /metrics says how many rows it missed."""
+    from broker.app import init_home
+    from broker.health import Health
+    from broker.siem import JsonLinesSink
+
+    app = init_home(tmp_path / "home")
+    try:
+        (tmp_path / "blocked").write_text("a file where the SIEM directory should be")
+        app.audit.sinks.append(JsonLinesSink(tmp_path / "blocked" / "audit.jsonl"))
+        for _ in range(3):
+            app.audit.record("broker.started")
+        got = _samples(Health(app).render().decode())
+        assert got[("medbroker_audit_sink_failures_total", (("sink", "jsonl"),))] == 3
+        assert len(app.store.audit_rows(event="broker.started")) == 3
+    finally:
+        app.close()
+
+
 def test_live_sessions_gauge_follows_a_session(world):
     handle = world.harness.call(start_metrics_listener(world.app, "127.0.0.1:0", broker=world.harness.broker))
     base = f"http://127.0.0.1:{handle.port}"
@@ -151,3 +170,28 @@ def _get_quiet(url: str) -> int | None:
         return _get(url)[0]
     except OSError:
         return None
+
+
+def test_a_taken_port_is_an_oserror_and_the_loop_lives_on():
+    """uvicorn calls sys.exit() when it cannot bind; that SystemExit used to escape the broker's event loop
+    (``serve --web`` on a taken port ended with a traceback, status 3, the SSH listener not stopped)."""
+    import asyncio
+    import socket
+
+    from broker.health import serve_asgi
+
+    async def asgi(scope, receive, send):  # never reached
+        raise AssertionError
+
+    async def main() -> str:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(OSError) as info:
+                await serve_asgi(asgi, "127.0.0.1", port, "web console")
+            await asyncio.sleep(0.05)  # the loop still runs
+            return f"{info.value} / {port}"
+
+    message, port = asyncio.run(main()).split(" / ")
+    assert message == f"the web console could not listen on 127.0.0.1:{port}"
