@@ -332,6 +332,7 @@ def test_startup_seals_an_interrupted_recording_off_the_store_thread(env, monkey
     import threading
 
     from broker import live
+    from broker.jump import open_jump
     from broker.server import Broker
 
     path = env.record("s-interrupted", close=False)
@@ -348,7 +349,7 @@ def test_startup_seals_an_interrupted_recording_off_the_store_thread(env, monkey
     monkeypatch.setattr(live, "seal_recording", seal)
     a = env.app()
     try:
-        asyncio.run(Broker(a).seal_interrupted())
+        asyncio.run(Broker(a, open_jump=open_jump).seal_interrupted())
         row = a.store.get_session("s-interrupted")
         sealed = a.store.audit_rows(event="session.sealed")
     finally:
