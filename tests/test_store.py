@@ -1,4 +1,4 @@
-"""broker/store.py: migrations, schema version, WAL, transactions, atomic decisions, the store worker."""
+"""broker/store/: migrations, schema version, WAL, transactions, atomic decisions, the store worker."""
 
 from __future__ import annotations
 
