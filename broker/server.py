@@ -43,7 +43,9 @@ from sessions.upload_check import StreamGuard, find_reference, path_tokens, runs
 from sessions.policy import ProtectedPaths, load_protected_paths
 from sessions.forward import ForwardRelay
 from sessions.relay import OneShotSession, RefusalSession, RelaySession
-from sessions.scp import KeptUploads, ScpServer, is_scp_command, transfer_server_refusal
+from sessions.kept_uploads import KeptUploads
+from sessions.scp import ScpServer
+from sessions.scp_grammar import is_scp_command, transfer_server_refusal
 from sessions.sftp import SftpFilter
 from sessions.sftp_device import DeviceSftp
 from sessions.shell_guard import PipedLineGuard, ShellLineGuard

@@ -14,7 +14,7 @@ How it works (docs/architecture.md, "Several worker processes"):
 * Broker-wide duties run in the supervisor only: signed audit checkpoints and pending-request expiry (its
   :class:`~broker.server.Broker` control loop, which has no live sessions), and the web console with its
   notifier. Audit rows from all processes form one chain: every append is one ``BEGIN IMMEDIATE``
-  transaction that reads the last hash (broker/store.py).
+  transaction that reads the last hash (broker/store/audit.py).
 * SIGINT/SIGTERM to the supervisor: SIGTERM to every worker (each ends its live sessions with the shutdown
   message and flushes its recordings), then the web console stops and the supervisor audits
   ``broker.stopped`` and signs the chain. A worker that dies otherwise is audited (``broker.worker.failed``),

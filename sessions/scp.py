@@ -1,6 +1,6 @@
 """Legacy scp (``scp -O``: exec ``scp -t`` / ``scp -f``) served by the broker itself over the device's SFTP.
 
-The device never sees the command line: :func:`parse_scp_command` accepts one strict grammar
+The device never sees the command line: :func:`parse_scp_command` (sessions/scp_grammar.py) accepts one strict grammar
 (``scp -t|-f [-r] [-p] [-d] [-v] [--] PATH``, one path, no globs, no shell syntax, no ``~user``) and
 :class:`ScpServer` speaks the SCP protocol to the vendor's client itself (C/D/E/T records parsed from
 a buffer, so split or coalesced records are fine), doing every file operation on the device through
@@ -17,240 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
-import json
 import logging
-import os
 import posixpath
-import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import asyncssh
 
-from medcore.errors import BrokerError, PermissionDeniedError
+from medcore.errors import PermissionDeniedError
+from sessions.kept_uploads import KeptUploads
 from sessions.policy import HEAD_BYTES, PFLAG_CREAT, PFLAG_READ, PFLAG_TRUNC, PFLAG_WRITE, Decision, OutputScanner, \
     ProtectedPaths, detect_patient_data, normalize_path
+from sessions.scp_grammar import ScpCommand, ScpCommandError, ScpInput, ScpProtocolError, ScpRecord, parse_record, \
+    parse_scp_command
 from sessions.tasks import watch
 
-__all__ = ["ScpCommand", "ScpCommandError", "ScpProtocolError", "ScpRecord", "ScpServer", "is_scp_command",
-           "parse_record", "parse_scp_command", "transfer_server_refusal", "KeptUploads", "KeptFile", "BLOCK"]
+__all__ = ["ScpServer", "BLOCK"]
 
 log = logging.getLogger("medbroker.scp")
 
 BLOCK = 256 * 1024
 """Bytes read from the device per step of a download (asyncssh splits it into parallel SFTP reads)."""
-_MAX_LINE = 4096
 _MAX_DEPTH = 64
-_INPUT_HIGH = 4 * 1024 * 1024
-_UNQUOTED_SYNTAX = set(";&|<>()$`{}!")
-_GLOB = set("*?[]")
-_FLAG_LETTERS = set("tfrpdv")
-_HINT = "or use scp without -O (it speaks SFTP) or sftp (PuTTY: pscp -sftp or psftp)"
 _PREFIX = "medbroker: "
-
-
-class ScpCommandError(PermissionDeniedError):
-    """An exec command for the scp server that medbroker will not run; the message says why."""
-
-
-class ScpProtocolError(BrokerError):
-    """The vendor's client broke the SCP protocol (bad record, oversized line, lost data)."""
-
-
-@dataclass(frozen=True)
-class ScpCommand:
-    """A parsed ``scp -t``/``scp -f`` command. ``sink``: the vendor uploads (``-t``); else it downloads."""
-
-    sink: bool
-    path: bytes
-    recursive: bool = False
-    preserve: bool = False
-    must_be_dir: bool = False
-
-
-@dataclass(frozen=True)
-class ScpRecord:
-    """One SCP control record: ``kind`` is C, D, E or T (or 1/2 for an error the client reports)."""
-
-    kind: str
-    mode: int = 0
-    size: int = 0
-    name: bytes = b""
-    mtime: int = 0
-    atime: int = 0
-    message: str = ""
-
-
-def _naive_words(command: str) -> list[str]:
-    return command.replace("'", "").replace('"', "").replace("\\", "").split()
-
-
-def is_scp_command(command: str) -> bool:
-    """True if ``command`` asks for an scp server (``scp`` with ``-t`` or ``-f``), however it is spelled.
-
-    Deliberately wide (``/usr/bin/scp -rf x``, ``'scp' -t .``, ``sh -c 'scp -f x'``): such commands are
-    served by :class:`ScpServer` or refused by :func:`parse_scp_command`, never run on the device.
-    """
-    words = _naive_words(command)
-    has_scp = any(posixpath.basename(w) == "scp" for w in words)
-    return has_scp and any(w.startswith("-") and w != "--" and set(w[1:]) & {"t", "f"} for w in words)
-
-
-def transfer_server_refusal(command: str) -> str | None:
-    """A refusal for exec commands that start a file-transfer server the guards cannot read, else None.
-
-    ``sftp -s /usr/lib/openssh/sftp-server`` runs the SFTP server as an exec command (bypassing the
-    SFTP filter, which only sits on the ``sftp`` subsystem); ``rsync -e ssh`` runs ``rsync --server``,
-    whose stream can be compressed so the content check cannot see patient data in it.
-    """
-    words = _naive_words(command)
-    names = {posixpath.basename(w) for w in words}
-    if names & {"sftp-server", "internal-sftp"}:
-        return ("running the SFTP server as a command (sftp -s) is not available through medbroker; use sftp or "
-                "scp without -s, where medbroker checks every file")
-    if "rsync" in names and "--server" in words:
-        return ("rsync is not available through medbroker: its stream can be compressed, so the patient-data "
-                "check cannot read it; use scp or sftp")
-    return None
-
-
-def _split_words(command: str) -> list[tuple[str, bool]]:
-    """Split like a POSIX shell, but refuse everything a shell would expand: (word, starts with bare ``~``)."""
-    words: list[tuple[str, bool]] = []
-    cur: list[str] | None = None
-    tilde = False
-    i, n = 0, len(command)
-    while i < n:
-        c = command[i]
-        if c in " \t":
-            if cur is not None:
-                words.append(("".join(cur), tilde))
-                cur = None
-            i += 1
-            continue
-        if ord(c) < 0x20 or c == "\x7f":
-            raise ScpCommandError(f"the scp command contains a control character ({c!r}); medbroker refuses it",
-                                  _HINT)
-        start = cur is None
-        if start:
-            cur, tilde = [], c == "~"
-        assert cur is not None
-        if c == "'":
-            end = command.find("'", i + 1)
-            if end < 0:
-                raise ScpCommandError("the scp command has an unterminated quote", _HINT)
-            cur.append(command[i + 1:end])
-            i = end + 1
-        elif c == '"':
-            end = command.find('"', i + 1)
-            if end < 0:
-                raise ScpCommandError("the scp command has an unterminated quote", _HINT)
-            inner = command[i + 1:end]
-            if set(inner) & set("$`\\"):
-                raise ScpCommandError(f"the scp path {inner!r} uses shell expansion, which medbroker does not run; "
-                                      "name the file literally", _HINT)
-            cur.append(inner)
-            i = end + 1
-        elif c == "\\":
-            if i + 1 >= n:
-                raise ScpCommandError("the scp command ends with a backslash", _HINT)
-            cur.append(command[i + 1])
-            i += 2
-        elif c in _GLOB:
-            raise ScpCommandError(
-                "legacy scp (scp -O) through medbroker copies exactly one named file or directory and does not "
-                f"expand wildcards ({c!r})", "name the file, copy a directory with -r, " + _HINT)
-        elif c in _UNQUOTED_SYNTAX or (c == "#" and start):
-            raise ScpCommandError(f"{c!r} is shell syntax, and medbroker runs legacy scp itself without a shell; "
-                                  "it accepts one plain path", _HINT)
-        else:
-            cur.append(c)
-            i += 1
-    if cur is not None:
-        words.append(("".join(cur), tilde))
-    return words
-
-
-def parse_scp_command(command: str) -> ScpCommand:
-    """Parse an scp server command strictly: ``scp -t|-f [-r] [-p] [-d] [-v] [--] PATH``.
-
-    Flags may be combined (``-rf``); ``PATH`` is one word after shell-style quote removal; ``~`` and
-    ``~/x`` mean the login's home (the device's SFTP working directory); an empty path means ``.``.
-
-    :param command: the exec command line as the vendor's client sent it
-    :return: the :class:`ScpCommand`
-    :raises ScpCommandError: anything else (globs, shell syntax, ``~user``, other options, not one path)
-    """
-    words = _split_words(command)
-    if not words or posixpath.basename(words[0][0]) != "scp":
-        raise ScpCommandError("medbroker serves legacy scp itself and accepts only "
-                              "'scp -t|-f [-r] [-p] [-d] [-v] [--] PATH'", _HINT)
-    flags: set[str] = set()
-    operands: list[tuple[str, bool]] = []
-    options_done = False
-    for word, tilde in words[1:]:
-        if not options_done and word == "--":
-            options_done = True
-        elif not options_done and word.startswith("-") and len(word) > 1:
-            unknown = set(word[1:]) - _FLAG_LETTERS
-            if unknown:
-                raise ScpCommandError(f"the scp option -{sorted(unknown)[0]} is not supported through medbroker",
-                                      "use scp -O with -r or -p only, " + _HINT)
-            flags |= set(word[1:])
-        else:
-            operands.append((word, tilde))
-    if ("t" in flags) == ("f" in flags):
-        raise ScpCommandError("an scp server command needs exactly one of -t and -f", _HINT)
-    if len(operands) != 1:
-        raise ScpCommandError(f"legacy scp through medbroker takes exactly one path, not {len(operands)} "
-                              "(quote a path with spaces)", _HINT)
-    path, tilde = operands[0]
-    if "\0" in path:
-        raise ScpCommandError("the scp path contains a NUL byte", _HINT)
-    if tilde:
-        if path == "~" or path.startswith("~/"):
-            path = path[2:] or "."
-        else:
-            raise ScpCommandError(f"{path.split('/')[0]!r} (another user's home) is not available through "
-                                  "medbroker's legacy scp", "use an absolute path, " + _HINT)
-    return ScpCommand(sink="t" in flags, path=(path or ".").encode("utf-8", "surrogateescape"),
-                      recursive="r" in flags, preserve="p" in flags, must_be_dir="d" in flags)
-
-
-_CD = re.compile(rb"([CD])([0-7]{4}) ([0-9]{1,19}) (.*)", re.DOTALL)
-_T = re.compile(rb"T([0-9]{1,19}) ([0-9]{1,6}) ([0-9]{1,19}) ([0-9]{1,6})")
-
-
-def parse_record(line: bytes) -> ScpRecord:
-    """Parse one control record from the vendor's scp (the line without its ``\\n``).
-
-    :raises ScpProtocolError: anything but a well-formed C, D, E, T record or a 1/2 error record;
-        C/D names that are empty, ``..`` or contain ``/`` or NUL (they would escape the target), and
-        ``.`` as a file name (``D0755 0 .`` is what ``scp -r . host:dir`` sends: the target itself)
-    """
-    if not line:
-        raise ScpProtocolError("empty SCP record")
-    kind = line[:1]
-    if kind in (b"\x01", b"\x02"):
-        return ScpRecord("1" if kind == b"\x01" else "2", message=line[1:].decode("utf-8", "replace"))
-    if line == b"E":
-        return ScpRecord("E")
-    m = _T.fullmatch(line)
-    if m:
-        return ScpRecord("T", mtime=int(m.group(1)), atime=int(m.group(3)))
-    m = _CD.fullmatch(line)
-    if m is None:
-        raise ScpProtocolError(f"unexpected SCP record {line[:60]!r}")
-    name = m.group(4)
-    if name in (b"", b"..") or (name == b"." and m.group(1) == b"C") or b"/" in name or b"\0" in name:
-        raise ScpProtocolError(f"unexpected file name {name[:60]!r} in an SCP record")
-    size = int(m.group(3))
-    if size >= 1 << 63:
-        raise ScpProtocolError("file size out of range in an SCP record")
-    return ScpRecord(m.group(1).decode(), mode=int(m.group(2), 8), size=size, name=name)
 
 
 def _text(path: bytes) -> str:
@@ -259,62 +47,6 @@ def _text(path: bytes) -> str:
 
 def _one_line(text: str) -> bytes:
     return " ".join(text.split())[:1500].encode("utf-8", "replace")
-
-
-class _Input:
-    """Bytes from the vendor, consumed by the protocol task; holds the vendor channel while too much waits."""
-
-    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
-        self._buf = bytearray()
-        self._eof = False
-        self._event = asyncio.Event()
-        self._pause, self._resume, self._paused = pause, resume, False
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        self._event.set()
-        if len(self._buf) > _INPUT_HIGH and not self._paused:
-            self._paused = True
-            self._pause()
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._event.set()
-
-    async def _more(self) -> bool:
-        if self._eof:
-            return False
-        self._event.clear()
-        await self._event.wait()
-        return True
-
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        if self._paused and len(self._buf) < _INPUT_HIGH // 2:
-            self._paused = False
-            self._resume()
-        return out
-
-    async def readline(self) -> bytes | None:
-        """One line without its newline; None at a clean end of input."""
-        while True:
-            end = self._buf.find(b"\n", 0, _MAX_LINE + 1)
-            if end >= 0:
-                return self._take(end + 1)[:-1]
-            if len(self._buf) > _MAX_LINE:
-                raise ScpProtocolError(f"SCP record longer than {_MAX_LINE} bytes")
-            if not await self._more():
-                if self._buf:
-                    raise ScpProtocolError("the connection ended in the middle of an SCP record")
-                return None
-
-    async def read_some(self, n: int) -> bytes:
-        """Up to ``n`` bytes (at least one); b"" at the end of input."""
-        while not self._buf:
-            if not await self._more():
-                return b""
-        return self._take(n)
 
 
 class _Hangup(Exception):
@@ -344,7 +76,7 @@ class ScpServer:
     def __init__(self, command: str, policy: ProtectedPaths, start_client: Callable[[], Awaitable[Any]],
                  send: Callable[[bytes], None], finish: Callable[[int], None], hold_input: Callable[[bool], None],
                  record_event: Callable[[str, dict], None], on_denied: Callable[[Decision, dict], None], *,
-                 mode: str = "normal", now: Callable[[], str] = lambda: "", uploads: "KeptUploads | None" = None,
+                 mode: str = "normal", now: Callable[[], str] = lambda: "", uploads: KeptUploads | None = None,
                  op_timeout: float = 60.0, upload_guard: Callable[[str], Any] | None = None,
                  logger: logging.Logger | logging.LoggerAdapter = log) -> None:
         """:param logger: where this channel logs (an adapter naming the session and channel, sessions/sessionlog.py)"""
@@ -354,7 +86,7 @@ class ScpServer:
         self._policy, self._start_client, self._send, self._finish = policy, start_client, send, finish
         self._record, self._on_denied, self._mode, self._now = record_event, on_denied, mode, now
         self._uploads, self._timeout = uploads, op_timeout
-        self._input = _Input(lambda: hold_input(True), lambda: hold_input(False))
+        self._input = ScpInput(lambda: hold_input(True), lambda: hold_input(False))
         self._writable = asyncio.Event()
         self._writable.set()
         self._sftp: Any = None
@@ -793,93 +525,3 @@ class ScpServer:
         outcome = "failed" if failure else ("incomplete" if client_error else "ok")
         self._transfer(resolved, "upload", got, digest.hexdigest(), started, outcome,
                        **({"kept": kept} if kept else {}))
-
-
-class KeptUploads:
-    """Copies of the files a vendor uploads, for malware forensics (``[recording] keep_uploads = true``).
-
-    Each copy is written by one worker thread (off the event loop) to ``directory/.partial-N`` at the
-    offsets the upload used, then named by the sha256 of its content, with ``<sha256>.json`` beside it
-    naming the device path. One instance per channel; :meth:`close` lets queued writes finish.
-
-    :param directory: e.g. ``$MEDBROKER_HOME/uploads/<session id>``; created 0700 on first use
-    """
-
-    def __init__(self, directory: Path, logger: logging.Logger | logging.LoggerAdapter = log) -> None:
-        """:param logger: where failed copies are logged (an adapter naming the session, sessions/sessionlog.py)"""
-        self.directory = directory
-        self._log = logger
-        self._pool: ThreadPoolExecutor | None = None
-        self._serial = itertools.count(1)
-
-    def open(self, device_path: str) -> "KeptFile":
-        """Start a copy of one uploaded file."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="medbroker-uploads")
-        return KeptFile(self._pool, self.directory, device_path, next(self._serial), self._log)
-
-    def close(self) -> None:
-        """No more uploads on this channel; queued writes still finish."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-
-
-class KeptFile:
-    """One kept upload; see :class:`KeptUploads`. Errors are logged: a failed copy never stops the transfer."""
-
-    def __init__(self, pool: ThreadPoolExecutor, directory: Path, device_path: str, serial: int,
-                 logger: logging.Logger | logging.LoggerAdapter = log) -> None:
-        self._pool, self._dir, self._device_path, self._log = pool, directory, device_path, logger
-        self._tmp = directory / f".partial-{os.getpid()}-{id(self):x}-{serial}"
-        self._fd: int | None = None
-        self._offset = 0
-
-    def write(self, data: bytes, offset: int | None = None) -> None:
-        """Copy ``data`` (at ``offset``; default: after the previous write)."""
-        if offset is None:
-            offset = self._offset
-        self._offset = offset + len(data)
-        self._pool.submit(self._pwrite, data, offset)
-
-    def finish(self, sha256: str | None = None) -> str:
-        """Seal the copy; returns where it will be: ``DIR/<sha256>`` (``sha256``: the stream's hash when the
-        upload was sequential, which is the content's), else ``DIR`` (named by its content hash)."""
-        self._pool.submit(self._seal)
-        return str(self._dir / sha256) if sha256 else str(self._dir)
-
-    def discard(self) -> None:
-        """Drop the copy (nothing was uploaded, or the upload failed)."""
-        self._pool.submit(self._drop)
-
-    def _pwrite(self, data: bytes, offset: int) -> None:
-        try:
-            if self._fd is None:
-                self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.pwrite(self._fd, data, offset)
-        except OSError as exc:
-            self._log.error("cannot keep a copy of the upload to %s: %s", self._device_path, exc)
-
-    def _seal(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.close(self._fd)
-            self._fd = None
-            digest = hashlib.sha256()
-            with open(self._tmp, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            name = digest.hexdigest()
-            os.replace(self._tmp, self._dir / name)
-            meta = self._dir / f"{name}.json"
-            meta.write_text(json.dumps({"device_path": self._device_path, "sha256": name}) + "\n")
-            meta.chmod(0o600)
-        except OSError as exc:
-            self._log.error("cannot keep a copy of the upload to %s: %s", self._device_path, exc)
-
-    def _drop(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._tmp.unlink(missing_ok=True)

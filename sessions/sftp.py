@@ -153,7 +153,7 @@ class _Handle:
     first_offset: dict = field(default_factory=lambda: {"download": None, "upload": None})
     contiguous: dict = field(default_factory=lambda: {"download": True, "upload": True})
     opened_at: str = ""
-    keep: object = None  # a sessions.scp.KeptFile when uploads are kept
+    keep: object = None  # a sessions.kept_uploads.KeptFile when uploads are kept
     guard: object = None  # a sessions.upload_check.StreamGuard judging what is written (uploads)
     refused: str | None = None  # the upload named a protected path: writes and CLOSE are refused
 
@@ -212,7 +212,7 @@ class SftpFilter:
         :meth:`device_data` raise :class:`SftpProtocolError` instead.
     :param check_timeout: seconds a path check (including the wait for earlier renames) may take
     :param now: UTC ISO timestamp for transfer records (``started_at``/``ended_at``)
-    :param uploads: a :class:`sessions.scp.KeptUploads` to keep a copy of every uploaded file, or None
+    :param uploads: a :class:`sessions.kept_uploads.KeptUploads` to keep a copy of every uploaded file, or None
     :param upload_guard: ``upload_guard(path)`` -> a :class:`sessions.upload_check.StreamGuard` for a file
         opened for writing, or None: an upload that names a protected path (a script, an Ansible module)
         has the write that shows it and every later one refused, and its CLOSE answered PERMISSION_DENIED

@@ -1,4 +1,4 @@
-"""Legacy scp grammar and records (sessions/scp.py): the strict command parser, the record parser, the input buffer.
+"""Legacy scp grammar and records (sessions/scp_grammar.py): the strict command parser, the record parser, the input buffer.
 
 The protocol engine itself runs end to end with OpenSSH's scp in tests/test_e2e_scp.py.
 """
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import FUZZ_EXAMPLES_OTHER
-from sessions.scp import (
-    ScpCommand, ScpCommandError, ScpProtocolError, _Input, is_scp_command, parse_record, parse_scp_command,
+from sessions.scp_grammar import (
+    ScpCommand, ScpCommandError, ScpInput, ScpProtocolError, is_scp_command, parse_record, parse_scp_command,
     transfer_server_refusal,
 )
 
@@ -136,7 +136,7 @@ def test_input_yields_the_same_lines_however_the_stream_is_split(lines, cuts):
     holds: list[bool] = []
 
     async def run() -> list[bytes]:
-        buf = _Input(lambda: holds.append(True), lambda: holds.append(False))
+        buf = ScpInput(lambda: holds.append(True), lambda: holds.append(False))
         pos, i = 0, 0
         while pos < len(stream):
             n = cuts[i % len(cuts)]
@@ -156,7 +156,7 @@ def test_input_holds_the_vendor_while_too_much_waits_and_refuses_endless_lines()
     holds: list[bool] = []
 
     async def run() -> None:
-        buf = _Input(lambda: holds.append(True), lambda: holds.append(False))
+        buf = ScpInput(lambda: holds.append(True), lambda: holds.append(False))
         buf.feed(b"x" * (5 << 20))
         assert holds == [True]
         assert len(await buf.read_some(4 << 20)) == 4 << 20

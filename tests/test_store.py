@@ -1,4 +1,4 @@
-"""broker/store.py: migrations, schema version, WAL, transactions, atomic decisions, the store worker."""
+"""broker/store/: migrations, schema version, WAL, transactions, atomic decisions, the store worker."""
 
 from __future__ import annotations
 
@@ -50,6 +50,43 @@ def test_fresh_store_is_at_the_latest_schema(mem: Store) -> None:
     tables = {r["name"] for r in mem.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"users", "user_keys", "devices", "access_requests", "approvals", "grants", "sessions", "audit_events",
             "audit_checkpoints", "auth_failures", "file_transfers"} <= tables
+
+
+SCHEMA_FILE = Path(__file__).parent / "fixtures" / "schema.sql"
+
+
+def schema_text(store: Store) -> str:
+    """The whole schema as SQLite keeps it (every table, index, trigger and virtual table), plus the versions."""
+    rows = store.query("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")
+    virtual = {r["name"] for r in rows if (r["sql"] or "").startswith("CREATE VIRTUAL TABLE")}
+    # FTS5's own shadow tables (search_text_data, ...) are SQLite's to shape and differ between its versions.
+    rows = [r for r in rows if not (r["type"] == "table" and r["name"].rsplit("_", 1)[0] in virtual)]
+    versions = [r["version"] for r in store.query("SELECT version FROM schema_migrations ORDER BY version")]
+    out = [f"-- schema_migrations: {versions}"]
+    out += [f"-- {r['type']} {r['name']} on {r['tbl_name']}\n{r['sql'] or '(no sql)'};" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def write_schema() -> None:
+    """Rewrite tests/fixtures/schema.sql from a fresh store (after adding a migration on purpose)."""
+    s = open_store(None)
+    SCHEMA_FILE.write_text(schema_text(s), encoding="utf-8")
+    s.close()
+
+
+def test_a_fresh_store_has_exactly_the_recorded_schema(db_file: Path) -> None:
+    """The migrations' effect is pinned: moving or reformatting them (broker/store/schema.py) changes nothing.
+
+    A new migration changes the schema on purpose; then rewrite the file and review its diff:
+    python3 -c "import sys; sys.path[:0]=['tests','.']; import test_store; test_store.write_schema()"
+    """
+    expected = SCHEMA_FILE.read_text(encoding="utf-8")
+    mem = open_store(None)
+    assert schema_text(mem) == expected
+    mem.close()
+    on_disk = open_store(db_file)  # a file database (WAL) migrates to the same schema
+    assert schema_text(on_disk) == expected
+    on_disk.close()
 
 
 def test_migrations_are_idempotent(db_file: Path) -> None:
