@@ -284,7 +284,7 @@ def test_forward_end_to_end(world, http_port, ssh_like):
     # the recording: open/close frames with the port, the plain text both ways
     assert _wait(lambda: world.app.store.get_session(sid)["final_hash"])
     row = world.app.store.get_session(sid)
-    frames = list(read_frames(row["recording"], key_lookup=world.app.keys.get))
+    frames = list(read_frames(world.app.recordings.local_path(row["recording"]), key_lookup=world.app.keys.get))
     opens = [f.event() for f in frames if f.kind == "channel-open" and f.event().get("type") == "direct-tcpip"]
     assert opens and all(o["port"] in (http_port, ssh_like) for o in opens)
     closes = [f.event() for f in frames if f.kind == "channel-close" and "port" in f.event()]
