@@ -20,6 +20,7 @@ from broker.grants import GrantRules
 from broker.keys import FileKeyProvider, generate_host_key, generate_signing_key, load_signing_key, verify_hex
 from broker.siem import JsonLinesSink, build_sinks
 from broker.store import Store, open_store
+from sessions.storage import LocalRecordingStore, RecordingStore
 
 __all__ = ["App", "init_home", "open_app", "check_home", "CheckResult", "ALERT_EVENTS", "default_policy_file"]
 
@@ -71,6 +72,11 @@ class App:
             self._ports = load_protected_ports(cfg.path(cfg.policy.protected_paths_file)
                                                if cfg.policy.protected_paths_file else default_policy_file())
         return self._ports
+
+    @property
+    def recordings(self) -> RecordingStore:
+        """Where this home's recordings live (``recording.dir``); rows name them by key through it."""
+        return LocalRecordingStore(self.config.recordings_dir)
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:

@@ -83,7 +83,8 @@ class LiveSession:
         self.numbers = 0
         self.upconn: asyncssh.SSHClientConnection | None = None
         self.recorder: RecordingWriter | None = None
-        self.path = broker.settings.recordings_dir / f"{self.id}.mbr"
+        # the row names the recording by its key in the recording store; the writer needs a local file
+        self.recording_key, self.path = broker.app.recordings.path_for_new(self.id)
         self.ending = False
         self.finished = asyncio.Event()
         self._finish_task: asyncio.Future | None = None
@@ -135,7 +136,7 @@ class LiveSession:
             await asyncio.shield(b.db(b.app.store.insert_session, {
                 "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
                 "source": self.server.source, "started_at": utc_iso(now), "status": "live",
-                "recording": str(self.path), "broker_pid": b.pid, "last_activity_at": utc_iso(now),
+                "recording": self.recording_key, "broker_pid": b.pid, "last_activity_at": utc_iso(now),
                 "auth_key": self.server.fingerprint,
                 "user_role": self.server.principal.role if self.server.principal else None,
                 **({"via": via} if via else {}),
@@ -537,6 +538,7 @@ class LiveSession:
             try:
                 final_hash = await asyncio.get_running_loop().run_in_executor(None, rec.close, status)
                 signature = sign_final_hash(b.app.signing_key, final_hash)
+                b.app.recordings.sealed(self.recording_key)
             except Exception as exc:  # a failed close is itself evidence; keep going
                 self.log.exception("closing the recording failed")
                 await b.audit("recording.failed", session_id=self.id, error=str(exc))
@@ -549,6 +551,10 @@ class LiveSession:
                       grant_id=self.grant.id, status=status, reason=reason, final_hash=final_hash, **counters)
         if final_hash:
             await index_session(b, self.id, self.path)
+
+    def counters(self) -> dict[str, Any]:
+        """Byte counters so far (``bytes_in``, ``bytes_out``); read them on the event loop, never another thread."""
+        return self._counters()
 
     def _counters(self) -> dict[str, Any]:
         rec = self.recorder
@@ -605,11 +611,13 @@ async def seal_interrupted_sessions(broker: "Broker") -> None:
         pid = row["broker_pid"]
         if pid and pid != os.getpid() and _alive(pid):
             continue  # another worker still serves it
-        path = Path(row["recording"])
+        path = row["recording"]
         try:
+            path = app.recordings.local_path(row["recording"])
             # File I/O (a whole recording is read) on the default executor: the store thread keeps answering.
             final_hash, dropped = await asyncio.get_running_loop().run_in_executor(None, seal_recording, path)
             signature = sign_final_hash(app.signing_key, final_hash)
+            app.recordings.sealed(row["recording"])
             status = "incomplete"
         except (OSError, BrokerError) as exc:
             final_hash, signature, dropped, status = None, None, 0, "incomplete"

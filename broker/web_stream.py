@@ -12,7 +12,8 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, NotFoundError
+from broker.session_ops import get_session, list_live_sessions, running_counters
 from broker.web_base import Web, page, source_of
 from broker.web_auth import COOKIE, SignedOut, load_session
 from broker.web_links import resolve_share_link
@@ -34,14 +35,17 @@ def _sse(event: str, data: Any) -> str:
 
 # ---------------------------------------------------------------------------- player data
 def _asciicast(app, row: dict[str, Any]) -> str:
-    from sessions.recording import read_frames, read_header, verify_recording
+    from broker.session_ops import verify_session
+    from sessions.retention import open_frames, read_any_header  # complete or retention-redacted recordings
     from sessions.replay import to_asciicast
 
-    path = row["recording"]
-    result = verify_recording(path, expected_final_hash=row["final_hash"] if row["status"] != "live" else None,
-                              key_lookup=app.keys.get)
-    return to_asciicast(read_frames(path, key_lookup=app.keys.get, strict=False), header=read_header(path),
-                        verify_result=result)
+    result = verify_session(app, row)
+    path = app.recordings.local_path(row["recording"])
+    frames = open_frames(path, key_lookup=app.keys.get, strict=False)
+    try:
+        return to_asciicast(frames, header=read_any_header(path), verify_result=result)
+    finally:
+        frames.close()
 
 
 async def _cast_response(web: Web, row: dict[str, Any]) -> Response:
@@ -56,9 +60,10 @@ async def _cast_response(web: Web, row: dict[str, Any]) -> Response:
 async def cast(request: Request, viewer) -> Response:
     web = _web(request)
     sid = request.path_params["sid"]
-    row = await web.db(web.app.store.get_session, sid) if len(sid) <= 64 else None
-    if row is None:
-        return PlainTextResponse("no such session", status_code=404)
+    try:
+        row = await web.db(get_session, web.app.store, sid)
+    except NotFoundError as exc:
+        return PlainTextResponse(exc.message, status_code=404)
     await web.audit("recording.replayed", actor=viewer.name, user=row["user_name"], device=row["device"],
                     session_id=sid, source=source_of(request), via="web")
     return await _cast_response(web, row)
@@ -71,7 +76,7 @@ async def shared_cast(request: Request) -> Response:
         share = await web.db(resolve_share_link, web.app.store, token, web.now())
     except BrokerError as exc:
         return PlainTextResponse(exc.message, status_code=410)
-    row = await web.db(web.app.store.get_session, share["session_id"])
+    row = await web.db(get_session, web.app.store, share["session_id"])
     await web.audit("recording.replayed", actor=f"share:{share['id']}", user=row["user_name"], device=row["device"],
                     session_id=row["id"], source=source_of(request), via="share link", share_id=share["id"],
                     shared_by=share["created_by"], note=share["note"])
@@ -79,20 +84,20 @@ async def shared_cast(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------------- "something changed" feeds
-def _fingerprint(web: Web, topic: str) -> Any:
+def _fingerprint(web: Web, topic: str, running: dict[str, Any]) -> Any:
+    """What the page shows changed; ``running`` are this process's byte counters, taken on the event loop."""
     store = web.app.store
     if topic == "inbox":
         newest = store.search_audit(event="request", limit=1)
         return newest[0]["id"] if newest else 0
-    live = store.list_sessions(status="live")
-    counters = []
-    for s in live:
-        running = web.broker.live.get(s["id"]) if web.broker is not None else None
-        c = running._counters() if running is not None else {}
-        counters.append((s["id"], c.get("bytes_in", s["bytes_in"]), c.get("bytes_out", s["bytes_out"]),
-                         s["kill_requested_at"]))
+    counters = [(s["id"], s["bytes_in"], s["bytes_out"], s["kill_requested_at"])
+                for s in list_live_sessions(store, running, details=False)]
     newest = store.search_audit(session_id=None, event="session", limit=1)
     return [counters, newest[0]["id"] if newest else 0]
+
+
+def _running(web: Web) -> dict[str, Any]:
+    return running_counters(web.broker.live if web.broker is not None else None)
 
 
 async def _still_signed_in(web: Web, request: Request) -> bool:
@@ -119,7 +124,7 @@ async def changes(request: Request, viewer) -> Response:
     async def events() -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         start = last_beat = last_check = loop.time()
-        seen = await web.db(_fingerprint, web, topic)
+        seen = await web.db(_fingerprint, web, topic, _running(web))
         yield "retry: 2000\n\n"
         while not web.closing.is_set() and loop.time() - start < MAX_STREAM_S:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -130,7 +135,7 @@ async def changes(request: Request, viewer) -> Response:
                 if not await _still_signed_in(web, request):
                     yield _sse("signedout", {})
                     return
-            current = await web.db(_fingerprint, web, topic)
+            current = await web.db(_fingerprint, web, topic, _running(web))
             if current != seen:
                 seen = current
                 last_beat = now
@@ -146,7 +151,7 @@ async def changes(request: Request, viewer) -> Response:
 _SHOWN = ("output", "stderr", "resize", "pty", "notice", "alert", "policy-denial", "exec", "end")
 
 
-def _pump(path: str, keys, stop: threading.Event, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+def _pump(path: Any, keys, stop: threading.Event, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
     """Tail the recording in a worker thread and hand frames to the event loop (bounded queue)."""
     from sessions.recording import read_frames
 
@@ -201,9 +206,11 @@ async def watch_stream(request: Request, viewer) -> Response:
     """The session's terminal output from its start, then live, as server-sent events (read-only)."""
     web = _web(request)
     sid = request.path_params["sid"]
-    row = await web.db(web.app.store.get_session, sid) if len(sid) <= 64 else None
-    if row is None:
-        return PlainTextResponse("no such session", status_code=404)
+    try:
+        row = await web.db(get_session, web.app.store, sid)
+    except NotFoundError as exc:
+        return PlainTextResponse(exc.message, status_code=404)
+    path = web.app.recordings.local_path(row["recording"])
     await web.audit("recording.watched", actor=viewer.name, user=row["user_name"], device=row["device"],
                     session_id=sid, source=source_of(request), via="web", live=row["status"] == "live")
 
@@ -211,7 +218,7 @@ async def watch_stream(request: Request, viewer) -> Response:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue(maxsize=256)
         stop = threading.Event()
-        worker = threading.Thread(target=_pump, args=(row["recording"], web.app.keys, stop, loop, queue),
+        worker = threading.Thread(target=_pump, args=(path, web.app.keys, stop, loop, queue),
                                   name=f"watch-{sid}", daemon=True)
         worker.start()
         decoders: dict = {}

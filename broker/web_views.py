@@ -5,21 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from broker.app import ALERT_EVENTS, App
+from broker.app import App
 from broker.audit import EVENTS, parse_details
 from broker.clock import clock_text, display_zone, parse_utc, utc_iso
-from broker.config import format_duration, id_in_range, parse_duration, parse_id, unsafe_char
+from broker.config import format_duration, id_in_range, parse_duration, parse_id
 from broker.errors import BrokerError, ConflictError, GrantExpiredError, NotFoundError, PermissionDeniedError, UsageError
 from broker.grants import (approval_card, approvals_text, approve_request, deny_request, expire_requests, get_request,
                            list_grants, list_requests)
 from broker.identity import get_principal
+from broker.session_ops import get_session, list_live_sessions, request_kill, running_counters, session_verification
 from broker.web_base import HOME, Web, origin_ok, page, source_of
 from broker.web_auth import COOKIE, SignedOut, directory_password_signin, end_session, load_session, \
     password_signin, set_password, signin_locked, start_session, uses_directory
@@ -289,35 +289,21 @@ async def mine(request: Request, viewer) -> Response:
 
 
 # ---------------------------------------------------------------------------- live sessions
-def _live_rows(web: Web) -> list[dict[str, Any]]:
-    app = web.app
-    rows = []
-    for s in reversed(app.store.list_sessions(status="live")):
-        grant = app.store.get_grant(s["grant_id"]) or {}
-        alerts = [a for a in app.store.search_audit(session_id=s["id"], limit=200)
-                  if a["event"].startswith(ALERT_EVENTS) or a["event"].endswith(".denied")]
-        live = web.broker.live.get(s["id"]) if web.broker is not None else None
-        counters = live._counters() if live is not None else {}
-        rows.append(s | {"ends_at": grant.get("ends_at"), "alerts": len(alerts),
-                         "last_alert": alerts[0]["event"] if alerts else None,
-                         "bytes_in": counters.get("bytes_in", s["bytes_in"]),
-                         "bytes_out": counters.get("bytes_out", s["bytes_out"])})
-    return rows
+def _running(web: Web) -> dict[str, Any]:
+    """This process's live byte counters, taken on the event loop (the store thread must not read live sessions)."""
+    return running_counters(web.broker.live if web.broker is not None else None)
 
 
 @page("approver", "security", "admin", action="see live sessions")
 async def sessions_page(request: Request, viewer) -> Response:
     web = _web(request)
-    rows = await web.db(_live_rows, web)
+    rows = await web.db(list_live_sessions, web.app.store, _running(web))
     name = "sessions_list.html" if request.query_params.get("part") == "list" else "sessions.html"
     return web.render(request, name, viewer=viewer, rows=rows)
 
 
 async def _session(web: Web, sid: str) -> dict[str, Any]:
-    row = await web.db(web.app.store.get_session, sid) if len(sid) <= 64 else None
-    if row is None:
-        raise NotFoundError(f"session {sid[:64]} does not exist", "pick one from the list")
-    return row
+    return await web.db(get_session, web.app.store, sid)
 
 
 @page("security", action="watch live sessions")
@@ -332,20 +318,15 @@ async def watch_page(request: Request, viewer) -> Response:
 async def kill(request: Request, viewer) -> Response:
     web = _web(request)
     sid = request.path_params["sid"]
-    row = await _session(web, sid)
     reason = str(request.state.form.get("reason") or "").strip()
-    bad = unsafe_char(reason)
-    if not reason or len(reason) > 300 or bad:
-        web.flash(viewer, "error", "Give a reason (1-300 characters); the vendor sees it."
-                  + (f" It contains {bad}, a control or invisible formatting character: type plain text." if bad
-                     else ""))
-        return _back(request, f"/sessions/{sid}/watch")
-    ok = await web.db(web.app.store.request_session_kill, sid, viewer.name, reason, utc_iso(web.now()))
-    if not ok:
-        web.flash(viewer, "error", f"Session {sid} is not live (status {row['status']}) or is already ending.")
+    try:
+        row = await web.db(lambda: request_kill(web.app, sid, actor=viewer.name, reason=reason,
+                                                source=source_of(request)))
+    except NotFoundError:
+        raise
+    except BrokerError as exc:
+        web.flash(viewer, "error", exc.message[:1].upper() + exc.message[1:] + ".")
     else:
-        await web.audit("session.kill.requested", actor=viewer.name, user=row["user_name"], device=row["device"],
-                        session_id=sid, grant_id=row["grant_id"], reason=reason, source=source_of(request))
         web.flash(viewer, "ok", f"Ending session {sid} of {row['user_name']} on {row['device']} "
                                 "(within a second); the vendor sees your reason.")
     return _back(request, f"/sessions/{sid}/watch")
@@ -372,28 +353,11 @@ async def recordings_page(request: Request, viewer) -> Response:
     return web.render(request, "recordings.html", viewer=viewer, rows=rows, hits=hits, q=q, searchable=searchable)
 
 
-def _verify(app: App, row: dict[str, Any]) -> str:
-    from sessions.recording import verify_recording
-    from sessions.replay import verification_summary
-
-    if not Path(row["recording"]).exists():
-        return "FAILED: the recording file is missing"
-    live = row["status"] == "live"
-    result = verify_recording(row["recording"], expected_final_hash=None if live else row["final_hash"],
-                              signature=None if live or not row["signature"] else row["signature"],
-                              public_key=app.signing_key.public_key(), key_lookup=app.keys.get)
-    summary = verification_summary(result)
-    if result.ok and row["signature"] and not live:
-        summary += ", signature valid"
-    return summary
-
-
 async def _player_context(web: Web, row: dict[str, Any]) -> dict[str, Any]:
     store = web.app.store
-    try:
-        verification = await asyncio.get_running_loop().run_in_executor(None, _verify, web.app, row)
-    except BrokerError as exc:
-        verification = f"FAILED: {exc.message}"
+    check = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: session_verification(web.app, row, name_signature=True))
+    verification = check["summary"]
     commands = await web.db(store.session_commands, row["id"]) if hasattr(store, "session_commands") else None
     transfers = await web.db(store.transfers, row["id"])
     return {"s": row, "verification": verification, "verified": not verification.startswith("FAILED"),

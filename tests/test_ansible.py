@@ -49,7 +49,7 @@ def wait_for(predicate, timeout: float = 10.0):
 def frames_of_all_sessions(w: World) -> list:
     wait_for(lambda: all(r["final_hash"] for r in w.app.store.list_sessions()))
     return [f for r in w.app.store.list_sessions()
-            for f in read_frames(Path(r["recording"]), key_lookup=w.app.keys.get)]
+            for f in read_frames(w.app.recordings.local_path(r["recording"]), key_lookup=w.app.keys.get)]
 
 
 def secrets_of(path: Path) -> list[bytes]:

@@ -95,7 +95,7 @@ def test_untouched_evidence_verifies(home):
 def test_deleted_row_and_recording_are_named(home):
     victim = _closed(home)[1]
     _sql(home, "DELETE FROM sessions WHERE id = ?", (victim["id"],))
-    Path(victim["recording"]).unlink()
+    (home / "recordings" / victim["recording"]).unlink()
     rc, doc, text = _verify(home)
     assert rc == 1
     diff = _differences(doc, victim["id"])
@@ -109,7 +109,7 @@ def test_finished_session_set_back_to_live_is_named(home):
     victim = _closed(home)[0]
     _sql(home, "UPDATE sessions SET status = 'live', final_hash = NULL, signature = NULL, ended_at = NULL "
                "WHERE id = ?", (victim["id"],))
-    path = Path(victim["recording"])
+    path = (home / "recordings" / victim["recording"])
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     rc, doc, text = _verify(home)
     assert rc == 1
@@ -134,14 +134,14 @@ def test_changed_who_what_and_grant_are_named(home, column, value):
 
 def test_deleted_recording_only_is_named(home):
     victim = _closed(home)[0]
-    Path(victim["recording"]).unlink()
+    (home / "recordings" / victim["recording"]).unlink()
     rc, doc, _ = _verify(home)
     assert rc == 1 and _differences(doc, victim["id"])["recording file"]["found"] == "missing"
 
 
 def test_swapped_recordings_are_named(home):
     one, two = _closed(home)[:2]
-    p1, p2 = Path(one["recording"]), Path(two["recording"])
+    p1, p2 = home / "recordings" / one["recording"], home / "recordings" / two["recording"]
     b1, b2 = p1.read_bytes(), p2.read_bytes()
     p1.write_bytes(b2)
     p2.write_bytes(b1)
@@ -187,7 +187,7 @@ def test_live_without_end_row_is_open_and_unknown_live_row_is_named(home):
     try:
         header = {"session_id": "open-1", "user": victim["user_name"], "device": victim["device"],
                   "grant_id": victim["grant_id"], "started_at": victim["started_at"]}
-        w = RecordingWriter(victim["recording"].replace(victim["id"], "open-1"), header, clock=a.clock)
+        w = RecordingWriter(home / "recordings" / victim["recording"].replace(victim["id"], "open-1"), header, clock=a.clock)
         w.append_data(1, "output", b"still running\r\n")
         w.close("the test ends it; the row stays live")
         a.audit.record("session.start", user=victim["user_name"], device=victim["device"], session_id="open-1",
@@ -213,10 +213,10 @@ def test_retention_redacted_recordings_still_verify(home):
     a = open_app(home)
     try:
         for row in _closed(home)[:2]:
-            redact_recording(row["recording"], private_key=a.signing_key, removed_at=a.clock.now(), policy_days=180,
+            redact_recording(a.recordings.local_path(row["recording"]), private_key=a.signing_key, removed_at=a.clock.now(), policy_days=180,
                              expected_final_hash=row["final_hash"], signature=row["signature"])
             a.store.mark_payload_removed(row["id"], utc_iso(a.clock.now()))
-            assert is_redacted(row["recording"])
+            assert is_redacted(a.recordings.local_path(row["recording"]))
     finally:
         a.close()
     rc, doc, text = _verify(home)
@@ -236,7 +236,7 @@ def test_a_session_named_only_by_a_refusal_is_not_a_difference(home):
     try:
         header = {"session_id": "refused-1", "user": victim["user_name"], "device": victim["device"],
                   "grant_id": victim["grant_id"], "started_at": victim["started_at"]}
-        RecordingWriter(victim["recording"].replace(victim["id"], "refused-1"), header, clock=a.clock).close("failed")
+        RecordingWriter(home / "recordings" / victim["recording"].replace(victim["id"], "refused-1"), header, clock=a.clock).close("failed")
         a.audit.record("device.unreachable", user=victim["user_name"], device=victim["device"],
                        session_id="refused-1", error="timed out")
     finally:

@@ -21,7 +21,7 @@ def _commands(world):
         if rows and rows[-1]["final_hash"]:
             break
         time.sleep(0.05)
-    frames = list(read_frames(Path(rows[-1]["recording"]), key_lookup=world.app.keys.get))
+    frames = list(read_frames(world.app.recordings.local_path(rows[-1]["recording"]), key_lookup=world.app.keys.get))
     return [c.command for c in index_commands(frames)]
 
 

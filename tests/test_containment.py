@@ -156,11 +156,11 @@ def test_shell_refused_when_device_became_exposed_after_one_approval(world):
     sessions = w.app.store.list_sessions()
     assert sessions[0]["containment"] == "contained" and sessions[-1]["containment"] == "exposed"
     # the first session after the change: the header holds the last known state, the check that applied follows
-    frames = [f for f in read_frames(sessions[1]["recording"], key_lookup=w.app.keys.get) if f.kind == "containment"]
+    frames = [f for f in read_frames(w.app.recordings.local_path(sessions[1]["recording"]), key_lookup=w.app.keys.get) if f.kind == "containment"]
     assert [json.loads(f.payload)["state"] for f in frames] == ["exposed"]
     assert json.loads(frames[0].payload)["cached"] is False
-    assert read_header(sessions[1]["recording"])["containment"] == "contained"
-    assert read_header(sessions[-1]["recording"])["containment"] == "exposed"
+    assert read_header(w.app.recordings.local_path(sessions[1]["recording"]))["containment"] == "contained"
+    assert read_header(w.app.recordings.local_path(sessions[-1]["recording"]))["containment"] == "exposed"
 
 
 def test_exposed_device_policy_files_only_and_allow(exposed_world):

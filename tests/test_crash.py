@@ -56,7 +56,8 @@ def test_sigkill_mid_session_then_restart_seals_an_incomplete_recording(tmp_path
             store.close()
         assert row["status"] == "live"
         # The writer thread writes right behind the relay; wait until the bytes are on disk, then kill.
-        assert wait(lambda: b"typed before the crash" in _typed_text(row["recording"], keys)[1], timeout=10)
+        path = home / "recordings" / row["recording"]  # rows name recordings by key (issue 12)
+        assert wait(lambda: b"typed before the crash" in _typed_text(path, keys)[1], timeout=10)
         broker.kill9()
         assert term.wait(15) == 255  # ssh: connection lost
 
@@ -79,7 +80,7 @@ def test_sigkill_mid_session_then_restart_seals_an_incomplete_recording(tmp_path
         assert entry["state"] == "incomplete" and entry["problems"] == []
         assert report["audit"]["ok"] and report["counts"]["broken"] == 0
 
-        typed, shown = _typed_text(row["recording"], keys)
+        typed, shown = _typed_text(path, keys)
         assert b"typed before the crash 6x7" in typed
         assert b"typed before the crash 6x7" in shown
     finally:

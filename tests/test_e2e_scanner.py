@@ -63,7 +63,7 @@ def _assert_stopped(w, r, expected_output: bytes, content: str) -> None:
     assert alert["content"].startswith(content), alert
     assert _wait(lambda: w.app.store.list_sessions()[-1]["status"] == "stopped")
     row = w.app.store.list_sessions()[-1]
-    frames = list(read_frames(Path(row["recording"]), key_lookup=w.app.keys.get))
+    frames = list(read_frames(w.app.recordings.local_path(row["recording"]), key_lookup=w.app.keys.get))
     alerts = [f.event() for f in frames if f.kind == "alert"]
     assert alerts and alerts[0]["content"] == alert["content"]
     recorded = b"".join(f.payload for f in frames if f.kind == "output")
@@ -128,7 +128,7 @@ def test_random_output_over_the_opaque_budget_ends_the_session(staged):
     assert alert["limit_bytes"] == 65536 and alert["opaque_bytes"] > 65536
     assert _wait(lambda: w.app.store.list_sessions()[-1]["status"] == "stopped")
     row = w.app.store.list_sessions()[-1]
-    frames = list(read_frames(Path(row["recording"]), key_lookup=w.app.keys.get))
+    frames = list(read_frames(w.app.recordings.local_path(row["recording"]), key_lookup=w.app.keys.get))
     assert any(f.kind == "alert" and f.event()["content"] == "opaque" for f in frames)
 
 

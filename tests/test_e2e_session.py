@@ -261,7 +261,7 @@ def test_broker_stopping_while_a_session_connects_closes_it_cleanly(world):
     row = world.app.store.list_sessions()[-1]
     assert row["device"] == "slow-01" and row["status"] == "failed"
     assert "stopped while connecting" in row["end_reason"] and row["final_hash"]
-    assert verify_recording(row["recording"], expected_final_hash=row["final_hash"],
+    assert verify_recording(world.app.recordings.local_path(row["recording"]), expected_final_hash=row["final_hash"],
                             key_lookup=world.app.keys.get).ok
     gc.collect()  # an abandoned connect would surface here as an unraisable ResourceWarning (an error)
 
@@ -313,7 +313,7 @@ def test_recording_holds_typed_input_output_and_verifies(world, tmp_path):
     finally:
         term.close()
     row = _finished_session(world)
-    path = Path(row["recording"])
+    path = world.app.recordings.local_path(row["recording"])
     header = read_header(path)
     assert header["user"] == "alice" and header["device"] == "ct-01" and "encryption" in header
     assert b"MARKER" not in path.read_bytes()  # encrypted at rest
@@ -346,7 +346,7 @@ def test_recording_holds_typed_input_output_and_verifies(world, tmp_path):
     assert world.ssh("alice@ct-01", "echo exec-marker; echo oops >&2; exit 4").returncode == 4
     assert _wait(lambda: len(world.app.store.list_sessions()) == 2 and _finished_session(world)["id"] != row["id"])
     exec_row = _finished_session(world)
-    frames = list(read_frames(Path(exec_row["recording"]), key_lookup=world.app.keys.get))
+    frames = list(read_frames(world.app.recordings.local_path(exec_row["recording"]), key_lookup=world.app.keys.get))
     assert any(f.kind == "exec" and f.event()["command"].startswith("echo exec-marker") for f in frames)
     assert b"oops\n" in b"".join(f.payload for f in frames if f.kind == "stderr")
     assert any(f.kind == "exit" and f.event().get("status") == 4 for f in frames)
@@ -358,7 +358,7 @@ def test_tampered_recording_is_detected(world):
     world.grant()
     assert world.ssh("alice@ct-01", "echo tamper-me").returncode == 0
     row = _finished_session(world)
-    path = Path(row["recording"])
+    path = world.app.recordings.local_path(row["recording"])
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))

@@ -80,7 +80,7 @@ def test_violations_close_the_channel_at_once(world, name, packets, reason):
     assert reason in row["reason"] and w.events("sftp.protocol.denied")[0]["user_name"] == "alice"
     assert _wait(lambda: any(reason in (d.get("error") or "") for d in _details(w, "sftp.summary")))
     assert _wait(lambda: w.app.store.list_sessions()[-1]["final_hash"])
-    frames = list(read_frames(Path(w.app.store.list_sessions()[-1]["recording"]), key_lookup=w.app.keys.get))
+    frames = list(read_frames(w.app.recordings.local_path(w.app.store.list_sessions()[-1]["recording"]), key_lookup=w.app.keys.get))
     assert any(f.kind == "policy-denial" and reason in f.event().get("violation", "") for f in frames)
 
 
@@ -125,5 +125,5 @@ def test_four_threads_sharing_one_sftp_client(world, tmp_path):
         assert summary["unanswered"] == 0 and summary["replied"] == summary["forwarded"], summary
     session = w.app.store.list_sessions()[-1]
     assert _wait(lambda: w.app.store.list_sessions()[-1]["final_hash"])
-    frames = list(read_frames(Path(session["recording"]), key_lookup=w.app.keys.get))
+    frames = list(read_frames(w.app.recordings.local_path(session["recording"]), key_lookup=w.app.keys.get))
     assert any(f.kind == "sftp-reply-summary" for f in frames)

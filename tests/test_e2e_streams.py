@@ -66,8 +66,8 @@ def _drain(chan: paramiko.Channel, timeout: float = 10.0) -> tuple[bytes, bytes,
 def _recording_denials(w) -> list[dict]:
     frames = []
     for row in w.app.store.list_sessions():
-        if row.get("recording") and Path(row["recording"]).exists():
-            frames += [f.event() for f in read_frames(Path(row["recording"]), key_lookup=w.app.keys.get)
+        if row.get("recording") and w.app.recordings.local_path(row["recording"]).exists():
+            frames += [f.event() for f in read_frames(w.app.recordings.local_path(row["recording"]), key_lookup=w.app.keys.get)
                        if f.kind == "policy-denial"]
     return frames
 

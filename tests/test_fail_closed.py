@@ -106,7 +106,7 @@ def test_live_session_hitting_a_full_volume_is_ended_and_told_why(tmp_path):
                 term.sendline("before the disk filled")
                 term.expect(b"before the disk filled\r\n" * 2, timeout=20)
                 [row] = world.app.store.list_sessions()
-                assert wait(lambda: os.path.getsize(row["recording"]) > 0)
+                assert wait(lambda: world.app.recordings.size(row["recording"]) > 0)
                 fill(recs)
                 told = b"recording failed (No space left on device), and medbroker never runs a session it cannot record"
                 for i in range(200):  # up to ~200 KiB of echoed text: the writer's next batches hit ENOSPC
@@ -145,6 +145,7 @@ class _Broker:
 
         # The opaque-output budget (64 KiB of random base64 by default) would end the session long before the
         # recordings volume fills: this test is about the recording path, so the budget is set out of the way.
+        self.recs = recs  # sessions rows name recordings by key, relative to this directory
         self.home, self.people = prepared_home(tmp_path, device(), f'[recording]\ndir = "{recs}"\nmode = "{mode}"\n'
                                                '[policy]\nmax_opaque_output = "1GiB"\n')
         self.port = free_port()
@@ -177,7 +178,7 @@ class _Broker:
         from sessions.recording import read_frames
 
         keys = FileKeyProvider(self.home / "keys" / "data.key")
-        return sum(len(f.payload) for f in read_frames(path, key_lookup=keys.get, strict=False)
+        return sum(len(f.payload) for f in read_frames(self.recs / path, key_lookup=keys.get, strict=False)
                    if f.kind in ("output", "stderr"))
 
 

@@ -284,7 +284,7 @@ def test_forward_end_to_end(world, http_port, ssh_like):
     # the recording: open/close frames with the port, the plain text both ways
     assert _wait(lambda: world.app.store.get_session(sid)["final_hash"])
     row = world.app.store.get_session(sid)
-    frames = list(read_frames(row["recording"], key_lookup=world.app.keys.get))
+    frames = list(read_frames(world.app.recordings.local_path(row["recording"]), key_lookup=world.app.keys.get))
     opens = [f.event() for f in frames if f.kind == "channel-open" and f.event().get("type") == "direct-tcpip"]
     assert opens and all(o["port"] in (http_port, ssh_like) for o in opens)
     closes = [f.event() for f in frames if f.kind == "channel-close" and "port" in f.event()]
@@ -577,7 +577,7 @@ def test_forward_tls_verified_plain_text_judged_and_findings_end_the_session(wor
     assert _wait(lambda: world.app.store.get_session(sid)["final_hash"])
     row = world.app.store.get_session(sid)
     assert row["status"] == "stopped" and row["end_reason"].startswith("output contained HL7")
-    frames = list(read_frames(row["recording"], key_lookup=world.app.keys.get))
+    frames = list(read_frames(world.app.recordings.local_path(row["recording"]), key_lookup=world.app.keys.get))
     got = b"".join(f.payload for f in frames if f.kind == "output")
     assert b"tube temperature" not in got and b"ustar" not in got  # TLS: sizes only; the tar never passed
     sizes = [f.event() for f in frames if f.kind == "forward-bytes"]

@@ -235,7 +235,7 @@ EVIL = r"printf '\033]52;c;ZXZpbA==\a\033]8;;https://evil.example/\033\\link\033
 
 def _recorded_output(world, sid: str) -> bytes:
     row = world.app.store.get_session(sid)
-    return b"".join(f.payload for f in read_frames(row["recording"], key_lookup=world.app.keys.get)
+    return b"".join(f.payload for f in read_frames(world.app.recordings.local_path(row["recording"]), key_lookup=world.app.keys.get)
                     if f.kind in ("output", "stderr"))
 
 

@@ -136,7 +136,7 @@ def test_a_big_session_is_indexed_by_the_child_and_searchable(world, caplog) -> 
                                                 and world.app.store.list_sessions()[-1]["indexed_at"]):
         time.sleep(0.05)
     session = world.app.store.list_sessions()[-1]
-    assert Path(session["recording"]).stat().st_size >= 256 << 10  # big enough for the child
+    assert world.app.recordings.local_path(session["recording"]).stat().st_size >= 256 << 10  # big enough for the child
     assert [c["command"] for c in world.app.store.session_commands(session["id"])] == \
         ["seq 1 70000; echo needle-$((6*7))"]
     assert [h["text"] for h in world.app.store.search_sessions("needle-42")] == ["needle-42"]

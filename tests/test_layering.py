@@ -53,7 +53,7 @@ TABLE: dict[str, Row] = {
                  ("core",), (), "SFTP wire format, scp command and records, transfer-protocol stream shapes: stdlib + layer 0"),
     "recording": Row(2, ("sessions/recformat.py", "sessions/recording.py", "sessions/recwriter.py", "sessions/replay.py", "sessions/commands.py",
                          "sessions/textindex.py", "sessions/retention.py", "sessions/htmlexport.py",
-                         "sessions/termguard.py", "sessions/shell_lines.py"),
+                         "sessions/termguard.py", "sessions/shell_lines.py", "sessions/storage.py"),
                      ("core",), ("cryptography", "pyte"), "record format, reader, replay, command index"),
     "export": Row(2, ("broker/siem.py",), ("core",), (), "audit export sinks (JSON lines, syslog)"),
     "relay": Row(3, ("sessions/relay.py", "sessions/sftp.py", "sessions/scp.py", "sessions/kept_uploads.py",
@@ -66,6 +66,9 @@ TABLE: dict[str, Row] = {
                "one broker home: config, store, audit, keys"),
     "directory": Row(3, ("broker/directory.py",), ("core", "store", "keys", "domain", "app"), ("ldap3",),
                      "directory accounts (LDAP): lookups, sign-in, mirroring into the store"),
+    "ops": Row(3, ("broker/session_ops.py",), ("core", "store", "keys", "domain", "recording", "app"), (),
+               "what the CLI and the web both do with a session (look up, end, verify, list live); no asyncssh, "
+               "typer or starlette"),
     "report": Row(3, ("broker/report.py",), ("core", "store", "keys", "domain", "recording", "export"),
                   ("cryptography",), "signed maintenance reports from the store"),
     "server": Row(4, ("broker/server.py", "broker/listener.py", "broker/live.py", "broker/indexer.py", "broker/selfservice.py",
@@ -77,7 +80,7 @@ TABLE: dict[str, Row] = {
     "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/serve.py",
                       "broker/workers.py", "broker/web.py", "broker/web_*.py", "broker/health.py", "broker/service.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "report",
-                   "server", "directory"), None,
+                   "server", "directory", "ops"), None,
                   "argv, printing, exit codes, HTTP"),
 }
 NEVER_IN_LAYER_2 = ("asyncssh", "typer")

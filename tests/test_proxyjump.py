@@ -63,7 +63,7 @@ def _ssh(*argv: str, timeout: float = 30.0, input: bytes | None = None):
 
 
 def _texts(row: dict, world) -> bytes:
-    frames = read_frames(Path(row["recording"]), key_lookup=world.app.keys.get)
+    frames = read_frames(world.app.recordings.local_path(row["recording"]), key_lookup=world.app.keys.get)
     return b"".join(f.payload for f in frames if f.kind in ("output", "stderr") and isinstance(f.payload, bytes))
 
 

@@ -249,7 +249,7 @@ def test_plink_pscp_psftp_through_the_broker(exposed_world, pkeys, tmp_path):
     r = putty("plink", "alice@ct-01@127.0.0.1", f"echo plink-marker-$((6*7)); cat {tree.system_log}")
     assert r.returncode == 0 and r.stdout == b"plink-marker-42\n" + tree.system_log.read_bytes(), r.stderr
     row = _wait(lambda: [s for s in w.app.store.list_sessions() if s["id"] not in known and s["final_hash"]])[0]
-    frames = list(read_frames(Path(row["recording"]), key_lookup=w.app.keys.get))
+    frames = list(read_frames(w.app.recordings.local_path(row["recording"]), key_lookup=w.app.keys.get))
     assert any(f.kind == "exec" and f.event()["command"].startswith("echo plink-marker") for f in frames)
     assert b"plink-marker-42\n" in b"".join(f.payload for f in frames if f.kind == "output")
 
@@ -305,7 +305,7 @@ def test_plink_pscp_psftp_through_the_broker(exposed_world, pkeys, tmp_path):
         typed = []
         for row in w.app.store.list_sessions():
             if row["id"] not in known and row["final_hash"]:
-                frames = list(read_frames(Path(row["recording"]), key_lookup=w.app.keys.get))
+                frames = list(read_frames(w.app.recordings.local_path(row["recording"]), key_lookup=w.app.keys.get))
                 if any(f.kind == "shell" for f in frames):
                     typed.append(b"".join(f.payload for f in frames if f.kind == "input"))
         return typed

@@ -66,7 +66,7 @@ def test_a_typed_code_and_the_secret_appear_nowhere(tmp_path, device):
     try:
         [session] = a.store.list_sessions()
         assert session["status"] == "closed"
-        frames = list(read_frames(session["recording"], key_lookup=a.keys.get))
+        frames = list(read_frames(a.recordings.local_path(session["recording"]), key_lookup=a.keys.get))
         assert b"a line typed in the session" in b"".join(f.payload for f in frames if f.kind == "input")
         json_outputs = [_cli(home, *args).stdout for args in (
             ("user", "show", "alice", "--json"), ("user", "list", "--json"), ("audit", "log", "--json"),
@@ -79,7 +79,7 @@ def test_a_typed_code_and_the_secret_appear_nowhere(tmp_path, device):
     assert _cli(home, "export", session["id"], "--format", "json", "-o", str(export)).exit_code == 0
 
     places = {
-        "recording (raw)": Path(session["recording"]).read_bytes(),
+        "recording (raw)": a.recordings.local_path(session["recording"]).read_bytes(),
         "recording (decrypted)": b"\n".join(f.payload for f in frames),
         "export": export.read_bytes(),
         "broker log (debug)": log.read_bytes(),
@@ -112,7 +112,7 @@ def test_rotation_reseals_secrets_and_keeps_old_recordings_readable(world, tmp_p
     assert before.returncode == 0, before.stderr
     assert wait(lambda: all(s["status"] != "live" for s in world.app.store.list_sessions()))
     [old_session] = [s for s in world.app.store.list_sessions() if s["user_name"] == name]
-    old_key = read_header(old_session["recording"])["encryption"]["key_id"]
+    old_key = read_header(world.app.recordings.local_path(old_session["recording"]))["encryption"]["key_id"]
     sealed_before = (world.app.store.get_device("ct-01")["credential"], world.app.store.get_user(name)["totp_secret"])
 
     r = _cli(home, "keys", "rotate", "--json")
@@ -129,7 +129,7 @@ def test_rotation_reseals_secrets_and_keeps_old_recordings_readable(world, tmp_p
     assert after.returncode == 0 and after.stdout == b"after rotation\n", after.stderr
     assert wait(lambda: all(s["status"] != "live" for s in world.app.store.list_sessions()))
     new_session = [s for s in world.app.store.list_sessions() if s["user_name"] == name and s["id"] != old_session["id"]][0]
-    assert read_header(new_session["recording"])["encryption"]["key_id"] == doc["new_key"]
+    assert read_header(world.app.recordings.local_path(new_session["recording"]))["encryption"]["key_id"] == doc["new_key"]
 
     out = tmp_path / "old.txt"
     exported = _cli(home, "export", old_session["id"], "--format", "text", "-o", str(out))

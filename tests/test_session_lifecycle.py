@@ -121,7 +121,7 @@ def test_vendor_gone_while_device_is_slow_cancels_the_start(world):
         row = world.app.store.list_sessions()[-1]
         assert ended_in < 2  # cancelled, not left for the 10 s connect timeout
         assert row["status"] == "closed" and "disconnected while medbroker was connecting" in row["end_reason"]
-        assert verify_recording(row["recording"], expected_final_hash=row["final_hash"],
+        assert verify_recording(world.app.recordings.local_path(row["recording"]), expected_final_hash=row["final_hash"],
                                 key_lookup=world.app.keys.get).ok
         assert world.harness.live_count() == 0
 

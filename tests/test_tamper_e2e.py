@@ -75,7 +75,8 @@ def test_untouched_evidence_verifies_and_the_last_row_is_signed(home, db):
 
 
 def test_a_flipped_recording_byte_names_that_session_only(home, db):
-    (first, path), (second, _) = _sessions(db)
+    (first, key), (second, _) = _sessions(db)
+    path = home / "recordings" / key  # rows name recordings by key, relative to recording.dir (issue 12)
     data = bytearray(Path(path).read_bytes())
     original = bytes(data)
     data[len(data) // 2] ^= 0x01

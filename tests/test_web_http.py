@@ -403,6 +403,59 @@ def test_player_reports_a_tampered_recording(console):
     assert 'class="verify-bad">FAILED' in page
 
 
+def test_player_and_cast_accept_a_retention_redacted_recording(console):
+    """Issue 12 item 2: the console verified with ``verify_recording`` only, so every recording whose payload
+    retention removed showed as FAILED (and its cast could not be read); the CLI's check handles both."""
+    from sessions.recording import sign_final_hash
+    from sessions.retention import redact_recording
+
+    sid = _recorded_session(console, b"$ echo secret-patient-name\r\n")
+    store = console.app.store
+    row = store.get_session(sid)
+    signature = sign_final_hash(console.app.signing_key, row["final_hash"])
+    store.update_session(sid, signature=signature)
+    redact_recording(row["recording"], private_key=console.app.signing_key,
+                     removed_at=console.clock.now(), policy_days=180, expected_final_hash=row["final_hash"],
+                     signature=signature)
+    store.mark_payload_removed(sid, utc_iso(console.clock.now()))
+    carol = console.client("carol")
+    page = carol.get(f"/recordings/{sid}")[2]
+    verdict = re.search(r'<dd id="verification" class="([^"]+)">([^<]*)<', page)
+    assert verdict.group(1) == "verify-ok", verdict.group(2)
+    assert verdict.group(2).startswith("verified (") and "signature valid" in verdict.group(2)
+    assert "removed by retention" in verdict.group(2)
+    status, _, cast = carol.get(f"/recordings/{sid}/cast")
+    assert status == 200 and "secret-patient-name" not in cast
+    assert json.loads(cast.splitlines()[0])["version"] == 2
+
+
+def test_console_kill_takes_the_same_reasons_as_the_cli(console):
+    """Issue 12 item 2: one reason limit (500 printable characters) for ``sessions kill`` and the console's button;
+    the console refused 301-500 characters before."""
+    sid = "20260101-080000-feed01"
+    now = utc_iso(console.clock.now())
+    console.app.store.insert_session({"id": sid, "user_name": "alice", "device": "ct-01", "grant_id": 1,
+                                      "started_at": now, "status": "live", "recording": f"{sid}.mbr",
+                                      "broker_pid": 1})
+    carol = console.client("carol")
+    token = carol.csrf(f"/sessions/{sid}/watch")
+    for reason in ("x" * 501, "tab\there", "   "):
+        carol.post(f"/sessions/{sid}/kill", {"csrf": token, "reason": reason})
+        assert console.app.store.get_session(sid)["kill_requested_at"] is None
+    page = carol.get(f"/sessions/{sid}/watch")[2]
+    assert "The reason must be 1-500 printable characters" in page and "at most 500 are allowed" in page
+    reason = "r" * 400  # refused by the console's old 300-character limit
+    carol.post(f"/sessions/{sid}/kill", {"csrf": token, "reason": reason})
+    row = console.app.store.get_session(sid)
+    assert row["kill_requested_by"] == "carol" and row["kill_reason"] == reason
+    assert console.events("session.kill.requested")[-1]["actor"] == "carol"
+    carol.post(f"/sessions/{sid}/kill", {"csrf": token, "reason": "again"})
+    assert "already ended or a kill was already requested" in carol.get(f"/sessions/{sid}/watch")[2]
+    for malformed in ("x" * 80, "%3Cb%3E", "20260101-080000-000000"):  # too long, not an id, unknown: one answer
+        status, _, text = carol.get(f"/sessions/{malformed}/watch")
+        assert status == 404 and "does not exist" in text and "medbroker sessions list" in text
+
+
 # ---------------------------------------------------------------------------- config and helpers
 def test_console_off_loopback_needs_tls(tmp_path):
     cfg = BrokerConfig(home=tmp_path)

@@ -181,7 +181,7 @@ class Transfers:
         return [r for r in self.sessions_since(known) if r["final_hash"]]
 
     def frames(self, row: dict) -> list:
-        return list(read_frames(Path(row["recording"]), key_lookup=self.world.app.keys.get))
+        return list(read_frames(self.world.app.recordings.local_path(row["recording"]), key_lookup=self.world.app.keys.get))
 
     def cli(self, *args: str) -> str:
         r = CliRunner().invoke(cli_app, ["--home", str(self.world.app.config.home), *args])

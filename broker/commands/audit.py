@@ -10,8 +10,8 @@ import typer
 from broker.app import App
 from broker.audit import EVENTS, parse_details, verify_chain
 from broker.commands.common import JSON_HELP, emit_json, open_home, print_table, safe, say, when
-from broker.commands.recordings import verify_session_recording
 from broker.errors import BrokerError, RecordingError, StorageError, UsageError
+from broker.session_ops import verify_session
 
 __all__ = ["app", "check_recordings"]
 
@@ -134,12 +134,12 @@ def _reconcile_row(entry: dict[str, Any], row: dict[str, Any], facts: _Chain | N
                     f"status is {row['status']!r} in the sessions table, but the audit chain recorded {want!r}")
 
 
-def _check_header(entry: dict[str, Any], row: dict[str, Any], facts: _Chain | None) -> None:
+def _check_header(a: App, entry: dict[str, Any], row: dict[str, Any], facts: _Chain | None) -> None:
     """The recording's own (hash-protected) header must name this session, its user, device and grant."""
     from sessions.retention import read_any_header
 
     try:
-        header = read_any_header(row["recording"])
+        header = read_any_header(a.recordings.local_path(row["recording"]))
     except (RecordingError, StorageError, OSError, ValueError):
         return  # verification already names an unreadable file
     sid = row["id"]
@@ -180,15 +180,19 @@ def check_recordings(a: App) -> list[dict[str, Any]]:
         incomplete = False
         logged = facts.final_hash if facts is not None else None
         _reconcile_row(entry, row, facts, live, mentioned.get(sid))
-        if not os.path.exists(row["recording"]):
+        try:
+            present = a.recordings.exists(row["recording"])
+        except StorageError as exc:  # the row names a file outside the recordings directory
+            present = None
+            problems.append(exc.message)
+        if present is False:
             _differ(entry, "recording file", "present", "missing", "recording file is missing")
-        else:
+        elif present:
             try:
                 if live and logged:  # the chain says it ended: check the file against the hash it recorded
-                    res = verify_session_recording(a, {**row, "status": "ended", "final_hash": logged,
-                                                       "signature": None})
+                    res = verify_session(a, {**row, "status": "ended", "final_hash": logged, "signature": None})
                 else:
-                    res = verify_session_recording(a, row)
+                    res = verify_session(a, row)
             except (RecordingError, StorageError) as exc:  # unreadable file, unknown data key id
                 problems.append(exc.message)
             else:
@@ -196,7 +200,7 @@ def check_recordings(a: App) -> list[dict[str, Any]]:
                 entry["notes"] = list(res.notes) + entry["notes"]
                 problems += res.problems
                 incomplete = res.incomplete
-            _check_header(entry, row, facts)
+            _check_header(a, entry, row, facts)
         if not live:
             stored = row["final_hash"]
             if logged and stored != logged:

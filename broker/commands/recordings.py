@@ -1,40 +1,22 @@
 """``medbroker replay`` and ``export``: watch or convert a session recording (both audited)."""
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import sys
 import typer
 
-from broker.app import App
 from broker.commands.common import admin_actor, emit_json, open_home, say, write_output_file
 from broker.commands.sessions import get_session_row
 from broker.errors import RecordingError, UsageError
+from broker.session_ops import verify_session
 
-__all__ = ["register", "replay", "export", "verify_session_recording", "FORMATS"]
+__all__ = ["register", "replay", "export", "FORMATS"]
 
 FORMATS = ("asciicast", "text", "json", "html")
 VIEW_ROLES = ("security", "admin")
 ByOpt = Annotated[str | None, typer.Option(
     "--by", metavar="NAME", help="Security or admin user viewing it (audited; default: local:<your OS login>).")]
-
-
-def verify_session_recording(a: App, row: dict[str, Any]):
-    """Verify a session's recording against the database's final hash and signature.
-
-    :returns: a ``sessions.recording.VerifyResult``
-    :raises RecordingError: the file cannot be opened
-    """
-    from sessions.retention import verify_any as verify_recording  # also checks redacted (retention) recordings
-
-    live = row["status"] == "live"
-    return verify_recording(
-        row["recording"],
-        expected_final_hash=None if live else row["final_hash"],
-        signature=None if live else row["signature"],
-        public_key=a.signing_key.public_key() if row["signature"] and not live else None,
-        key_lookup=a.keys.get,
-    )
 
 
 def _seconds(text: str | None, option: str) -> float | None:
@@ -68,7 +50,8 @@ def replay(
     a = open_home(ctx)
     row = get_session_row(a, session_id)
     actor = admin_actor(a, by, action="replay recordings", roles=VIEW_ROLES)
-    result = verify_session_recording(a, row)
+    result = verify_session(a, row)
+    path = a.recordings.local_path(row["recording"])
     if result.ok and row.get("payload_removed_at"):
         raise RecordingError(f"the terminal content of session {session_id} was removed by retention on "
                              f"{row['payload_removed_at'][:10]}; nothing is left to replay",
@@ -92,7 +75,7 @@ def replay(
         from broker.commands.player import KEYS_HELP, play_on_terminal
 
         typer.echo(f"medbroker: {KEYS_HELP}", err=True)
-        player = play_on_terminal(lambda: read_frames(row["recording"], key_lookup=a.keys.get), write,
+        player = play_on_terminal(lambda: read_frames(path, key_lookup=a.keys.get), write,
                                   fd=sys.stdin.fileno(), play=play, speed=speed, max_idle=idle, start_at=start_at)
         if not player.finished:
             out.write(b"\r\n")
@@ -100,7 +83,7 @@ def replay(
             typer.echo(f"medbroker: stopped at {player.shown:.0f}s of session {session_id}", err=True)
             return
     else:
-        frames = read_frames(row["recording"], key_lookup=a.keys.get)
+        frames = read_frames(path, key_lookup=a.keys.get)
         try:
             play(frames, write, speed=speed, max_idle=idle, start_at=start_at, instant=instant)
         finally:
@@ -133,9 +116,10 @@ def export(
     a = open_home(ctx)
     row = get_session_row(a, session_id)
     actor = admin_actor(a, by, action="export recordings", roles=VIEW_ROLES)
-    result = verify_session_recording(a, row)
-    header = read_header(row["recording"])
-    frames = read_frames(row["recording"], key_lookup=a.keys.get, strict=False)
+    result = verify_session(a, row)
+    path = a.recordings.local_path(row["recording"])
+    header = read_header(path)
+    frames = read_frames(path, key_lookup=a.keys.get, strict=False)
     try:
         if fmt == "asciicast":
             text = to_asciicast(frames, header=header, verify_result=result)

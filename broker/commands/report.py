@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +10,7 @@ import typer
 
 from broker.app import App
 from broker.commands.common import admin_actor, emit_json, open_home, safe, say, write_output_file
-from broker.errors import BrokerError, NotFoundError, RecordingError, StorageError, UsageError
+from broker.errors import BrokerError, NotFoundError, UsageError
 from broker.report import REPORT_FORMATS, build_report, parse_time_bound, render_report, sign_report, verify_report
 
 __all__ = ["report", "register", "session_verification", "verify_report_file", "REPORT_ROLES"]
@@ -21,27 +20,11 @@ _MAX_REPORT = 256 << 20
 
 
 def session_verification(a: App, row: dict[str, Any]) -> dict[str, Any]:
-    """A session's recording check for reports: ``state`` (ok, live, incomplete, broken), summary, problems, notes."""
-    from broker.commands.recordings import verify_session_recording
-    from sessions.replay import verification_summary
+    """A session's recording check for reports: ``state`` (ok, live, incomplete, broken), summary, problems, notes
+    (``broker.session_ops.session_verification``, as the console shows it)."""
+    from broker.session_ops import session_verification as check
 
-    if not os.path.exists(row["recording"]):
-        return {"state": "broken", "summary": "FAILED: recording file is missing", "problems": ["recording file is "
-                                                                                               "missing"], "notes": []}
-    try:
-        res = verify_session_recording(a, row)
-    except (RecordingError, StorageError) as exc:
-        return {"state": "broken", "summary": f"FAILED: {exc.message}", "problems": [exc.message], "notes": []}
-    live = row["status"] == "live"
-    problems = list(res.problems)
-    if not live and row["final_hash"] and not row["signature"]:
-        problems.append("final hash is not signed")
-    state = "broken" if problems else "live" if live else (
-        "incomplete" if res.incomplete or row["status"] == "incomplete" or not row["final_hash"] else "ok")
-    summary = verification_summary(res) if not problems or not res.ok else f"FAILED: {problems[0]}"
-    if row.get("payload_removed_at") and state != "broken":
-        summary += f"; terminal content removed by retention on {row['payload_removed_at'][:10]}"
-    return {"state": state, "summary": summary, "problems": problems, "notes": list(res.notes)}
+    return {k: v for k, v in check(a, row).items() if k != "result"}
 
 
 def report(

@@ -1,6 +1,5 @@
 """``medbroker retention apply``: remove recording payloads past the retention period, keeping them verifiable."""
 
-import os
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -21,12 +20,17 @@ app = typer.Typer(help="Retention: remove recording payloads older than the poli
 
 def _process(a, row: dict[str, Any], *, actor: str, now, days: int, dry_run: bool) -> dict[str, Any]:
     """Redact one session's recording (or say why not); returns its result entry."""
-    from sessions.retention import is_redacted, read_redaction_info, redact_recording, verify_redacted
+    from sessions.retention import is_redacted, read_redaction_info, verify_redacted
 
     entry: dict[str, Any] = {"session_id": row["id"], "user": row["user_name"], "device": row["device"],
                              "ended_at": row["ended_at"] or row["started_at"], "state": None, "detail": None}
-    path = row["recording"]
-    if not os.path.exists(path):
+    recordings = a.recordings
+    try:
+        path = recordings.local_path(row["recording"])
+    except BrokerError as exc:  # the row names a file outside the recordings directory
+        entry.update(state="broken", detail=exc.message)
+        return entry
+    if not recordings.exists(row["recording"]):
         entry.update(state="skipped", detail="recording file is missing (see: medbroker audit verify)")
         return entry
     if not row["final_hash"] or not row["signature"]:
@@ -43,14 +47,15 @@ def _process(a, row: dict[str, Any], *, actor: str, now, days: int, dry_run: boo
             a.store.mark_payload_removed(row["id"], read_redaction_info(path)["removed_at"])
         entry.update(state="removed", detail="finished an interrupted earlier run")
         return entry
-    size = os.path.getsize(path)
+    size = recordings.size(row["recording"])
     entry["bytes_before"] = size
     if dry_run:
         entry.update(state="would remove", detail=f"{size} bytes")
         return entry
     try:
-        result = redact_recording(path, private_key=a.signing_key, removed_at=now, policy_days=days,
-                                  expected_final_hash=row["final_hash"], signature=row["signature"])
+        result = recordings.remove_payload(row["recording"], private_key=a.signing_key, removed_at=now,
+                                           policy_days=days, expected_final_hash=row["final_hash"],
+                                           signature=row["signature"])
     except RecordingError as exc:
         entry.update(state="broken", detail=exc.message)
         return entry

@@ -10,8 +10,7 @@ from broker.clock import parse_utc, utc_iso
 from broker.commands.common import (JSON_HELP, admin_actor, emit_json, open_home, print_fields, print_table, safe,
                                     say, when)
 from broker.config import format_duration
-from broker.errors import ConflictError, NotFoundError, UsageError
-from broker.grants import check_text
+from broker.session_ops import KILL_ROLES, check_kill_reason, get_session, request_kill
 
 __all__ = ["app", "session_doc", "get_session_row"]
 
@@ -19,15 +18,11 @@ app = typer.Typer(help="Device sessions: list, inspect, end a live one.", no_arg
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 SessionId = Annotated[str, typer.Argument(metavar="ID", help="Session id, e.g. 20261128-141530-3fa2c1.")]
-KILL_ROLES = ("security", "admin")
 
 
 def get_session_row(a: App, session_id: str) -> dict[str, Any]:
-    """:raises NotFoundError: unknown session id"""
-    row = a.store.get_session(session_id)
-    if row is None:
-        raise NotFoundError(f"session {session_id!r} does not exist"[:200], "see: medbroker sessions list")
-    return row
+    """:raises NotFoundError: unknown or malformed session id (``broker.session_ops.get_session``)"""
+    return get_session(a.store, session_id)
 
 
 def session_doc(row: dict[str, Any]) -> dict[str, Any]:
@@ -162,21 +157,11 @@ def kill(
     as_json: JsonOpt = False,
 ) -> None:
     """End a live session: the broker serving it closes it within about a second."""
-    if reason is not None and not reason.strip():
-        raise UsageError("the reason must be 1-500 printable characters")
-    if reason is not None:
-        check_text(reason, "the reason", 500, '--reason "copying images"')
+    check_kill_reason(reason)
     a = open_home(ctx)
     row = get_session_row(a, session_id)
     actor = admin_actor(a, by, action="end sessions", roles=KILL_ROLES)
-    if row["status"] != "live":
-        raise ConflictError(f"session {session_id} is not live (status {row['status']})", "nothing changed")
-    now = utc_iso(a.clock.now())
-    if not a.store.request_session_kill(session_id, by=actor, reason=reason, now=now):
-        raise ConflictError(f"session {session_id} already ended or a kill was already requested",
-                            f"see: medbroker sessions show {session_id}")
-    a.audit.record("session.kill.requested", actor=actor, user=row["user_name"], device=row["device"],
-                   session_id=session_id, grant_id=row["grant_id"], source="cli", reason=reason)
+    request_kill(a, session_id, actor=actor, reason=reason, source="cli")
     if as_json:
         emit_json(session_doc(get_session_row(a, session_id)))
         return

@@ -60,8 +60,8 @@ def watch(
         out.write(data)
         out.flush()
 
-    frames = read_frames(row["recording"], key_lookup=a.keys.get, follow=True, stop=lambda: stopped,
-                         timeout=seconds)
+    frames = read_frames(a.recordings.local_path(row["recording"]), key_lookup=a.keys.get, follow=True,
+                         stop=lambda: stopped, timeout=seconds)
     ended = False
 
     def tracked():
