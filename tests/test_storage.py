@@ -11,7 +11,8 @@ from broker.app import init_home
 from broker.clock import FakeClock, utc_iso
 from broker.errors import StorageError
 from broker.session_ops import session_verification
-from sessions.recording import RecordingWriter, sign_final_hash
+from sessions.recording import sign_final_hash
+from sessions.recwriter import RecordingWriter
 from sessions.storage import LocalRecordingStore, RecordingStore
 
 SID = "20261206-231919-b031da"
