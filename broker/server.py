@@ -33,7 +33,8 @@ from broker.mfa import install_mfa_hook, mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.startups import Admission, StartupGate, StartupPolicy
-from broker.live import LiveSession, SessionSettings, open_forward
+from broker.live import LiveSession, open_forward
+from broker.session_context import SessionIdentity, SessionSettings, VendorLogin
 from sessions.cmd_judge import DevicePaths, judge_command
 from sessions.cmd_paths import analyze_command
 from sessions.decoders import DeepScanner
@@ -209,19 +210,19 @@ class Broker:
         removed, role changed) are closed with the reason; sessions are ended by ``sessions_to_stop``."""
         servers = [c.get_owner() for c in list(self.connections)]
         servers = [s for s in servers if isinstance(s, BrokerServer) and s.authenticated and not s.gone
-                   and s.live is None and s._starting is None and s.principal is not None]
+                   and s.live is None and s._starting is None and s.vendor is not None]
         if not servers:
             return
-        logins = {(s.user, s.fingerprint, s.principal.role) for s in servers}
+        logins = {(s.vendor.user, s.vendor.key, s.vendor.role) for s in servers}
         try:
             verdicts = await self.db(lambda: {t: standing_refusal(self.app.store, *t) for t in logins})
         except Exception:  # the next tick tries again
             log.exception("checking open connections failed")
             return
         for s in servers:
-            why = verdicts.get((s.user, s.fingerprint, s.principal.role))
+            why = verdicts.get((s.vendor.user, s.vendor.key, s.vendor.role))
             if why and not s.gone and s.live is None:
-                self.audit_soon("connection.closed", user=s.user, device=s.device_name, source=s.source, reason=why)
+                self.audit_soon("connection.closed", **s.vendor.audit_fields(), reason=why)
                 s.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"medbroker: {why}; this connection was closed")
 
     def _abort_start(self, row: dict[str, Any]) -> None:
@@ -233,8 +234,7 @@ class Broker:
         start.cancel()
         event = kw.pop("event", None)
         if event:
-            self.audit_soon(event, user=live.user, device=live.device.name, session_id=live.id,
-                            grant_id=live.grant.id, **kw)
+            self.audit_soon(event, **live.who.audit_fields(), **kw)
 
     async def _stop_session(self, live: LiveSession, row: dict[str, Any]) -> None:
         """End one live session for the reason ``row`` (from ``Store.sessions_to_stop``) gives."""
@@ -641,7 +641,13 @@ class GuardedScp(GuardedSftp):
 
 
 class BrokerServer(asyncssh.SSHServer):
-    """asyncssh adapter for one vendor connection: thin callbacks, decisions in the domain layer."""
+    """asyncssh adapter for one vendor connection: thin callbacks, decisions in the domain layer.
+
+    Authentication ends in a :class:`VendorLogin` (``self.vendor``); from there on, who is connected travels
+    down as that value (into the ``SessionIdentity`` of a device session), never read back from this object.
+    """
+
+    via: str | None = None  # how the vendor came: "proxyjump" for the inner login of ssh -J (broker/jump.py)
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -653,6 +659,7 @@ class BrokerServer(asyncssh.SSHServer):
         self.login_error: str | None = None
         self.principal: Principal | None = None
         self.fingerprint: str | None = None
+        self.vendor: VendorLogin | None = None  # who logged in: set once authentication completes
         self.tried_keys: set[str] = set()
         self.refreshed = False  # the directory was asked about this user on this connection
         self.key_verified = False  # asyncssh checked the signature (set by the MFA hook, broker/mfa.py)
@@ -931,6 +938,8 @@ class BrokerServer(asyncssh.SSHServer):
                                    reason="second factor missing at completion (MFA hook inactive?)")
             return
         self.authenticated = True
+        self.vendor = VendorLogin(user=self.user, role=self.principal.role, key=self.fingerprint, source=self.source,
+                                  device=self.device_name, via=self.via)
         self._leave_unauth()
         b = self.broker
         b.gate.logged_in(self.source, asyncio.get_running_loop().time())
@@ -973,52 +982,57 @@ class BrokerServer(asyncssh.SSHServer):
         b = self.broker
         # Every channel asks again whether this login still stands: disabling the user, removing the key
         # or changing the role refuses new channels on connections that are already open (ControlMaster).
-        refusal = await b.db(standing_refusal, b.app.store, self.user, self.fingerprint,
-                             self.principal.role if self.principal else None)
+        who = self.vendor
+        refusal = await b.db(standing_refusal, b.app.store, who.user, who.key, who.role)
         if refusal:
-            await b.audit("channel.refused", user=self.user, device=self.device_name, source=self.source,
-                          kind="session", reason=refusal, session_id=self.live.id if self.live else None)
+            await b.audit("channel.refused", **who.audit_fields(), kind="session", reason=refusal,
+                          session_id=self.live.id if self.live else None)
             return RefusalSession(f"{refusal}; new channels on this connection are refused. "
                                   "Ask the hospital's medbroker administrators.")
-        if self.device_name is None:
+        if who.device is None:
             return SelfServiceSession(self)
         try:
-            async with self.live_lock:
-                if self.live is None or self.live.ending:
-                    self.live = await self._start_live()
-            return await self.live.new_channel()
+            return await (await self._ensure_live()).new_channel()
         except BrokerError as exc:
             text = exc.message + (f"; {exc.hint}" if exc.hint else "")
             return RefusalSession(text)
+
+    async def _ensure_live(self) -> LiveSession:
+        """This connection's device session, started now if there is none (or it is ending).
+
+        :raises BrokerError: no grant, unknown device, recording or device unavailable (the reason says which)
+        """
+        async with self.live_lock:
+            if self.live is None or self.live.ending:
+                self.live = await self._start_live()
+            return self.live
 
     async def _start_live(self) -> LiveSession:
         """Decide and set up a device session: grant, device, recording, upstream."""
         b = self.broker
         now = b.app.clock.now()
-        user, device_name = self.user, self.device_name
+        login = self.vendor
+        user, device_name = login.user, login.device
         hint = request_hint(user, device_name, b.settings.public_host, b.port)
         try:
             device: Device = await b.db(get_device, b.app.store, device_name)
             grant: Grant = await b.db(lambda: find_active_grant(b.app.store, user, device_name, now, hint=hint))
         except NotFoundError:
-            await b.audit("session.refused", user=user, device=device_name, source=self.source,
-                          reason="unknown device")
+            await b.audit("session.refused", **login.audit_fields(), reason="unknown device")
             # A vendor with no grant history gets the "no grant" wording (learns nothing about the inventory);
             # one with history hears the device is unknown and which of their own devices exist.
             raise await b.db(unknown_device_refusal, b.app.store, user, device_name, hint) from None
         except ApprovalRequiredError:
-            await b.audit("session.refused", user=user, device=device_name, source=self.source,
-                          reason="no active grant")
+            await b.audit("session.refused", **login.audit_fields(), reason="no active grant")
             raise await b.db(lambda: ended_grant_refusal(b.app.store, user, device_name, now, hint,
                                                          self._zone())) from None
         credential = await b.db(device_credential, device, b.app.keys)
         if self.gone:  # the vendor left while the grant was looked up: nothing is opened for nobody
             raise BrokerError("the connection closed before the session started")
         if b.stopping:  # checked and registered below without an await between: stop_server misses none
-            await b.audit("session.refused", user=user, device=device_name, source=self.source,
-                          reason="broker stopping")
+            await b.audit("session.refused", **login.audit_fields(), reason="broker stopping")
             raise BrokerError("the broker is shutting down; reconnect in a moment", "nothing was run on the device")
-        live = LiveSession(b, self, device, grant, credential)
+        live = LiveSession(b, SessionIdentity.for_login(login, device, grant, now), credential, self.conn.close)
         start = asyncio.ensure_future(live.start())
         b.starting.add(start)
         b.starting_sessions[live.id] = (live, start)  # the control loop cancels it when killed or revoked
@@ -1052,7 +1066,8 @@ class BrokerServer(asyncssh.SSHServer):
             from broker.jump import open_jump  # jump.py builds on this module: imported here, not at the top
 
             return open_jump(self, dest_host, dest_port)
-        return open_forward(self, dest_host, dest_port, f"{orig_host}:{orig_port}")  # ssh -L on a device login
+        return open_forward(self.broker, self.vendor, lambda: self.live, self._ensure_live, dest_host, dest_port,
+                            f"{orig_host}:{orig_port}")  # ssh -L on a device login
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         text = (f"remote port forwarding (ssh -R {listen_port}:…) is not available through medbroker: it would "
@@ -1080,8 +1095,9 @@ class BrokerServer(asyncssh.SSHServer):
 
     def _refuse_channel(self, kind: str, target: str, *, reason: str | None = None) -> None:
         extra = {"reason": reason} if reason else {}
-        self.broker.audit_soon("channel.refused", user=self.user, device=self.device_name, source=self.source,
-                               kind=kind, target=target,
+        who = self.vendor.audit_fields() if self.vendor else dict(user=self.user, device=self.device_name,
+                                                                   source=self.source)
+        self.broker.audit_soon("channel.refused", **who, kind=kind, target=target,
                                session_id=self.live.id if self.live else None, **extra)
 
 
