@@ -33,7 +33,8 @@ from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.startups import Admission, StartupGate, StartupPolicy
 from broker.channels import SessionPolicy
-from broker.live import LiveSession, open_forward
+from broker.live import LiveSession, seal_interrupted_sessions
+from broker.live_forwards import open_forward
 from broker.session_context import SessionIdentity, SessionSettings, VendorLogin
 from sessions.policy import load_protected_paths
 from sessions.relay import OneShotSession, RefusalSession
@@ -263,8 +264,6 @@ class Broker:
 
     async def seal_interrupted(self) -> None:
         """Seal recordings left 'live' by a crashed broker process (verify prefix, mark incomplete)."""
-        from broker.live import seal_interrupted_sessions
-
         await seal_interrupted_sessions(self)
 
 

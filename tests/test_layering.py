@@ -67,7 +67,7 @@ TABLE: dict[str, Row] = {
     "server": Row(4, ("broker/server.py", "broker/live.py", "broker/indexer.py", "broker/selfservice.py",
                       "broker/mfa.py", "broker/containment.py", "broker/jump.py", "broker/jumpkeys.py",
                       "broker/sshconfig.py",
-                      "broker/session_context.py", "broker/channels.py"),
+                      "broker/session_context.py", "broker/channels.py", "broker/live_forwards.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "directory"),
                   ("asyncssh", "uvloop"),
                   "the asyncssh adapter"),
