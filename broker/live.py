@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
-from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import asyncssh
 
@@ -17,24 +15,20 @@ from broker.clock import clock_text, display_zone, utc_iso
 from broker.containment import session_containment
 from broker.config import format_duration
 from broker.devices import Device
-from broker.errors import ApprovalRequiredError, BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
-from broker.forwards import forward_refusal, grant_ports, tls_refusal
-from broker.grants import Grant, find_active_grant, putty_line, request_hint
-from broker.identity import standing_refusal
+from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
+from broker.grants import Grant, putty_line
 from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
-from sessions.decoders import DeepScanner
+from broker.live_forwards import SessionForwards
+from broker.session_context import SessionIdentity, SessionServices
 from sessions.entropy import OPAQUE
 from sessions.recording import seal_recording, sign_final_hash
 from sessions.recwriter import ACK_WINDOW, RecordingWriter
-from sessions.forward import ForwardContext, ForwardRelay
+from sessions.forward import ForwardRelay
 from sessions.relay import ChannelContext, RelaySession
 from sessions.sessionlog import session_log
 
-if TYPE_CHECKING:  # pragma: no cover
-    from broker.server import Broker, BrokerServer
-
-__all__ = ["LiveSession", "SessionSettings", "new_session_id", "open_forward", "seal_interrupted_sessions"]
+__all__ = ["LiveSession", "seal_interrupted_sessions"]
 
 log = logging.getLogger("medbroker.live")
 
@@ -43,42 +37,26 @@ UPSTREAM_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha2
                     "aes128-ctr", "aes256-ctr"]
 
 
-@dataclass(frozen=True)
-class SessionSettings:
-    """What live sessions need from the configuration."""
+class LiveSession(SessionForwards):
+    """Everything one vendor connection to one device shares.
 
-    recordings_dir: Path
-    strict: bool
-    encrypt: bool
-    warnings_s: tuple[int, ...]
-    connect_timeout_s: int
-    keepalive_s: int
-    max_channels: int
-    public_host: str
-    port: int
+    :param services: what the session asks of the broker process (audit, store, spawn, settings, policy)
+    :param who: who, what and where, decided before the session starts (id, login, device, grant)
+    :param credential: the broker-held device credential
+    :param close_vendor: closes the vendor's connection (when the session is ended from here)
+    """
 
-    def with_port(self, port: int) -> "SessionSettings":
-        return replace(self, port=port)
-
-
-def new_session_id(now: datetime) -> str:
-    """Sortable, readable session ids: ``20261128-141530-3fa2c1``."""
-    return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-
-
-class LiveSession:
-    """Everything one vendor connection to one device shares."""
-
-    def __init__(self, broker: "Broker", server: "BrokerServer", device: Device, grant: Grant,
-                 credential: Secret) -> None:
-        self.broker = broker
-        self.server = server
-        self.device = device
-        self.grant = grant
+    def __init__(self, services: SessionServices, who: SessionIdentity, credential: Secret,
+                 close_vendor: Callable[[], None]) -> None:
+        self.services = broker = services  # the Broker, seen only through SessionServices
+        self.who = who
+        self.device: Device = who.device
+        self.grant: Grant = who.grant
         self._credential = credential
-        self.id = new_session_id(broker.app.clock.now())
+        self._close_vendor = close_vendor
+        self.id = who.session_id
         self.log = session_log(log, self.id)  # "[session=ID] ..." on every line
-        self.user = server.user
+        self.user = who.user
         self.channels: set[RelaySession | ForwardRelay] = set()
         self.numbers = 0
         self.upconn: asyncssh.SSHClientConnection | None = None
@@ -101,17 +79,15 @@ class LiveSession:
         :raises RecordingError: recording unavailable in strict mode
         :raises DeviceUnreachableError: the device is down, slow, or its host key is wrong
         """
-        b, s = self.broker, self.broker.settings
+        b, s = self.services, self.services.settings
         now = b.app.clock.now()
         header = {
             "session_id": self.id, "user": self.user, "device": self.device.name, "grant_id": self.grant.id,
-            "source": self.server.source, "started_at": utc_iso(now), "device_host": self.device.host,
+            "source": self.who.source, "started_at": utc_iso(now), "device_host": self.device.host,
             "device_host_key": self.device.host_key_fingerprint, "grant_ends_at": utc_iso(self.grant.ends_at),
             "containment": self.device.containment, "containment_checked_at": self.device.containment_checked_at,
         }
-        via = getattr(self.server, "via", None)  # "proxyjump": reached through ssh -J (broker/jump.py)
-        if via:
-            header["via"] = via
+        header.update(self.who.via_fields())  # "proxyjump": reached through ssh -J (broker/jump.py)
         key_id, key = b.app.keys.current() if s.encrypt else (None, None)
         loop = asyncio.get_running_loop()
         try:
@@ -122,9 +98,8 @@ class LiveSession:
                 on_resume=lambda: loop.call_soon_threadsafe(self._recorder_caught_up),
                 window=ACK_WINDOW)  # the acknowledgment rule: docs/recording-format.md
         except (OSError, BrokerError) as exc:
-            await b.audit("recording.failed", user=self.user, device=self.device.name, source=self.server.source,
-                          session_id=self.id, error=str(exc))
-            await b.audit("session.refused", user=self.user, device=self.device.name, source=self.server.source,
+            await b.audit("recording.failed", **self.who.audit_fields(source=True, grant=False), error=str(exc))
+            await b.audit("session.refused", user=self.user, device=self.device.name, source=self.who.source,
                           reason="recording unavailable")
             raise RecordingError(
                 "recording is unavailable, and medbroker never runs a session it cannot record",
@@ -135,20 +110,17 @@ class LiveSession:
             # Shielded: a cancel must not drop the queued insert, or session.end would name a row never written.
             await asyncio.shield(b.db(b.app.store.insert_session, {
                 "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
-                "source": self.server.source, "started_at": utc_iso(now), "status": "live",
+                "source": self.who.source, "started_at": utc_iso(now), "status": "live",
                 "recording": self.recording_key, "broker_pid": b.pid, "last_activity_at": utc_iso(now),
-                "auth_key": self.server.fingerprint,
-                "user_role": self.server.principal.role if self.server.principal else None,
-                **({"via": via} if via else {}),
+                "auth_key": self.who.key, "user_role": self.who.role, **self.who.via_fields(),
             }))
             self.upconn = await self._connect()
             self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
             self.upconn_closed = False
             b.live[self.id] = self
-            await b.audit("session.start", user=self.user, device=self.device.name, source=self.server.source,
-                          session_id=self.id, grant_id=self.grant.id, recording=self.path.name,
+            await b.audit("session.start", **self.who.audit_fields(source=True), recording=self.path.name,
                           grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state,
-                          **({"via": via} if via else {}))
+                          **self.who.via_fields())
         except BrokerError as exc:
             await self.finish("failed", reason=exc.message)
             raise
@@ -159,7 +131,7 @@ class LiveSession:
         self._schedule_window()
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
-        b, s, dev = self.broker, self.broker.settings, self.device
+        b, s, dev = self.services, self.services.settings, self.device
         secret = self._credential.reveal()
         opts: dict[str, Any] = dict(
             username=dev.login, known_hosts=([asyncssh.import_public_key(dev.host_key)], [], []),
@@ -180,7 +152,7 @@ class LiveSession:
             return await _connect_or_close(asyncssh.connect(dev.host, dev.port, **opts), s.connect_timeout_s + 1)
         except asyncssh.HostKeyNotVerifiable:
             seen = await self._presented_key()
-            await b.audit("device.hostkey.mismatch", user=self.user, device=dev.name, session_id=self.id,
+            await b.audit("device.hostkey.mismatch", **self.who.audit_fields(grant=False),
                           pinned=dev.host_key_fingerprint, presented=seen)
             raise HostKeyMismatchError(
                 f"{dev.name} presented a host key that does not match the pinned one, so medbroker refused "
@@ -189,7 +161,7 @@ class LiveSession:
         except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
             why = "timed out" if isinstance(exc, asyncio.TimeoutError) else (
                 getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
-            await b.audit("device.unreachable", user=self.user, device=dev.name, session_id=self.id, error=why)
+            await b.audit("device.unreachable", **self.who.audit_fields(grant=False), error=why)
             raise DeviceUnreachableError(f"{dev.name} is unreachable ({why})",
                                          "try again in a few minutes; if it persists, call the hospital") from None
 
@@ -206,11 +178,11 @@ class LiveSession:
 
         :raises BrokerError: too many channels on this connection
         """
-        if len(self.channels) >= self.broker.settings.max_channels:
-            raise BrokerError(f"at most {self.broker.settings.max_channels} channels per connection",
+        if len(self.channels) >= self.services.settings.max_channels:
+            raise BrokerError(f"at most {self.services.settings.max_channels} channels per connection",
                               "close some sessions on this connection")
         self.numbers += 1
-        policy = self.broker.policy_for(self)
+        policy = self.services.policy_for(self)
         ctx = ChannelContext(
             number=self.numbers, recorder=self.recorder, open_upstream=self._open_upstream,
             check_exec=policy.check_exec, rewrite_command=policy.rewrite_command, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
@@ -221,7 +193,7 @@ class LiveSession:
             make_input_guard=policy.make_input_guard, vet_exec=policy.vet_exec,
             on_detection=self._detected, on_closed=self._channel_closed,
             on_refused=self._refused, on_upstream_error=self._upstream_error,
-            forward_unrecorded=not self.broker.settings.strict, session_id=self.id,
+            forward_unrecorded=not self.services.settings.strict, session_id=self.id,
         )
         relay = RelaySession(ctx)
         if self.recorder.paused:
@@ -230,134 +202,6 @@ class LiveSession:
         self.channels.add(relay)
         self.recorder.append_event(self.numbers, "channel-open", {"type": "session"})
         return relay
-
-    async def open_forward(self, port: int, dest_host: str, origin: str) -> ForwardRelay:
-        """A forwarded connection to 127.0.0.1:``port`` on the device, through this session's device connection
-        (issue 14): a channel of the session (max_channels, ended with it), recorded and scanned.
-
-        :raises BrokerError: too many channels, or the device refused the connection (the reason says which)
-        """
-        if self.upconn is None or self.ending:
-            raise DeviceUnreachableError("the session is ending")
-        if len(self.channels) >= self.broker.settings.max_channels:
-            raise BrokerError(f"at most {self.broker.settings.max_channels} channels per connection",
-                              "close some sessions or forwarded connections on this connection")
-        self.numbers += 1
-        number = self.numbers
-        policy = self.broker.policy_for(self)
-        relay = ForwardRelay(ForwardContext(
-            number=number, port=port, recorder=self.recorder, make_scanner=policy.make_scanner,
-            make_input_scanner=DeepScanner if policy.scan_output else None,
-            make_handshake_scanner=DeepScanner if policy.scan_output else None,
-            make_stream_judge=policy.make_stream_judge, tls_refusal=lambda: self._tls_refusal(port),
-            on_detection=self._forward_detected, on_refused=self._forward_refused, on_closed=self._forward_closed,
-            forward_unrecorded=not self.broker.settings.strict, session_id=self.id))
-        if self.recorder.paused:
-            relay.hold("vendor", "recorder")
-            relay.hold("device", "recorder")
-        self.channels.add(relay)
-        self.recorder.append_event(number, "channel-open", {"type": "direct-tcpip", "port": port,
-                                                            "host": dest_host, "origin": origin})
-        try:
-            up, _ = await self.upconn.create_connection(relay.device_session, "127.0.0.1", port)
-        except (asyncssh.Error, OSError) as exc:
-            why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            relay.close(f"device refused: {why}")
-            raise DeviceUnreachableError(f"{self.device.name} refused the connection to its port {port} ({why})",
-                              "is the service running on the device? try again or call the hospital") from None
-        if self.ending or relay.closed:
-            up.close()
-            relay.close("the session ended while the forward opened")
-            raise BrokerError("the session is ending")
-        relay.attach_device(up)
-        relay.row_id = None
-        fields = dict(user=self.user, device=self.device.name, session_id=self.id, grant_id=self.grant.id,
-                      channel=number, port=port, target=f"{dest_host}:{port}", origin=origin)
-        self.broker.audit_soon("forward.open", **fields)
-
-        async def insert() -> None:
-            relay.row_id = await self.broker.db(self.broker.app.store.insert_forward, {
-                "session_id": self.id, "channel": number, "port": port,
-                "opened_at": utc_iso(self.broker.app.clock.now())})
-            if relay.closed:  # closed before the row existed: write its end now
-                await self._save_forward(relay)
-        relay.inserted = self.broker.spawn(insert())
-        return relay
-
-    def _tls_refusal(self, port: int) -> str | None:
-        """``[policy] forward_tls`` for this session's device (its containment at session start)."""
-        state = self.containment.state if self.containment is not None else None
-        return tls_refusal(self.broker.app.config.policy.forward_tls, state, self.device.name, port)
-
-    def _forward_detected(self, relay: ForwardRelay, what: str, direction: str) -> None:
-        """A finding in a forward's plain text (or TLS handshake). Patient data (or the opaque budget) ends the
-        session, as in shell/exec output (``_detected``); an SSH server on the port ends that connection only."""
-        fields = dict(user=self.user, device=self.device.name, session_id=self.id, grant_id=self.grant.id,
-                      channel=relay.ctx.number, content=what, port=relay.ctx.port, direction=direction,
-                      kind="forward")
-        if what == "ssh":
-            message = (f"an SSH server answered on the forwarded port {relay.ctx.port}; SSH to {self.device.name} goes "
-                       f"through medbroker (ssh {self.user}@{self.device.name}@{self.broker.settings.public_host}), "
-                       "so the forwarded connection was closed and security staff were alerted")
-            self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "forward closed",
-                                                                   "port": relay.ctx.port, "reason": message})
-            self.broker.audit_soon("alert.exfiltration", **fields)
-            for other in list(self.channels):  # the vendor's terminal (if any) says why the page stopped
-                if isinstance(other, RelaySession):
-                    other.notice(message)
-            return
-        if what == OPAQUE:  # the session's opaque-output budget (sessions/entropy.py), shared with exec output
-            budget = getattr(self, "opaque_budget", None)
-            why = budget.describe() if budget else "too much output that could not be inspected"
-            message = (f"the session produced {why}, which the patient-data guard cannot check; the session was "
-                       "ended and security staff were alerted")
-        elif direction == "to-vendor":
-            message = (f"output contained {what} patient data, which may not leave the hospital; the session "
-                       "was ended and security staff were alerted")
-        else:
-            message = (f"a forwarded connection to port {relay.ctx.port} carried {what} patient data to the device; "
-                       "the session was ended and security staff were alerted")
-        self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "session ended",
-                                                               "port": relay.ctx.port, "reason": message})
-        self.broker.audit_soon("alert.exfiltration", **fields, **self._opaque_detail(what))
-        self.broker.spawn(self.terminate("stopped", message))
-
-    def _forward_refused(self, relay: ForwardRelay, kind: str, direction: str, message: str) -> None:
-        """A forwarded connection ended by a rule: TLS not allowed here ("tls": ``channel.refused``), a TLS
-        start that stopped being TLS ("not-tls": ``channel.protocol.denied``), a file-transfer protocol
-        ("protocol": the stream judge audited it). The vendor's terminal, if a shell is open, says why."""
-        fields = dict(user=self.user, device=self.device.name, session_id=self.id, grant_id=self.grant.id,
-                      channel=relay.ctx.number, port=relay.ctx.port)
-        if kind == "tls":
-            self.broker.audit_soon("channel.refused", **fields, kind="direct-tcpip", protocol="tls",
-                                   target=f"{self.device.name}:{relay.ctx.port}", reason=message)
-        elif kind == "not-tls":
-            self.broker.audit_soon("channel.protocol.denied", **fields, kind="forward", protocol="not-tls",
-                                   direction=direction, reason=message)
-            message = (f"a forwarded connection to port {relay.ctx.port} was closed: {message} (medbroker records "
-                       "TLS as sizes only, so a stream that starts as TLS must stay TLS)")
-        for other in list(self.channels):
-            if isinstance(other, RelaySession):
-                other.notice(message)
-
-    def _forward_closed(self, relay: ForwardRelay) -> None:
-        self.channels.discard(relay)
-        if relay.up is None:  # never opened on the device (refused there): open_forward tells the vendor why
-            return
-        self.broker.audit_soon("forward.close", user=self.user, device=self.device.name, session_id=self.id,
-                               grant_id=self.grant.id, channel=relay.ctx.number, port=relay.ctx.port,
-                               bytes_to_device=relay.bytes_to_device, bytes_to_vendor=relay.bytes_to_vendor,
-                               tls=bool(relay.tls), reason=relay.reason)
-        if getattr(relay, "row_id", None) is not None:
-            self.broker.spawn(self._save_forward(relay))
-
-    async def _save_forward(self, relay: ForwardRelay) -> None:
-        if relay.row_id is None or getattr(relay, "saved", False):
-            return
-        relay.saved = True
-        values = dict(closed_at=utc_iso(self.broker.app.clock.now()), bytes_to_device=relay.bytes_to_device,
-                      bytes_to_vendor=relay.bytes_to_vendor, tls=int(bool(relay.tls)), outcome=relay.reason)
-        await self.broker.db(lambda: self.broker.app.store.close_forward(relay.row_id, **values))
 
     async def _open_upstream(self, factory, command, subsystem, env, term_type, term_size, term_modes):
         if self.upconn is None or self.ending:
@@ -371,21 +215,19 @@ class LiveSession:
 
     def _upstream_error(self, relay: RelaySession, exc: Exception) -> str:
         reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-        self.broker.audit_soon("session.refused", user=self.user, device=self.device.name, session_id=self.id,
-                               reason=f"device refused the channel: {reason}")
+        self.services.audit_soon("session.refused", **self.who.audit_fields(grant=False),
+                                 reason=f"device refused the channel: {reason}")
         return f"{self.device.name} refused the channel ({reason}); try again or call the hospital"
 
     def _refused(self, relay: RelaySession, kind: str, message: str) -> None:
         event = "exec.denied" if kind == "exec" else "channel.refused"
-        self.broker.audit_soon(event, user=self.user, device=self.device.name, session_id=self.id,
-                               grant_id=self.grant.id, kind=kind, command=relay.command,
-                               subsystem=relay.subsystem, reason=message)
+        self.services.audit_soon(event, **self.who.audit_fields(), kind=kind, command=relay.command,
+                                 subsystem=relay.subsystem, reason=message)
 
     def _detected(self, relay: RelaySession, what: str) -> None:
         """Patient-data content in an output stream: stop it, end the session, raise an alert."""
-        self.broker.audit_soon("alert.exfiltration", user=self.user, device=self.device.name, session_id=self.id,
-                               grant_id=self.grant.id, channel=relay.ctx.number, content=what,
-                               command=relay.command, **self._opaque_detail(what))
+        self.services.audit_soon("alert.exfiltration", **self.who.audit_fields(), channel=relay.ctx.number,
+                                 content=what, command=relay.command, **self._opaque_detail(what))
         if what == OPAQUE:  # the opaque-output budget (sessions/entropy.py), not a signature
             budget = getattr(self, "opaque_budget", None)
             why = budget.describe() if budget else "too much output that could not be inspected"
@@ -398,7 +240,7 @@ class LiveSession:
                                                                "reason": message})
         relay.notice(message)
         relay.exit(1)
-        self.broker.spawn(self.terminate("stopped", message))
+        self.services.spawn(self.terminate("stopped", message))
 
     def _opaque_detail(self, what: str) -> dict[str, Any]:
         budget = getattr(self, "opaque_budget", None)
@@ -423,32 +265,31 @@ class LiveSession:
     # ---------------------------------------------------------------- window
     def _schedule_window(self) -> None:
         loop = asyncio.get_running_loop()
-        left = (self.grant.ends_at - self.broker.app.clock.now()).total_seconds()
-        for w in self.broker.settings.warnings_s:
+        left = (self.grant.ends_at - self.services.app.clock.now()).total_seconds()
+        for w in self.services.settings.warnings_s:
             if left - w > 0.5:
                 self._timers.append(loop.call_later(left - w, self._warn, w))
-        self._timers.append(loop.call_later(max(0.0, left), lambda: self.broker.spawn(self._expired())))
+        self._timers.append(loop.call_later(max(0.0, left), lambda: self.services.spawn(self._expired())))
 
     def _zone(self):
         """The display zone for times told to the vendor (UTC is always given too)."""
         try:
-            return display_zone(self.broker.app.config.display.timezone)
+            return display_zone(self.services.app.config.display.timezone)
         except ValueError:
             return None
 
     def _warn(self, seconds_left: int) -> None:
         when = clock_text(self.grant.ends_at, self._zone())
-        again = (f"ssh -p {self.broker.settings.port} {self.user}@{self.broker.settings.public_host} request "
+        again = (f"ssh -p {self.services.settings.port} {self.user}@{self.services.settings.public_host} request "
                  f"{self.device.name} --for 1h --reason ...")
         text = (f"your access to {self.device.name} ends in {format_duration(seconds_left)} (at {when}); "
                 f"save your work. To continue later, request again: {again}\n{putty_line(again)}")
         for relay in list(self.channels):
             relay.notice(text)
-        self.broker.audit_soon("session.warning", user=self.user, device=self.device.name, session_id=self.id,
-                               grant_id=self.grant.id, seconds_left=seconds_left)
+        self.services.audit_soon("session.warning", **self.who.audit_fields(), seconds_left=seconds_left)
 
     async def _expired(self) -> None:
-        again = (f"ssh -p {self.broker.settings.port} {self.user}@{self.broker.settings.public_host} request "
+        again = (f"ssh -p {self.services.settings.port} {self.user}@{self.services.settings.public_host} request "
                  f'{self.device.name} --for 1h --reason "..."')
         await self.terminate(
             "expired", f"your approved window for {self.device.name} ended at "
@@ -463,15 +304,15 @@ class LiveSession:
         unwritten. Best effort: the session goes on unrecorded, with a warning.
         """
         failed_at = getattr(self.recorder, "failed_at", None)
-        self.broker.audit_soon("recording.failed", user=self.user, device=self.device.name, session_id=self.id,
-                               error=str(exc), failed_at=utc_iso(failed_at) if failed_at else None)
+        self.services.audit_soon("recording.failed", **self.who.audit_fields(grant=False),
+                                 error=str(exc), failed_at=utc_iso(failed_at) if failed_at else None)
         cause = exc.__cause__
         why = (getattr(cause, "strerror", None) or type(cause).__name__) if cause is not None else "write failed"
-        if self.broker.settings.strict:
+        if self.services.settings.strict:
             for relay in list(self.channels):
                 relay.hold("vendor", "recording-failed")
                 relay.hold("device", "recording-failed")
-            self.broker.spawn(self.terminate(
+            self.services.spawn(self.terminate(
                 "recording-failed", f"recording failed ({why}), and medbroker never runs a session it cannot "
                 "record; the session was ended. Tell the hospital's security team."))
         else:
@@ -499,13 +340,9 @@ class LiveSession:
                 relay.exit(1)
             except Exception:  # one broken channel must not keep the others (or the device link) open
                 self.log.channel(relay.ctx.number).exception("ending the channel failed")
-        conn = self.server.conn
-        if conn is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_later(0.5, conn.close)
+        asyncio.get_running_loop().call_later(0.5, self._close_vendor)
         if event:
-            await self.broker.audit(event, user=self.user, device=self.device.name, session_id=self.id,
-                                    grant_id=self.grant.id, **fields)
+            await self.services.audit(event, **self.who.audit_fields(), **fields)
         await self.finish(status, reason=message)
 
     async def finish(self, status: str | None = None, *, reason: str | None = None) -> None:
@@ -524,7 +361,7 @@ class LiveSession:
         reason = reason or self._end_reason
         for t in self._timers:
             t.cancel()
-        b = self.broker
+        b = self.services
         b.live.pop(self.id, None)
         if self.upconn is not None:
             self.upconn.close()
@@ -547,8 +384,8 @@ class LiveSession:
         await b.db(lambda: b.app.store.update_session(
             self.id, ended_at=now, status=status, end_reason=reason, final_hash=final_hash, signature=signature,
             **counters))
-        await b.audit("session.end", user=self.user, device=self.device.name, session_id=self.id,
-                      grant_id=self.grant.id, status=status, reason=reason, final_hash=final_hash, **counters)
+        await b.audit("session.end", **self.who.audit_fields(), status=status, reason=reason, final_hash=final_hash,
+                      **counters)
         if final_hash:
             await index_session(b, self.id, self.path)
 
@@ -567,9 +404,9 @@ class LiveSession:
         rec = self.recorder
         if rec is None or self.finished.is_set():
             return
-        idle_s = max(0.0, (self.broker.app.clock.monotonic_ns() - getattr(rec, "last_activity_mono_ns", 0)) / 1e9)
-        last = datetime.fromtimestamp(self.broker.app.clock.now().timestamp() - idle_s, tz=self.grant.ends_at.tzinfo)
-        await self.broker.db(lambda: self.broker.app.store.update_session(
+        idle_s = max(0.0, (self.services.app.clock.monotonic_ns() - getattr(rec, "last_activity_mono_ns", 0)) / 1e9)
+        last = datetime.fromtimestamp(self.services.app.clock.now().timestamp() - idle_s, tz=self.grant.ends_at.tzinfo)
+        await self.services.db(lambda: self.services.app.store.update_session(
             self.id, last_activity_at=utc_iso(last), **self._counters()))
 
 
@@ -592,7 +429,7 @@ def _close_late_connection(task: asyncio.Task) -> None:
         task.result().close()
 
 
-async def index_session(broker: "Broker", session_id: str, path: Path) -> None:
+async def index_session(broker: SessionServices, session_id: str, path: Path) -> None:
     """Build the command index and search text of a closed recording (off the loop; big ones in a child)."""
     try:
         rows = await build_index_rows(path, broker.app.keys.get)
@@ -603,7 +440,7 @@ async def index_session(broker: "Broker", session_id: str, path: Path) -> None:
     await broker.db(lambda: broker.app.store.save_session_text(session_id, rows.commands, rows.texts, now))
 
 
-async def seal_interrupted_sessions(broker: "Broker") -> None:
+async def seal_interrupted_sessions(broker: SessionServices) -> None:
     """At startup: recordings of sessions whose broker process died are sealed and marked incomplete."""
     app = broker.app
     rows = await broker.db(lambda: app.store.list_sessions(status="live"))
@@ -638,63 +475,3 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-
-
-async def open_forward(server: "BrokerServer", dest_host: str, dest_port: int, origin: str) -> ForwardRelay:
-    """``connection_requested`` on a device login (``ssh -L 8443:ct-01:443 alice@ct-01@broker``): the port must be
-    in the grant, never a protected one; the session starts here if no channel started it (grant, recording,
-    device connection: ``_start_live``). Refusals reach OpenSSH as "open failed: administratively prohibited:
-    medbroker: <reason>" and are audited as ``channel.refused``.
-
-    :raises asyncssh.ChannelOpenError: refused, or the device refused the connection
-    """
-    b = server.broker
-    target = f"{dest_host}:{dest_port}"
-
-    def refused(text: str, code: int = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED) -> asyncssh.ChannelOpenError:
-        live = server.live
-        if live is not None and live.recorder is not None and not live.finished.is_set():
-            live.recorder.append_event(0, "policy-denial", {"kind": "forward", "target": target, "reason": text})
-        b.audit_soon("channel.refused", user=server.user, device=server.device_name, source=server.source,
-                     kind="direct-tcpip", target=target, reason=text, session_id=live.id if live else None,
-                     grant_id=live.grant.id if live else None)
-        return asyncssh.ChannelOpenError(code, f"medbroker: {text}")
-
-    try:
-        refusal = await b.db(standing_refusal, b.app.store, server.user, server.fingerprint,
-                             server.principal.role if server.principal else None)
-        if refusal:
-            raise refused(f"{refusal}; new channels on this connection are refused")
-        live = server.live
-        if live is None or live.ending:  # decide before starting a session (and a recording) for nothing
-            now, name = b.app.clock.now(), server.device_name
-            hint = request_hint(server.user, name, b.settings.public_host, b.port) + f" --forward {dest_port}"
-            try:
-                grant = await b.db(lambda: find_active_grant(b.app.store, server.user, name, now, hint=hint))
-                device = await b.db(b.app.store.get_device, name)
-            except ApprovalRequiredError as exc:
-                raise refused(f"{exc.message}; {exc.hint}") from None
-            why = forward_refusal(dest_host, dest_port, name, grant_ports(grant.forwards), b.app.protected_ports,
-                                  (device or {}).get("port"))
-            if why:
-                raise refused(why)
-        async with server.live_lock:
-            if server.live is None or server.live.ending:
-                server.live = await server._start_live()
-        live = server.live
-        why = forward_refusal(dest_host, dest_port, live.device.name, grant_ports(live.grant.forwards),
-                              b.app.protected_ports, live.device.port)
-        if why:
-            raise refused(why)
-        return await live.open_forward(dest_port, dest_host, origin)
-    except asyncssh.ChannelOpenError:
-        raise
-    except BrokerError as exc:
-        code = asyncssh.OPEN_CONNECT_FAILED if isinstance(exc, DeviceUnreachableError) \
-            else asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
-        raise refused(exc.message + (f"; {exc.hint}" if exc.hint else ""), code) from None
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # the per-channel boundary: logged with the session, refused (never an open channel)
-        log.exception("opening a forward to %s for %s failed", target, server.user)
-        raise refused("medbroker could not open this forward; see the broker log") from None
