@@ -145,7 +145,7 @@ def grant_ports(forwards: Iterable[object]) -> frozenset[int]:
             ports.add(f)
         elif isinstance(f, str):
             host, _, port = f.rpartition(":")
-            if port.isdigit() and (not host or host.lower() in LOCAL_NAMES):
+            if port.isascii() and port.isdigit() and (not host or host.lower() in LOCAL_NAMES):
                 ports.add(int(port))
     return frozenset(p for p in ports if 0 < p < 65536)
 
@@ -162,7 +162,7 @@ def parse_strikes(texts: Iterable[str], requested: Iterable[object]) -> tuple[in
             part = part.strip()
             if not part:
                 continue
-            if not part.isdigit() or not 0 < int(part) < 65536:
+            if not (part.isascii() and part.isdigit()) or not 0 < int(part) < 65536:
                 raise UsageError(f"--strike {part!r} is not a port", "e.g. --strike 8080")
             if int(part) not in asked:
                 have = ", ".join(str(p) for p in sorted(asked)) or "no forwards"

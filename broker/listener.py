@@ -77,7 +77,7 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
             log.error("ending session %s at shutdown failed: %r", live.id, result)
     await broker.stop_control()
     for conn in list(broker.connections):  # anyone still connected (connecting, self-service) is told why
-        conn.disconnect(asyncssh.DISC_BY_APPLICATION, "medbroker is shutting down; reconnect in a moment")
+        conn.disconnect(asyncssh.DISC_BY_APPLICATION, "medbroker: the broker is shutting down; reconnect in a moment")
     for conn in list(broker.connections):
         try:
             await asyncio.wait_for(conn.wait_closed(), 5)
