@@ -23,7 +23,7 @@ FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
 # The schema as the loader sees it: section name -> {key: default}, read from the public dataclasses.
 SECTIONS: dict[str, dict[str, object]] = {
     f.name: {g.name: g.default for g in dataclasses.fields(f.default_factory())}
-    for f in dataclasses.fields(BrokerConfig) if f.name != "home"
+    for f in dataclasses.fields(BrokerConfig) if f.name != "home" and f.init  # not the parsed-durations memo
 }
 def _is_duration(text: object) -> bool:
     try:
