@@ -191,13 +191,14 @@ class _Scanner:
         stored = bytes(self._buf[p + size:p + size + 32])
         self.index += 1
         if skip is not None and skip(fields[3], fields[4]):
-            raw = _Raw(self.index, self.offset, *fields, fixed, b"", stored, stored, skipped=True)
+            # *fields: FIXED unpacks to the six header fields, a count mypy cannot see through struct
+            raw = _Raw(self.index, self.offset, *fields, fixed, b"", stored, stored, skipped=True)  # type: ignore[misc, call-arg]
         else:
             payload = bytes(self._buf[p + FIXED.size:p + size])
             h = hashlib.sha256(self.prev)
             h.update(fixed)
             h.update(payload)
-            raw = _Raw(self.index, self.offset, *fields, fixed, payload, stored, h.digest())
+            raw = _Raw(self.index, self.offset, *fields, fixed, payload, stored, h.digest())  # type: ignore[call-arg]
         self._pos = p + size + 32
         self.prev, self.last = stored, raw
         return raw
