@@ -51,7 +51,7 @@ class LiveSession(SessionForwards):
     device_paths: DevicePaths | None = None
     opaque_budget: OpaqueBudget | None = None
 
-    def __init__(self, services: SessionServices, who: SessionIdentity, credential: Secret,
+    def __init__(self, services: SessionServices, who: SessionIdentity, credential: Secret[str],
                  close_vendor: Callable[[], None]) -> None:
         self.services = broker = services  # the Broker, seen only through SessionServices
         self.who = who

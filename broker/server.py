@@ -303,6 +303,7 @@ class BrokerServer(asyncssh.SSHServer):
     """
 
     via: str | None = None  # how the vendor came: "proxyjump" for the inner login of ssh -J (broker/jump.py)
+    jumps: set | None = None  # this connection's open ProxyJump channels, made on the first (broker/jump.py)
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
