@@ -28,6 +28,7 @@ from sessions.entropy import OpaqueBudget
 from sessions.exec_check import check_command_line
 from sessions.forward import ForwardRelay
 from sessions.policy import ProtectedPaths
+from sessions.recwriter import RecordingWriter
 from sessions.relay import RelaySession
 from sessions.kept_uploads import KeptUploads
 from sessions.scp import ScpServer
@@ -41,6 +42,18 @@ from sessions.tilde import LoginTilde
 from sessions.upload_check import StreamGuard, find_reference, path_tokens, runs_interpreter, script_candidates
 
 __all__ = ["GuardedScp", "GuardedSftp", "GuardedStreams", "SessionPolicy"]
+
+
+def _recorder(live: LiveSession) -> RecordingWriter:
+    """The session's recording writer: LiveSession.start() sets it before any channel opens."""
+    assert live.recorder is not None
+    return live.recorder
+
+
+def _upconn(live: LiveSession) -> asyncssh.SSHClientConnection:
+    """The device connection: LiveSession.start() sets it (once) before any channel opens."""
+    assert live.upconn is not None
+    return live.upconn
 
 
 class SessionPolicy:
@@ -107,7 +120,7 @@ class SessionPolicy:
         """One realpath session per live session (it ends with the device connection)."""
         paths = getattr(self.live, "device_paths", None)
         if paths is None:
-            paths = DevicePaths(lambda: self.live.upconn.start_sftp_client(path_encoding=None))
+            paths = DevicePaths(lambda: _upconn(self.live).start_sftp_client(path_encoding=None))
             self.live.device_paths = paths
         return paths
 
@@ -142,8 +155,8 @@ class SessionPolicy:
 
         def refused(line: str, reason: str) -> None:
             live = self.live
-            live.recorder.append_event(relay.ctx.number, "policy-denial",
-                                       {"kind": "shell-line", "command": line, "reason": reason})
+            _recorder(live).append_event(relay.ctx.number, "policy-denial",
+                                        {"kind": "shell-line", "command": line, "reason": reason})
             self.services.audit_soon("exec.denied", **live.who.audit_fields(), kind="shell-line", command=line,
                                      reason=reason)
             relay.notice(f"refused: {reason}", stdout=relay.pty is not None)
@@ -274,9 +287,10 @@ class GuardedStreams:
         if self.judge.feed(direction, data) is None:
             return None
         hit, live, relay = self.judge.hit, self.live, self.relay
+        assert hit is not None  # feed() returned a protocol: the judge holds the hit
         port = getattr(relay.ctx, "port", None)  # a forwarded connection's device port
         reason = stream_refusal(hit, forward=port is not None)
-        live.recorder.append_event(relay.ctx.number, "policy-denial", {
+        _recorder(live).append_event(relay.ctx.number, "policy-denial", {
             "protocol": hit.protocol, "stream": "input" if direction == "vendor" else "output",
             "offset": hit.offset, "reason": reason, **({"port": port} if port is not None else {})})
         self.services.audit_soon("channel.protocol.denied", **live.who.audit_fields(), channel=relay.ctx.number,
@@ -296,7 +310,8 @@ class GuardedSftp:
     def __init__(self, policy: SessionPolicy, relay: RelaySession) -> None:
         live = policy.live
         self.live, self.relay, self.services = live, relay, policy.services
-        self.device_sftp = DeviceSftp(live.upconn.start_sftp_client)
+        self.device_sftp = DeviceSftp(_upconn(live).start_sftp_client)
+        assert relay.up is not None  # an SFTP channel is relayed once the device side is open
         self.filter = SftpFilter(
             policy.protected, self.device_sftp.realpath, self.device_sftp.head, relay.up.write,
             relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
@@ -319,8 +334,8 @@ class GuardedSftp:
         return self.live.who.audit_fields()
 
     def _record(self, name: str, details: dict) -> None:
-        self.live.recorder.append_event(self.relay.ctx.number, self._FRAMES.get(name, "sftp-request"),
-                                        {"event": name, **details})
+        _recorder(self.live).append_event(self.relay.ctx.number, self._FRAMES.get(name, "sftp-request"),
+                                          {"event": name, **details})
         if name == "transfer.file":
             self.services.audit_soon("transfer.file", **self._fields(), **details)
             row = {"session_id": self.live.id, "at": utc_iso(self.services.app.clock.now()),
@@ -332,8 +347,8 @@ class GuardedSftp:
             self.services.audit_soon("sftp.summary", **self._fields(), **details)
 
     def _denied(self, decision, details: dict) -> None:
-        self.live.recorder.append_event(self.relay.ctx.number, "policy-denial",
-                                        {"op": decision.op, "path": decision.path, "reason": decision.reason})
+        _recorder(self.live).append_event(self.relay.ctx.number, "policy-denial",
+                                          {"op": decision.op, "path": decision.path, "reason": decision.reason})
         self.services.audit_soon(self._DENIED_EVENT, **self._fields(), op=decision.op, path=decision.path,
                                  reason=decision.reason, **{k: v for k, v in details.items()
                                                             if k not in ("op", "path", "reason")})
@@ -351,7 +366,7 @@ class GuardedSftp:
 
     def _fatal(self, message: str) -> None:
         """A protocol violation (sessions/sftp.py): recorded, audited, told to the vendor; the channel ends now."""
-        self.live.recorder.append_event(self.relay.ctx.number, "policy-denial", {"violation": message})
+        _recorder(self.live).append_event(self.relay.ctx.number, "policy-denial", {"violation": message})
         self.services.audit_soon("sftp.protocol.denied", **self._fields(), kind="sftp", reason=message)
         self.relay.notice(message)
         self.relay.exit(1)
@@ -367,7 +382,7 @@ class GuardedScp(GuardedSftp):
         live = policy.live
         self.live, self.relay, self.services = live, relay, policy.services
         self.server = ScpServer(
-            command, policy.protected, lambda: live.upconn.start_sftp_client(path_encoding=None),
+            command, policy.protected, lambda: _upconn(live).start_sftp_client(path_encoding=None),
             relay.write_to_vendor, relay.exit, self._hold, self._record, self._denied, mode=live.grant.mode,
             now=lambda: utc_iso(self.services.app.clock.now()), uploads=policy.kept_uploads(),
             upload_guard=policy.upload_guard, logger=relay.log.named("medbroker.scp"))

@@ -3,7 +3,7 @@
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from typer.core import TyperGroup
@@ -40,14 +40,16 @@ def report_error(message: str, hint: str | None = None) -> None:
 
 # typer's own control-flow exceptions (help, usage errors, exit) pass through untouched; typer >= 0.24
 # vendors click, so find its ClickException through a class typer exports rather than importing click.
-_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_CLICK_EXCEPTION = cast(type[Exception],
+                        next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
 _PASS_THROUGH = (typer.Exit, typer.Abort, _CLICK_EXCEPTION)
 
 
 class BrokerGroup(TyperGroup):
     """The root group: turns domain errors into ``Error:``/``Hint:`` lines and exit codes, never a traceback."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    # typer passes its own typer.Context; the base declares the vendored click Context, a private name
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except BrokerError as exc:

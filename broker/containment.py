@@ -23,7 +23,7 @@ import secrets
 import stat as stat_mod
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
@@ -160,7 +160,7 @@ async def _walk(sftp: asyncssh.SFTPClient, top: str) -> tuple[str, str] | None:
         except asyncssh.SFTPError:
             continue
         for e in names:
-            child = posixpath.join(d, e.filename)
+            child = posixpath.join(d, cast(str, e.filename))  # the client decodes names (str)
             kind = e.attrs.type
             if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
                 queue.append(child)

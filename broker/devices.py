@@ -7,6 +7,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from broker.audit import AuditLog
 from broker.clock import utc_iso
@@ -202,6 +203,7 @@ def add_device(store: Store, audit: AuditLog, keys: KeyProvider, *, name: str, h
     if store.get_device(name):
         raise ConflictError(f"device {name} already exists", f"remove it first: medbroker device remove {name}")
     secret = key_text if key_text is not None else password
+    assert secret is not None  # checked above: a key or a password
     store.insert_device({
         "name": name, "host": host, "port": int(port), "login": login,
         "auth_kind": "key" if key_text is not None else "password",
@@ -210,9 +212,10 @@ def add_device(store: Store, audit: AuditLog, keys: KeyProvider, *, name: str, h
         "device_class": device_class, "legacy_algorithms": dumps(legacy), "description": description,
         "created_at": utc_iso(now), **({"exposed_shell": exposed_shell} if exposed_shell else {}),
     })
+    shell_detail: dict[str, Any] = {"exposed_shell": exposed_shell} if exposed_shell else {}
     audit.record("device.added", actor=actor, device=name, host=host, port=int(port), login=login,
                  host_key_fingerprint=hk.fingerprint, protected_paths=list(paths), device_class=device_class,
-                 legacy_algorithms=legacy, **({"exposed_shell": exposed_shell} if exposed_shell else {}))
+                 legacy_algorithms=legacy, **shell_detail)
     return get_device(store, name)
 
 
@@ -235,6 +238,6 @@ def remove_device(store: Store, audit: AuditLog, name: str, *, actor: str | None
     audit.record("device.removed", actor=actor, device=name)
 
 
-def device_credential(device: Device, keys: KeyProvider) -> Secret:
+def device_credential(device: Device, keys: KeyProvider) -> Secret[str]:
     """Unseal the device's credential (private key text or password) as a :class:`Secret`."""
     return Secret(keys.unseal(device.credential, context=f"device:{device.name}".encode()).decode())

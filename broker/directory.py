@@ -20,6 +20,7 @@ an account with the same name.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import time
@@ -145,12 +146,12 @@ class Directory:
             entry = entries[0]
             dn = entry.entry_dn
             values = entry.entry_attributes_as_dict
-            groups = []
-            for role in _ROLE_ORDER:
-                group = getattr(cfg, f"{role}_group")
+            groups: list[str] = []
+            for group_role in _ROLE_ORDER:
+                group = getattr(cfg, f"{group_role}_group")
                 if group and conn.search(group, f"(member={escape_filter_chars(dn)})", search_scope="BASE",
                                          attributes=[]) and conn.entries:
-                    groups.append(role)
+                    groups.append(group_role)
             role = groups[0] if groups else None
             disabled = _disabled(values)
             keys = tuple(_text(v).strip() for v in values.get(cfg.ssh_key_attribute, []) if _text(v).strip()) \
@@ -230,6 +231,7 @@ def sync_from_directory(app: App, user: DirectoryUser | None, name: str, now: da
         app.audit.record("user.created", user=name, actor="directory", role=user.role, source_dn=user.dn,
                          via="directory")
         row = store.get_user(name)
+        assert row is not None  # just inserted
     allowed = user is not None and user.role is not None and not user.disabled
     if not allowed and not row["disabled"]:
         why = ("no longer in the directory" if user is None else "disabled in the directory" if user.disabled
@@ -237,7 +239,8 @@ def sync_from_directory(app: App, user: DirectoryUser | None, name: str, now: da
         store.set_user_disabled(name, True)
         app.audit.record("user.disabled", user=name, actor="directory", reason=why)
     elif allowed:
-        changes = {}
+        assert user is not None and user.role is not None  # what allowed says
+        changes: dict[str, Any] = {}
         if row["role"] != user.role:
             store.set_user_role(name, user.role)
             changes["role"] = [row["role"], user.role]
@@ -332,7 +335,7 @@ async def run_directory_sync(app: App, run_db: Callable[..., Any]) -> list[str]:
     found: dict[str, DirectoryUser | None] = {}
     try:
         for name in names:
-            found[name] = await loop.run_in_executor(None, lambda n=name: directory.lookup(n, fresh=True))
+            found[name] = await loop.run_in_executor(None, functools.partial(directory.lookup, name, fresh=True))
     except DirectoryError as exc:
         log.warning("directory sync skipped: %s", exc.message)
         return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from broker.audit import AuditLog
 from broker.clock import clock_text, local_text, parse_utc, utc_iso
@@ -327,6 +328,7 @@ def expire_requests(store: Store, audit: AuditLog, now: datetime) -> list[int]:
     ids = store.expire_requests(utc_iso(now))
     for rid in ids:
         row = store.get_request(rid)
+        assert row is not None  # just expired: the row exists
         audit.record("request.expired", user=row["user_name"], device=row["device"], request_id=rid)
     return ids
 
@@ -369,16 +371,18 @@ def request_grant(store: Store, audit: AuditLog, rules: GrantRules, requester: P
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not known", f"use one of: {', '.join(MODES)}")
     try:
-        forwards = parse_forwards(forwards, device, rules.protected_ports, store.get_device(device).get("port"))
+        device_row = store.get_device(device)
+        assert device_row is not None  # refused above when the device is not registered
+        ports = parse_forwards(forwards, device, rules.protected_ports, device_row.get("port"))
     except PermissionDeniedError as exc:  # a patient-data port: refused and audited like other refusals
         refuse(exc)
     rid = store.insert_request({
         "user_name": requester.name, "device": device, "duration_s": duration_s, "reason": reason,
-        "ticket": ticket, "forwards": dumps(list(forwards)), "mode": mode, "status": "pending",
+        "ticket": ticket, "forwards": dumps(list(ports)), "mode": mode, "status": "pending",
         "created_at": utc_iso(now), "expires_at": utc_iso(now + timedelta(seconds=rules.request_ttl_s)),
     })
     audit.record("request.created", actor=requester.name, user=requester.name, device=device, request_id=rid,
-                 source=source, duration_s=duration_s, reason=reason, ticket=ticket, forwards=list(forwards),
+                 source=source, duration_s=duration_s, reason=reason, ticket=ticket, forwards=list(ports),
                  mode=mode)
     return get_request(store, rid)
 
@@ -414,6 +418,11 @@ def _check_decidable(store: Store, audit: AuditLog, request_id: int, approver: P
         refuse(ConflictError(f"{approver.name} already approved request {request_id}",
                              "a second, different approver is needed"))
     return req
+
+
+def _struck(struck: Any) -> dict[str, Any]:
+    """The audit detail naming the ports struck from a request, or nothing."""
+    return {"struck": list(struck)} if struck else {}
 
 
 def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id: int, approver: Principal,
@@ -483,12 +492,12 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
         audit.record("request.approved", actor=approver.name, user=req.user, device=req.device,
                      request_id=request_id, approvals=len(approvers), needed=needed, final=False,
                      duration_s=duration_s or req.duration_s, allow_shell=allow_shell, containment=containment,
-                     **({"struck": list(struck)} if struck else {}))
+                     **_struck(struck))
         return Decision(get_request(store, request_id), None, needed - len(approvers))
     audit.record("request.approved", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
                  grant_id=gid, approvals=len(approvers), needed=needed, final=True,
                  duration_s=duration_s or req.duration_s, allow_shell=allow_shell, containment=containment,
-                 **({"struck": list(struck)} if struck else {}))
+                 **_struck(struck))
     grant = get_grant(store, gid)
     audit.record("grant.created", actor=approver.name, user=req.user, device=req.device, request_id=request_id,
                  grant_id=gid, starts_at=utc_iso(grant.starts_at), ends_at=utc_iso(grant.ends_at),

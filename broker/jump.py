@@ -110,6 +110,7 @@ async def open_jump(outer: BrokerServer, host: str, port: int) -> "JumpChannel":
                          "Ask the hospital's medbroker administrators.")
         device, known = await b.db(_decide, b.app.store, outer.user, host, port)
         if device is None:
+            assert outer.user is not None  # jumps are asked for only after authentication
             await refuse(_refusal_text(outer.user, host, port, b.settings.public_host, b.port, known))
         jumps = getattr(outer, "jumps", None)
         if jumps is None:

@@ -11,6 +11,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AnyStr, Generic
 
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -33,15 +34,15 @@ __all__ = [
 ]
 
 
-class Secret:
+class Secret(Generic[AnyStr]):
     """A value that never prints: ``repr``/``str`` give ``<secret>``; ``reveal()`` gives the value."""
 
     __slots__ = ("_value",)
 
-    def __init__(self, value: str | bytes) -> None:
-        self._value = value
+    def __init__(self, value: AnyStr) -> None:
+        self._value: AnyStr = value
 
-    def reveal(self) -> str | bytes:
+    def reveal(self) -> AnyStr:
         return self._value
 
     def __repr__(self) -> str:

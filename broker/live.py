@@ -21,7 +21,8 @@ from broker.indexer import build_index_rows
 from broker.keys import Secret, openssh_fingerprint
 from broker.live_forwards import SessionForwards
 from broker.session_context import SessionIdentity, SessionServices
-from sessions.entropy import OPAQUE
+from sessions.cmd_judge import DevicePaths
+from sessions.entropy import OPAQUE, OpaqueBudget
 from sessions.recording import seal_recording, sign_final_hash
 from sessions.recwriter import ACK_WINDOW, RecordingWriter
 from sessions.forward import ForwardRelay
@@ -46,7 +47,11 @@ class LiveSession(SessionForwards):
     :param close_vendor: closes the vendor's connection (when the session is ended from here)
     """
 
-    def __init__(self, services: SessionServices, who: SessionIdentity, credential: Secret,
+    # made on first use by the channel policy (broker/channels.py), shared by all channels of the session
+    device_paths: DevicePaths | None = None
+    opaque_budget: OpaqueBudget | None = None
+
+    def __init__(self, services: SessionServices, who: SessionIdentity, credential: Secret[str],
                  close_vendor: Callable[[], None]) -> None:
         self.services = broker = services  # the Broker, seen only through SessionServices
         self.who = who
@@ -181,10 +186,12 @@ class LiveSession(SessionForwards):
         if len(self.channels) >= self.services.settings.max_channels:
             raise BrokerError(f"at most {self.services.settings.max_channels} channels per connection",
                               "close some sessions on this connection")
+        recorder = self.recorder
+        assert recorder is not None  # start() opened it before any channel
         self.numbers += 1
         policy = self.services.policy_for(self)
         ctx = ChannelContext(
-            number=self.numbers, recorder=self.recorder, open_upstream=self._open_upstream,
+            number=self.numbers, recorder=recorder, open_upstream=self._open_upstream,
             check_exec=policy.check_exec, rewrite_command=policy.rewrite_command, check_subsystem=policy.check_subsystem, make_filter=policy.make_filter,
             check_shell=policy.check_shell,
             make_scanner=policy.make_scanner, make_exec_handler=policy.make_exec_handler,
@@ -196,11 +203,11 @@ class LiveSession(SessionForwards):
             forward_unrecorded=not self.services.settings.strict, session_id=self.id,
         )
         relay = RelaySession(ctx)
-        if self.recorder.paused:
+        if recorder.paused:
             relay.hold("vendor", "recorder")
             relay.hold("device", "recorder")
         self.channels.add(relay)
-        self.recorder.append_event(self.numbers, "channel-open", {"type": "session"})
+        recorder.append_event(self.numbers, "channel-open", {"type": "session"})
         return relay
 
     async def _open_upstream(self, factory, command, subsystem, env, term_type, term_size, term_modes):
@@ -236,6 +243,7 @@ class LiveSession(SessionForwards):
         else:
             message = (f"output contained {what} patient data, which may not leave the hospital; the session "
                        "was ended and security staff were alerted")
+        assert self.recorder is not None  # channels exist only after start() opened it
         self.recorder.append_event(relay.ctx.number, "alert", {"content": what, "action": "session ended",
                                                                "reason": message})
         relay.notice(message)

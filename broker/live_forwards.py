@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import asyncssh
 
@@ -48,7 +48,7 @@ class SessionForwards:
     ending: bool
     finished: asyncio.Event
     containment: Any
-    terminate: Callable[..., Awaitable[None]]
+    terminate: Callable[..., Coroutine[Any, Any, None]]
     _opaque_detail: Callable[[str], dict[str, Any]]
 
     async def open_forward(self, port: int, dest_host: str, origin: str) -> ForwardRelay:
@@ -168,12 +168,13 @@ class SessionForwards:
             self.services.spawn(self._save_forward(relay))
 
     async def _save_forward(self, relay: ForwardRelay) -> None:
-        if relay.row_id is None or getattr(relay, "saved", False):
+        row_id = relay.row_id
+        if row_id is None or getattr(relay, "saved", False):
             return
         relay.saved = True
         values = dict(closed_at=utc_iso(self.services.app.clock.now()), bytes_to_device=relay.bytes_to_device,
                       bytes_to_vendor=relay.bytes_to_vendor, tls=int(bool(relay.tls)), outcome=relay.reason)
-        await self.services.db(lambda: self.services.app.store.close_forward(relay.row_id, **values))
+        await self.services.db(lambda: self.services.app.store.close_forward(row_id, **values))
 
 
 async def open_forward(services: SessionServices, login: VendorLogin, current: Callable[[], SessionForwards | None],
@@ -207,6 +208,7 @@ async def open_forward(services: SessionServices, login: VendorLogin, current: C
         live = current()
         if live is None or live.ending:  # decide before starting a session (and a recording) for nothing
             now, name = b.app.clock.now(), login.device
+            assert name is not None  # open_forward serves device logins only
             hint = request_hint(login.user, name, b.settings.public_host, b.settings.port) + f" --forward {dest_port}"
             try:
                 grant = await b.db(lambda: find_active_grant(b.app.store, login.user, name, now, hint=hint))

@@ -57,7 +57,7 @@ def _check_private_api() -> tuple[Any, Any] | str:
         return "ServerAuth.send_failure cannot be inspected"
     if "partial_success" not in params:
         return "ServerAuth.send_failure no longer takes partial_success"
-    connection = getattr(asyncssh, "connection", None)
+    connection: Any = getattr(asyncssh, "connection", None)
     if getattr(connection, "_USERAUTH_SERVICE", None) != _USERAUTH_SERVICE:
         return "asyncssh.connection._USERAUTH_SERVICE changed"
     try:

@@ -178,7 +178,7 @@ def build_report(store: Store, *, start: datetime, end: datetime, device: str | 
     lo, hi = utc_iso(start), utc_iso(end)
     rows = [r for r in store.list_sessions(device=device, since=lo) if r["started_at"] < hi]
     names = [device] if device else sorted({d["name"] for d in store.list_devices()} | {r["device"] for r in rows})
-    devices = []
+    devices: list[dict[str, Any]] = []
     for name in names:
         info = store.get_device(name) or {}
         sessions = [_session_doc(store, r, verify) for r in rows if r["device"] == name]

@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 from dataclasses import dataclass
+from typing import NoReturn
 
 from broker.app import App
 from broker.clock import clock_text, display_zone, utc_iso
@@ -63,7 +64,7 @@ class Reply:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # never print or exit from inside the server
+    def error(self, message: str) -> NoReturn:  # never print or exit from inside the server
         raise UsageError(message, "run: help")
 
 

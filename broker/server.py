@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 from datetime import datetime
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import asyncssh
 
@@ -199,21 +199,21 @@ class Broker:
     async def _close_withdrawn(self) -> None:
         """Authenticated connections without a device session whose login no longer stands (user disabled, key
         removed, role changed) are closed with the reason; sessions are ended by ``sessions_to_stop``."""
-        servers = [c.get_owner() for c in list(self.connections)]
-        servers = [s for s in servers if isinstance(s, BrokerServer) and s.authenticated and not s.gone
+        owners = [c.get_owner() for c in list(self.connections)]
+        servers = [(s, s.vendor) for s in owners if isinstance(s, BrokerServer) and s.authenticated and not s.gone
                    and s.live is None and s._starting is None and s.vendor is not None]
         if not servers:
             return
-        logins = {(s.vendor.user, s.vendor.key, s.vendor.role) for s in servers}
+        logins = {(v.user, v.key, v.role) for _, v in servers}
         try:
             verdicts = await self.db(lambda: {t: standing_refusal(self.app.store, *t) for t in logins})
         except Exception:  # the next tick tries again
             log.exception("checking open connections failed")
             return
-        for s in servers:
-            why = verdicts.get((s.vendor.user, s.vendor.key, s.vendor.role))
+        for s, v in servers:
+            why = verdicts.get((v.user, v.key, v.role))
             if why and not s.gone and s.live is None:
-                self.audit_soon("connection.closed", **s.vendor.audit_fields(), reason=why)
+                self.audit_soon("connection.closed", **v.audit_fields(), reason=why)
                 s.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"medbroker: {why}; this connection was closed")
 
     def _abort_start(self, row: dict[str, Any]) -> None:
@@ -303,10 +303,12 @@ class BrokerServer(asyncssh.SSHServer):
     """
 
     via: str | None = None  # how the vendor came: "proxyjump" for the inner login of ssh -J (broker/jump.py)
+    jumps: set | None = None  # this connection's open ProxyJump channels, made on the first (broker/jump.py)
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self.conn: asyncssh.SSHServerConnection | None = None
+        # set by connection_made, which asyncssh calls before any other callback of this object
+        self.conn: asyncssh.SSHServerConnection = None  # type: ignore[assignment]
         self.source = "?"
         self.login: str | None = None
         self.user: str | None = None
@@ -545,7 +547,7 @@ class BrokerServer(asyncssh.SSHServer):
             return False
         return "", "", "", [(CODE_PROMPT, False)]
 
-    async def validate_kbdint_response(self, username: str, responses: list[str]):
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]):
         b = self.broker
         if not self.kbdint_auth_supported():
             return False
@@ -593,6 +595,7 @@ class BrokerServer(asyncssh.SSHServer):
                                    reason="second factor missing at completion (MFA hook inactive?)")
             return
         self.authenticated = True
+        assert self.user is not None  # begin_auth set it before any credential was checked
         self.vendor = VendorLogin(user=self.user, role=self.principal.role, key=self.fingerprint, source=self.source,
                                   device=self.device_name, via=self.via)
         self._leave_unauth()
@@ -638,6 +641,7 @@ class BrokerServer(asyncssh.SSHServer):
         # Every channel asks again whether this login still stands: disabling the user, removing the key
         # or changing the role refuses new channels on connections that are already open (ControlMaster).
         who = self.vendor
+        assert who is not None  # channels open only after authentication, which sets it
         refusal = await b.db(standing_refusal, b.app.store, who.user, who.key, who.role)
         if refusal:
             await b.audit("channel.refused", **who.audit_fields(), kind="session", reason=refusal,
@@ -667,6 +671,7 @@ class BrokerServer(asyncssh.SSHServer):
         b = self.broker
         now = b.app.clock.now()
         login = self.vendor
+        assert login is not None and login.device is not None  # a device login, authenticated
         user, device_name = login.user, login.device
         hint = request_hint(user, device_name, b.settings.public_host, b.port)
         try:
@@ -695,7 +700,7 @@ class BrokerServer(asyncssh.SSHServer):
         try:
             await start
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # this coroutine itself is being cancelled
+            if (task := asyncio.current_task()) is not None and task.cancelling():  # this coroutine itself is being cancelled
                 raise
             # start() was cancelled (vendor gone, broker stopping) and has closed the recording and the row
             why = live.abort_reason[1] if live.abort_reason else "the broker is shutting down; reconnect in a moment"
@@ -719,6 +724,7 @@ class BrokerServer(asyncssh.SSHServer):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
         if self.device_name is None:  # ProxyJump (ssh -J USER@broker DEVICE): decided and served in broker/jump.py
             return self.broker.open_jump(self, dest_host, dest_port)
+        assert self.vendor is not None  # forwards are asked for only after authentication
         return open_forward(self.broker, self.vendor, lambda: self.live, self._ensure_live, dest_host, dest_port,
                             f"{orig_host}:{orig_port}")  # ssh -L on a device login
 
@@ -770,7 +776,9 @@ class SelfServiceSession(OneShotSession):
             reply_status, out, err = 1, "", (f"{self.subsystem} needs a device: use "
                                              f"USER@DEVICE@{b.settings.public_host}\n")
         else:
-            reply = await b.db(lambda: run_command(b.app, s.principal, self.command, source=s.source, port=b.port))
+            principal = s.principal
+            assert principal is not None  # a session channel opens only after authentication
+            reply = await b.db(lambda: run_command(b.app, principal, self.command, source=s.source, port=b.port))
             reply_status, out, err = reply.status, reply.stdout, reply.stderr
         if self.pty:
             out, err = out.replace("\n", "\r\n"), err.replace("\n", "\r\n")

@@ -51,8 +51,8 @@ class Enrolment:
     """A fresh enrolment. ``uri`` holds the secret: show it to the user once, never log it."""
 
     user: str
-    secret: Secret
-    uri: Secret
+    secret: Secret[str]
+    uri: Secret[str]
     replaced: bool
 
 
@@ -139,7 +139,7 @@ def remove_totp(store: Store, user: str) -> None:
     store.set_user_totp(user, None)
 
 
-def totp_secret(store: Store, keys: KeyProvider, user: str) -> Secret | None:
+def totp_secret(store: Store, keys: KeyProvider, user: str) -> Secret[str] | None:
     """The user's TOTP secret, unsealed, or None when not enrolled.
 
     :raises StorageError: the sealed secret does not decrypt (wrong data key, or the row was tampered with)

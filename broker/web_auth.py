@@ -101,6 +101,7 @@ def load_session(app: App, cookie: str | None, now: datetime, *, touch: bool, so
             app.audit.record("web.signout", actor=row["user_name"], user=row["user_name"], source=source,
                              reason=reason, idle_timeout=format_duration(idle), session=digest[:12])
         raise SignedOut(reason)
+    assert user is not None  # a missing user was signed out above
     if touch:
         app.store.touch_web_session(digest, utc_iso(now))
     return Viewer(user["name"], user["role"], user["company"], row["csrf"], digest, parse_utc(row["expires_at"]))

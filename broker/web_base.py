@@ -67,8 +67,8 @@ def _visible(value: Any) -> Any:
     return value
 
 
-def _bytes(n: int | None) -> str:
-    n = int(n or 0)
+def _bytes(count: int | None) -> str:
+    n: float = int(count or 0)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -182,7 +182,8 @@ def page(*roles: str, action: str, touch: bool = True, stream: bool = False) -> 
                 return Response("forbidden", 403) if stream else web.error(request, exc, viewer)
             if request.method == "POST":
                 form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
-                if not check_csrf(viewer, form.get("csrf")) or not origin_ok(web, request):
+                csrf = form.get("csrf")  # max_files=0: a field is text, never an upload
+                if not check_csrf(viewer, csrf if isinstance(csrf, str) else None) or not origin_ok(web, request):
                     await web.audit("web.denied", actor=viewer.name, user=viewer.name, source=src, reason="csrf",
                                     path=request.url.path, action=action)
                     exc = PermissionDeniedError("this form is stale or did not come from the console (CSRF check)",

@@ -78,7 +78,8 @@ async def signin_page(request: Request) -> Response:
     error = None
     if request.method == "POST":
         form = await request.form(max_files=0, max_fields=8)
-        next_path = safe_next_path(form.get("next"))
+        next_field = form.get("next")  # max_files=0: a field is text, never an upload
+        next_path = safe_next_path(next_field if isinstance(next_field, str) else None)
         if not origin_ok(web, request):
             error = "this form did not come from the console"
         else:
@@ -104,6 +105,7 @@ async def _directory_signin(web: Web, name: str, password: str, code: str, sourc
     if locked:
         raise PermissionDeniedError(f"too many failed sign-ins; try again in {format_duration(locked)}")
     directory = directory_for(web.app)
+    assert directory is not None  # the caller asked uses_directory(), which needs [directory] url
     try:
         checked = await asyncio.get_running_loop().run_in_executor(
             None, lambda: directory_signin(web.app, directory, name, password, web.now()))
@@ -123,7 +125,9 @@ def _peek_token(app: App, token: str, now) -> dict:
         raise GrantExpiredError(f"this sign-in link was already used at {row['used_at'][11:19]} UTC")
     if parse_utc(row["expires_at"]) <= now:
         raise GrantExpiredError(f"this sign-in link expired at {row['expires_at'][11:19]} UTC")
-    return row | {"role": app.store.get_user(row["user_name"])["role"]}
+    user = app.store.get_user(row["user_name"])
+    assert user is not None  # users are disabled, never deleted
+    return row | {"role": user["role"]}
 
 
 async def signin_link(request: Request) -> Response:

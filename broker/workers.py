@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from broker.app import App
 from broker.service import sd_notify
@@ -169,14 +169,15 @@ class Supervisor:
         :raises OSError: the worker could not be started at all
         """
         argv, env = worker_command(self.app, self.address, self.count, slot.index, self.level)
-        slot.proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                         stdout=asyncio.subprocess.PIPE, env=env)
+        slot.proc = proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                                stdout=asyncio.subprocess.PIPE, env=env)
+        assert proc.stdout is not None  # stdout=PIPE
         slot.started = time.monotonic()
         ready = False
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 while not ready:
-                    line = await slot.proc.stdout.readline()
+                    line = await proc.stdout.readline()
                     if not line:
                         break
                     ready = line.startswith(READY.encode())
@@ -184,17 +185,18 @@ class Supervisor:
                         log.info("worker %s: %s", slot.index, line.decode(errors="replace").rstrip())
         except TimeoutError:
             log.error("worker %s (pid %s) did not accept connections within %.0f s; killing it", slot.index,
-                      slot.proc.pid, READY_TIMEOUT_S)
+                      proc.pid, READY_TIMEOUT_S)
         if not ready:
             with contextlib.suppress(ProcessLookupError):
-                slot.proc.kill()
-            await slot.proc.wait()
-        slot.drain = watch(asyncio.get_running_loop().create_task(self._drain(slot, slot.proc)), log,
+                proc.kill()
+            await proc.wait()
+        slot.drain = watch(asyncio.get_running_loop().create_task(self._drain(slot, proc)), log,
                            "reading a worker's output")
         return ready
 
     async def _drain(self, slot: _Slot, proc: asyncio.subprocess.Process) -> None:
         """Read the rest of a worker's stdout (it prints nothing after READY; log it if it does)."""
+        assert proc.stdout is not None  # started with stdout=PIPE
         while line := await proc.stdout.readline():
             log.info("worker %s: %s", slot.index, line.decode(errors="replace").rstrip())
 
@@ -233,7 +235,7 @@ class Supervisor:
         else:
             log.error("worker %s (pid %s) %s; sealing its %d live session(s), starting a new worker in %.0f s",
                       slot.index, pid, how, len(orphaned), delay)
-        fields = {"pid": pid, "worker": slot.index, "exit_status": status, "live_sessions": orphaned}
+        fields: dict[str, Any] = {"pid": pid, "worker": slot.index, "exit_status": status, "live_sessions": orphaned}
         if not stopping:
             fields["restart_in_s"] = delay
         await self.broker.audit("broker.worker.failed", reason=how, stopping=stopping, **fields)
@@ -270,19 +272,19 @@ class Supervisor:
         for task in keepers:  # a keeper may be starting a replacement: cancelling it stops that too
             task.cancel()
         await asyncio.gather(*keepers, return_exceptions=True)
-        live = [s for s in self.slots if s.proc is not None and s.proc.returncode is None]
-        for slot in live:
+        live = [(s, s.proc) for s in self.slots if s.proc is not None and s.proc.returncode is None]
+        for slot, proc in live:
             with contextlib.suppress(ProcessLookupError):
-                slot.proc.send_signal(signal.SIGTERM)
-        for slot in live:
+                proc.send_signal(signal.SIGTERM)
+        for slot, proc in live:
             try:
-                status = await asyncio.wait_for(slot.proc.wait(), STOP_TIMEOUT_S)
+                status = await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
             except asyncio.TimeoutError:
-                log.error("worker %s (pid %s) did not stop within %.0f s; killing it", slot.index, slot.proc.pid,
+                log.error("worker %s (pid %s) did not stop within %.0f s; killing it", slot.index, proc.pid,
                           STOP_TIMEOUT_S)
                 with contextlib.suppress(ProcessLookupError):
-                    slot.proc.kill()
-                status = await slot.proc.wait()
+                    proc.kill()
+                status = await proc.wait()
             if status not in (0, -signal.SIGTERM):
                 await self._worker_failed(slot, slot.proc, status, 0.0, stopping=True)
         await asyncio.gather(*(s.drain for s in self.slots if s.drain is not None), return_exceptions=True)
@@ -321,7 +323,7 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
 
                 metrics = await start_metrics_listener(app, app.config.metrics.address, broker=broker)
             await broker.audit("broker.started", address=sup.address, pid=broker.pid, workers=sup.count,
-                               worker_pids=[s.proc.pid for s in sup.slots])
+                               worker_pids=[s.proc.pid for s in sup.slots])  # type: ignore[union-attr]  # all started
             started = True
             if on_ready:
                 on_ready(sup.port)

@@ -148,7 +148,7 @@ import importlib.metadata as md, json, sys
 dist = md.distribution("medbroker")
 url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
 assert url.rstrip("/") == "file://" + sys.argv[1].rstrip("/"), url
-import asyncssh, cryptography, typer, sqlite_utils, pyotp, qrcode, pyte, pytest, hypothesis, paramiko  # noqa
+import asyncssh, cryptography, typer, sqlite_utils, pyotp, qrcode, pyte, pytest, hypothesis, paramiko, mypy  # noqa
 EOF
 }
 if installed_ok; then

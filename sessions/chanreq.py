@@ -10,7 +10,7 @@ listener, no forwarding). Everything else about the channel is asyncssh's own.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import asyncssh
 
@@ -26,7 +26,8 @@ class _WatchedChannel(asyncssh.SSHServerChannel):
     _medbroker_on_refused: Callable[[asyncssh.SSHServerChannel, str], None]
 
     # asyncssh dispatches channel requests to _process_<name>_request; returning False sends the failure reply.
-    def _process_auth_agent_req_at_openssh_dot_com_request(self, packet) -> bool:
+    # the base's handler is typed "-> None" but asyncssh's dispatcher reads a False result as the failure reply
+    def _process_auth_agent_req_at_openssh_dot_com_request(self, packet) -> bool:  # type: ignore[override]
         packet.check_end()
         self._medbroker_on_refused(self, AGENT)
         return False
@@ -48,5 +49,5 @@ def watch_refused_requests(chan: asyncssh.SSHServerChannel,
     if type(chan) is not asyncssh.SSHServerChannel:  # only the plain class: never stack on another subclass
         raise TypeError(f"expected an asyncssh.SSHServerChannel, got {type(chan).__name__}")
     chan.__class__ = _WatchedChannel
-    chan._medbroker_on_refused = on_refused
+    cast(_WatchedChannel, chan)._medbroker_on_refused = on_refused
     return chan

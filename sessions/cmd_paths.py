@@ -199,7 +199,9 @@ def _judge_substitution(inner: str, walk: _Walk) -> None:
 def _split(tokens: list) -> list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]]:
     """Simple commands as (separator before it, words, redirection targets)."""
     out: list[tuple[str, list, list]] = []
-    before, words, redirs, redirect = ";", [], [], False
+    before, redirect = ";", False
+    words: list[tuple[str, str]] = []
+    redirs: list[tuple[str, str]] = []
     for tok in tokens:
         if isinstance(tok, str):
             if tok in "<>":
@@ -395,8 +397,8 @@ def _command(before: str, words: list[tuple[str, str]], redirs: list[tuple[str, 
         moved = a[len("--directory="):] if a.startswith("--directory=") else \
             a if i and args[i - 1] in ("-C", "--directory") else None
         if moved and len(expanded) == 1 and not unknown:  # tar/make/git -C DIR: later words count from DIR too
-            target = _tilde(expanded[0].split("=", 1)[1] if a.startswith("--directory=") else expanded[0])
-            bases = bases + [target if target.startswith(("/", _HOME)) else _join(cwds[-1], target)]
+            moved_to = _tilde(expanded[0].split("=", 1)[1] if a.startswith("--directory=") else expanded[0])
+            bases = bases + [moved_to if moved_to.startswith(("/", _HOME)) else _join(cwds[-1], moved_to)]
         if (base in _SHELLS or base in _INTERPRETERS) and not a.startswith("-") and i == _first_operand(args):
             if not (base in _SHELLS and any(x.startswith("-c") for x in args[:i])):
                 walk.scripts.append(a)

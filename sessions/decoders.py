@@ -42,6 +42,7 @@ import bz2
 import lzma
 import re
 import zlib
+from typing import Any
 
 from sessions.content import DICOM, OutputScanner
 from sessions.entropy import OPAQUE, OpaqueBudget, OpaqueMeter
@@ -150,7 +151,8 @@ class _Inflater:
         self.done = False
         self._zlib = kind in ("gzip", "zlib")
         if kind == "gzip":
-            self._d: object = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            # zlib, bz2 or lzma decompressor: they share decompress(data, max_length) but no base class
+            self._d: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif kind == "zlib":
             self._d = zlib.decompressobj()
         elif kind == "bzip2":
@@ -172,7 +174,7 @@ class _Inflater:
                     if d.eof:
                         self.done = True
                 else:
-                    out = d.decompress(data, want)  # type: ignore[attr-defined]
+                    out = d.decompress(data, want)
                     data = b""
                     if d.eof:  # type: ignore[attr-defined]
                         self.done = True
@@ -375,7 +377,8 @@ class _Runs:
         data = self.partial + chunk if self.partial else chunk
         pre = data.translate(_PRE)
         if self.block is None and pre.find(_A16) == -1:
-            self._set_partial(data, _TRAIL_RE.search(data, max(0, len(data) - 64)).start())
+            # the pattern matches the empty string at the end, so search never returns None
+            self._set_partial(data, _TRAIL_RE.search(data, max(0, len(data) - 64)).start())  # type: ignore[union-attr]
             return None
         hit = self._slow(data, _Classes(data), pre)
         return hit or self.flush_singles()
@@ -471,7 +474,8 @@ class _Runs:
                 hit = hit or self.block.feed(data[s:e], self)
             else:
                 self.single(data[s:e])
-        tail = _TRAIL_RE.search(data, max(0, n - 64)).start()  # run characters that may grow into a run
+        # run characters that may grow into a run (the pattern matches the empty string at the end: never None)
+        tail = _TRAIL_RE.search(data, max(0, n - 64)).start()  # type: ignore[union-attr]
         if self.block is not None:
             if self.block.next == n or self.block.next == tail:
                 self.block.next = 0
@@ -615,7 +619,7 @@ class DeepScanner:
             k = window.find(_UID_ROOT, k + 1)
         if self._depth >= MAX_DEPTH:
             return None
-        starts = []
+        starts: list[tuple[int, str]] = []
         for magic, kind in _MAGICS:
             k = window.find(magic, since)
             while k != -1 and len(starts) < 16:

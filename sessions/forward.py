@@ -19,6 +19,7 @@ Flow control is the relay's: stacked hold reasons per side. Imports only its sib
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -111,6 +112,10 @@ class ForwardRelay(asyncssh.SSHTCPSession):
                       "device": ctx.make_scanner() if ctx.make_scanner else None}
         self._tls: dict[str, TlsRecords] = {}  # per side, once the vendor started a TLS handshake
         self.judge = ctx.make_stream_judge(self) if ctx.make_stream_judge else None
+        # the broker's bookkeeping of this forward's row (broker/live_forwards.py)
+        self.row_id: int | None = None
+        self.inserted: asyncio.Task | None = None
+        self.saved = False
         self._tail = TailHold(self._release_tail)  # device to vendor, plain text (sessions/tailhold.py)
 
     def device_session(self) -> _DeviceSide:

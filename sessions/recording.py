@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -191,13 +191,14 @@ class _Scanner:
         stored = bytes(self._buf[p + size:p + size + 32])
         self.index += 1
         if skip is not None and skip(fields[3], fields[4]):
-            raw = _Raw(self.index, self.offset, *fields, fixed, b"", stored, stored, skipped=True)
+            # *fields: FIXED unpacks to the six header fields, a count mypy cannot see through struct
+            raw = _Raw(self.index, self.offset, *fields, fixed, b"", stored, stored, skipped=True)  # type: ignore[misc, call-arg]
         else:
             payload = bytes(self._buf[p + FIXED.size:p + size])
             h = hashlib.sha256(self.prev)
             h.update(fixed)
             h.update(payload)
-            raw = _Raw(self.index, self.offset, *fields, fixed, payload, stored, h.digest())
+            raw = _Raw(self.index, self.offset, *fields, fixed, payload, stored, h.digest())  # type: ignore[call-arg]
         self._pos = p + size + 32
         self.prev, self.last = stored, raw
         return raw
@@ -328,7 +329,7 @@ def read_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes]
                 follow: bool = False, *, strict: bool = True, stop: Callable[[], bool] | None = None,
                 timeout: float | None = None, poll_interval: float = 0.1,
                 sleep: Callable[[float], None] = time.sleep,
-                want_data: Callable[[int, str], bool] | None = None) -> Iterator[Frame]:
+                want_data: Callable[[int, str], bool] | None = None) -> Generator[Frame, None, None]:
     """Yield the frames of a recording in order, decrypted, checking the chain as it goes.
 
     A torn tail ends the iteration quietly (see :func:`verify_recording`). With ``follow=True`` it tails a

@@ -12,6 +12,7 @@ import stat
 import threading
 import time
 from collections import deque
+from datetime import datetime
 from typing import Any, Callable
 
 from medcore.clock import Clock
@@ -206,8 +207,8 @@ class RecordingWriter:
 
     def __init__(self, path: str | os.PathLike[str], header: dict[str, Any], *, clock: Clock,
                  aead_key: bytes | None = None, key_id: str | None = None, fsync: bool = False,
-                 on_error: Callable[[RecordingError], None] | None = None,
-                 on_pause: Callable[[], None] | None = None, on_resume: Callable[[], None] | None = None,
+                 on_error: Callable[[RecordingError], object] | None = None,
+                 on_pause: Callable[[], object] | None = None, on_resume: Callable[[], object] | None = None,
                  high_water: int = 8 << 20, low_water: int = 2 << 20, max_pending: int = 64 << 20,
                  window: int | None = None) -> None:
         self.path = os.fspath(path)
@@ -258,7 +259,7 @@ class RecordingWriter:
         self._high, self._low, self._max = high_water, low_water, max_pending
         self._window, self._unit = window, 0
         self._batch = BATCH_BYTES if window is None else min(BATCH_BYTES, max(1, window // 2))
-        self.failed_at = None  # wall time (clock.now()) the failure was found, for the audit row
+        self.failed_at: datetime | None = None  # wall time (clock.now()) the failure was found, for the audit row
         self._mono0 = clock.monotonic_ns()
         self.last_activity_mono_ns = self._mono0
         self.bytes_in = self.bytes_out = 0
@@ -433,7 +434,7 @@ class RecordingWriter:
                     size += len(payload)
                     flags = FLAG_ENCRYPTED if aead is not None and code != END_CODE else 0
                     fixed = FIXED.pack(seq, mono, wall, channel, code, flags)
-                    if flags:
+                    if aead is not None and flags:  # flags is FLAG_ENCRYPTED only with a key
                         payload = aead.encrypt(seq.to_bytes(12, "big"), payload, aad + fixed)
                     prev = pack_frame(prev, fixed, payload, out)
                     ended = ended or code == END_CODE

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 import asyncssh
 from asyncssh.packet import Boolean, String, UInt32
@@ -59,6 +59,10 @@ class Recorder(Protocol):
 
     def expect_unit(self, size: int) -> None:
         """Single appends of up to ``size`` bytes follow (may call the pause callback at once)."""
+
+    @property
+    def failed(self) -> Exception | None:
+        """The error that stopped the recording, or None."""
 
 
 class SubsystemFilter(Protocol):
@@ -183,18 +187,19 @@ class RelaySession(asyncssh.SSHServerSession):
         self.chan: asyncssh.SSHServerChannel = None  # type: ignore[assignment]
         self.up: asyncssh.SSHClientChannel | None = None
         self.pending: list[Callable[[asyncssh.SSHClientChannel], None]] = []
-        self.pty: tuple[str, tuple, dict] | None = None
+        self.pty: tuple[str, tuple, Mapping[int, int]] | None = None
         self.command: str | None = None
         self.subsystem: str | None = None
         self.kind = "shell"
         self.refusal: str | None = None
         self.filter: SubsystemFilter | None = None
         self.handler: ExecHandler | None = None
-        self.scanner = None
-        self.line_guard = None
-        self.judge = None
+        # made by the ChannelContext factories (their types belong to the broker's policy)
+        self.scanner: Any = None
+        self.line_guard: Any = None
+        self.judge: Any = None
         self._tail = TailHold(self._release_tail)  # an unfinished output line held back (sessions/tailhold.py)
-        self.input_guard = None
+        self.input_guard: Any = None
         self.input_refusal: str | None = None  # stdin named a protected path: drained, then the channel ends
         self.closed = False
         self.exit_code: int | None = None
@@ -209,7 +214,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.chan = chan
         chan.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
 
-    def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
+    def pty_requested(self, term_type: str, term_size: tuple, term_modes: Mapping[int, int]) -> bool:
         self.pty = (term_type, term_size, term_modes)
         self.ctx.recorder.append_event(self.ctx.number, "pty", {
             "term": term_type, "cols": term_size[0], "rows": term_size[1]})
@@ -556,9 +561,10 @@ class RelaySession(asyncssh.SSHServerSession):
         if signal is not None:
             sig, core, msg, lang = signal
             self.ctx.recorder.append_event(self.ctx.number, "exit", {"signal": sig, "core_dumped": core})
-            args = (String(sig), Boolean(core), String(msg), String(lang))
+            args: tuple[bytes, ...] = (String(sig), Boolean(core), String(msg), String(lang))
             request = b"exit-signal"
         else:
+            assert status is not None  # callers give a status or a signal
             self.exit_code = status
             self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": status})
             args, request = (UInt32(status & 0xFF),), b"exit-status"
@@ -635,7 +641,7 @@ class OneShotSession(asyncssh.SSHServerSession):
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self.chan = chan
 
-    def pty_requested(self, term_type: str, term_size: tuple, term_modes: dict) -> bool:
+    def pty_requested(self, term_type: str, term_size: tuple, term_modes: Mapping[int, int]) -> bool:
         self.pty = True
         return True
 

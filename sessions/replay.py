@@ -26,15 +26,22 @@ _PREVIEW = 256
 
 
 class FrameLike(Protocol):
-    """What exports need of a frame (``sessions.recording.Frame`` fits)."""
+    """What exports need of a frame (``sessions.recording.Frame`` fits); read-only, so frozen frames fit."""
 
-    seq: int
-    mono_ns: int
-    wall_us: int
-    channel: int
-    kind: str
-    payload: bytes
-    hash: str
+    @property
+    def seq(self) -> int: ...
+    @property
+    def mono_ns(self) -> int: ...
+    @property
+    def wall_us(self) -> int: ...
+    @property
+    def channel(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def hash(self) -> str: ...
 
 
 @dataclass(frozen=True)

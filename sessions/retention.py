@@ -7,7 +7,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -419,7 +419,7 @@ def read_any_header(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _kept_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes] | None,
-                 strict: bool) -> Iterator[Frame]:
+                 strict: bool) -> Generator[Frame, None, None]:
     header = read_any_header(path)
     aead = rec._key_for(header, key_lookup, os.fspath(path))  # the recording module's key derivation
     kept: list[Frame] = []
@@ -446,7 +446,7 @@ def _kept_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes
 
 
 def open_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes] | None = None, *,
-                strict: bool = True) -> Iterator[Frame]:
+                strict: bool = True) -> Generator[Frame, None, None]:
     """Frames of a recording for export: all of them, or for a redacted recording only the kept (event) frames.
 
     :raises RecordingError: as ``sessions.recording.read_frames``

@@ -510,8 +510,11 @@ class ScpServer:
         if refused is not None:
             await self._discard(raw, resolved, refused, guard, keep, started, got, digest.hexdigest())
             return
-        kept = keep.finish(digest.hexdigest()) if keep is not None and failure is None and not client_error \
-            else (keep.discard() if keep is not None else None)
+        kept = None
+        if keep is not None and failure is None and not client_error:
+            kept = keep.finish(digest.hexdigest())
+        elif keep is not None:
+            keep.discard()
         if failure is None and times is not None:
             try:
                 await self._dev(self._sftp.setstat(raw, asyncssh.SFTPAttrs(

@@ -8,7 +8,7 @@ are also set on each record (``session_id``, ``channel``) for handlers that form
 from __future__ import annotations
 
 import logging
-from typing import Any, MutableMapping
+from typing import Any, Mapping, MutableMapping
 
 __all__ = ["SessionLog", "session_log"]
 
@@ -17,19 +17,20 @@ class SessionLog(logging.LoggerAdapter):
     """A logger adapter for one session (and optionally one channel of it)."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
-        context = f"session={self.extra['session_id']}"
-        if self.extra.get("channel") is not None:
-            context += f" channel={self.extra['channel']}"
+        extra: Mapping[str, object] = self.extra or {}  # always given: session_log() builds it
+        kwargs["extra"] = {**extra, **(kwargs.get("extra") or {})}
+        context = f"session={extra['session_id']}"
+        if extra.get("channel") is not None:
+            context += f" channel={extra['channel']}"
         return f"[{context}] {msg}", kwargs
 
     def channel(self, number: int) -> "SessionLog":
         """The same session's logger for channel ``number``."""
-        return SessionLog(self.logger, {**self.extra, "channel": number})
+        return SessionLog(self.logger, {**(self.extra or {}), "channel": number})
 
     def named(self, logger: logging.Logger | str) -> "SessionLog":
         """The same context on another logger (``"medbroker.scp"`` for the scp code of this channel)."""
-        return SessionLog(logging.getLogger(logger) if isinstance(logger, str) else logger, dict(self.extra))
+        return SessionLog(logging.getLogger(logger) if isinstance(logger, str) else logger, dict(self.extra or {}))
 
 
 def session_log(logger: logging.Logger, session_id: str, channel: int | None = None) -> SessionLog:

@@ -29,7 +29,7 @@ import hashlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import asyncssh
 
@@ -42,6 +42,10 @@ from sessions.sftp_codec import (
     parse_reply, parse_request, read_request, rewrite_request_paths, rewrite_version, status_reply,
 )
 from sessions.tasks import watch
+
+if TYPE_CHECKING:
+    from sessions.kept_uploads import KeptFile
+    from sessions.upload_check import StreamGuard
 
 __all__ = ["SftpFilter", "SftpSummary", "TransferRecord", "ALLOWED_EXTENSIONS", "MAX_DATA"]
 
@@ -153,8 +157,8 @@ class _Handle:
     first_offset: dict = field(default_factory=lambda: {"download": None, "upload": None})
     contiguous: dict = field(default_factory=lambda: {"download": True, "upload": True})
     opened_at: str = ""
-    keep: object = None  # a sessions.kept_uploads.KeptFile when uploads are kept
-    guard: object = None  # a sessions.upload_check.StreamGuard judging what is written (uploads)
+    keep: KeptFile | None = None  # a copy of the upload when uploads are kept
+    guard: StreamGuard | None = None  # judges what is written (uploads)
     refused: str | None = None  # the upload named a protected path: writes and CLOSE are refused
 
     def account(self, direction: str, offset: int, data: bytes) -> None:
@@ -228,7 +232,7 @@ class SftpFilter:
                  on_denied: Callable[[Decision, dict], None], *, mode: str = "normal",
                  on_fatal: Callable[[str], None] | None = None, check_timeout: float = 30.0,
                  now: Callable[[], str] = lambda: "", uploads=None,
-                 upload_guard: Callable[[str], object] | None = None,
+                 upload_guard: Callable[[str], StreamGuard | None] | None = None,
                  discard_upload: Callable[[str], Awaitable[None]] | None = None,
                  rewrite_path: Callable[[bytes], bytes | None] | None = None,
                  logger: logging.Logger | logging.LoggerAdapter = log) -> None:
@@ -276,6 +280,7 @@ class SftpFilter:
 
     def _rewritten(self, req: SftpRequest) -> SftpRequest:
         """``req`` with its paths rewritten (``~alice@ct-01/x`` -> ``x``); recorded when anything changed."""
+        assert self._rewrite_path is not None  # the caller checked
         packet = rewrite_request_paths(req.raw, self._rewrite_path)
         if packet is None:
             return req
@@ -336,8 +341,11 @@ class SftpFilter:
             if not handle.may_read:
                 self._reply_local(req, self._policy.decide_sftp("read", [handle.path], mode=self._mode))
                 return
-            self._forward(req, read_request(req.id, req.handle, req.offset, MAX_DATA)
-                          if (req.length or 0) > MAX_DATA else None)
+            if (req.length or 0) > MAX_DATA:
+                assert req.id is not None and req.handle is not None and req.offset is not None  # a parsed READ
+                self._forward(req, read_request(req.id, req.handle, req.offset, MAX_DATA))
+            else:
+                self._forward(req, None)
         else:
             if not handle.may_write:
                 self._reply_local(req, self._policy.decide_sftp("write", [handle.path], mode=self._mode))
@@ -353,6 +361,7 @@ class SftpFilter:
     def _judge_upload(self, req: SftpRequest, handle: _Handle) -> bool:
         """Judge a WRITE or CLOSE of an upload (sessions/upload_check.py); True if the WRITE was refused.
         A refused CLOSE is still forwarded (the device must release the handle) and answered later."""
+        assert handle.guard is not None  # the caller checked
         if handle.refused is None:
             if req.op == "close":
                 handle.refused = handle.guard.finish()
@@ -614,7 +623,8 @@ class SftpFilter:
     def _data(self, req: SftpRequest, data: bytes, packet: bytes) -> bytes | None:
         handle = self._handles.get(req.handle) if req.handle is not None else None
         if handle is None or handle.poisoned:
-            reason = handle.poisoned if handle else "medbroker cannot check data read through an unknown handle"
+            reason = handle.poisoned if handle and handle.poisoned else \
+                "medbroker cannot check data read through an unknown handle"
             return status_reply(req.id or 0, FX_PERMISSION_DENIED, reason)
         found = handle.scanner.feed(data)
         if found:
@@ -640,8 +650,10 @@ class SftpFilter:
             return
         kept = None
         if handle.keep is not None:
-            kept = handle.keep.finish(handle.hashes["upload"].hexdigest() if handle.sequential["upload"] else None) \
-                if handle.counts["upload"] else handle.keep.discard()
+            if handle.counts["upload"]:
+                kept = handle.keep.finish(handle.hashes["upload"].hexdigest() if handle.sequential["upload"] else None)
+            else:
+                handle.keep.discard()
         for direction in ("download", "upload"):
             if handle.counts[direction]:
                 record = TransferRecord(handle.path, direction, handle.counts[direction],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, cast
 
 import asyncssh
 
@@ -55,7 +55,7 @@ class DeviceSftp:
         async with sftp.open(path, "rb") as f:
             out = b""
             while len(out) < size:
-                chunk = await f.read(size - len(out), len(out))
+                chunk = cast(bytes, await f.read(size - len(out), len(out)))  # opened "rb": bytes
                 if not chunk:
                     break
                 out += chunk

@@ -73,6 +73,19 @@ def test_the_wheel_installs_the_package_not_the_checkout(installed, tmp_path):
     assert str(REPO) not in where.stdout and "site-packages" in where.stdout, where.stdout
 
 
+def test_the_wheel_marks_its_packages_typed(installed, tmp_path):
+    """PEP 561: py.typed in each top-level package, so type checkers of code importing medbroker read its
+    annotations (a missing package-data entry drops the marker from the wheel, not from the checkout)."""
+    env = _clean_env(installed)
+    probe = ("import pathlib, broker, medcore, sessions\n"
+             "for m in (broker, medcore, sessions):\n"
+             "    p = pathlib.Path(m.__file__).parent / 'py.typed'\n"
+             "    print(m.__name__, p.is_file(), 'site-packages' in str(p))\n")
+    out = _run([str(installed / "python"), "-c", probe], cwd=tmp_path, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["broker True True", "medcore True True", "sessions True True"], out.stdout
+
+
 def test_a_wheel_install_initialises_checks_and_serves(installed, tmp_path):
     env = _clean_env(installed)
     medbroker = str(installed / "medbroker")

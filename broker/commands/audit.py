@@ -93,7 +93,11 @@ def _missing_row_entry(sid: str, facts: _Chain) -> dict[str, Any]:
     name = parse_details(facts.start).get("recording") if facts.start is not None else None
     entry: dict[str, Any] = {"session_id": sid, "status": None, "recording": name, "frames": None,
                              "problems": [], "notes": [], "differences": [], "state": "broken"}
-    seen = "session.start" if facts.start is not None else facts.closing["event"]
+    if facts.start is not None:
+        seen = "session.start"
+    else:
+        assert facts.closing is not None  # a chain with neither has no entry
+        seen = facts.closing["event"]
     _differ(entry, "sessions row", "present", "missing",
             f"the sessions row is missing, but the audit chain recorded {seen} for it "
             f"(user {facts.expected('user_name')!r}, device {facts.expected('device')!r})")

@@ -4,7 +4,7 @@ import base64
 import getpass
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -61,7 +61,7 @@ def fetch_host_key(host: str, port: int, timeout_s: int, legacy: dict[str, list[
 
     import asyncssh
 
-    opts = {k: "+" + ",".join(v) for k, v in legacy.items() if k in ("kex_algs", "server_host_key_algs")}
+    opts: dict[str, Any] = {k: "+" + ",".join(v) for k, v in legacy.items() if k in ("kex_algs", "server_host_key_algs")}
 
     async def ask():
         return await asyncio.wait_for(asyncssh.get_server_host_key(host, port, config=None, **opts), timeout_s)

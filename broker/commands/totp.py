@@ -80,7 +80,7 @@ def totp(
     try:
         enrolment = enrol_totp(a.store, a.keys, name, issuer=issuer, replace=reset)
     except BaseException:
-        if out is not None:
+        if out is not None and uri_file is not None:  # out exists only with uri_file
             out.close()
             uri_file.unlink()
         raise

@@ -29,7 +29,8 @@ class AuditQueries(StoreBase):
 
     def audit_rows(self, *, after_id: int = 0, limit: int | None = None, event: str | None = None,
                    session_id: str | None = None) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM audit_events WHERE id > ?", [after_id]
+        sql = "SELECT * FROM audit_events WHERE id > ?"
+        params: list[Any] = [after_id]
         if event:
             sql += " AND (event = ? OR event LIKE ?)"
             params += [event, event + ".%"]
@@ -63,7 +64,8 @@ class AuditQueries(StoreBase):
                      until: str | None = None, before_id: int | None = None, limit: int = 100
                      ) -> list[dict[str, Any]]:
         """Audit rows matching every given filter, newest first (``event`` also matches its sub-events)."""
-        sql, params = "SELECT * FROM audit_events WHERE 1=1", []
+        sql = "SELECT * FROM audit_events WHERE 1=1"
+        params: list[Any] = []
         if event:
             sql += " AND (event = ? OR event LIKE ?)"
             params += [event, event.replace("%", "").replace("_", "") + ".%"]

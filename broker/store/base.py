@@ -19,7 +19,7 @@ from sqlite_utils import Database
 from broker.errors import NotFoundError, StorageError
 from broker.store.schema import MIGRATIONS
 
-__all__ = ["StoreBase", "dumps"]
+__all__ = ["StoreBase", "dumps", "inserted_id"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,11 @@ _DISK_HINT = "nothing was written; free disk space in the broker home (or fix it
 def _is_disk_error(exc: sqlite3.OperationalError) -> bool:
     text = str(exc)
     return any(s in text for s in ("disk is full", "disk I/O error", "readonly database"))
+
+
+def inserted_id(cursor: sqlite3.Cursor) -> int:
+    """The row id an INSERT through ``cursor`` gave its row (sqlite3 types lastrowid as optional)."""
+    return int(cursor.lastrowid)  # type: ignore[arg-type]  # set by every INSERT
 
 
 def _row(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

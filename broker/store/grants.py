@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from broker.store.base import StoreBase
+from broker.store.base import StoreBase, inserted_id
 
 
 class GrantQueries(StoreBase):
@@ -15,7 +15,7 @@ class GrantQueries(StoreBase):
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         cur = self.execute(f"INSERT INTO access_requests ({cols}) VALUES ({marks})", tuple(row.values()))
-        return int(cur.lastrowid)
+        return inserted_id(cur)
 
     def get_request(self, request_id: int) -> dict[str, Any] | None:
         return self.one("SELECT * FROM access_requests WHERE id = ?", (request_id,))
@@ -66,7 +66,7 @@ class GrantQueries(StoreBase):
                 return 0
             cols = ", ".join(grant)
             marks = ", ".join("?" for _ in grant)
-            gid = int(conn.execute(f"INSERT INTO grants ({cols}) VALUES ({marks})", tuple(grant.values())).lastrowid)
+            gid = inserted_id(conn.execute(f"INSERT INTO grants ({cols}) VALUES ({marks})", tuple(grant.values())))
             conn.execute("UPDATE access_requests SET grant_id = ? WHERE id = ?", (gid, request_id))
             return gid
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.store.base import StoreBase
+from broker.store.base import StoreBase, inserted_id
 
 
 class SessionQueries(StoreBase):
@@ -38,7 +38,8 @@ class SessionQueries(StoreBase):
     def list_sessions(self, *, status: str | None = None, user: str | None = None,
                       device: str | None = None, since: str | None = None, until: str | None = None,
                       newest_first: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM sessions WHERE 1=1", []
+        sql = "SELECT * FROM sessions WHERE 1=1"
+        params: list[Any] = []
         for col, val in (("status", status), ("user_name", user), ("device", device)):
             if val:
                 sql += f" AND {col} = ?"
@@ -103,8 +104,8 @@ class SessionQueries(StoreBase):
         """One forwarded connection opened (port forwards, issue 14); returns its row id."""
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        return int(self.execute(f"INSERT INTO forward_connections ({cols}) VALUES ({marks})",
-                                tuple(row.values())).lastrowid)
+        return inserted_id(self.execute(f"INSERT INTO forward_connections ({cols}) VALUES ({marks})",
+                                        tuple(row.values())))
 
     def close_forward(self, row_id: int, **values: Any) -> None:
         """A forwarded connection ended: its byte counts, TLS flag and outcome."""
@@ -117,7 +118,7 @@ class SessionQueries(StoreBase):
     def transfers(self, session_id: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM file_transfers WHERE session_id = ? ORDER BY id", (session_id,))
 
-    def request_session_kill(self, session_id: str, by: str, reason: str, now: str) -> bool:
+    def request_session_kill(self, session_id: str, by: str, reason: str | None, now: str) -> bool:
         """Ask the broker hosting a live session to end it; False when it is not live or already asked."""
         cur = self.execute("UPDATE sessions SET kill_requested_at = ?, kill_requested_by = ?, kill_reason = ? "
                            "WHERE id = ? AND status = 'live' AND kill_requested_at IS NULL",
