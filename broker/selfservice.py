@@ -23,7 +23,7 @@ from broker.grants import (approval_card, approvals_text, approve_request, deny_
                            list_requests, putty_line, request_grant)
 from broker.identity import Principal, get_principal
 from broker.sshconfig import build_ssh_config, render_openssh, render_putty
-from broker.web_links import issue_signin_link
+from broker.access_links import issue_signin_link
 
 __all__ = ["Reply", "run_command", "split_command", "HELP"]
 

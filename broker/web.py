@@ -21,7 +21,7 @@ from broker.config import parse_listen
 from broker.errors import ConfigError
 from broker.health import Health, health_routes, serve_asgi, stop_asgi
 from broker.web_base import Web
-from broker.web_links import console_url
+from broker.access_links import console_url
 from broker.web_notify import notify_enabled, prepare_notifier, run_notifier
 
 __all__ = ["Web", "WebHandle", "create_web_app", "start_web", "stop_web"]

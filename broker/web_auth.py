@@ -16,7 +16,7 @@ from broker.config import format_duration
 from broker.errors import PermissionDeniedError, UsageError
 from broker.identity import Principal, get_principal, lockout_remaining
 from broker.totp import check_code
-from broker.web_links import token_hash
+from broker.access_links import token_hash
 
 __all__ = ["COOKIE", "Viewer", "SignedOut", "start_session", "load_session", "end_session", "check_csrf",
            "hash_password", "check_password", "set_password", "password_signin", "require"]

@@ -26,7 +26,7 @@ from broker.config import format_duration, parse_listen
 from broker.errors import (BrokerError, ConfigError, ConflictError, GrantExpiredError, NotFoundError,
                            PermissionDeniedError, UsageError)
 from broker.web_auth import COOKIE, SignedOut, Viewer, check_csrf, load_session
-from broker.web_links import console_url, safe_next_path
+from broker.access_links import console_url, safe_next_path
 
 __all__ = ["Web", "page", "origin_ok", "source_of", "NAV", "HOME", "MAX_FORM_FIELDS", "Handler"]
 

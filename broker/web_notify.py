@@ -22,7 +22,7 @@ from typing import Any
 from broker.errors import BrokerError
 from broker.grants import get_request
 from broker.web_base import Web
-from broker.web_links import console_url
+from broker.access_links import console_url
 
 __all__ = ["NOTIFY_EVENTS", "notify_enabled", "prepare_notifier", "run_notifier", "build_notification", "send_webhook",
            "send_email", "sign_webhook", "SIGNATURE_HEADER", "TIMESTAMP_HEADER"]

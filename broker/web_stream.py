@@ -16,7 +16,7 @@ from broker.errors import BrokerError, NotFoundError
 from broker.session_ops import get_session, list_live_sessions, running_counters
 from broker.web_base import Web, page, source_of
 from broker.web_auth import COOKIE, SignedOut, load_session
-from broker.web_links import resolve_share_link
+from broker.access_links import resolve_share_link
 
 KEEPALIVE_S = 15.0
 POLL_S = 1.0

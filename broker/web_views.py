@@ -23,7 +23,7 @@ from broker.session_ops import get_session, list_live_sessions, request_kill, ru
 from broker.web_base import HOME, Web, origin_ok, page, source_of
 from broker.web_auth import COOKIE, SignedOut, directory_password_signin, end_session, load_session, \
     password_signin, set_password, signin_locked, start_session, uses_directory
-from broker.web_links import issue_share_link, redeem_signin_link, resolve_share_link, safe_next_path, token_hash
+from broker.access_links import issue_share_link, redeem_signin_link, resolve_share_link, safe_next_path, token_hash
 
 APPROVE_ROLES = ("approver", "admin")
 SHORTER = (("15m", 900), ("30m", 1800), ("1h", 3600), ("2h", 7200), ("4h", 14400))

@@ -1,6 +1,6 @@
 """The command line a vendor is typing in an interactive shell, read off a live terminal emulator (pyte).
 
-sessions/commands.py reads finished recordings the same way; this is its live twin for the relay: the
+sessions/cmd_index.py reads finished recordings the same way; this is its live twin for the relay: the
 device's output is drawn (only its tail after a long stretch, so the cost per session stays bounded), the
 position of the first keystroke marks where the line began, and at Enter the text from there to the
 cursor row is the line the shell will run (after editing, history recall and tab completion).

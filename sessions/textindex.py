@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from sessions.commands import CommandEntry, CommandIndex
+from sessions.cmd_index import CommandEntry, CommandIndex
 from sessions.recording import read_frames
 from sessions.replay import _Plain as PlainText
 

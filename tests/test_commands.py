@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sessions.commands import index_commands
+from sessions.cmd_index import index_commands
 from sessions.recording import read_frames
 
 PROMPT = re.compile(rb"[#$] ")
@@ -87,7 +87,7 @@ def test_long_output_between_commands_is_drawn_from_its_tail_with_the_same_resul
     """A long `cat` in the shell: the emulator draws only its last part (pyte draws ~0.35 MB/s), same commands.
 
     Limits scaled down 16x so the exact run stays fast."""
-    import sessions.commands as commands
+    import sessions.cmd_index as commands
 
     monkeypatch.setattr(commands, "_EXACT", 16 << 10)
     monkeypatch.setattr(commands, "_TAIL", 4 << 10)

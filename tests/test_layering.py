@@ -44,14 +44,14 @@ TABLE: dict[str, Row] = {
     "store": Row(1, ("broker/store/*.py",), ("core",), ("sqlite_utils",), "the only SQL"),
     "keys": Row(1, ("broker/keys.py",), ("core",), ("cryptography",), "key material, sealing, signatures"),
     "domain": Row(2, ("broker/identity.py", "broker/grants.py", "broker/devices.py", "broker/audit.py",
-                      "broker/lockout.py", "broker/forwards.py", "broker/startups.py", "broker/totp.py", "broker/web_links.py", "sessions/policy.py",
+                      "broker/lockout.py", "broker/forwards.py", "broker/startups.py", "broker/totp.py", "broker/access_links.py", "sessions/policy.py",
                       "sessions/content.py", "sessions/decoders.py", "sessions/entropy.py", "sessions/textforms.py", "sessions/dumps.py",
                       "sessions/exec_check.py",
                       "sessions/cmd_paths.py", "sessions/cmd_lines.py", "sessions/upload_check.py", "sessions/tilde.py"),
                   ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
     "codec": Row(2, ("sessions/sftp_codec.py", "sessions/scp_grammar.py", "sessions/streams.py", "sessions/tlsrecords.py"),
                  ("core",), (), "SFTP wire format, scp command and records, transfer-protocol stream shapes: stdlib + layer 0"),
-    "recording": Row(2, ("sessions/recformat.py", "sessions/recording.py", "sessions/recwriter.py", "sessions/replay.py", "sessions/commands.py",
+    "recording": Row(2, ("sessions/recformat.py", "sessions/recording.py", "sessions/recwriter.py", "sessions/replay.py", "sessions/cmd_index.py",
                          "sessions/textindex.py", "sessions/retention.py", "sessions/htmlexport.py",
                          "sessions/termguard.py", "sessions/shell_lines.py", "sessions/storage.py"),
                      ("core",), ("cryptography", "pyte"), "record format, reader, replay, command index"),
@@ -96,7 +96,7 @@ def all_modules(root: Path = REPO, packages: tuple[str, ...] = PACKAGES) -> list
 
 
 def row_of(path: str) -> str | None:
-    # Exact names win over patterns, so broker/web_links.py is "domain" although broker/web_*.py is "people".
+    # Exact names win over patterns, so broker/access_links.py is "domain" although broker/web_*.py is "people".
     for name, row in TABLE.items():
         if path in row.modules:
             return name
@@ -160,7 +160,7 @@ def imports_of(path: str, root: Path = REPO) -> tuple[Imp, ...]:
                 return
             for alias in child.names:
                 sub = f"{module}.{alias.name}"
-                # `from broker import web_links` imports a module, not a name.
+                # `from broker import access_links` imports a module, not a name.
                 found.append(Imp(sub if module_path(sub, root) else module, child.lineno, when))
         inner = "call" if when == "import" and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
                                                                    ast.Lambda)) else when
@@ -351,7 +351,7 @@ def test_checker_sees_imports_in_every_form(tmp_path: Path) -> None:
     typing_only = [i for i in imports_of("broker/session_context.py") if project_target(i) == "broker/app.py"]
     assert "typing" in {i.when for i in typing_only}
     assert "broker/server.py" not in {project_target(i) for i in imports_of("broker/live.py")}  # item 1: one way
-    assert row_of("broker/web_links.py") == "domain" and row_of("broker/web_views.py") == "people"
+    assert row_of("broker/access_links.py") == "domain" and row_of("broker/web_views.py") == "people"
     assert row_of("broker/commands/grants.py") == "people" and row_of("broker/nothing.py") is None
 
 

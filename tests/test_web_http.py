@@ -28,7 +28,7 @@ from broker.selfservice import run_command
 from broker.totp import enrol_totp
 from broker.web import start_web, stop_web
 from broker.web_auth import check_password, hash_password
-from broker.web_links import issue_signin_link, safe_next_path
+from broker.access_links import issue_signin_link, safe_next_path
 from helpers import FUZZ_EXAMPLES_OTHER
 from sessions.recwriter import RecordingWriter
 from web_support import Client, LoopThread
