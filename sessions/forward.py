@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import asyncssh
 
+from sessions.holds import Holds
 from sessions.sessionlog import session_log
 from sessions.tailhold import TailHold
 from sessions.tlsrecords import TLS_ALERT_ACCESS_DENIED, TlsRecords, is_tls_start
@@ -107,7 +108,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
         self.reason = "closed"
         self._early: list[bytes] = []  # device bytes before the vendor channel exists
         self._first = b""  # the vendor's first byte(s) while too few to tell TLS
-        self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
+        self._holds = Holds(lambda side: self.chan if side == "vendor" else self.up)
         self._scan = {"vendor": ctx.make_input_scanner() if ctx.make_input_scanner else None,
                       "device": ctx.make_scanner() if ctx.make_scanner else None}
         self._tls: dict[str, TlsRecords] = {}  # per side, once the vendor started a TLS handshake
@@ -295,21 +296,11 @@ class ForwardRelay(asyncssh.SSHTCPSession):
 
     # ------------------------------------------------------------ flow control
     def hold(self, side: str, reason: str) -> None:
-        """Stop reading ``side`` ("vendor" or "device") until every reason is released (as RelaySession)."""
-        reasons = self._holds[side]
-        if not reasons:
-            chan = self.chan if side == "vendor" else self.up
-            if chan is not None:
-                chan.pause_reading()
-        reasons.add(reason)
+        """Stop reading ``side`` ("vendor" or "device") until every reason is released (sessions/holds.py)."""
+        self._holds.hold(side, reason)
 
     def release(self, side: str, reason: str) -> None:
-        reasons = self._holds[side]
-        if reason in reasons:
-            reasons.discard(reason)
-            chan = self.chan if side == "vendor" else self.up
-            if not reasons and chan is not None:
-                chan.resume_reading()
+        self._holds.release(side, reason)
 
     # ------------------------------------------------------------ broker actions (LiveSession)
     def notice(self, message: str, **_: Any) -> None:

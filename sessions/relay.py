@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol
 import asyncssh
 from asyncssh.packet import Boolean, String, UInt32
 
+from sessions.holds import Holds
 from sessions.sessionlog import session_log
 from sessions.tailhold import TailHold
 from sessions.tasks import TaskSet
@@ -204,7 +205,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.closed = False
         self.exit_code: int | None = None
         self.exit_sent = False
-        self._holds: dict[str, set[str]] = {"vendor": set(), "device": set()}
+        self._holds = Holds(lambda side: self.chan if side == "vendor" else self.up)
         self.eof_state = "none"  # none | held | sent
         self.log = session_log(log, ctx.session_id, ctx.number)
         self._tasks = TaskSet(self.log)  # judging, vetting: kept until they end, a failure logged
@@ -443,24 +444,12 @@ class RelaySession(asyncssh.SSHServerSession):
         Reading resumes only when every reason is released, so the recorder's back-pressure and the
         channels' own windows cannot undo each other.
         """
-        reasons = self._holds[side]
-        if not reasons:
-            chan = self.chan if side == "vendor" else self.up
-            if chan is not None:
-                chan.pause_reading()
-            if side == "device" and self.handler is not None:  # the handler is the device side
-                self.handler.pause_writing()
-        reasons.add(reason)
+        if self._holds.hold(side, reason) and side == "device" and self.handler is not None:
+            self.handler.pause_writing()  # the handler is the device side
 
     def release(self, side: str, reason: str) -> None:
-        reasons = self._holds[side]
-        if reason in reasons:
-            reasons.discard(reason)
-            chan = self.chan if side == "vendor" else self.up
-            if not reasons and chan is not None:
-                chan.resume_reading()
-            if not reasons and side == "device" and self.handler is not None:
-                self.handler.resume_writing()
+        if self._holds.release(side, reason) and side == "device" and self.handler is not None:
+            self.handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()

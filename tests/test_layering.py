@@ -59,7 +59,7 @@ TABLE: dict[str, Row] = {
     "relay": Row(3, ("sessions/relay.py", "sessions/sftp.py", "sessions/scp.py", "sessions/kept_uploads.py",
                     "sessions/sftp_device.py",
                     "sessions/cmd_judge.py", "sessions/shell_guard.py", "sessions/forward.py", "sessions/chanreq.py",
-                    "sessions/tailhold.py", "sessions/tasks.py", "sessions/sessionlog.py"),
+                    "sessions/tailhold.py", "sessions/holds.py", "sessions/tasks.py", "sessions/sessionlog.py"),
                  ("core", "domain", "codec", "recording"), ("asyncssh",), "moves bytes; asks layer 2, never SQL"),
     "app": Row(3, ("broker/app.py",), ("core", "store", "keys", "domain", "codec", "recording", "export"),
                ("cryptography",),
