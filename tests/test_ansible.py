@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 
 from helpers.ansible import AnsibleTarget, ansible_available, result_text, run_ansible, run_playbook
 from helpers.broker import World
+from helpers import poll as wait_for
 from helpers.clients import paramiko_connect, paramiko_sftp, run_sftp_batch, scp_upload
 from sessions.recording import read_frames
 
@@ -34,16 +34,6 @@ CANARY = b"TEST^PATIENT"  # every synthetic patient name on the fake device
 
 def target(w: World, **kw) -> AnsibleTarget:
     return AnsibleTarget("127.0.0.1", w.port, "alice@ct-01", Path(w.keys["alice"].private_path), w.known_hosts, **kw)
-
-
-def wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 def frames_of_all_sessions(w: World) -> list:

@@ -13,6 +13,7 @@ import re
 import time
 
 import pytest
+from helpers import poll as _wait
 
 pytestmark = pytest.mark.openssh
 PROMPT = re.compile(rb"[#$] $")
@@ -38,15 +39,6 @@ BENIGN = ["ls service", "cat service/logs/system.log", "tail -n 1 service/logs/s
           "cd service && ls", "cd service/logs && grep -c boot system.log", "ls -la service/firmware",
           "echo hello from $(hostname)", "for f in service/logs/*.log; do wc -l $f; done",
           "grep -r gantry service/logs", "find service/firmware -type f"]
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _links(w):

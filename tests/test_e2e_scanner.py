@@ -9,10 +9,10 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from helpers import poll as _wait
 
 from sessions.recording import read_frames
 
@@ -29,15 +29,6 @@ def _alert(w) -> dict:
 
         detail = json.loads(detail)
     return {**row, **detail}
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture

@@ -15,19 +15,11 @@ from broker.devices import add_device
 from broker.grants import get_grant, revoke_grant
 from broker.identity import get_principal
 from helpers.clients import ControlMaster, paramiko_exec, paramiko_session
+from helpers import poll as _wait
 from helpers.net import SilentListener, closed_port
 
 pytestmark = pytest.mark.openssh
 PROMPT = re.compile(rb"[#$] ")
-
-
-def _wait(predicate, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def test_no_grant_refused_with_hint_and_audited(world):

@@ -15,20 +15,12 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from helpers import poll as _wait
 from helpers.clients import paramiko_session
 from sessions.recording import read_frames
 from sessions.sftp_codec import FXP_OPENDIR, FXP_STAT, frame, init_packet, string, u32
 
 pytestmark = pytest.mark.openssh
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _details(w, event: str) -> list[dict]:

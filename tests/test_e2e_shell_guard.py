@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 
 import pytest
 
+from helpers import poll as _wait
 from helpers.broker import World
 
 pytestmark = pytest.mark.openssh
@@ -23,15 +23,6 @@ def world(tmp_path, device):
         yield w
     finally:
         w.close()
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_exec_naming_a_protected_path_is_refused_and_audited(world):

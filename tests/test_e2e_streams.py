@@ -16,21 +16,13 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from helpers import poll as _wait
 from helpers.clients import paramiko_exec, paramiko_session
 from sessions.recording import read_frames
 
 pytestmark = pytest.mark.openssh
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 PROMPT = re.compile(rb"[#$] ")
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _denials(w, protocol: str) -> list[dict]:

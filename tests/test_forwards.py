@@ -12,7 +12,6 @@ import socket
 import tarfile
 import subprocess
 import threading
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -25,6 +24,7 @@ from broker.forwards import (ProtectedPorts, forward_refusal, grant_ports, load_
 from broker.grants import approve_request, request_grant
 from broker.identity import get_principal
 from helpers.clients import ssh_options
+from helpers import poll as _wait
 from helpers.net import free_port, wait_for_port
 from sessions.recording import read_frames
 
@@ -113,15 +113,6 @@ def _cli(world, *args: str):
     r = runner.invoke(cli_app, ["--home", str(world.app.home), *args])
     assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
     return r
-
-
-def _wait(predicate, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def _get(port: int, path: str) -> bytes:

@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import subprocess
-import time
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from broker.grants import ended_grant_refusal, request_hint, revoke_grant
 from broker.identity import get_principal
 from broker.selfservice import split_command
+from helpers import poll as _wait
 from helpers.clients import run_command, scp_download, scp_upload, ssh_options
 from sessions.sftp_codec import FXP_EXTENDED, FXP_OPEN, FXP_RENAME, frame, parse_request, rewrite_request_paths, \
     string, u32
@@ -28,16 +28,6 @@ from sessions.tilde import LoginTilde
 
 def _details(row: dict) -> dict:
     return json.loads(row["details"])
-
-
-def _wait(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.mark.openssh

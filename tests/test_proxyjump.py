@@ -17,6 +17,7 @@ from broker.grants import revoke_grant
 from broker.identity import get_principal
 from broker.jump import inner_login_refusal, jump_target
 from broker.jumpkeys import device_host_key, device_key_path, known_hosts_line, public_line
+from helpers import poll
 from helpers.clients import paramiko_connect, run_command
 from sessions.recording import read_frames
 
@@ -24,13 +25,7 @@ pytestmark = pytest.mark.openssh
 
 
 def _wait(predicate, timeout: float = 15.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
+    return poll(predicate, timeout, step)
 
 
 def _jump_setup(world, tmp: Path, *, who: str = "alice", key: str | None = None) -> Path:

@@ -25,19 +25,11 @@ from broker.grants import revoke_grant
 from broker.identity import add_user, add_user_key, get_principal
 from helpers.clients import ControlMaster, paramiko_connect, ssh_options
 from helpers.keys import generate_keypair
+from helpers import poll as _wait
 from helpers.net import SilentListener
 
 pytestmark = pytest.mark.openssh
 runner = CliRunner()
-
-
-def _wait(predicate, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def _ssh_argv(world, login: str, *extra: str, key: str | None = None) -> list[str]:

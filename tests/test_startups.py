@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from broker.config import parse_startups
 from broker.errors import ConfigError, UsageError
 from broker.startups import StartupGate, StartupPolicy
+from helpers import poll as _wait
 from helpers.broker import World
 
 POLICY = StartupPolicy(max_unauthenticated=64, per_address=8, drop_start=32, drop_rate=30, drop_full=64,
@@ -145,15 +146,6 @@ def _world(tmp_path, device, config: str):
 
 def _details(world, event: str) -> list[dict]:
     return [dict(json.loads(e["details"]), source=e["source"]) for e in world.events(event)]
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytestmark_e2e

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 __all__ = [
+    "poll",
     "FUZZ_EXAMPLES",
     "FUZZ_EXAMPLES_OTHER",
     "HelperTimeoutError",
@@ -78,3 +81,15 @@ def find_binary(name: str) -> str | None:
 def missing_openssh_binaries() -> list[str]:
     """Return the names of the OpenSSH programs (sshd, ssh, scp, sftp, ssh-keygen) that are not installed."""
     return [name for name in _OPENSSH_BINARIES if find_binary(name) is None]
+
+
+def poll(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:
+    """Call ``predicate`` every ``step`` seconds until it returns something truthy (returned) or ``timeout``
+    passes (then its last, falsy, answer is returned: ``assert poll(...)`` fails with it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
