@@ -12,13 +12,44 @@ from typing import Any, Iterable
 
 import pyte
 
-__all__ = ["CommandEntry", "CommandIndex", "index_commands"]
+__all__ = ["CommandEntry", "CommandIndex", "HeldOutput", "index_commands"]
 
 _MAX_COMMAND = 4096
 # pyte draws ~0.35 MB/s. Output between two command lines is emulated in full up to _EXACT bytes; of a longer
 # stretch (a 100 MiB `cat` in the shell) only the last _TAIL bytes, from a line start: what is left on screen.
 _EXACT = 256 << 10
 _TAIL = 64 << 10
+
+
+class HeldOutput:
+    """Terminal output waiting to be drawn. pyte is slow, so of a long stretch only the tail is kept: up to
+    ``exact`` bytes are drawn in full, past that only the last ``tail`` bytes, from a line start (what a
+    terminal would still show). Shared by the command index and the live screen (sessions/shell_lines.py)."""
+
+    def __init__(self, exact: int, tail: int) -> None:
+        self.exact, self.tail = exact, tail
+        self._data = bytearray()
+        self._trimmed = False  # the head was dropped
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def add(self, data: bytes) -> None:
+        self._data += data
+        if len(self._data) > (2 * self.tail if self._trimmed else self.exact):
+            del self._data[:-self.tail]
+            self._trimmed = True
+
+    def take(self) -> bytes:
+        """What to draw now (b"" when nothing is held); the hold is empty afterwards."""
+        if not self._data:
+            return b""
+        data = bytes(self._data)
+        if self._trimmed:
+            data = data[data.find(b"\n") + 1:]
+        self._data.clear()
+        self._trimmed = False
+        return data
 
 
 @dataclass(frozen=True)
@@ -43,8 +74,7 @@ class _Terminal:
         self.stream = pyte.ByteStream(self.screen)
         self.start: tuple[int, int] | None = None  # (x, y) where the current command line began
         self.pending: list[float] = []  # offsets of Enters whose lines are not read yet (typeahead, paste)
-        self.held = bytearray()  # output since the last command line, not yet drawn
-        self.trimmed = False  # the head of ``held`` was dropped
+        self.held = HeldOutput(_EXACT, _TAIL)  # output since the last command line, not yet drawn
 
     def resize(self, cols: int, rows: int) -> None:
         self._settle()
@@ -77,21 +107,13 @@ class _Terminal:
             self._feed(data)
 
     def _hold(self, data: bytes) -> None:
-        self.held += data
-        if len(self.held) > (2 * _TAIL if self.trimmed else _EXACT):
-            del self.held[:-_TAIL]
-            self.trimmed = True
+        self.held.add(data)
 
     def _settle(self) -> None:
         """Draw the held output (only its tail, from a line start, if it was long)."""
-        if not self.held:
-            return
-        data = bytes(self.held)
-        if self.trimmed:
-            data = data[data.find(b"\n") + 1:]
-        self.held.clear()
-        self.trimmed = False
-        self._feed(data)
+        data = self.held.take()
+        if data:
+            self._feed(data)
 
     def _feed(self, data: bytes) -> None:
         if data:

@@ -12,6 +12,8 @@ import re
 
 import pyte
 
+from sessions.cmd_index import HeldOutput
+
 __all__ = ["LiveScreen"]
 
 _MAX_LINE = 8192
@@ -32,8 +34,7 @@ class LiveScreen:
         self.screen = pyte.Screen(max(cols, 2), max(rows, 2))
         self.stream = pyte.ByteStream(self.screen)
         self.start: tuple[int, int] | None = None
-        self.held = bytearray()
-        self.trimmed = False
+        self.held = HeldOutput(_EXACT, _TAIL)
         self.paste_seen = False  # the shell turned bracketed paste on at least once (bash >= 5.1 at its prompt)
 
     def resize(self, cols: int, rows: int) -> None:
@@ -42,20 +43,13 @@ class LiveScreen:
 
     def output(self, data: bytes) -> None:
         """Device output: held, drawn when a keystroke needs the screen or :meth:`settle` is called."""
-        self.held += data
-        if len(self.held) > (2 * _TAIL if self.trimmed else _EXACT):
-            del self.held[:-_TAIL]
-            self.trimmed = True
+        self.held.add(data)
 
     def settle(self) -> None:
         """Draw the held output (only its tail, from a line start, if it was long)."""
-        if not self.held:
+        data = self.held.take()
+        if not data:
             return
-        data = bytes(self.held)
-        if self.trimmed:
-            data = data[data.find(b"\n") + 1:]
-        self.held.clear()
-        self.trimmed = False
         try:
             self.stream.feed(data)
         except Exception:  # pyte on hostile escape sequences: start from a clean screen rather than fail
