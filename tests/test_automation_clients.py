@@ -11,6 +11,7 @@ from pathlib import Path
 import fabric
 import pytest
 
+from helpers import poll
 from helpers.clients import ssh_options
 
 pytestmark = pytest.mark.openssh
@@ -60,7 +61,7 @@ def test_lftp_mirror_both_ways_and_nothing_from_the_patient_tree(exposed_world, 
     got = _tree_bytes(tmp_path / "patient") if (tmp_path / "patient").exists() else b""
     assert CANARY not in got and b"DICM" not in got
     assert b"ermission denied" in r.stderr or b"Access failed" in r.stderr, r.stderr[-2000:]
-    assert w.events("sftp.denied")
+    assert poll(lambda: w.events("sftp.denied"))  # the audit row is written off the loop
 
 
 def test_rclone_sftp_copies_and_gets_nothing_from_the_patient_tree(exposed_world, tmp_path):
@@ -84,7 +85,7 @@ def test_rclone_sftp_copies_and_gets_nothing_from_the_patient_tree(exposed_world
     assert CANARY not in got and b"MSH|" not in got
     # rclone shows only "permission denied"; the reason is in the audit (docs/vendors.md says where)
     assert b"ermission denied" in r.stderr, r.stderr[-2000:]
-    assert w.events("sftp.denied")
+    assert poll(lambda: w.events("sftp.denied"))  # the audit row is written off the loop
 
 
 def test_fabric_runs_puts_and_gets_and_is_refused_the_patient_tree(exposed_world, tmp_path):

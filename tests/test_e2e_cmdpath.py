@@ -238,10 +238,17 @@ def test_a_line_run_by_a_rebound_key_is_judged_as_it_runs_and_ends_the_session(e
         term.wait(timeout=10)
         term.close()
     shown = bytes(term.output)
-    assert b"refused" in shown and b"was ended" in shown, shown
-    assert DICOM_CANARY not in shown  # its output was held while the line was judged
+    assert b"was ended" in shown and DICOM_CANARY not in shown, shown
     assert _wait(lambda: exposed.app.store.list_sessions()[-1]["status"] == "stopped")
-    assert _wait(lambda: [e for e in exposed.events("exec.denied") if _kind(e) == "shell-line"])
+    # Two guards race here, and either one must end it: when the device's echo of the line and the file's
+    # first bytes arrive in separate packets, the line judge sees the line ran and refuses it (its output held
+    # while judged); when sshd sends them in one packet, the output scanner sees the DICOM bytes first and
+    # ends the session before the line judge gets the echo (seen once in a CI run under load).
+    if b"refused" in shown:
+        assert _wait(lambda: [e for e in exposed.events("exec.denied") if _kind(e) == "shell-line"])
+    else:
+        assert b"DICOM" in shown, shown
+        assert _wait(lambda: exposed.events("alert.exfiltration"))
 
 
 def test_on_a_contained_device_run_time_paths_are_left_to_the_device(contained):
