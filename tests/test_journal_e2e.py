@@ -264,9 +264,14 @@ def test_a_deleted_recording_is_rebuilt_from_the_journal_after_a_crash_and_repla
         broker.stop()
 
 
-def test_sessions_watch_from_another_home_follows_the_journal(tmp_path, device):
+def test_sessions_watch_and_the_web_live_view_from_another_home_follow_the_journal(tmp_path, device):
+    from broker.access_links import issue_signin_link
+    from broker.app import open_app
+    from broker.web import start_web, stop_web
+    from web_support import Client, LoopThread
+
     world = world_with(tmp_path, "[recording]\njournal = true\n")
-    watcher = None
+    watcher = web_loop = web = other_app = None
     try:
         first = world.app.home
         other = tmp_path / "other-node"
@@ -291,6 +296,16 @@ def test_sessions_watch_from_another_home_follows_the_journal(tmp_path, device):
             threading.Thread(target=lambda: [out.extend(c) for c in iter(
                 lambda: os.read(watcher.stdout.fileno(), 65536), b"")], daemon=True).start()
             assert wait(lambda: b"seen before the watch began" in out, timeout=30), watcher.stderr
+            other_app = open_app(other)  # the other node's web console: its live view of the same session
+            web_loop = LoopThread()
+            web = web_loop.call(start_web(other_app, "127.0.0.1:0"))
+            browser = Client(web.url)
+            browser.sign_in(issue_signin_link(other_app.store, other_app.audit, other_app.config, "carol",
+                                              other_app.clock.now()).url)
+            streamed: list = []
+            reader = threading.Thread(target=lambda: streamed.append(browser.get(f"/sessions/{row['id']}/stream")),
+                                      daemon=True)
+            reader.start()
             term.sendline("typed while watched from the other node")
             term.expect(b"typed while watched from the other node\r\n" * 2, timeout=20)
             assert wait(lambda: b"typed while watched from the other node\r\n" * 2 in out, timeout=20)
@@ -299,9 +314,23 @@ def test_sessions_watch_from_another_home_follows_the_journal(tmp_path, device):
         assert watcher.wait(30) == 0
         err = watcher.stderr.read()
         assert f"session {row['id']} ended (closed".encode() in err, err
+        reader.join(30)
+        [(status, _, text)] = streamed
+        assert status == 200
+        shown = [json.loads(line[6:])["d"] for line in text.splitlines() if line.startswith("data: ")
+                 and '"d"' in line]
+        assert "typed while watched from the other node\r\n" * 2 in "".join(shown), text[-2000:]
+        assert "event: end" in text
         watched = [e for e in events(world, "recording.watched") if e["session_id"] == row["id"]]
-        assert len(watched) == 1 and watched[0]["actor"] == "carol"
+        assert [e["actor"] for e in watched] == ["carol", "carol"]
+        assert {details(e).get("via") for e in watched} == {None, "web"}
     finally:
+        if web is not None:
+            web_loop.call(stop_web(web))
+        if web_loop is not None:
+            web_loop.close()
+        if other_app is not None:
+            other_app.close()
         if watcher is not None:
             if watcher.poll() is None:
                 watcher.kill()
