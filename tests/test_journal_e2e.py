@@ -208,6 +208,30 @@ def test_a_journal_down_past_its_timeout_ends_the_session_with_the_reason(tmp_pa
         close_world(world)
 
 
+def test_best_effort_mode_warns_and_continues_unrecorded_when_the_journal_stays_down(tmp_path, device):
+    world = world_with(tmp_path, '[recording]\nmode = "best_effort"\njournal = true\njournal_timeout = "1s"\n')
+    lock = None
+    try:
+        world.grant()
+        vendor = _vendor(world, LOG)
+        assert wait(lambda: vendor.received > 1 << 20, timeout=60), vendor.stderr
+        lock = _Lock(world.app.config.db_path)
+        assert wait(lambda: vendor.received == len(EXPECTED), timeout=60)  # delivered although unrecorded
+        lock.release()
+        lock = None
+        assert vendor.wait(60) == 0, vendor.stderr
+        assert bytes(vendor.out) == EXPECTED
+        assert vendor.stderr.count(b"warning: recording failed; this session continues unrecorded") == 1
+        [row] = world.app.store.list_sessions()
+        assert wait(lambda: world.app.store.get_session(row["id"])["status"] != "live", timeout=20)
+        failed = [e for e in events(world, "recording.failed") if e["session_id"] == row["id"]]
+        assert failed and "the recording store is unreachable" in details(failed[0])["error"]
+    finally:
+        if lock is not None:
+            lock.release()
+        close_world(world)
+
+
 def test_a_deleted_recording_is_rebuilt_from_the_journal_after_a_crash_and_replays(tmp_path, device):
     home, people = prepared_home(tmp_path, device(), "[recording]\njournal = true\n")
     keys = FileKeyProvider(home / "keys" / "data.key")
