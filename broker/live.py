@@ -127,6 +127,10 @@ class LiveSession(SessionForwards):
             self.upconn = await self._connect()
             self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
             self.upconn_closed = False
+            if self.ending:  # the recording failed while connecting (e.g. the journal stayed down): never start
+                self.upconn.close()
+                raise RecordingError("recording is unavailable, and medbroker never runs a session it cannot record",
+                                     "try again later and tell the hospital's security team")
             b.live[self.id] = self
             await b.audit("session.start", **self.who.audit_fields(source=True), recording=self.path.name,
                           grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state,
@@ -458,11 +462,12 @@ async def index_session(broker: SessionServices, session_id: str, path: Path) ->
     await broker.db(lambda: broker.app.store.save_session_text(session_id, rows.commands, rows.texts, now))
 
 
-async def drop_journal(broker: SessionServices, session_id: str) -> None:
+async def drop_journal(broker: SessionServices, session_id: str, *, force: bool = False) -> None:
     """The recording is sealed: its journal rows go, unless ``[recording] journal_keep`` (or, later, archiving
-    still needs them). A failure only leaves rows behind (logged), never fails the session."""
+    still needs them). Only with ``[recording] journal`` on, or ``force`` (rows a journaling broker left). A
+    failure only leaves rows behind (logged), never fails the session."""
     rec = broker.app.config.recording
-    if not rec.journal or rec.journal_keep:
+    if rec.journal_keep or not (rec.journal or force):
         return
     try:
         await broker.db(broker.app.store.drop_journal, session_id)
@@ -506,7 +511,7 @@ async def seal_interrupted_sessions(broker: SessionServices) -> None:
         await broker.audit("session.sealed", user=row["user_name"], device=row["device"], session_id=row["id"],
                            final_hash=final_hash, dropped_bytes=dropped, **rebuilt)
         if final_hash:
-            await drop_journal(broker, row["id"])
+            await drop_journal(broker, row["id"], force=True)
 
 
 def _alive(pid: int) -> bool:
