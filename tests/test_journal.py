@@ -42,7 +42,7 @@ def db(tmp_path: Path):
     open_store(path).close()  # migrated once, like a broker home
     stores = []
 
-    def connect(**kw):
+    def connect():
         s = open_store(path, migrate=False)
         stores.append(s)
         return s
