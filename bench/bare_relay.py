@@ -165,7 +165,7 @@ class Upstream(asyncssh.SSHClientSession):
     """Device side of one session channel."""
 
     def __init__(self, down: Channel) -> None:
-        self.down = down
+        self.down, self.exit_status, self.exit_signal = down, None, None
 
     def data_received(self, data: bytes, datatype) -> None:
         if self.down.fd is not None:
@@ -176,11 +176,13 @@ class Upstream(asyncssh.SSHClientSession):
         self.down.chan.write_eof()
         return True
 
+    # asyncssh reports the exit at once, but data and the close in order (a paused channel still holds data):
+    # the exit is passed on when the channel closes, after the last byte.
     def exit_status_received(self, status: int) -> None:
-        self.down.chan.exit(status)
+        self.exit_status = status
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
-        self.down.chan.exit_with_signal(signal, core_dumped, msg, lang)
+        self.exit_signal = (signal, core_dumped, msg, lang)
 
     def pause_writing(self) -> None:
         self.down.chan.pause_reading()
@@ -189,7 +191,12 @@ class Upstream(asyncssh.SSHClientSession):
         self.down.chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.down.chan.close()
+        if self.exit_signal is not None:
+            self.down.chan.exit_with_signal(*self.exit_signal)
+        elif self.exit_status is not None:
+            self.down.chan.exit(self.exit_status)
+        else:
+            self.down.chan.close()
 
 
 async def serve(args: argparse.Namespace) -> None:

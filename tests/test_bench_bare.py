@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from bench.bare_relay import read_recording
-from helpers.clients import run_sftp_batch, run_ssh, write_known_hosts
+from helpers import find_binary
+from helpers.clients import run_sftp_batch, run_ssh, ssh_options, write_known_hosts
 from helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +30,16 @@ class Relay:
 
     def ssh(self, command: str, **kw: Any) -> Any:
         return run_ssh("bench", "127.0.0.1", self.port, self.key, command, known_hosts=self.known_hosts, **kw)
+
+    def slow_reader(self, command: str, wait_s: float) -> tuple[int, bytes]:
+        """Run ``command`` but read nothing of its output for ``wait_s`` seconds (the relay's channels fill up)."""
+        argv = [find_binary("ssh") or "ssh", *ssh_options(key=self.key, known_hosts=self.known_hosts,
+                                                          host_key_checking="yes"),
+                "-p", str(self.port), "bench@127.0.0.1", command]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        time.sleep(wait_s)
+        out, _ = proc.communicate(timeout=60)
+        return proc.returncode, out
 
     def recordings_since(self, before: set[Path]) -> list[dict[bytes, bytes]]:
         return [read_recording(p) for p in sorted(set(self.recordings.glob("*.raw")) - before)]
@@ -63,6 +74,8 @@ def relay(tmp_path: Path, device: Callable[..., Any], ssh_keys: Callable[..., An
         yield Relay(port, recordings, known, vendor, dev.tree.tmp_dir)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0  # SIGTERM: closes the listener and exits cleanly
+        log = proc.stdout.read()
+        assert log == b"", log.decode(errors="replace")  # no tracebacks, no asyncssh errors
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -71,7 +84,7 @@ def relay(tmp_path: Path, device: Callable[..., Any], ssh_keys: Callable[..., An
 
 
 def test_exec_both_ways_pty_and_sftp_pass_through_and_are_recorded(relay: Relay, tmp_path: Path) -> None:
-    payload = os.urandom(48 << 10) + bytes(range(256)) * 16  # a few KiB of every byte value
+    payload = os.urandom(3 << 20) + bytes(range(256)) * 16  # more than asyncssh's 2 MiB channel window
     target = relay.device_tmp / "up.bin"
 
     before = set(relay.recordings.glob("*.raw"))
@@ -90,6 +103,10 @@ def test_exec_both_ways_pty_and_sftp_pass_through_and_are_recorded(relay: Relay,
     assert b"to-stderr\n" in down.stderr
     [rec] = relay.recordings_since(before)
     assert rec[b"o"] == payload and rec[b"e"] == b"to-stderr\n" and b"i" not in rec
+
+    # The client reads nothing for 3 s: the device finishes and exits while the relay still holds output (its
+    # device channel paused); every byte still arrives before the exit status and the close.
+    assert relay.slow_reader(f"cat {target}; exit 5", 3.0) == (5, payload)
 
     before = set(relay.recordings.glob("*.raw"))
     term = relay.ssh("test -t 0 && test -t 1 && printf on-a-pty; exit 3", tty=True)
