@@ -270,6 +270,19 @@ def _overhead_section(result: dict, summary: dict) -> list[str]:
                     f"{_x(r.get(metric, {}).get('bare', {}).get('proxyjump-gcm'))} | "
                     f"{_x(r.get(metric, {}).get('medbroker', {}).get('proxyjump'))} | "
                     f"{_x(r.get(metric, {}).get('medbroker', {}).get('proxyjump-gcm'))} |")
+    cpu = summary["broker_cpu"]
+    for metric in ("bulk_download", "bulk_upload", "sftp_get", "sftp_put"):
+        b, m = (cpu.get(metric, {}).get(p) for p in ("bare", "medbroker"))
+        if b and m:
+            rows.append(f"| {METRICS[metric][0].split(' (')[0]}: relay CPU during the transfer [s/GiB] | "
+                        f"{b['median']:.2f} | {m['median']:.2f} | **{_x(m['median'] / b['median'])}** | | | |")
+    per_key = {p: spread([s["extra"]["broker_cpu_s"] * 1e6 / len(s["extra"]["rtt_ms"]) for s in result["samples"]
+                          if s["path"] == p and s["metric"] == "keystroke" and s["ok"] and "broker_cpu_s" in s["extra"]])
+               for p in ("bare", "medbroker")}
+    if per_key["bare"] and per_key["medbroker"]:
+        b, m = per_key["bare"].median, per_key["medbroker"].median
+        rows.append(f"| keystrokes, one session: relay CPU per keystroke, its setup included [µs] | {b:.0f} | {m:.0f} | "
+                    f"**{_x(m / b if b else None)}** | | | |")
     by = {(c["path"], c["sessions"]): c for c in result.get("concurrency", []) if "loadgen" in c}
     for n in sorted(n for path, n in by if path == "bare" and ("medbroker", n) in by):
         bare, med = by[("bare", n)], by[("medbroker", n)]
