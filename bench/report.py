@@ -264,9 +264,9 @@ def _overhead_section(result: dict, summary: dict) -> list[str]:
         bare, med = _med(t, metric, "bare"), _med(t, metric, "medbroker")
         if bare is None:
             continue
-        delta = f"{med - bare:+.2f} ms" if unit == "ms" and bare is not None and med is not None else ""
+        delta = f" {med - bare:+.2f} ms" if unit == "ms" and bare is not None and med is not None else ""
         rows.append(f"| {label} [{unit}] | {_fmt(bare, unit)} | {_fmt(med, unit)} | "
-                    f"**{_x(r.get(metric, {}).get('medbroker', {}).get('bare'))}** {delta} | "
+                    f"**{_x(r.get(metric, {}).get('medbroker', {}).get('bare'))}**{delta} | "
                     f"{_x(r.get(metric, {}).get('bare', {}).get('proxyjump-gcm'))} | "
                     f"{_x(r.get(metric, {}).get('medbroker', {}).get('proxyjump'))} | "
                     f"{_x(r.get(metric, {}).get('medbroker', {}).get('proxyjump-gcm'))} |")
@@ -355,6 +355,7 @@ def _concurrency_section(result: dict) -> list[str]:
         return []
     out = ["", "## Concurrency: N interactive sessions, one key per session every "
            f"{rows[0].get('interval_s', 0.1) * 1000:.0f} ms (asyncssh load generator in its own process)", "",
+           "On the bare relay's row the broker columns are the relay process's.", "",
            "| path | sessions | open | errors | keys | p50 ms | p99 ms | p99.9 ms | max ms | broker CPU % of a core | "
            "broker CPU µs/key | broker RSS idle → loaded MiB | RSS/session KiB | broker threads | device sshd+cat CPU % | device PSS/session KiB | "
            "load gen CPU % (loop lag p99 ms) | other load % |",

@@ -124,3 +124,28 @@ def test_exec_both_ways_pty_and_sftp_pass_through_and_are_recorded(relay: Relay,
     [rec] = relay.recordings_since(before)
     assert payload[:32 << 10] in rec[b"o"]  # SFTP is relayed and recorded as bytes, packets and all
     assert len(rec[b"o"]) > len(payload) and rec[b"i"].startswith(b"\0\0\0\x05\x01\0\0\0\x03")  # SSH_FXP_INIT v3
+
+
+def test_report_headline_is_medbroker_over_the_bare_relay_from_the_same_run() -> None:
+    from bench.report import render_markdown, summarize
+
+    def sample(metric: str, path: str, value: float, **extra: Any) -> dict:
+        return {"metric": metric, "path": path, "round": 1, "ok": True, "value": value, "error": None,
+                "refused": None, "extra": extra}
+
+    result = {
+        "mode": "quick", "started_at": "s", "finished_at": "f", "noise": [], "concurrency": [],
+        "plan": {"rounds": 1, "blob_mib": 1, "keys_per_round": 2, "key_gap_ms": 5, "setups_per_round": 1},
+        "machine": {k: "?" for k in ("cores", "cpu_model", "kernel", "openssh", "python", "asyncssh", "cryptography",
+                                     "uvloop")} | {"memory_bytes": 0},
+        "product": {"commit": "abc", "dirty": False, "launcher": "medbroker serve"}, "world": {"notes": []},
+        "samples": [sample("bulk_download", "proxyjump-gcm", 160.0), sample("bulk_download", "bare", 140.0),
+                    sample("bulk_download", "medbroker", 105.0),
+                    sample("keystroke", "bare", 0.5, rtt_ms=[0.4, 0.5]),
+                    sample("keystroke", "medbroker", 0.5, rtt_ms=[0.5, 0.7])],
+    }
+    md = render_markdown(result, summarize(result), "x.json")
+    headline = md.split("## Product overhead: medbroker ÷ bare asyncssh relay (same run)")[1].split("\n\n| metric | direct |")[0]
+    assert "| bulk exec download (`ssh host cat`) [MB/s] | 140 | 105 | **0.75x** | 0.88x | - | 0.66x |" in headline
+    assert "| keystroke round trip p99 [ms] | 0.50 | 0.70 | **1.40x** +0.20 ms |" in headline
+    assert md.index("## Product overhead") < md.index("| metric | direct |")  # the headline comes first
