@@ -425,6 +425,8 @@ PROFILE_PARTS = {
     "sftp": "during SFTP get and put (through the broker's SFTP guard)",
     "after_session": "after each bulk session closed (work the broker does once the client has gone)",
     "interactive": "during interactive load (N sessions typing)",
+    "bare_bulk": "the bare asyncssh relay during the same bulk exec transfers (the reference: asyncssh's own time)",
+    "bare_sftp": "the bare asyncssh relay during the same SFTP get and put",
 }
 
 
@@ -456,6 +458,7 @@ def _boring(frame: str) -> bool:
     return frame.startswith(("Thread._bootstrap", "Thread.run", "_worker (concurrent", "<module>", "main (broker/cli",
                              "Typer", "TyperGroup", "Command.", "Context.invoke", "get_callback", "BrokerGroup",
                              "_main (typer", "run (uvloop", "serve (broker", "run_server (broker", "Runner.run",
+                             "_run_module_as_main", "_run_code", "main (bench/bare_relay", "serve (bench/bare_relay",
                              "_WorkItem.run"))
 
 

@@ -238,22 +238,36 @@ def run_interference(world: BenchWorld, plan: Plan, result: dict) -> None:
 
 def run_profile(world: BenchWorld, plan: Plan, result: dict, out_dir: Path, stamp: str) -> None:
     """py-spy on a fresh broker: during bulk exec and SFTP transfers, during the after-session work, and under
-    interactive load. Each part is its own py-spy run, so settling between transfers is not mixed in."""
+    interactive load. Each part is its own py-spy run, so settling between transfers is not mixed in. The bare
+    relay is profiled during the same transfers ("bare_bulk", "bare_sftp"): where asyncssh's own time goes."""
     b = world.brokers["medbroker"]
     b.restart()
     _settle(world, plan.settle_max_s)
-    files: dict[str, list[Path]] = {"bulk": [], "sftp": [], "after_session": [], "interactive": []}
+    files: dict[str, list[Path]] = {"bulk": [], "sftp": [], "after_session": [], "interactive": [], "bare_bulk": [],
+                                    "bare_sftp": []}
     errors, workload = [], []
     timeout = 60 + plan.blob_mib * 1.5
-    runs = (("bulk", "bulk_download", lambda: clients.bulk_download(world, "medbroker", timeout)),
-            ("bulk", "bulk_upload", lambda: clients.bulk_upload(world, "medbroker", timeout)),
-            ("sftp", "sftp_get", lambda: clients.sftp_transfer(world, "medbroker", "get", timeout)),
-            ("sftp", "sftp_put", lambda: clients.sftp_transfer(world, "medbroker", "put", timeout)))
+    runs = (("bulk", "bulk_download", lambda p: clients.bulk_download(world, p, timeout)),
+            ("bulk", "bulk_upload", lambda p: clients.bulk_upload(world, p, timeout)),
+            ("sftp", "sftp_get", lambda p: clients.sftp_transfer(world, p, "get", timeout)),
+            ("sftp", "sftp_put", lambda p: clients.sftp_transfer(world, p, "put", timeout)))
+    bare = world.brokers.get("bare")
     for i in range(plan.profile_transfers):
         for part, metric, fn in runs:
+            if bare is not None:
+                _settle(world, plan.settle_max_s)
+                spy = Spy(bare.pid, out_dir / f"profile-{stamp}-bare_{part}-{metric}-{i}.txt")
+                if spy.start():
+                    s = fn("bare")
+                    workload.append({"path": "bare", "metric": metric, "ok": s.ok, "value": s.value,
+                                     "error": s.error or s.refused})
+                spy.stop()
+                files[f"bare_{part}"].append(spy.out)
+                errors += [spy.error] if spy.error else []
+            _settle(world, plan.settle_max_s)
             spy = Spy(b.pid, out_dir / f"profile-{stamp}-{part}-{metric}-{i}.txt")
             if spy.start():
-                s = fn()
+                s = fn("medbroker")
                 workload.append({"metric": metric, "ok": s.ok, "value": s.value, "error": s.error or s.refused})
             spy.stop()
             files[part].append(spy.out)
