@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from broker.app import App
+from broker.cluster import node_id_of
 from broker.service import sd_notify
 from broker.config import parse_listen
 from broker.errors import BrokerError, ConfigError
@@ -115,7 +116,7 @@ def worker_command(app: App, address: str, workers: int, index: int, log_level: 
     """argv and environment that start worker ``index`` of this supervisor (``medbroker serve --worker-of``)."""
     argv = [sys.executable, "-m", "broker.cli", "--home", str(Path(app.home).resolve()), "serve",
             "--listen", address, "--workers", str(workers), "--log-level", log_level,
-            "--worker-of", f"{os.getpid()}:{index}"]
+            "--worker-of", f"{os.getpid()}:{index}", "--node-id", node_id_of(app.config)]
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parent.parent)  # the workers import this same code
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -307,6 +308,7 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
     web, metrics, started = None, None, False
     try:
         await broker.seal_interrupted()  # once, before any worker serves
+        await broker.join_cluster(sup.address)  # this process is the node: heartbeat, duties, dead nodes
         broker.start_control()  # checkpoints and request expiry: this process only
         starting = loop.create_task(sup.start_all())
         stopped = loop.create_task(stop.wait())
@@ -347,6 +349,7 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
             pending = [t for t in broker.tasks if not t.done()]
             if pending:
                 await asyncio.wait(pending, timeout=10)
+            await broker.leave_cluster()
             if started:
                 await broker.audit("broker.stopped", pid=broker.pid, workers=sup.count)
             await broker.write_checkpoint()  # signs every worker's last rows too
