@@ -308,7 +308,9 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
     web, metrics, started = None, None, False
     try:
         await broker.seal_interrupted()  # once, before any worker serves
-        await broker.join_cluster(sup.address)  # this process is the node: heartbeat, duties, dead nodes
+        node = await broker.join_cluster(sup.address)  # this process is the node: heartbeat, duties, dead nodes
+        exit_now = node.fence
+        node.fence = lambda: _fence(sup, exit_now)  # a fenced node's workers die with it, without a clean end
         broker.start_control()  # checkpoints and request expiry: this process only
         starting = loop.create_task(sup.start_all())
         stopped = loop.create_task(stop.wait())
@@ -357,6 +359,16 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
             sup.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+
+def _fence(sup: Supervisor, exit_now: Callable[[], None]) -> None:
+    """This node was declared dead by a survivor that sealed its sessions: SIGKILL every worker (a SIGTERM would
+    end their sessions cleanly and write over what the survivor recorded), then exit."""
+    for slot in sup.slots:
+        if slot.proc is not None and slot.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                slot.proc.kill()
+    exit_now()
 
 
 def _die_with_parent() -> None:
