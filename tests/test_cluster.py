@@ -374,15 +374,27 @@ def _ended_at(proc: subprocess.Popen) -> dict[str, float]:
     return out
 
 
+def _grant(home: Path, seconds: int):
+    """A new grant for alice on ct-01 (requested and approved now); returns it."""
+    app = open_app(home)
+    try:
+        now = app.clock.now()
+        req = request_grant(app.store, app.audit, app.rules, get_principal(app.store, "alice"), "ct-01", seconds,
+                            "again", now)
+        return approve_request(app.store, app.audit, app.rules, req.id, get_principal(app.store, "bob"), now).grant
+    finally:
+        app.close()
+
+
 def _written_at(home: Path, event: str) -> float:
     """When the newest ``event`` row was committed (the command's database write), as a wall-clock time."""
     return parse_utc(_rows(home, event)[-1]["at"]).timestamp()
 
 
 @pytest.mark.openssh
-def test_kill_revoke_and_disable_reach_a_session_on_another_node_within_a_second(cluster: Cluster) -> None:
-    """Each is one write to the shared database by the CLI; the node serving the session ends it. Timed from that
-    write (its audit row's time) to the moment the vendor's ssh exits."""
+def test_kill_revoke_disable_and_expiry_reach_a_session_on_another_node_within_a_second(cluster: Cluster) -> None:
+    """Kill, revoke and disable are each one write to the shared database by the CLI; the node serving the session ends it. Timed from that
+    write (its audit row's time) to the moment the vendor's ssh exits; expiry from the grant's end."""
     home = cluster.home
     took = {}
     # kill: the CLI writes to the shared database; node-a ends its session
@@ -407,15 +419,16 @@ def test_kill_revoke_and_disable_reach_a_session_on_another_node_within_a_second
     took["revoke"] = max(exited_a["at"], exited_b["at"]) - _written_at(home, "grant.revoked")
     assert wait(lambda: _session(home, sid_a)["status"] == _session(home, sid_b)["status"] == "revoked", timeout=5)
 
+    # expiry: a 4-second grant; its window ends on node-a (a timer of the process that serves the session)
+    ends_at = _grant(home, 4).ends_at
+    proc, sid = cluster.vendor("node-a")
+    exited = _ended_at(proc)
+    assert wait(lambda: "at" in exited, timeout=10)
+    took["expiry"] = exited["at"] - ends_at.timestamp()
+    assert wait(lambda: _session(home, sid)["status"] == "expired", timeout=5)
+
     # disable: a new grant, a session on node-a, the user disabled
-    app = open_app(home)
-    try:
-        now = app.clock.now()
-        req = request_grant(app.store, app.audit, app.rules, get_principal(app.store, "alice"), "ct-01", 3600,
-                            "again", now)
-        approve_request(app.store, app.audit, app.rules, req.id, get_principal(app.store, "bob"), now)
-    finally:
-        app.close()
+    _grant(home, 3600)
     proc, sid = cluster.vendor("node-a")
     exited = _ended_at(proc)
     r = _cli(home, "user", "disable", "alice")
@@ -423,7 +436,7 @@ def test_kill_revoke_and_disable_reach_a_session_on_another_node_within_a_second
     assert wait(lambda: "at" in exited, timeout=5)
     took["disable"] = exited["at"] - _written_at(home, "user.disabled")
     assert wait(lambda: _session(home, sid)["status"] == "stopped", timeout=5)
-    print("from the database write to the vendor's ssh exiting on the other node: "
+    print("from the database write (expiry: the window's end) to the vendor's ssh exiting on the other node: "
           + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in took.items()))
     assert max(took.values()) < 1.0, took
 
@@ -468,3 +481,32 @@ def test_serve_refuses_a_bad_node_id(tmp_path: Path) -> None:
     r = _cli(home, "serve", "--listen", "127.0.0.1:0", "--node-id", "bad id")
     assert r.returncode == 2
     assert "node id 'bad id' is not 1-63 letters" in r.stderr.decode()
+
+
+@pytest.mark.openssh
+def test_with_workers_the_supervisor_is_the_node_and_its_workers_carry_its_id(tmp_path: Path, device) -> None:
+    home, people = prepared_home(tmp_path, device(), config=FAST + "[listen]\nworkers = 2\n")
+    port = free_port()
+    known_hosts = write_known_hosts(tmp_path / "known_hosts", "127.0.0.1", port,
+                                    (home / "keys" / "host_ed25519.pub").read_text())
+    node = Serve(home, port, tmp_path / "node.log", "--node-id", "node-w")
+    try:
+        [state] = _status(home)["nodes"]
+        assert (state["id"], state["state"], state["pid"]) == ("node-w", ALIVE, node.proc.pid)
+        r = run_ssh("alice@ct-01", "127.0.0.1", port, people["alice"].private_path, "echo through a worker",
+                    known_hosts=known_hosts, timeout=30)
+        assert r.returncode == 0 and r.stdout == b"through a worker\n", r.stderr
+        store = _store(home)
+        try:
+            [row] = store.list_sessions()
+        finally:
+            store.close()
+        workers = {e["details"]["pid"] for e in _rows(home, "broker.worker.started")}
+        assert row["node_id"] == "node-w" and row["broker_pid"] in workers
+        time.sleep(1.5)  # a few heartbeats: the supervisor beats, nobody declares it dead
+        assert _states(home) == {"node-w": ALIVE}
+        assert [r["details"]["node"] for r in _rows(home, "cluster.node.joined")] == ["node-w"]
+    finally:
+        assert node.stop() == 0
+    assert _states(home) == {"node-w": STOPPED}
+    assert [r["details"]["node"] for r in _rows(home, "cluster.node.stopped")] == ["node-w"]
