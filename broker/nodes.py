@@ -182,16 +182,22 @@ class Node:
             if not won:
                 return  # another survivor recovers it
             silent_s = (now - parse_utc(row["heartbeat_at"])).total_seconds()
-            if not await self.services.db(store.declare_node_dead, node, row["heartbeat_at"], self.id, utc_iso(now)):
+            declared = not row["dead_at"] and not row["stopped_at"]  # else: gone, with sessions left live
+            if declared and not await self.services.db(store.declare_node_dead, node, row["heartbeat_at"], self.id,
+                                                       utc_iso(now)):
                 await self.services.db(store.release_lease, lease, self.id)
                 return  # it beat (or stopped) in the meantime: not dead
             sessions = await self.services.db(store.node_live_sessions, node)
-            await self.services.audit("cluster.node.dead", node=node, host=row["host"], pid=row["pid"],
-                                      last_heartbeat_at=row["heartbeat_at"], silent_s=round(silent_s, 1),
-                                      dead_after_s=self.dead_after_s, by=self.id,
-                                      live_sessions=[s["id"] for s in sessions])
-            reason = (f"node {node} stopped responding (no heartbeat for {silent_s:.0f}s); "
-                      f"recording sealed by node {self.id}")
+            if declared:
+                await self.services.audit("cluster.node.dead", node=node, host=row["host"], pid=row["pid"],
+                                          last_heartbeat_at=row["heartbeat_at"], silent_s=round(silent_s, 1),
+                                          dead_after_s=self.dead_after_s, by=self.id,
+                                          live_sessions=[s["id"] for s in sessions])
+            if row["stopped_at"]:
+                reason = f"node {node} stopped without ending this session; recording sealed by node {self.id}"
+            else:
+                reason = (f"node {node} stopped responding (no heartbeat for {silent_s:.0f}s); "
+                          f"recording sealed by node {self.id}")
             results = await seal_orphaned_sessions(self.services, sessions, reason, node=node, by=self.id)
             await self.services.audit("cluster.sessions.recovered", node=node, by=self.id, count=len(results),
                                       sessions=results)

@@ -98,6 +98,24 @@ def test_heartbeat_dead_declaration_and_rejoin(db: Store) -> None:
     assert db.heartbeat_node("b", 12, at(11))
 
 
+def test_a_dead_or_stopped_node_with_sessions_left_live_is_recovered_again(db: Store) -> None:
+    """A survivor that died half-way through a recovery leaves sessions live on a dead node: the next survivor
+    still finds that node (and a stopped node that left a session live)."""
+    for node in ("a", "b", "c"):
+        db.register_node(node, host="h", pid=1, address="x:1", version="1", now=at(0))
+    assert db.declare_node_dead("b", at(0), "a", at(5))
+    db.stop_node("c", 1, at(5))
+    assert db.silent_nodes(at(1), besides="a") == []  # b dead and c stopped, neither with sessions
+    for sid, node in (("s-b", "b"), ("s-c", "c")):
+        db.insert_session({"id": sid, "user_name": "alice", "device": "ct-01", "grant_id": 1, "started_at": at(0),
+                           "status": "live", "recording": f"{sid}.mbr", "broker_pid": 1, "node_id": node})
+    assert [n["id"] for n in db.silent_nodes(at(1), besides="a")] == ["b", "c"]
+    assert [s["id"] for s in db.node_live_sessions("b")] == ["s-b"]
+    db.update_session("s-b", status="incomplete")
+    db.update_session("s-c", status="incomplete")
+    assert db.silent_nodes(at(1), besides="a") == []
+
+
 def test_stop_releases_the_nodes_leases(db: Store) -> None:
     db.register_node("a", host="h", pid=1, address="x:1", version="1", now=at(0))
     assert db.take_lease("duty:audit.checkpoint", "a", at(0), at(300), renew=False)[0]

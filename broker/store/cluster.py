@@ -48,10 +48,14 @@ class ClusterQueries(StoreBase):
             conn.execute("DELETE FROM duty_leases WHERE holder = ?", (node_id,))
 
     def silent_nodes(self, before: str, *, besides: str) -> list[dict[str, Any]]:
-        """Nodes neither stopped nor declared dead whose last heartbeat is older than ``before``, except
-        ``besides`` (the asking node)."""
-        return self.query("SELECT * FROM nodes WHERE stopped_at IS NULL AND dead_at IS NULL AND heartbeat_at < ? "
-                          "AND id != ? ORDER BY id", (before, besides))
+        """Nodes to recover, except ``besides`` (the asking node): those neither stopped nor declared dead whose
+        last heartbeat is older than ``before``, and those already dead or stopped that still have live
+        sessions (a survivor that began recovering them died half-way)."""
+        return self.query(
+            "SELECT * FROM nodes n WHERE n.id != ? AND ((n.stopped_at IS NULL AND n.dead_at IS NULL "
+            "AND n.heartbeat_at < ?) OR ((n.stopped_at IS NOT NULL OR n.dead_at IS NOT NULL) AND EXISTS "
+            "(SELECT 1 FROM sessions s WHERE s.node_id = n.id AND s.status = 'live'))) ORDER BY n.id",
+            (besides, before))
 
     def declare_node_dead(self, node_id: str, heartbeat_at: str, by: str, now: str) -> bool:
         """Mark a silent node dead, only if its heartbeat is still the one that was judged too old (a beat that
