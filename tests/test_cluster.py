@@ -528,3 +528,26 @@ def test_with_workers_the_supervisor_is_the_node_and_its_workers_carry_its_id(tm
         assert node.stop() == 0
     assert _states(home) == {"node-w": STOPPED}
     assert [r["details"]["node"] for r in _rows(home, "cluster.node.stopped")] == ["node-w"]
+
+
+def test_cluster_status_text_names_nodes_states_and_na(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert _cli(home, "init").returncode == 0
+    r = _cli(home, "cluster", "status")
+    assert r.returncode == 0 and "no node has joined yet" in r.stdout.decode()
+    store = _store(home)
+    try:
+        now = datetime.now(timezone.utc)
+        store.register_node("node-x", host="h1", pid=1, address="10.0.0.1:2222", version="0.1.0", now=utc_iso(now))
+        store.register_node("node-y", host="h2", pid=2, address="10.0.0.2:2222", version="0.1.0",
+                            now=utc_iso(now - timedelta(seconds=60)))
+        store.register_node("node-z", host="h3", pid=3, address="10.0.0.3:2222", version="0.1.0", now=utc_iso(now))
+        store.stop_node("node-z", 3, utc_iso(now))
+    finally:
+        store.close()
+    r = _cli(home, "cluster", "status")
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("node-")}
+    assert (lines["node-x"][1], lines["node-y"][1], lines["node-z"][1]) == ("alive", "dead", "stopped")
+    assert "journal lag: n/a; archive backlog: n/a; a node is dead after 10s without a heartbeat" in out
