@@ -366,17 +366,17 @@ class MetricsConfig:
     """/readyz fails when the recordings volume has less free space than this (MiB)."""
 
 
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", re.ASCII)
 
 
 def parse_node_id(text: str) -> str:
-    """A cluster node id (``[cluster] node_id``, ``serve --node-id``): 1-63 ASCII letters, digits, '.', '_', '-',
-    starting with a letter or digit (a host name fits).
+    """A cluster node id (``[cluster] node_id``, ``serve --node-id``): 1-253 ASCII letters, digits, '.', '_',
+    '-', starting with a letter or digit (a host name fits).
 
     :raises UsageError: anything else
     """
     if not isinstance(text, str) or not _NODE_ID.fullmatch(text):
-        raise UsageError(f"node id {text!r} is not 1-63 letters, digits, '.', '_' or '-' starting with a letter or "
+        raise UsageError(f"node id {text!r} is not 1-253 letters, digits, '.', '_' or '-' starting with a letter or "
                          "digit", 'e.g. node_id = "broker-a" (or "" for this machine\'s host name)')
     return text
 

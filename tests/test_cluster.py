@@ -498,7 +498,7 @@ def test_serve_refuses_a_bad_node_id(tmp_path: Path) -> None:
     assert _cli(home, "init").returncode == 0
     r = _cli(home, "serve", "--listen", "127.0.0.1:0", "--node-id", "bad id")
     assert r.returncode == 2
-    assert "node id 'bad id' is not 1-63 letters" in r.stderr.decode()
+    assert "node id 'bad id' is not 1-253 letters" in r.stderr.decode()
 
 
 @pytest.mark.openssh
