@@ -551,3 +551,34 @@ def test_cluster_status_text_names_nodes_states_and_na(tmp_path: Path) -> None:
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("node-")}
     assert (lines["node-x"][1], lines["node-y"][1], lines["node-z"][1]) == ("alive", "dead", "stopped")
     assert "journal lag: n/a; archive backlog: n/a; a node is dead after 10s without a heartbeat" in out
+
+
+def test_a_recording_that_is_not_here_is_marked_incomplete_without_a_hash(tmp_path: Path) -> None:
+    """The dead node's recording file is not on this machine and this broker has no journal: the session is still
+    closed (incomplete, the reason), audited with sealed_from null and no final hash; nothing is invented."""
+    from broker.jump import open_jump
+    from broker.live import seal_orphaned_sessions
+    from broker.server import Broker
+
+    home = tmp_path / "home"
+    assert _cli(home, "init").returncode == 0
+    app = open_app(home)
+    try:
+        app.store.insert_session({"id": "20261207-020000-aaaaaa", "user_name": "alice", "device": "ct-01",
+                                  "grant_id": 1, "started_at": at(0), "status": "live",
+                                  "recording": "20261207-020000-aaaaaa.mbr", "broker_pid": 1, "node_id": "far"})
+        rows = app.store.node_live_sessions("far")
+        broker = Broker(app, open_jump=open_jump)
+        results = asyncio.run(seal_orphaned_sessions(broker, rows, "node far stopped responding", node="far",
+                                                     by="here"))
+        assert results == [{"id": "20261207-020000-aaaaaa", "final_hash": None, "sealed_from": None}]
+        row = app.store.get_session("20261207-020000-aaaaaa")
+        assert (row["status"], row["end_reason"], row["final_hash"], row["signature"]) == (
+            "incomplete", "node far stopped responding", None, None)
+        [seal] = [r for r in app.store.audit_rows(event="session.sealed") if r["event"] == "session.sealed"]
+        details = json.loads(seal["details"])
+        assert (details["sealed_from"], details["final_hash"], details["node"], details["by"]) == (
+            None, None, "far", "here")
+        assert not (home / "recordings" / "20261207-020000-aaaaaa.mbr").exists()
+    finally:
+        app.close()
