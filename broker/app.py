@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
-from broker.config import DEFAULT_CONFIG_TOML, BrokerConfig, load_config
+from broker.config import DEFAULT_CONFIG_TOML, BrokerConfig, load_config, parse_archive_url, parse_size
 from broker.errors import BrokerError, ConfigError, StorageError
 from broker.forwards import ProtectedPorts, load_protected_ports
 from broker.grants import GrantRules
-from broker.keys import FileKeyProvider, generate_host_key, generate_signing_key, load_signing_key, verify_hex
+from broker.keys import FileKeyProvider, Secret, generate_host_key, generate_signing_key, load_signing_key, verify_hex
 from broker.siem import JsonLinesSink, build_sinks
 from broker.store import Store, open_store
 from sessions.storage import LocalRecordingStore, RecordingStore
@@ -46,6 +46,7 @@ class App:
     _signing: Ed25519PrivateKey | None = field(default=None, init=False, repr=False)
     _ports: ProtectedPorts | None = field(default=None, init=False, repr=False)
     _alerts: JsonLinesSink | None = field(default=None, init=False, repr=False)
+    _archived: RecordingStore | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.audit = AuditLog(self.store, self.clock, [self._alert_sink])
@@ -75,8 +76,17 @@ class App:
 
     @property
     def recordings(self) -> RecordingStore:
-        """Where this home's recordings live (``recording.dir``); rows name them by key through it."""
-        return LocalRecordingStore(self.config.recordings_dir)
+        """Where this home's recordings live (``recording.dir``; with [archive] also the object store, which
+        readers reach through the same interface); rows name them by key through it.
+
+        :raises ConfigError: [archive] is on and a key file cannot be read
+        """
+        local = LocalRecordingStore(self.config.recordings_dir)
+        if not self.config.archive.url:
+            return local
+        if self._archived is None:
+            self._archived = _archived_store(self.config, local, self.store)
+        return self._archived
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:
@@ -106,6 +116,34 @@ class App:
             if close is not None:
                 close()
         self.store.close()
+
+
+def _archived_store(cfg: BrokerConfig, local: LocalRecordingStore, store: Store) -> RecordingStore:
+    """The local directory backed by the [archive] bucket (keys read from their files, held as Secrets)."""
+    from sessions.archived import ArchivedRecordingStore
+    from sessions.objectstore import ObjectStore
+
+    a = cfg.archive
+    keys: dict[str, Secret[str]] = {}
+    for name in ("access_key_file", "secret_key_file"):
+        path = cfg.path(getattr(a, name))
+        try:
+            keys[name] = Secret(path.read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"archive.{name}: cannot read {path} ({getattr(exc, 'strerror', None) or exc})",
+                              "create the file with the key on one line (chmod 600), or fix the path") from None
+        if not keys[name].reveal():
+            raise ConfigError(f"archive.{name}: {path} is empty", "put the key on one line in it")
+    bucket, prefix = parse_archive_url(a.url)
+    objects = ObjectStore(bucket=bucket, prefix=prefix, endpoint=a.endpoint, region=a.region,
+                          access_key=keys["access_key_file"].reveal(), secret_key=keys["secret_key_file"].reveal(),
+                          timeout=float(cfg.seconds("archive", "timeout")))
+
+    def replaced(key: str, sha256: str, size: int) -> None:
+        store.set_archive_checksum(key, sha256=sha256, size=size)
+
+    return ArchivedRecordingStore(local, objects, cfg.home / "archive-cache", part_size=parse_size(a.part_size),
+                                  on_replaced=replaced)
 
 
 def init_home(home: Path, *, clock: Clock | None = None) -> App:

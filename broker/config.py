@@ -26,6 +26,7 @@ __all__ = [
     "DirectoryConfig",
     "ArchiveConfig",
     "parse_archive_url",
+    "parse_size",
     "RetentionConfig",
     "WebConfig",
     "SiemConfig",

@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from broker.errors import StorageError
+from broker.store.archive import ArchiveQueries
 from broker.store.audit import AuditQueries
 from broker.store.base import dumps
 from broker.store.devices import DeviceQueries
@@ -29,7 +30,8 @@ from broker.store.web import WebQueries
 __all__ = ["Store", "MIGRATIONS", "open_store", "dumps"]
 
 
-class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries):
+class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries,
+            ArchiveQueries):
     """Synchronous access to the broker database.
 
     Async code calls :meth:`run`, which serialises every call on one worker thread.

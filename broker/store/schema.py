@@ -7,7 +7,8 @@ __all__ = ["MIGRATIONS"]
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
 # 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
-# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump.
+# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump; issue 13: 18 PostgreSQL store,
+# 19 recording journal, 20 cluster nodes/duties, 21 archive (S3).
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -252,4 +253,33 @@ MIGRATIONS: dict[int, str | list[str]] = {
     ],
     # 17: ProxyJump (issue 14): how the vendor reached the session ('proxyjump' through ssh -J; NULL direct)
     17: ["ALTER TABLE sessions ADD COLUMN via TEXT"],
+    # 21: recordings archived to S3-compatible storage (issue 13): when and with which SHA-256 a session's
+    # recording was verified in the object store, when its local copy went; multipart uploads in progress
+    # (upload id and the parts already stored) so a pass killed mid-upload resumes instead of starting over
+    21: [
+        "ALTER TABLE sessions ADD COLUMN archived_at TEXT",
+        "ALTER TABLE sessions ADD COLUMN archive_sha256 TEXT",
+        "ALTER TABLE sessions ADD COLUMN archive_size INTEGER",
+        "ALTER TABLE sessions ADD COLUMN local_removed_at TEXT",
+        """CREATE TABLE archive_uploads (
+            session_id TEXT PRIMARY KEY,
+            object_key TEXT NOT NULL,
+            upload_id TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            part_size INTEGER NOT NULL,
+            started_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 1,
+            last_error TEXT
+        )""",
+        """CREATE TABLE archive_upload_parts (
+            upload_id TEXT NOT NULL,
+            part_number INTEGER NOT NULL,
+            etag TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            uploaded_at TEXT NOT NULL,
+            PRIMARY KEY (upload_id, part_number)
+        )""",
+    ],
 }
