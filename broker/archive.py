@@ -108,10 +108,8 @@ def _archive_one(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], *, 
     except (BrokerError, OSError) as exc:
         message = exc.message if isinstance(exc, BrokerError) else f"{key}: {exc.strerror or exc}"
         now = utc_iso(app.clock.now())
-        previous = app.store.archive_upload(sid)
-        if previous is not None:
-            app.store.note_archive_attempt(sid, error=message[:500], now=now, resumed=False)
-        if previous is None or previous["last_error"] != message[:500]:
+        app.store.note_archive_attempt(sid, error=message[:500], now=now, resumed=False)
+        if app.store.last_archive_error(sid) != message[:500]:  # a store down for a day: one row, not 1440
             app.audit.record("recording.archive.failed", actor=actor, user=row["user_name"], device=row["device"],
                              session_id=sid, grant_id=row["grant_id"], source=source, key=key, error=message[:500],
                              url=rec.objects.url)

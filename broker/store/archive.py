@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from broker.store.base import StoreBase
@@ -67,6 +68,14 @@ class ArchiveQueries(StoreBase):
             conn.execute("DELETE FROM archive_upload_parts WHERE upload_id IN "
                          "(SELECT upload_id FROM archive_uploads WHERE session_id = ?)", (session_id,))
             conn.execute("DELETE FROM archive_uploads WHERE session_id = ?", (session_id,))
+
+    def last_archive_error(self, session_id: str) -> str | None:
+        """The error of the session's latest ``recording.archive.failed`` audit row (to audit each error once)."""
+        row = self.one("SELECT details FROM audit_events WHERE event = 'recording.archive.failed' AND session_id = ? "
+                       "ORDER BY id DESC LIMIT 1", (session_id,))
+        if row is None:
+            return None
+        return str(json.loads(row["details"]).get("error"))
 
     # ------------------------------------------------------------------ results
     def mark_archived(self, session_id: str, *, sha256: str, size: int, now: str) -> None:

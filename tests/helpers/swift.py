@@ -136,6 +136,8 @@ class Swift:
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
                 continue
+            if name in self.logs:  # a restart after kill(): the old process's log handle
+                self.logs[name].close()  # type: ignore[attr-defined]
             log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
             self.logs[name] = log
             self.procs[name] = subprocess.Popen(

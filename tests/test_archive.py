@@ -1,0 +1,264 @@
+"""Recordings archived to a real S3-compatible store (OpenStack Swift + s3api): uploaded, verified, resumable,
+and read back through the recording store by replay, export, audit verify and retention."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sessions.retention import is_redacted
+from staff_support import StaffHome, make_staff_home
+
+OLD = datetime.now(timezone.utc) - timedelta(days=200)
+SECRET = b"PATIENT Jane Doe 1970-01-01"
+SCRIPT = [(0, "pty", 1, {"term": "xterm", "cols": 80, "rows": 24}), (0, "shell", 1, {}),
+          (1, "output", 1, b"$ "), (1, "input", 1, b"cat /var/log/scan.log\r"),
+          (0.1, "output", 1, b"cat /var/log/scan.log\r\n" + SECRET + b"\r\n" + b"scan ok\r\n" * 2000 + b"$ "),
+          (0, "exec", 3, {"command": "uptime"}), (0.1, "output", 3, b" 10:00 up 3 days\n"), (0, "exit", 3, {"status": 0})]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def new_bucket(swift: Any) -> str:
+    return swift.create_bucket(f"mb-{uuid.uuid4().hex[:16]}")
+
+
+def archive_home(tmp_path: Path, swift: Any, *, prefix: str = "site-a/", extra: str = "", **archive: str) -> StaffHome:
+    bucket = new_bucket(swift)
+    keys = tmp_path / "s3keys"
+    keys.mkdir()
+    cfg = swift.config(keys, bucket, prefix, **archive) + extra
+    h = make_staff_home(tmp_path, cfg)
+    h.bucket = bucket  # type: ignore[attr-defined]
+    return h
+
+
+def obj(swift: Any, bucket: str, key: str) -> bytes:
+    return swift.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_sealed_recordings_are_uploaded_verified_and_recorded_once(tmp_path, swift):
+    h = archive_home(tmp_path, swift)
+    try:
+        g = h.grant()
+        a = h.record_session("20261201-080000-arc001", SCRIPT, grant_id=g.id)
+        b = h.record_session("20261201-090000-arc002", SCRIPT[:4], grant_id=g.id, encrypt=False)
+        local = {r["id"]: Path(r["recording"]).read_bytes() for r in (a, b)}
+        doc = h.json("archive", "run")
+        assert (doc["archived"], doc["failed"], doc["local_removed"]) == (2, 0, 0)
+        assert doc["url"] == f"s3://{h.bucket}/site-a/" and doc["backlog"] == {"waiting": 0, "uploading": 0}
+        for sid, data in local.items():
+            # the object (looked at with another client) holds exactly the local bytes, under prefix + key
+            assert obj(swift, h.bucket, f"site-a/{sid}.mbr") == data
+            row = h.app.store.get_session(sid)
+            assert row["archived_at"] and row["archive_sha256"] == sha(data) and row["archive_size"] == len(data)
+            assert row["local_removed_at"] is None and Path(row["recording"]).read_bytes() == data  # kept: "never"
+        events = h.app.store.audit_rows(event="recording.archived")
+        assert sorted(e["session_id"] for e in events) == sorted(local)
+        details = json.loads(events[0]["details"])
+        assert details["sha256"] == sha(local[events[0]["session_id"]]) and details["parts"] == 1
+        assert details["local_removed"] is False
+        # a second pass finds nothing to do and changes nothing
+        again = h.json("archive", "run")
+        assert (again["archived"], again["sessions"]) == (0, [])
+        assert len(h.app.store.audit_rows(event="recording.archived")) == 2
+        # a live session is never archived
+        assert h.app.store.archive_candidates() == []
+    finally:
+        h.close()
+
+
+def test_archived_only_recordings_replay_export_verify_and_retention(tmp_path, swift):
+    """delete_local_after = now: only the object store has the recording; every reader still works, byte for byte,
+    and retention redacts the archived object (download, rewrite, upload the replacement, read it back)."""
+    h = archive_home(tmp_path, swift, delete_local_after="true")
+    try:
+        g = h.grant()
+        old = h.record_session("20260501-080000-arc003", SCRIPT, grant_id=g.id, started=OLD)
+        sid = old["id"]
+        replay_before = h.cli("replay", sid, "--instant").stdout
+        export_before = tmp_path / "before.cast"
+        h.cli("export", sid, "--format", "asciicast", "-o", str(export_before))
+        local = Path(old["recording"])
+        original = local.read_bytes()
+
+        doc = h.json("archive", "run")
+        assert doc["archived"] == 1 and doc["local_removed"] == 1
+        assert not local.exists() and h.app.store.get_session(sid)["local_removed_at"]
+        assert obj(swift, h.bucket, f"site-a/{sid}.mbr") == original
+
+        assert SECRET.decode() in replay_before
+        assert h.cli("replay", sid, "--instant").stdout == replay_before
+        export_after = tmp_path / "after.cast"
+        h.cli("export", sid, "--format", "asciicast", "-o", str(export_after))
+        assert export_after.read_bytes() == export_before.read_bytes()
+        verify = h.json("audit", "verify")
+        assert [r["state"] for r in verify["recordings"]] == ["ok"], verify
+        assert not local.exists()  # readers used a cached download, never the recordings directory
+
+        # a copied home whose bucket lost the object: verify says missing (nothing is read from elsewhere)
+        swift.client().copy_object(Bucket=h.bucket, Key="keep", CopySource={"Bucket": h.bucket,
+                                                                            "Key": f"site-a/{sid}.mbr"})
+        swift.client().delete_object(Bucket=h.bucket, Key=f"site-a/{sid}.mbr")
+        h.cli("audit", "verify", code=1)
+        swift.client().copy_object(Bucket=h.bucket, Key=f"site-a/{sid}.mbr", CopySource={"Bucket": h.bucket,
+                                                                                         "Key": "keep"})
+        # retention on the archived-only recording
+        ret = h.json("retention", "apply", "--by", "carol")
+        assert [(s["session_id"], s["state"]) for s in ret["sessions"]] == [(sid, "removed")], ret
+        redacted = obj(swift, h.bucket, f"site-a/{sid}.mbr")
+        probe = tmp_path / "probe.mbr"
+        probe.write_bytes(redacted)
+        assert is_redacted(probe) and SECRET not in redacted and len(redacted) < len(original)
+        row = h.app.store.get_session(sid)
+        assert row["payload_removed_at"] and row["archive_sha256"] == sha(redacted)
+        assert row["archive_size"] == len(redacted)
+        assert not local.exists()
+        verify = h.json("audit", "verify")
+        assert [r["state"] for r in verify["recordings"]] == ["ok"], verify
+        assert "removed by retention" in h.cli("replay", sid, "--instant", code=1).stderr
+        text = tmp_path / "after.txt"
+        h.cli("export", sid, "--format", "text", "-o", str(text))  # metadata and events, from the object
+        assert "uptime" in text.read_text() and SECRET.decode() not in text.read_text()
+    finally:
+        h.close()
+
+
+def test_archive_failure_is_reported_and_audited_once(tmp_path, swift):
+    """A bucket that does not exist: the pass fails with the reason and exit 1, audits it once per distinct error."""
+    h = archive_home(tmp_path, swift)
+    try:
+        g = h.grant()
+        h.record_session("20261201-080000-arc004", SCRIPT, grant_id=g.id)
+        swift.client().delete_bucket(Bucket=h.bucket)
+        r = h.cli("archive", "run", "--json", code=1)
+        doc = json.loads(r.stdout)
+        assert doc["failed"] == 1 and "NoSuchBucket" in doc["sessions"][0]["detail"]
+        h.cli("archive", "run", "--json", code=1)
+        failed = h.app.store.audit_rows(event="recording.archive.failed")
+        assert len(failed) == 1 and "NoSuchBucket" in json.loads(failed[0]["details"])["error"]
+        assert h.app.store.get_session("20261201-080000-arc004")["archived_at"] is None
+        swift.create_bucket(h.bucket)
+        assert h.json("archive", "run")["archived"] == 1
+    finally:
+        h.close()
+
+
+def test_local_copies_go_only_after_their_age_and_only_while_the_object_verifies(tmp_path, swift):
+    h = archive_home(tmp_path, swift, delete_local_after='"1d"')
+    try:
+        g = h.grant()
+        row = h.record_session("20261201-080000-arc005", SCRIPT, grant_id=g.id)
+        assert h.json("archive", "run")["local_removed"] == 0
+        assert Path(row["recording"]).exists()
+        # archived two days ago (as if): the next pass removes the local copy, once the object checks out
+        h.sql("UPDATE sessions SET archived_at = ? WHERE id = ?",
+              ((datetime.now(timezone.utc) - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), row["id"]))
+        swift.client().put_object(Bucket=h.bucket, Key=f"site-a/{row['id']}.mbr", Body=b"replaced by someone")
+        doc = h.json("archive", "run")
+        assert [s["state"] for s in doc["sessions"]] == ["skipped"] and Path(row["recording"]).exists()
+        swift.client().put_object(Bucket=h.bucket, Key=f"site-a/{row['id']}.mbr",
+                                  Body=Path(row["recording"]).read_bytes(),
+                                  Metadata={"sha256": h.app.store.get_session(row["id"])["archive_sha256"]})
+        doc = h.json("archive", "run")
+        assert [s["state"] for s in doc["sessions"]] == ["local_removed"]
+        assert not Path(row["recording"]).exists()
+        assert [e["session_id"] for e in h.app.store.audit_rows(event="recording.local_removed")] == [row["id"]]
+    finally:
+        h.close()
+
+
+def test_a_tampered_object_is_refused_when_read(tmp_path, swift):
+    h = archive_home(tmp_path, swift, delete_local_after="true")
+    try:
+        g = h.grant()
+        row = h.record_session("20261201-080000-arc006", SCRIPT, grant_id=g.id)
+        h.json("archive", "run")
+        data = bytearray(obj(swift, h.bucket, f"site-a/{row['id']}.mbr"))
+        data[-10] ^= 1
+        swift.client().put_object(Bucket=h.bucket, Key=f"site-a/{row['id']}.mbr", Body=bytes(data),
+                                  Metadata={"sha256": row_sha(h, row["id"])})
+        r = h.cli("replay", row["id"], "--instant", code=1)
+        assert "archived with" in r.stderr and "object store altered it" in r.stderr
+        h.cli("audit", "verify", code=1)
+    finally:
+        h.close()
+
+
+def row_sha(h: StaffHome, sid: str) -> str:
+    return h.app.store.get_session(sid)["archive_sha256"]
+
+
+# ---------------------------------------------------------------------------- kill the store mid-upload
+def big_script(mib: int) -> list[tuple[float, str, int, Any]]:
+    block = os.urandom(256 * 1024)
+    out: list[tuple[float, str, int, Any]] = [(0, "shell", 1, {})]
+    for i in range(mib * 4):
+        out.append((0.001, "output", 1, block[i % 7:] + block[:i % 7]))  # no two frames alike
+    return out
+
+
+def _parts(db: Path) -> int:
+    conn = sqlite3.connect(db, timeout=5)
+    try:
+        return conn.execute("SELECT count(*) FROM archive_upload_parts").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def test_killing_the_object_store_mid_upload_resumes_on_the_next_pass(tmp_path, swift):
+    h = archive_home(tmp_path, swift, part_size='"5MiB"')
+    try:
+        g = h.grant()
+        row = h.record_session("20261201-080000-big001", big_script(48), grant_id=g.id, encrypt=False, index=False)
+        size = Path(row["recording"]).stat().st_size
+        assert size > 48 * 2**20
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        first = subprocess.Popen([sys.executable, "-m", "broker.cli", "--home", str(h.path), "archive", "run",
+                                  "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        deadline = time.monotonic() + 120
+        while _parts(h.path / "medbroker.db") < 3 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stored_before_kill = _parts(h.path / "medbroker.db")
+        swift.kill()
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 1, (out, err)
+        doc = json.loads(out)
+        assert doc["failed"] == 1 and doc["archived"] == 0
+        assert 3 <= stored_before_kill < 10
+        upload = h.app.store.archive_upload(row["id"])
+        assert upload is not None and len(upload["parts"]) >= 3
+        assert h.app.store.get_session(row["id"])["archived_at"] is None
+        swift.start()
+        started = time.monotonic()
+        doc = h.json("archive", "run")
+        took = time.monotonic() - started
+        assert doc["archived"] == 1, doc
+        result = doc["sessions"][0]
+        assert result["parts"] == -(-size // (5 * 2**20)) and result["parts_reused"] >= 3
+        data = Path(row["recording"]).read_bytes()
+        assert sha(obj(swift, h.bucket, f"site-a/{row['id']}.mbr")) == sha(data)
+        assert h.app.store.archive_upload(row["id"]) is None
+        assert h.app.store.get_session(row["id"])["archive_sha256"] == sha(data)
+        print(f"\nresume after kill: {result['parts_reused']} of {result['parts']} parts reused, "
+              f"{size / 2**20:.1f} MiB object finished and verified in {took:.2f} s")
+    finally:
+        if any(p.poll() is not None for p in swift.procs.values()):
+            swift.start()
+        h.close()
