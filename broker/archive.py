@@ -29,7 +29,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from broker.clock import utc_iso
 from broker.errors import BrokerError, StorageError
@@ -77,26 +77,38 @@ def _store(app: App) -> ArchivedRecordingStore:
     return rec
 
 
-def archive_pass(app: App, *, limit: int | None = None, actor: str = "system", source: str = "archive") \
-        -> list[ArchiveResult]:
+class _Stopped(Exception):
+    """``should_stop`` said so between two parts: the upload stays recorded and resumes next pass."""
+
+
+def archive_pass(app: App, *, limit: int | None = None, actor: str = "system", source: str = "archive",
+                 should_stop: Callable[[], bool] | None = None) -> list[ArchiveResult]:
     """Archive what is waiting, then remove local copies that are due; safe to run again at any time.
 
     :param limit: at most this many sessions to upload this pass
+    :param should_stop: asked between parts and sessions (``serve`` shutting down); True ends the pass there
     :raises StorageError: archiving is off
     """
     rec = _store(app)
+    stop = should_stop or (lambda: False)
     results: list[ArchiveResult] = []
     for row in app.store.archive_candidates(limit):
-        result = _archive_one(app, rec, row, actor=actor, source=source)
+        if stop():
+            return results
+        try:
+            result = _archive_one(app, rec, row, actor=actor, source=source, stop=stop)
+        except _Stopped:
+            return results
         results.append(result)
         if result.state == "failed":
             return results
-    results.extend(_remove_due_local_copies(app, rec, actor=actor, source=source))
+    if not stop():
+        results.extend(_remove_due_local_copies(app, rec, actor=actor, source=source))
     return results
 
 
-def _archive_one(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], *, actor: str, source: str) \
-        -> ArchiveResult:
+def _archive_one(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], *, actor: str, source: str,
+                 stop: Callable[[], bool]) -> ArchiveResult:
     sid = row["id"]
     try:
         key = rec.key_of(row["recording"])
@@ -104,7 +116,7 @@ def _archive_one(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], *, 
         return ArchiveResult(sid, str(row["recording"])[:200], "skipped", detail=exc.message)
     started = time.monotonic()
     try:
-        return _upload(app, rec, row, key, started, actor=actor, source=source)
+        return _upload(app, rec, row, key, started, actor=actor, source=source, stop=stop)
     except (BrokerError, OSError) as exc:
         message = exc.message if isinstance(exc, BrokerError) else f"{key}: {exc.strerror or exc}"
         now = utc_iso(app.clock.now())
@@ -118,7 +130,7 @@ def _archive_one(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], *, 
 
 
 def _upload(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], key: str, started: float, *,
-            actor: str, source: str) -> ArchiveResult:
+            actor: str, source: str, stop: Callable[[], bool]) -> ArchiveResult:
     sid = row["id"]
     objects, store = rec.objects, app.store
     path = rec.local.local_path(key)
@@ -162,6 +174,8 @@ def _upload(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], key: str
                 etags.append(have[0])
                 reused += 1
                 continue
+            if stop():
+                raise _Stopped
             etag = objects.upload_part(key, upload_id, number, data)
             store.record_archive_part(sid, upload_id, number, etag, len(data), utc_iso(app.clock.now()))
             etags.append(etag)

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import asyncssh
 
 from broker.app import App, default_policy_file
+from broker.archive import archive_pass
 from broker.audit import write_checkpoint
 from broker.clock import display_zone, parse_utc, utc_iso
 from broker.config import format_duration, parse_duration
@@ -105,6 +106,9 @@ class Broker:
         # [directory]: control-loop ticks (0.5 s) between re-reads of every directory user (0 = no directory)
         self.directory_ticks = max(1, app.config.seconds("directory", "sync_interval") * 2) \
             if app.config.directory.url else 0
+        # [archive]: control-loop ticks between archive passes (0 = no archive); one pass at a time
+        self.archive_ticks = max(1, app.config.seconds("archive", "interval") * 2) if app.config.archive.url else 0
+        self.archiving = False
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
@@ -171,6 +175,8 @@ class Broker:
                                                                self.app.clock.now())))
                 if self.duties and self.directory_ticks and tick % self.directory_ticks == 1:  # [directory] sync
                     self.spawn(run_directory_sync(self.app, self.db))
+                if self.duties and self.archive_ticks and tick % self.archive_ticks == 1 and not self.archiving:
+                    self.spawn(self.run_archive())
                 if tick % RECENT_TICKS == 0:
                     self.spawn(self.refresh_recent())
                 if self.connections:
@@ -261,6 +267,17 @@ class Broker:
             await self.db(lambda: write_checkpoint(self.app.audit, self.app.signing_key))
         except Exception:
             log.exception("writing the audit checkpoint failed")
+
+    async def run_archive(self) -> None:
+        """One archive pass (broker/archive.py) on a thread of its own (uploads take long; the store thread and
+        the loop stay free); it stops between parts once the broker is stopping, and the next start resumes."""
+        self.archiving = True
+        try:
+            await asyncio.to_thread(archive_pass, self.app, source="serve", should_stop=lambda: self.stopping)
+        except Exception:  # logged; the next interval tries again
+            log.exception("archive pass failed")
+        finally:
+            self.archiving = False
 
     def policy_for(self, live: LiveSession) -> SessionPolicy:
         """The data-protection policy for one live session's channels."""
