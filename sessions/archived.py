@@ -122,6 +122,14 @@ class ArchivedRecordingStore(RecordingStore):
             self.replace_object(key, path)
         return result
 
+    def rewritten(self, stored: str | os.PathLike[str]) -> None:
+        """Upload the rewritten file when the archived object still holds something else."""
+        key = self.key_of(stored)
+        info = self.objects.head(key)
+        path = self.local_path(stored)
+        if info is not None and path.is_file() and info.sha256 != sha256_file(path)[0]:
+            self.replace_object(key, path)
+
     def replace_object(self, key: str, path: Path) -> tuple[str, int]:
         """Upload ``path`` as the archived object ``key``, read it back, check it; ``on_replaced`` is told.
 

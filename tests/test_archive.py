@@ -88,13 +88,14 @@ def test_archived_only_recordings_replay_export_verify_and_retention(tmp_path, s
     h = archive_home(tmp_path, swift, delete_local_after="true")
     try:
         g = h.grant()
-        old = h.record_session("20260501-080000-arc003", SCRIPT, grant_id=g.id, started=OLD)
+        old = h.record_session("20260501-080000-arc003", SCRIPT, grant_id=g.id, started=OLD, encrypt=False)
         sid = old["id"]
         replay_before = h.cli("replay", sid, "--instant").stdout
         export_before = tmp_path / "before.cast"
         h.cli("export", sid, "--format", "asciicast", "-o", str(export_before))
         local = Path(old["recording"])
         original = local.read_bytes()
+        assert SECRET in original  # stored in clear, so its absence after retention means something
 
         doc = h.json("archive", "run")
         assert doc["archived"] == 1 and doc["local_removed"] == 1
@@ -261,4 +262,27 @@ def test_killing_the_object_store_mid_upload_resumes_on_the_next_pass(tmp_path, 
     finally:
         if any(p.poll() is not None for p in swift.procs.values()):
             swift.start()
+        h.close()
+
+
+def test_retention_interrupted_before_the_upload_replaces_the_archived_copy_next_run(tmp_path, swift):
+    """Retention rewrote the local copy but died before replacing the archived object: the next run finds the
+    redacted local file and uploads it, so the store never keeps the payload retention removed."""
+    from sessions.retention import redact_recording
+
+    h = archive_home(tmp_path, swift)
+    try:
+        g = h.grant()
+        row = h.record_session("20260501-080000-arc007", SCRIPT, grant_id=g.id, started=OLD, encrypt=False)
+        h.json("archive", "run")
+        assert SECRET in obj(swift, h.bucket, f"site-a/{row['id']}.mbr")
+        redact_recording(Path(row["recording"]), private_key=h.app.signing_key, removed_at=datetime.now(timezone.utc),
+                         policy_days=180, expected_final_hash=row["final_hash"], signature=row["signature"])
+        ret = h.json("retention", "apply", "--by", "carol")
+        assert [(s["state"], s["detail"]) for s in ret["sessions"]] == [("removed", "finished an interrupted earlier run")]
+        stored = obj(swift, h.bucket, f"site-a/{row['id']}.mbr")
+        assert SECRET not in stored and stored == Path(row["recording"]).read_bytes()
+        assert row_sha(h, row["id"]) == sha(stored)
+        assert [r["state"] for r in h.json("audit", "verify")["recordings"]] == ["ok"]
+    finally:
         h.close()
