@@ -20,6 +20,8 @@ from broker.grants import GrantRules
 from broker.keys import FileKeyProvider, Secret, generate_host_key, generate_signing_key, load_signing_key, verify_hex
 from broker.siem import JsonLinesSink, build_sinks
 from broker.store import Store, open_store
+from sessions.archived import ArchivedRecordingStore
+from sessions.objectstore import ObjectStore
 from sessions.storage import LocalRecordingStore, RecordingStore
 
 __all__ = ["App", "init_home", "open_app", "check_home", "CheckResult", "ALERT_EVENTS", "default_policy_file"]
@@ -46,7 +48,7 @@ class App:
     _signing: Ed25519PrivateKey | None = field(default=None, init=False, repr=False)
     _ports: ProtectedPorts | None = field(default=None, init=False, repr=False)
     _alerts: JsonLinesSink | None = field(default=None, init=False, repr=False)
-    _archived: RecordingStore | None = field(default=None, init=False, repr=False)
+    _archived: ArchivedRecordingStore | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.audit = AuditLog(self.store, self.clock, [self._alert_sink])
@@ -118,11 +120,8 @@ class App:
         self.store.close()
 
 
-def _archived_store(cfg: BrokerConfig, local: LocalRecordingStore, store: Store) -> RecordingStore:
+def _archived_store(cfg: BrokerConfig, local: LocalRecordingStore, store: Store | None) -> ArchivedRecordingStore:
     """The local directory backed by the [archive] bucket (keys read from their files, held as Secrets)."""
-    from sessions.archived import ArchivedRecordingStore
-    from sessions.objectstore import ObjectStore
-
     a = cfg.archive
     keys: dict[str, Secret[str]] = {}
     for name in ("access_key_file", "secret_key_file"):
@@ -140,7 +139,8 @@ def _archived_store(cfg: BrokerConfig, local: LocalRecordingStore, store: Store)
                           timeout=float(cfg.seconds("archive", "timeout")))
 
     def replaced(key: str, sha256: str, size: int) -> None:
-        store.set_archive_checksum(key, sha256=sha256, size=size)
+        if store is not None:
+            store.set_archive_checksum(key, sha256=sha256, size=size)
 
     return ArchivedRecordingStore(local, objects, cfg.home / "archive-cache", part_size=parse_size(a.part_size),
                                   on_replaced=replaced)
@@ -240,6 +240,8 @@ def check_home(home: Path) -> list[CheckResult]:
     rec = cfg.recordings_dir
     results.append(_check_recordings(rec))
     policy = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file else default_policy_file()
+    if cfg.archive.url:
+        results.append(_check_archive(cfg))
     results.append(CheckResult("policy", policy.exists(), str(policy) if policy.exists() else f"{policy} is missing"))
     if policy.exists():
         try:
@@ -249,6 +251,22 @@ def check_home(home: Path) -> list[CheckResult]:
         except ConfigError as exc:
             results.append(CheckResult("forward ports", False, str(exc)))
     return results
+
+
+def _check_archive(cfg: BrokerConfig) -> CheckResult:
+    """[archive]: the key files are readable and private, and the bucket answers a listing with them."""
+    secret = cfg.path(cfg.archive.secret_key_file)
+    try:
+        if secret.stat().st_mode & 0o077:
+            return CheckResult("archive", False, f"{secret} is readable by others; run: chmod 600 {secret}")
+        objects = _archived_store(cfg, LocalRecordingStore(cfg.recordings_dir), None).objects
+        found = objects.probe()
+    except OSError as exc:
+        return CheckResult("archive", False, f"archive.secret_key_file: cannot read {secret} ({exc.strerror})")
+    except BrokerError as exc:
+        return CheckResult("archive", False, str(exc))
+    return CheckResult("archive", True, f"{objects.url} at {objects.endpoint} ({found}{'+' if found >= 1000 else ''} "
+                                        "objects under the prefix)")
 
 
 def _check_recordings(rec: Path) -> CheckResult:

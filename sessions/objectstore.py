@@ -186,6 +186,18 @@ class ObjectStore:
             if not page.get("IsTruncated") or not token:
                 return
 
+    def probe(self) -> int:
+        """Check the bucket can be listed with these keys; returns how many keys the first page under the
+        prefix holds (at most 1000).
+
+        :raises StorageError: unreachable, refused, or no such bucket
+        """
+        try:
+            page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1000)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "listing") from exc
+        return int(page.get("KeyCount", len(page.get("Contents", ()))))
+
     # ------------------------------------------------------------------ writing
     def start_upload(self, key: str, sha256: str) -> str:
         """Begin a multipart upload whose object will carry ``sha256`` as metadata; returns its upload id."""

@@ -286,3 +286,25 @@ def test_retention_interrupted_before_the_upload_replaces_the_archived_copy_next
         assert [r["state"] for r in h.json("audit", "verify")["recordings"]] == ["ok"]
     finally:
         h.close()
+
+
+def test_check_reports_the_archive(tmp_path, swift):
+    from broker.app import check_home
+
+    h = archive_home(tmp_path, swift)
+    try:
+        h.json("archive", "run")
+        [line] = [c for c in check_home(h.path) if c.name == "archive"]
+        assert line.ok and f"s3://{h.bucket}/site-a/" in line.detail and swift.endpoint in line.detail
+        secret = tmp_path / "s3keys" / "s3-secret"
+        secret.write_text("not-the-secret\n")
+        [line] = [c for c in check_home(h.path) if c.name == "archive"]
+        assert not line.ok and "SignatureDoesNotMatch" in line.detail and "not-the-secret" not in line.detail
+        secret.chmod(0o644)
+        [line] = [c for c in check_home(h.path) if c.name == "archive"]
+        assert not line.ok and "chmod 600" in line.detail
+        secret.unlink()
+        [line] = [c for c in check_home(h.path) if c.name == "archive"]
+        assert not line.ok and "archive.secret_key_file" in line.detail
+    finally:
+        h.close()
