@@ -44,6 +44,9 @@ __all__ = ["ArchiveResult", "archive_pass", "archive_enabled"]
 
 log = logging.getLogger("medbroker.archive")
 
+CACHE_KEEP_S = 86400
+"""Downloads of archived-only recordings (``HOME/archive-cache``) unused this long are removed by a pass."""
+
 
 @dataclass(frozen=True)
 class ArchiveResult:
@@ -104,6 +107,10 @@ def archive_pass(app: App, *, limit: int | None = None, actor: str = "system", s
             return results
     if not stop():
         results.extend(_remove_due_local_copies(app, rec, actor=actor, source=source))
+        try:
+            rec.prune_cache(CACHE_KEEP_S)
+        except OSError as exc:  # a cache that cannot be cleaned is no reason to fail the pass
+            log.warning("pruning %s failed: %s", rec.cache_dir, exc)
     return results
 
 

@@ -11,6 +11,7 @@ new checksum (``on_replaced``), so the database keeps naming what the store hold
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -70,6 +71,7 @@ class ArchivedRecordingStore(RecordingStore):
         want = info.sha256
         if cache.is_file() and stamp.is_file() and want and stamp.read_text().strip() == want \
                 and cache.stat().st_size == info.size:
+            os.utime(cache)  # used now: prune_cache keeps it
             return cache
         sha, size = self.objects.download(key, cache)
         if want and sha != want:
@@ -79,6 +81,20 @@ class ArchivedRecordingStore(RecordingStore):
                                       "then run: medbroker audit verify")
         stamp.write_text(sha + "\n")
         return cache
+
+    def prune_cache(self, older_than_s: float) -> int:
+        """Remove downloads not used for ``older_than_s`` seconds (a reader holding one open keeps reading it);
+        returns how many recordings went."""
+        if not self.cache_dir.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self.cache_dir.rglob("*"):
+            if path.is_file() and not path.name.endswith(".sha256") and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def open_for_read(self, stored: str | os.PathLike[str]) -> BinaryIO:
         return open(self.local_path(stored), "rb")

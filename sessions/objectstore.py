@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -151,7 +152,7 @@ class ObjectStore:
 
         :returns: ``(hex SHA-256, size)`` of what was written
         """
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part")  # readers on two threads
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         h = hashlib.sha256()
         size = 0

@@ -308,3 +308,33 @@ def test_check_reports_the_archive(tmp_path, swift):
         assert not line.ok and "archive.secret_key_file" in line.detail
     finally:
         h.close()
+
+
+def test_archive_run_without_an_archive_says_how_to_configure_one(tmp_path):
+    h = make_staff_home(tmp_path)
+    try:
+        r = h.cli("archive", "run", code=1)
+        assert "archiving is off" in r.stderr and "s3://BUCKET/PREFIX" in r.stderr
+    finally:
+        h.close()
+
+
+def test_downloads_are_cached_while_used_and_pruned_after(tmp_path, swift):
+    h = archive_home(tmp_path, swift, delete_local_after="true")
+    try:
+        g = h.grant()
+        row = h.record_session("20261201-080000-arc008", SCRIPT, grant_id=g.id)
+        h.json("archive", "run")
+        cached = h.app.recordings.local_path(row["recording"])
+        assert cached.is_relative_to(h.path / "archive-cache") and cached.read_bytes() == obj(
+            swift, h.bucket, f"site-a/{row['id']}.mbr")
+        assert not (h.path / "recordings" / f"{row['id']}.mbr").exists()
+        old = time.time() - 2 * 86400
+        os.utime(cached, (old, old))
+        assert h.app.recordings.local_path(row["recording"]) == cached and cached.stat().st_mtime > old  # reused
+        os.utime(cached, (old, old))
+        h.json("archive", "run")  # a pass prunes downloads unused for a day
+        assert not cached.exists()
+        assert [r["state"] for r in h.json("audit", "verify")["recordings"]] == ["ok"]  # downloads again
+    finally:
+        h.close()
