@@ -196,8 +196,19 @@ def test_a_tampered_object_is_refused_when_read(tmp_path, swift):
         r = h.cli("replay", row["id"], "--instant", code=1)
         assert "archived with" in r.stderr and "object store altered it" in r.stderr
         h.cli("audit", "verify", code=1)
+        assert report(h, tmp_path)["summary"]["recordings_failing_verification"] == 1
     finally:
         h.close()
+
+
+def report(h: StaffHome, tmp_path: Path) -> dict[str, Any]:
+    """The signed JSON maintenance report of today (it verifies every recording through the store)."""
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    out = tmp_path / "report.json"
+    h.cli("report", "--from", today, "--to", today, "--format", "json", "-o", str(out), "--by", "carol")
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["sessions"] == 1
+    return doc
 
 
 def row_sha(h: StaffHome, sid: str) -> str:
@@ -336,5 +347,6 @@ def test_downloads_are_cached_while_used_and_pruned_after(tmp_path, swift):
         h.json("archive", "run")  # a pass prunes downloads unused for a day
         assert not cached.exists()
         assert [r["state"] for r in h.json("audit", "verify")["recordings"]] == ["ok"]  # downloads again
+        assert report(h, tmp_path)["summary"]["recordings_failing_verification"] == 0
     finally:
         h.close()
