@@ -350,3 +350,27 @@ def test_downloads_are_cached_while_used_and_pruned_after(tmp_path, swift):
         assert report(h, tmp_path)["summary"]["recordings_failing_verification"] == 0
     finally:
         h.close()
+
+
+def test_metrics_show_the_archive_backlog_and_archived_bytes(tmp_path, swift):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from broker.health import Health
+
+    def samples(health: Health) -> dict[str, float]:
+        return {s.name: s.value for f in text_string_to_metric_families(health.render().decode()) for s in f.samples
+                if s.name.startswith(("medbroker_archive", "medbroker_archived"))}
+
+    h = archive_home(tmp_path, swift)
+    try:
+        health = Health(h.app)
+        g = h.grant()
+        samples(health)  # the first scrape starts the counters at the current audit row
+        row = h.record_session("20261201-080000-arc009", SCRIPT, grant_id=g.id)
+        assert samples(health)["medbroker_archive_waiting"] == 1
+        h.json("archive", "run")
+        after = samples(health)
+        assert after["medbroker_archive_waiting"] == 0 and after["medbroker_archive_uploads"] == 0
+        assert after["medbroker_archived_bytes_total"] == Path(row["recording"]).stat().st_size
+    finally:
+        h.close()
