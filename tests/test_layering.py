@@ -71,6 +71,8 @@ TABLE: dict[str, Row] = {
     "ops": Row(3, ("broker/session_ops.py",), ("core", "store", "keys", "domain", "recording", "app"), (),
                "what the CLI and the web both do with a session (look up, end, verify, list live); no asyncssh, "
                "typer or starlette"),
+    "journal": Row(3, ("broker/journal.py",), ("core", "store", "recording"), (),
+                   "the recording journal: the writer's sink, rebuild, following a journal (issue 13)"),
     "archive": Row(3, ("broker/archive.py",), ("core", "store", "keys", "domain", "recording", "objects", "app"), (),
                    "archiving sealed recordings to object storage (one pass, resumable); no asyncssh or typer"),
     "report": Row(3, ("broker/report.py",), ("core", "store", "keys", "domain", "recording", "export"),
@@ -80,13 +82,13 @@ TABLE: dict[str, Row] = {
                       "broker/sshconfig.py",
                       "broker/session_context.py", "broker/channels.py", "broker/live_forwards.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "directory",
-                   "archive"),
+                   "journal", "archive"),
                   ("asyncssh", "uvloop"),
                   "the asyncssh adapter"),
     "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/serve.py",
                       "broker/workers.py", "broker/web.py", "broker/web_*.py", "broker/health.py", "broker/service.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "report",
-                   "server", "directory", "ops", "objects", "archive"), None,
+                   "server", "directory", "ops", "journal", "objects", "archive"), None,
                   "argv, printing, exit codes, HTTP"),
 }
 NEVER_IN_LAYER_2 = ("asyncssh", "typer")

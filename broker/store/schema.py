@@ -253,19 +253,32 @@ MIGRATIONS: dict[int, str | list[str]] = {
     ],
     # 17: ProxyJump (issue 14): how the vendor reached the session ('proxyjump' through ssh -J; NULL direct)
     17: ["ALTER TABLE sessions ADD COLUMN via TEXT"],
+    # 19: the recording journal (issue 13): each row is exactly the bytes one writer batch appended to the
+    # session's .mbr file (seq 0: the header and its hash; otherwise the first frame's sequence number), so the
+    # file is the concatenation of its rows in seq order. Rows go once the recording is sealed (and archived).
+    19: [
+        """CREATE TABLE recording_journal (
+            session_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            at TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        )""",
+    ],
     # 21: recordings archived to S3-compatible storage (issue 13): when and with which SHA-256 a session's
     # recording was verified in the object store, when its local copy went; multipart uploads in progress
     # (upload id and the parts already stored) so a pass killed mid-upload resumes instead of starting over
     21: [
         "ALTER TABLE sessions ADD COLUMN archived_at TEXT",
         "ALTER TABLE sessions ADD COLUMN archive_sha256 TEXT",
-        "ALTER TABLE sessions ADD COLUMN archive_size INTEGER",
+        "ALTER TABLE sessions ADD COLUMN archive_size BIGINT",
         "ALTER TABLE sessions ADD COLUMN local_removed_at TEXT",
         """CREATE TABLE archive_uploads (
             session_id TEXT PRIMARY KEY,
             object_key TEXT NOT NULL,
             upload_id TEXT NOT NULL,
-            size INTEGER NOT NULL,
+            size BIGINT NOT NULL,
             sha256 TEXT NOT NULL,
             part_size INTEGER NOT NULL,
             started_at TEXT NOT NULL,
@@ -277,7 +290,7 @@ MIGRATIONS: dict[int, str | list[str]] = {
             upload_id TEXT NOT NULL,
             part_number INTEGER NOT NULL,
             etag TEXT NOT NULL,
-            size INTEGER NOT NULL,
+            size BIGINT NOT NULL,
             uploaded_at TEXT NOT NULL,
             PRIMARY KEY (upload_id, part_number)
         )""",
