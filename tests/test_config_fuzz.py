@@ -220,6 +220,9 @@ def valid_documents(draw) -> dict[str, dict[str, object]]:
         if (section, key) in (("limits", "penalty_min"), ("limits", "penalty_max")):
             continue  # min <= max: drawn together below
         if draw(st.booleans()):
+            if (section, key) == ("recording", "journal_timeout"):  # 1s-300s (broker/config.py)
+                doc.setdefault(section, {})[key] = f"{draw(st.integers(1, 300))}s"
+                continue
             doc.setdefault(section, {})[key] = draw(GOOD_DURATION)
     limits = doc.setdefault("limits", {})
     if draw(st.booleans()):
