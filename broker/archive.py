@@ -29,6 +29,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from broker.clock import utc_iso
@@ -36,6 +37,7 @@ from broker.errors import BrokerError, StorageError
 from broker.config import parse_size
 from sessions.archived import ArchivedRecordingStore
 from sessions.objectstore import sha256_file
+from sessions.storage import SUFFIX
 
 if TYPE_CHECKING:
     from broker.app import App
@@ -141,8 +143,14 @@ def _upload(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], key: str
     sid = row["id"]
     objects, store = rec.objects, app.store
     path = rec.local.local_path(key)
+    from_journal = False
     if not path.is_file():
-        return _adopt_existing(app, rec, row, key, actor=actor, source=source)
+        if not store.has_journal(sid):
+            return _adopt_existing(app, rec, row, key, actor=actor, source=source)
+        rebuilt = _from_journal(app, rec, row, key)  # the file is on another node (or lost): the journal has it
+        if isinstance(rebuilt, str):
+            return ArchiveResult(sid, key, "skipped", detail=rebuilt)
+        path, from_journal = rebuilt, True
     sha, size = sha256_file(path)
     part_size = parse_size(app.config.archive.part_size)
     count = max(1, -(-size // part_size))
@@ -200,13 +208,46 @@ def _upload(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], key: str
                            "the store altered the object; the next pass uploads it again")
     at = utc_iso(app.clock.now())
     store.mark_archived(sid, sha256=sha, size=size, now=at)
+    if from_journal:
+        path.unlink(missing_ok=True)
+        store.mark_local_removed(sid, at)  # never was on this node; readers download it like any archived one
+    if not app.config.recording.journal_keep:
+        store.drop_journal(sid)  # archived and verified: the journal's copy is no longer needed
     seconds = round(time.monotonic() - started, 3)
-    removed = app.config.archive.delete_local_after == "now" and _remove_local(app, rec, row, key, sha)
+    removed = from_journal or (app.config.archive.delete_local_after == "now"
+                               and _remove_local(app, rec, row, key, sha))
     app.audit.record("recording.archived", actor=actor, user=row["user_name"], device=row["device"], session_id=sid,
                      grant_id=row["grant_id"], source=source, key=key, url=rec.objects.url, bytes=size, sha256=sha,
                      parts=count, parts_reused=reused, seconds=seconds, local_removed=removed)
     return ArchiveResult(sid, key, "archived", size, count, reused, seconds, sha, removed,
                          f"{count} parts ({reused} already stored), read back and verified")
+
+
+def _from_journal(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], key: str) -> Path | str:
+    """Rebuild a finished recording from its journal rows into the cache, and use it only if it is exactly the
+    sealed recording: it must verify against the row's final hash and signature.
+
+    :returns: the rebuilt file, or why not (it does not verify: the journal lacks the end, e.g. the node died
+        before sealing and a survivor sealed its own copy; the session then waits for a node that has the file)
+    """
+    from broker.journal import rebuild_from_journal
+    from sessions.retention import verify_any
+
+    dest = rec.cache_dir / "journal" / f"{row['id']}{SUFFIX}"
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dest.unlink(missing_ok=True)
+    try:
+        rebuild_from_journal(app.store, row["id"], dest)
+        check = verify_any(dest, expected_final_hash=row["final_hash"], signature=row["signature"],
+                           public_key=app.signing_key.public_key(), key_lookup=app.keys.get)
+    except BrokerError as exc:
+        dest.unlink(missing_ok=True)
+        return f"recording file is not on this node and its journal cannot be rebuilt: {exc.message}"
+    if not check.ok or check.incomplete:
+        dest.unlink(missing_ok=True)
+        return ("recording file is not on this node, and its journal rebuilds to something other than the sealed "
+                f"recording ({'; '.join(check.problems) or 'no end frame'}); a node with the file archives it")
+    return dest
 
 
 def _adopt_existing(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], key: str, *, actor: str,

@@ -374,3 +374,36 @@ def test_metrics_show_the_archive_backlog_and_archived_bytes(tmp_path, swift):
         assert after["medbroker_archived_bytes_total"] == Path(row["recording"]).stat().st_size
     finally:
         h.close()
+
+
+def test_a_recording_only_in_the_journal_is_archived_from_it_and_the_rows_dropped(tmp_path, swift):
+    """Another node's session: no file here, but the journal (issue 13) holds its bytes. The pass rebuilds it,
+    uploads it only when it verifies against the row's signed final hash, then drops the journal rows; a journal
+    that rebuilds to something else (the end missing) is skipped and kept, and the pass goes on."""
+    h = archive_home(tmp_path, swift)
+    try:
+        g = h.grant()
+        whole = h.record_session("20261201-080000-jrn001", SCRIPT, grant_id=g.id)
+        cut = h.record_session("20261201-090000-jrn002", SCRIPT, grant_id=g.id)
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        data = {}
+        for row, keep in ((cut, -200), (whole, None)):  # the cut one lacks its last 200 bytes (the end frame)
+            data[row["id"]] = raw = Path(row["recording"]).read_bytes()
+            head = 512  # any split: rebuild concatenates the rows in seq order
+            h.app.store.append_journal(row["id"], 0, now, raw[:head])
+            h.app.store.append_journal(row["id"], 1, now, raw[head:keep])
+            Path(row["recording"]).unlink()  # the file is on the node that recorded it, not here
+        doc = h.json("archive", "run")
+        states = {s["session_id"]: s for s in doc["sessions"]}
+        assert states[cut["id"]]["state"] == "skipped" and "journal rebuilds to something other" in \
+            states[cut["id"]]["detail"]
+        assert states[whole["id"]]["state"] == "archived" and states[whole["id"]]["local_removed"] is True
+        assert obj(swift, h.bucket, f"site-a/{whole['id']}.mbr") == data[whole["id"]]
+        assert not h.app.store.has_journal(whole["id"]) and h.app.store.has_journal(cut["id"])
+        assert not Path(whole["recording"]).exists()  # nothing left behind on this node
+        assert h.app.store.get_session(whole["id"])["archive_sha256"] == sha(data[whole["id"]])
+        doc = json.loads(h.cli("audit", "verify", "--json", code=1).stdout)  # the cut one is on no node here
+        verify = {r["session_id"]: r["state"] for r in doc["recordings"]}
+        assert verify == {whole["id"]: "ok", cut["id"]: "broken"}
+    finally:
+        h.close()

@@ -77,3 +77,29 @@ def test_a_real_session_is_archived_by_serve_and_read_back_from_the_object_store
         assert not local.exists()
     finally:
         world.close()
+
+
+def test_with_the_journal_on_rows_stay_until_the_recording_is_archived(tmp_path, device, swift):
+    """[recording] journal + [archive]: sealing keeps the journal rows (any node can archive from them); the
+    archive pass drops them once the object is verified, and the object is the recording byte for byte."""
+    bucket = swift.create_bucket(f"mb-{uuid.uuid4().hex[:16]}")
+    keys = tmp_path / "s3keys"
+    keys.mkdir()
+    config = swift.config(keys, bucket, "", interval='"1h"') + "[recording]\njournal = true\n"
+    world = World(tmp_path, device()).setup(config=config)
+    home = world.app.home
+    try:
+        world.grant()
+        r = world.ssh("alice@ct-01", "echo journaled-and-archived")
+        assert r.returncode == 0 and b"journaled-and-archived" in r.stdout
+        sid = poll(lambda: [s["id"] for s in world.app.store.list_sessions() if s["final_hash"]], timeout=20)[0]
+        row = world.app.store.get_session(sid)
+        assert world.app.store.has_journal(sid), "sealing dropped the journal although [archive] needs it"
+        doc = json.loads(cli(home, "archive", "run", "--json").stdout)
+        assert [(s["session_id"], s["state"]) for s in doc["sessions"]] == [(sid, "archived")]
+        assert not world.app.store.has_journal(sid)
+        local = world.app.recordings.local_path(row["recording"])
+        obj = swift.client().get_object(Bucket=bucket, Key=row["recording"])["Body"].read()
+        assert obj == local.read_bytes()
+    finally:
+        world.close()
