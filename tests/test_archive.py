@@ -55,11 +55,15 @@ def test_sealed_recordings_are_uploaded_verified_and_recorded_once(tmp_path, swi
     h = archive_home(tmp_path, swift)
     try:
         g = h.grant()
-        a = h.record_session("20261201-080000-arc001", SCRIPT, grant_id=g.id)
+        a = h.record_session("20261201-080000-arc001", SCRIPT, grant_id=g.id,
+                             started=datetime.now(timezone.utc) - timedelta(hours=1))
         b = h.record_session("20261201-090000-arc002", SCRIPT[:4], grant_id=g.id, encrypt=False)
         local = {r["id"]: Path(r["recording"]).read_bytes() for r in (a, b)}
+        first = h.json("archive", "run", "--limit", "1")  # the one that ended first
+        assert [s["session_id"] for s in first["sessions"]] == [a["id"]]
+        assert first["backlog"] == {"waiting": 1, "uploading": 0}
         doc = h.json("archive", "run")
-        assert (doc["archived"], doc["failed"], doc["local_removed"]) == (2, 0, 0)
+        assert (doc["archived"], doc["failed"], doc["local_removed"]) == (1, 0, 0)
         assert doc["url"] == f"s3://{h.bucket}/site-a/" and doc["backlog"] == {"waiting": 0, "uploading": 0}
         for sid, data in local.items():
             # the object (looked at with another client) holds exactly the local bytes, under prefix + key
