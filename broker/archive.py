@@ -206,6 +206,10 @@ def _upload(app: App, rec: ArchivedRecordingStore, row: dict[str, Any], key: str
         raise StorageError(f"object store: s3://{objects.bucket}/{objects.name(key)} reads back as {back_sha} "
                            f"({back_size} bytes), not {sha} ({size} bytes)",
                            "the store altered the object; the next pass uploads it again")
+    if not from_journal and sha256_file(path)[0] != sha:
+        # retention rewrote the file while it was uploading (its own look at the store found no object yet):
+        # the redacted form replaces what was just uploaded, so the store never keeps the removed payload
+        sha, size = rec.replace_object(key, path)
     at = utc_iso(app.clock.now())
     store.mark_archived(sid, sha256=sha, size=size, now=at)
     if from_journal:
