@@ -84,6 +84,11 @@ EVENTS: dict[str, str] = {
     "recording.failed": "a recording could not be written",
     "recording.replayed": "someone replayed a recording",
     "recording.exported": "someone exported a recording",
+    "recording.archived": "a sealed recording was uploaded to the [archive] object store, read back and verified "
+                          "(key, url, bytes, sha256, parts, parts reused from an interrupted upload, local_removed)",
+    "recording.archive.failed": "archiving a recording failed (key, error); the next pass resumes the upload",
+    "recording.local_removed": "the local copy of an archived recording was removed (archive.delete_local_after); "
+                               "the object still verifies",
     "recording.watched": "someone watched a live session",
     "audit.checkpoint": "a signed checkpoint of the audit chain",
     "retention.applied": "recording payloads past retention were removed",

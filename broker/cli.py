@@ -8,6 +8,7 @@ from typing import Annotated, Any, cast
 import typer
 from typer.core import TyperGroup
 
+from broker.commands import archive as archive_cmds
 from broker.commands import audit as audit_cmds
 from broker.commands import cluster as cluster_cmds
 from broker.commands import devices as device_cmds
@@ -110,6 +111,7 @@ search_cmds.register(session_cmds.app)
 report_cmds.register(app)
 app.add_typer(retention_cmds.app, name="retention")
 app.add_typer(audit_cmds.app, name="audit")
+app.add_typer(archive_cmds.app, name="archive")
 app.add_typer(keys_cmds.app, name="keys")
 app.add_typer(service_cmds.app, name="service")
 app.add_typer(cluster_cmds.app, name="cluster")

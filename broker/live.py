@@ -464,11 +464,12 @@ async def index_session(broker: SessionServices, session_id: str, path: Path) ->
 
 
 async def drop_journal(broker: SessionServices, session_id: str, *, force: bool = False) -> None:
-    """The recording is sealed: its journal rows go, unless ``[recording] journal_keep`` (or, later, archiving
-    still needs them). Only with ``[recording] journal`` on, or ``force`` (rows a journaling broker left). A
+    """The recording is sealed: its journal rows go, unless ``[recording] journal_keep``, or ``[archive]`` is on
+    (then the archive pass drops them once the recording is archived and verified: any node can archive it from
+    the journal). Only with ``[recording] journal`` on, or ``force`` (rows a journaling broker left). A
     failure only leaves rows behind (logged), never fails the session."""
     rec = broker.app.config.recording
-    if rec.journal_keep or not (rec.journal or force):
+    if rec.journal_keep or broker.app.config.archive.url or not (rec.journal or force):
         return
     try:
         await broker.db(broker.app.store.drop_journal, session_id)

@@ -553,7 +553,7 @@ def test_cluster_status_text_names_nodes_states_and_backlogs(tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("node-")}
     assert (lines["node-x"][1], lines["node-y"][1], lines["node-z"][1]) == ("alive", "dead", "stopped")
-    assert "journal lag: 0 rows; archive backlog: n/a; a node is dead after 10s without a heartbeat" in out
+    assert "journal lag: 0 rows; archive backlog: n/a (no [archive]); a node is dead after 10s without a heartbeat" in out
 
 
 def test_a_recording_that_is_not_here_is_marked_incomplete_without_a_hash(tmp_path: Path) -> None:
