@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from broker.commands import audit as audit_cmds
 from broker.commands import devices as device_cmds
+from broker.commands import evidence as evidence_cmds
 from broker.commands import grants as grant_cmds
 from broker.commands import home as home_cmds
 from broker.commands import keys as keys_cmds
@@ -109,6 +110,7 @@ search_cmds.register(session_cmds.app)
 report_cmds.register(app)
 app.add_typer(retention_cmds.app, name="retention")
 app.add_typer(audit_cmds.app, name="audit")
+app.add_typer(evidence_cmds.app, name="evidence")
 app.add_typer(keys_cmds.app, name="keys")
 app.add_typer(service_cmds.app, name="service")
 app.command("backup")(service_cmds.backup)
