@@ -389,7 +389,10 @@ def _check_audit(contents: BundleContents, check: BundleCheck, manifest: dict[st
         if cp is None:
             check.problems.append(f"{_short(CHECKPOINTS)}: no signed checkpoint for audit row {last} (end of the "
                                   f"stretch {first}-{last})")
-        elif last in rows and cp.get("hash") != rows[last]["hash"]:
+        elif last not in rows:
+            check.problems.append(f"{_short(CHECKPOINTS)}: audit row {last}, which the signed checkpoint covers, is "
+                                  "missing")
+        elif cp.get("hash") != rows[last]["hash"]:
             check.problems.append(f"{_short(CHECKPOINTS)}: audit row {last} hash differs from the signed checkpoint")
         elif public is None or not verify_hex(public, checkpoint_message(last, str(cp.get("hash"))),
                                               str(cp.get("signature"))):
