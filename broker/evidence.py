@@ -30,7 +30,7 @@ from broker.bundle import (CHECKPOINTS, EVENTS, FORMAT, MANIFEST, PUBLIC_KEY, PR
                            SIGNATURE, BundleContents, BundleError, BundleWriter, public_pem, read_bundle,
                            recording_member, table_member, write_readme)
 from broker.clock import utc_iso
-from broker.errors import BrokerError, ConflictError, NotFoundError, RecordingError, UsageError
+from broker.errors import BrokerError, ConflictError, NotFoundError, RecordingError, StorageError, UsageError
 from broker.keys import verify_hex
 from broker.report import public_key_id
 from sessions.recformat import RecordingKey, recording_key
@@ -140,7 +140,6 @@ def export_bundle(app: App, sel: Selection, output: Path, *, actor: str, include
     write_checkpoint(app.audit, app.signing_key)  # a signed checkpoint at or after every row about them
     checkpoints = sorted(store.checkpoints(), key=lambda c: c["event_id"])
     segments = _segments(about, [c["event_id"] for c in checkpoints])
-    keys: dict[str, Any] = {}
     members: dict[str, str] = {}
     for r in rows:
         key = app.recordings.key_of(r["recording"])
@@ -151,48 +150,65 @@ def export_bundle(app: App, sel: Selection, output: Path, *, actor: str, include
         members[r["id"]] = recording_member(key)
     writer = BundleWriter(output, mtime=app.clock.now().timestamp())
     try:
-        audit_rows = []
-        for first, last in segments:
-            audit_rows += store.audit_rows(after_id=first - 1, limit=last - first + 1)
-        writer.add_bytes(EVENTS, b"".join(json.dumps({c: r[c] for c in AUDIT_COLUMNS}, ensure_ascii=False,
-                                                     sort_keys=True).encode() + b"\n" for r in audit_rows))
-        ends = {b for _a, b in segments}
-        inside = [c for c in checkpoints if any(a <= c["event_id"] <= b for a, b in segments)]
-        writer.add_json(CHECKPOINTS, [{k: c[k] for k in ("event_id", "hash", "signature", "at")} for c in inside])
-        writer.add_json(table_member("sessions"), rows)
-        writer.add_json(table_member("transfers"), [t for s in sids for t in store.transfers(s)])
-        writer.add_json(table_member("forwards"), [f for s in sids for f in store.forwards(s)])
-        writer.add_json(table_member("grants"), [grants[g] for g in sorted(grants)])
-        writer.add_json(table_member("requests"), [requests[q] for q in sorted(requests)])
-        writer.add_json(table_member("approvals"), [a for q in sorted(requests) for a in store.approvals(q)])
-        for r in rows:
-            with app.recordings.open_for_read(r["recording"]) as fh:
-                writer.add_file(members[r["id"]], fh)
-            if include_data_key:
-                keys.update(_recording_key(app, r))
-        if include_data_key:
-            writer.add_json(RECORDING_KEYS, keys)
-        write_readme(writer, _README)
-        public = app.signing_key.public_key()
-        manifest = {
-            "format": FORMAT, "version": VERSION, "created_at": utc_iso(app.clock.now()), "exported_by": actor,
-            "selection": sel.describe(), "signing_key": public_key_id(public),
-            "sessions": [{"id": r["id"], "recording": members[r["id"]], "user": r["user_name"], "device": r["device"],
-                          "status": r["status"], "final_hash": r["final_hash"]} for r in rows],
-            "audit": {"segments": [list(s) for s in segments], "rows": len(audit_rows), "about": about,
-                      "checkpoints": sorted(ends)},
-            "data_key_included": include_data_key,
-        }
-        writer.finish(manifest, app.signing_key.sign, public_pem(public))
+        audit_rows = _fill(app, writer, sel, rows, members, grants, requests, about, segments, checkpoints,
+                           include_data_key, actor)
+    except OSError as exc:
+        writer.abort()
+        raise StorageError(f"cannot write bundle {output}: {exc.strerror or exc}; nothing was written",
+                           "free space there or choose another -o path") from None
     except BaseException:
         writer.abort()
         raise
     digest, size = _file_sha256(output)
     app.audit.record("evidence.exported", actor=actor, source=source, sessions=sids, path=str(output.absolute()),
                      sha256=digest, bytes=size, data_key_included=include_data_key, selection=sel.describe(),
-                     audit_rows=len(audit_rows))
-    return ExportResult(output, digest, size, tuple(sids), tuple(live), len(audit_rows), tuple(segments),
-                        public_key_id(public), include_data_key)
+                     audit_rows=audit_rows)
+    return ExportResult(output, digest, size, tuple(sids), tuple(live), audit_rows, tuple(segments),
+                        public_key_id(app.signing_key.public_key()), include_data_key)
+
+
+def _fill(app: App, writer: BundleWriter, sel: Selection, rows: list[dict[str, Any]], members: dict[str, str],
+          grants: dict[int, dict[str, Any]], requests: dict[int, dict[str, Any]], about: list[int],
+          segments: list[tuple[int, int]], checkpoints: list[dict[str, Any]], include_data_key: bool,
+          actor: str) -> int:
+    """Write every member of the bundle and finish it (manifest, signature); returns the number of audit rows."""
+    store = app.store
+    sids = [r["id"] for r in rows]
+    keys: dict[str, Any] = {}
+    audit_rows = []
+    for first, last in segments:
+        audit_rows += store.audit_rows(after_id=first - 1, limit=last - first + 1)
+    writer.add_bytes(EVENTS, b"".join(json.dumps({c: r[c] for c in AUDIT_COLUMNS}, ensure_ascii=False,
+                                                 sort_keys=True).encode() + b"\n" for r in audit_rows))
+    ends = {b for _a, b in segments}
+    inside = [c for c in checkpoints if any(a <= c["event_id"] <= b for a, b in segments)]
+    writer.add_json(CHECKPOINTS, [{k: c[k] for k in ("event_id", "hash", "signature", "at")} for c in inside])
+    writer.add_json(table_member("sessions"), rows)
+    writer.add_json(table_member("transfers"), [t for s in sids for t in store.transfers(s)])
+    writer.add_json(table_member("forwards"), [f for s in sids for f in store.forwards(s)])
+    writer.add_json(table_member("grants"), [grants[g] for g in sorted(grants)])
+    writer.add_json(table_member("requests"), [requests[q] for q in sorted(requests)])
+    writer.add_json(table_member("approvals"), [a for q in sorted(requests) for a in store.approvals(q)])
+    for r in rows:
+        with app.recordings.open_for_read(r["recording"]) as fh:
+            writer.add_file(members[r["id"]], fh)
+        if include_data_key:
+            keys.update(_recording_key(app, r))
+    if include_data_key:
+        writer.add_json(RECORDING_KEYS, keys)
+    write_readme(writer, _README)
+    public = app.signing_key.public_key()
+    manifest = {
+        "format": FORMAT, "version": VERSION, "created_at": utc_iso(app.clock.now()), "exported_by": actor,
+        "selection": sel.describe(), "signing_key": public_key_id(public),
+        "sessions": [{"id": r["id"], "recording": members[r["id"]], "user": r["user_name"], "device": r["device"],
+                      "status": r["status"], "final_hash": r["final_hash"]} for r in rows],
+        "audit": {"segments": [list(s) for s in segments], "rows": len(audit_rows), "about": about,
+                  "checkpoints": sorted(ends)},
+        "data_key_included": include_data_key,
+    }
+    writer.finish(manifest, app.signing_key.sign, public_pem(public))
+    return len(audit_rows)
 
 
 def _recording_key(app: App, row: dict[str, Any]) -> dict[str, Any]:
@@ -350,7 +366,7 @@ def _check_audit(contents: BundleContents, check: BundleCheck, manifest: dict[st
     for n, line in enumerate(raw.splitlines(), 1):
         try:
             row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("id"), int) or set(row) != set(AUDIT_COLUMNS):
+            if not _audit_row_shape(row):
                 raise ValueError
         except (ValueError, UnicodeDecodeError, RecursionError):
             check.problems.append(f"{_short(EVENTS)}: line {n} is not an audit row")
@@ -403,6 +419,13 @@ def _check_audit(contents: BundleContents, check: BundleCheck, manifest: dict[st
         if not isinstance(i, int) or i not in rows:
             check.problems.append(f"{_short(EVENTS)}: audit row {i} about these sessions is missing")
     return rows
+
+
+def _audit_row_shape(row: Any) -> bool:
+    """An audit row as the store holds it: these columns, an integer id, text or integer or null values."""
+    return (isinstance(row, dict) and set(row) == set(AUDIT_COLUMNS) and type(row["id"]) is int
+            and all(isinstance(row[c], str) for c in ("at", "event", "details", "prev_hash", "hash"))
+            and all(v is None or type(v) in (str, int) for v in row.values()))
 
 
 def _check_sessions(contents: BundleContents, check: BundleCheck, manifest: dict[str, Any],
@@ -489,8 +512,8 @@ def _transfer_audited(t: dict[str, Any], rows: dict[int, dict[str, Any]], sid: A
     for row in rows.values():
         if row["event"] == "transfer.file" and row["session_id"] == sid:
             d = parse_details(row)
-            if (d.get("path"), d.get("direction"), int(d.get("bytes") or 0), d.get("sha256")) == (
-                    t.get("path"), t.get("direction"), t.get("bytes"), t.get("sha256")):
+            if (d.get("path"), d.get("direction"), d.get("bytes") or 0, d.get("sha256")) == (
+                    t.get("path"), t.get("direction"), t.get("bytes") or 0, t.get("sha256")):
                 return True
     return False
 

@@ -325,7 +325,8 @@ def test_a_rechained_audit_tail_without_the_key_fails_at_the_checkpoint(bundles,
 
 def test_a_dropped_member_is_named(bundles, tmp_path):
     for victim in (P + "db/transfers.json", _first_recording(bundles["plain"]), P + "audit/checkpoints.json"):
-        rc, doc, _ = verify_cli(rewrite(bundles["plain"], tmp_path / "t.tar", lambda n, d: None if n == victim else d))
+        dropped = rewrite(bundles["plain"], tmp_path / "t.tar", lambda n, d: None if n == victim else d)
+        rc, doc, _ = verify_cli(dropped)
         assert rc == 1
         assert f"{victim[len(P):]}: missing from the bundle (the manifest lists it)" in doc["problems"], doc["problems"]
     rc, doc, _ = verify_cli(rewrite(bundles["plain"], tmp_path / "t.tar",
@@ -433,3 +434,78 @@ class _tmp_parent:
         import tempfile
 
         tempfile.tempdir = self.saved
+
+
+def _forge(src: Path, dst: Path, replace: dict[str, bytes], edit_manifest: Callable[[dict], None] = lambda m: None
+           ) -> Path:
+    """A self-consistent rewrite: members replaced, the manifest's hashes fixed and re-signed with a new key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from broker.bundle import public_pem
+
+    forger = Ed25519PrivateKey.generate()
+    m = members(src)
+    replace = {**replace, P + "signing-key.pem": public_pem(forger.public_key())}
+    manifest = json.loads(m[P + "manifest.json"])
+    for name, data in replace.items():
+        manifest["members"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    edit_manifest(manifest)
+    body = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
+    final = {**replace, P + "manifest.json": body, P + "manifest.sig": forger.sign(body)}
+    extra = [(n, d) for n, d in replace.items() if n not in m]
+    return rewrite(src, dst, lambda n, d: final.get(n, d), extra)
+
+
+def _set(key: str, value):
+    def edit(manifest: dict) -> None:
+        target = manifest
+        *path, last = key.split(".")
+        for k in path:
+            target = target[k]
+        target[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("case", [
+    {P + "audit/events.jsonl": b'{"id": "1", "details": {}}\n[1, 2]\nnull\n"text"\n'},
+    {P + "db/sessions.json": b'{"not": "a list"}'},
+    {P + "db/sessions.json": b'[{"id": 5, "final_hash": 7, "signature": [1]}, "x", null]'},
+    {P + "db/transfers.json": b'[{"session_id": null, "bytes": "x"}, 3]'},
+    {P + "audit/checkpoints.json": b'"checkpoints"'},
+    {P + "audit/checkpoints.json": b'[{"event_id": "9", "hash": null, "signature": 5}, []]'},
+    {P + "keys/recording-keys.json": b'{"x": {"recording_key": "zz"}, "y": 5}'},
+    {P + "db/sessions.json": b"\xff\xfe not json"},
+    "manifest:sessions", "manifest:segments", "manifest:about", "manifest:audit",
+])
+def test_hostile_content_in_a_consistently_resigned_bundle_fails_cleanly(bundles, tmp_path, case):
+    """Wrong types everywhere, in a bundle whose hashes and manifest signature agree (a forger's key): the check
+    names problems and never crashes."""
+    edits = {"manifest:sessions": _set("sessions", ["a", 5, None, {"id": ["x"], "recording": 7}]),
+             "manifest:segments": _set("audit.segments", [["a", 1], [5, 2], 3, None]),
+             "manifest:about": _set("audit.about", [[1], "2", None, 10 ** 30]),
+             "manifest:audit": _set("audit", "none")}
+    if isinstance(case, str):
+        forged = _forge(bundles["keyed"], tmp_path / "f.tar", {}, edits[case])
+    else:
+        forged = _forge(bundles["keyed"], tmp_path / "f.tar", case)
+    check = verify_bundle(forged)
+    assert not check.ok and check.problems
+    rc, doc, err = verify_cli(forged)
+    assert rc == 1 and "internal error" not in err and doc["problems"]
+
+
+def test_wrong_types_inside_real_rows_fail_cleanly(bundles, tmp_path):
+    """A real audit row with its details as an object, a real transfer row with bytes as text: named, no crash."""
+    m = members(bundles["keyed"])
+    rows = [json.loads(line) for line in m[P + "audit/events.jsonl"].splitlines()]
+    rows[0]["details"] = {"recording": 5}
+    transfers = json.loads(m[P + "db/transfers.json"])
+    transfers[0]["bytes"] = "many"
+    transfer = next(r for r in rows if r["event"] == "transfer.file")
+    transfer["details"] = json.dumps({**json.loads(transfer["details"]), "bytes": [1]})
+    forged = _forge(bundles["keyed"], tmp_path / "f.tar", {
+        P + "audit/events.jsonl": b"".join(json.dumps(r).encode() + b"\n" for r in rows),
+        P + "db/transfers.json": json.dumps(transfers).encode()})
+    check = verify_bundle(forged)
+    assert "audit/events.jsonl: line 1 is not an audit row" in check.problems
+    assert any("has no matching transfer.file audit row" in p for p in check.problems), check.problems

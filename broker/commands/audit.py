@@ -258,6 +258,10 @@ def verify(
     if bundle is not None:
         from broker.commands.evidence import verify_bundle_file
 
+        if report is not None:
+            raise UsageError("--bundle and --report check different files; give one of them",
+                             "e.g. medbroker audit verify --bundle FILE")
+
         verify_bundle_file(bundle, expect_key=expect_key, as_json=as_json)
         return
     if expect_key is not None:
