@@ -157,3 +157,34 @@ def test_the_cli_reports_a_hostile_bundle_in_one_line_and_exits_1(tmp_path):
     assert r.stderr.startswith("Error: bundle member '../../escape.json' is not a member an evidence bundle can hold")
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tar"]
+
+
+def test_a_recording_key_opens_its_own_recording_and_no_other(tmp_path):
+    """What --include-data-key ships: the HKDF-derived key of one recording, not the data key."""
+    from broker.clock import FakeClock
+    from broker.errors import RecordingError
+    from sessions.recformat import RecordingKey, recording_key
+    from sessions.recording import read_frames, read_header, verify_recording
+    from sessions.recwriter import RecordingWriter
+
+    data_key = os.urandom(32)
+    paths = {}
+    for sid in ("s-one", "s-two"):
+        w = RecordingWriter(tmp_path / f"{sid}.mbr", {"session_id": sid}, clock=FakeClock(), aead_key=data_key,
+                            key_id="k1")
+        w.append_data(1, "output", f"secret of {sid}".encode())
+        w.close()
+        paths[sid] = tmp_path / f"{sid}.mbr"
+
+    def key_of(sid: str) -> RecordingKey:
+        enc = read_header(paths[sid])["encryption"]
+        return recording_key(data_key, bytes.fromhex(enc["salt"]), sid)
+
+    one = key_of("s-one")
+    assert len(one) == 40 and data_key not in one and one != key_of("s-two")
+    frames = list(read_frames(paths["s-one"], key_lookup=lambda _id: one))
+    assert b"secret of s-one" in b"".join(f.payload for f in frames if f.kind == "output")
+    with pytest.raises(RecordingError, match="wrong key for this recording"):
+        list(read_frames(paths["s-two"], key_lookup=lambda _id: one))
+    assert verify_recording(paths["s-one"], key_lookup=lambda _id: one).ok
+    assert not verify_recording(paths["s-two"], key_lookup=lambda _id: one).ok
