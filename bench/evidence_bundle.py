@@ -44,7 +44,7 @@ def run(sessions: int, mib: int, tmp: Path) -> dict:
     doc = json.loads(r.stdout)
     v_took, v = _cli("audit", "verify", "--bundle", str(bundle), "--json")
     assert v.returncode == 0, v.stderr
-    from broker.evidence import verify_bundle
+    from broker.evidence_verify import verify_bundle
 
     started = time.monotonic()
     assert verify_bundle(bundle).ok

@@ -29,11 +29,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from broker.errors import BrokerError, StorageError
 
-__all__ = ["PREFIX", "MANIFEST", "SIGNATURE", "PUBLIC_KEY", "README", "EVENTS", "CHECKPOINTS", "RECORDING_KEYS",
+__all__ = ["VERSION", "AUDIT_COLUMNS", "PREFIX", "MANIFEST", "SIGNATURE", "PUBLIC_KEY", "README", "EVENTS", "CHECKPOINTS", "RECORDING_KEYS",
            "FORMAT", "BundleError", "BundleWriter", "BundleContents", "read_bundle", "check_member_name",
            "recording_member", "table_member", "public_pem", "write_readme", "MAX_METADATA", "MAX_MEMBERS"]
 
 FORMAT = "medbroker-evidence"
+VERSION = 1
+AUDIT_COLUMNS = ("id", "at", "event", "actor", "user_name", "device", "session_id", "grant_id", "request_id",
+                 "source", "details", "prev_hash", "hash")
 PREFIX = "medbroker-evidence/"
 MANIFEST = PREFIX + "manifest.json"
 SIGNATURE = PREFIX + "manifest.sig"      # raw 64-byte ed25519 signature of manifest.json's exact bytes

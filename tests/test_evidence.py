@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 from broker.bundle import BundleError
-from broker.evidence import verify_bundle
+from broker.evidence_verify import verify_bundle
 from frontdoor_support import add_person, close_world, wait, world_with
 from helpers.clients import run_sftp_batch
 

@@ -71,7 +71,7 @@ TABLE: dict[str, Row] = {
                "typer or starlette"),
     "report": Row(3, ("broker/report.py",), ("core", "store", "keys", "domain", "recording", "export"),
                   ("cryptography",), "signed maintenance reports from the store"),
-    "evidence": Row(3, ("broker/bundle.py", "broker/evidence.py"),
+    "evidence": Row(3, ("broker/bundle.py", "broker/evidence.py", "broker/evidence_verify.py"),
                     ("core", "store", "keys", "domain", "recording", "app", "report"), ("cryptography",),
                     "evidence bundles: export chosen sessions as one signed file, verify one with no broker home"),
     "server": Row(4, ("broker/server.py", "broker/listener.py", "broker/live.py", "broker/indexer.py", "broker/selfservice.py",

@@ -44,7 +44,8 @@ def export(
 
     Every given selector must match; at least one is required. Live sessions are left out.
     """
-    from broker.evidence import Selection, export_bundle, verify_bundle
+    from broker.evidence import Selection, export_bundle
+    from broker.evidence_verify import verify_bundle
     from broker.report import parse_time_bound
 
     a = open_home(ctx)
@@ -93,7 +94,7 @@ def check_doc(check: Any) -> dict[str, Any]:
 
 def verify_bundle_file(path: Path, *, expect_key: str | None, as_json: bool) -> None:
     """``medbroker audit verify --bundle FILE``: offline; exit 1 naming every missing or altered member."""
-    from broker.evidence import verify_bundle
+    from broker.evidence_verify import verify_bundle
 
     check = verify_bundle(path, expect_key=expect_key)
     if as_json:

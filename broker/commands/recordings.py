@@ -85,7 +85,7 @@ def _replay_bundle(bundle: Path, session_id: str, *, speed: float, idle: float |
                    instant: bool) -> None:
     """``replay --bundle FILE ID``: verify the whole bundle, then play one of its recordings with its own key."""
     from broker.errors import BrokerError, NotFoundError
-    from broker.evidence import bundle_key_lookup, open_bundle
+    from broker.evidence_verify import bundle_key_lookup, open_bundle
 
     contents, check = open_bundle(bundle)
     with contents:
