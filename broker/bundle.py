@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from broker.errors import BrokerError, StorageError
 
-__all__ = ["VERSION", "AUDIT_COLUMNS", "PREFIX", "MANIFEST", "SIGNATURE", "PUBLIC_KEY", "README", "EVENTS", "CHECKPOINTS", "RECORDING_KEYS",
-           "FORMAT", "BundleError", "BundleWriter", "BundleContents", "read_bundle", "check_member_name",
+__all__ = ["VERSION", "AUDIT_COLUMNS", "PREFIX", "MANIFEST", "SIGNATURE", "PUBLIC_KEY", "README", "EVENTS",
+           "CHECKPOINTS", "RECORDING_KEYS", "FORMAT", "BundleError", "BundleWriter", "BundleContents", "read_bundle", "check_member_name",
            "recording_member", "table_member", "public_pem", "write_readme", "MAX_METADATA", "MAX_MEMBERS"]
 
 FORMAT = "medbroker-evidence"

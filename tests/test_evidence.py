@@ -336,7 +336,9 @@ def test_a_dropped_member_is_named(bundles, tmp_path):
 
 def test_an_edited_manifest_is_named(bundles, tmp_path):
     def edit(name: str, data: bytes) -> bytes:
-        return data.replace(b'"exported_by": "local:', b'"exported_by": "xocal:') if name == P + "manifest.json" else data
+        if name != P + "manifest.json":
+            return data
+        return data.replace(b'"exported_by": "local:', b'"exported_by": "xocal:')
 
     rc, doc, err = verify_cli(rewrite(bundles["plain"], tmp_path / "t.tar", edit))
     assert rc == 1 and any(p.startswith("manifest.json: signature invalid") for p in doc["problems"])
@@ -509,3 +511,24 @@ def test_wrong_types_inside_real_rows_fail_cleanly(bundles, tmp_path):
     check = verify_bundle(forged)
     assert "audit/events.jsonl: line 1 is not an audit row" in check.problems
     assert any("has no matching transfer.file audit row" in p for p in check.problems), check.problems
+
+
+def test_exporting_from_a_home_whose_recording_was_altered_fails_and_keeps_the_bundle(world, tmp_path):
+    """The export checks what it wrote: evidence already damaged in the home is not laundered into a bundle
+    that looks fine; the bundle is kept (it is what the broker holds) and the damage is named."""
+    copy = tmp_path / "copy"
+    shutil.copytree(world.app.home, copy)
+    sid = _alice_sessions(copy)[0]
+    rec = copy / "recordings" / f"{sid}.mbr"
+    data = bytearray(rec.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    rec.write_bytes(bytes(data))
+    out = tmp_path / "damaged.tar"
+    r = cli("evidence", "export", "--session", sid, "-o", str(out), home=copy)
+    assert r.returncode == 1
+    assert "was written, but does not verify" in r.stderr
+    assert f"session {sid}: recording recordings/{sid}.mbr" in r.stdout
+    assert out.is_file()
+    rc, doc, _ = verify_cli(out)
+    assert rc == 1 and [s["state"] for s in doc["sessions"]] == ["broken"]
+    assert not any("sha256 differs" in p for p in doc["problems"]), "the members are as the broker signed them"
