@@ -69,6 +69,8 @@ TABLE: dict[str, Row] = {
     "ops": Row(3, ("broker/session_ops.py",), ("core", "store", "keys", "domain", "recording", "app"), (),
                "what the CLI and the web both do with a session (look up, end, verify, list live); no asyncssh, "
                "typer or starlette"),
+    "journal": Row(3, ("broker/journal.py",), ("core", "store", "recording"), (),
+                   "the recording journal: the writer's sink, rebuild, following a journal (issue 13)"),
     "report": Row(3, ("broker/report.py",), ("core", "store", "keys", "domain", "recording", "export"),
                   ("cryptography",), "signed maintenance reports from the store"),
     "evidence": Row(3, ("broker/bundle.py", "broker/evidence.py", "broker/evidence_verify.py"),
@@ -78,13 +80,14 @@ TABLE: dict[str, Row] = {
                       "broker/mfa.py", "broker/containment.py", "broker/jump.py", "broker/jumpkeys.py",
                       "broker/sshconfig.py",
                       "broker/session_context.py", "broker/channels.py", "broker/live_forwards.py"),
-                  ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "directory"),
+                  ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "directory",
+                   "journal"),
                   ("asyncssh", "uvloop"),
                   "the asyncssh adapter"),
     "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/serve.py",
                       "broker/workers.py", "broker/web.py", "broker/web_*.py", "broker/health.py", "broker/service.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "report",
-                   "server", "directory", "ops", "evidence"), None,
+                   "server", "directory", "ops", "journal", "evidence"), None,
                   "argv, printing, exit codes, HTTP"),
 }
 NEVER_IN_LAYER_2 = ("asyncssh", "typer")
