@@ -93,6 +93,8 @@ EVENTS: dict[str, str] = {
     "audit.checkpoint": "a signed checkpoint of the audit chain",
     "retention.applied": "recording payloads past retention were removed",
     "report.created": "a maintenance report was generated",
+    "evidence.exported": "someone exported an evidence bundle (sessions, sha256 of the file, whether recording "
+                         "keys were included)",
     "recording.searched": "someone searched the text of recorded sessions (query, filters, number of hits)",
     "retention.below_floor": "retention ran with a policy below the 180-day floor (explicit override)",
     "web.link.created": "a one-time web console sign-in link was issued over SSH",

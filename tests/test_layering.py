@@ -78,6 +78,9 @@ TABLE: dict[str, Row] = {
                    "archiving sealed recordings to object storage (one pass, resumable); no asyncssh or typer"),
     "report": Row(3, ("broker/report.py",), ("core", "store", "keys", "domain", "recording", "export"),
                   ("cryptography",), "signed maintenance reports from the store"),
+    "evidence": Row(3, ("broker/bundle.py", "broker/evidence.py", "broker/evidence_verify.py"),
+                    ("core", "store", "keys", "domain", "recording", "app", "report"), ("cryptography",),
+                    "evidence bundles: export chosen sessions as one signed file, verify one with no broker home"),
     "server": Row(4, ("broker/server.py", "broker/listener.py", "broker/live.py", "broker/indexer.py", "broker/selfservice.py",
                       "broker/mfa.py", "broker/containment.py", "broker/jump.py", "broker/jumpkeys.py",
                       "broker/sshconfig.py",
@@ -90,7 +93,7 @@ TABLE: dict[str, Row] = {
     "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/serve.py",
                       "broker/workers.py", "broker/web.py", "broker/web_*.py", "broker/health.py", "broker/service.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "report",
-                   "server", "directory", "ops", "journal", "objects", "archive"), None,
+                   "server", "directory", "ops", "journal", "objects", "archive", "evidence"), None,
                   "argv, printing, exit codes, HTTP"),
 }
 NEVER_IN_LAYER_2 = ("asyncssh", "typer")
