@@ -94,7 +94,8 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
         # a line with five or more field separators, an empty field and component separators
         for line in _LINES.split(chunk):
             if (line.count(b"|") >= 5 and line.count(b"^") >= 2 and b"||" in line and len(line) <= 4096
-                    and not line.translate(None, _TEXT_BYTES) and _NAMEISH.search(line)):
+                    and not line.translate(None, _TEXT_BYTES) and _NAMEISH.search(line)
+                    and line.count(b"^@") + line.count(b"M-^") < 3):  # cat -v/-A of a binary: NULs, high controls
                 return "HL7v2/fields"
     if len(chunk) >= 8 and _spaced(chunk):
         squeezed = window[since:].translate(None, _SQUEEZE).lower()

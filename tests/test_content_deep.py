@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fixtures.patientdata import astm_message, dicom_bare, dicom_p10, hl7_message
@@ -177,6 +177,7 @@ _PAYLOADS = [CASES[n][0] for n in ("gzip", "gzip in base64", "base32 wrapped", "
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, len(_PAYLOADS) - 1), st.binary(max_size=300), st.binary(max_size=300),
        st.lists(st.integers(1, 5000), min_size=1, max_size=8))
+@example(0, b"", b"H|\\^&", [1])  # the ASTM header after the payload, fed a byte at a time
 def test_any_chunking_finds_the_same_payload(k, before, after, sizes):
     data = b"text before\n" + before.replace(b"\0", b"") + b"\n" + _PAYLOADS[k]() + b"\n" + after
     whole = DeepScanner().feed(data)
@@ -185,7 +186,11 @@ def test_any_chunking_finds_the_same_payload(k, before, after, sizes):
     while pos < len(data) and not found:
         n = sizes[i % len(sizes)]
         found, pos, i = scanner.feed(data[pos:pos + n]), pos + n, i + 1
-    assert found and found.split("/")[0] == whole.split("/")[0]
+    assert found
+    # Random bytes around the payload can be patient data themselves (hypothesis drew ``after=b"H|\\^&"``, an
+    # ASTM header): then whichever the chunking meets first is a right answer; otherwise the same kind.
+    if DeepScanner().feed(b"text before\n" + before.replace(b"\0", b"") + b"\n\n" + after) is None:
+        assert found.split("/")[0] == whole.split("/")[0]
 
 
 @settings(max_examples=300, deadline=None)

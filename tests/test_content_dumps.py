@@ -148,3 +148,14 @@ def test_escaped_astm_and_binary(files, tmp_path, size):
         out = subprocess.run(["sh", "-c", cmd], capture_output=True, check=True, cwd=tmp_path).stdout
         hit = _scan(out, size)
         assert hit is not None and hit.startswith(kind), (cmd, hit)
+
+
+def test_cat_v_notation_of_a_binary_is_not_hl7_field_texture(files):
+    """``cat -A`` of a program (seen: Debian's uwsgi-core) printed a 3 KB line of caret notation with pipes, empty
+    fields and ``XX^YY`` pairs: the "HL7 fields without a segment name" heuristic called it patient data. NULs
+    and high control bytes (``^@``, ``M-^``) say binary; an HL7 piece cut from a real message is still caught."""
+    binary = (b"^@^@^@1M-vLM-^IM-WM-hM-^Q~M-{|M-^?IM-^IM-E||AU^LM-^M-.^?^B^@ATUSHM-^AM-l|M-^X^@^@^@dHM-^K^D%(^@|"
+              b"HM-^IM-^D$M-^H^@^@^@1M-@HM-^IM-cHM-^IM-_M-hM-^T{M-{M-^?M->^K^@^@^@HM-^IM-_|AB^CD|M-hgzM-{M-^?1M-RHM-^I")
+    assert _scan(binary + b"$\n", 4096) in (None, OPAQUE)
+    piece = b"|||DOE^JANE^Q||19610203|F|||12 MAIN ST^^SPRINGFIELD^IL^62701||555-0100|||S\r\n"
+    assert _scan(piece, 4096) == "HL7v2/fields"
