@@ -13,6 +13,7 @@ from broker.commands import devices as device_cmds
 from broker.commands import grants as grant_cmds
 from broker.commands import home as home_cmds
 from broker.commands import keys as keys_cmds
+from broker.commands import migrate as migrate_cmds
 from broker.commands import recordings as recording_cmds
 from broker.commands import report as report_cmds
 from broker.commands import retention as retention_cmds
@@ -113,6 +114,7 @@ app.add_typer(keys_cmds.app, name="keys")
 app.add_typer(service_cmds.app, name="service")
 app.command("backup")(service_cmds.backup)
 app.command("restore")(service_cmds.restore)
+migrate_cmds.register(app)
 app.command("ssh-config")(sshconfig_cmds.ssh_config)
 user_cmds.app.command("totp")(totp_cmds.totp)
 

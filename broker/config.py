@@ -901,4 +901,7 @@ timeout = "5s"
 
 [display]                         # how times are shown to people (JSON output stays UTC)
 timezone = ""                     # IANA name, e.g. "Asia/Shanghai" or "UTC"; "" = this host's zone
+
+[store]                           # where state lives (docs/ha.md "PostgreSQL store")
+url = ""                          # "" = medbroker.db here; or "postgresql://USER@/DB?host=/SOCKET/DIR" (several nodes)
 """

@@ -86,6 +86,13 @@ class SqliteConnection:
     def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> None:
         self.raw.executemany(sql, seq)
 
+    def batches(self, sql: str, size: int) -> Iterator[tuple[list[str], list[tuple]]]:
+        """The rows of a read in batches of ``size`` (never all of a big table in memory)."""
+        cur = self.raw.execute(sql)
+        cols = [c[0] for c in cur.description or ()]
+        while rows := cur.fetchmany(size):
+            yield cols, rows
+
     def begin(self) -> None:
         try:
             self.raw.execute("BEGIN IMMEDIATE")
@@ -227,6 +234,14 @@ class PostgresConnection:
         self._ensure()
         with self.raw.cursor() as cur:
             cur.executemany(to_pyformat(sql), [_params(p) for p in seq])
+
+    def batches(self, sql: str, size: int) -> Iterator[tuple[list[str], list[tuple]]]:
+        self._ensure()
+        with self.raw.cursor() as cur:
+            cur.execute(sql)
+            cols = [c.name for c in cur.description or ()]
+            while rows := cur.fetchmany(size):
+                yield cols, rows
 
     def begin(self) -> None:
         self.execute("BEGIN")
