@@ -69,6 +69,7 @@ class SqliteConnection:
 
     dialect = "sqlite"
     retryable: tuple[type[BaseException], ...] = ()
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.raw = conn
@@ -191,6 +192,7 @@ class PostgresConnection:
         self.url = url
         self.connect_timeout = connect_timeout
         self.retryable = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+        self.errors: tuple[type[BaseException], ...] = (psycopg.Error,)
         self.raw = self._connect()
 
     def _connect(self) -> Any:

@@ -44,15 +44,25 @@ def copy_tables(source: StoreBase, target: StoreBase, *, overwrite: bool = False
         raise ConflictError(f"the target already holds data ({', '.join(f'{t}: {n}' for t, n in sorted(full.items()))})",
                             "copy into an empty database, or add --overwrite to replace what it holds")
     copied: dict[str, int] = {}
-    with target.transaction(lock="medbroker.migrate") as out:
-        if full:
-            for table in target.conn.tables():
-                if table not in NOT_COPIED:
-                    out.execute(f'DELETE FROM "{table}"')
-        for table in _in_dependency_order(tables):
-            copied[table] = _copy_table(source, out, table)
-            if target.dialect == "postgresql" and copied[table] and _has_identity_id(out, table):
-                out.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM \"{table}\"))")
+    order = _in_dependency_order(tables)
+    table = ""
+    try:
+        with target.transaction(lock="medbroker.migrate") as out:
+            if full:
+                if target.dialect == "postgresql":
+                    out.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in order) + " RESTART IDENTITY")
+                else:
+                    for t in reversed(order):
+                        out.execute(f'DELETE FROM "{t}"')
+            for table in order:
+                copied[table] = _copy_table(source, out, table)
+                if target.dialect == "postgresql" and copied[table] and _has_identity_id(out, table):
+                    out.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                f'(SELECT max(id) FROM "{table}"))')
+    except target.conn.errors as exc:
+        raise StorageError(f"copying table {table or '?'} failed, nothing was copied: "
+                           f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
+                           "fix the cause named here and run the migration again") from exc
     return copied
 
 
