@@ -199,7 +199,10 @@ def test_two_approvers_of_a_critical_request_at_once_make_one_grant(pg: Store, p
     clock = FakeClock()
     populate(pg, clock)
     rid = _request(pg, clock, "mri-01")
-    results = run_parallel("approve", pg_url, [(rid, "bob", clock.now()), (rid, "carol", clock.now())])
+    # each approver pauses between recording their approval and counting them: without the request's row lock
+    # both would count only their own and leave the request pending for good
+    results = run_parallel("approve", pg_url, [(rid, "bob", clock.now()), (rid, "carol", clock.now())],
+                           hold=("approvals", 1.0, False))
     assert all(r[0] == "ok" for r in results), results
     assert sorted(r[1] is not None for r in results) == [False, True]  # the second to count makes the grant
     assert sorted(a["approver"] for a in pg.approvals(rid)) == ["bob", "carol"]
@@ -221,7 +224,10 @@ def test_two_approvers_of_a_standard_request_at_once_one_wins(pg: Store, pg_url:
 
 def test_parallel_failures_are_all_counted_and_start_one_lockout(pg: Store, pg_url: str) -> None:
     clock = FakeClock()
-    results = run_parallel("failure", pg_url, [("alice", "10.0.0.9", clock.now())] * 6)
+    # each pauses after adding its failure, before counting again: without the pair's lock none would see the
+    # others' uncommitted failures and none would start the lockout (or several would)
+    results = run_parallel("failure", pg_url, [("alice", "10.0.0.9", clock.now())] * 6,
+                           hold=("add_auth_failure", 0.3, True))
     assert all(r[0] == "ok" for r in results), results
     assert pg.count_auth_failures("alice", "10.0.0.9", "2000-01-01") == 6
     started = [r[1] for r in results if r[1]]

@@ -1,7 +1,14 @@
-"""Work for the PostgreSQL concurrency tests, run in separate processes (multiprocessing "spawn"): each opens its
-own store connection, waits at a barrier with the others, then does one thing at the same moment as them.
+"""Work for the PostgreSQL concurrency tests, run in separate processes: each opens its own store connection,
+waits at a barrier with the others, then does one thing at the same moment as them.
+
+The processes are forked (a "spawn" start would leave multiprocessing's resource tracker running after the
+test): a child only opens connections of its own and leaves through os._exit, never touching the parent's.
 
 Results come back as plain tuples: ("ok", value) or ("error", exception class name, message).
+
+``hold`` widens a race window the way a slow node would: the store method named is made to pause (before or
+after its work) inside the decision's transaction, so without the decision's lock the racers would surely
+overlap; with it they take turns. This instruments medbroker's own store, never PostgreSQL.
 """
 
 from __future__ import annotations
@@ -18,7 +25,23 @@ def _principal(store: Any, name: str) -> Any:
     return get_principal(store, name)
 
 
-def _work(kind: str, url: str, arg: Any, barrier: Any, out: Any) -> None:
+def _hold(store: Any, method: str, seconds: float, *, after: bool) -> None:
+    import time
+
+    real = getattr(store, method)
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        if not after:
+            time.sleep(seconds)
+        result = real(*args, **kwargs)
+        if after:
+            time.sleep(seconds)
+        return result
+
+    setattr(store, method, slow)
+
+
+def _work(kind: str, url: str, arg: Any, barrier: Any, out: Any, hold: tuple | None) -> None:
     from broker.audit import AuditLog
     from broker.clock import FakeClock
     from broker.store import open_store
@@ -27,6 +50,8 @@ def _work(kind: str, url: str, arg: Any, barrier: Any, out: Any) -> None:
     try:
         clock = FakeClock()
         log = AuditLog(store, clock)
+        if hold:
+            _hold(store, hold[0], hold[1], after=hold[2])
         barrier.wait(30)
         try:
             value: Any = None
@@ -68,12 +93,16 @@ def _work(kind: str, url: str, arg: Any, barrier: Any, out: Any) -> None:
         store.close()
 
 
-def run_parallel(kind: str, url: str, args: list[Any], *, timeout: float = 60) -> list[tuple]:
-    """Run ``kind`` once per item of ``args``, each in its own process, all released together."""
-    ctx = multiprocessing.get_context("spawn")
+def run_parallel(kind: str, url: str, args: list[Any], *, timeout: float = 60,
+                 hold: tuple[str, float, bool] | None = None) -> list[tuple]:
+    """Run ``kind`` once per item of ``args``, each in its own process, all released together.
+
+    :param hold: (store method, seconds, after?) to slow down in every process (see the module doc)
+    """
+    ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(len(args))
     out = ctx.Queue()
-    procs = [ctx.Process(target=_work, args=(kind, url, a, barrier, out)) for a in args]
+    procs = [ctx.Process(target=_work, args=(kind, url, a, barrier, out, hold)) for a in args]
     for p in procs:
         p.start()
     results = []
