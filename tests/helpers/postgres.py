@@ -4,7 +4,7 @@
 ``nobody`` in a private temp dir. The server listens on a unix socket in that dir and on 127.0.0.1 (a free
 port), trusts local connections, and runs without fsync (a test database need not survive a power cut).
 Each test gets its own database, made from a migrated template (``CREATE DATABASE ... TEMPLATE``: a file copy,
-~50 ms) and dropped afterwards.
+~60 ms) and dropped afterwards.
 """
 
 from __future__ import annotations
@@ -132,7 +132,9 @@ class Postgres:
         """A fresh database (the migrated template's copy, or empty); returns its URL."""
         name = f"t{os.getpid()}_{next(_serial)}"
         with self.admin() as conn:
-            conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE if migrated else 'template0'}")
+            # FILE_COPY: a plain copy of the template's files, ~60 ms here against ~300 ms for WAL_LOG (PG 15's
+            # default, which writes every page to the WAL), and cheap since fsync is off
+            conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE if migrated else 'template0'} STRATEGY FILE_COPY")
         return self.url(name)
 
     def drop(self, url: str) -> None:
