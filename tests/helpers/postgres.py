@@ -58,7 +58,8 @@ def _as_user() -> dict[str, Any]:
 class Postgres:
     """A throwaway cluster: ``socket_dir``, ``port``, ``url(db)``, ``new_database()``, ``drop()``, ``stop()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """:param durable: keep fsync and synchronous commit on (benchmarks); tests run without them"""
         bindir = postgres_bindir()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed; run scripts/install.sh")
@@ -81,7 +82,7 @@ class Postgres:
             conf.write("\n".join([
                 "listen_addresses = '127.0.0.1'", f"port = {self.port}",
                 f"unix_socket_directories = '{self.socket_dir}'",
-                "fsync = off", "synchronous_commit = off", "full_page_writes = off",
+                *(() if durable else ("fsync = off", "synchronous_commit = off", "full_page_writes = off")),
                 "max_connections = 200", "shared_buffers = 32MB", "logging_collector = off",
                 "log_min_messages = warning", "deadlock_timeout = 200ms",
             ]) + "\n")
