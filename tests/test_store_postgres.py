@@ -335,3 +335,45 @@ def test_migrate_never_prints_the_password(tmp_path: Path) -> None:
     assert done.exit_code == 1 and "hunter2" not in done.output and "<secret>" in done.output
 
 
+
+
+# ---------------------------------------------------------------- retries and lost connections
+
+
+def test_a_serialization_failure_is_retried_then_reported(pg: Store) -> None:
+    import psycopg
+
+    attempts: list[int] = []
+
+    def once_aborted(conn: Any) -> int:
+        attempts.append(1)
+        conn.execute("INSERT INTO web_state (key, value) VALUES (?, ?)", (f"k{len(attempts)}", "v"))
+        if len(attempts) == 1:  # PostgreSQL itself aborts the first attempt (SQLSTATE 40001)
+            conn.execute("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure'; END $$")
+        return len(attempts)
+
+    assert pg.atomic(once_aborted) == 2
+    assert [r["key"] for r in pg.query("SELECT key FROM web_state ORDER BY key")] == ["k2"]  # the first rolled back
+
+    def always_aborted(conn: Any) -> None:
+        attempts.append(1)
+        conn.execute("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure'; END $$")
+
+    attempts.clear()
+    with pytest.raises(psycopg.errors.SerializationFailure):
+        pg.atomic(always_aborted)
+    assert len(attempts) == 6  # the first try and five retries, then the error
+
+
+def test_a_lost_connection_fails_one_statement_then_reconnects(pg: Store, postgres: Any) -> None:
+    from broker.errors import StorageError
+
+    pg.insert_user("alice", "vendor", None, AT)
+    pid = pg.scalar("SELECT pg_backend_pid()")
+    with postgres.admin() as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(StorageError) as info:
+        pg.get_user("alice")
+    assert "PostgreSQL at postgresql://medbroker@/" in info.value.message and info.value.hint
+    assert pg.get_user("alice")["role"] == "vendor"  # the next statement has a new connection
+    assert pg.scalar("SELECT pg_backend_pid()") != pid
