@@ -377,3 +377,21 @@ def test_a_lost_connection_fails_one_statement_then_reconnects(pg: Store, postgr
     assert "PostgreSQL at postgresql://medbroker@/" in info.value.message and info.value.hint
     assert pg.get_user("alice")["role"] == "vendor"  # the next statement has a new connection
     assert pg.scalar("SELECT pg_backend_pid()") != pid
+
+
+# ---------------------------------------------------------------- lockout (both stores)
+
+
+def test_lockout_counts_and_starts_once_on_both_stores(store: Store) -> None:
+    from broker.lockout import LockoutPolicy, clear_failures, lockout_left, record_failure
+
+    policy = LockoutPolicy(max_failures=3, window_s=300, lockout_s=900)
+    clock = FakeClock()
+    started = [record_failure(store, "alice", "10.0.0.9", clock.now(), policy) for _ in range(4)]
+    assert started == [0, 0, 900, 0]  # the third starts it; a fourth inside it does not start another
+    assert lockout_left(store, "alice", "10.0.0.9", clock.now(), policy) == 900
+    assert lockout_left(store, "alice", "10.0.0.8", clock.now(), policy) == 0  # another source is not locked
+    clock.advance(901)
+    assert lockout_left(store, "alice", "10.0.0.9", clock.now(), policy) == 0
+    clear_failures(store, "alice", "10.0.0.9")
+    assert store.count_auth_failures("alice", "10.0.0.9", "2000-01-01") == 0
