@@ -52,6 +52,10 @@ def test_a_broker_on_postgresql_serves_records_and_verifies(tmp_path: Path, devi
     checked = runner.invoke(cli_app, ["--home", str(home), "check"])
     assert "postgresql://medbroker@/" in checked.output and "(schema " in checked.output
 
+    backup = runner.invoke(cli_app, ["--home", str(home), "backup", "-o", str(tmp_path / "bk")])
+    assert backup.exit_code == 1 and "PostgreSQL" in backup.output and "pg_dump" in backup.output
+    assert not (tmp_path / "bk").exists()  # refused before writing anything
+
     other = open_store(pg_url, migrate=False)  # any node reading the same database sees the same session
     try:
         events = [r["event"] for r in other.audit_rows()]
