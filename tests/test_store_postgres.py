@@ -395,3 +395,35 @@ def test_lockout_counts_and_starts_once_on_both_stores(store: Store) -> None:
     assert lockout_left(store, "alice", "10.0.0.9", clock.now(), policy) == 0
     clear_failures(store, "alice", "10.0.0.9")
     assert store.count_auth_failures("alice", "10.0.0.9", "2000-01-01") == 0
+
+
+# ---------------------------------------------------------------- live sessions that must end (both stores)
+
+
+def test_sessions_to_stop_names_why_on_both_stores(store: Store) -> None:
+    clock = FakeClock()
+    populate(store, clock)
+    store.add_user_key("alice", "SHA256:k", "ssh-ed25519 AAAA", AT)
+    rid = _request(store, clock, "ct-01")
+    gid = store.decide_request(rid, "approved", "bob", AT, None, {
+        "request_id": rid, "user_name": "alice", "device": "ct-01", "starts_at": AT,
+        "ends_at": "2026-01-01T09:00:00.000000Z", "approved_by": "bob"})
+    base = {"user_name": "alice", "device": "ct-01", "grant_id": gid, "started_at": AT, "status": "live",
+            "recording": "r", "broker_pid": 4242, "auth_key": "SHA256:k", "user_role": "vendor"}
+    store.insert_session({"id": "s-ok", **base})
+    store.insert_session({"id": "s-other-process", **base, "broker_pid": 1})
+    assert store.sessions_to_stop(4242, AT) == []
+    store.set_user_role("alice", "approver")  # the role it was authorised with changed
+    [row] = store.sessions_to_stop(4242, AT)
+    assert row["id"] == "s-ok" and row["role_now"] == "approver" and not row["key_gone"]
+    store.set_user_role("alice", "vendor")
+    store.delete_user_key("alice", "SHA256:k")
+    [row] = store.sessions_to_stop(4242, AT)
+    assert row["key_gone"] and not row["user_disabled"] and not row["device_gone"]
+    store.add_user_key("alice", "SHA256:k", "ssh-ed25519 AAAA", AT)
+    store.set_user_disabled("alice", True)
+    assert store.sessions_to_stop(4242, AT)[0]["user_disabled"]
+    store.set_user_disabled("alice", False)
+    assert store.request_session_kill("s-ok", "sec", "enough", AT)
+    assert not store.request_session_kill("s-ok", "sec", "again", AT)
+    assert [r["kill_reason"] for r in store.sessions_to_stop(4242, AT)] == ["enough"]

@@ -64,7 +64,8 @@ class Postgres:
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed; run scripts/install.sh")
         self.bindir = bindir
-        self.dir = Path(tempfile.mkdtemp(prefix="medbroker-pg-"))
+        # under /tmp, not $TMPDIR: a root-only temp dir (pytest's are 0700) would keep `nobody` out
+        self.dir = Path(tempfile.mkdtemp(prefix="medbroker-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
         self.dir.chmod(0o755)
         self.data, self.socket_dir = self.dir / "data", self.dir / "sock"
         self.socket_dir.mkdir()
