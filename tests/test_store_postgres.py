@@ -278,6 +278,10 @@ def _sqlite_home(tmp_path: Path) -> Path:
         _request(app.store, clock, "ct-01")
         _index(app.store)
         app.store.add_auth_failure("alice", "10.0.0.1", AT)
+        from broker.audit import write_checkpoint
+
+        assert write_checkpoint(app.audit, app.signing_key)  # a signed checkpoint travels with the chain
+        app.audit.record("broker.started")
     finally:
         app.close()
     return home
@@ -315,6 +319,18 @@ def test_migrate_copies_everything_keeps_the_chain_and_verifies(tmp_path: Path, 
         forced = runner.invoke(cli_app, ["migrate", "--from", f"sqlite:{home}", "--to", url, "--overwrite"])
         assert forced.exit_code == 0, forced.output
         assert "same as the source" in forced.output and "[store] url" in forced.output
+        # the home, pointed at the copy, verifies its chain and signed checkpoint with its own key
+        (home / "broker.toml").write_text(f'[store]\nurl = "{url}"\n')
+        # (the sessions _index made up have no recordings: only the audit half of the answer is looked at)
+        verify = json.loads(runner.invoke(cli_app, ["--home", str(home), "audit", "verify", "--json"]).stdout)
+        assert verify["audit"] == {"ok": True, "rows": doc["audit"]["rows"], "problems": [],
+                                   "last_hash": doc["audit"]["last_hash"]}
+        # a copy altered afterwards is caught by the same verification
+        tampered = open_store(url, migrate=False)
+        tampered.conn.execute("UPDATE audit_events SET actor = 'mallory' WHERE id = 2")
+        tampered.close()
+        broken = json.loads(runner.invoke(cli_app, ["--home", str(home), "audit", "verify", "--json"]).stdout)
+        assert not broken["audit"]["ok"] and any(p.startswith("audit row 2:") for p in broken["audit"]["problems"])
     finally:
         postgres.drop(url)
 
