@@ -443,3 +443,31 @@ def test_sessions_to_stop_names_why_on_both_stores(store: Store) -> None:
     assert store.request_session_kill("s-ok", "sec", "enough", AT)
     assert not store.request_session_kill("s-ok", "sec", "again", AT)
     assert [r["kill_reason"] for r in store.sessions_to_stop(4242, AT)] == ["enough"]
+
+
+def test_a_node_stuck_holding_the_audit_head_makes_others_fail_in_bounded_time(pg_url: str, postgres: Any) -> None:
+    """Another session holds the audit head (a node frozen mid-append): an append waits lock_timeout, then fails
+    with a clear error instead of hanging; the default is 30 s, the URL may set it (here 300 ms)."""
+    from broker.errors import StorageError
+
+    default = open_store(pg_url, migrate=False)
+    assert default.scalar("SHOW lock_timeout") == "30s"
+    assert default.scalar("SHOW idle_in_transaction_session_timeout") == "1min"
+    default.close()
+    store = open_store(pg_url + "&options=-c%20lock_timeout%3D300ms", migrate=False)
+    holder = open_store(pg_url, migrate=False)
+    try:
+        with holder.transaction() as conn:
+            conn.execute("SELECT id FROM audit_head WHERE id = 1 FOR UPDATE")
+            import time
+
+            started = time.monotonic()
+            with pytest.raises(StorageError) as info:
+                AuditLog(store, FakeClock()).record("broker.started")
+            assert 0.25 < time.monotonic() - started < 5
+            assert "lock timeout" in info.value.message and info.value.hint
+        assert AuditLog(store, FakeClock()).record("broker.started")["id"] == 1  # released: it works again
+        assert verify_chain(store).ok
+    finally:
+        holder.close()
+        store.close()

@@ -178,6 +178,9 @@ def _params(params: Sequence[Any] | dict[str, Any]) -> Sequence[Any] | dict[str,
     return [_param(v) for v in params]
 
 
+_SESSION_DEFAULTS = (("lock_timeout", "30s"), ("idle_in_transaction_session_timeout", "60s"))
+
+
 class PostgresConnection:
     """One psycopg 3 connection in autocommit mode; transactions are ``BEGIN`` (READ COMMITTED) plus the explicit
     row and advisory locks each read-then-write decision takes. A broken connection is reopened before the next
@@ -204,6 +207,11 @@ class PostgresConnection:
             raise StorageError(f"cannot connect to PostgreSQL at {redact_url(self.url)}: {_first_line(exc)}",
                                _PG_HINT) from None
         conn.execute("SET TIME ZONE 'UTC'")
+        # Bound every wait: a node that stopped mid-transaction (frozen, not dead) must not hold the audit head
+        # or a request's row for ever. Values given in the URL (options=-c lock_timeout=...) win.
+        for name, value in _SESSION_DEFAULTS:
+            if conn.execute(f"SHOW {name}").fetchone()[0] in ("0", "0ms"):
+                conn.execute(f"SET {name} = '{value}'")
         return conn
 
     @property
