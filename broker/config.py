@@ -671,7 +671,8 @@ def redact_url(url: str) -> str:
 def _validate_store(st: StoreConfig, source: str) -> None:
     if not st.url:
         return
-    example = 'e.g. "postgresql://medbroker@/medbroker?host=/var/run/postgresql" or "postgresql://medbroker@db1:5432/medbroker"'
+    example = ('e.g. "postgresql://medbroker@/medbroker?host=/var/run/postgresql" or '
+               '"postgresql://medbroker@db1:5432/medbroker"')
     try:
         parts = urlsplit(st.url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range

@@ -107,7 +107,8 @@ def test_an_unreachable_postgres_is_a_storage_error_without_the_password(tmp_pat
 
 # ---------------------------------------------------------------- search (both stores, same answers)
 
-SESSIONS = [("s-1", "alice", "ct-01", "2026-01-01T08:00:00.000000Z"), ("s-2", "bob", "mri-01", "2026-01-02T08:00:00.000000Z")]
+SESSIONS = [("s-1", "alice", "ct-01", "2026-01-01T08:00:00.000000Z"),
+            ("s-2", "bob", "mri-01", "2026-01-02T08:00:00.000000Z")]
 TEXTS = {
     "s-1": [(1.0, "command", "cat /etc/needle-42.conf"), (2.5, "output", "Needle found: 69999 items"),
             (3.0, "output", "100% done_ok"), (4.0, "path", "/data/dicom/IMG_0001.dcm"), (5.0, "output", "ls")],

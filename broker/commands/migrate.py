@@ -16,7 +16,8 @@ from broker.store.copy import copy_tables, table_counts
 __all__ = ["register", "migrate"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
-_EXAMPLE = "e.g. medbroker migrate --from sqlite:/var/lib/medbroker --to postgresql://medbroker@/medbroker?host=/run/postgresql"
+_EXAMPLE = ("e.g. medbroker migrate --from sqlite:/var/lib/medbroker "
+            "--to postgresql://medbroker@/medbroker?host=/run/postgresql")
 
 
 def _source_path(text: str) -> Path:

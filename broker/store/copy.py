@@ -41,7 +41,8 @@ def copy_tables(source: StoreBase, target: StoreBase, *, overwrite: bool = False
         raise StorageError(f"the target has no table {', '.join(missing)}", "run the same medbroker version on both")
     full = {t: n for t, n in table_counts(target).items() if n}
     if full and not overwrite:
-        raise ConflictError(f"the target already holds data ({', '.join(f'{t}: {n}' for t, n in sorted(full.items()))})",
+        held = ", ".join(f"{t}: {n}" for t, n in sorted(full.items()))
+        raise ConflictError(f"the target already holds data ({held})",
                             "copy into an empty database, or add --overwrite to replace what it holds")
     copied: dict[str, int] = {}
     order = _in_dependency_order(tables)
