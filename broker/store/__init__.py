@@ -6,7 +6,7 @@ Every timestamp is UTC ISO-8601 text in an ``*_at`` column. SQL is portable (``?
 One front, :class:`Store`, over a package split by concern: ``schema.py`` (the numbered migrations),
 ``backends.py`` (one connection adapter per engine), ``base.py`` (the connection, its lock, transactions,
 queries, the store thread), one module of queries per area (``users``, ``devices``, ``grants``, ``sessions``,
-``audit``, ``search``, ``web``) and ``copy.py`` (moving a home's SQLite database to PostgreSQL).
+``audit``, ``search``, ``web``, ``journal``) and ``copy.py`` (moving a home's SQLite database to PostgreSQL).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from broker.store.backends import PostgresConnection, SqliteConnection, is_postg
 from broker.store.base import dumps
 from broker.store.devices import DeviceQueries
 from broker.store.grants import GrantQueries
+from broker.store.journal import JournalQueries
 from broker.store.schema import MIGRATIONS
 from broker.store.search import SearchQueries
 from broker.store.sessions import SessionQueries
@@ -31,7 +32,8 @@ from broker.store.web import WebQueries
 __all__ = ["Store", "MIGRATIONS", "open_store", "dumps", "is_postgres_url", "redact_url"]
 
 
-class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries):
+class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries,
+            JournalQueries):
     """Synchronous access to the broker database.
 
     Async code calls :meth:`run`, which serialises every call on one worker thread.

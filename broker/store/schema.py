@@ -17,10 +17,12 @@ class PerDialect(NamedTuple):
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
 # 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
-# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump, 18 PostgreSQL store.
+# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump, 18 PostgreSQL store, 19 recording journal
+# (issue 13).
 #
 # Statements are written for SQLite; on PostgreSQL each is translated (broker/store/backends.py pg_ddl:
-# INTEGER PRIMARY KEY -> identity, INTEGER -> BIGINT, REAL -> DOUBLE PRECISION) unless it is a PerDialect.
+# INTEGER PRIMARY KEY -> identity, INTEGER -> BIGINT, REAL -> DOUBLE PRECISION, BLOB -> BYTEA) unless it is a
+# PerDialect.
 MIGRATIONS: dict[int, str | list[str | PerDialect]] = {
     # 1: the vertical slice
     1: """
@@ -279,5 +281,18 @@ MIGRATIONS: dict[int, str | list[str | PerDialect]] = {
     18: [
         "CREATE TABLE audit_head (id INTEGER PRIMARY KEY CHECK (id = 1))",
         "INSERT INTO audit_head (id) VALUES (1)",
+    ],
+    # 19: the recording journal (issue 13): each row is exactly the bytes one writer batch appended to the
+    # session's .mbr file (seq 0: the header and its hash; otherwise the first frame's sequence number), so the
+    # file is the concatenation of its rows in seq order. Rows go once the recording is sealed (and archived).
+    19: [
+        """CREATE TABLE recording_journal (
+            session_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            at TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        )""",
     ],
 }
