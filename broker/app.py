@@ -19,7 +19,7 @@ from broker.forwards import ProtectedPorts, load_protected_ports
 from broker.grants import GrantRules
 from broker.keys import FileKeyProvider, Secret, generate_host_key, generate_signing_key, load_signing_key, verify_hex
 from broker.siem import JsonLinesSink, build_sinks
-from broker.store import Store, open_store
+from broker.store import Store, open_store, redact_url
 from sessions.archived import ArchivedRecordingStore
 from sessions.objectstore import ObjectStore
 from sessions.storage import LocalRecordingStore, RecordingStore
@@ -101,7 +101,7 @@ class App:
         :raises StorageError: the database cannot be opened
         """
         if self._journal_store is None:
-            store = open_store(self.config.db_path, migrate=False)
+            store = open_store(self.config.store.url or self.config.db_path, migrate=False)
             store.set_lock_wait(self.config.seconds("recording", "journal_timeout"))
             self._journal_store = store
         return self._journal_store
@@ -209,7 +209,7 @@ def open_app(home: Path, *, clock: Clock | None = None) -> App:
         raise ConfigError(f"{home} is not a medbroker home (no broker.toml)",
                           f"create one with: medbroker --home {home} init")
     cfg = load_config(cfg_file, home=Path(home))
-    store = open_store(cfg.db_path)
+    store = open_store(cfg.store.url or cfg.db_path)
     app = App(cfg, store, clock or SystemClock(), FileKeyProvider(cfg.path(cfg.recording.data_key)))
     app.audit.sinks.extend(build_sinks(cfg))  # every process (server and CLI) exports what it writes
     return app
@@ -247,13 +247,14 @@ def check_home(home: Path) -> list[CheckResult]:
     except BrokerError as exc:
         results.append(CheckResult("key material", False, str(exc)))
     try:
-        if not cfg.db_path.exists():  # opening it would create an empty database: check changes nothing
+        where = redact_url(cfg.store.url) if cfg.store.url else str(cfg.db_path)
+        if not cfg.store.url and not cfg.db_path.exists():  # opening would create an empty database
             raise StorageError(f"{cfg.db_path} is missing; run: medbroker init")
-        store = open_store(cfg.db_path, migrate=False)
+        store = open_store(cfg.store.url or cfg.db_path, migrate=False)
         version = store.schema_version()
         store.close()
-        results.append(CheckResult("database", version > 0, f"{cfg.db_path} (schema {version})"
-                                   if version else f"{cfg.db_path} has no schema; run: medbroker init"))
+        results.append(CheckResult("database", version > 0, f"{where} (schema {version})"
+                                   if version else f"{where} has no schema; run: medbroker init"))
     except StorageError as exc:
         results.append(CheckResult("database", False, str(exc)))
     rec = cfg.recordings_dir

@@ -16,6 +16,7 @@ from broker.commands import evidence as evidence_cmds
 from broker.commands import grants as grant_cmds
 from broker.commands import home as home_cmds
 from broker.commands import keys as keys_cmds
+from broker.commands import migrate as migrate_cmds
 from broker.commands import recordings as recording_cmds
 from broker.commands import report as report_cmds
 from broker.commands import retention as retention_cmds
@@ -119,6 +120,7 @@ app.add_typer(service_cmds.app, name="service")
 app.add_typer(cluster_cmds.app, name="cluster")
 app.command("backup")(service_cmds.backup)
 app.command("restore")(service_cmds.restore)
+migrate_cmds.register(app)
 app.command("ssh-config")(sshconfig_cmds.ssh_config)
 user_cmds.app.command("totp")(totp_cmds.totp)
 

@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from broker.clock import display_zone
 from broker.errors import ConfigError, UsageError
@@ -31,7 +32,9 @@ __all__ = [
     "RetentionConfig",
     "WebConfig",
     "SiemConfig",
+    "StoreConfig",
     "Home",
+    "redact_url",
     "load_config",
     "parse_duration",
     "format_duration",
@@ -428,6 +431,15 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the broker's state lives (docs/ha.md "PostgreSQL store")."""
+
+    url: str = ""
+    """"" = the SQLite file medbroker.db in the home; "postgresql://USER@/DB?host=/SOCKET/DIR" or
+    "postgresql://USER@HOST:PORT/DB" = a PostgreSQL database shared by every broker node."""
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """The whole validated configuration; paths are relative to ``home`` unless absolute."""
 
@@ -447,6 +459,7 @@ class BrokerConfig:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     _seconds: dict[tuple[str, str], int] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Durations parsed once: :func:`load_config` parses every one while it validates; a config made with
     ``replace()`` (e.g. ``with_web``) starts empty and parses each on first use."""
@@ -518,6 +531,7 @@ _SECTIONS = {
     "directory": DirectoryConfig,
     "cluster": ClusterConfig,
     "archive": ArchiveConfig,
+    "store": StoreConfig,
 }
 
 
@@ -647,6 +661,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
     if cfg.limits.max_auth_failures < 1:
         raise ConfigError(f"{source}: limits.max_auth_failures must be at least 1")
     _validate_startups(cfg.limits, source)
+    _validate_store(cfg.store, source)
     if cfg.listen.workers < 1 or cfg.listen.workers > 64:
         raise ConfigError(f"{source}: listen.workers must be between 1 and 64")
     if cfg.retention.days < 180 and not cfg.retention.allow_below_floor:
@@ -733,6 +748,35 @@ def parse_syslog_address(text: str) -> tuple[str, str, int]:
     if port == 0:
         raise UsageError(f"syslog address {text!r} has port 0", "name the collector's port, e.g. 514")
     return scheme, host, port
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password shown as ``<secret>`` (safe to log and print)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:<secret>@{parts.netloc.rsplit('@', 1)[1]}"))
+
+
+def _validate_store(st: StoreConfig, source: str) -> None:
+    if not st.url:
+        return
+    example = ('e.g. "postgresql://medbroker@/medbroker?host=/var/run/postgresql" or '
+               '"postgresql://medbroker@db1:5432/medbroker"')
+    try:
+        parts = urlsplit(st.url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"{source}: store.url is not a valid URL", example) from None
+    shown = redact_url(st.url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{source}: store.url = {shown!r}; expected a postgresql:// URL (or \"\" for the SQLite "
+                          "file in the home)", example)
+    query = parse_qs(parts.query)
+    if not parts.path.strip("/") and "dbname" not in query:
+        raise ConfigError(f"{source}: store.url = {shown!r} names no database", example)
+    if not parts.hostname and "host" not in query:
+        raise ConfigError(f"{source}: store.url = {shown!r} names no host or socket directory", example)
 
 
 def _validate_directory(d: DirectoryConfig, source: str) -> None:
@@ -983,6 +1027,8 @@ timezone = ""                     # IANA name, e.g. "Asia/Shanghai" or "UTC"; ""
 node_id = ""                      # this node's id ("" = the host name; `serve --node-id` overrides)
 heartbeat = "1s"                  # how often this node writes its heartbeat
 dead_after = "10s"                # silent this long = dead: a survivor seals its sessions (>= 3 heartbeats)
+[store]                           # where state lives (docs/ha.md "PostgreSQL store")
+url = ""                          # "" = medbroker.db here; or "postgresql://USER@/DB?host=/SOCKET/DIR" (several nodes)
 """
 
 

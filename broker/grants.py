@@ -457,6 +457,7 @@ def approve_request(store: Store, audit: AuditLog, rules: GrantRules, request_id
     # Re-check, record and count under one write lock: approvals arriving together must see each other
     # (two approvers of a critical device both counted one approval and left it pending for good).
     with store.transaction():
+        store.lock_request(request_id)  # other nodes' approvals, denials and expiry of it wait (PostgreSQL)
         current = get_request(store, request_id)
         if current.status != "pending":
             by = f" by {current.decided_by}" if current.decided_by else ""

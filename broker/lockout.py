@@ -43,7 +43,9 @@ def record_failure(store: Store, user: str, source: str, now: datetime, policy: 
     :returns: the lockout's length in seconds when this failure started one, else 0 (so the caller
         audits ``auth.lockout`` exactly once per lockout, also with several broker processes)
     """
-    with store.transaction():
+    # The pair's own lock (PostgreSQL nodes; SQLite's write transaction excludes everyone): failures arriving
+    # together on several nodes are each counted, and exactly one of them starts the lockout.
+    with store.transaction(lock=f"auth_failures:{user}:{source}"):
         before = lockout_left(store, user, source, now, policy)
         store.add_auth_failure(user, source, utc_iso(now))
         after = lockout_left(store, user, source, now, policy)

@@ -178,7 +178,7 @@ def notify_enabled(web: Web) -> bool:
 
 
 def _start_cursor(store: Any) -> int:
-    with store.transaction():
+    with store.transaction(lock="web_state:" + _CURSOR):
         text = store.get_web_state(_CURSOR)
         if text is None:  # first start: begin now, do not announce history
             cursor = store.last_audit_id()

@@ -129,6 +129,17 @@ else
   apt_install swift swift-proxy swift-account swift-container swift-object
 fi
 
+# 2e. PostgreSQL 15 and its contrib modules (pg_trgm) for the PostgreSQL store's tests ([store] url; tests start
+# their own throwaway cluster as an unprivileged user). The package's cluster is not used: stop and disable it.
+if [ -x /usr/lib/postgresql/15/bin/initdb ] && [ -f /usr/share/postgresql/15/extension/pg_trgm.control ]; then
+  step "postgresql-15 present"
+else
+  apt_install postgresql-15 postgresql-contrib
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    "${sudo_cmd[@]}" systemctl disable --now postgresql >/dev/null 2>&1 || true
+  fi
+fi
+
 # 3. Python >= 3.11 that pip may install into.
 py="$(choose_python)"
 if [ -z "$py" ]; then

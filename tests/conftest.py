@@ -256,3 +256,38 @@ def swift() -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL 15 (Debian's package) on a unix socket and loopback, once per test session."""
+    from helpers.postgres import Postgres, postgres_bindir
+
+    if postgres_bindir() is None:
+        _skip_or_fail("PostgreSQL is missing (scripts/install.sh installs Debian's postgresql-15)")
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database of its own for one test; dropped afterwards."""
+    url = postgres.new_database()
+    try:
+        yield url
+    finally:
+        postgres.drop(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """What ``open_store`` opens, once per backend: a fresh SQLite file, or a fresh PostgreSQL database.
+
+    Store-level tests take it instead of ``open_store(None)`` so one suite runs against both stores.
+    """
+    if request.param == "sqlite":
+        return tmp_path / "medbroker.db"
+    return request.getfixturevalue("pg_url")

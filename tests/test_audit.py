@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ def verify_sig(message: bytes, signature_hex: str) -> bool:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = open_store(tmp_path / "medbroker.db")
+def store(store_target: Path | str) -> Store:
+    s = open_store(store_target)
     yield s
     s.close()
 
@@ -55,8 +54,8 @@ def checkpoint(store: Store, event_id: int, *, key: Ed25519PrivateKey = SIGNER) 
 
 
 def sql(store: Store, statement: str, params: tuple = ()) -> None:
-    """Tamper the way someone with the DB file would: plain SQL, outside medbroker."""
-    store.db.conn.execute(statement, params)
+    """Tamper the way someone with the database would: plain SQL, outside medbroker's queries."""
+    store.conn.execute(statement, params)
 
 
 def problems(store: Store) -> list[str]:
@@ -147,8 +146,8 @@ def test_deleted_first_row_is_named_missing(store: Store, audit: AuditLog, clock
 def test_swapped_rows_are_detected(store: Store, audit: AuditLog, clock: FakeClock) -> None:
     """Reordering: rows 2 and 4 exchange everything but their ids (hashes travel with their rows)."""
     fill(audit, clock)
-    cols = [c for c in (r["name"] for r in store.query("PRAGMA table_info(audit_events)")) if c != "id"]
     two, four = (store.one("SELECT * FROM audit_events WHERE id = ?", (i,)) for i in (2, 4))
+    cols = [c for c in two if c != "id"]
     for target, source in ((2, four), (4, two)):
         sets = ", ".join(f"{c} = ?" for c in cols)
         sql(store, f"UPDATE audit_events SET {sets} WHERE id = ?", (*(source[c] for c in cols), target))
@@ -231,16 +230,16 @@ def test_forged_checkpoint_hash_fails_the_signature(store: Store, audit: AuditLo
 # ---------------------------------------------------------------- sinks
 
 
-def test_sinks_run_after_the_commit(tmp_path: Path, store: Store, clock: FakeClock) -> None:
+def test_sinks_run_after_the_commit(store_target: Path | str, store: Store, clock: FakeClock) -> None:
     seen: list[tuple[int, str | None]] = []
 
     def reader_sink(row: dict[str, Any]) -> None:
-        other = sqlite3.connect(tmp_path / "medbroker.db")  # another connection sees only committed rows
+        other = open_store(store_target, migrate=False)  # another connection sees only committed rows
         try:
-            found = other.execute("SELECT hash FROM audit_events WHERE id = ?", (row["id"],)).fetchone()
+            found = other.one("SELECT hash FROM audit_events WHERE id = ?", (row["id"],))
         finally:
             other.close()
-        seen.append((row["id"], found[0] if found else None))
+        seen.append((row["id"], found["hash"] if found else None))
 
     log = AuditLog(store, clock, [reader_sink])
     a = log.record("broker.started")

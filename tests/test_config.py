@@ -159,6 +159,7 @@ NON_DEFAULT = {
              "syslog_server_name": '"siem.example"', "format": '"ecs"'},
     "metrics": {"address": '"127.0.0.1:9464"', "min_free_mb": "10"},
     "display": {"timezone": '"Asia/Shanghai"'},
+    "store": {"url": '"postgresql://medbroker@/medbroker?host=/run/postgresql"'},
     "directory": {"url": '"ldap://dc1.hospital.example:389"', "starttls": "true", "ca_file": '"ca.pem"',
                   "bind_dn": '"cn=medbroker,ou=services,dc=h"', "bind_password_file": '"ldap.secret"',
                   "user_base": '"ou=people,dc=h"', "user_filter": '"(uid={name})"', "admin_group": '"cn=a,dc=h"',
@@ -302,6 +303,36 @@ def test_wrong_types_name_the_key_and_the_value(tmp_path: Path, text: str, needl
 )
 def test_out_of_range_values(tmp_path: Path, text: str, needle: str) -> None:
     assert needle in config_error(tmp_path, text).message
+
+
+@pytest.mark.parametrize(
+    "url,needle",
+    [
+        ("mysql://mb@db/medbroker", "expected a postgresql:// URL"),
+        ("/var/lib/medbroker/medbroker.db", "expected a postgresql:// URL"),
+        ("postgresql://mb@db1:5432/", "names no database"),
+        ("postgresql://mb@/?host=/run/postgresql", "names no database"),
+        ("postgresql://mb@/medbroker", "names no host or socket directory"),
+        ("postgresql://mb@db1:99999/medbroker", "store.url is not a valid URL"),
+        ("postgresql://mb@db1:port/medbroker", "store.url is not a valid URL"),
+    ],
+)
+def test_bad_store_urls(tmp_path: Path, url: str, needle: str) -> None:
+    err = config_error(tmp_path, f'[store]\nurl = "{url}"\n')
+    assert needle in err.message and "store.url" in err.message and err.hint
+
+
+@pytest.mark.parametrize("url", ["postgresql://medbroker@/medbroker?host=/run/postgresql",
+                                 "postgres://medbroker@db1.hospital.example:5432/medbroker?sslmode=verify-full",
+                                 "postgresql://medbroker@db1/?dbname=medbroker", ""])
+def test_good_store_urls(tmp_path: Path, url: str) -> None:
+    assert load_text(tmp_path, f'[store]\nurl = "{url}"\n').store.url == url
+
+
+def test_a_store_url_password_never_appears_in_errors(tmp_path: Path) -> None:
+    err = config_error(tmp_path, '[store]\nurl = "postgresql://mb:hunter2-secret@db1:5432/"\n')
+    assert "hunter2" not in err.message + (err.hint or "")
+    assert "postgresql://mb:<secret>@db1:5432/" in err.message
 
 
 DURATION_KEYS = [

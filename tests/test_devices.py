@@ -40,8 +40,8 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
 
 
 class Env:
-    def __init__(self, tmp_path: Path) -> None:
-        self.store = open_store(None)
+    def __init__(self, tmp_path: Path, target: Path | str | None = None) -> None:
+        self.store = open_store(target)
         self.clock = FakeClock()
         self.audit = AuditLog(self.store, self.clock)
         self.keys = FileKeyProvider(tmp_path / "keys" / "data.key")
@@ -58,15 +58,17 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
-    e = Env(tmp_path)
+def env(tmp_path: Path, store_target: Path | str) -> Env:
+    e = Env(tmp_path, store_target)
     yield e
     e.store.close()
 
 
 def all_db_text(store: Store) -> str:
     out = []
-    for table in [r["name"] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")]:
+    tables = (store.conn.tables() if store.dialect != "sqlite"  # every table, FTS5's own too on SQLite
+              else [r["name"] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")])
+    for table in tables:
         for row in store.query(f"SELECT * FROM {table}"):
             out.append(repr(row))
     return "\n".join(out)

@@ -96,8 +96,8 @@ class World:
 
 
 @pytest.fixture
-def w() -> World:
-    store = open_store(None)
+def w(store_target: Path | str) -> World:
+    store = open_store(store_target)
     world = World(store)
     populate(store, world.clock)
     yield world

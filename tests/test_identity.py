@@ -37,8 +37,8 @@ NOW = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def store() -> Store:
-    s = open_store(None)
+def store(store_target: Path | str) -> Store:
+    s = open_store(store_target)
     yield s
     s.close()
 

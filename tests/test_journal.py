@@ -1,10 +1,12 @@
 """The recording journal (issue 13, item 3): store methods, the writer's journal hook (acknowledged only once
 committed), the journal timeout, rebuilding a recording byte for byte, and following a journal.
 
-Store-agnostic: everything goes through the Store methods on a file database; the PostgreSQL store runs the same."""
+Store-agnostic: everything goes through the Store methods, on an SQLite file and on PostgreSQL (``store_target``);
+only the blocker that holds the database's write lock is written per engine."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -37,8 +39,8 @@ def _wait(predicate, timeout: float = 10.0) -> bool:
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    path = tmp_path / "medbroker.db"
+def db(store_target):
+    path = store_target
     open_store(path).close()  # migrated once, like a broker home
     stores = []
 
@@ -51,6 +53,28 @@ def db(tmp_path: Path):
     yield connect
     for s in stores:
         s.close()
+
+
+@contextlib.contextmanager
+def _write_locked(db):
+    """Another connection holds what every journal commit needs: SQLite's write lock (BEGIN IMMEDIATE), or on
+    PostgreSQL an EXCLUSIVE lock on the journal table (reads go on, inserts wait)."""
+    if isinstance(db.path, Path):
+        blocker = sqlite3.connect(db.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    holder = open_store(db.path, migrate=False)
+    try:
+        with holder.transaction() as conn:
+            conn.execute("LOCK TABLE recording_journal IN EXCLUSIVE MODE")
+            yield
+    finally:
+        holder.close()
 
 
 def _journal_bytes(store, session_id: str) -> bytes:
@@ -119,9 +143,7 @@ def test_nothing_is_acknowledged_before_the_journal_commits_and_the_window_pause
     paused, resumed = threading.Event(), threading.Event()
     w = _writer(tmp_path / "s1.mbr", sink, window=ACK_WINDOW, on_pause=paused.set, on_resume=resumed.set)
     assert _wait(lambda: db().has_journal("s1"))  # the header went out on the writer thread
-    blocker = sqlite3.connect(db.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # the database's write lock: every journal commit now waits
-    try:
+    with _write_locked(db):  # every journal commit now waits
         size = (tmp_path / "s1.mbr").stat().st_size
         w.append_data(1, "output", b"one keystroke's echo")
         assert _wait(lambda: (tmp_path / "s1.mbr").stat().st_size > size)  # written locally ...
@@ -139,9 +161,6 @@ def test_nothing_is_acknowledged_before_the_journal_commits_and_the_window_pause
         time.sleep(20 * FLUSH_INTERVAL)
         assert w.paused and w.pending_bytes > ACK_WINDOW - 2 * unit  # the window is full of unacknowledged bytes
         assert not resumed.is_set()
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert resumed.wait(10) and w.pending_bytes < ACK_WINDOW // 2
     w.close()
     assert _journal_bytes(db(), "s1") == (tmp_path / "s1.mbr").read_bytes()
@@ -153,16 +172,11 @@ def test_a_journal_down_past_its_timeout_fails_the_recording_once(tmp_path: Path
     errors: list[Exception] = []
     w = _writer(tmp_path / "s1.mbr", JournalSink(s, "s1", SystemClock(), 1), on_error=errors.append)
     assert _wait(lambda: db().has_journal("s1"))
-    blocker = sqlite3.connect(db.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    with _write_locked(db):
         started = time.monotonic()
         w.append_data(1, "output", b"after the database went away")
         assert _wait(lambda: w.failed is not None, timeout=10)
         took = time.monotonic() - started
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert 0.9 < took < 5, took
     assert isinstance(w.failed, JournalError) and len(errors) == 1 and errors[0] is w.failed
     assert w.failed.message.startswith("the recording store is unreachable: session s1's recording could not be "

@@ -111,22 +111,42 @@ class _Lock:
     stuck transaction, as SQLite can show it). On PostgreSQL the same is ``LOCK TABLE recording_journal IN
     EXCLUSIVE MODE`` in an open transaction of another connection."""
 
-    def __init__(self, db: Path) -> None:
-        self.conn = sqlite3.connect(db, isolation_level=None)
+    def __init__(self, config) -> None:
+        if config.store.url:
+            import psycopg
+
+            self.pg = psycopg.connect(config.store.url, autocommit=True, connect_timeout=10)
+            self.pg.execute("BEGIN")
+            self.pg.execute("LOCK TABLE recording_journal IN EXCLUSIVE MODE")
+            return
+        self.pg = None
+        self.conn = sqlite3.connect(config.db_path, isolation_level=None)
         self.conn.execute("BEGIN IMMEDIATE")
 
     def release(self) -> None:
+        if self.pg is not None:
+            self.pg.execute("ROLLBACK")
+            self.pg.close()
+            return
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
         self.conn.close()
+
+
+@pytest.fixture
+def store_section(store_target) -> str:
+    """broker.toml's [store] for each engine: "" (the home's SQLite file) or a fresh PostgreSQL database."""
+    return f'\n[store]\nurl = "{store_target}"\n' if isinstance(store_target, str) else ""
 
 
 def _vendor(world, command: str) -> _Vendor:
     return _Vendor(world.port, world.keys["alice"].private_path, world.known_hosts, command)
 
 
-def test_the_journal_holds_what_the_vendor_saw_and_a_locked_database_pauses_the_relay(tmp_path, device):
-    world = world_with(tmp_path, '[recording]\njournal = true\njournal_keep = true\njournal_timeout = "30s"\n')
+def test_the_journal_holds_what_the_vendor_saw_and_a_locked_database_pauses_the_relay(tmp_path, device,
+                                                                                       store_section):
+    world = world_with(tmp_path, '[recording]\njournal = true\njournal_keep = true\njournal_timeout = "30s"\n'
+                       + store_section)
     try:
         world.grant()
         vendor = _vendor(world, LOG)
@@ -139,7 +159,7 @@ def test_the_journal_holds_what_the_vendor_saw_and_a_locked_database_pauses_the_
             ahead.append(received - len(_journaled_output(world.app.store, row["id"], world.app.keys)))
             time.sleep(0.05)
         assert ahead and max(ahead) <= ACK_WINDOW, ahead
-        lock = _Lock(world.app.config.db_path)
+        lock = _Lock(world.app.config)
         try:
             time.sleep(1.2)  # what was handed on before the lock (window + asyncssh's buffer) drains to the vendor
             before = vendor.received
@@ -183,14 +203,14 @@ def test_without_journal_keep_the_rows_go_once_the_recording_is_sealed(tmp_path,
         close_world(world)
 
 
-def test_a_journal_down_past_its_timeout_ends_the_session_with_the_reason(tmp_path, device):
-    world = world_with(tmp_path, '[recording]\njournal = true\njournal_timeout = "2s"\n')
+def test_a_journal_down_past_its_timeout_ends_the_session_with_the_reason(tmp_path, device, store_section):
+    world = world_with(tmp_path, '[recording]\njournal = true\njournal_timeout = "2s"\n' + store_section)
     lock = None
     try:
         world.grant()
         vendor = _vendor(world, LOG)
         assert wait(lambda: vendor.received > 1 << 20, timeout=60), vendor.stderr
-        lock = _Lock(world.app.config.db_path)
+        lock = _Lock(world.app.config)
         locked_at = time.monotonic()
         code = vendor.wait(30)
         ended_after = time.monotonic() - locked_at
@@ -219,14 +239,16 @@ def test_a_journal_down_past_its_timeout_ends_the_session_with_the_reason(tmp_pa
         close_world(world)
 
 
-def test_best_effort_mode_warns_and_continues_unrecorded_when_the_journal_stays_down(tmp_path, device):
-    world = world_with(tmp_path, '[recording]\nmode = "best_effort"\njournal = true\njournal_timeout = "1s"\n')
+def test_best_effort_mode_warns_and_continues_unrecorded_when_the_journal_stays_down(tmp_path, device,
+                                                                                     store_section):
+    world = world_with(tmp_path, '[recording]\nmode = "best_effort"\njournal = true\njournal_timeout = "1s"\n'
+                       + store_section)
     lock = None
     try:
         world.grant()
         vendor = _vendor(world, LOG)
         assert wait(lambda: vendor.received > 1 << 20, timeout=60), vendor.stderr
-        lock = _Lock(world.app.config.db_path)
+        lock = _Lock(world.app.config)
         assert wait(lambda: vendor.received == len(EXPECTED), timeout=60)  # delivered although unrecorded
         lock.release()
         lock = None

@@ -41,7 +41,7 @@ TABLE: dict[str, Row] = {
     "core": Row(0, ("medcore/*.py", "broker/errors.py", "broker/config.py", "broker/clock.py", "broker/__init__.py",
                     "sessions/__init__.py", "broker/commands/__init__.py"),
                 (), (), "stdlib only (tomllib, dataclasses)"),
-    "store": Row(1, ("broker/store/*.py",), ("core",), ("sqlite_utils",), "the only SQL"),
+    "store": Row(1, ("broker/store/*.py",), ("core",), ("sqlite_utils", "psycopg"), "the only SQL"),
     "keys": Row(1, ("broker/keys.py",), ("core",), ("cryptography",), "key material, sealing, signatures"),
     "domain": Row(2, ("broker/identity.py", "broker/grants.py", "broker/devices.py", "broker/audit.py",
                       "broker/lockout.py", "broker/forwards.py", "broker/cluster.py", "broker/startups.py", "broker/totp.py", "broker/access_links.py", "sessions/policy.py",

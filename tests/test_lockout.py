@@ -28,13 +28,23 @@ max_channels_per_connection = 2
 """
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = world_with(tmp_path_factory.mktemp("lockout"), CONFIG)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(request, tmp_path_factory):
+    """A broker on each store: lockout counting is a read-then-write decision the store must keep right."""
+    url = None
+    if request.param == "postgresql":
+        postgres = request.getfixturevalue("postgres")
+        url = postgres.new_database()
     try:
-        yield w
+        w = world_with(tmp_path_factory.mktemp("lockout"), CONFIG + (f'\n[store]\nurl = "{url}"\n' if url else ""))
+        try:
+            assert w.app.store.dialect == request.param
+            yield w
+        finally:
+            close_world(w)
     finally:
-        close_world(w)
+        if url:
+            postgres.drop(url)
 
 
 @pytest.fixture(scope="module")

@@ -59,10 +59,10 @@ def test_via_is_said_only_for_a_proxyjump_session():
     assert jumped.via_fields() == {"via": "proxyjump"}
 
 
-def test_the_audit_fields_fill_the_audit_row_columns_not_its_details():
+def test_the_audit_fields_fill_the_audit_row_columns_not_its_details(store_target):
     """The fields are the audit row's own columns (user_name, device, session_id, grant_id, source), so SIEM
     rules and ``audit log --session`` find the row; nothing of them lands in the free-form details."""
-    store = open_store(None)
+    store = open_store(store_target)
     audit = AuditLog(store, FakeClock(NOW))
     who = SessionIdentity.for_login(_login(), _device(), _grant(), NOW)
     audit.record("session.warning", **who.audit_fields(source=True), seconds_left=300)
@@ -70,6 +70,7 @@ def test_the_audit_fields_fill_the_audit_row_columns_not_its_details():
     assert (row["user_name"], row["device"], row["session_id"], row["grant_id"], row["source"]) == \
         ("alice", "ct-01", who.session_id, 41, "192.0.2.9")
     assert json.loads(row["details"]) == {"seconds_left": 300}
+    store.close()
 
 
 def test_new_session_id_sorts_by_time():

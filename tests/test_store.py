@@ -9,6 +9,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from broker.errors import StorageError
@@ -22,6 +23,17 @@ def mem() -> Store:
     s = open_store(None)
     yield s
     s.close()
+
+
+@pytest.fixture
+def store(store_target: Path | str) -> Store:
+    """A migrated store on each backend (SQLite file, PostgreSQL database)."""
+    s = open_store(store_target)
+    yield s
+    s.close()
+
+
+INTEGRITY = (sqlite3.IntegrityError, psycopg.IntegrityError)
 
 
 @pytest.fixture
@@ -183,25 +195,25 @@ def test_unopenable_databases_raise_storage_error(tmp_path: Path, kind: str) -> 
 # ---------------------------------------------------------------- transactions
 
 
-def test_transaction_rolls_back_on_error(mem: Store) -> None:
+def test_transaction_rolls_back_on_error(store: Store) -> None:
     with pytest.raises(RuntimeError):
-        with mem.transaction() as conn:
+        with store.transaction() as conn:
             conn.execute("INSERT INTO users (name, role, created_at) VALUES ('alice', 'vendor', ?)", (AT,))
-            mem.insert_user("bob", "vendor", None, AT)  # joins the enclosing transaction
+            store.insert_user("bob", "vendor", None, AT)  # joins the enclosing transaction
             raise RuntimeError("boom")
-    assert mem.list_users() == []
-    assert not mem.db.conn.in_transaction
-    mem.insert_user("carol", "vendor", None, AT)  # the connection is usable afterwards
-    assert [u["name"] for u in mem.list_users()] == ["carol"]
+    assert store.list_users() == []
+    assert not store.conn.in_transaction
+    store.insert_user("carol", "vendor", None, AT)  # the connection is usable afterwards
+    assert [u["name"] for u in store.list_users()] == ["carol"]
 
 
-def test_failed_statement_rolls_back_the_whole_transaction(mem: Store) -> None:
-    mem.insert_user("alice", "vendor", None, AT)
-    with pytest.raises(sqlite3.IntegrityError):
-        with mem.transaction():
-            mem.insert_user("bob", "vendor", None, AT)
-            mem.insert_user("alice", "vendor", None, AT)  # duplicate primary key
-    assert [u["name"] for u in mem.list_users()] == ["alice"]
+def test_failed_statement_rolls_back_the_whole_transaction(store: Store) -> None:
+    store.insert_user("alice", "vendor", None, AT)
+    with pytest.raises(INTEGRITY):
+        with store.transaction():
+            store.insert_user("bob", "vendor", None, AT)
+            store.insert_user("alice", "vendor", None, AT)  # duplicate primary key
+    assert [u["name"] for u in store.list_users()] == ["alice"]
 
 
 def test_transaction_commits(db_file: Path) -> None:
@@ -229,58 +241,58 @@ def test_busy_database_is_a_storage_error(db_file: Path) -> None:
 # ---------------------------------------------------------------- atomic decisions
 
 
-def test_decide_request_happens_once(mem: Store) -> None:
-    rid = mem.insert_request(_request_row())
+def test_decide_request_happens_once(store: Store) -> None:
+    rid = store.insert_request(_request_row())
     grant = {"request_id": rid, "user_name": "alice", "device": "ct-01", "starts_at": AT,
              "ends_at": "2026-01-01T09:00:00.000000Z", "approved_by": "bob"}
-    gid = mem.decide_request(rid, "approved", "bob", AT, None, grant)
-    assert gid and mem.get_request(rid)["grant_id"] == gid and mem.get_request(rid)["status"] == "approved"
-    assert mem.decide_request(rid, "denied", "carol", AT, "no", None) is None
-    assert mem.decide_request(rid, "approved", "carol", AT, None, dict(grant)) is None
-    assert mem.get_request(rid)["decided_by"] == "bob"
-    assert len(mem.list_grants()) == 1
+    gid = store.decide_request(rid, "approved", "bob", AT, None, grant)
+    assert gid and store.get_request(rid)["grant_id"] == gid and store.get_request(rid)["status"] == "approved"
+    assert store.decide_request(rid, "denied", "carol", AT, "no", None) is None
+    assert store.decide_request(rid, "approved", "carol", AT, None, dict(grant)) is None
+    assert store.get_request(rid)["decided_by"] == "bob"
+    assert len(store.list_grants()) == 1
 
 
-def test_expire_requests_only_touches_pending_ones_past_expiry(mem: Store) -> None:
-    old = mem.insert_request(_request_row(expires_at="2026-01-01T07:00:00.000000Z"))
-    fresh = mem.insert_request(_request_row())
-    decided = mem.insert_request(_request_row(status="denied", expires_at="2026-01-01T07:00:00.000000Z"))
-    assert mem.expire_requests(AT) == [old]
-    assert mem.get_request(old)["status"] == "expired"
-    assert mem.get_request(fresh)["status"] == "pending"
-    assert mem.get_request(decided)["status"] == "denied"
-    assert mem.expire_requests(AT) == []
+def test_expire_requests_only_touches_pending_ones_past_expiry(store: Store) -> None:
+    old = store.insert_request(_request_row(expires_at="2026-01-01T07:00:00.000000Z"))
+    fresh = store.insert_request(_request_row())
+    decided = store.insert_request(_request_row(status="denied", expires_at="2026-01-01T07:00:00.000000Z"))
+    assert store.expire_requests(AT) == [old]
+    assert store.get_request(old)["status"] == "expired"
+    assert store.get_request(fresh)["status"] == "pending"
+    assert store.get_request(decided)["status"] == "denied"
+    assert store.expire_requests(AT) == []
 
 
-def test_revoke_grant_once(mem: Store) -> None:
-    rid = mem.insert_request(_request_row())
-    gid = mem.decide_request(rid, "approved", "bob", AT, None, {
+def test_revoke_grant_once(store: Store) -> None:
+    rid = store.insert_request(_request_row())
+    gid = store.decide_request(rid, "approved", "bob", AT, None, {
         "request_id": rid, "user_name": "alice", "device": "ct-01", "starts_at": AT,
         "ends_at": "2026-01-01T09:00:00.000000Z", "approved_by": "bob"})
-    assert mem.active_grants("alice", "ct-01", "2026-01-01T08:30:00.000000Z")
-    assert mem.revoke_grant(gid, "sec", AT, "done")
-    assert not mem.revoke_grant(gid, "sec2", AT, "again")
-    assert mem.get_grant(gid)["revoked_by"] == "sec"
-    assert mem.active_grants("alice", "ct-01", "2026-01-01T08:30:00.000000Z") == []
+    assert store.active_grants("alice", "ct-01", "2026-01-01T08:30:00.000000Z")
+    assert store.revoke_grant(gid, "sec", AT, "done")
+    assert not store.revoke_grant(gid, "sec2", AT, "again")
+    assert store.get_grant(gid)["revoked_by"] == "sec"
+    assert store.active_grants("alice", "ct-01", "2026-01-01T08:30:00.000000Z") == []
 
 
-def test_audit_rows_are_appended_with_consecutive_ids(mem: Store) -> None:
+def test_audit_rows_are_appended_with_consecutive_ids(store: Store) -> None:
     def chain(prev: str, row: dict) -> str:
         return f"h{row['id']}"
 
     for i in range(3):
-        full = mem.append_audit({"at": AT, "event": "broker.started", "details": "{}"}, chain)
+        full = store.append_audit({"at": AT, "event": "broker.started", "details": "{}"}, chain)
         assert full["id"] == i + 1
         assert full["prev_hash"] == ("0" * 64 if i == 0 else f"h{i}")
-    assert [r["hash"] for r in mem.audit_rows()] == ["h1", "h2", "h3"]
-    assert [r["id"] for r in mem.audit_rows(after_id=1, limit=1)] == [2]
+    assert [r["hash"] for r in store.audit_rows()] == ["h1", "h2", "h3"]
+    assert [r["id"] for r in store.audit_rows(after_id=1, limit=1)] == [2]
 
 
 # ---------------------------------------------------------------- the store worker
 
 
-def test_run_uses_one_worker_thread_and_close_stops_it(db_file: Path) -> None:
-    s = open_store(db_file)
+def test_run_uses_one_worker_thread_and_close_stops_it(store_target: Path | str) -> None:
+    s = open_store(store_target)
 
     async def main() -> set[str]:
         names = await asyncio.gather(*(s.run(lambda: threading.current_thread().name) for _ in range(20)))
@@ -294,14 +306,14 @@ def test_run_uses_one_worker_thread_and_close_stops_it(db_file: Path) -> None:
     assert not any(t.name.startswith("medbroker-store") for t in threading.enumerate())
 
 
-def test_run_propagates_errors(mem: Store) -> None:
+def test_run_propagates_errors(store: Store) -> None:
     async def main() -> None:
-        await mem.run(mem.insert_user, "alice", "vendor", None, AT)
-        await mem.run(mem.insert_user, "alice", "vendor", None, AT)
+        await store.run(store.insert_user, "alice", "vendor", None, AT)
+        await store.run(store.insert_user, "alice", "vendor", None, AT)
 
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         asyncio.run(main())
-    assert len(mem.list_users()) == 1
+    assert len(store.list_users()) == 1
 
 
 # ---------------------------------------------------------------- a full disk

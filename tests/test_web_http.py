@@ -80,8 +80,9 @@ class Console:
 
 
 @pytest.fixture
-def console(tmp_path):
-    c = Console(tmp_path)
+def console(tmp_path, store_target):
+    """The console over each store (sign-in links, console sessions, approvals: the web's state lives there)."""
+    c = Console(tmp_path, f'[store]\nurl = "{store_target}"\n' if isinstance(store_target, str) else "")
     try:
         yield c
     finally:

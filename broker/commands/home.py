@@ -10,7 +10,7 @@ import typer
 
 from broker.app import check_home, init_home
 from broker.service import sd_notify
-from broker.config import parse_listen
+from broker.config import parse_listen, redact_url
 from broker.errors import ConfigError, StorageError, UsageError
 from broker.identity import parse_public_key
 from broker.commands.common import JSON_HELP, emit_json, print_fields, safe, say, state
@@ -35,7 +35,8 @@ def init(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", hel
             fingerprint = None
         doc = {
             "home": str(cfg.home), "created": not existed, "config": str(cfg.home / "broker.toml"),
-            "database": str(cfg.db_path), "recordings": str(cfg.recordings_dir),
+            "database": redact_url(cfg.store.url) if cfg.store.url else str(cfg.db_path),
+            "recordings": str(cfg.recordings_dir),
             "host_key": str(cfg.path(cfg.listen.host_key)), "host_key_fingerprint": fingerprint,
             "schema_version": app.store.schema_version(),
         }

@@ -15,7 +15,7 @@ import typer
 from broker.app import open_app
 from broker.audit import verify_chain
 from broker.commands.common import JSON_HELP, emit_json, safe, say, state
-from broker.config import parse_listen
+from broker.config import parse_listen, redact_url
 from broker.errors import BrokerError, StorageError, UsageError
 from broker.service import UnitSpec, backup_home, render_unit, restore_home
 
@@ -104,7 +104,13 @@ def backup(
     """Copy this home (database online-backed-up, recordings, keys, config) to DIR with a SHA-256 manifest."""
     st = state(ctx)
     home = st.home
-    manifest = backup_home(home, out, st.app().config.recordings_dir)
+    cfg = st.app().config
+    if cfg.store.url:  # the state is not in this home: a copy of it would restore an empty broker
+        raise StorageError(f"this home keeps its state in PostgreSQL ({redact_url(cfg.store.url)}); backup copies "
+                           "a home's SQLite database only",
+                           "back the database up with PostgreSQL's tools (pg_dump, pg_basebackup) and this "
+                           "directory with the file system's (docs/ha.md)")
+    manifest = backup_home(home, out, cfg.recordings_dir)
     total = sum(f["bytes"] for f in manifest["files"].values())
     if as_json:
         emit_json({"backup": str(out), "files": len(manifest["files"]), "bytes": total})

@@ -1,12 +1,13 @@
-"""The only SQL in medbroker: schema, numbered migrations and queries over SQLite (sqlite-utils).
+"""The only SQL in medbroker: schema, numbered migrations and queries over SQLite or PostgreSQL.
 
-Every timestamp is UTC ISO-8601 text in an ``*_at`` column. SQL is kept portable where it costs
-nothing, so a PostgreSQL store can implement the same methods later.
+Every timestamp is UTC ISO-8601 text in an ``*_at`` column. SQL is portable (``?`` placeholders, ``ON CONFLICT``,
+``RETURNING``); the few statements that differ are written per engine (``StoreBase.dialect``).
 
 One front, :class:`Store`, over a package split by concern: ``schema.py`` (the numbered migrations),
-``base.py`` (the connection, its lock, transactions, queries, the store thread) and one module of queries
-per area (``users``, ``devices``, ``grants``, ``sessions``, ``audit``, ``search``, ``web``, ``journal``,
-``cluster``).
+``backends.py`` (one connection adapter per engine), ``base.py`` (the connection, its lock, transactions,
+queries, the store thread), one module of queries per area (``users``, ``devices``, ``grants``, ``sessions``,
+``audit``, ``search``, ``web``, ``journal``, ``cluster``, ``archive``) and ``copy.py`` (moving a home's SQLite
+database to PostgreSQL).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlite_utils import Database
 from broker.errors import StorageError
 from broker.store.archive import ArchiveQueries
 from broker.store.audit import AuditQueries
+from broker.store.backends import PostgresConnection, SqliteConnection, is_postgres_url, redact_url
 from broker.store.base import dumps
 from broker.store.cluster import ClusterQueries
 from broker.store.devices import DeviceQueries
@@ -30,7 +32,7 @@ from broker.store.sessions import SessionQueries
 from broker.store.users import UserQueries
 from broker.store.web import WebQueries
 
-__all__ = ["Store", "MIGRATIONS", "open_store", "dumps"]
+__all__ = ["Store", "MIGRATIONS", "open_store", "dumps", "is_postgres_url", "redact_url"]
 
 
 class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries,
@@ -41,11 +43,26 @@ class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueri
     """
 
 
-def open_store(path: Path | str | None, *, migrate: bool = True) -> Store:
-    """Open (and by default migrate) the database; ``None`` gives an in-memory store for tests.
+def open_store(target: Path | str | None, *, migrate: bool = True) -> Store:
+    """Open (and by default migrate) the database; ``None`` gives an in-memory SQLite store for tests.
 
-    :raises StorageError: when the file cannot be opened
+    :param target: an SQLite file, or a ``postgresql://`` URL (``[store] url``)
+    :raises StorageError: when the file cannot be opened or PostgreSQL cannot be reached
     """
+    if is_postgres_url(target):
+        store = Store(PostgresConnection(str(target)))
+    else:
+        store = _open_sqlite(target)
+    if migrate:
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+    return store
+
+
+def _open_sqlite(path: Path | str | None) -> Store:
     try:
         if path is None:
             conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
@@ -57,7 +74,4 @@ def open_store(path: Path | str | None, *, migrate: bool = True) -> Store:
         conn.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open database {path}: {exc}", "check the broker home and its permissions") from exc
-    store = Store(Database(conn))
-    if migrate:
-        store.migrate()
-    return store
+    return Store(SqliteConnection(conn), Database(conn))

@@ -54,8 +54,10 @@ class ArchiveQueries(StoreBase):
     def record_archive_part(self, session_id: str, upload_id: str, part_number: int, etag: str, size: int,
                             now: str) -> None:
         with self.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO archive_upload_parts (upload_id, part_number, etag, size, uploaded_at) "
-                         "VALUES (?, ?, ?, ?, ?)", (upload_id, part_number, etag, size, now))
+            conn.execute("INSERT INTO archive_upload_parts (upload_id, part_number, etag, size, uploaded_at) "
+                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT (upload_id, part_number) DO UPDATE SET "
+                         "etag = excluded.etag, size = excluded.size, uploaded_at = excluded.uploaded_at",
+                         (upload_id, part_number, etag, size, now))
             conn.execute("UPDATE archive_uploads SET updated_at = ? WHERE session_id = ?", (now, session_id))
 
     def note_archive_attempt(self, session_id: str, *, error: str | None, now: str, resumed: bool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from broker.store.base import StoreBase
+from broker.store.base import Connection, StoreBase
 
 
 class AuditQueries(StoreBase):
@@ -16,7 +16,11 @@ class AuditQueries(StoreBase):
         :param row: the event's columns (without id, prev_hash, hash)
         :param chain: ``chain(prev_hash, row_with_id) -> hash`` (the audit module's hash function)
         """
-        with self.transaction() as conn:
+        def append(conn: Connection) -> dict[str, Any]:
+            if self.dialect == "postgresql":
+                # Appends from every node take turns on the head row: one linear chain (SQLite's BEGIN IMMEDIATE
+                # already lets one writer in at a time). Read the last row only once holding it.
+                conn.execute("SELECT id FROM audit_head WHERE id = 1 FOR UPDATE")
             last = conn.execute("SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
             prev_id, prev_hash = (last[0], last[1]) if last else (0, "0" * 64)
             full = {"id": prev_id + 1, **row}
@@ -26,6 +30,8 @@ class AuditQueries(StoreBase):
             marks = ", ".join("?" for _ in full)
             conn.execute(f"INSERT INTO audit_events ({cols}) VALUES ({marks})", tuple(full.values()))
             return full
+
+        return self.atomic(append)
 
     def audit_rows(self, *, after_id: int = 0, limit: int | None = None, event: str | None = None,
                    session_id: str | None = None) -> list[dict[str, Any]]:
@@ -70,8 +76,7 @@ class AuditQueries(StoreBase):
         return self.one("SELECT * FROM audit_checkpoints ORDER BY id DESC LIMIT 1")
 
     def last_audit_id(self) -> int:
-        row = self.db.conn.execute("SELECT coalesce(max(id), 0) FROM audit_events").fetchone()
-        return int(row[0])
+        return int(self.scalar("SELECT coalesce(max(id), 0) FROM audit_events"))
 
     def search_audit(self, *, event: str | None = None, actor: str | None = None, user: str | None = None,
                      device: str | None = None, session_id: str | None = None, since: str | None = None,

@@ -96,7 +96,7 @@ class ClusterQueries(StoreBase):
                                    "AND expires_at <= ?", (holder, expires, name, now))
             won = cur.rowcount == 1
             row = conn.execute("SELECT expires_at FROM duty_leases WHERE name = ?", (name,)).fetchone()
-        return won, row[0]
+        return won, (str(row[0]) if row else expires)
 
     def release_lease(self, name: str, holder: str) -> None:
         """Let go of a lease this holder has (a finished recovery); another holder's lease stays."""

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from broker.store.base import StoreBase, inserted_id
+from broker.store.base import StoreBase
 
 
 class GrantQueries(StoreBase):
     """Access requests, approvals, grants: part of :class:`broker.store.Store`."""
 
     def insert_request(self, row: dict[str, Any]) -> int:
-        cols = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        cur = self.execute(f"INSERT INTO access_requests ({cols}) VALUES ({marks})", tuple(row.values()))
-        return inserted_id(cur)
+        return self.insert("access_requests", row)
 
     def get_request(self, request_id: int) -> dict[str, Any] | None:
         return self.one("SELECT * FROM access_requests WHERE id = ?", (request_id,))
@@ -32,19 +29,24 @@ class GrantQueries(StoreBase):
 
     def expire_requests(self, now: str) -> list[int]:
         """Mark pending requests past their expiry as expired; returns their ids."""
-        with self.transaction() as conn:
-            ids = [r[0] for r in conn.execute(
-                "SELECT id FROM access_requests WHERE status = 'pending' AND expires_at <= ?", (now,))]
-            for rid in ids:
-                conn.execute("UPDATE access_requests SET status = 'expired', decided_at = ? WHERE id = ?", (now, rid))
-            return ids
+        # One statement: of several nodes expiring at once, each request is expired (and reported) by one, and a
+        # request an approver holds locked (lock_request) is decided first, then skipped here.
+        rows = self.execute("UPDATE access_requests SET status = 'expired', decided_at = ? WHERE status = 'pending' "
+                            "AND expires_at <= ? RETURNING id", (now, now)).rows
+        return sorted(r[0] for r in rows)
+
+    def lock_request(self, request_id: int) -> None:
+        """Inside a transaction: hold this request's row until it ends, so a decision about it (approve, deny,
+        expire) made elsewhere waits (PostgreSQL; SQLite's write transaction already excludes every other)."""
+        if self.dialect == "postgresql":
+            self.conn.execute("SELECT id FROM access_requests WHERE id = ? FOR UPDATE", (request_id,))
 
     def add_approval(self, request_id: int, approver: str, at: str, duration_s: int | None = None,
                      allow_shell: bool = False, strikes: tuple[int, ...] = ()) -> bool:
         """Record one person's approval (with the window, shell choice and struck forward ports they chose);
         False when they had already approved this request."""
-        cur = self.execute("INSERT OR IGNORE INTO approvals (request_id, approver, at, duration_s, allow_shell, "
-                           "strikes) VALUES (?, ?, ?, ?, ?, ?)",
+        cur = self.execute("INSERT INTO approvals (request_id, approver, at, duration_s, allow_shell, "
+                           "strikes) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                            (request_id, approver, at, duration_s, int(allow_shell), json.dumps(list(strikes))))
         return cur.rowcount == 1
 
@@ -64,9 +66,7 @@ class GrantQueries(StoreBase):
                 return None
             if grant is None:
                 return 0
-            cols = ", ".join(grant)
-            marks = ", ".join("?" for _ in grant)
-            gid = inserted_id(conn.execute(f"INSERT INTO grants ({cols}) VALUES ({marks})", tuple(grant.values())))
+            gid = self.insert("grants", grant)
             conn.execute("UPDATE access_requests SET grant_id = ? WHERE id = ?", (gid, request_id))
             return gid
 

@@ -14,7 +14,7 @@ JOURNAL_READ_ROWS = 16
 
 class JournalQueries(StoreBase):
     """The recording journal: part of :class:`broker.store.Store`. Portable SQL (``?`` placeholders, bytes for
-    the BLOB); ``seq`` 0 is the recording's header, then the sequence number of each row's first frame."""
+    the BLOB, BYTEA on PostgreSQL; PostgreSQL's sum() of BIGINT is NUMERIC, hence the CAST); ``seq`` 0 is the recording's header, then the sequence number of each row's first frame."""
 
     def append_journal(self, session_id: str, seq: int, at: str, data: bytes) -> None:
         """Commit one batch (one INSERT, its own transaction). Repeating an append that did commit (a retry
@@ -41,7 +41,7 @@ class JournalQueries(StoreBase):
 
     def journal_backlog(self) -> list[dict[str, Any]]:
         """Per session with journal rows: ``session_id``, ``rows``, ``bytes`` (payload), ``last_at``."""
-        return self.query("SELECT session_id, count(*) AS rows, sum(size) AS bytes, max(at) AS last_at "
+        return self.query("SELECT session_id, count(*) AS rows, CAST(sum(size) AS BIGINT) AS bytes, max(at) AS last_at "
                           "FROM recording_journal GROUP BY session_id ORDER BY session_id")
 
     def set_lock_wait(self, seconds: float) -> None:
@@ -51,4 +51,4 @@ class JournalQueries(StoreBase):
         instead of the store's default 10 s.
         """
         with self._lock:
-            self.db.conn.execute(f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}")
+            self.conn.set_lock_wait(seconds)

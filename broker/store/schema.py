@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-__all__ = ["MIGRATIONS"]
+from typing import NamedTuple, Union
+
+__all__ = ["MIGRATIONS", "PerDialect"]
+
+
+class PerDialect(NamedTuple):
+    """One step written separately for each engine, where translating SQLite's DDL would be clever."""
+
+    sqlite: str
+    postgresql: Union[str, list[str]]
+
 
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
 # 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
 # lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump, 18-21 HA (issue 13: 18 PostgreSQL store,
 # 19 recording journal, 20 cluster nodes, 21 archive).
-MIGRATIONS: dict[int, str | list[str]] = {
+#
+# Statements are written for SQLite; on PostgreSQL each is translated (broker/store/backends.py pg_ddl:
+# INTEGER PRIMARY KEY -> identity, INTEGER -> BIGINT, REAL -> DOUBLE PRECISION, BLOB -> BYTEA) unless it is a
+# PerDialect.
+MIGRATIONS: dict[int, str | list[str | PerDialect]] = {
     # 1: the vertical slice
     1: """
     CREATE TABLE users (
@@ -160,9 +174,18 @@ MIGRATIONS: dict[int, str | list[str]] = {
             command TEXT NOT NULL
         )""",
         "CREATE INDEX commands_session ON commands(session_id)",
-        """CREATE VIRTUAL TABLE search_text USING fts5(
+        PerDialect(
+            sqlite="""CREATE VIRTUAL TABLE search_text USING fts5(
             session_id UNINDEXED, "offset" UNINDEXED, kind UNINDEXED, text, tokenize = 'trigram'
         )""",
+            # the same columns in an ordinary table; pg_trgm's GIN index answers LIKE/ILIKE substring searches
+            postgresql=[
+                "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+                'CREATE TABLE search_text (session_id TEXT NOT NULL, "offset" DOUBLE PRECISION, kind TEXT, '
+                "text TEXT NOT NULL)",
+                "CREATE INDEX search_text_session ON search_text(session_id)",
+                "CREATE INDEX search_text_trgm ON search_text USING gin (text gin_trgm_ops)",
+            ]),
         "ALTER TABLE sessions ADD COLUMN indexed_at TEXT",
     ],
     # 3: web console: one-time sign-in links, browser sessions, auditor share links, passwords, state
@@ -253,6 +276,12 @@ MIGRATIONS: dict[int, str | list[str]] = {
     ],
     # 17: ProxyJump (issue 14): how the vendor reached the session ('proxyjump' through ssh -J; NULL direct)
     17: ["ALTER TABLE sessions ADD COLUMN via TEXT"],
+    # 18: PostgreSQL store (issue 13): the row every audit append locks (FOR UPDATE) on PostgreSQL, so several
+    # nodes writing at once keep one linear chain (SQLite's BEGIN IMMEDIATE serialises appends already)
+    18: [
+        "CREATE TABLE audit_head (id INTEGER PRIMARY KEY CHECK (id = 1))",
+        "INSERT INTO audit_head (id) VALUES (1)",
+    ],
     # 19: the recording journal (issue 13): each row is exactly the bytes one writer batch appended to the
     # session's .mbr file (seq 0: the header and its hash; otherwise the first frame's sequence number), so the
     # file is the concatenation of its rows in seq order. Rows go once the recording is sealed (and archived).

@@ -27,9 +27,12 @@ class SearchQueries(StoreBase):
     def search_sessions(self, text: str, *, device: str | None = None, user: str | None = None,
                         since: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         # Substring match (trigram index for 3+ characters; LIKE for shorter needles).
+        # SQLite's LIKE ignores ASCII case (and the FTS5 trigram index serves it); PostgreSQL's ILIKE, served by
+        # pg_trgm's GIN index, does the same.
+        like_op = "LIKE" if self.dialect == "sqlite" else "ILIKE"
         like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         sql = ('SELECT t.session_id, t."offset", t.kind, t.text, s.user_name, s.device, s.started_at '
-               "FROM search_text t JOIN sessions s ON s.id = t.session_id WHERE t.text LIKE ? ESCAPE '\\'")
+               f"FROM search_text t JOIN sessions s ON s.id = t.session_id WHERE t.text {like_op} ? ESCAPE '\\'")
         params: list[Any] = [like]
         for col, val in (("s.device", device), ("s.user_name", user)):
             if val:

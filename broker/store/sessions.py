@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.store.base import StoreBase, inserted_id
+from broker.store.base import StoreBase
 
 
 class SessionQueries(StoreBase):
@@ -60,11 +60,12 @@ class SessionQueries(StoreBase):
         """Per session: what was run (from the command index: the first command, how many, their sources)
         and how many files moved; sessions not indexed yet are absent."""
         out: dict[str, dict[str, Any]] = {}
+        sources = "group_concat(DISTINCT source)" if self.dialect == "sqlite" else "string_agg(DISTINCT source, ',')"
         for start in range(0, len(session_ids), 500):
             chunk = session_ids[start:start + 500]
             marks = ", ".join("?" for _ in chunk)
             for row in self.query(
-                    f'SELECT session_id, count(*) AS n, group_concat(DISTINCT source) AS sources, '
+                    f'SELECT session_id, count(*) AS n, {sources} AS sources, '
                     f'(SELECT command FROM commands c2 WHERE c2.session_id = c.session_id ORDER BY "offset", id '
                     f'LIMIT 1) AS first FROM commands c WHERE session_id IN ({marks}) GROUP BY session_id',
                     tuple(chunk)):
@@ -80,6 +81,7 @@ class SessionQueries(StoreBase):
         device removed). ``user_disabled``/``key_gone``/``role_now``/``device_gone`` say which.
 
         :param node_id: this process's cluster node: a process id names a process only on its own machine"""
+        differs = "IS NOT" if self.dialect == "sqlite" else "IS DISTINCT FROM"
         return self.query(
             "SELECT s.id, s.user_name, s.device, s.user_role, s.auth_key, s.kill_reason, s.kill_requested_by, "
             "s.kill_requested_at, g.revoked_at, g.revoked_by, g.revoke_reason, "
@@ -95,7 +97,7 @@ class SessionQueries(StoreBase):
             "AND (s.kill_requested_at IS NOT NULL "
             "OR g.revoked_at IS NOT NULL OR u.name IS NULL OR u.disabled != 0 "
             "OR (s.auth_key IS NOT NULL AND k.id IS NULL) "
-            "OR (s.user_role IS NOT NULL AND u.role IS NOT s.user_role) OR d.name IS NULL)",
+            f"OR (s.user_role IS NOT NULL AND u.role {differs} s.user_role) OR d.name IS NULL)",
             (pid, node_id) if node_id is not None else (pid,),
         )
 
@@ -106,10 +108,7 @@ class SessionQueries(StoreBase):
 
     def insert_forward(self, row: dict[str, Any]) -> int:
         """One forwarded connection opened (port forwards, issue 14); returns its row id."""
-        cols = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        return inserted_id(self.execute(f"INSERT INTO forward_connections ({cols}) VALUES ({marks})",
-                                        tuple(row.values())))
+        return self.insert("forward_connections", row)
 
     def close_forward(self, row_id: int, **values: Any) -> None:
         """A forwarded connection ended: its byte counts, TLS flag and outcome."""

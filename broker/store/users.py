@@ -55,7 +55,8 @@ class UserQueries(StoreBase):
 
     def add_user_key(self, name: str, fingerprint: str, public_key: str, at: str) -> None:
         self.execute(
-            "INSERT OR IGNORE INTO user_keys (user_name, fingerprint, public_key, added_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO user_keys (user_name, fingerprint, public_key, added_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
             (name, fingerprint, public_key, at),
         )
 
@@ -73,17 +74,13 @@ class UserQueries(StoreBase):
         self.execute("INSERT INTO auth_failures (user_name, source, at) VALUES (?, ?, ?)", (user, source, at))
 
     def count_auth_failures(self, user: str, source: str, since: str) -> int:
-        row = self.db.conn.execute(
-            "SELECT count(*) FROM auth_failures WHERE user_name = ? AND source = ? AND at > ?", (user, source, since)
-        ).fetchone()
-        return int(row[0])
+        return int(self.scalar("SELECT count(*) FROM auth_failures WHERE user_name = ? AND source = ? AND at > ?",
+                               (user, source, since)))
 
     def last_auth_failures(self, user: str, source: str, n: int) -> list[str]:
-        rows = self.db.conn.execute(
-            "SELECT at FROM auth_failures WHERE user_name = ? AND source = ? ORDER BY at DESC LIMIT ?",
-            (user, source, n),
-        ).fetchall()
-        return [r[0] for r in rows]
+        rows = self.query("SELECT at FROM auth_failures WHERE user_name = ? AND source = ? ORDER BY at DESC LIMIT ?",
+                          (user, source, n))
+        return [r["at"] for r in rows]
 
     def recent_login_sources(self, since: str) -> list[dict[str, Any]]:
         """Addresses with a successful SSH login at or after ``since``, each with its latest one."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.store.base import StoreBase, inserted_id
+from broker.store.base import StoreBase
 
 
 class WebQueries(StoreBase):
@@ -43,9 +43,7 @@ class WebQueries(StoreBase):
         return cur.rowcount == 1
 
     def insert_web_share(self, row: dict[str, Any]) -> int:
-        cols = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        return inserted_id(self.execute(f"INSERT INTO web_shares ({cols}) VALUES ({marks})", tuple(row.values())))
+        return self.insert("web_shares", row)
 
     def get_web_share(self, token_hash: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM web_shares WHERE token_hash = ?", (token_hash,))
