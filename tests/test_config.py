@@ -131,7 +131,7 @@ def _is_duration(text: str) -> bool:
 NON_DEFAULT = {
     "listen": {"address": '"127.0.0.1:2022"', "host_key": '"k/host"', "server_version": '"x"',
                "login_timeout": '"45s"', "keepalive_interval": '"1m"', "public_host": '"jump.example"',
-               "workers": "4"},
+               "workers": "4", "proxy_protocol_from": '["127.0.0.1", "10.0.0.0/24", "fd00::5/128"]'},
     "grants": {"max_duration": '"4h"', "request_ttl": '"2d"', "warnings": '["2m"]', "critical_approvers": "3"},
     "recording": {"dir": '"rec"', "mode": '"best_effort"', "encrypt": "false", "signing_key": '"k/s.pem"',
                   "data_key": '"k/d.key"', "keep_uploads": "true"},
@@ -275,6 +275,14 @@ def test_wrong_types_name_the_key_and_the_value(tmp_path: Path, text: str, needl
         ('[listen]\naddress = "2222"\n', "listen.address"),
         ('[listen]\naddress = "host:99999"\n', "listen.address"),
         ('[grants]\nwarnings = ["5m", "soon"]\n', "grants.warnings"),
+        ('[listen]\nproxy_protocol_from = ["haproxy.local"]\n',
+         "listen.proxy_protocol_from: 'haproxy.local' is not an IP address or network"),
+        ('[listen]\nproxy_protocol_from = ["10.0.0.1/8"]\n', "listen.proxy_protocol_from: '10.0.0.1/8' has host bits set"),
+        ('[listen]\nproxy_protocol_from = ["0.0.0.0/0"]\n', "would let every client claim any address"),
+        ('[listen]\nproxy_protocol_from = ["::/0"]\n', "would let every client claim any address"),
+        ('[listen]\nproxy_protocol_from = ["127.0.0.1:8404"]\n', "is not an IP address or network"),
+        ('[listen]\nproxy_protocol_from = "127.0.0.1"\n', "listen.proxy_protocol_from must be a list of strings"),
+        ("[listen]\nproxy_protocol_from = [2130706433]\n", "listen.proxy_protocol_from must be a list of strings"),
     ],
 )
 def test_out_of_range_values(tmp_path: Path, text: str, needle: str) -> None:
@@ -549,3 +557,12 @@ def test_forward_tls_is_one_of_three(tmp_path) -> None:
     path.write_text('[policy]\nforward_tls = "yes"\n')
     with pytest.raises(ConfigError, match="policy.forward_tls = 'yes'; expected 'contained-only', 'allow' or 'refuse'"):
         load_config(path)
+
+
+def test_balancer_addresses_say_how_to_write_them(tmp_path: Path) -> None:
+    """A network written with host bits gets both readings as the hint; the valid forms load as written."""
+    err = config_error(tmp_path, '[listen]\nproxy_protocol_from = ["10.0.0.1/8"]\n')
+    assert "10.0.0.0/8" in err.hint and "10.0.0.1/32" in err.hint
+    cfg = load_text(tmp_path, '[listen]\nproxy_protocol_from = ["10.1.2.3", "192.168.0.0/16", "::1"]\n')
+    assert cfg.listen.proxy_protocol_from == ("10.1.2.3", "192.168.0.0/16", "::1")
+    assert load_text(tmp_path, "").listen.proxy_protocol_from == ()  # default: no balancer
