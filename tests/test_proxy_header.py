@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from broker.proxy_header import (MAX_HEADER, SIGNATURE, ProxyHeader, ProxyHeaderError, build_proxy_header,
                                  looks_like_proxy, parse_proxy_header)
+from helpers import FUZZ_EXAMPLES, FUZZ_EXAMPLES_OTHER
 
 # Captured from HAProxy 2.6.12 (Debian 12): `server n1 ... send-proxy-v2 check check-send-proxy`, a client bound
 # to 127.0.0.5:40000 connecting to its frontend 127.0.0.1:23457 (28 bytes, no TLVs), and a health check (16 bytes).
@@ -88,7 +89,8 @@ def test_looks_like_proxy_sees_headers_and_their_prefixes_but_not_ssh() -> None:
     assert not looks_like_proxy(b"SSH-2.0-OpenSSH_9.2\r\n") and not looks_like_proxy(b"") and not looks_like_proxy(b"S")
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The header is the front door's first bytes: fuzzed like the login-name parser (4_000 examples in CI).
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2 * MAX_HEADER))
 def test_any_bytes_give_a_header_more_or_a_clean_error(data: bytes) -> None:
     try:
@@ -101,7 +103,7 @@ def test_any_bytes_give_a_header_more_or_a_clean_error(data: bytes) -> None:
         assert header.local or header.source is not None
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.binary(min_size=0, max_size=64), st.integers(0, 15), st.integers(0, 255), st.binary(max_size=80))
 def test_mutated_signatures_and_fields_never_raise_anything_else(prefix: bytes, ver_cmd_low: int, family: int,
                                                                    body: bytes) -> None:
@@ -117,7 +119,7 @@ def test_mutated_signatures_and_fields_never_raise_anything_else(prefix: bytes, 
             assert header.source is not None and 0 <= header.source_port <= 65535
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
 @given(st.ip_addresses(v=4), st.integers(0, 65535), st.integers(0, 65535), st.binary(max_size=200))
 def test_what_a_balancer_builds_parses_back(source, sport: int, dport: int, tail: bytes) -> None:
     data = build_proxy_header(str(source), sport, "192.0.2.1", dport) + tail
