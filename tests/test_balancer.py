@@ -276,6 +276,43 @@ def test_a_killed_node_is_marked_down_and_the_vendor_continues_on_the_survivor(t
         c.close()
 
 
+def test_worker_processes_behind_the_balancer_each_read_the_header(tmp_path: Path) -> None:
+    """``listen.workers = 2``: the supervisor binds the port, each worker listens on it (SO_REUSEPORT) through the
+    front protocol; the kernel spreads HAProxy's connections, and whichever worker takes one sees the vendor."""
+    _need_haproxy()
+    device = SshdDevice(tmp_path / "device").start()
+    node = proxy = None
+    try:
+        home, keys = prepared_home(tmp_path, device, CONFIG.replace("[listen]\n", "[listen]\nworkers = 2\n"))
+        port = free_port()
+        node = Serve(home, port, tmp_path / "node.log")
+        proxy = HAProxy([("node1", port)])
+        known = write_known_hosts(tmp_path / "known_hosts", "127.0.0.1", proxy.port,
+                                  (home / "keys" / "host_ed25519.pub").read_text())
+        pids: set[int] = set()
+        for n in range(12):
+            if len(pids) == 2:
+                break
+            source = f"127.0.1.{n + 1}"
+            result = run_ssh("alice@ct-01", "127.0.0.1", proxy.port, keys["alice"].private_path, "echo w",
+                             known_hosts=known, extra_opts=["-o", f"BindAddress={source}"])
+            assert result.returncode == 0 and result.stdout.strip() == b"w", result.stderr.decode()
+            db = sqlite3.connect(f"file:{home / 'medbroker.db'}?mode=ro", uri=True, timeout=10)
+            try:
+                rows = db.execute("SELECT broker_pid FROM sessions WHERE source = ?", (source,)).fetchall()
+            finally:
+                db.close()
+            assert len(rows) == 1  # the session carries the vendor's address, not 127.0.0.1
+            pids.add(rows[0][0])
+        assert len(pids) == 2 and node.proc.pid not in pids  # both workers served vendors through the balancer
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if node is not None:
+            node.stop()
+        device.close()
+
+
 # ---------------------------------------------------------------- the front protocol, in-process broker
 
 # ssh's ProxyCommand: connect to the broker, send a PROXY v2 header claiming SOURCE (one byte at a time, or
