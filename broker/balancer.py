@@ -237,7 +237,7 @@ class _Front(asyncio.Protocol):
 
     def _refuse(self, reason: str) -> None:
         self._settle()
-        log.warning("refused a connection from %s:%s before SSH: %s", self.peer, self.peer_port, reason)
+        log.info("refused a connection from %s:%s before SSH: %s", self.peer, self.peer_port, reason)  # audited
         assert self.transport is not None
         self.transport.abort()
         try:
