@@ -160,8 +160,8 @@ def test_the_vendors_own_address_is_audited_and_recorded(cluster: Cluster) -> No
     assert starts and starts[0]["source"] == "127.0.0.5"
     # The balancer's own address is nowhere: not in sessions, not in any login row
     assert not [s for s in cluster.sessions() if s["source"] == "127.0.0.1"]
-    logins = cluster.events("auth.success") + cluster.events("auth.failure")
-    assert not [e for e in logins if e["source"] == "127.0.0.1"]
+    login_rows = cluster.events("auth.success") + cluster.events("auth.failure")
+    assert not [e for e in login_rows if e["source"] == "127.0.0.1"]
     # and HAProxy's health checks (a LOCAL header every 200 ms on both nodes) leave no trace at all
     assert cluster.events("proxy.refused") == []
     # each node says in the audit trail which addresses it trusts to send headers
