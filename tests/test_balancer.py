@@ -67,7 +67,7 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> bytes:
 class Cluster:
     """A device, a prepared home, two nodes and HAProxy in front of them; ``ssh(..., source=ADDR)``."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, check_inter: str = "200ms") -> None:
         _need_haproxy()
         self.tmp = tmp
         self.device = SshdDevice(tmp / "device").start()
@@ -78,7 +78,7 @@ class Cluster:
             self.home, self.keys = prepared_home(tmp, self.device, CONFIG)
             for name in ("node1", "node2"):
                 self.start_node(name)
-            self.haproxy = HAProxy([(name, port) for name, port in self.ports.items()])
+            self.haproxy = HAProxy([(name, port) for name, port in self.ports.items()], check_inter=check_inter)
             host_key = (self.home / "keys" / "host_ed25519.pub").read_text()
             # One known_hosts line for the balancer's address: valid whichever node answers.
             self.known_hosts = write_known_hosts(tmp / "known_hosts", "127.0.0.1", self.haproxy.port, host_key)
@@ -241,25 +241,33 @@ def test_the_docs_show_the_configuration_the_tests_use() -> None:
 
 
 def test_a_killed_node_is_marked_down_and_the_vendor_continues_on_the_survivor(tmp_path: Path) -> None:
-    c = Cluster(tmp_path)
+    # Checks every 2 s (fall 2): the vendor reconnects before HAProxy has noticed, so the reconnect shows
+    # redispatch at work (the dead node refuses the connection, HAProxy tries the other at once).
+    c = Cluster(tmp_path, check_inter="2s")
     try:
         first = c.popen_ssh("alice@ct-01", "echo started; sleep 30", source="127.0.0.5")
         assert _read_line(first, 20) == b"started\n"  # the session runs on one of the nodes
         live = poll(lambda: [s for s in c.sessions() if s["status"] == "live"], timeout=20)
         assert live
+        # The node writes frames in 20 ms batches after handing them on (the acknowledgment rule,
+        # docs/recording-format.md): a kill within that window loses what the vendor just saw, with or without
+        # a balancer (durable-before-acknowledged is the journal's job, issue 13 item 3). Kill after it.
+        time.sleep(0.5)
         pids = {name: node.proc.pid for name, node in c.nodes.items()}
         victim = next(name for name, pid in pids.items() if pid == live[0]["broker_pid"])
         survivor = next(name for name in pids if name != victim)
         killed_at = time.monotonic()
         c.nodes[victim].kill9()
-        assert c.haproxy is not None
-        c.haproxy.wait_state({victim: "DOWN", survivor: "UP"}, timeout=10)
-        down_s = time.monotonic() - killed_at
         _, err = first.communicate(timeout=20)  # the vendor's connection ended with the node
         assert first.returncode == 255 and b"closed by remote host" in err, err
+        assert c.haproxy is not None
+        assert not c.haproxy.states()[victim].startswith("DOWN")  # HAProxy has not noticed yet (2 checks, 2 s apart)
 
         again = c.ssh("alice@ct-01", "echo continued", source="127.0.0.5")  # the same command, nothing else
+        back_s = time.monotonic() - killed_at
         assert again.returncode == 0 and again.stdout.strip() == b"continued", again.stderr.decode()
+        c.haproxy.wait_state({victim: "DOWN", survivor: "UP"}, timeout=15)
+        down_s = time.monotonic() - killed_at
         second = poll(lambda: [s for s in c.sessions() if s["id"] != live[0]["id"] and s["status"] == "closed"])[0]
         assert second["broker_pid"] == pids[survivor]
         assert second["grant_id"] == live[0]["grant_id"] and second["source"] == "127.0.0.5"
@@ -270,9 +278,12 @@ def test_a_killed_node_is_marked_down_and_the_vendor_continues_on_the_survivor(t
         c.haproxy.wait_state({victim: "UP"}, timeout=15)
         sealed = poll(lambda: [s for s in c.sessions() if s["id"] == live[0]["id"] and s["status"] == "incomplete"])
         assert sealed
+        before = c.cli("replay", live[0]["id"], "--instant")  # what the vendor saw before the kill is evidence
+        assert before.returncode == 0 and b"started" in before.stdout, before.stderr.decode()
         verify = c.cli("audit", "verify")
         assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
-        print(f"node {victim} marked DOWN {down_s:.2f} s after kill -9")
+        print(f"kill -9: the vendor's next session ran {back_s:.2f} s after it; HAProxy marked the node DOWN after "
+              f"{down_s:.2f} s")
     finally:
         c.close()
 
