@@ -46,6 +46,7 @@ class App:
     _signing: Ed25519PrivateKey | None = field(default=None, init=False, repr=False)
     _ports: ProtectedPorts | None = field(default=None, init=False, repr=False)
     _alerts: JsonLinesSink | None = field(default=None, init=False, repr=False)
+    _journal_store: Store | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.audit = AuditLog(self.store, self.clock, [self._alert_sink])
@@ -79,6 +80,21 @@ class App:
         return LocalRecordingStore(self.config.recordings_dir)
 
     @property
+    def journal_store(self) -> Store:
+        """The recording journal's own database connection (``[recording] journal``), opened on first use.
+
+        Only the recording writer thread uses it (broker/journal.py ``JournalSink``), so a journal write never
+        queues behind the store thread, and its lock wait is ``journal_timeout`` rather than the store's.
+
+        :raises StorageError: the database cannot be opened
+        """
+        if self._journal_store is None:
+            store = open_store(self.config.db_path, migrate=False)
+            store.set_lock_wait(self.config.seconds("recording", "journal_timeout"))
+            self._journal_store = store
+        return self._journal_store
+
+    @property
     def signing_key(self) -> Ed25519PrivateKey:
         if self._signing is None:
             self._signing = load_signing_key(self.config.path(self.config.recording.signing_key))
@@ -105,6 +121,9 @@ class App:
             close = getattr(sink, "close", None)
             if close is not None:
                 close()
+        if self._journal_store is not None:
+            self._journal_store.close()
+            self._journal_store = None
         self.store.close()
 
 

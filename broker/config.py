@@ -201,6 +201,9 @@ class RecordingConfig:
     signing_key: str = "keys/signing_ed25519.pem"
     data_key: str = "keys/data.key"
     keep_uploads: bool = False
+    journal: bool = False
+    journal_timeout: str = "10s"
+    journal_keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -502,6 +505,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         ("web", "share_max"),
         ("directory", "sync_interval"),
         ("directory", "timeout"),
+        ("recording", "journal_timeout"),
     ]
     for section, key in durations:
         try:
@@ -539,6 +543,13 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
                           'e.g. max_opaque_output = "64KiB" ("0" turns the limit off)') from None
     if cfg.recording.mode not in ("strict", "best_effort"):
         raise ConfigError(f"{source}: recording.mode = {cfg.recording.mode!r}; expected 'strict' or 'best_effort'")
+    if not 1 <= cfg.seconds("recording", "journal_timeout") <= 300:
+        raise ConfigError(f"{source}: recording.journal_timeout = {cfg.recording.journal_timeout!r}; expected "
+                          "1s to 5m", "sessions pause while the journal is down and end after this long; "
+                          'e.g. journal_timeout = "10s"')
+    if cfg.recording.journal_keep and not cfg.recording.journal:
+        raise ConfigError(f"{source}: recording.journal_keep = true needs recording.journal = true",
+                          "without the journal there are no rows to keep")
     if cfg.policy.forward_tls not in ("contained-only", "allow", "refuse"):
         raise ConfigError(f"{source}: policy.forward_tls = {cfg.policy.forward_tls!r}; expected 'contained-only', "
                           "'allow' or 'refuse'", 'e.g. forward_tls = "contained-only" (the default)')
@@ -791,6 +802,9 @@ encrypt = true                    # AES-256-GCM per frame with keys/data.key
 signing_key = "keys/signing_ed25519.pem"
 data_key = "keys/data.key"
 keep_uploads = false              # keep a copy of every uploaded file for malware forensics
+journal = false                   # true: frames are acknowledged only once durable off the node (the database)
+journal_timeout = "10s"           # a journal down this long ends sessions (strict) with "the recording store is unreachable"
+journal_keep = false              # true: keep journal rows after the recording is sealed (default: drop them)
 
 [upstream]
 connect_timeout = "10s"

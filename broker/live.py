@@ -18,6 +18,7 @@ from broker.devices import Device
 from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
 from broker.grants import Grant, putty_line
 from broker.indexer import build_index_rows
+from broker.journal import UNREACHABLE, JournalError, JournalSink, rebuild_from_journal
 from broker.keys import Secret, openssh_fingerprint
 from broker.live_forwards import SessionForwards
 from broker.session_context import SessionIdentity, SessionServices
@@ -95,13 +96,17 @@ class LiveSession(SessionForwards):
         header.update(self.who.via_fields())  # "proxyjump": reached through ssh -J (broker/jump.py)
         key_id, key = b.app.keys.current() if s.encrypt else (None, None)
         loop = asyncio.get_running_loop()
+        rec_cfg = b.app.config.recording
         try:
+            # [recording] journal: each batch is acknowledged only once it is also committed to the database
+            journal = JournalSink(b.app.journal_store, self.id, b.app.clock,
+                                  b.app.config.seconds("recording", "journal_timeout")) if rec_cfg.journal else None
             self.recorder = RecordingWriter(
                 self.path, header, clock=b.app.clock, aead_key=key, key_id=key_id,
                 on_error=lambda exc: loop.call_soon_threadsafe(self._recording_failed, exc),
                 on_pause=self._recorder_behind,
                 on_resume=lambda: loop.call_soon_threadsafe(self._recorder_caught_up),
-                window=ACK_WINDOW)  # the acknowledgment rule: docs/recording-format.md
+                window=ACK_WINDOW, journal=journal)  # the acknowledgment rule: docs/recording-format.md
         except (OSError, BrokerError) as exc:
             await b.audit("recording.failed", **self.who.audit_fields(source=True, grant=False), error=str(exc))
             await b.audit("session.refused", user=self.user, device=self.device.name, source=self.who.source,
@@ -122,6 +127,10 @@ class LiveSession(SessionForwards):
             self.upconn = await self._connect()
             self.containment = await session_containment(b, self)  # cached briefly; a 'containment' frame follows
             self.upconn_closed = False
+            if self.ending:  # the recording failed while connecting (e.g. the journal stayed down): never start
+                self.upconn.close()
+                raise RecordingError("recording is unavailable, and medbroker never runs a session it cannot record",
+                                     "try again later and tell the hospital's security team")
             b.live[self.id] = self
             await b.audit("session.start", **self.who.audit_fields(source=True), recording=self.path.name,
                           grant_ends_at=utc_iso(self.grant.ends_at), containment=self.containment.state,
@@ -316,13 +325,17 @@ class LiveSession(SessionForwards):
                                  error=str(exc), failed_at=utc_iso(failed_at) if failed_at else None)
         cause = exc.__cause__
         why = (getattr(cause, "strerror", None) or type(cause).__name__) if cause is not None else "write failed"
+        if isinstance(exc, JournalError):  # the database stayed down past [recording] journal_timeout
+            message = (f"{UNREACHABLE}; medbroker never runs a session it cannot record, so the session was "
+                       "ended. Try again in a few minutes; if it persists, tell the hospital's IT team.")
+        else:
+            message = (f"recording failed ({why}), and medbroker never runs a session it cannot record; the "
+                       "session was ended. Tell the hospital's security team.")
         if self.services.settings.strict:
             for relay in list(self.channels):
                 relay.hold("vendor", "recording-failed")
                 relay.hold("device", "recording-failed")
-            self.services.spawn(self.terminate(
-                "recording-failed", f"recording failed ({why}), and medbroker never runs a session it cannot "
-                "record; the session was ended. Tell the hospital's security team."))
+            self.services.spawn(self.terminate("recording-failed", message))
         else:
             self._recorder_caught_up()  # the writer dropped its backlog: nothing to wait for any more
             for relay in list(self.channels):
@@ -396,6 +409,7 @@ class LiveSession(SessionForwards):
                       **counters)
         if final_hash:
             await index_session(b, self.id, self.path)
+            await drop_journal(b, self.id)
 
     def counters(self) -> dict[str, Any]:
         """Byte counters so far (``bytes_in``, ``bytes_out``); read them on the event loop, never another thread."""
@@ -448,8 +462,25 @@ async def index_session(broker: SessionServices, session_id: str, path: Path) ->
     await broker.db(lambda: broker.app.store.save_session_text(session_id, rows.commands, rows.texts, now))
 
 
+async def drop_journal(broker: SessionServices, session_id: str, *, force: bool = False) -> None:
+    """The recording is sealed: its journal rows go, unless ``[recording] journal_keep`` (or, later, archiving
+    still needs them). Only with ``[recording] journal`` on, or ``force`` (rows a journaling broker left). A
+    failure only leaves rows behind (logged), never fails the session."""
+    rec = broker.app.config.recording
+    if rec.journal_keep or not (rec.journal or force):
+        return
+    try:
+        await broker.db(broker.app.store.drop_journal, session_id)
+    except BrokerError as exc:
+        log.warning("cannot drop the journal rows of %s: %s", session_id, exc)
+
+
 async def seal_interrupted_sessions(broker: SessionServices) -> None:
-    """At startup: recordings of sessions whose broker process died are sealed and marked incomplete."""
+    """At startup: recordings of sessions whose broker process died are sealed and marked incomplete.
+
+    A recording file that is missing here but journaled (``[recording] journal``) is rebuilt from the journal
+    first (:func:`broker.journal.rebuild_from_journal`), so what was acknowledged is sealed.
+    """
     app = broker.app
     rows = await broker.db(lambda: app.store.list_sessions(status="live"))
     for row in rows:
@@ -457,10 +488,16 @@ async def seal_interrupted_sessions(broker: SessionServices) -> None:
         if pid and pid != os.getpid() and _alive(pid):
             continue  # another worker still serves it
         path = row["recording"]
+        rebuilt: dict[str, int] = {}
         try:
             path = app.recordings.local_path(row["recording"])
+            loop = asyncio.get_running_loop()
+            if not path.exists() and await broker.db(app.store.has_journal, row["id"]):
+                size = await loop.run_in_executor(None, rebuild_from_journal, app.store, row["id"], path)
+                log.warning("rebuilt %s from the recording journal (%d bytes)", path, size)
+                rebuilt["rebuilt_from_journal_bytes"] = size
             # File I/O (a whole recording is read) on the default executor: the store thread keeps answering.
-            final_hash, dropped = await asyncio.get_running_loop().run_in_executor(None, seal_recording, path)
+            final_hash, dropped = await loop.run_in_executor(None, seal_recording, path)
             signature = sign_final_hash(app.signing_key, final_hash)
             app.recordings.sealed(row["recording"])
             status = "incomplete"
@@ -472,7 +509,9 @@ async def seal_interrupted_sessions(broker: SessionServices) -> None:
             row["id"], status=status, ended_at=now, end_reason="broker stopped unexpectedly; recording sealed",
             final_hash=final_hash, signature=signature))
         await broker.audit("session.sealed", user=row["user_name"], device=row["device"], session_id=row["id"],
-                           final_hash=final_hash, dropped_bytes=dropped)
+                           final_hash=final_hash, dropped_bytes=dropped, **rebuilt)
+        if final_hash:
+            await drop_journal(broker, row["id"], force=True)
 
 
 def _alive(pid: int) -> bool:

@@ -210,7 +210,9 @@ async def watch_stream(request: Request, viewer) -> Response:
         row = await web.db(get_session, web.app.store, sid)
     except NotFoundError as exc:
         return PlainTextResponse(exc.message, status_code=404)
-    path = web.app.recordings.local_path(row["recording"])
+    from broker.journal import live_source  # the local file, or the journal when another node records it
+
+    path = await web.db(live_source, web.app, row)
     await web.audit("recording.watched", actor=viewer.name, user=row["user_name"], device=row["device"],
                     session_id=sid, source=source_of(request), via="web", live=row["status"] == "live")
 

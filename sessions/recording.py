@@ -6,13 +6,14 @@ sessions/recwriter.py.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Generator
+from typing import Any, Callable, Generator, Protocol
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -28,7 +29,7 @@ from sessions.recformat import (
 
 __all__ = [
     "MAGIC", "VERSION", "KINDS", "KIND_NAMES", "DATA_KINDS", "MAX_PAYLOAD", "Frame", "VerifyResult",
-    "read_header", "read_frames", "verify_recording", "seal_recording",
+    "read_header", "read_frames", "TailSource", "verify_recording", "seal_recording",
     "sign_final_hash", "verify_final_hash_signature",
 ]
 
@@ -286,7 +287,9 @@ class _Checker:
         return problems, Frame(raw.seq, raw.mono_ns, raw.wall_us, raw.channel, kind, payload, raw.stored.hex())
 
 
-def _open_read(path: str | os.PathLike[str], mode: str = "rb") -> Any:
+def _open_read(path: Any, mode: str = "rb") -> Any:
+    if hasattr(path, "read"):  # a TailSource (e.g. broker/journal.py's JournalTail): the caller's stream
+        return contextlib.nullcontext(path)
     try:
         return open(path, mode, buffering=0)
     except OSError as exc:
@@ -311,12 +314,16 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _appended(fh: Any, sc: _Scanner) -> str:
+    if not hasattr(fh, "fileno"):
+        return f"appended data after the end frame (at byte {sc.offset})"
     extra = os.fstat(fh.fileno()).st_size - sc.offset
     return f"appended data after the end frame ({extra} bytes at byte {sc.offset})"
 
 
 def _writer_gone(fh: Any) -> bool:
-    """True if no writer holds the recording's lock (local files only)."""
+    """True if no writer holds the recording's lock (local files), or the source says its writer is gone."""
+    if hasattr(fh, "writer_gone"):
+        return bool(fh.writer_gone())
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
@@ -325,7 +332,19 @@ def _writer_gone(fh: Any) -> bool:
     return True
 
 
-def read_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes] | None = None,
+class TailSource(Protocol):
+    """A recording that is not a local file (broker/journal.py's ``JournalTail``), for :func:`read_frames`."""
+
+    name: str
+
+    def read(self, size: int = -1) -> bytes:
+        """The next bytes of the recording; ``b""`` when nothing more is there yet."""
+
+    def writer_gone(self) -> bool:
+        """True once no more bytes will come."""
+
+
+def read_frames(path: str | os.PathLike[str] | TailSource, key_lookup: Callable[[str], bytes] | None = None,
                 follow: bool = False, *, strict: bool = True, stop: Callable[[], bool] | None = None,
                 timeout: float | None = None, poll_interval: float = 0.1,
                 sleep: Callable[[float], None] = time.sleep,
@@ -337,6 +356,8 @@ def read_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes]
     frame, when the writer is gone (its lock is free and no more data comes), when ``stop()`` returns
     True, or after ``timeout`` seconds; at least one of ``stop``/``timeout`` is required.
 
+    :param path: the recording file, or a :class:`TailSource` (followed the same way; its
+        ``writer_gone()`` replaces the file lock check)
     :param key_lookup: key id → 32-byte key, for encrypted recordings
     :param strict: raise on the first chain problem; False skips damaged frames and stops where the
         file cannot be parsed (for exporting damaged evidence)
@@ -350,7 +371,7 @@ def read_frames(path: str | os.PathLike[str], key_lookup: Callable[[str], bytes]
     if follow and stop is None and timeout is None:
         raise UsageError("read_frames(follow=True) needs stop= or timeout=")
     deadline = None if timeout is None else time.monotonic() + timeout
-    name = os.fspath(path)
+    name = path.name if hasattr(path, "read") else os.fspath(path)  # type: ignore[union-attr, arg-type]
 
     def keep_waiting() -> bool:
         if not follow or (stop is not None and stop()) or (deadline is not None and time.monotonic() >= deadline):

@@ -188,6 +188,15 @@ class RecordingWriter:
     All recordings of a process share one writer thread, so a recordings volume that blocks writes
     stalls every recording (and, through the backlog, pauses every session) rather than one.
 
+    Journal (issue 13): with ``journal`` set, every write is also handed to ``journal(seq, data)`` on the
+    writer thread, after the local write and before the bytes count as written: ``data`` is exactly what was
+    appended to the file, ``seq`` 0 for the header (and its hash) the constructor wrote, else the sequence
+    number of the first frame in ``data``. So the file is the concatenation of the journaled pieces in seq
+    order, and nothing is acknowledged (``pending_bytes`` drops, the window reopens) before the journal
+    returned. The journal blocks as long as it needs (it owns its timeout) and raises to fail the recording;
+    a :class:`RecordingError` it raises is the recording's ``failed`` as it is. The header goes out on the
+    writer thread as soon as the writer exists, not on the caller's.
+
     :param path: the new file (must not exist)
     :param header: JSON object; needs a non-empty ``session_id``; ``encryption`` is reserved
     :param clock: monotonic offsets (``mono_ns``, from construction) and UTC wall time (``wall_us``)
@@ -201,6 +210,7 @@ class RecordingWriter:
     :param low_water: backlog that resumes; default 2 MiB
     :param max_pending: backlog at which the recording fails; default 64 MiB
     :param window: acknowledgment window in bytes; replaces ``high_water``/``low_water`` (see above)
+    :param journal: ``journal(seq, data)``, called on the writer thread for every write (see above)
     :raises RecordingError: bad header or key, file exists, cannot be created or written
     :raises UsageError: water marks out of order
     """
@@ -210,7 +220,7 @@ class RecordingWriter:
                  on_error: Callable[[RecordingError], object] | None = None,
                  on_pause: Callable[[], object] | None = None, on_resume: Callable[[], object] | None = None,
                  high_water: int = 8 << 20, low_water: int = 2 << 20, max_pending: int = 64 << 20,
-                 window: int | None = None) -> None:
+                 window: int | None = None, journal: Callable[[int, bytes], object] | None = None) -> None:
         self.path = os.fspath(path)
         if not isinstance(header, dict) or not isinstance(header.get("session_id"), str) \
                 or not header["session_id"]:
@@ -270,6 +280,14 @@ class RecordingWriter:
         self._queue: deque[tuple[int, int, int, int, int, bytes]] = deque()
         self._pool = _pool
         self._close_lock = threading.Lock()
+        self._journal = journal
+        self._journal_head: bytes | None = None
+        if journal is not None:  # the header's journal row goes out on the writer thread, now
+            self._journal_head = head + self._last_hash
+            with self._pool.lock:
+                self._pool.ready[id(self)] = self
+                self._pool.hurry_locked()
+                self._pool.start_locked()
 
     # -- state the relay and `sessions list` poll (plain attribute reads, no locks) --
     @property
@@ -426,11 +444,16 @@ class RecordingWriter:
         """Encrypt, chain and write one batch (writer thread; ``_inflight`` is set)."""
         prev, aead, aad = self._last_hash, self._aead, self._aad
         out: list[bytes] = []
-        size = 0
+        size = first = 0
         ended = False
         try:
+            if self._failed is None and self._journal_head is not None and self._journal is not None:
+                self._journal(0, self._journal_head)
+                self._journal_head = None
             if self._failed is None:
                 for seq, mono, wall, channel, code, payload in batch:
+                    if not out:
+                        first = seq
                     size += len(payload)
                     flags = FLAG_ENCRYPTED if aead is not None and code != END_CODE else 0
                     fixed = FIXED.pack(seq, mono, wall, channel, code, flags)
@@ -439,10 +462,10 @@ class RecordingWriter:
                     prev = pack_frame(prev, fixed, payload, out)
                     ended = ended or code == END_CODE
                     if size >= _WRITE_BATCH or len(out) >= _IOV_MAX:  # write in steps: bounded latency for readers
-                        self._flush(out, size, prev)
+                        self._flush(out, size, prev, first)
                         out, size = [], 0
                 if out:
-                    self._flush(out, size, prev)
+                    self._flush(out, size, prev, first)
         except Exception as exc:  # noqa: BLE001 - any write failure must surface, never die silently
             self._fail(exc)
         finally:
@@ -451,11 +474,13 @@ class RecordingWriter:
                 self._ended = self._ended or ended
                 self._pool.done.notify_all()
 
-    def _flush(self, parts: list[bytes], size: int, last_hash: bytes) -> None:
+    def _flush(self, parts: list[bytes], size: int, last_hash: bytes, first_seq: int) -> None:
         _writev_all(self._fd, parts)
         if self._fsync:
             os.fsync(self._fd)
         self._last_hash = last_hash
+        if self._journal is not None:  # acknowledged only once it is durable off the node too
+            self._journal(first_seq, b"".join(parts))
         with self._pool.lock:
             self._pending -= size
             resume = self._paused and self._under_locked()

@@ -134,7 +134,8 @@ NON_DEFAULT = {
                "workers": "4", "proxy_protocol_from": '["127.0.0.1", "10.0.0.0/24", "fd00::5/128"]'},
     "grants": {"max_duration": '"4h"', "request_ttl": '"2d"', "warnings": '["2m"]', "critical_approvers": "3"},
     "recording": {"dir": '"rec"', "mode": '"best_effort"', "encrypt": "false", "signing_key": '"k/s.pem"',
-                  "data_key": '"k/d.key"', "keep_uploads": "true"},
+                  "data_key": '"k/d.key"', "keep_uploads": "true",
+                  "journal": "true", "journal_timeout": '"3s"', "journal_keep": "true"},
     "upstream": {"connect_timeout": '"5s"', "keepalive_interval": '"15s"'},
     "limits": {"max_auth_failures": "3", "failure_window": '"5m"', "lockout": '"1h"', "max_unauthenticated": "8",
                "max_connections_per_address": "4", "max_channels_per_connection": "2",
@@ -177,6 +178,7 @@ COMPANIONS = {
     ("siem", "syslog_client_cert"): 'syslog_address = "tls://127.0.0.1:6514"',
     ("siem", "syslog_client_key"): 'syslog_address = "tls://127.0.0.1:6514"\nsyslog_client_cert = "c.pem"',
     ("siem", "syslog_server_name"): 'syslog_address = "tls://127.0.0.1:6514"',
+    ("recording", "journal_keep"): "journal = true",
 }
 
 
@@ -268,6 +270,9 @@ def test_wrong_types_name_the_key_and_the_value(tmp_path: Path, text: str, needl
     "text,needle",
     [
         ("[grants]\ncritical_approvers = 0\n", "grants.critical_approvers must be 1, 2 or 3"),
+        ('[recording]\njournal_timeout = "10m"\n', "recording.journal_timeout = '10m'; expected 1s to 5m"),
+        ("[recording]\njournal_keep = true\n", "recording.journal_keep = true needs recording.journal = true"),
+        ('[recording]\njournal = "yes"\n', "recording.journal = 'yes'; expected true or false"),
         ("[grants]\ncritical_approvers = 4\n", "grants.critical_approvers must be 1, 2 or 3"),
         ("[limits]\nmax_auth_failures = 0\n", "limits.max_auth_failures must be at least 1"),
         ("[listen]\nworkers = 0\n", "listen.workers must be between 1 and 64"),
@@ -292,7 +297,7 @@ def test_out_of_range_values(tmp_path: Path, text: str, needle: str) -> None:
 DURATION_KEYS = [
     ("listen", "login_timeout"), ("listen", "keepalive_interval"), ("grants", "max_duration"),
     ("grants", "request_ttl"), ("upstream", "connect_timeout"), ("upstream", "keepalive_interval"),
-    ("limits", "failure_window"), ("limits", "lockout"),
+    ("limits", "failure_window"), ("limits", "lockout"), ("recording", "journal_timeout"),
 ]
 
 

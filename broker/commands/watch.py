@@ -60,8 +60,10 @@ def watch(
         out.write(data)
         out.flush()
 
-    frames = read_frames(a.recordings.local_path(row["recording"]), key_lookup=a.keys.get, follow=True,
-                         stop=lambda: stopped, timeout=seconds)
+    from broker.journal import live_source  # the local file, or the journal when another node records it
+
+    frames = read_frames(live_source(a, row), key_lookup=a.keys.get, follow=True, stop=lambda: stopped,
+                         timeout=seconds)
     ended = False
 
     def tracked():

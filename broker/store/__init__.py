@@ -5,7 +5,7 @@ nothing, so a PostgreSQL store can implement the same methods later.
 
 One front, :class:`Store`, over a package split by concern: ``schema.py`` (the numbered migrations),
 ``base.py`` (the connection, its lock, transactions, queries, the store thread) and one module of queries
-per area (``users``, ``devices``, ``grants``, ``sessions``, ``audit``, ``search``, ``web``).
+per area (``users``, ``devices``, ``grants``, ``sessions``, ``audit``, ``search``, ``web``, ``journal``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from broker.store.audit import AuditQueries
 from broker.store.base import dumps
 from broker.store.devices import DeviceQueries
 from broker.store.grants import GrantQueries
+from broker.store.journal import JournalQueries
 from broker.store.schema import MIGRATIONS
 from broker.store.search import SearchQueries
 from broker.store.sessions import SessionQueries
@@ -29,7 +30,8 @@ from broker.store.web import WebQueries
 __all__ = ["Store", "MIGRATIONS", "open_store", "dumps"]
 
 
-class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries):
+class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries,
+            JournalQueries):
     """Synchronous access to the broker database.
 
     Async code calls :meth:`run`, which serialises every call on one worker thread.

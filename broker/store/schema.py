@@ -7,7 +7,7 @@ __all__ = ["MIGRATIONS"]
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
 # 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
-# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump.
+# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump, 19 recording journal (issue 13).
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -252,4 +252,17 @@ MIGRATIONS: dict[int, str | list[str]] = {
     ],
     # 17: ProxyJump (issue 14): how the vendor reached the session ('proxyjump' through ssh -J; NULL direct)
     17: ["ALTER TABLE sessions ADD COLUMN via TEXT"],
+    # 19: the recording journal (issue 13): each row is exactly the bytes one writer batch appended to the
+    # session's .mbr file (seq 0: the header and its hash; otherwise the first frame's sequence number), so the
+    # file is the concatenation of its rows in seq order. Rows go once the recording is sealed (and archived).
+    19: [
+        """CREATE TABLE recording_journal (
+            session_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            at TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        )""",
+    ],
 }
