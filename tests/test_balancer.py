@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -67,18 +68,20 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> bytes:
 class Cluster:
     """A device, a prepared home, two nodes and HAProxy in front of them; ``ssh(..., source=ADDR)``."""
 
-    def __init__(self, tmp: Path, *, check_inter: str = "200ms") -> None:
+    def __init__(self, tmp: Path, *, check_inter: str = "200ms", readyz: bool = False) -> None:
         _need_haproxy()
         self.tmp = tmp
         self.device = SshdDevice(tmp / "device").start()
         self.nodes: dict[str, Serve] = {}
         self.ports: dict[str, int] = {}
+        self.web_ports: dict[str, int] | None = {} if readyz else None  # each node's console, for /readyz
         self.haproxy: HAProxy | None = None
         try:
             self.home, self.keys = prepared_home(tmp, self.device, CONFIG)
             for name in ("node1", "node2"):
                 self.start_node(name)
-            self.haproxy = HAProxy([(name, port) for name, port in self.ports.items()], check_inter=check_inter)
+            self.haproxy = HAProxy([(name, port) for name, port in self.ports.items()], check_inter=check_inter,
+                                   readyz_ports=self.web_ports)
             host_key = (self.home / "keys" / "host_ed25519.pub").read_text()
             # One known_hosts line for the balancer's address: valid whichever node answers.
             self.known_hosts = write_known_hosts(tmp / "known_hosts", "127.0.0.1", self.haproxy.port, host_key)
@@ -88,7 +91,10 @@ class Cluster:
 
     def start_node(self, name: str) -> Serve:
         port = self.ports.setdefault(name, free_port())
-        self.nodes[name] = Serve(self.home, port, self.tmp / f"{name}.log")
+        web = []
+        if self.web_ports is not None:
+            web = ["--web", f"127.0.0.1:{self.web_ports.setdefault(name, free_port())}"]
+        self.nodes[name] = Serve(self.home, port, self.tmp / f"{name}.log", *web)
         return self.nodes[name]
 
     @property
@@ -235,9 +241,12 @@ def test_a_header_from_anywhere_else_is_refused_and_its_address_ignored(cluster:
 
 def test_the_docs_show_the_configuration_the_tests_use() -> None:
     doc = (REPO / "docs" / "ha.md").read_text()
-    example = haproxy_config("0.0.0.0:22", [("node1", "10.0.0.11:2222"), ("node2", "10.0.0.12:2222")],
-                             admin_socket="/run/haproxy/admin.sock", log="/dev/log")
+    nodes = [("node1", "10.0.0.11:2222"), ("node2", "10.0.0.12:2222")]
+    example = haproxy_config("0.0.0.0:22", nodes, admin_socket="/run/haproxy/admin.sock", log="/dev/log")
     assert example in doc
+    readiness = haproxy_config("0.0.0.0:22", nodes, admin_socket="/run/haproxy/admin.sock", log="/dev/log",
+                               readyz_ports={"node1": 9464, "node2": 9464})
+    assert readiness[readiness.index("\nbackend medbroker") + 1:] in doc  # the variant's backend section
 
 
 def test_a_killed_node_is_marked_down_and_the_vendor_continues_on_the_survivor(tmp_path: Path) -> None:
@@ -284,6 +293,33 @@ def test_a_killed_node_is_marked_down_and_the_vendor_continues_on_the_survivor(t
         assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
         print(f"kill -9: the vendor's next session ran {back_s:.2f} s after it; HAProxy marked the node DOWN after "
               f"{down_s:.2f} s")
+    finally:
+        c.close()
+
+
+def test_a_stuck_node_goes_down_when_haproxy_checks_readiness(tmp_path: Path) -> None:
+    """The connect check cannot see a node whose process is stopped (the kernel still accepts its connections);
+    checking ``/readyz`` over HTTP can: the stopped node goes DOWN and the vendor lands on the other."""
+    c = Cluster(tmp_path, check_inter="500ms", readyz=True)
+    try:
+        first = c.ssh("alice@ct-01", "echo one", source="127.0.0.5")
+        assert first.returncode == 0 and first.stdout.strip() == b"one", first.stderr.decode()
+        row = poll(lambda: [s for s in c.sessions() if s["status"] == "closed"])
+        pids = {name: node.proc.pid for name, node in c.nodes.items()}
+        victim = next(name for name, pid in pids.items() if pid == row[0]["broker_pid"])
+        survivor = next(name for name in pids if name != victim)
+        assert c.haproxy is not None
+        os.kill(pids[victim], signal.SIGSTOP)
+        try:
+            took = c.haproxy.wait_state({victim: "DOWN", survivor: "UP"}, timeout=20)
+            again = c.ssh("alice@ct-01", "echo two", source="127.0.0.5")
+            assert again.returncode == 0 and again.stdout.strip() == b"two", again.stderr.decode()
+            second = poll(lambda: [s for s in c.sessions() if s["id"] != row[0]["id"] and s["status"] == "closed"])
+            assert second and second[0]["broker_pid"] == pids[survivor] and second[0]["source"] == "127.0.0.5"
+        finally:
+            os.kill(pids[victim], signal.SIGCONT)
+        c.haproxy.wait_state({victim: "UP"}, timeout=20)
+        print(f"SIGSTOP: HAProxy's /readyz check marked the node DOWN after {took:.2f} s")
     finally:
         c.close()
 

@@ -29,9 +29,20 @@ def haproxy_binary() -> str | None:
 
 
 def haproxy_config(bind: str, nodes: list[tuple[str, str]], *, admin_socket: str, log: str = "stderr",
-                   check_inter: str = "1s") -> str:
-    """haproxy.cfg for medbroker nodes: ``bind`` the vendors' address, ``nodes`` [(name, "HOST:PORT")]."""
+                   check_inter: str = "1s", readyz_ports: dict[str, int] | None = None) -> str:
+    """haproxy.cfg for medbroker nodes: ``bind`` the vendors' address, ``nodes`` [(name, "HOST:PORT")].
+
+    :param readyz_ports: {node: port of its /readyz (web console or [metrics] listener)}: check readiness over
+        HTTP instead of sending a LOCAL header to the SSH port (a node that accepts TCP but is stuck goes DOWN)
+    """
     servers = "".join(f"    server {name} {address}\n" for name, address in nodes)
+    checks = f"send-proxy-v2 check check-send-proxy inter {check_inter} fall 2 rise 2"
+    http_check = ""
+    if readyz_ports is not None:
+        servers = "".join(f"    server {name} {address} check port {readyz_ports[name]}\n" for name, address in nodes)
+        checks = f"send-proxy-v2 inter {check_inter} fall 2 rise 2"
+        http_check = "    option httpchk GET /readyz  # 200 while the node's database takes writes (docs/operations.md)\n" \
+                     "    http-check expect status 200\n"
     log_line = "stderr format raw local0 info" if log == "stderr" else f"{log} local0 info"
     return f"""\
 global
@@ -59,7 +70,7 @@ frontend vendors
 backend medbroker
     balance source             # one client address stays on one node (per-address caps, startups)
     hash-type consistent       # ... and only the clients of a node that goes down move
-    default-server send-proxy-v2 check check-send-proxy inter {check_inter} fall 2 rise 2
+{http_check}    default-server {checks}
 {servers}"""
 
 
@@ -69,7 +80,8 @@ class HAProxy:
     :param nodes: [(name, port)] of broker nodes on 127.0.0.1
     """
 
-    def __init__(self, nodes: list[tuple[str, int]], *, check_inter: str = "200ms") -> None:
+    def __init__(self, nodes: list[tuple[str, int]], *, check_inter: str = "200ms",
+                 readyz_ports: dict[str, int] | None = None) -> None:
         binary = haproxy_binary()
         if binary is None:
             raise RuntimeError("haproxy is not installed; run scripts/install.sh")
@@ -77,7 +89,8 @@ class HAProxy:
         self.admin = self.dir / "admin.sock"
         self.port = free_port()
         self.config = haproxy_config(f"127.0.0.1:{self.port}", [(n, f"127.0.0.1:{p}") for n, p in nodes],
-                                     admin_socket=str(self.admin), check_inter=check_inter)
+                                     admin_socket=str(self.admin), check_inter=check_inter,
+                                     readyz_ports=readyz_ports)
         (self.dir / "haproxy.cfg").write_text(self.config)
         self.log_path = self.dir / "haproxy.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
