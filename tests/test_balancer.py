@@ -389,7 +389,7 @@ while data := sock.recv(65536):
     os.write(1, data)
 '''
 
-FRONT_CONFIG = '[listen]\nproxy_protocol_from = ["127.0.0.1/32"]\nlogin_timeout = "2s"\n'
+FRONT_CONFIG = '[listen]\nproxy_protocol_from = ["127.0.0.1/32"]\nlogin_timeout = "4s"\n'
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +455,7 @@ def test_health_checks_and_bare_probes_from_the_balancer_are_closed_quietly(fron
     (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff", False, "at most 1040 are accepted"),  # refused before 64 KiB arrive
     (b"\r\n\r\n\x00\r\nQUIT\n\x21\x12\x00\x0c" + bytes(12), False, "UDP over IPv4"),
     (b"\r\n\r\n\x00", True, "closed after 5 bytes of an incomplete PROXY header"),
-    (b"\r\n\r\n\x00", False, "no complete PROXY protocol v2 header within 2 s (5 bytes of it arrived)"),
+    (b"\r\n\r\n\x00", False, "no complete PROXY protocol v2 header within 4 s (5 bytes of it arrived)"),
 ])
 def test_a_bad_missing_or_late_header_closes_before_ssh_and_is_audited(front, data: bytes, shut: bool,
                                                                        reason: str) -> None:
@@ -465,10 +465,10 @@ def test_a_bad_missing_or_late_header_closes_before_ssh_and_is_audited(front, da
     assert got == b""  # the broker never said a word of SSH
     rows = poll(lambda: _front_rows(front, "proxy.refused")[count:])
     assert len(rows) == 1 and rows[0]["source"] == "127.0.0.1" and reason in rows[0]["details"]["reason"], rows
-    if "within 2 s" in reason:
-        assert 1.8 < took < 5  # listen.login_timeout bounds the wait for a header
+    if "within 4 s" in reason:
+        assert 3.8 < took < 8  # listen.login_timeout bounds the wait for a header
     else:
-        assert took < 1.5
+        assert took < 3  # at once, not at the header timeout
 
 
 def test_a_flood_of_bad_headers_is_one_row_a_second(front) -> None:
