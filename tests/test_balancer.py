@@ -24,7 +24,7 @@ import pytest
 
 from broker.proxy_header import build_proxy_header
 from frontdoor_support import REPO, Serve, prepared_home
-from helpers import openssh_required, poll
+from helpers import find_binary, openssh_required, poll
 from helpers.clients import run_ssh, ssh_options, write_known_hosts
 from helpers.haproxy import HAProxy, haproxy_binary, haproxy_config
 from helpers.keys import generate_keypair
@@ -112,7 +112,7 @@ class Cluster:
     def popen_ssh(self, login: str, command: str, *, source: str) -> subprocess.Popen:
         """A long-running vendor session (the caller waits for it or terminates it)."""
         who = login.split("@")[0]
-        argv = ["ssh", *ssh_options(key=self.keys[who].private_path, known_hosts=self.known_hosts,
+        argv = [find_binary("ssh") or "ssh", *ssh_options(key=self.keys[who].private_path, known_hosts=self.known_hosts,
                                     host_key_checking="yes"),
                 "-o", f"BindAddress={source}", "-p", str(self.port), f"{login}@127.0.0.1", command]
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
