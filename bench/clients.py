@@ -114,10 +114,11 @@ def _check_file(path: Path, size: int, sha: str) -> str | None:
 
 
 def bulk_download(world: "BenchWorld", host: str, timeout: float) -> Sample:
-    """``ssh host cat BLOB`` into a tmpfs file; MB/s from the first byte to EOF."""
+    """``ssh host cat LOG`` (the device log payload, see bench.world.device_log) into a tmpfs file; MB/s from
+    the first byte to EOF."""
     dest = world.local / f"down-{host}.bin"
     deadline = time.monotonic() + timeout
-    proc = _spawn(world, ["ssh", "-F", str(world.ssh_config), host, f"cat {world.blob}"],
+    proc = _spawn(world, ["ssh", "-F", str(world.ssh_config), host, f"cat {world.log_blob}"],
                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     fd = proc.stdout.fileno()
     _big_pipe(fd)
@@ -147,7 +148,7 @@ def bulk_download(world: "BenchWorld", host: str, timeout: float) -> Sample:
     try:
         if rc != 0:
             return _failed(rc, err, f"download via {host}")
-        bad = _check_file(dest, world.blob_size, world.blob_sha)
+        bad = _check_file(dest, world.blob_size, world.log_sha)
         if bad:
             return Sample(False, error=f"download via {host}: {bad}")
         return Sample(True, n / (end - first) / 1e6, extra={"seconds": end - first})

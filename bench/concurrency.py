@@ -65,8 +65,8 @@ def _spec(world: "BenchWorld", path: str, sessions: int, duration_s: float, inte
         spec.update(port=world.device_port, user=world.account)
     elif path == "proxyjump":
         spec.update(port=world.device_port, user=world.account, jump_port=world.jump_port, jump_user=world.account)
-    else:
-        spec.update(port=world.brokers[path].port, user="alice@ct-01")
+    else:  # a medbroker path or the bare relay
+        spec.update(port=world.brokers[path].port, user=world.brokers[path].user)
     return spec
 
 

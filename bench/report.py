@@ -1,4 +1,5 @@
-"""Summaries of a bench result and the RESULTS.md tables (absolute numbers, ratios to ProxyJump, targets).
+"""Summaries of a bench result and the RESULTS.md tables (absolute numbers, the product overhead over the bare
+asyncssh relay, ratios to ProxyJump, targets).
 
 ``python -m bench.report bench/results/X.json`` regenerates bench/RESULTS.md from a stored result.
 """
@@ -28,9 +29,9 @@ METRICS: dict[str, tuple[str, str, bool]] = {
 # medbroker only: a new session's keystrokes right after a bulk download session closed, and after settling
 INTERFERENCE = {"keystroke_after_bulk": "right after a bulk download closed (broker still finishing it)",
                 "keystroke_after_bulk_settled": "after the broker went idle again"}
-MAIN_PATHS = ("direct", "proxyjump", "proxyjump-gcm", "medbroker")
+MAIN_PATHS = ("direct", "proxyjump", "proxyjump-gcm", "bare", "medbroker")
 LABELS = {"direct": "direct", "proxyjump": "ProxyJump", "proxyjump-gcm": "ProxyJump AES-GCM",
-          "medbroker": "medbroker", "medbroker-tmpfs": "medbroker, recordings on tmpfs",
+          "bare": "bare asyncssh relay", "medbroker": "medbroker", "medbroker-tmpfs": "medbroker, recordings on tmpfs",
           "medbroker-2w": "medbroker, 2 worker processes"}
 MiB = 1 << 20
 
@@ -95,7 +96,7 @@ def _med(table: dict, metric: str, path: str) -> float | None:
 def _ratios(table: dict) -> dict:
     out: dict = {}
     for metric in table:
-        for ref in ("proxyjump", "proxyjump-gcm", "direct"):
+        for ref in ("proxyjump", "proxyjump-gcm", "direct", "bare"):
             r = _med(table, metric, ref)
             for path in table[metric]:
                 m = _med(table, metric, path)
@@ -218,7 +219,8 @@ def render_markdown(result: dict, summary: dict, json_name: str, link_dir: str =
         f"{' + uncommitted changes in broker/ or sessions/' if result['product']['dirty'] else ''}; broker started with "
         f"{result['product']['launcher']} as its own process; recordings strict + encrypted (defaults)",
         _code_line(result),
-        f"- payload: {plan['blob_mib']} MiB of random bytes on the device's tmpfs, sha256-checked after every transfer; "
+        f"- payload: {plan['blob_mib']} MiB on the device's tmpfs, sha256-checked after every transfer: "
+        f"{result['world'].get('payload', 'random bytes')}; "
         f"keystrokes: {plan['keys_per_round']} per path per round, {plan['key_gap_ms']} ms apart; setup: "
         f"{plan['setups_per_round']} per path per round",
         f"- other load on the machine (not this bench) during the rounds: "
@@ -227,25 +229,79 @@ def render_markdown(result: dict, summary: dict, json_name: str, link_dir: str =
         "Cells: median (min–max) over rounds; setup over all runs. MB/s = 10^6 bytes/s. Ratios are medbroker's "
         "median over the reference path's median from the same run.",
         "",
-        "| metric | " + " | ".join(LABELS[p] for p in MAIN_PATHS) + " | medbroker ÷ ProxyJump | medbroker ÷ ProxyJump AES-GCM |",
-        "|---|" + "---|" * (len(MAIN_PATHS) + 2),
+        *_overhead_section(result, summary),
+        "| metric | " + " | ".join(LABELS[p] for p in MAIN_PATHS)
+        + " | medbroker ÷ bare relay | medbroker ÷ ProxyJump | medbroker ÷ ProxyJump AES-GCM |",
+        "|---|" + "---|" * (len(MAIN_PATHS) + 3),
     ]
     for metric, row in summary["table"].items():
         label, unit, _ = METRICS[metric]
         ratio = summary["ratios"].get(metric, {}).get("medbroker", {})
-        r1, r2 = ratio.get("proxyjump"), ratio.get("proxyjump-gcm")
-        lines.append(f"| {label} [{unit}] | " + " | ".join(_cell(row.get(p), unit) for p in MAIN_PATHS)
-                     + f" | {'-' if r1 is None else f'{r1:.2f}x'} | {'-' if r2 is None else f'{r2:.2f}x'} |")
+        lines.append(f"| {label} [{unit}] | " + " | ".join(_cell(row.get(p), unit) for p in MAIN_PATHS) + " | "
+                     + " | ".join(_x(ratio.get(ref)) for ref in ("bare", "proxyjump", "proxyjump-gcm")) + " |")
     noise = summary.get("other_load", {})
     if noise:
         lines.append("| other load on the machine while measuring [% of a core] | "
                      + " | ".join(f"{noise[p]['median']:.0f} ({noise[p]['min']:.0f}–{noise[p]['max']:.0f})" if p in noise
-                                  else "-" for p in MAIN_PATHS) + " | | |")
+                                  else "-" for p in MAIN_PATHS) + " | | | |")
     lines += ["", "## Targets", "", "| target | measured | met? |", "|---|---|---|"]
     lines += [f"| {row['target']} | {row['measured']} | {_verdict(row['met'])} |" for row in summary["targets"]]
     lines += _keystroke_section(summary) + _interference_section(result) + _concurrency_section(result) + _recording_section(result, summary)
     lines += _profile_section(result, link_dir) + _errors_section(summary, result)
     return "\n".join(lines) + "\n"
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _overhead_section(result: dict, summary: dict) -> list[str]:
+    """The headline: medbroker ÷ the bare asyncssh relay per metric (what the product costs over asyncssh itself),
+    beside the relay's own ratio to ProxyJump AES-GCM (what the engine costs) and medbroker's ProxyJump ratios."""
+    t, r = summary["table"], summary["ratios"]
+    rows = []
+    for metric, (label, unit, _) in METRICS.items():
+        bare, med = _med(t, metric, "bare"), _med(t, metric, "medbroker")
+        if bare is None:
+            continue
+        delta = f" {med - bare:+.2f} ms" if unit == "ms" and bare is not None and med is not None else ""
+        rows.append(f"| {label} [{unit}] | {_fmt(bare, unit)} | {_fmt(med, unit)} | "
+                    f"**{_x(r.get(metric, {}).get('medbroker', {}).get('bare'))}**{delta} | "
+                    f"{_x(r.get(metric, {}).get('bare', {}).get('proxyjump-gcm'))} | "
+                    f"{_x(r.get(metric, {}).get('medbroker', {}).get('proxyjump'))} | "
+                    f"{_x(r.get(metric, {}).get('medbroker', {}).get('proxyjump-gcm'))} |")
+    cpu = summary["broker_cpu"]
+    for metric in ("bulk_download", "bulk_upload", "sftp_get", "sftp_put"):
+        b, m = (cpu.get(metric, {}).get(p) for p in ("bare", "medbroker"))
+        if b and m:
+            rows.append(f"| {METRICS[metric][0].split(' (')[0]}: relay CPU during the transfer [s/GiB] | "
+                        f"{b['median']:.2f} | {m['median']:.2f} | **{_x(m['median'] / b['median'])}** | | | |")
+    per_key = {p: spread([s["extra"]["broker_cpu_s"] * 1e6 / len(s["extra"]["rtt_ms"]) for s in result["samples"]
+                          if s["path"] == p and s["metric"] == "keystroke" and s["ok"] and "broker_cpu_s" in s["extra"]])
+               for p in ("bare", "medbroker")}
+    if per_key["bare"] and per_key["medbroker"]:
+        b, m = per_key["bare"].median, per_key["medbroker"].median
+        rows.append(f"| keystrokes, one session: relay CPU per keystroke, its setup included [µs] | {b:.0f} | {m:.0f} | "
+                    f"**{_x(m / b if b else None)}** | | | |")
+    by = {(c["path"], c["sessions"]): c for c in result.get("concurrency", []) if "loadgen" in c}
+    for n in sorted(n for path, n in by if path == "bare" and ("medbroker", n) in by):
+        bare, med = by[("bare", n)], by[("medbroker", n)]
+        for q in ("50", "99"):
+            b, m = bare["loadgen"]["rtt_ms"][q], med["loadgen"]["rtt_ms"][q]
+            rows.append(f"| {n} sessions typing: keystroke p{q} [ms] | {_fmt(b, 'ms')} | {_fmt(m, 'ms')} | "
+                        f"**{_x(m / b if b else None)}** {m - b:+.2f} ms | | | |")
+        b, m = bare.get("broker_cpu_us_per_key"), med.get("broker_cpu_us_per_key")
+        if b and m:
+            rows.append(f"| {n} sessions typing: relay CPU per keystroke [µs] | {b:.0f} | {m:.0f} | **{_x(m / b)}** | | | |")
+    if not rows:
+        return []
+    return ["## Product overhead: medbroker ÷ bare asyncssh relay (same run)", "",
+            "The bare relay (`bench/bare_relay.py`) is asyncssh with the broker's algorithms and loop, forwarding "
+            "PTY, exec and SFTP with a raw append-only recording of both directions and no policy: the ratio is "
+            "what the product itself costs over asyncssh. MB/s: below 1.00x is slower than the relay; ms and µs: "
+            "above 1.00x is slower. \"bare ÷ ProxyJump AES-GCM\" is what asyncssh costs next to OpenSSH.", "",
+            "| metric | bare relay | medbroker | medbroker ÷ bare relay | bare ÷ ProxyJump AES-GCM | "
+            "medbroker ÷ ProxyJump | medbroker ÷ ProxyJump AES-GCM |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _code_line(result: dict) -> str:
@@ -299,6 +355,7 @@ def _concurrency_section(result: dict) -> list[str]:
         return []
     out = ["", "## Concurrency: N interactive sessions, one key per session every "
            f"{rows[0].get('interval_s', 0.1) * 1000:.0f} ms (asyncssh load generator in its own process)", "",
+           "On the bare relay's row the broker columns are the relay process's.", "",
            "| path | sessions | open | errors | keys | p50 ms | p99 ms | p99.9 ms | max ms | broker CPU % of a core | "
            "broker CPU µs/key | broker RSS idle → loaded MiB | RSS/session KiB | broker threads | device sshd+cat CPU % | device PSS/session KiB | "
            "load gen CPU % (loop lag p99 ms) | other load % |",
@@ -368,6 +425,8 @@ PROFILE_PARTS = {
     "sftp": "during SFTP get and put (through the broker's SFTP guard)",
     "after_session": "after each bulk session closed (work the broker does once the client has gone)",
     "interactive": "during interactive load (N sessions typing)",
+    "bare_bulk": "the bare asyncssh relay during the same bulk exec transfers (the reference: asyncssh's own time)",
+    "bare_sftp": "the bare asyncssh relay during the same SFTP get and put",
 }
 
 
@@ -399,6 +458,7 @@ def _boring(frame: str) -> bool:
     return frame.startswith(("Thread._bootstrap", "Thread.run", "_worker (concurrent", "<module>", "main (broker/cli",
                              "Typer", "TyperGroup", "Command.", "Context.invoke", "get_callback", "BrokerGroup",
                              "_main (typer", "run (uvloop", "serve (broker", "run_server (broker", "Runner.run",
+                             "_run_module_as_main", "_run_code", "main (bench/bare_relay", "serve (bench/bare_relay",
                              "_WorkItem.run"))
 
 

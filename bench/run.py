@@ -1,4 +1,5 @@
-"""``python -m bench``: direct vs ProxyJump vs ProxyJump AES-GCM vs medbroker, interleaved, in one run.
+"""``python -m bench``: direct vs ProxyJump vs ProxyJump AES-GCM vs the bare asyncssh relay vs medbroker,
+interleaved, in one run.
 
 Phases: interleaved rounds (bulk exec, SFTP, scp, keystrokes, setup), concurrency levels (load generator
 process), then a py-spy profile of the broker. Writes ``bench/results/<date>-<mode>.json`` and regenerates
@@ -54,11 +55,12 @@ class Plan:
 
 
 QUICK = Plan("quick", blob_mib=32, rounds=2, keys_per_round=100, key_gap_ms=5, setups_per_round=2, levels=(50,),
-             load_duration_s=8, load_interval_ms=100, load_paths=("direct", "medbroker"), profile_transfers=1,
+             load_duration_s=8, load_interval_ms=100, load_paths=("direct", "bare", "medbroker"), profile_transfers=1,
              profile_sessions=0, settle_max_s=120)
 FULL = Plan("full", blob_mib=256, rounds=5, keys_per_round=500, key_gap_ms=5, setups_per_round=4,
             levels=(50, 200, 500), load_duration_s=30, load_interval_ms=100,
-            load_paths=("direct", "proxyjump", "medbroker", "medbroker-2w"), profile_transfers=2, profile_sessions=200,
+            load_paths=("direct", "proxyjump", "bare", "medbroker", "medbroker-2w"), profile_transfers=2,
+            profile_sessions=200,
             settle_max_s=600)
 
 
@@ -166,7 +168,7 @@ def _show(rec: dict) -> str:
 
 def run_rounds(world: BenchWorld, plan: Plan, result: dict) -> None:
     """Round-robin over paths for every metric; the starting path rotates each round."""
-    paths = [p for p in ("direct", "proxyjump", "proxyjump-gcm", "medbroker")]
+    paths = [p for p in ("direct", "proxyjump", "proxyjump-gcm", "bare", "medbroker")]
     metrics = [m for g in plan.only if g in GROUPS for m in GROUPS[g]]
     metrics = [m for m in ROUND_METRICS if m in metrics]
     for rnd in range(1, plan.rounds + 1):
@@ -236,22 +238,36 @@ def run_interference(world: BenchWorld, plan: Plan, result: dict) -> None:
 
 def run_profile(world: BenchWorld, plan: Plan, result: dict, out_dir: Path, stamp: str) -> None:
     """py-spy on a fresh broker: during bulk exec and SFTP transfers, during the after-session work, and under
-    interactive load. Each part is its own py-spy run, so settling between transfers is not mixed in."""
+    interactive load. Each part is its own py-spy run, so settling between transfers is not mixed in. The bare
+    relay is profiled during the same transfers ("bare_bulk", "bare_sftp"): where asyncssh's own time goes."""
     b = world.brokers["medbroker"]
     b.restart()
     _settle(world, plan.settle_max_s)
-    files: dict[str, list[Path]] = {"bulk": [], "sftp": [], "after_session": [], "interactive": []}
+    files: dict[str, list[Path]] = {"bulk": [], "sftp": [], "after_session": [], "interactive": [], "bare_bulk": [],
+                                    "bare_sftp": []}
     errors, workload = [], []
     timeout = 60 + plan.blob_mib * 1.5
-    runs = (("bulk", "bulk_download", lambda: clients.bulk_download(world, "medbroker", timeout)),
-            ("bulk", "bulk_upload", lambda: clients.bulk_upload(world, "medbroker", timeout)),
-            ("sftp", "sftp_get", lambda: clients.sftp_transfer(world, "medbroker", "get", timeout)),
-            ("sftp", "sftp_put", lambda: clients.sftp_transfer(world, "medbroker", "put", timeout)))
+    runs = (("bulk", "bulk_download", lambda p: clients.bulk_download(world, p, timeout)),
+            ("bulk", "bulk_upload", lambda p: clients.bulk_upload(world, p, timeout)),
+            ("sftp", "sftp_get", lambda p: clients.sftp_transfer(world, p, "get", timeout)),
+            ("sftp", "sftp_put", lambda p: clients.sftp_transfer(world, p, "put", timeout)))
+    bare = world.brokers.get("bare")
     for i in range(plan.profile_transfers):
         for part, metric, fn in runs:
+            if bare is not None:
+                _settle(world, plan.settle_max_s)
+                spy = Spy(bare.pid, out_dir / f"profile-{stamp}-bare_{part}-{metric}-{i}.txt")
+                if spy.start():
+                    s = fn("bare")
+                    workload.append({"path": "bare", "metric": metric, "ok": s.ok, "value": s.value,
+                                     "error": s.error or s.refused})
+                spy.stop()
+                files[f"bare_{part}"].append(spy.out)
+                errors += [spy.error] if spy.error else []
+            _settle(world, plan.settle_max_s)
             spy = Spy(b.pid, out_dir / f"profile-{stamp}-{part}-{metric}-{i}.txt")
             if spy.start():
-                s = fn()
+                s = fn("medbroker")
                 workload.append({"metric": metric, "ok": s.ok, "value": s.value, "error": s.error or s.refused})
             spy.stop()
             files[part].append(spy.out)
@@ -313,8 +329,9 @@ def _parse(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--setups", type=int, help="setup runs per path per round (full: 4, i.e. 20 in 5 rounds)")
     p.add_argument("--levels", help="concurrency levels, e.g. 50,200,500")
     p.add_argument("--load-duration", type=float, help="seconds of typing per concurrency level (full: 30)")
-    p.add_argument("--load-paths", help="paths for the concurrency phase, e.g. direct,proxyjump,medbroker,medbroker-2w "
-                                        "(medbroker-2w: the same broker with listen.workers = 2)")
+    p.add_argument("--load-paths", help="paths for the concurrency phase, e.g. direct,proxyjump,bare,medbroker,medbroker-2w "
+                                        "(bare: the bare asyncssh relay; medbroker-2w: the same broker with "
+                                        "listen.workers = 2)")
     p.add_argument("--only", help="phases: bulk,sftp,scp,keys,setup,load,interference,profile (default: all)")
     p.add_argument("--wait-quiet", type=float, default=0,
                    help="first wait up to this many seconds for the 1-minute load average to drop below --quiet-load")
@@ -332,7 +349,7 @@ def _parse(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
     if a.only:
         changes["only"] = tuple(x for x in a.only.split(",") if x)
     unknown = set(changes.get("only", ())) - set(GROUPS) - {"load", "interference", "profile"}
-    if unknown or set(changes.get("load_paths", ())) - {"direct", "proxyjump", "medbroker", "medbroker-2w"}:
+    if unknown or set(changes.get("load_paths", ())) - {"direct", "proxyjump", "bare", "medbroker", "medbroker-2w"}:
         p.error(f"unknown phase or load path: {sorted(unknown) or changes.get('load_paths')}")
     return replace(plan, **changes), a
 
@@ -376,7 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         result["world"] = {"recordings_tmpfs": world.rec_tmpfs_reason, "notes": world.notes,
                            "device_account": world.account, "device_data": str(world.data),
                            "device_sshd_port": world.device_port, "jump_sshd_port": world.jump_port,
-                           "broker_banner": world.brokers["medbroker"].banner}
+                           "broker_banner": world.brokers["medbroker"].banner,
+                           "payload": "a synthetic device log for exec downloads (medbroker's output scanner reads "
+                                      "it all; random bytes would hit its 64 KiB opaque-output budget), random "
+                                      "bytes (firmware-like) for uploads, SFTP and scp"}
         _log(f"device sshd :{world.device_port}, jump sshd :{world.jump_port}, brokers "
              + ", ".join(f"{b.name} :{b.port}" for b in world.brokers.values()) + f" ({world.launcher_label})")
         for path in ("direct", "proxyjump", "proxyjump-gcm", *world.brokers):  # warm-up, not recorded

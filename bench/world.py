@@ -1,4 +1,5 @@
-"""The bench world: a real sshd device, a plain sshd jump host, medbroker brokers as separate processes.
+"""The bench world: a real sshd device, a plain sshd jump host, medbroker brokers and the bare asyncssh relay
+(bench/bare_relay.py) as separate processes.
 
 Everything listens on 127.0.0.1 only. ``BenchWorld.close()`` stops every process the world started (by
 pid) and removes its files and tmpfs mounts, also after a failure or Ctrl-C.
@@ -10,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -21,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BenchWorld", "BrokerProc", "BenchSetupError", "PATHS", "DEVICE_ACCOUNT", "code_fingerprint"]
+__all__ = ["BenchWorld", "BrokerProc", "BareRelayProc", "BenchSetupError", "PATHS", "DEVICE_ACCOUNT", "code_fingerprint"]
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -29,8 +31,9 @@ DEVICE_ACCOUNT = "mbbench"
 DEVICE_ACCOUNT_HOME = "/var/lib/medbroker-bench"
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server")
 # ssh_config Host aliases; "medbroker-tmpfs" is the same broker code with recordings on tmpfs, "medbroker-2w"
-# the same home config with [listen] workers = 2 (a supervisor and two worker processes on one port).
-PATHS = ("direct", "proxyjump", "proxyjump-gcm", "medbroker", "medbroker-tmpfs", "medbroker-2w")
+# the same home config with [listen] workers = 2 (a supervisor and two worker processes on one port); "bare" the
+# bare asyncssh relay (bench/bare_relay.py: what asyncssh itself costs, the reference for the product's overhead).
+PATHS = ("direct", "proxyjump", "proxyjump-gcm", "bare", "medbroker", "medbroker-tmpfs", "medbroker-2w")
 MULTI_WORKER = {"medbroker-2w": 2}  # broker path -> listen.workers
 GCM = "aes128-gcm@openssh.com"
 
@@ -149,6 +152,8 @@ class BrokerProc:
     launcher: list[str]
     workers: int = 1
     """listen.workers: > 1 means this process is a supervisor and the workers are its children."""
+    user: str = "alice@ct-01"
+    """The login the clients use (medbroker's routing syntax: vendor@device)."""
     proc: subprocess.Popen | None = None
     banner: str = ""
     log: Path = field(init=False)
@@ -168,10 +173,7 @@ class BrokerProc:
 
         :raises BenchSetupError: it exits or does not answer
         """
-        if self.launcher[-1].endswith("serve.py"):
-            argv = self.launcher + ["--home", str(self.home), "--listen", f"127.0.0.1:{self.port}"]
-        else:
-            argv = self.launcher + ["--home", str(self.home), "serve", "--listen", f"127.0.0.1:{self.port}"]
+        argv = self.argv()
         self.code_versions.append((time.strftime("%H:%M:%S"), code_fingerprint()))
         log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
@@ -182,6 +184,11 @@ class BrokerProc:
         if self.workers > 1:  # the first worker answers the banner; measure only once every worker accepts
             _wait_log(self.log, log_start, b"medbroker listening on", self.proc, f"broker {self.name}")
 
+    def argv(self) -> list[str]:
+        if self.launcher[-1].endswith("serve.py"):
+            return self.launcher + ["--home", str(self.home), "--listen", f"127.0.0.1:{self.port}"]
+        return self.launcher + ["--home", str(self.home), "serve", "--listen", f"127.0.0.1:{self.port}"]
+
     def stop(self) -> None:
         """SIGTERM (the broker ends sessions and flushes recordings), then SIGKILL after 30 s."""
         _stop(self.proc, timeout=30)
@@ -191,15 +198,27 @@ class BrokerProc:
         self.stop()
         self.start(extra, env)
 
+    recording_glob = "*.mbr"
+
     def clear_recordings(self, older_than_s: float = 3.0) -> None:
         """Delete finished recordings (not touched for a while) so tmpfs and disk do not fill up."""
         now = time.time()
-        for p in self.recordings.glob("*.mbr"):
+        for p in self.recordings.glob(self.recording_glob):
             try:
                 if now - p.stat().st_mtime > older_than_s:
                     p.unlink()
             except OSError:
                 pass
+
+
+class BareRelayProc(BrokerProc):
+    """The bare asyncssh relay (bench/bare_relay.py) in its own process; ``launcher`` is its whole argv but
+    ``--listen``. Its recordings (raw, one file per channel) go to disk next to medbroker's."""
+
+    recording_glob = "*.raw"
+
+    def argv(self) -> list[str]:
+        return self.launcher + ["--listen", f"127.0.0.1:{self.port}"]
 
 
 def _wait_log(log: Path, offset: int, needle: bytes, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
@@ -221,6 +240,38 @@ def _raise_nofile() -> None:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+_DAEMONS = ("gantryd", "tubectl", "recon", "detector", "coolant", "dosemon", "netcfg", "updater", "couch", "hvgen")
+_EVENTS = ("rotation {a}.{b:02d} s/rev, slip ring ok", "tube {a} kV {b} mA, anode {c} C", "frame {d:08d} crc {e:08x} ok",
+           "detector temp {a}.{b} C, fan {c} rpm", "dose index {a}.{b:02d} mGy, limit {c} mGy",
+           "link eth0 up {c} Mb/s, rx {d} tx {e}", "queue depth {a}, job {d:08d} done in {b} ms",
+           "warning: coolant flow {a}.{b} l/min below {c}", "self-test step {a}/{c} passed ({b} ms)",
+           "error E-{c:04d} cleared by service key")
+
+
+def device_log(size: int, block: int = 8 << 20):
+    """``size`` bytes of a synthetic device service log (timestamped daemon lines, numbers, short hex), yielded in
+    blocks; 8 MiB of distinct lines, repeated with the date changed so generation stays fast (seeded: the same
+    bytes in every run).
+
+    Exec downloads use it, not random bytes: medbroker's output scanner ends a session after 64 KiB of output
+    it cannot inspect (``[policy] max_opaque_output``), which is what `cat` of a firmware image through a shell
+    should get. Log files are what vendors read through exec; they pass the scanner's full inspection (no
+    findings, no opaque bytes), so the bench measures the product with every guard on, at its defaults.
+    """
+    rng, lines, n, t = random.Random(16), [], 0, 0.0
+    while n < min(size, block):
+        t += rng.random() * 0.02
+        ev = rng.choice(_EVENTS).format(a=rng.randrange(100), b=rng.randrange(100), c=rng.randrange(10000),
+                                        d=rng.randrange(10**8), e=rng.getrandbits(32))
+        line = (f"2026-12-07T{int(t // 3600) % 24:02d}:{int(t // 60) % 60:02d}:{t % 60:09.6f}Z ct-01 "
+                f"{rng.choice(_DAEMONS)}[{rng.randrange(100, 9999)}]: {ev}\n")
+        lines.append(line)
+        n += len(line)
+    body = "".join(lines).encode()[:block]
+    for i, off in enumerate(range(0, size, block)):
+        yield body.replace(b"2026-12-07T", f"2026-{1 + i // 28 % 12:02d}-{1 + i % 28:02d}T".encode())[:size - off]
 
 
 class BenchWorld:
@@ -373,6 +424,24 @@ class BenchWorld:
             b.host_pub = host_pub  # type: ignore[attr-defined]
             self.brokers[name] = b
             b.start()
+        self._bare_relay()
+
+    def _bare_relay(self) -> None:
+        """The bare asyncssh relay: logs in to the device with the broker's device key, recordings on disk."""
+        home = self.root / "bare" / "home"
+        recordings = home / "recordings"
+        recordings.mkdir(parents=True)
+        host_pub = _keygen(home / "host_ed25519", "bare relay host key")
+        (home / "authorized_keys").write_text(self.client_pub + "\n")
+        (home / "device_host.pub").write_text(self.device_host_pub + "\n")
+        argv = [sys.executable, "-m", "bench.bare_relay", "--host-key", str(home / "host_ed25519"),
+                "--authorized-keys", str(home / "authorized_keys"), "--device", f"127.0.0.1:{self.device_port}",
+                "--device-user", self.account, "--device-key", str(self.broker_key),
+                "--device-host-key", str(home / "device_host.pub"), "--recordings", str(recordings)]
+        b = BareRelayProc("bare", home, _free_port(), recordings, argv, user=self.account)
+        b.host_pub = host_pub  # type: ignore[attr-defined]
+        self.brokers["bare"] = b
+        b.start()
 
     def _recordings_tmpfs(self) -> Path | None:
         """A tmpfs for the second broker's recordings: our own mount as root, else /dev/shm, else none."""
@@ -413,7 +482,7 @@ class BenchWorld:
             host("proxyjump-gcm", self.device_port, self.account, "ProxyJump jump-gcm", f"Ciphers {GCM}"),
         ]
         for b in self.brokers.values():
-            parts.append(host(b.name, b.port, "alice@ct-01"))
+            parts.append(host(b.name, b.port, b.user))
         parts.append("\n  ".join([
             "Host *", f"IdentityFile {self.client_key}", "IdentitiesOnly yes", "IdentityAgent none",
             f"UserKnownHostsFile {kh}", "GlobalKnownHostsFile /dev/null", "StrictHostKeyChecking yes",
@@ -427,8 +496,17 @@ class BenchWorld:
         self.client_env = env
 
     def _blob(self) -> None:
-        """The bulk payload: random bytes on the device's tmpfs, and its sha256."""
+        """The payloads on the device's tmpfs, with their sha256: ``blob`` (random bytes, like a firmware image:
+        exec uploads, SFTP and scp both ways) and ``log`` (a device log: exec downloads). See :func:`device_log`."""
         assert self.data is not None
+        self.log_blob = self.data / "device.log"
+        h = hashlib.sha256()
+        with open(self.log_blob, "wb") as fh:
+            for block in device_log(self.blob_size):
+                h.update(block)
+                fh.write(block)
+        os.chmod(self.log_blob, 0o644)
+        self.log_sha = h.hexdigest()
         self.blob = self.data / "blob.bin"
         h = hashlib.sha256()
         chunk = 4 << 20

@@ -54,7 +54,8 @@ EVENTS: dict[str, str] = {
     "session.warning": "a vendor was warned that the window is ending",
     "session.killed": "security staff ended a live session",
     "session.expired": "a session ended because its window ended",
-    "session.sealed": "an interrupted recording was sealed at startup",
+    "session.sealed": "an interrupted recording was sealed and its session marked incomplete: at startup, when a "
+                      "worker died, or by a surviving node when its node died (node, by)",
     "session.stopped": "a live session ended because what it was opened with was withdrawn (user disabled, login "
                        "key removed, role changed, device removed)",
     "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem; protocol = tls: a TLS "
@@ -108,6 +109,15 @@ EVENTS: dict[str, str] = {
     "broker.worker.stopped": "a worker process stopped cleanly (its live sessions ended first)",
     "broker.worker.failed": "a worker process ended unexpectedly (exit status or signal); the supervisor "
                             "sealed its live recordings and starts a new worker",
+    "cluster.node.joined": "a broker node joined the cluster (registered its id, host, pid, address and version; "
+                           "previous: how its last run ended)",
+    "cluster.node.stopped": "a broker node left the cluster on a clean shutdown (its leases released)",
+    "cluster.node.dead": "a surviving node declared a node dead: no heartbeat for longer than [cluster] dead_after "
+                         "(its live sessions are recovered next)",
+    "cluster.node.fenced": "a node found it had been declared dead by another node and exited at once, leaving the "
+                           "sessions that node sealed alone",
+    "cluster.sessions.recovered": "a surviving node sealed the live sessions of a dead node and marked them "
+                                  "incomplete (per session: final hash and where it was sealed from)",
 }
 
 _HASHED = ("id", "at", "event", "actor", "user_name", "device", "session_id", "grant_id", "request_id",

@@ -9,6 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from broker.commands import audit as audit_cmds
+from broker.commands import cluster as cluster_cmds
 from broker.commands import devices as device_cmds
 from broker.commands import grants as grant_cmds
 from broker.commands import home as home_cmds
@@ -111,6 +112,7 @@ app.add_typer(retention_cmds.app, name="retention")
 app.add_typer(audit_cmds.app, name="audit")
 app.add_typer(keys_cmds.app, name="keys")
 app.add_typer(service_cmds.app, name="service")
+app.add_typer(cluster_cmds.app, name="cluster")
 app.command("backup")(service_cmds.backup)
 app.command("restore")(service_cmds.restore)
 app.command("ssh-config")(sshconfig_cmds.ssh_config)

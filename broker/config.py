@@ -25,6 +25,7 @@ __all__ = [
     "MetricsConfig",
     "DisplayConfig",
     "DirectoryConfig",
+    "ClusterConfig",
     "RetentionConfig",
     "WebConfig",
     "SiemConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "parse_duration",
     "format_duration",
     "parse_listen",
+    "parse_node_id",
     "parse_startups",
     "parse_syslog_address",
     "DEFAULT_CONFIG_TOML",
@@ -371,6 +373,33 @@ class MetricsConfig:
     """/readyz fails when the recordings volume has less free space than this (MiB)."""
 
 
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", re.ASCII)
+
+
+def parse_node_id(text: str) -> str:
+    """A cluster node id (``[cluster] node_id``, ``serve --node-id``): 1-253 ASCII letters, digits, '.', '_',
+    '-', starting with a letter or digit (a host name fits).
+
+    :raises UsageError: anything else
+    """
+    if not isinstance(text, str) or not _NODE_ID.fullmatch(text):
+        raise UsageError(f"node id {text!r} is not 1-253 letters, digits, '.', '_' or '-' starting with a letter or "
+                         "digit", 'e.g. node_id = "broker-a" (or "" for this machine\'s host name)')
+    return text
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several broker nodes sharing one database (broker/nodes.py, docs/ha.md "Nodes")."""
+
+    node_id: str = ""
+    """This node's id in the ``nodes`` table and on its sessions; "" = this machine's host name."""
+    heartbeat: str = "1s"
+    """How often this node writes its heartbeat."""
+    dead_after: str = "10s"
+    """A node silent this long is dead: a survivor seals its live sessions and marks them incomplete."""
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """The whole validated configuration; paths are relative to ``home`` unless absolute."""
@@ -389,6 +418,7 @@ class BrokerConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     display: DisplayConfig = field(default_factory=DisplayConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     _seconds: dict[tuple[str, str], int] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Durations parsed once: :func:`load_config` parses every one while it validates; a config made with
     ``replace()`` (e.g. ``with_web``) starts empty and parses each on first use."""
@@ -427,6 +457,13 @@ class BrokerConfig:
         parse_listen(address)
         return replace(self, listen=replace(self.listen, address=address))
 
+    def with_node_id(self, node_id: str) -> "BrokerConfig":
+        """A copy with another cluster node id (``serve --node-id``).
+
+        :raises UsageError: not a node id
+        """
+        return replace(self, cluster=replace(self.cluster, node_id=parse_node_id(node_id)))
+
     def with_web(self, address: str) -> "BrokerConfig":
         """A copy with the web console on ``address`` (``serve --web HOST:PORT``).
 
@@ -451,6 +488,7 @@ _SECTIONS = {
     "metrics": MetricsConfig,
     "display": DisplayConfig,
     "directory": DirectoryConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -506,6 +544,8 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         ("directory", "sync_interval"),
         ("directory", "timeout"),
         ("recording", "journal_timeout"),
+        ("cluster", "heartbeat"),
+        ("cluster", "dead_after"),
     ]
     for section, key in durations:
         try:
@@ -529,6 +569,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         except UsageError as exc:
             raise ConfigError(f"{source}: metrics.address: {exc.message}", exc.hint) from None
     _validate_directory(cfg.directory, source)
+    _validate_cluster(cfg, source)
     try:
         display_zone(cfg.display.timezone)
     except ValueError as exc:
@@ -700,6 +741,22 @@ def _validate_directory(d: DirectoryConfig, source: str) -> None:
     if not any((d.admin_group, d.security_group, d.approver_group, d.vendor_group)):
         raise ConfigError(f"{source}: [directory] maps no group to a role",
                           'set e.g. approver_group = "cn=MedBroker-Approvers,ou=groups,dc=hospital,dc=example"')
+
+
+def _validate_cluster(cfg: BrokerConfig, source: str) -> None:
+    if cfg.cluster.node_id:
+        try:
+            parse_node_id(cfg.cluster.node_id)
+        except UsageError as exc:
+            raise ConfigError(f"{source}: cluster.node_id: {exc.message}", exc.hint) from None
+    beat, dead = cfg.seconds("cluster", "heartbeat"), cfg.seconds("cluster", "dead_after")
+    if beat > 60:
+        raise ConfigError(f"{source}: cluster.heartbeat = {cfg.cluster.heartbeat!r} is longer than 60s",
+                          'a node that writes its heartbeat rarely is noticed late when it dies; e.g. "1s"')
+    if dead < 3 * beat:
+        raise ConfigError(f"{source}: cluster.dead_after = {cfg.cluster.dead_after!r} is shorter than three "
+                          f"heartbeats ({3 * beat}s)", "a node missing one or two heartbeats (a busy moment) must "
+                          'not be declared dead; e.g. heartbeat = "1s", dead_after = "10s"')
 
 
 def _validate_siem(siem: SiemConfig, source: str) -> None:
@@ -899,4 +956,9 @@ timeout = "5s"
 
 [display]                         # how times are shown to people (JSON output stays UTC)
 timezone = ""                     # IANA name, e.g. "Asia/Shanghai" or "UTC"; "" = this host's zone
+
+[cluster]                         # several nodes sharing one database (docs/ha.md "Nodes")
+node_id = ""                      # this node's id ("" = the host name; `serve --node-id` overrides)
+heartbeat = "1s"                  # how often this node writes its heartbeat
+dead_after = "10s"                # silent this long = dead: a survivor seals its sessions (>= 3 heartbeats)
 """

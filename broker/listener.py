@@ -32,6 +32,7 @@ async def start_server(app: App, address: str, *, seal: bool = True,
         SO_REUSEPORT, leaves broker-wide duties to the supervisor and audits ``broker.worker.started``
     :raises UsageError: bad address
     :raises OSError: the port is taken
+    :raises BrokerError: another live process serves under this cluster node id
     """
     host, port = parse_listen(address)
     install_mfa_hook()  # key + TOTP (broker/mfa.py); when it cannot install, TOTP users are refused
@@ -53,6 +54,13 @@ async def start_server(app: App, address: str, *, seal: bool = True,
                                          **listen_options(app))
     broker.port = acceptor.sockets[0].getsockname()[1] if port == 0 else port
     broker.settings = broker.settings.with_port(broker.port)
+    if broker.duties:  # this process is its cluster node (a worker's supervisor is)
+        try:
+            await broker.join_cluster(f"{host}:{broker.port}")
+        except BaseException:
+            acceptor.close()
+            await acceptor.wait_closed()
+            raise
     await broker.refresh_recent()
     broker.start_control()
     balancers = {"proxy_protocol_from": list(app.config.listen.proxy_protocol_from)} if trust else {}
@@ -115,5 +123,6 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
     if broker.worker is not None:  # the supervisor signs the chain once every worker has stopped
         await broker.audit("broker.worker.stopped", pid=broker.pid, worker=broker.worker)
         return
+    await broker.leave_cluster()
     await broker.audit("broker.stopped", pid=broker.pid)
     await broker.write_checkpoint()  # the last rows of this run are signed too

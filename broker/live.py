@@ -30,7 +30,7 @@ from sessions.forward import ForwardRelay
 from sessions.relay import ChannelContext, RelaySession
 from sessions.sessionlog import session_log
 
-__all__ = ["LiveSession", "seal_interrupted_sessions"]
+__all__ = ["LiveSession", "INTERRUPTED_REASON", "process_alive", "seal_interrupted_sessions", "seal_orphaned_sessions"]
 
 log = logging.getLogger("medbroker.live")
 
@@ -121,7 +121,8 @@ class LiveSession(SessionForwards):
             await asyncio.shield(b.db(b.app.store.insert_session, {
                 "id": self.id, "user_name": self.user, "device": self.device.name, "grant_id": self.grant.id,
                 "source": self.who.source, "started_at": utc_iso(now), "status": "live",
-                "recording": self.recording_key, "broker_pid": b.pid, "last_activity_at": utc_iso(now),
+                "recording": self.recording_key, "broker_pid": b.pid, "node_id": b.node_id,
+                "last_activity_at": utc_iso(now),
                 "auth_key": self.who.key, "user_role": self.who.role, **self.who.via_fields(),
             }))
             self.upconn = await self._connect()
@@ -475,46 +476,90 @@ async def drop_journal(broker: SessionServices, session_id: str, *, force: bool 
         log.warning("cannot drop the journal rows of %s: %s", session_id, exc)
 
 
-async def seal_interrupted_sessions(broker: SessionServices) -> None:
-    """At startup: recordings of sessions whose broker process died are sealed and marked incomplete.
+INTERRUPTED_REASON = "broker stopped unexpectedly; recording sealed"
 
-    A recording file that is missing here but journaled (``[recording] journal``) is rebuilt from the journal
-    first (:func:`broker.journal.rebuild_from_journal`), so what was acknowledged is sealed.
-    """
+
+async def seal_interrupted_sessions(broker: SessionServices) -> None:
+    """At startup and when a worker died: this node's live sessions whose broker process is gone are sealed and
+    marked incomplete (sessions of other nodes are recovered when those nodes are dead: broker/nodes.py)."""
     app = broker.app
     rows = await broker.db(lambda: app.store.list_sessions(status="live"))
+    orphans = []
     for row in rows:
+        if row.get("node_id") not in (None, broker.node_id):
+            continue  # another node's: a process id means nothing here; its heartbeat decides (broker/nodes.py)
         pid = row["broker_pid"]
-        if pid and pid != os.getpid() and _alive(pid):
+        if pid and pid != os.getpid() and process_alive(pid):
             continue  # another worker still serves it
-        path = row["recording"]
-        rebuilt: dict[str, int] = {}
+        orphans.append(row)
+    await seal_orphaned_sessions(broker, orphans, INTERRUPTED_REASON)
+
+
+async def seal_orphaned_sessions(broker: SessionServices, rows: list[dict[str, Any]], reason: str,
+                                 **fields: Any) -> list[dict[str, Any]]:
+    """Seal the recordings of sessions whose broker is gone, mark them incomplete with ``reason``, index them.
+
+    One path for a crashed process of this node and for a dead node (broker/nodes.py). A recording is sealed
+    from its file when it is readable here (a torn tail dropped, an ``end`` frame appended), else rebuilt from
+    the recording journal when this broker has one; otherwise the session is marked incomplete without a
+    final hash. Each is audited ``session.sealed`` (with ``fields``, e.g. the dead node).
+
+    :returns: per session: ``id``, ``final_hash`` (None: nothing could be sealed) and ``sealed_from``
+        (``file``, ``journal`` or None)
+    """
+    app = broker.app
+    results = []
+    for row in rows:
+        key = row["recording"]
+        final_hash = signature = path = None
+        dropped, source = 0, None
         try:
-            path = app.recordings.local_path(row["recording"])
-            loop = asyncio.get_running_loop()
-            if not path.exists() and await broker.db(app.store.has_journal, row["id"]):
-                size = await loop.run_in_executor(None, rebuild_from_journal, app.store, row["id"], path)
-                log.warning("rebuilt %s from the recording journal (%d bytes)", path, size)
-                rebuilt["rebuilt_from_journal_bytes"] = size
+            path = app.recordings.local_path(key)
             # File I/O (a whole recording is read) on the default executor: the store thread keeps answering.
-            final_hash, dropped = await loop.run_in_executor(None, seal_recording, path)
-            signature = sign_final_hash(app.signing_key, final_hash)
-            app.recordings.sealed(row["recording"])
-            status = "incomplete"
+            final_hash, dropped = await asyncio.get_running_loop().run_in_executor(None, seal_recording, path)
+            source = "file"
         except (OSError, BrokerError) as exc:
-            final_hash, signature, dropped, status = None, None, 0, "incomplete"
-            log.warning("cannot seal %s: %s", path, exc)
+            log.warning("cannot seal %s from its file: %s", key, exc)
+            if path is not None and not path.exists():
+                final_hash, dropped, source = await _seal_from_journal(broker, row["id"], path)
+        if final_hash is not None:
+            signature = sign_final_hash(app.signing_key, final_hash)
+            app.recordings.sealed(key)
         now = utc_iso(app.clock.now())
         await broker.db(lambda: app.store.update_session(
-            row["id"], status=status, ended_at=now, end_reason="broker stopped unexpectedly; recording sealed",
-            final_hash=final_hash, signature=signature))
+            row["id"], status="incomplete", ended_at=now, end_reason=reason, final_hash=final_hash,
+            signature=signature))
         await broker.audit("session.sealed", user=row["user_name"], device=row["device"], session_id=row["id"],
-                           final_hash=final_hash, dropped_bytes=dropped, **rebuilt)
-        if final_hash:
+                           final_hash=final_hash, dropped_bytes=dropped, sealed_from=source, reason=reason, **fields)
+        if final_hash is not None:
             await drop_journal(broker, row["id"], force=True)
+        if final_hash is not None and path is not None:
+            await index_session(broker, row["id"], path)
+        results.append({"id": row["id"], "final_hash": final_hash, "sealed_from": source})
+    return results
 
 
-def _alive(pid: int) -> bool:
+async def _seal_from_journal(broker: SessionServices, session_id: str, dest: Path) -> tuple[str | None, int, str | None]:
+    """Rebuild a recording that is not on this machine from the recording journal
+    (:func:`broker.journal.rebuild_from_journal`), then seal it: what was acknowledged is sealed. No journal rows:
+    ``(None, 0, None)``, the session is marked incomplete without a hash."""
+    store = broker.app.store
+    try:
+        if not await broker.db(store.has_journal, session_id):
+            return None, 0, None
+        loop = asyncio.get_running_loop()
+        # File I/O on the default executor: the store thread keeps answering (the store is safe across threads).
+        size = await loop.run_in_executor(None, rebuild_from_journal, store, session_id, dest)
+        log.warning("rebuilt %s from the recording journal (%d bytes)", dest, size)
+        final_hash, dropped = await loop.run_in_executor(None, seal_recording, dest)
+        return final_hash, dropped, "journal"
+    except (OSError, BrokerError) as exc:
+        log.warning("cannot rebuild %s from the journal: %s", session_id, exc)
+        return None, 0, None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a pid names a process only here)."""
     try:
         os.kill(pid, 0)
         return True

@@ -32,7 +32,9 @@ from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.startups import Admission, StartupGate, StartupPolicy
 from broker.channels import SessionPolicy
+from broker.cluster import node_id_of
 from broker.live import LiveSession, seal_interrupted_sessions
+from broker.nodes import Node
 from broker.live_forwards import open_forward
 from broker.session_context import SessionIdentity, SessionSettings, VendorLogin
 from sessions.policy import load_protected_paths
@@ -59,12 +61,12 @@ VENDOR_ALGORITHMS: dict[str, list[str]] = {
                        "rsa-sha2-512", "rsa-sha2-256"],
 }
 MAX_KEY_TRIES = 6  # distinct keys per connection (OpenSSH's MaxAuthTries default)
-EXPIRY_TICKS = 60  # control-loop ticks (0.5 s) between sweeps for expired requests
+EXPIRY_S = 30.0  # between sweeps for expired pending requests (a cluster-wide duty)
 MAX_CODE_TRIES = 3  # verification codes per connection (each wrong one also counts toward the lockout)
 CODE_PROMPT = "Verification code: "
 STOP_POLL_S = 0.25  # how often the control loop looks for sessions to end: revoke/kill/disable reach them in < 1 s
 RECENT_TICKS = 60  # control-loop ticks between refreshes of recently successful addresses (other workers' logins)
-CHECKPOINT_TICKS = 600  # a signed audit checkpoint 0.5 s after start, then every 5 minutes (600 ticks of 0.5 s)
+CHECKPOINT_S = 300.0  # a signed audit checkpoint at start, then every 5 minutes (a cluster-wide duty)
 # What a vendor reads when asking for agent or X11 forwarding on a session channel (sessions/chanreq.py).
 REFUSED_REQUESTS = {
     AGENT: "agent forwarding (ssh -A) is not available through medbroker: the device must never reach your "
@@ -81,8 +83,10 @@ class Broker:
     """Process-wide state: the app, live sessions, connection counters, the control loop.
 
     ``worker`` is this process's index under a supervisor (``listen.workers > 1``, broker/workers.py), or None
-    for a broker that runs alone. Only a broker that is not a worker has ``duties``: the broker-wide periodic
-    work (signed audit checkpoints, expiring pending requests), which must run in exactly one process.
+    for a broker that runs alone. Only a broker that is not a worker has ``duties``: it is its node in the
+    cluster (``node``, broker/nodes.py: joined by ``join_cluster``) and runs the cluster-wide periodic work
+    (signed audit checkpoints, expiring pending requests, directory sync) under leases, so that exactly one
+    node of the cluster does each.
     """
 
     def __init__(self, app: App, *, open_jump: JumpOpener, port: int = 2222, worker: int | None = None) -> None:
@@ -97,14 +101,13 @@ class Broker:
         self.limit_audited: dict[str, float] = {}  # source -> loop time of its last audited cap refusal
         self.gate = StartupGate(StartupPolicy.from_config(app.config))  # pre-auth slots (finding 9)
         self.pid = os.getpid()
+        self.node_id = node_id_of(app.config)  # sessions rows carry it; workers get their supervisor's
+        self.node: Node | None = None  # set by join_cluster (the process with duties)
         self._control: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
         self.starting_sessions: dict[str, tuple[LiveSession, asyncio.Future]] = {}  # the same, by session id
         self.stopping = False  # set by stop_server: no new device session starts after it
-        # [directory]: control-loop ticks (0.5 s) between re-reads of every directory user (0 = no directory)
-        self.directory_ticks = max(1, app.config.seconds("directory", "sync_interval") * 2) \
-            if app.config.directory.url else 0
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
@@ -143,6 +146,27 @@ class Broker:
         self.spawn(self.audit(event, **fields))
 
     # ---------------------------------------------------------------- control loop
+    async def join_cluster(self, address: str) -> Node:
+        """Join the cluster as this broker's node and hand it the cluster-wide duties (the process with duties).
+
+        :raises BrokerError: another live process serves under this node id
+        """
+        node = Node(self, node_id=self.node_id, address=address, pid=self.pid)
+        node.add_duty("audit.checkpoint", CHECKPOINT_S, self.write_checkpoint)
+        node.add_duty("requests.expire", EXPIRY_S, lambda: self.db(
+            lambda: expire_requests(self.app.store, self.app.audit, self.app.clock.now())))
+        if self.app.config.directory.url:  # [directory]: re-read every directory user
+            node.add_duty("directory.sync", self.app.config.seconds("directory", "sync_interval"),
+                          lambda: run_directory_sync(self.app, self.db))
+        await node.join()
+        self.node = node
+        return node
+
+    async def leave_cluster(self) -> None:
+        """A clean shutdown: this node is stopped, its leases released."""
+        if self.node is not None:
+            await self.node.leave()
+
     def start_control(self) -> None:
         self._control = asyncio.get_running_loop().create_task(self._control_loop())
 
@@ -155,22 +179,17 @@ class Broker:
                 pass
 
     async def _control_loop(self) -> None:
-        """Every 0.25 s: end this process's sessions that were killed, revoked or withdrawn (from any process).
-        Every 0.5 s tick: with ``duties``, also checkpoint the audit chain and expire pending requests."""
+        """Every 0.25 s: end this process's sessions that were killed, revoked or withdrawn (from any process or
+        node), and let the node (the process with duties) heartbeat and run the cluster-wide duties that are due."""
         tick = beat = 0
         while True:
             await asyncio.sleep(STOP_POLL_S)
             beat += 1
             new_tick = beat % 2 == 0
+            if self.node is not None:
+                self.node.tick()  # heartbeat, dead nodes, duties under leases: each in its own task
             if new_tick:
                 tick += 1
-                if self.duties and tick % CHECKPOINT_TICKS == 1:
-                    self.spawn(self.write_checkpoint())
-                if self.duties and tick % EXPIRY_TICKS == 1:  # pending requests past their TTL expire (audited)
-                    self.spawn(self.db(lambda: expire_requests(self.app.store, self.app.audit,
-                                                               self.app.clock.now())))
-                if self.duties and self.directory_ticks and tick % self.directory_ticks == 1:  # [directory] sync
-                    self.spawn(run_directory_sync(self.app, self.db))
                 if tick % RECENT_TICKS == 0:
                     self.spawn(self.refresh_recent())
                 if self.connections:
@@ -178,7 +197,8 @@ class Broker:
             if not self.live and not self.starting_sessions:
                 continue
             try:
-                rows = await self.db(self.app.store.sessions_to_stop, self.pid, utc_iso(self.app.clock.now()))
+                rows = await self.db(self.app.store.sessions_to_stop, self.pid, utc_iso(self.app.clock.now()),
+                                     self.node_id)
                 for row in rows:
                     if row["id"] in self.starting_sessions:  # still connecting to the device: never starts
                         self._abort_start(row)

@@ -113,6 +113,7 @@ class SessionServices(Protocol):
     app: "App"  # config, store, keys, clock, signing key of this broker home
     settings: SessionSettings
     pid: int
+    node_id: str  # the cluster node this process belongs to (broker/nodes.py); sessions rows carry it
     default_protected: tuple[Any, ...]  # the broker-wide protected paths (sessions/policy.py)
     live: dict[str, Any]  # this process's running sessions by id: a session adds itself once started
 

@@ -39,7 +39,8 @@ _SEVERITY = {
     "alert.exfiltration": 2, "device.hostkey.mismatch": 2,
     "recording.failed": 3,
     "auth.lockout": 4, "session.killed": 4, "grant.revoked": 4, "device.unreachable": 4,
-    "retention.below_floor": 4, "notify.failed": 4,
+    "retention.below_floor": 4, "notify.failed": 4, "cluster.node.dead": 4, "cluster.node.fenced": 3,
+    "cluster.sessions.recovered": 4,
 }
 _WARNING_SUFFIXES = (".denied", ".refused", ".failure", ".failed", ".mismatch")
 

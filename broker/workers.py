@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from broker.app import App
+from broker.cluster import node_id_of
 from broker.service import sd_notify
 from broker.config import parse_listen
 from broker.errors import BrokerError, ConfigError
@@ -115,7 +116,7 @@ def worker_command(app: App, address: str, workers: int, index: int, log_level: 
     """argv and environment that start worker ``index`` of this supervisor (``medbroker serve --worker-of``)."""
     argv = [sys.executable, "-m", "broker.cli", "--home", str(Path(app.home).resolve()), "serve",
             "--listen", address, "--workers", str(workers), "--log-level", log_level,
-            "--worker-of", f"{os.getpid()}:{index}"]
+            "--worker-of", f"{os.getpid()}:{index}", "--node-id", node_id_of(app.config)]
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parent.parent)  # the workers import this same code
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -307,6 +308,9 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
     web, metrics, started = None, None, False
     try:
         await broker.seal_interrupted()  # once, before any worker serves
+        node = await broker.join_cluster(sup.address)  # this process is the node: heartbeat, duties, dead nodes
+        exit_now = node.fence
+        node.fence = lambda: _fence(sup, exit_now)  # a fenced node's workers die with it, without a clean end
         broker.start_control()  # checkpoints and request expiry: this process only
         starting = loop.create_task(sup.start_all())
         stopped = loop.create_task(stop.wait())
@@ -347,6 +351,7 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
             pending = [t for t in broker.tasks if not t.done()]
             if pending:
                 await asyncio.wait(pending, timeout=10)
+            await broker.leave_cluster()
             if started:
                 await broker.audit("broker.stopped", pid=broker.pid, workers=sup.count)
             await broker.write_checkpoint()  # signs every worker's last rows too
@@ -354,6 +359,16 @@ async def supervise(app: App, address: str, *, on_ready: Callable[[int], None] |
             sup.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+
+def _fence(sup: Supervisor, exit_now: Callable[[], None]) -> None:
+    """This node was declared dead by a survivor that sealed its sessions: SIGKILL every worker (a SIGTERM would
+    end their sessions cleanly and write over what the survivor recorded), then exit."""
+    for slot in sup.slots:
+        if slot.proc is not None and slot.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                slot.proc.kill()
+    exit_now()
 
 
 def _die_with_parent() -> None:

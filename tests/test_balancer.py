@@ -40,6 +40,9 @@ login_timeout = "5s"
 [limits]
 max_auth_failures = 3
 max_connections_per_address = 2
+[cluster]
+heartbeat = "1s"
+dead_after = "3s"
 """
 
 
@@ -94,7 +97,7 @@ class Cluster:
         web = []
         if self.web_ports is not None:
             web = ["--web", f"127.0.0.1:{self.web_ports.setdefault(name, free_port())}"]
-        self.nodes[name] = Serve(self.home, port, self.tmp / f"{name}.log", *web)
+        self.nodes[name] = Serve(self.home, port, self.tmp / f"{name}.log", "--node-id", name, *web)
         return self.nodes[name]
 
     @property
@@ -283,12 +286,15 @@ def test_a_killed_node_is_marked_down_and_the_vendor_continues_on_the_survivor(t
         replay = c.cli("replay", second["id"], "--instant")
         assert replay.returncode == 0 and b"continued" in replay.stdout, replay.stderr.decode()
 
-        c.start_node(victim)  # back: it seals what its previous life left live, and HAProxy takes it again
-        c.haproxy.wait_state({victim: "UP"}, timeout=15)
-        sealed = poll(lambda: [s for s in c.sessions() if s["id"] == live[0]["id"] and s["status"] == "incomplete"])
-        assert sealed
+        # The survivor declares the silent node dead (dead_after 3 s) and seals its session from the shared home
+        sealed = poll(lambda: [s for s in c.sessions() if s["id"] == live[0]["id"] and s["status"] == "incomplete"],
+                      timeout=15)
+        assert sealed and f"recording sealed by node {survivor}" in sealed[0]["end_reason"], sealed
         before = c.cli("replay", live[0]["id"], "--instant")  # what the vendor saw before the kill is evidence
         assert before.returncode == 0 and b"started" in before.stdout, before.stderr.decode()
+
+        c.start_node(victim)  # back under its id, and HAProxy takes it again
+        c.haproxy.wait_state({victim: "UP"}, timeout=15)
         verify = c.cli("audit", "verify")
         assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
         print(f"kill -9: the vendor's next session ran {back_s:.2f} s after it; HAProxy marked the node DOWN after "
@@ -318,7 +324,10 @@ def test_a_stuck_node_goes_down_when_haproxy_checks_readiness(tmp_path: Path) ->
             assert second and second[0]["broker_pid"] == pids[survivor] and second[0]["source"] == "127.0.0.5"
         finally:
             os.kill(pids[victim], signal.SIGCONT)
-        c.haproxy.wait_state({victim: "UP"}, timeout=20)
+        # Stopped longer than [cluster] dead_after, it was declared dead; awake, it fences itself (docs/ha.md,
+        # "Nodes") and HAProxy keeps it out
+        assert c.nodes[victim].proc.wait(20) == 75
+        assert c.haproxy.states()[victim].startswith("DOWN")
         print(f"SIGSTOP: HAProxy's /readyz check marked the node DOWN after {took:.2f} s")
     finally:
         c.close()

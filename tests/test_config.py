@@ -165,6 +165,7 @@ NON_DEFAULT = {
                   "security_group": '"cn=s,dc=h"', "approver_group": '"cn=p,dc=h"', "vendor_group": '"cn=v,dc=h"',
                   "ssh_key_attribute": '"sshPublicKey"', "company_attribute": '"company"', "sync_interval": '"1m"',
                   "timeout": '"3s"'},
+    "cluster": {"node_id": '"broker-a.site_1"', "heartbeat": '"2s"', "dead_after": '"30s"'},
 }
 # A [directory] needs url, user_base and a group together.
 _DIRECTORY_BASE = {"url": '"ldap://127.0.0.1:389"', "user_base": '"ou=people,dc=h"', "approver_group": '"cn=p,dc=h"'}
@@ -288,6 +289,16 @@ def test_wrong_types_name_the_key_and_the_value(tmp_path: Path, text: str, needl
         ('[listen]\nproxy_protocol_from = ["127.0.0.1:8404"]\n', "is not an IP address or network"),
         ('[listen]\nproxy_protocol_from = "127.0.0.1"\n', "listen.proxy_protocol_from must be a list of strings"),
         ("[listen]\nproxy_protocol_from = [2130706433]\n", "listen.proxy_protocol_from must be a list of strings"),
+        ('[cluster]\nnode_id = "-a"\n', "cluster.node_id: node id '-a' is not 1-253 letters"),
+        ('[cluster]\nnode_id = "a b"\n', "cluster.node_id: node id 'a b' is not"),
+        ('[cluster]\nnode_id = "a/b"\n', "cluster.node_id: node id 'a/b' is not"),
+        ('[cluster]\nnode_id = "n\u00e9"\n', "cluster.node_id: node id 'n\u00e9' is not"),
+        ("[cluster]\nnode_id = \"" + "a" * 254 + "\"\n", "cluster.node_id: node id"),
+        ('[cluster]\nheartbeat = "2m"\n', "cluster.heartbeat = '2m' is longer than 60s"),
+        ('[cluster]\ndead_after = "2s"\n', "cluster.dead_after = '2s' is shorter than three heartbeats (3s)"),
+        ('[cluster]\nheartbeat = "5s"\ndead_after = "10s"\n', "cluster.dead_after = '10s' is shorter than three"),
+        ('[cluster]\nheartbeat = "0s"\n', "cluster.heartbeat"),
+        ('[cluster]\ndead_after = "soon"\n', "cluster.dead_after"),
     ],
 )
 def test_out_of_range_values(tmp_path: Path, text: str, needle: str) -> None:
@@ -298,6 +309,7 @@ DURATION_KEYS = [
     ("listen", "login_timeout"), ("listen", "keepalive_interval"), ("grants", "max_duration"),
     ("grants", "request_ttl"), ("upstream", "connect_timeout"), ("upstream", "keepalive_interval"),
     ("limits", "failure_window"), ("limits", "lockout"), ("recording", "journal_timeout"),
+    ("cluster", "heartbeat"), ("cluster", "dead_after"),
 ]
 
 

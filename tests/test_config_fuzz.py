@@ -222,12 +222,17 @@ def valid_documents(draw) -> dict[str, dict[str, object]]:
             continue
         if (section, key) in (("limits", "penalty_min"), ("limits", "penalty_max")):
             continue  # min <= max: drawn together below
+        if section == "cluster":
+            continue  # dead_after >= 3 heartbeats, heartbeat <= 60s: drawn together below
         if draw(st.booleans()):
             doc.setdefault(section, {})[key] = draw(GOOD_DURATION)
     limits = doc.setdefault("limits", {})
     if draw(st.booleans()):
         low, high = sorted(draw(st.lists(st.integers(1, 3600), min_size=2, max_size=2)))
         limits["penalty_min"], limits["penalty_max"] = f"{low}s", f"{high}s"
+    if draw(st.booleans()):
+        beat = draw(st.integers(1, 60))
+        doc["cluster"] = {"heartbeat": f"{beat}s", "dead_after": f"{draw(st.integers(3 * beat, 86400))}s"}
     for key in ("max_auth_failures", "max_unauthenticated", "max_connections_per_address",
                 "max_channels_per_connection"):
         if draw(st.booleans()):

@@ -11,7 +11,7 @@ import typer
 from broker.app import check_home, init_home
 from broker.service import sd_notify
 from broker.config import parse_listen
-from broker.errors import ConfigError, StorageError
+from broker.errors import ConfigError, StorageError, UsageError
 from broker.identity import parse_public_key
 from broker.commands.common import JSON_HELP, emit_json, print_fields, safe, say, state
 
@@ -84,6 +84,10 @@ def serve(
         "--workers", min=1, max=64, metavar="N",
         help="Broker processes accepting on the port (default: listen.workers in broker.toml, normally 1). "
              "With more than 1 this process supervises them.")] = None,
+    node_id: Annotated[str | None, typer.Option(
+        "--node-id", metavar="ID",
+        help="This node's id in a cluster of brokers sharing one database (default: cluster.node_id in "
+             "broker.toml, else the host name).")] = None,
     worker_of: Annotated[str | None, typer.Option(
         "--worker-of", hidden=True, help="Internal: run as worker INDEX of the supervisor SUPERVISOR_PID.",
         metavar="SUPERVISOR_PID:INDEX")] = None,
@@ -97,6 +101,11 @@ def serve(
     parse_listen(address)
     if workers is not None:
         app.config = replace(app.config, listen=replace(app.config.listen, workers=workers))
+    if node_id is not None:
+        try:
+            app.config = app.config.with_node_id(node_id)
+        except UsageError as exc:
+            raise typer.BadParameter(exc.message, param_hint="--node-id") from None
     if web:
         app.config = app.config.with_web(web)  # run_server starts the console when web.address is set
     from broker.serve import run_server, run_worker  # lazily: the CLI works without the SSH stack loaded

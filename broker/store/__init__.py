@@ -5,7 +5,8 @@ nothing, so a PostgreSQL store can implement the same methods later.
 
 One front, :class:`Store`, over a package split by concern: ``schema.py`` (the numbered migrations),
 ``base.py`` (the connection, its lock, transactions, queries, the store thread) and one module of queries
-per area (``users``, ``devices``, ``grants``, ``sessions``, ``audit``, ``search``, ``web``, ``journal``).
+per area (``users``, ``devices``, ``grants``, ``sessions``, ``audit``, ``search``, ``web``, ``journal``,
+``cluster``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlite_utils import Database
 from broker.errors import StorageError
 from broker.store.audit import AuditQueries
 from broker.store.base import dumps
+from broker.store.cluster import ClusterQueries
 from broker.store.devices import DeviceQueries
 from broker.store.grants import GrantQueries
 from broker.store.journal import JournalQueries
@@ -31,7 +33,7 @@ __all__ = ["Store", "MIGRATIONS", "open_store", "dumps"]
 
 
 class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries,
-            JournalQueries):
+            JournalQueries, ClusterQueries):
     """Synchronous access to the broker database.
 
     Async code calls :meth:`run`, which serialises every call on one worker thread.

@@ -7,7 +7,8 @@ __all__ = ["MIGRATIONS"]
 # Numbered migrations, applied in order and never edited once landed. Numbers are reserved per
 # feature so parallel work does not collide: 2 staff toolkit (search, commands), 3 web console,
 # 4 front-door security (MFA, checkpoints), 5 file guard, 7 containment and grant shell modes, 8 session
-# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump, 19 recording journal (issue 13).
+# lifecycle (issue 11), 15 operations (directory users), 17 ProxyJump, 18-21 HA (issue 13: 18 PostgreSQL store,
+# 19 recording journal, 20 cluster nodes, 21 archive).
 MIGRATIONS: dict[int, str | list[str]] = {
     # 1: the vertical slice
     1: """
@@ -264,5 +265,29 @@ MIGRATIONS: dict[int, str | list[str]] = {
             data BLOB NOT NULL,
             PRIMARY KEY (session_id, seq)
         )""",
+    ],
+    # 20: cluster nodes (issue 13 item 4): each `medbroker serve` node, its heartbeat and end (stopped cleanly,
+    # or declared dead by a survivor); leases that let exactly one node run a cluster-wide duty or recovery;
+    # the node that serves each session
+    20: [
+        """CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            address TEXT NOT NULL,
+            version TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            heartbeat_at TEXT NOT NULL,
+            stopped_at TEXT,
+            dead_at TEXT,
+            dead_by TEXT
+        )""",
+        """CREATE TABLE duty_leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            expires_at TEXT NOT NULL
+        )""",
+        "ALTER TABLE sessions ADD COLUMN node_id TEXT",
+        "CREATE INDEX sessions_node_status ON sessions(node_id, status)",
     ],
 }

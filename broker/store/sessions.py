@@ -74,10 +74,12 @@ class SessionQueries(StoreBase):
                 out.setdefault(row["session_id"], {"commands": 0, "sources": None, "first": None})["files"] = row["n"]
         return out
 
-    def sessions_to_stop(self, pid: int, now: str) -> list[dict[str, Any]]:
+    def sessions_to_stop(self, pid: int, now: str, node_id: str | None = None) -> list[dict[str, Any]]:
         """Live sessions of this broker process that must end: killed, grant revoked, or the people and
         things they were authorised with changed (user disabled or gone, login key removed, role changed,
-        device removed). ``user_disabled``/``key_gone``/``role_now``/``device_gone`` say which."""
+        device removed). ``user_disabled``/``key_gone``/``role_now``/``device_gone`` say which.
+
+        :param node_id: this process's cluster node: a process id names a process only on its own machine"""
         return self.query(
             "SELECT s.id, s.user_name, s.device, s.user_role, s.auth_key, s.kill_reason, s.kill_requested_by, "
             "s.kill_requested_at, g.revoked_at, g.revoked_by, g.revoke_reason, "
@@ -88,11 +90,13 @@ class SessionQueries(StoreBase):
             "LEFT JOIN users u ON u.name = s.user_name "
             "LEFT JOIN user_keys k ON k.user_name = s.user_name AND k.fingerprint = s.auth_key "
             "LEFT JOIN devices d ON d.name = s.device "
-            "WHERE s.status = 'live' AND s.broker_pid = ? AND (s.kill_requested_at IS NOT NULL "
+            "WHERE s.status = 'live' AND s.broker_pid = ? "
+            + ("AND (s.node_id = ? OR s.node_id IS NULL) " if node_id is not None else "") +
+            "AND (s.kill_requested_at IS NOT NULL "
             "OR g.revoked_at IS NOT NULL OR u.name IS NULL OR u.disabled != 0 "
             "OR (s.auth_key IS NOT NULL AND k.id IS NULL) "
             "OR (s.user_role IS NOT NULL AND u.role IS NOT s.user_role) OR d.name IS NULL)",
-            (pid,),
+            (pid, node_id) if node_id is not None else (pid,),
         )
 
     def insert_transfer(self, row: dict[str, Any]) -> None:
