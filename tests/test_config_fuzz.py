@@ -224,6 +224,10 @@ def valid_documents(draw) -> dict[str, dict[str, object]]:
             continue  # min <= max: drawn together below
         if section == "cluster":
             continue  # dead_after >= 3 heartbeats, heartbeat <= 60s: drawn together below
+        if (section, key) == ("recording", "journal_timeout"):
+            if draw(st.booleans()):  # 1s to 5m (broker/config.py)
+                doc.setdefault(section, {})[key] = f"{draw(st.integers(1, 300))}s"
+            continue
         if draw(st.booleans()):
             doc.setdefault(section, {})[key] = draw(GOOD_DURATION)
     limits = doc.setdefault("limits", {})
