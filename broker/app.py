@@ -13,13 +13,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
-from broker.config import DEFAULT_CONFIG_TOML, BrokerConfig, load_config
+from broker.config import DEFAULT_CONFIG_TOML, BrokerConfig, load_config, parse_archive_url, parse_size
 from broker.errors import BrokerError, ConfigError, StorageError
 from broker.forwards import ProtectedPorts, load_protected_ports
 from broker.grants import GrantRules
-from broker.keys import FileKeyProvider, generate_host_key, generate_signing_key, load_signing_key, verify_hex
+from broker.keys import FileKeyProvider, Secret, generate_host_key, generate_signing_key, load_signing_key, verify_hex
 from broker.siem import JsonLinesSink, build_sinks
 from broker.store import Store, open_store
+from sessions.archived import ArchivedRecordingStore
+from sessions.objectstore import ObjectStore
 from sessions.storage import LocalRecordingStore, RecordingStore
 
 __all__ = ["App", "init_home", "open_app", "check_home", "CheckResult", "ALERT_EVENTS", "default_policy_file"]
@@ -47,6 +49,7 @@ class App:
     _ports: ProtectedPorts | None = field(default=None, init=False, repr=False)
     _alerts: JsonLinesSink | None = field(default=None, init=False, repr=False)
     _journal_store: Store | None = field(default=None, init=False, repr=False)
+    _archived: ArchivedRecordingStore | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.audit = AuditLog(self.store, self.clock, [self._alert_sink])
@@ -76,8 +79,17 @@ class App:
 
     @property
     def recordings(self) -> RecordingStore:
-        """Where this home's recordings live (``recording.dir``); rows name them by key through it."""
-        return LocalRecordingStore(self.config.recordings_dir)
+        """Where this home's recordings live (``recording.dir``; with [archive] also the object store, which
+        readers reach through the same interface); rows name them by key through it.
+
+        :raises ConfigError: [archive] is on and a key file cannot be read
+        """
+        local = LocalRecordingStore(self.config.recordings_dir)
+        if not self.config.archive.url:
+            return local
+        if self._archived is None:
+            self._archived = _archived_store(self.config, local, self.store)
+        return self._archived
 
     @property
     def journal_store(self) -> Store:
@@ -125,6 +137,32 @@ class App:
             self._journal_store.close()
             self._journal_store = None
         self.store.close()
+
+
+def _archived_store(cfg: BrokerConfig, local: LocalRecordingStore, store: Store | None) -> ArchivedRecordingStore:
+    """The local directory backed by the [archive] bucket (keys read from their files, held as Secrets)."""
+    a = cfg.archive
+    keys: dict[str, Secret[str]] = {}
+    for name in ("access_key_file", "secret_key_file"):
+        path = cfg.path(getattr(a, name))
+        try:
+            keys[name] = Secret(path.read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"archive.{name}: cannot read {path} ({getattr(exc, 'strerror', None) or exc})",
+                              "create the file with the key on one line (chmod 600), or fix the path") from None
+        if not keys[name].reveal():
+            raise ConfigError(f"archive.{name}: {path} is empty", "put the key on one line in it")
+    bucket, prefix = parse_archive_url(a.url)
+    objects = ObjectStore(bucket=bucket, prefix=prefix, endpoint=a.endpoint, region=a.region,
+                          access_key=keys["access_key_file"].reveal(), secret_key=keys["secret_key_file"].reveal(),
+                          timeout=float(cfg.seconds("archive", "timeout")))
+
+    def replaced(key: str, sha256: str, size: int) -> None:
+        if store is not None:
+            store.set_archive_checksum(key, sha256=sha256, size=size)
+
+    return ArchivedRecordingStore(local, objects, cfg.home / "archive-cache", part_size=parse_size(a.part_size),
+                                  on_replaced=replaced)
 
 
 def init_home(home: Path, *, clock: Clock | None = None) -> App:
@@ -221,6 +259,8 @@ def check_home(home: Path) -> list[CheckResult]:
     rec = cfg.recordings_dir
     results.append(_check_recordings(rec))
     policy = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file else default_policy_file()
+    if cfg.archive.url:
+        results.append(_check_archive(cfg))
     results.append(CheckResult("policy", policy.exists(), str(policy) if policy.exists() else f"{policy} is missing"))
     if policy.exists():
         try:
@@ -230,6 +270,22 @@ def check_home(home: Path) -> list[CheckResult]:
         except ConfigError as exc:
             results.append(CheckResult("forward ports", False, str(exc)))
     return results
+
+
+def _check_archive(cfg: BrokerConfig) -> CheckResult:
+    """[archive]: the key files are readable and private, and the bucket answers a listing with them."""
+    secret = cfg.path(cfg.archive.secret_key_file)
+    try:
+        if secret.stat().st_mode & 0o077:
+            return CheckResult("archive", False, f"{secret} is readable by others; run: chmod 600 {secret}")
+        objects = _archived_store(cfg, LocalRecordingStore(cfg.recordings_dir), None).objects
+        found = objects.probe()
+    except OSError as exc:
+        return CheckResult("archive", False, f"archive.secret_key_file: cannot read {secret} ({exc.strerror})")
+    except BrokerError as exc:
+        return CheckResult("archive", False, str(exc))
+    return CheckResult("archive", True, f"{objects.url} at {objects.endpoint} ({found}{'+' if found >= 1000 else ''} "
+                                        "objects under the prefix)")
 
 
 def _check_recordings(rec: Path) -> CheckResult:

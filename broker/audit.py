@@ -87,10 +87,17 @@ EVENTS: dict[str, str] = {
     "recording.failed": "a recording could not be written",
     "recording.replayed": "someone replayed a recording",
     "recording.exported": "someone exported a recording",
+    "recording.archived": "a sealed recording was uploaded to the [archive] object store, read back and verified "
+                          "(key, url, bytes, sha256, parts, parts reused from an interrupted upload, local_removed)",
+    "recording.archive.failed": "archiving a recording failed (key, error); the next pass resumes the upload",
+    "recording.local_removed": "the local copy of an archived recording was removed (archive.delete_local_after); "
+                               "the object still verifies",
     "recording.watched": "someone watched a live session",
     "audit.checkpoint": "a signed checkpoint of the audit chain",
     "retention.applied": "recording payloads past retention were removed",
     "report.created": "a maintenance report was generated",
+    "evidence.exported": "someone exported an evidence bundle (sessions, sha256 of the file, whether recording "
+                         "keys were included)",
     "recording.searched": "someone searched the text of recorded sessions (query, filters, number of hits)",
     "retention.below_floor": "retention ran with a policy below the 180-day floor (explicit override)",
     "web.link.created": "a one-time web console sign-in link was issued over SSH",

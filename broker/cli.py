@@ -8,9 +8,11 @@ from typing import Annotated, Any, cast
 import typer
 from typer.core import TyperGroup
 
+from broker.commands import archive as archive_cmds
 from broker.commands import audit as audit_cmds
 from broker.commands import cluster as cluster_cmds
 from broker.commands import devices as device_cmds
+from broker.commands import evidence as evidence_cmds
 from broker.commands import grants as grant_cmds
 from broker.commands import home as home_cmds
 from broker.commands import keys as keys_cmds
@@ -110,6 +112,8 @@ search_cmds.register(session_cmds.app)
 report_cmds.register(app)
 app.add_typer(retention_cmds.app, name="retention")
 app.add_typer(audit_cmds.app, name="audit")
+app.add_typer(archive_cmds.app, name="archive")
+app.add_typer(evidence_cmds.app, name="evidence")
 app.add_typer(keys_cmds.app, name="keys")
 app.add_typer(service_cmds.app, name="service")
 app.add_typer(cluster_cmds.app, name="cluster")

@@ -82,8 +82,8 @@ def node_state(row: dict[str, Any], now: datetime, dead_after_s: float,
                      dead_by=row["dead_by"], live_sessions=live_sessions)
 
 
-def cluster_status(store: Any, now: datetime, dead_after_s: float) -> dict[str, Any]:
-    """Nodes, their live sessions, journal lag and archive backlog (None: not built into this broker).
+def cluster_status(store: Any, now: datetime, dead_after_s: float, *, archiving: bool = False) -> dict[str, Any]:
+    """Nodes, their live sessions, journal lag and archive backlog (None when ``archiving`` is off: [archive]).
 
     :param store: the broker's :class:`~broker.store.Store`
     """
@@ -99,6 +99,6 @@ def cluster_status(store: Any, now: datetime, dead_after_s: float) -> dict[str, 
         "sessions": sessions,
         "unassigned_sessions": [s["id"] for s in sessions if s["node_id"] not in known],
         "journal_lag": store.journal_lag(),
-        "archive_backlog": store.archive_backlog(),
+        "archive_backlog": store.archive_backlog() if archiving else None,
         "dead_after_s": dead_after_s,
     }

@@ -26,6 +26,9 @@ __all__ = [
     "DisplayConfig",
     "DirectoryConfig",
     "ClusterConfig",
+    "ArchiveConfig",
+    "parse_archive_url",
+    "parse_size",
     "RetentionConfig",
     "WebConfig",
     "SiemConfig",
@@ -355,6 +358,34 @@ class DirectoryConfig:
 
 
 @dataclass(frozen=True)
+class ArchiveConfig:
+    """Sealed recordings copied to S3-compatible object storage (broker/archive.py, docs/ha.md)."""
+
+    url: str = ""
+    """``s3://BUCKET/PREFIX``: where recordings go, each under PREFIX + its key ("" = no archive)."""
+    endpoint: str = ""
+    """``http(s)://HOST[:PORT]`` of the S3 API (Swift's s3api, Ceph RGW, ...); "" = AWS for ``region``."""
+    region: str = "us-east-1"
+    """The SigV4 signing region (S3-compatible servers mostly take us-east-1)."""
+    access_key_file: str = ""
+    """A file holding the access key id."""
+    secret_key_file: str = ""
+    """A file holding the secret access key (never logged; keep it 0600)."""
+    delete_local_after: str = "never"
+    """When the local copy of a verified archived recording is removed: "never" (false), "now" (true: right
+    after the upload is verified) or a duration after archiving, e.g. "7d"."""
+    part_size: str = "16MiB"
+    """Multipart upload part size, 5MiB-5GiB (S3's limits); a killed upload resumes at a part boundary."""
+    interval: str = "1m"
+    """How often ``medbroker serve`` archives what was sealed since (``medbroker archive run``: now)."""
+    timeout: str = "30s"
+    """Connect and read timeout of each request to the object store."""
+
+    _bool_too = ("delete_local_after",)
+    """Keys that also take TOML true/false (stored as "now"/"never")."""
+
+
+@dataclass(frozen=True)
 class DisplayConfig:
     """How times are shown to people (the CLI, the web console, reports, messages to vendors)."""
 
@@ -419,6 +450,7 @@ class BrokerConfig:
     display: DisplayConfig = field(default_factory=DisplayConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     _seconds: dict[tuple[str, str], int] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Durations parsed once: :func:`load_config` parses every one while it validates; a config made with
     ``replace()`` (e.g. ``with_web``) starts empty and parses each on first use."""
@@ -489,6 +521,7 @@ _SECTIONS = {
     "display": DisplayConfig,
     "directory": DirectoryConfig,
     "cluster": ClusterConfig,
+    "archive": ArchiveConfig,
 }
 
 
@@ -504,6 +537,8 @@ def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
                 f"known keys in [{name}]: {', '.join(sorted(known))}",
             )
         default = known[key].default
+        if isinstance(value, bool) and key in getattr(cls, "_bool_too", ()):
+            value = "now" if value else "never"
         if isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{source}: {name}.{key} must be a list of strings")
@@ -546,6 +581,8 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         ("recording", "journal_timeout"),
         ("cluster", "heartbeat"),
         ("cluster", "dead_after"),
+        ("archive", "interval"),
+        ("archive", "timeout"),
     ]
     for section, key in durations:
         try:
@@ -570,6 +607,7 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
             raise ConfigError(f"{source}: metrics.address: {exc.message}", exc.hint) from None
     _validate_directory(cfg.directory, source)
     _validate_cluster(cfg, source)
+    _validate_archive(cfg, source)
     try:
         display_zone(cfg.display.timezone)
     except ValueError as exc:
@@ -954,6 +992,17 @@ company_attribute = "o"
 sync_interval = "5m"              # re-read every directory user; disabled or removed ones lose access
 timeout = "5s"
 
+[archive]                         # sealed recordings copied to S3-compatible storage (docs/ha.md); url "" = off
+url = ""                          # "s3://BUCKET/PREFIX", e.g. "s3://medbroker-recordings/site-a/"
+endpoint = ""                     # "https://s3.hospital.example" (Swift s3api, Ceph RGW, ...); "" = AWS
+region = "us-east-1"              # SigV4 signing region
+access_key_file = ""              # file with the access key id
+secret_key_file = ""              # file with the secret key (chmod 600; never logged)
+delete_local_after = "never"      # "never" (false), "now" (true: once the upload is verified) or e.g. "7d"
+part_size = "16MiB"               # multipart part size, 5MiB-5GiB; a killed upload resumes at a part boundary
+interval = "1m"                   # how often `medbroker serve` archives newly sealed recordings
+timeout = "30s"                   # connect/read timeout per request to the object store
+
 [display]                         # how times are shown to people (JSON output stays UTC)
 timezone = ""                     # IANA name, e.g. "Asia/Shanghai" or "UTC"; "" = this host's zone
 
@@ -962,3 +1011,64 @@ node_id = ""                      # this node's id ("" = the host name; `serve -
 heartbeat = "1s"                  # how often this node writes its heartbeat
 dead_after = "10s"                # silent this long = dead: a survivor seals its sessions (>= 3 heartbeats)
 """
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", re.ASCII)
+
+
+def parse_archive_url(text: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> ``(bucket, prefix)``; the prefix is "" or ends with "/".
+
+    :raises UsageError: another scheme, a bucket name S3 does not allow, or a prefix with ``.``/``..`` parts,
+        a leading or doubled ``/``, a backslash or a control character
+    """
+    scheme, sep, rest = (text or "").partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if scheme != "s3" or not sep or not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise UsageError(f"archive url {text!r} is not s3://BUCKET/PREFIX",
+                         "BUCKET: 3-63 lower-case letters, digits, '.' and '-'; e.g. s3://medbroker-recordings/site-a/")
+    parts = prefix.rstrip("/").split("/") if prefix else []
+    if any(p in ("", ".", "..") for p in parts) or "\\" in prefix or len(prefix) > 512 \
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
+        raise UsageError(f"archive url {text!r}: the prefix must be plain names separated by single '/'",
+                         "e.g. s3://medbroker-recordings/site-a/ (or no prefix: s3://medbroker-recordings)")
+    return bucket, ("/".join(parts) + "/") if parts else ""
+
+
+def _validate_archive(cfg: BrokerConfig, source: str) -> None:
+    a = cfg.archive
+    if not a.url:
+        used = [f.name for f in fields(a) if getattr(a, f.name) != f.default and f.name != "url"]
+        if used:
+            raise ConfigError(f"{source}: archive.{used[0]} is set but archive.url is empty",
+                              'set url = "s3://BUCKET/PREFIX", or remove the [archive] settings')
+        return
+    try:
+        parse_archive_url(a.url)
+    except UsageError as exc:
+        raise ConfigError(f"{source}: archive.url: {exc.message}", exc.hint) from None
+    if a.endpoint and not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?/?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?/?",
+                                       a.endpoint):
+        raise ConfigError(f"{source}: archive.endpoint = {a.endpoint!r} is not http(s)://HOST[:PORT]",
+                          'e.g. endpoint = "https://s3.hospital.example" or "http://127.0.0.1:8080"; user names, '
+                          "passwords and paths do not belong in it (keys go in access_key_file/secret_key_file)")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9\-]{0,39}", a.region, re.ASCII):
+        raise ConfigError(f"{source}: archive.region = {a.region!r}; expected a region name such as us-east-1")
+    for key in ("access_key_file", "secret_key_file"):
+        if not getattr(a, key):
+            raise ConfigError(f"{source}: archive.{key} is empty",
+                              f"name a file holding the {'access key id' if key == 'access_key_file' else 'secret key'} "
+                              "(keys are never written into broker.toml)")
+    if a.delete_local_after not in ("never", "now"):
+        try:
+            cfg.seconds("archive", "delete_local_after")
+        except UsageError as exc:
+            raise ConfigError(f"{source}: {exc.message}",
+                              '"never" (false), "now" (true) or a duration after archiving such as "7d"') from None
+    try:
+        part = parse_size(a.part_size)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: archive.part_size = {a.part_size!r}; {exc}", 'e.g. part_size = "16MiB"') from None
+    if not 5 << 20 <= part <= 5 << 30:
+        raise ConfigError(f"{source}: archive.part_size = {a.part_size!r} is outside 5MiB-5GiB",
+                          "S3 refuses smaller parts (except the last) and larger ones; e.g. 16MiB")

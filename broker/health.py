@@ -111,6 +111,8 @@ class Health:
                 self._count("medbroker_delivery_failures_total", channel=str(details.get("channel", "?")))
             elif event == "recording.failed":
                 self._count("medbroker_recording_failures_total")
+            elif event == "recording.archived":
+                self._count("medbroker_archived_bytes_total", float(details.get("bytes") or 0))
 
     def render(self) -> bytes:
         """The Prometheus text exposition (blocking: run it on the store thread)."""
@@ -123,6 +125,7 @@ class Health:
             store = self.app.store
             live = store.list_sessions(status="live")
             pending = store.list_requests(status="pending")
+            archive = store.archive_backlog() if self.app.config.archive.url else None
         backlog = 0
         if self.broker is not None:
             for session in list(self.broker.live.values()):
@@ -146,6 +149,7 @@ class Health:
             "medbroker_scanner_detections_total": "Patient-data detections that ended a session, by content",
             "medbroker_delivery_failures_total": "Webhook/e-mail notifications that failed, by channel",
             "medbroker_recording_failures_total": "Recordings that failed while a session ran",
+            "medbroker_archived_bytes_total": "Recording bytes uploaded to the [archive] object store and verified",
         }
 
         class _Collector:
@@ -169,6 +173,11 @@ class Health:
                 yield g
                 yield GaugeMetricFamily("medbroker_requests_pending", "Access requests waiting for a decision",
                                         value=len(pending))
+                if archive is not None:
+                    yield GaugeMetricFamily("medbroker_archive_waiting", "Finished sessions whose recording is not "
+                                            "archived yet", value=archive["waiting"])
+                    yield GaugeMetricFamily("medbroker_archive_uploads", "Multipart uploads in progress or cut off "
+                                            "(resumed by the next pass)", value=archive["uploading"])
                 yield GaugeMetricFamily("medbroker_recording_backlog_bytes",
                                         "Recorded bytes queued but not yet written (this process)", value=backlog)
                 yield CounterMetricFamily("medbroker_recording_writes", "Batch writes of the recording writer "

@@ -464,11 +464,12 @@ async def index_session(broker: SessionServices, session_id: str, path: Path) ->
 
 
 async def drop_journal(broker: SessionServices, session_id: str, *, force: bool = False) -> None:
-    """The recording is sealed: its journal rows go, unless ``[recording] journal_keep`` (or, later, archiving
-    still needs them). Only with ``[recording] journal`` on, or ``force`` (rows a journaling broker left). A
+    """The recording is sealed: its journal rows go, unless ``[recording] journal_keep``, or ``[archive]`` is on
+    (then the archive pass drops them once the recording is archived and verified: any node can archive it from
+    the journal). Only with ``[recording] journal`` on, or ``force`` (rows a journaling broker left). A
     failure only leaves rows behind (logged), never fails the session."""
     rec = broker.app.config.recording
-    if rec.journal_keep or not (rec.journal or force):
+    if rec.journal_keep or broker.app.config.archive.url or not (rec.journal or force):
         return
     try:
         await broker.db(broker.app.store.drop_journal, session_id)
@@ -513,6 +514,7 @@ async def seal_orphaned_sessions(broker: SessionServices, rows: list[dict[str, A
         key = row["recording"]
         final_hash = signature = path = None
         dropped, source = 0, None
+        extra: dict[str, Any] = {}
         try:
             path = app.recordings.local_path(key)
             # File I/O (a whole recording is read) on the default executor: the store thread keeps answering.
@@ -521,7 +523,9 @@ async def seal_orphaned_sessions(broker: SessionServices, rows: list[dict[str, A
         except (OSError, BrokerError) as exc:
             log.warning("cannot seal %s from its file: %s", key, exc)
             if path is not None and not path.exists():
-                final_hash, dropped, source = await _seal_from_journal(broker, row["id"], path)
+                final_hash, dropped, source, rebuilt = await _seal_from_journal(broker, row["id"], path)
+                if source == "journal":
+                    extra["rebuilt_from_journal_bytes"] = rebuilt
         if final_hash is not None:
             signature = sign_final_hash(app.signing_key, final_hash)
             app.recordings.sealed(key)
@@ -530,7 +534,8 @@ async def seal_orphaned_sessions(broker: SessionServices, rows: list[dict[str, A
             row["id"], status="incomplete", ended_at=now, end_reason=reason, final_hash=final_hash,
             signature=signature))
         await broker.audit("session.sealed", user=row["user_name"], device=row["device"], session_id=row["id"],
-                           final_hash=final_hash, dropped_bytes=dropped, sealed_from=source, reason=reason, **fields)
+                           final_hash=final_hash, dropped_bytes=dropped, sealed_from=source, reason=reason, **extra,
+                           **fields)
         if final_hash is not None:
             await drop_journal(broker, row["id"], force=True)
         if final_hash is not None and path is not None:
@@ -539,23 +544,27 @@ async def seal_orphaned_sessions(broker: SessionServices, rows: list[dict[str, A
     return results
 
 
-async def _seal_from_journal(broker: SessionServices, session_id: str, dest: Path) -> tuple[str | None, int, str | None]:
+async def _seal_from_journal(broker: SessionServices, session_id: str,
+                             dest: Path) -> tuple[str | None, int, str | None, int]:
     """Rebuild a recording that is not on this machine from the recording journal
     (:func:`broker.journal.rebuild_from_journal`), then seal it: what was acknowledged is sealed. No journal rows:
-    ``(None, 0, None)``, the session is marked incomplete without a hash."""
+    ``(None, 0, None, 0)``, the session is marked incomplete without a hash.
+
+    :returns: final hash, dropped bytes, ``"journal"``, bytes rebuilt
+    """
     store = broker.app.store
     try:
         if not await broker.db(store.has_journal, session_id):
-            return None, 0, None
+            return None, 0, None, 0
         loop = asyncio.get_running_loop()
         # File I/O on the default executor: the store thread keeps answering (the store is safe across threads).
         size = await loop.run_in_executor(None, rebuild_from_journal, store, session_id, dest)
         log.warning("rebuilt %s from the recording journal (%d bytes)", dest, size)
         final_hash, dropped = await loop.run_in_executor(None, seal_recording, dest)
-        return final_hash, dropped, "journal"
+        return final_hash, dropped, "journal", size
     except (OSError, BrokerError) as exc:
         log.warning("cannot rebuild %s from the journal: %s", session_id, exc)
-        return None, 0, None
+        return None, 0, None, 0
 
 
 def process_alive(pid: int) -> bool:

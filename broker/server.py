@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import asyncssh
 
 from broker.app import App, default_policy_file
+from broker.archive import archive_pass
 from broker.audit import write_checkpoint
 from broker.clock import display_zone, parse_utc, utc_iso
 from broker.config import format_duration, parse_duration
@@ -108,6 +109,7 @@ class Broker:
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
         self.starting_sessions: dict[str, tuple[LiveSession, asyncio.Future]] = {}  # the same, by session id
         self.stopping = False  # set by stop_server: no new device session starts after it
+        self.archiving = False  # an archive pass is running in this process ([archive]; one at a time)
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
         policy_file = cfg.path(cfg.policy.protected_paths_file) if cfg.policy.protected_paths_file \
@@ -158,6 +160,8 @@ class Broker:
         if self.app.config.directory.url:  # [directory]: re-read every directory user
             node.add_duty("directory.sync", self.app.config.seconds("directory", "sync_interval"),
                           lambda: run_directory_sync(self.app, self.db))
+        if self.app.config.archive.url:  # [archive]: sealed recordings to the object store, by one node a period
+            node.add_duty("archive", self.app.config.seconds("archive", "interval"), self.run_archive)
         await node.join()
         self.node = node
         return node
@@ -281,6 +285,19 @@ class Broker:
             await self.db(lambda: write_checkpoint(self.app.audit, self.app.signing_key))
         except Exception:
             log.exception("writing the audit checkpoint failed")
+
+    async def run_archive(self) -> None:
+        """One archive pass (broker/archive.py) on a thread of its own (uploads take long; the store thread and
+        the loop stay free); it stops between parts once the broker is stopping, and the next start resumes."""
+        if self.archiving:  # the previous pass is still uploading (a pass may outlast the interval)
+            return
+        self.archiving = True
+        try:
+            await asyncio.to_thread(archive_pass, self.app, source="serve", should_stop=lambda: self.stopping)
+        except Exception:  # logged; the next interval tries again
+            log.exception("archive pass failed")
+        finally:
+            self.archiving = False
 
     def policy_for(self, live: LiveSession) -> SessionPolicy:
         """The data-protection policy for one live session's channels."""

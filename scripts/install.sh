@@ -142,6 +142,15 @@ else
   fi
 fi
 
+# 2e. OpenStack Swift with its s3api middleware (tests/helpers/swift.py: an S3-compatible server on loopback for
+#     [archive]; the tests build their own rings and configs in a temp dir and never use /etc/swift or services).
+if [ -x /usr/bin/swift-proxy-server ] && [ -x /usr/bin/swift-object-server ] && [ -x /usr/bin/swift-ring-builder ] \
+    && [ -x /usr/bin/swift-account-server ] && [ -x /usr/bin/swift-container-server ]; then
+  step "swift present"
+else
+  apt_install swift swift-proxy swift-account swift-container swift-object
+fi
+
 # 3. Python >= 3.11 that pip may install into.
 py="$(choose_python)"
 if [ -z "$py" ]; then
@@ -170,7 +179,7 @@ import importlib.metadata as md, json, sys
 dist = md.distribution("medbroker")
 url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
 assert url.rstrip("/") == "file://" + sys.argv[1].rstrip("/"), url
-import asyncssh, cryptography, typer, sqlite_utils, pyotp, qrcode, pyte, pytest, hypothesis, paramiko, mypy  # noqa
+import asyncssh, cryptography, typer, sqlite_utils, pyotp, qrcode, pyte, pytest, hypothesis, paramiko, mypy, boto3  # noqa
 EOF
 }
 if installed_ok; then

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 __all__ = [
     "MAGIC", "VERSION", "KINDS", "KIND_NAMES", "DATA_KINDS", "MAX_PAYLOAD", "MAX_HEADER", "PRELUDE", "LEN", "FIXED",
     "FLAG_ENCRYPTED", "TAG", "END_CODE", "EPOCH", "MICROSECOND", "json_object", "dump_json", "derive_key",
-    "frame_aad", "pack_frame", "write_all", "fsync_dir", "describe_error",
+    "RecordingKey", "recording_key", "frame_aad", "pack_frame", "write_all", "fsync_dir", "describe_error",
 ]
 
 MAGIC = b"MEDBREC\x00"
@@ -61,10 +61,28 @@ def dump_json(value: dict[str, Any]) -> bytes:
         return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
 
 
+class RecordingKey(bytes):
+    """One recording's own key (HKDF output: 32 bytes AES key ‖ 8 bytes key check), not a data key.
+
+    A key lookup may answer with one (evidence bundles carry these instead of the broker's data keys): it opens
+    that one recording and nothing else.
+    """
+
+
+def recording_key(key: bytes, salt: bytes, session_id: str) -> RecordingKey:
+    """The per-recording key derived from a data key: HKDF-SHA256(key, salt, "medbroker recording v1" ‖ id)."""
+    if isinstance(key, RecordingKey):
+        return key
+    return RecordingKey(HKDF(algorithm=hashes.SHA256(), length=40, salt=salt,
+                             info=b"medbroker recording v1\x00" + session_id.encode()).derive(key))
+
+
 def derive_key(key: bytes, salt: bytes, session_id: str) -> tuple[AESGCM, str]:
-    """Per-recording AES key and a key check value, both from HKDF(key, salt, session id)."""
-    okm = HKDF(algorithm=hashes.SHA256(), length=40, salt=salt,
-               info=b"medbroker recording v1\x00" + session_id.encode()).derive(key)
+    """Per-recording AES key and a key check value, both from HKDF(key, salt, session id); ``key`` may be the
+    :class:`RecordingKey` itself."""
+    okm = recording_key(key, salt, session_id)
+    if len(okm) != 40:
+        raise ValueError("a recording key is 40 bytes")
     return AESGCM(okm[:32]), okm[32:].hex()
 
 

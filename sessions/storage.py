@@ -77,6 +77,11 @@ class RecordingStore(ABC):
     def sealed(self, stored: str | os.PathLike[str]) -> None:
         """The recording is final (closed or sealed); an object store uploads it here. Local: nothing to do."""
 
+    def rewritten(self, stored: str | os.PathLike[str]) -> None:
+        """The file at :meth:`local_path` was rewritten in place by an earlier, interrupted
+        :meth:`remove_payload` (retention finishes it); an object store replaces its copy if it differs.
+        Local: nothing to do."""
+
     @abstractmethod
     def remove_payload(self, stored: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Replace the recording by its retention-redacted form (``sessions.retention.redact_recording``

@@ -241,3 +241,18 @@ def slapd() -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def swift() -> Iterator[Any]:
+    """A real OpenStack Swift with s3api on loopback, once per test session (tests make their own buckets)."""
+    from helpers.swift import Swift, swift_binaries
+
+    if swift_binaries() is None:
+        _skip_or_fail("OpenStack Swift is missing (scripts/install.sh installs Debian's swift-proxy, -account, "
+                      "-container, -object)")
+    server = Swift()
+    try:
+        yield server
+    finally:
+        server.stop()

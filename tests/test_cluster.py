@@ -125,10 +125,13 @@ def test_stop_releases_the_nodes_leases(db: Store) -> None:
     assert db.take_lease("duty:audit.checkpoint", "a", at(2), at(302), renew=False)[0]  # the next start: at once
 
 
-def test_cluster_status_without_journal_or_archive_says_none(db: Store) -> None:
+def test_cluster_status_counts_the_journal_rows_not_yet_archived(db: Store) -> None:
     db.register_node("a", host="h", pid=1, address="127.0.0.1:2222", version="1", now=at(0))
     doc = cluster_status(db, T0 + timedelta(seconds=1), 10)
-    assert doc["journal_lag"] is None and doc["archive_backlog"] is None
+    assert doc["journal_lag"] == 0
+    for seq in (0, 1, 5):
+        db.append_journal("s-1", seq, at(0), b"frames")
+    assert cluster_status(db, T0 + timedelta(seconds=1), 10)["journal_lag"] == 3
     [node] = doc["nodes"]
     assert (node["id"], node["state"], node["heartbeat_age_s"], node["live_sessions"]) == ("a", ALIVE, 1.0, [])
 
@@ -297,7 +300,7 @@ def test_sigkill_a_node_while_typing_the_survivor_seals_and_the_vendor_continues
     status = _status(home)
     assert {n["id"]: (n["state"], n["address"]) for n in status["nodes"]} == {
         name: (ALIVE, f"127.0.0.1:{port}") for name, port in cluster.ports.items()}
-    assert status["journal_lag"] is None and status["archive_backlog"] is None  # n/a without journal/archive
+    assert status["journal_lag"] == 0  # the journal is off here: nothing waits in it
     assert sorted(r["details"]["node"] for r in _rows(home, "cluster.node.joined")) == ["node-a", "node-b"]
     # cluster-wide duties: the start-up checkpoint was written by one node only
     assert len(_rows(home, "audit.checkpoint")) == 1
@@ -530,7 +533,7 @@ def test_with_workers_the_supervisor_is_the_node_and_its_workers_carry_its_id(tm
     assert [r["details"]["node"] for r in _rows(home, "cluster.node.stopped")] == ["node-w"]
 
 
-def test_cluster_status_text_names_nodes_states_and_na(tmp_path: Path) -> None:
+def test_cluster_status_text_names_nodes_states_and_backlogs(tmp_path: Path) -> None:
     home = tmp_path / "home"
     assert _cli(home, "init").returncode == 0
     r = _cli(home, "cluster", "status")
@@ -550,7 +553,7 @@ def test_cluster_status_text_names_nodes_states_and_na(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("node-")}
     assert (lines["node-x"][1], lines["node-y"][1], lines["node-z"][1]) == ("alive", "dead", "stopped")
-    assert "journal lag: n/a; archive backlog: n/a; a node is dead after 10s without a heartbeat" in out
+    assert "journal lag: 0 rows; archive backlog: n/a (no [archive]); a node is dead after 10s without a heartbeat" in out
 
 
 def test_a_recording_that_is_not_here_is_marked_incomplete_without_a_hash(tmp_path: Path) -> None:

@@ -166,14 +166,21 @@ NON_DEFAULT = {
                   "ssh_key_attribute": '"sshPublicKey"', "company_attribute": '"company"', "sync_interval": '"1m"',
                   "timeout": '"3s"'},
     "cluster": {"node_id": '"broker-a.site_1"', "heartbeat": '"2s"', "dead_after": '"30s"'},
+    "archive": {"url": '"s3://medbroker-recordings/site-a/"', "endpoint": '"http://127.0.0.1:8080"',
+                "region": '"eu-central-1"', "access_key_file": '"s3.access"', "secret_key_file": '"s3.secret"',
+                "delete_local_after": '"7d"', "part_size": '"64MiB"', "interval": '"5m"', "timeout": '"10s"'},
 }
 # A [directory] needs url, user_base and a group together.
 _DIRECTORY_BASE = {"url": '"ldap://127.0.0.1:389"', "user_base": '"ou=people,dc=h"', "approver_group": '"cn=p,dc=h"'}
+# An [archive] needs url and both key files together.
+_ARCHIVE_BASE = {"url": '"s3://medbroker-recordings"', "access_key_file": '"a"', "secret_key_file": '"s"'}
 # Keys that mean something only together with another: set alone they are refused (an option that would
 # do nothing), so the one-key test adds the companion.
 COMPANIONS = {
     **{("directory", k): "\n".join(f"{b} = {v}" for b, v in _DIRECTORY_BASE.items() if b != k)
        for k in NON_DEFAULT["directory"]},
+    **{("archive", k): "\n".join(f"{b} = {v}" for b, v in _ARCHIVE_BASE.items() if b != k)
+       for k in NON_DEFAULT["archive"]},
     ("web", "webhook_secret_file"): 'webhook_url = "http://127.0.0.1:9/web"',
     ("siem", "syslog_ca_file"): 'syslog_address = "tls://127.0.0.1:6514"',
     ("siem", "syslog_client_cert"): 'syslog_address = "tls://127.0.0.1:6514"',
@@ -583,3 +590,58 @@ def test_balancer_addresses_say_how_to_write_them(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, '[listen]\nproxy_protocol_from = ["10.1.2.3", "192.168.0.0/16", "::1"]\n')
     assert cfg.listen.proxy_protocol_from == ("10.1.2.3", "192.168.0.0/16", "::1")
     assert load_text(tmp_path, "").listen.proxy_protocol_from == ()  # default: no balancer
+# ---------------------------------------------------------------- [archive]
+
+_ARCHIVE_OK = 'url = "s3://medbroker-recordings/site-a/"\naccess_key_file = "a"\nsecret_key_file = "s"\n'
+
+
+def test_archive_is_off_by_default_and_its_url_parses(tmp_path: Path) -> None:
+    from broker.config import parse_archive_url
+
+    assert load_text(tmp_path, "").archive.url == ""
+    assert parse_archive_url("s3://medbroker-recordings/site-a/") == ("medbroker-recordings", "site-a/")
+    assert parse_archive_url("s3://medbroker-recordings/a/b") == ("medbroker-recordings", "a/b/")
+    assert parse_archive_url("s3://medbroker-recordings") == ("medbroker-recordings", "")
+    assert parse_archive_url("s3://medbroker-recordings/") == ("medbroker-recordings", "")
+
+
+@pytest.mark.parametrize("value,stored", [("true", "now"), ("false", "never"), ('"now"', "now"), ('"never"', "never"),
+                                          ('"36h"', "36h")])
+def test_archive_delete_local_after_takes_a_bool_or_an_age(tmp_path: Path, value: str, stored: str) -> None:
+    cfg = load_text(tmp_path, f"[archive]\n{_ARCHIVE_OK}delete_local_after = {value}\n")
+    assert cfg.archive.delete_local_after == stored
+    if stored == "36h":
+        assert cfg.seconds("archive", "delete_local_after") == 36 * 3600
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ('url = "http://bucket/x"\n', "archive.url"),
+    ('url = "s3://Bad_Bucket/x"\n', "archive.url"),
+    ('url = "s3://ab/x"\n', "archive.url"),
+    ('url = "s3://bucket-name/a//b"\n', "archive.url"),
+    ('url = "s3://bucket-name/a/../b"\n', "archive.url"),
+    ('url = "s3://bucket-name/a\\\\b"\n', "archive.url"),
+    ('endpoint = "ftp://127.0.0.1:21"\n', "archive.endpoint"),
+    ('endpoint = "http://user:pw@127.0.0.1:8080"\n', "archive.endpoint"),
+    ('endpoint = "http://127.0.0.1:8080/path"\n', "archive.endpoint"),
+    ('region = "EU CENTRAL"\n', "archive.region"),
+    ('access_key_file = ""\n', "archive.access_key_file is empty"),
+    ('secret_key_file = ""\n', "archive.secret_key_file is empty"),
+    ('delete_local_after = "later"\n', "archive.delete_local_after"),
+    ('delete_local_after = "0s"\n', "archive.delete_local_after"),
+    ('delete_local_after = 3\n', "archive.delete_local_after = 3; expected a string"),
+    ('part_size = "4MiB"\n', "outside 5MiB-5GiB"),
+    ('part_size = "6GiB"\n', "outside 5MiB-5GiB"),
+    ('part_size = "big"\n', "archive.part_size"),
+    ('interval = "0s"\n', "archive.interval"),
+    ('timeout = "soon"\n', "archive.timeout"),
+])
+def test_archive_bad_values_name_the_key(tmp_path: Path, extra: str, needle: str) -> None:
+    base = "\n".join(line for line in _ARCHIVE_OK.splitlines() if line.split(" =")[0] not in extra)
+    assert needle in config_error(tmp_path, f"[archive]\n{base}\n{extra}").message
+
+
+def test_archive_settings_without_a_url_are_refused(tmp_path: Path) -> None:
+    err = config_error(tmp_path, '[archive]\nendpoint = "http://127.0.0.1:8080"\n')
+    assert "archive.endpoint is set but archive.url is empty" in err.message
+    assert "s3://" in err.hint

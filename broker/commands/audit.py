@@ -246,8 +246,27 @@ def verify(
         help="Instead: check a report from `medbroker report -o FILE` against its signature FILE.sig.")] = None,
     signature: Annotated[Path | None, typer.Option(
         "--signature", metavar="SIG", dir_okay=False, help="The report's signature file (default: FILE.sig).")] = None,
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", metavar="FILE", dir_okay=False,
+        help="Instead: check an evidence bundle from `medbroker evidence export`, offline (no broker home needed): "
+             "only what it holds.")] = None,
+    expect_key: Annotated[str | None, typer.Option(
+        "--expect-key", metavar="KEY", help="With --bundle: the broker's signing key id (ed25519:…) it must carry.")
+    ] = None,
 ) -> None:
     """Verify the audit chain, its signed checkpoints and every session recording; exit 1 naming what is broken."""
+    if bundle is not None:
+        from broker.commands.evidence import verify_bundle_file
+
+        if report is not None:
+            raise UsageError("--bundle and --report check different files; give one of them",
+                             "e.g. medbroker audit verify --bundle FILE")
+
+        verify_bundle_file(bundle, expect_key=expect_key, as_json=as_json)
+        return
+    if expect_key is not None:
+        raise UsageError("--expect-key goes with --bundle FILE", "e.g. medbroker audit verify --bundle FILE "
+                                                                  "--expect-key ed25519:0123456789abcdef")
     a = open_home(ctx)
     if report is not None:
         from broker.commands.report import verify_report_file

@@ -13,8 +13,10 @@ app = typer.Typer(help="Broker nodes sharing one database: their state and sessi
                   rich_markup_mode=None)
 
 
-def _count(value: int | None, unit: str) -> str:
-    return "n/a" if value is None else f"{value} {unit}"
+def _backlog(value: dict[str, int] | None) -> str:
+    if value is None:
+        return "n/a (no [archive])"
+    return f"{value['waiting']} recordings waiting, {value['uploading']} uploads in progress"
 
 
 @app.command("status")
@@ -23,9 +25,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Nodes (alive, dead or stopped; last heartbeat; live sessions), each node's sessions, the recording
-    journal's lag and the archive backlog ("n/a" where this broker has no journal or archive)."""
+    journal's lag (rows not yet dropped) and the archive backlog ("n/a" without [archive])."""
     a = open_home(ctx)
-    doc = cluster_status(a.store, a.clock.now(), a.config.seconds("cluster", "dead_after"))
+    doc = cluster_status(a.store, a.clock.now(), a.config.seconds("cluster", "dead_after"),
+                         archiving=bool(a.config.archive.url))
     if as_json:
         emit_json(doc)
         return
@@ -36,6 +39,5 @@ def status(
     print_table(["session", "node", "pid", "user", "device", "started", "source"],
                 ([s["id"], s["node_id"], s["pid"], s["user"], s["device"], when(s["started_at"]), s["source"]]
                  for s in doc["sessions"]), title="live sessions", empty="no live sessions")
-    say(f"journal lag: {_count(doc['journal_lag'], 'rows')}; archive backlog: "
-        f"{_count(doc['archive_backlog'], 'recordings')}; a node is dead after {doc['dead_after_s']:.0f}s "
+    say(f"journal lag: {doc['journal_lag']} rows; archive backlog: {_backlog(doc['archive_backlog'])}; a node is dead after {doc['dead_after_s']:.0f}s "
         "without a heartbeat")

@@ -1,7 +1,7 @@
 """``medbroker replay`` and ``export``: watch or convert a session recording (both audited)."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import sys
 import typer
@@ -38,18 +38,31 @@ def replay(
         help="Start this far into the session (earlier output is shown at once).")] = None,
     instant: Annotated[bool, typer.Option("--instant", help="No pauses: print the whole terminal output.")] = False,
     by: ByOpt = None,
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", metavar="FILE", dir_okay=False,
+        help="Replay from an evidence bundle exported with --include-data-key (offline, no broker home; the whole "
+             "bundle is verified first).")] = None,
 ) -> None:
     """Play a session's terminal output with its recorded timing (verifies the recording first)."""
-    from sessions.recording import read_frames
-    from sessions.replay import replay as play, verification_summary
+    from sessions.replay import verification_summary
 
     if not speed > 0 or speed > 1000:
         raise UsageError(f"--speed {speed} must be above 0 and at most 1000", "e.g. --speed 1 or --speed 4")
     idle = _seconds(max_idle, "--max-idle")
     start_at = _seconds(start, "--from") or 0.0
+    if bundle is not None:
+        if by is not None:
+            raise UsageError("--by goes with a broker home; a bundle replay is not audited by the broker",
+                             "leave out --by")
+        _replay_bundle(bundle, session_id, speed=speed, idle=idle, start_at=start_at, instant=instant)
+        return
     a = open_home(ctx)
     row = get_session_row(a, session_id)
     actor = admin_actor(a, by, action="replay recordings", roles=VIEW_ROLES)
+    if not a.recordings.exists(row["recording"]):
+        raise RecordingError(f"the recording of session {session_id} is missing from {a.config.recordings_dir} "
+                             f"({a.recordings.key_of(row['recording'])})",
+                             "restore the recordings directory from backup; run: medbroker audit verify")
     result = verify_session(a, row)
     path = a.recordings.local_path(row["recording"])
     if result.ok and row.get("payload_removed_at"):
@@ -63,9 +76,48 @@ def replay(
                              "and run: medbroker audit verify")
     a.audit.record("recording.replayed", actor=actor, user=row["user_name"], device=row["device"],
                    session_id=session_id, source="cli", speed=speed, max_idle=idle, start=start_at, instant=instant)
-    out = sys.stdout.buffer
     typer.echo(f"medbroker: replaying session {session_id} ({row['user_name']} on {row['device']}, started "
                f"{row['started_at']}); recording {verification_summary(result)}", err=True)
+    _play(path, a.keys.get, session_id, speed=speed, idle=idle, start_at=start_at, instant=instant)
+
+
+def _replay_bundle(bundle: Path, session_id: str, *, speed: float, idle: float | None, start_at: float,
+                   instant: bool) -> None:
+    """``replay --bundle FILE ID``: verify the whole bundle, then play one of its recordings with its own key."""
+    from broker.errors import BrokerError, NotFoundError
+    from broker.evidence_verify import bundle_key_lookup, open_bundle
+
+    contents, check = open_bundle(bundle)
+    with contents:
+        if not check.ok:
+            raise BrokerError(f"bundle {bundle} failed verification: {check.problems[0]}",
+                              f"see all problems with: medbroker audit verify --bundle {bundle}")
+        item = next((s for s in check.manifest.get("sessions", []) if s.get("id") == session_id), None)
+        if item is None:
+            raise NotFoundError(f"session {session_id[:64]!r} is not in bundle {bundle}",
+                                f"it holds: {', '.join(str(s.get('id')) for s in check.manifest.get('sessions', []))}")
+        lookup = bundle_key_lookup(contents, session_id)
+        if lookup is None:
+            raise RecordingError(f"bundle {bundle} holds no key for session {session_id}; its recording verifies, "
+                                 "but its content is encrypted",
+                                 "ask for an export with --include-data-key, or replay it on the broker")
+        from sessions.retention import is_redacted
+
+        if is_redacted(contents.files[item["recording"]]):
+            raise RecordingError(f"the terminal content of session {session_id} was removed by retention before "
+                                 "the export; nothing is left to replay", "its audit rows are in the bundle")
+        typer.echo(f"medbroker: replaying session {session_id} ({item.get('user')} on {item.get('device')}) from "
+                   f"bundle {bundle}, verified, signed with {check.key_id}", err=True)
+        _play(contents.files[item["recording"]], lookup, session_id, speed=speed, idle=idle, start_at=start_at,
+              instant=instant)
+
+
+def _play(path: Path, key_lookup: Any, session_id: str, *, speed: float, idle: float | None, start_at: float,
+          instant: bool) -> None:
+    from sessions.recording import read_frames
+    from sessions.replay import replay as play
+
+    out = sys.stdout.buffer
 
     def write(data: bytes) -> None:
         out.write(data)
@@ -75,7 +127,7 @@ def replay(
         from broker.commands.player import KEYS_HELP, play_on_terminal
 
         typer.echo(f"medbroker: {KEYS_HELP}", err=True)
-        player = play_on_terminal(lambda: read_frames(path, key_lookup=a.keys.get), write,
+        player = play_on_terminal(lambda: read_frames(path, key_lookup=key_lookup), write,
                                   fd=sys.stdin.fileno(), play=play, speed=speed, max_idle=idle, start_at=start_at)
         if not player.finished:
             out.write(b"\r\n")
@@ -83,7 +135,7 @@ def replay(
             typer.echo(f"medbroker: stopped at {player.shown:.0f}s of session {session_id}", err=True)
             return
     else:
-        frames = read_frames(path, key_lookup=a.keys.get)
+        frames = read_frames(path, key_lookup=key_lookup)
         try:
             play(frames, write, speed=speed, max_idle=idle, start_at=start_at, instant=instant)
         finally:

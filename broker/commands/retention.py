@@ -44,6 +44,11 @@ def _process(a, row: dict[str, Any], *, actor: str, now, days: int, dry_run: boo
             entry.update(state="broken", detail="; ".join(check.problems))
             return entry
         if not dry_run:
+            try:
+                recordings.rewritten(row["recording"])  # an archived copy still unredacted is replaced
+            except BrokerError as exc:
+                entry.update(state="broken", detail=exc.message)
+                return entry
             a.store.mark_payload_removed(row["id"], read_redaction_info(path)["removed_at"])
         entry.update(state="removed", detail="finished an interrupted earlier run")
         return entry

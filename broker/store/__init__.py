@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from broker.errors import StorageError
+from broker.store.archive import ArchiveQueries
 from broker.store.audit import AuditQueries
 from broker.store.base import dumps
 from broker.store.cluster import ClusterQueries
@@ -33,7 +34,7 @@ __all__ = ["Store", "MIGRATIONS", "open_store", "dumps"]
 
 
 class Store(UserQueries, DeviceQueries, GrantQueries, SessionQueries, AuditQueries, SearchQueries, WebQueries,
-            JournalQueries, ClusterQueries):
+            JournalQueries, ClusterQueries, ArchiveQueries):
     """Synchronous access to the broker database.
 
     Async code calls :meth:`run`, which serialises every call on one worker thread.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from broker.store.base import StoreBase
 
@@ -41,6 +41,20 @@ class AuditQueries(StoreBase):
         if limit:
             sql += f" LIMIT {int(limit)}"
         return self.query(sql, tuple(params))
+
+    def audit_ids_about(self, *, session_ids: Sequence[str] = (), grant_ids: Sequence[int] = (),
+                        request_ids: Sequence[int] = ()) -> list[int]:
+        """Ids of the audit rows naming any of these sessions, grants or access requests, ascending (for
+        evidence bundles)."""
+        found: set[int] = set()
+        for column, values in (("session_id", list(session_ids)), ("grant_id", list(grant_ids)),
+                               ("request_id", list(request_ids))):
+            for i in range(0, len(values), 500):  # SQLite's limit on bound parameters
+                chunk = values[i:i + 500]
+                marks = ", ".join("?" for _ in chunk)
+                found.update(r["id"] for r in self.query(
+                    f"SELECT id FROM audit_events WHERE {column} IN ({marks})", tuple(chunk)))
+        return sorted(found)
 
     def insert_checkpoint(self, event_id: int, hash_: str, signature: str, at: str) -> None:
         self.execute(

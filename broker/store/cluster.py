@@ -105,25 +105,9 @@ class ClusterQueries(StoreBase):
     def leases(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM duty_leases ORDER BY name")
 
-    # ------------------------------------------------------------------ backlog seams
-    def journal_lag(self) -> int | None:
-        """Rows in the recording journal (acknowledged frames not yet archived), or None without a journal.
-
-        Seam: the journal (issue 13 item 3) adds the ``recording_journal`` table; until then this says n/a.
-        """
-        return self._optional_count("SELECT count(*) AS n FROM recording_journal")
-
-    def archive_backlog(self) -> int | None:
-        """Ended, sealed recordings not yet archived to object storage, or None without archiving.
-
-        Seam: archiving (issue 13 item 3) adds ``sessions.archived_at``; until then this says n/a.
-        """
-        return self._optional_count("SELECT count(*) AS n FROM sessions WHERE status != 'live' "
-                                    "AND final_hash IS NOT NULL AND archived_at IS NULL")
-
-    def _optional_count(self, sql: str) -> int | None:
-        try:
-            row = self.one(sql)
-        except Exception:  # the table or column does not exist in this schema (yet): n/a
-            return None
+    # ------------------------------------------------------------------ backlog
+    def journal_lag(self) -> int:
+        """Rows in the recording journal: acknowledged batches not yet dropped (sealed and, with [archive],
+        archived). The archive backlog is :meth:`broker.store.archive.ArchiveQueries.archive_backlog`."""
+        row = self.one("SELECT count(*) AS n FROM recording_journal")
         return int(row["n"]) if row else 0

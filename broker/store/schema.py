@@ -290,4 +290,33 @@ MIGRATIONS: dict[int, str | list[str]] = {
         "ALTER TABLE sessions ADD COLUMN node_id TEXT",
         "CREATE INDEX sessions_node_status ON sessions(node_id, status)",
     ],
+    # 21: recordings archived to S3-compatible storage (issue 13): when and with which SHA-256 a session's
+    # recording was verified in the object store, when its local copy went; multipart uploads in progress
+    # (upload id and the parts already stored) so a pass killed mid-upload resumes instead of starting over
+    21: [
+        "ALTER TABLE sessions ADD COLUMN archived_at TEXT",
+        "ALTER TABLE sessions ADD COLUMN archive_sha256 TEXT",
+        "ALTER TABLE sessions ADD COLUMN archive_size BIGINT",
+        "ALTER TABLE sessions ADD COLUMN local_removed_at TEXT",
+        """CREATE TABLE archive_uploads (
+            session_id TEXT PRIMARY KEY,
+            object_key TEXT NOT NULL,
+            upload_id TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            sha256 TEXT NOT NULL,
+            part_size INTEGER NOT NULL,
+            started_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 1,
+            last_error TEXT
+        )""",
+        """CREATE TABLE archive_upload_parts (
+            upload_id TEXT NOT NULL,
+            part_number INTEGER NOT NULL,
+            etag TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            uploaded_at TEXT NOT NULL,
+            PRIMARY KEY (upload_id, part_number)
+        )""",
+    ],
 }
