@@ -78,14 +78,15 @@ class HAProxy:
     """A throwaway haproxy: ``port`` (the vendors' port on 127.0.0.1), ``states()``, ``wait_state``, ``stop``.
 
     :param nodes: [(name, port)] of broker nodes on 127.0.0.1
+    :param parent: make its directory here (default: the temp dir)
     """
 
     def __init__(self, nodes: list[tuple[str, int]], *, check_inter: str = "200ms",
-                 readyz_ports: dict[str, int] | None = None) -> None:
+                 readyz_ports: dict[str, int] | None = None, parent: Path | None = None) -> None:
         binary = haproxy_binary()
         if binary is None:
             raise RuntimeError("haproxy is not installed; run scripts/install.sh")
-        self.dir = Path(tempfile.mkdtemp(prefix="medbroker-haproxy-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="medbroker-haproxy-", dir=parent))
         self.admin = self.dir / "admin.sock"
         self.port = free_port()
         self.config = haproxy_config(f"127.0.0.1:{self.port}", [(n, f"127.0.0.1:{p}") for n, p in nodes],

@@ -58,14 +58,18 @@ def _as_user() -> dict[str, Any]:
 class Postgres:
     """A throwaway cluster: ``socket_dir``, ``port``, ``url(db)``, ``new_database()``, ``drop()``, ``stop()``."""
 
-    def __init__(self, *, durable: bool = False) -> None:
-        """:param durable: keep fsync and synchronous commit on (benchmarks); tests run without them"""
+    def __init__(self, *, durable: bool = False, parent: Path | None = None) -> None:
+        """:param durable: keep fsync and synchronous commit on (benchmarks); tests run without them
+        :param parent: make the cluster's directory here (scripts/cluster-demo.sh: its state directory), which
+            ``nobody`` must be able to reach; default /tmp
+        """
         bindir = postgres_bindir()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed; run scripts/install.sh")
         self.bindir = bindir
         # under /tmp, not $TMPDIR: a root-only temp dir (pytest's are 0700) would keep `nobody` out
-        self.dir = Path(tempfile.mkdtemp(prefix="medbroker-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        default = "/tmp" if os.path.isdir("/tmp") else None
+        self.dir = Path(tempfile.mkdtemp(prefix="medbroker-pg-", dir=str(parent) if parent else default))
         self.dir.chmod(0o755)
         self.data, self.socket_dir = self.dir / "data", self.dir / "sock"
         self.socket_dir.mkdir()

@@ -59,12 +59,13 @@ class Swift:
     """A throwaway Swift cluster speaking S3: ``endpoint``, ``create_bucket``, ``client``, ``kill``, ``start``,
     ``stop``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, parent: Path | None = None) -> None:
+        """:param parent: make the cluster's directory here (default: the temp dir)"""
         binaries = swift_binaries()
         if binaries is None:
             raise RuntimeError("OpenStack Swift is not installed; run scripts/install.sh")
         self.bin = binaries
-        self.dir = Path(tempfile.mkdtemp(prefix="medbroker-swift-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="medbroker-swift-", dir=parent))
         self.dir.chmod(0o755)
         self.user = _service_user()
         self.ports = {name: free_port() for name in (*_SERVERS, "proxy")}
