@@ -77,7 +77,11 @@ async def _open(spec: dict, sem: asyncio.Semaphore, stats: _Stats, i: int):
             if spec.get("jump_port"):
                 tunnel = await asyncssh.connect("127.0.0.1", spec["jump_port"], username=spec["jump_user"], **common)
                 conns.append(tunnel)
-            conn = await asyncssh.connect("127.0.0.1", spec["port"], username=spec["user"], tunnel=tunnel, **common)
+            # local_addrs: each session binds one of them (a balancer that hashes the source sees many clients)
+            local = spec.get("local_addrs")
+            bind = {"local_addr": (local[i % len(local)], 0)} if local else {}
+            conn = await asyncssh.connect("127.0.0.1", spec["port"], username=spec["user"], tunnel=tunnel,
+                                          **common, **bind)
             conns.append(conn)
             chan, echo = await conn.create_session(_Echo, COMMAND, term_type="xterm", term_size=(80, 24),
                                                    encoding=None)

@@ -102,6 +102,9 @@ class Cluster:
     world: Any = None
     nodes: dict[str, Node] = field(default_factory=dict)
     url: str = ""
+    journal: bool = True
+    archive_interval: str = "10s"
+    durable_pg: bool = False  # fsync on (bench/ha.py); the demo and its test run without it
 
     @property
     def home(self) -> Path:
@@ -111,18 +114,13 @@ class Cluster:
         self.state.mkdir(parents=True, exist_ok=True)
         self.state.chmod(0o755)  # PostgreSQL runs as nobody and the device login must reach its files
         say("starting PostgreSQL ...")
-        self.pg = Postgres(parent=self.state)
+        self.pg = Postgres(parent=self.state, durable=self.durable_pg)
         self.url = self.pg.new_database()
         say("starting OpenStack Swift with s3api ...")
         self.swift = Swift(parent=self.state)
         self.swift.create_bucket(BUCKET)
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (self.home / "broker.toml").write_text(
-            f'[listen]\nproxy_protocol_from = ["127.0.0.1/32"]\n\n'
-            f'[recording]\njournal = true\n\n'
-            f'[store]\nurl = "{self.url}"\n\n'
-            f'[cluster]\nheartbeat = "1s"\ndead_after = "3s"\n\n'
-            + self.swift.config(self.home, BUCKET, "demo/", interval='"10s"'))
+        self.write_config()
         say("creating the device ct-01 (a real sshd), alice (vendor), bob (approver), carol (security) ...")
         self.world = build_demo(self.state)
         app = self.world.app
@@ -147,6 +145,16 @@ class Cluster:
         config += [f"Match originalhost broker user {n},{n}@*\n  IdentityFile {people / n}\n"
                    for n in ("alice", "bob", "carol")]
         (self.state / "ssh_config").write_text("".join(config))
+
+    def write_config(self) -> None:
+        """The one broker.toml every node reads (both nodes share this home, hence one host key)."""
+        assert self.swift is not None
+        (self.home / "broker.toml").write_text(
+            f'[listen]\nproxy_protocol_from = ["127.0.0.1/32"]\n\n'
+            f'[recording]\njournal = {"true" if self.journal else "false"}\n\n'
+            f'[store]\nurl = "{self.url}"\n\n'
+            f'[cluster]\nheartbeat = "1s"\ndead_after = "3s"\n\n'
+            + self.swift.config(self.home, BUCKET, "demo/", interval=f'"{self.archive_interval}"'))
 
     def reap(self, say: Callable[[str], None]) -> None:
         """Say when a node ended (someone ran kill -9 on it); reaping it keeps no zombie behind its pid."""
