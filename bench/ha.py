@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=8.0, help="seconds of typing per level")
     ap.add_argument("--interval", type=float, default=0.2, help="seconds between one session's keys")
     ap.add_argument("--mib", type=int, default=64, help="bulk download size per stream")
+    ap.add_argument("--reverse", action="store_true",
+                    help="journal on before off, two nodes before one (a second run against drift in the load)")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ha.json")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -151,27 +153,27 @@ def main(argv: list[str] | None = None) -> int:
         both = [a for pair in zip(per_node["node-a"][:even], per_node["node-b"][:even]) for a in pair]
         log(f"{even} addresses per node: {both}")
         results["sources"] = {"node-a": per_node["node-a"][:even], "node-b": per_node["node-b"][:even]}
-        for journal in (False, True):
+        combos = [(journal, names) for journal in (False, True) for names in (("node-a",), NODES)]
+        for journal, names in reversed(combos) if args.reverse else combos:
             cluster.journal = journal
             cluster.write_config()
-            for names in (("node-a",), NODES):
-                restart_nodes(cluster, names)
-                sources = both if len(names) == 2 else per_node["node-a"][:even]
-                run: dict = {"journal": journal, "nodes": len(names)}
-                log(f"journal {'on' if journal else 'off'}, {len(names)} node(s): bulk ...")
-                run["bulk_1"] = bulk(cluster, sources[:1], args.mib)
-                if len(names) == 2:
-                    run["bulk_2"] = bulk(cluster, both[:2], args.mib)  # one stream on each node
-                else:
-                    run["bulk_2"] = bulk(cluster, sources[:2], args.mib)  # two streams on the one node
-                run["keys"] = []
-                for level in levels:
-                    got = keystrokes(cluster, level, args.duration, args.interval, sources)
-                    log(f"  x{level}: p50 {got['p50_ms']} ms p99 {got['p99_ms']} ms errors {got['errors']} "
-                        f"load {got['load']}")
-                    run["keys"].append(got)
-                log(f"  bulk 1 stream {run['bulk_1']['mbs']} MB/s, 2 streams {run['bulk_2']['mbs']} MB/s")
-                results["runs"].append(run)
+            restart_nodes(cluster, names)
+            sources = both if len(names) == 2 else per_node["node-a"][:even]
+            run: dict = {"journal": journal, "nodes": len(names)}
+            log(f"journal {'on' if journal else 'off'}, {len(names)} node(s): bulk ...")
+            run["bulk_1"] = bulk(cluster, sources[:1], args.mib)
+            if len(names) == 2:
+                run["bulk_2"] = bulk(cluster, both[:2], args.mib)  # one stream on each node
+            else:
+                run["bulk_2"] = bulk(cluster, sources[:2], args.mib)  # two streams on the one node
+            run["keys"] = []
+            for level in levels:
+                got = keystrokes(cluster, level, args.duration, args.interval, sources)
+                log(f"  x{level}: p50 {got['p50_ms']} ms p99 {got['p99_ms']} ms errors {got['errors']} "
+                    f"load {got['load']}")
+                run["keys"].append(got)
+            log(f"  bulk 1 stream {run['bulk_1']['mbs']} MB/s, 2 streams {run['bulk_2']['mbs']} MB/s")
+            results["runs"].append(run)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
         print(f"{'journal':8} {'nodes':5} {'bulk 1 MB/s':>12} {'bulk 2 MB/s':>12}  keystrokes p50/p99 ms per level")
