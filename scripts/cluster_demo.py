@@ -253,7 +253,10 @@ def self_check(cluster: Cluster, say: Callable[[str], None]) -> None:
         say(f"ok: {text}")
 
     t0 = time.monotonic()
-    first = subprocess.Popen(_ssh(cluster, "echo started-on-ct-01; sleep 60"), stdin=subprocess.DEVNULL,
+    # ticks, not one long sleep: once the connection is gone the next tick dies of SIGPIPE on the device,
+    # so nothing of the session outlives the demo
+    busy = "echo started-on-ct-01; for i in $(seq 120); do sleep 0.5; echo tick; done"
+    first = subprocess.Popen(_ssh(cluster, busy), stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert first.stdout is not None
     line = _wait("the vendor's first output", lambda: first.stdout.readline(), 30)
