@@ -44,8 +44,8 @@ def at(seconds: float) -> str:
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    store = open_store(tmp_path / "medbroker.db")
+def db(store_target):
+    store = open_store(store_target)
     yield store
     store.close()
 
@@ -53,8 +53,8 @@ def db(tmp_path: Path):
 # ---------------------------------------------------------------- the store: nodes and leases
 
 
-def test_a_lease_goes_to_one_holder_until_it_runs_out(db: Store, tmp_path: Path) -> None:
-    other = open_store(tmp_path / "medbroker.db")  # a second connection: another process or node
+def test_a_lease_goes_to_one_holder_until_it_runs_out(db: Store, store_target) -> None:
+    other = open_store(store_target, migrate=False)  # a second connection: another process or node
     try:
         assert db.take_lease("duty:x", "a", at(0), at(30), renew=False) == (True, at(30))
         assert other.take_lease("duty:x", "b", at(1), at(31), renew=False) == (False, at(30))
@@ -199,8 +199,11 @@ def _states(home: Path) -> dict[str, str]:
     return {n["id"]: n["state"] for n in _status(home)["nodes"]}
 
 
+_TARGETS: dict[Path, str] = {}  # home -> its [store] url, for the homes whose database is PostgreSQL
+
+
 def _store(home: Path) -> Store:
-    return open_store(home / "medbroker.db", migrate=False)
+    return open_store(_TARGETS.get(home, home / "medbroker.db"), migrate=False)
 
 
 def _rows(home: Path, event: str) -> list[dict]:
@@ -231,8 +234,12 @@ def _live_ids(home: Path) -> list[str]:
 class Cluster:
     """Two ``medbroker serve`` nodes (node-a, node-b) on one home, each on its own port."""
 
-    def __init__(self, tmp: Path, device, config: str = FAST) -> None:
+    def __init__(self, tmp: Path, device, config: str = FAST, store_url: str | None = None) -> None:
+        if store_url:
+            config += f'[store]\nurl = "{store_url}"\n'
         self.home, self.people = prepared_home(tmp, device(), config=config)
+        if store_url:
+            _TARGETS[self.home] = store_url
         host_key = (self.home / "keys" / "host_ed25519.pub").read_text()
         self.ports = {"node-a": free_port(), "node-b": free_port()}
         self.known_hosts = tmp / "known_hosts"
@@ -279,13 +286,16 @@ class Cluster:
             node.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, device):
-    c = Cluster(tmp_path, device)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cluster(tmp_path: Path, device, request: pytest.FixtureRequest):
+    """Two nodes on one database: the home's SQLite file, or a PostgreSQL database of their own."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    c = Cluster(tmp_path, device, store_url=url)
     try:
         yield c
     finally:
         c.close()
+        _TARGETS.pop(c.home, None)
 
 
 def _frames_text(path: Path, keys: FileKeyProvider) -> tuple[bytes, bytes]:
