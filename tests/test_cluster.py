@@ -595,3 +595,77 @@ def test_a_recording_that_is_not_here_is_marked_incomplete_without_a_hash(tmp_pa
         assert not (home / "recordings" / "20261207-020000-aaaaaa.mbr").exists()
     finally:
         app.close()
+
+
+# ---------------------------------------------------------------- PostgreSQL: LISTEN/NOTIFY between nodes
+
+
+def _listeners(admin) -> dict[str, int]:
+    """The nodes' listening connections in pg_stat_activity: {application name: backend pid}."""
+    rows = admin.execute("SELECT application_name, pid FROM pg_stat_activity "
+                         "WHERE application_name LIKE 'medbroker-listen %'").fetchall()
+    return {name: pid for name, pid in rows}
+
+
+@pytest.mark.openssh
+def test_postgresql_a_kill_wakes_the_other_node_at_once_and_the_poll_covers_a_lost_listener(
+        tmp_path: Path, device, postgres, pg_url: str) -> None:
+    """On PostgreSQL each node LISTENs; a kill written elsewhere ends a session on node-b in well under a second.
+    With node-b's listening backend terminated and no new connection allowed into the database, the 0.25 s poll
+    still ends the next session within a second; once connections are allowed again the listener is back
+    (audited cluster.listener.reconnected) and a kill reaches node-b at once again."""
+    import psycopg
+
+    cluster = Cluster(tmp_path, device, store_url=pg_url)
+    admin = psycopg.connect(postgres.url(), autocommit=True, connect_timeout=10)
+    db_name = pg_url.split("/")[3].split("?")[0]
+    store = _store(cluster.home)  # opened now: it must keep working while new connections are refused
+    try:
+        home = cluster.home
+        assert wait(lambda: set(_listeners(admin)) == {"medbroker-listen node-a", "medbroker-listen node-b"},
+                    timeout=10), _listeners(admin)
+
+        def kill(sid: str, proc: subprocess.Popen) -> float:
+            """Write the kill as another node would (one committed UPDATE); seconds until the vendor's ssh exits."""
+            exited = _ended_at(proc)
+            written = time.time()
+            assert store.request_session_kill(sid, "bob", "cluster test", utc_iso(
+                datetime.fromtimestamp(written, timezone.utc)))
+            assert wait(lambda: "at" in exited, timeout=5, step=0.01)
+            assert b"security staff ended this session: cluster test" in proc.stderr.read()
+            return exited["at"] - written
+
+        took = {}
+        proc, sid = cluster.vendor("node-b")
+        took["listen"] = kill(sid, proc)
+        gap_proc, gap_sid = cluster.vendor("node-b")
+        later_proc, later_sid = cluster.vendor("node-b")
+
+        # node-b's listener loses its backend and cannot come back: only the poll is left
+        old_pid = _listeners(admin)["medbroker-listen node-b"]
+        admin.execute(f"ALTER DATABASE {db_name} ALLOW_CONNECTIONS false")
+        try:
+            admin.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
+            assert wait(lambda: "medbroker-listen node-b" not in _listeners(admin), timeout=5)
+            time.sleep(0.6)  # at least one failed reconnect
+            assert "medbroker-listen node-b" not in _listeners(admin)
+            took["poll"] = kill(gap_sid, gap_proc)
+            assert "medbroker-listen node-b" not in _listeners(admin)  # it was the poll
+        finally:
+            admin.execute(f"ALTER DATABASE {db_name} ALLOW_CONNECTIONS true")
+        assert wait(lambda: _listeners(admin).get("medbroker-listen node-b", old_pid) != old_pid, timeout=10)
+        assert wait(lambda: _rows(home, "cluster.listener.reconnected"), timeout=10)
+        [back] = _rows(home, "cluster.listener.reconnected")
+        assert back["details"]["node"] == "node-b" and back["details"]["down_s"] >= 0.6
+        assert "server closed the connection" in back["details"]["error"], back["details"]
+        took["listen again"] = kill(later_sid, later_proc)
+        assert all(_session(home, s)["status"] == "killed" for s in (sid, gap_sid, later_sid))
+        print("kill written -> vendor's ssh exited on node-b: "
+              + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in took.items()))
+        assert max(took.values()) < 1.0, took
+        assert "listening connection to PostgreSQL lost" in (tmp_path / "node-b.log").read_text()
+    finally:
+        store.close()
+        admin.close()
+        cluster.close()
+        _TARGETS.pop(cluster.home, None)
