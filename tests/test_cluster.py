@@ -669,3 +669,95 @@ def test_postgresql_a_kill_wakes_the_other_node_at_once_and_the_poll_covers_a_lo
         admin.close()
         cluster.close()
         _TARGETS.pop(cluster.home, None)
+
+
+def _journal_bytes(store: Store, session_id: str) -> bytes:
+    out, after = bytearray(), -1
+    while rows := store.read_journal(session_id, after):
+        for seq, data in rows:
+            out += data
+            after = seq
+    return bytes(out)
+
+
+UPLOAD = b"".join(b"vendor firmware image block %08d\n" % i for i in range(1 << 20))  # 37 MiB
+
+
+@pytest.mark.openssh
+def test_postgresql_sigkill_a_node_during_a_large_upload_the_survivor_rebuilds_from_the_journal(
+        tmp_path: Path, device, pg_url: str) -> None:
+    """The journal on PostgreSQL; a 37 MiB SFTP upload through node-a; node-a SIGKILLed half-way and its recording
+    file lost with it: node-b declares it dead, rebuilds the recording from the journal, seals it and marks it
+    incomplete. Every byte journaled before the kill is in the sealed recording, `audit verify` passes, and the
+    vendor resumes the upload through node-b within the same grant (the device ends with the whole file)."""
+    dev = device()
+    cluster = Cluster(tmp_path, lambda: dev, config=FAST + "[recording]\njournal = true\n", store_url=pg_url)
+    home = cluster.home
+    local = tmp_path / "fw.bin"
+    local.write_bytes(UPLOAD)
+    target = dev.root / "tmp" / "fw.bin"
+    argv = ["sftp", *ssh_options(key=cluster.people["alice"].private_path, known_hosts=cluster.known_hosts,
+                                 host_key_checking="yes"), "-b", "-"]
+    try:
+        # at most 5 MB/s (sftp -l, in Kbit/s): the kill lands half-way however fast this machine is
+        upload = subprocess.Popen([*argv, "-l", "40000", "-P", str(cluster.ports["node-a"]), "alice@ct-01@127.0.0.1"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        cluster.procs.append(upload)
+        upload.stdin.write(f"put {local} tmp/fw.bin\n".encode())
+        upload.stdin.close()
+        assert wait(lambda: target.exists() and target.stat().st_size > 8 << 20, timeout=60, step=0.05), \
+            (upload.poll(), target.exists() and target.stat().st_size)
+        [sid] = _live_ids(home)
+        store = _store(home)
+        try:
+            journaled = _journal_bytes(store, sid)  # acknowledged before the kill
+        finally:
+            store.close()
+        cluster.nodes["node-a"].kill9()
+        received = target.stat().st_size
+        assert upload.wait(15) != 0  # the connection was lost mid-transfer
+        assert received < len(UPLOAD)
+        recording = home / "recordings" / _session(home, sid)["recording"]
+        recording.unlink()  # node-a's disk went with it: only the journal is left
+        assert wait(lambda: _session(home, sid)["status"] != "live", timeout=15, step=0.1)
+        sealed = _session(home, sid)
+        assert sealed["status"] == "incomplete" and sealed["final_hash"] and sealed["signature"]
+        assert sealed["end_reason"].endswith("recording sealed by node node-b")
+        [seal] = [r for r in _rows(home, "session.sealed") if r["session_id"] == sid]
+        assert seal["details"]["sealed_from"] == "journal" and seal["details"]["rebuilt_from_journal_bytes"] > 0
+        assert recording.read_bytes().startswith(journaled)  # every acknowledged frame, then the end frame
+        keys = FileKeyProvider(home / "keys" / "data.key")
+        frames = list(read_frames(recording, key_lookup=keys.get, strict=False))
+        assert frames and frames[-1].kind == "end"
+        # what the recording holds of the vendor's SFTP stream is the upload's start, in order (the last whole
+        # lines it holds; SFTP's packet headers, 32 KiB apart, can split at most one of three neighbouring lines)
+        sent = b"".join(f.payload for f in frames if f.kind == "input")
+        last = len(sent) * 32 // 33 // 37 - 1  # surely inside: below the payload of len(sent) bytes of packets
+        assert sum(UPLOAD[i * 37:(i + 1) * 37] in sent for i in (last - 2, last - 1, last)) >= 2
+        verify = _cli(home, "audit", "verify", "--json")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        report = json.loads(verify.stdout)
+        [entry] = [r for r in report["recordings"] if r["session_id"] == sid]
+        assert entry["state"] == "incomplete" and entry["problems"] == []
+
+        # the vendor resumes through the surviving node, within the same grant
+        again = subprocess.run([*argv, "-P", str(cluster.ports["node-b"]), "alice@ct-01@127.0.0.1"],
+                               input=f"reput {local} tmp/fw.bin\n".encode(), capture_output=True, env=_env(),
+                               timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert target.read_bytes() == UPLOAD
+        def later() -> list[tuple]:
+            store = _store(home)
+            try:
+                return [(r["node_id"], r["grant_id"], r["status"]) for r in store.list_sessions() if r["id"] != sid]
+            finally:
+                store.close()
+
+        assert wait(lambda: later() == [("node-b", sealed["grant_id"], "closed")], timeout=10), later()
+        print(f"node-a SIGKILLed with {received} of {len(UPLOAD)} B on the device, {len(journaled)} B of recording "
+              f"journaled before the kill; rebuilt from the journal: {seal['details']['rebuilt_from_journal_bytes']} B, "
+              f"of which {len(sent)} B of the vendor's SFTP stream ({received - len(sent)} B fewer than the device "
+              "got)")
+    finally:
+        cluster.close()
+        _TARGETS.pop(home, None)
