@@ -69,6 +69,9 @@ EVENTS: dict[str, str] = {
     "forward.close": "a forwarded connection ended (port, bytes each way, TLS or plain text, reason)",
     "connection.closed": "an open connection was closed because its login no longer stands (user disabled, "
                          "key removed, role changed)",
+    "proxy.refused": "a connection was closed before SSH began: from a balancer address (listen.proxy_protocol_from) "
+                     "without a valid PROXY protocol v2 header in time, or from any other address with one (source "
+                     "= the connecting address, reason); at most one row a second per address",
     "exec.denied": "an exec command naming a protected path was refused",
     "channel.protocol.denied": "a file-transfer protocol (sftp, scp, rsync, tar, cpio, ssh) flowed on a shell or exec "
                                "channel or a plain-text port forward (kind = forward, port), or a forwarded "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 import tomllib
@@ -183,6 +184,9 @@ class ListenConfig:
     public_host: str = "broker"
     """How vendors address the broker (used in the hints the broker prints)."""
     workers: int = 1
+    proxy_protocol_from: tuple[str, ...] = ()
+    """Balancer addresses or networks whose connections start with a PROXY protocol v2 header (broker/balancer.py);
+    empty = no balancer. Connections from anywhere else must not carry one."""
 
 
 @dataclass(frozen=True)
@@ -664,12 +668,33 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
     _validate_store(cfg.store, source)
     if cfg.listen.workers < 1 or cfg.listen.workers > 64:
         raise ConfigError(f"{source}: listen.workers must be between 1 and 64")
+    _validate_balancers(cfg.listen.proxy_protocol_from, source)
     if cfg.retention.days < 180 and not cfg.retention.allow_below_floor:
         raise ConfigError(
             f"{source}: retention.days = {cfg.retention.days} is below the 180-day floor",
             "logs must be kept at least six months (Cybersecurity Law Art. 21); "
             "set retention.allow_below_floor = true only with a documented exemption",
         )
+
+
+def _validate_balancers(entries: tuple[str, ...], source: str) -> None:
+    """``listen.proxy_protocol_from``: IP addresses or networks, each exact (no host bits), none that is everyone."""
+    for entry in entries:
+        try:
+            net = ipaddress.ip_network(entry, strict=True)
+        except ValueError as exc:
+            if "host bits set" in str(exc):
+                wide = ipaddress.ip_network(entry, strict=False)
+                host = entry.split("/")[0]
+                raise ConfigError(f"{source}: listen.proxy_protocol_from: {entry!r} has host bits set",
+                                  f"write the network ({wide}) or the one balancer ({host}/"
+                                  f"{wide.max_prefixlen})") from None
+            raise ConfigError(f"{source}: listen.proxy_protocol_from: {entry!r} is not an IP address or network",
+                              'list the balancers\' addresses, e.g. ["10.0.0.5", "10.0.0.6/32"]') from None
+        if net.prefixlen == 0:
+            raise ConfigError(f"{source}: listen.proxy_protocol_from: {entry!r} would let every client claim "
+                              "any address (lockout, caps and audit would trust it)",
+                              "list only the balancers' addresses")
 
 
 def parse_startups(text: str) -> tuple[int, int, int]:
@@ -900,6 +925,8 @@ login_timeout = "30s"             # unauthenticated connections are dropped afte
 keepalive_interval = "30s"        # keepalives to vendor clients
 public_host = "broker"            # how vendors address this broker, used in hints we print
 workers = 1                       # processes sharing the port (SO_REUSEPORT)
+proxy_protocol_from = []          # balancers (e.g. ["10.0.0.5/32"]) that send PROXY protocol v2 (HAProxy
+                                  # send-proxy-v2); their connections must start with it, no other may
 
 [grants]
 max_duration = "8h"               # longest window an approver may grant

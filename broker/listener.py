@@ -11,6 +11,7 @@ import os
 import asyncssh
 
 from broker.app import App
+from broker.balancer import BalancerTrust, ProxyListener
 from broker.config import parse_listen
 from broker.containment import check_devices
 from broker.jump import open_jump
@@ -41,9 +42,16 @@ async def start_server(app: App, address: str, *, seal: bool = True,
     if broker.duties:  # devices never checked get a containment check now (bounded wait; the rest goes on)
         await asyncio.wait([broker.spawn(check_devices(app, broker.default_protected))], timeout=3)
     shared = app.config.listen.workers > 1 or worker is not None  # several processes accept on this port
-    acceptor = await asyncssh.listen(host, port, server_factory=lambda: BrokerServer(broker),
-                                     reuse_address=True, reuse_port=shared,
-                                     **listen_options(app))
+    trust = BalancerTrust(app.config.listen.proxy_protocol_from)
+    if trust:  # behind a balancer (docs/ha.md, "Balancer"): PROXY v2 from it, the client's address from that
+        front = ProxyListener(trust, on_refused=_refusal_reporter(broker), reuse_port=shared,
+                              header_timeout=app.config.seconds("listen", "login_timeout"))
+        acceptor = await asyncssh.listen(host, port, server_factory=lambda: BrokerServer(broker), tunnel=front,
+                                         **listen_options(app))
+    else:
+        acceptor = await asyncssh.listen(host, port, server_factory=lambda: BrokerServer(broker),
+                                         reuse_address=True, reuse_port=shared,
+                                         **listen_options(app))
     broker.port = acceptor.sockets[0].getsockname()[1] if port == 0 else port
     broker.settings = broker.settings.with_port(broker.port)
     if broker.duties:  # this process is its cluster node (a worker's supervisor is)
@@ -55,12 +63,28 @@ async def start_server(app: App, address: str, *, seal: bool = True,
             raise
     await broker.refresh_recent()
     broker.start_control()
+    balancers = {"proxy_protocol_from": list(app.config.listen.proxy_protocol_from)} if trust else {}
     if worker is None:
-        await broker.audit("broker.started", address=f"{host}:{broker.port}", pid=broker.pid)
+        await broker.audit("broker.started", address=f"{host}:{broker.port}", pid=broker.pid, **balancers)
     else:
         await broker.audit("broker.worker.started", address=f"{host}:{broker.port}", pid=broker.pid, worker=worker,
-                           supervisor_pid=os.getppid())
+                           supervisor_pid=os.getppid(), **balancers)
     return acceptor, broker
+
+
+def _refusal_reporter(broker: Broker):
+    """``proxy.refused`` for a connection closed before SSH; like the connection caps, at most one row a second
+    per address, however fast it reconnects (a flood must not flood the audit log)."""
+    def report(peer: str, peer_port: int, reason: str) -> None:
+        now = asyncio.get_running_loop().time()
+        key = f"proxy:{peer}"
+        if now - broker.limit_audited.get(key, -60.0) < 1.0:
+            return
+        if len(broker.limit_audited) > 1024:  # many addresses: forget the old ones (the cost is an extra row)
+            broker.limit_audited.clear()
+        broker.limit_audited[key] = now
+        broker.audit_soon("proxy.refused", source=peer, reason=reason, port=peer_port)
+    return report
 
 
 async def _cancel_starts(broker: Broker) -> None:

@@ -120,7 +120,29 @@ else
   apt_install slapd
 fi
 
-# 2d. OpenStack Swift with its s3api middleware (tests/helpers/swift.py: an S3-compatible server on loopback for
+# 2d. HAProxy (tests/helpers/haproxy.py starts its own in the foreground on loopback; never the system service).
+if command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; then
+  step "haproxy present"
+else
+  # The package's postinst would start the service: a policy-rc.d that answers 101 ("not allowed") stops it,
+  # unless the machine already has one (containers usually do).
+  policy=/usr/sbin/policy-rc.d
+  added_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod 755 "$policy"
+    added_policy=1
+  fi
+  status=0
+  apt_install haproxy || status=$?
+  [ "$added_policy" -eq 0 ] || "${sudo_cmd[@]}" rm -f "$policy"
+  [ "$status" -eq 0 ] || die "installing haproxy failed"
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    "${sudo_cmd[@]}" systemctl disable --now haproxy >/dev/null 2>&1 || true
+  fi
+fi
+
+# 2e. OpenStack Swift with its s3api middleware (tests/helpers/swift.py: an S3-compatible server on loopback for
 #     [archive]; the tests build their own rings and configs in a temp dir and never use /etc/swift or services).
 if [ -x /usr/bin/swift-proxy-server ] && [ -x /usr/bin/swift-object-server ] && [ -x /usr/bin/swift-ring-builder ] \
     && [ -x /usr/bin/swift-account-server ] && [ -x /usr/bin/swift-container-server ]; then

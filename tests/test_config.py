@@ -131,7 +131,7 @@ def _is_duration(text: str) -> bool:
 NON_DEFAULT = {
     "listen": {"address": '"127.0.0.1:2022"', "host_key": '"k/host"', "server_version": '"x"',
                "login_timeout": '"45s"', "keepalive_interval": '"1m"', "public_host": '"jump.example"',
-               "workers": "4"},
+               "workers": "4", "proxy_protocol_from": '["127.0.0.1", "10.0.0.0/24", "fd00::5/128"]'},
     "grants": {"max_duration": '"4h"', "request_ttl": '"2d"', "warnings": '["2m"]', "critical_approvers": "3"},
     "recording": {"dir": '"rec"', "mode": '"best_effort"', "encrypt": "false", "signing_key": '"k/s.pem"',
                   "data_key": '"k/d.key"', "keep_uploads": "true",
@@ -289,6 +289,14 @@ def test_wrong_types_name_the_key_and_the_value(tmp_path: Path, text: str, needl
         ('[listen]\naddress = "2222"\n', "listen.address"),
         ('[listen]\naddress = "host:99999"\n', "listen.address"),
         ('[grants]\nwarnings = ["5m", "soon"]\n', "grants.warnings"),
+        ('[listen]\nproxy_protocol_from = ["haproxy.local"]\n',
+         "listen.proxy_protocol_from: 'haproxy.local' is not an IP address or network"),
+        ('[listen]\nproxy_protocol_from = ["10.0.0.1/8"]\n', "listen.proxy_protocol_from: '10.0.0.1/8' has host bits set"),
+        ('[listen]\nproxy_protocol_from = ["0.0.0.0/0"]\n', "would let every client claim any address"),
+        ('[listen]\nproxy_protocol_from = ["::/0"]\n', "would let every client claim any address"),
+        ('[listen]\nproxy_protocol_from = ["127.0.0.1:8404"]\n', "is not an IP address or network"),
+        ('[listen]\nproxy_protocol_from = "127.0.0.1"\n', "listen.proxy_protocol_from must be a list of strings"),
+        ("[listen]\nproxy_protocol_from = [2130706433]\n", "listen.proxy_protocol_from must be a list of strings"),
         ('[cluster]\nnode_id = "-a"\n', "cluster.node_id: node id '-a' is not 1-253 letters"),
         ('[cluster]\nnode_id = "a b"\n', "cluster.node_id: node id 'a b' is not"),
         ('[cluster]\nnode_id = "a/b"\n', "cluster.node_id: node id 'a/b' is not"),
@@ -606,6 +614,13 @@ def test_forward_tls_is_one_of_three(tmp_path) -> None:
         load_config(path)
 
 
+def test_balancer_addresses_say_how_to_write_them(tmp_path: Path) -> None:
+    """A network written with host bits gets both readings as the hint; the valid forms load as written."""
+    err = config_error(tmp_path, '[listen]\nproxy_protocol_from = ["10.0.0.1/8"]\n')
+    assert "10.0.0.0/8" in err.hint and "10.0.0.1/32" in err.hint
+    cfg = load_text(tmp_path, '[listen]\nproxy_protocol_from = ["10.1.2.3", "192.168.0.0/16", "::1"]\n')
+    assert cfg.listen.proxy_protocol_from == ("10.1.2.3", "192.168.0.0/16", "::1")
+    assert load_text(tmp_path, "").listen.proxy_protocol_from == ()  # default: no balancer
 # ---------------------------------------------------------------- [archive]
 
 _ARCHIVE_OK = 'url = "s3://medbroker-recordings/site-a/"\naccess_key_file = "a"\nsecret_key_file = "s"\n'

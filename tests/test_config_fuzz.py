@@ -4,6 +4,7 @@ exception; accepted configs are usable everywhere the broker reads them; valid v
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -91,6 +92,8 @@ GOOD_DURATION = st.builds("{}{}".format, st.integers(1, 99), st.sampled_from("sm
 LIKELY = {
     ("listen", "address"): st.builds("127.0.0.1:{}".format, st.integers(0, 65535)),
     ("listen", "workers"): st.integers(1, 64),
+    ("listen", "proxy_protocol_from"): st.lists(st.sampled_from(["127.0.0.1", "10.0.0.0/8", "::1", "fd00::/64"]),
+                                                max_size=2),
     ("grants", "critical_approvers"): st.integers(1, 3),
     ("grants", "warnings"): st.lists(GOOD_DURATION, max_size=3),
     ("recording", "mode"): st.sampled_from(["strict", "best_effort"]),
@@ -243,6 +246,11 @@ def valid_documents(draw) -> dict[str, dict[str, object]]:
     recording["dir"] = draw(st.text("abcxyz0189/._-~ ", min_size=1, max_size=30))
     doc.setdefault("grants", {})["warnings"] = draw(st.lists(GOOD_DURATION, max_size=4))
     doc.setdefault("listen", {})["address"] = f"127.0.0.1:{draw(st.integers(0, 65535))}"
+    if draw(st.booleans()):  # balancers: any exact address, or a network (host bits clear, never everyone)
+        nets = st.builds(lambda a, n: str(ipaddress.ip_network(f"{a}/{n}", strict=False)),
+                         st.ip_addresses(v=4), st.integers(1, 32))
+        doc["listen"]["proxy_protocol_from"] = draw(st.lists(st.one_of(st.ip_addresses().map(str), nets),
+                                                             max_size=3))
     return doc
 
 
