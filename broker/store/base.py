@@ -191,7 +191,14 @@ class StoreBase:
                 self.notify_ending(conn)
             return result
 
-        return self.atomic(write)
+        try:
+            return self.atomic(write)
+        except OverflowError:
+            raise _out_of_range() from None
+        except Exception as exc:
+            if _is_out_of_range(exc):
+                raise _out_of_range() from None
+            raise
 
     def notify_ending(self, conn: Connection) -> None:
         """Inside a write transaction that may end live sessions: wake the nodes at its commit (PostgreSQL)."""
