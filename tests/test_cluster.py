@@ -1,7 +1,9 @@
 """Nodes that know each other (issue 13 item 4): broker/nodes.py, broker/cluster.py, broker/store/cluster.py.
 
-The store and lease tests use a real SQLite database; the node tests run two real ``medbroker serve`` processes
-with different node ids on one home, a real sshd device and OpenSSH clients, and SIGKILL/SIGSTOP one node.
+The store and lease tests use a real SQLite database and a real PostgreSQL; the node tests run two real
+``medbroker serve`` processes with different node ids on one home (its SQLite file, or ``[store] url`` on the
+session's PostgreSQL), a real sshd device and OpenSSH clients, and SIGKILL/SIGSTOP one node. On PostgreSQL also:
+LISTEN/NOTIFY between nodes, and a node SIGKILLed during a large upload with the journal on.
 """
 
 from __future__ import annotations
