@@ -123,6 +123,9 @@ EVENTS: dict[str, str] = {
                          "(its live sessions are recovered next)",
     "cluster.node.fenced": "a node found it had been declared dead by another node and exited at once, leaving the "
                            "sessions that node sealed alone",
+    "cluster.listener.reconnected": "a node's listening connection to PostgreSQL (LISTEN for kills, revokes and "
+                                    "withdrawn logins) was lost and is back (down_s, error); meanwhile the 0.25 s "
+                                    "poll ended sessions",
     "cluster.sessions.recovered": "a surviving node sealed the live sessions of a dead node and marked them "
                                   "incomplete (per session: final hash and where it was sealed from)",
 }

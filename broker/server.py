@@ -32,6 +32,7 @@ from broker.mfa import mfa_hook_status
 from broker.totp import check_code
 from broker.selfservice import run_command
 from broker.startups import Admission, StartupGate, StartupPolicy
+from broker.store.notify import StopListener
 from broker.channels import SessionPolicy
 from broker.cluster import node_id_of
 from broker.live import LiveSession, seal_interrupted_sessions
@@ -105,6 +106,8 @@ class Broker:
         self.node_id = node_id_of(app.config)  # sessions rows carry it; workers get their supervisor's
         self.node: Node | None = None  # set by join_cluster (the process with duties)
         self._control: asyncio.Task | None = None
+        self._wake = asyncio.Event()  # set by the PostgreSQL listener: look for sessions to end now
+        self.listener: StopListener | None = None  # [store] url on PostgreSQL: LISTEN for session-ending writes
         self.tasks: set[asyncio.Task] = set()
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
         self.starting_sessions: dict[str, tuple[LiveSession, asyncio.Future]] = {}  # the same, by session id
@@ -172,9 +175,22 @@ class Broker:
             await self.node.leave()
 
     def start_control(self) -> None:
-        self._control = asyncio.get_running_loop().create_task(self._control_loop())
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._control = loop.create_task(self._control_loop())
+        serves = self.worker is not None or self.app.config.listen.workers <= 1  # a supervisor serves no session
+        if serves and self.app.store.dialect == "postgresql" and self.app.config.store.url:
+            self.listener = StopListener(
+                self.app.config.store.url, lambda: loop.call_soon_threadsafe(self._wake.set),
+                name=f"medbroker-listen {self.node_id}",
+                on_reconnect=lambda d: loop.call_soon_threadsafe(
+                    lambda: self.audit_soon("cluster.listener.reconnected", node=self.node_id, pid=self.pid, **d)))
+            self.listener.start()
 
     async def stop_control(self) -> None:
+        if self.listener is not None:
+            listener, self.listener = self.listener, None
+            await asyncio.to_thread(listener.stop)
         if self._control:
             self._control.cancel()
             try:
@@ -182,22 +198,43 @@ class Broker:
             except asyncio.CancelledError:
                 pass
 
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less when the listener says a session-ending write was committed; True then."""
+        if self.listener is None:
+            await asyncio.sleep(seconds)
+            return False
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            return False
+        self._wake.clear()
+        return True
+
     async def _control_loop(self) -> None:
         """Every 0.25 s: end this process's sessions that were killed, revoked or withdrawn (from any process or
-        node), and let the node (the process with duties) heartbeat and run the cluster-wide duties that are due."""
+        node), and let the node (the process with duties) heartbeat and run the cluster-wide duties that are due.
+        On PostgreSQL the listener also wakes it at once when such a write is committed (a look for sessions to
+        end only; the ticks keep their 0.25 s rhythm)."""
+        loop = asyncio.get_running_loop()
         tick = beat = 0
+        due = loop.time() + STOP_POLL_S
         while True:
-            await asyncio.sleep(STOP_POLL_S)
-            beat += 1
-            new_tick = beat % 2 == 0
-            if self.node is not None:
-                self.node.tick()  # heartbeat, dead nodes, duties under leases: each in its own task
+            woken = await self._pause(max(0.0, due - loop.time()))
+            new_tick = False
+            if not woken:
+                due = loop.time() + STOP_POLL_S
+                beat += 1
+                new_tick = beat % 2 == 0
+                if self.node is not None:
+                    self.node.tick()  # heartbeat, dead nodes, duties under leases: each in its own task
             if new_tick:
                 tick += 1
                 if tick % RECENT_TICKS == 0:
                     self.spawn(self.refresh_recent())
                 if self.connections:
                     self.spawn(self._close_withdrawn())
+            elif woken and self.connections:
+                self.spawn(self._close_withdrawn())  # a login withdrawn: connections without a session too
             if not self.live and not self.starting_sessions:
                 continue
             try:

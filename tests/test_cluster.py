@@ -1,7 +1,9 @@
 """Nodes that know each other (issue 13 item 4): broker/nodes.py, broker/cluster.py, broker/store/cluster.py.
 
-The store and lease tests use a real SQLite database; the node tests run two real ``medbroker serve`` processes
-with different node ids on one home, a real sshd device and OpenSSH clients, and SIGKILL/SIGSTOP one node.
+The store and lease tests use a real SQLite database and a real PostgreSQL; the node tests run two real
+``medbroker serve`` processes with different node ids on one home (its SQLite file, or ``[store] url`` on the
+session's PostgreSQL), a real sshd device and OpenSSH clients, and SIGKILL/SIGSTOP one node. On PostgreSQL also:
+LISTEN/NOTIFY between nodes, and a node SIGKILLed during a large upload with the journal on.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def at(seconds: float) -> str:
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    store = open_store(tmp_path / "medbroker.db")
+def db(store_target):
+    store = open_store(store_target)
     yield store
     store.close()
 
@@ -53,8 +55,8 @@ def db(tmp_path: Path):
 # ---------------------------------------------------------------- the store: nodes and leases
 
 
-def test_a_lease_goes_to_one_holder_until_it_runs_out(db: Store, tmp_path: Path) -> None:
-    other = open_store(tmp_path / "medbroker.db")  # a second connection: another process or node
+def test_a_lease_goes_to_one_holder_until_it_runs_out(db: Store, store_target) -> None:
+    other = open_store(store_target, migrate=False)  # a second connection: another process or node
     try:
         assert db.take_lease("duty:x", "a", at(0), at(30), renew=False) == (True, at(30))
         assert other.take_lease("duty:x", "b", at(1), at(31), renew=False) == (False, at(30))
@@ -199,8 +201,11 @@ def _states(home: Path) -> dict[str, str]:
     return {n["id"]: n["state"] for n in _status(home)["nodes"]}
 
 
+_TARGETS: dict[Path, str] = {}  # home -> its [store] url, for the homes whose database is PostgreSQL
+
+
 def _store(home: Path) -> Store:
-    return open_store(home / "medbroker.db", migrate=False)
+    return open_store(_TARGETS.get(home, home / "medbroker.db"), migrate=False)
 
 
 def _rows(home: Path, event: str) -> list[dict]:
@@ -231,8 +236,12 @@ def _live_ids(home: Path) -> list[str]:
 class Cluster:
     """Two ``medbroker serve`` nodes (node-a, node-b) on one home, each on its own port."""
 
-    def __init__(self, tmp: Path, device, config: str = FAST) -> None:
+    def __init__(self, tmp: Path, device, config: str = FAST, store_url: str | None = None) -> None:
+        if store_url:
+            config += f'[store]\nurl = "{store_url}"\n'
         self.home, self.people = prepared_home(tmp, device(), config=config)
+        if store_url:
+            _TARGETS[self.home] = store_url
         host_key = (self.home / "keys" / "host_ed25519.pub").read_text()
         self.ports = {"node-a": free_port(), "node-b": free_port()}
         self.known_hosts = tmp / "known_hosts"
@@ -279,13 +288,16 @@ class Cluster:
             node.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, device):
-    c = Cluster(tmp_path, device)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cluster(tmp_path: Path, device, request: pytest.FixtureRequest):
+    """Two nodes on one database: the home's SQLite file, or a PostgreSQL database of their own."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    c = Cluster(tmp_path, device, store_url=url)
     try:
         yield c
     finally:
         c.close()
+        _TARGETS.pop(c.home, None)
 
 
 def _frames_text(path: Path, keys: FileKeyProvider) -> tuple[bytes, bytes]:
@@ -585,3 +597,169 @@ def test_a_recording_that_is_not_here_is_marked_incomplete_without_a_hash(tmp_pa
         assert not (home / "recordings" / "20261207-020000-aaaaaa.mbr").exists()
     finally:
         app.close()
+
+
+# ---------------------------------------------------------------- PostgreSQL: LISTEN/NOTIFY between nodes
+
+
+def _listeners(admin) -> dict[str, int]:
+    """The nodes' listening connections in pg_stat_activity: {application name: backend pid}."""
+    rows = admin.execute("SELECT application_name, pid FROM pg_stat_activity "
+                         "WHERE application_name LIKE 'medbroker-listen %'").fetchall()
+    return {name: pid for name, pid in rows}
+
+
+@pytest.mark.openssh
+def test_postgresql_a_kill_wakes_the_other_node_at_once_and_the_poll_covers_a_lost_listener(
+        tmp_path: Path, device, postgres, pg_url: str) -> None:
+    """On PostgreSQL each node LISTENs; a kill written elsewhere ends a session on node-b in well under a second.
+    With node-b's listening backend terminated and no new connection allowed into the database, the 0.25 s poll
+    still ends the next session within a second; once connections are allowed again the listener is back
+    (audited cluster.listener.reconnected) and a kill reaches node-b at once again."""
+    import psycopg
+
+    cluster = Cluster(tmp_path, device, store_url=pg_url)
+    admin = psycopg.connect(postgres.url(), autocommit=True, connect_timeout=10)
+    db_name = pg_url.split("/")[3].split("?")[0]
+    store = _store(cluster.home)  # opened now: it must keep working while new connections are refused
+    try:
+        home = cluster.home
+        assert wait(lambda: set(_listeners(admin)) == {"medbroker-listen node-a", "medbroker-listen node-b"},
+                    timeout=10), _listeners(admin)
+
+        def kill(sid: str, proc: subprocess.Popen) -> float:
+            """Write the kill as another node would (one committed UPDATE); seconds until the vendor's ssh exits."""
+            exited = _ended_at(proc)
+            written = time.time()
+            assert store.request_session_kill(sid, "bob", "cluster test", utc_iso(
+                datetime.fromtimestamp(written, timezone.utc)))
+            assert wait(lambda: "at" in exited, timeout=5, step=0.01)
+            assert b"security staff ended this session: cluster test" in proc.stderr.read()
+            return exited["at"] - written
+
+        took = {}
+        proc, sid = cluster.vendor("node-b")
+        took["listen"] = kill(sid, proc)
+        gap_proc, gap_sid = cluster.vendor("node-b")
+        later_proc, later_sid = cluster.vendor("node-b")
+
+        # node-b's listener loses its backend and cannot come back: only the poll is left
+        old_pid = _listeners(admin)["medbroker-listen node-b"]
+        admin.execute(f"ALTER DATABASE {db_name} ALLOW_CONNECTIONS false")
+        try:
+            admin.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
+            assert wait(lambda: "medbroker-listen node-b" not in _listeners(admin), timeout=5)
+            time.sleep(0.6)  # at least one failed reconnect
+            assert "medbroker-listen node-b" not in _listeners(admin)
+            took["poll"] = kill(gap_sid, gap_proc)
+            assert "medbroker-listen node-b" not in _listeners(admin)  # it was the poll
+        finally:
+            admin.execute(f"ALTER DATABASE {db_name} ALLOW_CONNECTIONS true")
+        assert wait(lambda: _listeners(admin).get("medbroker-listen node-b", old_pid) != old_pid, timeout=10)
+        assert wait(lambda: _rows(home, "cluster.listener.reconnected"), timeout=10)
+        [back] = _rows(home, "cluster.listener.reconnected")
+        assert back["details"]["node"] == "node-b" and back["details"]["down_s"] >= 0.6
+        assert "server closed the connection" in back["details"]["error"], back["details"]
+        took["listen again"] = kill(later_sid, later_proc)
+        assert all(_session(home, s)["status"] == "killed" for s in (sid, gap_sid, later_sid))
+        print("kill written -> vendor's ssh exited on node-b: "
+              + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in took.items()))
+        assert max(took.values()) < 1.0, took
+        assert "listening connection to PostgreSQL lost" in (tmp_path / "node-b.log").read_text()
+    finally:
+        store.close()
+        admin.close()
+        cluster.close()
+        _TARGETS.pop(cluster.home, None)
+
+
+def _journal_bytes(store: Store, session_id: str) -> bytes:
+    out, after = bytearray(), -1
+    while rows := store.read_journal(session_id, after):
+        for seq, data in rows:
+            out += data
+            after = seq
+    return bytes(out)
+
+
+UPLOAD = b"".join(b"vendor firmware image block %08d\n" % i for i in range(1 << 20))  # 37 MiB
+
+
+@pytest.mark.openssh
+def test_postgresql_sigkill_a_node_during_a_large_upload_the_survivor_rebuilds_from_the_journal(
+        tmp_path: Path, device, pg_url: str) -> None:
+    """The journal on PostgreSQL; a 37 MiB SFTP upload through node-a; node-a SIGKILLed half-way and its recording
+    file lost with it: node-b declares it dead, rebuilds the recording from the journal, seals it and marks it
+    incomplete. Every byte journaled before the kill is in the sealed recording, `audit verify` passes, and the
+    vendor resumes the upload through node-b within the same grant (the device ends with the whole file)."""
+    dev = device()
+    cluster = Cluster(tmp_path, lambda: dev, config=FAST + "[recording]\njournal = true\n", store_url=pg_url)
+    home = cluster.home
+    local = tmp_path / "fw.bin"
+    local.write_bytes(UPLOAD)
+    target = dev.root / "tmp" / "fw.bin"
+    argv = ["sftp", *ssh_options(key=cluster.people["alice"].private_path, known_hosts=cluster.known_hosts,
+                                 host_key_checking="yes"), "-b", "-"]
+    try:
+        # at most 5 MB/s (sftp -l, in Kbit/s): the kill lands half-way however fast this machine is
+        upload = subprocess.Popen([*argv, "-l", "40000", "-P", str(cluster.ports["node-a"]), "alice@ct-01@127.0.0.1"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        cluster.procs.append(upload)
+        upload.stdin.write(f"put {local} tmp/fw.bin\n".encode())
+        upload.stdin.close()
+        assert wait(lambda: target.exists() and target.stat().st_size > 8 << 20, timeout=60, step=0.05), \
+            (upload.poll(), target.exists() and target.stat().st_size)
+        [sid] = _live_ids(home)
+        store = _store(home)
+        try:
+            journaled = _journal_bytes(store, sid)  # acknowledged before the kill
+        finally:
+            store.close()
+        cluster.nodes["node-a"].kill9()
+        received = target.stat().st_size
+        assert upload.wait(15) != 0  # the connection was lost mid-transfer
+        assert received < len(UPLOAD)
+        recording = home / "recordings" / _session(home, sid)["recording"]
+        recording.unlink()  # node-a's disk went with it: only the journal is left
+        assert wait(lambda: _session(home, sid)["status"] != "live", timeout=15, step=0.1)
+        sealed = _session(home, sid)
+        assert sealed["status"] == "incomplete" and sealed["final_hash"] and sealed["signature"]
+        assert sealed["end_reason"].endswith("recording sealed by node node-b")
+        [seal] = [r for r in _rows(home, "session.sealed") if r["session_id"] == sid]
+        assert seal["details"]["sealed_from"] == "journal" and seal["details"]["rebuilt_from_journal_bytes"] > 0
+        assert recording.read_bytes().startswith(journaled)  # every acknowledged frame, then the end frame
+        keys = FileKeyProvider(home / "keys" / "data.key")
+        frames = list(read_frames(recording, key_lookup=keys.get, strict=False))
+        assert frames and frames[-1].kind == "end"
+        # what the recording holds of the vendor's SFTP stream is the upload's start, in order (the last whole
+        # lines it holds; SFTP's packet headers, 32 KiB apart, can split at most one of three neighbouring lines)
+        sent = b"".join(f.payload for f in frames if f.kind == "input")
+        last = len(sent) * 32 // 33 // 37 - 1  # surely inside: below the payload of len(sent) bytes of packets
+        assert sum(UPLOAD[i * 37:(i + 1) * 37] in sent for i in (last - 2, last - 1, last)) >= 2
+        verify = _cli(home, "audit", "verify", "--json")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        report = json.loads(verify.stdout)
+        [entry] = [r for r in report["recordings"] if r["session_id"] == sid]
+        assert entry["state"] == "incomplete" and entry["problems"] == []
+
+        # the vendor resumes through the surviving node, within the same grant
+        again = subprocess.run([*argv, "-P", str(cluster.ports["node-b"]), "alice@ct-01@127.0.0.1"],
+                               input=f"reput {local} tmp/fw.bin\n".encode(), capture_output=True, env=_env(),
+                               timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert target.read_bytes() == UPLOAD
+        def later() -> list[tuple]:
+            store = _store(home)
+            try:
+                return [(r["node_id"], r["grant_id"], r["status"]) for r in store.list_sessions() if r["id"] != sid]
+            finally:
+                store.close()
+
+        assert wait(lambda: later() == [("node-b", sealed["grant_id"], "closed")], timeout=10), later()
+        print(f"node-a SIGKILLed with {received} of {len(UPLOAD)} B on the device, {len(journaled)} B of recording "
+              f"journaled before the kill; rebuilt from the journal: {seal['details']['rebuilt_from_journal_bytes']} B, "
+              f"of which {len(sent)} B of the vendor's SFTP stream ({received - len(sent)} B fewer than the device "
+              "got)")
+    finally:
+        cluster.close()
+        _TARGETS.pop(home, None)

@@ -395,3 +395,97 @@ def test_sessions_watch_and_the_web_live_view_from_another_home_follow_the_journ
             watcher.stdout.close()
             watcher.stderr.close()
         close_world(world)
+
+
+def _resume(pids: list[int]) -> None:
+    import signal
+
+    while pids:
+        try:
+            os.kill(pids.pop(), signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def _server_processes(pg) -> list[int]:
+    """A PostgreSQL instance's processes: the postmaster, then its children (backends, writer, WAL writer...)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pg.proc.pid:
+            children.append(int(stat.parent.name))
+    return [pg.proc.pid, *children]
+
+
+def test_postgresql_frozen_while_a_vendor_streams_pauses_then_ends_the_session_and_loses_nothing(tmp_path, device,
+                                                                                              postgres):
+    """The whole PostgreSQL server SIGSTOPped (a frozen machine: it answers nothing, not even its own timeouts)
+    while a vendor streams output with the journal on: the relay pauses; past journal_timeout the session ends
+    with "the recording store is unreachable"; after SIGCONT every row journaled before the freeze is still there,
+    the vendor got at most the acknowledgment window beyond the journal, and ``audit verify`` passes. A server
+    of its own: the session one must stay up for the other tests."""
+    import signal
+
+    from helpers.postgres import Postgres
+
+    pg = Postgres()
+    stopped: list[int] = []
+    world = None
+    try:
+        url = pg.new_database()
+        world = world_with(tmp_path, f'[recording]\njournal = true\njournal_timeout = "2s"\n[store]\nurl = "{url}"\n')
+        world.grant()
+        vendor = _vendor(world, LOG)
+        assert wait(lambda: vendor.received > 1 << 20, timeout=60), vendor.stderr
+        [row] = world.app.store.list_sessions()
+        reader = open_store(url, migrate=False)  # the test's own connection: read before the freeze
+        try:
+            journaled_before = _journaled_output(reader, row["id"], world.app.keys)
+        finally:
+            reader.close()
+        os.kill(pg.proc.pid, signal.SIGSTOP)  # the postmaster first: it forks nothing new meanwhile
+        stopped.append(pg.proc.pid)
+        for pid in _server_processes(pg)[1:]:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:  # a backend that was ending (the reader's)
+                continue
+            stopped.append(pid)
+        frozen_at = time.monotonic()
+        time.sleep(1.0)  # what was acknowledged before the freeze drains to the vendor
+        paused_at = vendor.received
+        code = vendor.wait(30)
+        ended_after = time.monotonic() - frozen_at
+        during = vendor.received - paused_at
+        _resume(stopped)
+        told = (b"the recording store is unreachable; medbroker never runs a session it cannot record, so the "
+                b"session was ended")
+        assert code != 0 and told in vendor.stderr, vendor.stderr
+        assert vendor.received < len(EXPECTED)
+        assert during == 0, f"the relay kept going while nothing could be acknowledged: {during} B"
+        assert 2 <= ended_after < 20, ended_after
+
+        store = world.app.store
+        assert wait(lambda: store.get_session(row["id"])["status"] != "live", timeout=30)
+        assert store.get_session(row["id"])["status"] == "recording-failed"
+        journaled = _journaled_output(store, row["id"], world.app.keys)
+        assert journaled.startswith(journaled_before)  # nothing acknowledged before the freeze was lost
+        assert EXPECTED.startswith(journaled) and bytes(vendor.out).startswith(journaled)
+        beyond = vendor.received - len(journaled)
+        print(f"\nPostgreSQL frozen: the session ended {ended_after:.2f} s later (journal_timeout 2 s); vendor "
+              f"received {vendor.received} B, the journal holds {len(journaled)} B of output ({beyond} B beyond "
+              f"it, bound {ACK_WINDOW}); {len(journaled_before)} B were journaled before the freeze")
+        assert 0 <= beyond <= ACK_WINDOW
+        failed = [e for e in events(world, "recording.failed") if e["session_id"] == row["id"]]
+        assert failed and "the recording store is unreachable" in details(failed[0])["error"]
+        verify = _cli(world.app.home, "audit", "verify", "--json")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert json.loads(verify.stdout)["audit"]["ok"]
+    finally:
+        _resume(stopped)
+        if world is not None:
+            close_world(world)
+        pg.stop()

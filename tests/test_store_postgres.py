@@ -472,3 +472,61 @@ def test_a_node_stuck_holding_the_audit_head_makes_others_fail_in_bounded_time(p
     finally:
         holder.close()
         store.close()
+
+
+# ---------------------------------------------------------------- LISTEN/NOTIFY: writes that end sessions
+
+
+def test_writes_that_end_sessions_notify_the_nodes_and_other_writes_do_not(pg: Store, pg_url: str) -> None:
+    """Each write that can end a live session sends NOTIFY on the channel every node listens on (delivered at
+    its commit); a write that changed nothing, or one that ends nothing, sends none."""
+    import psycopg
+
+    from broker.grants import approve_request
+    from broker.store.notify import STOP_CHANNEL
+
+    clock = FakeClock()
+    populate(pg, clock)
+    pg.add_user_key("alice", "SHA256:one", "ssh-ed25519 AAAA1", "2026-01-01T00:00:00.000000Z")
+    pg.add_user_key("alice", "SHA256:two", "ssh-ed25519 AAAA2", "2026-01-01T00:00:00.000000Z")
+    grant = approve_request(pg, AuditLog(pg, clock), RULES, _request(pg, clock, "ct-01"),
+                            get_principal(pg, "bob"), clock.now()).grant
+    pg.insert_session({"id": "s-1", "user_name": "alice", "device": "ct-01", "grant_id": grant.id,
+                       "started_at": "2026-01-01T00:00:00.000000Z", "status": "live", "recording": "s-1.mbr",
+                       "broker_pid": 1, "node_id": "a"})
+    listener = psycopg.connect(pg_url, autocommit=True, connect_timeout=10)
+    try:
+        listener.execute(f"LISTEN {STOP_CHANNEL}")
+
+        def notified() -> int:
+            return sum(1 for n in listener.notifies(timeout=0.3) if n.channel == STOP_CHANNEL)
+
+        now = "2026-01-01T00:01:00.000000Z"
+        writes = [
+            ("kill", lambda: pg.request_session_kill("s-1", "bob", "why", now), 1),
+            ("kill again (no change)", lambda: pg.request_session_kill("s-1", "bob", "why", now), 0),
+            ("revoke", lambda: pg.revoke_grant(grant.id, "bob", now, "why"), 1),
+            ("revoke again (no change)", lambda: pg.revoke_grant(grant.id, "bob", now, "why"), 0),
+            ("disable", lambda: pg.set_user_disabled("alice", True), 1),
+            ("role", lambda: pg.set_user_role("alice", "approver"), 1),
+            ("key removed", lambda: pg.delete_user_key("alice", "SHA256:one"), 1),
+            ("keys replaced, none removed", lambda: pg.replace_user_keys(
+                "alice", [("SHA256:two", "ssh-ed25519 AAAA2"), ("SHA256:new", "ssh-ed25519 AAAA3")], now), 0),
+            ("keys replaced, one removed", lambda: pg.replace_user_keys(
+                "alice", [("SHA256:new", "ssh-ed25519 AAAA3")], now), 1),
+            ("device removed", lambda: pg.delete_device("mri-01"), 1),
+            ("company (ends nothing)", lambda: pg.set_user_company("alice", "Acme"), 0),
+        ]
+        seen = {}
+        for name, write, _ in writes:
+            write()
+            seen[name] = notified()
+        assert seen == {name: n for name, _, n in writes}
+        # a NOTIFY inside a transaction that rolls back is never delivered
+        with pytest.raises(RuntimeError):
+            with pg.transaction() as conn:
+                pg.notify_ending(conn)
+                raise RuntimeError("rolled back")
+        assert notified() == 0
+    finally:
+        listener.close()

@@ -9,10 +9,14 @@ the query modules as explicit per-dialect SQL (``StoreBase.dialect``), never in 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import os
 import re
+import socket
 import sqlite3
+import threading
 import time
 from typing import Any, Iterator, Sequence
 
@@ -203,6 +207,12 @@ class PostgresConnection:
         self.retryable = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
         self.errors: tuple[type[BaseException], ...] = (psycopg.Error,)
         self._waits: list[tuple[str, str]] = []  # set_lock_wait's settings, applied again after a reconnect
+        # set_lock_wait's bound, kept by this client: a frozen server (SIGSTOP, a hung machine) enforces no
+        # timeout of its own, and a statement would wait on its socket for ever
+        self._bound: float | None = None
+        self._calls = 0  # which statement the armed watchdog belongs to
+        self._cut_call = -1  # the statement whose socket the watchdog shut
+        self._guard = threading.Lock()
         self.raw = self._connect()
 
     def _connect(self) -> Any:
@@ -234,17 +244,54 @@ class PostgresConnection:
         if (self.raw.closed or self.raw.broken) and not self.in_transaction:
             self.raw = self._connect()
 
+    @contextlib.contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """With :meth:`set_lock_wait`'s bound: shut this connection's socket when a call has not returned within
+        it, so the waiting call fails at once (the connection is broken; the next statement reconnects)."""
+        if self._bound is None:
+            yield
+            return
+        with self._guard:
+            self._calls += 1
+            call = self._calls
+        timer = threading.Timer(self._bound, self._cut, (call,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except self._psycopg.OperationalError as exc:
+            if self._cut_call == call:
+                raise StorageError(f"PostgreSQL at {redact_url(self.url)} did not answer within {self._bound:g}s "
+                                   "(the server is frozen or cut off)", _PG_HINT) from exc
+            raise
+        finally:
+            with self._guard:
+                self._calls += 1  # a watchdog that fires now finds another call and leaves the socket alone
+            timer.cancel()
+
+    def _cut(self, call: int) -> None:
+        with self._guard:
+            if self._calls != call:
+                return
+            self._cut_call = call
+            try:
+                with socket.socket(fileno=os.dup(self.raw.pgconn.socket)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except Exception:  # noqa: BLE001 - already closed: nothing waits on it
+                pass
+
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Result:
         self._ensure()
         try:
-            cur = self.raw.execute(to_pyformat(sql), _params(params)) if params else self.raw.execute(sql)
+            with self._bounded():
+                cur = self.raw.execute(to_pyformat(sql), _params(params)) if params else self.raw.execute(sql)
+                cols = [c.name for c in cur.description or ()]
+                rows = cur.fetchall() if cur.description else []
         except self._psycopg.OperationalError as exc:
             if not isinstance(exc, self.retryable):
                 raise StorageError(f"PostgreSQL at {redact_url(self.url)} failed: {_first_line(exc)}",
                                    _PG_HINT) from exc
             raise
-        cols = [c.name for c in cur.description or ()]
-        rows = cur.fetchall() if cur.description else []
         return Result(cols, rows, cur.rowcount)
 
     def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> None:
@@ -277,16 +324,24 @@ class PostgresConnection:
         self.connect_timeout = max(2, int(seconds))  # libpq takes whole seconds, and treats 1 as 2
         for name, value in self._waits:
             self.execute(f"SET {name} = '{value}'")
+        # this client's own bound, a little later than the server's: a live server answers with its error first
+        self._bound = seconds + 0.5
 
     def commit(self) -> None:
         try:
-            self.raw.execute("COMMIT")
+            with self._bounded():
+                self.raw.execute("COMMIT")
+        except StorageError:
+            raise
         except self._psycopg.Error as exc:
             raise StorageError(f"database write failed: {_first_line(exc)}", _PG_HINT) from exc
 
     def rollback(self, exc: BaseException) -> BaseException | None:
         if not self.raw.closed and not self.raw.broken and self.in_transaction:
-            self.raw.execute("ROLLBACK")
+            try:
+                self.raw.execute("ROLLBACK")
+            except self._psycopg.OperationalError:  # the connection is gone: the server rolls back without us
+                pass
         if isinstance(exc, self._psycopg.OperationalError) and not isinstance(exc, self.retryable):
             return StorageError(f"database write failed: {_first_line(exc)}", _PG_HINT)
         return None

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, TypeVar, Union
 
 from broker.errors import NotFoundError
 from broker.store.backends import PostgresConnection, Result, SqliteConnection, backoff, pg_ddl
+from broker.store.notify import STOP_CHANNEL
 from broker.store.schema import MIGRATIONS, PerDialect
 
 __all__ = ["StoreBase", "dumps", "Connection", "Result"]
@@ -178,6 +179,31 @@ class StoreBase:
             if _is_out_of_range(exc):
                 raise _out_of_range() from None
             raise
+
+    def execute_ending(self, sql: str, params: tuple | dict = ()) -> Result:
+        """:meth:`execute` for a write that may end live sessions (a kill, a revoke, a user disabled, a key or
+        role changed, a device removed). On PostgreSQL the same transaction also sends ``NOTIFY`` on
+        :data:`broker.store.notify.STOP_CHANNEL` when it changed a row, so every node's listener wakes its
+        control loop at the commit (broker/store/notify.py); SQLite nodes find the change by their poll."""
+        def write(conn: Connection) -> Result:
+            result = conn.execute(sql, params)
+            if result.rowcount:
+                self.notify_ending(conn)
+            return result
+
+        try:
+            return self.atomic(write)
+        except OverflowError:
+            raise _out_of_range() from None
+        except Exception as exc:
+            if _is_out_of_range(exc):
+                raise _out_of_range() from None
+            raise
+
+    def notify_ending(self, conn: Connection) -> None:
+        """Inside a write transaction that may end live sessions: wake the nodes at its commit (PostgreSQL)."""
+        if self.dialect == "postgresql":
+            conn.execute(f"NOTIFY {STOP_CHANNEL}")
 
     def insert(self, table: str, row: dict[str, Any]) -> int:
         """Insert ``row`` into ``table`` (columns are code, never input) and return its new ``id``."""

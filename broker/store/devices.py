@@ -22,7 +22,7 @@ class DeviceQueries(StoreBase):
         return self.query("SELECT * FROM devices ORDER BY name")
 
     def delete_device(self, name: str) -> int:
-        return self.execute("DELETE FROM devices WHERE name = ?", (name,)).rowcount
+        return self.execute_ending("DELETE FROM devices WHERE name = ?", (name,)).rowcount
 
     def set_device_containment(self, name: str, state: str, checked_at: str, details: str) -> None:
         """Store the result of a containment check (shared by every broker process: the session-start cache)."""

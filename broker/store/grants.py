@@ -100,7 +100,7 @@ class GrantQueries(StoreBase):
         return rows[0] if rows else None
 
     def revoke_grant(self, grant_id: int, by: str, at: str, reason: str | None) -> bool:
-        cur = self.execute(
+        cur = self.execute_ending(
             "UPDATE grants SET revoked_at = ?, revoked_by = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL",
             (at, by, reason, grant_id),
         )

@@ -123,7 +123,7 @@ class SessionQueries(StoreBase):
 
     def request_session_kill(self, session_id: str, by: str, reason: str | None, now: str) -> bool:
         """Ask the broker hosting a live session to end it; False when it is not live or already asked."""
-        cur = self.execute("UPDATE sessions SET kill_requested_at = ?, kill_requested_by = ?, kill_reason = ? "
+        cur = self.execute_ending("UPDATE sessions SET kill_requested_at = ?, kill_requested_by = ?, kill_reason = ? "
                            "WHERE id = ? AND status = 'live' AND kill_requested_at IS NULL",
                            (now, by, reason, session_id))
         return cur.rowcount == 1

@@ -23,13 +23,13 @@ class UserQueries(StoreBase):
         return self.query("SELECT * FROM users ORDER BY name")
 
     def set_user_disabled(self, name: str, disabled: bool) -> None:
-        self.execute("UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name))
+        self.execute_ending("UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name))
 
     def set_user_source(self, name: str, source: str) -> None:
         self.execute("UPDATE users SET source = ? WHERE name = ?", (source, name))
 
     def set_user_role(self, name: str, role: str) -> None:
-        self.execute("UPDATE users SET role = ? WHERE name = ?", (role, name))
+        self.execute_ending("UPDATE users SET role = ? WHERE name = ?", (role, name))
 
     def set_user_company(self, name: str, company: str | None) -> None:
         self.execute("UPDATE users SET company = ? WHERE name = ?", (company, name))
@@ -37,7 +37,10 @@ class UserQueries(StoreBase):
     def replace_user_keys(self, name: str, keys: list[tuple[str, str]], at: str) -> None:
         """Make ``name``'s keys exactly ``keys`` ((fingerprint, line) pairs), in one transaction."""
         with self.transaction() as conn:
+            old = {row[0] for row in conn.execute("SELECT fingerprint FROM user_keys WHERE user_name = ?", (name,))}
             conn.execute("DELETE FROM user_keys WHERE user_name = ?", (name,))
+            if old - {fp for fp, _ in keys}:  # a key went: a session it opened ends
+                self.notify_ending(conn)
             conn.executemany("INSERT INTO user_keys (user_name, fingerprint, public_key, added_at) VALUES (?, ?, ?, ?)",
                              [(name, fp, line, at) for fp, line in keys])
 
@@ -67,7 +70,7 @@ class UserQueries(StoreBase):
         return self.one("SELECT * FROM user_keys WHERE user_name = ? AND fingerprint = ?", (name, fingerprint))
 
     def delete_user_key(self, name: str, fingerprint: str) -> int:
-        return self.execute("DELETE FROM user_keys WHERE user_name = ? AND fingerprint = ?",
+        return self.execute_ending("DELETE FROM user_keys WHERE user_name = ? AND fingerprint = ?",
                             (name, fingerprint)).rowcount
 
     def add_auth_failure(self, user: str, source: str, at: str) -> None:
