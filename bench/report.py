@@ -223,7 +223,7 @@ def render_markdown(result: dict, summary: dict, json_name: str, link_dir: str =
         f"{result['world'].get('payload', 'random bytes')}; "
         f"keystrokes: {plan['keys_per_round']} per path per round, {plan['key_gap_ms']} ms apart; setup: "
         f"{plan['setups_per_round']} per path per round",
-        f"- other load on the machine (not this bench) during the rounds: "
+        "- other load on the machine (not this bench) during the rounds: "
         + ", ".join(f"{n['other_cpu_pct']:.0f} %" for n in result.get("noise", [])) + " of one core",
         "",
         "Cells: median (min–max) over rounds; setup over all runs. MB/s = 10^6 bytes/s. Ratios are medbroker's "

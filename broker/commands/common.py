@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import typer
 
 from broker.app import App, open_app
-from broker.clock import display_zone, local_text, utc_iso
+from broker.clock import display_zone, local_text
 from broker.errors import PermissionDeniedError, StorageError, UsageError
 from broker.identity import Principal, get_principal, require_role
 from broker.keys import write_private

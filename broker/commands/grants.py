@@ -7,7 +7,6 @@ import typer
 
 from broker.commands.common import JSON_HELP, emit_json, open_home, print_table, safe, say, when
 from broker.config import format_duration, parse_duration
-from broker.errors import UsageError
 from broker.forwards import forwards_text
 from broker.grants import (MODES, ApprovalRequest, Grant, approval_card, approvals_text, approve_request, deny_request,
                            get_request, list_grants, list_requests, request_grant, revoke_grant)
