@@ -17,6 +17,7 @@ resolved like files"). Scripts the command runs (``sh x.sh``, ``python3 x.py``, 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sessions.exec_check import _ASSIGNMENT, _ParseError, _braces, _safe_on_ancestor, _tokenize
@@ -55,7 +56,16 @@ _CODE_BUILDS = re.compile(
     r"""\bpack\s*\(|sprintf|getattr|__import__|\bexec\b|\beval\b|\bcompile\s*\(|environ|getenv|\$ENV|\bargv\b|"""
     r"""ARGV|stdin|STDIN|\binput\s*\(|readline|\bglob|\bwalk|listdir|scandir|readdir|opendir|\bchdir|\bsystem\b|"""
     r"""popen|subprocess|spawn|qx|`|\bfind\b|Path\s*\(|\bsplit\b|\breplace\b|\btr\b|\by/|\bsub\b|\bgsub\b|"""
-    r"""\bsubstr|\bslice\b|concat|\bcat\b|toupper|tolower|\bupper\b|\blower\b|getline|ENVIRON|\$\{|\$\(""", re.I)
+    r"""\bsubstr|\bslice\b|concat|\bcat\b|toupper|tolower|\bupper\b|\blower\b|getline|ENVIRON|\$\{|\$\(|"""
+    r"""\b[rbtu]?f[rbtu]?['"]|\bbytes\s*\(|bytearray|\bpaste0?\b|file\.path|#\{|"""
+    r"""\[\s*-?\w*\s*:\s*-?\w*\s*(?::\s*-?\w*\s*)?\]|\[\s*-?\w+\s*\.\.|strip\b|remove(?:suf|pre)fix|\bchop|\btrim""",
+    re.I)
+# A quoted literal that is nothing but a path (no escapes, interpolation, formats or spaces): its letters are
+# not code, so the run-time words above are not looked for inside it ('/tmp/mbdev-1-bqxf/notes' holds "qx").
+_PATH_CHARS = re.compile(r"[A-Za-z0-9_./~+-]*/[A-Za-z0-9_./~+-]*")
+# Interpreters whose double-quoted strings interpolate variables ("/var/lib/$a$b" in Perl), and how.
+_INTERPOLATION = {"perl": r"[$@][\w:{]", "php": r"\$[\w{]|\{\$", "ruby": r"#[{$@]", "pwsh": r"\$[\w{(:]",
+                  "tclsh": r"\$[\w{:]|\["}
 _DYNAMIC_VAR = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z_][A-Za-z_0-9]*|[0-9?$!#@*_-]))")
 
 
@@ -568,15 +578,69 @@ def _pieces(text: str) -> list[str]:
 def _inline_code(interpreter: str, code: str, walk: _Walk) -> None:
     """Inline interpreter code: its quoted strings are path words; assembled strings are run-time paths."""
     folded = code.casefold()
-    hit = next((leaf for leaf in walk.leaves if leaf in folded), None)
+    hit = next((leaf for leaf in walk.leaves  # as a name of its own: "hl7", not the "hl7" inside "hl7k5fwe"
+                if re.search(rf"(?<![a-z0-9]){re.escape(leaf)}(?![a-z0-9])", folded)), None)
     if hit:
         walk.flag(f"inline {interpreter} code mentions {hit!r}, part of a protected patient-data directory's name")
-    m = _CODE_BUILDS.search(code)
+    m = _CODE_BUILDS.search(_mask_path_literals(code, interpreter))
     if m:
         walk.flag(f"inline {interpreter} code assembles strings or finds files at run time ({m.group(0).strip()!r}); "
+                  "medbroker cannot see which paths it opens")
+    built = _interpolated(interpreter, code)
+    if built:
+        walk.flag(f"inline {interpreter} code builds a string from variables at run time ({built!r}); "
                   "medbroker cannot see which paths it opens")
     for s in re.findall(r"'([^'\n]{1,512})'|\"([^\"\n]{1,512})\"", code)[:32]:
         text = s[0] or s[1]
         if "/" in text or "." in text:
             walk.add(_join(_HOME, text) if not text.startswith("/") else text, text, False)
 
+
+def _literals(code: str, interpreter: str) -> Iterator[tuple[int, int, str]]:
+    """``(start, end, quote)`` of each quoted literal's contents, read left to right (backslash escapes the
+    quote, except in PowerShell's single quotes). An unterminated quote ends the reading: the rest stays code."""
+    i, n = 0, len(code)
+    while i < n:
+        q = code[i]
+        if q not in "'\"":
+            i += 1
+            continue
+        j = i + 1
+        escapes = not (q == "'" and interpreter.startswith("pwsh"))
+        while j < n and code[j] != q:
+            j += 2 if escapes and code[j] == "\\" else 1
+        if j >= n:
+            return
+        yield i + 1, j, q
+        i = j + 1
+
+
+def _mask_path_literals(code: str, interpreter: str) -> str:
+    """``code`` with the contents of each literal that is only a path blanked, so the words of
+    :data:`_CODE_BUILDS` are looked for in the code, not in the paths it names (the quotes stay, so a
+    concatenation next to them is still seen)."""
+    out, last = [], 0
+    for start, end, _ in _literals(code, interpreter):
+        if _PATH_CHARS.fullmatch(code, start, end):
+            out.append(code[last:start] + "_" * (end - start))
+            last = end
+    return "".join(out) + code[last:]
+
+
+def _interpolated(interpreter: str, code: str) -> str | None:
+    """A double-quoted literal that interpolates a variable next to a path character or another variable
+    (``"/var/lib/$a$b"``, ``"$dir/x"``): the path is assembled when the code runs. None if there is none."""
+    rule = next((r for name, r in _INTERPOLATION.items() if interpreter.startswith(name)), None)
+    if rule is None:
+        return None
+    for start, end, q in _literals(code, interpreter):
+        text = code[start:end]
+        if q != '"' and not interpreter.startswith("tclsh"):
+            continue
+        for m in re.finditer(rule, text):
+            before = text[m.start() - 1] if m.start() else ""
+            rest = re.sub(r"^[$@#]?\{?[\w:]*\}?", "", text[m.start():])
+            if m.group(0) in ("{$", "[") or before.isalnum() or (before and before in "/._-~$@}") \
+                    or rest[:1] in tuple("/.-~$@#"):
+                return text
+    return None

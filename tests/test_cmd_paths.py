@@ -161,6 +161,62 @@ def test_ordinary_maintenance_is_allowed_in_both_modes(tree, command):
         assert d.allowed, (command, strict, d.reason)
 
 
+# Inline code that assembles a path a way the first list missed (found in stop 13's review): interpolation in
+# Perl/PHP/Ruby/Tcl strings, Python's rf-strings, bytes of numbers, slices and strip of a longer literal.
+ASSEMBLED = [
+    "perl -e '$a=\"postgr\";$b=\"esql\";open(F,\"/var/lib/$a$b/15/main/PG_VERSION\");print <F>'",
+    "perl -e '$d=\"/var/lib\";open(F,\"$d/x\");print <F>'",
+    "php -r '$a=\"di\";$b=\"com\";readfile(\"/srv/$a$b/x\");'",
+    "php -r '$a=\"/srv\";readfile(\"{$a}/x\");'",
+    "ruby -e 'a=\"di\";b=\"com\";print File.read(\"/srv/#{a}#{b}/x\")'",
+    "python3 -c \"a='/srv/di';b='com';print(open(rf'{a}{b}/x').read())\"",
+    "python3 -c \"a='/srv/di';b='com';print(open(Rf'{a}{b}/x').read())\"",
+    "python3 -c \"print(open(bytes([47,115,114,118]),'rb').read())\"",
+    "python3 -c \"x='/srv/dicomx';print(open(x[:-1]).read())\"",
+    "python3 -c \"x='/srv/dicomx';print(open(x.rstrip('x')).read())\"",
+    "ruby -e 'x=\"/srv/dicomx\";print File.read(x[0..-2])'",
+    "Rscript -e 'readLines(paste0(\"/srv/di\",\"com/x\"))'",
+]
+# Inline code that names its paths outright, whose letters happen to spell one of the run-time words
+# ("qx", "find", "cat", "tr") or a protected directory's name inside a longer one: a literal path is resolved,
+# not read as code (CI, stop 12: a temp directory named …bqxfqkom refused a plain open()).
+LITERAL = [
+    "python3 -c \"print(open('/tmp/mbdev-20217-bqxfqkom/root/tmp/notes-0417.txt','rb').read())\"",
+    "python3 -c \"print(list(open('/tmp/catalog/find/tr-sub/x.txt','rb').read()))\"",
+    "python3 -c \"print(open('./service/logs/system.log').read())\"",
+    "python3 -c \"print(open('/tmp/mbdev-1-xhl7k5fwe/metadata/x').read())\"",
+    "perl -ne 'print \"$.: $_\"' service/logs/system.log",
+    "perl -e 'print \"$x\\n\"'",
+    "ruby -e 'puts File.read(\"/tmp/walk-glob/x\")'",
+]
+
+
+@pytest.mark.parametrize("command", ASSEMBLED)
+def test_paths_assembled_inside_inline_code_are_refused_when_strict(tree, command):
+    d = judge(tree, command)
+    assert not d.allowed, command
+    assert "only known when they run" in d.reason, d.reason
+
+
+@pytest.mark.parametrize("command", LITERAL)
+def test_literal_paths_in_inline_code_are_resolved_not_read_as_code(tree, command):
+    for strict in (True, False):
+        d = judge(tree, command, strict=strict)
+        assert d.allowed, (command, strict, d.reason)
+
+
+@settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=8, max_size=8),
+       st.sampled_from(["python3 -c \"print(open('{p}','rb').read())\"",
+                        "python3 -c \"print(list(open('{p}','rb').read()))\"",
+                        "perl -e 'open(F, \"{p}\"); print <F>'", "ruby -e 'print File.read(\"{p}\")'"]))
+def test_a_temporary_directory_name_never_decides(tree, name, form):
+    """Whatever letters mkdtemp picks, a literal path to an ordinary file is judged by where it resolves."""
+    root, _ = tree
+    d = judge(tree, form.format(p=f"{root}/tmp/mbdev-{name}/notes-0417.txt"))
+    assert d.allowed, d.reason
+
+
 def test_contained_mode_leaves_run_time_paths_to_the_device(tree):
     assert judge(tree, "cat $(echo c2VydmljZS9sYXRlc3QuZGNt | base64 -d)", strict=False).allowed
     assert judge(tree, "echo service/latest.dcm | xargs cat", strict=False).allowed

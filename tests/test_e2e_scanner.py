@@ -48,8 +48,8 @@ def _assert_stopped(w, r, expected_output: bytes, content: str) -> None:
     assert r.returncode != 0
     assert CANARY not in r.stdout
     assert expected_output[:48] not in r.stdout  # not even the start of the encoded file reached the vendor
-    assert b"patient data" in r.stderr, r.stderr
-    assert _wait(lambda: w.events("alert.exfiltration"))
+    assert b"output contained" in r.stderr and b"patient data" in r.stderr, r.stderr  # the scanner, not a refusal
+    assert _wait(lambda: w.events("alert.exfiltration")), (r.stderr, [e["event"] for e in w.events()])
     alert = _alert(w)
     assert alert["content"].startswith(content), alert
     assert _wait(lambda: w.app.store.list_sessions()[-1]["status"] == "stopped")
