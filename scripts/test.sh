@@ -39,8 +39,19 @@ if [ "$mypy_status" -ne 0 ]; then
 fi
 printf 'test: mypy: 0 errors (%s)\n' "$(tail -n1 "$mypy_out")"
 
+# Several pytest processes (pytest-xdist): most of a test's time is spent waiting on sshd, clients and servers,
+# so three workers on two cores finish sooner than one. MEDBROKER_TEST_WORKERS=0 runs in this process (what
+# `-x`/`--pdb` debugging wants; pytest-benchmark, if installed, is kept out: it refuses xdist); an explicit -n/--numprocesses or -p no:xdist in the arguments wins.
+workers="${MEDBROKER_TEST_WORKERS:-3}"
+parallel=()
+case " $* " in
+  *" -n"* | *" --numprocesses"* | *"no:xdist"*) ;;
+  *) if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist worksteal -p no:benchmark); fi ;;
+esac
+printf 'test: %s\n' "${parallel[*]:-one process}"
+
 status=0
-"$py" -m pytest "$@" || status=$?
+"$py" -m pytest "${parallel[@]}" "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   printf 'test: error: pytest collected no tests (exit 5); check the arguments and tests/\n' >&2
 fi
