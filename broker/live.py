@@ -410,7 +410,7 @@ class LiveSession(SessionForwards):
                       **counters)
         if final_hash:
             await index_session(b, self.id, self.path)
-            await drop_journal(b, self.id)
+            b.spawn(drop_journal(b, self.id, grace=JOURNAL_DROP_GRACE_S))
 
     def counters(self) -> dict[str, Any]:
         """Byte counters so far (``bytes_in``, ``bytes_out``); read them on the event loop, never another thread."""
@@ -463,14 +463,24 @@ async def index_session(broker: SessionServices, session_id: str, path: Path) ->
     await broker.db(lambda: broker.app.store.save_session_text(session_id, rows.commands, rows.texts, now))
 
 
-async def drop_journal(broker: SessionServices, session_id: str, *, force: bool = False) -> None:
+JOURNAL_DROP_GRACE_S = 5.0
+"""Seconds a sealed session's journal rows stay: a live view on another node follows the journal (polling every
+0.1 s) and reads the last rows, the end frame among them, before they go."""
+
+
+async def drop_journal(broker: SessionServices, session_id: str, *, force: bool = False, grace: float = 0.0) -> None:
     """The recording is sealed: its journal rows go, unless ``[recording] journal_keep``, or ``[archive]`` is on
     (then the archive pass drops them once the recording is archived and verified: any node can archive it from
     the journal). Only with ``[recording] journal`` on, or ``force`` (rows a journaling broker left). A
-    failure only leaves rows behind (logged), never fails the session."""
+    failure only leaves rows behind (logged), never fails the session. ``grace``: wait that long first (cut
+    short when the broker stops), so watchers on other nodes see the session's end."""
     rec = broker.app.config.recording
     if rec.journal_keep or broker.app.config.archive.url or not (rec.journal or force):
         return
+    loop = asyncio.get_running_loop()
+    until = loop.time() + grace
+    while loop.time() < until and not getattr(broker, "stopping", False):
+        await asyncio.sleep(min(0.1, max(until - loop.time(), 0.0)))
     try:
         await broker.db(broker.app.store.drop_journal, session_id)
     except BrokerError as exc:

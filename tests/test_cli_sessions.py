@@ -196,6 +196,24 @@ def test_sessions_list_is_newest_first_bounded_and_says_what_ran(env):
     assert env.cli("sessions", "list", "--limit", "-1").exit_code == 2
 
 
+def test_a_redirected_table_is_never_cut_to_an_exported_terminal_width(env, monkeypatch):
+    """`medbroker sessions list > file` with COLUMNS=80 exported (pytest-xdist and some shells export it): the
+    headers and values reach the file whole, as without COLUMNS."""
+    a = env.app()
+    try:
+        a.store.insert_session({"id": "s-wide", "user_name": "alice", "device": "ct-01", "grant_id": env.grant_id,
+                                "source": "127.0.0.1", "started_at": "2026-11-01T10:00:00.000000Z",
+                                "status": "closed", "recording": str(a.config.recordings_dir / "s-wide.mbr")})
+    finally:
+        a.close()
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = env.ok("sessions", "list").stdout
+    monkeypatch.delenv("COLUMNS")
+    assert narrow == env.ok("sessions", "list").stdout
+    for header in ("status", "started", "length", "grant"):
+        assert header in narrow, narrow
+
+
 # ----------------------------------------------------------------------------- replay
 def test_replay_instant_prints_the_terminal_and_is_audited(env):
     env.record("s1")

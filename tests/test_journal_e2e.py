@@ -489,3 +489,27 @@ def test_postgresql_frozen_while_a_vendor_streams_pauses_then_ends_the_session_a
         if world is not None:
             close_world(world)
         pg.stop()
+
+
+def test_a_watcher_on_another_node_reads_a_finished_sessions_last_rows_then_they_go(tmp_path):
+    """A live view that follows the journal from another node may be a poll behind when the session ends: the
+    sealed session's rows stay a short grace (JOURNAL_DROP_GRACE_S) so it still reads the last output and the
+    end frame; then they go (journal_keep off)."""
+    from broker.live import JOURNAL_DROP_GRACE_S
+
+    world = world_with(tmp_path, "[recording]\njournal = true\n")
+    try:
+        world.grant()
+        r = world.ssh("alice@ct-01", "echo the last words before exit")
+        assert r.returncode == 0, r.stderr
+        assert wait(lambda: world.app.store.list_sessions()[-1]["status"] == "closed")
+        sid = world.app.store.list_sessions()[-1]["id"]
+        # a watcher that was a poll behind: it reads only now, after the session was sealed
+        tail = JournalTail(world.app.store, sid, lambda: False)
+        frames = list(read_frames(tail, key_lookup=world.app.keys.get, follow=True,
+                                  timeout=10, poll_interval=0.05, strict=True))
+        assert b"the last words before exit" in b"".join(f.payload for f in frames if f.kind == "output")
+        assert frames[-1].kind == "end"
+        assert wait(lambda: not world.app.store.has_journal(sid), timeout=JOURNAL_DROP_GRACE_S + 10)
+    finally:
+        close_world(world)

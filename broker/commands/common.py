@@ -170,9 +170,9 @@ def _console():
 
     tty = sys.stdout.isatty()
     width = None
-    if not tty:  # CI logs: wide enough that tables do not wrap fingerprints or timestamps
-        try:
-            width = max(100, int(os.environ.get("COLUMNS", "200")))
+    if not tty:  # a pipe, a file, CI logs: wide enough that tables never cut headers, fingerprints or times
+        try:  # (an exported COLUMNS=80, as pytest-xdist and some shells set, must not narrow a redirected table)
+            width = max(200, int(os.environ.get("COLUMNS", "200")))
         except ValueError:
             width = 200
     return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=width, emoji=False,
