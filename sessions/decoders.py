@@ -72,6 +72,8 @@ _SQUEEZED = ((b"msh|^~\\&", "HL7v2/spaced"), (b"h|\\^&", "ASTM/spaced"), (b"dicm
 
 def _spaced(chunk: bytes) -> bool:
     """Characters spaced apart: in one of the two interleavings, at least three in four are blanks."""
+    if len(chunk.translate(None, _SQUEEZE)) * 8 > len(chunk) * 5 + 8:
+        return False  # fewer than 3/8 blanks in all: neither half can be 3/4 blanks (one pass, not two slices)
     for half in (chunk[1::2], chunk[0::2]):
         if len(half.translate(None, _SQUEEZE)) * 4 <= len(half):
             return True
@@ -83,9 +85,10 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
         chunk = window[-len(chunk) - 192:]
     """Spellings no decoder undoes: lines reversed (``rev``), characters spaced apart (``sed 's/./& /g'``,
     ``fold -w1``), and DICOM shown as text (``strings``, ``cat -v``: DICM shortly before the DICOM UID root)."""
-    for needle, what in _REVERSED + _DOUBLED:
-        if window.find(needle, since) != -1:
-            return what
+    if window.find(b"|", since) != -1 and window.find(b"&", since) != -1:  # in every needle (memchr: cheap)
+        for needle, what in _REVERSED + _DOUBLED:
+            if window.find(needle, since) != -1:
+                return what
     if chunk.find(b"^") != -1 and chunk.find(b"|") != -1:  # HL7/ASTM-ish: also read the window backwards
         hit = text_hit(window[::-1], 0, False)  # (rev of \r-separated HL7 puts the PID segment first)
         if hit:

@@ -147,12 +147,20 @@ def _od_c(body: bytes) -> bytes | None:
 
 
 _UU_START = re.compile(rb"(?m)^M[ -`]{60}$")
+# The same two shapes at a line start, searched as "\n" + shape (re skips to each "\n" in C; "(?m)^" makes it
+# try every position: 5x slower) plus a match at the chunk's first byte.
+_OFFSET_SHAPE = re.compile(_OFFSET_LINE.pattern[len(rb"(?m)^"):])
+_OFFSET_NL = re.compile(rb"\n" + _OFFSET_SHAPE.pattern)
+_UU_SHAPE = re.compile(rb"(?m)" + _UU_START.pattern[len(rb"(?m)^"):])
+_UU_NL = re.compile(rb"(?m)\n" + _UU_START.pattern[len(rb"(?m)^"):])
 
 
 def dump_lines(chunk: bytes) -> bool:
     """Lines that start like ``xxd``/``od``/``hexdump`` lines (whose text column can be anything), or full
-    uuencoded lines: the probes of sessions/textforms.py miss these, the reader must see them."""
-    return _OFFSET_LINE.search(chunk, 0, 4096) is not None or _UU_START.search(chunk, 0, 4096) is not None
+    uuencoded lines, in the first 4 KiB: the probes of sessions/textforms.py miss these, the reader must see
+    them. (The same answer as ``_OFFSET_LINE``/``_UU_START.search(chunk, 0, 4096)``, found faster.)"""
+    return (_OFFSET_SHAPE.match(chunk, 0, 4096) is not None or _OFFSET_NL.search(chunk, 0, 4096) is not None
+            or _UU_SHAPE.match(chunk, 0, 4096) is not None or _UU_NL.search(chunk, 0, 4096) is not None)
 
 
 class DumpReader:
@@ -268,7 +276,7 @@ _ESC_CHAR = {b"a": 7, b"b": 8, b"t": 9, b"n": 10, b"v": 11, b"f": 12, b"r": 13, 
 def escaped(chunk: bytes) -> bool:
     """Binary shown as escapes: Python/C ``\\x00``/``\\000`` (repr, ``sed -n l``, ``printf %q``) or caret
     notation (``cat -v``/``cat -A``: ``^@``, ``M-^@``)."""
-    if chunk.find(b"\\") == -1 and chunk.find(b"^@") == -1:
+    if chunk.find(b"\\") == -1 and (chunk.find(b"^") == -1 or chunk.find(b"^@") == -1):  # memchr first
         return False
     probe = chunk[:512]
     if not probe.isascii() or probe.translate(None, _PRINTABLE):  # escapes are printable text; binary is not
