@@ -169,6 +169,8 @@ class StreamJudge:
             if found is not None:
                 return found, None
         for name, needle, after, pattern in _LINE_RECORDS:  # at the start of a line (rsync: or after a NUL)
+            if buf.find(needle[:1], max(1, start)) == -1:  # memchr: text rarely has an "@" (half the cost of text)
+                continue
             i = buf.find(needle, max(1, start))
             while i >= 0:
                 if buf[i - 1] in after and pattern.match(buf, i):
