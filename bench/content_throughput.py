@@ -130,6 +130,8 @@ def main() -> None:
     kinds["hex"] = kinds["random"][: total // 2].hex().encode()
     kinds["tar"] = _tar(total)
     kinds["shell"] = _shell(total)
+    from bench.world import device_log  # what the bench's exec downloads read (issue 16)
+    kinds["devlog"] = b"".join(device_log(total))
     print(f"{args.scanner} scanner, {args.mib} MiB per kind, best of {len(best)}, python {sys.version.split()[0]}")
     for name, data in kinds.items():
         rates = [f"{chunk // 1024:>4} KiB chunks {max(scan_rate(data, chunk) for _ in best):7.0f} MB/s"
