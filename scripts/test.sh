@@ -40,8 +40,9 @@ fi
 printf 'test: mypy: 0 errors (%s)\n' "$(tail -n1 "$mypy_out")"
 
 # Several pytest processes (pytest-xdist): most of a test's time is spent waiting on sshd, clients and servers,
-# so three workers on two cores finish sooner than one. MEDBROKER_TEST_WORKERS=0 runs in this process (what
-# `-x`/`--pdb` debugging wants; pytest-benchmark, if installed, is kept out: it refuses xdist); an explicit -n/--numprocesses or -p no:xdist in the arguments wins.
+# so three workers on two cores finish sooner than one (CI: 14 -> 7 minutes). MEDBROKER_TEST_WORKERS=0 runs in
+# this process (what -x/--pdb debugging wants); an explicit -n/--numprocesses or -p no:xdist in the arguments
+# wins. pytest-benchmark, if a machine has it, is kept out: it warns under xdist, and warnings are errors here.
 workers="${MEDBROKER_TEST_WORKERS:-3}"
 parallel=()
 case " $* " in

@@ -58,7 +58,10 @@ _CODE_BUILDS = re.compile(
     r"""popen|subprocess|spawn|qx|`|\bfind\b|Path\s*\(|\bsplit\b|\breplace\b|\btr\b|\by/|\bsub\b|\bgsub\b|"""
     r"""\bsubstr|\bslice\b|concat|\bcat\b|toupper|tolower|\bupper\b|\blower\b|getline|ENVIRON|\$\{|\$\(|"""
     r"""\b[rbtu]?f[rbtu]?['"]|\bbytes\s*\(|bytearray|\bpaste0?\b|file\.path|#\{|"""
-    r"""\[\s*-?\w*\s*:\s*-?\w*\s*(?::\s*-?\w*\s*)?\]|\[\s*-?\w+\s*\.\.|strip\b|remove(?:suf|pre)fix|\bchop|\btrim""",
+    r"""\[\s*-?\w*\s*:\s*-?\w*\s*(?::\s*-?\w*\s*)?\]|\[\s*-?\w+\s*\.\.|"""
+    # cutting characters off a string: strip('x') (not strip(), which only drops whitespace), removesuffix,
+    # Ruby chomp("x")/delete_suffix, Perl chop, PHP trim($s, "x")
+    r"""strip\s*\(\s*[^)\s]|remove(?:suf|pre)fix|delete_(?:suf|pre)fix|\bchop\b|\bchomp\s*\(\s*['"]|\btrim\s*\([^)]*,""",
     re.I)
 # A quoted literal that is nothing but a path (no escapes, interpolation, formats or spaces): its letters are
 # not code, so the run-time words above are not looked for inside it ('/tmp/mbdev-1-bqxf/notes' holds "qx").

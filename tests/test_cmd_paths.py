@@ -175,6 +175,9 @@ ASSEMBLED = [
     "python3 -c \"x='/srv/dicomx';print(open(x[:-1]).read())\"",
     "python3 -c \"x='/srv/dicomx';print(open(x.rstrip('x')).read())\"",
     "ruby -e 'x=\"/srv/dicomx\";print File.read(x[0..-2])'",
+    "ruby -e 'x=\"/srv/dicomx\";print File.read(x.chomp(\"x\"))'",
+    "php -r '$x=\"/srv/dicomx\";readfile(trim($x, \"x\"));'",
+    "perl -e '$x=\"/srv/dicomx\";chop $x;open(F,$x);print <F>'",
     "Rscript -e 'readLines(paste0(\"/srv/di\",\"com/x\"))'",
 ]
 # Inline code that names its paths outright, whose letters happen to spell one of the run-time words
@@ -188,6 +191,7 @@ LITERAL = [
     "perl -ne 'print \"$.: $_\"' service/logs/system.log",
     "perl -e 'print \"$x\\n\"'",
     "ruby -e 'puts File.read(\"/tmp/walk-glob/x\")'",
+    "python3 -c \"print(open('/etc/hostname').read().strip())\"",  # strip() of what was read: whitespace only
 ]
 
 
