@@ -276,6 +276,12 @@ class LiveSession(SessionForwards):
             relay.hold("device", "recorder")
 
     def _recorder_caught_up(self) -> None:
+        """The writer was back under its mark when it scheduled this (``on_resume`` runs on the writer thread and
+        reaches the loop later). If the loop has paused it again since, that pause stands and brings its own
+        resume: releasing now would let reading run on with the writer paused and no pause to come (an SFTP
+        upload of 256 MiB grew the backlog past its 64 MiB limit and failed the recording)."""
+        if self.recorder is not None and self.recorder.paused:
+            return
         for relay in list(self.channels):
             relay.release("vendor", "recorder")
             relay.release("device", "recorder")
