@@ -32,6 +32,7 @@ from broker.nodes import FENCED_EXIT
 from broker.store import Store, open_store
 from frontdoor_support import Serve, prepared_home, wait
 from helpers.clients import run_ssh, ssh_options, write_known_hosts
+from helpers import journal_bytes
 from helpers.net import free_port
 from helpers.pty import PtySession
 from sessions.recording import read_frames
@@ -673,14 +674,6 @@ def test_postgresql_a_kill_wakes_the_other_node_at_once_and_the_poll_covers_a_lo
         _TARGETS.pop(cluster.home, None)
 
 
-def _journal_bytes(store: Store, session_id: str) -> bytes:
-    out, after = bytearray(), -1
-    while rows := store.read_journal(session_id, after):
-        for seq, data in rows:
-            out += data
-            after = seq
-    return bytes(out)
-
 
 UPLOAD = b"".join(b"vendor firmware image block %08d\n" % i for i in range(1 << 20))  # 37 MiB
 
@@ -712,7 +705,7 @@ def test_postgresql_sigkill_a_node_during_a_large_upload_the_survivor_rebuilds_f
         [sid] = _live_ids(home)
         store = _store(home)
         try:
-            journaled = _journal_bytes(store, sid)  # acknowledged before the kill
+            journaled = journal_bytes(store, sid)  # acknowledged before the kill
         finally:
             store.close()
         cluster.nodes["node-a"].kill9()

@@ -18,6 +18,7 @@ from broker.clock import FakeClock, SystemClock
 from broker.errors import StorageError
 from broker.journal import JournalError, JournalSink, JournalTail, rebuild_from_journal
 from broker.store import open_store
+from helpers import journal_bytes
 from sessions.recording import read_frames, seal_recording, verify_recording
 from sessions.recwriter import ACK_WINDOW, FLUSH_INTERVAL, RecordingWriter
 
@@ -77,14 +78,6 @@ def _write_locked(db):
         holder.close()
 
 
-def _journal_bytes(store, session_id: str) -> bytes:
-    out, after = bytearray(), -1
-    while rows := store.read_journal(session_id, after):
-        for seq, data in rows:
-            out += data
-            after = seq
-    return bytes(out)
-
 
 # ---------------------------------------------------------------- store
 
@@ -125,7 +118,7 @@ def test_journal_rows_are_exactly_the_file_one_row_per_batch_header_first(tmp_pa
     w.append_data(1, "output", bytes(range(256)) * 12000)  # 3 MiB: several 1 MiB writes
     final = w.close()
     data = (tmp_path / "s1.mbr").read_bytes()
-    assert _journal_bytes(s, "s1") == data
+    assert journal_bytes(s, "s1") == data
     rows = s.read_journal("s1", limit=10_000)
     assert rows[0][0] == 0 and data.startswith(rows[0][1]) and rows[0][1].startswith(b"MEDBREC")
     assert len(rows[0][1]) == data.index(rows[1][1])  # the header row is the header and its hash, no frame
@@ -163,7 +156,7 @@ def test_nothing_is_acknowledged_before_the_journal_commits_and_the_window_pause
         assert not resumed.is_set()
     assert resumed.wait(10) and w.pending_bytes < ACK_WINDOW // 2
     w.close()
-    assert _journal_bytes(db(), "s1") == (tmp_path / "s1.mbr").read_bytes()
+    assert journal_bytes(db(), "s1") == (tmp_path / "s1.mbr").read_bytes()
 
 
 def test_a_journal_down_past_its_timeout_fails_the_recording_once(tmp_path: Path, db) -> None:
@@ -184,7 +177,7 @@ def test_a_journal_down_past_its_timeout_fails_the_recording_once(tmp_path: Path
     assert w.append_data(1, "output", b"dropped") == 0
     with pytest.raises(JournalError):
         w.close()
-    assert b"after the database" not in _journal_bytes(db(), "s1")
+    assert b"after the database" not in journal_bytes(db(), "s1")
 
 
 def test_a_failing_header_commit_fails_the_recording(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from broker.keys import FileKeyProvider
 from broker.store import open_store
 from frontdoor_support import Serve, close_world, details, events, prepared_home, wait, world_with
 from helpers.clients import ssh_options, write_known_hosts
+from helpers import journal_bytes
 from helpers.net import free_port
 from helpers.pty import PtySession
 from sessions.recording import read_frames
@@ -48,14 +49,6 @@ def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-m", "broker.cli", "--home", str(home), *args], capture_output=True,
                           env=env, cwd=REPO, timeout=timeout)
 
-
-def _journal_bytes(store, session_id: str) -> bytes:
-    out, after = bytearray(), -1
-    while rows := store.read_journal(session_id, after):
-        for seq, data in rows:
-            out += data
-            after = seq
-    return bytes(out)
 
 
 def _journaled_output(store, session_id: str, keys: FileKeyProvider) -> bytes:
@@ -177,7 +170,7 @@ def test_the_journal_holds_what_the_vendor_saw_and_a_locked_database_pauses_the_
         assert wait(lambda: world.app.store.get_session(row["id"])["status"] == "closed")
         path = world.app.recordings.local_path(row["recording"])
         store = world.app.store
-        assert _journal_bytes(store, row["id"]) == path.read_bytes()  # byte for byte, end frame included
+        assert journal_bytes(store, row["id"]) == path.read_bytes()  # byte for byte, end frame included
         assert _journaled_output(store, row["id"], world.app.keys) == EXPECTED
         assert store.journal_backlog()[0]["rows"] > 2  # kept (journal_keep), as batches
     finally:

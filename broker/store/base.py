@@ -29,6 +29,19 @@ Connection = Union[SqliteConnection, PostgresConnection]
 _RETRIES = 5  # a transaction that lost a serialization race or a deadlock is run again this many times
 
 
+@contextlib.contextmanager
+def _numbers_in_range() -> Iterator[None]:
+    """A number beyond 64-bit integers (either engine's error) becomes the NotFoundError it means."""
+    try:
+        yield
+    except OverflowError:
+        raise _out_of_range() from None
+    except Exception as exc:
+        if _is_out_of_range(exc):
+            raise _out_of_range() from None
+        raise
+
+
 def _out_of_range() -> NotFoundError:
     # A safety net behind the edges' own id checks (issue 11 finding 10): OverflowError used to escape as an
     # HTTP 500 or a hung SSH channel.
@@ -149,15 +162,8 @@ class StoreBase:
 
         :raises NotFoundError: a number beyond 64-bit integers (it can name no row)
         """
-        try:
-            with self._lock:
-                return self.conn.execute(sql, params).dicts()
-        except OverflowError:
-            raise _out_of_range() from None
-        except Exception as exc:
-            if _is_out_of_range(exc):
-                raise _out_of_range() from None
-            raise
+        with _numbers_in_range(), self._lock:
+            return self.conn.execute(sql, params).dicts()
 
     def one(self, sql: str, params: tuple | dict = ()) -> dict[str, Any] | None:
         rows = self.query(sql, params)
@@ -171,14 +177,8 @@ class StoreBase:
 
     def execute(self, sql: str, params: tuple | dict = ()) -> Result:
         """Run one write statement in its own transaction (or the enclosing one)."""
-        try:
+        with _numbers_in_range():
             return self.atomic(lambda conn: conn.execute(sql, params))
-        except OverflowError:
-            raise _out_of_range() from None
-        except Exception as exc:
-            if _is_out_of_range(exc):
-                raise _out_of_range() from None
-            raise
 
     def execute_ending(self, sql: str, params: tuple | dict = ()) -> Result:
         """:meth:`execute` for a write that may end live sessions (a kill, a revoke, a user disabled, a key or
@@ -191,14 +191,8 @@ class StoreBase:
                 self.notify_ending(conn)
             return result
 
-        try:
+        with _numbers_in_range():
             return self.atomic(write)
-        except OverflowError:
-            raise _out_of_range() from None
-        except Exception as exc:
-            if _is_out_of_range(exc):
-                raise _out_of_range() from None
-            raise
 
     def notify_ending(self, conn: Connection) -> None:
         """Inside a write transaction that may end live sessions: wake the nodes at its commit (PostgreSQL)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = [
+    "journal_bytes",
     "poll",
     "FUZZ_EXAMPLES",
     "FUZZ_EXAMPLES_OTHER",
@@ -93,3 +94,13 @@ def poll(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.05
             return value
         time.sleep(step)
     return predicate()
+
+
+def journal_bytes(store: Any, session_id: str) -> bytes:
+    """Every byte the recording journal holds for ``session_id``, rows in seq order (what the node wrote)."""
+    out, after = bytearray(), -1
+    while rows := store.read_journal(session_id, after):
+        for seq, data in rows:
+            out += data
+            after = seq
+    return bytes(out)
