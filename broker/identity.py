@@ -233,10 +233,11 @@ def _parse_rfc4716(lines: list[str], i: int) -> tuple[PublicKey, int]:
             key = _key_from_blob("".join(body), comment, declared=None)
             return key, i
         if in_headers and ":" in line:
-            # A header (RFC 4716 §3.3): TAG: VALUE, the value continued on the next line after a backslash.
-            tag, _, value = line.partition(":")
+            # A header (RFC 4716 §3.3): TAG: VALUE, the value continued on the next line when the line's last
+            # character is a backslash ("\\ " with a space after it ends the header: the space is the last).
+            tag, _, value = lines[i - 1].lstrip().partition(":")
             while value.endswith("\\") and i < len(lines) and i - start <= _RFC4716_MAX_LINES:
-                value = value[:-1] + lines[i].strip()
+                value = value[:-1] + lines[i].lstrip()
                 i += 1
             tag, value = tag.strip(), value.strip()
             if not tag or len(tag) > 64 or not all(0x21 <= ord(c) < 0x7F for c in tag):

@@ -95,6 +95,10 @@ def test_rfc4716_headers_with_continuation_lines_and_quotes(pkeys):
                       'comment: with a colon"', "Subject: alice", *body, "---- END SSH2 PUBLIC KEY ----"])
     (key,) = parse_public_keys(text)
     assert key.fingerprint == pkeys["ed25519"].fingerprint and key.comment == "a long comment: with a colon"
+    # Only a backslash that is the line's last character continues it (the fuzz test found "Comment: \\ ").
+    text = "\n".join(["---- BEGIN SSH2 PUBLIC KEY ----", "Comment: ends in \\ ", *body, "---- END SSH2 PUBLIC KEY ----"])
+    (key,) = parse_public_keys(text)
+    assert key.fingerprint == pkeys["ed25519"].fingerprint and key.comment == "ends in \\"
 
 
 @pytest.mark.parametrize("text, needle", [
