@@ -317,7 +317,8 @@ class GuardedSftp:
             relay.write_to_vendor, self._record, self._denied, mode=live.grant.mode, on_fatal=self._fatal,
             now=lambda: utc_iso(self.services.app.clock.now()), uploads=policy.kept_uploads(),
             upload_guard=policy.upload_guard, discard_upload=self._discard_upload,
-            rewrite_path=policy.tilde.rewrite_sftp_path, logger=relay.log.named("medbroker.sftp"))
+            rewrite_path=policy.tilde.rewrite_sftp_path, logger=relay.log.named("medbroker.sftp"),
+            expect_reply=relay.expect_reply)
 
     def vendor_data(self, data: bytes) -> None:
         self.filter.vendor_data(data)

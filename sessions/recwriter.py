@@ -267,7 +267,8 @@ class RecordingWriter:
         self._clock, self._fsync = clock, fsync
         self._on_error, self._on_pause, self._on_resume = on_error, on_pause, on_resume
         self._high, self._low, self._max = high_water, low_water, max_pending
-        self._window, self._unit = window, 0
+        self._window, self._unit, self._floor = window, 0, 0
+        self._claims: dict[object, int] = {}
         self._batch = BATCH_BYTES if window is None else min(BATCH_BYTES, max(1, window // 2))
         self.failed_at: datetime | None = None  # wall time (clock.now()) the failure was found, for the audit row
         self._mono0 = clock.monotonic_ns()
@@ -310,17 +311,34 @@ class RecordingWriter:
             return self._pending <= self._low
         return self._pending <= max(0, self._window - self._unit) // 2
 
-    def expect_unit(self, size: int) -> None:
+    def expect_unit(self, size: int, key: object = None) -> None:
         """Announce that single appends of up to ``size`` bytes will follow (an SFTP reply, an scp block).
 
         With a ``window``, the session pauses from now on early enough for such a unit to fit, including
         the first one; ``on_pause`` may run at once. Without a window this does nothing.
+
+        Without ``key`` the announcement stands for the rest of the recording. With a ``key`` (an SFTP
+        channel) it replaces that key's earlier one and may be smaller: the unit is the largest standing
+        announcement or unannounced append, so a channel whose outstanding requests can only bring small
+        replies (an upload's WRITE statuses) no longer holds the session in lock step. ``size`` 0 withdraws
+        the key's announcement. Announcements above ``window`` count as ``window`` (a unit that cannot fit
+        would pause the session for good); such a unit overshoots the bound by its excess.
         """
         pause = False
         with self._pool.lock:
-            if self._window is None or size <= self._unit:
+            if self._window is None:
                 return
-            self._unit = size
+            size = min(max(0, size), self._window)
+            if key is None:
+                self._floor = max(self._floor, size)
+            elif size:
+                self._claims[key] = size
+            else:
+                self._claims.pop(key, None)
+            unit = max(self._floor, max(self._claims.values(), default=0))
+            lower, self._unit = unit <= self._unit, unit
+            if lower:  # a smaller unit only loosens the marks: the next write's resume check uses it
+                return
             if not self._paused and self._failed is None and not self._stopping and self._over_locked():
                 self._paused = pause = True
                 self._pool.hurry_locked()
@@ -356,8 +374,8 @@ class RecordingWriter:
                                  "use append_event")
         data = data if type(data) is bytes else bytes(data)
         code = KINDS[kind]
-        if len(data) > self._unit:  # the acknowledgment window's unit (read by the writer thread under the lock)
-            self._unit = min(len(data), MAX_PAYLOAD)
+        if len(data) > self._unit:  # an unannounced unit: it stands from now on (the writer reads it under the lock)
+            self._floor = self._unit = min(len(data), MAX_PAYLOAD)
         if len(data) <= MAX_PAYLOAD:
             return self._enqueue(channel, code, data)
         seq = 0
@@ -425,7 +443,7 @@ class RecordingWriter:
                 if final:  # atomically with the end frame: nothing may follow it
                     self._stopping = True
                 pool.ready[id(self)] = self
-                if final or pause or self._queued >= self._batch:
+                if final or self._paused or self._queued >= self._batch:  # paused: the session waits on us
                     pool.hurry_locked()
                 elif pool.sleeping:
                     pool.sleeping = False

@@ -46,7 +46,8 @@ ENV_ALLOWED = ("LANG", "LC_")
 WRITE_BUFFER_HIGH = 1 << 20
 WRITE_BUFFER_LOW = 256 << 10
 # SFTP replies and broker-served scp blocks reach the vendor whole, up to 256 KiB each (sftp.MAX_DATA, scp.BLOCK):
-# announced to the recorder so its acknowledgment window leaves room for one (docs/recording-format.md).
+# announced to the recorder so its acknowledgment window leaves room for one (docs/recording-format.md). The SFTP
+# filter then narrows its channel's announcement to what its outstanding requests can bring (expect_reply).
 WHOLE_UNIT = 256 << 10
 
 
@@ -58,8 +59,9 @@ class Recorder(Protocol):
 
     def append_event(self, channel: int, kind: str, event: dict) -> int: ...
 
-    def expect_unit(self, size: int) -> None:
-        """Single appends of up to ``size`` bytes follow (may call the pause callback at once)."""
+    def expect_unit(self, size: int, key: object = None) -> None:
+        """Single appends of up to ``size`` bytes follow (may call the pause callback at once); with ``key``,
+        replaces that key's earlier announcement (0 withdraws it)."""
 
     @property
     def failed(self) -> Exception | None:
@@ -319,13 +321,16 @@ class RelaySession(asyncssh.SSHServerSession):
         if self._holds["device"]:
             up.pause_reading()
         if self.subsystem:
-            # A subsystem always runs through its filter; without one it must not run at all.
+            # A subsystem always runs through its filter; without one it must not run at all. Its replies
+            # reach the vendor whole: until the filter announces smaller ones (the SFTP filter does, per request:
+            # expect_reply), the session runs in lock step.
+            self.ctx.recorder.expect_unit(WHOLE_UNIT, key=self)
             self.filter = self.ctx.make_filter(self, self.subsystem) if self.ctx.make_filter else None
             if self.filter is None:
+                self.ctx.recorder.expect_unit(0, key=self)
                 self.notice(f"the {self.subsystem} subsystem is not available through medbroker")
                 self.exit(1)
                 return
-            self.ctx.recorder.expect_unit(WHOLE_UNIT)
         elif self.ctx.make_scanner:
             self.scanner = self.ctx.make_scanner()
         if not self.subsystem and self.ctx.make_stream_judge:
@@ -513,6 +518,10 @@ class RelaySession(asyncssh.SSHServerSession):
         self.notice(refusal)
         self.exit(1)
         return True
+
+    def expect_reply(self, size: int) -> None:
+        """Used by subsystem filters: the largest packet :meth:`write_to_vendor` may get next (0: none more)."""
+        self.ctx.recorder.expect_unit(size, key=self)
 
     def write_to_vendor(self, data: bytes) -> None:
         """Used by subsystem filters: record and send device-side bytes to the vendor."""

@@ -67,6 +67,15 @@ _REPLY_CHECKED = frozenset({"realpath", "expand-path", "home-directory"})
 _FORWARDED = frozenset({"init", "close", "fstat", "fsetstat", "readdir", "fstatvfs", "fsync", "limits",
                         "users-groups-by-id", "read", "write"}) | _REPLY_CHECKED
 _MAX_QUEUE = 1024
+SMALL_REPLY = 32 * 1024
+"""The largest reply the device may send to a request answered by STATUS, HANDLE, ATTRS or one NAME (real
+servers send tens or hundreds of bytes); a larger one breaks the protocol. Announced to the recorder as the
+channel's unit while only such requests are outstanding (issue 16: an upload no longer runs in lock step)."""
+_SMALL_REPLY_OPS = frozenset({
+    "open", "opendir", "close", "write", "lstat", "fstat", "stat", "setstat", "fsetstat", "lsetstat", "remove",
+    "mkdir", "rmdir", "realpath", "rename", "posix-rename", "readlink", "symlink", "hardlink", "fsync", "statvfs",
+    "fstatvfs", "limits", "expand-path", "home-directory"})
+_DATA_HEADER = 13  # length, type, id, data length: a DATA reply is this much longer than its data
 _REPLY_OPS = {  # reply type -> the requests it may answer (STATUS answers any)
     "handle": frozenset({"open", "opendir"}), "data": frozenset({"read"}),
     "name": frozenset({"readdir", "realpath", "readlink", "expand-path", "home-directory"}),
@@ -183,6 +192,7 @@ class _Item:
 class _Inflight:
     req: SftpRequest
     resolved: tuple[str, ...] = ()
+    bound: int = 0
 
 
 def _text(path: bytes) -> str:
@@ -235,8 +245,14 @@ class SftpFilter:
                  upload_guard: Callable[[str], StreamGuard | None] | None = None,
                  discard_upload: Callable[[str], Awaitable[None]] | None = None,
                  rewrite_path: Callable[[bytes], bytes | None] | None = None,
-                 logger: logging.Logger | logging.LoggerAdapter = log) -> None:
-        """:param logger: where this channel logs (an adapter naming the session and channel, sessions/sessionlog.py)"""
+                 logger: logging.Logger | logging.LoggerAdapter = log,
+                 expect_reply: Callable[[int], None] | None = None) -> None:
+        """:param logger: where this channel logs (an adapter naming the session and channel, sessions/sessionlog.py)
+        :param expect_reply: ``expect_reply(n)``: the largest packet the vendor may be sent next is ``n`` bytes
+            (the largest reply an outstanding request can bring, at least :data:`SMALL_REPLY`); called before a
+            request that may bring a larger reply is forwarded, and after the reply that allowed a smaller value
+            went out; 0 when the filter closes. The relay hands it to the recorder's acknowledgment window
+            (docs/recording-format.md)."""
         self._log = logger
         self._policy, self._realpath, self._head_reader = policy, realpath, head_reader
         self._to_device, self._to_vendor = send_to_device, send_to_vendor
@@ -250,6 +266,9 @@ class SftpFilter:
         self._queue: deque[_Item] = deque()
         self._worker: asyncio.Task | None = None
         self._inflight: dict[int, _Inflight] = {}
+        self._expect_reply = expect_reply
+        self._bounds: dict[int, int] = {}  # reply bound -> requests in flight with it
+        self._announced = 0
         self._queued_ids: set[int] = set()
         self._handles: dict[bytes, _Handle] = {}
         self._ns_inflight = 0
@@ -261,6 +280,7 @@ class SftpFilter:
         self._init = self._version = False  # INIT seen from the vendor, VERSION from the device
         self._closed = False
         self._summary: SftpSummary | None = None
+        self._announce()
 
     # ------------------------------------------------------------------------------------ vendor side
     def vendor_data(self, data: bytes) -> None:
@@ -421,7 +441,14 @@ class SftpFilter:
 
     def _forward(self, req: SftpRequest, packet: bytes | None = None, resolved: tuple[str, ...] = ()) -> None:
         if req.id is not None:
-            self._inflight[req.id] = _Inflight(req, resolved)
+            if req.op == "read":
+                bound = _DATA_HEADER + min(req.length or 0, MAX_DATA)
+            else:
+                bound = SMALL_REPLY if req.op in _SMALL_REPLY_OPS else DEVICE_MAX_LEN + 4
+            self._inflight[req.id] = _Inflight(req, resolved, bound)
+            self._bounds[bound] = self._bounds.get(bound, 0) + 1
+            if bound > self._announced:
+                self._announce()
         if req.op in _NAMESPACE_OPS:
             self._ns_inflight += 1
             self._ns_idle.clear()
@@ -563,6 +590,14 @@ class SftpFilter:
         except SftpProtocolError as exc:
             self._fatal("device", exc)
 
+    def _announce(self) -> None:
+        """Tell the relay the largest reply that may reach the vendor next (see ``expect_reply``)."""
+        unit = 0 if self._closed else max(SMALL_REPLY, max(self._bounds, default=0))
+        if unit != self._announced:
+            self._announced = unit
+            if self._expect_reply is not None:
+                self._expect_reply(unit)
+
     def _from_device(self, packet: bytes) -> None:
         rep = parse_reply(packet)
         if rep.op == "version":
@@ -581,8 +616,16 @@ class SftpFilter:
             self._record("sftp.unexpected-reply", {"id": rep.id, "type": rep.type})
             raise SftpProtocolError(f"a {rep.op} reply to request id {rep.id}, which is not in flight")
         req = inflight.req
+        left = self._bounds[inflight.bound] - 1
+        if left:
+            self._bounds[inflight.bound] = left
+        else:
+            del self._bounds[inflight.bound]
         if rep.op != "status" and req.op not in _REPLY_OPS.get(rep.op, ()):
             raise SftpProtocolError(f"a {rep.op} reply to a {req.op} request (id {rep.id})")
+        if len(packet) > inflight.bound:  # the recorder's window was sized for at most this (issue 16)
+            raise SftpProtocolError(f"a {rep.op} reply of {len(packet)} bytes to a {req.op} request (id {rep.id}); "
+                                    f"at most {inflight.bound} bytes can answer it")
         self._n["replied"] += 1
         if req.op in _NAMESPACE_OPS:
             self._ns_inflight -= 1
@@ -609,6 +652,8 @@ class SftpFilter:
                 out = None
         if out is not None:
             self._to_vendor(out)
+        if not left and inflight.bound == self._announced:
+            self._announce()  # after the reply went out: it may have needed the larger unit
 
     def _open_handle(self, req: SftpRequest, resolved: tuple[str, ...], handle: bytes) -> None:
         path = resolved[0] if resolved else _text(req.paths[0])
@@ -687,6 +732,7 @@ class SftpFilter:
         if self._summary is not None:
             return self._summary
         self._closed = True
+        self._announce()  # withdrawn: no reply of this channel reaches the vendor any more
         if self._worker is not None:
             self._worker.cancel()
         for handle_id in list(self._handles):

@@ -174,3 +174,110 @@ def test_a_failed_writer_reports_once_and_leaves_nothing_paused(tmp_path: Path) 
     assert w.append_data(1, "output", b"after") == 0
     with pytest.raises(RecordingError):
         w.close()
+
+
+def test_a_frame_queued_while_paused_is_written_at_once_not_at_the_next_tick(tmp_path: Path, monkeypatch) -> None:
+    """Issue 16: an SFTP upload ran at 24 MB/s because a reply's few bytes, queued while the session was paused
+    and the writer was busy, then waited a whole group-commit tick: the session waited on the writer, the writer
+    waited for company. Here the tick is a minute, so only an immediate write lets the session go on."""
+    import fcntl
+
+    from sessions import recwriter
+    from sessions.recwriter import ACK_WINDOW
+
+    monkeypatch.setattr(recwriter, "FLUSH_INTERVAL", 60.0)
+    path = tmp_path / "narrow.mbr"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fcntl.fcntl(reader, 1031, 4096)  # F_SETPIPE_SZ: the writer blocks inside its first batch
+    held = threading.Event()
+    w = RecordingWriter(path, {"session_id": "narrow"}, clock=SystemClock(), window=ACK_WINDOW,
+                        on_pause=held.set, on_resume=held.clear)
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                os.read(reader, 65536)
+            except BlockingIOError:
+                time.sleep(0.0005)
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    try:
+        w.expect_unit(ACK_WINDOW)  # lock step, as a broker-served scp channel runs
+        w.append_data(1, "output", b"b" * 32768)
+        assert held.is_set() and _wait(lambda: w._inflight)  # the writer took the block and is stuck in write()
+        w.append_data(1, "output", b"status reply")  # queued while paused
+        drainer.start()
+        assert _wait(lambda: not held.is_set(), 10), "the session stayed paused: the writer waited for its tick"
+        assert w.pending_bytes == 0
+    finally:
+        if not drainer.is_alive():
+            drainer.start()
+        w.close()
+        stop.set()
+        drainer.join(5)
+        os.close(reader)
+
+
+def test_keyed_units_can_shrink_and_the_window_still_bounds_what_is_handed_on(tmp_path: Path) -> None:
+    """An SFTP channel announces the largest reply its outstanding requests can bring and lowers it again
+    (an upload's WRITEs bring 28-byte statuses): the window must hold through every change, and a small unit
+    must really let the session run ahead of the writer instead of in lock step."""
+    import random
+
+    from sessions.recwriter import ACK_WINDOW
+
+    rnd = random.Random(16)
+    vol = _SlowVolume(tmp_path, "claims.mbr")
+    held = threading.Event()
+    w = RecordingWriter(vol.path, {"session_id": "claims"}, clock=SystemClock(), window=ACK_WINDOW,
+                        on_pause=held.set, on_resume=held.clear)
+    vol.thread.start()
+    worst = 0
+    try:
+        for _ in range(400):
+            claim = rnd.choice([8192, 32768, 32768, 65536, ACK_WINDOW])
+            w.expect_unit(claim, key="sftp-1")
+            sizes = [rnd.randint(1, claim) for _ in range(rnd.randint(1, 6))]
+            assert _forward_through(w, held, sizes) <= ACK_WINDOW
+            worst = max(worst, w.pending_bytes)
+        w.expect_unit(0, key="sftp-1")
+        assert w.drain(10) and not held.is_set()
+    finally:
+        vol.close()
+    assert worst <= ACK_WINDOW
+    # A small unit lets the session run ahead: 50 KiB queued behind a writer stuck in write(), no pause.
+    import fcntl
+
+    path = tmp_path / "stuck.mbr"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fcntl.fcntl(reader, 1031, 4096)  # F_SETPIPE_SZ
+    pauses: list[int] = []
+    w2 = RecordingWriter(path, {"session_id": "small"}, clock=SystemClock(), window=ACK_WINDOW,
+                         on_pause=lambda: pauses.append(w2.pending_bytes))
+    try:
+        w2.expect_unit(ACK_WINDOW, key="ch")
+        w2.expect_unit(1024, key="ch")
+        for _ in range(50):
+            assert w2.append_data(1, "output", b"s" * 1024)
+        assert not pauses and not w2.paused, f"a 1 KiB unit still paused the session at {pauses} bytes"
+        w2.expect_unit(ACK_WINDOW, key="ch")  # a large reply may come: the session pauses at once
+        assert pauses and w2.paused
+    finally:
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set():
+                try:
+                    os.read(reader, 65536)
+                except BlockingIOError:
+                    time.sleep(0.0005)
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        w2.close()
+        stop.set()
+        drainer.join(5)
+        os.close(reader)

@@ -697,3 +697,63 @@ def test_fuzz_any_bytes_either_side_end_cleanly_or_pass(chunks) -> None:
 
     w = asyncio.run(main())
     assert len(w.fatal) <= 1 and all(isinstance(m, str) and "SFTP" in m for m in w.fatal)
+
+
+# ---------------------------------------------------------------------------------------------- reply units (issue 16)
+def test_the_filter_announces_the_largest_reply_before_the_request_that_can_bring_it() -> None:
+    """The recorder's acknowledgment window needs the largest packet the vendor may be sent next. An upload's
+    WRITEs bring 28-byte statuses, so its unit stays small (the session is not held in lock step); a 300 KiB READ
+    announces its DATA reply before the device sees the request, and the unit drops again only after that reply
+    went out. A reply larger than its request allows ends the channel before any of it reaches the vendor."""
+    from sessions.sftp import SMALL_REPLY
+    from sessions.sftp_codec import FXP_WRITE
+
+    log: list[tuple[str, object]] = []
+
+    async def main() -> tuple[SftpFilter, list[str], list[tuple[str, object]]]:
+        fatal: list[str] = []
+
+        async def realpath(path: bytes) -> bytes:
+            return path
+
+        async def head(path: bytes, n: int) -> bytes:
+            return b"benign"
+
+        f = SftpFilter(ProtectedPaths.build("ct-01", ["/data/dicom"]), realpath, head,
+                       lambda p: log.append(("device", parse_request(p))),
+                       lambda p: log.append(("vendor", p)), lambda n, d: None, lambda d, x: None,
+                       on_fatal=fatal.append, expect_reply=lambda n: log.append(("unit", n)))
+        f.vendor_data(init_packet(3))
+        f.device_data(_version_reply())
+        f.vendor_data(frame(FXP_OPEN, u32(1) + string(b"/tmp/up.bin") + u32(FXF_READ | FXF_WRITE | FXF_CREAT)
+                            + u32(0)))
+        for _ in range(200):  # the path check resolves asynchronously
+            await asyncio.sleep(0.01)
+            if any(kind == "device" and r.op == "open" for kind, r in log):
+                break
+        f.device_data(frame(102, u32(1) + string(b"h1")))  # HANDLE
+        for i in range(2, 10):  # pipelined writes, as `sftp put` sends them
+            f.vendor_data(frame(FXP_WRITE, u32(i) + string(b"h1") + u64((i - 2) * 32768) + string(b"w" * 32768)))
+        for i in range(2, 10):
+            f.device_data(frame(101, u32(i) + u32(FX_OK) + string(b"") + string(b"")))
+        mark = len(log)
+        f.vendor_data(read_request(20, b"h1", 0, 300 * 1024))
+        f.device_data(frame(103, u32(20) + string(b"r" * MAX_DATA)))
+        after_read = log[mark:]
+        f.vendor_data(read_request(21, b"h1", 0, 10))
+        f.device_data(frame(103, u32(21) + string(b"x" * 11)))  # one byte more than asked for
+        return f, fatal, after_read
+
+    f, fatal, after_read = asyncio.run(main())
+    units = [n for kind, n in log if kind == "unit"]
+    assert units[0] == SMALL_REPLY, "the channel's first announcement is the small unit"
+    writes_end = next(i for i, (kind, r) in enumerate(log) if kind == "device" and getattr(r, "id", None) == 9)
+    assert [n for kind, n in log[:writes_end + 9] if kind == "unit"] == [SMALL_REPLY], \
+        "writes and their statuses must not raise the unit"
+    kinds = [kind for kind, _ in after_read]
+    assert kinds == ["unit", "device", "vendor", "unit"], after_read
+    assert after_read[0][1] == 13 + MAX_DATA and after_read[1][1].length == MAX_DATA
+    assert after_read[3][1] == SMALL_REPLY
+    assert fatal and "a data reply of 24 bytes to a read request (id 21); at most 23 bytes" in fatal[0]
+    assert not any(kind == "vendor" and p.endswith(b"x" * 11) for kind, p in log)
+    assert units[-1] == 0, "a closed channel withdraws its announcement"

@@ -50,7 +50,7 @@ class _Recorder:
         self.events.append((channel, kind, event))
         return 1
 
-    def expect_unit(self, size: int) -> None:
+    def expect_unit(self, size: int, key: object = None) -> None:
         pass
 
 
