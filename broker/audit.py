@@ -59,7 +59,8 @@ EVENTS: dict[str, str] = {
     "session.stopped": "a live session ended because what it was opened with was withdrawn (user disabled, login "
                        "key removed, role changed, device removed)",
     "channel.refused": "a channel or request was refused (forwarding, agent, X11, subsystem; protocol = tls: a TLS "
-                       "forwarded connection [policy] forward_tls does not allow)",
+                       "forwarded connection [policy] forward_tls does not allow; kind or protocol = packet: an SSH "
+                       "data packet over the 32 KiB announced, the channel was ended)",
     "jump.open": "a self-service login opened a ProxyJump channel (ssh -J) to a device name; the broker serves "
                  "SSH on it (docs/security.md)",
     "jump.login": "the vendor logged in through a ProxyJump channel (same key as the first hop); the session that "

@@ -145,8 +145,8 @@ class SessionForwards:
         start that stopped being TLS ("not-tls": ``channel.protocol.denied``), a file-transfer protocol
         ("protocol": the stream judge audited it). The vendor's terminal, if a shell is open, says why."""
         fields = dict(self.who.audit_fields(), channel=relay.ctx.number, port=relay.ctx.port)
-        if kind == "tls":
-            self.services.audit_soon("channel.refused", **fields, kind="direct-tcpip", protocol="tls",
+        if kind in ("tls", "packet"):
+            self.services.audit_soon("channel.refused", **fields, kind="direct-tcpip", protocol=kind,
                                      target=f"{self.device.name}:{relay.ctx.port}", reason=message)
         elif kind == "not-tls":
             self.services.audit_soon("channel.protocol.denied", **fields, kind="forward", protocol="not-tls",

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import asyncssh
 
 from sessions.holds import Holds
+from sessions.relay import MAX_PACKET
 from sessions.sessionlog import session_log
 from sessions.tailhold import TailHold
 from sessions.tlsrecords import TLS_ALERT_ACCESS_DENIED, TlsRecords, is_tls_start
@@ -61,7 +62,8 @@ class ForwardContext:
     on_detection: Callable[["ForwardRelay", str, str], None] = lambda relay, what, direction: None
     on_refused: Callable[["ForwardRelay", str, str, str], None] = lambda relay, kind, direction, message: None
     """``(relay, kind, direction, message)``: the connection ends for ``kind`` "tls" (the site's rule), "not-tls"
-    (a TLS start, then no TLS) or "protocol" (a file-transfer protocol, already audited by the judge)."""
+    (a TLS start, then no TLS), "protocol" (a file-transfer protocol, already audited by the judge) or "packet" (an
+    SSH data packet over the announced 32 KiB)."""
     on_closed: Callable[["ForwardRelay"], None] = lambda relay: None
     forward_unrecorded: bool = False
     session_id: str = "?"
@@ -140,7 +142,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
             self._to_vendor(data)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self.closed:
+        if self.closed or self._oversize("vendor", data):
             return
         if self.tls is None:
             data = self._first + data
@@ -178,7 +180,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
 
     # ------------------------------------------------------------ device side
     def from_device(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._oversize("device", data):
             return
         if self.tls is None:
             self.tls = False  # the device spoke first: not a TLS client hello
@@ -244,6 +246,21 @@ class ForwardRelay(asyncssh.SSHTCPSession):
             self.chan.write(TLS_ALERT_ACCESS_DENIED)
         self.close(refusal)
         return False
+
+    def _oversize(self, side: str, data: bytes) -> bool:
+        """More data in one SSH packet than the 32 KiB announced (sessions/relay.py ``RelaySession._oversize``):
+        nothing of it is recorded or forwarded, and the connection ends. True when that happened."""
+        if len(data) <= MAX_PACKET:
+            return False
+        direction = "to-device" if side == "vendor" else "to-vendor"
+        who = "your SSH client" if side == "vendor" else "the device"
+        why = (f"{who} sent {len(data)} bytes in one SSH data packet; the channel announced at most {MAX_PACKET}, so "
+               "medbroker closed the forwarded connection")
+        self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
+            "stream": "input" if side == "vendor" else "output", "reason": why, "port": self.ctx.port})
+        self.ctx.on_refused(self, "packet", direction, why)
+        self.close(why)
+        return True
 
     def _judge(self, side: str, data: bytes) -> bool:
         """TLS is held to the record layer (its cleartext handshake scanned); plain text is scanned and judged

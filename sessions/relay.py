@@ -49,6 +49,9 @@ WRITE_BUFFER_LOW = 256 << 10
 # announced to the recorder so its acknowledgment window leaves room for one (docs/recording-format.md). The SFTP
 # filter then narrows its channel's announcement to what its outstanding requests can bring (expect_reply).
 WHOLE_UNIT = 256 << 10
+# The largest SSH data packet medbroker announces on every channel (asyncssh's default, what stock clients and sshd
+# send). asyncssh itself accepts up to its 256 KiB transport limit; the relay does not (see RelaySession._oversize).
+MAX_PACKET = 32768
 
 
 class Recorder(Protocol):
@@ -348,6 +351,9 @@ class RelaySession(asyncssh.SSHServerSession):
             self.pending.append(action)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if len(data) > MAX_PACKET:
+            self._oversize("vendor", len(data))
+            return
         if not self.ctx.recorder.append_data(self.ctx.number, "input", data) and not self.ctx.forward_unrecorded:
             return  # the recording failed: nothing unrecorded reaches the device (the session is ending)
         if self.input_guard is not None and self._input_refused(self.input_guard.feed(data)):
@@ -368,6 +374,24 @@ class RelaySession(asyncssh.SSHServerSession):
             self.line_guard.vendor_data(data)
         else:
             up.write(data, datatype)
+
+    def _oversize(self, side: str, size: int) -> None:
+        """A peer sent more channel data in one SSH packet than the 32 KiB medbroker announced. The recorder's
+        acknowledgment window is sized for 32 KiB pieces (docs/recording-format.md), so such a packet is
+        neither recorded nor forwarded, and the channel ends (a stock client never sends one; OpenSSH's sshd
+        drops them too, "rcvd big packet")."""
+        if self.closed:
+            return
+        who = "your SSH client" if side == "vendor" else "the device"
+        reason = (f"{who} sent {size} bytes in one SSH data packet; the channel announced at most {MAX_PACKET}, so "
+                  "medbroker ended the channel" + (" (use a standard SSH client)" if side == "vendor" else ""))
+        self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
+            "stream": "input" if side == "vendor" else "output", "reason": reason})
+        self.ctx.on_refused(self, "packet", reason)
+        self.exit_sent = True  # the device's own exit status must not follow
+        self.pending.clear()
+        self.notice(reason)
+        self.exit(1)
 
     def _input_refused(self, reason: str | None, *, at_eof: bool = False) -> bool:
         """Stdin named a protected path: nothing more is forwarded, the device's side ends at once, and the
@@ -465,6 +489,9 @@ class RelaySession(asyncssh.SSHServerSession):
     def from_device(self, data: bytes, datatype: asyncssh.DataType) -> None:
         """Device output: scan, record, forward (the filter forwards for subsystems)."""
         if self.input_refusal is not None:
+            return
+        if len(data) > MAX_PACKET:
+            self._oversize("device", len(data))
             return
         if self.ctx.recorder.failed is not None and not self.ctx.forward_unrecorded:
             # Strict and the recording failed: nothing more is forwarded (see _forward), so nothing is scanned

@@ -379,3 +379,44 @@ def test_multi_word_reason_typed_at_a_shell_works_over_ssh(world):
                        capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert json.loads(world.events("request.denied")[-1]["details"])["reason"] == "not today"
+
+
+def test_oversize_data_packets_from_a_client_end_the_channel_unrecorded_and_unforwarded(world):
+    """Issue 16: the recorder's acknowledgment window is sized for the 32 KiB SSH packets medbroker announces, but
+    asyncssh accepts channel data up to its 256 KiB transport limit. A client that ignores the announced size (a
+    hostile one: paramiko with its packet size raised) gets its channel ended with the reason; the device sees
+    none of the packet, the recording holds none of it, and the refusal is audited."""
+    world.grant()
+    host_key = (world.app.home / "keys" / "host_ed25519.pub").read_text()
+    with paramiko_session("127.0.0.1", world.port, "alice@ct-01", key=world.keys["alice"].private_path,
+                          host_key_line=host_key) as client:
+        transport = client.get_transport()
+        assert transport is not None
+        chan = transport.open_session(timeout=10)
+        chan.exec_command("wc -c")
+        chan.out_max_packet_size = 200_000  # what the broker announced was 32768
+        chan.sendall(b"z" * 150_000)
+        chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + 20
+        while not (chan.exit_status_ready() and chan.closed) and time.monotonic() < deadline:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+            elif chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            else:
+                time.sleep(0.01)
+        err += chan.recv_stderr(65536) if chan.recv_stderr_ready() else b""
+        status = chan.recv_exit_status()
+        res = paramiko_exec(client, "echo still here")  # the session itself goes on
+    assert status == 1 and b"150000 bytes in one SSH data packet; the channel announced at most 32768" in err, err
+    assert b"150000" not in out and out.strip() in (b"", b"0"), out
+    assert (res.returncode, res.stdout) == (0, b"still here\n")
+    refused = [json.loads(e["details"]) for e in world.events("channel.refused")]
+    assert any(d["kind"] == "packet" and "150000 bytes in one SSH data packet" in d["reason"] for d in refused), refused
+    from sessions.recording import read_frames
+
+    row = _finished_session(world)
+    frames = list(read_frames(world.app.recordings.local_path(row["recording"]), key_lookup=world.app.keys.get))
+    assert not any(f.kind == "input" and b"zzzz" in f.payload for f in frames), "the oversize packet was recorded"
+    assert any(f.kind == "policy-denial" and b"one SSH data packet" in f.payload for f in frames)

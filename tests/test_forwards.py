@@ -315,6 +315,40 @@ def _recv_until(sock: socket.socket, marker: bytes) -> bytes:
     return out
 
 
+def test_an_oversize_ssh_packet_on_a_forward_closes_it_unrecorded(world, http_port):
+    """Issue 16: like a session channel (tests/test_e2e_session.py), a forwarded connection whose client sends more
+    than the announced 32 KiB in one SSH data packet is closed; none of it reaches the device or the recording."""
+    from helpers.clients import paramiko_session
+
+    now = world.app.clock.now()
+    req = request_grant(world.app.store, world.app.audit, world.app.rules, get_principal(world.app.store, "alice"),
+                        "ct-01", 3600, "service UI", now, forwards=(str(http_port),))
+    approve_request(world.app.store, world.app.audit, world.app.rules, req.id, get_principal(world.app.store, "bob"),
+                    now)
+    host_key = (world.app.home / "keys" / "host_ed25519.pub").read_text()
+    with paramiko_session("127.0.0.1", world.port, "alice@ct-01", key=world.keys["alice"].private_path,
+                          host_key_line=host_key) as client:
+        transport = client.get_transport()
+        assert transport is not None
+        chan = transport.open_channel("direct-tcpip", ("ct-01", http_port), ("127.0.0.1", 40000), timeout=10)
+        chan.out_max_packet_size = 200_000
+        chan.settimeout(10)
+        chan.sendall(b"GET /page HTTP/1.0\r\nX-Pad: " + b"p" * 150_000 + b"\r\n\r\n")
+        assert chan.recv(65536) == b""  # closed by the broker, not answered
+        chan.close()
+    def refused() -> list[dict]:
+        return [r for r in (json.loads(e["details"]) for e in world.events("channel.refused"))
+                if r.get("protocol") == "packet" and "bytes in one SSH data packet" in r["reason"]]
+
+    assert _wait(refused), world.events("channel.refused")
+    sid = world.app.store.list_sessions()[-1]["id"]
+    assert _wait(lambda: world.app.store.get_session(sid)["final_hash"])
+    row = world.app.store.get_session(sid)
+    frames = list(read_frames(world.app.recordings.local_path(row["recording"]), key_lookup=world.app.keys.get))
+    assert not any(f.kind == "input" and b"ppp" in f.payload for f in frames)
+    assert any(f.kind == "policy-denial" and b"one SSH data packet" in f.payload for f in frames)
+
+
 def test_web_inbox_shows_each_port_with_a_checkbox_and_strikes_the_unchecked(tmp_path):
     from test_web_http import Console
 
