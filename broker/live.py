@@ -283,8 +283,13 @@ class LiveSession(SessionForwards):
         if self.recorder is not None and self.recorder.paused:
             return
         for relay in list(self.channels):
-            relay.release("vendor", "recorder")
-            relay.release("device", "recorder")
+            for side in ("vendor", "device"):
+                relay.release(side, "recorder")
+                if self.recorder is not None and self.recorder.paused:
+                    # Releasing delivered held data (asyncssh hands buffered packets over at once, an SFTP channel
+                    # sends its waiting replies) and that paused the writer again: what is not released yet stays
+                    # held, and that pause brings its own resume.
+                    return
 
     # ---------------------------------------------------------------- window
     def _schedule_window(self) -> None:

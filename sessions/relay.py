@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Protocol
 
@@ -211,6 +212,10 @@ class RelaySession(asyncssh.SSHServerSession):
         self.exit_code: int | None = None
         self.exit_sent = False
         self._holds = Holds(lambda side: self.chan if side == "vendor" else self.up)
+        # Replies of a subsystem filter that wait for the recorder (see write_to_vendor), and the device's exit
+        # that must follow them; None on channels without a filter.
+        self._outbox: deque[bytes] | None = None
+        self._after_outbox: list[Callable[[], None]] = []
         self.eof_state = "none"  # none | held | sent
         self.log = session_log(log, ctx.session_id, ctx.number)
         self._tasks = TaskSet(self.log)  # judging, vetting: kept until they end, a failure logged
@@ -328,6 +333,7 @@ class RelaySession(asyncssh.SSHServerSession):
             # reach the vendor whole: until the filter announces smaller ones (the SFTP filter does, per request:
             # expect_reply), the session runs in lock step.
             self.ctx.recorder.expect_unit(WHOLE_UNIT, key=self)
+            self._outbox = deque()
             self.filter = self.ctx.make_filter(self, self.subsystem) if self.ctx.make_filter else None
             if self.filter is None:
                 self.ctx.recorder.expect_unit(0, key=self)
@@ -473,12 +479,16 @@ class RelaySession(asyncssh.SSHServerSession):
         Reading resumes only when every reason is released, so the recorder's back-pressure and the
         channels' own windows cannot undo each other.
         """
+        if side == "device" and reason == "recorder" and self._outbox is not None:
+            return  # a filter's replies wait in the outbox instead: the device is read, parsed and judged meanwhile
         if self._holds.hold(side, reason) and side == "device" and self.handler is not None:
             self.handler.pause_writing()  # the handler is the device side
 
     def release(self, side: str, reason: str) -> None:
         if self._holds.release(side, reason) and side == "device" and self.handler is not None:
             self.handler.resume_writing()
+        if reason == "recorder" and self._outbox:
+            self._flush_outbox()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()
@@ -551,9 +561,35 @@ class RelaySession(asyncssh.SSHServerSession):
         self.ctx.recorder.expect_unit(size, key=self)
 
     def write_to_vendor(self, data: bytes) -> None:
-        """Used by subsystem filters: record and send device-side bytes to the vendor."""
+        """Used by subsystem filters: record and send device-side bytes to the vendor.
+
+        While the recorder is paused the reply waits in the outbox, unrecorded and unsent, and the device side
+        is held until the outbox is empty: so the filter parses, judges and hashes the device's next reply while
+        the writer thread writes the last one (an SFTP download no longer alternates between the two), and the
+        acknowledgment rule is kept (a reply is appended when it is sent, and only when the recorder has room
+        for it)."""
+        if self._outbox is not None and (self._outbox or self.ctx.recorder.paused) and not self.closed:
+            self._outbox.append(data)
+            self._holds.hold("device", "outbox")
+            return
         if self.ctx.recorder.append_data(self.ctx.number, "output", data) or self.ctx.forward_unrecorded:
             self.chan.write(data)
+
+    def _flush_outbox(self) -> None:
+        """Send waiting replies while the recorder has room; then read the device again and run what waited."""
+        box = self._outbox
+        assert box is not None
+        while box and not self.ctx.recorder.paused and not self.closed:
+            data = box.popleft()
+            if self.ctx.recorder.append_data(self.ctx.number, "output", data) or self.ctx.forward_unrecorded:
+                self.chan.write(data)
+        if box and not self.closed:
+            return
+        box.clear()
+        self._holds.release("device", "outbox")
+        after, self._after_outbox = self._after_outbox, []
+        for action in after:
+            action()
 
     def device_eof(self) -> None:
         """Device EOF: held until the exit status is known (or briefly), like sshd's own ordering.
@@ -578,7 +614,11 @@ class RelaySession(asyncssh.SSHServerSession):
             self.chan.write_eof()
 
     def device_exited(self, *, status: int | None = None, signal: tuple | None = None) -> None:
-        """Forward the device's exit-status or exit-signal at once, then any held EOF."""
+        """Forward the device's exit-status or exit-signal at once (after replies waiting in the outbox), then
+        any held EOF."""
+        if self._outbox:  # asyncssh delivers an exit request at once, ahead of data it still holds for us
+            self._after_outbox.append(lambda: self.device_exited(status=status, signal=signal))
+            return
         self._tail.flush()
         if self.closed or self.exit_sent or self.input_refusal is not None:
             return

@@ -124,6 +124,8 @@ def test_live_session_hitting_a_full_volume_is_ended_and_told_why(tmp_path):
             assert ended["status"] == "recording-failed"
             failed = [e for e in events(world, "recording.failed") if e["session_id"] == row["id"]]
             assert failed and "No space left on device" in details(failed[0])["error"]
+            # the sessions row is updated before the session.end audit row is written: wait for the row
+            assert wait(lambda: [e for e in events(world, "session.end") if e["session_id"] == row["id"]])
             end = [e for e in events(world, "session.end") if e["session_id"] == row["id"]]
             assert len(end) == 1 and details(end[0])["status"] == "recording-failed"
         finally:
@@ -289,6 +291,37 @@ def test_full_volume_lets_at_most_the_ack_window_out_unrecorded_and_ends_within_
         if ended_after_ms <= 100:
             break
     assert min(times) <= 100, f"the session ended {', '.join(f'{t:.0f}' for t in times)} ms after the failure"
+
+
+def test_an_sftp_download_into_a_full_volume_lets_at_most_the_ack_window_out_unrecorded(tmp_path, device):
+    """The rule holds on SFTP channels too, where replies reach the vendor whole and, while the writer is behind,
+    wait in the relay's outbox (issue 16: the device's next reply is read and judged meanwhile). A 24 MB download
+    into a 3 MiB recordings volume: what the vendor's sftp wrote to its disk beyond what the recording holds is at
+    most 256 KiB, and the vendor is told why the session ended."""
+    from helpers.clients import run_sftp_batch
+
+    dev = device()
+    big = dev.root / "tmp" / "firmware-dump.bin"
+    big.write_bytes(os.urandom(24 << 20))
+    big.chmod(0o644)
+    local = tmp_path / "got.bin"
+    with tmpfs(tmp_path / "recs", "3m") as recs:
+        broker = _Broker(tmp_path, lambda: dev, recs, "strict")
+        try:
+            r = run_sftp_batch(f"get {big} {local}\n", "alice@ct-01", "127.0.0.1", broker.port,
+                               broker.people["alice"].private_path, known_hosts=broker.known_hosts, timeout=120)
+            assert r.returncode != 0, r.stderr
+            assert b"recording failed (No space left on device)" in r.stderr, r.stderr
+            assert wait(lambda: broker.session()["status"] != "live", timeout=20)
+            row = broker.session()
+            assert row["status"] == "recording-failed"
+            recorded = broker.recorded_output(row["recording"])
+            got = local.stat().st_size if local.exists() else 0
+            print(f"\nsftp get: vendor wrote {got} B, recording holds {recorded} B of output")
+            assert 1 << 20 < recorded < 3 << 20  # the volume really filled mid-download
+            assert got <= recorded + ACK_WINDOW, f"{got - recorded} bytes reached the vendor unrecorded"
+        finally:
+            broker.serve.stop()
 
 
 def test_best_effort_mode_warns_and_delivers_everything_when_the_volume_fills(tmp_path, device):

@@ -58,3 +58,98 @@ def test_a_resume_with_the_writer_running_releases_every_channel():
     LiveSession._recorder_behind(live)
     LiveSession._recorder_caught_up(live)
     assert live.relay.reading == {"vendor": True, "device": True}
+
+
+def test_a_pause_caused_by_releasing_one_channel_keeps_the_others_held():
+    """Releasing a channel can deliver data at once (asyncssh hands over what it buffered; an SFTP channel sends
+    the replies waiting in its outbox), and that can pause the writer again before the loop has released the
+    session's other channels: they must stay held, as the new pause wants."""
+    live = SimpleNamespace(recorder=SimpleNamespace(paused=False), channels=None)
+    first, second = _Relay(), _Relay()
+    release = first.release
+
+    refills = [1]
+
+    def release_and_refill(side: str, reason: str) -> None:
+        release(side, reason)
+        if side == "vendor" and refills:  # once: the buffered data it delivered filled the window again
+            refills.pop()
+            live.recorder.paused = True
+            LiveSession._recorder_behind(live)
+
+    first.release = release_and_refill  # type: ignore[method-assign]
+    live.channels = [first, second]
+    LiveSession._recorder_behind(live)
+    LiveSession._recorder_caught_up(live)
+    assert first.reading == second.reading == {"vendor": False, "device": False}, "the newer pause was undone"
+    live.recorder.paused = False
+    LiveSession._recorder_caught_up(live)  # the newer pause's own resume
+    assert first.reading == second.reading == {"vendor": True, "device": True}
+
+
+def test_an_sftp_channel_reads_the_device_while_its_reply_waits_for_the_writer():
+    """Issue 16: on a channel with a subsystem filter the recorder's pause holds the vendor side only; the device
+    is still read (the filter parses, judges and hashes the next reply meanwhile), and a reply that is ready while
+    the writer is behind waits in the outbox, neither recorded nor sent, with the device held until it goes out.
+    When the writer catches up the reply is recorded, then sent, then the device's exit status that came
+    meanwhile follows it."""
+    from collections import deque
+
+    from sessions.relay import ChannelContext, RelaySession
+
+    log: list[tuple] = []
+
+    class Recorder:
+        paused = False
+
+        def append_data(self, channel: int, kind: str, data: bytes) -> int:
+            log.append(("recorded", data))
+            return 1
+
+        def append_event(self, channel: int, kind: str, event: dict) -> int:
+            return 1
+
+        def expect_unit(self, size: int, key: object = None) -> None:
+            pass
+
+        failed = None
+
+    class Chan:
+        def __init__(self, side: str) -> None:
+            self.side = side
+
+        def write(self, data: bytes) -> None:
+            log.append(("sent", data))
+
+        def pause_reading(self) -> None:
+            log.append((self.side, "paused"))
+
+        def resume_reading(self) -> None:
+            log.append((self.side, "reading"))
+
+        def _send_request(self, request: bytes, *args: object) -> None:
+            log.append(("request", request))
+
+    async def never(*args: object) -> None:
+        raise AssertionError("no device channel is opened here")
+
+    recorder = Recorder()
+    relay = RelaySession(ChannelContext(1, recorder, never))
+    relay.chan, relay.up = Chan("vendor"), Chan("device")
+    relay._outbox = deque()  # what _open_upstream sets up for a subsystem channel
+    relay.write_to_vendor(b"reply-1")
+    assert log == [("recorded", b"reply-1"), ("sent", b"reply-1")]
+    recorder.paused = True
+    for side in ("vendor", "device"):  # what LiveSession._recorder_behind does
+        relay.hold(side, "recorder")
+    assert log[-1] == ("vendor", "paused") and ("device", "paused") not in log, "the device must still be read"
+    relay.write_to_vendor(b"reply-2")  # the next reply is ready while the writer is behind
+    relay.device_exited(status=0)
+    assert log[-1] == ("device", "paused") and ("recorded", b"reply-2") not in log and ("sent", b"reply-2") not in log
+    assert ("request", b"exit-status") not in log, "the exit status must not overtake the waiting reply"
+    recorder.paused = False
+    for side in ("vendor", "device"):  # LiveSession._recorder_caught_up
+        relay.release(side, "recorder")
+    tail = log[log.index(("device", "paused")) + 1:]
+    assert tail == [("vendor", "reading"), ("recorded", b"reply-2"), ("sent", b"reply-2"), ("device", "reading"),
+                    ("request", b"exit-status")], tail
