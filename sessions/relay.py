@@ -68,6 +68,10 @@ class Recorder(Protocol):
         replaces that key's earlier announcement (0 withdraws it)."""
 
     @property
+    def paused(self) -> bool:
+        """The writer is behind: the relay reads no more of what it would record (see write_to_vendor)."""
+
+    @property
     def failed(self) -> Exception | None:
         """The error that stopped the recording, or None."""
 
