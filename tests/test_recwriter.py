@@ -109,6 +109,41 @@ class _SlowVolume:
         os.close(self.fd)
 
 
+class _StuckFifo:
+    """A fifo as the recording "file" with a 4 KiB pipe that nobody reads until :meth:`drain`: the writer thread
+    blocks inside its first batch larger than that."""
+
+    def __init__(self, tmp_path: Path, name: str) -> None:
+        import fcntl
+
+        self.path = tmp_path / name
+        os.mkfifo(self.path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        fcntl.fcntl(self.fd, 1031, 4096)  # F_SETPIPE_SZ
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+
+    def _drain(self) -> None:
+        while not self.stop.is_set():
+            try:
+                os.read(self.fd, 65536)
+            except BlockingIOError:
+                time.sleep(0.0005)
+
+    def drain(self) -> None:
+        """Start reading (once)."""
+        if not self.thread.is_alive():
+            self.thread.start()
+
+    def close(self, writer: RecordingWriter) -> None:
+        """Drain while ``writer`` closes (its end frame must get through), then stop and close the fifo."""
+        self.drain()
+        writer.close()
+        self.stop.set()
+        self.thread.join(5)
+        os.close(self.fd)
+
+
 def _forward_through(w: RecordingWriter, held: threading.Event, sizes: list[int]) -> int:
     """What the relay does: append each unit, then hand it on; never hand on while held. Returns the most
     bytes that were ever handed on but not yet written (appended == handed on here, so that is pending_bytes)."""
@@ -180,44 +215,24 @@ def test_a_frame_queued_while_paused_is_written_at_once_not_at_the_next_tick(tmp
     """Issue 16: an SFTP upload ran at 24 MB/s because a reply's few bytes, queued while the session was paused
     and the writer was busy, then waited a whole group-commit tick: the session waited on the writer, the writer
     waited for company. Here the tick is a minute, so only an immediate write lets the session go on."""
-    import fcntl
-
     from sessions import recwriter
     from sessions.recwriter import ACK_WINDOW
 
     monkeypatch.setattr(recwriter, "FLUSH_INTERVAL", 60.0)
-    path = tmp_path / "narrow.mbr"
-    os.mkfifo(path)
-    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    fcntl.fcntl(reader, 1031, 4096)  # F_SETPIPE_SZ: the writer blocks inside its first batch
+    fifo = _StuckFifo(tmp_path, "narrow.mbr")
     held = threading.Event()
-    w = RecordingWriter(path, {"session_id": "narrow"}, clock=SystemClock(), window=ACK_WINDOW,
+    w = RecordingWriter(fifo.path, {"session_id": "narrow"}, clock=SystemClock(), window=ACK_WINDOW,
                         on_pause=held.set, on_resume=held.clear)
-    stop = threading.Event()
-
-    def drain() -> None:
-        while not stop.is_set():
-            try:
-                os.read(reader, 65536)
-            except BlockingIOError:
-                time.sleep(0.0005)
-
-    drainer = threading.Thread(target=drain, daemon=True)
     try:
         w.expect_unit(ACK_WINDOW)  # lock step, as a broker-served scp channel runs
         w.append_data(1, "output", b"b" * 32768)
         assert held.is_set() and _wait(lambda: w._inflight)  # the writer took the block and is stuck in write()
         w.append_data(1, "output", b"status reply")  # queued while paused
-        drainer.start()
+        fifo.drain()
         assert _wait(lambda: not held.is_set(), 10), "the session stayed paused: the writer waited for its tick"
         assert w.pending_bytes == 0
     finally:
-        if not drainer.is_alive():
-            drainer.start()
-        w.close()
-        stop.set()
-        drainer.join(5)
-        os.close(reader)
+        fifo.close(w)
 
 
 def test_keyed_units_can_shrink_and_the_window_still_bounds_what_is_handed_on(tmp_path: Path) -> None:
@@ -248,14 +263,9 @@ def test_keyed_units_can_shrink_and_the_window_still_bounds_what_is_handed_on(tm
         vol.close()
     assert worst <= ACK_WINDOW
     # A small unit lets the session run ahead: 50 KiB queued behind a writer stuck in write(), no pause.
-    import fcntl
-
-    path = tmp_path / "stuck.mbr"
-    os.mkfifo(path)
-    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    fcntl.fcntl(reader, 1031, 4096)  # F_SETPIPE_SZ
+    fifo = _StuckFifo(tmp_path, "stuck.mbr")
     pauses: list[int] = []
-    w2 = RecordingWriter(path, {"session_id": "small"}, clock=SystemClock(), window=ACK_WINDOW,
+    w2 = RecordingWriter(fifo.path, {"session_id": "small"}, clock=SystemClock(), window=ACK_WINDOW,
                          on_pause=lambda: pauses.append(w2.pending_bytes))
     try:
         w2.expect_unit(ACK_WINDOW, key="ch")
@@ -266,18 +276,4 @@ def test_keyed_units_can_shrink_and_the_window_still_bounds_what_is_handed_on(tm
         w2.expect_unit(ACK_WINDOW, key="ch")  # a large reply may come: the session pauses at once
         assert pauses and w2.paused
     finally:
-        stop = threading.Event()
-
-        def drain() -> None:
-            while not stop.is_set():
-                try:
-                    os.read(reader, 65536)
-                except BlockingIOError:
-                    time.sleep(0.0005)
-
-        drainer = threading.Thread(target=drain, daemon=True)
-        drainer.start()
-        w2.close()
-        stop.set()
-        drainer.join(5)
-        os.close(reader)
+        fifo.close(w2)
