@@ -27,7 +27,7 @@ from typing import Any, Callable
 import asyncssh
 
 from sessions.holds import Holds
-from sessions.relay import MAX_PACKET
+from sessions.relay import MAX_PACKET, oversize_reason
 from sessions.sessionlog import session_log
 from sessions.tailhold import TailHold
 from sessions.tlsrecords import TLS_ALERT_ACCESS_DENIED, TlsRecords, is_tls_start
@@ -253,9 +253,7 @@ class ForwardRelay(asyncssh.SSHTCPSession):
         if len(data) <= MAX_PACKET:
             return False
         direction = "to-device" if side == "vendor" else "to-vendor"
-        who = "your SSH client" if side == "vendor" else "the device"
-        why = (f"{who} sent {len(data)} bytes in one SSH data packet; the channel announced at most {MAX_PACKET}, so "
-               "medbroker closed the forwarded connection")
+        why = oversize_reason(side, len(data), "closed the forwarded connection")
         self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
             "stream": "input" if side == "vendor" else "output", "reason": why, "port": self.ctx.port})
         self.ctx.on_refused(self, "packet", direction, why)

@@ -55,6 +55,14 @@ WHOLE_UNIT = 256 << 10
 MAX_PACKET = 32768
 
 
+def oversize_reason(side: str, size: int, ended: str) -> str:
+    """The sentence for a data packet over :data:`MAX_PACKET` from ``side`` ("vendor" or "device"); ``ended`` names
+    what medbroker ended ("ended the channel", "closed the forwarded connection")."""
+    who = "your SSH client" if side == "vendor" else "the device"
+    return (f"{who} sent {size} bytes in one SSH data packet; the channel announced at most {MAX_PACKET}, so "
+            f"medbroker {ended}" + (" (use a standard SSH client)" if side == "vendor" else ""))
+
+
 class Recorder(Protocol):
     """What the relay needs of a recording writer."""
 
@@ -392,9 +400,7 @@ class RelaySession(asyncssh.SSHServerSession):
         drops them too, "rcvd big packet")."""
         if self.closed:
             return
-        who = "your SSH client" if side == "vendor" else "the device"
-        reason = (f"{who} sent {size} bytes in one SSH data packet; the channel announced at most {MAX_PACKET}, so "
-                  "medbroker ended the channel" + (" (use a standard SSH client)" if side == "vendor" else ""))
+        reason = oversize_reason(side, size, "ended the channel")
         self.ctx.recorder.append_event(self.ctx.number, "policy-denial", {
             "stream": "input" if side == "vendor" else "output", "reason": reason})
         self.ctx.on_refused(self, "packet", reason)
