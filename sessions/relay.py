@@ -32,6 +32,8 @@ __all__ = [
     "SubsystemFilter",
     "ExecHandler",
     "ENV_ALLOWED",
+    "MAX_PACKET",
+    "oversize_reason",
 ]
 
 log = logging.getLogger("medbroker.relay")
