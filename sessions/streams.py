@@ -34,6 +34,8 @@ import re
 import struct
 from dataclasses import dataclass
 
+from sessions.anchors import Anchors, literal
+
 __all__ = ["StreamJudge", "StreamHit", "PROTOCOLS", "VENDOR", "DEVICE", "OVERLAP", "stream_refusal"]
 
 VENDOR, DEVICE = "vendor", "device"
@@ -68,6 +70,18 @@ OVERLAP = 600
 """Bytes of the previous data searched again with each chunk: longer than any signature's fixed part (a
 scp T+C record: 330; an SSH banner: 410), so a signature split across chunks is found."""
 _MAX_KEEP = 8192
+# Binary data (a NUL in view): the anchors the checks below start from, per direction, so that one compiled pass
+# (sessions/anchors.py, with Hyperscan) says which checks can find anything; without it every check runs. The
+# NUL run of v7 tar headers stays a bytes.find: Hyperscan slows to 1.4 s/GiB on NUL-padded binaries with it
+# (0.2 without), and so does the loose INIT pattern, which is searched only until it was seen once.
+_COMMON_ANCHORS = {"ustar": literal(b"ustar"), "cpio": literal(b"0707"),
+                   **{name: literal(needle) for name, needle, _, _ in _LINE_RECORDS}}
+_BINARY_ANCHORS = {
+    (VENDOR, False): Anchors({"hello": _SFTP_HELLO[VENDOR].pattern, "loose": _SFTP_LOOSE_INIT.pattern,
+                              **_COMMON_ANCHORS}),
+    (VENDOR, True): Anchors({"hello": _SFTP_HELLO[VENDOR].pattern, **_COMMON_ANCHORS}),
+    (DEVICE, False): Anchors({"hello": _SFTP_HELLO[DEVICE].pattern, **_COMMON_ANCHORS}),
+}
 
 _REASONS = {
     "sftp": "an SFTP server or client",
@@ -163,12 +177,19 @@ class StreamJudge:
         """(protocol, position) of a hit in ``buf[start:]`` (``buf[fresh:]`` is the new chunk), and the position
         of the earliest candidate that needs more bytes (or None)."""
         pending: list[int] = []
+        records: tuple[tuple[str, bytes, bytes, re.Pattern[bytes]], ...] = _LINE_RECORDS
         if b"\x00" in buf:  # SFTP, tar and cpio headers all hold NUL bytes; terminal text rarely does
-            found = (self._sftp(direction, buf, start, fresh, pending) or _find_tar(buf, start, pending)
-                     or _find_cpio(buf, start, pending))
+            anchors = _BINARY_ANCHORS[direction, direction == VENDOR and self._init_seen]
+            seen = anchors.present(buf, start)  # the checks whose anchors occur (all of them without the engine)
+            found = self._sftp(direction, buf, start, fresh, pending, seen)
+            if found is None:
+                found = _find_tar(buf, start, pending, magic="ustar" in seen)
+            if found is None and "cpio" in seen:
+                found = _find_cpio(buf, start, pending)
             if found is not None:
                 return found, None
-        for name, needle, after, pattern in _LINE_RECORDS:  # at the start of a line (rsync: or after a NUL)
+            records = tuple(r for r in records if r[0] in seen)
+        for name, needle, after, pattern in records:  # at the start of a line (rsync: or after a NUL)
             if buf.find(needle[:1], max(1, start)) == -1:  # memchr: text rarely has an "@" (half the cost of text)
                 continue
             i = buf.find(needle, max(1, start))
@@ -178,15 +199,18 @@ class StreamJudge:
                 i = buf.find(needle, i + 1)
         return None, min(pending) if pending else None
 
-    def _sftp(self, direction: str, buf: bytes, start: int, fresh: int, pending: list[int]) -> tuple[str, int] | None:
+    def _sftp(self, direction: str, buf: bytes, start: int, fresh: int, pending: list[int],
+              seen: frozenset[str]) -> tuple[str, int] | None:
         if direction == VENDOR:
             # A client writes its INIT as one message, so it starts a chunk; anywhere else these 9 bytes are
             # too common in binaries being uploaded (measured: node, libLLVM). An INIT split on purpose is
             # still given away by the server's VERSION, which comes before any file data.
             if _SFTP_INIT.match(buf, fresh):
                 return "sftp", fresh
-            if not self._init_seen and _SFTP_LOOSE_INIT.search(buf, start):
+            if not self._init_seen and "loose" in seen and _SFTP_LOOSE_INIT.search(buf, start):
                 self._init_seen = True  # lets a VERSION without extensions count (see _sftp_hello)
+        if "hello" not in seen:
+            return None
         for m in _SFTP_HELLO[direction].finditer(buf, start):
             pos = m.start() - 4  # the packet's length field
             if pos < 0 or buf[pos] or buf[pos + 1] > 3:
@@ -247,8 +271,10 @@ def _octal(field: bytes) -> int | None:
     return int(digits, 8)
 
 
-def _find_tar(buf: bytes, start: int, pending: list[int]) -> tuple[str, int] | None:
-    i = buf.find(b"ustar", start)
+def _find_tar(buf: bytes, start: int, pending: list[int], *, magic: bool = True) -> tuple[str, int] | None:
+    """A tar header in ``buf[start:]``, by its ``ustar`` magic (``magic``: the caller knows there is one, or does
+    not know; sessions/anchors.py) and before a run of NULs."""
+    i = buf.find(b"ustar", start) if magic else -1
     while i >= 0:
         verdict = _tar_block(buf, i - 257) if i >= 257 else False
         if verdict:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from broker.cli import app
 from helpers.net import free_port
+from sessions import anchors
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +60,8 @@ def test_serve_listens_answers_ssh_and_stops_on_sigterm(home):
     try:
         line = _read_line(proc.stdout, 60)
         assert line.startswith(f"medbroker listening on 127.0.0.1:{port}".encode()), line
+        # which search judges binary streams (sessions/anchors.py): Hyperscan when this Python has it
+        assert f"binary stream search: {anchors.engine()})".encode() in line, line
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             banner = sock.recv(256)
         assert banner.startswith(b"SSH-2.0-medbroker")

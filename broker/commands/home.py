@@ -120,7 +120,10 @@ def serve(
     def ready(port: int) -> None:
         host = address.rpartition(":")[0]
         processes = f", {app.config.listen.workers} worker processes" if several else ""
-        say(f"medbroker listening on {host}:{port} (home {app.home}{processes}); Ctrl-C stops it")
+        from sessions.anchors import engine  # Hyperscan, when installed, makes judging binary streams cheaper
+
+        say(f"medbroker listening on {host}:{port} (home {app.home}{processes}; binary stream search: {engine()}); "
+            "Ctrl-C stops it")
         sd_notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")  # systemd Type=notify
 
     try:

@@ -1,0 +1,168 @@
+"""sessions/anchors.py: the compiled anchor search reports exactly the patterns ``re`` finds, and the stream judge
+reaches the same verdict at the same offset with it as without it (it only leaves out checks that cannot fire)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import FUZZ_EXAMPLES_OTHER
+from sessions import anchors
+from sessions.anchors import Anchors, literal
+from sessions.streams import _BINARY_ANCHORS, DEVICE, VENDOR, StreamJudge
+
+DEFAULT = anchors.engine()  # restored after each test that switches
+needs_hyperscan = pytest.mark.skipif(not anchors._module(), reason="hyperscan is not installed "
+                                     "(pip install 'medbroker[fast]'); the pure-Python path is tested below")
+
+
+@pytest.fixture
+def engine():
+    before = anchors.engine()
+    yield anchors.set_engine
+    anchors.set_engine(before)
+
+
+# what the judge's binary checks start from, planted into random data below
+NEEDLES = [b"ustar", b"0707", b"@RSYNCD: ", b"SSH-", b"\x01\x00\x00\x00\x03", b"\x02\x00\x00\x00\x06",
+           b"\x00\x00\x01\x05\x01", b"\x00\x00\x00\x05\x01\x00\x00\x00\x03"]
+
+
+def _planted(rnd: random.Random, size: int, count: int) -> bytes:
+    buf = bytearray(rnd.randbytes(size))
+    for _ in range(count):
+        needle = rnd.choice(NEEDLES)
+        at = rnd.randrange(0, max(1, size - len(needle)))
+        buf[at:at + len(needle)] = needle[:size - at]
+    return bytes(buf)
+
+
+@settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
+@given(st.binary(min_size=1, max_size=40))
+def test_a_literal_pattern_matches_its_bytes_and_nothing_else(needle):
+    pattern = literal(needle)
+    assert re.fullmatch(pattern, needle, re.S)
+    assert not re.search(pattern, needle[:-1], re.S)
+
+
+def test_without_the_engine_every_pattern_is_reported(engine):
+    engine("python")
+    a = Anchors({"x": literal(b"ustar"), "y": literal(b"SSH-")})
+    assert a.present(b"nothing here") == {"x", "y"}  # so every check runs, as before the engine existed
+    assert anchors.engine() == "python"
+
+
+def test_an_unknown_engine_is_refused(engine):
+    with pytest.raises(ValueError, match="engine must be one of"):
+        engine("pcre")
+
+
+def test_hyperscan_cannot_be_chosen_when_it_is_missing(engine, monkeypatch):
+    monkeypatch.setattr(anchors, "_hs", False)
+    with pytest.raises(ValueError, match="not installed"):
+        engine("hyperscan")
+    assert anchors.engine() == "python"
+
+
+@needs_hyperscan
+@settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(1, 9000), st.integers(0, 6), st.integers(0, 9000))
+def test_hyperscan_reports_exactly_the_patterns_re_finds(rnd, size, count, start):
+    anchors.set_engine("hyperscan")
+    try:
+        buf = _planted(rnd, size, count)
+        start = min(start, len(buf))
+        for (direction, init_seen), a in _BINARY_ANCHORS.items():
+            want = {name for name, src in zip(a.names, a._sources) if re.compile(src, re.S).search(buf, start)}
+            assert a.present(buf, start) == want, (direction, init_seen)
+    finally:
+        anchors.set_engine(DEFAULT)
+
+
+@needs_hyperscan
+def test_a_failing_engine_reports_every_pattern(engine):
+    engine("hyperscan")
+    a = Anchors({"x": literal(b"ustar"), "y": literal(b"SSH-")})
+    assert a.present(b"..ustar..") == {"x"}
+
+    class Broken:
+        def scan(self, *args, **kwargs):
+            raise RuntimeError("engine fault")
+    a._db = Broken()
+    assert a.present(b"..ustar..") == {"x", "y"}
+
+
+@needs_hyperscan
+def test_a_pattern_the_engine_cannot_compile_leaves_every_check_on(engine):
+    engine("hyperscan")
+    a = Anchors({"bad": rb"(?<=x)y", "x": literal(b"ustar")})  # lookbehind: Python re only
+    assert a.present(b"nothing") == {"bad", "x"}
+
+
+def _verdicts(stream: list[tuple[str, bytes]]) -> tuple:
+    judge = StreamJudge()
+    for direction, data in stream:
+        if judge.feed(direction, data):
+            break
+    hit = judge.hit
+    return (hit.protocol, hit.direction, hit.offset) if hit else None
+
+
+@needs_hyperscan
+@settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 5))
+def test_the_judge_reaches_the_same_verdict_with_and_without_hyperscan(rnd, count):
+    # binary streams both ways, in random pieces, with anchors (and sometimes whole headers) planted in them
+    stream = []
+    for _ in range(rnd.randrange(1, 12)):
+        data = _planted(rnd, rnd.randrange(1, 40000), count)
+        if rnd.random() < 0.2:
+            data += b"\n" + b"SSH-2.0-OpenSSH_9.2\r\n" if rnd.random() < 0.5 else b"\x00" * 40
+        stream.append((rnd.choice([VENDOR, DEVICE]), data))
+    try:
+        anchors.set_engine("python")
+        slow = _verdicts(stream)
+        anchors.set_engine("hyperscan")
+        fast = _verdicts(stream)
+    finally:
+        anchors.set_engine(DEFAULT)
+    assert fast == slow
+
+
+def _tar_bytes() -> bytes:
+    import io
+    import tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("study/IM0001")
+        info.size = 600
+        tar.addfile(info, io.BytesIO(b"x" * 600))
+    return out.getvalue()
+
+
+@needs_hyperscan
+@pytest.mark.parametrize("signature,direction,protocol", [
+    (_tar_bytes(), VENDOR, "tar"),
+    (b"\n" + b"SSH-2.0-OpenSSH_9.2\r\n", DEVICE, "ssh"),
+    (b"\x00\x00\x00\x05\x02\x00\x00\x00\x03", DEVICE, "sftp"),  # a bare VERSION after the vendor's loose INIT
+    (b"070701" + b"0" * 88 + b"0000000B" + b"0" * 8 + b"study/IM01\x00", VENDOR, "cpio"),
+])
+def test_signatures_inside_random_binary_data_are_found_at_the_same_offset_by_both_engines(signature, direction,
+                                                                                          protocol):
+    rnd = random.Random(7)
+    stream = [(VENDOR, rnd.randbytes(5000) + b"\x00\x00\x00\x09\x01\x00\x00\x00\x03" + rnd.randbytes(3000)),
+              (direction, rnd.randbytes(70000) + signature + rnd.randbytes(9000))]
+    chunked = [(d, data[i:i + 32768]) for d, data in stream for i in range(0, len(data), 32768)]
+    try:
+        anchors.set_engine("python")
+        slow = _verdicts(chunked)
+        anchors.set_engine("hyperscan")
+        fast = _verdicts(chunked)
+    finally:
+        anchors.set_engine(DEFAULT)
+    assert slow is not None and slow[0] == protocol
+    assert fast == slow
