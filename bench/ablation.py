@@ -6,7 +6,8 @@ writer thread and 50 interleaved sessions are counted. This tool measures it the
 the same load runs again next to the bare asyncssh relay (bench/bare_relay.py):
 
 * **typing**: N sessions (bench/loadgen.py) type one key every 100 ms; broker CPU per keystroke;
-* **exec download / upload**: ``ssh host cat LOG`` and ``cat > F`` of the bench payload; MB/s and CPU s/GiB.
+* **exec download / upload**: ``ssh host cat LOG`` and ``cat > F`` of the bench payload; MB/s and CPU s/GiB;
+* **SFTP get / put** (``sftp_get``, ``sftp_put``): ``sftp -b`` of the random payload; MB/s and CPU s/GiB.
 
 Layers (each a monkeypatch applied in the broker process before it starts, see :func:`patch`):
 
@@ -16,6 +17,8 @@ Layers (each a monkeypatch applied in the broker process before it starts, see :
 ``upload`` the upload guard on stdin (sessions/upload_check.py ``StreamGuard.feed``): protected paths
 ``screen`` the shell guard's screen model (sessions/shell_lines.py ``LiveScreen``): command lines
 ``rec``    the recording's data frames (sessions/recwriter.py ``append_data``): nothing is written
+``filescan`` the signature scanner (sessions/content.py ``OutputScanner.feed``): SFTP reads, per file
+``filehash`` the SFTP guard's per-file SHA-256 (sessions/sftp.py ``_Handle.account``; the counts stay)
 ``hyperscan`` not a layer: the anchor search of binary streams runs in pure Python (sessions/anchors.py)
 =========  ============================================================================================
 
@@ -33,10 +36,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["LAYERS", "patch", "main"]
 
-LAYERS = ("scan", "judge", "upload", "screen", "rec", "hyperscan")
+LAYERS = ("scan", "judge", "upload", "screen", "rec", "filescan", "filehash", "hyperscan")
 ENV = "MEDBROKER_BENCH_ABLATE"
 _LAUNCH = ("import sys, bench.ablation as a; a.patch_from_env(); from broker.cli import main; "
            "sys.argv[0] = 'medbroker'; main()")
@@ -69,6 +73,24 @@ def patch(parts: set[str]) -> None:
         import sessions.recwriter as recwriter
 
         recwriter.RecordingWriter.append_data = lambda self, channel, kind, data: 1  # type: ignore[method-assign]
+    if "filescan" in parts:
+        import sessions.content as content
+
+        content.OutputScanner.feed = lambda self, chunk: None  # type: ignore[method-assign]
+    if "filehash" in parts:
+        import sessions.sftp as sftp
+
+        def account(self: Any, direction: str, offset: int, data: bytes) -> None:
+            if self.first_offset[direction] is None:
+                self.first_offset[direction] = offset
+            elif offset != self.next_offset[direction]:
+                self.contiguous[direction] = False
+            self.counts[direction] += len(data)
+            if offset != self.next_offset[direction]:
+                self.sequential[direction] = False
+            self.next_offset[direction] = offset + len(data)
+
+        sftp._Handle.account = account  # type: ignore[method-assign]
     if "hyperscan" in parts:
         from sessions import anchors
 
@@ -100,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10, help="seconds of typing per variant and round (%(default)s)")
     p.add_argument("--mib", type=int, default=64, help="exec payload in MiB (%(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="rounds; the variants rotate their order (%(default)s)")
-    p.add_argument("--phases", default="typing,download,upload", help="%(default)s")
+    p.add_argument("--phases", default="typing,download,upload",
+                   help="of typing,download,upload,sftp_get,sftp_put (%(default)s)")
     p.add_argument("--save", action="store_true", help="write bench/results/<stamp>-ablation.{json,md}")
     a = p.parse_args(argv)
     variants = _variants(a.variants)
     phases = [x for x in a.phases.split(",") if x]
-    if set(phases) - {"typing", "download", "upload"} or a.rounds < 1 or not 1 <= a.sessions <= 1000 \
-            or not 1 <= a.seconds <= 600 or not 1 <= a.mib <= 4096:
-        p.error("phases: typing,download,upload; rounds >= 1; sessions 1..1000; seconds 1..600; mib 1..4096")
+    if set(phases) - {"typing", "download", "upload", "sftp_get", "sftp_put"} or a.rounds < 1 \
+            or not 1 <= a.sessions <= 1000 or not 1 <= a.seconds <= 600 or not 1 <= a.mib <= 4096:
+        p.error("phases: typing,download,upload,sftp_get,sftp_put; rounds >= 1; sessions 1..1000; seconds 1..600; "
+                "mib 1..4096")
 
     from bench import clients
     from bench.concurrency import run_level
@@ -139,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         got.setdefault("typing_us_per_key", []).append(out["broker_cpu_us_per_key"])
                         got.setdefault("typing_p99_ms", []).append(out["loadgen"]["rtt_ms"]["99"])
-                for phase, metric in (("download", "bulk_download"), ("upload", "bulk_upload")):
+                for phase, metric in (("download", "bulk_download"), ("upload", "bulk_upload"),
+                                      ("sftp_get", "sftp_get"), ("sftp_put", "sftp_put")):
                     if phase not in phases:
                         continue
                     rec = _measure(world, plan, metric, path, rnd)
@@ -175,12 +200,14 @@ def _median(xs: list[float]) -> float:
 def _table(rows: dict[str, dict[str, list[float]]], a: argparse.Namespace, errors: list[str]) -> str:
     cols = [("typing_us_per_key", "typing: CPU µs/key"), ("typing_p99_ms", "typing p99 ms"),
             ("download_mb_s", "exec download MB/s"), ("download_cpu_s_gib", "download CPU s/GiB"),
-            ("upload_mb_s", "exec upload MB/s"), ("upload_cpu_s_gib", "upload CPU s/GiB")]
+            ("upload_mb_s", "exec upload MB/s"), ("upload_cpu_s_gib", "upload CPU s/GiB"),
+            ("sftp_get_mb_s", "SFTP get MB/s"), ("sftp_get_cpu_s_gib", "get CPU s/GiB"),
+            ("sftp_put_mb_s", "SFTP put MB/s"), ("sftp_put_cpu_s_gib", "put CPU s/GiB")]
     cols = [c for c in cols if any(c[0] in r for r in rows.values())]
     full = rows.get("none", {})
     lines = ["# medbroker with layers switched off (bench/ablation.py)", "",
              ", ".join(([f"{a.sessions} typing sessions for {a.seconds:.0f} s"] if "typing" in a.phases else [])
-                       + ([f"exec payload {a.mib} MiB"] if a.phases.replace("typing", "").strip(",") else [])
+                       + ([f"payload {a.mib} MiB"] if a.phases.replace("typing", "").strip(",") else [])
                        + [f"{a.rounds} rounds"]) + "; medians; in brackets: the change against medbroker with every "
              "layer on (`none`).", "",
              "| variant | " + " | ".join(label for _, label in cols) + " |",

@@ -45,7 +45,7 @@ def test_the_table_shows_medians_and_the_change_against_the_full_broker():
     rows = {"none": {"upload_mb_s": [90.0, 110.0, 100.0]}, "judge": {"upload_mb_s": [170.0, 172.0]}}
     md = _table(rows, argparse.Namespace(sessions=5, seconds=3, mib=8, rounds=3, phases="upload"),
                 ["judge typing: refused"])
-    assert "exec payload 8 MiB, 3 rounds; medians" in md and "typing sessions" not in md
+    assert "payload 8 MiB, 3 rounds; medians" in md and "typing sessions" not in md
     assert "| medbroker, every layer on | 100.0 |" in md
     assert "| medbroker without `judge` | 171.0 (+71.0) |" in md
     assert "- judge typing: refused" in md
