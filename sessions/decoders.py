@@ -44,6 +44,7 @@ import re
 import zlib
 from typing import Any
 
+from sessions.anchors import Anchors, literal
 from sessions.content import DICOM, OutputScanner
 from sessions.entropy import OPAQUE, OpaqueBudget, OpaqueMeter
 from sessions.dumps import DumpReader, dump_lines, escaped, unescape
@@ -80,11 +81,26 @@ def _spaced(chunk: bytes) -> bool:
     return False
 
 
+def _blank_spaced(needle: bytes) -> bytes:
+    """A pattern for ``needle`` (lower case) with any blanks between its characters, any case: where it is, the
+    squeezed window (blanks deleted, lower-cased) holds ``needle``."""
+    return rb"[ \t\r\n]*".join(b"(?:%s|%s)" % (literal(bytes([c])), literal(bytes([c]).upper()))
+                                  if bytes([c]).isalpha() else literal(bytes([c])) for c in needle)
+
+
+# What odd_forms can act on in window[since:] (sessions/anchors.py): a squeezed needle, the UID root. With Hyperscan
+# one pass answers both; the spaced-text density (a translate of the chunk) is computed only behind a needle.
+_ODD_MIN = 4096  # smaller windows: the Python checks cost less than a call into the engine
+_ODD_ANCHORS = Anchors({**{needle.decode(): _blank_spaced(needle) for needle, _ in _SQUEEZED},
+                        "uid": literal(b"1.2.840.10008.")})
+
+
 def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
-    if len(chunk) < 192:  # a small chunk: judge the shapes on the recent window
-        chunk = window[-len(chunk) - 192:]
     """Spellings no decoder undoes: lines reversed (``rev``), characters spaced apart (``sed 's/./& /g'``,
     ``fold -w1``), and DICOM shown as text (``strings``, ``cat -v``: DICM shortly before the DICOM UID root)."""
+    if len(chunk) < 192:  # a small chunk: judge the shapes on the recent window
+        chunk = window[-len(chunk) - 192:]
+    seen = _ODD_ANCHORS.present(window, since) if len(window) - since >= _ODD_MIN else _ODD_ANCHORS.all
     if window.find(b"|", since) != -1 and window.find(b"&", since) != -1:  # in every needle (memchr: cheap)
         for needle, what in _REVERSED + _DOUBLED:
             if window.find(needle, since) != -1:
@@ -100,13 +116,15 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
                     and not line.translate(None, _TEXT_BYTES) and _NAMEISH.search(line)
                     and line.count(b"^@") + line.count(b"M-^") < 3):  # cat -v/-A of a binary: NULs, high controls
                 return "HL7v2/fields"
-    if len(chunk) >= 8 and _spaced(chunk):
+    if len(seen) > ("uid" in seen) and len(chunk) >= 8 and _spaced(chunk):  # a squeezed needle may be there
         squeezed = window[since:].translate(None, _SQUEEZE).lower()
         for needle, what in _SQUEEZED:
             k = squeezed.find(needle)
             if k != -1 and (needle != b"dicm" or squeezed.find(b"1.2.840.10008", k, k + 400) != -1):
                 return what
-    if len(chunk) >= 24 and chunk.count(b"\n") * 12 >= len(chunk):  # lines cut short (fold -w 3): rejoin
+    # lines cut short (fold -w 3): rejoin. Every form found there needs a "|", "{" or "<" (text_hit, the needles).
+    if len(chunk) >= 24 and (window.find(b"|", since) != -1 or window.find(b"{", since) != -1
+                             or window.find(b"<", since) != -1) and chunk.count(b"\n") * 12 >= len(chunk):
         joined = window[since:].replace(b"\n", b"")
         hit = text_hit(joined, 0, False)
         if hit:
@@ -114,7 +132,7 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
         for needle, what in _SQUEEZED:
             if needle != b"dicm" and joined.lower().find(needle) != -1:
                 return what.split("/")[0] + "/folded"
-    k = window.find(_UID_ROOT, since)
+    k = window.find(_UID_ROOT, since) if "uid" in seen else -1
     while k != -1:
         d = window.rfind(b"DICM", max(0, k - 400), k)
         if d != -1:
@@ -205,6 +223,7 @@ _CLASS = bytes(0x61 if c in _RUN_CHARS else 0x20 for c in range(256))
 _PRE = bytes(0x61 if c in _RUN_CHARS and c not in b"/-_" else 0x20 for c in range(256))
 _TRAIL_RE = re.compile(rb"[A-Za-z0-9+/_-]*\Z")
 _A16 = b"a" * 16
+_RUN_ANCHORS = Anchors({"run": rb"[A-Za-z0-9+]{16}"})  # exactly where data.translate(_PRE) holds _A16
 _HEX = b"0123456789abcdefABCDEF"
 _B32 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567abcdefghijklmnopqrstuvwxyz"
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
@@ -379,7 +398,10 @@ class _Runs:
 
     def feed(self, chunk: bytes) -> str | None:
         data = self.partial + chunk if self.partial else chunk
-        pre = data.translate(_PRE)
+        if self.block is None and len(data) >= _ODD_MIN and not _RUN_ANCHORS.present(data):
+            pre = b""  # no 16 run characters in a row (one Hyperscan pass instead of the translate and find)
+        else:
+            pre = data.translate(_PRE)
         if self.block is None and pre.find(_A16) == -1:
             # the pattern matches the empty string at the end, so search never returns None
             self._set_partial(data, _TRAIL_RE.search(data, max(0, len(data) - 64)).start())  # type: ignore[union-attr]

@@ -96,6 +96,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs root")
 
 
+def _has_hyperscan() -> bool:
+    from sessions import anchors
+
+    return bool(anchors._module())
+
+
+@pytest.fixture(scope="module", params=["python", pytest.param("hyperscan", marks=pytest.mark.skipif(
+        not _has_hyperscan(), reason="hyperscan is not installed (pip install 'medbroker[fast]')"))])
+def anchor_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A module marked ``pytest.mark.usefixtures("anchor_engine")`` runs twice: with the pure-Python anchor
+    search and with Hyperscan's (sessions/anchors.py); the verdicts must not depend on it."""
+    from sessions import anchors
+
+    before = anchors.engine()
+    anchors.set_engine(request.param)
+    yield request.param
+    anchors.set_engine(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_processes() -> Iterator[None]:
     """After the whole run: close forgotten devices and terminals, kill and report surviving child processes."""

@@ -3,6 +3,7 @@ reaches the same verdict at the same offset with it as without it (it only leave
 
 from __future__ import annotations
 
+import base64
 import random
 import re
 
@@ -165,4 +166,62 @@ def test_signatures_inside_random_binary_data_are_found_at_the_same_offset_by_bo
     finally:
         anchors.set_engine(DEFAULT)
     assert slow is not None and slow[0] == protocol
+    assert fast == slow
+
+
+def _deep_verdict(data: bytes, size: int = 32768) -> tuple:
+    from sessions.decoders import DeepScanner
+    from sessions.entropy import OpaqueBudget
+
+    scanner = DeepScanner(OpaqueBudget(64 << 10))
+    for i in range(0, len(data), size):
+        hit = scanner.feed(data[i:i + size])
+        if hit:
+            return hit, i
+    return None, len(data)
+
+
+def _spaced(data: bytes, sep: bytes) -> bytes:
+    return b"".join(data[i:i + 1] + sep for i in range(len(data)))  # as sed 's/./& /g': after every character
+
+
+def _deep_forms() -> dict[str, tuple[bytes, str | None]]:
+    from fixtures.patientdata import dicom_p10, hl7_message
+
+    hl7, dcm = hl7_message("TEST^PATIENT^NINE"), dicom_p10("TEST^PATIENT^NINE")
+    return {
+        "plain log": (b"", None),
+        "spaced HL7 (sed 's/./& /g')": (_spaced(hl7, b" "), "HL7v2/spaced"),
+        "spaced HL7 upper case, tabs": (_spaced(hl7.upper(), b"\t"), "HL7v2/spaced"),
+        "one character per line (fold -w1)": (_spaced(hl7, b"\n"), "HL7v2/"),
+        "three per line (fold -w3)": (b"\n".join(hl7[i:i + 3] for i in range(0, len(hl7), 3)), "HL7v2/folded"),
+        "spaced DICM before the UID root": (b"d i c m\n" + _spaced(b"1.2.840.10008.5.1.4.1.1.2", b" "),
+                                            "DICOM/spaced"),
+        "strings of a DICOM file": (b"DICM\nUL\n1.2.840.10008.5.1.4.1.1.2\n", "DICOM/text"),
+        "base64 of a DICOM file": (base64.encodebytes(dcm), "DICOM/base64"),
+        "one long base64 line": (base64.b64encode(dcm * 30), "DICOM/base64"),
+        "a word of exactly 16 base64 characters": (b" " + base64.b64encode(b"..DICM\x02\x00....") + b" ",
+                                                   "DICOM/base64"),
+    }
+
+
+@needs_hyperscan
+@pytest.mark.parametrize("form", sorted(_deep_forms()))
+@pytest.mark.parametrize("at", [0, 40_000, 65_530, 250_000])
+def test_the_deep_scanner_finds_the_same_at_the_same_place_with_and_without_hyperscan(form, at):
+    from bench.world import device_log
+
+    log = b"".join(device_log(320 << 10))
+    inserted, want = _deep_forms()[form]
+    if inserted:  # the density checks judge whole chunks: the form fills at least one
+        inserted *= -(-40_000 // len(inserted))
+    data = log[:at] + inserted + log[at:]
+    try:
+        anchors.set_engine("python")
+        slow = _deep_verdict(data)
+        anchors.set_engine("hyperscan")
+        fast = _deep_verdict(data)
+    finally:
+        anchors.set_engine(DEFAULT)
+    assert slow[0] == want or (want and want.endswith("/") and slow[0] and slow[0].startswith(want)), slow
     assert fast == slow

@@ -23,6 +23,8 @@ from fixtures.patientdata import astm_message, dicom_bare, dicom_p10, hl7_messag
 from sessions.decoders import DeepScanner
 from sessions.entropy import OPAQUE, OpaqueBudget, OpaqueMeter, sample_opaque
 
+pytestmark = pytest.mark.usefixtures("anchor_engine")  # with and without Hyperscan (sessions/anchors.py)
+
 HL7, DCM, ASTM = hl7_message("TEST^PATIENT^THREE"), dicom_p10("TEST^PATIENT^ONE"), astm_message()
 
 # random test data built at collection time comes from a seeded generator: every pytest-xdist worker must

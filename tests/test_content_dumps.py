@@ -17,6 +17,8 @@ from sessions.decoders import DeepScanner
 from sessions.dumps import DumpReader
 from sessions.entropy import OPAQUE, OpaqueBudget
 
+pytestmark = pytest.mark.usefixtures("anchor_engine")  # with and without Hyperscan (sessions/anchors.py)
+
 FORMS = ["od -a", "od -c", "od -A n -c", "hexdump -c", "od -t u1", "od -A n -t d1", "od -t u2", "od -x", "od -t x4", "od -t o2", "od -b", "od -t x1",
          "xxd", "xxd -b", "xxd -e", "xxd -i", "hexdump -C", "basenc --base2msbf", "basenc --base2lsbf",
          "python3 -c 'import sys; print(list(open(sys.argv[1], \"rb\").read()))'",

@@ -48,7 +48,7 @@ TABLE: dict[str, Row] = {
                       "sessions/content.py", "sessions/decoders.py", "sessions/entropy.py", "sessions/textforms.py", "sessions/dumps.py",
                       "sessions/exec_check.py",
                       "sessions/cmd_paths.py", "sessions/cmd_lines.py", "sessions/upload_check.py", "sessions/tilde.py"),
-                  ("core", "store", "keys"), (), "pure decisions; never asyncssh or typer"),
+                  ("core", "store", "keys", "engine"), (), "pure decisions; never asyncssh or typer"),
     "engine": Row(1, ("sessions/anchors.py",), ("core",), ("hyperscan",),
                   "which of a set of byte patterns occur: Hyperscan when installed, else every one (callers check)"),
     "codec": Row(2, ("sessions/sftp_codec.py", "sessions/scp_grammar.py", "sessions/streams.py", "sessions/tlsrecords.py",
@@ -96,7 +96,7 @@ TABLE: dict[str, Row] = {
     "people": Row(5, ("broker/cli.py", "broker/commands/*.py", "broker/demo.py", "broker/serve.py",
                       "broker/workers.py", "broker/web.py", "broker/web_*.py", "broker/health.py", "broker/service.py"),
                   ("core", "store", "keys", "domain", "codec", "recording", "export", "relay", "app", "report",
-                   "server", "directory", "ops", "journal", "objects", "archive", "evidence"), None,
+                   "server", "directory", "ops", "journal", "objects", "archive", "evidence", "engine"), None,
                   "argv, printing, exit codes, HTTP"),
 }
 NEVER_IN_LAYER_2 = ("asyncssh", "typer")

@@ -15,21 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import FUZZ_EXAMPLES_OTHER
-from sessions import anchors
 from sessions.streams import DEVICE, VENDOR, StreamJudge, stream_refusal
 
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
 INIT = b"\x00\x00\x00\x05\x01\x00\x00\x00\x03"
 
 
-@pytest.fixture(autouse=True, scope="module", params=["python", pytest.param("hyperscan", marks=pytest.mark.skipif(
-        not anchors._module(), reason="hyperscan is not installed (pip install 'medbroker[fast]')"))])
-def engine(request):
-    """Every test here runs with the pure-Python anchor search and with Hyperscan's (sessions/anchors.py)."""
-    before = anchors.engine()
-    anchors.set_engine(request.param)
-    yield request.param
-    anchors.set_engine(before)
+pytestmark = pytest.mark.usefixtures("anchor_engine")  # with and without Hyperscan (sessions/anchors.py)
 
 
 def _judge(direction: str, data: bytes, chunk: int | None = None, judge: StreamJudge | None = None):
