@@ -18,6 +18,8 @@ import base64
 import re
 import struct
 
+from sessions.anchors import Anchors, literal
+
 __all__ = ["HEAD_BYTES", "DICOM", "HL7", "ASTM", "detect_patient_data", "OutputScanner"]
 
 HEAD_BYTES = 256
@@ -220,6 +222,10 @@ _HEX_LOWER = b"0123456789abcdef\r\n"
 _PROBE_RE = re.compile(rb"(?P<b64>[A-Za-z0-9+/=\r\n]*+\Z)|[0-9a-fA-F :\r\n]*+(?:[^0-9a-fA-F :\r\n\x80-\xff]"
                        rb"[0-9a-fA-F :\r\n]*+){0,2}+\Z")
 _DICM_RE = re.compile(re.escape(b"DICM\x02\x00"))
+# Binary windows (random data, firmware, compressed files read over SFTP): one Hyperscan pass for both literal
+# searches below (sessions/anchors.py); each then runs only where its literal occurs. Text keeps the memchr gates.
+_BINARY_ANCHORS = Anchors({"dicm": literal(b"DICM\x02\x00"), "record": literal(b"H|")})
+_BINARY_MIN = 4096  # smaller windows: two searches cost less than a call into the engine
 _RECORD_RE = re.compile(rb"H\|")
 _USTAR_RE = re.compile(rb"ustar")
 _NUL_RUN = b"\0" * 32
@@ -297,17 +303,20 @@ class OutputScanner:
         window = self._tail + chunk if old else chunk
         self._pos += len(chunk)
         self._tail = window[-_TAIL:]
-        if not hit and window.find(b"\0") != -1:  # DICOM meta and tar headers have NULs; most text has none
-            hit = self._find_binary(window, old, origin)
         since = old - _RECORD_BACK if old > _RECORD_BACK else 0
-        if not hit and window.find(b"|", since) != -1:  # memchr: text and base64 seldom have a |
+        seen = _BINARY_ANCHORS.all
+        if not hit and window.find(b"\0") != -1:  # DICOM meta and tar headers have NULs; most text has none
+            if len(window) >= _BINARY_MIN:
+                seen = _BINARY_ANCHORS.present(window, min(since, max(old - 5, 0)))
+            hit = self._find_binary(window, old, origin, "dicm" in seen)
+        if not hit and "record" in seen and window.find(b"|", since) != -1:  # memchr: text seldom has a |
             record = _RECORD_RE.search(window, since)
             hit = _find_records(window, record, origin == 0) if record else None
         self._found = hit = hit or self._find_encoded(window, chunk, origin)
         return hit
 
-    def _find_binary(self, window: bytes, old: int, origin: int) -> str | None:
-        if _DICM_RE.search(window, max(old - 5, 0)):
+    def _find_binary(self, window: bytes, old: int, origin: int, dicm: bool) -> str | None:
+        if dicm and _DICM_RE.search(window, max(old - 5, 0)):
             return DICOM
         # every regular-file tar header holds a NUL-padded linkname field; random data has no such run
         if window.find(_NUL_RUN) == -1:

@@ -225,3 +225,33 @@ def test_the_deep_scanner_finds_the_same_at_the_same_place_with_and_without_hype
         anchors.set_engine(DEFAULT)
     assert slow[0] == want or (want and want.endswith("/") and slow[0] and slow[0].startswith(want)), slow
     assert fast == slow
+
+
+@needs_hyperscan
+@settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
+@given(st.randoms(use_true_random=False), st.sampled_from([b"DICM\x02\x00", b"\nMSH|^~\\&|A|B|C\r", b"\nH|\\^&|||X\r",
+                                                           b"H|", b"DICM\x02"]),
+       st.integers(0, 3), st.sampled_from([4096, 32768, 65536]))
+def test_the_signature_scanner_finds_the_same_at_the_same_place_with_and_without_hyperscan(rnd, sig, count, size):
+    from sessions.content import OutputScanner
+
+    data = bytearray(rnd.randbytes(rnd.randrange(1, 200_000)))
+    for _ in range(count):
+        at = rnd.randrange(0, len(data))
+        data[at:at] = sig
+    verdicts = []
+    for engine_name in ("python", "hyperscan"):
+        anchors.set_engine(engine_name)
+        try:
+            scanner, found = OutputScanner(), (None, len(data))
+            for i in range(0, len(data), size):
+                hit = scanner.feed(bytes(data[i:i + size]))
+                if hit:
+                    found = (hit, i)
+                    break
+        finally:
+            anchors.set_engine(DEFAULT)
+        verdicts.append(found)
+    assert verdicts[0] == verdicts[1]
+    if count and sig == b"DICM\x02\x00":
+        assert verdicts[0][0] == "DICOM"  # the planted signature is found (the comparison is not vacuous)

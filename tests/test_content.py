@@ -27,6 +27,8 @@ from fixtures.patientdata import (
 from helpers import FUZZ_EXAMPLES_OTHER
 from sessions.policy import HEAD_BYTES, OutputScanner, detect_patient_data
 
+pytestmark = pytest.mark.usefixtures("anchor_engine")  # with and without Hyperscan (sessions/anchors.py)
+
 PATIENT_FILES = {
     "p10": (dicom_p10(), "DICOM"),
     "dual-tiff": (dicom_dual_tiff(), "DICOM"),
