@@ -5,7 +5,7 @@ False alarms: every regular file under the given roots (default /usr/bin, /usr/l
 is printed with its file: each one is a false alarm (none of those files is a transfer protocol stream,
 except archives, which are listed separately as expected hits).
 
-    python bench/stream_judge.py [--roots DIR ...] [--limit-mb N]
+    python bench/stream_judge.py [--roots DIR ...] [--limit-mb N] [--engine python|hyperscan]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sessions import anchors  # noqa: E402
 from sessions.streams import DEVICE, VENDOR, StreamJudge  # noqa: E402
 
 CHUNK = 32 * 1024
@@ -68,7 +69,12 @@ def main() -> None:
     ap.add_argument("--roots", nargs="*", default=["/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/share/doc",
                                                    "/var/log"])
     ap.add_argument("--limit-mb", type=int, default=400, help="stop sampling after this many MB per root")
+    ap.add_argument("--engine", choices=anchors.ENGINES, help="anchor search (sessions/anchors.py); default: "
+                    "Hyperscan when installed")
     args = ap.parse_args()
+    if args.engine:
+        anchors.set_engine(args.engine)
+    print(f"anchor search: {anchors.engine()}")
 
     text = b"".join(p.read_bytes() for p in sorted(Path("/usr/share/doc").rglob("copyright"))[:2000])
     binary = b"".join(p.read_bytes() for p in sorted(Path("/usr/bin").iterdir())[:200] if p.is_file())
