@@ -1,14 +1,14 @@
 """Which of a fixed set of byte patterns occur in a buffer: one compiled pass instead of one Python pass each.
 
-The stream judge (sessions/streams.py) looks for about ten literal anchors (``ustar``, ``SSH-``, an SFTP
-hello, a run of NULs ...) before its exact checks run. In random or compressed data each ``bytes.find`` or
+The stream judge (sessions/streams.py) looks for literal anchors (``ustar``, ``SSH-``, an SFTP hello ...)
+before its exact checks run, and so do parts of the output scanners (sessions/content.py, decoders.py). In random or compressed data each ``bytes.find`` or
 ``re`` search for a multi-byte needle costs CPython 0.5-0.7 ns per byte (no byte can be skipped: any may start
 a needle), so the judge spent ~3 s/GiB of CPU on an upload of random data, against ~4 s/GiB for all that a bare
 asyncssh relay does with it (bench/ablation.py measured the judge at 4.7 s/GiB inside the broker).
 
 With Hyperscan (the ``hyperscan`` package, a manylinux wheel that bundles Intel's engine: ``pip install
 'medbroker[fast]'``) one pass over the buffer reports every anchor that occurs (0.27 s/GiB for the judge's
-seven). An :class:`Anchors` never decides anything: callers run their own exact checks for the anchors it
+six). An :class:`Anchors` never decides anything: callers run their own exact checks for the anchors it
 reports, and they are the same checks either way. Without Hyperscan, or if the engine fails, every anchor is
 reported present, so every check runs as it always did. The engine can make a scan cheaper; it cannot change
 a verdict (tests/test_anchors.py compares what it reports with ``re`` on random and planted buffers).
@@ -75,7 +75,8 @@ class Anchors:
         self.all = frozenset(self.names)
         self._sources = [patterns[n] for n in self.names]
         self._db: Any = None      # compiled on first use; False when compiling failed
-        self._local = threading.local()  # Hyperscan scratch space is per thread
+        self._lock = threading.Lock()  # one compile, whichever thread scans first
+        self._local = threading.local()  # Hyperscan scratch space is per thread (and per database)
 
     def present(self, buf: bytes, start: int = 0) -> frozenset[str]:
         """Names of the patterns with a match lying wholly in ``buf[start:]``; all names without the engine.
@@ -103,6 +104,12 @@ class Anchors:
         return frozenset(self.names[i] for i in found)
 
     def _compile(self) -> Any:
+        with self._lock:
+            if self._db is None:
+                self._db = self._build()
+            return self._db
+
+    def _build(self) -> Any:
         hs = _hs
         try:
             db = hs.Database(mode=hs.HS_MODE_BLOCK)
@@ -112,5 +119,4 @@ class Anchors:
         except Exception as exc:  # noqa: BLE001 - a pattern Hyperscan does not take: every check runs
             log.warning("hyperscan cannot compile %s (%s); checking them in Python", ", ".join(self.names), exc)
             db = False
-        self._db = db
         return db
