@@ -22,7 +22,8 @@ Layers (each a monkeypatch applied in the broker process before it starts, see :
 ``hyperscan`` not a layer: the anchor search of binary streams runs in pure Python (sessions/anchors.py)
 =========  ============================================================================================
 
-``all`` is every layer at once (``hyperscan`` aside): what the relay itself (channels, acknowledgment window, policy glue) costs over
+``all`` is every layer at once (``hyperscan`` aside): what the relay itself (channels, acknowledgment window,
+policy glue) costs over
 the bare relay. A layer switched off breaks a guarantee, so this runs only here, on a bench broker that serves
 nothing else; the product has no such switch. Results: a Markdown table on stdout and, with ``--save``, in
 ``bench/results/<stamp>-ablation.{json,md}``.
@@ -80,17 +81,20 @@ def patch(parts: set[str]) -> None:
     if "filehash" in parts:
         import sessions.sftp as sftp
 
-        def account(self: Any, direction: str, offset: int, data: bytes) -> None:
-            if self.first_offset[direction] is None:
-                self.first_offset[direction] = offset
-            elif offset != self.next_offset[direction]:
-                self.contiguous[direction] = False
-            self.counts[direction] += len(data)
-            if offset != self.next_offset[direction]:
-                self.sequential[direction] = False
-            self.next_offset[direction] = offset + len(data)
+        class NoHash:
+            def update(self, data: bytes) -> None:
+                pass
 
-        sftp._Handle.account = account  # type: ignore[method-assign]
+            def hexdigest(self) -> str:
+                return "not hashed (bench/ablation.py)"
+
+        account = sftp._Handle.account
+
+        def unhashed(self: Any, direction: str, offset: int, data: bytes) -> None:
+            self.hashes[direction] = NoHash()  # the counts and offsets stay the product's own
+            account(self, direction, offset, data)
+
+        sftp._Handle.account = unhashed  # type: ignore[method-assign]
     if "hyperscan" in parts:
         from sessions import anchors
 
@@ -222,8 +226,8 @@ def _table(rows: dict[str, dict[str, list[float]]], a: argparse.Namespace, error
             base = _median(full[key]) if key in full and v != "none" else None
             cells.append(f"{m:.1f}" + (f" ({m - base:+.1f})" if base is not None else ""))
         name = {"bare": "bare asyncssh relay", "none": "medbroker, every layer on",
-                "all": "medbroker, every layer off", "hyperscan": "medbroker, binary streams searched without Hyperscan",
-                }.get(v, f"medbroker without `{v}`")
+                "all": "medbroker, every layer off",
+                "hyperscan": "medbroker, binary streams searched without Hyperscan"}.get(v, f"medbroker without `{v}`")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if errors:
         lines += ["", "Errors:", *[f"- {e}" for e in errors]]

@@ -1,10 +1,11 @@
 """Which of a fixed set of byte patterns occur in a buffer: one compiled pass instead of one Python pass each.
 
-The stream judge (sessions/streams.py) looks for literal anchors (``ustar``, ``SSH-``, an SFTP hello ...)
-before its exact checks run, and so do parts of the output scanners (sessions/content.py, decoders.py). In random or compressed data each ``bytes.find`` or
-``re`` search for a multi-byte needle costs CPython 0.5-0.7 ns per byte (no byte can be skipped: any may start
-a needle), so the judge spent ~3 s/GiB of CPU on an upload of random data, against ~4 s/GiB for all that a bare
-asyncssh relay does with it (bench/ablation.py measured the judge at 4.7 s/GiB inside the broker).
+The stream judge (sessions/streams.py) looks for literal anchors (``ustar``, ``SSH-``, an SFTP hello ...) before
+its exact checks run, and so do parts of the output scanners (sessions/content.py, decoders.py). In random or
+compressed data each ``bytes.find`` or ``re`` search for a multi-byte needle costs CPython 0.5-0.7 ns per byte (no
+byte can be skipped: any may start a needle), so the judge spent ~3 s/GiB of CPU on an upload of random data,
+against ~4 s/GiB for all that a bare asyncssh relay does with it (bench/ablation.py measured the judge at 4.7
+s/GiB inside the broker).
 
 With Hyperscan (the ``hyperscan`` package, a manylinux wheel that bundles Intel's engine: ``pip install
 'medbroker[fast]'``) one pass over the buffer reports every anchor that occurs (0.27 s/GiB for the judge's
@@ -68,23 +69,28 @@ class Anchors:
     """A named set of patterns (Python ``re`` syntax for bytes, matched with DOTALL) and one question:
     which of them occur in ``buf[start:]``?"""
 
-    def __init__(self, patterns: dict[str, bytes]) -> None:
+    def __init__(self, patterns: dict[str, bytes], *, min_size: int = 0) -> None:
+        """:param min_size: shorter buffers (from ``start``) report every pattern without a scan, for callers whose
+            own checks cost less than a call into the engine there"""
         if not patterns:
             raise ValueError("Anchors needs at least one pattern")
+        self.min_size = min_size
         self.names = tuple(patterns)
         self.all = frozenset(self.names)
         self._sources = [patterns[n] for n in self.names]
         self._db: Any = None      # compiled on first use; False when compiling failed
+        self._warned = False
         self._lock = threading.Lock()  # one compile, whichever thread scans first
         self._local = threading.local()  # Hyperscan scratch space is per thread (and per database)
 
     def present(self, buf: bytes, start: int = 0) -> frozenset[str]:
-        """Names of the patterns with a match lying wholly in ``buf[start:]``; all names without the engine.
+        """Names of the patterns with a match lying wholly in ``buf[start:]``; all names without the engine (or
+        below ``min_size``).
 
         A match may be reported that a caller's search from ``start`` would also find; a pattern is left out
         only when it does not occur there at all.
         """
-        if engine() != "hyperscan":
+        if engine() != "hyperscan" or len(buf) - start < self.min_size:
             return self.all
         db = self._db if self._db is not None else self._compile()
         if db is False:
@@ -99,7 +105,9 @@ class Anchors:
             db.scan(memoryview(buf)[start:] if start else buf,
                     match_event_handler=lambda i, frm, to, flags, ctx: found.add(i), scratch=scratch)
         except Exception as exc:  # noqa: BLE001 - the engine failed: every check runs, as without it
-            log.warning("hyperscan scan failed (%s); checking every pattern in Python", exc)
+            if not self._warned:  # once: a failing engine must not flood the log for every chunk
+                self._warned = True
+                log.warning("hyperscan scan failed (%s); checking every pattern in Python", exc)
             return self.all
         return frozenset(self.names[i] for i in found)
 

@@ -224,8 +224,7 @@ _PROBE_RE = re.compile(rb"(?P<b64>[A-Za-z0-9+/=\r\n]*+\Z)|[0-9a-fA-F :\r\n]*+(?:
 _DICM_RE = re.compile(re.escape(b"DICM\x02\x00"))
 # Binary windows (random data, firmware, compressed files read over SFTP): one Hyperscan pass for both literal
 # searches below (sessions/anchors.py); each then runs only where its literal occurs. Text keeps the memchr gates.
-_BINARY_ANCHORS = Anchors({"dicm": literal(b"DICM\x02\x00"), "record": literal(b"H|")})
-_BINARY_MIN = 4096  # smaller windows: two searches cost less than a call into the engine
+_BINARY_ANCHORS = Anchors({"dicm": literal(b"DICM\x02\x00"), "record": literal(b"H|")}, min_size=4096)
 _RECORD_RE = re.compile(rb"H\|")
 _USTAR_RE = re.compile(rb"ustar")
 _NUL_RUN = b"\0" * 32
@@ -306,8 +305,7 @@ class OutputScanner:
         since = old - _RECORD_BACK if old > _RECORD_BACK else 0
         seen = _BINARY_ANCHORS.all
         if not hit and window.find(b"\0") != -1:  # DICOM meta and tar headers have NULs; most text has none
-            if len(window) >= _BINARY_MIN:
-                seen = _BINARY_ANCHORS.present(window, min(since, max(old - 5, 0)))
+            seen = _BINARY_ANCHORS.present(window, min(since, max(old - 5, 0)))
             hit = self._find_binary(window, old, origin, "dicm" in seen)
         if not hit and "record" in seen and window.find(b"|", since) != -1:  # memchr: text seldom has a |
             record = _RECORD_RE.search(window, since)

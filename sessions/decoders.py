@@ -90,9 +90,9 @@ def _blank_spaced(needle: bytes) -> bytes:
 
 # What odd_forms can act on in window[since:] (sessions/anchors.py): a squeezed needle, the UID root. With Hyperscan
 # one pass answers both; the spaced-text density (a translate of the chunk) is computed only behind a needle.
-_ODD_MIN = 4096  # smaller windows: the Python checks cost less than a call into the engine
+_ENGINE_MIN = 4096  # smaller windows: the Python checks cost less than a call into the engine
 _ODD_ANCHORS = Anchors({**{needle.decode(): _blank_spaced(needle) for needle, _ in _SQUEEZED},
-                        "uid": literal(b"1.2.840.10008.")})
+                        "uid": literal(b"1.2.840.10008.")}, min_size=_ENGINE_MIN)
 
 
 def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
@@ -100,7 +100,7 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
     ``fold -w1``), and DICOM shown as text (``strings``, ``cat -v``: DICM shortly before the DICOM UID root)."""
     if len(chunk) < 192:  # a small chunk: judge the shapes on the recent window
         chunk = window[-len(chunk) - 192:]
-    seen = _ODD_ANCHORS.present(window, since) if len(window) - since >= _ODD_MIN else _ODD_ANCHORS.all
+    seen = _ODD_ANCHORS.present(window, since)
     if window.find(b"|", since) != -1 and window.find(b"&", since) != -1:  # in every needle (memchr: cheap)
         for needle, what in _REVERSED + _DOUBLED:
             if window.find(needle, since) != -1:
@@ -223,7 +223,8 @@ _CLASS = bytes(0x61 if c in _RUN_CHARS else 0x20 for c in range(256))
 _PRE = bytes(0x61 if c in _RUN_CHARS and c not in b"/-_" else 0x20 for c in range(256))
 _TRAIL_RE = re.compile(rb"[A-Za-z0-9+/_-]*\Z")
 _A16 = b"a" * 16
-_RUN_ANCHORS = Anchors({"run": rb"[A-Za-z0-9+]{16}"})  # exactly where data.translate(_PRE) holds _A16
+# exactly where data.translate(_PRE) holds _A16
+_RUN_ANCHORS = Anchors({"run": rb"[A-Za-z0-9+]{16}"}, min_size=_ENGINE_MIN)
 _HEX = b"0123456789abcdefABCDEF"
 _B32 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567abcdefghijklmnopqrstuvwxyz"
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
@@ -398,7 +399,7 @@ class _Runs:
 
     def feed(self, chunk: bytes) -> str | None:
         data = self.partial + chunk if self.partial else chunk
-        if self.block is None and len(data) >= _ODD_MIN and not _RUN_ANCHORS.present(data):
+        if self.block is None and not _RUN_ANCHORS.present(data):
             pre = b""  # no 16 run characters in a row (one Hyperscan pass instead of the translate and find)
         else:
             pre = data.translate(_PRE)

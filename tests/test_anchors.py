@@ -42,6 +42,18 @@ def _planted(rnd: random.Random, size: int, count: int) -> bytes:
     return bytes(buf)
 
 
+def _both_engines(run):
+    """``run()`` with the pure-Python anchor search, then with Hyperscan's: (slow, fast)."""
+    try:
+        anchors.set_engine("python")
+        slow = run()
+        anchors.set_engine("hyperscan")
+        fast = run()
+    finally:
+        anchors.set_engine(DEFAULT)
+    return slow, fast
+
+
 @settings(max_examples=FUZZ_EXAMPLES_OTHER, deadline=None)
 @given(st.binary(min_size=1, max_size=40))
 def test_a_literal_pattern_matches_its_bytes_and_nothing_else(needle):
@@ -124,13 +136,7 @@ def test_the_judge_reaches_the_same_verdict_with_and_without_hyperscan(rnd, coun
         if rnd.random() < 0.2:
             data += b"\n" + b"SSH-2.0-OpenSSH_9.2\r\n" if rnd.random() < 0.5 else b"\x00" * 40
         stream.append((rnd.choice([VENDOR, DEVICE]), data))
-    try:
-        anchors.set_engine("python")
-        slow = _verdicts(stream)
-        anchors.set_engine("hyperscan")
-        fast = _verdicts(stream)
-    finally:
-        anchors.set_engine(DEFAULT)
+    slow, fast = _both_engines(lambda: _verdicts(stream))
     assert fast == slow
 
 
@@ -158,13 +164,7 @@ def test_signatures_inside_random_binary_data_are_found_at_the_same_offset_by_bo
     stream = [(VENDOR, rnd.randbytes(5000) + b"\x00\x00\x00\x09\x01\x00\x00\x00\x03" + rnd.randbytes(3000)),
               (direction, rnd.randbytes(70000) + signature + rnd.randbytes(9000))]
     chunked = [(d, data[i:i + 32768]) for d, data in stream for i in range(0, len(data), 32768)]
-    try:
-        anchors.set_engine("python")
-        slow = _verdicts(chunked)
-        anchors.set_engine("hyperscan")
-        fast = _verdicts(chunked)
-    finally:
-        anchors.set_engine(DEFAULT)
+    slow, fast = _both_engines(lambda: _verdicts(chunked))
     assert slow is not None and slow[0] == protocol
     assert fast == slow
 
@@ -216,13 +216,7 @@ def test_the_deep_scanner_finds_the_same_at_the_same_place_with_and_without_hype
     if inserted:  # the density checks judge whole chunks: the form fills at least one
         inserted *= -(-40_000 // len(inserted))
     data = log[:at] + inserted + log[at:]
-    try:
-        anchors.set_engine("python")
-        slow = _deep_verdict(data)
-        anchors.set_engine("hyperscan")
-        fast = _deep_verdict(data)
-    finally:
-        anchors.set_engine(DEFAULT)
+    slow, fast = _both_engines(lambda: _deep_verdict(data))
     assert slow[0] == want or (want and want.endswith("/") and slow[0] and slow[0].startswith(want)), slow
     assert fast == slow
 
@@ -239,19 +233,24 @@ def test_the_signature_scanner_finds_the_same_at_the_same_place_with_and_without
     for _ in range(count):
         at = rnd.randrange(0, len(data))
         data[at:at] = sig
-    verdicts = []
-    for engine_name in ("python", "hyperscan"):
-        anchors.set_engine(engine_name)
-        try:
-            scanner, found = OutputScanner(), (None, len(data))
-            for i in range(0, len(data), size):
-                hit = scanner.feed(bytes(data[i:i + size]))
-                if hit:
-                    found = (hit, i)
-                    break
-        finally:
-            anchors.set_engine(DEFAULT)
-        verdicts.append(found)
+    def scan() -> tuple:
+        scanner = OutputScanner()
+        for i in range(0, len(data), size):
+            hit = scanner.feed(bytes(data[i:i + size]))
+            if hit:
+                return hit, i
+        return None, len(data)
+
+    verdicts = _both_engines(scan)
     assert verdicts[0] == verdicts[1]
     if count and sig == b"DICM\x02\x00":
         assert verdicts[0][0] == "DICOM"  # the planted signature is found (the comparison is not vacuous)
+
+
+@needs_hyperscan
+def test_a_buffer_below_min_size_reports_every_pattern_without_a_scan(engine):
+    engine("hyperscan")
+    a = Anchors({"x": literal(b"ustar"), "y": literal(b"SSH-")}, min_size=4096)
+    assert a.present(b"..ustar.." * 10) == {"x", "y"}  # the caller's own checks are cheaper there
+    assert a.present(b"..ustar.." * 1000) == {"x"}
+    assert a.present(b"..ustar.." * 1000, start=9000 - 100) == {"x", "y"}
