@@ -262,10 +262,12 @@ class ShellLineGuard(_Guard):
             return
 
     def _key(self, data: bytes) -> None:
+        # Sent first: the screen work below cannot see the key's echo before this callback returns, so drawing
+        # after sending marks the same line start and keeps pyte off the keystroke's round trip.
+        self._forward(data)
         self.screen.keystroke()
         if len(self._typed) < LINE_MAX:
             self._typed += data
-        self._forward(data)
         if b"\x04" in data:  # on an empty line the shell exits
             self._armed = True
         if b"\x03" in data:  # the shell drops the line, and a command it was still reading
