@@ -6,6 +6,9 @@ import time
 from datetime import datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
 __all__ = ["Clock", "SystemClock", "FakeClock", "utc_iso", "parse_utc", "display_zone", "local_text", "clock_text"]
 
 
@@ -18,12 +21,19 @@ class Clock:
     def monotonic_ns(self) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def wall_us(self) -> int:
+        """``now()`` as integer microseconds since 1970-01-01 UTC (recording frames carry it)."""
+        return (self.now() - _EPOCH) // _MICROSECOND
+
 
 class SystemClock(Clock):
     """The real clocks."""
 
     def now(self) -> datetime:
         return datetime.now(timezone.utc)
+
+    def wall_us(self) -> int:  # without a datetime: once per recorded frame, 0.08 µs instead of 0.7
+        return time.time_ns() // 1000
 
     def monotonic_ns(self) -> int:
         return time.monotonic_ns()
