@@ -151,7 +151,8 @@ class StreamJudge:
         tail = self._tail[direction]
         buf = tail + data
         base = self._seen[direction] - len(tail)  # stream offset of buf[0]
-        if len(self._head[direction]) < 4:
+        head_grew = len(self._head[direction]) < 4
+        if head_grew:
             self._head[direction] += data[:4 - len(self._head[direction])]
         self._seen[direction] = end = self._seen[direction] + len(data)
         found, pending = self._scan(direction, buf, max(0, self._resume[direction] - base), len(tail))
@@ -162,7 +163,7 @@ class StreamJudge:
             self._armed[direction] = max(0, self._armed[direction] - len(data))
         if b"\x00" in data:  # an scp acknowledgment, maybe: the other side may now send a record
             self._armed[VENDOR if direction == DEVICE else DEVICE] = SCP_WINDOW
-        if found is None and self._rsync_start():
+        if found is None and head_grew and self._rsync_start():  # the heads only change while they grow
             found = ("rsync", -1 - base)
         if found is not None:
             self.hit = StreamHit(found[0], direction, base + found[1])
