@@ -37,6 +37,12 @@ log = logging.getLogger("medbroker.live")
 # Upstream: prefer AES-GCM (fast in asyncssh); the device's own list decides what is possible.
 UPSTREAM_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                     "aes128-ctr", "aes256-ctr"]
+VENDOR_LEFT = "vendor disconnected"  # a session's end reason when nothing else ended it
+
+
+def _why(exc: BaseException) -> str:
+    """asyncssh's reason for a lost connection ("Client not responding to keepalive"), else the error."""
+    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
 class LiveSession(SessionForwards):
@@ -74,7 +80,7 @@ class LiveSession(SessionForwards):
         self._finish_task: asyncio.Future | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._end_status = "closed"
-        self._end_reason = "vendor disconnected"
+        self._end_reason = VENDOR_LEFT
         self.abort_reason: tuple[str, str] | None = None  # (status, reason) when start() is cancelled on purpose
         self.containment = None  # the ContainmentReport that applies (broker/containment.py), set at start
 
@@ -209,7 +215,7 @@ class LiveSession(SessionForwards):
             make_stream_judge=policy.make_stream_judge,
             make_input_guard=policy.make_input_guard, vet_exec=policy.vet_exec,
             on_detection=self._detected, on_closed=self._channel_closed,
-            on_refused=self._refused, on_upstream_error=self._upstream_error,
+            on_refused=self._refused, on_upstream_error=self._upstream_error, on_device_lost=self._device_lost,
             forward_unrecorded=not self.services.settings.strict, session_id=self.id,
         )
         relay = RelaySession(ctx)
@@ -235,6 +241,19 @@ class LiveSession(SessionForwards):
         self.services.audit_soon("session.refused", **self.who.audit_fields(grant=False),
                                  reason=f"device refused the channel: {reason}")
         return f"{self.device.name} refused the channel ({reason}); try again or call the hospital"
+
+    def vendor_lost(self, exc: Exception) -> None:
+        """The vendor's connection ended with an error: the session's end says so (unless it was ending already)."""
+        if not self.ending and self._end_reason == VENDOR_LEFT:
+            self._end_reason = f"the vendor's connection was lost ({_why(exc)})"
+
+    def _device_lost(self, relay: RelaySession, exc: Exception) -> str:
+        """The device's connection died under a channel: the vendor is told, and the session's end names the
+        device, not the vendor leaving that follows."""
+        what = f"the connection to {self.device.name} was lost ({_why(exc)})"
+        if not self.ending:
+            self._end_reason = what
+        return f"{what}; connect again, and call the hospital if it keeps happening"
 
     def _refused(self, relay: RelaySession, kind: str, message: str) -> None:
         event = "exec.denied" if kind == "exec" else "channel.refused"

@@ -508,6 +508,8 @@ class BrokerServer(asyncssh.SSHServer):
             else:
                 b.spawn(self._count_failure("no accepted key", method="publickey", keys=len(self.tried_keys)))
         if self.live is not None:
+            if exc is not None:  # not a goodbye: a reset, or no answer to keepalives (listen.keepalive_interval)
+                self.live.vendor_lost(exc)
             b.spawn(self.live.finish("closed"))
 
     def _leave_unauth(self) -> None:

@@ -159,6 +159,10 @@ class ChannelContext:
     on_closed: Callable[["RelaySession"], None] = lambda relay: None
     on_refused: Callable[["RelaySession", str, str], None] = lambda relay, kind, message: None
     on_upstream_error: Callable[["RelaySession", Exception], str] = lambda relay, exc: f"device error: {exc}"
+    on_device_lost: Callable[["RelaySession", Exception], str] = \
+        lambda relay, exc: f"the connection to the device was lost ({exc})"
+    """The sentence shown when the device's connection ends with an error (it stopped answering keepalives, it
+    reset the connection) instead of closing the channel."""
     notices: list[str] = field(default_factory=list)
     forward_unrecorded: bool = False
     """Best-effort recording: keep relaying data the recorder did not take. False (strict): data the recorder
@@ -657,6 +661,8 @@ class RelaySession(asyncssh.SSHServerSession):
             return
         if not self.exit_sent:
             self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": None})
+            if exc is not None:  # not a channel the device closed: its connection died, say so
+                self.notice(self.ctx.on_device_lost(self, exc))
         self._send_eof()
         self.closed = True
         self.chan.close()
