@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Awaitable, Callable
 
 from sessions.cmd_lines import closed_for_judging, incomplete, strip_heredocs
@@ -28,6 +29,7 @@ PASTE_MAX = 64 << 10
 LINE_MAX = 64 << 10
 _PASTE_START, _PASTE_END = b"\x1b[200~", b"\x1b[201~"
 _PASTE_ON, _PASTE_OFF = b"\x1b[?2004h", b"\x1b[?2004l"
+_CUTS = re.compile(rb"[\r\n\x0f]|" + re.escape(_PASTE_START))  # the first of them: where a line may end
 _INTERRUPT = b"\x03"  # Ctrl-C: the shell drops the line (and any here-doc or continuation) and prompts again
 
 
@@ -237,12 +239,11 @@ class ShellLineGuard(_Guard):
                     return
                 self._forward(paste)
                 continue
-            cuts = [i for i in (data.find(b"\r"), data.find(b"\n"), data.find(b"\x0f"), data.find(_PASTE_START))
-                    if i >= 0]  # CR, LF and Ctrl-O (readline's operate-and-get-next) run the line
-            if not cuts:
+            cut = _CUTS.search(data)  # CR, LF and Ctrl-O (readline's operate-and-get-next) run the line
+            if cut is None:
                 self._key(data)
                 return
-            i = min(cuts)
+            i = cut.start()
             if i:
                 self._key(data[:i])
             if data.startswith(_PASTE_START, i):
