@@ -33,6 +33,12 @@ ACK_WINDOW = 256 << 10
 the device) before the writer thread has written it. A writer built with ``window=ACK_WINDOW`` pauses its
 session before the next unit could push its unwritten payload past this bound."""
 
+COALESCE_BYTES = 256 << 10
+COALESCE_NS = 5_000_000
+"""Data appended to the same channel and stream within 5 ms of the previous frame's first bytes, while that frame
+still waits for the writer, joins it, up to ``COALESCE_BYTES``: a bulk transfer's 32 KiB packets become frames of
+up to 256 KiB, so the writer thread takes the GIL once per frame instead of eight times (docs/performance.md,
+"Stop 16"). A frame's time is its first bytes' time, so replay timing stays within 5 ms; empty data never joins."""
 _WRITE_BATCH = 1 << 20  # payload bytes per write() in the writer thread
 _IOV_MAX = 1020  # stay under the kernel's 1024 iovecs (4 per frame)
 
@@ -134,6 +140,7 @@ class _Pool:
                 for w in work:
                     batches.append((w, w._queue))
                     w._queue = deque()
+                    w._open = None
                     w._queued = 0
                     w._inflight = True
             for w, batch in batches:
@@ -291,7 +298,10 @@ class RecordingWriter:
         self._paused = self._stopping = self._closed = self._ended = self._inflight = False
         self._failed: RecordingError | None = None
         self._final: str | None = None
-        self._queue: deque[tuple[int, int, int, int, int, bytes]] = deque()
+        self._queue: deque[tuple[int, int, int, int, int, bytes | list[bytes]]] = deque()
+        self._open: list[bytes] | None = None  # the parts of the last queued data frame, while it may grow
+        self._open_key = (0, 0)  # its (channel, kind code)
+        self._open_size = self._open_mono = 0
         self._pool = _pool
         self._close_lock = threading.Lock()
         self._journal = journal
@@ -440,9 +450,20 @@ class RecordingWriter:
             else:
                 overflow = None
                 mono = self._clock.monotonic_ns()
-                self._seq = seq = self._seq + 1
-                self._queue.append((seq, mono - self._mono0, self._clock.wall_us(),
-                                    channel, code, payload))
+                parts = self._open
+                if code <= 3 and parts is not None and self._open_key == (channel, code) and n \
+                        and self._open_size + n <= COALESCE_BYTES and mono - self._open_mono <= COALESCE_NS:
+                    parts.append(payload)  # joins the frame still queued (COALESCE_BYTES)
+                    self._open_size += n
+                    seq = self._seq
+                elif code <= 3 and n:
+                    self._seq = seq = self._seq + 1
+                    self._open, self._open_key, self._open_size, self._open_mono = [payload], (channel, code), n, mono
+                    self._queue.append((seq, mono - self._mono0, self._clock.wall_us(), channel, code, self._open))
+                else:
+                    self._seq = seq = self._seq + 1
+                    self._open = None
+                    self._queue.append((seq, mono - self._mono0, self._clock.wall_us(), channel, code, payload))
                 self._pending += n
                 self._queued += n
                 if code == 1:
@@ -471,7 +492,7 @@ class RecordingWriter:
         return seq
 
     # -- writer thread --
-    def _write_batch(self, batch: deque[tuple[int, int, int, int, int, bytes]]) -> None:
+    def _write_batch(self, batch: deque[tuple[int, int, int, int, int, bytes | list[bytes]]]) -> None:
         """Encrypt, chain and write one batch (writer thread; ``_inflight`` is set)."""
         prev, aead, aad = self._last_hash, self._aead, self._aad
         out: list[bytes] = []
@@ -482,7 +503,8 @@ class RecordingWriter:
                 self._journal(0, self._journal_head)
                 self._journal_head = None
             if self._failed is None:
-                for seq, mono, wall, channel, code, payload in batch:
+                for seq, mono, wall, channel, code, parts in batch:
+                    payload = b"".join(parts) if isinstance(parts, list) else parts  # one part: itself, no copy
                     if not out:
                         first = seq
                     size += len(payload)
@@ -540,6 +562,7 @@ class RecordingWriter:
             self.failed_at = self._clock.now()
             self._paused = False  # nothing is queued any more: best-effort sessions must not stay paused
             self._queue.clear()
+            self._open = None
             pool.ready.pop(id(self), None)
             self._pending = self._queued = 0
             pool.notify_done_locked()

@@ -34,7 +34,7 @@ from sessions.recording import (
     verify_final_hash_signature,
     verify_recording,
 )
-from sessions.recwriter import RecordingWriter
+from sessions.recwriter import COALESCE_BYTES, COALESCE_NS, RecordingWriter, _Pool
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = bytes(range(32))
@@ -128,16 +128,62 @@ def test_round_trip_every_kind_and_arbitrary_bytes(ops: list[tuple[Any, ...]], e
         frames = list(read_frames(path, key_lookup=keys))
         result = verify_recording(path, expected_final_hash=final)
         header = read_header(path)
-    assert [f.seq for f in frames] == list(range(1, len(ops) + 2))
-    for frame, (kind, channel, value, mono) in zip(frames, expected):
-        assert (frame.kind, frame.channel, frame.mono_ns) == (kind, channel, mono)
-        assert (frame.payload if kind in DATA_KINDS else frame.event()) == value
+    assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+    _assert_frames_are_the_appends(frames[:-1], expected)
     assert frames[-1].kind == "end" and frames[-1].event()["reason"] == "vendor disconnected"
     assert frames[-1].hash == final
-    assert result.ok and not result.incomplete and result.frames == len(ops) + 1 and result.encrypted == encrypted
+    assert result.ok and not result.incomplete and result.frames == len(frames) and result.encrypted == encrypted
     assert ("encryption" in header) == encrypted and header["session_id"] == HEADER["session_id"]
     assert w.bytes_in == sum(len(v) for h, k, _, v, _ in ops if k == "input")
     assert w.bytes_out == sum(len(v) for h, k, _, v, _ in ops if k in ("output", "stderr"))
+
+
+def _assert_frames_are_the_appends(frames: list[Any], expected: list[tuple[Any, ...]]) -> None:
+    """Each frame is one append, or (data only) several consecutive non-empty appends to the same channel and
+    stream within COALESCE_NS of the first, joined up to COALESCE_BYTES; the frame has the first one's time."""
+    ops = iter(expected)
+    for frame in frames:
+        kind, channel, value, mono = next(ops)
+        assert (frame.kind, frame.channel, frame.mono_ns) == (kind, channel, mono)
+        if kind not in DATA_KINDS:
+            assert frame.event() == value
+            continue
+        joined = value
+        while len(joined) < len(frame.payload):
+            more_kind, more_channel, more, more_mono = next(ops)
+            assert (more_kind, more_channel) == (kind, channel) and more and value, "only like appends join"
+            assert more_mono - mono <= COALESCE_NS
+            joined += more
+        assert frame.payload == joined and len(joined) <= max(COALESCE_BYTES, len(value))
+    assert next(ops, None) is None, "every append is in a frame"
+
+
+def test_appends_join_a_queued_frame_only_when_alike_and_close_in_time(tmp_path: Path) -> None:
+    clock = FakeClock()
+    w = RecordingWriter(tmp_path / "j.mbr", HEADER, clock=clock)
+    pool = w._pool = _Pool()  # its own writer thread, not started yet: nothing takes the queue meanwhile
+    pool.start_locked = lambda: None  # type: ignore[method-assign]
+    seqs = [w.append_data(1, "output", b"a"), w.append_data(1, "output", b"b")]  # joins
+    clock.advance(0.004)
+    seqs.append(w.append_data(1, "output", b"c"))  # 4 ms after the frame's first bytes: joins
+    clock.advance(0.002)
+    seqs.append(w.append_data(1, "output", b"d"))  # 6 ms: a new frame
+    seqs += [w.append_data(2, "output", b"e"), w.append_data(2, "stderr", b"f"), w.append_data(2, "input", b"g")]
+    seqs.append(w.append_event(2, "resize", {"cols": 80, "rows": 24}))  # an event ends the open frame
+    seqs.append(w.append_data(2, "input", b"h"))
+    seqs.append(w.append_data(2, "input", b""))  # empty: its own frame, and nothing joins it
+    seqs.append(w.append_data(2, "input", b"i"))
+    seqs.append(w.append_data(2, "input", b"j" * COALESCE_BYTES))  # would pass COALESCE_BYTES: a new frame
+    assert seqs == [1, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    del pool.start_locked  # the writer thread may run now
+    with pool.lock:
+        pool.start_locked()
+    w.close()
+    frames = list(read_frames(tmp_path / "j.mbr"))[:-1]
+    assert [(f.channel, f.kind, f.payload if f.kind in DATA_KINDS else f.event()) for f in frames] == [
+        (1, "output", b"abc"), (1, "output", b"d"), (2, "output", b"e"), (2, "stderr", b"f"), (2, "input", b"g"),
+        (2, "resize", {"cols": 80, "rows": 24}), (2, "input", b"h"), (2, "input", b""), (2, "input", b"i"),
+        (2, "input", b"j" * COALESCE_BYTES)]
 
 
 def test_data_larger_than_a_frame_is_split_and_rejoined(tmp_path: Path) -> None:
@@ -231,8 +277,10 @@ def test_close_while_another_thread_appends_leaves_nothing_after_end(tmp_path: P
     t.join(timeout=30)
     result = verify_recording(tmp_path / "race.mbr", expected_final_hash=final)
     assert result.ok and not result.incomplete and w.dropped_frames == 1
-    end = list(read_frames(tmp_path / "race.mbr"))[-1]
-    assert end.event()["frames"] == end.seq == result.frames and end.event()["bytes_out"] == end.seq - 1
+    frames = list(read_frames(tmp_path / "race.mbr"))
+    end = frames[-1]
+    assert end.event()["frames"] == end.seq == result.frames
+    assert end.event()["bytes_out"] == sum(len(f.payload) for f in frames[:-1]) == w.bytes_out
 
 
 # ---------------------------------------------------------------- tamper detection
@@ -412,7 +460,7 @@ from broker.clock import SystemClock
 from sessions.recwriter import RecordingWriter
 w = RecordingWriter(sys.argv[1], {"session_id": "killed"}, clock=SystemClock())
 for i in range(1, 2_000_001):
-    w.append_data(0, "output", b"x" * (i % 5000))
+    w.append_data(i % 2, "output", b"x" * (i % 5000))  # two channels: one frame per append (no joining)
     if i == 200:
         w.drain(timeout=10)
         print("ready", flush=True)
@@ -548,8 +596,9 @@ def test_follow_reads_while_another_thread_writes(tmp_path: Path) -> None:
         first_seen.set()
     t.join(timeout=30)
     assert errors == [] and not t.is_alive()
-    assert [f.payload for f in got[1:-1]] == [f"line {i}\r\n".encode() for i in range(100)]
-    assert got[-1].kind == "end" and [f.seq for f in got] == list(range(1, 103))
+    # the fake clock stands still, so lines queued together share a frame (COALESCE_NS); drains every 10 lines
+    assert b"".join(f.payload for f in got[1:-1]) == b"".join(f"line {i}\r\n".encode() for i in range(100))
+    assert len(got) >= 12 and got[-1].kind == "end" and [f.seq for f in got] == list(range(1, len(got) + 1))
 
 
 def test_follow_stops_when_the_writer_is_gone(sample: tuple[Path, str, bytes], tmp_path: Path) -> None:

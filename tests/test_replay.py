@@ -23,13 +23,15 @@ HEADER = {"session_id": "s-42", "user": "alice", "device": "ct-01", "started_at"
 
 
 def record(path: Path, script: list[tuple[float, str, int, Any]]) -> Path:
-    """Write a recording from (seconds to wait, kind, channel, bytes or event dict) steps."""
+    """Write a recording from (seconds to wait, kind, channel, bytes or event dict) steps, one frame per step (each
+    data step is drained, so the next one cannot join its frame: these scripts cut sequences across frames)."""
     clock = FakeClock()
     w = RecordingWriter(path, HEADER, clock=clock)
     for wait, kind, channel, value in script:
         clock.advance(wait)
         if isinstance(value, bytes):
             w.append_data(channel, kind, value)
+            w.drain()
         else:
             w.append_event(channel, kind, value)
     w.close()
