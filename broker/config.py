@@ -922,7 +922,7 @@ address = "0.0.0.0:2222"          # vendor-facing SSH port (`medbroker serve --l
 host_key = "keys/host_ed25519"    # the broker's own SSH host key (ed25519)
 server_version = "medbroker"      # neutral SSH version string: no library name or version
 login_timeout = "30s"             # unauthenticated connections are dropped after this
-keepalive_interval = "30s"        # keepalives to vendor clients
+keepalive_interval = "30s"        # a silent vendor client is asked this often; 3 unanswered end its session
 public_host = "broker"            # how vendors address this broker, used in hints we print
 workers = 1                       # processes sharing the port (SO_REUSEPORT)
 proxy_protocol_from = []          # balancers (e.g. ["10.0.0.5/32"]) that send PROXY protocol v2 (HAProxy
@@ -947,7 +947,7 @@ journal_keep = false              # true: keep journal rows after the recording 
 
 [upstream]
 connect_timeout = "10s"
-keepalive_interval = "30s"
+keepalive_interval = "30s"        # the same towards devices: a device that stops answering ends the session
 
 [limits]
 max_auth_failures = 5             # per user and source address within failure_window ...
