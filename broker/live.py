@@ -237,7 +237,7 @@ class LiveSession(SessionForwards):
         return await self.upconn.create_session(factory, command, subsystem=subsystem, **kw)
 
     def _upstream_error(self, relay: RelaySession, exc: Exception) -> str:
-        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        reason = _why(exc)
         self.services.audit_soon("session.refused", **self.who.audit_fields(grant=False),
                                  reason=f"device refused the channel: {reason}")
         return f"{self.device.name} refused the channel ({reason}); try again or call the hospital"
