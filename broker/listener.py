@@ -110,6 +110,8 @@ async def stop_server(acceptor: asyncssh.SSHAcceptor, broker: Broker) -> None:
         if isinstance(result, Exception):  # all end together; one failure is logged, never stops the others
             log.error("ending session %s at shutdown failed: %r", live.id, result)
     await broker.stop_control()
+    if broker.refusing:  # a start cancelled above is being refused: the vendor reads why before the disconnect
+        await asyncio.wait(list(broker.refusing), timeout=3)
     for conn in list(broker.connections):  # anyone still connected (connecting, self-service) is told why
         conn.disconnect(asyncssh.DISC_BY_APPLICATION, "medbroker: the broker is shutting down; reconnect in a moment")
     for conn in list(broker.connections):

@@ -112,6 +112,7 @@ class Broker:
         self.starting: set[asyncio.Task] = set()  # LiveSession.start() still connecting; stop_server cancels them
         self.starting_sessions: dict[str, tuple[LiveSession, asyncio.Future]] = {}  # the same, by session id
         self.stopping = False  # set by stop_server: no new device session starts after it
+        self.refusing: set[asyncio.Future] = set()  # refusal channels not yet shown; stop_server lets them show
         self.archiving = False  # an archive pass is running in this process ([archive]; one at a time)
         self.connections: set[asyncssh.SSHServerConnection] = set()
         cfg = app.config
@@ -722,15 +723,28 @@ class BrokerServer(asyncssh.SSHServer):
         if refusal:
             await b.audit("channel.refused", **who.audit_fields(), kind="session", reason=refusal,
                           session_id=self.live.id if self.live else None)
-            return RefusalSession(f"{refusal}; new channels on this connection are refused. "
-                                  "Ask the hospital's medbroker administrators.")
+            return self._refusal(f"{refusal}; new channels on this connection are refused. "
+                                 "Ask the hospital's medbroker administrators.")
         if who.device is None:
             return SelfServiceSession(self)
         try:
             return await (await self._ensure_live()).new_channel()
         except BrokerError as exc:
-            text = exc.message + (f"; {exc.hint}" if exc.hint else "")
-            return RefusalSession(text)
+            return self._refusal(exc.message + (f"; {exc.hint}" if exc.hint else ""))
+
+    def _refusal(self, text: str) -> RefusalSession:
+        """A channel that shows ``text``, counted in ``broker.refusing`` until it is shown or closed: the client
+        still has to ask for its shell or command, and a stopping broker waits for that before it disconnects."""
+        b = self.broker
+        shown: asyncio.Future = asyncio.get_running_loop().create_future()
+        b.refusing.add(shown)
+
+        def done() -> None:
+            if not shown.done():
+                shown.set_result(None)
+            b.refusing.discard(shown)
+
+        return RefusalSession(text, on_shown=done, on_closed=done)
 
     async def _ensure_live(self) -> LiveSession:
         """This connection's device session, started now if there is none (or it is ending).

@@ -749,10 +749,15 @@ class OneShotSession(asyncssh.SSHServerSession):
 class RefusalSession(OneShotSession):
     """A channel that only explains why it was refused, then exits 1."""
 
-    def __init__(self, message: str, on_shown: Callable[[], None] | None = None) -> None:
+    def __init__(self, message: str, on_shown: Callable[[], None] | None = None,
+                 on_closed: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.message = message
-        self.on_shown = on_shown
+        self.on_shown, self.on_closed = on_shown, on_closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.on_closed:
+            self.on_closed()
 
     def session_started(self) -> None:
         eol = "\r\n" if self.pty else "\n"
