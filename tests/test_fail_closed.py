@@ -15,6 +15,7 @@ import pytest
 from frontdoor_support import close_world, details, events, wait, world_with
 from helpers import HelperTimeoutError
 from helpers.clients import run_command
+from helpers.procs import finish_piped
 
 pytestmark = [pytest.mark.openssh, pytest.mark.root]
 
@@ -219,13 +220,7 @@ class _Vendor:
         try:
             code = self.proc.wait(timeout)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(5)
-            for t in self._threads:
-                t.join(10)
-            self.proc.stdout.close()
-            self.proc.stderr.close()
+            finish_piped(self.proc, self._threads)
         return code
 
 

@@ -34,6 +34,7 @@ from frontdoor_support import Serve, close_world, details, events, prepared_home
 from helpers.clients import ssh_options, write_known_hosts
 from helpers import journal_bytes
 from helpers.net import free_port
+from helpers.procs import finish_piped
 from helpers.pty import PtySession
 from sessions.recording import read_frames
 
@@ -94,14 +95,7 @@ class _Vendor:
         return code
 
     def close(self) -> None:
-        """Kill it if it still runs, collect its output, close the pipes (again: harmless)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        for t in self._threads:
-            t.join(10)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        finish_piped(self.proc, self._threads)
 
 
 _VENDORS: list[_Vendor] = []

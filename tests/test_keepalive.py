@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from broker.keepalive import install_keepalive_hook, keepalive_hook_active
 from helpers import poll
 from helpers.broker import World
+from helpers.procs import living_descendants
 
 PROMPT = re.compile(rb"[#$] ")
 CONFIG = """\
@@ -40,12 +40,6 @@ def kworld(tmp_path: Path, device) -> World:
 
 def _ends(world: World) -> list[dict]:
     return [json.loads(e["details"]) for e in world.events("session.end")]
-
-
-def _sshd_children(master: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True, check=False).stdout
-    kids = [int(p) for p in out.split()]
-    return kids + [g for k in kids for g in _sshd_children(k)]
 
 
 def test_the_hook_is_installed_on_the_pinned_asyncssh(kworld: World) -> None:
@@ -84,12 +78,12 @@ def test_a_frozen_device_ends_the_session_with_a_reason_for_the_vendor(kworld: W
     kworld.grant()
     master = kworld.device.pid
     assert master is not None
-    before = set(_sshd_children(master))
+    before = {p.pid for p in living_descendants(master)}
     term = kworld.pty("alice@ct-01")
     frozen: list[int] = []
     try:
         term.expect(PROMPT, timeout=20)
-        frozen = [p for p in _sshd_children(master) if p not in before]
+        frozen = [p.pid for p in living_descendants(master) if p.pid not in before]
         assert frozen, "the device's per-connection sshd processes"
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)

@@ -6,7 +6,9 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,3 +173,16 @@ def enable_subreaper() -> bool:
         return False
     libc = ctypes.CDLL(libc_name, use_errno=True)
     return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def finish_piped(proc: subprocess.Popen[bytes], pumps: list[threading.Thread], timeout: float = 5.0) -> None:
+    """End a client whose stdout/stderr threads ``pumps`` read: kill it if it still runs, let the threads take
+    the rest, close the pipes. Harmless a second time (test vendors call it from wait() and from teardown)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout)
+    for t in pumps:
+        t.join(10)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
