@@ -20,11 +20,11 @@ Layers (each a monkeypatch applied in the broker process before it starts, see :
 ``filescan`` the signature scanner (sessions/content.py ``OutputScanner.feed``): SFTP reads, per file
 ``filehash`` the SFTP guard's per-file SHA-256 (sessions/sftp.py ``_Handle.account``; the counts stay)
 ``hyperscan`` not a layer: the anchor search of binary streams runs in pure Python (sessions/anchors.py)
+``native`` not a layer: the deep scanner's byte scans run in pure Python (sessions/fastscan.py)
 =========  ============================================================================================
 
-``all`` is every layer at once (``hyperscan`` aside): what the relay itself (channels, acknowledgment window,
-policy glue) costs over
-the bare relay. A layer switched off breaks a guarantee, so this runs only here, on a bench broker that serves
+``all`` is every layer at once (``hyperscan`` and ``native`` aside): what the relay itself (channels, acknowledgment
+window, policy glue) costs over the bare relay. A layer switched off breaks a guarantee, so this runs only here, on a bench broker that serves
 nothing else; the product has no such switch. Results: a Markdown table on stdout and, with ``--save``, in
 ``bench/results/<stamp>-ablation.{json,md}``.
 """
@@ -41,7 +41,7 @@ from typing import Any
 
 __all__ = ["LAYERS", "patch", "main"]
 
-LAYERS = ("scan", "judge", "upload", "screen", "rec", "filescan", "filehash", "hyperscan")
+LAYERS = ("scan", "judge", "upload", "screen", "rec", "filescan", "filehash", "hyperscan", "native")
 ENV = "MEDBROKER_BENCH_ABLATE"
 _LAUNCH = ("import sys, bench.ablation as a; a.patch_from_env(); from broker.cli import main; "
            "sys.argv[0] = 'medbroker'; main()")
@@ -99,13 +99,17 @@ def patch(parts: set[str]) -> None:
         from sessions import anchors
 
         anchors.set_engine("python")
+    if "native" in parts:
+        from sessions import fastscan
+
+        fastscan.set_native(False)
 
 
 def patch_from_env() -> None:
     """The broker launcher's hook: apply :func:`patch` to the layers named in ``$MEDBROKER_BENCH_ABLATE``."""
     value = os.environ.get(ENV, "")
     if value:
-        patch(set(LAYERS) - {"hyperscan"} if value == "all" else {p for p in value.split(",") if p})
+        patch(set(LAYERS) - {"hyperscan", "native"} if value == "all" else {p for p in value.split(",") if p})
 
 
 def _variants(arg: str) -> list[str]:
@@ -227,7 +231,8 @@ def _table(rows: dict[str, dict[str, list[float]]], a: argparse.Namespace, error
             cells.append(f"{m:.1f}" + (f" ({m - base:+.1f})" if base is not None else ""))
         name = {"bare": "bare asyncssh relay", "none": "medbroker, every layer on",
                 "all": "medbroker, every layer off",
-                "hyperscan": "medbroker, binary streams searched without Hyperscan"}.get(v, f"medbroker without `{v}`")
+                "hyperscan": "medbroker, binary streams searched without Hyperscan",
+                "native": "medbroker, the deep scanner's byte scans in pure Python"}.get(v, f"medbroker without `{v}`")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if errors:
         lines += ["", "Errors:", *[f"- {e}" for e in errors]]

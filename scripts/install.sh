@@ -178,11 +178,30 @@ if [ -z "$py" ]; then
 fi
 step "python $("$py" -c 'import sys; print(sys.version.split()[0], sys.executable)')"
 
+# 3b. A C compiler and Python's headers for the one compiled part (sessions/_fastscan.c, the deep scanner's byte
+#     scans; setup.py). It is optional: without them medbroker installs and scans in pure Python, slower.
+if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; then
+  step "C compiler present"
+elif command -v apt-get >/dev/null 2>&1; then
+  apt_install gcc libc6-dev
+else
+  step "no C compiler and no apt-get: the deep scanner's byte scans will run in pure Python (slower)"
+fi
+headers_ok='import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+if "$py" -c "$headers_ok"; then
+  step "Python headers present"
+elif command -v apt-get >/dev/null 2>&1; then
+  apt_install python3-dev
+else
+  step "no Python headers and no apt-get: the deep scanner's byte scans will run in pure Python (slower)"
+fi
+
 # 4. The package with its test extras, editable. pip answers quickly when everything is satisfied, but
-#    an editable build still costs seconds, so skip it while pyproject.toml is unchanged and it imports.
+#    an editable build still costs seconds, so skip it while pyproject.toml, setup.py and the C source are
+#    unchanged and it imports (an editable install builds the extension in place: a changed C file needs it).
 stamp_dir="${XDG_CACHE_HOME:-$HOME/.cache}/medbroker"
 stamp="$stamp_dir/install-$(printf '%s' "$repo:$py" | sha256sum | cut -c1-16).stamp"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml setup.py sessions/_fastscan.c | sha256sum | cut -d' ' -f1)"
 installed_ok() {
   # -I and cd /: look at what is installed, not at the source tree's medbroker.egg-info.
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && (cd / && "$py" -I - "$repo") <<'EOF' 2>/dev/null

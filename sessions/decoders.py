@@ -44,6 +44,7 @@ import re
 import zlib
 from typing import Any
 
+from sessions import fastscan
 from sessions.anchors import Anchors, literal
 from sessions.content import DICOM, OutputScanner
 from sessions.entropy import OPAQUE, OpaqueBudget, OpaqueMeter
@@ -73,7 +74,7 @@ _SQUEEZED = ((b"msh|^~\\&", "HL7v2/spaced"), (b"h|\\^&", "ASTM/spaced"), (b"dicm
 
 def _spaced(chunk: bytes) -> bool:
     """Characters spaced apart: in one of the two interleavings, at least three in four are blanks."""
-    if len(chunk.translate(None, _SQUEEZE)) * 8 > len(chunk) * 5 + 8:
+    if (len(chunk) - fastscan.count_blanks(chunk)) * 8 > len(chunk) * 5 + 8:
         return False  # fewer than 3/8 blanks in all: neither half can be 3/4 blanks (one pass, not two slices)
     for half in (chunk[1::2], chunk[0::2]):
         if len(half.translate(None, _SQUEEZE)) * 4 <= len(half):
@@ -88,8 +89,10 @@ def _blank_spaced(needle: bytes) -> bytes:
                                   if bytes([c]).isalpha() else literal(bytes([c])) for c in needle)
 
 
-# What odd_forms can act on in window[since:] (sessions/anchors.py): a squeezed needle, the UID root. With Hyperscan
-# one pass answers both; the spaced-text density (a translate of the chunk) is computed only behind a needle.
+# What odd_forms can act on in window[since:] (sessions/anchors.py): a squeezed needle, the UID root. Without the
+# compiled scans (sessions/fastscan.py), Hyperscan's one pass answers both and the spaced-text density (a translate
+# of the chunk) is computed only behind a needle; with them, the blank count comes first (it is cheaper than any
+# search) and the UID root is one SIMD find.
 _ENGINE_MIN = 4096  # smaller windows: the Python checks cost less than a call into the engine
 _ODD_ANCHORS = Anchors({**{needle.decode(): _blank_spaced(needle) for needle, _ in _SQUEEZED},
                         "uid": literal(b"1.2.840.10008.")}, min_size=_ENGINE_MIN)
@@ -100,7 +103,12 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
     ``fold -w1``), and DICOM shown as text (``strings``, ``cat -v``: DICM shortly before the DICOM UID root)."""
     if len(chunk) < 192:  # a small chunk: judge the shapes on the recent window
         chunk = window[-len(chunk) - 192:]
-    seen = _ODD_ANCHORS.present(window, since)
+    if fastscan.native():
+        spaced, uid = len(chunk) >= 8 and _spaced(chunk), True
+    else:
+        seen = _ODD_ANCHORS.present(window, since)
+        spaced = len(seen) > ("uid" in seen) and len(chunk) >= 8 and _spaced(chunk)  # a squeezed needle may be there
+        uid = "uid" in seen
     if window.find(b"|", since) != -1 and window.find(b"&", since) != -1:  # in every needle (memchr: cheap)
         for needle, what in _REVERSED + _DOUBLED:
             if window.find(needle, since) != -1:
@@ -116,7 +124,7 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
                     and not line.translate(None, _TEXT_BYTES) and _NAMEISH.search(line)
                     and line.count(b"^@") + line.count(b"M-^") < 3):  # cat -v/-A of a binary: NULs, high controls
                 return "HL7v2/fields"
-    if len(seen) > ("uid" in seen) and len(chunk) >= 8 and _spaced(chunk):  # a squeezed needle may be there
+    if spaced:
         squeezed = window[since:].translate(None, _SQUEEZE).lower()
         for needle, what in _SQUEEZED:
             k = squeezed.find(needle)
@@ -132,12 +140,12 @@ def odd_forms(window: bytes, since: int, chunk: bytes) -> str | None:
         for needle, what in _SQUEEZED:
             if needle != b"dicm" and joined.lower().find(needle) != -1:
                 return what.split("/")[0] + "/folded"
-    k = window.find(_UID_ROOT, since) if "uid" in seen else -1
+    k = fastscan.find(window, _UID_ROOT, since) if uid else -1
     while k != -1:
         d = window.rfind(b"DICM", max(0, k - 400), k)
         if d != -1:
             return "DICOM/text"
-        k = window.find(_UID_ROOT, k + 1)
+        k = fastscan.find(window, _UID_ROOT, k + 1)
     return None
 
 
@@ -217,10 +225,11 @@ class _Inflater:
 
 
 # ------------------------------------------------------------------------------------------ encoded runs
-_RUN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
+_RUN_CHARS = fastscan.RUN_CHARS + b"/-_"
 _CLASS = bytes(0x61 if c in _RUN_CHARS else 0x20 for c in range(256))
-# the prefilter: 16 letters/digits/+ in a row (text has about 4 such words per 32 KiB, base64 one per line)
-_PRE = bytes(0x61 if c in _RUN_CHARS and c not in b"/-_" else 0x20 for c in range(256))
+# the prefilter: 16 letters/digits/+ in a row (text has about 4 such words per 32 KiB, base64 one per line);
+# fastscan.run16 answers pre.find(_A16, i) without the translate
+_PRE = bytes(0x61 if c in fastscan.RUN_CHARS else 0x20 for c in range(256))
 _TRAIL_RE = re.compile(rb"[A-Za-z0-9+/_-]*\Z")
 _A16 = b"a" * 16
 # exactly where data.translate(_PRE) holds _A16
@@ -399,11 +408,15 @@ class _Runs:
 
     def feed(self, chunk: bytes) -> str | None:
         data = self.partial + chunk if self.partial else chunk
-        if self.block is None and not _RUN_ANCHORS.present(data):
-            pre = b""  # no 16 run characters in a row (one Hyperscan pass instead of the translate and find)
+        pre: bytes | None = None  # None: the compiled run16 answers what pre.find(_A16, i) would
+        if fastscan.native():
+            none = self.block is None and fastscan.run16(data) == -1
+        elif self.block is None and not _RUN_ANCHORS.present(data):
+            none = True  # no 16 run characters in a row (one Hyperscan pass instead of the translate and find)
         else:
             pre = data.translate(_PRE)
-        if self.block is None and pre.find(_A16) == -1:
+            none = self.block is None and pre.find(_A16) == -1
+        if none:
             # the pattern matches the empty string at the end, so search never returns None
             self._set_partial(data, _TRAIL_RE.search(data, max(0, len(data) - 64)).start())  # type: ignore[union-attr]
             return None
@@ -418,7 +431,7 @@ class _Runs:
         block, self.block = self.block, None
         return block.close(self) if block else None
 
-    def _slow(self, data: bytes, t: "_Classes", pre: bytes) -> str | None:
+    def _slow(self, data: bytes, t: "_Classes", pre: bytes | None) -> str | None:
         n, i, hit = len(data), 0, None
         block = self.block
         if block is not None and block.width is None and block.next == 0 and block.line_start and block.total >= 16:
@@ -433,7 +446,7 @@ class _Runs:
                 s = block.next
                 e = t.find(b" ", s)
             else:
-                j = pre.find(_A16, i)
+                j = fastscan.run16(data, i) if pre is None else pre.find(_A16, i)
                 if j == -1:
                     break
                 s = max(t.rfind(b" ", i, j) + 1, i)

@@ -105,14 +105,17 @@ def _has_hyperscan() -> bool:
 @pytest.fixture(scope="module", params=["python", pytest.param("hyperscan", marks=pytest.mark.skipif(
         not _has_hyperscan(), reason="hyperscan is not installed (pip install 'medbroker[fast]')"))])
 def anchor_engine(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A module marked ``pytest.mark.usefixtures("anchor_engine")`` runs twice: with the pure-Python anchor
-    search and with Hyperscan's (sessions/anchors.py); the verdicts must not depend on it."""
-    from sessions import anchors
+    """A module marked ``pytest.mark.usefixtures("anchor_engine")`` runs twice: all in pure Python (the anchor
+    search of sessions/anchors.py and the byte scans of sessions/fastscan.py), then as the product runs (Hyperscan,
+    and the compiled scans when built); the verdicts must not depend on it."""
+    from sessions import anchors, fastscan
 
-    before = anchors.engine()
+    before, native = anchors.engine(), fastscan.native()
     anchors.set_engine(request.param)
+    fastscan.set_native(request.param == "hyperscan" and fastscan.built())
     yield request.param
     anchors.set_engine(before)
+    fastscan.set_native(native)
 
 
 @pytest.fixture(scope="session", autouse=True)

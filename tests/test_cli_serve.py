@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from broker.cli import app
 from helpers.net import free_port
-from sessions import anchors
+from sessions import anchors, fastscan
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +61,9 @@ def test_serve_listens_answers_ssh_and_stops_on_sigterm(home):
         line = _read_line(proc.stdout, 60)
         assert line.startswith(f"medbroker listening on 127.0.0.1:{port}".encode()), line
         # which search judges binary streams (sessions/anchors.py): Hyperscan when this Python has it
-        assert f"binary stream search: {anchors.engine()})".encode() in line, line
+        # and whether the deep scanner's byte scans are compiled (sessions/fastscan.py)
+        scans = "compiled" if fastscan.native() else "python"
+        assert f"binary stream search: {anchors.engine()}; output scans: {scans})".encode() in line, line
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             banner = sock.recv(256)
         assert banner.startswith(b"SSH-2.0-medbroker")

@@ -49,8 +49,9 @@ TABLE: dict[str, Row] = {
                       "sessions/exec_check.py",
                       "sessions/cmd_paths.py", "sessions/cmd_lines.py", "sessions/upload_check.py", "sessions/tilde.py"),
                   ("core", "store", "keys", "engine"), (), "pure decisions; never asyncssh or typer"),
-    "engine": Row(1, ("sessions/anchors.py",), ("core",), ("hyperscan",),
-                  "which of a set of byte patterns occur: Hyperscan when installed, else every one (callers check)"),
+    "engine": Row(1, ("sessions/anchors.py", "sessions/fastscan.py"), ("core",), ("hyperscan",),
+                  "which of a set of byte patterns occur: Hyperscan when installed, else every one (callers check); "
+                  "the deep scanner's byte scans, compiled when built (sessions/_fastscan.c)"),
     "codec": Row(2, ("sessions/sftp_codec.py", "sessions/scp_grammar.py", "sessions/streams.py", "sessions/tlsrecords.py",
                      "broker/proxy_header.py"),
                  ("core", "engine"), (), "SFTP wire format, scp command and records, transfer-protocol stream shapes: stdlib + layer 0"),

@@ -118,3 +118,18 @@ def test_a_wheel_install_initialises_checks_and_serves(installed, tmp_path):
             proc.communicate()
     assert proc.returncode == 0, err
     assert b"Traceback" not in err, err
+
+
+def test_the_wheel_carries_the_compiled_scans_where_a_compiler_built_them(installed, tmp_path):
+    """sessions/_fastscan.c is built into the wheel (setup.py) and loads from site-packages; the serve banner of
+    the installed broker is checked in the test above's sibling, tests/test_cli_serve.py."""
+    from sessions import fastscan
+
+    if not fastscan.built():
+        pytest.skip("this checkout has no compiled scans either (no C compiler): the wheel is pure Python")
+    env = _clean_env(installed)
+    probe = ("from sessions import fastscan, _fastscan\n"
+             "print(fastscan.native(), 'site-packages' in _fastscan.__file__, fastscan.run16(b' ' + b'A' * 16))\n")
+    out = _run([str(installed / "python"), "-c", probe], cwd=tmp_path, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "1"], out.stdout

@@ -121,9 +121,11 @@ def serve(
         host = address.rpartition(":")[0]
         processes = f", {app.config.listen.workers} worker processes" if several else ""
         from sessions.anchors import engine  # Hyperscan, when installed, makes judging binary streams cheaper
+        from sessions.fastscan import native  # the deep scanner's byte scans, compiled when the build had a compiler
 
-        say(f"medbroker listening on {host}:{port} (home {app.home}{processes}; binary stream search: {engine()}); "
-            "Ctrl-C stops it")
+        scans = "compiled" if native() else "python"
+        say(f"medbroker listening on {host}:{port} (home {app.home}{processes}; binary stream search: {engine()}; "
+            f"output scans: {scans}); Ctrl-C stops it")
         sd_notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")  # systemd Type=notify
 
     try:
