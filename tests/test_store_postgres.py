@@ -154,6 +154,43 @@ def test_search_filters_and_retention_on_both_stores(store: Store) -> None:
     assert kinds["s-1"] == {"commands": 1, "sources": "line", "first": "cat /etc/needle-42.conf"}
 
 
+ODD = ["naïve café ☕ 😀", "quote \" and 'single' and back\\slash", '["looks", {"like": "json"}]', "tab\tcr\rlf\n",
+       "\x1b[31mred\x1b[0m", "line\u2028sep", "a stray\x00NUL", "", " " * 300]
+
+
+def test_the_index_rows_come_back_as_written_on_both_stores(store: Store) -> None:
+    """save_session_text writes each table in one statement (a JSON array on SQLite, arrays on PostgreSQL): every
+    field comes back as given, offsets exactly, in order; a NUL in text is stored as U+FFFD (PostgreSQL's text
+    cannot hold one, so such a session failed to index there before)."""
+    store.insert_session({"id": "s-odd", "user_name": "alice", "device": "ct-01", "grant_id": 1, "started_at": AT,
+                          "status": "ok", "recording": "s-odd.rec"})
+    commands = [(i * 0.1 + 1 / 3, i % 3, "exec" if i % 2 else "line", text) for i, text in enumerate(ODD)]
+    texts = [(float(i), "output", text) for i, text in enumerate(ODD)] + [(99, "path", "/data/x.dcm")]
+    store.save_session_text("s-odd", commands, texts, AT)
+    want = [(o, ch, src, c.replace("\0", "\ufffd")) for o, ch, src, c in commands]
+    got = [(r["offset"], r["channel"], r["source"], r["command"]) for r in store.session_commands("s-odd")]
+    assert got == want
+    stored = store.query('SELECT "offset", kind, text FROM search_text WHERE session_id = ? ORDER BY "offset"',
+                         ("s-odd",))
+    assert [(r["offset"], r["kind"], r["text"]) for r in stored] == [
+        (float(o), k, t.replace("\0", "\ufffd")) for o, k, t in texts]
+    assert [h["text"] for h in store.search_sessions("café ☕")] == ["naïve café ☕ 😀"]
+    assert store.get_session("s-odd")["indexed_at"] == AT
+    # saved again (a re-index): replaced, not doubled
+    store.save_session_text("s-odd", commands[:2], texts[:1], AT)
+    assert len(store.session_commands("s-odd")) == 2
+    assert store.query("SELECT count(*) AS n FROM search_text WHERE session_id = ?", ("s-odd",))[0]["n"] == 1
+
+
+def test_a_malformed_index_row_changes_nothing_on_both_stores(store: Store) -> None:
+    _index(store)
+    before = [dict(r) for r in store.session_commands("s-1")]
+    with pytest.raises(ValueError, match="3 fields, not 4"):
+        store.save_session_text("s-1", [(1.0, 0, "line")], [(1.0, "output", "new")], AT)
+    assert [dict(r) for r in store.session_commands("s-1")] == before  # the DELETE before it was rolled back
+    assert [h["text"] for h in store.search_sessions("69999")] == ["Needle found: 69999 items"]
+
+
 # ---------------------------------------------------------------- web links (both stores)
 
 

@@ -2,22 +2,69 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from broker.store.base import StoreBase
+
+
+def _rows(rows: list[tuple], width: int) -> list[tuple]:
+    """The rows checked for width, with NUL in their text as U+FFFD: PostgreSQL's text cannot hold a NUL (a session
+    whose output had a stray one failed to index there) and SQLite's JSON functions would cut the text at it; a
+    NUL is nothing anyone searches for, and undecodable bytes are U+FFFD in the index already."""
+    out = []
+    for row in rows:
+        if len(row) != width:
+            raise ValueError(f"an index row has {len(row)} fields, not {width}: {row[:width + 1]!r}")
+        if any(isinstance(v, str) and "\0" in v for v in row):
+            row = tuple(v.replace("\0", "\ufffd") if isinstance(v, str) else v for v in row)
+        out.append(row)
+    return out
+
+
+def _json_rows(rows: list[tuple], width: int) -> str:
+    """The rows as one JSON array of arrays (non-ASCII kept as is: a lone surrogate fails to encode, as it would
+    bound as a parameter)."""
+    return json.dumps(_rows(rows, width), ensure_ascii=False, allow_nan=False)
 
 
 class SearchQueries(StoreBase):
     """The command index, search text, retention: part of :class:`broker.store.Store`."""
 
     def save_session_text(self, session_id: str, commands: list[tuple], texts: list[tuple], at: str) -> None:
+        """Replace a session's command index (``(offset, channel, source, command)`` rows) and search text
+        (``(offset, kind, text)`` rows) and stamp it indexed.
+
+        Each table is written with one statement, not a statement per row: a big session has ~50,000 rows, and
+        every row of ``executemany`` gives the GIL back and waits to get it again (up to the 5 ms switch interval
+        while the event loop is busy). Beside a busy thread that took 17-23 s for 50,000 rows, holding the store
+        thread (every other store call of the process queues behind it) and SQLite's write lock all along; one
+        statement takes ~0.2 s (docs/performance.md, stop 17)."""
         with self.transaction() as conn:
             conn.execute("DELETE FROM commands WHERE session_id = ?", (session_id,))
             conn.execute("DELETE FROM search_text WHERE session_id = ?", (session_id,))
-            conn.executemany('INSERT INTO commands (session_id, "offset", channel, source, command) '
-                             "VALUES (?, ?, ?, ?, ?)", [(session_id, *c) for c in commands])
-            conn.executemany('INSERT INTO search_text (session_id, "offset", kind, text) VALUES (?, ?, ?, ?)',
-                             [(session_id, *t) for t in texts])
+            if self.dialect == "sqlite":  # the rows as one JSON array, spread by json_each
+                if commands:
+                    conn.execute('INSERT INTO commands (session_id, "offset", channel, source, command) '
+                                 "SELECT ?, value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)",
+                                 (session_id, _json_rows(commands, 4)))
+                if texts:
+                    conn.execute('INSERT INTO search_text (session_id, "offset", kind, text) '
+                                 "SELECT ?, value ->> 0, value ->> 1, value ->> 2 FROM json_each(?)",
+                                 (session_id, _json_rows(texts, 3)))
+            else:  # PostgreSQL: one array per column, spread by unnest
+                if commands:
+                    rows = _rows(commands, 4)
+                    conn.execute('INSERT INTO commands (session_id, "offset", channel, source, command) '
+                                 "SELECT ?, * FROM unnest(?::float8[], ?::int8[], ?::text[], ?::text[])",
+                                 (session_id, [float(r[0]) for r in rows], [int(r[1]) for r in rows],
+                                  [r[2] for r in rows], [r[3] for r in rows]))
+                if texts:
+                    rows = _rows(texts, 3)
+                    conn.execute('INSERT INTO search_text (session_id, "offset", kind, text) '
+                                 "SELECT ?, * FROM unnest(?::float8[], ?::text[], ?::text[])",
+                                 (session_id, [float(r[0]) for r in rows], [r[1] for r in rows],
+                                  [r[2] for r in rows]))
             conn.execute("UPDATE sessions SET indexed_at = ? WHERE id = ?", (at, session_id))
 
     def session_commands(self, session_id: str) -> list[dict[str, Any]]:
