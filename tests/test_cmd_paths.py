@@ -313,7 +313,12 @@ async def _run_guard(chunks: list[tuple[bytes, bytes]], refuse_word: str = "secr
         guard.vendor_data(keys)
         await asyncio.sleep(0.05)
     guard.vendor_eof()
-    await asyncio.sleep(0.4)
+    # EOF goes out once every line before it was judged: each Enter waits up to ECHO_MAX_S (0.3 s) for an echo
+    # these tests do not send; wait for it (bounded) rather than a fixed time a loaded machine can overrun
+    deadline = asyncio.get_running_loop().time() + 10
+    while not sink.eof and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)  # anything the guard would still send after EOF would arrive here
     return sink
 
 
