@@ -55,6 +55,14 @@ WHOLE_UNIT = 256 << 10
 # The largest SSH data packet medbroker announces on every channel (asyncssh's default, what stock clients and sshd
 # send). asyncssh itself accepts up to its 256 KiB transport limit; the relay does not (see RelaySession._oversize).
 MAX_PACKET = 32768
+# Device output that arrives in full-size packets (a bulk stream: `cat`, a log, a download) is scanned, judged,
+# recorded and forwarded as one piece of up to BATCH_BYTES per read of the connection instead of packet by packet:
+# every layer's per-chunk cost is paid once per batch (exec download of a device log: ~1 s/GiB less CPU, ~+10 %,
+# docs/performance.md stop 17). Packets under BATCH_MIN (echoes, prompts, short lines) go through at once, as
+# before, so typing gains no delay; so do a subsystem's (the SFTP filter parses and queues replies itself). The recorder is told the unit (expect_unit), so the acknowledgment window
+# holds exactly: a batch is appended only while the recorder is not paused.
+BATCH_BYTES = 128 << 10
+BATCH_MIN = 8 << 10
 
 
 def oversize_reason(side: str, size: int, ended: str) -> str:
@@ -178,19 +186,60 @@ class UpstreamSession(asyncssh.SSHClientSession):
         self.down = down
         self.exit_status: int | None = None
         self.exit_signal: tuple | None = None
+        self._batch: list[bytes] = []  # full-size packets of one datatype, not yet handed to the relay
+        self._batch_type: asyncssh.DataType = None
+        self._batch_size = 0
+        self._flush_due = False
+        down.upstream = self
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.down.from_device(data, datatype)
+        if len(data) < BATCH_MIN or len(data) > MAX_PACKET or self.down.filter is not None:
+            # interactive output, an oversize packet, or a subsystem (SFTP replies are parsed packet by packet
+            # and wait in the filter's own outbox: batching them measured slower, docs/performance.md)
+            self.flush(force=True)
+            self.down.from_device(data, datatype)
+            return
+        if self._batch and (datatype != self._batch_type or self._batch_size + len(data) > BATCH_BYTES):
+            self.flush(force=True)  # (reading is not paused, or asyncssh would not deliver: the window has room)
+        if not self._batch:
+            self.down.ctx.recorder.expect_unit(BATCH_BYTES, key=self)
+        self._batch.append(data)
+        self._batch_type = datatype
+        self._batch_size += len(data)
+        self.flush_soon()
+
+    def flush_soon(self) -> None:
+        """Hand the batch on once this read of the connection has been delivered (the next loop turn)."""
+        if self._batch and not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        """Hand the batch to the relay. Unless ``force``d (new data, EOF, exit, close: order first), a batch waits
+        while the recorder is paused (another channel's output filled the window after this batch was read);
+        the relay calls :meth:`flush_soon` when the recorder has room again."""
+        batch = self._batch
+        if not batch or (not force and self.down.ctx.recorder.paused):
+            return
+        self._batch, self._batch_size = [], 0
+        self.down.from_device(batch[0] if len(batch) == 1 else b"".join(batch), self._batch_type, batched=True)
 
     def eof_received(self) -> bool:
+        self.flush(force=True)
         self.down.device_eof()
         return True
 
     def exit_status_received(self, status: int) -> None:
+        self.flush(force=True)
         self.exit_status = status
         self.down.device_exited(status=status)
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.flush(force=True)
         self.exit_signal = (signal, core_dumped, msg, lang)
         self.down.device_exited(signal=self.exit_signal)
 
@@ -201,6 +250,8 @@ class UpstreamSession(asyncssh.SSHClientSession):
         self.down.release("vendor", "device-full")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.flush(force=True)
+        self.down.ctx.recorder.expect_unit(0, key=self)  # the channel's unit claim goes with it
         self.down.device_closed(self, exc)
 
 
@@ -224,6 +275,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self.line_guard: Any = None
         self.judge: Any = None
         self._tail = TailHold(self._release_tail)  # an unfinished output line held back (sessions/tailhold.py)
+        self.upstream: UpstreamSession | None = None  # the device side's session (it batches bulk output)
         self.input_guard: Any = None
         self.input_refusal: str | None = None  # stdin named a protected path: drained, then the channel ends
         self.closed = False
@@ -234,6 +286,7 @@ class RelaySession(asyncssh.SSHServerSession):
         # that must follow them; None on channels without a filter.
         self._outbox: deque[bytes] | None = None
         self._after_outbox: list[Callable[[], None]] = []
+        self._held_exit: tuple[int | None, tuple | None] | None = None  # an exit ahead of held device output
         self.eof_state = "none"  # none | held | sent
         self.log = session_log(log, ctx.session_id, ctx.number)
         self._tasks = TaskSet(self.log)  # judging, vetting: kept until they end, a failure logged
@@ -501,10 +554,15 @@ class RelaySession(asyncssh.SSHServerSession):
             self.handler.pause_writing()  # the handler is the device side
 
     def release(self, side: str, reason: str) -> None:
-        if self._holds.release(side, reason) and side == "device" and self.handler is not None:
+        resumed = self._holds.release(side, reason)
+        if resumed and side == "device" and self.handler is not None:
             self.handler.resume_writing()
+        if resumed and side == "device":
+            self._run_held_exit(now=False)  # asyncssh delivered what it held inside resume_reading()
         if reason == "recorder" and self._outbox:
             self._flush_outbox()
+        if reason == "recorder" and self.upstream is not None:
+            self.upstream.flush_soon()  # a batch that waited for the recorder (UpstreamSession.flush)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()
@@ -512,11 +570,12 @@ class RelaySession(asyncssh.SSHServerSession):
             self.up.close()
 
     # ------------------------------------------------------------ device side
-    def from_device(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        """Device output: scan, record, forward (the filter forwards for subsystems)."""
+    def from_device(self, data: bytes, datatype: asyncssh.DataType, batched: bool = False) -> None:
+        """Device output: scan, record, forward (the filter forwards for subsystems). ``batched``: several
+        packets of at most MAX_PACKET each, joined by :class:`UpstreamSession`."""
         if self.input_refusal is not None:
             return
-        if len(data) > MAX_PACKET:
+        if len(data) > MAX_PACKET and not batched:
             self._oversize("device", len(data))
             return
         if self.ctx.recorder.failed is not None and not self.ctx.forward_unrecorded:
@@ -614,6 +673,7 @@ class RelaySession(asyncssh.SSHServerSession):
         after that is lost (a ControlMaster mux client then exits 255). sshd sends exit-status before
         EOF when the command ends, so the relay does the same.
         """
+        self._run_held_exit(now=True)  # all the device's output came before its EOF: a held exit goes now
         self._tail.flush()
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
         if self.closed or self.eof_state != "none" or self.input_refusal is not None:
@@ -629,12 +689,25 @@ class RelaySession(asyncssh.SSHServerSession):
             self.eof_state = "sent"
             self.chan.write_eof()
 
-    def device_exited(self, *, status: int | None = None, signal: tuple | None = None) -> None:
+    def _run_held_exit(self, *, now: bool) -> None:
+        held, self._held_exit = self._held_exit, None
+        if held is not None:
+            self.device_exited(status=held[0], signal=held[1], now=now)
+
+    def device_exited(self, *, status: int | None = None, signal: tuple | None = None, now: bool = False) -> None:
         """Forward the device's exit-status or exit-signal at once (after replies waiting in the outbox), then
         any held EOF."""
         if self._outbox:  # asyncssh delivers an exit request at once, ahead of data it still holds for us
             self._after_outbox.append(lambda: self.device_exited(status=status, signal=signal))
             return
+        if self._holds["device"] and self.up is not None and not self.closed and not now:
+            # the same while the device side is held (the recorder's window is full): the output asyncssh still
+            # holds comes first, to the vendor and in the recording, then the exit (_run_held_exit: when reading
+            # resumes, or at the device's EOF or close, which asyncssh delivers after all its data)
+            self._held_exit = (status, signal)
+            return
+        if self.upstream is not None:
+            self.upstream.flush(force=True)  # a batch read before the exit request goes first
         self._tail.flush()
         if self.closed or self.exit_sent or self.input_refusal is not None:
             return
@@ -659,6 +732,7 @@ class RelaySession(asyncssh.SSHServerSession):
     def device_closed(self, up: UpstreamSession, exc: Exception | None) -> None:
         if self.closed or self.input_refusal is not None:  # a refused input ends the channel itself
             return
+        self._run_held_exit(now=True)
         if not self.exit_sent:
             self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": None})
             if exc is not None:  # not a channel the device closed: its connection died, say so
