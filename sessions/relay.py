@@ -57,10 +57,11 @@ WHOLE_UNIT = 256 << 10
 MAX_PACKET = 32768
 # Device output that arrives in full-size packets (a bulk stream: `cat`, a log, a download) is scanned, judged,
 # recorded and forwarded as one piece of up to BATCH_BYTES per read of the connection instead of packet by packet:
-# every layer's per-chunk cost is paid once per batch (exec download of a device log: ~1 s/GiB less CPU, ~+10 %,
+# every layer's per-chunk cost is paid once per batch (exec download of a device log: ~1 s/GiB less CPU, ~+15 %,
 # docs/performance.md stop 17). Packets under BATCH_MIN (echoes, prompts, short lines) go through at once, as
-# before, so typing gains no delay; so do a subsystem's (the SFTP filter parses and queues replies itself). The recorder is told the unit (expect_unit), so the acknowledgment window
-# holds exactly: a batch is appended only while the recorder is not paused.
+# before, so typing gains no delay; so do a subsystem's (the SFTP filter parses and queues replies itself).
+# The recorder is told the unit (expect_unit), so the acknowledgment window holds exactly: a batch is appended
+# only while the recorder is not paused.
 BATCH_BYTES = 128 << 10
 BATCH_MIN = 8 << 10
 
