@@ -212,9 +212,16 @@ assert url.rstrip("/") == "file://" + sys.argv[1].rstrip("/"), url
 import asyncssh, cryptography, typer, sqlite_utils, pyotp, qrcode, pyte, pytest, hypothesis, paramiko, mypy, boto3  # noqa
 EOF
 }
+extension_ok() {
+  # An editable install builds sessions/_fastscan.c into the work tree: a fresh clone at the same path (same stamp)
+  # has no build of it yet. Without a compiler there is nothing to build.
+  if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; then
+    compgen -G "$repo/sessions/_fastscan*.so" >/dev/null
+  fi
+}
 pip_flags=(-q --disable-pip-version-check)
 [ "$(id -u)" -ne 0 ] || pip_flags+=(--root-user-action=ignore)
-if installed_ok; then
+if installed_ok && extension_ok; then
   step "medbroker[test] already installed (pyproject.toml unchanged)"
 else
   step "pip install -e .[test]"

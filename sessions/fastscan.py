@@ -38,6 +38,11 @@ _ext: Any = _load()
 _on = _ext is not None
 
 
+def _bytes(buf: Any) -> bytes:
+    """What the extension takes (any bytes-like object; TypeError for anything else), for the Python paths."""
+    return buf if type(buf) is bytes else bytes(memoryview(buf))
+
+
 def native() -> bool:
     """True when the compiled scans are in use."""
     return _on
@@ -66,13 +71,14 @@ def run16(buf: bytes, start: int = 0) -> int:
         raise ValueError("start must be >= 0")
     if _on:
         return int(_ext.run16(buf, start))
-    return buf.translate(_PRE).find(_A16, start)
+    return _bytes(buf).translate(_PRE).find(_A16, start)
 
 
 def count_blanks(buf: bytes) -> int:
     """``len(buf) - len(buf.translate(None, b" \\t\\r\\n"))``: how many bytes are space, tab, CR or LF."""
     if _on:
         return int(_ext.count_blanks(buf))
+    buf = _bytes(buf)
     return len(buf) - len(buf.translate(None, BLANKS))
 
 
@@ -82,4 +88,4 @@ def find(buf: bytes, needle: bytes, start: int = 0) -> int:
         raise ValueError("start must be >= 0")
     if _on and len(needle) >= 2:
         return int(_ext.find(buf, needle, start))
-    return buf.find(needle, start)
+    return _bytes(buf).find(needle, start)
