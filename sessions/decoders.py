@@ -16,8 +16,8 @@
 * **compression**: gzip, zlib, bzip2 and xz streams are decompressed as they arrive and the output is
   scanned (a nested DeepScanner); at most :data:`MAX_STREAMS` at a time, :data:`STREAM_CAP` bytes each,
   :data:`FEED_CAP` per chunk and the session's ``inflate_limit``, so a zip bomb costs bounded time;
-* **encoded runs**: every run of at least 16 base64/base32/hex characters (memchr-style prefilter: one
-  ``translate`` and one ``find``) is decoded and the bytes scanned; lines of one width (``base64``,
+* **encoded runs**: every run of at least 16 base64/base32/hex characters (prefilter: sessions/fastscan.py
+  ``run16``, compiled, or one ``translate`` and one ``find``) is decoded and the bytes scanned; lines of one width (``base64``,
   ``base32``, ``xxd -p`` output) are decoded as one stream, so a file's head, DICM at 128 and compressed
   streams inside are seen; runs longer than a line are decoded as they arrive;
 * **dumps**: ``od -b``, ``od -c``, ``xxd -i`` and hex with separators (``4d:53``, ``\\x4d``, ``%4D``) of
