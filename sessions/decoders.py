@@ -17,9 +17,9 @@
   scanned (a nested DeepScanner); at most :data:`MAX_STREAMS` at a time, :data:`STREAM_CAP` bytes each,
   :data:`FEED_CAP` per chunk and the session's ``inflate_limit``, so a zip bomb costs bounded time;
 * **encoded runs**: every run of at least 16 base64/base32/hex characters (prefilter: sessions/fastscan.py
-  ``run16``, compiled, or one ``translate`` and one ``find``) is decoded and the bytes scanned; lines of one width (``base64``,
-  ``base32``, ``xxd -p`` output) are decoded as one stream, so a file's head, DICM at 128 and compressed
-  streams inside are seen; runs longer than a line are decoded as they arrive;
+  ``run16``, compiled, or one ``translate`` and one ``find``) is decoded and the bytes scanned; lines of one
+  width (``base64``, ``base32``, ``xxd -p`` output) are decoded as one stream, so a file's head, DICM at 128 and
+  compressed streams inside are seen; runs longer than a line are decoded as they arrive;
 * **dumps**: ``od -b``, ``od -c``, ``xxd -i`` and hex with separators (``4d:53``, ``\\x4d``, ``%4D``) of
   the signatures, where a probe of the chunk looks like such a dump; and every numeric dump read back into
   bytes and scanned (sessions/dumps.py: any radix, word size, byte or bit order, offsets and text columns,
@@ -229,9 +229,8 @@ _RUN_CHARS = fastscan.RUN_CHARS + b"/-_"
 _CLASS = bytes(0x61 if c in _RUN_CHARS else 0x20 for c in range(256))
 # the prefilter: 16 letters/digits/+ in a row (text has about 4 such words per 32 KiB, base64 one per line);
 # fastscan.run16 answers pre.find(_A16, i) without the translate
-_PRE = bytes(0x61 if c in fastscan.RUN_CHARS else 0x20 for c in range(256))
+_PRE, _A16 = fastscan.RUN_TABLE, fastscan.RUN_NEEDLE
 _TRAIL_RE = re.compile(rb"[A-Za-z0-9+/_-]*\Z")
-_A16 = b"a" * 16
 # exactly where data.translate(_PRE) holds _A16
 _RUN_ANCHORS = Anchors({"run": rb"[A-Za-z0-9+]{16}"}, min_size=_ENGINE_MIN)
 _HEX = b"0123456789abcdefABCDEF"

@@ -18,13 +18,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["RUN_CHARS", "count_blanks", "find", "native", "run16", "set_native"]
+__all__ = ["RUN_CHARS", "RUN_NEEDLE", "RUN_TABLE", "count_blanks", "find", "native", "run16", "set_native"]
 
 RUN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+"
 """The characters :func:`run16` counts (base64's alphabet without ``/``, which paths are full of)."""
 BLANKS = b" \t\r\n"
-_PRE = bytes(0x61 if c in RUN_CHARS else 0x20 for c in range(256))
-_A16 = b"a" * 16
+RUN_TABLE = bytes(0x61 if c in RUN_CHARS else 0x20 for c in range(256))
+"""``translate`` table: :data:`RUN_CHARS` to ``a``, every other byte to a space."""
+RUN_NEEDLE = b"a" * 16
+"""Where ``buf.translate(RUN_TABLE)`` holds this, ``buf`` has a run of 16 :data:`RUN_CHARS`."""
 
 
 def _load() -> Any:
@@ -65,13 +67,13 @@ def set_native(on: bool) -> None:
 
 
 def run16(buf: bytes, start: int = 0) -> int:
-    """``buf.translate(PRE).find(b"a" * 16, start)``: where the first run of 16 :data:`RUN_CHARS` starting at or
+    """``buf.translate(RUN_TABLE).find(RUN_NEEDLE, start)``: where the first run of 16 :data:`RUN_CHARS` starting at or
     after ``start`` (>= 0) begins, or -1."""
     if start < 0:
         raise ValueError("start must be >= 0")
     if _on:
         return int(_ext.run16(buf, start))
-    return _bytes(buf).translate(_PRE).find(_A16, start)
+    return _bytes(buf).translate(RUN_TABLE).find(RUN_NEEDLE, start)
 
 
 def count_blanks(buf: bytes) -> int:

@@ -37,9 +37,9 @@ class SearchQueries(StoreBase):
 
         Each table is written with one statement, not a statement per row: a big session has ~50,000 rows, and
         every row of ``executemany`` gives the GIL back and waits to get it again (up to the 5 ms switch interval
-        while the event loop is busy). Beside a busy thread that took 17-23 s for 50,000 rows, holding the store
+        while the event loop is busy). Beside a busy thread that took 99-104 s for 50,000 rows, holding the store
         thread (every other store call of the process queues behind it) and SQLite's write lock all along; one
-        statement takes ~0.2 s (docs/performance.md, stop 17)."""
+        statement per table takes 0.6 s (docs/performance.md, stop 17)."""
         with self.transaction() as conn:
             conn.execute("DELETE FROM commands WHERE session_id = ?", (session_id,))
             conn.execute("DELETE FROM search_text WHERE session_id = ?", (session_id,))
