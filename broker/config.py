@@ -66,6 +66,8 @@ _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _ID = re.compile(r"\s*(\d{1,19})\s*", re.ASCII)
 
 
+ACK_WINDOW_MIN, ACK_WINDOW_MAX = 256 << 10, 8 << 20
+"""Bounds of recording.ack_window: the largest unit appended at once (an SFTP reply, a batch of output) is 256 KiB."""
 _SIZE_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "KB": 1000, "MIB": 1 << 20, "MB": 1000 ** 2, "GIB": 1 << 30}
 
 
@@ -212,6 +214,9 @@ class RecordingConfig:
     journal: bool = False
     journal_timeout: str = "10s"
     journal_keep: bool = False
+    ack_window: str = "256KiB"
+    """The acknowledgment window (docs/recording-format.md): payload a session may hand on (to the vendor or the
+    device) before the writer has written it (and, with ``journal``, committed it). 256 KiB to 8 MiB."""
 
 
 @dataclass(frozen=True)
@@ -640,6 +645,15 @@ def _validate(cfg: BrokerConfig, source: str) -> None:
         raise ConfigError(f"{source}: recording.journal_timeout = {cfg.recording.journal_timeout!r}; expected "
                           "1s to 5m", "sessions pause while the journal is down and end after this long; "
                           'e.g. journal_timeout = "10s"')
+    try:
+        window = parse_size(cfg.recording.ack_window)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: recording.ack_window = {cfg.recording.ack_window!r}; {exc}",
+                          'e.g. ack_window = "256KiB" (the default) or "1MiB"') from None
+    if not ACK_WINDOW_MIN <= window <= ACK_WINDOW_MAX:
+        raise ConfigError(f"{source}: recording.ack_window = {cfg.recording.ack_window!r}; expected 256KiB to 8MiB",
+                          "below 256 KiB an SFTP reply or a batch of output would not fit it; above 8 MiB a "
+                          "failed write or a lost node leaves too much unrecorded")
     if cfg.recording.journal_keep and not cfg.recording.journal:
         raise ConfigError(f"{source}: recording.journal_keep = true needs recording.journal = true",
                           "without the journal there are no rows to keep")
@@ -944,6 +958,7 @@ keep_uploads = false              # keep a copy of every uploaded file for malwa
 journal = false                   # true: frames are acknowledged only once durable off the node (the database)
 journal_timeout = "10s"           # a journal down this long ends sessions (strict) with "the recording store is unreachable"
 journal_keep = false              # true: keep journal rows after the recording is sealed (default: drop them)
+ack_window = "256KiB"             # at most this much handed on before it is written (256KiB-8MiB; larger: faster bulk)
 
 [upstream]
 connect_timeout = "10s"

@@ -13,7 +13,7 @@ import asyncssh
 
 from broker.clock import clock_text, display_zone, utc_iso
 from broker.containment import session_containment
-from broker.config import format_duration
+from broker.config import format_duration, parse_size
 from broker.devices import Device
 from broker.errors import BrokerError, DeviceUnreachableError, HostKeyMismatchError, RecordingError
 from broker.grants import Grant, putty_line
@@ -25,7 +25,7 @@ from broker.session_context import SessionIdentity, SessionServices
 from sessions.cmd_judge import DevicePaths
 from sessions.entropy import OPAQUE, OpaqueBudget
 from sessions.recording import seal_recording, sign_final_hash
-from sessions.recwriter import ACK_WINDOW, RecordingWriter
+from sessions.recwriter import RecordingWriter
 from sessions.forward import ForwardRelay
 from sessions.relay import ChannelContext, RelaySession
 from sessions.sessionlog import session_log
@@ -112,7 +112,8 @@ class LiveSession(SessionForwards):
                 on_error=lambda exc: loop.call_soon_threadsafe(self._recording_failed, exc),
                 on_pause=self._recorder_behind,
                 on_resume=lambda: loop.call_soon_threadsafe(self._recorder_caught_up),
-                window=ACK_WINDOW, journal=journal)  # the acknowledgment rule: docs/recording-format.md
+                window=parse_size(rec_cfg.ack_window), journal=journal)  # the acknowledgment rule:
+            # docs/recording-format.md (recording.ack_window, 256 KiB by default)
         except (OSError, BrokerError) as exc:
             await b.audit("recording.failed", **self.who.audit_fields(source=True, grant=False), error=str(exc))
             await b.audit("session.refused", user=self.user, device=self.device.name, source=self.who.source,

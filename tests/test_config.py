@@ -135,7 +135,8 @@ NON_DEFAULT = {
     "grants": {"max_duration": '"4h"', "request_ttl": '"2d"', "warnings": '["2m"]', "critical_approvers": "3"},
     "recording": {"dir": '"rec"', "mode": '"best_effort"', "encrypt": "false", "signing_key": '"k/s.pem"',
                   "data_key": '"k/d.key"', "keep_uploads": "true",
-                  "journal": "true", "journal_timeout": '"3s"', "journal_keep": "true"},
+                  "journal": "true", "journal_timeout": '"3s"', "journal_keep": "true",
+                  "ack_window": '"1MiB"'},
     "upstream": {"connect_timeout": '"5s"', "keepalive_interval": '"15s"'},
     "limits": {"max_auth_failures": "3", "failure_window": '"5m"', "lockout": '"1h"', "max_unauthenticated": "8",
                "max_connections_per_address": "4", "max_channels_per_connection": "2",
@@ -282,6 +283,12 @@ def test_wrong_types_name_the_key_and_the_value(tmp_path: Path, text: str, needl
         ('[recording]\njournal_timeout = "10m"\n', "recording.journal_timeout = '10m'; expected 1s to 5m"),
         ("[recording]\njournal_keep = true\n", "recording.journal_keep = true needs recording.journal = true"),
         ('[recording]\njournal = "yes"\n', "recording.journal = 'yes'; expected true or false"),
+        ('[recording]\nack_window = "255KiB"\n', "recording.ack_window = '255KiB'; expected 256KiB to 8MiB"),
+        ('[recording]\nack_window = "9MiB"\n', "recording.ack_window = '9MiB'; expected 256KiB to 8MiB"),
+        ('[recording]\nack_window = "0"\n', "recording.ack_window = '0'; expected 256KiB to 8MiB"),
+        ('[recording]\nack_window = "lots"\n', "recording.ack_window = 'lots'; 'lots' is not a size"),
+        ('[recording]\nack_window = "-1MiB"\n', "recording.ack_window = '-1MiB'; '-1MiB' is not a size"),
+        ("[recording]\nack_window = 262144\n", "recording.ack_window = 262144; expected a string"),
         ("[grants]\ncritical_approvers = 4\n", "grants.critical_approvers must be 1, 2 or 3"),
         ("[limits]\nmax_auth_failures = 0\n", "limits.max_auth_failures must be at least 1"),
         ("[listen]\nworkers = 0\n", "listen.workers must be between 1 and 64"),
@@ -583,6 +590,17 @@ def test_max_opaque_output_is_a_size(tmp_path) -> None:
     path.write_text('[policy]\nmax_opaque_output = "lots"\n')
     with pytest.raises(ConfigError, match="policy.max_opaque_output"):
         load_config(path)
+
+
+def test_the_default_ack_window_is_the_writers_and_the_bounds_are_inclusive(tmp_path) -> None:
+    from broker.config import ACK_WINDOW_MAX, ACK_WINDOW_MIN, RecordingConfig, parse_size
+    from sessions.recwriter import ACK_WINDOW
+
+    assert parse_size(RecordingConfig().ack_window) == ACK_WINDOW == ACK_WINDOW_MIN
+    for text, size in (("256KiB", ACK_WINDOW_MIN), ("8MiB", ACK_WINDOW_MAX), ("1 MiB", 1 << 20), ("1000000", 10**6)):
+        path = tmp_path / "broker.toml"
+        path.write_text(f'[recording]\nack_window = "{text}"\n')
+        assert parse_size(load_config(path).recording.ack_window) == size
 
 
 def test_example_config_lists_every_key_and_loads(tmp_path: Path) -> None:

@@ -219,8 +219,13 @@ def test_without_journal_keep_the_rows_go_once_the_recording_is_sealed(tmp_path,
         close_world(world)
 
 
-def test_a_journal_down_past_its_timeout_ends_the_session_with_the_reason(tmp_path, device, store_section):
-    world = world_with(tmp_path, '[recording]\njournal = true\njournal_timeout = "2s"\n' + store_section)
+@pytest.mark.parametrize("window", [None, 1 << 20], ids=["default-window", "ack_window-1MiB"])
+def test_a_journal_down_past_its_timeout_ends_the_session_with_the_reason(tmp_path, device, store_section, window):
+    """What the vendor received beyond the journal is at most the acknowledgment window: 256 KiB by default, and
+    ``recording.ack_window`` when set (1 MiB here: more than the default lets out, so the option took effect)."""
+    extra = f'ack_window = "{window >> 10}KiB"\n' if window else ""
+    world = world_with(tmp_path, '[recording]\njournal = true\njournal_timeout = "2s"\n' + extra + store_section)
+    bound = window or ACK_WINDOW
     lock = None
     try:
         world.grant()
@@ -247,8 +252,10 @@ def test_a_journal_down_past_its_timeout_ends_the_session_with_the_reason(tmp_pa
         assert EXPECTED.startswith(journaled) and bytes(vendor.out).startswith(journaled)
         beyond = vendor.received - len(journaled)
         print(f"\nvendor received {vendor.received} B, the journal holds {len(journaled)} B of output: "
-              f"{beyond} B beyond it (bound {ACK_WINDOW}); ended {ended_after:.2f} s after the lock")
-        assert 0 <= beyond <= ACK_WINDOW
+              f"{beyond} B beyond it (bound {bound}); ended {ended_after:.2f} s after the lock")
+        assert 0 <= beyond <= bound
+        if window:  # the configured window was used, not the default one
+            assert beyond > 2 * ACK_WINDOW, f"only {beyond} B beyond the journal with a {window} B window"
     finally:
         if lock is not None:
             lock.release()
