@@ -17,6 +17,7 @@ from broker.containment import check_devices
 from broker.jump import open_jump
 from broker.keepalive import install_keepalive_hook
 from broker.mfa import install_mfa_hook
+from broker.ignorepackets import install_ignore_packet_hook
 from broker.packetlog import install_packet_log_hook
 from broker.recvsplit import install_recv_split_hook
 from broker.server import Broker, BrokerServer, listen_options
@@ -42,6 +43,7 @@ async def start_server(app: App, address: str, *, seal: bool = True,
     install_keepalive_hook()  # one keepalive timer per interval, not per read (broker/keepalive.py)
     install_packet_log_hook()  # packet log lines formatted only when asyncssh writes them (broker/packetlog.py)
     install_recv_split_hook()  # large reads parsed in 32 KiB pieces, not sliced whole (broker/recvsplit.py)
+    install_ignore_packet_hook()  # no ignore packet before every packet under AEAD ciphers (broker/ignorepackets.py)
     broker = Broker(app, port=port, worker=worker, open_jump=open_jump)
     if seal:
         await broker.seal_interrupted()

@@ -86,7 +86,7 @@ TABLE: dict[str, Row] = {
                     ("core", "store", "keys", "domain", "recording", "app", "report"), ("cryptography",),
                     "evidence bundles: export chosen sessions as one signed file, verify one with no broker home"),
     "server": Row(4, ("broker/server.py", "broker/listener.py", "broker/live.py", "broker/indexer.py", "broker/selfservice.py",
-                      "broker/mfa.py", "broker/keepalive.py", "broker/packetlog.py", "broker/recvsplit.py",
+                      "broker/mfa.py", "broker/keepalive.py", "broker/packetlog.py", "broker/recvsplit.py", "broker/ignorepackets.py",
                       "broker/containment.py", "broker/jump.py", "broker/jumpkeys.py",
                       "broker/sshconfig.py",
                       "broker/session_context.py", "broker/channels.py", "broker/live_forwards.py",
