@@ -41,6 +41,22 @@ _ROLE_ORDER = ("admin", "security", "approver", "vendor")
 _CACHE_S = 30.0  # a lookup is reused this long (an SSH login asks twice per key)
 
 
+def _close(conn: Any) -> None:
+    """Unbind and close the socket, whatever state the connection is in: ldap3 leaves the socket open when the
+    connect itself failed (the directory is down) or when sending the unbind fails, and an unclosed socket lives
+    on until the garbage collector finds it."""
+    try:
+        conn.unbind()
+    except Exception:  # noqa: BLE001 - never opened, or the directory went away
+        pass
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
 class DirectoryError(BrokerError):
     """The directory could not be asked (down, wrong service credentials): nobody is let in by it."""
 
@@ -92,10 +108,7 @@ class Directory:
                 conn.start_tls()
             conn.bind()
         except BaseException:
-            try:
-                conn.unbind()  # closes the socket even when the bind failed
-            except Exception:  # noqa: BLE001 - already closed
-                pass
+            _close(conn)
             raise
         return conn
 
@@ -165,7 +178,7 @@ class Directory:
             raise DirectoryError(f"the directory search for {name} failed ({type(exc).__name__})",
                                  "check [directory] user_base and user_filter") from None
         finally:
-            conn.unbind()
+            _close(conn)
 
     def check_password(self, user: DirectoryUser, password: str) -> bool:
         """Bind as the user: True when the directory accepts the password."""
@@ -175,7 +188,7 @@ class Directory:
             conn = self._bind(user.dn, password)
         except Exception:  # noqa: BLE001 - wrong password, locked, expired: all mean no
             return False
-        conn.unbind()
+        _close(conn)
         return True
 
 

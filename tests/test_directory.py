@@ -128,6 +128,33 @@ def test_a_directory_that_cannot_be_asked_changes_nothing(tmp_path, slapd):
         slapd.remove(eve)
 
 
+def test_a_directory_that_is_down_is_an_error_that_names_it_and_leaves_no_socket_open(tmp_path, slapd):
+    """ldap3 keeps the socket of a failed connect open; the broker closes it (each lookup and sync while the
+    directory is down would otherwise leave one behind for the garbage collector, with a ResourceWarning)."""
+    import gc
+    import warnings
+
+    from broker.app import init_home, open_app
+    from broker.directory import DirectoryError
+    from helpers.net import free_port
+
+    home = tmp_path / "home"
+    init_home(home).close()
+    down = f"ldap://127.0.0.1:{free_port()}"  # nobody listens there
+    (home / "broker.toml").write_text(slapd.config(tmp_path / "ldap.secret", url=f'"{down}"'))
+    app = open_app(home)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                with pytest.raises(DirectoryError, match=f"the directory at {down} cannot be asked"):
+                    Directory(app).lookup("anybody", fresh=True)
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+    finally:
+        app.close()
+
+
 def test_phone_sign_in_with_the_directory_in_a_browser(tmp_path, slapd):
     """An approver on a phone: directory password + code in headless Chromium, lands on the inbox with the
     approver's role; a person the directory disabled afterwards cannot sign in any more."""

@@ -76,7 +76,12 @@ class Slapd:
 
         conn = ldap3.Connection(ldap3.Server(self.url, get_info=ldap3.NONE, connect_timeout=5), user=ROOT_DN,
                                 password=ROOT_PW, raise_exceptions=True, receive_timeout=10)
-        conn.bind()
+        try:
+            conn.bind()
+        except BaseException:  # ldap3 keeps the socket of a failed connect open (slapd not listening yet)
+            if conn.socket is not None:
+                conn.socket.close()
+            raise
         return conn
 
     def _wait_up(self) -> None:
