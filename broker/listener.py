@@ -14,10 +14,10 @@ from broker.app import App
 from broker.balancer import BalancerTrust, ProxyListener
 from broker.config import parse_listen
 from broker.containment import check_devices
+from broker.ignorepackets import install_ignore_packet_hook
 from broker.jump import open_jump
 from broker.keepalive import install_keepalive_hook
 from broker.mfa import install_mfa_hook
-from broker.ignorepackets import install_ignore_packet_hook
 from broker.packetlog import install_packet_log_hook
 from broker.recvsplit import install_recv_split_hook
 from broker.server import Broker, BrokerServer, listen_options

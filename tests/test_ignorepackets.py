@@ -13,25 +13,7 @@ from asyncssh import connection as asyncssh_connection
 
 import broker.ignorepackets as ignorepackets
 from broker.ignorepackets import ignore_packet_hook_active, install_ignore_packet_hook
-
-
-class _Server(asyncssh.SSHServer):
-    def begin_auth(self, username: str) -> bool:
-        return False
-
-    def session_requested(self):
-        return _Echo()
-
-
-class _Echo(asyncssh.SSHServerSession):
-    def connection_made(self, chan) -> None:
-        self.chan = chan
-
-    def shell_requested(self) -> bool:
-        return True
-
-    def data_received(self, data, datatype) -> None:
-        self.chan.write(data)
+from test_packetlog import _Server  # the echo server of the packet-log hook's tests
 
 
 async def _echo(cipher: str, rounds: int) -> str:
