@@ -41,6 +41,7 @@ log = logging.getLogger("medbroker.relay")
 EOF_HOLD_S = 0.1  # see RelaySession.device_eof
 JUDGE_TIMEOUT_S = 10.0  # ChannelContext.judge_exec: no answer in time refuses the command (fail closed)
 INPUT_DRAIN_S = 10.0  # after refused stdin, how long the vendor may keep writing before the channel ends
+UNRECORDABLE_END_S = 1.0  # strict, the recording failed and the device ended first: the session's own end is due
 # Environment variables forwarded to the device (sshd's Debian default AcceptEnv is LANG LC_*).
 ENV_ALLOWED = ("LANG", "LC_")
 # Send buffer per channel before the relay stops reading the other side. asyncssh's default (64 KiB high,
@@ -571,6 +572,15 @@ class RelaySession(asyncssh.SSHServerSession):
             self.up.close()
 
     # ------------------------------------------------------------ device side
+    @property
+    def unrecordable(self) -> bool:
+        """Strict, and the recording failed: nothing more from the device reaches the vendor, not its data, EOF,
+        exit status or close. The session ends the channel with the reason (broker/live.py
+        ``_recording_failed``, scheduled by the writer thread when it failed); a device that ends first must not
+        end the vendor's channel with its own exit status in the meantime (a full test run saw ``exit 0`` and no
+        reason under load)."""
+        return self.ctx.recorder.failed is not None and not self.ctx.forward_unrecorded
+
     def from_device(self, data: bytes, datatype: asyncssh.DataType, batched: bool = False) -> None:
         """Device output: scan, record, forward (the filter forwards for subsystems). ``batched``: several
         packets of at most MAX_PACKET each, joined by :class:`UpstreamSession`."""
@@ -579,7 +589,7 @@ class RelaySession(asyncssh.SSHServerSession):
         if len(data) > MAX_PACKET and not batched:
             self._oversize("device", len(data))
             return
-        if self.ctx.recorder.failed is not None and not self.ctx.forward_unrecorded:
+        if self.unrecordable:
             # Strict and the recording failed: nothing more is forwarded (see _forward), so nothing is scanned
             # either. The session's end (queued from the writer thread) then runs after cheap drops, not behind
             # a deep scan of every packet asyncssh still holds: measured 260-830 ms -> ~1-5 ms under load.
@@ -677,7 +687,7 @@ class RelaySession(asyncssh.SSHServerSession):
         self._run_held_exit(now=True)  # all the device's output came before its EOF: a held exit goes now
         self._tail.flush()
         self.ctx.recorder.append_event(self.ctx.number, "eof", {"from": "device"})
-        if self.closed or self.eof_state != "none" or self.input_refusal is not None:
+        if self.closed or self.eof_state != "none" or self.input_refusal is not None or self.unrecordable:
             return
         if self.exit_sent:
             self._send_eof()
@@ -698,6 +708,8 @@ class RelaySession(asyncssh.SSHServerSession):
     def device_exited(self, *, status: int | None = None, signal: tuple | None = None, now: bool = False) -> None:
         """Forward the device's exit-status or exit-signal at once (after replies waiting in the outbox), then
         any held EOF."""
+        if self.unrecordable:
+            return
         if self._outbox:  # asyncssh delivers an exit request at once, ahead of data it still holds for us
             self._after_outbox.append(lambda: self.device_exited(status=status, signal=signal))
             return
@@ -733,6 +745,9 @@ class RelaySession(asyncssh.SSHServerSession):
     def device_closed(self, up: UpstreamSession, exc: Exception | None) -> None:
         if self.closed or self.input_refusal is not None:  # a refused input ends the channel itself
             return
+        if self.unrecordable:  # the session ends the channel with the reason; should it not, end it here
+            asyncio.get_running_loop().call_later(UNRECORDABLE_END_S, self._end_unrecordable)
+            return
         self._run_held_exit(now=True)
         if not self.exit_sent:
             self.ctx.recorder.append_event(self.ctx.number, "exit", {"status": None})
@@ -742,6 +757,12 @@ class RelaySession(asyncssh.SSHServerSession):
         self.closed = True
         self.chan.close()
         self._finish()
+
+    def _end_unrecordable(self) -> None:
+        if not self.closed:
+            self.notice("the recording failed, and medbroker never runs a session it cannot record; the channel "
+                        "was ended. Tell the hospital's security team.")
+            self.exit(1)
 
     # ------------------------------------------------------------ broker actions
     def notice(self, message: str, *, stdout: bool = False) -> None:
